@@ -1,0 +1,1 @@
+"""vsopt.plugins: deployment glue (ONNX custom-op schemas, TensorRT plugins)."""

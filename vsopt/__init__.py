@@ -1,0 +1,28 @@
+"""vsopt: a compiler for the attention of video transformers.
+
+    model = torch.compile(model, backend="vsopt", options={"plan": "wan.plan.json"})
+
+Public API (imported lazily so that `import vsopt` stays cheap):
+    vsopt.inspect(model, *example_inputs) -> InspectReport    the attention sites of a model
+    vsopt.calibrate(...), vsopt.diff(...), vsopt.bench(...)   see their modules
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "inspect": ("vsopt.inspect", "inspect"),
+    "calibrate": ("vsopt.calibrate", "calibrate"),
+    "diff": ("vsopt.debug", "diff"),
+    "bench": ("vsopt.bench", "bench"),
+    "vsopt_backend": ("vsopt.backend", "vsopt_backend"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'vsopt' has no attribute {name!r}")

@@ -1,0 +1,73 @@
+"""VsoptConfig: the validated, frozen form of the options a user passes to
+torch.compile(model, backend="vsopt", options={...}) and to the API functions.
+
+Free-form dicts stop here: everything below the front reads typed fields."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from .errors import ConfigError
+from .ir import TokenGrid
+
+
+def _as_grid(value: Any, where: str) -> TokenGrid:
+    if isinstance(value, TokenGrid):
+        return value
+    if isinstance(value, Mapping):
+        try:
+            return TokenGrid.from_dict(dict(value))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where}: not a valid grid {dict(value)!r}: {e}") from None
+    if isinstance(value, (tuple, list)) and len(value) in (3, 4, 5):
+        return TokenGrid(*(int(v) for v in value))
+    raise ConfigError(f"{where}: expected a TokenGrid, a dict with frames/height/width, or a tuple "
+                      f"(frames, height, width[, text_before[, text_after]]); got {value!r}")
+
+
+@dataclass(frozen=True)
+class VsoptConfig:
+    """Options of the vsopt backend.
+
+    plan:   a Plan object or the path of a plan JSON file; None means every site runs the exact
+            dense vsopt op.
+    strict: make any site (or attention candidate) left unoptimized an error naming the reason.
+    grid:   the TokenGrid to use for every video site whose grid cannot be inferred (or to
+            override inference); grids: per-site_id grids, which take precedence.
+    rewrite: when False, sites are detected and reported but the graph is left unchanged
+            (used by inspect).
+    """
+
+    plan: Any = None  # vsopt.core.plan.Plan | None (loaded from a path by from_options)
+    strict: bool = False
+    grid: TokenGrid | None = None
+    grids: Mapping[str, TokenGrid] = field(default_factory=dict)
+    rewrite: bool = True
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> "VsoptConfig":
+        options = dict(options or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"unknown vsopt option(s) {unknown}; valid options are {sorted(known)}")
+        if "strict" in options and not isinstance(options["strict"], bool):
+            raise ConfigError(f"option 'strict' must be True or False, got {options['strict']!r}")
+        if "rewrite" in options and not isinstance(options["rewrite"], bool):
+            raise ConfigError(f"option 'rewrite' must be True or False, got {options['rewrite']!r}")
+        if options.get("grid") is not None:
+            options["grid"] = _as_grid(options["grid"], "option 'grid'")
+        if "grids" in options:
+            if not isinstance(options["grids"], Mapping):
+                raise ConfigError(f"option 'grids' must map site ids to grids, got {options['grids']!r}")
+            options["grids"] = {str(k): _as_grid(v, f"option 'grids'[{k!r}]") for k, v in options["grids"].items()}
+        plan = options.get("plan")
+        if isinstance(plan, (str, os.PathLike)):
+            from .plan import Plan  # local: plan.py is heavier and not needed without a plan
+            options["plan"] = Plan.load(plan)
+        return cls(**options)
+
+    def grid_for(self, site_id: str) -> TokenGrid | None:
+        """The user-given grid for a site, if any."""
+        return self.grids.get(site_id, self.grid)

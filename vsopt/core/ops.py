@@ -93,3 +93,167 @@ def unpermute_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 def _(x, perm):
     _check_perm(x, perm, "unpermute_tokens")
     return torch.empty_like(x)
+
+
+# ---- block-sparse and quantized ops (kernels)
+# Each op's body branches on the device: CPU tensors run kernels/<family>/reference.py (so that
+# torch.compile / torch.export on CPU trace plain torch ops), CUDA tensors the Triton launcher
+# (through torch.library.wrap_triton, so Inductor and AOTInductor see the kernels).
+
+import contextlib  # noqa: E402
+import logging  # noqa: E402
+
+from vsopt.kernels import errors as _kernel_errors  # noqa: E402
+from vsopt.kernels.block_mask import launch as _mask_launch  # noqa: E402
+from vsopt.kernels.block_mask import reference as _mask_ref  # noqa: E402
+from vsopt.kernels.block_sparse import launch as _bsa_launch  # noqa: E402
+from vsopt.kernels.block_sparse import reference as _bsa_ref  # noqa: E402
+
+_log = logging.getLogger("vsopt.kernels")
+#: Why a CUDA call ran the reference instead of the Triton kernel (each reason is logged once).
+KERNEL_FALLBACKS: set[str] = set()
+
+
+@contextlib.contextmanager
+def _as_vsopt_errors():
+    """The kernels sit below the core and raise their own KernelInputError; re-raise it as vsopt's."""
+    try:
+        yield
+    except _kernel_errors.KernelInputError as e:
+        raise KernelInputError(str(e)) from e
+
+
+def _bsa_fallback_reason(q: torch.Tensor) -> str | None:
+    if q.device.type != "cuda":
+        return f"device {q.device.type}"
+    if q.shape[-1] not in _bsa_launch.GPU_HEAD_DIMS:
+        return f"head_dim {q.shape[-1]} not in {_bsa_launch.GPU_HEAD_DIMS}"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype} (the kernel takes float16/bfloat16)"
+    return None
+
+
+def _run_block_sparse(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant, with_lse):
+    with _as_vsopt_errors():
+        _bsa_launch.check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, quant)
+        reason = _bsa_fallback_reason(q)
+        if reason is None:
+            return _bsa_launch.block_sparse_attention(q, k, v, kv_indices, kv_counts, scale, block_m, block_n,
+                                                      quant, with_lse)
+        if q.device.type == "cuda" and reason not in KERNEL_FALLBACKS:
+            KERNEL_FALLBACKS.add(reason)
+            _log.warning("vsopt.block_sparse_attention runs the PyTorch reference: %s", reason)
+        return _bsa_ref.block_sparse_attention(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant)
+
+
+def _bsa_fake(q, k, v, kv_indices, kv_counts, block_m, block_n, quant):
+    with _as_vsopt_errors():
+        _bsa_launch.check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, quant)
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.triton_op("vsopt::block_sparse_attention", mutates_args=())
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor,
+                           kv_counts: torch.Tensor, scale: float, block_m: int, block_n: int,
+                           quant: str = "none") -> torch.Tensor:
+    """Block-sparse attention: query block qb of head h attends to the key blocks
+    kv_indices[b, h, qb, :kv_counts[b, h, qb]] only (b is 0 when the table has Bt = 1).
+
+    q (B, Hq, Nq, D); k, v (B, Hkv, Nk, D), Hq % Hkv == 0; kv_indices int32 (Bt, Hq, ceil(Nq/block_m),
+    MAXK) ascending; kv_counts int32 (Bt, Hq, ceil(Nq/block_m)); quant in none / int8 / fp8 /
+    int8_fp8 (see docs/KERNELS.md). Returns (B, Hq, Nq, D) in q's dtype; rows that visit no block are 0.
+    """
+    return _run_block_sparse(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant, False)[0]
+
+
+@block_sparse_attention.register_fake
+def _(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant="none"):
+    return _bsa_fake(q, k, v, kv_indices, kv_counts, block_m, block_n, quant)
+
+
+@torch.library.triton_op("vsopt::block_sparse_attention_lse", mutates_args=())
+def block_sparse_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor,
+                               kv_counts: torch.Tensor, scale: float, block_m: int, block_n: int,
+                               quant: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+    """block_sparse_attention that also returns the natural-log log-sum-exp of each row's scaled
+    scores, float32 (B, Hq, Nq) (-inf for rows that visit no block): to merge partial attentions."""
+    out, lse = _run_block_sparse(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant, True)
+    return out, lse
+
+
+@block_sparse_attention_lse.register_fake
+def _(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant="none"):
+    out = _bsa_fake(q, k, v, kv_indices, kv_counts, block_m, block_n, quant)
+    return out, q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.triton_op("vsopt::mask_to_table", mutates_args=())
+def mask_to_table(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool block mask (Bt, H, QB, KB) -> (kv_indices int32 (Bt, H, QB, KB), kv_counts int32 (Bt, H, QB)):
+    the True columns of each row, ascending, then zeros."""
+    with _as_vsopt_errors():
+        if mask.device.type == "cuda":
+            return _mask_launch.mask_to_table(mask)
+        if mask.dim() != 4 or mask.dtype != torch.bool:
+            raise KernelInputError(f"mask_to_table: mask must be bool (Bt, H, QB, KB), got {mask.dtype} "
+                                   f"{tuple(mask.shape)}")
+        return _mask_ref.mask_to_table(mask)
+
+
+@mask_to_table.register_fake
+def _(mask):
+    if mask.dim() != 4 or mask.dtype != torch.bool:
+        raise KernelInputError(f"mask_to_table: mask must be bool (Bt, H, QB, KB), got {mask.dtype} {tuple(mask.shape)}")
+    return (mask.new_empty(mask.shape, dtype=torch.int32), mask.new_empty(mask.shape[:-1], dtype=torch.int32))
+
+
+def _check_scores_inputs(q, k, block_m, block_n):
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[1] % k.shape[1]:
+        raise KernelInputError(f"block_scores: q (B, Hq, N, D) and k (B, Hkv, N, D) with Hq % Hkv == 0 expected, "
+                               f"got {tuple(q.shape)}, {tuple(k.shape)}")
+    if block_m < 1 or block_n < 1:
+        raise KernelInputError(f"block_scores: block sizes must be positive, got {block_m}, {block_n}")
+
+
+@torch.library.triton_op("vsopt::block_scores", mutates_args=())
+def block_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block_m: int, block_n: int) -> torch.Tensor:
+    """Pooled block-score estimate, float32 (B, Hq, QB, KB): softmax over key blocks of
+    mean-pooled q blocks . mean-pooled k blocks * scale. Feeds topk_block_mask / mass_block_mask."""
+    _check_scores_inputs(q, k, block_m, block_n)
+    with _as_vsopt_errors():
+        if q.device.type == "cuda":
+            return _mask_launch.block_scores(q, k, scale, block_m, block_n)
+        return _mask_ref.block_scores(q, k, scale, block_m, block_n)
+
+
+@block_scores.register_fake
+def _(q, k, scale, block_m, block_n):
+    _check_scores_inputs(q, k, block_m, block_n)
+    qb, kb = -(-q.shape[2] // block_m), -(-k.shape[2] // block_n)
+    return q.new_empty((q.shape[0], q.shape[1], qb, kb), dtype=torch.float32)
+
+
+@torch.library.custom_op("vsopt::topk_block_mask", mutates_args=())
+def topk_block_mask(scores: torch.Tensor, k: int, block_m: int, block_n: int) -> torch.Tensor:
+    """Dynamic mask, bool (B, H, QB, KB): the k highest-scoring key blocks of each row plus the
+    diagonal block (key block of the row's first token), so a row has k or k + 1 blocks."""
+    with _as_vsopt_errors():
+        return _mask_launch.topk_block_mask(scores, k, block_m, block_n)
+
+
+@topk_block_mask.register_fake
+def _(scores, k, block_m, block_n):
+    return torch.empty_like(scores, dtype=torch.bool)
+
+
+@torch.library.custom_op("vsopt::mass_block_mask", mutates_args=())
+def mass_block_mask(scores: torch.Tensor, mass: float, block_m: int, block_n: int) -> torch.Tensor:
+    """Dynamic mask, bool (B, H, QB, KB): per row the fewest highest-scoring key blocks whose
+    scores sum to at least `mass` of the row's total, plus the diagonal block."""
+    with _as_vsopt_errors():
+        return _mask_launch.mass_block_mask(scores, mass, block_m, block_n)
+
+
+@mass_block_mask.register_fake
+def _(scores, mass, block_m, block_n):
+    return torch.empty_like(scores, dtype=torch.bool)

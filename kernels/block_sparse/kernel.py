@@ -1,0 +1,140 @@
+"""Triton block-sparse flash-attention forward (see reference.py for the math and the table).
+
+One program computes BLOCK_M query rows of one (b, h) against the key blocks its table row lists,
+with the online softmax of FlashAttention in base 2 (exp2, scale pre-multiplied by log2(e)):
+    m_new = max(m, rowmax(s));  p = exp2(s - m_new);  l = l * exp2(m - m_new) + rowsum(p)
+    acc = acc * exp2(m - m_new) + p @ v;               out = acc / l
+Programs are launched in the order of RowOrder (heaviest rows first, see launch.py), so the long
+rows start early and the short ones fill the tail.
+
+QUANT (constexpr): 0 bf16/fp16 Q K V; 1 INT8 Q K (smoothed K, per-block scales), 16-bit P V;
+2 FP8 Q K, FP8 P V; 3 INT8 Q K, FP8 P V. In the FP8 P V modes V comes transposed (B, H, D, N_pad)
+with a per-channel scale, and P is stored as p * 448 in e4m3 (its full range), undone at the end.
+"""
+import triton
+import triton.language as tl
+
+from ..quant.kernel import _to_fp8
+
+
+
+@triton.jit
+def _attend_tile(acc, l_i, m_i, q, k_base, v_base, start_n, NK, s_scale,
+                 stride_kn, stride_vn, stride_vd,
+                 BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, QK_INT8: tl.constexpr, PV_FP8: tl.constexpr,
+                 MASK_KEYS: tl.constexpr, ROUND_IN_FP32: tl.constexpr):
+    """One key tile [start_n, start_n + BLOCK_N): update (acc, l_i, m_i). s_scale folds the softmax
+    scale, log2(e) and the dequantization scales of the Q block and this K block."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
+    vt_ptrs = v_base + offs_d[:, None] * stride_vd + offs_n[None, :] * stride_vn   # (D, BLOCK_N) view of V
+    if MASK_KEYS:
+        k = tl.load(k_ptrs, mask=offs_n[:, None] < NK, other=0.0)
+        vt = tl.load(vt_ptrs, mask=offs_n[None, :] < NK, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        vt = tl.load(vt_ptrs)
+    if QK_INT8:
+        s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32) * s_scale
+    else:
+        s = tl.dot(q, tl.trans(k)) * s_scale
+    if MASK_KEYS:
+        s = tl.where(offs_n[None, :] < NK, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if PV_FP8:
+        acc = tl.dot(_to_fp8(p * 448.0, ROUND_IN_FP32), tl.trans(vt), acc)
+    else:
+        acc = tl.dot(p.to(vt.dtype), tl.trans(vt), acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _block_sparse_fwd_kernel(
+    Q, K, V, Out, Lse,
+    QScale, KScale, VScale,
+    KvIndices, KvCounts, RowOrder,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on,
+    stride_ib, stride_ih, stride_im,
+    stride_cb, stride_ch,
+    H, GROUP, NQ, NK, QB, KB, qk_scale_log2,
+    HEAD_DIM: tl.constexpr, TABLE_BLOCK_M: tl.constexpr, TABLE_BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr, WRITE_LSE: tl.constexpr,
+    EVEN_N: tl.constexpr, ROUND_IN_FP32: tl.constexpr,
+):
+    QK_QUANT: tl.constexpr = QUANT != 0
+    QK_INT8: tl.constexpr = (QUANT == 1) or (QUANT == 3)
+    PV_FP8: tl.constexpr = (QUANT == 2) or (QUANT == 3)
+    SPLIT_M: tl.constexpr = TABLE_BLOCK_M // BLOCK_M
+    SPLIT_N: tl.constexpr = TABLE_BLOCK_N // BLOCK_N
+
+    pid = tl.program_id(0)
+    row = tl.load(RowOrder + pid // SPLIT_M)          # flattened (b, h, qb), heaviest first
+    qb = row % QB
+    bh = row // QB
+    h = bh % H
+    b = bh // H
+    hk = h // GROUP
+    start_m = qb * TABLE_BLOCK_M + (pid % SPLIT_M) * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    count = tl.load(KvCounts + b * stride_cb + h * stride_ch + qb)
+    idx_base = KvIndices + b * stride_ib + h * stride_ih + qb * stride_im
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=offs_m[:, None] < NQ, other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+
+    row_scale = qk_scale_log2
+    if QK_QUANT:
+        row_scale = row_scale * tl.load(QScale + bh * QB + qb)
+    kscale_base = KScale + (b * (H // GROUP) + hk) * KB
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # All entries but the last need no key mask (only the last key block of a row can be ragged,
+    # because the indices ascend); with EVEN_N nothing is ragged and the mask is never needed.
+    n_unmasked = count if EVEN_N else tl.maximum(count - 1, 0)
+    for t in range(0, n_unmasked * SPLIT_N):
+        kb = tl.load(idx_base + t // SPLIT_N)
+        s_scale = row_scale
+        if QK_QUANT:
+            s_scale = s_scale * tl.load(kscale_base + kb)
+        start_n = kb * TABLE_BLOCK_N + (t % SPLIT_N) * BLOCK_N
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_base, v_base, start_n, NK, s_scale,
+                                     stride_kn, stride_vn, stride_vd,
+                                     BLOCK_N, HEAD_DIM, QK_INT8, PV_FP8, False, ROUND_IN_FP32)
+    if not EVEN_N:
+        if count > 0:
+            kb = tl.load(idx_base + count - 1)
+            s_scale = row_scale
+            if QK_QUANT:
+                s_scale = s_scale * tl.load(kscale_base + kb)
+            for sub in tl.static_range(SPLIT_N):
+                acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_base, v_base,
+                                             kb * TABLE_BLOCK_N + sub * BLOCK_N, NK, s_scale,
+                                             stride_kn, stride_vn, stride_vd,
+                                             BLOCK_N, HEAD_DIM, QK_INT8, PV_FP8, True, ROUND_IN_FP32)
+
+    # A row that visited nothing (skipped head, empty row) has l = 0: output 0, lse -inf.
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    if PV_FP8:
+        vscale = tl.load(VScale + (b * (H // GROUP) + hk) * HEAD_DIM + offs_d)
+        out = out * (vscale[None, :] / 448.0)
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=offs_m[:, None] < NQ)
+    if WRITE_LSE:
+        # natural-log LSE of the scaled scores: (m + log2 l) * ln 2
+        lse = tl.where(l_i > 0, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        tl.store(Lse + bh * NQ + offs_m, lse, mask=offs_m < NQ)

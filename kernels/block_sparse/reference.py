@@ -1,0 +1,63 @@
+"""Pure-PyTorch reference of block-sparse attention (the CPU path of vsopt::block_sparse_attention).
+
+Layout: q (B, Hq, Nq, D); k, v (B, Hkv, Nk, D), Hq a multiple of Hkv (grouped-query attention).
+The sparsity is a table: kv_indices int32 (Bt, Hq, QB, MAXK) lists, for query block qb (tokens
+[qb*block_m, (qb+1)*block_m)), the key blocks it visits (key block kb = tokens
+[kb*block_n, (kb+1)*block_n)); kv_counts int32 (Bt, Hq, QB) says how many entries are valid.
+Bt is 1 (one table for the whole batch) or B. A query row that visits no block outputs 0.
+
+The reference computes in float32 (float64 if the inputs are float64) and returns q's dtype.
+For the quantized modes it runs the same attention on fake-quantized (quantized then
+dequantized) Q, K and V from kernels.quant.reference, so the kernel and the reference see the
+same rounding of the inputs; the kernel's extra FP8 rounding of P is not modelled.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..quant import reference as quant_ref
+
+
+def table_to_token_mask(kv_indices: torch.Tensor, kv_counts: torch.Tensor, nq: int, nk: int,
+                        block_m: int, block_n: int) -> torch.Tensor:
+    """Expand a block table to a boolean token mask (Bt, H, Nq, Nk), True = attend."""
+    Bt, H, QB, MAXK = kv_indices.shape
+    KB = -(-nk // block_n)
+    valid = torch.arange(MAXK, device=kv_indices.device) < kv_counts[..., None].long()   # (Bt,H,QB,MAXK)
+    block_mask = torch.zeros(Bt, H, QB, KB + 1, dtype=torch.bool, device=kv_indices.device)
+    # Invalid entries are routed to the spare column KB and dropped.
+    idx = torch.where(valid, kv_indices.long(), torch.full_like(kv_indices.long(), KB))
+    block_mask.scatter_(3, idx, True)
+    block_mask = block_mask[..., :KB]
+    token_mask = block_mask.repeat_interleave(block_m, dim=2).repeat_interleave(block_n, dim=3)
+    return token_mask[:, :, :nq, :nk]
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, token_mask: torch.Tensor,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scale, masked) v with GQA, in q's (float) dtype; rows with no key give 0.
+
+    Returns (out (B, Hq, Nq, D), lse (B, Hq, Nq) natural-log log-sum-exp, -inf for empty rows)."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    s = torch.einsum("bhqd,bhkd->bhqk", q, k) * scale
+    s = s.masked_fill(~token_mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None].masked_fill(torch.isinf(lse[..., None]), 0.0))
+    p = p.masked_fill(~token_mask, 0.0)
+    return torch.einsum("bhqk,bhkd->bhqd", p, v), lse
+
+
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor,
+                           kv_counts: torch.Tensor, scale: float, block_m: int, block_n: int,
+                           quant: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference for vsopt::block_sparse_attention; returns (out in q's dtype, lse float32)."""
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf, kf, vf = q.to(work), k.to(work), v.to(work)
+    if quant != "none":
+        qf, kf, vf = quant_ref.fake_quantize_qkv(qf, kf, vf, quant, block_m, block_n)
+    mask = table_to_token_mask(kv_indices, kv_counts, q.shape[2], k.shape[2], block_m, block_n)
+    mask = mask.expand(q.shape[0], -1, -1, -1)
+    out, lse = masked_attention(qf, kf, vf, mask, scale)
+    return out.to(q.dtype), lse.float()

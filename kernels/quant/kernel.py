@@ -1,0 +1,81 @@
+"""Triton kernels that quantize attention inputs (see kernels/quant/reference.py for the math).
+
+_quantize_blocks_kernel: one program per (block of BLOCK tokens, b*h): optionally subtracts the
+channel mean (K smoothing), takes amax(|x|) over the block, writes the codes and one float32
+scale = amax / QMAX. One read of x, one write of the codes.
+_quantize_channels_fp8_kernel: V for FP8 P V: x / scale[d] cast to e4m3 and written transposed,
+(B, H, D, N_pad), because Hopper's FP8 tensor-core op wants its B operand K-major.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _round_half_away(x):
+    return tl.where(x >= 0, tl.floor(x + 0.5), -tl.floor(-x + 0.5))
+
+
+@triton.jit
+def _to_fp8(x, ROUND_IN_FP32: tl.constexpr):
+    """fp32 -> e4m3. ROUND_IN_FP32 (set only under TRITON_INTERPRET): snap x to the e4m3 grid with
+    fp32 math first, because the interpreter's own fp8 cast drops the carry when rounding up to the
+    next power of two (125.9 -> 64); the GPU's cvt instruction rounds correctly and skips this."""
+    if ROUND_IN_FP32:
+        mag = tl.abs(x)
+        exp = tl.maximum(tl.floor(tl.math.log2(tl.maximum(mag, 1e-30))), -6.0)   # e4m3: min normal 2^-6
+        step = tl.math.exp2(exp - 3.0)                                          # 3 mantissa bits
+        x = tl.where(x >= 0, 1.0, -1.0) * tl.floor(mag / step + 0.5) * step
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def _quantize_blocks_kernel(
+    X, Mean, Codes, Scale,
+    H, N, NUM_BLOCKS,
+    stride_xb, stride_xh, stride_xn,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, IS_FP8: tl.constexpr, SMOOTH: tl.constexpr,
+    QMAX: tl.constexpr, MIN_AMAX: tl.constexpr, ROUND_IN_FP32: tl.constexpr,
+):
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_n = blk * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_bounds = offs_n[:, None] < N
+    x = tl.load(X + b * stride_xb + h * stride_xh + offs_n[:, None] * stride_xn + offs_d[None, :],
+                mask=in_bounds, other=0.0).to(tl.float32)
+    if SMOOTH:
+        mean = tl.load(Mean + bh * HEAD_DIM + offs_d)
+        x = tl.where(in_bounds, x - mean[None, :], 0.0)
+    amax = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), MIN_AMAX)
+    scale = amax / QMAX
+    y = x * (1.0 / scale)
+    if IS_FP8:
+        codes = _to_fp8(y, ROUND_IN_FP32)
+    else:
+        codes = _round_half_away(y).to(tl.int8)
+    tl.store(Codes + bh * N * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :], codes, mask=in_bounds)
+    tl.store(Scale + bh * NUM_BLOCKS + blk, scale)
+
+
+@triton.jit
+def _quantize_channels_fp8_kernel(
+    X, Scale, CodesT,
+    H, N, N_PAD,
+    stride_xb, stride_xh, stride_xn,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, ROUND_IN_FP32: tl.constexpr,
+):
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_bounds = offs_n[:, None] < N
+    x = tl.load(X + b * stride_xb + h * stride_xh + offs_n[:, None] * stride_xn + offs_d[None, :],
+                mask=in_bounds, other=0.0).to(tl.float32)
+    inv_scale = 1.0 / tl.load(Scale + bh * HEAD_DIM + offs_d)
+    codes = _to_fp8(x * inv_scale[None, :], ROUND_IN_FP32)
+    # Transposed store: CodesT[b, h, d, n]; padding columns n >= N stay as allocated (zeros).
+    tl.store(CodesT + bh * HEAD_DIM * N_PAD + offs_d[None, :] * N_PAD + offs_n[:, None], codes, mask=in_bounds)

@@ -1,0 +1,74 @@
+"""Pure-PyTorch reference of the fused quantization kernels (kernels/quant/kernel.py).
+
+Formats (the scale of a group is amax(|x|) / QMAX over the group, so the group's largest value maps
+to +-QMAX; an all-zero group gets a tiny scale instead of 0):
+- "int8": QMAX 127, values rounded half away from zero.
+- "fp8":  float8 e4m3fn, QMAX 448, rounded to nearest by the cast.
+Groups: Q per (b, h, block of block_m tokens); K per (b, h, block of block_n tokens) after
+smoothing (K minus its mean over tokens, per (b, h, d): softmax ignores a per-row constant, and
+q . mean is one); V (FP8 P V only) per (b, h, d) channel over all tokens.
+"""
+from __future__ import annotations
+
+import torch
+
+QMAX = {"int8": 127.0, "fp8": 448.0}
+MIN_AMAX = 1e-10
+QUANT_MODES = ("none", "int8", "fp8", "int8_fp8")
+
+
+def qk_format(quant: str) -> str:
+    """Format of Q and K in a quantization mode ("int8" or "fp8")."""
+    return "fp8" if quant == "fp8" else "int8"
+
+
+def pv_is_fp8(quant: str) -> bool:
+    """Whether P and V run in FP8 in a quantization mode (else in q's 16-bit dtype)."""
+    return quant in ("fp8", "int8_fp8")
+
+
+def round_to_format(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """x already divided by its scale -> the value the stored code represents (same dtype)."""
+    if fmt == "int8":
+        return torch.sign(x) * torch.floor(x.abs() + 0.5)
+    return x.to(torch.float8_e4m3fn).to(x.dtype)
+
+
+def quantize_blocks(x: torch.Tensor, block: int, fmt: str, mean: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, H, N, D) -> (codes as float (B, H, N, D), scale float32 (B, H, ceil(N/block))).
+
+    mean (B, H, D), if given, is subtracted first (K smoothing). Dequantize: codes * scale."""
+    B, H, N, D = x.shape
+    x = x.float() if x.dtype != torch.float64 else x
+    if mean is not None:
+        x = x - mean[:, :, None, :].to(x.dtype)
+    nb = -(-N // block)
+    padded = torch.nn.functional.pad(x, (0, 0, 0, nb * block - N))
+    groups = padded.view(B, H, nb, block, D)
+    scale = groups.abs().amax(dim=(3, 4)).clamp_min(MIN_AMAX) / QMAX[fmt]
+    codes = round_to_format(groups / scale[..., None, None], fmt)
+    return codes.view(B, H, nb * block, D)[:, :, :N], scale.float()
+
+
+def quantize_channels_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """v (B, H, N, D) -> (codes as float (B, H, N, D), scale float32 (B, H, D)), per-channel FP8."""
+    v = v.float() if v.dtype != torch.float64 else v
+    scale = v.abs().amax(dim=2).clamp_min(MIN_AMAX) / QMAX["fp8"]
+    return round_to_format(v / scale[:, :, None, :], "fp8"), scale.float()
+
+
+def fake_quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, block_m: int,
+                      block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize then dequantize q, k, v as the kernels do in `quant` mode (K comes back smoothed)."""
+    if quant not in QUANT_MODES or quant == "none":
+        raise ValueError(f"fake_quantize_qkv: quant must be one of {QUANT_MODES[1:]}, got {quant!r}")
+    fmt = qk_format(quant)
+    qc, qs = quantize_blocks(q, block_m, fmt)
+    kc, ks = quantize_blocks(k, block_n, fmt, mean=k.float().mean(dim=2))
+    q_hat = (qc * qs.repeat_interleave(block_m, dim=2)[:, :, : q.shape[2], None]).to(q.dtype)
+    k_hat = (kc * ks.repeat_interleave(block_n, dim=2)[:, :, : k.shape[2], None]).to(k.dtype)
+    if pv_is_fp8(quant):
+        vc, vs = quantize_channels_fp8(v)
+        v = (vc * vs[:, :, None, :]).to(v.dtype)
+    return q_hat, k_hat, v

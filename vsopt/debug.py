@@ -1,0 +1,307 @@
+"""`vsopt diff`: what the optimizer changed, what it left alone and why, and where error enters.
+
+    report = vsopt.diff(model, example_inputs, plan="wan.plan.json")
+    print(report.render_text())            # both views, 80 columns, colour on a tty
+    report.write_json("diff.json")          # stable across runs for the same inputs
+    report.write_html("diff.html")          # one self-contained page
+
+The report has two views, each built by its own module:
+  structural (vsopt.debug_graph): the ATen graph before the passes aligned with the graph after
+      them by provenance; per attention site in execution order, the original ops (with source
+      file and line) beside what replaced them and the plan entry per head; every site or
+      candidate left alone with the reason its rule gave.
+  numerical (vsopt.debug_numeric): per site and head, cosine / relative L2 / max error, isolated
+      and accumulated; the model output's PSNR and relative L2; the first site over a threshold;
+      optionally over a sampler's steps.
+Renderers: vsopt.debug_text (terminal) and vsopt.debug_html (the page).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.fx
+from torch.utils._pytree import tree_leaves
+
+from vsopt.core.errors import ConfigError, VsoptError
+from vsopt.core.ir import AttentionSite, SkippedSite
+from vsopt.debug_graph import ChangeRegion, SourceLocation, StructuralDiff, diff_graphs, source_location
+from vsopt.debug_numeric import (DEFAULT_THRESHOLD, NumericalDiff, SiteProbe, StepDiff, measure,
+                                 measure_trajectory)
+
+REPORT_VERSION = 1
+
+
+@dataclass
+class SiteEntry:
+    """One attention site or candidate, as both views show it.
+
+    status: "rewritten" (the passes replaced it), "left alone" (a rule declined it: `reason`
+    says why) or "unchanged" (detected, but no node of the graph changed)."""
+
+    site_id: str
+    status: str
+    rule: str
+    reason: str | None
+    node: str  # the before-graph node it is anchored on (the attention output, or the candidate)
+    source: SourceLocation | None
+    site: AttentionSite | None  # None for candidates that never became sites
+    region: ChangeRegion | None
+    plan_heads: list[dict[str, Any]] = field(default_factory=list)  # one dict per head; [] without a plan
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"site_id": self.site_id, "status": self.status, "rule": self.rule, "reason": self.reason,
+                "node": self.node, "source": self.source.to_dict() if self.source else None,
+                "site": self.site.to_dict() if self.site else None,
+                "region": self.region.to_dict() if self.region else None, "plan_heads": self.plan_heads}
+
+
+@dataclass
+class DiffReport:
+    """Everything `vsopt diff` found. `entries` are in execution order; `numerical` is None when
+    numerics were not asked for; `steps` is empty unless a sampler was given."""
+
+    model: str
+    entries: list[SiteEntry]
+    structure: StructuralDiff
+    numerical: NumericalDiff | None
+    steps: list[StepDiff] = field(default_factory=list)
+
+    def entry(self, site_id: str) -> SiteEntry:
+        for e in self.entries:
+            if e.site_id == site_id:
+                return e
+        raise KeyError(f"no site {site_id!r} in the report; sites are {[e.site_id for e in self.entries]}")
+
+    @property
+    def rewritten(self) -> list[SiteEntry]:
+        return [e for e in self.entries if e.status == "rewritten"]
+
+    @property
+    def left_alone(self) -> list[SiteEntry]:
+        return [e for e in self.entries if e.status != "rewritten"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": REPORT_VERSION, "model": self.model, "entries": [e.to_dict() for e in self.entries],
+                "structure": self.structure.to_dict(),
+                "numerical": self.numerical.to_dict() if self.numerical else None,
+                "steps": [s.to_dict() for s in self.steps]}
+
+    def to_json(self) -> str:
+        """The report as JSON: keys sorted, floats to 6 significant digits, inf/nan as strings,
+        no timestamps or addresses, so the same inputs give the same bytes."""
+        return json.dumps(_stable(self.to_dict()), sort_keys=True, indent=1, allow_nan=False) + "\n"
+
+    def render_text(self, width: int = 80, color: bool = False) -> str:
+        from vsopt.debug_text import render_text
+        return render_text(self, width=width, color=color)
+
+    def render_html(self) -> str:
+        from vsopt.debug_html import render_html
+        return render_html(self)
+
+    def write_json(self, path: str | os.PathLike) -> Path:
+        return _write_atomic(path, self.to_json())
+
+    def write_html(self, path: str | os.PathLike) -> Path:
+        return _write_atomic(path, self.render_html())
+
+
+def _stable(obj: Any) -> Any:
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            return str(obj)  # "inf", "-inf", "nan": JSON has no such numbers
+        return float(f"{obj:.6g}")
+    if isinstance(obj, dict):
+        return {str(k): _stable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_stable(v) for v in obj]
+    return obj
+
+
+def _write_atomic(path: str | os.PathLike, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ----------------------------------------------------------------------------- building the report
+
+
+def plan_heads(plan: Any, site: AttentionSite | None, site_id: str) -> list[dict[str, Any]]:
+    """The plan entry of a site, one dict per head: sparsity, pattern, order, quant (precision),
+    block, density (None where it is decided at run time). [] when the plan has no entry."""
+    if plan is None or site_id not in plan:
+        return []
+    site_plan = plan[site_id]
+    rows = []
+    for head in site_plan.heads_at(None):
+        row = head.to_json(mask_key="mask" if head.mask is not None else None)
+        try:
+            mask = head.block_mask(site_plan.q_len, site_plan.kv_len, site_plan.grid)
+        except ValueError:
+            mask = None
+        rows.append({"sparsity": row["sparsity"], "pattern": (row.get("pattern") or {}).get("kind"),
+                     "order": row["order"], "quant": row["quant"], "block": row["block"],
+                     "density": float(mask.float().mean()) if mask is not None else None})
+    return rows
+
+
+def _probe(site: AttentionSite, region: ChangeRegion, after: torch.fx.Graph) -> SiteProbe:
+    """Where a rewritten site's output lives in the after graph: the created node whose value
+    leaves the region (the one node a kept node reads)."""
+    inside = {n.name for n in region.after.nodes}
+    exits = [n.name for n in after.nodes if n.name in inside and any(u.name not in inside for u in n.users)]
+    if len(exits) != 1:
+        raise VsoptError(f"site {site.site_id!r}: cannot tell which rewritten node holds its output "
+                         f"(candidates: {exits or 'none'})")
+    return SiteProbe(site.site_id, site.output_node, exits[0], site.heads, site.layout)
+
+
+def build_report(before: torch.fx.GraphModule, after: torch.fx.GraphModule, sites: Sequence[AttentionSite],
+                 skipped: Sequence[SkippedSite], *, plan: Any = None, inputs: Sequence[Any] | None = None,
+                 threshold: float = DEFAULT_THRESHOLD, sampler: Callable | None = None,
+                 model_name: str = "model") -> DiffReport:
+    """The report from the graphs before and after the passes and what the pipeline found.
+
+    inputs: the graphs' flat inputs for the numerical view (None: structural view only).
+    sampler: see vsopt.debug_numeric.measure_trajectory (the view over sampling steps)."""
+    site_nodes = {s.site_id: (*s.nodes, s.output_node) for s in sites}
+    anchors = {**{s.site_id: s.node for s in skipped}, **{s.site_id: s.output_node for s in sites}}
+    structure = diff_graphs(before.graph, after.graph, site_nodes, anchors)
+    before_nodes = {n.name: n for n in before.graph.nodes}
+    order = {name: i for i, name in enumerate(before_nodes)}
+    skipped_by_id = {s.site_id: s for s in skipped}
+
+    entries = []
+    for site in sites:
+        region = structure.region_for(site.site_id)
+        skip = skipped_by_id.pop(site.site_id, None)
+        status = "rewritten" if region is not None else ("left alone" if skip else "unchanged")
+        reason = skip.reason if skip else (None if region else "detected, but the passes changed no node of it")
+        anchor = site.output_node
+        entries.append(SiteEntry(site.site_id, status, site.rule or (skip.rule if skip else ""), reason, anchor,
+                                 _location(before_nodes, anchor), site, region,
+                                 plan_heads(plan, site, site.site_id) if region else []))
+    for skip in skipped_by_id.values():  # candidates that never became sites
+        entries.append(SiteEntry(skip.site_id, "left alone", skip.rule, skip.reason, skip.node,
+                                 _location(before_nodes, skip.node), None, structure.region_for(skip.site_id)))
+    entries.sort(key=lambda e: order.get(e.node, len(order)))
+
+    numerical, steps = None, []
+    if inputs is not None or sampler is not None:
+        probes = [_probe(e.site, e.region, after.graph) for e in entries if e.status == "rewritten"]
+        if inputs is not None:
+            numerical, _ = measure(before, after, probes, inputs, threshold)
+        if sampler is not None:
+            steps = measure_trajectory(before, after, probes, sampler, threshold)
+    return DiffReport(model_name, entries, structure, numerical, steps)
+
+
+def _location(nodes: Mapping[str, torch.fx.Node], name: str) -> SourceLocation | None:
+    node = nodes.get(name)
+    return source_location(node) if node is not None else None
+
+
+def diff(model: torch.nn.Module, example_inputs: Sequence[Any], plan: Any = None,
+         options: Mapping[str, Any] | None = None, *, threshold: float = DEFAULT_THRESHOLD,
+         numerics: bool = True, sampler: Callable | None = None) -> DiffReport:
+    """Trace `model` on `example_inputs`, run vsopt's passes with `plan` (a Plan, a plan path, or
+    None for dense), and report both views.
+
+    options: the other backend options (VsoptConfig), e.g. {"grid": (4, 8, 8)}.
+    threshold: relative L2 of a site's output above which it is flagged.
+    numerics: False skips the numerical view (no model runs).
+    sampler: a function that runs a sampling loop with the given denoiser (see
+        vsopt.debug_numeric.measure_trajectory); it is called with the traced graphs, which take
+        the flat inputs."""
+    from vsopt.backend import to_aten, trace_and_rewrite
+    from vsopt.core.config import VsoptConfig
+
+    options = dict(options or {})
+    if plan is not None and options.get("plan") is not None:
+        raise ConfigError("give the plan either as `plan=` or in options, not both")
+    if plan is not None:
+        options["plan"] = plan
+    config = VsoptConfig.from_options(options)
+    example_inputs = tuple(example_inputs)
+    before = to_aten(model, example_inputs)
+    after, pipeline = trace_and_rewrite(model, example_inputs, config)
+    flat = _flat_inputs(after, example_inputs) if numerics else None
+    return build_report(before, after, pipeline.sites, pipeline.skipped, plan=config.plan, inputs=flat,
+                        threshold=threshold, sampler=sampler, model_name=type(model).__name__)
+
+
+def _flat_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> list[Any]:
+    flat = tree_leaves(example_inputs)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(flat):
+        raise VsoptError(f"the traced graph takes {len(placeholders)} inputs but the example inputs flatten to "
+                         f"{len(flat)}")
+    return flat
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", metavar="MODULE:FACTORY",
+                        help="a function that returns (model, example_inputs), e.g. mypkg.models:make_small")
+    parser.add_argument("--plan", metavar="P", help="plan JSON file (default: every site dense)")
+    parser.add_argument("--html", metavar="OUT.html", help="write the report as one self-contained HTML page")
+    parser.add_argument("--json", metavar="OUT.json", help="write the report as JSON")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                        help=f"relative L2 of a site output above which it is flagged (default {DEFAULT_THRESHOLD})")
+    parser.add_argument("--no-numerics", action="store_true", help="structural view only: do not run the model")
+    parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                        help="colour in the terminal (auto: only when stdout is a tty)")
+
+
+def load_factory(target: str) -> tuple[torch.nn.Module, tuple[Any, ...]]:
+    """Call MODULE:FACTORY and check that it returned (model, example_inputs)."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"expected MODULE:FACTORY (e.g. mypkg.models:make_model), got {target!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"cannot import {module_name!r}: {e}") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(f"{module_name!r} has no callable {attr!r}")
+    made = factory()
+    if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module)):
+        raise ConfigError(f"{target} must return (model, example_inputs), got {type(made).__name__}")
+    model, inputs = made
+    return model, tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    if not math.isfinite(args.threshold) or args.threshold <= 0:
+        raise ConfigError(f"--threshold must be a positive number, got {args.threshold}")
+    model, inputs = load_factory(args.target)
+    report = diff(model, inputs, plan=args.plan, threshold=args.threshold, numerics=not args.no_numerics)
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    print(report.render_text(width=80, color=color))
+    if args.json:
+        print(f"wrote {report.write_json(args.json)}")
+    if args.html:
+        print(f"wrote {report.write_html(args.html)}")
+    return 0

@@ -1,0 +1,293 @@
+"""The structural view of `vsopt diff`: what the passes changed in the graph, aligned by provenance.
+
+Input: the ATen graph before the passes and the graph after them (torch.fx), plus the sites the
+pipeline found. A node is *kept* when a node of the same name and target exists in both graphs
+and no pass marked it as created (node.meta["vsopt_from"]). Every other node was *removed*
+(before only) or *created* (after only). Removed and created nodes are joined into change
+regions with networkx: data edges among removed nodes, data edges among created nodes, and
+provenance edges from each created node to the nodes it replaced; each connected component is
+one region, normally one attention site. Kept nodes between regions collapse into counts.
+
+    before:  ... linear -> reshape -> matmul -> mul -> softmax -> matmul_1 -> transpose ...
+    after:   ... linear -> reshape -> vsopt.attention -----------------------> transpose ...
+    regions: [{removed: matmul, mul, softmax, matmul_1;  created: attention}]
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import networkx as nx
+import torch.fx
+
+# Node kinds that are computation (counted and drawn); placeholders, get_attr and output are not.
+_COMPUTE_OPS = ("call_function", "call_method", "call_module")
+_FRAME_RE = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)\n(?P<code>[^\n]*)')
+_TORCH_DIR = os.path.dirname(os.path.dirname(torch.fx.__file__))  # .../site-packages/torch
+
+
+@dataclass(frozen=True)
+class SourceLocation:
+    """Where a node came from in the model's source: the innermost frame outside torch itself."""
+
+    file: str
+    line: int
+    code: str
+
+    def short(self) -> str:
+        return f"{os.path.basename(self.file)}:{self.line}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "line": self.line, "code": self.code}
+
+
+def source_location(node: torch.fx.Node) -> SourceLocation | None:
+    """The user frame of node.meta["stack_trace"] (None when the node has no trace)."""
+    frames = list(_FRAME_RE.finditer(node.meta.get("stack_trace") or ""))
+    if not frames:
+        return None
+    user = [f for f in frames if not os.path.abspath(f["file"]).startswith(_TORCH_DIR + os.sep)]
+    f = (user or frames)[-1]
+    return SourceLocation(f["file"], int(f["line"]), f["code"].strip())
+
+
+def op_label(node: torch.fx.Node) -> str:
+    """A short readable name of what a node computes: "matmul", "vsopt.attention", "getitem"."""
+    if node.op == "call_function":
+        target = node.target
+        name = getattr(target, "__name__", None) if not isinstance(target, torch._ops.OpOverload) else None
+        if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            ns, op = target.namespace, target.__name__.split(".")[0]
+            return op if ns == "aten" else f"{ns}.{op}"
+        return name or str(target)
+    if node.op in ("call_method", "call_module", "get_attr"):
+        return str(node.target)
+    return node.op
+
+
+def _shape(node: torch.fx.Node) -> str:
+    val = node.meta.get("val", node.meta.get("tensor_meta"))
+    shape = getattr(val, "shape", None)
+    return "x".join(str(int(s)) if str(s).isdigit() else str(s) for s in shape) if shape is not None else ""
+
+
+@dataclass(frozen=True)
+class OpNode:
+    """One node as the report shows it."""
+
+    name: str
+    op: str  # op_label()
+    shape: str  # e.g. "1x2x8x8"; "" when unknown
+    source: SourceLocation | None
+
+    @classmethod
+    def of(cls, node: torch.fx.Node) -> "OpNode":
+        return cls(node.name, op_label(node), _shape(node), source_location(node))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "op": self.op, "shape": self.shape,
+                "source": self.source.to_dict() if self.source else None}
+
+
+@dataclass
+class Subgraph:
+    """A region's nodes in one graph plus its boundary (kept neighbours, drawn as context)."""
+
+    nodes: list[OpNode]  # the changed nodes, in graph order
+    boundary: list[OpNode]  # kept nodes feeding or consuming them, in graph order
+    edges: list[tuple[str, str]]  # data edges among nodes and boundary (producer, consumer)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"nodes": [n.to_dict() for n in self.nodes], "boundary": [n.to_dict() for n in self.boundary],
+                "edges": [list(e) for e in self.edges]}
+
+
+@dataclass
+class ChangeRegion:
+    """One connected change: what the before graph had and what replaced it."""
+
+    site_id: str | None  # the attention site it belongs to (None: a change outside any site)
+    passes: list[str]  # names of the passes that created its nodes
+    before: Subgraph
+    after: Subgraph
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"site_id": self.site_id, "passes": self.passes, "before": self.before.to_dict(),
+                "after": self.after.to_dict()}
+
+
+@dataclass
+class StructuralDiff:
+    """The aligned graphs. `timeline` is the before graph in execution order with runs of kept
+    nodes collapsed: ("unchanged", n) for n kept compute nodes, ("region", i) for regions[i],
+    ("anchor", label) for the anchors given to diff_graphs."""
+
+    kept: list[str]  # compute nodes present, unchanged, in both graphs (before order)
+    removed: list[str]  # nodes only in the before graph (before order)
+    created: list[str]  # nodes only in the after graph (after order)
+    regions: list[ChangeRegion]  # in execution order
+    timeline: list[tuple[str, int | str]] = field(default_factory=list)
+
+    def region_for(self, site_id: str) -> ChangeRegion | None:
+        return next((r for r in self.regions if r.site_id == site_id), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kept": self.kept, "removed": self.removed, "created": self.created,
+                "regions": [r.to_dict() for r in self.regions], "timeline": [list(t) for t in self.timeline]}
+
+
+def _provenance(node: torch.fx.Node) -> tuple[str, tuple[str, ...]] | None:
+    """node.meta["vsopt_from"] as (pass name, replaced node names), or None."""
+    origin = node.meta.get("vsopt_from")
+    if origin is None:
+        return None
+    pass_name, replaced = origin
+    return str(pass_name), tuple(str(r) for r in (replaced or ()))
+
+
+def _is_kept(node: torch.fx.Node, before_nodes: dict[str, torch.fx.Node]) -> bool:
+    old = before_nodes.get(node.name)
+    return (old is not None and _provenance(node) is None and old.op == node.op
+            and op_label(old) == op_label(node))
+
+
+def to_networkx(graph: torch.fx.Graph) -> nx.DiGraph:
+    """The data-flow graph of an FX graph: one vertex per node name, an edge producer -> consumer."""
+    g = nx.DiGraph()
+    for order, node in enumerate(graph.nodes):
+        g.add_node(node.name, order=order)
+        for src in node.all_input_nodes:
+            g.add_edge(src.name, node.name)
+    return g
+
+
+def _subgraph(changed: Iterable[str], nodes: dict[str, torch.fx.Node], g: nx.DiGraph, order: dict[str, int],
+              drawable: set[str]) -> Subgraph:
+    changed = sorted(set(changed), key=order.__getitem__)
+    inside = set(changed)
+    boundary = {nb for n in changed for nb in (*g.predecessors(n), *g.successors(n))
+                if nb not in inside and nb in drawable}
+    shown = inside | boundary
+    edges = sorted(((u, v) for u, v in g.subgraph(shown).edges if u in inside or v in inside),
+                   key=lambda e: (order[e[0]], order[e[1]]))
+    return Subgraph([OpNode.of(nodes[n]) for n in changed],
+                    [OpNode.of(nodes[n]) for n in sorted(boundary, key=order.__getitem__)], edges)
+
+
+def diff_graphs(before: torch.fx.Graph, after: torch.fx.Graph, site_nodes: Mapping[str, Sequence[str]] | None = None,
+                anchors: Mapping[str, str] | None = None) -> StructuralDiff:
+    """Align `before` and `after` by provenance and group the changes into regions.
+
+    site_nodes maps site_id -> names of the before-graph nodes that site matched (from the
+    AttentionSites); it names regions whose created nodes carry no node.meta["vsopt_site"].
+    anchors maps a label (a site) -> the before-graph node it sits on; each anchor on a kept node
+    (a site left alone) appears in the timeline as ("anchor", label), splitting the unchanged run.
+    """
+    site_nodes = site_nodes or {}
+    anchors = anchors or {}
+    b_nodes = {n.name: n for n in before.nodes}
+    a_nodes = {n.name: n for n in after.nodes}
+    b_order = {name: i for i, name in enumerate(b_nodes)}
+    a_order = {name: i for i, name in enumerate(a_nodes)}
+    gb, ga = to_networkx(before), to_networkx(after)
+
+    kept_names = {n.name for n in after.nodes if _is_kept(n, b_nodes)}
+    removed = [n for n in b_nodes if n not in kept_names]
+    created = [n for n in a_nodes if n not in kept_names]
+
+    # The change graph: removed and created nodes joined by data and provenance edges.
+    change = nx.Graph()
+    change.add_nodes_from(("before", n) for n in removed)
+    change.add_nodes_from(("after", n) for n in created)
+    change.add_edges_from((("before", u), ("before", v)) for u, v in gb.subgraph(removed).edges)
+    change.add_edges_from((("after", u), ("after", v)) for u, v in ga.subgraph(created).edges)
+    removed_set = set(removed)
+    for name in created:
+        prov = _provenance(a_nodes[name])
+        for old in (prov[1] if prov else ()):
+            if old in removed_set:
+                change.add_edge(("after", name), ("before", old))
+
+    owner = {n: sid for sid, names in site_nodes.items() for n in names}
+    regions: list[tuple[int, ChangeRegion]] = []
+    for component in nx.connected_components(change):
+        r_before = [n for side, n in component if side == "before"]
+        r_after = [n for side, n in component if side == "after"]
+        compute_before = [n for n in r_before if b_nodes[n].op in _COMPUTE_OPS]
+        compute_after = [n for n in r_after if a_nodes[n].op in _COMPUTE_OPS]
+        if not compute_before and not compute_after:
+            continue  # placeholders or outputs renamed by retracing: nothing a user changed
+        site_ids = sorted({a_nodes[n].meta["vsopt_site"] for n in r_after if "vsopt_site" in a_nodes[n].meta}
+                          | {owner[n] for n in r_before if n in owner})
+        passes = sorted({p[0] for n in r_after if (p := _provenance(a_nodes[n]))})
+        # Position in execution order: the first removed node, else the kept node just before the
+        # first created one (mapped into the before graph).
+        if compute_before:
+            pos = min(b_order[n] for n in compute_before)
+        else:
+            first = min(a_order[n] for n in compute_after)
+            prior = [a for a, i in a_order.items() if i < first and a in kept_names]
+            pos = b_order[prior[-1]] + 0.5 if prior else -0.5
+        drawable_b = {n for n, node in b_nodes.items() if node.op in _COMPUTE_OPS or node.op == "placeholder"}
+        drawable_a = {n for n, node in a_nodes.items() if node.op in _COMPUTE_OPS or node.op == "placeholder"}
+        regions.append((pos, ChangeRegion(
+            site_id=", ".join(site_ids) if site_ids else None, passes=passes,
+            before=_subgraph(compute_before, b_nodes, gb, b_order, drawable_b),
+            after=_subgraph(compute_after, a_nodes, ga, a_order, drawable_a))))
+    regions.sort(key=lambda pr: pr[0])
+    ordered = [r for _, r in regions]
+
+    # Collapse: walk the before graph, counting kept compute nodes between regions.
+    region_at = {}
+    for i, (pos, r) in enumerate(regions):
+        region_at.setdefault(pos, []).append(i)
+    anchor_at: dict[str, list[str]] = {}
+    for label, node_name in anchors.items():
+        anchor_at.setdefault(node_name, []).append(label)
+    timeline: list[tuple[str, int | str]] = []
+    run = 0
+
+    def flush():
+        nonlocal run
+        if run:
+            timeline.append(("unchanged", run))
+            run = 0
+
+    for pos in sorted(p for p in region_at if p < 0):
+        timeline.extend(("region", i) for i in region_at[pos])
+    for name, node in b_nodes.items():
+        i = b_order[name]
+        if i in region_at:
+            flush()
+            timeline.extend(("region", r) for r in region_at[i])
+        if name in anchor_at and name in kept_names:  # an anchor on a removed node is inside a region
+            flush()
+            timeline.extend(("anchor", label) for label in anchor_at[name])
+        if name in kept_names and node.op in _COMPUTE_OPS:
+            run += 1
+        if i + 0.5 in region_at:
+            flush()
+            timeline.extend(("region", r) for r in region_at[i + 0.5])
+    flush()
+
+    kept = [n for n in b_nodes if n in kept_names and b_nodes[n].op in _COMPUTE_OPS]
+    return StructuralDiff(kept=kept, removed=[n for n in removed if b_nodes[n].op in _COMPUTE_OPS],
+                          created=[n for n in created if a_nodes[n].op in _COMPUTE_OPS], regions=ordered,
+                          timeline=timeline)
+
+
+def layered_layout(sub: Subgraph) -> dict[str, tuple[int, int]]:
+    """(layer, row) per node of a subgraph for drawing: layers are networkx topological generations,
+    rows keep the boundary first, then graph order, within a layer."""
+    g = nx.DiGraph()
+    names = [n.name for n in (*sub.boundary, *sub.nodes)]
+    g.add_nodes_from(names)
+    g.add_edges_from(sub.edges)
+    rank = {n: i for i, n in enumerate(names)}
+    out: dict[str, tuple[int, int]] = {}
+    for layer, generation in enumerate(nx.topological_generations(g)):
+        for row, n in enumerate(sorted(generation, key=rank.__getitem__)):
+            out[n] = (layer, row)
+    return out

@@ -357,3 +357,23 @@ def test_load_factory_errors_name_the_problem():
         load_factory("vsopt.debug:no_such_factory")
     with pytest.raises(ConfigError, match=r"must return \(model, example_inputs\)"):
         load_factory("builtins:dict")
+
+
+def test_detected_site_declined_later_and_candidate_sharing_an_id(case):
+    """A detected site that a later pass declined is 'left alone' with that pass's reason; a
+    candidate whose id a rewritten site already has gets its own entry, labelled id@node."""
+    before, after, sites, skipped, inputs = case
+    declined = AttentionSite("blocks.2", 2, "matmul_softmax_matmul", Layout.BHND, 1, HEADS, HEADS, DIM // HEADS,
+                             DIM // HEADS, TOKENS, TOKENS, torch.float32, 0.35, output_node="matmul_5",
+                             nodes=("matmul_4", "softmax_2", "matmul_5"))
+    extra = [SkippedSite("blocks.2", "matmul_5", "the plan has no entry for this site", "plan"),
+             SkippedSite("blocks.0", "linear_1", "not an attention: a test candidate", "probe")]
+    report = build_report(before, after, [*sites, declined], extra)
+    e2 = report.entry("blocks.2")
+    assert e2.status == "left alone" and e2.reason == "the plan has no entry for this site" and e2.site is declined
+    assert report.entry("blocks.0").status == "rewritten" and report.entry("blocks.0").reason is None
+    dup = report.entry("blocks.0@linear_1")
+    assert dup.status == "left alone" and dup.reason == "not an attention: a test candidate"
+    assert [e.site_id for e in report.entries] == ["blocks.0", "blocks.0@linear_1", "blocks.1", "blocks.2", "blocks.3"]
+    text = render_text(report)
+    assert "blocks.0@linear_1" in text and "the plan has no entry for this site" in text

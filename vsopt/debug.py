@@ -46,7 +46,9 @@ class SiteEntry:
     """One attention site or candidate, as both views show it.
 
     status: "rewritten" (the passes replaced it), "left alone" (a rule declined it: `reason`
-    says why) or "unchanged" (detected, but no node of the graph changed)."""
+    says why) or "unchanged" (detected, but no node of the graph changed). A rewritten site can
+    carry a reason too, when a later pass declined part of what the plan asked (e.g. kept dense).
+    site_id is the site's id; a candidate whose id another entry already has gets "id@node"."""
 
     site_id: str
     status: str
@@ -191,20 +193,27 @@ def build_report(before: torch.fx.GraphModule, after: torch.fx.GraphModule, site
     structure = diff_graphs(before.graph, after.graph, site_nodes, anchors)
     before_nodes = {n.name: n for n in before.graph.nodes}
     order = {name: i for i, name in enumerate(before_nodes)}
-    skipped_by_id = {s.site_id: s for s in skipped}
+    skipped = list(skipped)
 
     entries = []
     for site in sites:
         region = structure.region_for(site.site_id)
-        skip = skipped_by_id.pop(site.site_id, None)
+        # a later pass may decline a detected site (no plan entry, unsupported shape...): same id and node
+        skip = next((k for k in skipped if k.site_id == site.site_id
+                     and (k.node == site.output_node or k.node in site.nodes)), None)
+        if skip is not None:
+            skipped.remove(skip)
         status = "rewritten" if region is not None else ("left alone" if skip else "unchanged")
         reason = skip.reason if skip else (None if region else "detected, but the passes changed no node of it")
         anchor = site.output_node
         entries.append(SiteEntry(site.site_id, status, site.rule or (skip.rule if skip else ""), reason, anchor,
                                  _location(before_nodes, anchor), site, region,
                                  plan_heads(plan, site, site.site_id) if region else []))
-    for skip in skipped_by_id.values():  # candidates that never became sites
-        entries.append(SiteEntry(skip.site_id, "left alone", skip.rule, skip.reason, skip.node,
+    taken = {e.site_id for e in entries}
+    for skip in skipped:  # candidates that never became sites
+        label = skip.site_id if skip.site_id not in taken else f"{skip.site_id}@{skip.node}"
+        taken.add(label)
+        entries.append(SiteEntry(label, "left alone", skip.rule, skip.reason, skip.node,
                                  _location(before_nodes, skip.node), None, structure.region_for(skip.site_id)))
     entries.sort(key=lambda e: order.get(e.node, len(order)))
 

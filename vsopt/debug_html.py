@@ -275,6 +275,8 @@ def _site_section(entry: "SiteEntry", anchor: str, error: "SiteError | None", th
                    f'<code>{_e(entry.source.code)}</code></p>')
     if not rewritten:
         out.append(f'<p class="reason"><b>Left alone:</b> {_e(entry.reason or "no reason given")}</p>')
+    elif entry.reason:
+        out.append(f'<p class="reason"><b>Note:</b> {_e(entry.reason)}</p>')
     if entry.region:
         out.append('<div class="graphs">'
                    f'<figure><figcaption>before ({len(entry.region.before.nodes)} ops)</figcaption>'

@@ -82,6 +82,8 @@ def _site_block(entry: "SiteEntry", width: int, s: _Style) -> list[str]:
         lines += _wrapped("after:  ", ", ".join(f"{n.op}" for n in r.after.nodes), width)
         if entry.plan_heads:
             lines += _wrapped("plan:   ", _plan_summary(entry.plan_heads), width)
+        if entry.reason:
+            lines += _wrapped("note:   ", entry.reason, width)
     else:
         head = f"  {s('○', 'yellow')} {s(entry.site_id, 'bold')}  {s(entry.status, 'yellow')}"
         lines.append(_fit(head + (f" (rule {entry.rule})" if entry.rule else ""), width + _ansi_extra(head)))

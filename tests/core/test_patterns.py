@@ -13,7 +13,7 @@ from vsopt.core.patterns import (Dense, FrameTiles, LocalWindow, Radial, Skip, T
 
 PATTERNS = [Dense(), Skip(), LocalWindow(1, 1, 1), LocalWindow(0, 2, 0, text_global=False), TemporalDiagonals(),
             TemporalDiagonals(1, 2, 2), VerticalStripes((0, -1)), Radial(3, 1), Radial(2, 2), FrameTiles(2, 2, 3),
-            Union((LocalWindow(0, 1, 1), VerticalStripes((0,))))]
+            Union((LocalWindow(0, 1, 1), VerticalStripes((0,), text_global=False)))]
 GRIDS = [TokenGrid(3, 4, 5, text_before=3), TokenGrid(4, 3, 3, text_after=5), TokenGrid(5, 2, 7)]
 
 
@@ -35,7 +35,7 @@ def brute_force_token_mask(pattern, grid):
     def rule(p, i, j):
         df, dh, dw = abs(f[i] - f[j]), abs(h[i] - h[j]), abs(w[i] - w[j])
         if isinstance(p, Union):
-            return any(rule(x, i, j) or (x.text_global and not (video[i] and video[j])) for x in p.parts)
+            return any(rule(x, i, j) for x in p.parts)
         if isinstance(p, Dense):
             return True
         if isinstance(p, Skip):

@@ -25,44 +25,42 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import torch
 
 from .ir import TokenGrid
-from .orders import TokenOrder, order_permutation, token_coordinates
+from .orders import TokenOrder, inverse_permutation, order_permutation, token_coordinates
 
 
-class Coords(NamedTuple):
-    """Coordinates of a set of tokens (any broadcastable shape): frame, height, width (int64, -1
-    for text tokens) and whether each is a video token."""
+Terms = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
-    f: torch.Tensor
-    h: torch.Tensor
-    w: torch.Tensor
-    video: torch.Tensor
+
+def _dist(n: int) -> torch.Tensor:
+    """|a - b| for coordinates a, b in range(n): int64 (n, n)."""
+    r = torch.arange(n)
+    return (r[:, None] - r[None, :]).abs()
+
+
+def _ones(n: int) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool)
 
 
 @dataclass(frozen=True)
 class Pattern:
-    """Base class: a token-level rule `keeps(q, k)` over original coordinates.
+    """Base class of the static patterns.
 
-    Subclasses define KIND (the name in plan JSON), their parameters as fields, and `_video_rule`
-    (the rule between two video tokens); the self pair and the text rule are added here."""
+    A pattern's rule between two video tokens is a union of separable terms: each term is three
+    bool matrices (F_f (F, F), F_h (H, H), F_w (W, W)), indexed [query coordinate, key coordinate],
+    and keeps the pair when F_f[qf, kf] and F_h[qh, kh] and F_w[qw, kw]. Subclasses define KIND
+    (the name in plan JSON), their parameters as fields, and terms(grid). Separability is what lets
+    block_mask run in O(QB * N * (F + H + W)) instead of O(N^2)."""
 
     KIND: ClassVar[str] = ""
     text_global: bool = dataclasses.field(default=True, kw_only=True)
 
-    def _video_rule(self, q: Coords, k: Coords) -> torch.Tensor:
+    def terms(self, grid: TokenGrid) -> Terms:
         raise NotImplementedError
-
-    def keeps(self, q: Coords, k: Coords) -> torch.Tensor:
-        """Bool tensor, broadcast of q and k: True where query q may attend to key k (self pairs
-        are added by block_mask / token_mask, which know token identity)."""
-        rule = self._video_rule(q, k) & q.video & k.video
-        if self.text_global:
-            rule = rule | ~q.video | ~k.video
-        return rule
 
     def to_dict(self) -> dict[str, Any]:
         d = {"kind": self.KIND}
@@ -92,22 +90,20 @@ class Dense(Pattern):
 
     KIND: ClassVar[str] = "dense"
 
-    def _video_rule(self, q, k):
-        return torch.ones_like(q.f, dtype=torch.bool) & torch.ones_like(k.f, dtype=torch.bool)
+    def terms(self, grid):
+        return [(_ones(grid.frames), _ones(grid.height), _ones(grid.width))]
 
 
 @dataclass(frozen=True)
 class Skip(Pattern):
-    """No pair kept: the head's output is zero (Sparse-vDiT: some heads can be dropped)."""
+    """No pair kept, not even text or self pairs: the head's output is zero (Sparse-vDiT: some
+    heads can be dropped)."""
 
     KIND: ClassVar[str] = "skip"
     text_global: bool = dataclasses.field(default=False, kw_only=True)
 
-    def _video_rule(self, q, k):
-        return torch.zeros_like(q.f, dtype=torch.bool) & torch.zeros_like(k.f, dtype=torch.bool)
-
-    def keeps(self, q, k):
-        return self._video_rule(q, k)
+    def terms(self, grid):
+        return []
 
 
 @dataclass(frozen=True)
@@ -122,9 +118,9 @@ class LocalWindow(Pattern):
     def __post_init__(self):
         _check_nonneg(self, "frames", "height", "width")
 
-    def _video_rule(self, q, k):
-        return ((q.f - k.f).abs() <= self.frames) & ((q.h - k.h).abs() <= self.height) & \
-               ((q.w - k.w).abs() <= self.width)
+    def terms(self, grid):
+        return [(_dist(grid.frames) <= self.frames, _dist(grid.height) <= self.height,
+                 _dist(grid.width) <= self.width)]
 
 
 @dataclass(frozen=True)
@@ -143,20 +139,19 @@ class TemporalDiagonals(Pattern):
         if self.max_frame_distance is not None:
             _check_nonneg(self, "max_frame_distance")
 
-    def _video_rule(self, q, k):
-        df = (q.f - k.f).abs()
-        rule = ((q.h - k.h).abs() <= self.spatial_radius) & ((q.w - k.w).abs() <= self.spatial_radius)
-        rule = rule & (df % self.frame_stride == 0)
+    def terms(self, grid):
+        df = _dist(grid.frames)
+        frames = df % self.frame_stride == 0
         if self.max_frame_distance is not None:
-            rule = rule & (df <= self.max_frame_distance)
-        return rule
+            frames &= df <= self.max_frame_distance
+        return [(frames, _dist(grid.height) <= self.spatial_radius, _dist(grid.width) <= self.spatial_radius)]
 
 
 @dataclass(frozen=True)
 class VerticalStripes(Pattern):
     """Vertical stripes: every query attends to the global keys, here all tokens of the frames in
     `key_frames` (negative indices count from the end; (0,) is the first frame, an attention
-    sink), plus the text tokens (text_global)."""
+    sink; frames outside the grid are ignored), plus the text tokens (text_global)."""
 
     KIND: ClassVar[str] = "vertical_stripes"
     key_frames: tuple[int, ...] = (0,)
@@ -164,12 +159,12 @@ class VerticalStripes(Pattern):
     def __post_init__(self):
         object.__setattr__(self, "key_frames", tuple(int(f) for f in self.key_frames))
 
-    def _video_rule(self, q, k):
-        # resolved against the grid in block_mask (negative frames): see _resolve
-        rule = torch.zeros_like(k.f, dtype=torch.bool)
+    def terms(self, grid):
+        keys = torch.zeros(grid.frames, dtype=torch.bool)
         for f in self.key_frames:
-            rule = rule | (k.f == f)
-        return rule & torch.ones_like(q.f, dtype=torch.bool)
+            if -grid.frames <= f < grid.frames:
+                keys[f] = True
+        return [(keys[None, :].expand(grid.frames, -1).clone(), _ones(grid.height), _ones(grid.width))]
 
 
 @dataclass(frozen=True)
@@ -187,13 +182,15 @@ class Radial(Pattern):
         _check_nonneg(self, "spatial_radius")
         _check_positive(self, "dense_frames")
 
-    def _video_rule(self, q, k):
-        df = (q.f - k.f).abs()
-        # band 0 for df <= dense_frames, then j = ceil(log2(df / dense_frames))
-        ratio = (df.float() / self.dense_frames).clamp_min(1.0)
-        band = torch.ceil(torch.log2(ratio) - 1e-9).clamp_min(0).to(torch.int64)
-        radius = torch.div(torch.full_like(band, self.spatial_radius), 2 ** band, rounding_mode="floor")
-        return ((q.h - k.h).abs() <= radius) & ((q.w - k.w).abs() <= radius)
+    def terms(self, grid):
+        df, dh, dw = _dist(grid.frames), _dist(grid.height), _dist(grid.width)
+        out, lo, band = [], -1, 0  # band j holds lo < |df| <= hi
+        while lo < grid.frames - 1:
+            hi = self.dense_frames * 2 ** band
+            r = self.spatial_radius // 2 ** band
+            out.append(((df > lo) & (df <= hi), dh <= r, dw <= r))
+            lo, band = hi, band + 1
+        return out
 
 
 @dataclass(frozen=True)
@@ -209,15 +206,19 @@ class FrameTiles(Pattern):
     def __post_init__(self):
         _check_positive(self, "tile_frames", "tile_height", "tile_width")
 
-    def _video_rule(self, q, k):
-        return (q.f // self.tile_frames == k.f // self.tile_frames) & \
-               (q.h // self.tile_height == k.h // self.tile_height) & \
-               (q.w // self.tile_width == k.w // self.tile_width)
+    def terms(self, grid):
+        def same_tile(n, t):
+            tile = torch.arange(n) // t
+            return tile[:, None] == tile[None, :]
+
+        return [(same_tile(grid.frames, self.tile_frames), same_tile(grid.height, self.tile_height),
+                 same_tile(grid.width, self.tile_width))]
 
 
 @dataclass(frozen=True)
 class Union(Pattern):
-    """Pairs kept by any of `parts` (e.g. a local window plus vertical stripes, Sparse-vDiT's mix)."""
+    """Pairs kept by any of `parts` (e.g. a local window plus vertical stripes, Sparse-vDiT's mix).
+    The text rule is the Union's own text_global; the parts' text_global is not used."""
 
     KIND: ClassVar[str] = "union"
     parts: tuple[Pattern, ...] = ()
@@ -227,13 +228,8 @@ class Union(Pattern):
             raise ValueError(f"Union needs one or more Pattern parts, got {self.parts!r}")
         object.__setattr__(self, "parts", tuple(self.parts))
 
-    def keeps(self, q, k):
-        out = self.parts[0].keeps(q, k)
-        for p in self.parts[1:]:
-            out = out | p.keeps(q, k)
-        if self.text_global:
-            out = out | ~q.video | ~k.video
-        return out
+    def terms(self, grid):
+        return [t for p in self.parts for t in p.terms(grid)]
 
 
 PATTERN_KINDS: dict[str, type[Pattern]] = {c.KIND: c for c in
@@ -264,33 +260,24 @@ def pattern_from_dict(d: dict[str, Any]) -> Pattern:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def _resolve(pattern: Pattern, grid: TokenGrid) -> Pattern:
-    """Replace grid-relative parameters (negative key frames) by absolute ones."""
-    if isinstance(pattern, VerticalStripes):
-        frames = tuple(sorted({f % grid.frames for f in pattern.key_frames if -grid.frames <= f < grid.frames}))
-        return dataclasses.replace(pattern, key_frames=frames)
-    if isinstance(pattern, Union):
-        return dataclasses.replace(pattern, parts=tuple(_resolve(p, grid) for p in pattern.parts))
-    return pattern
-
-
-def _coords(grid: TokenGrid, index: torch.Tensor) -> Coords:
-    f, h, w, video = token_coordinates(grid)
-    return Coords(f[index], h[index], w[index], video[index])
-
-
 def token_mask(pattern: Pattern, grid: TokenGrid, order: TokenOrder | str = TokenOrder.FHW) -> torch.Tensor:
     """The token-level mask, bool (N, N), in `order` (row = query, column = key). O(N^2) memory:
-    meant for tests and references at small N; block_mask never builds it whole."""
-    pattern = _resolve(pattern, grid)
+    meant for tests and references at small N; block_mask never builds it."""
+    n = grid.num_tokens
+    if isinstance(pattern, Skip):
+        return torch.zeros(n, n, dtype=torch.bool)
     perm = order_permutation(grid, order)
-    c = _coords(grid, perm)
-    q = Coords(*(t[:, None] for t in c))
-    k = Coords(*(t[None, :] for t in c))
-    mask = pattern.keeps(q, k)
-    if not isinstance(pattern, Skip):
-        mask = mask | torch.eye(grid.num_tokens, dtype=torch.bool)
-    return mask
+    f, h, w, video = (t[perm] for t in token_coordinates(grid))
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    vq, vk = video[:, None], video[None, :]
+    fq, hq, wq = (t.clamp_min(0)[:, None] for t in (f, h, w))  # text rows are masked by `video` below
+    fk, hk, wk = (t.clamp_min(0)[None, :] for t in (f, h, w))
+    for tf, th, tw in pattern.terms(grid):
+        mask |= tf[fq, fk] & th[hq, hk] & tw[wq, wk]
+    mask &= vq & vk
+    if pattern.text_global:
+        mask |= ~vq | ~vk
+    return mask | torch.eye(n, dtype=torch.bool)
 
 
 def num_blocks(n: int, block: int) -> int:
@@ -304,24 +291,35 @@ def _block_mask_cached(pattern: Pattern, grid: TokenGrid, order: TokenOrder, blo
     qb, kb = num_blocks(n, block_m), num_blocks(n, block_n)
     if isinstance(pattern, Skip):
         return torch.zeros(qb, kb, dtype=torch.bool)
-    pattern = _resolve(pattern, grid)
-    perm = order_permutation(grid, order)
-    c = _coords(grid, perm)
-    k = Coords(*(t[None, :] for t in c))
-    pad_k = kb * block_n - n
-    out = torch.empty(qb, kb, dtype=torch.bool)
-    # query blocks in chunks so that a chunk holds ~4M pairs: memory bounded, few Python steps
-    blocks_per_chunk = max(1, (1 << 22) // max(1, block_m * n))
-    for b0 in range(0, qb, blocks_per_chunk):
-        b1 = min(qb, b0 + blocks_per_chunk)
-        rows = slice(b0 * block_m, min(n, b1 * block_m))
-        q = Coords(*(t[rows, None] for t in c))
-        m = pattern.keeps(q, k)
-        pos = torch.arange(rows.start, rows.stop)
-        m[torch.arange(len(pos)), pos] = True  # the self pair
-        m = torch.nn.functional.pad(m, (0, pad_k, 0, (b1 - b0) * block_m - len(pos)))
-        out[b0:b1] = m.view(b1 - b0, block_m, kb, block_n).any(dim=3).any(dim=1)
-    return out
+    F, H, W = grid.frames, grid.height, grid.width
+    position = inverse_permutation(order_permutation(grid, order))  # token -> place in the new order
+    video_pos = position[grid.text_before:grid.text_before + grid.video_tokens]  # by video index
+    q_block, k_block = video_pos // block_m, video_pos // block_n
+    terms = [tuple(t.float() for t in term) for term in pattern.terms(grid)]
+    out = torch.zeros(qb, kb, dtype=torch.bool)
+    # Per chunk of query blocks: R[i, key] = number of (query of block i, key) pairs kept, summed
+    # over the separable terms, one axis at a time; then summed into key blocks.
+    chunk = max(1, (1 << 23) // max(1, grid.video_tokens))
+    for b0 in range(0, qb, chunk):
+        b1 = min(qb, b0 + chunk)
+        sel = (q_block >= b0) & (q_block < b1)
+        member = torch.zeros(b1 - b0, grid.video_tokens)
+        member[q_block[sel] - b0, torch.nonzero(sel).squeeze(1)] = 1.0
+        member = member.view(-1, F, H, W)
+        counts = torch.zeros_like(member)
+        for tf, th, tw in terms:
+            r = torch.einsum("ifhw,fg->ighw", member, tf)
+            r = torch.einsum("ighw,hk->igkw", r, th)
+            counts += torch.einsum("igkw,wl->igkl", r, tw)
+        per_block = torch.zeros(b1 - b0, kb).index_add_(1, k_block, counts.view(b1 - b0, -1))
+        out[b0:b1] = per_block > 0.5
+    if pattern.text_global and grid.num_tokens > grid.video_tokens:
+        is_text = torch.ones(n, dtype=torch.bool)
+        is_text[grid.text_before:grid.text_before + grid.video_tokens] = False  # text never moves
+        text_pos = torch.nonzero(is_text).squeeze(1)
+        out[text_pos // block_m, :] = True
+        out[:, text_pos // block_n] = True
+    return out | diagonal_blocks(n, n, block_m, block_n)  # self pairs: same place in q and k
 
 
 def block_mask(pattern: Pattern, grid: TokenGrid, order: TokenOrder | str = TokenOrder.FHW,

@@ -1,0 +1,99 @@
+"""The cost model: fitting recovers known coefficients from synthetic timings; files round-trip."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from vsopt.core.errors import ConfigError
+from vsopt.costmodel import CostModel, Launch, SiteWork, kernel_key, nnls, sum_launches
+
+TRUE = CostModel(
+    gpu="synthetic", launch_us=6.0,
+    per_block_us={"none/d64/64x64": 0.020, "int8/d64/64x64": 0.011, "none/d128/64x64": 0.041},
+    per_query_block_us={"none/d64/64x64": 0.05, "int8/d64/64x64": 0.07, "none/d128/64x64": 0.09},
+    permute_us_per_mib=0.7, score_us_per_block=0.002)
+
+
+def _synthetic_measurements(rng, noise):
+    out = []
+    for quant, d in [("none", 64), ("int8", 64), ("none", 128)]:
+        for n in (1024, 4096, 16384):
+            qb = 4 * math.ceil(n / 64)
+            for density in (0.05, 0.2, 0.5, 1.0):
+                visited = int(density * qb * math.ceil(n / 64))
+                for permuted in (0.0, n * d * 2 * 4 * 4 / 2**20):
+                    work = SiteWork((Launch(quant, d, 64, 64, qb, visited),), permuted_mib=permuted,
+                                    scored_blocks=int(rng.integers(0, 3)) * qb * 16)
+                    t = TRUE.predict_us(work) * (1 + noise * rng.standard_normal())
+                    out.append((work, t))
+    return out
+
+
+def test_fit_recovers_known_coefficients():
+    model = CostModel.fit(_synthetic_measurements(np.random.default_rng(0), noise=0.0), gpu="synthetic")
+    assert model.launch_us == pytest.approx(TRUE.launch_us, rel=1e-6)
+    for key, v in TRUE.per_block_us.items():
+        assert model.per_block_us[key] == pytest.approx(v, rel=1e-6)
+        assert model.per_query_block_us[key] == pytest.approx(TRUE.per_query_block_us[key], rel=1e-6)
+    assert model.permute_us_per_mib == pytest.approx(0.7, rel=1e-6)
+    assert model.score_us_per_block == pytest.approx(0.002, rel=1e-6)
+    assert model.meta["fit_max_rel_error"] < 1e-8
+
+
+def test_fit_with_noise_stays_close():
+    model = CostModel.fit(_synthetic_measurements(np.random.default_rng(1), noise=0.02), gpu="synthetic")
+    for key, v in TRUE.per_block_us.items():
+        assert model.per_block_us[key] == pytest.approx(v, rel=0.1)
+    assert 0.005 < model.meta["fit_median_rel_error"] < 0.03  # ~ the noise (median |N(0, 0.02)| = 0.0135)
+
+
+def test_nnls_matches_unconstrained_when_positive_and_clips_otherwise():
+    rng = np.random.default_rng(2)
+    A = rng.random((40, 5))
+    x_true = np.array([1.0, 2.0, 0.5, 3.0, 0.1])
+    np.testing.assert_allclose(nnls(A, A @ x_true), x_true, rtol=1e-8)
+    x_neg = np.array([1.0, -2.0, 0.5, 3.0, 0.1])
+    x = nnls(A, A @ x_neg)
+    assert (x >= 0).all() and x[1] == 0.0
+    # KKT: the gradient is ~0 on the positive coordinates and <= 0 on the zero ones
+    grad = A.T @ (A @ x_neg - A @ x)
+    assert np.all(np.abs(grad[x > 0]) < 1e-8) and np.all(grad[x == 0] <= 1e-8)
+
+
+def test_prediction_is_monotone_and_unmeasured_head_dim_scales():
+    w = lambda visited: SiteWork((Launch("none", 64, 64, 64, 100, visited),))
+    assert TRUE.predict_us(w(10)) < TRUE.predict_us(w(1000))
+    # d=96 is not measured: scaled from the nearest measured head_dim of the same quant and block size
+    d96 = TRUE.block_cost_us("none", 96, 64, 64)
+    assert d96 in (pytest.approx(0.020 * 96 / 64), pytest.approx(0.041 * 96 / 128))
+    with pytest.raises(ConfigError, match="fp8"):
+        TRUE.block_cost_us("fp8", 64, 64, 64)
+    with pytest.raises(ConfigError, match="unknown quant"):
+        kernel_key("int4", 64, 64, 64)
+
+
+def test_sum_launches_merges_same_config():
+    merged = sum_launches([Launch("none", 64, 64, 64, 10, 5), Launch("int8", 64, 64, 64, 10, 7),
+                           Launch("none", 64, 64, 64, 10, 3)])
+    assert sorted((L.quant, L.query_blocks, L.visited_blocks) for L in merged) == [("int8", 10, 7), ("none", 20, 8)]
+
+
+def test_save_load_round_trip_and_rejects_bad_files(tmp_path):
+    path = tmp_path / "cm.json"
+    TRUE.save(path)
+    assert CostModel.load(path) == TRUE
+    assert [p.name for p in tmp_path.iterdir()] == ["cm.json"]  # no temp file left behind
+    d = json.loads(path.read_text())
+    d["version"] = 99
+    path.write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match="version 99"):
+        CostModel.load(path)
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        CostModel.load(path)
+    d["version"] = 1
+    del d["launch_us"]
+    path.write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match="malformed"):
+        CostModel.load(path)

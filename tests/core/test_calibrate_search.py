@@ -1,0 +1,168 @@
+"""Calibration without a model: measurement, order choice, candidates and the budgeted search on
+synthetic q/k/v whose structure is known."""
+import math
+
+import pytest
+import torch
+
+from vsopt.calibrate import (CalibrationOptions, DensityBudget, SiteErrorBudget, _build_candidates, _measure,
+                             _measure_errors, _SiteState, choose_orders, predicted_time_us, search_density,
+                             search_site_error, site_plan_output, _head_plans)
+from vsopt.capture import SiteCall
+from vsopt.core.errors import ConfigError
+from vsopt.core.ir import AttentionSite, GridSource, Layout, TokenGrid
+from vsopt.core.metrics import block_attention_mass, relative_l2
+from vsopt.core.orders import TokenOrder, inverse_permutation, order_permutation
+from vsopt.core.plan import Quant, Sparsity
+from vsopt.costmodel import CostModel
+
+COST = CostModel(gpu="test", launch_us=5.0,
+                 per_block_us={f"{q}/d16/16x16": t for q, t in
+                               (("none", 0.010), ("int8", 0.007), ("fp8", 0.005), ("int8_fp8", 0.006))},
+                 per_query_block_us={f"{q}/d16/16x16": 0.01 for q in ("none", "int8", "fp8", "int8_fp8")},
+                 permute_us_per_mib=1.0, score_us_per_block=0.001)
+
+
+def local_qk(grid: TokenGrid, orders, width: float, d: int = 16, seed: int = 0):
+    """q, k (1, H, N, d) such that head h's scores are -(p_i - p_j)^2 / (2 width^2) (+ a row
+    constant), p = position in orders[h]: each head attends to a Gaussian window in its order."""
+    g = torch.Generator().manual_seed(seed)
+    n, c = grid.num_tokens, 0.5 / width ** 2
+    q = torch.randn(1, len(orders), n, d, generator=g) * 0.05
+    k = torch.randn(1, len(orders), n, d, generator=g) * 0.05
+    for h, o in enumerate(orders):
+        pos = inverse_permutation(order_permutation(grid, o)).double()
+        q[0, h, :, 0], q[0, h, :, 1] = (2 * c * pos).float(), 1.0
+        k[0, h, :, 0], k[0, h, :, 1] = pos.float(), (-c * pos ** 2).float()
+    return q, k
+
+
+def make_site(grid, heads, d=16, site_id="blocks.0.attn1"):
+    n = grid.num_tokens
+    return AttentionSite(site_id, 0, "test", Layout.BHND, 1, heads, heads, d, d, n, n, torch.float32, 1.0,
+                         grid=grid, grid_source=GridSource.USER)
+
+
+@pytest.mark.parametrize("grid", [TokenGrid(4, 6, 10), TokenGrid(3, 5, 7, text_before=5)])
+def test_planted_token_order_is_recovered_and_its_mask_keeps_the_mass(grid):
+    orders = list(TokenOrder)
+    q, k = local_qk(grid, orders, width=4.0)
+    site = make_site(grid, len(orders))
+    state = _SiteState(site, CalibrationOptions(block_m=16, block_n=16), tuple(TokenOrder))
+    _measure(state, SiteCall(site.site_id, q, k, k, None, 1.0, False, None))
+    assert choose_orders(state.mass, density=0.2) == orders
+    # the calibrated mask at share 0.95 in the chosen order keeps >= 95% of the exact mass and is sparse
+    state.opt = CalibrationOptions(block_m=16, block_n=16, patterns=False, dynamic=False)
+    _build_candidates(state)
+    cand = next(c for c in state.candidates if c.label == "mask@0.95")
+    for h, o in enumerate(orders):
+        perm = order_permutation(grid, o)
+        mass = block_attention_mass(q[:, h:h + 1, perm], k[:, h:h + 1, perm], 1.0, 16, 16)[0, 0]
+        kept = float((mass * cand.masks[h]).sum() / mass.sum())
+        assert kept >= 0.95 - 1e-6
+        assert float(cand.masks[h].float().mean()) < 0.35
+        # in the model's own order the same share needs more blocks, unless that is the planted order
+        if o is not TokenOrder.FHW:
+            fhw = block_attention_mass(q[:, h:h + 1], k[:, h:h + 1], 1.0, 16, 16)[0, 0]
+            flat = fhw.flatten().sort(descending=True).values
+            needed = int((flat.cumsum(0) < 0.95 * flat.sum()).sum()) + 1
+            assert needed > int(cand.masks[h].sum())
+
+
+def test_choose_orders_prefers_the_model_order_on_ties():
+    mass = {o: torch.ones(2, 4, 4) for o in TokenOrder}
+    assert choose_orders(mass, 0.25) == [TokenOrder.FHW, TokenOrder.FHW]
+
+
+def _state_with_errors(grid=TokenGrid(2, 4, 8), heads=3, seed=0, **opts):
+    orders = [TokenOrder.FHW, TokenOrder.HWF, TokenOrder.WFH][:heads]
+    q, k = local_qk(grid, orders, width=3.0, seed=seed)
+    v = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1))
+    site = make_site(grid, heads)
+    opt = CalibrationOptions(block_m=16, block_n=16, mass_shares=(0.8, 0.95, 0.99), **opts)
+    state = _SiteState(site, opt, tuple(TokenOrder))
+    call = SiteCall(site.site_id, q, k, v, None, 1.0, False, None)
+    _measure(state, call)
+    _build_candidates(state)
+    _measure_errors(state, call)
+    return state, call
+
+
+@pytest.fixture(scope="module")
+def measured():
+    return _state_with_errors(patterns=True, dynamic=True, quants=(Quant.NONE, Quant.INT8))
+
+
+@pytest.mark.parametrize("budget", [0.01, 0.05, 0.2])
+def test_error_budget_is_met_and_predicted_error_matches_the_plan_run(measured, budget):
+    state, call = measured
+    choices = search_site_error(state, COST, budget)
+    predicted = math.sqrt(sum(c.err2 for c in choices) / float(state.norm2.sum()))
+    assert predicted <= budget * (1 + 1e-9)
+    # the plan built from the choices, run from the HeadPlans alone, gives the predicted error (same
+    # input here, so only the quant/sparsity independence assumption separates them)
+    heads = _head_plans(state, choices)
+    exact = torch.nn.functional.scaled_dot_product_attention(call.q, call.k, call.v, scale=1.0)
+    actual = relative_l2(site_plan_output(state.site, heads, call), exact)
+    assert actual == pytest.approx(predicted, rel=0.25, abs=2e-3)
+
+
+def test_looser_budget_is_never_slower(measured):
+    state, _ = measured
+    times = [predicted_time_us(state, search_site_error(state, COST, b), COST) for b in (0.005, 0.02, 0.1, 0.5)]
+    assert all(a >= b - 1e-9 for a, b in zip(times, times[1:]))
+    assert times[0] > times[-1]
+
+
+def test_search_against_brute_force_on_a_small_case(measured):
+    """Two heads: the search's time is within 5% of the exact optimum found by enumeration."""
+    import itertools
+
+    from vsopt.calibrate import _head_options
+
+    state, _ = measured
+    opts = _head_options(state, COST, state.opt.quants)[:2]
+    norm2 = float(state.norm2[:2].sum())
+    for budget in (0.02, 0.1):
+        limit = budget ** 2 * norm2
+        best = min((a.time_us + b.time_us for a, b in itertools.product(*opts) if a.err2 + b.err2 <= limit),
+                   default=None)
+        sub = _SiteState(state.site, state.opt, state.orders)
+        sub.__dict__.update({k: v for k, v in state.__dict__.items() if k not in ("site",)})
+        sub.norm2 = state.norm2.clone()
+        sub.norm2[2] = 0.0  # only heads 0 and 1 count
+        sub.err2, sub.quant_err2 = state.err2.clone(), state.quant_err2.clone()
+        sub.err2[2], sub.quant_err2[2] = 0.0, 0.0
+        got = search_site_error(sub, COST, budget)[:2]
+        assert sum(c.err2 for c in got) <= limit * (1 + 1e-9)
+        assert sum(c.time_us for c in got) <= best * 1.05 + 1e-9
+
+
+def test_density_budget_is_met_and_spent_where_it_helps():
+    a, _ = _state_with_errors(seed=0, patterns=False, dynamic=False)
+    b, _ = _state_with_errors(seed=3, patterns=False, dynamic=False)
+    for target in (0.2, 0.4):
+        picks = search_density([a, b], COST, target, Quant.NONE)
+        blocks = sum(c.density * 4 * 4 for site in picks for c in site)
+        assert blocks <= target * 2 * 3 * 16 + 1e-6
+        assert all(c.quant is Quant.NONE for site in picks for c in site)
+    # with every block allowed, each head is as accurate as dense (a mask that drops only blocks of
+    # negligible mass is as accurate, and cheaper)
+    full = search_density([a, b], COST, 1.0, Quant.NONE)
+    for state, site in zip((a, b), full):
+        for h, c in enumerate(site):
+            assert c.err2 <= float(state.err2[h, 0]) * 1.01 + 1e-12
+    # a tight budget forces sparse heads
+    tight = search_density([a, b], COST, 0.2, Quant.NONE)
+    assert all(a.candidates[c.candidate].sparsity is not Sparsity.DENSE for c in tight[0])
+
+
+def test_budget_validation():
+    with pytest.raises(ConfigError, match="max_rel_l2"):
+        SiteErrorBudget(0.0)
+    with pytest.raises(ConfigError, match="density"):
+        DensityBudget(1.5)
+    with pytest.raises(ConfigError, match="FHW"):
+        CalibrationOptions(orders=(TokenOrder.HWF,))
+    with pytest.raises(ConfigError, match="Quant.NONE"):
+        CalibrationOptions(quants=(Quant.INT8,))

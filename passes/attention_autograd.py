@@ -1,0 +1,52 @@
+"""Autograd for torch.ops.vsopt.attention, so a model compiled in training mode keeps working.
+
+Registered with torch.library.register_autograd (the op's signature in vsopt/core/ops.py is
+unchanged). The backward recomputes the probabilities in float32 from the saved q, k, v: exact,
+O(N^2) memory, meant for correctness in training runs, not for speed. The mask gets no gradient.
+
+    P = softmax(scale * q k^T + mask)      dV = P^T dO
+    dP = dO V^T                            dS = P * (dP - rowsum(dP * P))
+    dQ = scale * dS K                      dK = scale * dS^T Q
+Grouped kv heads (Hkv < Hq) get the sum of the gradients of the query heads they serve.
+"""
+from __future__ import annotations
+
+import torch
+
+from vsopt.core import ops as _ops  # noqa: F401  (defines the op)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, scale, is_causal = inputs
+    ctx.save_for_backward(q, k, v, attn_mask if isinstance(attn_mask, torch.Tensor) else None)
+    ctx.scale, ctx.is_causal = scale, is_causal
+
+
+def _backward(ctx, grad_out):
+    q, k, v, mask = ctx.saved_tensors
+    hq, hkv = q.shape[1], k.shape[1]
+    group = hq // hkv
+    kf = k.float().repeat_interleave(group, dim=1)
+    vf = v.float().repeat_interleave(group, dim=1)
+    qf, do = q.float(), grad_out.float()
+    s = (qf @ kf.transpose(-2, -1)) * ctx.scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
+    if ctx.is_causal:
+        nq, nk = s.shape[-2:]
+        keep = torch.ones(nq, nk, dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    dv = p.transpose(-2, -1) @ do
+    dp = do @ vf.transpose(-2, -1)
+    ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True))
+    dq = (ds @ kf) * ctx.scale
+    dk = (ds.transpose(-2, -1) @ qf) * ctx.scale
+    if group > 1:
+        b, _, nk, d = dk.shape
+        dk = dk.reshape(b, hkv, group, nk, d).sum(dim=2)
+        dv = dv.reshape(b, hkv, group, nk, dv.shape[-1]).sum(dim=2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+torch.library.register_autograd("vsopt::attention", _backward, setup_context=_setup_context)

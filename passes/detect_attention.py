@@ -1,0 +1,60 @@
+"""Pass: find every attention in the ATen graph (rules in attention_rules.py), record an
+AttentionSite per match in ctx.sites and each candidate left alone in ctx.skipped.
+
+The graph is not changed here; rewrite_attention.py replaces the matches. Matches are kept in
+ctx.scratch["attention_matches"] (site_id -> Match) for the passes that follow. Under
+config.strict, a candidate that no rule accepts raises UnsupportedSiteError naming it and why.
+"""
+from __future__ import annotations
+
+import torch.fx
+
+from vsopt.core.errors import UnsupportedSiteError
+from vsopt.core.ir import AttentionSite, GridSource, SkippedSite
+
+from .attention_rules import DEFAULT_RULES, Match
+from .infra import PassContext, PassReport
+from .site_ids import layer_index, module_path
+
+NAME = "detect_attention"
+MATCHES = "attention_matches"  # ctx.scratch key: site_id -> Match
+
+
+def _unique(base: str, taken: dict[str, int]) -> str:
+    """base, or base:k for the k-th further attention in the same module."""
+    k = taken.get(base, 0)
+    taken[base] = k + 1
+    return base if k == 0 else f"{base}:{k}"
+
+
+def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
+    report = PassReport(NAME)
+    matches: dict[str, Match] = ctx.scratch.setdefault(MATCHES, {})
+    taken: dict[str, int] = {}
+    ordinal = 0
+    for node in list(gm.graph.nodes):
+        for rule in DEFAULT_RULES:
+            if not rule.pattern(node):
+                continue
+            result = rule.check(node)
+            path = module_path(node)
+            if result.ok:
+                site_id = _unique(path or f"attention.{ordinal}", taken)
+                ordinal += 1
+                m = result.match
+                ctx.sites.append(AttentionSite(
+                    site_id=site_id, layer=layer_index(site_id) if path else None, rule=m.rule, layout=m.layout,
+                    batch=m.batch, heads=m.heads, kv_heads=m.kv_heads, head_dim=m.head_dim, value_dim=m.value_dim,
+                    q_len=m.q_len, kv_len=m.kv_len, dtype=m.dtype, scale=m.scale, has_mask=m.has_mask,
+                    is_causal=m.is_causal, grid=None, grid_source=GridSource.UNKNOWN, output_node=m.output.name,
+                    nodes=m.nodes))
+                matches[site_id] = m
+                report.notes.append(f"{site_id}: {m.rule} at {node.name}")
+            elif result.candidate:
+                site_id = path or f"attention.{ordinal}"
+                ctx.skipped.append(SkippedSite(site_id=site_id, node=node.name, reason=result.reason, rule=rule.name))
+                report.notes.append(f"{site_id}: left alone at {node.name}: {result.reason}")
+                if ctx.config.strict:
+                    raise UnsupportedSiteError(site_id, f"{result.reason} (node {node.name}, rule {rule.name})")
+            break
+    return report

@@ -1,0 +1,36 @@
+"""Creating nodes the way every pass must: with shape metadata (meta["val"], computed on fake
+tensors, so that later passes can read shapes) and provenance (meta["vsopt_from"])."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+from torch._guards import detect_fake_mode
+from torch.utils._pytree import tree_map
+
+
+def _val(a: Any) -> Any:
+    return a.meta.get("val") if isinstance(a, torch.fx.Node) else a
+
+
+def emit(graph: torch.fx.Graph, target, args: tuple, kwargs: dict | None = None, *, pass_name: str,
+         replaces: tuple[str, ...] = (), meta_from: torch.fx.Node | None = None) -> torch.fx.Node:
+    """Insert call_function(target) at the graph's current insertion point.
+
+    meta["val"] is computed by running target on the fake values of the arguments (inside their
+    fake mode); nn_module_stack and stack_trace are copied from meta_from so the node stays
+    attributed to the module it belongs to."""
+    kwargs = kwargs or {}
+    node = graph.call_function(target, args, kwargs)
+    vals = tree_map(_val, (args, kwargs))
+    fake_mode = detect_fake_mode(list(torch.utils._pytree.tree_leaves(vals)))
+    if fake_mode is not None:
+        with fake_mode:
+            node.meta["val"] = target(*vals[0], **vals[1])
+    if meta_from is not None:
+        for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "seq_nr"):
+            if key in meta_from.meta:
+                node.meta[key] = meta_from.meta[key]
+    node.meta["vsopt_from"] = (pass_name, tuple(replaces))
+    return node

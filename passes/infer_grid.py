@@ -1,0 +1,107 @@
+"""Pass: give each attention site its TokenGrid (frames, height, width, text tokens).
+
+In order of precedence: a grid the user gave for the site (config.grids[site_id]), a grid
+inferred from the graph, the user's global grid (config.grid) where its token count equals the
+site's query length; otherwise the grid stays unknown (GridSource.UNKNOWN), never guessed.
+
+Inference follows the query's source back through the graph (breadth-first, toward the inputs)
+to the patch embedding, a convolution whose output tokens number the site's video tokens:
+- Conv3d, output (B, C, F, H, W): grid F x H x W;
+- Conv2d per frame, output (B*F, C, H, W): grid F x H x W with F = (B*F) / B.
+Text tokens: the concatenation nearest the query along the way whose output has q_len tokens
+and one input on the path; the inputs before / after it are text_before / text_after.
+A patchify reshape without a convolution is not recognised yet (the grid stays unknown).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import deque
+
+import torch
+import torch.fx
+
+from vsopt.core.errors import ConfigError
+from vsopt.core.ir import GridSource, TokenGrid
+
+from .detect_attention import MATCHES
+from .infra import PassContext, PassReport
+from .layout_trace import TraceError, shape_of
+
+NAME = "infer_grid"
+aten = torch.ops.aten
+MAX_VISITED = 20000  # bound on the backward search per site
+
+
+def _inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+    return [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+
+
+def infer(source: torch.fx.Node, batch: int, q_len: int) -> TokenGrid | None:
+    """The grid of the tokens of `source` (the query's source tensor), or None."""
+    parent: dict[torch.fx.Node, torch.fx.Node | None] = {source: None}
+    todo = deque([source])
+    while todo and len(parent) < MAX_VISITED:
+        n = todo.popleft()
+        if n.op == "call_function" and n.target is aten.convolution.default:
+            grid = _grid_from_conv(n, parent, batch, q_len)
+            if grid is not None:
+                return grid
+            continue  # a convolution that does not fit: do not search behind it
+        for a in _inputs(n):
+            if a not in parent:
+                parent[a] = n
+                todo.append(a)
+    return None
+
+
+def _grid_from_conv(conv, parent, batch: int, q_len: int) -> TokenGrid | None:
+    try:
+        out = shape_of(conv)
+    except TraceError:
+        return None
+    if len(out) == 5:
+        frames, h, w = out[2:]
+    elif len(out) == 4 and batch and out[0] % batch == 0:
+        frames, h, w = out[0] // batch, out[2], out[3]
+    else:
+        return None
+    video = frames * h * w
+    before = after = 0
+    # walk the path conv -> source; the cat nearest the source with q_len tokens names the text
+    child, n = conv, parent[conv]
+    while n is not None:
+        if n.target is aten.cat.default and video != q_len:
+            tensors, dim = n.args[0], (n.args[1] if len(n.args) > 1 else 0)
+            sizes = [shape_of(t)[dim] for t in tensors]
+            if shape_of(n)[dim] == q_len and child in tensors:
+                i = tensors.index(child)
+                if sizes[i] == video:
+                    before, after = sum(sizes[:i]), sum(sizes[i + 1:])
+        child, n = n, parent[n]
+    if before + video + after != q_len:
+        return None
+    return TokenGrid(frames, h, w, before, after)
+
+
+def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
+    report = PassReport(NAME)
+    matches = ctx.scratch.get(MATCHES, {})
+    cfg = ctx.config
+    for i, site in enumerate(ctx.sites):
+        grid, source = None, GridSource.UNKNOWN
+        if site.site_id in cfg.grids:
+            grid, source = cfg.grids[site.site_id], GridSource.USER
+            if grid.num_tokens != site.q_len:
+                raise ConfigError(f"grid {grid} given for site {site.site_id!r} has {grid.num_tokens} tokens, "
+                                  f"but the site's queries have {site.q_len}")
+        else:
+            m = matches.get(site.site_id)
+            if m is not None and m.q_token_source is not None:
+                grid = infer(m.q_token_source[0], site.batch, site.q_len)
+                source = GridSource.INFERRED if grid else GridSource.UNKNOWN
+            if grid is None and cfg.grid is not None and cfg.grid.num_tokens == site.q_len:
+                grid, source = cfg.grid, GridSource.USER
+        ctx.sites[i] = dataclasses.replace(site, grid=grid, grid_source=source)
+        report.notes.append(f"{site.site_id}: grid {grid if grid else 'unknown'} ({source.value})")
+    return report

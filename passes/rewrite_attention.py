@@ -1,0 +1,67 @@
+"""Pass: replace every detected attention (ctx.scratch["attention_matches"]) with
+torch.ops.vsopt.attention.default(q, k, v, mask, scale, is_causal) in (B, H, N, D) layout.
+
+The new attention node carries meta["vsopt_site"] = site_id and every created node
+meta["vsopt_from"] = ("rewrite_attention", replaced node names). The replaced nodes become dead
+and are erased. With config.rewrite False (inspect), the graph is left unchanged.
+
+    before:  ... -> _softmax -> ... -> bmm -> _unsafe_view
+    after:   q4, k4, v4 (reshape/permute of q, k, v) -> vsopt.attention -> reshape -> _unsafe_view
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from . import attention_autograd  # noqa: F401  (a rewritten graph must stay trainable)
+from .detect_attention import MATCHES
+from .graph_edit import emit
+from .infra import PassContext, PassReport
+
+NAME = "rewrite_attention"
+
+
+def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
+    report = PassReport(NAME)
+    if not ctx.config.rewrite:
+        report.notes.append("rewrite disabled (config.rewrite=False): graph left unchanged")
+        return report
+    graph = gm.graph
+    before = set(graph.nodes)
+    for site_id, m in ctx.scratch.get(MATCHES, {}).items():
+        existing = set(graph.nodes)
+        with graph.inserting_before(m.output):
+            out = _same_strides(graph, m.build(graph), m.output)
+        for n in graph.nodes:
+            if n not in existing and n.target is torch.ops.vsopt.attention.default:
+                n.meta["vsopt_site"] = site_id
+        m.output.replace_all_uses_with(out)
+        report.notes.append(f"{site_id}: {m.output.name} -> {out.name}")
+    graph.eliminate_dead_code()
+    # DCE keeps ops it considers impure (e.g. SDPA, tagged nondeterministic_seeded); the
+    # replaced nodes are dead by construction, so erase those explicitly.
+    for m in ctx.scratch.get(MATCHES, {}).values():
+        for node in reversed(list(graph.nodes)):
+            if node.name in m.nodes and not node.users:
+                graph.erase_node(node)
+    graph.eliminate_dead_code()
+    after = set(graph.nodes)
+    report.created = [n.name for n in graph.nodes if n not in before]
+    report.removed = sorted(n.name for n in before - after)
+    return report
+
+
+def _same_strides(graph: torch.fx.Graph, new: torch.fx.Node, old: torch.fx.Node) -> torch.fx.Node:
+    """Give `new` the memory layout `old` had. A traced graph bakes strides into its ops (a
+    later aten.view of the attention output was only valid for the layout SDPA returned, e.g.
+    (B, N, H, D)-major), so the replacement copies into that layout (dims ordered by stride,
+    densely) when it differs. Inductor fuses the copy into the producer or the consumer."""
+    want, got = old.meta.get("val"), new.meta.get("val")
+    if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor) or want.stride() == got.stride():
+        return new
+    order = sorted(range(want.dim()), key=lambda d: (-want.stride()[d], d))
+    inverse = sorted(range(want.dim()), key=lambda d: order[d])
+    x = emit(graph, torch.ops.aten.permute.default, (new, order), pass_name=NAME, meta_from=new)
+    x = emit(graph, torch.ops.aten.clone.default, (x,), {"memory_format": torch.contiguous_format},
+             pass_name=NAME, meta_from=new)
+    return emit(graph, torch.ops.aten.permute.default, (x, inverse), pass_name=NAME, meta_from=new)

@@ -629,7 +629,7 @@ class _Checkpoint:
 
     def load(self, states: dict[tuple[str, int], _SiteState]) -> tuple[int, int]:
         """Restore states; returns (inputs measured, inputs error-checked); (0, 0) if no usable file."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         if not self.path.exists():
             return 0, 0
@@ -641,7 +641,7 @@ class _Checkpoint:
                           file=sys.stderr)
                     return 0, 0
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (OSError, KeyError, ValueError, json.JSONDecodeError) as e:
+        except (OSError, KeyError, ValueError, SafetensorError) as e:
             print(f"vsopt calibrate: ignoring unreadable checkpoint {self.path}: {e}", file=sys.stderr)
             return 0, 0
         for key, st in states.items():
@@ -836,8 +836,8 @@ def calibrate(model: torch.nn.Module, calibration_inputs: Sequence[Any], budget:
             first_of_range = {r: positional[range_ids.index(r)] for r in used}
             if isinstance(budget, QualityFloor):
                 held = _positional(model, [*calls, _as_recorded(budget.held_out, len(calls))])[1][-1]
-                plan, results, quality = _quality_search(traced_model, held, states, used, cost, budget, config,
-                                                         progress)
+                plan, results, quality = _quality_search(traced_model, held, states, used, options, cost, budget,
+                                                         config, progress)
             else:
                 choices = _search(states, cost, budget)
                 plan, results = _assemble(states, choices, options, cost, budget)
@@ -928,7 +928,7 @@ def _model_output(out: Any) -> torch.Tensor:
     raise ConfigError(f"cannot take a tensor from the model output of type {type(out).__name__}")
 
 
-def _quality_search(traced_model, held: tuple, states, used, cost, budget: QualityFloor, config,
+def _quality_search(traced_model, held: tuple, states, used, options, cost, budget: QualityFloor, config,
                     progress) -> tuple[Plan, list[SiteResult], float]:
     """Bisect a per-site error budget (log scale) for the loosest one whose plan keeps the held-out
     output within the floor; the held-out input runs with each site's output replaced by the plan's."""

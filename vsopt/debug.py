@@ -177,7 +177,7 @@ def _probe(site: AttentionSite, region: ChangeRegion, after: torch.fx.Graph) -> 
     if len(exits) != 1:
         raise VsoptError(f"site {site.site_id!r}: cannot tell which rewritten node holds its output "
                          f"(candidates: {exits or 'none'})")
-    return SiteProbe(site.site_id, site.output_node, exits[0], site.heads, site.layout)
+    return SiteProbe(site.site_id, site.output_node, exits[0], site.heads, site.q_len, site.layout)
 
 
 def build_report(before: torch.fx.GraphModule, after: torch.fx.GraphModule, sites: Sequence[AttentionSite],

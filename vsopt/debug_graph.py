@@ -163,6 +163,15 @@ def to_networkx(graph: torch.fx.Graph) -> nx.DiGraph:
     return g
 
 
+def _live(g: nx.DiGraph, graph: torch.fx.Graph) -> set[str]:
+    """Names of the nodes the output depends on, plus every placeholder (inputs stay inputs)."""
+    live = {n.name for n in graph.nodes if n.op in ("placeholder", "output")}
+    for n in graph.nodes:
+        if n.op == "output":
+            live |= nx.ancestors(g, n.name)
+    return live
+
+
 def _subgraph(changed: Iterable[str], nodes: dict[str, torch.fx.Node], g: nx.DiGraph, order: dict[str, int],
               drawable: set[str]) -> Subgraph:
     changed = sorted(set(changed), key=order.__getitem__)
@@ -187,13 +196,17 @@ def diff_graphs(before: torch.fx.Graph, after: torch.fx.Graph, site_nodes: Mappi
     """
     site_nodes = site_nodes or {}
     anchors = anchors or {}
-    b_nodes = {n.name: n for n in before.nodes}
-    a_nodes = {n.name: n for n in after.nodes}
+    gb, ga = to_networkx(before), to_networkx(after)
+    # Dead nodes (nothing that reaches the output reads them) are left out of both graphs: in the
+    # after graph they are what a pass replaced but left for a later dead-code sweep.
+    live_b, live_a = _live(gb, before), _live(ga, after)
+    gb, ga = gb.subgraph(live_b), ga.subgraph(live_a)
+    b_nodes = {n.name: n for n in before.nodes if n.name in live_b}
+    a_nodes = {n.name: n for n in after.nodes if n.name in live_a}
     b_order = {name: i for i, name in enumerate(b_nodes)}
     a_order = {name: i for i, name in enumerate(a_nodes)}
-    gb, ga = to_networkx(before), to_networkx(after)
 
-    kept_names = {n.name for n in after.nodes if _is_kept(n, b_nodes)}
+    kept_names = {n for n, node in a_nodes.items() if _is_kept(node, b_nodes)}
     removed = [n for n in b_nodes if n not in kept_names]
     created = [n for n in a_nodes if n not in kept_names]
 

@@ -49,13 +49,14 @@ class ErrorStats:
 class SiteProbe:
     """Where to read one site's output: the node in each graph, and how to split it into heads.
 
-    The output is in the site's layout: BHND (B, H, N, Dv), BNHD (B, N, H, Dv) or BN_D (B*H, N, Dv).
+    The output may be (B, H, N, Dv), (B, N, H, Dv) or (B*H, N, Dv); see split_heads.
     """
 
     site_id: str
     before_node: str  # node of the graph before the passes that holds the dense output
     after_node: str  # node of the graph after the passes that holds the optimized output
     heads: int
+    q_len: int
     layout: Layout
 
 
@@ -174,13 +175,20 @@ def _run(gm: torch.fx.GraphModule, taps: dict[str, str], args: Sequence[Any],
     return tap.seen, out
 
 
-def split_heads(t: torch.Tensor, layout: Layout, heads: int) -> list[torch.Tensor] | None:
-    """A site output split into one tensor per query head, or None when its shape does not fit."""
-    if layout is Layout.BHND and t.dim() == 4 and t.shape[1] == heads:
-        return list(t.unbind(1))
-    if layout is Layout.BNHD and t.dim() == 4 and t.shape[2] == heads:
-        return list(t.unbind(2))
-    if layout is Layout.BN_D and t.dim() == 3 and t.shape[0] % heads == 0:
+def split_heads(t: torch.Tensor, heads: int, q_len: int, layout: Layout = Layout.BHND) -> list[torch.Tensor] | None:
+    """A site output split into one tensor per query head, or None when its shape does not fit.
+
+    The head axis is found from the shape, since the tapped node need not be in the layout the
+    model wrote q/k/v in (an SDPA output is (B, H, N, D) whatever the model's layout):
+    (B, H, N, Dv), (B, N, H, Dv) or (B*H, N, Dv); `layout` breaks the tie when H == N."""
+    if t.dim() == 4:
+        bhnd = t.shape[1] == heads and t.shape[2] == q_len
+        bnhd = t.shape[2] == heads and t.shape[1] == q_len
+        if bhnd and (not bnhd or layout is not Layout.BNHD):
+            return list(t.unbind(1))
+        if bnhd:
+            return list(t.unbind(2))
+    if t.dim() == 3 and t.shape[0] % heads == 0 and t.shape[1] == q_len:
         return list(t.reshape(t.shape[0] // heads, heads, *t.shape[1:]).unbind(1))
     return None
 
@@ -204,7 +212,7 @@ def compare_outputs(actual: Any, expected: Any) -> OutputError:
 
 def _site_error(probe: SiteProbe, isolated: torch.Tensor, accumulated: torch.Tensor, dense: torch.Tensor) -> SiteError:
     err = SiteError(probe.site_id, ErrorStats.between(isolated, dense), ErrorStats.between(accumulated, dense))
-    parts = [split_heads(t, probe.layout, probe.heads) for t in (isolated, accumulated, dense)]
+    parts = [split_heads(t, probe.heads, probe.q_len, probe.layout) for t in (isolated, accumulated, dense)]
     if all(p is not None for p in parts):
         iso, acc, ref = parts
         err.heads_isolated = [ErrorStats.between(a, e) for a, e in zip(iso, ref)]

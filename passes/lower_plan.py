@@ -1,0 +1,252 @@
+"""lower_plan: rewrite each planned vsopt.attention into token permutation + block-sparse attention.
+
+With config.plan set, every torch.ops.vsopt.attention node carrying node.meta["vsopt_site"] whose
+site has a non-dense SitePlan becomes (one head group shown; heads are grouped by launch key
+(quant, block_m, block_n, dynamic spec), one kernel launch per group):
+
+    before:  out = vsopt.attention(q, k, v, None, scale, False)
+    after:   qp = vsopt.permute_tokens(q, _vsopt_perm_q)           # only if some head reorders
+             kp = vsopt.permute_tokens(k, _vsopt_perm_kv); vp = ... (v)
+             o  = vsopt.block_sparse_attention(qp, kp, vp, _vsopt_kv_indices, _vsopt_kv_counts,
+                                               scale, block_m, block_n, quant)
+             out = vsopt.unpermute_tokens(o, _vsopt_perm_q)
+
+Static masks (dense, skip, pattern, calibrated mask) become kv tables stored as constant buffers
+(_vsopt_* attributes of the GraphModule, on the device of the site's inputs), built from the
+block masks in each head's token order. A dynamic group computes its mask at run time:
+vsopt.dynamic_block_mask(qp, kp, ...) -> vsopt.mask_to_table -> block_sparse_attention.
+Several groups: heads are selected with index_select, and the outputs concatenated back in head
+order. GQA keys/values are repeated to one per query head only when query heads of one kv group
+are in different launches or orders.
+
+A site whose plan is entirely dense (every head dense, model order, no quantization) stays
+vsopt.attention. Sites left as they were (not in the plan, a plan that does not fit, a mask or
+causal flag the block-sparse kernel does not take) are recorded in ctx.skipped with the reason;
+in strict mode they are errors, as are plan sites the graph does not have.
+
+Step-dependent plans (SitePlan.steps) are lowered with their default head plans; the per-step
+entries are not applied at run time yet (a note says so).
+
+Every node created carries meta["vsopt_from"] = ("lower_plan", (replaced node,)),
+meta["vsopt_site"] and, on the attention launches, meta["vsopt_heads"] (head indices) and
+meta["vsopt_plan"] (the launch key and the static density).
+"""
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+from torch._guards import detect_fake_mode
+
+from vsopt.core import ops as vsopt_ops  # noqa: F401  (registers torch.ops.vsopt.*)
+from vsopt.core.dynamic import DynamicSpec
+from vsopt.core.errors import PlanError, UnsupportedSiteError
+from vsopt.core.ir import AttentionSite, SkippedSite
+from vsopt.core.orders import TokenOrder, head_permutations
+from vsopt.core.plan import HeadPlan, Quant, SitePlan
+
+from .graph_edit import emit
+from .infra import PassContext, PassReport
+
+NAME = "lower_plan"
+aten = torch.ops.aten
+vsopt = torch.ops.vsopt
+
+
+@dataclass(frozen=True)
+class LaunchKey:
+    """Heads that share one block-sparse launch."""
+
+    quant: Quant
+    block_m: int
+    block_n: int
+    dynamic: DynamicSpec | None
+
+
+def _is_attention(n: torch.fx.Node) -> bool:
+    return n.op == "call_function" and n.target in (vsopt.attention.default, vsopt.attention)
+
+
+def _attention_args(n: torch.fx.Node):
+    """(q, k, v, attn_mask, scale, is_causal) of a vsopt.attention node, defaults filled in."""
+    names = ("q", "k", "v", "attn_mask", "scale", "is_causal")
+    defaults = {"attn_mask": None, "scale": 1.0, "is_causal": False}
+    values = dict(zip(names, n.args))
+    values.update(n.kwargs)
+    return tuple(values.get(k, defaults.get(k)) for k in names)
+
+
+def _why_not(node: torch.fx.Node, site: AttentionSite | None, sp: SitePlan) -> str | None:
+    """The reason this site cannot be lowered with this plan, or None."""
+    if site is None:
+        return "the graph node has no AttentionSite in ctx.sites"
+    diffs = _site_differences(site, sp)
+    if diffs:
+        return "the plan does not fit the site: " + "; ".join(diffs)
+    q, k, v, attn_mask, _, is_causal = _attention_args(node)
+    if attn_mask is not None:
+        return "the site has an attention mask, which block-sparse attention does not take"
+    if is_causal:
+        return "the site is causal, which block-sparse attention does not take"
+    qv, kv, vv = (x.meta.get("val") for x in (q, k, v))
+    if qv is None or kv is None or vv is None:
+        return "q/k/v have no shape metadata (meta['val'])"
+    if vv.shape[-1] != qv.shape[-1]:
+        return f"value head dim {vv.shape[-1]} differs from query head dim {qv.shape[-1]}"
+    if qv.shape[2] != kv.shape[2] and any(h.order is not TokenOrder.FHW for h in sp.all_heads()):
+        return "token orders need self-attention (q_len == kv_len)"
+    return None
+
+
+def _site_differences(site: AttentionSite, sp: SitePlan) -> list[str]:
+    from vsopt.core.plan import Plan
+
+    return Plan({sp.site_id: sp}).differences([site])
+
+
+class _Lowering:
+    """Emits the lowered form of one site before its vsopt.attention node."""
+
+    def __init__(self, gm: torch.fx.GraphModule, node: torch.fx.Node, site: AttentionSite, sp: SitePlan):
+        self.gm, self.node, self.site, self.sp = gm, node, site, sp
+        self.q, self.k, self.v, _, self.scale, _ = _attention_args(node)
+        self.fake_mode = detect_fake_mode([self.q.meta["val"]])
+        self.device = self.q.meta["val"].device
+        self.prefix = "_vsopt_" + re.sub(r"\W", "_", site.site_id)
+        self.created: list[str] = []
+
+    def constant(self, label: str, value: torch.Tensor) -> torch.fx.Node:
+        """A get_attr node for a new buffer of the GraphModule holding `value` on the site's device."""
+        name, i = f"{self.prefix}_{label}", 0
+        while hasattr(self.gm, name):
+            i += 1
+            name = f"{self.prefix}_{label}_{i}"
+        value = value.to(self.device)
+        self.gm.register_buffer(name, value)
+        n = self.gm.graph.get_attr(name)
+        n.meta["val"] = self.fake_mode.from_tensor(value) if self.fake_mode is not None else value
+        n.meta["vsopt_from"] = (NAME, (self.node.name,))
+        self.created.append(n.name)
+        return n
+
+    def emit(self, target, args, **meta) -> torch.fx.Node:
+        n = emit(self.gm.graph, target, tuple(args), pass_name=NAME, replaces=(self.node.name,), meta_from=self.node)
+        n.meta["vsopt_site"] = self.site.site_id
+        n.meta.update(meta)
+        self.created.append(n.name)
+        return n
+
+    def lower(self) -> torch.fx.Node:
+        heads = self.sp.heads_at(None)
+        H, Hkv = self.q.meta["val"].shape[1], self.k.meta["val"].shape[1]
+        groups: dict[LaunchKey, list[int]] = {}
+        for h, hp in enumerate(heads):
+            groups.setdefault(LaunchKey(hp.quant, hp.block_m, hp.block_n, hp.dynamic), []).append(h)
+        orders = [hp.order for hp in heads]
+        q, k, v = self.q, self.k, self.v
+        rep = H // Hkv
+        kv_split = Hkv != H and (len(groups) > 1 or any(len(set(orders[g * rep:(g + 1) * rep])) > 1
+                                                         for g in range(Hkv)))
+        if kv_split:  # one key/value head per query head
+            k = self.emit(aten.repeat_interleave.self_int, (k, rep, 1))
+            v = self.emit(aten.repeat_interleave.self_int, (v, rep, 1))
+            Hkv = H
+        perm_q = None
+        if any(o is not TokenOrder.FHW for o in orders):
+            perms = head_permutations(self.site.grid, orders)
+            if len(set(orders)) == 1:
+                perms = perms[:1]
+            perm_q = self.constant("perm_q", perms)
+            perm_kv = perm_q if perms.shape[0] == 1 or Hkv == H else self.constant("perm_kv", perms[::rep])
+            q = self.emit(vsopt.permute_tokens.default, (q, perm_q))
+            k = self.emit(vsopt.permute_tokens.default, (k, perm_kv))
+            v = self.emit(vsopt.permute_tokens.default, (v, perm_kv))
+        outs, head_order = [], []
+        for key, idx in groups.items():
+            qg, kg, vg = q, k, v
+            if len(groups) > 1:
+                sel = self.constant("heads", torch.tensor(idx, dtype=torch.int64))
+                qg, kg, vg = (self.emit(aten.index_select.default, (x, 1, sel)) for x in (q, k, v))
+            outs.append(self.launch(key, idx, [heads[h] for h in idx], qg, kg, vg))
+            head_order += idx
+        out = outs[0] if len(outs) == 1 else self.emit(aten.cat.default, (outs, 1))
+        if head_order != sorted(head_order):
+            inverse = torch.argsort(torch.tensor(head_order, dtype=torch.int64))
+            out = self.emit(aten.index_select.default, (out, 1, self.constant("head_order", inverse)))
+        if perm_q is not None:
+            out = self.emit(vsopt.unpermute_tokens.default, (out, perm_q))
+        return out
+
+    def launch(self, key: LaunchKey, idx: list[int], heads: list[HeadPlan], q, k, v) -> torch.fx.Node:
+        meta = {"vsopt_heads": tuple(idx)}
+        if key.dynamic is None:
+            masks = torch.stack([hp.block_mask(self.site.q_len, self.site.kv_len, self.site.grid) for hp in heads])
+            kv_indices, kv_counts = vsopt.mask_to_table(masks[None])
+            width = max(1, int(kv_counts.max()))  # the table needs no wider rows than the fullest one
+            kv_indices, kv_counts = self.constant("kv_indices", kv_indices[..., :width].contiguous()), \
+                self.constant("kv_counts", kv_counts)
+            meta["vsopt_plan"] = {"quant": key.quant.value, "block": (key.block_m, key.block_n),
+                                  "density": float(masks.float().mean())}
+        else:
+            spec = key.dynamic
+            cache_key = f"{self.site.site_id}/heads{idx[0]}"
+            mask = self.emit(vsopt.dynamic_block_mask.default,
+                             (q, k, float(self.scale), key.block_m, key.block_n, spec.method.value, spec.value,
+                              spec.reuse_steps, cache_key))
+            table = self.emit(vsopt.mask_to_table.default, (mask,))
+            kv_indices = self.emit(operator.getitem, (table, 0))
+            kv_counts = self.emit(operator.getitem, (table, 1))
+            meta["vsopt_plan"] = {"quant": key.quant.value, "block": (key.block_m, key.block_n),
+                                  "dynamic": spec.to_dict()}
+        return self.emit(vsopt.block_sparse_attention.default,
+                         (q, k, v, kv_indices, kv_counts, float(self.scale), key.block_m, key.block_n,
+                          key.quant.value), **meta)
+
+
+def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
+    report = PassReport(NAME)
+    plan = ctx.config.plan
+    if plan is None:
+        report.notes.append("no plan: every site stays vsopt.attention (dense)")
+        return report
+    nodes = {n.meta["vsopt_site"]: n for n in gm.graph.nodes if _is_attention(n) and "vsopt_site" in n.meta}
+    sites = {s.site_id: s for s in ctx.sites}
+    absent = sorted(set(plan.sites) - set(nodes))
+    if absent:
+        msg = f"plan sites not in this graph: {absent} (graph sites: {sorted(nodes)})"
+        if ctx.config.strict:
+            raise PlanError(f"{NAME}: {msg}")
+        report.notes.append(msg)
+
+    def leave(site_id: str, node: torch.fx.Node, reason: str) -> None:
+        if ctx.config.strict:
+            raise UnsupportedSiteError(site_id, reason)
+        ctx.skipped.append(SkippedSite(site_id, node.name, reason, rule=NAME))
+        report.notes.append(f"site {site_id!r} stays dense: {reason}")
+
+    for site_id, node in nodes.items():
+        sp = plan.sites.get(site_id)
+        if sp is None:
+            leave(site_id, node, "the plan has no entry for this site")
+            continue
+        reason = _why_not(node, sites.get(site_id), sp)
+        if reason is not None:
+            leave(site_id, node, reason)
+            continue
+        if sp.is_dense:
+            report.notes.append(f"site {site_id!r}: dense plan, stays vsopt.attention")
+            continue
+        if sp.steps:
+            report.notes.append(f"site {site_id!r}: {len(sp.steps)} step range(s) not applied at run time; "
+                                "lowered with the default head plans")
+        low = _Lowering(gm, node, sites[site_id], sp)
+        with gm.graph.inserting_before(node):
+            out = low.lower()
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+        report.created += low.created
+        report.removed.append(node.name)
+    return report

@@ -396,7 +396,7 @@ def _head_options(state: _SiteState, cost: CostModel, quants: Sequence[Quant]) -
                 if cand.sparsity is not Sparsity.SKIP:
                     launch = Launch(quant.value, site.head_dim, opt.block_m, opt.block_n, batch * qb,
                                     round(batch * density * qb * kb))
-                    t = cost.predict_us(SiteWork((launch,))) - cost.launch_us
+                    t = cost.predict_us(SiteWork((launch,))) - cost.launch_cost_us(launch)
                     if permuted and cand.sparsity is not Sparsity.DENSE:
                         t += permute_mib * cost.permute_us_per_mib / site.heads
                     if cand.sparsity is Sparsity.DYNAMIC:
@@ -449,12 +449,22 @@ def _spend_slack(options, choice: list[HeadChoice], limit: float) -> list[HeadCh
 
 def search_site_error(state: _SiteState, cost: CostModel, max_rel_l2: float) -> list[HeadChoice]:
     """Fastest per-head choice whose predicted site error is within max_rel_l2: a Lagrangian
-    relaxation (per head, minimize time + lambda * error^2, lambda bisected) finished greedily."""
-    options = _head_options(state, cost, state.opt.quants)
+    relaxation (per head, minimize time + lambda * error^2, lambda bisected) finished greedily.
+    Each precision costs a launch of its own, which per-head costs cannot see: the search runs
+    once with every precision allowed per head and once per single precision (plus skips), and
+    keeps the fastest feasible result by the full site cost."""
     norm2 = float(state.norm2.sum())
     limit = (max_rel_l2 ** 2) * norm2
-    choice = _bisect_lambda(options, lambda ch: sum(o.err2 for o in ch) <= limit, scale=norm2 / 1e3)
-    return _spend_slack(options, choice, limit) if sum(o.err2 for o in choice) <= limit else choice
+    results = []
+    quant_sets = [state.opt.quants] + ([(q,) for q in state.opt.quants] if len(state.opt.quants) > 1 else [])
+    for quants in quant_sets:
+        options = _head_options(state, cost, quants)
+        choice = _bisect_lambda(options, lambda ch: sum(o.err2 for o in ch) <= limit, scale=norm2 / 1e3)
+        if sum(o.err2 for o in choice) <= limit:
+            choice = _spend_slack(options, choice, limit)
+        err = sum(o.err2 for o in choice)
+        results.append((err > limit, predicted_time_us(state, choice, cost) if err <= limit else err, choice))
+    return min(results, key=lambda r: (r[0], r[1]))[2]
 
 
 def search_density(states: Sequence[_SiteState], cost: CostModel, density: float, quant: Quant) -> list[list[HeadChoice]]:

@@ -3,11 +3,11 @@ timings measured on the machine (not FLOP counts).
 
 Model (all times in microseconds), for one site run as one launch per distinct kernel config:
 
-    time = launches * launch_us
-         + sum over launches of  query_blocks * per_query_block_us[key]      (load Q, store O)
+    time = sum over launches of  launch_us[key]                               (fixed: launches, quantize)
+                               + query_blocks * per_query_block_us[key]      (load Q, store O)
                                + visited_blocks * per_block_us[key]            (one QK^T + PV tile)
-         + permuted_mib * permute_us_per_mib                                   (PARO reorder in/out)
-         + scored_blocks * score_us_per_block                                  (dynamic masks)
+         + [permuted] permute_fixed_us + permuted_mib * permute_us_per_mib     (PARO reorder in/out)
+         + [dynamic]  score_fixed_us + scored_blocks * score_us_per_block      (dynamic masks)
 
 where key = "<quant>/d<head_dim>/<block_m>x<block_n>". A query block counts once per head (B*H*QB
 per launch); a visited block is one (query block, key block) pair of one head. Quantizing q/k/v
@@ -86,10 +86,12 @@ class CostModel:
     """Fitted coefficients (microseconds per unit). See the module docstring for the model."""
 
     gpu: str
-    launch_us: float
+    launch_us: dict[str, float]
     per_block_us: dict[str, float]
     per_query_block_us: dict[str, float]
+    permute_fixed_us: float = 0.0
     permute_us_per_mib: float = 0.0
+    score_fixed_us: float = 0.0
     score_us_per_block: float = 0.0
     meta: dict = field(default_factory=dict)  # where it came from: torch/triton versions, date, fit error
 
@@ -111,12 +113,20 @@ class CostModel:
 
     def predict_us(self, work: SiteWork) -> float:
         """Predicted time of one site, in microseconds."""
-        t = len(work.launches) * self.launch_us
+        t = 0.0
         for launch in work.launches:
+            t += self._per_block(self.launch_us, launch, "launch cost")
             t += launch.visited_blocks * self._per_block(self.per_block_us, launch, "per-block cost")
             t += launch.query_blocks * self._per_block(self.per_query_block_us, launch, "per-query-block cost")
-        t += work.permuted_mib * self.permute_us_per_mib
-        return t + work.scored_blocks * self.score_us_per_block
+        if work.permuted_mib:
+            t += self.permute_fixed_us + work.permuted_mib * self.permute_us_per_mib
+        if work.scored_blocks:
+            t += self.score_fixed_us + work.scored_blocks * self.score_us_per_block
+        return t
+
+    def launch_cost_us(self, launch: Launch) -> float:
+        """The fixed cost of one launch in this configuration (kernel launches, quantization)."""
+        return self._per_block(self.launch_us, launch, "launch cost")
 
     def block_cost_us(self, quant: str, head_dim: int, block_m: int, block_n: int) -> float:
         """Marginal cost of one more visited block in this configuration."""
@@ -127,14 +137,15 @@ class CostModel:
     @staticmethod
     def features(work: SiteWork) -> dict[str, float]:
         """The linear features of a SiteWork: names -> amounts, matching the coefficient names."""
-        f: dict[str, float] = {"launch": float(len(work.launches))}
+        f: dict[str, float] = {}
         for launch in work.launches:
+            f[f"launch:{launch.key}"] = f.get(f"launch:{launch.key}", 0.0) + 1.0
             f[f"block:{launch.key}"] = f.get(f"block:{launch.key}", 0.0) + launch.visited_blocks
             f[f"qblock:{launch.key}"] = f.get(f"qblock:{launch.key}", 0.0) + launch.query_blocks
         if work.permuted_mib:
-            f["permute_mib"] = work.permuted_mib
+            f["permute_fixed"], f["permute_mib"] = 1.0, work.permuted_mib
         if work.scored_blocks:
-            f["score_block"] = float(work.scored_blocks)
+            f["score_fixed"], f["score_block"] = 1.0, float(work.scored_blocks)
         return f
 
     @classmethod
@@ -155,11 +166,11 @@ class CostModel:
         predicted = A @ coef
         rel = np.abs(predicted - y) / y
         model = cls(
-            gpu=gpu, launch_us=c.get("launch", 0.0),
+            gpu=gpu, launch_us={n.split(":", 1)[1]: v for n, v in c.items() if n.startswith("launch:")},
             per_block_us={n.split(":", 1)[1]: v for n, v in c.items() if n.startswith("block:")},
             per_query_block_us={n.split(":", 1)[1]: v for n, v in c.items() if n.startswith("qblock:")},
-            permute_us_per_mib=c.get("permute_mib", 0.0),
-            score_us_per_block=c.get("score_block", 0.0),
+            permute_fixed_us=c.get("permute_fixed", 0.0), permute_us_per_mib=c.get("permute_mib", 0.0),
+            score_fixed_us=c.get("score_fixed", 0.0), score_us_per_block=c.get("score_block", 0.0),
             meta={**dict(meta or {}), "measurements": len(measurements),
                   "fit_median_rel_error": float(np.median(rel)), "fit_max_rel_error": float(rel.max())},
         )
@@ -168,11 +179,13 @@ class CostModel:
     # ------------------------------------------------------------------ files
 
     def to_dict(self) -> dict:
-        return {"version": SCHEMA_VERSION, "gpu": self.gpu, "units": "microseconds", "launch_us": self.launch_us,
+        return {"version": SCHEMA_VERSION, "gpu": self.gpu, "units": "microseconds",
+                "launch_us": dict(sorted(self.launch_us.items())),
                 "per_block_us": dict(sorted(self.per_block_us.items())),
                 "per_query_block_us": dict(sorted(self.per_query_block_us.items())),
-                "permute_us_per_mib": self.permute_us_per_mib,
-                "score_us_per_block": self.score_us_per_block, "meta": self.meta}
+                "permute_fixed_us": self.permute_fixed_us, "permute_us_per_mib": self.permute_us_per_mib,
+                "score_fixed_us": self.score_fixed_us, "score_us_per_block": self.score_us_per_block,
+                "meta": self.meta}
 
     @classmethod
     def from_dict(cls, d: Mapping, where: str = "cost model") -> "CostModel":
@@ -180,12 +193,14 @@ class CostModel:
         if version != SCHEMA_VERSION:
             raise ConfigError(f"{where}: cost-model schema version {version!r}, this vsopt reads version {SCHEMA_VERSION}")
         try:
-            model = cls(gpu=str(d["gpu"]), launch_us=float(d["launch_us"]),
-                        per_block_us={str(k): float(v) for k, v in d["per_block_us"].items()},
-                        per_query_block_us={str(k): float(v) for k, v in d["per_query_block_us"].items()},
+            table = lambda name: {str(k): float(v) for k, v in d[name].items()}  # noqa: E731
+            model = cls(gpu=str(d["gpu"]), launch_us=table("launch_us"), per_block_us=table("per_block_us"),
+                        per_query_block_us=table("per_query_block_us"),
+                        permute_fixed_us=float(d.get("permute_fixed_us", 0.0)),
                         permute_us_per_mib=float(d.get("permute_us_per_mib", 0.0)),
+                        score_fixed_us=float(d.get("score_fixed_us", 0.0)),
                         score_us_per_block=float(d.get("score_us_per_block", 0.0)), meta=dict(d.get("meta", {})))
-            for key in [*model.per_block_us, *model.per_query_block_us]:
+            for key in [*model.launch_us, *model.per_block_us, *model.per_query_block_us]:
                 kernel_key(*_parse_key(key))  # validates the key's form and quant mode
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ConfigError(f"{where}: malformed cost model ({type(e).__name__}: {e})") from None

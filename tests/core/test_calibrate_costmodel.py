@@ -9,10 +9,10 @@ from vsopt.core.errors import ConfigError
 from vsopt.costmodel import CostModel, Launch, SiteWork, kernel_key, nnls, sum_launches
 
 TRUE = CostModel(
-    gpu="synthetic", launch_us=6.0,
+    gpu="synthetic", launch_us={"none/d64/64x64": 6.0, "int8/d64/64x64": 11.0, "none/d128/64x64": 6.5},
     per_block_us={"none/d64/64x64": 0.020, "int8/d64/64x64": 0.011, "none/d128/64x64": 0.041},
     per_query_block_us={"none/d64/64x64": 0.05, "int8/d64/64x64": 0.07, "none/d128/64x64": 0.09},
-    permute_us_per_mib=0.7, score_us_per_block=0.002)
+    permute_fixed_us=9.0, permute_us_per_mib=0.7, score_fixed_us=4.0, score_us_per_block=0.002)
 
 
 def _synthetic_measurements(rng, noise):
@@ -32,11 +32,13 @@ def _synthetic_measurements(rng, noise):
 
 def test_fit_recovers_known_coefficients():
     model = CostModel.fit(_synthetic_measurements(np.random.default_rng(0), noise=0.0), gpu="synthetic")
-    assert model.launch_us == pytest.approx(TRUE.launch_us, rel=1e-6)
     for key, v in TRUE.per_block_us.items():
+        assert model.launch_us[key] == pytest.approx(TRUE.launch_us[key], rel=1e-6)
         assert model.per_block_us[key] == pytest.approx(v, rel=1e-6)
         assert model.per_query_block_us[key] == pytest.approx(TRUE.per_query_block_us[key], rel=1e-6)
     assert model.permute_us_per_mib == pytest.approx(0.7, rel=1e-6)
+    assert model.permute_fixed_us == pytest.approx(9.0, rel=1e-6)
+    assert model.score_fixed_us == pytest.approx(4.0, rel=1e-6)
     assert model.score_us_per_block == pytest.approx(0.002, rel=1e-6)
     assert model.meta["fit_max_rel_error"] < 1e-8
 

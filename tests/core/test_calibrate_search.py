@@ -16,7 +16,7 @@ from vsopt.core.orders import TokenOrder, inverse_permutation, order_permutation
 from vsopt.core.plan import Quant, Sparsity
 from vsopt.costmodel import CostModel
 
-COST = CostModel(gpu="test", launch_us=5.0,
+COST = CostModel(gpu="test", launch_us={f"{q}/d16/16x16": 5.0 for q in ("none", "int8", "fp8", "int8_fp8")},
                  per_block_us={f"{q}/d16/16x16": t for q, t in
                                (("none", 0.010), ("int8", 0.007), ("fp8", 0.005), ("int8_fp8", 0.006))},
                  per_query_block_us={f"{q}/d16/16x16": 0.01 for q in ("none", "int8", "fp8", "int8_fp8")},

@@ -24,7 +24,7 @@ def mask_to_table(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     counts = torch.empty(mask.shape[:-1], dtype=torch.int32, device=mask.device)
     if rows:
         chunk = min(1024, triton.next_power_of_2(KB))
-        torch.library.wrap_triton(kernel._mask_to_table_kernel)[(rows,)](mask.view(torch.uint8), indices, counts, KB, CHUNK=chunk,
+        torch.library.wrap_triton(kernel._mask_to_table_kernel)[(rows,)](mask, indices, counts, KB, CHUNK=chunk,
                                               num_warps=4)
     return indices, counts
 

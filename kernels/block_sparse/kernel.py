@@ -23,33 +23,39 @@ def _attend_tile(acc, l_i, m_i, q, k_base, v_base, start_n, NK, s_scale,
                  stride_kn, stride_vn, stride_vd,
                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, QK_INT8: tl.constexpr, PV_FP8: tl.constexpr,
                  MASK_KEYS: tl.constexpr, ROUND_IN_FP32: tl.constexpr):
-    """One key tile [start_n, start_n + BLOCK_N): update (acc, l_i, m_i). s_scale folds the softmax
-    scale, log2(e) and the dequantization scales of the Q block and this K block."""
+    """One key tile [start_n, start_n + BLOCK_N): update (acc, l_i, m_i). s_scale (> 0) folds the
+    softmax scale, log2(e) and the dequantization scales of the Q block and this K block."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
-    vt_ptrs = v_base + offs_d[:, None] * stride_vd + offs_n[None, :] * stride_vn   # (D, BLOCK_N) view of V
+    if PV_FP8:   # V stored transposed (D, N): load the (D, BLOCK_N) tile, K-major for the FP8 MMA
+        v_ptrs = v_base + offs_d[:, None] * stride_vd + offs_n[None, :]
+        v_mask = offs_n[None, :] < NK
+    else:
+        v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
+        v_mask = offs_n[:, None] < NK
     if MASK_KEYS:
         k = tl.load(k_ptrs, mask=offs_n[:, None] < NK, other=0.0)
-        vt = tl.load(vt_ptrs, mask=offs_n[None, :] < NK, other=0.0)
+        v = tl.load(v_ptrs, mask=v_mask, other=0.0)
     else:
         k = tl.load(k_ptrs)
-        vt = tl.load(vt_ptrs)
+        v = tl.load(v_ptrs)
     if QK_INT8:
-        s = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32) * s_scale
+        qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
     else:
-        s = tl.dot(q, tl.trans(k)) * s_scale
+        qk = tl.dot(q, tl.trans(k))
     if MASK_KEYS:
-        s = tl.where(offs_n[None, :] < NK, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.math.exp2(s - m_new[:, None])
+        qk = tl.where(offs_n[None, :] < NK, qk, float("-inf"))
+    # Scale inside the max and the exponent (one FMA per score) rather than scaling qk first.
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * s_scale)
+    p = tl.math.exp2(qk * s_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if PV_FP8:
-        acc = tl.dot(_to_fp8(p * 448.0, ROUND_IN_FP32), tl.trans(vt), acc)
+        acc = tl.dot(_to_fp8(p * 448.0, ROUND_IN_FP32), tl.trans(v), acc)
     else:
-        acc = tl.dot(p.to(vt.dtype), tl.trans(vt), acc)
+        acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_new
 
 

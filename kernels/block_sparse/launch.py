@@ -23,7 +23,7 @@ import triton
 
 from ..errors import check
 from ..quant import launch as quant_launch
-from ..quant.reference import QUANT_MODES, pv_is_fp8, qk_format
+from ..quant.reference import QUANT_MODES, pv_is_fp8
 from . import kernel
 
 QUANT_CODE = {"none": 0, "int8": 1, "fp8": 2, "int8_fp8": 3}
@@ -32,7 +32,7 @@ GPU_HEAD_DIMS = (64, 128)
 # (BLOCK_M, BLOCK_N, num_warps, num_stages), best guesses first. The pruner keeps those that fit the
 # table block; the interpreter (CPU tests) runs only the first that fits.
 _CONFIGS = [
-    (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+    (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 4), (128, 64, 8, 4), (64, 64, 4, 3),
     (128, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 2, 2), (16, 16, 2, 1),
 ]
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -48,7 +48,7 @@ def _prune(configs, named_args, **kwargs):
         fits = [c for c in fits if not (c.kwargs["BLOCK_N"] == 32 and c.kwargs["BLOCK_M"] == 128)]
     if not fits:  # tiny table blocks: the table block itself
         fits = [triton.Config({"BLOCK_M": tm, "BLOCK_N": tn}, num_warps=4, num_stages=2)]
-    return fits[:1] if _INTERPRET else fits[:5]
+    return fits[:1] if _INTERPRET else fits[:4]
 
 
 _tuned_kernel = triton.autotune(
@@ -106,6 +106,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
     check(D in (16, 32, 64, 128), f"block_sparse_attention: the kernel supports head_dim 16, 32, 64, 128, got {D}")
     check(q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1,
           "block_sparse_attention: the head dimension of q, k, v must be contiguous (stride 1)")
+    check(scale > 0, f"block_sparse_attention: scale must be positive, got {scale}")
     check(quant == "none" or q.dtype != torch.float32 or _INTERPRET or q.device.type == "cpu",
           "block_sparse_attention: quantized modes take float16/bfloat16 inputs")
     kv_indices, kv_counts = kv_indices.contiguous(), kv_counts.contiguous()
@@ -114,11 +115,10 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
     out_dtype = q.dtype
     q_scale = k_scale = v_scale = None
     if quant != "none":
-        fmt = qk_format(quant)
-        q, q_scale = quant_launch.quantize_blocks(q, block_m, fmt)
-        k, k_scale = quant_launch.quantize_blocks(k, block_n, fmt, smooth=True)
-    if pv_is_fp8(quant):
-        v, v_scale = quant_launch.quantize_v_fp8(v)
+        quantized = quant_launch.quantize_qkv(q, k, v, quant, block_m, block_n)
+        q, k, v = quantized.q, quantized.k, quantized.v
+        q_scale, k_scale, v_scale = quantized.q_scale, quantized.k_scale, quantized.v_scale
+    if pv_is_fp8(quant):   # v is (B, H, D, N_pad): token stride 1 (the kernel knows), channel stride N_pad
         stride_vn, stride_vd = 1, v.stride(2)
     else:
         stride_vn, stride_vd = v.stride(2), 1

@@ -1,5 +1,8 @@
 """Triton kernels that quantize attention inputs (see kernels/quant/reference.py for the math).
 
+_channel_stats_kernel: per (b, h) the column sums of K (for the smoothing mean) and, optionally, the
+column abs-max of V (for V's per-channel FP8 scale), in one read of K and V: each program reduces
+ROWS tokens and adds its partial result with one atomic per column.
 _quantize_blocks_kernel: one program per (block of BLOCK tokens, b*h): optionally subtracts the
 channel mean (K smoothing), takes amax(|x|) over the block, writes the codes and one float32
 scale = amax / QMAX. One read of x, one write of the codes.
@@ -29,9 +32,35 @@ def _to_fp8(x, ROUND_IN_FP32: tl.constexpr):
 
 
 @triton.jit
+def _channel_stats_kernel(K, V, KSum, VAbsMax, H, N,
+                          stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                          ROWS: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr, WITH_V: tl.constexpr):
+    chunk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    v_max = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for start in range(chunk * ROWS, tl.minimum(chunk * ROWS + ROWS, N), TILE):
+        offs_n = start + tl.arange(0, TILE)
+        rows = offs_n[:, None] < N
+        k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                    mask=rows, other=0.0).to(tl.float32)
+        k_sum += tl.sum(k, 0)
+        if WITH_V:
+            v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                        mask=rows, other=0.0).to(tl.float32)
+            v_max = tl.maximum(v_max, tl.max(tl.abs(v), 0))
+    tl.atomic_add(KSum + bh * HEAD_DIM + offs_d, k_sum)
+    if WITH_V:
+        tl.atomic_max(VAbsMax + bh * HEAD_DIM + offs_d, v_max)   # non-negative floats: max is exact
+
+
+@triton.jit
 def _quantize_blocks_kernel(
-    X, Mean, Codes, Scale,
-    H, N, NUM_BLOCKS,
+    X, Sum, Codes, Scale,
+    H, N, NUM_BLOCKS, inv_n,
     stride_xb, stride_xh, stride_xn,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, IS_FP8: tl.constexpr, SMOOTH: tl.constexpr,
     QMAX: tl.constexpr, MIN_AMAX: tl.constexpr, ROUND_IN_FP32: tl.constexpr,
@@ -46,7 +75,7 @@ def _quantize_blocks_kernel(
     x = tl.load(X + b * stride_xb + h * stride_xh + offs_n[:, None] * stride_xn + offs_d[None, :],
                 mask=in_bounds, other=0.0).to(tl.float32)
     if SMOOTH:
-        mean = tl.load(Mean + bh * HEAD_DIM + offs_d)
+        mean = tl.load(Sum + bh * HEAD_DIM + offs_d) * inv_n
         x = tl.where(in_bounds, x - mean[None, :], 0.0)
     amax = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), MIN_AMAX)
     scale = amax / QMAX
@@ -61,10 +90,10 @@ def _quantize_blocks_kernel(
 
 @triton.jit
 def _quantize_channels_fp8_kernel(
-    X, Scale, CodesT,
+    X, AbsMax, Scale, CodesT,
     H, N, N_PAD,
     stride_xb, stride_xh, stride_xn,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, ROUND_IN_FP32: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MIN_AMAX: tl.constexpr, ROUND_IN_FP32: tl.constexpr,
 ):
     blk = tl.program_id(0)
     bh = tl.program_id(1)
@@ -75,7 +104,10 @@ def _quantize_channels_fp8_kernel(
     in_bounds = offs_n[:, None] < N
     x = tl.load(X + b * stride_xb + h * stride_xh + offs_n[:, None] * stride_xn + offs_d[None, :],
                 mask=in_bounds, other=0.0).to(tl.float32)
-    inv_scale = 1.0 / tl.load(Scale + bh * HEAD_DIM + offs_d)
+    scale = tl.maximum(tl.load(AbsMax + bh * HEAD_DIM + offs_d), MIN_AMAX) / 448.0
+    if blk == 0:
+        tl.store(Scale + bh * HEAD_DIM + offs_d, scale)
+    inv_scale = 1.0 / scale
     codes = _to_fp8(x * inv_scale[None, :], ROUND_IN_FP32)
     # Transposed store: CodesT[b, h, d, n]; padding columns n >= N stay as allocated (zeros).
     tl.store(CodesT + bh * HEAD_DIM * N_PAD + offs_d[None, :] * N_PAD + offs_n[:, None], codes, mask=in_bounds)

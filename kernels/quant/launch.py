@@ -1,10 +1,15 @@
 """Launchers of the quantization kernels: validation, allocation, grid.
 
-quantize_blocks(x, block, fmt, smooth) -> (codes (B, H, N, D) int8 | float8_e4m3fn, scale (B, H, NB) f32)
-quantize_v_fp8(v) -> (codes_t float8_e4m3fn (B, H, D, N_pad) with N_pad = N rounded up to 16, scale (B, H, D))
+quantize_qkv(q, k, v, quant, block_m, block_n) -> QuantizedQKV: everything the attention kernel
+    needs in one call: channel statistics of K (and V) in one pass, then Q, K (smoothed) and, for
+    FP8 P V, V quantized. Four launches, one read of each input plus one of K and V for the stats.
+quantize_blocks(x, block, fmt, channel_sum=None) -> (codes (B, H, N, D) int8 | float8_e4m3fn,
+    scale float32 (B, H, ceil(N/block))); channel_sum (B, H, D) float32, if given, smooths x by
+    subtracting channel_sum / N.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -12,11 +17,12 @@ import triton
 
 from ..errors import check
 from . import kernel
-from .reference import MIN_AMAX, QMAX
+from .reference import MIN_AMAX, QMAX, pv_is_fp8, qk_format
 
 # The interpreter's fp8 cast mis-rounds (see kernel._to_fp8); under it the kernels round in fp32 first.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 CODE_DTYPE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+_STATS_ROWS = 1024   # tokens reduced by one statistics program before its atomics
 
 
 def _check_input(x: torch.Tensor, what: str) -> None:
@@ -26,9 +32,23 @@ def _check_input(x: torch.Tensor, what: str) -> None:
     check(D >= 16 and D & (D - 1) == 0, f"{what}: head_dim must be a power of two >= 16, got {D}")
 
 
-def quantize_blocks(x: torch.Tensor, block: int, fmt: str, smooth: bool = False
+def channel_stats(k: torch.Tensor, v: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(sum of k over tokens (B, H, D) float32, abs-max of v over tokens (B, H, D) float32 or None)."""
+    _check_input(k, "channel_stats")
+    B, H, N, D = k.shape
+    k_sum = torch.zeros((B, H, D), dtype=torch.float32, device=k.device)
+    v_max = torch.zeros((B, H, D), dtype=torch.float32, device=k.device) if v is not None else None
+    vv = v if v is not None else k
+    torch.library.wrap_triton(kernel._channel_stats_kernel)[(triton.cdiv(N, _STATS_ROWS), B * H)](
+        k, vv, k_sum, v_max if v_max is not None else k_sum, H, N,
+        k.stride(0), k.stride(1), k.stride(2), vv.stride(0), vv.stride(1), vv.stride(2),
+        ROWS=_STATS_ROWS, TILE=64, HEAD_DIM=D, WITH_V=v is not None, num_warps=4)
+    return k_sum, v_max
+
+
+def quantize_blocks(x: torch.Tensor, block: int, fmt: str, channel_sum: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-(b, h, token block) quantization of x (B, H, N, D); with smooth, x minus its token mean."""
+    """Per-(b, h, token block) quantization of x (B, H, N, D); smoothed when channel_sum is given."""
     _check_input(x, "quantize_blocks")
     check(fmt in CODE_DTYPE, f"quantize_blocks: fmt must be 'int8' or 'fp8', got {fmt!r}")
     check(block >= 16 and block & (block - 1) == 0, f"quantize_blocks: block must be a power of two >= 16, got {block}")
@@ -36,26 +56,51 @@ def quantize_blocks(x: torch.Tensor, block: int, fmt: str, smooth: bool = False
     nb = triton.cdiv(N, block)
     codes = torch.empty((B, H, N, D), dtype=CODE_DTYPE[fmt], device=x.device)
     scale = torch.empty((B, H, nb), dtype=torch.float32, device=x.device)
-    mean = x.mean(dim=2, dtype=torch.float32).contiguous() if smooth else scale  # dummy pointer when unused
     torch.library.wrap_triton(kernel._quantize_blocks_kernel)[(nb, B * H)](
-        x, mean, codes, scale, H, N, nb, x.stride(0), x.stride(1), x.stride(2),
-        BLOCK=block, HEAD_DIM=D, IS_FP8=fmt == "fp8", SMOOTH=smooth, QMAX=QMAX[fmt], MIN_AMAX=MIN_AMAX,
-        ROUND_IN_FP32=INTERPRET,
+        x, channel_sum if channel_sum is not None else scale, codes, scale, H, N, nb, 1.0 / N,
+        x.stride(0), x.stride(1), x.stride(2),
+        BLOCK=block, HEAD_DIM=D, IS_FP8=fmt == "fp8", SMOOTH=channel_sum is not None, QMAX=QMAX[fmt],
+        MIN_AMAX=MIN_AMAX, ROUND_IN_FP32=INTERPRET,
         num_warps=4 if block * D <= 8192 else 8)
     return codes, scale
 
 
-def quantize_v_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel FP8 of v (B, H, N, D), written transposed (B, H, D, N_pad)."""
+def quantize_v_fp8(v: torch.Tensor, abs_max: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel FP8 of v (B, H, N, D) given its channel abs-max (B, H, D): (codes transposed
+    (B, H, D, N_pad) with N_pad = N rounded up to 16, scale float32 (B, H, D))."""
     _check_input(v, "quantize_v_fp8")
     B, H, N, D = v.shape
     n_pad = triton.cdiv(N, 16) * 16
-    vmin, vmax = torch.aminmax(v, dim=2)
-    scale = (torch.maximum(vmax.float(), -vmin.float()).clamp_min(MIN_AMAX) / QMAX["fp8"]).contiguous()
+    scale = torch.empty((B, H, D), dtype=torch.float32, device=v.device)
     codes_t = (torch.zeros if n_pad != N else torch.empty)((B, H, D, n_pad), dtype=torch.float8_e4m3fn,
                                                            device=v.device)
     block_n = 64
     torch.library.wrap_triton(kernel._quantize_channels_fp8_kernel)[(triton.cdiv(N, block_n), B * H)](
-        v, scale, codes_t, H, N, n_pad, v.stride(0), v.stride(1), v.stride(2), BLOCK_N=block_n, HEAD_DIM=D, ROUND_IN_FP32=INTERPRET,
-        num_warps=4)
+        v, abs_max, scale, codes_t, H, N, n_pad, v.stride(0), v.stride(1), v.stride(2), BLOCK_N=block_n,
+        HEAD_DIM=D, MIN_AMAX=MIN_AMAX, ROUND_IN_FP32=INTERPRET, num_warps=4)
     return codes_t, scale
+
+
+@dataclasses.dataclass
+class QuantizedQKV:
+    """Inputs of the quantized attention kernel. v is the original tensor when P V stays 16-bit,
+    else FP8 codes transposed (B, H, D, N_pad) with v_scale (B, H, D)."""
+    q: torch.Tensor
+    q_scale: torch.Tensor
+    k: torch.Tensor
+    k_scale: torch.Tensor
+    v: torch.Tensor
+    v_scale: torch.Tensor | None
+
+
+def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, block_m: int,
+                 block_n: int) -> QuantizedQKV:
+    """Quantize q, k, v for `quant` mode ("int8", "fp8", "int8_fp8"): see kernels/quant/reference.py."""
+    fmt, fp8_pv = qk_format(quant), pv_is_fp8(quant)
+    k_sum, v_max = channel_stats(k, v if fp8_pv else None)
+    qc, qs = quantize_blocks(q, block_m, fmt)
+    kc, ks = quantize_blocks(k, block_n, fmt, channel_sum=k_sum)
+    if fp8_pv:
+        vc, vs = quantize_v_fp8(v, v_max)
+        return QuantizedQKV(qc, qs, kc, ks, vc, vs)
+    return QuantizedQKV(qc, qs, kc, ks, v, None)

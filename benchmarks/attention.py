@@ -1,0 +1,318 @@
+"""Attention kernel benchmark on the GPU: vsopt's block-sparse kernel (bf16, INT8-QK, FP8) side by side
+with cuDNN SDPA, FlashAttention-3 (fa3-fwd, bf16 and FP8), SageAttention 1.0.6 and FlexAttention with the
+same block mask, on the reference workloads of WORKLOADS.md; writes JSON and the "Attention kernels"
+section of BENCHMARKS.md.
+
+    python3 benchmarks/attention.py --workloads wan480,cog720 --out benchmarks/results/attention.json
+
+Useful TFLOP/s = 4 * B * H * N^2 * D * density / time, density = the fraction of (query block,
+key block) pairs the mask keeps (as run). Accuracy (cosine, relative L2) is against float32 attention
+with the same mask on the same random normal inputs. Times: triton.testing.do_bench, median, L2
+flushed between runs.
+
+Mask ("3D window"): tokens are in raster order (frame, row, column) after the text tokens; each
+128-token block gets the centre (f, y, x) of its video tokens. Query block i keeps the
+ceil(density * KB) key blocks nearest to it by a weighted Chebyshev distance
+max(|df| * wf, |dy| * wy, |dx| * wx) (each axis scaled by its extent; the weights change per head, so
+heads have different window shapes: wide in time, wide in space). The diagonal block (distance 0)
+and every block holding text tokens are always kept. Density 1.0 keeps every block.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import sys
+import tempfile
+
+import torch
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    name: str
+    heads: int
+    head_dim: int
+    frames: int
+    height: int
+    width: int
+    text_before: int = 0
+    text_after: int = 0
+
+    @property
+    def n(self) -> int:
+        return self.frames * self.height * self.width + self.text_before + self.text_after
+
+
+WORKLOADS = {
+    "wan480": Workload("wan480", 12, 128, 21, 30, 52),
+    "cog720": Workload("cog720", 48, 64, 13, 30, 45, text_before=226),
+    "hyv720": Workload("hyv720", 24, 128, 33, 45, 80, text_after=256),
+    "wan720": Workload("wan720", 40, 128, 21, 45, 80),
+}
+
+# Per-head axis weights (time, rows, columns): heads cycle through these window shapes.
+_HEAD_WEIGHTS = ((1.0, 1.0, 1.0), (0.3, 1.0, 1.0), (2.0, 0.7, 0.7), (1.0, 2.0, 0.5))
+
+
+def window_block_mask(w: Workload, density: float, block: int, device) -> torch.Tensor:
+    """bool (1, H, KB, KB) 3D-window block mask (see the module docstring)."""
+    n = w.n
+    nb = math.ceil(n / block)
+    if density >= 1.0:
+        return torch.ones(1, w.heads, nb, nb, dtype=torch.bool, device=device)
+    tok = torch.arange(n, device=device)
+    vid = tok - w.text_before
+    is_text = (vid < 0) | (vid >= w.frames * w.height * w.width)
+    vid = vid.clamp(0, w.frames * w.height * w.width - 1)
+    coords = torch.stack([vid // (w.height * w.width) / w.frames, (vid // w.width) % w.height / w.height,
+                          vid % w.width / w.width], 1).float()                          # (n, 3) in [0, 1)
+    pad = nb * block - n
+    weight = torch.nn.functional.pad((~is_text).float(), (0, pad)).view(nb, block)
+    centre = (torch.nn.functional.pad(coords, (0, 0, 0, pad)).view(nb, block, 3) * weight[..., None]).sum(1)
+    centre = centre / weight.sum(1).clamp_min(1)[:, None]
+    text_block = torch.nn.functional.pad(is_text.float(), (0, pad)).view(nb, block).amax(1) > 0
+    keep = max(1, math.ceil(density * nb))
+    masks = []
+    for h in range(w.heads):
+        wt = torch.tensor(_HEAD_WEIGHTS[h % len(_HEAD_WEIGHTS)], device=device)
+        dist = ((centre[:, None, :] - centre[None, :, :]).abs() * wt).amax(-1)   # (QB, KB)
+        dist = dist.masked_fill(text_block[None, :], -1.0)                        # text: always kept
+        dist.fill_diagonal_(-2.0)                                                 # diagonal: always kept
+        nearest = dist.topk(keep, dim=1, largest=False).indices
+        masks.append(torch.zeros(nb, nb, dtype=torch.bool, device=device).scatter(1, nearest, True)
+                     | (dist < 0))
+    return torch.stack(masks)[None]
+
+
+BLOCK = 128
+MODES = ("none", "int8", "fp8", "int8_fp8")
+
+
+def _bench(fn, rep_ms: float) -> float:
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=max(25, rep_ms / 4), rep=rep_ms, return_mode="median")
+
+
+def _accuracy(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    o, r = out.float().flatten(), ref.float().flatten()
+    return {"cosine": float(torch.nn.functional.cosine_similarity(o, r, dim=0)),
+            "rel_l2": float((o - r).norm() / r.norm())}
+
+
+def reference_attention(q, k, v, block_mask, scale, chunk=4096):
+    """float32 attention with a (1, H, QB, KB) block mask, chunked over queries (N^2 never materialised)."""
+    B, H, N, D = q.shape
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    for h in range(H):
+        kh, vh = k[:, h].float(), v[:, h].float()
+        for s in range(0, N, chunk):
+            e = min(N, s + chunk)
+            qb = torch.arange(s, e, device=q.device) // BLOCK
+            allowed = block_mask[0, h][qb].repeat_interleave(BLOCK, dim=1)[:, :N]            # (chunk, N)
+            scores = (q[:, h, s:e].float() @ kh.transpose(-1, -2)) * scale
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            out[:, h, s:e] = torch.softmax(scores, dim=-1) @ vh
+    return out
+
+
+def _peers():
+    """Optional peers that load here: name -> callable(q, k, v, scale) in (B, H, N, D), or the reason."""
+    peers, missing = {}, {}
+    try:
+        from sageattention import sageattn
+        peers["sage1.0.6_int8"] = lambda q, k, v, s: sageattn(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=s)
+    except Exception as e:  # noqa: BLE001 - a peer that does not load is recorded, not fatal
+        missing["sageattention"] = repr(e)[:200]
+    try:
+        from fa3_fwd_interface import flash_attn_func
+
+        def fa3(q, k, v, s):
+            return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=s)
+
+        def fa3_fp8(q, k, v, s, cache={}):
+            key = (q.data_ptr(), k.data_ptr(), v.data_ptr())
+            if key not in cache:   # inputs cast once, outside the timed region (per-tensor unit scales)
+                cache.clear()
+                cache[key] = [t.transpose(1, 2).contiguous().to(torch.float8_e4m3fn) for t in (q, k, v)]
+            qf, kf, vf = cache[key]
+            return flash_attn_func(qf, kf, vf, softmax_scale=s)
+        peers["fa3_bf16"] = fa3
+        peers["fa3_fp8"] = fa3_fp8
+    except Exception as e:  # noqa: BLE001
+        missing["fa3-fwd"] = repr(e)[:200]
+    return peers, missing
+
+
+def _flex(q, k, v, kv_indices, kv_counts, scale, n):
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    compiled = torch.compile(flex_attention, dynamic=False)
+    bm = BlockMask.from_kv_blocks(kv_counts.expand(q.shape[0], -1, -1).contiguous(),
+                                  kv_indices.expand(q.shape[0], -1, -1, -1).contiguous(),
+                                  BLOCK_SIZE=BLOCK, seq_lengths=(n, n))
+    return lambda: compiled(q, k, v, block_mask=bm, scale=scale)
+
+
+def run_workload(w: Workload, densities, modes, accuracy: bool, rep_ms: float, log) -> dict:
+    import vsopt.core  # noqa: F401  (registers torch.ops.vsopt.*)
+    from vsopt.kernels.block_sparse import launch as bsa_launch
+    from vsopt.kernels.quant import launch as quant_launch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dev = "cuda"
+    torch.manual_seed(0)
+    B, H, N, D = 1, w.heads, w.n, w.head_dim
+    q, k, v = (torch.randn(B, H, N, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    scale = D ** -0.5
+    dense_flops = 4 * B * H * N * N * D
+    res = {"workload": dataclasses.asdict(w), "n": N, "dense": {}, "sparse": []}
+
+    def record(where, name, ms, density, extra=None):
+        row = {"name": name, "ms": ms, "density": density,
+               "useful_tflops": dense_flops * density / (ms * 1e-3) / 1e12, **(extra or {})}
+        where.append(row) if isinstance(where, list) else where.__setitem__(name, row)
+        log(f"{w.name} d={density:.3f} {name:>22}: {ms:8.3f} ms  {row['useful_tflops']:6.0f} TFLOP/s "
+            + " ".join(f"{k}={v:.5f}" for k, v in (extra or {}).items() if isinstance(v, float)))
+        return row
+
+    with torch.no_grad():
+        dense_ref = reference_attention(q, k, v, torch.ones(1, H, 1, 1, dtype=torch.bool, device=dev).expand(
+            1, H, math.ceil(N / BLOCK), math.ceil(N / BLOCK)), scale) if accuracy else None
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            record(res["dense"], "cudnn_sdpa", _bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, scale=scale), rep_ms), 1.0)
+        peers, missing = _peers()
+        res["peers_missing"] = missing
+        for name, fn in peers.items():
+            try:
+                ms = _bench(lambda: fn(q, k, v, scale), rep_ms)
+                extra = {}
+                if accuracy:
+                    out = fn(q, k, v, scale)
+                    out = out.transpose(1, 2) if name.startswith("fa3") else out
+                    extra = _accuracy(out, dense_ref)
+                record(res["dense"], name, ms, 1.0, extra)
+            except Exception as e:  # noqa: BLE001
+                res["peers_missing"][name] = repr(e)[:200]
+                log(f"{name} failed: {e!r}"[:300])
+        best_dense = min(r["ms"] for r in res["dense"].values() if not r["name"].endswith("fp8"))
+        res["best_dense_bf16_ms"] = best_dense
+
+        for density in densities:
+            mask = window_block_mask(w, density, BLOCK, dev)
+            kv_indices, kv_counts = torch.ops.vsopt.mask_to_table(mask)
+            real_density = float(mask.float().mean())
+            ref = reference_attention(q, k, v, mask, scale) if accuracy and density in (0.2, 1.0) else None
+            table_ms = _bench(lambda: torch.ops.vsopt.mask_to_table(mask), rep_ms)
+            order_ms = _bench(lambda: bsa_launch.work_order(kv_counts, B), rep_ms)
+            for mode in modes:
+                fn = lambda: torch.ops.vsopt.block_sparse_attention(q, k, v, kv_indices, kv_counts, scale,  # noqa
+                                                                    BLOCK, BLOCK, mode)
+                ms = _bench(fn, rep_ms)
+                extra = {"table_ms": table_ms, "order_ms": order_ms}
+                if mode != "none":
+                    extra["quant_ms"] = _bench(lambda: quant_launch.quantize_qkv(q, k, v, mode, BLOCK, BLOCK), rep_ms)
+                if ref is not None:
+                    extra.update(_accuracy(fn(), ref))
+                row = record(res["sparse"], f"vsopt_{mode}", ms, real_density, extra)
+                row["speedup_vs_best_dense"] = best_dense / ms
+            try:
+                flex = _flex(q, k, v, kv_indices, kv_counts, scale, N)
+                ms = _bench(flex, rep_ms)
+                extra = _accuracy(flex(), ref) if ref is not None else {}
+                row = record(res["sparse"], "flex_attention", ms, real_density, extra)
+                row["speedup_vs_best_dense"] = best_dense / ms
+            except Exception as e:  # noqa: BLE001
+                log(f"flex failed: {e!r}"[:300])
+                res.setdefault("peers_missing", {})["flex_attention"] = repr(e)[:200]
+            del mask, kv_indices, kv_counts, ref
+            torch.cuda.empty_cache()
+        res["autotuned"] = {str(k): str(v) for k, v in bsa_launch._tuned_kernel.cache.items()}
+    return res
+
+
+def markdown(results: dict) -> str:
+    lines = ["## Attention kernels", "",
+             f"Command: `{results['command']}`  ",
+             f"Date: {results['date']}; GPU: {results['gpu']}; torch {results['torch']}, triton {results['triton']}  ",
+             "Mask: 3D window (per-head window shapes, diagonal and text blocks kept; see benchmarks/attention.py), "
+             "block 128x128, B=1, random normal bf16 inputs. Useful TFLOP/s = 4*B*H*N^2*D*density/time; speedup is "
+             "over the fastest dense bf16 kernel. Accuracy vs float32 with the same mask (density 0.2 and 1.0).", ""]
+    for res in results["workloads"]:
+        w = res["workload"]
+        lines += [f"### {w['name']} (H={w['heads']}, N={res['n']}, D={w['head_dim']})", "",
+                  "| kernel | density | ms | useful TFLOP/s | speedup vs best dense | cosine | rel L2 |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in res["dense"].values():
+            lines.append(f"| {r['name']} (dense) | 1.0 | {r['ms']:.3f} | {r['useful_tflops']:.0f} | "
+                         f"{res['best_dense_bf16_ms'] / r['ms']:.2f} | {r.get('cosine', float('nan')):.5f} | "
+                         f"{r.get('rel_l2', float('nan')):.4f} |")
+        for r in res["sparse"]:
+            lines.append(f"| {r['name']} | {r['density']:.3f} | {r['ms']:.3f} | {r['useful_tflops']:.0f} | "
+                         f"{r['speedup_vs_best_dense']:.2f} | {r.get('cosine', float('nan')):.5f} | "
+                         f"{r.get('rel_l2', float('nan')):.4f} |")
+        if res.get("peers_missing"):
+            lines.append("")
+            lines.append("Not run: " + "; ".join(f"{k}: {v}" for k, v in res["peers_missing"].items()))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _atomic_write(path: str, text: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def update_benchmarks_md(path: str, section: str) -> None:
+    """Replace (or append) the '## Attention kernels' section of BENCHMARKS.md, keeping the others."""
+    text = open(path).read() if os.path.exists(path) else "# vsopt benchmarks\n\n"
+    start = text.find("## Attention kernels")
+    if start < 0:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    else:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section + ("\n" + text[end + 1:] if end >= 0 else "\n")
+    _atomic_write(path, text)
+
+
+def main(argv=None) -> int:
+    import triton
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workloads", default="wan480,cog720")
+    p.add_argument("--densities", default="0.1,0.2,0.3,0.5,1.0")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--no-accuracy", action="store_true")
+    p.add_argument("--rep-ms", type=float, default=200.0)
+    p.add_argument("--out", default="benchmarks/results/attention.json")
+    p.add_argument("--markdown", default="BENCHMARKS.md", help="file whose 'Attention kernels' section is rewritten")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks/attention.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    results = {"command": "python3 benchmarks/attention.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+               "workloads": []}
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    for name in args.workloads.split(","):
+        results["workloads"].append(run_workload(
+            WORKLOADS[name], [float(d) for d in args.densities.split(",")], args.modes.split(","),
+            not args.no_accuracy and name != "hyv720", args.rep_ms, log))
+        _atomic_write(args.out, json.dumps(results, indent=1))
+    section = markdown(results)
+    if args.markdown:
+        update_benchmarks_md(args.markdown, section)
+    print(section)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,154 @@
+"""GPU correctness check of the Triton kernels against the float32 references, at workload sizes.
+
+    python3 tests/kernels/gpu_check.py            (on a CUDA GPU; exit status 1 if any check fails)
+
+Not collected by pytest (the CPU tests in this folder run the same kernels under TRITON_INTERPRET
+at tiny sizes). Each line prints the case, cosine and relative L2 against float32 attention on the
+unquantized inputs, and PASS/FAIL against the mode's bound (bounds: docs/KERNELS.md).
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+
+import vsopt.core  # noqa: F401  (registers torch.ops.vsopt.*)
+from vsopt.kernels.block_mask import launch as mask_launch
+from vsopt.kernels.block_mask import reference as mask_ref
+from vsopt.kernels.block_sparse import launch as bsa_launch
+from vsopt.kernels.block_sparse import reference as bsa_ref
+
+# Relative L2 bound per mode against float32 (bf16 output rounding alone is ~3e-3).
+REL_L2_BOUND = {"none": 1e-2, "int8": 3e-2, "fp8": 6e-2, "int8_fp8": 5e-2}
+# Bound of the kernel against the reference run on the same quantized inputs (FP8 P adds ~2-3%).
+KERNEL_BOUND = {"none": 1e-2, "int8": 1e-2, "fp8": 5e-2, "int8_fp8": 5e-2}
+failures: list[str] = []
+
+
+def report(case: str, out: torch.Tensor, ref: torch.Tensor, bound: float) -> None:
+    o, r = out.float().flatten(), ref.float().flatten()
+    finite = bool(torch.isfinite(o).all())
+    cos = float(torch.nn.functional.cosine_similarity(o, r, dim=0))
+    rel = float((o - r).norm() / r.norm().clamp_min(1e-30))
+    ok = finite and rel <= bound
+    print(f"{'PASS' if ok else 'FAIL'} {case:<58} cos {cos:.6f} rel_l2 {rel:.2e} (bound {bound:.0e})", flush=True)
+    if not ok:
+        failures.append(case)
+
+
+def random_mask(Bt, H, QB, KB, density, device):
+    mask = torch.rand(Bt, H, QB, KB, device=device) < density
+    diag = mask_ref.diagonal_blocks(QB, KB, 1, 1, device).clamp_max(KB - 1)
+    return mask.scatter(-1, diag.expand(Bt, H, QB)[..., None], True)
+
+
+def chunked_reference(q, k, v, mask, scale, block, chunk=4096):
+    """float32 masked attention, (1, H, QB, KB) block mask, without materialising N x N."""
+    B, H, N, D = q.shape
+    group = H // k.shape[1]
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    for h in range(H):
+        kh, vh = k[:, h // group].float(), v[:, h // group].float()
+        for s in range(0, N, chunk):
+            e = min(N, s + chunk)
+            allowed = mask[0, h][torch.arange(s, e, device=q.device) // block].repeat_interleave(block, 1)[:, :N]
+            sc = (q[:, h, s:e].float() @ kh.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+            out[:, h, s:e] = torch.nan_to_num(torch.softmax(sc, -1)) @ vh
+    return out
+
+
+def workload_cases():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for name, H, N, D in (("wan480", 12, 32760, 128), ("cog720", 48, 17776, 64)):
+        q, k, v = (torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        nb = math.ceil(N / 128)
+        for label, density in (("one block per row", 0.0), ("density 0.2", 0.2), ("dense", 1.0)):
+            mask = random_mask(1, H, nb, nb, density, "cuda")
+            idx, cnt = torch.ops.vsopt.mask_to_table(mask)
+            ref = chunked_reference(q, k, v, mask, D ** -0.5, 128)
+            for mode in REL_L2_BOUND:
+                out = torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128, mode)
+                report(f"{name} {label} {mode}", out, ref, REL_L2_BOUND[mode])
+
+
+def small_cases():
+    dev = "cuda"
+    for B, Hq, Hkv, N, D, bm, bn, dtype, bt in [
+            (2, 8, 2, 1000, 64, 128, 128, torch.bfloat16, 1), (2, 4, 4, 777, 128, 128, 64, torch.float16, 2),
+            (1, 6, 3, 2049, 128, 64, 64, torch.bfloat16, 1), (1, 4, 1, 300, 64, 128, 128, torch.float16, 1)]:
+        q = torch.randn(B, Hq, N, D, device=dev, dtype=dtype)
+        k, v = (torch.randn(B, Hkv, N, D, device=dev, dtype=dtype) for _ in range(2))
+        k[:, :, 5] *= 8                  # a dominant key
+        q[:, 0] *= 6                     # large magnitudes in one head
+        mask = random_mask(bt, Hq, math.ceil(N / bm), math.ceil(N / bn), 0.3, dev)
+        mask[..., -1] = False            # a key block no query visits (the ragged one)
+        mask[..., 0, -1] = True          # ... except one row
+        mask[:, 1 % Hq] = False          # a skipped head (all counts 0)
+        idx, cnt = torch.ops.vsopt.mask_to_table(mask)
+        case = f"B{B} Hq{Hq} Hkv{Hkv} N{N} D{D} {bm}x{bn} {str(dtype)[6:]} Bt{bt}"
+        for mode in REL_L2_BOUND:
+            # Structured inputs: against the reference on the same quantized inputs (the kernel's own
+            # error: accumulation order, bf16 / FP8 rounding of P); input quantization error is
+            # measured on random inputs in workload_cases.
+            ref, ref_lse = bsa_ref.block_sparse_attention(q.float(), k.float(), v.float(), idx, cnt, D ** -0.5,
+                                                          bm, bn, mode)
+            out, lse = torch.ops.vsopt.block_sparse_attention_lse(q, k, v, idx, cnt, D ** -0.5, bm, bn, mode)
+            report(f"{case} {mode} (vs same-quantized reference)", out, ref, KERNEL_BOUND[mode])
+            if mode == "none":
+                both_inf = torch.isinf(lse) & torch.isinf(ref_lse)
+                lse_err = float((lse - ref_lse).masked_fill(both_inf, 0).abs().max())
+                ok = lse_err < 2e-2 and bool(out[:, 1 % Hq].eq(0).all())
+                print(f"{'PASS' if ok else 'FAIL'} {case} lse max err {lse_err:.2e}, skipped head all zero")
+                if not ok:
+                    failures.append(case + " lse/skip")
+
+
+def helper_cases():
+    dev = "cuda"
+    mask = torch.rand(1, 24, 931, 931, device=dev) < 0.1
+    idx, cnt = torch.ops.vsopt.mask_to_table(mask)
+    ridx, rcnt = mask_ref.mask_to_table(mask)
+    ok = bool((cnt == rcnt).all() and (idx == ridx).all())
+    print(f"{'PASS' if ok else 'FAIL'} mask_to_table (1, 24, 931, 931) equals the reference")
+    if not ok:
+        failures.append("mask_to_table")
+    q = torch.randn(1, 12, 32760, 128, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(1, 12, 32760, 128, device=dev, dtype=torch.bfloat16)
+    s = torch.ops.vsopt.block_scores(q, k, 128 ** -0.5, 128, 128)
+    report("block_scores wan480", s, mask_ref.block_scores(q, k, 128 ** -0.5, 128, 128), 1e-4)
+    m = torch.ops.vsopt.mass_block_mask(s, 0.5, 128, 128)
+    ok = bool((m == mask_ref.mass_block_mask(s, 0.5, 128, 128)).all())
+    print(f"{'PASS' if ok else 'FAIL'} mass_block_mask on the GPU equals the reference")
+    if not ok:
+        failures.append("mass_block_mask")
+
+
+def compile_case():
+    """torch.compile on CUDA traces the triton_op into Inductor: same numbers as eager."""
+    q, k, v = (torch.randn(1, 4, 1000, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    mask = random_mask(1, 4, 8, 8, 0.5, "cuda")
+
+    def f(q, k, v, mask):
+        idx, cnt = torch.ops.vsopt.mask_to_table(mask)
+        return torch.ops.vsopt.block_sparse_attention(q * 1.0, k, v, idx, cnt, 0.125, 128, 128, "int8")
+    report("torch.compile(block_sparse_attention int8) vs eager", torch.compile(f)(q, k, v, mask), f(q, k, v, mask),
+           1e-3)
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("gpu_check.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    small_cases()
+    helper_cases()
+    compile_case()
+    workload_cases()
+    print(f"{len(failures)} failure(s)" + (": " + ", ".join(failures) if failures else ""))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

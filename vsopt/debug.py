@@ -275,19 +275,23 @@ def _flat_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> lis
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", metavar="MODULE:FACTORY",
-                        help="a function that returns (model, example_inputs), e.g. mypkg.models:make_small")
+                        help="a function returning (model, example_inputs) or (model, example_inputs, sampler), "
+                             "e.g. vsopt.debug_targets:reference")
     parser.add_argument("--plan", metavar="P", help="plan JSON file (default: every site dense)")
     parser.add_argument("--html", metavar="OUT.html", help="write the report as one self-contained HTML page")
     parser.add_argument("--json", metavar="OUT.json", help="write the report as JSON")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                         help=f"relative L2 of a site output above which it is flagged (default {DEFAULT_THRESHOLD})")
     parser.add_argument("--no-numerics", action="store_true", help="structural view only: do not run the model")
+    parser.add_argument("--steps", action="store_true",
+                        help="also measure over the sampling steps (the factory must return a sampler too)")
     parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                         help="colour in the terminal (auto: only when stdout is a tty)")
 
 
-def load_factory(target: str) -> tuple[torch.nn.Module, tuple[Any, ...]]:
-    """Call MODULE:FACTORY and check that it returned (model, example_inputs)."""
+def load_factory(target: str) -> tuple[torch.nn.Module, tuple[Any, ...], Callable | None]:
+    """Call MODULE:FACTORY; it must return (model, example_inputs) or (model, example_inputs,
+    sampler). Returns (model, example_inputs, sampler or None)."""
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"expected MODULE:FACTORY (e.g. mypkg.models:make_model), got {target!r}")
@@ -299,17 +303,23 @@ def load_factory(target: str) -> tuple[torch.nn.Module, tuple[Any, ...]]:
     if not callable(factory):
         raise ConfigError(f"{module_name!r} has no callable {attr!r}")
     made = factory()
-    if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module)):
-        raise ConfigError(f"{target} must return (model, example_inputs), got {type(made).__name__}")
-    model, inputs = made
-    return model, tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    if not (isinstance(made, tuple) and len(made) in (2, 3) and isinstance(made[0], torch.nn.Module)
+            and (len(made) == 2 or made[2] is None or callable(made[2]))):
+        raise ConfigError(f"{target} must return (model, example_inputs) or (model, example_inputs, sampler), "
+                          f"got {type(made).__name__}")
+    model, inputs = made[0], made[1]
+    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    return model, inputs, made[2] if len(made) == 3 else None
 
 
 def run_cli(args: argparse.Namespace) -> int:
     if not math.isfinite(args.threshold) or args.threshold <= 0:
         raise ConfigError(f"--threshold must be a positive number, got {args.threshold}")
-    model, inputs = load_factory(args.target)
-    report = diff(model, inputs, plan=args.plan, threshold=args.threshold, numerics=not args.no_numerics)
+    model, inputs, sampler = load_factory(args.target)
+    if args.steps and sampler is None:
+        raise ConfigError(f"--steps needs a sampler: {args.target} returned (model, example_inputs) only")
+    report = diff(model, inputs, plan=args.plan, threshold=args.threshold, numerics=not args.no_numerics,
+                  sampler=sampler if args.steps else None)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     print(report.render_text(width=80, color=color))
     if args.json:

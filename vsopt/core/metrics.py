@@ -67,3 +67,35 @@ def psnr(actual: torch.Tensor, expected: torch.Tensor, data_range: float | None 
     rng = float(e.max() - e.min()) if data_range is None else data_range
     mse = float(((a - e) ** 2).mean())
     return math.inf if mse == 0 else 10.0 * math.log10(rng * rng / mse)
+
+
+def ssim(actual: torch.Tensor, expected: torch.Tensor, data_range: float | None = None, window: int = 7,
+         sigma: float = 1.5) -> float:
+    """Mean structural similarity (Wang et al. 2004) over every 2-D image in the last two axes.
+
+    actual, expected: (..., H, W), e.g. a video (B, C, F, H, W): each (b, c, f) plane is compared
+    on its own with a Gaussian window (size `window`, clipped to the image, std `sigma`), in
+    float64; data_range defaults to expected's max - min. Returns the mean SSIM (1 = identical)."""
+    if actual.shape != expected.shape or actual.dim() < 2:
+        raise ValueError(f"ssim needs two tensors of the same shape (..., H, W), got {tuple(actual.shape)} "
+                         f"and {tuple(expected.shape)}")
+    a = actual.double().reshape(-1, 1, *actual.shape[-2:])
+    e = expected.double().reshape(-1, 1, *expected.shape[-2:])
+    rng = float(e.max() - e.min()) if data_range is None else data_range
+    rng = rng if rng > 0 else 1.0
+    size = min(window, a.shape[-1], a.shape[-2])
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-x * x / (2 * sigma * sigma))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :])[None, None]
+
+    def blur(t):
+        return torch.nn.functional.conv2d(t, kernel)
+
+    mu_a, mu_e = blur(a), blur(e)
+    var_a = blur(a * a) - mu_a ** 2
+    var_e = blur(e * e) - mu_e ** 2
+    cov = blur(a * e) - mu_a * mu_e
+    c1, c2 = (0.01 * rng) ** 2, (0.03 * rng) ** 2
+    s = ((2 * mu_a * mu_e + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_e ** 2 + c1) * (var_a + var_e + c2))
+    return float(s.mean())

@@ -3,13 +3,14 @@
 One pass per module (see infra.py for the contract). DEFAULT_PIPELINE is the order compile and
 export both run: find the attention sites, give them their video grid, rewrite each into
 torch.ops.vsopt.attention. Passes that lower plans are appended after rewrite_attention."""
-from . import detect_attention, infer_grid, rewrite_attention
+from . import detect_attention, infer_grid, lower_plan, rewrite_attention
 from .infra import PassContext, PassReport, PipelineReport, run_pipeline
 
 DEFAULT_PIPELINE = [
     detect_attention,
     infer_grid,
     rewrite_attention,
+    lower_plan,
 ]
 
 __all__ = ["DEFAULT_PIPELINE", "PassContext", "PassReport", "PipelineReport", "run_pipeline"]

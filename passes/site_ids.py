@@ -3,6 +3,7 @@
 Dynamo and torch.export spell module paths differently; both become "blocks.3.attn1":
     "L['self'].blocks[3].attn1"                                  (Dynamo)
     "L['self']._modules['blocks']._modules['3']._modules['attn1']" (Dynamo, inlined modules)
+    "L['self'].__dict__['_modules']['blocks'].3.attn1"             (Dynamo, torch 2.14)
     "L__self___blocks_3_attn1"  (a key, not a path: never used)
     "blocks.3.attn1"                                             (torch.export)
 """
@@ -13,12 +14,13 @@ import re
 import torch.fx
 
 _ROOT = re.compile(r"^L\[['\"][^'\"]*['\"]\]\.?|^self\.?")
-_MODULES = re.compile(r"\._modules\[['\"]([^'\"]*)['\"]\]|\[['\"]([^'\"]*)['\"]\]|\[(\d+)\]")
+_DICT_MODULES = re.compile(r"(?:^|\.)__dict__\[['\"]_modules['\"]\]")
+_MODULES = re.compile(r"(?:^|\.)_modules\[['\"]([^'\"]*)['\"]\]|\[['\"]([^'\"]*)['\"]\]|\[(\d+)\]")
 
 
 def normalize_module_path(path: str) -> str:
     """'L['self']._modules['blocks']._modules['3'].attn1' -> 'blocks.3.attn1'."""
-    path = _ROOT.sub("", path)
+    path = _DICT_MODULES.sub("._modules", _ROOT.sub("", path))
     path = _MODULES.sub(lambda m: "." + (m.group(1) or m.group(2) or m.group(3)), path)
     return path.strip(".").replace("..", ".")
 

@@ -79,7 +79,7 @@ def test_site_plan_checks():
         SitePlan.for_site(s, HeadPlan(), steps=[StepPlan(0, 4, [HeadPlan()] * 3), StepPlan(3, None, [HeadPlan()] * 3)])
     with pytest.raises(ValueError, match="mask has shape"):
         SitePlan.for_site(s, HeadPlan(Sparsity.MASK, mask=torch.ones(3, 3, dtype=torch.bool)))
-    with pytest.raises(ValueError, match="pattern heads need a grid"):
+    with pytest.raises(ValueError, match="pattern heads and token orders need self-attention"):
         SitePlan.for_site(site(grid=None, n=62), HeadPlan(Sparsity.PATTERN, pattern=LocalWindow()))
     sp = SitePlan.for_site(s, HeadPlan(), steps=[StepPlan(2, 4, [HeadPlan(Sparsity.SKIP)] * 3)])
     assert sp.heads_at(None) == sp.heads_at(1) == sp.heads_at(4) == (HeadPlan(),) * 3

@@ -211,9 +211,11 @@ class SitePlan:
         for h in self.all_heads():
             if h.mask is not None:
                 h.block_mask(self.q_len, self.kv_len, self.grid)  # checks the mask shape
-            if h.sparsity is Sparsity.PATTERN and (self.grid is None or self.grid.num_tokens != self.q_len):
-                raise ValueError(f"site {self.site_id!r}: pattern heads need a grid of q_len={self.q_len} tokens, "
-                                 f"got {self.grid}")
+            needs_grid = h.sparsity is Sparsity.PATTERN or h.order is not TokenOrder.FHW
+            if needs_grid and (self.grid is None or self.grid.num_tokens != self.q_len or self.q_len != self.kv_len):
+                raise ValueError(f"site {self.site_id!r}: pattern heads and token orders need self-attention with "
+                                 f"a grid of q_len tokens; got grid {self.grid}, q_len {self.q_len}, "
+                                 f"kv_len {self.kv_len}")
 
     def heads_at(self, step: int | None = None) -> tuple[HeadPlan, ...]:
         """The head plans for a denoising step (None: the default, step-independent ones)."""

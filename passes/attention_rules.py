@@ -98,6 +98,12 @@ def _normalize(node: torch.fx.Node) -> dict[str, Any]:
     return out
 
 
+def users(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """node's users, without torch.export's aten._assert_tensor_metadata checks (they read a
+    value's metadata but do not consume it; the rewrite erases them with the node)."""
+    return [u for u in node.users if u.target is not aten._assert_tensor_metadata.default]
+
+
 def _dtype(node: torch.fx.Node) -> torch.dtype:
     return node.meta["val"].dtype
 
@@ -144,9 +150,8 @@ class SdpaRule:
             return fail(f"attention dropout p={a['dropout_p']} is active (training); only p=0 is exact")
         output = node
         if self.returns_tuple:
-            users = list(node.users)
-            outs = [u for u in users if u.target is operator.getitem and u.args[1] == 0]
-            if len(outs) != 1 or len(users) != 1:
+            outs = [u for u in users(node) if u.target is operator.getitem and u.args[1] == 0]
+            if len(outs) != 1 or len(users(node)) != 1:
                 return fail("the SDPA op's auxiliary outputs (logsumexp, rng state) are used")
             output = outs[0]
         try:
@@ -366,18 +371,18 @@ class SoftmaxAttentionRule:
         oq, ok_, spec_out, score_kind, extra = got
         axes = [(oq.axes if side == "a" else ok_.axes)[i] for side, i in spec_out]
         for n in path:
-            if len(n.users) != 1:
+            if len(users(n)) != 1:
                 return fail(f"the attention scores ({n.name}) are also used outside the attention")
         if any(a.is_broadcast for a in oq.batch):
             return fail("q is broadcast over a batch axis")
         # ---- scores: scale and mask between the matmul and the softmax
         scale = oq.traced.scale * ok_.traced.scale
-        masks = []  # (node, kind, axes at that point, scale applied before it)
-        if extra is not None:
+        masks = []  # (node, kind, axes at that point, scale applied before it, factor on the mask)
+        if extra is not None:  # baddbmm: beta * bias + alpha * (q @ k^T)
             bias, beta, alpha = extra
-            if beta != 0:
-                masks.append((bias, "add", axes, 1.0 / beta if beta != 1 else 1.0))
             scale *= alpha
+            if beta != 0:
+                masks.append((bias, "add", axes, scale, beta))
         try:
             for n in path[1:]:
                 f = scalar_factor(n)
@@ -390,11 +395,11 @@ class SoftmaxAttentionRule:
                     other = n.args[1] if n.args[0] is prev else n.args[0]
                     if not isinstance(other, torch.fx.Node):
                         return fail(f"{n.name} adds a constant to the scores")
-                    masks.append((other, "add", axes, scale))
+                    masks.append((other, "add", axes, scale, 1.0))
                 elif n.target is aten.masked_fill.Scalar:
-                    masks.append(((n.args[1], float(n.args[2])), "fill_where_true", axes, scale))
+                    masks.append(((n.args[1], float(n.args[2])), "fill_where_true", axes, scale, 1.0))
                 elif n.target is aten.where.ScalarOther:
-                    masks.append(((n.args[0], float(n.args[2])), "fill_where_false", axes, scale))
+                    masks.append(((n.args[0], float(n.args[2])), "fill_where_false", axes, scale, 1.0))
         except TraceError as e:
             return fail(f"cannot follow the scores: {e}")
         if len(masks) > 1:
@@ -409,14 +414,14 @@ class SoftmaxAttentionRule:
         # ---- probabilities: softmax -> (cast, no-op dropout, layout) -> second matmul
         x, p_axes, probs_path = sm, axes, [sm]
         while True:
-            if len(x.users) != 1:
+            if len(users(x)) != 1:
                 return fail(f"the attention probabilities ({x.name}) are also used outside the attention")
-            (u,) = x.users
+            (u,) = users(x)
             if u.op != "call_function":
                 return fail("softmax output is not multiplied with v")
             if u.target is aten.native_dropout.default and _is_noop_dropout(u):
-                outs = [g for g in u.users if g.target is operator.getitem and g.args[1] == 0]
-                if len(u.users) != 1 or len(outs) != 1:
+                outs = [g for g in users(u) if g.target is operator.getitem and g.args[1] == 0]
+                if len(users(u)) != 1 or len(outs) != 1:
                     return fail("the dropout mask is used")
                 probs_path += [u]
                 x = outs[0]
@@ -508,7 +513,9 @@ class SoftmaxAttentionRule:
                        pass_name=PASS_NAME, replaces=tuple(n.name for n in path + probs_path + [pv]), meta_from=sm)
             return _emit_output(graph, out, [bq, hq, oq.token, ov.feature], out_axes, pv, sm)
 
-        m = Match(rule=f"{self.name}_{score_kind}", anchor=sm, output=pv, layout=layout, batch=B, heads=H,
+        # one rule name whatever the matmul spelling: torch.compile's graphs lower matmul and einsum
+        # to bmm while torch.export's keep them, and a site must read the same in both
+        m = Match(rule=self.name, anchor=sm, output=pv, layout=layout, batch=B, heads=H,
                   kv_heads=hk, head_dim=D, value_dim=Dv, q_len=Nq, kv_len=Nk, dtype=oq.traced.source.meta["val"].dtype, scale=scale, has_mask=mask is not None, is_causal=False,
                   nodes=tuple(n.name for n in path + probs_path + [pv]),
                   q_token_source=_token_axes(oq), build=build)
@@ -538,7 +545,7 @@ def _emit_mask(graph, mask, scale_total: float, groups: list[list[Atom]], anchor
     """The mask as a tensor broadcastable to (B, H, Nq, Nk): boolean (True = keep) for -inf fills,
     else additive, multiplied by any scale applied after it."""
     em = lambda target, *args: emit(graph, target, args, pass_name=PASS_NAME, meta_from=anchor)  # noqa: E731
-    node, kind, axes, scale_before = mask
+    node, kind, axes, scale_before, factor = mask
     if kind == "add":
         m = node
     else:
@@ -553,7 +560,8 @@ def _emit_mask(graph, mask, scale_total: float, groups: list[list[Atom]], anchor
             m = em(aten.mul.Tensor, as_float, value)
             kind = "add"
     if kind == "add" and m.meta["val"].dtype != torch.bool:
-        after = scale_total / scale_before if scale_before else 1.0
+        # the model scaled the mask by `factor` and by every scale applied after it was added
+        after = factor * (scale_total / scale_before if scale_before else 1.0)
         if after != 1.0:
             m = em(aten.mul.Tensor, m, after)
     # lay the mask's axes over the score axes (right-aligned broadcasting), atom by atom

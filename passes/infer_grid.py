@@ -31,10 +31,16 @@ from .layout_trace import TraceError, shape_of
 NAME = "infer_grid"
 aten = torch.ops.aten
 MAX_VISITED = 20000  # bound on the backward search per site
+# torch.compile's graphs have aten.convolution; torch.export's keep aten.conv2d / conv3d
+CONV_OPS = {aten.convolution.default, aten.conv2d.default, aten.conv3d.default, aten.conv2d.padding,
+            aten.conv3d.padding}
 
 
 def _inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
-    return [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+    def is_tensor(v) -> bool:  # a tensor, or a tuple of them (unbind, split)
+        return isinstance(v, torch.Tensor) or (isinstance(v, (list, tuple)) and any(is_tensor(x) for x in v))
+
+    return [a for a in node.all_input_nodes if is_tensor(a.meta.get("val"))]
 
 
 def infer(source: torch.fx.Node, batch: int, q_len: int) -> TokenGrid | None:
@@ -43,7 +49,7 @@ def infer(source: torch.fx.Node, batch: int, q_len: int) -> TokenGrid | None:
     todo = deque([source])
     while todo and len(parent) < MAX_VISITED:
         n = todo.popleft()
-        if n.op == "call_function" and n.target is aten.convolution.default:
+        if n.op == "call_function" and n.target in CONV_OPS:
             grid = _grid_from_conv(n, parent, batch, q_len)
             if grid is not None:
                 return grid

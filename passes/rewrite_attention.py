@@ -41,6 +41,9 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
     # DCE keeps ops it considers impure (e.g. SDPA, tagged nondeterministic_seeded); the
     # replaced nodes are dead by construction, so erase those explicitly.
     for m in ctx.scratch.get(MATCHES, {}).values():
+        for node in list(graph.nodes):  # export's metadata asserts on replaced nodes go with them
+            if node.target is torch.ops.aten._assert_tensor_metadata.default and node.args[0].name in m.nodes:
+                graph.erase_node(node)
         for node in reversed(list(graph.nodes)):
             if node.name in m.nodes and not node.users:
                 graph.erase_node(node)

@@ -1,0 +1,39 @@
+"""Shared test helpers (kept light: no models are built here)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def max_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want|, in float64."""
+    got, want = got.double(), want.double()
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+def op_names(gm: torch.fx.GraphModule) -> list[str]:
+    """The targets of gm's call_function nodes, as strings like 'aten.bmm.default'."""
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+
+
+@pytest.fixture
+def compile_rewrite():
+    """compile_rewrite(model, *inputs, options=None) -> (output, [(gm, report)] per graph): runs
+    torch.compile with a backend that applies vsopt's passes to Dynamo's graph and then runs the
+    rewritten ATen graph as it is (no Inductor: fast, and it checks exactly what the passes did)."""
+    from vsopt.backend import trace_and_rewrite
+    from vsopt.core.config import VsoptConfig
+
+    def run(model, *inputs, options=None):
+        graphs = []
+
+        def backend(gm, example_inputs):
+            out_gm, report = trace_and_rewrite(gm, example_inputs, VsoptConfig.from_options(options))
+            graphs.append((out_gm, report))
+            return out_gm
+
+        torch._dynamo.reset()
+        out = torch.compile(model, backend=backend, fullgraph=True)(*inputs)
+        return out, graphs
+
+    return run

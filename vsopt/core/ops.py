@@ -73,26 +73,26 @@ def permute_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """Reorder tokens per head: y[:, h, i] = x[:, h, perm[h, i]]. x: (B, H, N, D); perm: (H or 1, N)
     int64, each row a permutation of range(N)."""
     _check_perm(x, perm, "permute_tokens")
-    return torch.gather(x, 2, _gather_index(x, perm))
+    return torch.gather(x, 2, _gather_index(x, perm)).contiguous()
 
 
 @permute_tokens.register_fake
 def _(x, perm):
     _check_perm(x, perm, "permute_tokens")
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous, like the real output (x may be a strided view)
 
 
 @torch.library.custom_op("vsopt::unpermute_tokens", mutates_args=())
 def unpermute_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """Undo permute_tokens with the same perm: y[:, h, perm[h, i]] = x[:, h, i]."""
     _check_perm(x, perm, "unpermute_tokens")
-    return torch.empty_like(x).scatter_(2, _gather_index(x, perm), x)
+    return x.new_empty(x.shape).scatter_(2, _gather_index(x, perm), x)
 
 
 @unpermute_tokens.register_fake
 def _(x, perm):
     _check_perm(x, perm, "unpermute_tokens")
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 # ---- block-sparse and quantized ops (kernels)
@@ -104,10 +104,23 @@ import contextlib  # noqa: E402
 import logging  # noqa: E402
 
 from vsopt.kernels import errors as _kernel_errors  # noqa: E402
-from vsopt.kernels.block_mask import launch as _mask_launch  # noqa: E402
 from vsopt.kernels.block_mask import reference as _mask_ref  # noqa: E402
-from vsopt.kernels.block_sparse import launch as _bsa_launch  # noqa: E402
+from vsopt.kernels.block_sparse import inputs as _bsa_inputs  # noqa: E402
 from vsopt.kernels.block_sparse import reference as _bsa_ref  # noqa: E402
+
+# The launchers (and the @triton.jit code under them) are imported on first CUDA use only: Triton
+# decides at decoration time whether a kernel is interpreted, so importing vsopt.core must not
+# decorate them before a test has set TRITON_INTERPRET.
+
+
+def _bsa_launch():
+    from vsopt.kernels.block_sparse import launch
+    return launch
+
+
+def _mask_launch():
+    from vsopt.kernels.block_mask import launch
+    return launch
 
 _log = logging.getLogger("vsopt.kernels")
 #: Why a CUDA call ran the reference instead of the Triton kernel (each reason is logged once).
@@ -126,8 +139,8 @@ def _as_vsopt_errors():
 def _bsa_fallback_reason(q: torch.Tensor) -> str | None:
     if q.device.type != "cuda":
         return f"device {q.device.type}"
-    if q.shape[-1] not in _bsa_launch.GPU_HEAD_DIMS:
-        return f"head_dim {q.shape[-1]} not in {_bsa_launch.GPU_HEAD_DIMS}"
+    if q.shape[-1] not in _bsa_inputs.GPU_HEAD_DIMS:
+        return f"head_dim {q.shape[-1]} not in {_bsa_inputs.GPU_HEAD_DIMS}"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {q.dtype} (the kernel takes float16/bfloat16)"
     return None
@@ -135,10 +148,10 @@ def _bsa_fallback_reason(q: torch.Tensor) -> str | None:
 
 def _run_block_sparse(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant, with_lse):
     with _as_vsopt_errors():
-        _bsa_launch.check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, quant)
+        _bsa_inputs.check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, quant)
         reason = _bsa_fallback_reason(q)
         if reason is None:
-            return _bsa_launch.block_sparse_attention(q, k, v, kv_indices, kv_counts, scale, block_m, block_n,
+            return _bsa_launch().block_sparse_attention(q, k, v, kv_indices, kv_counts, scale, block_m, block_n,
                                                       quant, with_lse)
         if q.device.type == "cuda" and reason not in KERNEL_FALLBACKS:
             KERNEL_FALLBACKS.add(reason)
@@ -148,7 +161,7 @@ def _run_block_sparse(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, q
 
 def _bsa_fake(q, k, v, kv_indices, kv_counts, block_m, block_n, quant):
     with _as_vsopt_errors():
-        _bsa_launch.check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, quant)
+        _bsa_inputs.check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, quant)
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -193,7 +206,7 @@ def mask_to_table(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     the True columns of each row, ascending, then zeros."""
     with _as_vsopt_errors():
         if mask.device.type == "cuda":
-            return _mask_launch.mask_to_table(mask)
+            return _mask_launch().mask_to_table(mask)
         if mask.dim() != 4 or mask.dtype != torch.bool:
             raise KernelInputError(f"mask_to_table: mask must be bool (Bt, H, QB, KB), got {mask.dtype} "
                                    f"{tuple(mask.shape)}")
@@ -222,7 +235,7 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block_m: int, b
     _check_scores_inputs(q, k, block_m, block_n)
     with _as_vsopt_errors():
         if q.device.type == "cuda":
-            return _mask_launch.block_scores(q, k, scale, block_m, block_n)
+            return _mask_launch().block_scores(q, k, scale, block_m, block_n)
         return _mask_ref.block_scores(q, k, scale, block_m, block_n)
 
 
@@ -238,7 +251,7 @@ def topk_block_mask(scores: torch.Tensor, k: int, block_m: int, block_n: int) ->
     """Dynamic mask, bool (B, H, QB, KB): the k highest-scoring key blocks of each row plus the
     diagonal block (key block of the row's first token), so a row has k or k + 1 blocks."""
     with _as_vsopt_errors():
-        return _mask_launch.topk_block_mask(scores, k, block_m, block_n)
+        return _mask_launch().topk_block_mask(scores, k, block_m, block_n)
 
 
 @topk_block_mask.register_fake
@@ -251,7 +264,7 @@ def mass_block_mask(scores: torch.Tensor, mass: float, block_m: int, block_n: in
     """Dynamic mask, bool (B, H, QB, KB): per row the fewest highest-scoring key blocks whose
     scores sum to at least `mass` of the row's total, plus the diagonal block."""
     with _as_vsopt_errors():
-        return _mask_launch.mass_block_mask(scores, mass, block_m, block_n)
+        return _mask_launch().mass_block_mask(scores, mass, block_m, block_n)
 
 
 @mass_block_mask.register_fake

@@ -385,3 +385,27 @@ def test_detected_site_declined_later_and_candidate_sharing_an_id(case):
     assert [e.site_id for e in report.entries] == ["blocks.0", "blocks.0@linear_1", "blocks.1", "blocks.2", "blocks.3"]
     text = render_text(report)
     assert "blocks.0@linear_1" in text and "the plan has no entry for this site" in text
+
+
+def test_second_pass_replacing_a_created_node_stays_linked_to_the_site(case):
+    """A later pass that replaces the vsopt.attention an earlier pass created names only that
+    vanished node in its provenance: the region still pairs it with the original ops."""
+    before, _, _, _, inputs = case
+    model, _ = make_model()
+    after = export_graph(model, inputs)
+    sites, skipped = hand_rewrite(after)
+    old = next(n for n in after.graph.nodes if n.name == "attention_default_1")
+    with after.graph.inserting_before(old):
+        new = after.graph.call_function(torch.ops.vsopt.attention.default, old.args)
+    new.meta.update({"vsopt_from": ("lower_plan", (old.name,)), "vsopt_site": "blocks.1", "val": old.meta["val"]})
+    old.replace_all_uses_with(new)
+    after.graph.erase_node(old)
+    after.recompile()
+    report = build_report(before, after, sites, skipped, inputs=list(inputs),
+                          pass_order=["rewrite_attention", "lower_plan"])
+    region = report.entry("blocks.1").region
+    assert [n.name for n in region.before.nodes] == ["transpose_2", "matmul_2", "mul_1", "softmax_1", "matmul_3"]
+    assert [n.name for n in region.after.nodes] == [new.name]
+    assert region.passes == ["lower_plan"]
+    assert len(report.structure.regions) == 3
+    assert report.numerical.first_over_threshold is None

@@ -183,14 +183,15 @@ def _probe(site: AttentionSite, region: ChangeRegion, after: torch.fx.Graph) -> 
 def build_report(before: torch.fx.GraphModule, after: torch.fx.GraphModule, sites: Sequence[AttentionSite],
                  skipped: Sequence[SkippedSite], *, plan: Any = None, inputs: Sequence[Any] | None = None,
                  threshold: float = DEFAULT_THRESHOLD, sampler: Callable | None = None,
-                 model_name: str = "model") -> DiffReport:
+                 model_name: str = "model", pass_order: Sequence[str] = ()) -> DiffReport:
     """The report from the graphs before and after the passes and what the pipeline found.
 
     inputs: the graphs' flat inputs for the numerical view (None: structural view only).
-    sampler: see vsopt.debug_numeric.measure_trajectory (the view over sampling steps)."""
+    sampler: see vsopt.debug_numeric.measure_trajectory (the view over sampling steps).
+    pass_order: the names of the passes in the order they ran."""
     site_nodes = {s.site_id: (*s.nodes, s.output_node) for s in sites}
     anchors = {**{s.site_id: s.node for s in skipped}, **{s.site_id: s.output_node for s in sites}}
-    structure = diff_graphs(before.graph, after.graph, site_nodes, anchors)
+    structure = diff_graphs(before.graph, after.graph, site_nodes, anchors, pass_order)
     before_nodes = {n.name: n for n in before.graph.nodes}
     order = {name: i for i, name in enumerate(before_nodes)}
     skipped = list(skipped)
@@ -198,9 +199,12 @@ def build_report(before: torch.fx.GraphModule, after: torch.fx.GraphModule, site
     entries = []
     for site in sites:
         region = structure.region_for(site.site_id)
-        # a later pass may decline a detected site (no plan entry, unsupported shape...): same id and node
+        # A later pass may decline part of a detected site (no plan entry, a plan that does not fit):
+        # same id, anchored on one of the site's nodes or on a node the passes made. A skip with the
+        # same id on another node of the original graph is a different candidate.
         skip = next((k for k in skipped if k.site_id == site.site_id
-                     and (k.node == site.output_node or k.node in site.nodes)), None)
+                     and (k.node == site.output_node or k.node in site.nodes or k.node not in before_nodes)),
+                    None)
         if skip is not None:
             skipped.remove(skip)
         status = "rewritten" if region is not None else ("left alone" if skip else "unchanged")
@@ -258,7 +262,8 @@ def diff(model: torch.nn.Module, example_inputs: Sequence[Any], plan: Any = None
     after, pipeline = trace_and_rewrite(model, example_inputs, config)
     flat = _flat_inputs(after, example_inputs) if numerics else None
     return build_report(before, after, pipeline.sites, pipeline.skipped, plan=config.plan, inputs=flat,
-                        threshold=threshold, sampler=sampler, model_name=type(model).__name__)
+                        threshold=threshold, sampler=sampler, model_name=type(model).__name__,
+                        pass_order=[p.name for p in pipeline.passes])
 
 
 def _flat_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> list[Any]:

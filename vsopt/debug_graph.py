@@ -109,7 +109,7 @@ class ChangeRegion:
     """One connected change: what the before graph had and what replaced it."""
 
     site_id: str | None  # the attention site it belongs to (None: a change outside any site)
-    passes: list[str]  # names of the passes that created its nodes
+    passes: list[str]  # names of the passes that created its nodes, in pipeline order
     before: Subgraph
     after: Subgraph
 
@@ -186,13 +186,14 @@ def _subgraph(changed: Iterable[str], nodes: dict[str, torch.fx.Node], g: nx.DiG
 
 
 def diff_graphs(before: torch.fx.Graph, after: torch.fx.Graph, site_nodes: Mapping[str, Sequence[str]] | None = None,
-                anchors: Mapping[str, str] | None = None) -> StructuralDiff:
+                anchors: Mapping[str, str] | None = None, pass_order: Sequence[str] = ()) -> StructuralDiff:
     """Align `before` and `after` by provenance and group the changes into regions.
 
     site_nodes maps site_id -> names of the before-graph nodes that site matched (from the
     AttentionSites); it names regions whose created nodes carry no node.meta["vsopt_site"].
     anchors maps a label (a site) -> the before-graph node it sits on; each anchor on a kept node
     (a site left alone) appears in the timeline as ("anchor", label), splitting the unchanged run.
+    pass_order: the pipeline's pass names, to list each region's passes in the order they ran.
     """
     site_nodes = site_nodes or {}
     anchors = anchors or {}
@@ -222,6 +223,12 @@ def diff_graphs(before: torch.fx.Graph, after: torch.fx.Graph, site_nodes: Mappi
         for old in (prov[1] if prov else ()):
             if old in removed_set:
                 change.add_edge(("after", name), ("before", old))
+        # Provenance through the site: a node that replaced a node some earlier pass had created
+        # (lower_plan replacing vsopt.attention) names that vanished node, so the chain back to
+        # the original graph is kept by the site id instead.
+        for old in site_nodes.get(a_nodes[name].meta.get("vsopt_site"), ()):
+            if old in removed_set:
+                change.add_edge(("after", name), ("before", old))
 
     owner = {n: sid for sid, names in site_nodes.items() for n in names}
     regions: list[tuple[int, ChangeRegion]] = []
@@ -234,7 +241,8 @@ def diff_graphs(before: torch.fx.Graph, after: torch.fx.Graph, site_nodes: Mappi
             continue  # placeholders or outputs renamed by retracing: nothing a user changed
         site_ids = sorted({a_nodes[n].meta["vsopt_site"] for n in r_after if "vsopt_site" in a_nodes[n].meta}
                           | {owner[n] for n in r_before if n in owner})
-        passes = sorted({p[0] for n in r_after if (p := _provenance(a_nodes[n]))})
+        passes = sorted({p[0] for n in r_after if (p := _provenance(a_nodes[n]))},
+                        key=lambda p: (pass_order.index(p) if p in pass_order else len(pass_order), p))
         # Position in execution order: the first removed node, else the kept node just before the
         # first created one (mapped into the before graph).
         if compute_before:

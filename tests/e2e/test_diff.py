@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import vsopt
+import vsopt.backend
 from vsopt.backend import to_aten
 from vsopt.cli import main
 
@@ -111,3 +112,33 @@ def test_cli_rejects_bad_input_with_clear_errors(capsys):
     assert "MODULE:FACTORY" in capsys.readouterr().err
     assert main(["diff", "vsopt.debug_targets:wan_tiny", "--threshold", "-1"]) == 1
     assert "--threshold" in capsys.readouterr().err
+
+
+def test_plan_with_a_large_error_at_one_site_names_that_site_first():
+    """A plan that skips every head of blocks.1 (its output becomes zero): the report names
+    blocks.1 first; the sites outside the plan stay dense and say why."""
+    from vsopt.core.config import VsoptConfig
+    from vsopt.core.plan import HeadPlan, Plan, SitePlan, Sparsity
+
+    torch.manual_seed(0)
+    model, inputs = SdpaModel().eval(), (torch.randn(1, 40, 16),)
+    _, found = vsopt.backend.trace_and_rewrite(model, inputs, VsoptConfig(rewrite=False))
+    site = {s.site_id: s for s in found.sites}["blocks.1"]
+    plan = Plan({"blocks.1": SitePlan.for_site(site, HeadPlan(sparsity=Sparsity.SKIP, block_m=16, block_n=16))})
+    report = vsopt.diff(model, inputs, plan=plan)
+    num = report.numerical
+    assert num.first_over_threshold == "blocks.1" and num.ranking[0] == "blocks.1"
+    errors = {s.site_id: s for s in num.sites}
+    assert errors["blocks.1"].isolated.rel_l2 == pytest.approx(1.0)  # a skipped head outputs zeros
+    assert errors["blocks.0"].accumulated.rel_l2 < 1e-6 and errors["blocks.2"].isolated.rel_l2 < 1e-6
+    assert errors["blocks.2"].accumulated.rel_l2 > 1e-3  # blocks.2 inherits blocks.1's error
+    e1 = report.entry("blocks.1")
+    assert [n.op for n in e1.region.before.nodes] == ["scaled_dot_product_attention"]
+    assert "vsopt.block_sparse_attention" in [n.op for n in e1.region.after.nodes]
+    assert [h["sparsity"] for h in e1.plan_heads] == ["skip", "skip"] and e1.plan_heads[0]["density"] == 0.0
+    for other in ("blocks.0", "blocks.2"):  # kept dense, with lower_plan's reason
+        e = report.entry(other)
+        assert e.status == "rewritten" and "plan" in e.reason
+        assert [n.op for n in e.region.after.nodes][0] == "vsopt.attention"
+    text = report.render_text()
+    assert "first site over threshold: blocks.1" in text and report.entry("blocks.0").reason in text

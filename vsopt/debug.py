@@ -18,7 +18,6 @@ Renderers: vsopt.debug_text (terminal) and vsopt.debug_html (the page).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import os
@@ -295,19 +294,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_factory(target: str) -> tuple[torch.nn.Module, tuple[Any, ...], Callable | None]:
-    """Call MODULE:FACTORY; it must return (model, example_inputs) or (model, example_inputs,
-    sampler). Returns (model, example_inputs, sampler or None)."""
-    module_name, sep, attr = target.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"expected MODULE:FACTORY (e.g. mypkg.models:make_model), got {target!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        raise ConfigError(f"cannot import {module_name!r}: {e}") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ConfigError(f"{module_name!r} has no callable {attr!r}")
-    made = factory()
+    """Call MODULE:FACTORY (or path/to/file.py:FACTORY, as `vsopt inspect` takes it); it must return
+    (model, example_inputs) or (model, example_inputs, sampler). Returns (model, example_inputs,
+    sampler or None)."""
+    from vsopt.inspect import load_factory as resolve
+
+    made = resolve(target)()
     if not (isinstance(made, tuple) and len(made) in (2, 3) and isinstance(made[0], torch.nn.Module)
             and (len(made) == 2 or made[2] is None or callable(made[2]))):
         raise ConfigError(f"{target} must return (model, example_inputs) or (model, example_inputs, sampler), "

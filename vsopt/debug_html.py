@@ -62,7 +62,7 @@ section.site.selected h2{color:#0d47a1}
 .status.rewritten{background:var(--ok)}.status.alone{background:var(--warn)}
 .reason{background:#fff3e0;border-left:3px solid var(--warn);padding:6px 10px}
 code,.mono{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12.5px}
-.graphs{display:flex;flex-wrap:wrap;gap:16px}.graphs figure{margin:0;border:1px solid var(--line);
+.graphs{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}.graphs figure{margin:0;border:1px solid var(--line);
 border-radius:6px;padding:6px;background:#fff;overflow:auto;max-width:100%}
 figcaption{font-weight:600;font-size:13px;margin-bottom:4px}
 table{border-collapse:collapse;margin:6px 0;font-variant-numeric:tabular-nums}
@@ -128,7 +128,7 @@ _ONERROR = """window.onerror = function(msg, src, line){
 _DEFS = ('<svg width="0" height="0" style="position:absolute" aria-hidden="true"><defs><marker id="arrow" '
          'viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" orient="auto-start-reverse">'
          '<path d="M0,0 L10,5 L0,10 z" fill="#888"/></marker></defs></svg>')
-_BOX_W, _BOX_H, _GAP_X, _GAP_Y = 118, 34, 12, 26
+_BOX_W, _BOX_H, _GAP_X, _GAP_Y = 144, 34, 12, 26
 
 
 def draw_subgraph(sub: Subgraph, title: str) -> str:
@@ -157,7 +157,7 @@ def draw_subgraph(sub: Subgraph, title: str) -> str:
         tip = f"{node.name}: {node.op}" + (f" [{node.shape}]" if node.shape else "")
         if node.source:
             tip += f"\n{node.source.file}:{node.source.line}\n{node.source.code}"
-        label = node.op if len(node.op) <= 17 else node.op[:16] + "…"
+        label = node.op if len(node.op) <= 22 else node.op[:21] + "…"
         parts.append(f'<g class="node{" changed" if changed else ""}"><title>{_e(tip)}</title>'
                      f'<rect x="{x}" y="{y}" width="{_BOX_W}" height="{_BOX_H}" rx="6" fill="{fill}" '
                      f'stroke="{stroke}"{dash}/>'
@@ -177,7 +177,8 @@ def draw_error_plot(report: "DiffReport", anchors: dict[str, str]) -> str:
     if not sites:
         return "<p>No rewritten site to plot.</p>"
     values = [v for s in sites for v in (s.isolated.rel_l2, s.accumulated.rel_l2) if v > 0] + [num.threshold]
-    lo = 10 ** math.floor(math.log10(max(min(values), 1e-12)))
+    # the threshold sits well inside the plot; exact (zero) errors rest on the bottom line
+    lo = 10 ** math.floor(math.log10(max(min(min(values), num.threshold * 1e-3), 1e-12)))
     hi = 10 ** math.ceil(math.log10(max(values) * 1.01))
     left, top, plot_h, step = 60, 16, 200, max(28, min(60, 900 // len(sites)))
     width = left + step * len(sites) + 20

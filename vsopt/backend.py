@@ -18,6 +18,7 @@ An attention before and after (timm, fused_attn=False; ATen, one head group show
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -38,6 +39,15 @@ def _is_dynamo_graph(gm: Any) -> bool:
     return bool(placeholders) and all("example_value" in n.meta for n in placeholders)
 
 
+def _is_aten_graph(gm: Any) -> bool:
+    """A GraphModule whose calls are all ATen/custom op overloads (with shape metadata)."""
+    if not isinstance(gm, torch.fx.GraphModule) or _is_dynamo_graph(gm):
+        return False
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    return all((isinstance(n.target, torch._ops.OpOverload) or n.target is operator.getitem) and "val" in n.meta
+               for n in calls)
+
+
 def to_aten(model_or_gm: torch.nn.Module, example_inputs: Sequence[Any]) -> torch.fx.GraphModule:
     """An ATen-level FX graph of the model, with nn_module_stack, stack_trace and meta["val"] on
     its nodes.
@@ -46,14 +56,19 @@ def to_aten(model_or_gm: torch.nn.Module, example_inputs: Sequence[Any]) -> torc
       through an fx.Interpreter under preserve_node_meta so node metadata survives. The result
       takes the same inputs as the Dynamo graph (parameters lifted as inputs), and the ATen ops
       are post-dispatch (SDPA appears as e.g. _scaled_dot_product_flash_attention_for_cpu).
+    - An ExportedProgram: its module() (the export path runs the same passes on it).
     - Any other module: torch.export (non-strict) and ExportedProgram.module(); the result takes
       the model's own (flattened) inputs, parameters are attributes, and ops are export's
       training IR (aten.scaled_dot_product_attention, aten.matmul, aten.einsum kept whole).
     """
-    if not isinstance(model_or_gm, torch.nn.Module):
+    if isinstance(model_or_gm, torch.export.ExportedProgram):  # already exported: use its graph
+        model_or_gm = model_or_gm.module()
+    elif not isinstance(model_or_gm, torch.nn.Module):
         raise ConfigError(f"to_aten expects an nn.Module or GraphModule, got {type(model_or_gm).__name__}")
     example_inputs = tuple(example_inputs)
-    if _is_dynamo_graph(model_or_gm):
+    if _is_aten_graph(model_or_gm):
+        aten_gm = model_or_gm  # an ATen graph already (e.g. from ExportedProgram.module())
+    elif _is_dynamo_graph(model_or_gm):
         gm = model_or_gm
         fake_mode = detect_fake_mode(example_inputs)
         fake_inputs = [n.meta["example_value"] for n in gm.graph.nodes if n.op == "placeholder"]

@@ -1,8 +1,9 @@
 """Launchers of the block-mask helpers (shapes and math in reference.py).
 
 mask_to_table and pool_blocks run Triton kernels; block_scores multiplies the pooled blocks with
-one batched matmul and a softmax (QB x KB per head: small); the top-k and mass masks are a few
-torch ops on the scores, on whatever device they live (no Triton needed for a sort of KB values).
+one batched matmul and a softmax (QB x KB per head: small). The top-k and mass masks need no
+kernel of their own (a sort of KB values per row): reference.topk_block_mask / mass_block_mask
+run as they are on the GPU.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import triton
 
 from ..errors import check
 from . import kernel
-from . import reference
 
 
 def mask_to_table(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,17 +54,3 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block_m: int, b
     if group > 1:
         kp = kp.repeat_interleave(group, dim=1)
     return torch.softmax(torch.matmul(qp, kp.transpose(-1, -2)) * scale, dim=-1)
-
-
-def topk_block_mask(scores: torch.Tensor, k: int, block_m: int, block_n: int) -> torch.Tensor:
-    """bool mask keeping the k best key blocks of each row, and the diagonal block."""
-    check(scores.dim() == 4 and k >= 1, f"topk_block_mask: scores (B, H, QB, KB) and k >= 1 expected, got "
-          f"{tuple(scores.shape)}, k={k}")
-    return reference.topk_block_mask(scores, k, block_m, block_n)
-
-
-def mass_block_mask(scores: torch.Tensor, mass: float, block_m: int, block_n: int) -> torch.Tensor:
-    """bool mask keeping the fewest best key blocks of each row that hold `mass` of its score."""
-    check(scores.dim() == 4 and 0.0 < mass <= 1.0, f"mass_block_mask: scores (B, H, QB, KB) and 0 < mass <= 1 "
-          f"expected, got {tuple(scores.shape)}, mass={mass}")
-    return reference.mass_block_mask(scores, mass, block_m, block_n)

@@ -16,18 +16,18 @@ kernel tile divides the table block (a 128x128 table block can run as 128x64 til
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 
 from ..errors import check
+from ..runtime import interpreting
 from ..quant import launch as quant_launch
-from ..quant.reference import QUANT_MODES, pv_is_fp8
+from ..quant.reference import pv_is_fp8
 from . import kernel
+from .inputs import check_inputs
 
 QUANT_CODE = {"none": 0, "int8": 1, "fp8": 2, "int8_fp8": 3}
-GPU_HEAD_DIMS = (64, 128)
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages), best guesses first. The pruner keeps those that fit the
 # table block; the interpreter (CPU tests) runs only the first that fits.
@@ -35,7 +35,6 @@ _CONFIGS = [
     (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 4), (128, 64, 8, 4), (64, 64, 4, 3),
     (128, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 2, 2), (16, 16, 2, 1),
 ]
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _prune(configs, named_args, **kwargs):
@@ -48,7 +47,7 @@ def _prune(configs, named_args, **kwargs):
         fits = [c for c in fits if not (c.kwargs["BLOCK_N"] == 32 and c.kwargs["BLOCK_M"] == 128)]
     if not fits:  # tiny table blocks: the table block itself
         fits = [triton.Config({"BLOCK_M": tm, "BLOCK_N": tn}, num_warps=4, num_stages=2)]
-    return fits[:1] if _INTERPRET else fits[:4]
+    return fits[:1] if interpreting() else fits[:4]
 
 
 _tuned_kernel = triton.autotune(
@@ -56,35 +55,6 @@ _tuned_kernel = triton.autotune(
     key=["HEAD_DIM", "TABLE_BLOCK_M", "TABLE_BLOCK_N", "QUANT", "EVEN_N", "WRITE_LSE"],
     prune_configs_by={"early_config_prune": _prune},
 )(kernel._block_sparse_fwd_kernel)
-
-
-def check_inputs(q, k, v, kv_indices, kv_counts, block_m: int, block_n: int, quant: str) -> None:
-    """Shape / dtype / layout checks shared by the launcher, the reference path and the fake op."""
-    check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
-          f"block_sparse_attention: q, k, v must be (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}, "
-          f"{tuple(v.shape)}")
-    B, Hq, Nq, D = q.shape
-    check(k.shape == v.shape and k.shape[0] == B and k.shape[3] == D,
-          f"block_sparse_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must equal each other and match "
-          f"q {tuple(q.shape)} in batch and head_dim")
-    check(Hq % k.shape[1] == 0, f"block_sparse_attention: query heads {Hq} not a multiple of kv heads {k.shape[1]}")
-    check(q.dtype == k.dtype == v.dtype, f"block_sparse_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    check(quant in QUANT_MODES, f"block_sparse_attention: quant must be one of {QUANT_MODES}, got {quant!r}")
-    for name, blk in (("block_m", block_m), ("block_n", block_n)):
-        check(16 <= blk <= 256 and blk & (blk - 1) == 0,
-              f"block_sparse_attention: {name} must be a power of two in [16, 256], got {blk}")
-    QB = -(-Nq // block_m)
-    check(kv_indices.dim() == 4 and kv_counts.dim() == 3,
-          f"block_sparse_attention: kv_indices must be (Bt, H, QB, MAXK) and kv_counts (Bt, H, QB); got "
-          f"{tuple(kv_indices.shape)}, {tuple(kv_counts.shape)}")
-    check(kv_indices.dtype == torch.int32 and kv_counts.dtype == torch.int32,
-          f"block_sparse_attention: kv_indices and kv_counts must be int32, got {kv_indices.dtype}, {kv_counts.dtype}")
-    check(kv_indices.shape[:3] == kv_counts.shape and kv_counts.shape[0] in (1, B) and kv_counts.shape[1:] == (Hq, QB),
-          f"block_sparse_attention: for q {tuple(q.shape)} with block_m={block_m} the table must be "
-          f"(1 or {B}, {Hq}, {QB}, MAXK) with counts (1 or {B}, {Hq}, {QB}); got {tuple(kv_indices.shape)}, "
-          f"{tuple(kv_counts.shape)}")
-    check(q.device == k.device == v.device == kv_indices.device == kv_counts.device,
-          "block_sparse_attention: all inputs must be on one device")
 
 
 def work_order(kv_counts: torch.Tensor, batch: int) -> torch.Tensor:
@@ -95,9 +65,10 @@ def work_order(kv_counts: torch.Tensor, batch: int) -> torch.Tensor:
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor,
                            kv_counts: torch.Tensor, scale: float, block_m: int, block_n: int,
-                           quant: str = "none", with_lse: bool = False
+                           quant: str = "none", with_lse: bool = False, tile: tuple[int, int] | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the Triton kernel (see the module docstring for shapes)."""
+    """Run the Triton kernel (see the module docstring for shapes). tile=(BLOCK_M, BLOCK_N) skips
+    autotuning and runs that kernel tile (it must divide the table block): for tests and sweeps."""
     check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, quant)
     check(q.dtype in (torch.float16, torch.bfloat16, torch.float32),
           f"block_sparse_attention: dtype must be float16, bfloat16 or float32, got {q.dtype}")
@@ -107,7 +78,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
     check(q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1,
           "block_sparse_attention: the head dimension of q, k, v must be contiguous (stride 1)")
     check(scale > 0, f"block_sparse_attention: scale must be positive, got {scale}")
-    check(quant == "none" or q.dtype != torch.float32 or _INTERPRET or q.device.type == "cpu",
+    check(quant == "none" or q.dtype != torch.float32 or interpreting() or q.device.type == "cpu",
           "block_sparse_attention: quantized modes take float16/bfloat16 inputs")
     kv_indices, kv_counts = kv_indices.contiguous(), kv_counts.contiguous()
     QB, KB = triton.cdiv(Nq, block_m), triton.cdiv(Nk, block_n)
@@ -128,7 +99,14 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
     dummy = order
     Bt = kv_counts.shape[0]
     grid = lambda meta: (order.numel() * (block_m // meta["BLOCK_M"]),)  # noqa: E731
-    torch.library.wrap_triton(_tuned_kernel)[grid](
+    if tile is not None:
+        check(block_m % tile[0] == 0 and block_n % tile[1] == 0 and min(tile) >= 16,
+              f"block_sparse_attention: tile {tile} must divide the table block ({block_m}, {block_n})")
+        launch = torch.library.wrap_triton(kernel._block_sparse_fwd_kernel)
+        tile_args = {"BLOCK_M": tile[0], "BLOCK_N": tile[1], "num_warps": 4, "num_stages": 2}
+    else:
+        launch, tile_args = torch.library.wrap_triton(_tuned_kernel), {}
+    launch[grid](
         q, k, v, out, lse,
         q_scale if q_scale is not None else dummy, k_scale if k_scale is not None else dummy,
         v_scale if v_scale is not None else dummy,
@@ -141,6 +119,6 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
         kv_counts.stride(0) if Bt > 1 else 0, kv_counts.stride(1),
         Hq, Hq // Hkv, Nq, Nk, QB, KB, scale * math.log2(math.e),
         HEAD_DIM=D, TABLE_BLOCK_M=block_m, TABLE_BLOCK_N=block_n, QUANT=QUANT_CODE[quant],
-        WRITE_LSE=with_lse, EVEN_N=Nk % block_n == 0, ROUND_IN_FP32=quant_launch.INTERPRET,
+        WRITE_LSE=with_lse, EVEN_N=Nk % block_n == 0, ROUND_IN_FP32=interpreting(), **tile_args,
     )
     return out, (lse if with_lse else None)

@@ -10,17 +10,15 @@ quantize_blocks(x, block, fmt, channel_sum=None) -> (codes (B, H, N, D) int8 | f
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 import triton
 
 from ..errors import check
+from ..runtime import interpreting
 from . import kernel
 from .reference import MIN_AMAX, QMAX, pv_is_fp8, qk_format
 
-# The interpreter's fp8 cast mis-rounds (see kernel._to_fp8); under it the kernels round in fp32 first.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 CODE_DTYPE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 _STATS_ROWS = 1024   # tokens reduced by one statistics program before its atomics
 
@@ -60,7 +58,7 @@ def quantize_blocks(x: torch.Tensor, block: int, fmt: str, channel_sum: torch.Te
         x, channel_sum if channel_sum is not None else scale, codes, scale, H, N, nb, 1.0 / N,
         x.stride(0), x.stride(1), x.stride(2),
         BLOCK=block, HEAD_DIM=D, IS_FP8=fmt == "fp8", SMOOTH=channel_sum is not None, QMAX=QMAX[fmt],
-        MIN_AMAX=MIN_AMAX, ROUND_IN_FP32=INTERPRET,
+        MIN_AMAX=MIN_AMAX, ROUND_IN_FP32=interpreting(),
         num_warps=4 if block * D <= 8192 else 8)
     return codes, scale
 
@@ -77,7 +75,7 @@ def quantize_v_fp8(v: torch.Tensor, abs_max: torch.Tensor) -> tuple[torch.Tensor
     block_n = 64
     torch.library.wrap_triton(kernel._quantize_channels_fp8_kernel)[(triton.cdiv(N, block_n), B * H)](
         v, abs_max, scale, codes_t, H, N, n_pad, v.stride(0), v.stride(1), v.stride(2), BLOCK_N=block_n,
-        HEAD_DIM=D, MIN_AMAX=MIN_AMAX, ROUND_IN_FP32=INTERPRET, num_warps=4)
+        HEAD_DIM=D, MIN_AMAX=MIN_AMAX, ROUND_IN_FP32=interpreting(), num_warps=4)
     return codes_t, scale
 
 

@@ -250,8 +250,10 @@ def _(q, k, scale, block_m, block_n):
 def topk_block_mask(scores: torch.Tensor, k: int, block_m: int, block_n: int) -> torch.Tensor:
     """Dynamic mask, bool (B, H, QB, KB): the k highest-scoring key blocks of each row plus the
     diagonal block (key block of the row's first token), so a row has k or k + 1 blocks."""
-    with _as_vsopt_errors():
-        return _mask_launch().topk_block_mask(scores, k, block_m, block_n)
+    if scores.dim() != 4 or k < 1:
+        raise KernelInputError(f"topk_block_mask: scores (B, H, QB, KB) and k >= 1 expected, got "
+                               f"{tuple(scores.shape)}, k={k}")
+    return _mask_ref.topk_block_mask(scores, k, block_m, block_n)   # a topk and a scatter: torch on any device
 
 
 @topk_block_mask.register_fake
@@ -263,8 +265,10 @@ def _(scores, k, block_m, block_n):
 def mass_block_mask(scores: torch.Tensor, mass: float, block_m: int, block_n: int) -> torch.Tensor:
     """Dynamic mask, bool (B, H, QB, KB): per row the fewest highest-scoring key blocks whose
     scores sum to at least `mass` of the row's total, plus the diagonal block."""
-    with _as_vsopt_errors():
-        return _mask_launch().mass_block_mask(scores, mass, block_m, block_n)
+    if scores.dim() != 4 or not 0.0 < mass <= 1.0:
+        raise KernelInputError(f"mass_block_mask: scores (B, H, QB, KB) and 0 < mass <= 1 expected, got "
+                               f"{tuple(scores.shape)}, mass={mass}")
+    return _mask_ref.mass_block_mask(scores, mass, block_m, block_n)   # sort, cumsum, scatter: torch
 
 
 @mass_block_mask.register_fake

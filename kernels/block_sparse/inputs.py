@@ -1,0 +1,40 @@
+"""Input validation of block-sparse attention, shared by the launcher, the reference path and the
+fake (meta) implementation of the op; imports no Triton, so the CPU path never loads kernels."""
+from __future__ import annotations
+
+import torch
+
+from ..errors import check
+from ..quant.reference import QUANT_MODES
+
+#: head dims the GPU kernel is built and tuned for; others run the reference (recorded by the op).
+GPU_HEAD_DIMS = (64, 128)
+
+
+def check_inputs(q, k, v, kv_indices, kv_counts, block_m: int, block_n: int, quant: str) -> None:
+    """Shape / dtype / layout checks shared by the launcher, the reference path and the fake op."""
+    check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
+          f"block_sparse_attention: q, k, v must be (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}, "
+          f"{tuple(v.shape)}")
+    B, Hq, Nq, D = q.shape
+    check(k.shape == v.shape and k.shape[0] == B and k.shape[3] == D,
+          f"block_sparse_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must equal each other and match "
+          f"q {tuple(q.shape)} in batch and head_dim")
+    check(Hq % k.shape[1] == 0, f"block_sparse_attention: query heads {Hq} not a multiple of kv heads {k.shape[1]}")
+    check(q.dtype == k.dtype == v.dtype, f"block_sparse_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    check(quant in QUANT_MODES, f"block_sparse_attention: quant must be one of {QUANT_MODES}, got {quant!r}")
+    for name, blk in (("block_m", block_m), ("block_n", block_n)):
+        check(16 <= blk <= 256 and blk & (blk - 1) == 0,
+              f"block_sparse_attention: {name} must be a power of two in [16, 256], got {blk}")
+    QB = -(-Nq // block_m)
+    check(kv_indices.dim() == 4 and kv_counts.dim() == 3,
+          f"block_sparse_attention: kv_indices must be (Bt, H, QB, MAXK) and kv_counts (Bt, H, QB); got "
+          f"{tuple(kv_indices.shape)}, {tuple(kv_counts.shape)}")
+    check(kv_indices.dtype == torch.int32 and kv_counts.dtype == torch.int32,
+          f"block_sparse_attention: kv_indices and kv_counts must be int32, got {kv_indices.dtype}, {kv_counts.dtype}")
+    check(kv_indices.shape[:3] == kv_counts.shape and kv_counts.shape[0] in (1, B) and kv_counts.shape[1:] == (Hq, QB),
+          f"block_sparse_attention: for q {tuple(q.shape)} with block_m={block_m} the table must be "
+          f"(1 or {B}, {Hq}, {QB}, MAXK) with counts (1 or {B}, {Hq}, {QB}); got {tuple(kv_indices.shape)}, "
+          f"{tuple(kv_counts.shape)}")
+    check(q.device == k.device == v.device == kv_indices.device == kv_counts.device,
+          "block_sparse_attention: all inputs must be on one device")

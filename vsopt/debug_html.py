@@ -73,7 +73,7 @@ th:first-child,td:first-child{text-align:left}td.bad{color:var(--bad);font-weigh
 .callout{padding:8px 12px;border-radius:6px;margin:8px 0}
 .callout.bad{background:#ffebee;border-left:4px solid var(--bad)}
 .callout.ok{background:#e8f5e9;border-left:4px solid var(--ok)}
-svg text{font-family:system-ui,sans-serif}
+svg text{font-family:system-ui,sans-serif}.plot{overflow-x:auto}
 #js-errors{background:#ffebee;color:var(--bad);padding:8px;white-space:pre-wrap}
 """
 
@@ -362,7 +362,7 @@ def render_html(report: "DiffReport") -> str:
                        f'{_num(num.threshold)}' + (f", worst head {h}" if h is not None else "") + "</div>")
         else:
             callout = f'<div class="callout ok" id="first-over">No site over the threshold ({_num(num.threshold)}).</div>'
-        body.insert(0, f"<h2>Error per site</h2>{callout}{draw_error_plot(report, anchors)}")
+        body.insert(0, f"<h2>Error per site</h2>{callout}<div class=\"plot\">{draw_error_plot(report, anchors)}</div>")
     if report.steps:
         rows = "".join(f"<tr><td>{s.step}</td><td>{s.state.psnr:.2f}</td><td>{_num(s.state.rel_l2)}</td>"
                        f"<td>{_e(s.numerical.first_over_threshold or '-')}</td></tr>" for s in report.steps)

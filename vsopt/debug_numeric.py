@@ -140,13 +140,13 @@ class StepDiff:
 
 
 class _Tap(torch.fx.Interpreter):
-    """Runs a graph, keeping the value of each tapped node (node name -> site id); a site listed
-    in `substitute` has its value replaced before any user sees it."""
+    """Runs a graph, handing the value of each tapped node (node name -> site id) to `on_site`;
+    when that returns a tensor, it replaces the value before any user sees it."""
 
-    def __init__(self, gm: torch.fx.GraphModule, taps: dict[str, str], substitute: dict[str, torch.Tensor]):
+    def __init__(self, gm: torch.fx.GraphModule, taps: dict[str, str],
+                 on_site: Callable[[str, torch.Tensor], torch.Tensor | None]):
         super().__init__(gm, garbage_collect_values=True)
-        self.taps, self.substitute = taps, substitute
-        self.seen: dict[str, torch.Tensor] = {}
+        self.taps, self.on_site = taps, on_site
 
     def run_node(self, n: torch.fx.Node) -> Any:
         out = super().run_node(n)
@@ -154,25 +154,22 @@ class _Tap(torch.fx.Interpreter):
         if site is not None:
             if not isinstance(out, torch.Tensor):
                 raise VsoptError(f"site {site!r}: node {n.name!r} does not hold a tensor (got {type(out).__name__})")
-            self.seen[site] = out.detach()
-            if site in self.substitute:
-                exact = self.substitute[site]
-                if exact.shape != out.shape:
+            replacement = self.on_site(site, out.detach())
+            if replacement is not None:
+                if replacement.shape != out.shape:
                     raise VsoptError(f"site {site!r}: optimized output {tuple(out.shape)} does not match the dense "
-                                     f"output {tuple(exact.shape)}")
-                out = exact
+                                     f"output {tuple(replacement.shape)}")
+                out = replacement
         return out
 
 
 def _run(gm: torch.fx.GraphModule, taps: dict[str, str], args: Sequence[Any],
-         substitute: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], Any]:
+         on_site: Callable[[str, torch.Tensor], torch.Tensor | None]) -> Any:
     missing = sorted(set(taps) - {n.name for n in gm.graph.nodes})
     if missing:
         raise VsoptError(f"the graph has no node(s) {missing} to read site outputs from")
-    tap = _Tap(gm, taps, substitute or {})
     with torch.no_grad():
-        out = tap.run(*args)
-    return tap.seen, out
+        return _Tap(gm, taps, on_site).run(*args)
 
 
 def split_heads(t: torch.Tensor, heads: int, q_len: int, layout: Layout = Layout.BHND) -> list[torch.Tensor] | None:
@@ -210,27 +207,41 @@ def compare_outputs(actual: Any, expected: Any) -> OutputError:
     return OutputError(psnr(a, e), stats.rel_l2, stats.cosine, stats.max_abs)
 
 
-def _site_error(probe: SiteProbe, isolated: torch.Tensor, accumulated: torch.Tensor, dense: torch.Tensor) -> SiteError:
-    err = SiteError(probe.site_id, ErrorStats.between(isolated, dense), ErrorStats.between(accumulated, dense))
-    parts = [split_heads(t, probe.heads, probe.q_len, probe.layout) for t in (isolated, accumulated, dense)]
-    if all(p is not None for p in parts):
-        iso, acc, ref = parts
-        err.heads_isolated = [ErrorStats.between(a, e) for a, e in zip(iso, ref)]
-        err.heads_accumulated = [ErrorStats.between(a, e) for a, e in zip(acc, ref)]
-    return err
+def _errors(probe: SiteProbe, actual: torch.Tensor, dense: torch.Tensor) -> tuple[ErrorStats, list[ErrorStats]]:
+    """The whole-site error and the per-head errors ([] when the output does not split into heads)."""
+    whole = ErrorStats.between(actual, dense)
+    a, e = (split_heads(t, probe.heads, probe.q_len, probe.layout) for t in (actual, dense))
+    return whole, ([ErrorStats.between(x, y) for x, y in zip(a, e)] if a is not None and e is not None else [])
 
 
 def measure(before: torch.fx.GraphModule, after: torch.fx.GraphModule, probes: Sequence[SiteProbe],
             args: Sequence[Any], threshold: float = DEFAULT_THRESHOLD) -> tuple[NumericalDiff, Any]:
     """Run dense, isolated and accumulated on `args` (the graphs' flat inputs). Returns the diff and
-    the optimized graph's output (for a sampler to continue from)."""
+    the optimized graph's output (for a sampler to continue from). Memory: the dense output of
+    every site is kept until the end; optimized outputs are reduced to statistics at once."""
     if not math.isfinite(threshold) or threshold <= 0:
         raise VsoptError(f"the error threshold must be a positive number, got {threshold!r}")
-    dense, dense_out = _run(before, {p.before_node: p.site_id for p in probes}, args)
+    by_site = {p.site_id: p for p in probes}
+    dense: dict[str, torch.Tensor] = {}
+    isolated: dict[str, tuple[ErrorStats, list[ErrorStats]]] = {}
+    accumulated: dict[str, tuple[ErrorStats, list[ErrorStats]]] = {}
+
+    def keep_dense(site: str, value: torch.Tensor) -> None:
+        dense[site] = value
+
+    def measure_then_restore(site: str, value: torch.Tensor) -> torch.Tensor:
+        isolated[site] = _errors(by_site[site], value, dense[site])
+        return dense[site]  # the next site starts from exact inputs
+
+    def measure_only(site: str, value: torch.Tensor) -> None:
+        accumulated[site] = _errors(by_site[site], value, dense[site])
+
+    dense_out = _run(before, {p.before_node: p.site_id for p in probes}, args, keep_dense)
     after_taps = {p.after_node: p.site_id for p in probes}
-    isolated, _ = _run(after, after_taps, args, substitute=dense)
-    accumulated, out = _run(after, after_taps, args)
-    sites = [_site_error(p, isolated[p.site_id], accumulated[p.site_id], dense[p.site_id]) for p in probes]
+    _run(after, after_taps, args, measure_then_restore)
+    out = _run(after, after_taps, args, measure_only)
+    sites = [SiteError(p.site_id, isolated[p.site_id][0], accumulated[p.site_id][0], isolated[p.site_id][1],
+                       accumulated[p.site_id][1]) for p in probes]
     return NumericalDiff(sites, compare_outputs(out, dense_out), threshold), out
 
 

@@ -361,9 +361,13 @@ class SoftmaxAttentionRule:
         fail = lambda reason: MatchResult.fail(sm, self.name, reason)  # noqa: E731
         path = self._score_path(sm.args[0])
         if path is None:
-            res = fail("softmax input does not come from a matmul (through scale/mask/reshape ops)")
-            res.candidate = False
-            return res
+            blocker = _blocking_op(sm.args[0])
+            if blocker is None:  # no matmul feeds this softmax: not an attention at all
+                res = fail("softmax input does not come from a matmul")
+                res.candidate = False
+                return res
+            return fail(f"{blocker.name} ({blocker.target}) between the scores and the softmax is not a scalar "
+                        "scale, a mask, a cast or a reshape")
         score = path[0]
         got = _operands(score)
         if isinstance(got, str):
@@ -520,6 +524,25 @@ class SoftmaxAttentionRule:
                   nodes=tuple(n.name for n in path + probs_path + [pv]),
                   q_token_source=_token_axes(oq), build=build)
         return MatchResult(node=sm, rule=self.name, match=m)
+
+
+def _blocking_op(x: torch.fx.Node, depth: int = 6) -> torch.fx.Node | None:
+    """If a matmul reaches the softmax input within `depth` ops along first arguments, the op
+    nearest the matmul that the score path does not accept (so the skip can name it)."""
+    chain = []
+    while isinstance(x, torch.fx.Node) and x.op == "call_function" and len(chain) < depth:
+        if x.target in SCORE_OPS:
+            rule = SoftmaxAttentionRule()
+            for n in reversed(chain):  # nearest the matmul first
+                if rule._score_path(n) is None:
+                    return n
+            return chain[0] if chain else None
+        chain.append(x)
+        args = [a for a in x.args if isinstance(a, torch.fx.Node)]
+        if not args:
+            return None
+        x = args[0]
+    return None
 
 
 def _is_dropout_active(n: torch.fx.Node) -> bool:

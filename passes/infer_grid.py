@@ -78,7 +78,9 @@ def _grid_from_conv(conv, parent, batch: int, q_len: int) -> TokenGrid | None:
     child, n = conv, parent[conv]
     while n is not None:
         if n.target is aten.cat.default and video != q_len:
-            tensors, dim = n.args[0], (n.args[1] if len(n.args) > 1 else 0)
+            tensors = n.args[0]
+            dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+            dim %= len(shape_of(n))
             sizes = [shape_of(t)[dim] for t in tensors]
             if shape_of(n)[dim] == q_len and child in tensors:
                 i = tensors.index(child)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 aten = torch.ops.aten
 
@@ -85,10 +86,10 @@ def shape_of(node) -> tuple[int, ...]:
 def _as_int(s) -> int:
     if isinstance(s, int):
         return s
-    hint = getattr(getattr(s, "node", None), "hint", None)  # a SymInt: use the example's size
-    if hint is None:
-        raise TraceError(f"size {s} is symbolic with no example value")
-    return int(hint)
+    if is_concrete_int(s):
+        return int(s)
+    # The rewrite emits reshapes with fixed sizes, which would be wrong for other input shapes.
+    raise TraceError(f"size {s} is symbolic (dynamic shapes); compile with dynamic=False to rewrite this site")
 
 
 # Ops that rearrange or copy elements without changing them (dtype casts are not here on purpose:

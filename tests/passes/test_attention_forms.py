@@ -220,3 +220,45 @@ def test_user_grid_and_bad_grid():
     assert report.sites[0].grid is None  # a global grid of another length is not applied
     with pytest.raises(Exception, match="has 14 tokens"):
         trace_and_rewrite(model, inputs, VsoptConfig.from_options({"grids": {"attention.0": (1, 2, 7)}}))
+
+
+class _TensorScale(nn.Module):  # the scale is a buffer: its value is not in the graph's metadata
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(0.5))
+
+    def forward(self, q, k, v, mask):
+        return ((q @ k.transpose(-2, -1)) * self.scale).softmax(-1) @ v
+
+
+def test_tensor_scale_is_left_alone_with_its_reason(compile_rewrite):
+    model = _TensorScale().eval()
+    inputs = _inputs(H)
+    out, [(gm, report)] = compile_rewrite(model, *inputs)
+    assert report.sites == [] and len(report.skipped) == 1
+    assert "is not a scalar scale, a mask, a cast or a reshape" in report.skipped[0].reason
+    assert max_rel_err(out, model(*inputs)) <= 1e-6
+
+
+def test_dynamic_shapes_are_left_alone_not_miscompiled():
+    """With symbolic sizes the rewrite would bake in one shape, so the sites stay as they were
+    (with the reason) and results stay right for every shape."""
+    from vsopt.backend import trace_and_rewrite as tr
+    from vsopt.core.config import VsoptConfig as Cfg
+
+    reports = []
+
+    def backend(gm, example_inputs):
+        out_gm, report = tr(gm, example_inputs, Cfg())
+        reports.append(report)
+        return out_gm
+
+    torch._dynamo.reset()
+    model = Form(_mul_after).eval()
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for n in (N, N + 2):
+        q, k, v, mask = _inputs(H)
+        q = torch.randn(B, H, n, D)
+        assert max_rel_err(compiled(q, k, v, mask), model(q, k, v, mask)) <= 1e-5
+    assert reports and all(r.sites == [] for r in reports)
+    assert "symbolic" in reports[0].skipped[0].reason

@@ -114,18 +114,22 @@ def test_cli_rejects_bad_input_with_clear_errors(capsys):
     assert "--threshold" in capsys.readouterr().err
 
 
-def test_plan_with_a_large_error_at_one_site_names_that_site_first():
-    """A plan that skips every head of blocks.1 (its output becomes zero): the report names
-    blocks.1 first; the sites outside the plan stay dense and say why."""
+def skip_plan(model, inputs, site_id: str):
+    """A plan that skips every head of one site (its output becomes zero)."""
     from vsopt.core.config import VsoptConfig
     from vsopt.core.plan import HeadPlan, Plan, SitePlan, Sparsity
 
+    _, found = vsopt.backend.trace_and_rewrite(model, inputs, VsoptConfig(rewrite=False))
+    site = {s.site_id: s for s in found.sites}[site_id]
+    return Plan({site_id: SitePlan.for_site(site, HeadPlan(sparsity=Sparsity.SKIP, block_m=16, block_n=16))})
+
+
+def test_plan_with_a_large_error_at_one_site_names_that_site_first():
+    """A plan that skips every head of blocks.1: the report names blocks.1 first; the sites
+    outside the plan stay dense and say why."""
     torch.manual_seed(0)
     model, inputs = SdpaModel().eval(), (torch.randn(1, 40, 16),)
-    _, found = vsopt.backend.trace_and_rewrite(model, inputs, VsoptConfig(rewrite=False))
-    site = {s.site_id: s for s in found.sites}["blocks.1"]
-    plan = Plan({"blocks.1": SitePlan.for_site(site, HeadPlan(sparsity=Sparsity.SKIP, block_m=16, block_n=16))})
-    report = vsopt.diff(model, inputs, plan=plan)
+    report = vsopt.diff(model, inputs, plan=skip_plan(model, inputs, "blocks.1"))
     num = report.numerical
     assert num.first_over_threshold == "blocks.1" and num.ranking[0] == "blocks.1"
     errors = {s.site_id: s for s in num.sites}
@@ -142,3 +146,13 @@ def test_plan_with_a_large_error_at_one_site_names_that_site_first():
         assert [n.op for n in e.region.after.nodes][0] == "vsopt.attention"
     text = report.render_text()
     assert "first site over threshold: blocks.1" in text and report.entry("blocks.0").reason in text
+
+
+def test_json_through_the_backend_is_stable_across_runs(tmp_path):
+    torch.manual_seed(0)
+    model, inputs = SdpaModel().eval(), (torch.randn(1, 40, 16),)
+    plan = skip_plan(model, inputs, "blocks.2")
+    first = vsopt.diff(model, inputs, plan=plan).write_json(tmp_path / "a.json").read_bytes()
+    second = vsopt.diff(model, inputs, plan=plan).write_json(tmp_path / "b.json").read_bytes()
+    assert first == second
+    assert json.loads(first)["numerical"]["first_over_threshold"] == "blocks.2"

@@ -1,0 +1,24 @@
+#!/bin/bash
+# The exact GPU job that produced vsopt/models/assets/: install diffusers from carried wheels
+# (.whl/model, see docs/MODEL.md), a few-second dry run (with torch.compile, dropped if it fails),
+# the training run, then the attention-structure measurement. Results go to $OUT.
+set -o pipefail
+OUT=${OUT:-/tmp/vsopt-train-out}; mkdir -p "$OUT"
+MINUTES=${MINUTES:-5.5}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/model/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+if ! python3 -c "import diffusers; from diffusers import WanTransformer3DModel" 2>/dev/null; then
+  echo "diffusers needs newer huggingface_hub/safetensors: installing the carried ones"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/model/hub/*.whl || exit 1
+  python3 -c "from diffusers import WanTransformer3DModel" || exit 1
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__)"
+COMPILE=--compile
+if ! python3 -m vsopt.models.train --out /tmp/dry --minutes 0.3 --max-steps 14 --probe-steps 10 --log-every 7 $COMPILE 2>&1 | tail -20; then
+  echo "dry run with torch.compile failed: training eagerly"; COMPILE=
+  python3 -m vsopt.models.train --out /tmp/dry --minutes 0.2 --max-steps 12 --probe-steps 8 --log-every 4 || exit 1
+fi
+python3 -m vsopt.models.train --out "$OUT" --minutes "$MINUTES" $COMPILE 2>&1 | tee "$OUT/train.log" || exit 1
+python3 -m vsopt.models.structure --checkpoint "$OUT/reference.safetensors" --out "$OUT/structure.json" 2>&1 | tee "$OUT/structure.log"
+ls -la "$OUT"

@@ -140,7 +140,7 @@ def test_structure_exact_replaced_created_and_kept_nodes(case):
     compute = {n.name for n in before.graph.nodes if n.op.startswith("call_") and n.users}  # live ops
     assert set(d.kept) == compute - REPLACED
     assert "softmax_2" in d.kept and "matmul_4" in d.kept  # the declined block is untouched
-    assert [r.site_id for r in d.regions] == ["blocks.0", "blocks.1", "blocks.3"]
+    assert [r.site_ids for r in d.regions] == [["blocks.0"], ["blocks.1"], ["blocks.3"]]
     r0 = d.regions[0]
     assert [n.name for n in r0.before.nodes] == ["transpose", "matmul", "mul", "softmax", "matmul_1"]
     assert [n.op for n in r0.after.nodes] == ["vsopt.attention"]

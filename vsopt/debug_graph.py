@@ -10,7 +10,7 @@ one region, normally one attention site. Kept nodes between regions collapse int
 
     before:  ... linear -> reshape -> matmul -> mul -> softmax -> matmul_1 -> transpose ...
     after:   ... linear -> reshape -> vsopt.attention -----------------------> transpose ...
-    regions: [{removed: matmul, mul, softmax, matmul_1;  created: attention}]
+    regions: [{site_ids: [blocks.0], removed: matmul, mul, softmax, matmul_1;  created: attention}]
 """
 from __future__ import annotations
 
@@ -108,13 +108,13 @@ class Subgraph:
 class ChangeRegion:
     """One connected change: what the before graph had and what replaced it."""
 
-    site_id: str | None  # the attention site it belongs to (None: a change outside any site)
+    site_ids: list[str]  # the attention sites it belongs to (normally one; [] outside any site)
     passes: list[str]  # names of the passes that created its nodes, in pipeline order
     before: Subgraph
     after: Subgraph
 
     def to_dict(self) -> dict[str, Any]:
-        return {"site_id": self.site_id, "passes": self.passes, "before": self.before.to_dict(),
+        return {"site_ids": self.site_ids, "passes": self.passes, "before": self.before.to_dict(),
                 "after": self.after.to_dict()}
 
 
@@ -131,7 +131,7 @@ class StructuralDiff:
     timeline: list[tuple[str, int | str]] = field(default_factory=list)
 
     def region_for(self, site_id: str) -> ChangeRegion | None:
-        return next((r for r in self.regions if r.site_id == site_id), None)
+        return next((r for r in self.regions if site_id in r.site_ids), None)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kept": self.kept, "removed": self.removed, "created": self.created,
@@ -254,7 +254,7 @@ def diff_graphs(before: torch.fx.Graph, after: torch.fx.Graph, site_nodes: Mappi
         drawable_b = {n for n, node in b_nodes.items() if node.op in _COMPUTE_OPS or node.op == "placeholder"}
         drawable_a = {n for n, node in a_nodes.items() if node.op in _COMPUTE_OPS or node.op == "placeholder"}
         regions.append((pos, ChangeRegion(
-            site_id=", ".join(site_ids) if site_ids else None, passes=passes,
+            site_ids=site_ids, passes=passes,
             before=_subgraph(compute_before, b_nodes, gb, b_order, drawable_b),
             after=_subgraph(compute_after, a_nodes, ga, a_order, drawable_a))))
     regions.sort(key=lambda pr: pr[0])

@@ -314,8 +314,8 @@ def _timeline(report: "DiffReport", anchors: dict[str, str]) -> str:
             continue
         if kind == "region":
             region = report.structure.regions[value]
-            site_id = (region.site_id or "").split(", ")[0]
-            if site_id not in anchors:
+            site_id = next((i for i in region.site_ids if i in anchors), None)
+            if site_id is None:
                 items.append(f"<li>◆ change outside any site: {_e(', '.join(n.op for n in region.before.nodes))} → "
                              f"{_e(', '.join(n.op for n in region.after.nodes))}</li>")
                 continue

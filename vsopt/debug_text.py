@@ -113,11 +113,12 @@ def _structure(report: "DiffReport", width: int, s: _Style) -> list[str]:
                 shown.add(value)
         else:
             region = st.regions[value]
-            ids = [i for i in (region.site_id or "").split(", ") if i in by_site]
-            if ids and ids[0] not in shown:
-                lines += _site_block(by_site[ids[0]], width, s)
-                shown.add(ids[0])
-            elif not ids:
+            ids = [i for i in region.site_ids if i in by_site]
+            for i in ids:
+                if i not in shown:
+                    lines += _site_block(by_site[i], width, s)
+                    shown.add(i)
+            if not ids:
                 lines.append(f"  {s('◆', 'cyan')} change outside any site" +
                              (f" by {', '.join(region.passes)}" if region.passes else ""))
                 lines += _wrapped("before: ", ", ".join(n.op for n in region.before.nodes) or "-", width)

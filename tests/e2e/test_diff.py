@@ -49,7 +49,7 @@ def test_api_on_hand_written_model_replaces_exactly_the_attention_nodes():
     before = to_aten(model, inputs)
     live = {n.name for n in before.graph.nodes if n.op.startswith("call_") and n.users}
     assert set(report.structure.kept) == live - set(sdpa)
-    assert [r.site_id for r in report.structure.regions] == ["blocks.0", "blocks.1", "blocks.2"]
+    assert [r.site_ids for r in report.structure.regions] == [["blocks.0"], ["blocks.1"], ["blocks.2"]]
     for r in report.structure.regions:
         assert [n.op for n in r.before.nodes] == ["scaled_dot_product_attention"]
         assert "vsopt.attention" in [n.op for n in r.after.nodes]

@@ -13,6 +13,6 @@ for name, folder in ROOTS.items():
 setup(
     packages=packages,
     package_dir=package_dir,
-    package_data={"vsopt.models": ["assets/*"]},
+    package_data={"vsopt.models": ["assets/*"], "vsopt": ["costmodels/*.json"]},
     include_package_data=True,
 )

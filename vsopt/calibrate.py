@@ -716,7 +716,8 @@ def _fingerprint(sites: Sequence[AttentionSite], inputs: Sequence[RecordedCall],
 
 class _PositionalAdapter(torch.nn.Module):
     """Calls model(*args, **kwargs) with the tensor kwargs of a RecordedCall passed positionally
-    (the traced graph takes positional inputs only); non-tensor kwargs are fixed."""
+    (the traced graph takes positional inputs only); non-tensor kwargs are fixed. Its site ids
+    carry the prefix "model.", which _traced removes so the plan names the model's own paths."""
 
     def __init__(self, model: torch.nn.Module, n_args: int, tensor_keys: Sequence[str], fixed: dict):
         super().__init__()
@@ -751,6 +752,22 @@ def _positional(model: torch.nn.Module, calls: Sequence[RecordedCall]) -> tuple[
                                                                       for c in calls]
 
 
+def _traced(traced_model: torch.nn.Module, inputs: tuple, config: VsoptConfig):
+    """trace_and_rewrite, with site ids named as in the user's model (no adapter prefix)."""
+    from vsopt.backend import trace_and_rewrite
+
+    gm, report = trace_and_rewrite(traced_model, inputs, config)
+    if isinstance(traced_model, _PositionalAdapter):
+        def strip(sid: str) -> str:
+            return sid.removeprefix("model.")
+
+        for n in gm.graph.nodes:
+            if "vsopt_site" in n.meta:
+                n.meta["vsopt_site"] = strip(n.meta["vsopt_site"])
+        report.sites = [dataclasses.replace(s, site_id=strip(s.site_id)) for s in report.sites]
+    return gm, report
+
+
 def _range_of(step: int, ranges: Sequence[tuple[int, int | None]] | None) -> int | None:
     if ranges is None:
         return 0
@@ -783,8 +800,6 @@ def calibrate(model: torch.nn.Module, calibration_inputs: Sequence[Any], budget:
       it is removed once the plan is written.
     grid / grids: token grids for sites whose grid cannot be inferred (as in the backend options).
     """
-    from vsopt.backend import trace_and_rewrite
-
     options = options or CalibrationOptions()
     if not isinstance(budget, (SiteErrorBudget, DensityBudget, QualityFloor)):
         raise ConfigError(f"budget must be a SiteErrorBudget, DensityBudget or QualityFloor, got {budget!r}")
@@ -798,7 +813,7 @@ def calibrate(model: torch.nn.Module, calibration_inputs: Sequence[Any], budget:
     model.eval()
     try:
         with torch.no_grad():
-            gm, report = trace_and_rewrite(traced_model, positional[0], config)
+            gm, report = _traced(traced_model, positional[0], config)
         left_dense = {s.site_id: why for s in report.sites if (why := calibratable(s))}
         sites = [s for s in report.sites if s.site_id not in left_dense]
         if not sites:
@@ -942,9 +957,7 @@ def _quality_search(traced_model, held: tuple, states, used, options, cost, budg
                     progress) -> tuple[Plan, list[SiteResult], float]:
     """Bisect a per-site error budget (log scale) for the loosest one whose plan keeps the held-out
     output within the floor; the held-out input runs with each site's output replaced by the plan's."""
-    from vsopt.backend import trace_and_rewrite
-
-    held_gm, _ = trace_and_rewrite(traced_model, held, config)
+    held_gm, _ = _traced(traced_model, held, config)
     dense_out = _model_output(traced_model(*held)).float()
 
     def score(plan: Plan) -> float:

@@ -222,8 +222,8 @@ class CostModel:
     @classmethod
     def default(cls, gpu: str | None = None) -> "CostModel":
         """The shipped fitted model whose GPU name matches `gpu` (e.g. torch.cuda.get_device_name()),
-        else the H100 one: Hopper parts share the kernels' relative costs, which is what the search
-        compares."""
+        else an H100 one, else the first shipped (vsopt ships one fitted on an H200: the same Hopper
+        chip as the H100 with faster memory, so the relative costs the search compares carry over)."""
         shipped = {p.name: p for p in resources.files("vsopt").joinpath("costmodels").iterdir()
                    if p.name.endswith(".json")}
         if not shipped:

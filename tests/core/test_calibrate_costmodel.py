@@ -99,3 +99,14 @@ def test_save_load_round_trip_and_rejects_bad_files(tmp_path):
     path.write_text(json.dumps(d))
     with pytest.raises(ConfigError, match="malformed"):
         CostModel.load(path)
+
+
+def test_shipped_model_loads_and_predicts_sensibly():
+    """The shipped fitted model: loads, and its predictions order configurations as measured:
+    more blocks cost more; per block, FP8 is cheaper than bf16 at head_dim 128."""
+    model = CostModel.default()
+    assert model.meta["check_median_rel_error"] < 0.1  # held-out timings it was checked on
+    w = lambda quant, visited: SiteWork((Launch(quant, 128, 128, 128, 8 * 256, visited),))
+    assert model.predict_us(w("none", 8 * 256 * 50)) < model.predict_us(w("none", 8 * 256 * 256))
+    assert model.block_cost_us("fp8", 128, 128, 128) < model.block_cost_us("none", 128, 128, 128)
+    assert CostModel.default(gpu="no such GPU").gpu == model.gpu  # falls back to a shipped one

@@ -241,10 +241,12 @@ def test_cli(tmp_path, capsys):
     report = tmp_path / "report.json"
     rc = main(["calibrate", f"{__name__}:factory", "--max-error", "0.05", "--out", str(out), "--block", "16",
                "--grid", "3,4,6", "--quant", "none,int8", "--cost-model", str(cost), "--report", str(report),
-               "--no-dynamic", "--quiet"])
+               "--no-dynamic", "--quiet", "--check"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "overall density" in printed and str(out) in printed
+    assert "torch.compile(backend='vsopt') with the plan, first input: rel_l2" in printed
+    assert json.loads(report.read_text())["compiled_check"]["rel_l2"] <= 0.05
     assert Plan.load(out).sites and json.loads(report.read_text())["sites"][0]["predicted_rel_l2"] <= 0.05
     rc = main(["calibrate", "no_such_module:factory", "--max-error", "0.05", "--out", str(out)])
     assert rc == 1

@@ -7,10 +7,12 @@ site's query length; otherwise the grid stays unknown (GridSource.UNKNOWN), neve
 Inference follows the query's source back through the graph (breadth-first, toward the inputs)
 to the patch embedding, a convolution whose output tokens number the site's video tokens:
 - Conv3d, output (B, C, F, H, W): grid F x H x W;
-- Conv2d per frame, output (B*F, C, H, W): grid F x H x W with F = (B*F) / B.
+- Conv2d per frame, output (B*F, C, H, W): grid F x H x W with F = (B*F) / B;
+- a patchify reshape of a (B, C, F, H, W) tensor whose token axis is (F/pf, H/ph, W/pw) patches
+  (found with passes.layout_trace atoms: three outer parts of axes 2, 3, 4, in order).
 Text tokens: the concatenation nearest the query along the way whose output has q_len tokens
 and one input on the path; the inputs before / after it are text_before / text_after.
-A patchify reshape without a convolution is not recognised yet (the grid stays unknown).
+An image patchify (two axes) or any other token layout gives no grid (it stays unknown).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from vsopt.core.ir import GridSource, TokenGrid
 
 from .detect_attention import MATCHES
 from .infra import PassContext, PassReport
-from .layout_trace import TraceError, shape_of
+from .layout_trace import TraceError, shape_of, trace_back
 
 NAME = "infer_grid"
 aten = torch.ops.aten
@@ -34,6 +36,7 @@ MAX_VISITED = 20000  # bound on the backward search per site
 # torch.compile's graphs have aten.convolution; torch.export's keep aten.conv2d / conv3d
 CONV_OPS = {aten.convolution.default, aten.conv2d.default, aten.conv3d.default, aten.conv2d.padding,
             aten.conv3d.padding}
+PATCHIFY_OPS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.flatten.using_ints}
 
 
 def _inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
@@ -54,6 +57,10 @@ def infer(source: torch.fx.Node, batch: int, q_len: int) -> TokenGrid | None:
             if grid is not None:
                 return grid
             continue  # a convolution that does not fit: do not search behind it
+        if n.op == "call_function" and n.target in PATCHIFY_OPS:
+            grid = _grid_from_patchify(n, parent, q_len)
+            if grid is not None:
+                return grid
         for a in _inputs(n):
             if a not in parent:
                 parent[a] = n
@@ -72,10 +79,34 @@ def _grid_from_conv(conv, parent, batch: int, q_len: int) -> TokenGrid | None:
         frames, h, w = out[0] // batch, out[2], out[3]
     else:
         return None
+    return _with_text(conv, parent, frames, h, w, q_len)
+
+
+def _grid_from_patchify(node, parent, q_len: int) -> TokenGrid | None:
+    """A patchify reshape: a (B, C, F, H, W) tensor reshaped / permuted so that one axis of `node`
+    enumerates (F/pf, H/ph, W/pw) patches, row-major (the patch sizes pf, ph, pw may be 1)."""
+    try:
+        traced = trace_back(node, follow_scale=False)
+        if len(shape_of(traced.source)) != 5:
+            return None
+    except TraceError:
+        return None
+    for atoms in traced.axes:
+        if len(atoms) == 3 and [a.source_axis for a in atoms] == [2, 3, 4] and \
+                all(traced.source_atoms[a.source_axis][0] is a for a in atoms):  # outer part = patch index
+            grid = _with_text(node, parent, *(a.size for a in atoms), q_len)
+            if grid is not None:
+                return grid
+    return None
+
+
+def _with_text(found: torch.fx.Node, parent, frames: int, h: int, w: int, q_len: int) -> TokenGrid | None:
+    """The grid with text tokens: on the path from `found` to the query's source, the cat nearest
+    the source that has q_len tokens along its axis and the video tokens as the input on the path
+    names the text before / after. None if the counts do not add up to q_len."""
     video = frames * h * w
     before = after = 0
-    # walk the path conv -> source; the cat nearest the source with q_len tokens names the text
-    child, n = conv, parent[conv]
+    child, n = found, parent[found]
     while n is not None:
         if n.target is aten.cat.default and video != q_len:
             tensors = n.args[0]

@@ -262,3 +262,32 @@ def test_dynamic_shapes_are_left_alone_not_miscompiled():
         assert max_rel_err(compiled(q, k, v, mask), model(q, k, v, mask)) <= 1e-5
     assert reports and all(r.sites == [] for r in reports)
     assert "symbolic" in reports[0].skipped[0].reason
+
+
+class _PatchifyVideo(nn.Module):
+    """A video transformer layer with a patchify reshape (no convolution) and text tokens after
+    the video: the grid is (F/pf) x (H/ph) x (W/pw) + text."""
+
+    def __init__(self, c=2, pf=1, ph=2, pw=2, dim=16, heads=2):
+        super().__init__()
+        self.p, self.heads = (pf, ph, pw), heads
+        self.embed = nn.Linear(c * pf * ph * pw, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def forward(self, latent, text):
+        b, c, f, h, w = latent.shape
+        pf, ph, pw = self.p
+        x = latent.reshape(b, c, f // pf, pf, h // ph, ph, w // pw, pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        x = self.embed(x.reshape(b, (f // pf) * (h // ph) * (w // pw), c * pf * ph * pw))
+        x = torch.cat([x, text], dim=1)
+        q, k, v = self.qkv(x).reshape(b, x.shape[1], 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_grid_from_patchify_reshape_and_text_after(compile_rewrite):
+    model = _PatchifyVideo().eval()
+    inputs = (torch.randn(1, 2, 3, 4, 6), torch.randn(1, 5, 16))
+    _, [(gm, report)] = compile_rewrite(model, *inputs)
+    _, export_report = trace_and_rewrite(model, inputs, VsoptConfig())
+    for r in (report, export_report):
+        assert [str(s.grid) for s in r.sites] == ["3x2x3+5"] and r.sites[0].grid_source.value == "inferred"

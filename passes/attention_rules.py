@@ -460,13 +460,13 @@ class SoftmaxAttentionRule:
         ov = _Operand(ov.traced, ov.axes, ov.batch, token=ov.feature, feature=ov.token)  # v: rows = keys
         if len(op_p.axes) != len(p_axes):
             return fail("the probabilities are broadcast in the value matmul")
-        # op_p traced the probabilities afresh; read its roles by axis position on the score atoms
-        pos_of = {a.id: i for i, ax in enumerate(op_p.traced.axes) for a in ax}
-        role = lambda atoms: sorted({pos_of[a.id] for a in atoms if a.id in pos_of})  # noqa: E731
-        rows, contract = role(op_p.token), role(op_p.feature)
-        if len(rows) != 1 or len(contract) != 1:
-            return fail("unsupported layout of the probabilities in the value matmul")
-        (rows,), (contract,) = rows, contract
+        # which axes of the probabilities the value matmul reads as rows and as the contraction
+        if pv.target is aten.einsum.default:
+            (ea, eb), _eo = _einsum_spec(pv.args[0])
+            rows = next(i for i, ch in enumerate(ea) if ch not in eb)
+            contract = next(i for i, ch in enumerate(ea) if ch in eb and ch not in _eo)
+        else:
+            rows, contract = len(p_axes) - 2, len(p_axes) - 1
         p_batch_axes = [i for i in range(len(p_axes)) if i not in (rows, contract)]
         if [a.id for i in p_batch_axes for a in p_axes[i]] != [a.id for a in oq.batch] or \
                 p_axes[rows] != oq.token or p_axes[contract] != ok_.token:

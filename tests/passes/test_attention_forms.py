@@ -291,3 +291,19 @@ def test_grid_from_patchify_reshape_and_text_after(compile_rewrite):
     _, export_report = trace_and_rewrite(model, inputs, VsoptConfig())
     for r in (report, export_report):
         assert [str(s.grid) for s in r.sites] == ["3x2x3+5"] and r.sites[0].grid_source.value == "inferred"
+
+
+@pytest.mark.parametrize("q_shape,kv_shape", [((1, 1, 1, 4), (1, 1, 5, 4)), ((2, 3, 1, 4), (2, 3, 5, 4)),
+                                              ((2, 3, 6, 4), (2, 3, 1, 4)), ((1, 1, 6, 1), (1, 1, 5, 1))])
+def test_size_one_axes(compile_rewrite, q_shape, kv_shape):
+    """Axes of size 1 (one query, one key, one head, head_dim 1) carry no index; still matched."""
+    model = Form(_mul_after).eval()
+    g = torch.Generator().manual_seed(1)
+    inputs = (torch.randn(*q_shape, generator=g), torch.randn(*kv_shape, generator=g),
+              torch.randn(*kv_shape, generator=g), None)
+    want = model(*inputs)
+    out, [(gm, report)] = compile_rewrite(model, *inputs)
+    _, export_report = trace_and_rewrite(model, inputs, VsoptConfig())
+    for r in (report, export_report):
+        assert len(r.sites) == 1 and (r.sites[0].q_len, r.sites[0].kv_len) == (q_shape[2], kv_shape[2])
+    assert max_rel_err(out, want) <= 1e-5

@@ -307,3 +307,14 @@ def test_size_one_axes(compile_rewrite, q_shape, kv_shape):
     for r in (report, export_report):
         assert len(r.sites) == 1 and (r.sites[0].q_len, r.sites[0].kv_len) == (q_shape[2], kv_shape[2])
     assert max_rel_err(out, want) <= 1e-5
+
+
+def test_strict_option_through_torch_compile():
+    """options={"strict": True} reaches the backend; the error names the site and the reason."""
+    torch._dynamo.reset()
+    model = Form(_probs_returned).eval()
+    with pytest.raises(Exception, match=r"site 'attention.0' left as it was: the attention probabilities"):
+        torch.compile(model, backend="vsopt", options={"strict": True})(*_inputs(H))
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"unknown vsopt option\(s\) \['bogus'\]"):
+        torch.compile(model, backend="vsopt", options={"bogus": 1})(*_inputs(H))

@@ -7,8 +7,10 @@ section of BENCHMARKS.md.
 
 Useful TFLOP/s = 4 * B * H * N^2 * D * density / time, density = the fraction of (query block,
 key block) pairs the mask keeps (as run). Accuracy (cosine, relative L2) is against float32 attention
-with the same mask on the same random normal inputs. Times: triton.testing.do_bench, median, L2
-flushed between runs.
+with the same mask on the same random normal inputs. Times: GPU time, the median of CUDA-graph
+replays (triton.testing.do_bench_cudagraph), for every kernel alike; for vsopt also the eager
+time of one op call (do_bench, L2 flushed), which adds the host-side launch work. vsopt's times
+include its quantization kernels and reuse the work order of a static table (see work_order).
 
 Mask ("3D window"): tokens are in raster order (frame, row, column) after the text tokens; each
 128-token block gets the centre (f, y, x) of its video tokens. Query block i keeps the
@@ -94,6 +96,21 @@ MODES = ("none", "int8", "fp8", "int8_fp8")
 
 
 def _bench(fn, rep_ms: float) -> float:
+    """GPU time of fn in ms: median over replays of a CUDA graph (launch overhead excluded, as under
+    torch.compile with CUDA graphs); plain do_bench (events, L2 flushed) if fn cannot be captured."""
+    import triton.testing
+    fn()
+    torch.cuda.synchronize()
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+    except Exception:  # noqa: BLE001 - not capturable: time it eagerly
+        torch.cuda.synchronize()
+        return triton.testing.do_bench(fn, warmup=max(25, rep_ms / 4), rep=rep_ms, return_mode="median")
+
+
+def _bench_eager(fn, rep_ms: float) -> float:
+    """Eager time of fn in ms (do_bench: events around each call, L2 flushed): includes the
+    host-side work when it is longer than the GPU work."""
     import triton.testing
     return triton.testing.do_bench(fn, warmup=max(25, rep_ms / 4), rep=rep_ms, return_mode="median")
 
@@ -208,12 +225,12 @@ def run_workload(w: Workload, densities, modes, accuracy: bool, rep_ms: float, l
             real_density = float(mask.float().mean())
             ref = reference_attention(q, k, v, mask, scale) if accuracy and density in (0.2, 1.0) else None
             table_ms = _bench(lambda: torch.ops.vsopt.mask_to_table(mask), rep_ms)
-            order_ms = _bench(lambda: bsa_launch.work_order(kv_counts, B), rep_ms)
+            order_ms = _bench(lambda: bsa_launch.work_order(kv_counts.clone(), B), rep_ms)   # clone: no cache
             for mode in modes:
                 fn = lambda: torch.ops.vsopt.block_sparse_attention(q, k, v, kv_indices, kv_counts, scale,  # noqa
                                                                     BLOCK, BLOCK, mode)
                 ms = _bench(fn, rep_ms)
-                extra = {"table_ms": table_ms, "order_ms": order_ms}
+                extra = {"table_ms": table_ms, "order_ms": order_ms, "eager_ms": _bench_eager(fn, rep_ms)}
                 if mode != "none":
                     extra["quant_ms"] = _bench(lambda: quant_launch.quantize_qkv(q, k, v, mode, BLOCK, BLOCK), rep_ms)
                 if ref is not None:
@@ -235,26 +252,33 @@ def run_workload(w: Workload, densities, modes, accuracy: bool, rep_ms: float, l
     return res
 
 
+def _fmt(row: dict, key: str, digits: int) -> str:
+    return f"{row[key]:.{digits}f}" if key in row else ""
+
+
 def markdown(results: dict) -> str:
     lines = ["## Attention kernels", "",
              f"Command: `{results['command']}`  ",
              f"Date: {results['date']}; GPU: {results['gpu']}; torch {results['torch']}, triton {results['triton']}  ",
              "Mask: 3D window (per-head window shapes, diagonal and text blocks kept; see benchmarks/attention.py), "
-             "block 128x128, B=1, random normal bf16 inputs. Useful TFLOP/s = 4*B*H*N^2*D*density/time; speedup is "
-             "over the fastest dense bf16 kernel. Accuracy vs float32 with the same mask (density 0.2 and 1.0).", ""]
+             "block 128x128, B=1, random normal bf16 inputs. Times: GPU time (median of CUDA-graph replays); vsopt's "
+             "include its quantization kernels; 'eager ms' is one eager op call (host launch work included). "
+             "Useful TFLOP/s = 4*B*H*N^2*D*density/time; speedup is over the fastest dense bf16 kernel. Accuracy vs "
+             "float32 with the same mask (density 0.2 and 1.0; dense peers vs dense float32). quant ms: the "
+             "quantization kernels alone (part of the vsopt time).", ""]
     for res in results["workloads"]:
         w = res["workload"]
         lines += [f"### {w['name']} (H={w['heads']}, N={res['n']}, D={w['head_dim']})", "",
-                  "| kernel | density | ms | useful TFLOP/s | speedup vs best dense | cosine | rel L2 |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| kernel | density | ms | useful TFLOP/s | speedup vs best dense | cosine | rel L2 | eager ms | quant ms |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in res["dense"].values():
             lines.append(f"| {r['name']} (dense) | 1.0 | {r['ms']:.3f} | {r['useful_tflops']:.0f} | "
-                         f"{res['best_dense_bf16_ms'] / r['ms']:.2f} | {r.get('cosine', float('nan')):.5f} | "
-                         f"{r.get('rel_l2', float('nan')):.4f} |")
+                         f"{res['best_dense_bf16_ms'] / r['ms']:.2f} | {_fmt(r, 'cosine', 5)} | "
+                         f"{_fmt(r, 'rel_l2', 4)} | | |")
         for r in res["sparse"]:
             lines.append(f"| {r['name']} | {r['density']:.3f} | {r['ms']:.3f} | {r['useful_tflops']:.0f} | "
-                         f"{r['speedup_vs_best_dense']:.2f} | {r.get('cosine', float('nan')):.5f} | "
-                         f"{r.get('rel_l2', float('nan')):.4f} |")
+                         f"{r['speedup_vs_best_dense']:.2f} | {_fmt(r, 'cosine', 5)} | {_fmt(r, 'rel_l2', 4)} | "
+                         f"{_fmt(r, 'eager_ms', 3)} | {_fmt(r, 'quant_ms', 3)} |")
         if res.get("peers_missing"):
             lines.append("")
             lines.append("Not run: " + "; ".join(f"{k}: {v}" for k, v in res["peers_missing"].items()))

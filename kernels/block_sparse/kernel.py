@@ -99,7 +99,7 @@ def _block_sparse_fwd_kernel(
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
 
-    row_scale = qk_scale_log2
+    row_scale = tl.cast(qk_scale_log2, tl.float32)   # Inductor passes Python floats as fp64
     if QK_QUANT:
         row_scale = row_scale * tl.load(QScale + bh * QB + qb)
     kscale_base = KScale + (b * (H // GROUP) + hk) * KB

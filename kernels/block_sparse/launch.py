@@ -57,10 +57,30 @@ _tuned_kernel = triton.autotune(
 )(kernel._block_sparse_fwd_kernel)
 
 
+_ORDER_CACHE: dict[tuple, torch.Tensor] = {}
+_ORDER_CACHE_SIZE = 16
+
+
 def work_order(kv_counts: torch.Tensor, batch: int) -> torch.Tensor:
-    """int32 (batch * H * QB,) flattened (b, h, qb) rows, largest count first (stable)."""
+    """int32 (batch * H * QB,) flattened (b, h, qb) rows, largest count first (stable).
+
+    Eager calls on a real CUDA tensor reuse the order computed for the same counts tensor (same
+    storage, shape and version counter), saving the sort's launches on every call of a static
+    plan. A stale entry (a new tensor at a freed address) is still a permutation of all rows, so it
+    can cost balance, never correctness."""
+    cacheable = kv_counts.device.type == "cuda" and type(kv_counts) is torch.Tensor \
+        and not torch.compiler.is_compiling()
+    key = (kv_counts.device, kv_counts.data_ptr(), kv_counts._version, tuple(kv_counts.shape), batch) \
+        if cacheable else None
+    if key is not None and key in _ORDER_CACHE:
+        return _ORDER_CACHE[key]
     counts = kv_counts.expand(batch, -1, -1).reshape(-1)
-    return torch.argsort(counts, descending=True, stable=True).to(torch.int32)
+    order = torch.argsort(counts, descending=True, stable=True).to(torch.int32)
+    if key is not None:
+        if len(_ORDER_CACHE) >= _ORDER_CACHE_SIZE:
+            _ORDER_CACHE.pop(next(iter(_ORDER_CACHE)))
+        _ORDER_CACHE[key] = order
+    return order
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor,

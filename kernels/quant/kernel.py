@@ -75,7 +75,7 @@ def _quantize_blocks_kernel(
     x = tl.load(X + b * stride_xb + h * stride_xh + offs_n[:, None] * stride_xn + offs_d[None, :],
                 mask=in_bounds, other=0.0).to(tl.float32)
     if SMOOTH:
-        mean = tl.load(Sum + bh * HEAD_DIM + offs_d) * inv_n
+        mean = tl.load(Sum + bh * HEAD_DIM + offs_d) * tl.cast(inv_n, tl.float32)   # fp64 under Inductor
         x = tl.where(in_bounds, x - mean[None, :], 0.0)
     amax = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), MIN_AMAX)
     scale = amax / QMAX

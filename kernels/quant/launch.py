@@ -20,7 +20,7 @@ from . import kernel
 from .reference import MIN_AMAX, QMAX, pv_is_fp8, qk_format
 
 CODE_DTYPE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
-_STATS_ROWS = 1024   # tokens reduced by one statistics program before its atomics
+_STATS_ROWS = 256    # tokens reduced by one statistics program before its atomics (enough programs to fill the GPU)
 
 
 def _check_input(x: torch.Tensor, what: str) -> None:

@@ -285,4 +285,10 @@ def test_compiled_plan_on_cuda():
 
 
 if __name__ == "__main__":  # on the GPU machine: python3 tests/passes/test_lower_plan.py
+    from torch._dynamo.backends.registry import list_backends, register_backend
+
+    if "vsopt" not in list_backends(exclude_tags=()):  # not pip-installed: no entry point
+        from vsopt.backend import vsopt_backend
+
+        register_backend(vsopt_backend, "vsopt")
     test_compiled_plan_on_cuda()

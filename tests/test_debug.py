@@ -409,3 +409,29 @@ def test_second_pass_replacing_a_created_node_stays_linked_to_the_site(case):
     assert region.passes == ["lower_plan"]
     assert len(report.structure.regions) == 3
     assert report.numerical.first_over_threshold is None
+
+
+def test_a_node_inserted_outside_any_site_is_its_own_region(case):
+    """A pass that inserts a node (nothing removed) between kept nodes: a region with no site,
+    placed right after the kept node before it, shown as a change outside any site."""
+    before, _, _, _, inputs = case
+    model, _ = make_model()
+    after = export_graph(model, inputs)
+    sites, skipped = hand_rewrite(after)
+    add = next(n for n in after.graph.nodes if n.name == "add")  # the first residual add
+    with after.graph.inserting_after(add):
+        scaled = after.graph.call_function(torch.ops.aten.mul.Tensor, (add, 1.0))
+    add.replace_all_uses_with(scaled)
+    scaled.args = (add, 1.0)
+    scaled.meta["vsopt_from"] = ("scale_residual", ())
+    after.recompile()
+    report = build_report(before, after, sites, skipped, inputs=list(inputs))
+    extra = [r for r in report.structure.regions if not r.site_ids]
+    assert len(extra) == 1 and extra[0].before.nodes == [] and [n.op for n in extra[0].after.nodes] == ["mul"]
+    assert extra[0].passes == ["scale_residual"]
+    order = [(k, report.structure.regions[v].site_ids if k == "region" else v) for k, v in report.structure.timeline
+             if k != "unchanged"]
+    assert order == [("region", ["blocks.0"]), ("region", []), ("region", ["blocks.1"]), ("anchor", "blocks.2"),
+                     ("region", ["blocks.3"])]
+    assert "change outside any site by scale_residual" in render_text(report)
+    assert report.numerical.first_over_threshold is None

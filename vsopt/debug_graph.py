@@ -231,38 +231,51 @@ def diff_graphs(before: torch.fx.Graph, after: torch.fx.Graph, site_nodes: Mappi
                 change.add_edge(("after", name), ("before", old))
 
     owner = {n: sid for sid, names in site_nodes.items() for n in names}
-    regions: list[tuple[int, ChangeRegion]] = []
+    drawable_b = {n for n, node in b_nodes.items() if node.op in _COMPUTE_OPS or node.op == "placeholder"}
+    drawable_a = {n for n, node in a_nodes.items() if node.op in _COMPUTE_OPS or node.op == "placeholder"}
+    # where a region with no removed node goes: just after the kept node before its first node
+    kept_before: dict[str, str | None] = {}
+    last_kept = None
+    for name in a_nodes:
+        kept_before[name] = last_kept
+        if name in kept_names:
+            last_kept = name
+
+    regions: list[tuple[float, ChangeRegion]] = []
     for component in nx.connected_components(change):
-        r_before = [n for side, n in component if side == "before"]
-        r_after = [n for side, n in component if side == "after"]
-        compute_before = [n for n in r_before if b_nodes[n].op in _COMPUTE_OPS]
-        compute_after = [n for n in r_after if a_nodes[n].op in _COMPUTE_OPS]
+        compute_before = [n for side, n in component if side == "before" and b_nodes[n].op in _COMPUTE_OPS]
+        compute_after = [n for side, n in component if side == "after" and a_nodes[n].op in _COMPUTE_OPS]
         if not compute_before and not compute_after:
             continue  # placeholders or outputs renamed by retracing: nothing a user changed
-        site_ids = sorted({a_nodes[n].meta["vsopt_site"] for n in r_after if "vsopt_site" in a_nodes[n].meta}
-                          | {owner[n] for n in r_before if n in owner})
-        passes = sorted({p[0] for n in r_after if (p := _provenance(a_nodes[n]))},
+        site_ids = sorted({a_nodes[n].meta["vsopt_site"] for side, n in component
+                           if side == "after" and "vsopt_site" in a_nodes[n].meta}
+                          | {owner[n] for side, n in component if side == "before" and n in owner})
+        passes = sorted({p[0] for side, n in component if side == "after" and (p := _provenance(a_nodes[n]))},
                         key=lambda p: (pass_order.index(p) if p in pass_order else len(pass_order), p))
-        # Position in execution order: the first removed node, else the kept node just before the
-        # first created one (mapped into the before graph).
-        if compute_before:
-            pos = min(b_order[n] for n in compute_before)
+        if compute_before:  # position in execution order, in the before graph
+            pos: float = min(b_order[n] for n in compute_before)
         else:
-            first = min(a_order[n] for n in compute_after)
-            prior = [a for a, i in a_order.items() if i < first and a in kept_names]
-            pos = b_order[prior[-1]] + 0.5 if prior else -0.5
-        drawable_b = {n for n, node in b_nodes.items() if node.op in _COMPUTE_OPS or node.op == "placeholder"}
-        drawable_a = {n for n, node in a_nodes.items() if node.op in _COMPUTE_OPS or node.op == "placeholder"}
+            prior = kept_before[min(compute_after, key=a_order.__getitem__)]
+            pos = b_order[prior] + 0.5 if prior is not None else -0.5
         regions.append((pos, ChangeRegion(
             site_ids=site_ids, passes=passes,
             before=_subgraph(compute_before, b_nodes, gb, b_order, drawable_b),
             after=_subgraph(compute_after, a_nodes, ga, a_order, drawable_a))))
     regions.sort(key=lambda pr: pr[0])
-    ordered = [r for _, r in regions]
 
-    # Collapse: walk the before graph, counting kept compute nodes between regions.
-    region_at = {}
-    for i, (pos, r) in enumerate(regions):
+    kept = [n for n in b_nodes if n in kept_names and b_nodes[n].op in _COMPUTE_OPS]
+    return StructuralDiff(kept=kept, removed=[n for n in removed if b_nodes[n].op in _COMPUTE_OPS],
+                          created=[n for n in created if a_nodes[n].op in _COMPUTE_OPS],
+                          regions=[r for _, r in regions],
+                          timeline=_collapse(b_nodes, set(kept), [pos for pos, _ in regions], anchors))
+
+
+def _collapse(b_nodes: dict[str, torch.fx.Node], kept: set[str], region_pos: Sequence[float],
+              anchors: Mapping[str, str]) -> list[tuple[str, int | str]]:
+    """The timeline: walk the before graph, counting kept compute nodes between regions (at
+    region_pos[i], a before-graph index, or index + 0.5 for "just after") and anchors on kept nodes."""
+    region_at: dict[float, list[int]] = {}
+    for i, pos in enumerate(region_pos):
         region_at.setdefault(pos, []).append(i)
     anchor_at: dict[str, list[str]] = {}
     for label, node_name in anchors.items():
@@ -276,27 +289,21 @@ def diff_graphs(before: torch.fx.Graph, after: torch.fx.Graph, site_nodes: Mappi
             timeline.append(("unchanged", run))
             run = 0
 
-    for pos in sorted(p for p in region_at if p < 0):
-        timeline.extend(("region", i) for i in region_at[pos])
-    for name, node in b_nodes.items():
-        i = b_order[name]
+    timeline.extend(("region", r) for pos in sorted(p for p in region_at if p < 0) for r in region_at[pos])
+    for i, name in enumerate(b_nodes):
         if i in region_at:
             flush()
             timeline.extend(("region", r) for r in region_at[i])
-        if name in anchor_at and name in kept_names:  # an anchor on a removed node is inside a region
+        if name in anchor_at and name in kept:  # an anchor on a removed node is inside a region
             flush()
             timeline.extend(("anchor", label) for label in anchor_at[name])
-        if name in kept_names and node.op in _COMPUTE_OPS:
+        if name in kept:
             run += 1
         if i + 0.5 in region_at:
             flush()
             timeline.extend(("region", r) for r in region_at[i + 0.5])
     flush()
-
-    kept = [n for n in b_nodes if n in kept_names and b_nodes[n].op in _COMPUTE_OPS]
-    return StructuralDiff(kept=kept, removed=[n for n in removed if b_nodes[n].op in _COMPUTE_OPS],
-                          created=[n for n in created if a_nodes[n].op in _COMPUTE_OPS], regions=ordered,
-                          timeline=timeline)
+    return timeline
 
 
 def layered_layout(sub: Subgraph) -> dict[str, tuple[int, int]]:

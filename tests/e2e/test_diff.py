@@ -156,3 +156,27 @@ def test_json_through_the_backend_is_stable_across_runs(tmp_path):
     second = vsopt.diff(model, inputs, plan=plan).write_json(tmp_path / "b.json").read_bytes()
     assert first == second
     assert json.loads(first)["numerical"]["first_over_threshold"] == "blocks.2"
+
+
+def test_reference_model_over_sampler_steps():
+    """The shipped reference model (trained diffusers Wan) at a small clip size, with the view
+    over its Euler sampler's steps: every site is found with its inferred grid, and a plan that
+    skips one self-attention is seen at every step, the trajectory drifting from dense."""
+    from vsopt.debug_targets import SAMPLER_STEPS, reference
+
+    from vsopt.core.ir import TokenGrid
+    from vsopt.core.plan import HeadPlan, Plan, SitePlan, Sparsity
+
+    model, inputs, sampler = reference(frames=2, height=8, width=8)
+    heads = model.config.num_attention_heads  # a plan written by hand: no extra trace to find the site
+    skip = SitePlan("blocks.2.attn1", heads, 32, 32, TokenGrid(2, 4, 4),
+                    (HeadPlan(sparsity=Sparsity.SKIP, block_m=16, block_n=16),) * heads)
+    plan = Plan({"blocks.2.attn1": skip})
+    report = vsopt.diff(model, inputs, plan=plan, sampler=sampler)
+    layers = model.config.num_layers
+    assert [e.site_id for e in report.entries] == [f"blocks.{i}.attn{j}" for i in range(layers) for j in (1, 2)]
+    assert all(str(e.site.grid) == "2x4x4" for e in report.entries)
+    assert report.numerical.first_over_threshold == "blocks.2.attn1"
+    assert len(report.steps) == SAMPLER_STEPS
+    assert all(s.numerical.first_over_threshold == "blocks.2.attn1" for s in report.steps)
+    assert all(s.state.rel_l2 > 1e-4 for s in report.steps)

@@ -81,8 +81,10 @@ class ReferenceModel:
     config: ReferenceConfig
     meta: dict[str, str] = field(default_factory=dict)
 
+    @torch.no_grad()
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, L) long -> encoder_hidden_states (B, L, text_dim) in the transformer's dtype."""
+        """tokens (B, L) long -> encoder_hidden_states (B, L, text_dim) in the transformer's dtype
+        (inference: no autograd; training calls text_embedding directly)."""
         w = self.text_embedding.weight
         dtype = next(self.transformer.parameters()).dtype
         return self.text_embedding(tokens.to(w.device)).to(dtype)

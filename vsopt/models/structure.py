@@ -50,13 +50,18 @@ class AttentionProbe:
         self.inner, self.layer, self.shares, self.block, self.fractions = inner, layer, shares, block, fractions
         self.armed = False
 
+    @staticmethod
+    def query_key(attn, hidden_states: torch.Tensor, rotary_emb=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k (B, H, N, D) of a WanAttention self-attention, as Wan's processor makes them."""
+        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            q, k = _rotate(q, *rotary_emb), _rotate(k, *rotary_emb)
+        return q.transpose(1, 2), k.transpose(1, 2)
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **kwargs):
         if self.armed and encoder_hidden_states is None:
-            q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-            k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
-            if rotary_emb is not None:
-                q, k = _rotate(q, *rotary_emb), _rotate(k, *rotary_emb)
-            q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, N, D)
+            q, k = self.query_key(attn, hidden_states, rotary_emb)
             mass = block_attention_mass(q, k, q.shape[-1] ** -0.5, self.block, self.block)
             shares = torch.stack([topk_block_share(mass, f) for f in self.fractions], dim=-1)  # (B, H, k)
             self.shares.setdefault(self.layer, []).append(shares.mean(0).float().cpu())

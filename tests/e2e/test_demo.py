@@ -1,0 +1,35 @@
+"""`vsopt demo` end to end at a reduced size (CPU): the shipped model, sampled dense and through
+torch.compile(backend="vsopt") with no plan, which must agree to float32 rounding."""
+import json
+
+import pytest
+
+from vsopt.cli import main
+
+
+def test_demo_runs_end_to_end_and_dense_plan_matches(tmp_path, capsys):
+    rc = main(["demo", "--out", str(tmp_path), "--frames", "2", "--size", "8", "--steps", "2", "--seed", "3"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "blocks.5.attn1" in printed and "plan: none" in printed and "PSNR" in printed
+    doc = json.loads((tmp_path / "demo.json").read_text())
+    assert len(doc["sites"]) == 12  # 6 layers x (self, cross)
+    assert doc["metrics"]["latent_relative_l2"] < 1e-4
+    assert doc["metrics"]["psnr_db"] == "inf" or doc["metrics"]["psnr_db"] > 40
+    assert doc["metrics"]["ssim"] > 0.99
+    from PIL import Image
+
+    with Image.open(tmp_path / "clip.gif") as gif:
+        assert gif.n_frames == 2
+    with Image.open(tmp_path / "frames.png") as png:
+        assert png.width > 2 * 8 * 6
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--prompt", "stripes background; red hexagon moving left, steady, fixed"], "unknown words"),
+    (["--size", "7"], "--size"),
+    (["--steps", "0"], "--steps"),
+])
+def test_demo_rejects_bad_input_with_a_clear_message(tmp_path, capsys, argv, message):
+    assert main(["demo", "--out", str(tmp_path), *argv]) == 1
+    assert message in capsys.readouterr().err

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import operator
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,8 +184,7 @@ class SdpaRule:
 
 SOFTMAX_OPS = {aten._softmax.default, aten.softmax.int, aten._safe_softmax.default}
 SCORE_OPS = {aten.bmm.default, aten.baddbmm.default, aten.matmul.default, aten.einsum.default}
-CAST_OPS = {aten._to_copy.default, aten.to.dtype, aten._to_copy.default}
-MASK_OPS = {aten.add.Tensor, aten.masked_fill.Scalar, aten.where.ScalarOther}
+CAST_OPS = {aten._to_copy.default, aten.to.dtype}
 DROPOUT_OPS = {aten.dropout.default, aten.native_dropout.default}
 
 
@@ -372,7 +370,7 @@ class SoftmaxAttentionRule:
         got = _operands(score)
         if isinstance(got, str):
             return fail(got)
-        oq, ok_, spec_out, score_kind, extra = got
+        oq, ok_, spec_out, _kind, extra = got
         axes = [(oq.axes if side == "a" else ok_.axes)[i] for side, i in spec_out]
         for n in path:
             if len(users(n)) != 1:

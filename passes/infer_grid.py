@@ -17,7 +17,6 @@ An image patchify (two axes) or any other token layout gives no grid (it stays u
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections import deque
 
 import torch

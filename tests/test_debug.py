@@ -326,6 +326,8 @@ def test_json_is_stable_across_runs_and_complete():
     assert data["entries"][2]["reason"] == "softmax over axis -2, not the key axis"
     assert data["numerical"]["first_over_threshold"] == "blocks.1"
     assert set(data["structure"]["removed"]) == REPLACED
+    assert [e["region"] for e in data["entries"]] == [0, 1, None, 2]  # indices into structure.regions
+    assert data["structure"]["regions"][1]["site_ids"] == ["blocks.1"]
     assert "0x" not in a  # no object addresses
 
 

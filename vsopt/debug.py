@@ -59,11 +59,12 @@ class SiteEntry:
     region: ChangeRegion | None
     plan_heads: list[dict[str, Any]] = field(default_factory=list)  # one dict per head; [] without a plan
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, regions: Sequence[ChangeRegion] = ()) -> dict[str, Any]:
+        """As JSON data; the region is given as its index in `regions` (the structure's list)."""
+        index = next((i for i, r in enumerate(regions) if r is self.region), None)
         return {"site_id": self.site_id, "status": self.status, "rule": self.rule, "reason": self.reason,
                 "node": self.node, "source": self.source.to_dict() if self.source else None,
-                "site": self.site.to_dict() if self.site else None,
-                "region": self.region.to_dict() if self.region else None, "plan_heads": self.plan_heads}
+                "site": self.site.to_dict() if self.site else None, "region": index, "plan_heads": self.plan_heads}
 
 
 @dataclass
@@ -92,7 +93,8 @@ class DiffReport:
         return [e for e in self.entries if e.status != "rewritten"]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": REPORT_VERSION, "model": self.model, "entries": [e.to_dict() for e in self.entries],
+        regions = self.structure.regions
+        return {"version": REPORT_VERSION, "model": self.model, "entries": [e.to_dict(regions) for e in self.entries],
                 "structure": self.structure.to_dict(),
                 "numerical": self.numerical.to_dict() if self.numerical else None,
                 "steps": [s.to_dict() for s in self.steps]}

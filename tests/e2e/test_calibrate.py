@@ -245,8 +245,9 @@ def test_cli(tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "overall density" in printed and str(out) in printed
-    assert "torch.compile(backend='vsopt') with the plan, first input: rel_l2" in printed
-    assert json.loads(report.read_text())["compiled_check"]["rel_l2"] <= 0.05
+    assert "plan check on the first input: lowered_rel_l2" in printed
+    check = json.loads(report.read_text())["plan_check"]
+    assert check["lowered_rel_l2"] <= 0.05 and check["compiled_rel_l2"] == pytest.approx(check["lowered_rel_l2"], rel=1e-3)
     assert Plan.load(out).sites and json.loads(report.read_text())["sites"][0]["predicted_rel_l2"] <= 0.05
     rc = main(["calibrate", "no_such_module:factory", "--max-error", "0.05", "--out", str(out)])
     assert rc == 1

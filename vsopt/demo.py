@@ -113,7 +113,10 @@ def run_demo(args: argparse.Namespace) -> dict:
         raise VsoptError("--device cuda: no CUDA GPU is available")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    ref = model_lib.load_shipped(device, dtype)
+    try:
+        ref = model_lib.load_shipped(device, dtype)
+    except (ImportError, FileNotFoundError) as e:
+        raise VsoptError(str(e)) from None
     c = ref.config
     frames, size = args.frames or c.frames, args.size or c.height
     if frames < 2 or size < 8 or size % 2:

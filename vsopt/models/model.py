@@ -110,7 +110,10 @@ class ReferenceModel:
 
 def build(config: ReferenceConfig, seed: int = 0) -> ReferenceModel:
     """A freshly initialised model (float32), deterministic from `seed`."""
-    from diffusers import WanTransformer3DModel
+    try:
+        from diffusers import WanTransformer3DModel
+    except ImportError as e:
+        raise ImportError(f"the reference model is diffusers' WanTransformer3DModel: pip install diffusers ({e})") from e
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -636,9 +636,11 @@ class _Checkpoint:
     measurements of every site and how many inputs each pass has finished, with a fingerprint of
     the model's sites, the options and the inputs. Written atomically after each input."""
 
-    def __init__(self, plan_path: str | os.PathLike, fingerprint: str):
+    def __init__(self, plan_path: str | os.PathLike, fingerprint: str, every_s: float = 20.0):
         self.path = Path(str(plan_path) + ".calibration.safetensors")
         self.fingerprint = fingerprint
+        self.every_s = every_s  # at most one write per every_s seconds, except when forced
+        self._last = time.monotonic()
 
     def load(self, states: dict[tuple[str, int], _SiteState]) -> tuple[int, int]:
         """Restore states; returns (inputs measured, inputs error-checked); (0, 0) if no usable file."""
@@ -668,9 +670,14 @@ class _Checkpoint:
                 st.error_calls = meta["error_calls"][name]
         return meta["measured"], meta["errors_done"]
 
-    def save(self, states: dict[tuple[str, int], _SiteState], measured: int, errors_done: int) -> None:
+    def save(self, states: dict[tuple[str, int], _SiteState], measured: int, errors_done: int,
+             force: bool = False) -> None:
+        """Write the state (a big model's sums are large: at most every `every_s` s unless forced)."""
         from safetensors.torch import save_file
 
+        if not force and time.monotonic() - self._last < self.every_s:
+            return
+        self._last = time.monotonic()
         tensors, meta = {}, {"fingerprint": self.fingerprint, "measured": measured, "errors_done": errors_done,
                              "mass_calls": {}, "error_calls": {}}
         for key, st in states.items():
@@ -843,7 +850,7 @@ def calibrate(model: torch.nn.Module, calibration_inputs: Sequence[Any], budget:
                 if range_ids[i] is not None:
                     run_observing(gm, positional[i], observe(_measure, range_ids[i]))
                 if ckpt:
-                    ckpt.save(states, i + 1, 0)
+                    ckpt.save(states, i + 1, 0, force=i + 1 == len(calls))
                 bar.update(1)
             bar.close()
             if not errors_done:
@@ -859,7 +866,7 @@ def calibrate(model: torch.nn.Module, calibration_inputs: Sequence[Any], budget:
             for j in range(errors_done, len(take)):
                 run_observing(gm, positional[take[j]], observe(_measure_errors, range_ids[take[j]]))
                 if ckpt:
-                    ckpt.save(states, len(calls), j + 1)
+                    ckpt.save(states, len(calls), j + 1, force=j + 1 == len(take))
                 bar.update(1)
             bar.close()
 

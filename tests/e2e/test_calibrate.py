@@ -149,6 +149,13 @@ def test_density_budget(tmp_path):
     assert all(hp.quant is Quant.NONE for sp in plan.sites.values() for hp in sp.heads)
 
 
+_checkpoint_init = cal._Checkpoint.__init__
+
+
+def _checkpoint_every_input(self, plan_path, fingerprint):
+    _checkpoint_init(self, plan_path, fingerprint, every_s=0.0)
+
+
 def test_interrupted_calibration_resumes(tmp_path, monkeypatch, capsys):
     model, inputs = model_and_inputs()
     out = tmp_path / "r.plan.json"
@@ -162,6 +169,7 @@ def test_interrupted_calibration_resumes(tmp_path, monkeypatch, capsys):
         return real(gm, inp, observer)
 
     monkeypatch.setattr(cal, "run_observing", flaky)
+    monkeypatch.setattr(cal._Checkpoint, "__init__", _checkpoint_every_input)
     with pytest.raises(KeyboardInterrupt):
         calibrate(model, inputs, SiteErrorBudget(0.05), options=OPTIONS, out=out, grid=GRID, progress=False)
     state_file = tmp_path / "r.plan.json.calibration.safetensors"

@@ -248,14 +248,16 @@ class _Plan:
     blocked: str = ""  # why the region cannot be rewritten at all
 
     @property
+    def free_sources(self) -> list[torch.fx.Node]:
+        """The unpermute_tokens that disappear: all their users are in the region or sinks."""
+        return [s for s in self.region.sources if all(u in self.region.axis or u in self.sinks for u in s.users)]
+
+    @property
     def gain(self) -> int:
         if self.blocked:
             return -1
-        removed = len(self.sinks) + len([s for s in self.region.sources if self._source_free(s)])
+        removed = len(self.sinks) + len(self.free_sources)
         return removed - len(self.region.entries) - len(self.exits)
-
-    def _source_free(self, s: torch.fx.Node) -> bool:
-        return all(u in self.region.axis or u in self.sinks for u in s.users)
 
 
 def _grow(gm: torch.fx.GraphModule, perm: torch.Tensor, unperms: list[torch.fx.Node],
@@ -319,7 +321,9 @@ def _apply(gm: torch.fx.GraphModule, plan: _Plan, tag: str, report: PassReport) 
         gm.register_buffer(attr, value.to(dev))
         node = graph.get_attr(attr)
         fake = torch._guards.detect_fake_mode([like.meta["val"]])
-        node.meta["val"] = fake.from_tensor(getattr(gm, attr)) if fake is not None else getattr(gm, attr)
+        value = getattr(gm, attr)
+        # static: a constant must not bring new symbolic sizes into Dynamo's shape env
+        node.meta["val"] = fake.from_tensor(value, static_shapes=True) if fake is not None else value
         node.meta["vsopt_from"] = (NAME, ())
         report.created.append(node.name)
         return node
@@ -383,15 +387,11 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
         plan = _grow(gm, perm, unperms, perms)
         if plan.gain <= 0:
             report.notes.append(f"order {i}: not cancelled {plan.blocked}({len(plan.sinks)} permutes and "
-                                f"{len(region_sources(plan))} unpermutes would go, {len(plan.region.entries)} "
+                                f"{len(plan.free_sources)} unpermutes would go, {len(plan.region.entries)} "
                                 f"entries and {len(plan.exits)} exits would come)")
             continue
         _apply(gm, plan, f"order{i}", report)
         report.notes.append(f"order {i}: removed {len(plan.sinks)} permute_tokens and "
-                            f"{len(region_sources(plan))} unpermute_tokens, added {len(plan.region.entries)} "
+                            f"{len(plan.free_sources)} unpermute_tokens, added {len(plan.region.entries)} "
                             f"entries and {len(plan.exits)} exits (index_select)")
     return report
-
-
-def region_sources(plan: _Plan) -> list[torch.fx.Node]:
-    return [s for s in plan.region.sources if plan._source_free(s)]

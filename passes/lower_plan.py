@@ -46,7 +46,7 @@ from vsopt.core.dynamic import DynamicSpec
 from vsopt.core.errors import PlanError, UnsupportedSiteError
 from vsopt.core.ir import AttentionSite, SkippedSite
 from vsopt.core.orders import TokenOrder, head_permutations
-from vsopt.core.plan import HeadPlan, Quant, SitePlan
+from vsopt.core.plan import HeadPlan, Plan, Quant, SitePlan
 
 from .graph_edit import emit
 from .infra import PassContext, PassReport
@@ -102,8 +102,6 @@ def _why_not(node: torch.fx.Node, site: AttentionSite | None, sp: SitePlan) -> s
 
 
 def _site_differences(site: AttentionSite, sp: SitePlan) -> list[str]:
-    from vsopt.core.plan import Plan
-
     return Plan({sp.site_id: sp}).differences([site])
 
 
@@ -127,7 +125,8 @@ class _Lowering:
         value = value.to(self.device)
         self.gm.register_buffer(name, value)
         n = self.gm.graph.get_attr(name)
-        n.meta["val"] = self.fake_mode.from_tensor(value) if self.fake_mode is not None else value
+        # static: a constant must not bring new symbolic sizes into Dynamo's shape env
+        n.meta["val"] = self.fake_mode.from_tensor(value, static_shapes=True) if self.fake_mode is not None else value
         n.meta["vsopt_from"] = (NAME, (self.node.name,))
         self.created.append(n.name)
         return n

@@ -49,13 +49,14 @@ import torch
 from tqdm.auto import tqdm
 
 from vsopt.backend import trace_and_rewrite
-from vsopt.capture import RecordedCall, SiteCall, record_forward_inputs, run_observing
+from vsopt.capture import (RecordedCall, SiteCall, choose_orders, order_block_mass, record_forward_inputs,
+                           run_observing)
 from vsopt.core.config import VsoptConfig
 from vsopt.core.dynamic import DynamicMethod, DynamicSpec, pooled_block_scores, select_blocks
 from vsopt.core.errors import ConfigError
 from vsopt.core.ir import AttentionSite, TokenGrid
-from vsopt.core.metrics import block_attention_mass, psnr, relative_l2
-from vsopt.core.orders import TokenOrder, head_permutations, order_permutation
+from vsopt.core.metrics import psnr, relative_l2
+from vsopt.core.orders import TokenOrder, head_permutations
 from vsopt.core.patterns import (FrameTiles, LocalWindow, Pattern, Radial, TemporalDiagonals, Union, VerticalStripes,
                                  block_mask, calibrated_block_mask, diagonal_blocks, num_blocks)
 from vsopt.core.plan import HeadPlan, Plan, Quant, SitePlan, Sparsity, StepPlan
@@ -232,31 +233,10 @@ def _kv_to_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 def _measure(state: _SiteState, call: SiteCall) -> None:
     """Pass 1: add this call's block mass in each candidate order (summed over the batch)."""
-    k = _kv_to_heads(call.k, call.q.shape[1])
-    grid = state.site.grid
-    for order in state.orders:
-        if order is TokenOrder.FHW:
-            qp, kp = call.q, k
-        else:
-            perm = order_permutation(grid, order).to(call.q.device)
-            qp, kp = call.q[:, :, perm], k[:, :, perm]
-        m = block_attention_mass(qp, kp, call.scale, state.opt.block_m, state.opt.block_n).sum(0).double().cpu()
+    mass = order_block_mass(call, state.site.grid, state.orders, state.opt.block_m, state.opt.block_n)
+    for order, m in mass.items():
         state.mass[order] = state.mass[order] + m if order in state.mass else m
     state.mass_calls += call.q.shape[0]
-
-
-def choose_orders(mass: dict[TokenOrder, torch.Tensor], density: float) -> list[TokenOrder]:
-    """Per head, the order whose top `density` share of blocks holds the most mass. mass: order ->
-    (H, QB, KB). Ties (within 1e-6) go to the order listed first, FHW first: no permutation."""
-    orders = [o for o in TokenOrder if o in mass]
-    flat = {o: mass[o].flatten(1) for o in orders}
-    k = max(1, math.ceil(density * next(iter(flat.values())).shape[1]))
-    share = torch.stack([flat[o].topk(k, dim=1).values.sum(1) / flat[o].sum(1) for o in orders])  # (O, H)
-    best = []
-    for h in range(share.shape[1]):
-        top = share[:, h].max()
-        best.append(next(o for i, o in enumerate(orders) if share[i, h] >= top - 1e-6))
-    return best
 
 
 def _build_candidates(state: _SiteState) -> None:

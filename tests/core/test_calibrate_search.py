@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from vsopt.calibrate import (CalibrationOptions, DensityBudget, SiteErrorBudget, _build_candidates, _measure,
-                             _measure_errors, _SiteState, choose_orders, predicted_time_us, search_density,
+                             _measure_errors, _SiteState, predicted_time_us, search_density,
                              search_site_error, site_plan_output, _head_plans)
-from vsopt.capture import SiteCall
+from vsopt.capture import SiteCall, choose_orders
 from vsopt.core.errors import ConfigError
 from vsopt.core.ir import AttentionSite, GridSource, Layout, TokenGrid
 from vsopt.core.metrics import block_attention_mass, relative_l2

@@ -166,3 +166,25 @@ def test_budget_validation():
         CalibrationOptions(orders=(TokenOrder.HWF,))
     with pytest.raises(ConfigError, match="Quant.NONE"):
         CalibrationOptions(quants=(Quant.INT8,))
+
+
+def test_run_observing_needs_sites_and_checks_replacements():
+    from vsopt.capture import run_observing
+
+    gm = torch.fx.symbolic_trace(torch.nn.Linear(4, 4))
+    with pytest.raises(ConfigError, match="no torch.ops.vsopt.attention site"):
+        run_observing(gm, (torch.randn(2, 4),), lambda call: None)
+
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.ops.vsopt.attention.default(q, k, v, None, 0.5, False) * 2
+
+    gm = torch.fx.symbolic_trace(Attn())
+    node = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.vsopt.attention.default)
+    node.meta["vsopt_site"] = "s"
+    q = torch.randn(1, 2, 8, 4)
+    seen = []
+    out = run_observing(gm, (q, q, q), lambda call: seen.append(call.scale) or torch.ones_like(call.out))
+    assert seen == [0.5] and torch.equal(out, torch.full_like(out, 2.0))  # the replacement flowed on
+    with pytest.raises(ConfigError, match="replaced site 's'"):
+        run_observing(gm, (q, q, q), lambda call: torch.ones(3))

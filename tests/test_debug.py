@@ -437,3 +437,18 @@ def test_a_node_inserted_outside_any_site_is_its_own_region(case):
                      ("region", ["blocks.3"])]
     assert "change outside any site by scale_residual" in render_text(report)
     assert report.numerical.first_over_threshold is None
+
+
+def test_accumulated_error_over_threshold_without_any_isolated_one():
+    """Small errors at two sites that only together cross the threshold: no site is named as
+    where error enters, and the report says where the accumulated error crosses it."""
+    probe = make_report({"blocks.0": 1.5, "blocks.1": 1.5}).numerical
+    iso = max(s.isolated.rel_l2 for s in probe.sites)
+    acc = max(s.accumulated.rel_l2 for s in probe.sites)
+    assert acc > iso * 1.01  # the premise: errors compound (blocks.1 inherits blocks.0's)
+    report = make_report({"blocks.0": 1.5, "blocks.1": 1.5}, threshold=(iso + acc) / 2)
+    num = report.numerical
+    assert num.first_over_threshold is None and num.first_accumulated_over_threshold is not None
+    text = " ".join(render_text(report).split())
+    assert f"the accumulated error crosses it at {num.first_accumulated_over_threshold}" in text
+    assert 'class="callout warn"' in report.render_html()

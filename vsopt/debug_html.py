@@ -73,6 +73,7 @@ th:first-child,td:first-child{text-align:left}td.bad{color:var(--bad);font-weigh
 .callout{padding:8px 12px;border-radius:6px;margin:8px 0}
 .callout.bad{background:#ffebee;border-left:4px solid var(--bad)}
 .callout.ok{background:#e8f5e9;border-left:4px solid var(--ok)}
+.callout.warn{background:#fff3e0;border-left:4px solid var(--warn)}
 svg text{font-family:system-ui,sans-serif}.plot{overflow-x:auto}
 #js-errors{background:#ffebee;color:var(--bad);padding:8px;white-space:pre-wrap}
 """
@@ -360,6 +361,11 @@ def render_html(report: "DiffReport") -> str:
             callout = (f'<div class="callout bad" id="first-over">Error enters at <a href="#{_e(anchors[first])}">'
                        f'<b>{_e(first)}</b></a>: isolated relative L2 {_num(e.isolated.rel_l2)} &gt; '
                        f'{_num(num.threshold)}' + (f", worst head {h}" if h is not None else "") + "</div>")
+        elif num.first_accumulated_over_threshold:
+            acc = num.first_accumulated_over_threshold
+            callout = (f'<div class="callout warn" id="first-over">No site\'s own (isolated) error is over the '
+                       f'threshold ({_num(num.threshold)}); the accumulated error crosses it at '
+                       f'<a href="#{_e(anchors[acc])}"><b>{_e(acc)}</b></a>.</div>')
         else:
             callout = f'<div class="callout ok" id="first-over">No site over the threshold ({_num(num.threshold)}).</div>'
         body.insert(0, f"<h2>Error per site</h2>{callout}<div class=\"plot\">{draw_error_plot(report, anchors)}</div>")

@@ -150,16 +150,19 @@ def _numerics(report: "DiffReport", width: int, s: _Style) -> list[str]:
     o = num.output
     lines.append(f"  model output: PSNR {o.psnr:.2f} dB, rel L2 {_num(o.rel_l2)}, cosine {o.cosine:.6f}, "
                  f"max err {_num(o.max_abs)}")
-    first = num.first_over_threshold
-    if first is None:
+    first, acc = num.first_over_threshold, num.first_accumulated_over_threshold
+    if first is None and acc is None:
         lines.append(s(f"  no site over the threshold ({_num(num.threshold)})", "green"))
+    elif first is None:
+        msg = (f"  no site's own (isolated) error is over the threshold ({_num(num.threshold)}); the accumulated "
+               f"error crosses it at {acc}")
+        lines += [s(line, "yellow") for line in textwrap.wrap(msg, width, subsequent_indent="    ")]
     else:
         e = next(x for x in num.sites if x.site_id == first)
         h = e.worst_head()
         msg = (f"  first site over threshold: {first} (isolated rel L2 {_num(e.isolated.rel_l2)} > "
                f"{_num(num.threshold)}" + (f"; head {h}" if h is not None else "") + ")")
         lines += [s(line, "red") for line in textwrap.wrap(msg, width, subsequent_indent="    ")]
-        acc = num.first_accumulated_over_threshold
         if acc and acc != first:
             lines.append(_fit(f"  accumulated error first crosses it at {acc}", width))
     return lines

@@ -39,12 +39,11 @@ _CONFIGS = [
 
 def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
-    tm, tn, d = args["TABLE_BLOCK_M"], args["TABLE_BLOCK_N"], args["HEAD_DIM"]
+    tm, tn = args["TABLE_BLOCK_M"], args["TABLE_BLOCK_N"]
+    # Tiles that divide the table block and are not much smaller than it (small tiles waste the MMA).
     fits = [c for c in configs
             if tm % c.kwargs["BLOCK_M"] == 0 and tn % c.kwargs["BLOCK_N"] == 0
             and c.kwargs["BLOCK_M"] >= min(tm, 64) and c.kwargs["BLOCK_N"] >= min(tn, 32)]
-    if d <= 64:   # small head dim: registers allow the wide tile with fewer warps
-        fits = [c for c in fits if not (c.kwargs["BLOCK_N"] == 32 and c.kwargs["BLOCK_M"] == 128)]
     if not fits:  # tiny table blocks: the table block itself
         fits = [triton.Config({"BLOCK_M": tm, "BLOCK_N": tn}, num_warps=4, num_stages=2)]
     return fits[:1] if interpreting() else fits[:4]
@@ -116,7 +115,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
     out = torch.empty((B, Hq, Nq, D), dtype=out_dtype, device=q.device)
     lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device) if with_lse else out
     order = work_order(kv_counts, B)
-    dummy = order
+    unused = order   # stands in for the scale pointers a mode does not read
     Bt = kv_counts.shape[0]
     grid = lambda meta: (order.numel() * (block_m // meta["BLOCK_M"]),)  # noqa: E731
     if tile is not None:
@@ -128,8 +127,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
         launch, tile_args = torch.library.wrap_triton(_tuned_kernel), {}
     launch[grid](
         q, k, v, out, lse,
-        q_scale if q_scale is not None else dummy, k_scale if k_scale is not None else dummy,
-        v_scale if v_scale is not None else dummy,
+        q_scale if q_scale is not None else unused, k_scale if k_scale is not None else unused,
+        v_scale if v_scale is not None else unused,
         kv_indices, kv_counts, order,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),

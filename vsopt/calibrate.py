@@ -144,6 +144,10 @@ class CalibrationOptions:
     quants: precisions the search may pick. patterns / dynamic / skip: candidate families allowed.
     dynamic_values: cumulative-mass targets of the dynamic candidates.
     error_inputs: how many calibration inputs (the first ones) pass 2 runs on (None: all).
+    site_overhead_us: what lowering a site costs beyond the GPU time the cost model predicts
+      (host-side launch work, permutations, head-group gathers); with a SiteErrorBudget a site
+      whose predicted saving is smaller stays dense. 0 by default; see docs/CALIBRATION.md for
+      a measured value.
     step_ranges: [(start, stop)] of denoising steps calibrated separately (inputs must be
       RecordedCalls whose index is the step; stop None = to the end); None: one plan for all.
     cost_model: None = the shipped one for this GPU (CostModel.default).
@@ -160,6 +164,7 @@ class CalibrationOptions:
     dynamic_values: tuple[float, ...] = (0.9, 0.95, 0.99)
     skip: bool = True
     error_inputs: int | None = None
+    site_overhead_us: float = 0.0
     step_ranges: tuple[tuple[int, int | None], ...] | None = None
     cost_model: CostModel | None = None
 
@@ -447,7 +452,19 @@ def search_site_error(state: _SiteState, cost: CostModel, max_rel_l2: float) -> 
             choice = _spend_slack(options, choice, limit)
         err = sum(o.err2 for o in choice)
         results.append((err > limit, predicted_time_us(state, choice, cost) if err <= limit else err, choice))
-    return min(results, key=lambda r: (r[0], r[1]))[2]
+    best = min(results, key=lambda r: (r[0], r[1]))[2]
+    # a site left as the model's dense attention costs no lowering overhead: keep it if the
+    # plan's predicted saving does not pay for that overhead
+    dense = _dense_choices(state)
+    if predicted_time_us(state, best, cost) + state.opt.site_overhead_us >= predicted_time_us(state, dense, cost):
+        return dense
+    return best
+
+
+def _dense_choices(state: _SiteState) -> list[HeadChoice]:
+    """Every head dense, unquantized (the site stays the model's own attention)."""
+    none = state.opt.quants.index(Quant.NONE)
+    return [HeadChoice(0, Quant.NONE, float(state.quant_err2[h, none]), 0.0, 1.0) for h in range(state.site.heads)]
 
 
 def search_density(states: Sequence[_SiteState], cost: CostModel, density: float, quant: Quant) -> list[list[HeadChoice]]:
@@ -1128,6 +1145,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-dynamic", action="store_true", help="no dynamic-mask candidates")
     p.add_argument("--no-skip", action="store_true", help="never skip a head")
     p.add_argument("--error-inputs", type=int, default=None, help="inputs per step range used to measure errors")
+    p.add_argument("--site-overhead-us", type=float, default=0.0,
+                   help="per-site cost of lowering not in the GPU cost model; sites saving less stay dense")
     p.add_argument("--step-ranges", type=_parse_ranges, default=None,
                    help="calibrate denoising step ranges separately, e.g. 0:4,4: (--reference)")
     p.add_argument("--steps", type=int, default=8, help="--reference: sampler steps")
@@ -1196,6 +1215,7 @@ def run_cli(args: argparse.Namespace) -> int:
         block_m=args.block, block_n=args.block, quants=quants or (Quant.NONE,),
         orders=(TokenOrder.FHW,) if args.no_reorder else tuple(TokenOrder), patterns=not args.no_patterns,
         dynamic=not args.no_dynamic, skip=not args.no_skip, error_inputs=args.error_inputs,
+        site_overhead_us=args.site_overhead_us,
         step_ranges=args.step_ranges, cost_model=cost)
     result = calibrate(model, inputs, budget, options=options, out=args.out, resume=not args.no_resume,
                        progress=not args.quiet, grid=grid)

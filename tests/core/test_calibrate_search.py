@@ -188,3 +188,22 @@ def test_run_observing_needs_sites_and_checks_replacements():
     assert seen == [0.5] and torch.equal(out, torch.full_like(out, 2.0))  # the replacement flowed on
     with pytest.raises(ConfigError, match="replaced site 's'"):
         run_observing(gm, (q, q, q), lambda call: torch.ones(3))
+
+
+def test_site_overhead_keeps_a_site_dense_when_the_saving_does_not_pay(measured):
+    state, _ = measured
+    sparse = search_site_error(state, COST, 0.2)
+    dense_time = predicted_time_us(state, cal_dense(state), COST)
+    saving = dense_time - predicted_time_us(state, sparse, COST)
+    assert saving > 0
+    for overhead, stays_dense in ((saving * 0.5, False), (saving * 1.5, True)):
+        state.opt = CalibrationOptions(**{**state.opt.__dict__, "site_overhead_us": overhead})
+        got = search_site_error(state, COST, 0.2)
+        assert all(state.candidates[c.candidate].sparsity is Sparsity.DENSE for c in got) == stays_dense
+    state.opt = CalibrationOptions(**{**state.opt.__dict__, "site_overhead_us": 0.0})
+
+
+def cal_dense(state):
+    from vsopt.calibrate import _dense_choices
+
+    return _dense_choices(state)

@@ -16,16 +16,18 @@ looking at every attention site as it runs (vsopt.capture.run_observing):
    dynamic mask, skip, and dense.
 2. errors: every candidate (and every quantization mode, at full density) is run through
    torch.ops.vsopt.block_sparse_attention on the site's real q/k/v, and the squared error of
-   each head against exact float32 attention is accumulated. Predicted error of a head for
-   (candidate, quant) = sparse error^2 + quant error^2 (independent errors add in squares).
+   each head against exact float32 attention is accumulated. Predicted error^2 of a head for
+   (candidate, quant) = its sparse error^2 + the quant mode's extra error^2 over bf16 at full
+   density (independent errors add in squares).
 3. search and check: per site (SiteErrorBudget) or over the model (DensityBudget), a Lagrangian
    search picks one (candidate, quant) per head minimizing the cost model's predicted time subject
    to the budget; then the chosen plan is run on the first calibration input and its ACTUAL
    error per site is reported beside the predicted one. A QualityFloor repeats the search with
    per-site budgets found by bisection until the model output on the held-out input passes.
 
-State after each input of passes 1 and 2 is checkpointed next to the output plan (safetensors +
-JSON metadata, written atomically): an interrupted calibration resumes where it stopped.
+The sums of passes 1 and 2 are checkpointed next to the output plan (safetensors + JSON metadata,
+written atomically, at most every 20 s and at the end of each pass): an interrupted calibration
+resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -213,7 +215,7 @@ class _SiteState:
     head_orders: list[TokenOrder] | None = None
     candidates: list[_Candidate] | None = None
     err2: torch.Tensor | None = None  # (H, C) squared error of each candidate, quant none
-    density: torch.Tensor | None = None  # (H, C) blocks kept / all blocks, averaged over calls
+    density: torch.Tensor | None = None  # (H, C) blocks kept / all blocks, summed over calls
     quant_err2: torch.Tensor | None = None  # (H, len(quants)) dense, per quant mode
     norm2: torch.Tensor | None = None  # (H,) squared norm of the exact output
     error_calls: int = 0

@@ -167,6 +167,8 @@ def run_demo(args: argparse.Namespace) -> dict:
         return x, time.perf_counter() - t0
 
     print("\ndense (eager diffusers model):")
+    # one untimed step first, as the compiled run gets: the first call pays for CUDA/cuBLAS set-up
+    sampler.sample(ref.transformer, cond, shape, steps=1, seed=args.seed, guidance=args.guidance, uncond=uncond)
     dense, t_dense = run(ref.transformer)
     compiled = torch.compile(ref.transformer, backend=args.backend, **({"options": options} if args.backend == "vsopt" else {}))
     print(f"optimized (torch.compile backend={args.backend!r}): compiling (one sampling step)...")

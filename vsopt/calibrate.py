@@ -1021,14 +1021,14 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def check_plan(model: torch.nn.Module, call: RecordedCall, plan_path: str | os.PathLike,
-               grid: TokenGrid | None = None, repeats: int = 10) -> dict[str, Any]:
+               grid: TokenGrid | None = None, repeats: int = 10, compile: bool = True) -> dict[str, Any]:
     """Run `model` on one input dense, as the plan-lowered graph run eagerly (the kernels called
     directly), and through torch.compile(backend="vsopt") with the plan (Inductor).
 
     Returns, for "lowered" and "compiled": relative L2 and PSNR of the model output against the
     dense model, and on CUDA the median milliseconds per call (dense: eager and torch.compile's
     default backend). A torch.compile failure is returned as "compiled_error" (its first line),
-    not raised: the lowered graph's numbers still stand."""
+    not raised: the lowered graph's numbers still stand. compile=False skips torch.compile."""
     signature, (inputs,) = _positional(model, [call])
     config = VsoptConfig(plan=Plan.load(plan_path), grid=grid)
     on_gpu = any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs)
@@ -1045,6 +1045,8 @@ def check_plan(model: torch.nn.Module, call: RecordedCall, plan_path: str | os.P
         options = {"plan": os.fspath(plan_path)}
         if grid is not None:
             options["grid"] = grid
+        if not compile:
+            return check
         try:
             compiled = torch.compile(model, backend="vsopt", options=options)
             out = _model_output(compiled(*call.args, **call.kwargs)).float()

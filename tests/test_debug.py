@@ -452,3 +452,27 @@ def test_accumulated_error_over_threshold_without_any_isolated_one():
     text = " ".join(render_text(report).split())
     assert f"the accumulated error crosses it at {num.first_accumulated_over_threshold}" in text
     assert 'class="callout warn"' in report.render_html()
+
+
+def test_plan_heads_per_head_entries():
+    from vsopt.core.ir import TokenGrid
+    from vsopt.core.orders import TokenOrder
+    from vsopt.core.patterns import LocalWindow
+    from vsopt.core.plan import HeadPlan, Plan, Quant, SitePlan, Sparsity
+    from vsopt.debug import plan_heads
+
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[:, 0] = True
+    mask[2, 3] = True  # 5 of 16 blocks
+    heads = (HeadPlan(sparsity=Sparsity.PATTERN, pattern=LocalWindow(0, 1, 1), order=TokenOrder.HWF, block_m=16,
+                      block_n=16),
+             HeadPlan(sparsity=Sparsity.MASK, mask=mask, block_m=16, block_n=16),
+             HeadPlan(quant=Quant.INT8, block_m=16, block_n=16))
+    plan = Plan({"blocks.0": SitePlan("blocks.0", 3, 64, 64, TokenGrid(4, 4, 4), heads)})
+    rows = plan_heads(plan, "blocks.0")
+    assert [r["sparsity"] for r in rows] == ["pattern", "mask", "dense"]
+    assert [r["pattern"] for r in rows] == ["local_window", None, None]
+    assert [r["order"] for r in rows] == ["hwf", "fhw", "fhw"] and [r["quant"] for r in rows] == ["none", "none", "int8"]
+    assert rows[1]["density"] == 5 / 16 and rows[2]["density"] == 1.0 and 0 < rows[0]["density"] < 1
+    assert rows[0]["block"] == [16, 16]
+    assert plan_heads(plan, "blocks.9") == [] and plan_heads(None, "blocks.0") == []

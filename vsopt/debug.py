@@ -151,21 +151,21 @@ def _write_atomic(path: str | os.PathLike, text: str) -> Path:
 # ----------------------------------------------------------------------------- building the report
 
 
-def plan_heads(plan: Any, site: AttentionSite | None, site_id: str) -> list[dict[str, Any]]:
-    """The plan entry of a site, one dict per head: sparsity, pattern, order, quant (precision),
-    block, density (None where it is decided at run time). [] when the plan has no entry."""
+def plan_heads(plan: Any, site_id: str) -> list[dict[str, Any]]:
+    """The plan entry of a site (a vsopt.core.plan.Plan), one dict per head: sparsity, pattern,
+    order, quant (precision), block, density (None where it is decided at run time). The
+    step-independent head plans; [] when the plan has no entry."""
     if plan is None or site_id not in plan:
         return []
     site_plan = plan[site_id]
     rows = []
     for head in site_plan.heads_at(None):
-        row = head.to_json(mask_key="mask" if head.mask is not None else None)
         try:
             mask = head.block_mask(site_plan.q_len, site_plan.kv_len, site_plan.grid)
-        except ValueError:
+        except ValueError:  # a pattern the site's grid cannot hold: lower_plan says why it stays dense
             mask = None
-        rows.append({"sparsity": row["sparsity"], "pattern": (row.get("pattern") or {}).get("kind"),
-                     "order": row["order"], "quant": row["quant"], "block": row["block"],
+        rows.append({"sparsity": head.sparsity.value, "pattern": head.pattern.KIND if head.pattern else None,
+                     "order": head.order.value, "quant": head.quant.value, "block": [head.block_m, head.block_n],
                      "density": float(mask.float().mean()) if mask is not None else None})
     return rows
 
@@ -213,13 +213,13 @@ def build_report(before: torch.fx.GraphModule, after: torch.fx.GraphModule, site
         anchor = site.output_node
         entries.append(SiteEntry(site.site_id, status, site.rule or (skip.rule if skip else ""), reason, anchor,
                                  _location(before_nodes, anchor), site, region,
-                                 plan_heads(plan, site, site.site_id) if region else []))
+                                 plan_heads(plan, site.site_id) if region else []))
     taken = {e.site_id for e in entries}
     for skip in skipped:  # candidates that never became sites
         label = skip.site_id if skip.site_id not in taken else f"{skip.site_id}@{skip.node}"
         taken.add(label)
         entries.append(SiteEntry(label, "left alone", skip.rule, skip.reason, skip.node,
-                                 _location(before_nodes, skip.node), None, structure.region_for(skip.site_id)))
+                                 _location(before_nodes, skip.node), None, None))
     entries.sort(key=lambda e: order.get(e.node, len(order)))
 
     numerical, steps = None, []

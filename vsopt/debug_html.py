@@ -182,7 +182,7 @@ def draw_error_plot(report: "DiffReport", anchors: dict[str, str]) -> str:
     lo = 10 ** math.floor(math.log10(max(min(min(values), num.threshold * 1e-3), 1e-12)))
     hi = 10 ** math.ceil(math.log10(max(values) * 1.01))
     left, top, plot_h, step = 60, 16, 200, max(28, min(60, 900 // len(sites)))
-    width = left + step * len(sites) + 20
+    width = left + step * len(sites) + 60  # room for the last rotated label
     label_h = 8 + 6.5 * max(len(s.site_id) for s in sites) * 0.72
     height = top + plot_h + label_h + 10
 
@@ -195,7 +195,7 @@ def draw_error_plot(report: "DiffReport", anchors: dict[str, str]) -> str:
     decade = lo
     while decade <= hi * 1.0001:
         yy = y(decade)
-        parts.append(f'<line x1="{left}" x2="{width - 10}" y1="{yy:.1f}" y2="{yy:.1f}" stroke="#eee"/>'
+        parts.append(f'<line x1="{left}" x2="{width - 50}" y1="{yy:.1f}" y2="{yy:.1f}" stroke="#eee"/>'
                      f'<text x="{left - 6}" y="{yy + 4:.1f}" font-size="10" text-anchor="end" fill="#777">'
                      f'{decade:.0e}</text>')
         decade *= 10
@@ -216,8 +216,8 @@ def draw_error_plot(report: "DiffReport", anchors: dict[str, str]) -> str:
         parts.append(f'<circle cx="{left + i * step + step / 2:.1f}" cy="{y(s.accumulated.rel_l2):.1f}" r="3" '
                      f'fill="#1565c0"/>')
     ty = y(num.threshold)
-    parts.append(f'<line x1="{left}" x2="{width - 10}" y1="{ty:.1f}" y2="{ty:.1f}" stroke="#c62828" '
-                 f'stroke-dasharray="6 4"/><text x="{width - 12}" y="{ty - 4:.1f}" font-size="10" '
+    parts.append(f'<line x1="{left}" x2="{width - 50}" y1="{ty:.1f}" y2="{ty:.1f}" stroke="#c62828" '
+                 f'stroke-dasharray="6 4"/><text x="{width - 52}" y="{ty - 4:.1f}" font-size="10" '
                  f'text-anchor="end" fill="#c62828">threshold {_num(num.threshold)}</text>')
     parts.append(f'<line x1="{left}" x2="{left}" y1="{top}" y2="{top + plot_h}" stroke="#999"/></svg>')
     legend = ('<p class="mono"><span style="color:#66bb6a">■</span> isolated (only this site optimized) '
@@ -234,7 +234,11 @@ def draw_steps_plot(report: "DiffReport") -> str:
     def xy(i, v):
         return left + (i + 0.5) * w / len(psnrs), top + h * (1 - (v - lo) / (hi - lo))
     pts = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(i, v) for i, v in enumerate(psnrs)))
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" id="steps-plot" width="{left + w + 20}" height="{top + h + 30}">']
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" id="steps-plot" width="{left + w + 20}" height="{top + h + 44}">',
+             f'<text x="12" y="{top + h / 2:.0f}" font-size="11" fill="#444" text-anchor="middle" '
+             f'transform="rotate(-90 12 {top + h / 2:.0f})">PSNR dB</text>',
+             f'<text x="{left + w / 2:.0f}" y="{top + h + 38}" font-size="11" fill="#444" '
+             f'text-anchor="middle">step</text>']
     for v in range(int(lo), int(hi) + 1, 5):
         yy = xy(0, v)[1]
         parts.append(f'<line x1="{left}" x2="{left + w}" y1="{yy:.1f}" y2="{yy:.1f}" stroke="#eee"/>'

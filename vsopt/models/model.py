@@ -17,6 +17,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from importlib.resources.abc import Traversable
 from typing import Any
 
 import torch
@@ -169,7 +170,7 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu",
     return model.to(device, dtype).eval()
 
 
-def shipped_checkpoint() -> importlib.resources.abc.Traversable:
+def shipped_checkpoint() -> Traversable:
     """The checkpoint shipped in the package (vsopt/models/assets/reference.safetensors)."""
     ref = importlib.resources.files("vsopt.models") / "assets" / CHECKPOINT_NAME
     if not ref.is_file():

@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name() if r["device"] == "cuda" else "cpu"
     clips = r["steps"] * args.batch
     record = {
-        "command": "python -m vsopt.models.train " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "command": "python -m vsopt.models.train " + " ".join(argv if argv is not None else sys.argv[1:]),
         "args": vars(args), "model": asdict(ref.config), "parameters": r["n_params"],
         "checkpoint_bytes": (out / model_lib.CHECKPOINT_NAME).stat().st_size,
         "device": device_name, "torch": torch.__version__, "steps": r["steps"], "clips_seen": clips,

@@ -43,6 +43,7 @@ import os
 import sys
 import tempfile
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -1240,3 +1241,15 @@ def run_cli(args: argparse.Namespace) -> int:
 
         atomic_write_text(args.report, json.dumps(result_dict, indent=2) + "\n")
     return 0
+
+
+class _CallableModule(types.ModuleType):
+    """`vsopt.calibrate` is both this module (the CLI imports it) and the function: once the
+    module is imported, the package attribute `vsopt.calibrate` is the module, so calling it
+    must call calibrate() (as vsopt.inspect does)."""
+
+    def __call__(self, *args, **kwargs) -> CalibrationResult:
+        return calibrate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -286,3 +286,12 @@ def test_diffusers_wan_over_sampler_steps(tmp_path):
     # (torch.compile of this model takes a minute on CPU: the planted model's tests cover it)
     check = cal.check_plan(ref.transformer, calls[0], out, compile=False)
     assert check["lowered_rel_l2"] > 1e-4  # the sparse plan was applied, not silently dropped
+
+
+def test_vsopt_calibrate_is_callable_after_the_module_is_imported(tmp_path):
+    import vsopt
+    import vsopt.calibrate  # noqa: F401  (makes the package attribute the module)
+
+    model, inputs = model_and_inputs()
+    result = vsopt.calibrate(model, inputs[:1], DensityBudget(0.5), options=OPTIONS, grid=GRID, progress=False)
+    assert result.density <= 0.5 + 1e-6

@@ -1187,11 +1187,17 @@ def _load_factory(target: str):
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    quants = tuple(Quant(q.strip()) for q in args.quant.split(",") if q.strip())
+    try:
+        quants = tuple(Quant(q.strip()) for q in args.quant.split(",") if q.strip())
+    except ValueError as e:
+        raise ConfigError(f"--quant: {e}; valid: {[q.value for q in Quant]}") from None
     cost = CostModel.load(args.cost_model) if args.cost_model else None
     grid = None
     if args.grid:
-        grid = TokenGrid(*(int(v) for v in args.grid.split(",")))
+        try:
+            grid = TokenGrid(*(int(v) for v in args.grid.split(",")))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"--grid {args.grid!r}: expected F,H,W[,text_before[,text_after]] ({e})") from None
     if args.reference:
         from vsopt.models import model as model_lib
 

@@ -260,6 +260,9 @@ def test_cli(tmp_path, capsys):
     rc = main(["calibrate", "no_such_module:factory", "--max-error", "0.05", "--out", str(out)])
     assert rc == 1
     assert "cannot import 'no_such_module'" in capsys.readouterr().err
+    for bad, message in ((["--grid", "3,x,6"], "--grid '3,x,6'"), (["--quant", "int4"], "--quant")):
+        assert main(["calibrate", f"{__name__}:factory", "--max-error", "0.05", "--out", str(out), *bad]) == 1
+        assert message in capsys.readouterr().err
 
 
 def test_diffusers_wan_over_sampler_steps(tmp_path):

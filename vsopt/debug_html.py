@@ -129,7 +129,7 @@ _ONERROR = """window.onerror = function(msg, src, line){
 _DEFS = ('<svg width="0" height="0" style="position:absolute" aria-hidden="true"><defs><marker id="arrow" '
          'viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" orient="auto-start-reverse">'
          '<path d="M0,0 L10,5 L0,10 z" fill="#888"/></marker></defs></svg>')
-_BOX_W, _BOX_H, _GAP_X, _GAP_Y = 144, 34, 12, 26
+_BOX_W, _BOX_H, _GAP_X, _GAP_Y = 132, 34, 10, 26
 
 
 def draw_subgraph(sub: Subgraph, title: str) -> str:
@@ -158,7 +158,7 @@ def draw_subgraph(sub: Subgraph, title: str) -> str:
         tip = f"{node.name}: {node.op}" + (f" [{node.shape}]" if node.shape else "")
         if node.source:
             tip += f"\n{node.source.file}:{node.source.line}\n{node.source.code}"
-        label = node.op if len(node.op) <= 22 else node.op[:21] + "…"
+        label = node.op if len(node.op) <= 20 else node.op[:19] + "…"
         parts.append(f'<g class="node{" changed" if changed else ""}"><title>{_e(tip)}</title>'
                      f'<rect x="{x}" y="{y}" width="{_BOX_W}" height="{_BOX_H}" rx="6" fill="{fill}" '
                      f'stroke="{stroke}"{dash}/>'

@@ -61,10 +61,18 @@ class Axis:
 
 # ---------------------------------------------------------------------------------------- ops
 
+# ops whose output has the token axis of their first argument (later arguments give only dtypes)
 _SAME_AXIS = {aten.clone.default, aten._to_copy.default, aten.alias.default, aten.detach.default,
-              aten.contiguous.default, aten.lift_fresh_copy.default}
+              aten.contiguous.default, aten.lift_fresh_copy.default, aten.to.dtype, aten.to.dtype_layout,
+              aten.to.device, aten.to.other, aten.type_as.default, aten.empty_like.default}
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.unsqueeze.default,
-          aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.flatten.using_ints}
+          aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.flatten.using_ints, aten.unflatten.int}
+# single-input ops through which an entry can move up, so that values derived from one tensor
+# (RoPE tables sliced per block) enter once
+_HOISTABLE = _SAME_AXIS | _VIEWS | {aten.slice.Tensor, aten.select.int, aten.transpose.int, aten.permute.default,
+                                    aten.expand.default, aten.t.default}
+# users that only read metadata (shape, dtype): they may see either order
+_METADATA_USERS = {aten._assert_tensor_metadata.default}
 _REDUCE = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default, aten.var.correction,
            aten.var_mean.correction}
 _SOFTMAX = {aten._softmax.default, aten.softmax.int, aten._log_softmax.default, aten.log_softmax.int}
@@ -110,13 +118,47 @@ class _Region:
             a = self.entries.get(x)
         return a if isinstance(a, Axis) else None
 
+    def hoist(self, e: torch.fx.Node, ax: Axis) -> tuple[torch.fx.Node, Axis]:
+        """Move the entry of e (token axis ax) up through _HOISTABLE producers: e joins the region
+        and its input enters instead, with the axis that gives e's. Returns the entry to add."""
+        while e.op == "call_function" and e.target in _HOISTABLE and e not in self.axis:
+            a = e.args[0]
+            shape = _shape(a)
+            if not isinstance(a, torch.fx.Node) or a in self.axis or shape is None:
+                break
+            if any(x is not a for x in e.all_input_nodes) and e.target not in (aten.type_as.default, aten.to.other):
+                break
+            existing = self.entries.get(a)
+            candidates = [existing] if existing is not None else [
+                Axis(d, inner) for d, size in enumerate(shape) if size % self.n == 0
+                for inner in range(1, size // self.n + 1) if (size // self.n) % inner == 0]
+            found = None
+            for cand in candidates:
+                self.entries[a] = cand
+                got, new = self.infer(e)
+                if existing is None:
+                    del self.entries[a]
+                if got == ax and not new:
+                    found = cand
+                    break
+            if found is None:
+                break
+            self.entries.pop(e, None)
+            self.axis[e] = ax  # computed in the region, from the permuted input
+            if existing is not None:
+                return a, existing
+            e, ax = a, found
+        return e, ax
+
     def infer(self, node: torch.fx.Node) -> tuple[Axis | tuple | None, dict[torch.fx.Node, Axis]]:
         """(output axis, new entries) if `node` is token-wise given the region, else (None, {})."""
         t, args = node.target, node.args
         n = self.n
         out_shape = _shape(node)
+        if t is aten.copy_.default:
+            return self._copy(node)
         if isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable:
-            return None, {}  # in-place or out= ops: leave them alone
+            return None, {}  # other in-place or out= ops: leave them alone
         if t is operator.getitem:
             a = self.axis.get(args[0])
             return (a[args[1]] if isinstance(a, tuple) and args[1] < len(a) else None), {}
@@ -136,6 +178,10 @@ class _Region:
             return None, {}
         if t in _SAME_AXIS:
             return ax, {}
+        if t is aten.dropout.default:  # identity when off; when on, each element is dropped independently
+            return ax, {}
+        if t is vsopt.attention.default:
+            return self._attention(node, ax), {}
         if t in _VIEWS and out_shape is not None:
             return _view_axis(ax, src, out_shape, n), {}
         if t is aten.transpose.int:
@@ -190,6 +236,27 @@ class _Region:
             return Axis(ax.dim - (1 if t is aten.select.int and dim < ax.dim else 0), ax.inner), {}
         return None, {}
 
+    def _copy(self, node: torch.fx.Node) -> tuple[Axis | None, dict]:
+        """copy_(dst, src) writes src into dst, broadcasting: token-wise when dst is in the region
+        (never an entry, whose write would land in a copy); src is read like a pointwise input."""
+        dst = node.args[0]
+        if not isinstance(self.axis.get(dst), Axis):
+            return None, {}
+        ax, entries = self._pointwise(node, _shape(dst))
+        return (ax if ax == self.axis[dst] and dst not in entries else None), entries
+
+    def _attention(self, node: torch.fx.Node, q_ax: Axis) -> Axis | None:
+        """Dense attention without mask is equivariant in its queries: attention(P q, k, v) =
+        P attention(q, k, v), with k and v both as they were or both permuted by P."""
+        q, k, v, mask, _scale, causal = (list(node.args) + [None, 1.0, False])[:6]
+        mask = node.kwargs.get("attn_mask", mask)
+        causal = node.kwargs.get("is_causal", causal)
+        if mask is not None or causal or q_ax != Axis(2, 1):
+            return None
+        k_ax, v_ax = self.axis_of(k), self.axis_of(v)
+        both_permuted = k_ax == v_ax == Axis(2, 1)
+        return q_ax if both_permuted or (k_ax is None and v_ax is None) else None
+
     def _pointwise(self, node: torch.fx.Node, out_shape) -> tuple[Axis | None, dict]:
         """Elementwise op with broadcasting: the token axis of the output, from the inputs in the
         region; other inputs must not carry the token dim (broadcast or absent) or enter."""
@@ -214,10 +281,19 @@ class _Region:
             d = out_ax.dim - (len(out_shape) - len(s))
             if d < 0 or s[d] == 1:
                 continue  # broadcast over tokens: order does not matter
-            if s[d] != out_shape[out_ax.dim] or math.prod(s[d + 1:]) != math.prod(out_shape[out_ax.dim + 1:]):
+            if s[d] != out_shape[out_ax.dim]:
                 return None, {}
             entries[a] = Axis(d, out_ax.inner)
         return out_ax, entries
+
+
+def _mutates(user: torch.fx.Node, value: torch.fx.Node) -> bool:
+    """Whether `user` may write into `value` (an exit would then divert the write to a copy)."""
+    t = user.target
+    if not isinstance(t, torch._ops.OpOverload) or not t._schema.is_mutable:
+        return False
+    return any(a.alias_info is not None and a.alias_info.is_write and i < len(user.args) and user.args[i] is value
+               for i, a in enumerate(t._schema.arguments)) or value in user.kwargs.values()
 
 
 def _is(node: torch.fx.Node, op) -> bool:
@@ -250,7 +326,8 @@ class _Plan:
     @property
     def free_sources(self) -> list[torch.fx.Node]:
         """The unpermute_tokens that disappear: all their users are in the region or sinks."""
-        return [s for s in self.region.sources if all(u in self.region.axis or u in self.sinks for u in s.users)]
+        return [s for s in self.region.sources
+                if all(u in self.region.axis or u in self.sinks or u.target in _METADATA_USERS for u in s.users)]
 
     @property
     def gain(self) -> int:
@@ -261,7 +338,7 @@ class _Plan:
 
 
 def _grow(gm: torch.fx.GraphModule, perm: torch.Tensor, unperms: list[torch.fx.Node],
-          perms: list[torch.fx.Node]) -> _Plan:
+          perms: list[torch.fx.Node], hoist: bool) -> _Plan:
     n = perm.numel()
     region = _Region(n)
     for u in unperms:
@@ -285,6 +362,8 @@ def _grow(gm: torch.fx.GraphModule, perm: torch.Tensor, unperms: list[torch.fx.N
                 del region.entries[node]
             region.axis[node] = ax
             for e, e_ax in entries.items():
+                if hoist:
+                    e, e_ax = region.hoist(e, e_ax)
                 region.entries.setdefault(e, e_ax)
             changed = True
     plan = _Plan(perm, region)
@@ -295,7 +374,10 @@ def _grow(gm: torch.fx.GraphModule, perm: torch.Tensor, unperms: list[torch.fx.N
     for v, ax in region.axis.items():
         if v in region.sources:
             continue
-        if any(u not in region.axis and u not in plan.sinks for u in v.users):
+        if any(_mutates(u, v) and u not in region.axis for u in v.users):
+            plan.blocked = f"{v.name} is mutated in place by a user "
+            continue
+        if any(u not in region.axis and u not in plan.sinks and u.target not in _METADATA_USERS for u in v.users):
             if not isinstance(ax, Axis):
                 plan.blocked = f"{v.name} (a tuple) is read outside the region"
                 continue
@@ -348,7 +430,8 @@ def _apply(gm: torch.fx.GraphModule, plan: _Plan, tag: str, report: PassReport) 
     # exits: undo the order for users outside the region
     for value in plan.exits:
         ax = region.axis[value]
-        outside = [u for u in value.users if u not in region.axis and u not in plan.sinks]
+        outside = [u for u in value.users
+                   if u not in region.axis and u not in plan.sinks and u.target not in _METADATA_USERS]
         position = {node: i for i, node in enumerate(graph.nodes)}
         with graph.inserting_before(min(outside, key=position.get)):
             left = reorder(value, ax, inverse, "exit")
@@ -357,7 +440,7 @@ def _apply(gm: torch.fx.GraphModule, plan: _Plan, tag: str, report: PassReport) 
     # sources: region users read the permuted input of unpermute_tokens
     for s in region.sources:
         for u in list(s.users):
-            if u in region.axis or u in plan.sinks:
+            if u in region.axis or u in plan.sinks or u.target in _METADATA_USERS:
                 u.replace_input_with(s, s.args[0])
         if not s.users:
             graph.erase_node(s)
@@ -384,7 +467,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
     for i, (perm, unperms, perms) in enumerate(by_perm.values()):
         if not unperms or not perms:
             continue
-        plan = _grow(gm, perm, unperms, perms)
+        plan = max((_grow(gm, perm, unperms, perms, hoist) for hoist in (True, False)), key=lambda p: p.gain)
         if plan.gain <= 0:
             report.notes.append(f"order {i}: not cancelled {plan.blocked}({len(plan.sinks)} permutes and "
                                 f"{len(plan.free_sources)} unpermutes would go, {len(plan.region.entries)} "

@@ -113,3 +113,27 @@ def test_default_pipeline_runs_it():
     assert count(gm, vsopt.permute_tokens.default, vsopt.unpermute_tokens.default) == 0
     assert count(gm, vsopt.block_sparse_attention.default) == 2
     torch.testing.assert_close(gm(*inputs), ref(*inputs), rtol=1e-12, atol=1e-12)
+
+
+def test_diffusers_wan_rope_and_modulation():
+    """A real model: diffusers' Wan (RoPE written into empty_like slices in place, adaLN modulation
+    (B, 1, C), cross-attention to text). The RoPE tables enter once per table, not per slice."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                  out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2,
+                                  rope_max_seq_len=32).eval().double()
+    inputs = (torch.randn(1, 4, 2, 8, 8, dtype=torch.float64), torch.tensor([500]),
+              torch.randn(1, 5, 16, dtype=torch.float64))
+    _, found = trace_and_rewrite(model, inputs)
+    head = HeadPlan(Sparsity.PATTERN, TokenOrder.HWF, block_m=16, block_n=16, pattern=LocalWindow(0, 0, 1))
+    plan = Plan.uniform(found.sites, head)  # cross-attention sites stay dense
+    outputs, counts = [], []
+    for pipeline in ([p for p in DEFAULT_PIPELINE if p is not cancel_permutations], DEFAULT_PIPELINE):
+        gm = to_aten(model, inputs)
+        run_pipeline(gm, PassContext(config=VsoptConfig(plan=plan)), pipeline)
+        outputs.append(gm(*inputs)[0])
+        counts.append(count(gm, *PERMS))
+    assert counts == [8, 4]  # 6 permutes + 2 unpermutes -> 3 entries (stream, 2 RoPE tables) + 1 exit
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)

@@ -57,11 +57,10 @@ def op_label(node: torch.fx.Node) -> str:
     """A short readable name of what a node computes: "matmul", "vsopt.attention", "getitem"."""
     if node.op == "call_function":
         target = node.target
-        name = getattr(target, "__name__", None) if not isinstance(target, torch._ops.OpOverload) else None
         if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
             ns, op = target.namespace, target.__name__.split(".")[0]
             return op if ns == "aten" else f"{ns}.{op}"
-        return name or str(target)
+        return getattr(target, "__name__", str(target))  # operator.getitem and other Python callables
     if node.op in ("call_method", "call_module", "get_attr"):
         return str(node.target)
     return node.op

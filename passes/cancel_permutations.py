@@ -178,8 +178,9 @@ class _Region:
             return None, {}
         if t in _SAME_AXIS:
             return ax, {}
-        if t is aten.dropout.default:  # identity when off; when on, each element is dropped independently
-            return ax, {}
+        if t is aten.dropout.default:  # only when it is the identity (eval, or p = 0): keeps results exact
+            p, train = (list(args[1:3]) + [0.0, False])[:2]
+            return (ax if not train or p == 0 else None), {}
         if t is vsopt.attention.default:
             return self._attention(node, ax), {}
         if t in _VIEWS and out_shape is not None:

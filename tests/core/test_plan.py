@@ -65,6 +65,7 @@ def test_enums_at_the_api_strings_converted():
     (dict(sparsity=Sparsity.MASK), "needs `mask`"),
     (dict(sparsity=Sparsity.DYNAMIC), "needs `dynamic`"),
     (dict(block_m=48), "power of two"),
+    (dict(block_n=512), "power of two in \\[16, 256\\]"),
 ])
 def test_head_plan_rejects_inconsistent_fields(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -86,8 +86,8 @@ class HeadPlan:
                                      f"{[e.value for e in enum_type]}") from None
         for name in ("block_m", "block_n"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 16 or v & (v - 1):
-                raise ValueError(f"HeadPlan.{name} must be a power of two >= 16, got {v!r}")
+            if not isinstance(v, int) or not 16 <= v <= 256 or v & (v - 1):  # what the kernels take
+                raise ValueError(f"HeadPlan.{name} must be a power of two in [16, 256], got {v!r}")
         s = self.sparsity
         want = {"pattern": s is Sparsity.PATTERN, "mask": s is Sparsity.MASK, "dynamic": s is Sparsity.DYNAMIC}
         for name, needed in want.items():

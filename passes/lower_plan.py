@@ -191,7 +191,8 @@ class _Lowering:
                                   "density": float(masks.float().mean())}
         else:
             spec = key.dynamic
-            cache_key = f"{self.site.site_id}/heads{idx[0]}"
+            # one cache entry per graph, site and head group: two compiled models never share masks
+            cache_key = f"{id(self.gm):x}:{self.site.site_id}/heads{idx[0]}"
             mask = self.emit(vsopt.dynamic_block_mask.default,
                              (q, k, float(self.scale), key.block_m, key.block_n, spec.method.value, spec.value,
                               spec.reuse_steps, cache_key))

@@ -33,3 +33,22 @@ def test_demo_runs_end_to_end_and_dense_plan_matches(tmp_path, capsys):
 def test_demo_rejects_bad_input_with_a_clear_message(tmp_path, capsys, argv, message):
     assert main(["demo", "--out", str(tmp_path), *argv]) == 1
     assert message in capsys.readouterr().err
+
+
+def test_demo_refuses_a_plan_made_for_another_clip_size(tmp_path, capsys):
+    import torch
+
+    import vsopt
+    from vsopt.core.plan import HeadPlan, Plan, Quant
+    from vsopt.models import data, model as model_lib
+
+    ref = model_lib.load_shipped()
+    tokens = data.sample_scenes(1, 0).tokens
+    cond = torch.cat([ref.encode(tokens), ref.encode(torch.zeros_like(tokens))])
+    report = vsopt.inspect(ref.transformer, torch.zeros(2, data.CHANNELS, 2, 8, 8), torch.full((2,), 500.0), cond)
+    plan_path = tmp_path / "small.plan.json"
+    Plan.uniform([s for s in report.sites if s.is_self_attention], HeadPlan(quant=Quant.INT8)).save(plan_path)
+    rc = main(["demo", "--out", str(tmp_path), "--frames", "2", "--size", "12", "--plan", str(plan_path)])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "blocks.0.attn1" in err

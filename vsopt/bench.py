@@ -1,0 +1,482 @@
+"""vsopt bench: the accuracy-vs-speed trade-off of sparse-attention methods on one model.
+
+Every method turns (the model's attention sites, a target density, a precision) into a Plan, so all
+of them run through the same rewrite, the same kernels and the same inputs:
+
+  dense    the exact model (the reference every score is taken against)
+  vsopt    vsopt's calibrated plan: per head the best token order (PARO), then per head the
+           cheapest of calibrated mask / static pattern / dynamic / skip under a density budget
+  topk     block top-k of pooled q/k scores in the model's own token order, recomputed at every
+           step (the SpargeAttn / XAttention family: keep ceil(d * KB) key blocks per query row
+           plus the diagonal; simplification: SpargeAttn's cumulative-mass and similarity filters
+           are not modelled, top-k stands for the family)
+  window   a fixed 3D local window (sliding tile / NATTEN), radii chosen so that the block
+           density is closest to the target
+  radial   Radial Attention's static mask (spatial window halving with each doubling of temporal
+           distance), parameters chosen for the closest block density
+  sage     dense attention with INT8 Q K^T, per-block scales and K smoothing (SageAttention's
+           scheme), density 1
+
+For each (method, density) it records: per site, cosine and relative L2 of the attention output
+against exact attention on the same q/k/v (isolated: only that site changed), measured at one
+denoising step; per sampled clip over the whole trajectory, PSNR, SSIM and relative L2 of the final
+latents against the dense sample from the same noise; and speed. Speed is measured on a GPU (the
+transformer forward compiled with backend="vsopt" and the plan, against the dense model compiled
+the same way); on a machine without one, the speedup shown is the cost model's predicted attention
+speedup, and the JSON says so ("speedup_source").
+
+    vsopt bench --methods vsopt,topk,window --densities 0.2,0.3,0.5 --out bench/
+writes bench/bench.json and bench/pareto.png (quality against speedup, one curve per method).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import enum
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from vsopt.core.config import VsoptConfig
+from vsopt.core.dynamic import DynamicMethod, DynamicSpec
+from vsopt.core.errors import ConfigError
+from vsopt.core.ir import AttentionSite, TokenGrid
+from vsopt.core.metrics import cosine_similarity, psnr, relative_l2, ssim
+from vsopt.core.patterns import LocalWindow, Pattern, Radial, block_mask
+from vsopt.core.plan import HeadPlan, Plan, Quant, Sparsity
+
+
+class Method(str, enum.Enum):
+    DENSE = "dense"
+    VSOPT = "vsopt"
+    TOPK = "topk"
+    WINDOW = "window"
+    RADIAL = "radial"
+    SAGE = "sage"
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What one bench run sweeps and how it samples.
+
+    block: kernel block size of every plan. steps / clips / seed: the sampler run the video scores
+    come from (the same noise and descriptions for every method). calibration_clips /
+    calibration_steps: the sampler inputs vsopt's calibration measures (other seeds than the
+    scored clips). site_step: the denoising step whose inputs the per-site errors are taken at."""
+
+    methods: tuple[Method, ...] = (Method.VSOPT, Method.TOPK, Method.WINDOW, Method.RADIAL, Method.SAGE)
+    densities: tuple[float, ...] = (0.2, 0.3, 0.5)
+    quant: Quant = Quant.NONE
+    block: int = 64
+    steps: int = 10
+    clips: int = 1
+    seed: int = 0
+    calibration_clips: int = 1
+    calibration_steps: int = 4
+    site_step: int | None = None  # None: the middle step
+    timing_iters: int = 10
+    clip: tuple[int, int, int] | None = None  # latent (frames, height, width); None: the model's own
+
+    def __post_init__(self):
+        object.__setattr__(self, "methods", tuple(Method(m) for m in self.methods))
+        object.__setattr__(self, "quant", Quant(self.quant))
+        if not all(0.0 < d <= 1.0 for d in self.densities):
+            raise ConfigError(f"densities must lie in (0, 1], got {self.densities}")
+        if self.steps < 1 or self.clips < 1:
+            raise ConfigError(f"steps and clips must be >= 1, got {self.steps}, {self.clips}")
+
+
+@dataclass
+class BenchPoint:
+    method: str
+    target_density: float
+    density: float  # block density actually run (mean over planned self-attention heads)
+    quant: str
+    psnr: float
+    ssim: float
+    rel_l2: float
+    site_cosine_min: float
+    site_rel_l2_max: float
+    sites: dict[str, dict[str, float]]
+    speedup: float
+    speedup_source: str  # "measured-gpu" or "predicted-cost-model"
+    ms: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- plans of each method
+
+
+def _closest(patterns: Sequence[Pattern], grid: TokenGrid, target: float, block: int) -> tuple[Pattern, float]:
+    scored = [(p, float(block_mask(p, grid, block_m=block, block_n=block).float().mean())) for p in patterns]
+    return min(scored, key=lambda pd: (abs(pd[1] - target), pd[1]))
+
+
+def window_pattern(grid: TokenGrid, target: float, block: int) -> tuple[Pattern, float]:
+    """The 3D local window with block density closest to `target`."""
+    span = max(grid.height, grid.width)
+    return _closest([LocalWindow(f, s, s) for f in range(grid.frames) for s in range(span)], grid, target, block)
+
+
+def radial_pattern(grid: TokenGrid, target: float, block: int) -> tuple[Pattern, float]:
+    """The Radial Attention mask with block density closest to `target`."""
+    span = max(grid.height, grid.width)
+    return _closest([Radial(s, f) for f in range(1, grid.frames + 1) for s in range(span)], grid, target, block)
+
+
+def method_plan(method: Method, sites: Sequence[AttentionSite], density: float, settings: BenchSettings,
+                calibrate_fn=None) -> tuple[Plan, list[str]]:
+    """The plan `method` runs at `density`, and notes on how it was made. Only self-attention
+    sites with a known grid are made sparse; the rest stay dense (cross-attention to a few text
+    tokens is cheap)."""
+    video = [s for s in sites if s.is_self_attention and s.grid is not None]
+    b, quant = settings.block, settings.quant
+    if method is Method.DENSE:
+        return Plan.dense(sites), []
+    if method is Method.SAGE:
+        return Plan.uniform(video, HeadPlan(quant=Quant.INT8, block_m=b, block_n=b)), ["dense INT8 QK"]
+    if method is Method.TOPK:
+        head = HeadPlan(Sparsity.DYNAMIC, quant=quant, block_m=b, block_n=b,
+                        dynamic=DynamicSpec(DynamicMethod.TOP_K, density))
+        return Plan.uniform(video, head), [f"top-k {density:.2f} of key blocks per row"]
+    if method in (Method.WINDOW, Method.RADIAL):
+        grids = {s.grid for s in video}
+        if len(grids) != 1:
+            raise ConfigError(f"{method.value}: the self-attention sites have several grids {grids}")
+        grid = grids.pop()
+        pattern, d = (window_pattern if method is Method.WINDOW else radial_pattern)(grid, density, b)
+        head = HeadPlan(Sparsity.PATTERN, pattern=pattern, quant=quant, block_m=b, block_n=b)
+        return Plan.uniform(video, head), [f"{pattern} (block density {d:.3f})"]
+    if method is Method.VSOPT:
+        if calibrate_fn is None:
+            raise ConfigError("method 'vsopt' needs calibration inputs")
+        plan = calibrate_fn(density)
+        return plan, [f"calibrated at density budget {density}"]
+    raise ConfigError(f"unknown method {method!r}")
+
+
+def plan_density(plan: Plan, sites: Sequence[AttentionSite]) -> float:
+    """Mean block density over the planned heads of self-attention sites (dynamic heads: their
+    top-k fraction; dense heads count 1; skipped heads 0)."""
+    ds = []
+    for s in sites:
+        if s.site_id not in plan or not s.is_self_attention:
+            continue
+        for h in plan[s.site_id].heads_at(None):
+            if h.sparsity is Sparsity.SKIP:
+                ds.append(0.0)
+            elif h.sparsity is Sparsity.DYNAMIC:
+                ds.append(h.dynamic.value)
+            else:
+                m = h.block_mask(s.q_len, s.kv_len, s.grid)
+                ds.append(1.0 if m is None else float(m.float().mean()))
+    return statistics.fmean(ds) if ds else 1.0
+
+
+# ----------------------------------------------------------------------------- running a plan
+
+
+class _Velocity(torch.nn.Module):
+    """Wan's forward with positional inputs only, returning the velocity tensor."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, latents, timestep, encoder_hidden_states):
+        return self.transformer(latents, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+def _rewritten(model: _Velocity, example: tuple, plan: Plan | None, grid: TokenGrid | None):
+    from vsopt.backend import trace_and_rewrite
+
+    gm, report = trace_and_rewrite(model, example, VsoptConfig(plan=plan, grid=grid))
+    return gm, report
+
+
+def _as_sampler_model(fn):
+    return lambda x, t, c, return_dict=False: (fn(x, t, c),)
+
+
+class PlanScorer:
+    """Scores plans against the dense model on fixed clips: the same descriptions and noise for
+    every plan, so that scores compare across plans and runs.
+
+    Built once per (model, settings): it samples the dense clips, records the transformer's inputs
+    at settings.site_step and each attention site's exact q/k/v/output there. score(plan) then
+    samples with the plan and measures video and per-site errors (see the module doc)."""
+
+    def __init__(self, ref, settings: BenchSettings, progress: bool = False):
+        from vsopt.capture import record_forward_inputs, run_observing
+        from vsopt.models import data, sampler
+
+        self.ref, self.settings = ref, settings
+        self.device = next(ref.transformer.parameters()).device
+        self.shape = (data.CHANNELS, *(settings.clip or (ref.config.frames, ref.config.height, ref.config.width)))
+        _, tokens = data.make_batch(settings.clips, seed=settings.seed + 1000)
+        self.cond = ref.encode(tokens.to(self.device))
+        # every method traces this wrapper, so that site ids (and plans) agree across methods
+        self.velocity = _Velocity(ref.transformer).eval()
+        self.example = (torch.randn(1, *self.shape, device=self.device, dtype=self.cond.dtype),
+                        torch.tensor([500.0], device=self.device), self.cond[:1])
+        dense_gm, report = _rewritten(self.velocity, self.example, None, None)
+        self.sites = report.sites
+        self.site_step = settings.site_step if settings.site_step is not None else settings.steps // 2
+        t0 = time.perf_counter()
+        with record_forward_inputs(ref.transformer, device=None) as recorded:
+            self.dense_video = sampler.sample(ref.transformer, self.cond, self.shape, steps=settings.steps,
+                                              seed=settings.seed, progress=progress)
+        self.dense_sample_s = time.perf_counter() - t0
+        site_args = tuple(a[:1] for a in recorded[self.site_step].args)
+        self.dense_calls = {}
+        run_observing(dense_gm, site_args, lambda call: self.dense_calls.__setitem__(call.site_id, call))
+        self._calibration_inputs = None
+
+    def score(self, plan: Plan) -> dict[str, Any]:
+        """Video scores (PSNR, SSIM, relative L2 of the final latents against dense), per-site
+        isolated errors at site_step, and the block density run."""
+        from vsopt.calibrate import site_plan_output
+        from vsopt.models import sampler
+
+        gm, _ = _rewritten(self.velocity, self.example, plan, None)
+        video = sampler.sample(_as_sampler_model(gm), self.cond, self.shape, steps=self.settings.steps,
+                               seed=self.settings.seed)
+        per_site = {}
+        for site in self.sites:
+            call = self.dense_calls[site.site_id]
+            out = (site_plan_output(site, plan[site.site_id].heads_at(self.site_step), call)
+                   if site.site_id in plan else call.out.float())
+            per_site[site.site_id] = {"cosine": cosine_similarity(out, call.out), "rel_l2": relative_l2(out, call.out)}
+        return {"psnr": psnr(video, self.dense_video), "ssim": ssim(video, self.dense_video),
+                "rel_l2": relative_l2(video, self.dense_video), "density": plan_density(plan, self.sites),
+                "site_cosine_min": min(v["cosine"] for v in per_site.values()),
+                "site_rel_l2_max": max(v["rel_l2"] for v in per_site.values()), "sites": per_site}
+
+    def calibrated_plan(self, density: float) -> Plan:
+        """vsopt's calibration under DensityBudget(density), on other clips than the scored ones."""
+        from vsopt.calibrate import CalibrationOptions, DensityBudget, calibrate
+        from vsopt.capture import record_forward_inputs
+        from vsopt.models import data, sampler
+
+        s = self.settings
+        if self._calibration_inputs is None:
+            _, tokens = data.make_batch(s.calibration_clips, seed=s.seed + 2000)
+            with record_forward_inputs(self.ref.transformer, device=None) as calls:
+                sampler.sample(self.ref.transformer, self.ref.encode(tokens.to(self.device)), self.shape,
+                               steps=s.calibration_steps, seed=s.seed + 1)
+            self._calibration_inputs = [c.args for c in calls]
+        options = CalibrationOptions(block_m=s.block, block_n=s.block, quants=tuple({Quant.NONE, s.quant}),
+                                     order_density=density)
+        return calibrate(self.velocity, self._calibration_inputs, DensityBudget(density, s.quant), options=options,
+                         progress=False).plan
+
+
+def bench(ref, settings: BenchSettings | None = None, *, progress: bool = True) -> dict[str, Any]:
+    """Sweep `settings` on a vsopt.models.ReferenceModel (or any object with .transformer, .encode
+    and .config with frames/height/width); returns the JSON-ready result (see the module doc)."""
+    from vsopt.costmodel import CostModel
+
+    settings = settings or BenchSettings()
+    scorer = PlanScorer(ref, settings, progress=progress)
+    on_gpu = scorer.device.type == "cuda"
+    cost = CostModel.default(torch.cuda.get_device_name() if on_gpu else None)
+    dense_ms = _forward_ms(scorer.velocity, scorer.example, None, settings) if on_gpu else None
+
+    points: list[BenchPoint] = []
+    configs = [(m, d) for m in settings.methods for d in (settings.densities if m is not Method.SAGE else (1.0,))]
+    iterator = configs
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(configs, desc="bench", unit="config")
+    for method, density in iterator:
+        plan, notes = method_plan(method, scorer.sites, density, settings, scorer.calibrated_plan)
+        scores = scorer.score(plan)
+        if on_gpu:
+            ms = _forward_ms(scorer.velocity, scorer.example, plan, settings)
+            speedup, source = dense_ms / ms, "measured-gpu"
+        else:
+            ms, speedup, source = None, _predicted_attention_speedup(plan, scorer.sites, cost), "predicted-cost-model"
+        points.append(BenchPoint(
+            method=method.value, target_density=density, density=scores["density"],
+            quant=(Quant.INT8 if method is Method.SAGE else settings.quant).value,
+            psnr=scores["psnr"], ssim=scores["ssim"], rel_l2=scores["rel_l2"],
+            site_cosine_min=scores["site_cosine_min"], site_rel_l2_max=scores["site_rel_l2_max"],
+            sites=scores["sites"], speedup=speedup, speedup_source=source, ms=ms, notes=notes))
+    return {
+        "benchmark": "vsopt-bench", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__,
+        "settings": json.loads(json.dumps(dataclasses.asdict(settings), default=lambda v: v.value)),
+        "model": {"latent_clip": list(scorer.shape[1:]), "sites": [s.site_id for s in scorer.sites]},
+        "dense_ms": dense_ms, "dense_sample_s": scorer.dense_sample_s,
+        "points": [dataclasses.asdict(p) for p in points],
+    }
+
+
+def _predicted_attention_speedup(plan: Plan, sites: Sequence[AttentionSite], cost) -> float:
+    """Dense over planned attention time of all sites, from the cost model (no GPU here)."""
+    from vsopt.costmodel import Launch, SiteWork
+
+    dense = planned = 0.0
+    for s in sites:
+        qb, kb = math.ceil(s.q_len / 64), math.ceil(s.kv_len / 64)
+        full = s.batch * s.heads * qb * kb
+        dense_work = SiteWork((Launch("none", s.head_dim, 64, 64, s.batch * s.heads * qb, full),))
+        dense += cost.predict_us(dense_work)
+        if s.site_id not in plan:
+            planned += cost.predict_us(dense_work)
+            continue
+        heads = plan[s.site_id].heads_at(None)
+        launches: dict[tuple, list[int]] = {}
+        scored = 0
+        for h in heads:
+            if h.sparsity is Sparsity.SKIP:
+                continue
+            hq, hk = math.ceil(s.q_len / h.block_m), math.ceil(s.kv_len / h.block_n)
+            if h.sparsity is Sparsity.DYNAMIC:
+                visited = round(h.dynamic.value * hq * hk)
+                scored += hq * hk
+            else:
+                m = h.block_mask(s.q_len, s.kv_len, s.grid)
+                visited = hq * hk if m is None else int(m.sum())
+            key = (h.quant.value, h.block_m, h.block_n)
+            acc = launches.setdefault(key, [0, 0])
+            acc[0] += s.batch * hq
+            acc[1] += s.batch * visited
+        work = SiteWork(tuple(Launch(q, s.head_dim, bm, bn, a[0], a[1]) for (q, bm, bn), a in launches.items()),
+                        0.0, s.batch * scored)
+        planned += cost.predict_us(work) if launches else 0.0
+    return dense / max(planned, 1e-9)
+
+
+def _forward_ms(velocity, example, plan, settings: BenchSettings) -> float:
+    """Median ms of one compiled forward of the _Velocity wrapper (GPU), backend vsopt with `plan`."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    compiled = torch.compile(velocity, backend="vsopt", options={"plan": plan} if plan is not None else {},
+                             dynamic=False)
+    with torch.no_grad():
+        for _ in range(3):
+            compiled(*example)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(settings.timing_iters):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            compiled(*example)
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def pareto_front(points: Sequence[dict], quality: str = "psnr") -> list[dict]:
+    """Points no other point beats in both speedup and quality, by increasing speedup."""
+    front = []
+    for p in sorted(points, key=lambda p: (-p["speedup"], -p[quality])):
+        if not front or p[quality] > front[-1][quality]:
+            front.append(p)
+    return sorted(front, key=lambda p: p["speedup"])
+
+
+def plot_pareto(result: dict, path: str | os.PathLike, quality: str = "psnr") -> Path:
+    """Two panels, one curve per method: quality (PSNR by default) against the block density run
+    (measured), and against the speedup over dense (measured on a GPU, or the cost model's
+    prediction; the axis label says which). Written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110)
+    by_method: dict[str, list[dict]] = {}
+    for p in result["points"]:
+        by_method.setdefault(p["method"], []).append(p)
+    cap = 60.0 if quality == "psnr" else math.inf
+    for ax, x in zip(axes, ("density", "speedup")):
+        for method, pts in sorted(by_method.items()):
+            pts = sorted(pts, key=lambda p: p[x])
+            ax.plot([p[x] for p in pts], [min(p[quality], cap) for p in pts], marker="o", label=method)
+        ax.grid(alpha=0.3)
+        ax.set_ylabel(f"{quality.upper()} vs dense" + (" (dB, capped at 60)" if quality == "psnr" else ""))
+    axes[0].set_xlabel("block density run (lower = sparser)")
+    axes[0].invert_xaxis()
+    source = ", ".join(sorted({p["speedup_source"] for p in result["points"]}))
+    axes[1].set_xlabel(f"speedup over dense ({source})")
+    axes[0].legend()
+    clip = "x".join(str(v) for v in result["model"]["latent_clip"])
+    fig.suptitle(f"vsopt bench: reference model, latent clip {clip}, {result['settings']['steps']} steps, "
+                 f"{result['device']}", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(result: dict, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1, allow_nan=True))
+    os.replace(tmp, path)
+    return path
+
+
+def summary_table(result: dict) -> str:
+    lines = [f"{'method':<8} {'density':>7} {'quant':<6} {'PSNR':>6} {'SSIM':>6} {'relL2':>7} {'site cos':>8} "
+             f"{'speedup':>7}"]
+    for p in result["points"]:
+        lines.append(f"{p['method']:<8} {p['density']:>7.3f} {p['quant']:<6} {min(p['psnr'], 99):>6.2f} "
+                     f"{p['ssim']:>6.4f} {p['rel_l2']:>7.4f} {p['site_cosine_min']:>8.4f} {p['speedup']:>6.2f}x")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--methods", default="vsopt,topk,window,radial,sage",
+                   help=f"comma-separated, from {[m.value for m in Method if m is not Method.DENSE]}")
+    p.add_argument("--densities", default="0.2,0.3,0.5", help="comma-separated block densities in (0, 1]")
+    p.add_argument("--quant", default="none", choices=[q.value for q in Quant], help="precision of sparse methods")
+    p.add_argument("--steps", type=int, default=10, help="sampler steps per clip")
+    p.add_argument("--clips", type=int, default=1, help="clips sampled per configuration")
+    p.add_argument("--block", type=int, default=64, help="kernel block size")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--out", default="bench", help="output folder for bench.json and pareto.png")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from vsopt.models.model import load_shipped
+
+    try:
+        methods = tuple(Method(m.strip()) for m in args.methods.split(",") if m.strip())
+        densities = tuple(float(d) for d in args.densities.split(",") if d.strip())
+    except ValueError as e:
+        raise ConfigError(f"bad --methods or --densities: {e}") from None
+    settings = BenchSettings(methods=methods, densities=densities, quant=Quant(args.quant), block=args.block,
+                             steps=args.steps, clips=args.clips)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ref = load_shipped(device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32).eval()
+    result = bench(ref, settings)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(result, out / "bench.json")
+    plot_pareto(result, out / "pareto.png")
+    print(summary_table(result))
+    print(f"wrote {out / 'bench.json'} and {out / 'pareto.png'}")
+    return 0

@@ -10,7 +10,9 @@ PSNR/SSIM of the optimized clip against the dense one, and writes to --out:
     frames.png   dense frames, optimized frames, and their difference (x4), side by side
     clip.gif     dense | optimized, animated
     demo.json    everything printed, as JSON
-Without --plan every site runs vsopt's exact dense op, so the two clips agree to rounding.
+By default the optimized run uses the shipped plan calibrated for the reference model (at the
+trained clip size); with --plan none every site runs vsopt's exact dense op, so the two clips
+agree to rounding.
 Runs on the GPU (bf16) when there is one, else on the CPU (float32) in a few minutes.
 """
 from __future__ import annotations
@@ -28,9 +30,32 @@ import torch
 from vsopt.core.errors import VsoptError
 
 
+SHIPPED_PLAN = "shipped"
+
+
+def resolve_plan(choice: str | None, frames: int, size: int, config) -> tuple[str | None, str]:
+    """The plan file the demo runs, and why: `choice` is a path, 'shipped' or 'none'. The shipped
+    plan (vsopt/models/assets/reference.plan.json, calibrated on the GPU for the trained clip size,
+    see docs/CALIBRATION.md) holds block masks for that size only, so other sizes run dense."""
+    if choice in (None, "", "none"):
+        return None, "none: every site runs vsopt's exact dense attention"
+    if choice != SHIPPED_PLAN:
+        return choice, choice
+    if (frames, size) != (config.frames, config.height):
+        return None, (f"none: the shipped plan is calibrated for {config.frames} frames of {config.height}x"
+                      f"{config.width}; this clip runs every site dense (--plan PATH for a plan of its size)")
+    from importlib.resources import files
+
+    path = files("vsopt.models") / "assets" / "reference.plan.json"
+    return str(path), f"shipped calibrated plan ({path.name})"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="vsopt-demo", help="folder for frames.png, clip.gif and demo.json (default: %(default)s)")
-    p.add_argument("--plan", default=None, metavar="PATH", help="plan JSON for the optimized run (default: none, every site dense)")
+    p.add_argument("--plan", default=SHIPPED_PLAN, metavar="PATH|shipped|none",
+                   help="plan for the optimized run: a plan JSON; 'shipped' (default), the plan calibrated for the "
+                        "reference model (used at the trained clip size, else every site dense); 'none', every "
+                        "site dense")
     p.add_argument("--prompt", default=None,
                    help='description, e.g. "waves background; red square moving left, clockwise, growing" '
                         "(default: drawn from --seed)")
@@ -136,25 +161,26 @@ def run_demo(args: argparse.Namespace) -> dict:
     print(f"  {device} ({dtype}), latent clip {shape}, {result['clip']['tokens']} video tokens, "
           f"{args.steps} steps, guidance {args.guidance}")
 
+    plan_path, plan_source = resolve_plan(args.plan, frames, size, c)
     options: dict = {}
-    if args.plan:
-        options["plan"] = args.plan
+    if plan_path:
+        options["plan"] = plan_path
     example = (torch.zeros(batch, *shape, device=device, dtype=dtype), torch.full((batch,), 500.0, device=device),
                torch.cat([cond, uncond])[:batch])
     report = vsopt.inspect(ref.transformer, *example, options=options)
     print("\nattention sites found by vsopt:")
     print(report.table())
     result["sites"] = [s.site_id for s in report.sites]
-    if args.plan:
+    if plan_path:
         from vsopt.core.plan import Plan
 
-        plan = Plan.load(args.plan)
+        plan = Plan.load(plan_path)
         plan.validate_against(report.sites)
         density = plan.density()
-        plan_text = (f"{args.plan}: {len(plan.sites)} planned site(s), mean block density "
+        plan_text = (f"{plan_source}: {len(plan.sites)} planned site(s), mean block density "
                      f"{'dynamic' if density is None else f'{density:.3f}'}")
     else:
-        plan_text = "none: every site runs vsopt's exact dense attention (pass --plan PATH)"
+        plan_text = plan_source
     print(f"\nplan: {plan_text}")
     result["plan"] = plan_text
 

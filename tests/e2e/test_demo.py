@@ -52,3 +52,19 @@ def test_demo_refuses_a_plan_made_for_another_clip_size(tmp_path, capsys):
     assert rc == 1
     err = capsys.readouterr().err
     assert "does not fit" in err and "blocks.0.attn1" in err
+
+
+def test_the_shipped_plan_is_found_and_fits_the_trained_clip_only():
+    from vsopt.core.plan import Plan
+    from vsopt.demo import resolve_plan
+    from vsopt.models.model import ReferenceConfig
+
+    cfg = ReferenceConfig()
+    path, why = resolve_plan("shipped", cfg.frames, cfg.height, cfg)
+    plan = Plan.load(path)  # the JSON and its masks file, both found as package data
+    assert sorted(plan.sites) == [f"blocks.{i}.attn1" for i in range(cfg.num_layers)]
+    assert all(sp.q_len == cfg.video_tokens for sp in plan.sites.values())
+    assert 0 < plan.density() < 1 and "shipped" in why
+    assert resolve_plan("shipped", 2, 8, cfg)[0] is None  # another clip size runs dense, and says so
+    assert resolve_plan("none", cfg.frames, cfg.height, cfg)[0] is None
+    assert resolve_plan("my.plan.json", 2, 8, cfg)[0] == "my.plan.json"

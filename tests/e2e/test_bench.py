@@ -1,0 +1,90 @@
+"""vsopt.bench on a tiny untrained reference model: every method builds a valid plan at the asked
+density, the sweep records consistent points, the Pareto front and plot are right, the CLI rejects
+bad input."""
+import json
+
+import pytest
+import torch
+
+from vsopt.bench import BenchSettings, Method, bench, method_plan, pareto_front, plot_pareto, plan_density, write_json
+from vsopt.core.errors import ConfigError
+from vsopt.core.ir import AttentionSite, Layout, TokenGrid
+from vsopt.core.plan import Quant, Sparsity
+
+
+def _site(grid, heads=2):
+    n = grid.num_tokens
+    return AttentionSite("blocks.0.attn1", 0, "sdpa", Layout.BHND, 1, heads, heads, 32, 32, n, n, torch.float32, 0.1,
+                         grid=grid)
+
+
+@pytest.mark.parametrize("method", [Method.WINDOW, Method.RADIAL, Method.TOPK])
+@pytest.mark.parametrize("density", [0.2, 0.5])
+def test_method_plans_hit_their_density(method, density):
+    grid = TokenGrid(8, 16, 16)
+    site = _site(grid)
+    plan, notes = method_plan(method, [site], density, BenchSettings(block=64))
+    heads = plan[site.site_id].heads_at(None)
+    assert len(heads) == 2 and notes
+    got = plan_density(plan, [site])
+    if method is Method.TOPK:
+        assert heads[0].sparsity is Sparsity.DYNAMIC and got == pytest.approx(density)
+    else:
+        assert heads[0].sparsity is Sparsity.PATTERN
+        assert abs(got - density) < 0.15  # the closest the pattern family reaches on this grid
+
+
+def test_sage_and_dense_plans():
+    site = _site(TokenGrid(2, 8, 8))
+    sage, _ = method_plan(Method.SAGE, [site], 1.0, BenchSettings())
+    assert {h.quant for h in sage[site.site_id].heads_at(None)} == {Quant.INT8}
+    dense, _ = method_plan(Method.DENSE, [site], 1.0, BenchSettings())
+    assert dense[site.site_id].is_dense and plan_density(dense, [site]) == 1.0
+    with pytest.raises(ConfigError, match="calibration"):
+        method_plan(Method.VSOPT, [site], 0.3, BenchSettings())
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    pts = [{"speedup": 1.0, "psnr": 40}, {"speedup": 2.0, "psnr": 30}, {"speedup": 1.5, "psnr": 25},
+           {"speedup": 3.0, "psnr": 31}]
+    assert [(p["speedup"], p["psnr"]) for p in pareto_front(pts)] == [(1.0, 40), (3.0, 31)]
+
+
+def test_settings_reject_bad_values():
+    with pytest.raises(ConfigError, match="densities"):
+        BenchSettings(densities=(0.0,))
+    with pytest.raises(ValueError):
+        BenchSettings(methods=("nope",))
+
+
+def test_bench_sweep_on_a_tiny_model(tmp_path):
+    from vsopt.models.model import ReferenceConfig, build
+
+    cfg = ReferenceConfig(num_layers=1, num_attention_heads=2, attention_head_dim=32, ffn_dim=64, frames=4,
+                          height=16, width=16)
+    ref = build(cfg).eval()
+    settings = BenchSettings(methods=(Method.WINDOW, Method.SAGE), densities=(0.5,), steps=2, block=64)
+    result = bench(ref, settings, progress=False)
+    points = {p["method"]: p for p in result["points"]}
+    assert set(points) == {"window", "sage"}
+    assert points["sage"]["density"] == 1.0 and points["sage"]["quant"] == "int8"
+    assert points["window"]["density"] < 1.0
+    for p in points.values():
+        assert p["speedup_source"] == "predicted-cost-model" and p["speedup"] > 0
+        assert 0 < p["rel_l2"] < 1 and p["psnr"] > 0 and -1 <= p["ssim"] <= 1
+        assert set(p["sites"]) == set(result["model"]["sites"])
+    # int8 QK loses far less than dropping half the blocks
+    assert points["sage"]["psnr"] > points["window"]["psnr"]
+    write_json(result, tmp_path / "bench.json")
+    assert json.loads((tmp_path / "bench.json").read_text())["points"][0]["method"] == "window"
+    png = plot_pareto(result, tmp_path / "pareto.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_rejects_bad_methods(capsys):
+    from vsopt.cli import main
+
+    assert main(["bench", "--methods", "vsopt,bogus"]) == 1
+    assert "bad --methods" in capsys.readouterr().err
+    assert main(["bench", "--clip", "4,8"]) == 1
+    assert "--clip needs F,H,W" in capsys.readouterr().err

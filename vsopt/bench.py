@@ -456,6 +456,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=10, help="sampler steps per clip")
     p.add_argument("--clips", type=int, default=1, help="clips sampled per configuration")
     p.add_argument("--block", type=int, default=64, help="kernel block size")
+    p.add_argument("--clip", default=None, help="latent clip F,H,W (default: the size the model was trained on)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", default="bench", help="output folder for bench.json and pareto.png")
 
@@ -466,10 +467,13 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         methods = tuple(Method(m.strip()) for m in args.methods.split(",") if m.strip())
         densities = tuple(float(d) for d in args.densities.split(",") if d.strip())
+        clip = tuple(int(v) for v in args.clip.split(",")) if args.clip else None
     except ValueError as e:
-        raise ConfigError(f"bad --methods or --densities: {e}") from None
+        raise ConfigError(f"bad --methods, --densities or --clip: {e}") from None
+    if clip is not None and len(clip) != 3:
+        raise ConfigError(f"--clip needs F,H,W, got {args.clip!r}")
     settings = BenchSettings(methods=methods, densities=densities, quant=Quant(args.quant), block=args.block,
-                             steps=args.steps, clips=args.clips)
+                             steps=args.steps, clips=args.clips, clip=clip)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ref = load_shipped(device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32).eval()
     result = bench(ref, settings)

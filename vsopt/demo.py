@@ -129,8 +129,8 @@ def _sync(device: str) -> None:
 def run_demo(args: argparse.Namespace) -> dict:
     """Everything `vsopt demo` does; returns what it printed as a dict."""
     import vsopt
-    from vsopt.core.metrics import psnr, relative_l2
-    from vsopt.models import data, model as model_lib, quality, sampler
+    from vsopt.core.metrics import psnr, relative_l2, ssim
+    from vsopt.models import data, model as model_lib, sampler
 
     if args.steps < 1:
         raise VsoptError(f"--steps must be >= 1, got {args.steps}")
@@ -210,7 +210,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     a, e = opt_rgb.float() / 255, dense_rgb.float() / 255
     metrics = {
         "psnr_db": psnr(a, e, data_range=1.0),
-        "ssim": quality.ssim(a.permute(0, 3, 1, 2), e.permute(0, 3, 1, 2), data_range=1.0),
+        "ssim": ssim(a.permute(0, 3, 1, 2), e.permute(0, 3, 1, 2), data_range=1.0),
         "latent_relative_l2": relative_l2(optimized.cpu(), dense.cpu()),
     }
     result.update(seconds={"dense": round(t_dense, 3), "compile": round(t_compile, 3), "optimized": round(t_opt, 3)},

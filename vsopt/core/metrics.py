@@ -69,33 +69,43 @@ def psnr(actual: torch.Tensor, expected: torch.Tensor, data_range: float | None 
     return math.inf if mse == 0 else 10.0 * math.log10(rng * rng / mse)
 
 
+def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
+    """(size, size) float64 Gaussian weights summing to 1."""
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(x * x) / (2 * sigma * sigma))
+    g = g / g.sum()
+    return g[:, None] * g[None, :]
+
+
 def ssim(actual: torch.Tensor, expected: torch.Tensor, data_range: float | None = None, window: int = 7,
          sigma: float = 1.5) -> float:
-    """Mean structural similarity (Wang et al. 2004) over every 2-D image in the last two axes.
+    """Mean structural similarity (Wang et al. 2004) of two tensors of the same shape (..., H, W).
 
-    actual, expected: (..., H, W), e.g. a video (B, C, F, H, W): each (b, c, f) plane is compared
-    on its own with a Gaussian window (size `window`, clipped to the image, std `sigma`), in
-    float64; data_range defaults to expected's max - min. Returns the mean SSIM (1 = identical)."""
-    if actual.shape != expected.shape or actual.dim() < 2:
-        raise ValueError(f"ssim needs two tensors of the same shape (..., H, W), got {tuple(actual.shape)} "
-                         f"and {tuple(expected.shape)}")
-    a = actual.double().reshape(-1, 1, *actual.shape[-2:])
-    e = expected.double().reshape(-1, 1, *expected.shape[-2:])
-    rng = float(e.max() - e.min()) if data_range is None else data_range
-    rng = rng if rng > 0 else 1.0
-    size = min(window, a.shape[-1], a.shape[-2])
-    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-x * x / (2 * sigma * sigma))
-    g = g / g.sum()
-    kernel = (g[:, None] * g[None, :])[None, None]
+    Every leading index is a separate image (e.g. a video (B, C, F, H, W) gives B*C*F frames),
+    compared with a Gaussian window (size `window`, std `sigma`: 7 and 1.5 suit small frames) on
+    the valid part of the image (no padding), constants K1 = 0.01, K2 = 0.03, in float64.
+    data_range: the value range (1.0 for images in [0, 1]); None takes expected's max - min.
+    H and W must be >= window. Returns the mean SSIM; 1.0 means identical."""
+    if actual.shape != expected.shape:
+        raise ValueError(f"ssim: shapes differ, {tuple(actual.shape)} vs {tuple(expected.shape)}")
+    if actual.dim() < 2 or min(actual.shape[-2:]) < window:
+        raise ValueError(f"ssim: images must be at least {window}x{window}, got shape {tuple(actual.shape)}")
+    if data_range is None:
+        data_range = float(expected.max() - expected.min()) or 1.0
+    if data_range <= 0:
+        raise ValueError(f"ssim: data_range must be > 0, got {data_range}")
+    h, w = actual.shape[-2:]
+    x = actual.detach().double().reshape(-1, 1, h, w)
+    y = expected.detach().double().reshape(-1, 1, h, w)
+    kernel = _gaussian_window(window, sigma).to(x.device)[None, None]
 
-    def blur(t):
-        return torch.nn.functional.conv2d(t, kernel)
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(t, kernel)  # weighted mean over each window position
 
-    mu_a, mu_e = blur(a), blur(e)
-    var_a = blur(a * a) - mu_a ** 2
-    var_e = blur(e * e) - mu_e ** 2
-    cov = blur(a * e) - mu_a * mu_e
-    c1, c2 = (0.01 * rng) ** 2, (0.03 * rng) ** 2
-    s = ((2 * mu_a * mu_e + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_e ** 2 + c1) * (var_a + var_e + c2))
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x * mu_x
+    var_y = blur(y * y) - mu_y * mu_y
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2))
     return float(s.mean())

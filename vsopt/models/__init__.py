@@ -5,7 +5,6 @@
     sampler    Euler sampling on the flow (any callable with Wan's forward signature)
     train      the rectified-flow training script
     structure  per-head block-mass concentration of the attention, trained vs initialisation
-    quality    SSIM
 
 Submodules are imported explicitly (diffusers is only needed by model, train and structure).
 """

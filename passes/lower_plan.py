@@ -24,8 +24,9 @@ vsopt.attention. Sites left as they were (not in the plan, a plan that does not 
 causal flag the block-sparse kernel does not take) are recorded in ctx.skipped with the reason;
 in strict mode they are errors, as are plan sites the graph does not have.
 
-Step-dependent plans (SitePlan.steps) are lowered with their default head plans; the per-step
-entries are not applied at run time yet (a note says so).
+Step-dependent plans (SitePlan.steps) are lowered with their default head plans: the backend
+applies step ranges by lowering Plan.at_step(...) once per segment of steps and choosing the
+graph at run time (vsopt.backend._StepDispatch); a graph lowered here directly notes it.
 
 Every node created carries meta["vsopt_from"] = ("lower_plan", (replaced node,)),
 meta["vsopt_site"] and, on the attention launches, meta["vsopt_heads"] (head indices) and
@@ -240,8 +241,8 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
             report.notes.append(f"site {site_id!r}: dense plan, stays vsopt.attention")
             continue
         if sp.steps:
-            report.notes.append(f"site {site_id!r}: {len(sp.steps)} step range(s) not applied at run time; "
-                                "lowered with the default head plans")
+            report.notes.append(f"site {site_id!r}: {len(sp.steps)} step range(s); this graph runs the default "
+                                "head plans (the backend compiles one graph per step segment)")
         low = _Lowering(gm, node, sites[site_id], sp)
         with gm.graph.inserting_before(node):
             out = low.lower()

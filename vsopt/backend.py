@@ -19,6 +19,7 @@ An attention before and after (timm, fused_attn=False; ATen, one head group show
 from __future__ import annotations
 
 import operator
+import dataclasses
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -106,9 +107,35 @@ def trace_and_rewrite(model: torch.nn.Module, example_inputs: Sequence[Any],
 
 def vsopt_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
                   options: Mapping[str, Any] | None = None):
-    """torch.compile backend: rewrite the attention sites of Dynamo's graph, then Inductor."""
+    """torch.compile backend: rewrite the attention sites of Dynamo's graph, then Inductor.
+
+    A plan with separate head plans for ranges of denoising steps compiles one graph per segment
+    of steps and picks one at each call from vsopt.set_denoising_step (unknown step: the default
+    head plans)."""
     from torch._inductor.compile_fx import compile_fx
 
     config = VsoptConfig.from_options(options)
-    aten_gm, _report = trace_and_rewrite(gm, example_inputs, config)
-    return compile_fx(aten_gm, list(example_inputs))
+    plan = config.plan
+    if plan is None or not plan.step_boundaries():
+        aten_gm, _report = trace_and_rewrite(gm, example_inputs, config)
+        return compile_fx(aten_gm, list(example_inputs))
+    # A plan with step ranges: one graph per segment of steps (and one for an unknown step),
+    # chosen at run time from vsopt.set_denoising_step.
+    variants = {}
+    for start in (None, 0, *plan.step_boundaries()):
+        if start not in variants:
+            aten_gm, _report = trace_and_rewrite(gm, example_inputs, dataclasses.replace(config, plan=plan.at_step(start)))
+            variants[start] = compile_fx(aten_gm, list(example_inputs))
+    return _StepDispatch(plan, variants)
+
+
+class _StepDispatch:
+    """Runs the compiled variant of the current denoising step's segment of a step-ranged plan."""
+
+    def __init__(self, plan, variants: dict):
+        self.plan, self.variants = plan, variants
+
+    def __call__(self, *args):
+        from vsopt.core.dynamic import current_denoising_step
+
+        return self.variants[self.plan.segment_start(current_denoising_step())](*args)

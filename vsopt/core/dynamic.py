@@ -123,6 +123,11 @@ class MaskReuseCache:
         with self._lock:
             self._step = step
 
+    @property
+    def step(self) -> int | None:
+        with self._lock:
+            return self._step
+
     def reset(self) -> None:
         with self._lock:
             self._step, self._entries, self._calls = None, {}, {}
@@ -150,8 +155,15 @@ MASK_CACHE = MaskReuseCache()  # the process-wide cache used by the vsopt::dynam
 
 
 def set_denoising_step(step: int | None) -> None:
-    """Tell vsopt the current denoising step (for masks reused across steps); None: count calls."""
+    """Tell vsopt the current denoising step: it selects a plan's step-range head plans at run
+    time (backend) and lets dynamic masks be reused across steps. None: unknown (default head
+    plans; dynamic masks count calls). vsopt.models.sampler.sample sets it at every step."""
     MASK_CACHE.set_step(step)
+
+
+def current_denoising_step() -> int | None:
+    """The step last given to set_denoising_step (None if unknown)."""
+    return MASK_CACHE.step
 
 
 @torch.library.custom_op("vsopt::dynamic_block_mask", mutates_args=())

@@ -13,6 +13,7 @@ the masks (bool (QB, KB), in the head's token order). Nothing is pickled. See do
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import json
@@ -285,6 +286,26 @@ class Plan:
 
     def __getitem__(self, site_id: str) -> SitePlan:
         return self.sites[site_id]
+
+    # -- denoising steps
+
+    def step_boundaries(self) -> tuple[int, ...]:
+        """The steps at which some site's head plans change (starts and stops of its StepPlans)."""
+        edges = {b for sp in self.sites.values() for st in sp.steps for b in (st.start, st.stop) if b is not None}
+        return tuple(sorted(edges))
+
+    def segment_start(self, step: int | None) -> int | None:
+        """The first step of the segment (between consecutive boundaries) holding `step`: every
+        step of a segment runs the same head plans. None (no step known) stays None: the default
+        head plans."""
+        if step is None:
+            return None
+        return max((b for b in self.step_boundaries() if b <= step), default=0)
+
+    def at_step(self, step: int | None) -> "Plan":
+        """The plan without step ranges that `step` runs: each site's heads_at(step)."""
+        sites = {sid: dataclasses.replace(sp, heads=sp.heads_at(step), steps=()) for sid, sp in self.sites.items()}
+        return Plan(sites, dict(self.meta, at_step=step))
 
     # -- builders
 

@@ -70,15 +70,21 @@ def sample(model: Callable[..., tuple[torch.Tensor, ...]], cond: torch.Tensor, s
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, desc="sampling", unit="step", leave=False)
-    for i in iterator:
-        sigma, sigma_next = float(levels[i]), float(levels[i + 1])
-        if callback is not None:
-            callback(i, sigma)
-        x_in = torch.cat([x, x], dim=0) if guidance != 1.0 else x
-        t = torch.full((x_in.shape[0],), 1000.0 * sigma, device=x.device, dtype=torch.float32)
-        v = model(x_in.to(dtype), t, cond_in, return_dict=False)[0].float()
-        if guidance != 1.0:
-            v_cond, v_uncond = v.chunk(2, dim=0)
-            v = v_uncond + guidance * (v_cond - v_uncond)
-        x = x + (sigma_next - sigma) * v
+    from vsopt.core.dynamic import set_denoising_step
+
+    try:
+        for i in iterator:
+            sigma, sigma_next = float(levels[i]), float(levels[i + 1])
+            if callback is not None:
+                callback(i, sigma)
+            set_denoising_step(i)  # a plan's step ranges and dynamic-mask reuse follow the sampler
+            x_in = torch.cat([x, x], dim=0) if guidance != 1.0 else x
+            t = torch.full((x_in.shape[0],), 1000.0 * sigma, device=x.device, dtype=torch.float32)
+            v = model(x_in.to(dtype), t, cond_in, return_dict=False)[0].float()
+            if guidance != 1.0:
+                v_cond, v_uncond = v.chunk(2, dim=0)
+                v = v_uncond + guidance * (v_cond - v_uncond)
+            x = x + (sigma_next - sigma) * v
+    finally:
+        set_denoising_step(None)
     return x

@@ -638,6 +638,7 @@ class _Checkpoint:
 
     def __init__(self, plan_path: str | os.PathLike, fingerprint: str, every_s: float = 20.0):
         self.path = Path(str(plan_path) + ".calibration.safetensors")
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # the plan's folder may not exist yet
         self.fingerprint = fingerprint
         self.every_s = every_s  # at most one write per every_s seconds, except when forced
         self._last = time.monotonic()

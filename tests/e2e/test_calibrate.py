@@ -142,10 +142,10 @@ def cal_site(model, x):
 
 def test_density_budget(tmp_path):
     model, inputs = model_and_inputs()
-    result = calibrate(model, inputs, DensityBudget(0.4), options=OPTIONS, out=tmp_path / "d.plan.json", grid=GRID,
-                       progress=False)
+    out = tmp_path / "new_folder" / "d.plan.json"  # a folder that does not exist yet is made
+    result = calibrate(model, inputs, DensityBudget(0.4), options=OPTIONS, out=out, grid=GRID, progress=False)
     assert result.density <= 0.4 + 1e-6
-    plan = Plan.load(tmp_path / "d.plan.json")
+    plan = Plan.load(out)
     assert all(hp.quant is Quant.NONE for sp in plan.sites.values() for hp in sp.heads)
 
 

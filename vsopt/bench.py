@@ -163,20 +163,38 @@ def method_plan(method: Method, sites: Sequence[AttentionSite], density: float, 
     raise ConfigError(f"unknown method {method!r}")
 
 
-def plan_density(plan: Plan, sites: Sequence[AttentionSite]) -> float:
-    """Mean block density over the planned heads of self-attention sites (dynamic heads: their
-    top-k fraction; dense heads count 1; skipped heads 0)."""
+def plan_density(plan: Plan, sites: Sequence[AttentionSite], calls: dict | None = None) -> float:
+    """Mean block density over the planned heads of self-attention sites: static heads from their
+    masks, dense heads 1, skipped heads 0; dynamic heads from the mask they select on the site's
+    q/k in `calls` (site_id -> vsopt.capture.SiteCall), or, without calls, at their top-k
+    fraction (a cumulative-mass head then raises: its density depends on the input)."""
+    from vsopt.core.dynamic import DynamicMethod, pooled_block_scores, select_blocks
+    from vsopt.core.orders import order_permutation
+    from vsopt.core.patterns import diagonal_blocks
+
     ds = []
     for s in sites:
         if s.site_id not in plan or not s.is_self_attention:
             continue
-        for h in plan[s.site_id].heads_at(None):
-            if h.sparsity is Sparsity.SKIP:
+        for h, hp in enumerate(plan[s.site_id].heads_at(None)):
+            if hp.sparsity is Sparsity.SKIP:
                 ds.append(0.0)
-            elif h.sparsity is Sparsity.DYNAMIC:
-                ds.append(h.dynamic.value)
+            elif hp.sparsity is Sparsity.DYNAMIC:
+                if calls is None:
+                    if hp.dynamic.method is not DynamicMethod.TOP_K:
+                        raise ConfigError(f"{s.site_id} head {h}: a cumulative-mass head's density needs q/k")
+                    ds.append(hp.dynamic.value)
+                    continue
+                call = calls[s.site_id]
+                q, k = call.q[:, h:h + 1], call.k[:, h * call.k.shape[1] // call.q.shape[1]][:, None]
+                if hp.order.value != "fhw":
+                    perm = order_permutation(s.grid, hp.order).to(q.device)
+                    q, k = q[:, :, perm], k[:, :, perm]
+                scores = pooled_block_scores(q, k, call.scale, hp.block_m, hp.block_n)
+                mask = select_blocks(scores, hp.dynamic, diagonal_blocks(q.shape[2], k.shape[2], hp.block_m, hp.block_n))
+                ds.append(float(mask.float().mean()))
             else:
-                m = h.block_mask(s.q_len, s.kv_len, s.grid)
+                m = hp.block_mask(s.q_len, s.kv_len, s.grid)
                 ds.append(1.0 if m is None else float(m.float().mean()))
     return statistics.fmean(ds) if ds else 1.0
 
@@ -256,7 +274,8 @@ class PlanScorer:
                    if site.site_id in plan else call.out.float())
             per_site[site.site_id] = {"cosine": cosine_similarity(out, call.out), "rel_l2": relative_l2(out, call.out)}
         return {"psnr": psnr(video, self.dense_video), "ssim": ssim(video, self.dense_video),
-                "rel_l2": relative_l2(video, self.dense_video), "density": plan_density(plan, self.sites),
+                "rel_l2": relative_l2(video, self.dense_video),
+                "density": plan_density(plan, self.sites, self.dense_calls),
                 "site_cosine_min": min(v["cosine"] for v in per_site.values()),
                 "site_rel_l2_max": max(v["rel_l2"] for v in per_site.values()), "sites": per_site}
 

@@ -88,3 +88,22 @@ def test_cli_rejects_bad_methods(capsys):
     assert "bad --methods" in capsys.readouterr().err
     assert main(["bench", "--clip", "4,8"]) == 1
     assert "--clip needs F,H,W" in capsys.readouterr().err
+
+
+def test_density_of_a_cumulative_mass_head_needs_its_inputs():
+    from vsopt.core.dynamic import DynamicMethod, DynamicSpec
+    from vsopt.core.plan import HeadPlan, Plan
+
+    site = _site(TokenGrid(4, 8, 8))
+    head = HeadPlan(Sparsity.DYNAMIC, block_m=64, block_n=64, dynamic=DynamicSpec(DynamicMethod.CUMULATIVE_MASS, 0.9))
+    plan = Plan.uniform([site], head)
+    with pytest.raises(ConfigError, match="needs q/k"):
+        plan_density(plan, [site])
+
+    class Call:  # tokens of block b are 5 * e_b: each query block attends to its own key block
+        scale = 1.0
+        q = (torch.eye(32)[torch.arange(256) // 64] * 5).repeat(1, 2, 1, 1)
+        k = q.clone()
+
+    got = plan_density(plan, [site], {site.site_id: Call})
+    assert got == pytest.approx(0.25)  # the diagonal block of 4: the kept mass is all on it

@@ -7,15 +7,20 @@ block_sparse_attention(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, 
     Bt in {1, B}; indices ascending and < ceil(Nk/block_n) (not checked here: that needs a sync).
     Returns (out (B, Hq, Nq, D) in q's dtype, lse float32 (B, Hq, Nq) or None).
 
-Work order: programs run in decreasing order of their row's count (a stable sort over the
-flattened (b, h, qb) rows), so the longest rows start first and the short ones fill the tail;
-with equal counts the natural order is kept, so neighbouring programs share K/V in L2.
+Work order (see work_order): heads in order, each head's query-block rows longest first (a stable
+sort, so equal counts keep their natural order): the longest rows start early, the short ones fill
+the tail, and the programs running together share one head's K/V in L2. A global longest-first
+order balances as well but mixes heads and ran up to 20% slower on an H100 (tune_attention.py).
 Tile shape: autotuned per (head_dim, table block, quant mode) over a pruned config list; the
-kernel tile divides the table block (a 128x128 table block can run as 128x64 tiles).
+kernel tile divides the table block (a 128x128 table block can run as 128x64 tiles). For 128x128
+table blocks at head_dim 64 and 128 the list is the one measured best on an H100
+(benchmarks/tune_attention.py, benchmarks/results/tune_attention_h100.json).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import weakref
 
 import torch
 import triton
@@ -29,65 +34,136 @@ from .inputs import check_inputs
 
 QUANT_CODE = {"none": 0, "int8": 1, "fp8": 2, "int8_fp8": 3}
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages), best guesses first. The pruner keeps those that fit the
-# table block; the interpreter (CPU tests) runs only the first that fits.
-_CONFIGS = [
-    (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 4), (128, 64, 8, 4), (64, 64, 4, 3),
-    (128, 32, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2), (32, 16, 2, 2), (16, 16, 2, 1),
+@dataclasses.dataclass(frozen=True)
+class Tile:
+    """One kernel configuration. block_m/block_n must divide the table block; use_tma: K and V
+    through tensor descriptors (see kernel.py). Passing one to block_sparse_attention skips
+    autotuning (tests, tuning sweeps)."""
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+    use_tma: bool = False
+
+    def meta(self) -> dict:
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "USE_TMA": self.use_tma}
+
+    def launch_args(self) -> dict:
+        return {**self.meta(), "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+    def config(self) -> triton.Config:
+        return triton.Config(self.meta(), num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+# Measured best on an H100 for 128x128 table blocks (tune_attention_h100.json): TMA loads; at
+# head_dim 128, 128x128 tiles with 8 warps for bf16 and 128x128 / 128x64 / 64x128 with 4 warps for
+# the quantized modes; at head_dim 64, 128x128 and 64x128 tiles with 4 warps.
+_TUNED = {
+    128: [Tile(128, 128, 8, 3, True), Tile(128, 128, 4, 3, True), Tile(128, 64, 4, 3, True), Tile(64, 128, 4, 3, True)],
+    64: [Tile(128, 128, 4, 3, True), Tile(64, 128, 4, 3, True), Tile(128, 128, 4, 3, False), Tile(128, 64, 4, 3, True)],
+}
+# Other table blocks and head dims: best guesses first; the pruner keeps those that fit the table
+# block. The interpreter (CPU tests) runs only the first that fits (pointer loads: the TMA path has
+# its own tests).
+_GENERIC = [
+    Tile(128, 128, 8, 3), Tile(128, 64, 4, 3), Tile(128, 128, 8, 4), Tile(128, 64, 8, 4), Tile(64, 64, 4, 3),
+    Tile(128, 32, 4, 3), Tile(64, 32, 4, 2), Tile(32, 32, 4, 2), Tile(32, 16, 2, 2), Tile(16, 16, 2, 1),
 ]
+_ALL_TILES = list(dict.fromkeys([*_GENERIC, *(t for tiles in _TUNED.values() for t in tiles)]))
+
+
+def _tma_compatible(x: torch.Tensor, row_stride: int) -> bool:
+    """TMA needs a 16-byte aligned base and row stride (true for any (B, H, N, D) view of a
+    contiguous projection with head_dim >= 16; a view at an odd element offset is not)."""
+    if torch._subclasses.fake_tensor.is_fake(x):
+        # Tracing (torch.compile prunes configs on fake tensors): Inductor's buffers are 16-byte
+        # aligned and it copies graph inputs that are not, so only the stride can be checked.
+        return (row_stride * x.element_size()) % 16 == 0
+    return x.data_ptr() % 16 == 0 and (row_stride * x.element_size()) % 16 == 0
 
 
 def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
-    tm, tn = args["TABLE_BLOCK_M"], args["TABLE_BLOCK_N"]
+    tm, tn, d = args["TABLE_BLOCK_M"], args["TABLE_BLOCK_N"], args["HEAD_DIM"]
+    by_tile = dict(zip(_ALL_TILES, configs))
+    tma_ok = _tma_compatible(args["K"], args["stride_kn"]) and \
+        _tma_compatible(args["V"], max(args["stride_vn"], args["stride_vd"]))   # V's row stride: the one not 1
+    if not interpreting() and (tm, tn) == (128, 128) and d in _TUNED:
+        return [by_tile[t] for t in _TUNED[d] if tma_ok or not t.use_tma]
     # Tiles that divide the table block and are not much smaller than it (small tiles waste the MMA).
-    fits = [c for c in configs
-            if tm % c.kwargs["BLOCK_M"] == 0 and tn % c.kwargs["BLOCK_N"] == 0
-            and c.kwargs["BLOCK_M"] >= min(tm, 64) and c.kwargs["BLOCK_N"] >= min(tn, 32)]
+    fits = [by_tile[t] for t in _GENERIC
+            if tm % t.block_m == 0 and tn % t.block_n == 0 and t.block_m >= min(tm, 64) and t.block_n >= min(tn, 32)]
     if not fits:  # tiny table blocks: the table block itself
-        fits = [triton.Config({"BLOCK_M": tm, "BLOCK_N": tn}, num_warps=4, num_stages=2)]
+        fits = [Tile(tm, tn).config()]
     return fits[:1] if interpreting() else fits[:4]
 
 
 _tuned_kernel = triton.autotune(
-    configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in _CONFIGS],
+    configs=[t.config() for t in _ALL_TILES],
     key=["HEAD_DIM", "TABLE_BLOCK_M", "TABLE_BLOCK_N", "QUANT", "EVEN_N", "WRITE_LSE"],
     prune_configs_by={"early_config_prune": _prune},
 )(kernel._block_sparse_fwd_kernel)
 
 
-_ORDER_CACHE: dict[tuple, torch.Tensor] = {}
+def _tma_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _ensure_tma_allocator() -> None:
+    """Device-built TMA descriptors live in global scratch memory that Triton asks an allocator for.
+    Inductor provides its own; for eager launches install one unless the user already has."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_tma_scratch)
+
+
+ORDERS = ("per_head_lpt", "lpt", "natural")
+_ORDER_CACHE: dict[int, tuple] = {}
 _ORDER_CACHE_SIZE = 16
 
 
-def work_order(kv_counts: torch.Tensor, batch: int) -> torch.Tensor:
-    """int32 (batch * H * QB,) flattened (b, h, qb) rows, largest count first (stable).
+def work_order(kv_counts: torch.Tensor, batch: int, strategy: str = "per_head_lpt") -> torch.Tensor:
+    """int32 (batch * H * QB,) flattened (b, h, qb) rows in launch order.
 
-    Eager calls on a real CUDA tensor reuse the order computed for the same counts tensor (same
-    storage, shape and version counter), saving the sort's launches on every call of a static
-    plan. A stale entry (a new tensor at a freed address) is still a permutation of all rows, so it
-    can cost balance, never correctness."""
+    natural: as stored. lpt: the largest count first over all rows (stable): the best balance, but
+    the programs running together then come from every head, and the K/V of all heads compete for
+    L2. per_head_lpt (default): heads in order, each head's rows largest count first: one head's
+    K/V is in L2 at a time and the light rows of the last head fill the tail.
+
+    Eager calls on a real CUDA tensor reuse the order computed for the same counts tensor (the same
+    live object, unmodified: a weak reference and the version counter say so), saving the sort's
+    launches on every call of a static plan."""
+    check(strategy in ORDERS, f"work_order: strategy must be one of {ORDERS}, got {strategy!r}")
     cacheable = kv_counts.device.type == "cuda" and type(kv_counts) is torch.Tensor \
         and not torch.compiler.is_compiling()
-    key = (kv_counts.device, kv_counts.data_ptr(), kv_counts._version, tuple(kv_counts.shape), batch) \
-        if cacheable else None
-    if key is not None and key in _ORDER_CACHE:
-        return _ORDER_CACHE[key]
-    counts = kv_counts.expand(batch, -1, -1).reshape(-1)
-    order = torch.argsort(counts, descending=True, stable=True).to(torch.int32)
-    if key is not None:
+    key = (kv_counts._version, tuple(kv_counts.shape), batch, strategy)
+    hit = _ORDER_CACHE.get(id(kv_counts)) if cacheable else None
+    if hit is not None and hit[0]() is kv_counts and hit[1] == key:
+        return hit[2]
+    counts = kv_counts.expand(batch, -1, -1)
+    rows = counts.shape[2]
+    if strategy == "natural":
+        order = torch.arange(counts.numel(), device=counts.device, dtype=torch.int32)
+    elif strategy == "lpt":
+        order = torch.argsort(counts.reshape(-1), descending=True, stable=True).to(torch.int32)
+    else:
+        within = torch.argsort(counts.reshape(-1, rows), dim=1, descending=True, stable=True)
+        base = torch.arange(within.shape[0], device=counts.device)[:, None] * rows
+        order = (within + base).reshape(-1).to(torch.int32)
+    if cacheable:
         if len(_ORDER_CACHE) >= _ORDER_CACHE_SIZE:
             _ORDER_CACHE.pop(next(iter(_ORDER_CACHE)))
-        _ORDER_CACHE[key] = order
+        _ORDER_CACHE[id(kv_counts)] = (weakref.ref(kv_counts), key, order)
     return order
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor,
                            kv_counts: torch.Tensor, scale: float, block_m: int, block_n: int,
-                           quant: str = "none", with_lse: bool = False, tile: tuple[int, int] | None = None
+                           quant: str = "none", with_lse: bool = False, tile: Tile | tuple | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the Triton kernel (see the module docstring for shapes). tile=(BLOCK_M, BLOCK_N) skips
-    autotuning and runs that kernel tile (it must divide the table block): for tests and sweeps."""
+    """Run the Triton kernel (see the module docstring for shapes). tile (a Tile, or the tuple of
+    its fields) skips autotuning and runs that configuration: for tests and sweeps."""
     check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, quant)
     check(q.dtype in (torch.float16, torch.bfloat16, torch.float32),
           f"block_sparse_attention: dtype must be float16, bfloat16 or float32, got {q.dtype}")
@@ -119,12 +195,17 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
     Bt = kv_counts.shape[0]
     grid = lambda meta: (order.numel() * (block_m // meta["BLOCK_M"]),)  # noqa: E731
     if tile is not None:
-        check(block_m % tile[0] == 0 and block_n % tile[1] == 0 and min(tile) >= 16,
+        tile = tile if isinstance(tile, Tile) else Tile(*tile)
+        check(block_m % tile.block_m == 0 and block_n % tile.block_n == 0 and min(tile.block_m, tile.block_n) >= 16,
               f"block_sparse_attention: tile {tile} must divide the table block ({block_m}, {block_n})")
+        check(not tile.use_tma or q.is_cuda or interpreting(),
+              "block_sparse_attention: TMA loads need a CUDA GPU (or Triton's interpreter)")
         launch = torch.library.wrap_triton(kernel._block_sparse_fwd_kernel)
-        tile_args = {"BLOCK_M": tile[0], "BLOCK_N": tile[1], "num_warps": 4, "num_stages": 2}
+        tile_args = tile.launch_args()
     else:
         launch, tile_args = torch.library.wrap_triton(_tuned_kernel), {}
+    if q.is_cuda or interpreting():
+        _ensure_tma_allocator()
     launch[grid](
         q, k, v, out, lse,
         q_scale if q_scale is not None else unused, k_scale if k_scale is not None else unused,

@@ -11,7 +11,7 @@ import torch
 import triton
 
 from ..errors import check
-from . import kernel
+from . import kernel, reference
 
 
 def mask_to_table(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,13 +44,11 @@ def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def block_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block_m: int, block_n: int) -> torch.Tensor:
-    """float32 (B, Hq, QB, KB): softmax over key blocks of pool(q) . pool(k) * scale."""
+    """float32 (B, Hq, QB, KB): softmax over key blocks of pool(q) . pool(k) * scale + log(key
+    block size) (see reference.block_scores_from_pooled)."""
     check(q.dim() == 4 and k.dim() == 4 and q.shape[0] == k.shape[0] and q.shape[3] == k.shape[3]
           and q.shape[1] % k.shape[1] == 0,
           f"block_scores: q (B, Hq, N, D) and k (B, Hkv, N, D) with Hq % Hkv == 0 expected, got "
           f"{tuple(q.shape)}, {tuple(k.shape)}")
-    qp, kp = pool_blocks(q, block_m), pool_blocks(k, block_n)
-    group = q.shape[1] // k.shape[1]
-    if group > 1:
-        kp = kp.repeat_interleave(group, dim=1)
-    return torch.softmax(torch.matmul(qp, kp.transpose(-1, -2)) * scale, dim=-1)
+    return reference.block_scores_from_pooled(pool_blocks(q, block_m), pool_blocks(k, block_n),
+                                              reference.block_sizes(k.shape[2], block_n, k.device), scale)

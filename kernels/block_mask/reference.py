@@ -25,22 +25,37 @@ def mask_to_table(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return indices, counts
 
 
+def block_sizes(n: int, block: int, device=None) -> torch.Tensor:
+    """float32 (ceil(n / block),): the number of tokens in each block (the last may be ragged)."""
+    nb = -(-n // block)
+    sizes = torch.full((nb,), float(block), device=device)
+    sizes[-1] = n - (nb - 1) * block
+    return sizes
+
+
 def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     B, H, N, D = x.shape
     nb = -(-N // block)
     padded = torch.nn.functional.pad(x.float(), (0, 0, 0, nb * block - N))
     sums = padded.view(B, H, nb, block, D).sum(3)
-    sizes = torch.full((nb,), float(block), device=x.device)
-    sizes[-1] = N - (nb - 1) * block
-    return sums / sizes[:, None]
+    return sums / block_sizes(N, block, x.device)[:, None]
+
+
+def block_scores_from_pooled(qp: torch.Tensor, kp: torch.Tensor, key_block_sizes: torch.Tensor,
+                             scale: float) -> torch.Tensor:
+    """softmax over key blocks of qp . kp * scale + log(key block size); kp's heads are repeated
+    to qp's (GQA). The log term counts a key block as its tokens (n equal keys hold n * exp(s)),
+    so a ragged last block is not overweighted."""
+    group = qp.shape[1] // kp.shape[1]
+    if group > 1:
+        kp = kp.repeat_interleave(group, dim=1)
+    logits = torch.matmul(qp, kp.transpose(-1, -2)) * scale + key_block_sizes.log()
+    return torch.softmax(logits, dim=-1)
 
 
 def block_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block_m: int, block_n: int) -> torch.Tensor:
-    qp, kp = pool_blocks(q, block_m), pool_blocks(k, block_n)
-    group = q.shape[1] // k.shape[1]
-    if group > 1:
-        kp = kp.repeat_interleave(group, dim=1)
-    return torch.softmax(qp @ kp.transpose(-1, -2) * scale, dim=-1)
+    return block_scores_from_pooled(pool_blocks(q, block_m), pool_blocks(k, block_n),
+                                    block_sizes(k.shape[2], block_n, k.device), scale)
 
 
 def diagonal_blocks(QB: int, KB: int, block_m: int, block_n: int, device=None) -> torch.Tensor:

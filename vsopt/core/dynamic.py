@@ -59,32 +59,21 @@ class DynamicSpec:
         return cls(DynamicMethod(d.get("method", "top_k")), d.get("value", 0.2), int(d.get("reuse_steps", 0)))
 
 
-def _pool_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean of x (B, H, N, D) over blocks of `block` tokens -> (B, H, NB, D) float32, and the
-    number of tokens in each block (NB,) (the last block may be ragged)."""
-    B, H, N, D = x.shape
-    nb = math.ceil(N / block)
-    xp = torch.nn.functional.pad(x.float(), (0, 0, 0, nb * block - N))
-    counts = torch.full((nb,), float(block), device=x.device)
-    counts[-1] = N - (nb - 1) * block
-    return xp.view(B, H, nb, block, D).sum(3) / counts[:, None], counts
-
-
 def pooled_block_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block_m: int, block_n: int) -> torch.Tensor:
     """Estimated block attention mass from mean-pooled q and k.
 
     q: (B, H, Nq, D), k: (B, Hkv, Nk, D) with H a multiple of Hkv. Returns float32
     (B, H, QB, KB); each row sums to 1. A key block's logit gets + log(its token count), so a
-    ragged last block is not overweighted (the mass of n equal keys is n * exp(s))."""
+    ragged last block is not overweighted (the mass of n equal keys is n * exp(s)). On CUDA the
+    pooling runs the Triton kernel of kernels/block_mask; elsewhere its PyTorch reference."""
     H, Hkv = q.shape[1], k.shape[1]
     if H % Hkv:
         raise ValueError(f"query heads {H} not a multiple of key heads {Hkv}")
-    qp, _ = _pool_blocks(q, block_m)
-    kp, counts = _pool_blocks(k, block_n)
-    if Hkv != H:
-        kp = kp.repeat_interleave(H // Hkv, dim=1)
-    logits = qp @ kp.transpose(-1, -2) * scale + counts.log()
-    return torch.softmax(logits, dim=-1)
+    if q.is_cuda:
+        from ..kernels.block_mask import launch as impl
+    else:
+        from ..kernels.block_mask import reference as impl
+    return impl.block_scores(q, k, scale, block_m, block_n)
 
 
 def select_blocks(scores: torch.Tensor, spec: DynamicSpec, diagonal: torch.Tensor | None = None) -> torch.Tensor:

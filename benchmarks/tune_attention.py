@@ -137,7 +137,7 @@ def quantization_parts(w, rep_ms: float, log) -> list[dict]:
             "quantize_blocks(q, fp8)": lambda: quant_launch.quantize_blocks(q, BLOCK, "fp8"),
             "quantize_blocks(k, int8, smooth)": lambda: quant_launch.quantize_blocks(k, BLOCK, "int8", k_sum),
         }
-        for bn, warps in ((128, 4), (128, 8), (64, 4), (64, 8), (32, 4)):
+        for bn, warps in ((128, 4), (128, 8), (64, 4), (256, 4)):
             parts[f"quantize_v_fp8(v, block_n={bn}, warps={warps})"] = \
                 lambda bn=bn, warps=warps: quant_launch.quantize_v_fp8(v, v_max, bn, warps)
         for name, fn in parts.items():

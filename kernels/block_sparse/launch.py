@@ -5,7 +5,8 @@ block_sparse_attention(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, 
     (float32 too: the interpreter tests use it; on a GPU its dots run as tf32).
     kv_indices int32 (Bt, Hq, ceil(Nq/block_m), MAXK), kv_counts int32 (Bt, Hq, ceil(Nq/block_m)),
     Bt in {1, B}; indices ascending and < ceil(Nk/block_n) (not checked here: that needs a sync).
-    Returns (out (B, Hq, Nq, D) in q's dtype, lse float32 (B, Hq, Nq) or None).
+    Returns (out (B, Hq, Nq, D) in q's dtype and memory layout (torch.empty_like(q)), lse float32
+    (B, Hq, Nq) or None).
 
 Work order (see work_order): heads in order, each head's query-block rows longest first (a stable
 sort, so equal counts keep their natural order): the longest rows start early, the short ones fill
@@ -178,7 +179,10 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
     kv_indices, kv_counts = kv_indices.contiguous(), kv_counts.contiguous()
     QB, KB = triton.cdiv(Nq, block_m), triton.cdiv(Nk, block_n)
 
-    out_dtype = q.dtype
+    # The output takes q's memory layout: for the (B, N, H, D) views of a projection, the model's
+    # transpose back to (B, N, H * D) is then free (a contiguous output cost a 100 MB copy per
+    # layer at Wan 480p). ops._bsa_fake gives the same strides.
+    out = torch.empty_like(q)
     q_scale = k_scale = v_scale = None
     if quant != "none":
         quantized = quant_launch.quantize_qkv(q, k, v, quant, block_m, block_n)
@@ -188,7 +192,6 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
         stride_vn, stride_vd = 1, v.stride(2)
     else:
         stride_vn, stride_vd = v.stride(2), 1
-    out = torch.empty((B, Hq, Nq, D), dtype=out_dtype, device=q.device)
     lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device) if with_lse else out
     order = work_order(kv_counts, B)
     unused = order   # stands in for the scale pointers a mode does not read

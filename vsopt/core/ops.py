@@ -156,13 +156,16 @@ def _run_block_sparse(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, q
         if q.device.type == "cuda" and reason not in KERNEL_FALLBACKS:
             KERNEL_FALLBACKS.add(reason)
             _log.warning("vsopt.block_sparse_attention runs the PyTorch reference: %s", reason)
-        return _bsa_ref.block_sparse_attention(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant)
+        out, lse = _bsa_ref.block_sparse_attention(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant)
+        return torch.empty_like(q).copy_(out), lse   # q's layout, as the kernel's output (see _bsa_fake)
 
 
 def _bsa_fake(q, k, v, kv_indices, kv_counts, block_m, block_n, quant):
     with _as_vsopt_errors():
         _bsa_inputs.check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, quant)
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+    # q's memory layout (the kernel writes through strides): a (B, N, H, D) view stays one, so the
+    # model's transpose back to (B, N, H * D) needs no copy.
+    return torch.empty_like(q)
 
 
 @torch.library.triton_op("vsopt::block_sparse_attention", mutates_args=())

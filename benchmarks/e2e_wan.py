@@ -84,25 +84,6 @@ def compile_blocks(model, backend: str, options: dict | None):
     return model
 
 
-def timed(fn, warmup: int, iters: int, device: str) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
 CATEGORIES = (  # first match wins; kernel names lower-cased
     ("attention", ("attn", "attention", "fmha", "flash", "cudnn", "block_sparse", "sdpa")),
     ("quantization", ("quant",)),
@@ -149,6 +130,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import vsopt  # noqa: F401  (registers the backend's ops)
+    from vsopt.timing import time_calls
     from vsopt.core.ir import TokenGrid
     from vsopt.core.plan import HeadPlan, Plan, Quant, Sparsity
 
@@ -206,7 +188,8 @@ def main(argv=None) -> int:
             if device == "cuda":
                 torch.cuda.synchronize()
             compile_s = time.perf_counter() - t0
-            times = timed(lambda: model(*inputs, return_dict=False), 2, args.iters, device)
+            times = time_calls(lambda: model(*inputs, return_dict=False), args.iters, warmup=2,
+                               cuda=device == "cuda")
             breakdown = profile_breakdown(lambda: model(*inputs, return_dict=False), device)
         from vsopt.core.metrics import cosine_similarity, relative_l2
 

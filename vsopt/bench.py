@@ -5,7 +5,10 @@ of them run through the same rewrite, the same kernels and the same inputs:
 
   dense    the exact model (the reference every score is taken against)
   vsopt    vsopt's calibrated plan: per head the best token order (PARO), then per head the
-           cheapest of calibrated mask / static pattern / dynamic / skip under a density budget
+           cheapest of calibrated mask / static pattern / dynamic / skip under a density budget,
+           calibrated per denoising step, the budget shared over sites and steps where the final
+           output is measured to be most sensitive (vsopt.sensitivity); density is averaged over
+           sites, heads and steps
   topk     block top-k of pooled q/k scores in the model's own token order, recomputed at every
            step (the SpargeAttn / XAttention family: keep ceil(d * KB) key blocks per query row
            plus the diagonal; simplification: SpargeAttn's cumulative-mass and similarity filters
@@ -70,7 +73,11 @@ class BenchSettings:
     block: kernel block size of every plan. steps / clips / seed: the sampler run the video scores
     come from (the same noise and descriptions for every method). calibration_clips /
     calibration_steps: the sampler inputs vsopt's calibration measures (other seeds than the
-    scored clips). site_step: the denoising step whose inputs the per-site errors are taken at."""
+    scored clips). site_step: the denoising step whose inputs the per-site errors are taken at.
+    step_plans: vsopt calibrates each denoising step separately (a plan with one step range per
+    step; the density budget is then shared across steps as well as sites). sensitivity: vsopt's
+    density search weighs each site's and step's error by the final output's measured sensitivity
+    to it (vsopt.sensitivity), on the calibration clips."""
 
     methods: tuple[Method, ...] = (Method.VSOPT, Method.TOPK, Method.WINDOW, Method.RADIAL, Method.SAGE)
     densities: tuple[float, ...] = (0.2, 0.3, 0.5)
@@ -84,6 +91,8 @@ class BenchSettings:
     site_step: int | None = None  # None: the middle step
     timing_iters: int = 10
     clip: tuple[int, int, int] | None = None  # latent (frames, height, width); None: the model's own
+    step_plans: bool = True
+    sensitivity: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "methods", tuple(Method(m) for m in self.methods))
@@ -113,6 +122,11 @@ class BenchPoint:
 
 
 # ----------------------------------------------------------------------------- plans of each method
+
+# vsopt's dynamic candidates in the bench: cumulative-mass shares and top-k fractions spanning the
+# swept densities (CalibrationOptions' defaults offer only near-lossless mass shares)
+DYNAMIC_MASS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+DYNAMIC_TOP_K = (0.1, 0.2, 0.3, 0.4, 0.5)
 
 
 def _closest(patterns: Sequence[Pattern], grid: TokenGrid, target: float, block: int) -> tuple[Pattern, float]:
@@ -163,11 +177,23 @@ def method_plan(method: Method, sites: Sequence[AttentionSite], density: float, 
     raise ConfigError(f"unknown method {method!r}")
 
 
-def plan_density(plan: Plan, sites: Sequence[AttentionSite], calls: dict | None = None) -> float:
+def plan_density(plan: Plan, sites: Sequence[AttentionSite], calls: dict | Sequence[dict] | None = None,
+                 steps: int | None = None) -> float:
     """Mean block density over the planned heads of self-attention sites: static heads from their
     masks, dense heads 1, skipped heads 0; dynamic heads from the mask they select on the site's
     q/k in `calls` (site_id -> vsopt.capture.SiteCall), or, without calls, at their top-k
-    fraction (a cumulative-mass head then raises: its density depends on the input)."""
+    fraction (a cumulative-mass head then raises: its density depends on the input).
+
+    With `steps`, the mean over denoising steps 0 .. steps - 1 of the heads each step runs (a
+    plan with step ranges runs different heads at different steps); `calls` is then one dict per
+    step (or one dict for all steps). Without, the plan's default heads."""
+    if steps is None:
+        return _step_density(plan, sites, calls, None)
+    per_step = calls if isinstance(calls, (list, tuple)) else [calls] * steps
+    return statistics.fmean(_step_density(plan, sites, per_step[i], i) for i in range(steps))
+
+
+def _step_density(plan: Plan, sites: Sequence[AttentionSite], calls: dict | None, step: int | None) -> float:
     from vsopt.core.dynamic import DynamicMethod, pooled_block_scores, select_blocks
     from vsopt.core.orders import order_permutation
     from vsopt.core.patterns import diagonal_blocks
@@ -176,7 +202,7 @@ def plan_density(plan: Plan, sites: Sequence[AttentionSite], calls: dict | None 
     for s in sites:
         if s.site_id not in plan or not s.is_self_attention:
             continue
-        for h, hp in enumerate(plan[s.site_id].heads_at(None)):
+        for h, hp in enumerate(plan[s.site_id].heads_at(step)):
             if hp.sparsity is Sparsity.SKIP:
                 ds.append(0.0)
             elif hp.sparsity is Sparsity.DYNAMIC:
@@ -253,10 +279,15 @@ class PlanScorer:
             self.dense_video = sampler.sample(ref.transformer, self.cond, self.shape, steps=settings.steps,
                                               seed=settings.seed, progress=progress)
         self.dense_sample_s = time.perf_counter() - t0
-        site_args = tuple(a[:1] for a in recorded[self.site_step].args)
-        self.dense_calls = {}
-        run_observing(dense_gm, site_args, lambda call: self.dense_calls.__setitem__(call.site_id, call))
+        # every site's exact q/k/v/output at every step (per-site errors, dynamic heads' density)
+        self.dense_calls_by_step = []
+        for rec in recorded:
+            calls: dict = {}
+            run_observing(dense_gm, tuple(a[:1] for a in rec.args), lambda call: calls.__setitem__(call.site_id, call))
+            self.dense_calls_by_step.append(calls)
+        self.dense_calls = self.dense_calls_by_step[self.site_step]
         self._calibration_inputs = None
+        self._error_weights = None
 
     def score(self, plan: Plan) -> dict[str, Any]:
         """Video scores (PSNR, SSIM, relative L2 of the final latents against dense), per-site
@@ -264,8 +295,7 @@ class PlanScorer:
         from vsopt.calibrate import site_plan_output
         from vsopt.models import sampler
 
-        gm, _ = _rewritten(self.velocity, self.example, plan, None)
-        video = sampler.sample(_as_sampler_model(gm), self.cond, self.shape, steps=self.settings.steps,
+        video = sampler.sample(self._step_model(plan), self.cond, self.shape, steps=self.settings.steps,
                                seed=self.settings.seed)
         per_site = {}
         for site in self.sites:
@@ -275,14 +305,31 @@ class PlanScorer:
             per_site[site.site_id] = {"cosine": cosine_similarity(out, call.out), "rel_l2": relative_l2(out, call.out)}
         return {"psnr": psnr(video, self.dense_video), "ssim": ssim(video, self.dense_video),
                 "rel_l2": relative_l2(video, self.dense_video),
-                "density": plan_density(plan, self.sites, self.dense_calls),
+                "density": plan_density(plan, self.sites, self.dense_calls_by_step, self.settings.steps),
                 "site_cosine_min": min(v["cosine"] for v in per_site.values()),
                 "site_rel_l2_max": max(v["rel_l2"] for v in per_site.values()), "sites": per_site}
 
+    def _step_model(self, plan: Plan):
+        """A sampler model running `plan`: the lowered graph of the current denoising step's
+        segment when the plan has step ranges (as the backend's step dispatch does)."""
+        from vsopt.core.dynamic import current_denoising_step
+
+        if not plan.step_boundaries():
+            return _as_sampler_model(_rewritten(self.velocity, self.example, plan, None)[0])
+        graphs = {start: _rewritten(self.velocity, self.example, plan.at_step(start), None)[0]
+                  for start in (None, 0, *plan.step_boundaries())}
+
+        def run(x, t, c, return_dict=False):
+            return (graphs[plan.segment_start(current_denoising_step())](x, t, c),)
+
+        return run
+
     def calibrated_plan(self, density: float) -> Plan:
-        """vsopt's calibration under DensityBudget(density), on other clips than the scored ones."""
+        """vsopt's calibration under DensityBudget(density), on other clips than the scored ones:
+        with settings.step_plans one step range per calibration step, with settings.sensitivity
+        the errors weighted by the final output's sensitivity (measured on the calibration run)."""
         from vsopt.calibrate import CalibrationOptions, DensityBudget, calibrate
-        from vsopt.capture import record_forward_inputs
+        from vsopt.capture import RecordedCall, record_forward_inputs
         from vsopt.models import data, sampler
 
         s = self.settings
@@ -291,11 +338,40 @@ class PlanScorer:
             with record_forward_inputs(self.ref.transformer, device=None) as calls:
                 sampler.sample(self.ref.transformer, self.ref.encode(tokens.to(self.device)), self.shape,
                                steps=s.calibration_steps, seed=s.seed + 1)
-            self._calibration_inputs = [c.args for c in calls]
+            # one forward per step; the _Velocity wrapper takes the positional inputs only
+            self._calibration_inputs = [RecordedCall(c.index, c.index, c.args) for c in calls]
+        calls = self._calibration_inputs
+        if s.sensitivity and self._error_weights is None:
+            self._error_weights = self.sensitivity_weights(calls)
+        ranges = None
+        if s.step_plans:
+            ranges = tuple((i, i + 1) for i in range(s.calibration_steps - 1)) + ((s.calibration_steps - 1, None),)
         options = CalibrationOptions(block_m=s.block, block_n=s.block, quants=tuple({Quant.NONE, s.quant}),
-                                     order_density=density)
-        return calibrate(self.velocity, self._calibration_inputs, DensityBudget(density, s.quant), options=options,
+                                     order_density=density, step_ranges=ranges, dynamic_values=DYNAMIC_MASS,
+                                     dynamic_top_k=DYNAMIC_TOP_K,
+                                     error_weights=self._error_weights if s.sensitivity else None)
+        return calibrate(self.velocity, calls, DensityBudget(density, s.quant), options=options,
                          progress=False).plan
+
+    def sensitivity_weights(self, calls) -> dict[str, dict[int, float]]:
+        """vsopt.sensitivity.euler_sensitivity on a dense sampler run's recorded inputs `calls`
+        (one per step), each self-attention site probed with block top-k at density 0.5 in the
+        model's order (an error of the kind sparse attention makes)."""
+        from vsopt.calibrate import site_plan_output
+        from vsopt.models import sampler
+        from vsopt.sensitivity import euler_sensitivity
+
+        inputs = [c.args for c in calls]
+        gm, _ = _rewritten(self.velocity, inputs[0], None, None)
+        b = self.settings.block
+        probe_head = HeadPlan(Sparsity.DYNAMIC, block_m=b, block_n=b, dynamic=DynamicSpec(DynamicMethod.TOP_K, 0.5))
+        video = {s.site_id: s for s in self.sites if s.is_self_attention and s.grid is not None}
+
+        def probe(call):
+            return site_plan_output(video[call.site_id], [probe_head] * call.q.shape[1], call)
+
+        with torch.no_grad():
+            return euler_sensitivity(gm, self.velocity, inputs, sampler.sigmas(len(inputs)), list(video), probe)
 
 
 def bench(ref, settings: BenchSettings | None = None, *, progress: bool = True) -> dict[str, Any]:
@@ -323,7 +399,8 @@ def bench(ref, settings: BenchSettings | None = None, *, progress: bool = True) 
             ms = _forward_ms(scorer.velocity, scorer.example, plan, settings)
             speedup, source = dense_ms / ms, "measured-gpu"
         else:
-            ms, speedup, source = None, _predicted_attention_speedup(plan, scorer.sites, cost), "predicted-cost-model"
+            speedup = _predicted_attention_speedup(plan, scorer.sites, cost, settings.steps)
+            ms, source = None, "predicted-cost-model"
         points.append(BenchPoint(
             method=method.value, target_density=density, density=scores["density"],
             quant=(Quant.INT8 if method is Method.SAGE else settings.quant).value,
@@ -340,8 +417,16 @@ def bench(ref, settings: BenchSettings | None = None, *, progress: bool = True) 
     }
 
 
-def _predicted_attention_speedup(plan: Plan, sites: Sequence[AttentionSite], cost) -> float:
-    """Dense over planned attention time of all sites, from the cost model (no GPU here)."""
+def _predicted_attention_speedup(plan: Plan, sites: Sequence[AttentionSite], cost, steps: int | None = None) -> float:
+    """Dense over planned attention time of all sites, from the cost model (no GPU here); with
+    `steps`, summed over denoising steps 0 .. steps - 1 (each runs its step range's heads)."""
+    if steps is None:
+        return _predicted_step_speedup(plan, sites, cost, None)
+    # total time over steps = sum of per-step times: the harmonic mean of per-step speedups
+    return steps / sum(1.0 / _predicted_step_speedup(plan, sites, cost, i) for i in range(steps))
+
+
+def _predicted_step_speedup(plan: Plan, sites: Sequence[AttentionSite], cost, step: int | None) -> float:
     from vsopt.costmodel import Launch, SiteWork
 
     dense = planned = 0.0
@@ -353,7 +438,7 @@ def _predicted_attention_speedup(plan: Plan, sites: Sequence[AttentionSite], cos
         if s.site_id not in plan:
             planned += cost.predict_us(dense_work)
             continue
-        heads = plan[s.site_id].heads_at(None)
+        heads = plan[s.site_id].heads_at(step)
         launches: dict[tuple, list[int]] = {}
         scored = 0
         for h in heads:
@@ -478,6 +563,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip", default=None, help="latent clip F,H,W (default: the size the model was trained on)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", default="bench", help="output folder for bench.json and pareto.png")
+    p.add_argument("--no-step-plans", action="store_true", help="vsopt: one plan for all steps (no step ranges)")
+    p.add_argument("--no-sensitivity", action="store_true",
+                   help="vsopt: weigh every site's and step's error alike (no measured output sensitivity)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -492,7 +580,8 @@ def run_cli(args: argparse.Namespace) -> int:
     if clip is not None and len(clip) != 3:
         raise ConfigError(f"--clip needs F,H,W, got {args.clip!r}")
     settings = BenchSettings(methods=methods, densities=densities, quant=Quant(args.quant), block=args.block,
-                             steps=args.steps, clips=args.clips, clip=clip)
+                             steps=args.steps, clips=args.clips, clip=clip, step_plans=not args.no_step_plans,
+                             sensitivity=not args.no_sensitivity)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ref = load_shipped(device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32).eval()
     result = bench(ref, settings)

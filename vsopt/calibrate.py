@@ -146,6 +146,8 @@ class CalibrationOptions:
     mass_shares: calibrated-mask candidates, each the fewest blocks holding that share of mass.
     quants: precisions the search may pick. patterns / dynamic / skip: candidate families allowed.
     dynamic_values: cumulative-mass targets of the dynamic candidates.
+    dynamic_top_k: fractions of key blocks per query row of the top-k dynamic candidates (in the
+      head's order; an input-dependent mask at a fixed density).
     error_inputs: how many calibration inputs (the first ones) pass 2 runs on (None: all).
     site_overhead_us: what lowering a site costs beyond the GPU time the cost model predicts
       (host-side launch work, permutations, head-group gathers); with a SiteErrorBudget a site
@@ -154,6 +156,10 @@ class CalibrationOptions:
     step_ranges: [(start, stop)] of denoising steps calibrated separately (inputs must be
       RecordedCalls whose index is the step; stop None = to the end); None: one plan for all.
     cost_model: None = the shipped one for this GPU (CostModel.default).
+    error_weights: site_id -> {denoising step: weight}, how much a unit of the site's relative
+      squared error at that step costs in the final output (vsopt.sensitivity.euler_sensitivity);
+      a DensityBudget then minimizes the weighted sum (a step range takes the mean weight of its
+      calibration steps). None: every site and step weighs 1.
     """
 
     block_m: int = 64
@@ -165,11 +171,13 @@ class CalibrationOptions:
     patterns: bool = True
     dynamic: bool = True
     dynamic_values: tuple[float, ...] = (0.9, 0.95, 0.99)
+    dynamic_top_k: tuple[float, ...] = ()
     skip: bool = True
     error_inputs: int | None = None
     site_overhead_us: float = 0.0
     step_ranges: tuple[tuple[int, int | None], ...] | None = None
     cost_model: CostModel | None = None
+    error_weights: dict[str, dict[int, float]] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "orders", tuple(TokenOrder(o) for o in self.orders))
@@ -271,6 +279,9 @@ def _build_candidates(state: _SiteState) -> None:
         for value in opt.dynamic_values:
             spec = DynamicSpec(DynamicMethod.CUMULATIVE_MASS, value)
             cands.append(_Candidate(f"dynamic@{value:g}", Sparsity.DYNAMIC, dynamic=spec))
+        for value in opt.dynamic_top_k:
+            spec = DynamicSpec(DynamicMethod.TOP_K, value)
+            cands.append(_Candidate(f"topk@{value:g}", Sparsity.DYNAMIC, dynamic=spec))
     if opt.skip:
         cands.append(_Candidate("skip", Sparsity.SKIP, torch.zeros(site.heads, qb, kb, dtype=torch.bool)))
     state.candidates = cands
@@ -470,16 +481,22 @@ def _dense_choices(state: _SiteState) -> list[HeadChoice]:
     return [HeadChoice(0, Quant.NONE, float(state.quant_err2[h, none]), 0.0, 1.0) for h in range(state.site.heads)]
 
 
-def search_density(states: Sequence[_SiteState], cost: CostModel, density: float, quant: Quant) -> list[list[HeadChoice]]:
-    """Least summed relative squared error over sites with overall block density <= density."""
+def search_density(states: Sequence[_SiteState], cost: CostModel, density: float, quant: Quant,
+                   error_weights: Sequence[float] | None = None) -> list[list[HeadChoice]]:
+    """Least summed relative squared error over sites with overall block density <= density;
+    with error_weights (one per state), the sum of weight * relative squared error."""
     all_options = [_head_options(s, cost, (quant,)) for s in states]
-    weights = [float(s.norm2.sum()) for s in states]
-    # recast each option: "time" = blocks it keeps, error relative to its site's norm
+    norms = [float(s.norm2.sum()) for s in states]
+    factors = [1.0] * len(states) if error_weights is None else [float(w) for w in error_weights]
+    if len(factors) != len(states) or not all(w >= 0 for w in factors):
+        raise ConfigError(f"search_density: need one non-negative error weight per site, got {error_weights}")
+    # recast each option: "time" = blocks it keeps, error relative to its site's norm, weighted
     recast, sizes = [], []
-    for opts_site, w, s in zip(all_options, weights, states):
+    for opts_site, norm, f, s in zip(all_options, norms, factors, states):
         qb, kb = s.blocks
         for opts in opts_site:
-            recast.append([HeadChoice(o.candidate, o.quant, o.err2 / w, o.density * qb * kb, o.density) for o in opts])
+            recast.append([HeadChoice(o.candidate, o.quant, f * o.err2 / norm, o.density * qb * kb, o.density)
+                           for o in opts])
             sizes.append(qb * kb)
     total = sum(sizes)
     # minimize err + mu * blocks: bisect mu so that blocks fit the budget
@@ -497,7 +514,7 @@ def search_density(states: Sequence[_SiteState], cost: CostModel, density: float
         else:
             lo = mid
     out, i = [], 0
-    for opts_site, w in zip(all_options, weights):
+    for opts_site in all_options:
         chosen = best[i:i + len(opts_site)]
         i += len(opts_site)
         out.append([next(o for o in opts if o.candidate == ch.candidate) for opts, ch in zip(opts_site, chosen)])
@@ -877,7 +894,8 @@ def calibrate(model: torch.nn.Module, calibration_inputs: Sequence[Any], budget:
                 plan, results, quality = _quality_search(model, signature, held, states, used, options, cost, budget,
                                                          config, progress)
             else:
-                choices = _search(states, cost, budget)
+                weights = _state_weights(states, calls, range_ids, options.error_weights)
+                choices = _search(states, cost, budget, weights)
                 plan, results = _assemble(states, choices, options, cost, budget)
                 quality = None
             _verify(gm, states, plan, results, first_of_range, options.step_ranges)
@@ -891,12 +909,30 @@ def calibrate(model: torch.nn.Module, calibration_inputs: Sequence[Any], budget:
         model.train(was_training)
 
 
-def _search(states: dict, cost: CostModel, budget: Budget) -> dict[tuple[str, int], list[HeadChoice]]:
+def _search(states: dict, cost: CostModel, budget: Budget,
+            weights: dict[tuple[str, int], float] | None = None) -> dict[tuple[str, int], list[HeadChoice]]:
     if isinstance(budget, SiteErrorBudget):
         return {key: search_site_error(st, cost, budget.max_rel_l2) for key, st in states.items()}
     keys = list(states)
-    picked = search_density([states[k] for k in keys], cost, budget.density, budget.quant)
+    picked = search_density([states[k] for k in keys], cost, budget.density, budget.quant,
+                            None if weights is None else [weights[k] for k in keys])
     return dict(zip(keys, picked))
+
+
+def _state_weights(states: dict, calls: Sequence[RecordedCall], range_ids: Sequence[int | None],
+                   error_weights: dict[str, dict[int, float]] | None) -> dict[tuple[str, int], float] | None:
+    """Each (site, step range)'s error weight: the mean of error_weights[site][step] over the
+    calibration inputs' steps in the range (None without error_weights)."""
+    if error_weights is None:
+        return None
+    out = {}
+    for sid, r in states:
+        steps = sorted({c.step for c, rid in zip(calls, range_ids) if rid == r})
+        missing = [st for st in steps if st not in error_weights.get(sid, {})]
+        if missing:
+            raise ConfigError(f"error_weights has no weight for site {sid!r} at step(s) {missing}")
+        out[(sid, r)] = sum(error_weights[sid][st] for st in steps) / len(steps)
+    return out
 
 
 def _assemble(states: dict, choices: dict, options: CalibrationOptions, cost: CostModel,

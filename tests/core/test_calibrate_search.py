@@ -207,3 +207,49 @@ def cal_dense(state):
     from vsopt.calibrate import _dense_choices
 
     return _dense_choices(state)
+
+
+def test_error_weights_move_blocks_to_the_heavier_site():
+    a, _ = _state_with_errors(seed=0, patterns=False, dynamic=False)
+    b, _ = _state_with_errors(seed=3, patterns=False, dynamic=False)
+
+    def site_density(picks):
+        return [sum(c.density for c in site) / len(site) for site in picks]
+
+    plain = site_density(search_density([a, b], COST, 0.4, Quant.NONE))
+    heavy_a = site_density(search_density([a, b], COST, 0.4, Quant.NONE, error_weights=[100.0, 1.0]))
+    heavy_b = site_density(search_density([a, b], COST, 0.4, Quant.NONE, error_weights=[1.0, 100.0]))
+    assert heavy_a[0] >= plain[0] and heavy_b[1] >= plain[1]
+    assert heavy_a[0] > heavy_b[0] and heavy_b[1] > heavy_a[1]
+    for picks in (heavy_a, heavy_b):  # the budget still holds
+        assert sum(picks) / 2 <= 0.4 + 1e-6
+    with pytest.raises(ConfigError, match="error weight"):
+        search_density([a, b], COST, 0.4, Quant.NONE, error_weights=[1.0])
+    with pytest.raises(ConfigError, match="error weight"):
+        search_density([a, b], COST, 0.4, Quant.NONE, error_weights=[1.0, -1.0])
+
+
+def test_state_weights_average_the_steps_of_each_range():
+    from vsopt.calibrate import _state_weights
+    from vsopt.capture import RecordedCall
+
+    calls = [RecordedCall(i, i, ()) for i in range(4)]
+    range_ids = [0, 0, 1, 1]  # ranges 0:2 and 2:
+    weights = {"s": {0: 4.0, 1: 2.0, 2: 1.0, 3: 0.5}}
+    got = _state_weights({("s", 0): None, ("s", 1): None}, calls, range_ids, weights)
+    assert got == {("s", 0): 3.0, ("s", 1): 0.75}
+    assert _state_weights({("s", 0): None}, calls, range_ids, None) is None
+    with pytest.raises(ConfigError, match="no weight for site 't'"):
+        _state_weights({("t", 0): None}, calls, range_ids, weights)
+
+
+def test_top_k_dynamic_candidates_run_at_their_fraction():
+    state, _ = _state_with_errors(patterns=False, dynamic=True, dynamic_values=(), dynamic_top_k=(0.25, 0.5))
+    labels = [c.label for c in state.candidates]
+    assert "topk@0.25" in labels and "topk@0.5" in labels
+    for value in (0.25, 0.5):
+        c = labels.index(f"topk@{value:g}")
+        assert state.candidates[c].dynamic.method.value == "top_k"
+        density = state.density[:, c] / state.error_calls  # 4 key blocks: value * 4 per row, plus the diagonal
+        assert torch.all(density >= value - 1e-9) and torch.all(density <= value + 0.25 + 1e-9)
+        assert torch.all(state.err2[:, c] > 0)

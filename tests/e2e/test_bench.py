@@ -107,3 +107,18 @@ def test_density_of_a_cumulative_mass_head_needs_its_inputs():
 
     got = plan_density(plan, [site], {site.site_id: Call})
     assert got == pytest.approx(0.25)  # the diagonal block of 4: the kept mass is all on it
+
+
+def test_density_of_a_step_ranged_plan_is_averaged_over_steps():
+    from vsopt.core.patterns import LocalWindow
+    from vsopt.core.plan import HeadPlan, Plan, SitePlan, StepPlan
+
+    site = _site(TokenGrid(8, 16, 16))
+    sparse = HeadPlan(Sparsity.PATTERN, pattern=LocalWindow(1, 2, 2), block_m=64, block_n=64)
+    d = plan_density(Plan.uniform([site], sparse), [site])
+    assert d < 0.5
+    # dense at step 0, the window at steps 1 .. 3: (1 + 3 d) / 4 over 4 steps; the default heads are dense
+    steps = (StepPlan(0, 1, (HeadPlan(),) * 2), StepPlan(1, None, (sparse,) * 2))
+    plan = Plan({site.site_id: SitePlan.for_site(site, HeadPlan(), steps)})
+    assert plan_density(plan, [site]) == 1.0
+    assert plan_density(plan, [site], steps=4) == pytest.approx((1 + 3 * d) / 4)

@@ -465,22 +465,13 @@ def _forward_ms(velocity, example, plan, settings: BenchSettings) -> float:
     """Median ms of one compiled forward of the _Velocity wrapper (GPU), backend vsopt with `plan`."""
     import torch._dynamo
 
+    from vsopt.timing import median_ms
+
     torch._dynamo.reset()
     compiled = torch.compile(velocity, backend="vsopt", options={"plan": plan} if plan is not None else {},
                              dynamic=False)
     with torch.no_grad():
-        for _ in range(3):
-            compiled(*example)
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(settings.timing_iters):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            compiled(*example)
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-    return statistics.median(times)
+        return median_ms(lambda: compiled(*example), settings.timing_iters, warmup=3, cuda=True)
 
 
 # ----------------------------------------------------------------------------- output

@@ -64,6 +64,7 @@ from vsopt.core.patterns import (FrameTiles, LocalWindow, Pattern, Radial, Tempo
                                  block_mask, calibrated_block_mask, diagonal_blocks, num_blocks)
 from vsopt.core.plan import HeadPlan, Plan, Quant, SitePlan, Sparsity, StepPlan
 from vsopt.costmodel import CostModel, Launch, SiteWork, sum_launches
+from vsopt.timing import median_ms
 
 # ----------------------------------------------------------------------------- budgets
 
@@ -1044,20 +1045,6 @@ def _quality_search(model, signature: _Signature, held: tuple, states, used, opt
     return plan, results, best_score
 
 
-def _median_ms(fn, repeats: int) -> float:
-    """Median CUDA-event milliseconds of fn() after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def check_plan(model: torch.nn.Module, call: RecordedCall, plan_path: str | os.PathLike,
                grid: TokenGrid | None = None, repeats: int = 10, compile: bool = True) -> dict[str, Any]:
     """Run `model` on one input dense, as the plan-lowered graph run eagerly (the kernels called
@@ -1078,8 +1065,8 @@ def check_plan(model: torch.nn.Module, call: RecordedCall, plan_path: str | os.P
         out = _model_output(lowered(*inputs)).float()
         check.update(lowered_rel_l2=relative_l2(out, dense_out), lowered_psnr_db=psnr(out, dense_out))
         if on_gpu:
-            check["dense_eager_ms"] = _median_ms(lambda: model(*call.args, **call.kwargs), repeats)
-            check["lowered_eager_ms"] = _median_ms(lambda: lowered(*inputs), repeats)
+            check["dense_eager_ms"] = median_ms(lambda: model(*call.args, **call.kwargs), repeats)
+            check["lowered_eager_ms"] = median_ms(lambda: lowered(*inputs), repeats)
         options = {"plan": os.fspath(plan_path)}
         if grid is not None:
             options["grid"] = grid
@@ -1091,8 +1078,8 @@ def check_plan(model: torch.nn.Module, call: RecordedCall, plan_path: str | os.P
             check.update(compiled_rel_l2=relative_l2(out, dense_out), compiled_psnr_db=psnr(out, dense_out))
             if on_gpu:
                 baseline = torch.compile(model)
-                check["dense_compiled_ms"] = _median_ms(lambda: baseline(*call.args, **call.kwargs), repeats)
-                check["compiled_ms"] = _median_ms(lambda: compiled(*call.args, **call.kwargs), repeats)
+                check["dense_compiled_ms"] = median_ms(lambda: baseline(*call.args, **call.kwargs), repeats)
+                check["compiled_ms"] = median_ms(lambda: compiled(*call.args, **call.kwargs), repeats)
         except Exception as e:  # noqa: BLE001 - reported, the lowered numbers still stand
             check["compiled_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
     return check

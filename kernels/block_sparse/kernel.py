@@ -4,8 +4,9 @@ One program computes BLOCK_M query rows of one (b, h) against the key blocks its
 with the online softmax of FlashAttention in base 2 (exp2, scale pre-multiplied by log2(e)):
     m_new = max(m, rowmax(s));  p = exp2(s - m_new);  l = l * exp2(m - m_new) + rowsum(p)
     acc = acc * exp2(m - m_new) + p @ v;               out = acc / l
-Programs are launched in the order of RowOrder (heaviest rows first, see launch.py), so the long
-rows start early and the short ones fill the tail.
+Programs are launched in the order of RowOrder (head by head, each head's heaviest rows first; see
+launch.work_order), so the long rows start early, the short ones fill the tail, and the programs
+running together share one head's K/V in L2.
 
 QUANT (constexpr): 0 bf16/fp16 Q K V; 1 INT8 Q K (smoothed K, per-block scales), 16-bit P V;
 2 FP8 Q K, FP8 P V; 3 INT8 Q K, FP8 P V. In the FP8 P V modes V comes transposed (B, H, D, N_pad)
@@ -22,7 +23,6 @@ import triton.language as tl
 from ..quant.kernel import _to_fp8
 
 LOG2_448 = tl.constexpr(8.807354922057604)   # log2 of e4m3's largest value
-
 
 
 @triton.jit

@@ -11,7 +11,7 @@ block_sparse_attention(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, 
 Work order (see work_order): heads in order, each head's query-block rows longest first (a stable
 sort, so equal counts keep their natural order): the longest rows start early, the short ones fill
 the tail, and the programs running together share one head's K/V in L2. A global longest-first
-order balances as well but mixes heads and ran up to 20% slower on an H100 (tune_attention.py).
+order balances as well but mixes heads: 19-30% slower on an H100 (tune_attention.py, order study).
 Tile shape: autotuned per (head_dim, table block, quant mode) over a pruned config list; the
 kernel tile divides the table block (a 128x128 table block can run as 128x64 tiles). For 128x128
 table blocks at head_dim 64 and 128 the list is the one measured best on an H100

@@ -34,6 +34,14 @@ def _to_fp8(x, ROUND_IN_FP32: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(X, b, h, offs_n, N, stride_xb, stride_xh, stride_xn, HEAD_DIM: tl.constexpr):
+    """Rows offs_n of x[b, h] (N, HEAD_DIM) in float32; rows at or past N read as zeros."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    return tl.load(X + b * stride_xb + h * stride_xh + offs_n[:, None] * stride_xn + offs_d[None, :],
+                   mask=offs_n[:, None] < N, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _channel_stats_kernel(K, V, KSum, VAbsMax, H, N,
                           stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                           ROWS: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr, WITH_V: tl.constexpr):
@@ -46,13 +54,9 @@ def _channel_stats_kernel(K, V, KSum, VAbsMax, H, N,
     v_max = tl.zeros([HEAD_DIM], dtype=tl.float32)
     for start in range(chunk * ROWS, tl.minimum(chunk * ROWS + ROWS, N), TILE):
         offs_n = start + tl.arange(0, TILE)
-        rows = offs_n[:, None] < N
-        k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                    mask=rows, other=0.0).to(tl.float32)
-        k_sum += tl.sum(k, 0)
+        k_sum += tl.sum(_load_rows(K, b, h, offs_n, N, stride_kb, stride_kh, stride_kn, HEAD_DIM), 0)
         if WITH_V:
-            v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                        mask=rows, other=0.0).to(tl.float32)
+            v = _load_rows(V, b, h, offs_n, N, stride_vb, stride_vh, stride_vn, HEAD_DIM)
             v_max = tl.maximum(v_max, tl.max(tl.abs(v), 0))
     tl.atomic_add(KSum + bh * HEAD_DIM + offs_d, k_sum)
     if WITH_V:
@@ -74,8 +78,7 @@ def _quantize_blocks_kernel(
     offs_n = blk * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
     in_bounds = offs_n[:, None] < N
-    x = tl.load(X + b * stride_xb + h * stride_xh + offs_n[:, None] * stride_xn + offs_d[None, :],
-                mask=in_bounds, other=0.0).to(tl.float32)
+    x = _load_rows(X, b, h, offs_n, N, stride_xb, stride_xh, stride_xn, HEAD_DIM)
     if SMOOTH:
         mean = tl.load(Sum + bh * HEAD_DIM + offs_d) * tl.cast(inv_n, tl.float32)   # fp64 under Inductor
         x = tl.where(in_bounds, x - mean[None, :], 0.0)
@@ -103,9 +106,7 @@ def _quantize_channels_fp8_kernel(
     h = bh % H
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    in_bounds = offs_n[:, None] < N
-    x = tl.load(X + b * stride_xb + h * stride_xh + offs_n[:, None] * stride_xn + offs_d[None, :],
-                mask=in_bounds, other=0.0).to(tl.float32)
+    x = _load_rows(X, b, h, offs_n, N, stride_xb, stride_xh, stride_xn, HEAD_DIM)
     scale = tl.maximum(tl.load(AbsMax + bh * HEAD_DIM + offs_d), MIN_AMAX) / 448.0
     if blk == 0:
         tl.store(Scale + bh * HEAD_DIM + offs_d, scale)

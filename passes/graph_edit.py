@@ -34,3 +34,20 @@ def emit(graph: torch.fx.Graph, target, args: tuple, kwargs: dict | None = None,
                 node.meta[key] = meta_from.meta[key]
     node.meta["vsopt_from"] = (pass_name, tuple(replaces))
     return node
+
+
+def with_layout_of(graph: torch.fx.Graph, new: torch.fx.Node, old: torch.fx.Node, *, pass_name: str) -> torch.fx.Node:
+    """`new`, or a copy of it in the memory layout `old` had, to replace `old` with. A traced graph
+    bakes strides into its ops (a later aten.view of an attention output was only valid for the
+    layout the replaced op returned, e.g. (B, N, H, D)-major), so a replacement with another
+    layout is copied into that one (dims ordered by stride, densely). Inductor fuses the copy into
+    the producer or the consumer."""
+    want, got = old.meta.get("val"), new.meta.get("val")
+    if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor) or want.stride() == got.stride():
+        return new
+    order = sorted(range(want.dim()), key=lambda d: (-want.stride()[d], d))
+    inverse = sorted(range(want.dim()), key=lambda d: order[d])
+    x = emit(graph, torch.ops.aten.permute.default, (new, order), pass_name=pass_name, meta_from=new)
+    x = emit(graph, torch.ops.aten.clone.default, (x,), {"memory_format": torch.contiguous_format},
+             pass_name=pass_name, meta_from=new)
+    return emit(graph, torch.ops.aten.permute.default, (x, inverse), pass_name=pass_name, meta_from=new)

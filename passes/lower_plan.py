@@ -49,7 +49,7 @@ from vsopt.core.ir import AttentionSite, SkippedSite
 from vsopt.core.orders import TokenOrder, head_permutations
 from vsopt.core.plan import HeadPlan, Plan, Quant, SitePlan
 
-from .graph_edit import emit
+from .graph_edit import emit, with_layout_of
 from .infra import PassContext, PassReport
 
 NAME = "lower_plan"
@@ -245,7 +245,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
                                 "head plans (the backend compiles one graph per step segment)")
         low = _Lowering(gm, node, sites[site_id], sp)
         with gm.graph.inserting_before(node):
-            out = low.lower()
+            out = with_layout_of(gm.graph, low.lower(), node, pass_name=NAME)   # e.g. a permuted order's output
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
         report.created += low.created

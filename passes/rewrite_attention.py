@@ -15,7 +15,7 @@ import torch.fx
 
 from . import attention_autograd  # noqa: F401  (a rewritten graph must stay trainable)
 from .detect_attention import MATCHES
-from .graph_edit import emit
+from .graph_edit import with_layout_of
 from .infra import PassContext, PassReport
 
 NAME = "rewrite_attention"
@@ -31,7 +31,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
     for site_id, m in ctx.scratch.get(MATCHES, {}).items():
         existing = set(graph.nodes)
         with graph.inserting_before(m.output):
-            out = _same_strides(graph, m.build(graph), m.output)
+            out = with_layout_of(graph, m.build(graph), m.output, pass_name=NAME)
         for n in graph.nodes:
             if n not in existing and n.target is torch.ops.vsopt.attention.default:
                 n.meta["vsopt_site"] = site_id
@@ -53,18 +53,3 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
     report.removed = sorted(n.name for n in before - after)
     return report
 
-
-def _same_strides(graph: torch.fx.Graph, new: torch.fx.Node, old: torch.fx.Node) -> torch.fx.Node:
-    """Give `new` the memory layout `old` had. A traced graph bakes strides into its ops (a
-    later aten.view of the attention output was only valid for the layout SDPA returned, e.g.
-    (B, N, H, D)-major), so the replacement copies into that layout (dims ordered by stride,
-    densely) when it differs. Inductor fuses the copy into the producer or the consumer."""
-    want, got = old.meta.get("val"), new.meta.get("val")
-    if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor) or want.stride() == got.stride():
-        return new
-    order = sorted(range(want.dim()), key=lambda d: (-want.stride()[d], d))
-    inverse = sorted(range(want.dim()), key=lambda d: order[d])
-    x = emit(graph, torch.ops.aten.permute.default, (new, order), pass_name=NAME, meta_from=new)
-    x = emit(graph, torch.ops.aten.clone.default, (x,), {"memory_format": torch.contiguous_format},
-             pass_name=NAME, meta_from=new)
-    return emit(graph, torch.ops.aten.permute.default, (x, inverse), pass_name=NAME, meta_from=new)

@@ -44,17 +44,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
-    like = _attention_out_like(q, v)
     # A fixed layout (the fake's); SDPA's own depends on the backend. Copy only when they differ:
     # flash and cuDNN already return q's layout, so a (B, N, H, D) view stays one without a copy.
-    return out if out.stride() == like.stride() else like.copy_(out)
+    if out.stride() == _attention_out_like(q, v, device="meta").stride():
+        return out
+    return _attention_out_like(q, v).copy_(out)
 
 
-def _attention_out_like(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _attention_out_like(q: torch.Tensor, v: torch.Tensor, device=None) -> torch.Tensor:
     """An empty output: q's memory layout when the head dims agree, else contiguous."""
     if v.shape[-1] == q.shape[-1]:
-        return torch.empty_like(q)
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+        return torch.empty_like(q, device=device)
+    return q.new_empty((*q.shape[:-1], v.shape[-1]), device=device)
 
 
 @attention.register_fake

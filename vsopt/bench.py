@@ -77,7 +77,11 @@ class BenchSettings:
     step_plans: vsopt calibrates each denoising step separately (a plan with one step range per
     step; the density budget is then shared across steps as well as sites). sensitivity: vsopt's
     density search weighs each site's and step's error by the final output's measured sensitivity
-    to it (vsopt.sensitivity), on the calibration clips."""
+    to it (vsopt.sensitivity), on the calibration clips. vsopt_speedups / vsopt_match: vsopt is
+    calibrated under a time budget instead (calibrate.SpeedupBudget: the cost model's predicted
+    attention time, fixed per-site costs included) at these predicted speedups of the whole
+    model's attention, and with vsopt_match also at each baseline point's predicted speedup; its
+    density points are then not run."""
 
     methods: tuple[Method, ...] = (Method.VSOPT, Method.TOPK, Method.WINDOW, Method.RADIAL, Method.SAGE)
     densities: tuple[float, ...] = (0.2, 0.3, 0.5)
@@ -93,12 +97,17 @@ class BenchSettings:
     clip: tuple[int, int, int] | None = None  # latent (frames, height, width); None: the model's own
     step_plans: bool = True
     sensitivity: bool = True
+    vsopt_speedups: tuple[float, ...] = ()
+    vsopt_match: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "methods", tuple(Method(m) for m in self.methods))
         object.__setattr__(self, "quant", Quant(self.quant))
         if not all(0.0 < d <= 1.0 for d in self.densities):
             raise ConfigError(f"densities must lie in (0, 1], got {self.densities}")
+        object.__setattr__(self, "vsopt_speedups", tuple(float(x) for x in self.vsopt_speedups))
+        if not all(x > 0 and math.isfinite(x) for x in self.vsopt_speedups):
+            raise ConfigError(f"vsopt_speedups must be finite and > 0, got {self.vsopt_speedups}")
         if self.steps < 1 or self.clips < 1:
             raise ConfigError(f"steps and clips must be >= 1, got {self.steps}, {self.clips}")
 
@@ -106,7 +115,7 @@ class BenchSettings:
 @dataclass
 class BenchPoint:
     method: str
-    target_density: float
+    target_density: float | None  # None: vsopt calibrated under a time budget (target_speedup)
     density: float  # block density actually run (mean over planned self-attention heads)
     quant: str
     psnr: float
@@ -119,6 +128,7 @@ class BenchPoint:
     speedup_source: str  # "measured-gpu" or "predicted-cost-model"
     ms: float | None = None
     notes: list[str] = field(default_factory=list)
+    target_speedup: float | None = None  # vsopt under a time budget: the whole-model predicted speedup asked
 
 
 # ----------------------------------------------------------------------------- plans of each method
@@ -328,7 +338,34 @@ class PlanScorer:
         """vsopt's calibration under DensityBudget(density), on other clips than the scored ones:
         with settings.step_plans one step range per calibration step, with settings.sensitivity
         the errors weighted by the final output's sensitivity (measured on the calibration run)."""
-        from vsopt.calibrate import CalibrationOptions, DensityBudget, calibrate
+        from vsopt.calibrate import DensityBudget, calibrate
+
+        calls, options = self._calibration(density)
+        return calibrate(self.velocity, calls, DensityBudget(density, self.settings.quant), options=options,
+                         progress=False).plan
+
+    def calibrated_plans_at_speedups(self, speedups: Sequence[float], cost) -> list[tuple[Plan, float]]:
+        """vsopt's calibration under SpeedupBudget at each whole-model predicted attention speedup
+        in `speedups` (one measurement, one search per target), as (plan, the speedup asked of the
+        calibrated sites): the sites left dense (cross-attention) count at their dense time, so the
+        calibrated self-attention sites must be faster than the whole. Every sparse candidate is
+        also offered in the model's token order, so the search can drop a permutation."""
+        from vsopt.calibrate import SpeedupBudget, calibrate_many
+
+        calls, options = self._calibration(0.3)
+        options = dataclasses.replace(options, model_order_candidates=True)
+        targets = [_calibrated_sites_target(x, self.sites, cost) for x in speedups]
+        if not all(math.isfinite(t) for t in targets):
+            raise ConfigError(f"vsopt speedups {list(speedups)}: the sites left dense alone take longer than "
+                              f"that (predicted); the largest reachable is below "
+                              f"{max(x for x, t in zip(speedups, targets) if not math.isfinite(t)):g}x")
+        results = calibrate_many(self.velocity, calls, [SpeedupBudget(t, self.settings.quant) for t in targets],
+                                 options=options, progress=False)
+        return [(r.plan, t) for r, t in zip(results, targets)]
+
+    def _calibration(self, order_density: float):
+        """The calibration inputs (a sampler run on other clips) and options of the bench."""
+        from vsopt.calibrate import CalibrationOptions
         from vsopt.capture import RecordedCall, record_forward_inputs
         from vsopt.models import data, sampler
 
@@ -347,11 +384,10 @@ class PlanScorer:
         if s.step_plans:
             ranges = tuple((i, i + 1) for i in range(s.calibration_steps - 1)) + ((s.calibration_steps - 1, None),)
         options = CalibrationOptions(block_m=s.block, block_n=s.block, quants=tuple({Quant.NONE, s.quant}),
-                                     order_density=density, step_ranges=ranges, dynamic_values=DYNAMIC_MASS,
+                                     order_density=order_density, step_ranges=ranges, dynamic_values=DYNAMIC_MASS,
                                      dynamic_top_k=DYNAMIC_TOP_K,
                                      error_weights=self._error_weights if s.sensitivity else None)
-        return calibrate(self.velocity, calls, DensityBudget(density, s.quant), options=options,
-                         progress=False).plan
+        return calls, options
 
     def sensitivity_weights(self, calls) -> dict[str, dict[int, float]]:
         """vsopt.sensitivity.euler_sensitivity on a dense sampler run's recorded inputs `calls`
@@ -386,14 +422,16 @@ def bench(ref, settings: BenchSettings | None = None, *, progress: bool = True) 
     dense_ms = _forward_ms(scorer.velocity, scorer.example, None, settings) if on_gpu else None
 
     points: list[BenchPoint] = []
-    configs = [(m, d) for m in settings.methods for d in (settings.densities if m is not Method.SAGE else (1.0,))]
+    by_time = Method.VSOPT in settings.methods and (settings.vsopt_speedups or settings.vsopt_match)
+    configs = [(m, d) for m in settings.methods if not (by_time and m is Method.VSOPT)
+               for d in (settings.densities if m is not Method.SAGE else (1.0,))]
     iterator = configs
     if progress:
         from tqdm.auto import tqdm
 
         iterator = tqdm(configs, desc="bench", unit="config")
-    for method, density in iterator:
-        plan, notes = method_plan(method, scorer.sites, density, settings, scorer.calibrated_plan)
+
+    def add(method, density, plan, notes, target_speedup=None):
         scores = scorer.score(plan)
         if on_gpu:
             ms = _forward_ms(scorer.velocity, scorer.example, plan, settings)
@@ -406,7 +444,23 @@ def bench(ref, settings: BenchSettings | None = None, *, progress: bool = True) 
             quant=(Quant.INT8 if method is Method.SAGE else settings.quant).value,
             psnr=scores["psnr"], ssim=scores["ssim"], rel_l2=scores["rel_l2"],
             site_cosine_min=scores["site_cosine_min"], site_rel_l2_max=scores["site_rel_l2_max"],
-            sites=scores["sites"], speedup=speedup, speedup_source=source, ms=ms, notes=notes))
+            sites=scores["sites"], speedup=speedup, speedup_source=source, ms=ms, notes=notes,
+            target_speedup=target_speedup))
+
+    for method, density in iterator:
+        plan, notes = method_plan(method, scorer.sites, density, settings, scorer.calibrated_plan)
+        add(method, density, plan, notes)
+    if by_time:
+        # the baselines' PREDICTED speedups (on a GPU too: the time budget is the cost model's)
+        targets = list(settings.vsopt_speedups)
+        if settings.vsopt_match:
+            targets += [_predicted_attention_speedup(method_plan(Method(p.method), scorer.sites, p.target_density,
+                                                                 settings)[0], scorer.sites, cost, settings.steps)
+                        for p in points if p.method in (Method.TOPK.value, Method.WINDOW.value, Method.RADIAL.value)]
+        targets = sorted(set(round(t, 4) for t in targets))
+        for target, (plan, site_target) in zip(targets, scorer.calibrated_plans_at_speedups(targets, cost)):
+            add(Method.VSOPT, None, plan, [f"calibrated at predicted speedup {target:g}x (calibrated sites "
+                                           f"{site_target:.3g}x)"], target_speedup=target)
     return {
         "benchmark": "vsopt-bench", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__,
@@ -426,7 +480,26 @@ def _predicted_attention_speedup(plan: Plan, sites: Sequence[AttentionSite], cos
     return steps / sum(1.0 / _predicted_step_speedup(plan, sites, cost, i) for i in range(steps))
 
 
+def _calibrated_sites_target(speedup: float, sites: Sequence[AttentionSite], cost) -> float:
+    """The predicted speedup the self-attention sites (those vsopt calibrates) must reach for the
+    whole model's attention to reach `speedup`, the other sites staying dense (inf: unreachable,
+    the dense sites alone take longer than the whole may)."""
+    dense_all = sum(_dense_site_us(s, cost) for s in sites)
+    dense_video = sum(_dense_site_us(s, cost) for s in sites if s.is_self_attention and s.grid is not None)
+    allowed = dense_all / speedup - (dense_all - dense_video)
+    return dense_video / allowed if allowed > 0 else math.inf
+
+
+def _dense_site_us(s: AttentionSite, cost) -> float:
+    from vsopt.costmodel import Launch, SiteWork
+
+    qb, kb = math.ceil(s.q_len / 64), math.ceil(s.kv_len / 64)
+    return cost.predict_us(SiteWork((Launch("none", s.head_dim, 64, 64, s.batch * s.heads * qb,
+                                            s.batch * s.heads * qb * kb),)))
+
+
 def _predicted_step_speedup(plan: Plan, sites: Sequence[AttentionSite], cost, step: int | None) -> float:
+    from vsopt.core.orders import TokenOrder
     from vsopt.costmodel import Launch, SiteWork
 
     dense = planned = 0.0
@@ -440,10 +513,12 @@ def _predicted_step_speedup(plan: Plan, sites: Sequence[AttentionSite], cost, st
             continue
         heads = plan[s.site_id].heads_at(step)
         launches: dict[tuple, list[int]] = {}
-        scored = 0
+        scored = permuted = 0
         for h in heads:
             if h.sparsity is Sparsity.SKIP:
                 continue
+            if h.order is not TokenOrder.FHW and h.sparsity is not Sparsity.DENSE:
+                permuted += 1  # q, k, v reordered in, the output back (as calibrate charges it)
             hq, hk = math.ceil(s.q_len / h.block_m), math.ceil(s.kv_len / h.block_n)
             if h.sparsity is Sparsity.DYNAMIC:
                 visited = round(h.dynamic.value * hq * hk)
@@ -455,8 +530,9 @@ def _predicted_step_speedup(plan: Plan, sites: Sequence[AttentionSite], cost, st
             acc = launches.setdefault(key, [0, 0])
             acc[0] += s.batch * hq
             acc[1] += s.batch * visited
+        permute_mib = 4 * s.batch * s.q_len * s.head_dim * s.dtype.itemsize * permuted / 2**20
         work = SiteWork(tuple(Launch(q, s.head_dim, bm, bn, a[0], a[1]) for (q, bm, bn), a in launches.items()),
-                        0.0, s.batch * scored)
+                        permute_mib, s.batch * scored)
         planned += cost.predict_us(work) if launches else 0.0
     return dense / max(planned, 1e-9)
 
@@ -555,6 +631,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", default="bench", help="output folder for bench.json and pareto.png")
     p.add_argument("--no-step-plans", action="store_true", help="vsopt: one plan for all steps (no step ranges)")
+    p.add_argument("--vsopt-speedups", default=None,
+                   help="vsopt: calibrate under a time budget (the cost model's predicted attention speedup over "
+                        "dense, fixed costs of dynamic masks and permutations included) at these speedups instead "
+                        "of at --densities; comma-separated numbers, 'match' = at each baseline point's predicted "
+                        "speedup (e.g. 1.1,1.3,match)")
     p.add_argument("--no-sensitivity", action="store_true",
                    help="vsopt: weigh every site's and step's error alike (no measured output sensitivity)")
 
@@ -566,13 +647,16 @@ def run_cli(args: argparse.Namespace) -> int:
         methods = tuple(Method(m.strip()) for m in args.methods.split(",") if m.strip())
         densities = tuple(float(d) for d in args.densities.split(",") if d.strip())
         clip = tuple(int(v) for v in args.clip.split(",")) if args.clip else None
+        speed = [v.strip() for v in (args.vsopt_speedups or "").split(",") if v.strip()]
+        vsopt_speedups = tuple(float(v) for v in speed if v != "match")
     except ValueError as e:
-        raise ConfigError(f"bad --methods, --densities or --clip: {e}") from None
+        raise ConfigError(f"bad --methods, --densities, --clip or --vsopt-speedups: {e}") from None
     if clip is not None and len(clip) != 3:
         raise ConfigError(f"--clip needs F,H,W, got {args.clip!r}")
     settings = BenchSettings(methods=methods, densities=densities, quant=Quant(args.quant), block=args.block,
                              steps=args.steps, clips=args.clips, clip=clip, step_plans=not args.no_step_plans,
-                             sensitivity=not args.no_sensitivity)
+                             sensitivity=not args.no_sensitivity, vsopt_speedups=vsopt_speedups,
+                             vsopt_match="match" in speed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ref = load_shipped(device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32).eval()
     result = bench(ref, settings)

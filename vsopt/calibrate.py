@@ -95,6 +95,24 @@ class DensityBudget:
         object.__setattr__(self, "quant", Quant(self.quant))
 
 
+@dataclass(frozen=True)
+class SpeedupBudget:
+    """The plan's predicted attention time (cost model, summed over the calibrated sites and step
+    ranges) is at most the dense attention's predicted time / `speedup`; the search minimizes the
+    summed (weighted) relative squared error under that time, every head in precision `quant`.
+    Fixed per-site costs (a precision's launch, dynamic-mask scoring, token permutations) are
+    charged once per site, so a site drops dynamic heads or reorders when they cost more than
+    they save. The time is the cost model's prediction (fitted on a GPU), not a measurement."""
+
+    speedup: float
+    quant: Quant = Quant.NONE
+
+    def __post_init__(self):
+        if not (self.speedup > 0.0 and math.isfinite(self.speedup)):
+            raise ConfigError(f"SpeedupBudget.speedup must be a finite number > 0, got {self.speedup}")
+        object.__setattr__(self, "quant", Quant(self.quant))
+
+
 class QualityMetric(str, enum.Enum):
     PSNR = "psnr"  # dB of the model output against the dense model's, higher is better
     REL_L2 = "rel_l2"  # relative L2 of the model output, lower is better
@@ -121,7 +139,7 @@ class QualityFloor:
         return score >= self.value if self.metric is QualityMetric.PSNR else score <= self.value
 
 
-Budget = SiteErrorBudget | DensityBudget | QualityFloor
+Budget = SiteErrorBudget | DensityBudget | SpeedupBudget | QualityFloor
 
 
 # ----------------------------------------------------------------------------- options
@@ -159,8 +177,12 @@ class CalibrationOptions:
     cost_model: None = the shipped one for this GPU (CostModel.default).
     error_weights: site_id -> {denoising step: weight}, how much a unit of the site's relative
       squared error at that step costs in the final output (vsopt.sensitivity.euler_sensitivity);
-      a DensityBudget then minimizes the weighted sum (a step range takes the mean weight of its
-      calibration steps). None: every site and step weighs 1.
+      a DensityBudget or SpeedupBudget then minimizes the weighted sum (a step range takes the
+      mean weight of its calibration steps). None: every site and step weighs 1.
+    model_order_candidates: also offer every sparse candidate in the model's own token order
+      (no permutation) to heads that were given another order, so that a time-budgeted search can
+      drop a permutation that costs more than it saves (pass 2 then measures up to twice as many
+      candidates). Off by default.
     """
 
     block_m: int = 64
@@ -179,6 +201,7 @@ class CalibrationOptions:
     step_ranges: tuple[tuple[int, int | None], ...] | None = None
     cost_model: CostModel | None = None
     error_weights: dict[str, dict[int, float]] | None = None
+    model_order_candidates: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "orders", tuple(TokenOrder(o) for o in self.orders))
@@ -211,6 +234,7 @@ class _Candidate:
     masks: torch.Tensor | None = None
     pattern: Pattern | None = None
     dynamic: DynamicSpec | None = None
+    model_order: bool = False  # masks in the model's own order (FHW) for every head: no permutation
 
 
 @dataclass
@@ -283,6 +307,8 @@ def _build_candidates(state: _SiteState) -> None:
         for value in opt.dynamic_top_k:
             spec = DynamicSpec(DynamicMethod.TOP_K, value)
             cands.append(_Candidate(f"topk@{value:g}", Sparsity.DYNAMIC, dynamic=spec))
+    if opt.model_order_candidates and any(o is not TokenOrder.FHW for o in state.head_orders):
+        cands += _model_order_candidates(state, cands)
     if opt.skip:
         cands.append(_Candidate("skip", Sparsity.SKIP, torch.zeros(site.heads, qb, kb, dtype=torch.bool)))
     state.candidates = cands
@@ -291,6 +317,26 @@ def _build_candidates(state: _SiteState) -> None:
     state.density = torch.zeros(H, C, dtype=torch.float64)
     state.quant_err2 = torch.zeros(H, len(opt.quants), dtype=torch.float64)
     state.norm2 = torch.zeros(H, dtype=torch.float64)
+
+
+def _model_order_candidates(state: _SiteState, cands: Sequence[_Candidate]) -> list[_Candidate]:
+    """The sparse candidates again in the model's own token order for every head (labels end in
+    "@fhw"): calibrated masks from the FHW block mass, patterns and dynamic masks in FHW."""
+    site, opt = state.site, state.opt
+    fhw_mass = state.mass[TokenOrder.FHW] / max(1, state.mass_calls)
+    out = []
+    for cand in cands:
+        if cand.sparsity is Sparsity.MASK:
+            share = float(cand.label.split("@", 1)[1])
+            out.append(_Candidate(cand.label + "@fhw", Sparsity.MASK, calibrated_block_mask(fhw_mass, share),
+                                  model_order=True))
+        elif cand.sparsity is Sparsity.PATTERN:
+            m = block_mask(cand.pattern, site.grid, TokenOrder.FHW, opt.block_m, opt.block_n)
+            out.append(_Candidate(cand.label + "@fhw", Sparsity.PATTERN, m[None].expand(site.heads, -1, -1).clone(),
+                                  pattern=cand.pattern, model_order=True))
+        elif cand.sparsity is Sparsity.DYNAMIC:
+            out.append(_Candidate(cand.label + "@fhw", Sparsity.DYNAMIC, dynamic=cand.dynamic, model_order=True))
+    return out
 
 
 def describe_pattern(p: Pattern) -> str:
@@ -345,12 +391,15 @@ def _measure_errors(state: _SiteState, call: SiteCall) -> None:
     opt = state.opt
     blocks = (opt.block_m, opt.block_n)
     perm, qp, kp, vp = _permuted(state, call)
+    H = call.q.shape[1]
+    model_order = (None, call.q, _kv_to_heads(call.k, H), _kv_to_heads(call.v, H))
     for c, cand in enumerate(state.candidates):
+        p, qc, kc, vc = model_order if cand.model_order else (perm, qp, kp, vp)
         if cand.sparsity is Sparsity.DYNAMIC:
-            masks = _dynamic_masks(qp, kp, cand.dynamic, call.scale, *blocks)
+            masks = _dynamic_masks(qc, kc, cand.dynamic, call.scale, *blocks)
         else:
             masks = cand.masks[None]
-        out = _unpermute(_sparse(qp, kp, vp, masks, call.scale, Quant.NONE, *blocks), perm)
+        out = _unpermute(_sparse(qc, kc, vc, masks, call.scale, Quant.NONE, *blocks), p)
         state.err2[:, c] += _head_err2(out, ref)
         state.density[:, c] += masks.float().mean((-1, -2)).expand(call.q.shape[0], -1).sum(0).double().cpu()
     dense = state.candidates[0].masks[None]
@@ -386,8 +435,8 @@ def _head_options(state: _SiteState, cost: CostModel, quants: Sequence[Quant]) -
     options = []
     for h in range(site.heads):
         per_head = []
-        permuted = state.head_orders[h] is not TokenOrder.FHW
         for c, cand in enumerate(state.candidates):
+            permuted = state.head_orders[h] is not TokenOrder.FHW and not cand.model_order
             density = float(state.density[h, c]) / max(1, state.error_calls)
             for quant in quants:
                 qi = opt.quants.index(quant)
@@ -522,13 +571,121 @@ def search_density(states: Sequence[_SiteState], cost: CostModel, density: float
     return out
 
 
+def _site_variants(state: _SiteState, options: list[list[HeadChoice]]) -> list[list[list[HeadChoice]]]:
+    """The per-head options of a site restricted by which fixed per-site costs it may pay: with or
+    without dynamic heads (mask scoring), with or without permuted heads. Dense and skip stay in
+    every variant. A Lagrangian over per-head marginal times cannot see a fixed cost; picking the
+    best variant per site by its full predicted time can."""
+    cands = state.candidates
+
+    def permuted(h, o):
+        c = cands[o.candidate]
+        return (state.head_orders[h] is not TokenOrder.FHW and not c.model_order
+                and c.sparsity not in (Sparsity.DENSE, Sparsity.SKIP))
+
+    has_dyn = any(cands[o.candidate].sparsity is Sparsity.DYNAMIC for opts in options for o in opts)
+    has_perm = any(permuted(h, o) for h, opts in enumerate(options) for o in opts)
+    variants = []
+    for dyn in ((False, True) if has_dyn else (False,)):
+        for perm in ((False, True) if has_perm else (False,)):
+            variants.append([[o for o in opts if (dyn or cands[o.candidate].sparsity is not Sparsity.DYNAMIC)
+                              and (perm or not permuted(h, o))] for h, opts in enumerate(options)])
+    return variants
+
+
+def search_time(states: Sequence[_SiteState], cost: CostModel, speedup: float, quant: Quant,
+                error_weights: Sequence[float] | None = None) -> list[list[HeadChoice]]:
+    """Least summed (weighted) relative squared error over sites whose predicted attention time,
+    summed over the sites (cost model, fixed per-site costs included), is at most the dense
+    time / speedup.
+
+    Lagrangian: for a price mu on time, each site takes, over its variants (_site_variants), the
+    per-head minimizers of err + mu * marginal time, and keeps the variant minimizing its error +
+    mu * full predicted site time; mu is bisected to the cheapest price that fits. A greedy pass
+    then spends the time left over on the moves that cut the most error per microsecond. If even
+    the fastest choice does not fit (no skip candidates), the fastest is returned."""
+    factors = [1.0] * len(states) if error_weights is None else [float(w) for w in error_weights]
+    if len(factors) != len(states) or not all(w >= 0 for w in factors):
+        raise ConfigError(f"search_time: need one non-negative error weight per site, got {error_weights}")
+    sites = []  # per state: (variants of recast options, original options)
+    for st, f in zip(states, factors):
+        norm = max(float(st.norm2.sum()), 1e-300)
+        opts = [[HeadChoice(o.candidate, o.quant, f * o.err2 / norm, o.time_us, o.density) for o in per_head]
+                for per_head in _head_options(st, cost, (quant,))]
+        sites.append(_site_variants(st, opts))
+    dense_total = sum(predicted_time_us(st, _dense_choices(st), cost) for st in states)
+    limit = dense_total / speedup
+
+    def site_pick(i, mu):
+        best = None
+        for variant in sites[i]:
+            ch = [min(opts, key=lambda o: (o.err2 + mu * o.time_us, o.time_us)) for opts in variant]
+            t = predicted_time_us(states[i], ch, cost)
+            obj = sum(o.err2 for o in ch) + mu * t
+            if best is None or obj < best[0]:
+                best = (obj, t, ch)
+        return best[1], best[2]
+
+    def pick(mu):
+        picked = [site_pick(i, mu) for i in range(len(states))]
+        return sum(t for t, _ in picked), [ch for _, ch in picked], [t for t, _ in picked]
+
+    lo, hi = -12.0, 12.0  # log10 of mu * dense_total (errors are relative, ~1)
+    total, best, times = pick(10.0 ** hi / dense_total)
+    if total <= limit + 1e-9:
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            t, ch, ts = pick(10.0 ** mid / dense_total)
+            if t <= limit + 1e-9:
+                hi, total, best, times = mid, t, ch, ts
+            else:
+                lo = mid
+        best, times = _spend_time(states, sites, best, times, limit, cost)
+    out = []
+    for st, chosen in zip(states, best):
+        full = _head_options(st, cost, (quant,))
+        out.append([next(o for o in opts if o.candidate == ch.candidate) for opts, ch in zip(full, chosen)])
+    return out
+
+
+def _spend_time(states, sites, best, times, limit: float, cost: CostModel):
+    """Greedy finish of search_time: repeatedly take the single-head move (within the site's
+    allowed options) that cuts the most error per microsecond added (or any error cut that saves
+    time), while the total predicted time stays within `limit`."""
+    best = [list(ch) for ch in best]
+    times = list(times)
+    for _ in range(10_000):
+        total = sum(times)
+        move = None
+        for i, variants in enumerate(sites):
+            allowed = [{o.candidate: o for v in variants for o in v[h]} for h in range(len(best[i]))]
+            for h, cur in enumerate(best[i]):
+                for o in allowed[h].values():
+                    gain = cur.err2 - o.err2
+                    if gain <= 1e-15:
+                        continue
+                    trial = best[i][:h] + [o] + best[i][h + 1:]
+                    t = predicted_time_us(states[i], trial, cost)
+                    if total - times[i] + t > limit + 1e-9:
+                        continue
+                    score = gain / max(t - times[i], 1e-9)
+                    if move is None or score > move[0]:
+                        move = (score, i, h, o, t)
+        if move is None:
+            break
+        _, i, h, o, t = move
+        best[i][h] = o
+        times[i] = t
+    return best, times
+
+
 def _head_plans(state: _SiteState, choices: Sequence[HeadChoice]) -> tuple[HeadPlan, ...]:
     heads = []
     for h, ch in enumerate(choices):
         cand = state.candidates[ch.candidate]
         # a dense or skipped head gains nothing from a permutation: keep the model's order
         order = state.head_orders[h] if cand.sparsity in (Sparsity.MASK, Sparsity.PATTERN, Sparsity.DYNAMIC) \
-            else TokenOrder.FHW
+            and not cand.model_order else TokenOrder.FHW
         common = dict(order=order, quant=ch.quant if cand.sparsity is not Sparsity.SKIP else Quant.NONE,
                       block_m=state.opt.block_m, block_n=state.opt.block_n)
         if cand.sparsity is Sparsity.MASK:
@@ -551,7 +708,7 @@ def predicted_time_us(state: _SiteState, choices: Sequence[HeadChoice], cost: Co
     launches = sum_launches(Launch(ch.quant.value, site.head_dim, state.opt.block_m, state.opt.block_n, batch * qb,
                                    round(batch * ch.density * qb * kb)) for _, ch in live)
     permuted = [h for h, ch in live if state.candidates[ch.candidate].sparsity is not Sparsity.DENSE
-                and state.head_orders[h] is not TokenOrder.FHW]
+                and not state.candidates[ch.candidate].model_order and state.head_orders[h] is not TokenOrder.FHW]
     permute_mib = 4 * batch * site.q_len * site.head_dim * site.dtype.itemsize * len(permuted) / 2**20
     scored = sum(batch * qb * kb for _, ch in live if state.candidates[ch.candidate].sparsity is Sparsity.DYNAMIC)
     return cost.predict_us(SiteWork(launches, permute_mib, scored))
@@ -812,6 +969,8 @@ def _budget_text(budget: Budget) -> str:
         return f"per-site relative L2 <= {budget.max_rel_l2:g}"
     if isinstance(budget, DensityBudget):
         return f"overall density <= {budget.density:g}, quant {budget.quant.value}"
+    if isinstance(budget, SpeedupBudget):
+        return f"predicted attention speedup >= {budget.speedup:g}x (cost model), quant {budget.quant.value}"
     op = ">=" if budget.metric is QualityMetric.PSNR else "<="
     return f"held-out {budget.metric.value} {op} {budget.value:g}"
 
@@ -830,9 +989,26 @@ def calibrate(model: torch.nn.Module, calibration_inputs: Sequence[Any], budget:
       it is removed once the plan is written.
     grid / grids: token grids for sites whose grid cannot be inferred (as in the backend options).
     """
+    return calibrate_many(model, calibration_inputs, [budget], options=options, out=out, resume=resume,
+                          progress=progress, grid=grid, grids=grids)[0]
+
+
+def calibrate_many(model: torch.nn.Module, calibration_inputs: Sequence[Any], budgets: Sequence[Budget], *,
+                   options: CalibrationOptions | None = None, out: str | os.PathLike | None = None,
+                   resume: bool = True, progress: bool = True, grid: TokenGrid | None = None,
+                   grids: dict[str, TokenGrid] | None = None) -> list[CalibrationResult]:
+    """calibrate() for several budgets on one set of measurements (the two passes run once, then
+    one search, plan and check per budget). With `out`, only one budget (the plan is written)."""
     options = options or CalibrationOptions()
-    if not isinstance(budget, (SiteErrorBudget, DensityBudget, QualityFloor)):
-        raise ConfigError(f"budget must be a SiteErrorBudget, DensityBudget or QualityFloor, got {budget!r}")
+    budgets = list(budgets)
+    if not budgets:
+        raise ConfigError("calibrate_many needs at least one budget")
+    if out is not None and len(budgets) != 1:
+        raise ConfigError("calibrate_many: `out` takes one budget; write each result's plan yourself")
+    for budget in budgets:
+        if not isinstance(budget, (SiteErrorBudget, DensityBudget, SpeedupBudget, QualityFloor)):
+            raise ConfigError(f"budget must be a SiteErrorBudget, DensityBudget, SpeedupBudget or QualityFloor, "
+                              f"got {budget!r}")
     calls = [_as_recorded(x, i) for i, x in enumerate(calibration_inputs)]
     if not calls:
         raise ConfigError("calibrate needs at least one calibration input")
@@ -890,22 +1066,24 @@ def calibrate(model: torch.nn.Module, calibration_inputs: Sequence[Any], budget:
             bar.close()
 
             first_of_range = {r: positional[range_ids.index(r)] for r in used}
-            if isinstance(budget, QualityFloor):
-                held = _positional(model, [*calls, _as_recorded(budget.held_out, len(calls))])[1][-1]
-                plan, results, quality = _quality_search(model, signature, held, states, used, options, cost, budget,
-                                                         config, progress)
-            else:
-                weights = _state_weights(states, calls, range_ids, options.error_weights)
-                choices = _search(states, cost, budget, weights)
-                plan, results = _assemble(states, choices, options, cost, budget)
-                quality = None
-            _verify(gm, states, plan, results, first_of_range, options.step_ranges)
-        result = CalibrationResult(plan, results, left_dense, _budget_text(budget), quality)
+            found = []
+            for budget in budgets:
+                if isinstance(budget, QualityFloor):
+                    held = _positional(model, [*calls, _as_recorded(budget.held_out, len(calls))])[1][-1]
+                    plan, results, quality = _quality_search(model, signature, held, states, used, options, cost,
+                                                             budget, config, progress)
+                else:
+                    weights = _state_weights(states, calls, range_ids, options.error_weights)
+                    choices = _search(states, cost, budget, weights)
+                    plan, results = _assemble(states, choices, options, cost, budget)
+                    quality = None
+                _verify(gm, states, plan, results, first_of_range, options.step_ranges)
+                found.append(CalibrationResult(plan, results, left_dense, _budget_text(budget), quality))
         if out is not None:
-            plan.save(out)
+            found[0].plan.save(out)
             if ckpt:
                 ckpt.remove()
-        return result
+        return found
     finally:
         model.train(was_training)
 
@@ -915,8 +1093,11 @@ def _search(states: dict, cost: CostModel, budget: Budget,
     if isinstance(budget, SiteErrorBudget):
         return {key: search_site_error(st, cost, budget.max_rel_l2) for key, st in states.items()}
     keys = list(states)
-    picked = search_density([states[k] for k in keys], cost, budget.density, budget.quant,
-                            None if weights is None else [weights[k] for k in keys])
+    w = None if weights is None else [weights[k] for k in keys]
+    if isinstance(budget, SpeedupBudget):
+        picked = search_time([states[k] for k in keys], cost, budget.speedup, budget.quant, w)
+    else:
+        picked = search_density([states[k] for k in keys], cost, budget.density, budget.quant, w)
     return dict(zip(keys, picked))
 
 
@@ -1163,11 +1344,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b = p.add_mutually_exclusive_group(required=True)
     b.add_argument("--max-error", type=float, help="per-site budget: relative L2 of each attention output")
     b.add_argument("--density", type=float, help="overall block density to reach")
+    b.add_argument("--speedup", type=float,
+                   help="predicted attention speedup over dense to reach (cost model; fixed per-site costs of "
+                        "dynamic masks, permutations and launches included); least weighted error under that time")
     b.add_argument("--min-psnr", type=float,
                    help="end-to-end floor: PSNR (dB) of the model output on a held-out input (the last input; "
                         "with --reference a separate sampler run)")
     p.add_argument("--quant", default="none,int8,fp8,int8_fp8",
-                   help="precisions the search may use (comma-separated; with --density the first is used)")
+                   help="precisions the search may use (comma-separated; with --density or --speedup the first is "
+                        "used)")
     p.add_argument("--block", type=int, default=64, help="block size (query and key)")
     p.add_argument("--no-reorder", action="store_true", help="keep every head in the model's token order")
     p.add_argument("--no-patterns", action="store_true", help="no static pattern candidates")
@@ -1244,13 +1429,15 @@ def run_cli(args: argparse.Namespace) -> int:
         budget = SiteErrorBudget(args.max_error)
     elif args.density is not None:
         budget = DensityBudget(args.density, quants[0] if quants else Quant.NONE)
+    elif args.speedup is not None:
+        budget = SpeedupBudget(args.speedup, quants[0] if quants else Quant.NONE)
     else:
         budget = QualityFloor(held_out, args.min_psnr)
     options = CalibrationOptions(
         block_m=args.block, block_n=args.block, quants=quants or (Quant.NONE,),
         orders=(TokenOrder.FHW,) if args.no_reorder else tuple(TokenOrder), patterns=not args.no_patterns,
         dynamic=not args.no_dynamic, skip=not args.no_skip, error_inputs=args.error_inputs,
-        site_overhead_us=args.site_overhead_us,
+        site_overhead_us=args.site_overhead_us, model_order_candidates=args.speedup is not None,
         step_ranges=args.step_ranges, cost_model=cost)
     result = calibrate(model, inputs, budget, options=options, out=args.out, resume=not args.no_resume,
                        progress=not args.quiet, grid=grid)

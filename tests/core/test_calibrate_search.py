@@ -253,3 +253,77 @@ def test_top_k_dynamic_candidates_run_at_their_fraction():
         density = state.density[:, c] / state.error_calls  # 4 key blocks: value * 4 per row, plus the diagonal
         assert torch.all(density >= value - 1e-9) and torch.all(density <= value + 0.25 + 1e-9)
         assert torch.all(state.err2[:, c] > 0)
+
+
+# ----------------------------------------------------------------------------- time budget
+
+
+def _time_states(**opts):
+    a, _ = _state_with_errors(seed=0, model_order_candidates=True, **opts)
+    b, _ = _state_with_errors(seed=3, model_order_candidates=True, **opts)
+    return a, b
+
+
+def _times(states, picks, cost):
+    return sum(predicted_time_us(s, p, cost) for s, p in zip(states, picks))
+
+
+def test_speedup_budget_is_met_with_fixed_costs_and_tighter_is_less_accurate():
+    from vsopt.calibrate import SpeedupBudget, _dense_choices, search_time
+
+    states = _time_states(patterns=True, dynamic=True)
+    dense = sum(predicted_time_us(s, _dense_choices(s), COST) for s in states)
+    errs = []
+    for x in (1.05, 1.2, 2.0, 8.0):
+        picks = search_time(states, COST, x, Quant.NONE)
+        assert _times(states, picks, COST) <= dense / x + 1e-6
+        errs.append(sum(c.err2 / float(s.norm2.sum()) for s, p in zip(states, picks) for c in p))
+    assert all(a <= b + 1e-12 for a, b in zip(errs, errs[1:]))
+    assert errs[0] < errs[-1]
+    with pytest.raises(ConfigError, match="speedup"):
+        SpeedupBudget(0.0)
+
+
+def test_time_search_drops_dynamic_heads_and_permutations_whose_fixed_cost_does_not_pay():
+    from vsopt.calibrate import search_time
+
+    states = _time_states(patterns=True, dynamic=True)
+    cheap = CostModel(**{**COST.__dict__, "score_fixed_us": 0.0, "score_us_per_block": 0.0,
+                         "permute_fixed_us": 0.0, "permute_us_per_mib": 0.0})
+    dear = CostModel(**{**COST.__dict__, "score_fixed_us": 1e4, "permute_fixed_us": 1e4})
+
+    def features(picks):
+        dyn = perm = 0
+        for s, p in zip(states, picks):
+            for h, c in enumerate(p):
+                cand = s.candidates[c.candidate]
+                dyn += cand.sparsity is Sparsity.DYNAMIC
+                perm += (s.head_orders[h] is not TokenOrder.FHW and not cand.model_order
+                         and cand.sparsity not in (Sparsity.DENSE, Sparsity.SKIP))
+        return dyn, perm
+
+    free = search_time(states, cheap, 1.3, Quant.NONE)
+    assert features(free)[1] > 0  # free permutations: the planted orders are used
+    costly = search_time(states, dear, 1.3, Quant.NONE)
+    assert features(costly) == (0, 0)  # a fixed cost of 1e4 us never pays: no scoring, no reordering
+    dense = sum(predicted_time_us(s, cal_dense(s), dear) for s in states)
+    assert _times(states, costly, dear) <= dense / 1.3 + 1e-6
+    # the plan of a head that dropped its order runs in the model's order
+    for s, p in zip(states, costly):
+        for hp, c in zip(_head_plans(s, p), p):
+            assert hp.order is TokenOrder.FHW or s.candidates[c.candidate].sparsity is Sparsity.DENSE
+
+
+def test_model_order_candidates_measure_in_the_model_order():
+    state, call = _state_with_errors(patterns=False, dynamic=False, model_order_candidates=True)
+    fhw = [c for c in state.candidates if c.model_order]
+    assert fhw and all(c.label.endswith("@fhw") for c in fhw)
+    c = state.candidates.index(fhw[-1])
+    from vsopt.calibrate import HeadChoice
+
+    heads = _head_plans(state, [HeadChoice(c, Quant.NONE, 0.0, 0.0, 0.0)] * state.site.heads)
+    assert all(hp.order is TokenOrder.FHW for hp in heads)
+    exact = torch.nn.functional.scaled_dot_product_attention(call.q, call.k, call.v, scale=1.0)
+    out = site_plan_output(state.site, heads, call)
+    err2 = (out.double() - exact.double()).pow(2).sum((0, 2, 3))
+    assert torch.allclose(err2, state.err2[:, c], rtol=1e-4, atol=1e-9)

@@ -122,3 +122,22 @@ def test_density_of_a_step_ranged_plan_is_averaged_over_steps():
     plan = Plan({site.site_id: SitePlan.for_site(site, HeadPlan(), steps)})
     assert plan_density(plan, [site]) == 1.0
     assert plan_density(plan, [site], steps=4) == pytest.approx((1 + 3 * d) / 4)
+
+
+def test_vsopt_under_a_time_budget_reaches_the_asked_predicted_speedup():
+    from vsopt.models.model import ReferenceConfig, build
+
+    cfg = ReferenceConfig(num_layers=1, num_attention_heads=2, attention_head_dim=32, ffn_dim=64, frames=4,
+                          height=16, width=16)
+    ref = build(cfg).eval()
+    settings = BenchSettings(methods=(Method.WINDOW, Method.VSOPT), densities=(0.5,), steps=2, block=64,
+                             calibration_steps=2, sensitivity=False, vsopt_speedups=(1.05,), vsopt_match=True)
+    result = bench(ref, settings, progress=False)
+    window = next(p for p in result["points"] if p["method"] == "window")
+    vs = [p for p in result["points"] if p["method"] == "vsopt"]
+    assert sorted(p["target_speedup"] for p in vs) == sorted({1.05, round(window["speedup"], 4)})
+    for p in vs:
+        assert p["target_density"] is None and p["speedup_source"] == "predicted-cost-model"
+        assert p["speedup"] >= p["target_speedup"] * 0.99  # static heads: the same time as calibrated
+    with pytest.raises(ConfigError, match="vsopt_speedups"):
+        BenchSettings(vsopt_speedups=(0.0,))

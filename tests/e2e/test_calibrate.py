@@ -149,6 +149,33 @@ def test_density_budget(tmp_path):
     assert all(hp.quant is Quant.NONE for sp in plan.sites.values() for hp in sp.heads)
 
 
+def test_speedup_budget_and_calibrate_many(tmp_path, capsys):
+    """One measurement, several time budgets: each plan's predicted time (cost model, fixed costs
+    included) is within dense / speedup, and a faster plan is never more accurate; the CLI's
+    --speedup writes such a plan."""
+    from vsopt.calibrate import SpeedupBudget, calibrate_many
+    from vsopt.cli import main
+
+    model, inputs = model_and_inputs()
+    opts = CalibrationOptions(**{**OPTIONS.__dict__, "model_order_candidates": True})
+    results = calibrate_many(model, inputs, [SpeedupBudget(1.1), SpeedupBudget(1.5)], options=opts, grid=GRID,
+                             progress=False)
+    errs = []
+    for r, x in zip(results, (1.1, 1.5)):
+        pred, dense = sum(s.predicted_us for s in r.sites), sum(s.dense_us for s in r.sites)
+        assert pred <= dense / x + 1e-6 and f"{x:g}x" in r.budget
+        errs.append(r.sites[0].predicted_rel_l2)
+    assert errs[0] <= errs[1] + 1e-12
+    with pytest.raises(cal.ConfigError, match="one budget"):
+        calibrate_many(model, inputs, [SpeedupBudget(1.1), SpeedupBudget(1.5)], options=opts, out=tmp_path / "x.json")
+    cost = tmp_path / "cost.json"
+    COST.save(cost)
+    out = tmp_path / "speed.plan.json"
+    assert main(["calibrate", f"{__name__}:factory", "--speedup", "1.3", "--out", str(out), "--block", "16",
+                 "--grid", "3,4,6", "--quant", "none", "--cost-model", str(cost), "--quiet"]) == 0
+    assert "predicted attention speedup >= 1.3x" in capsys.readouterr().out and Plan.load(out).sites
+
+
 _checkpoint_init = cal._Checkpoint.__init__
 
 

@@ -139,3 +139,13 @@ def test_tma_loads_match_reference(quant, N):
     mask = block_mask(1, 2, math.ceil(N / 32), math.ceil(N / 32), 0.6, g)
     _run_and_compare(q, k, v, mask, 32, 32, quant, tile=launch.Tile(32, 16, use_tma=True))
 
+
+
+def test_tma_configs_need_16_byte_aligned_rows():
+    """The autotuner drops the TMA configurations for K/V views TMA cannot address."""
+    base = torch.zeros(1, 2, 64, 33, dtype=torch.bfloat16)          # rows of 33 elements = 66 bytes
+    first32, shifted = base[..., :32], base[..., 1:]
+    assert not launch._tma_compatible(first32, first32.stride(2))  # aligned base, 66-byte row stride
+    assert not launch._tma_compatible(shifted, 32)                 # 64-byte rows, base 2 bytes off
+    packed = torch.zeros(1, 2, 64, 32, dtype=torch.bfloat16)
+    assert launch._tma_compatible(packed, packed.stride(2))

@@ -607,11 +607,12 @@ def search_time(states: Sequence[_SiteState], cost: CostModel, speedup: float, q
     factors = [1.0] * len(states) if error_weights is None else [float(w) for w in error_weights]
     if len(factors) != len(states) or not all(w >= 0 for w in factors):
         raise ConfigError(f"search_time: need one non-negative error weight per site, got {error_weights}")
-    sites = []  # per state: (variants of recast options, original options)
+    sites, full = [], []  # per state: variants of the recast options; the original options
     for st, f in zip(states, factors):
         norm = max(float(st.norm2.sum()), 1e-300)
+        full.append(_head_options(st, cost, (quant,)))
         opts = [[HeadChoice(o.candidate, o.quant, f * o.err2 / norm, o.time_us, o.density) for o in per_head]
-                for per_head in _head_options(st, cost, (quant,))]
+                for per_head in full[-1]]
         sites.append(_site_variants(st, opts))
     dense_total = sum(predicted_time_us(st, _dense_choices(st), cost) for st in states)
     limit = dense_total / speedup
@@ -641,11 +642,8 @@ def search_time(states: Sequence[_SiteState], cost: CostModel, speedup: float, q
             else:
                 lo = mid
         best, times = _spend_time(states, sites, best, times, limit, cost)
-    out = []
-    for st, chosen in zip(states, best):
-        full = _head_options(st, cost, (quant,))
-        out.append([next(o for o in opts if o.candidate == ch.candidate) for opts, ch in zip(full, chosen)])
-    return out
+    return [[next(o for o in opts if o.candidate == ch.candidate) for opts, ch in zip(site_full, chosen)]
+            for site_full, chosen in zip(full, best)]
 
 
 def _spend_time(states, sites, best, times, limit: float, cost: CostModel):
@@ -654,13 +652,14 @@ def _spend_time(states, sites, best, times, limit: float, cost: CostModel):
     time), while the total predicted time stays within `limit`."""
     best = [list(ch) for ch in best]
     times = list(times)
+    allowed = [[{o.candidate: o for v in variants for o in v[h]} for h in range(len(best[i]))]
+               for i, variants in enumerate(sites)]
     for _ in range(10_000):
         total = sum(times)
         move = None
-        for i, variants in enumerate(sites):
-            allowed = [{o.candidate: o for v in variants for o in v[h]} for h in range(len(best[i]))]
+        for i in range(len(sites)):
             for h, cur in enumerate(best[i]):
-                for o in allowed[h].values():
+                for o in allowed[i][h].values():
                     gain = cur.err2 - o.err2
                     if gain <= 1e-15:
                         continue
@@ -1067,13 +1066,14 @@ def calibrate_many(model: torch.nn.Module, calibration_inputs: Sequence[Any], bu
 
             first_of_range = {r: positional[range_ids.index(r)] for r in used}
             found = []
+            searched = any(not isinstance(b, QualityFloor) for b in budgets)   # the budgets that use weights
+            weights = _state_weights(states, calls, range_ids, options.error_weights) if searched else None
             for budget in budgets:
                 if isinstance(budget, QualityFloor):
                     held = _positional(model, [*calls, _as_recorded(budget.held_out, len(calls))])[1][-1]
                     plan, results, quality = _quality_search(model, signature, held, states, used, options, cost,
                                                              budget, config, progress)
                 else:
-                    weights = _state_weights(states, calls, range_ids, options.error_weights)
                     choices = _search(states, cost, budget, weights)
                     plan, results = _assemble(states, choices, options, cost, budget)
                     quality = None

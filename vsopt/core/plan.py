@@ -25,6 +25,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from vsopt.kernels.spec import QuantMode as Quant  # the one definition of a precision
+
 from .dynamic import DynamicMethod, DynamicSpec
 from .errors import PlanError
 from .ir import AttentionSite, TokenGrid
@@ -43,15 +45,6 @@ class Sparsity(str, enum.Enum):
     MASK = "mask"  # a static block mask measured by calibration (HeadPlan.mask)
     PATTERN = "pattern"  # a static pattern computed from the grid (HeadPlan.pattern)
     DYNAMIC = "dynamic"  # predicted online from pooled block scores (HeadPlan.dynamic)
-
-
-class Quant(str, enum.Enum):
-    """Precision of the attention matmuls; the value is the kernel's `quant` argument."""
-
-    NONE = "none"  # q k^T and p v in the input dtype (bf16/fp16)
-    INT8 = "int8"  # q k^T in INT8 (per-block scales, K smoothed), p v in the input dtype
-    FP8 = "fp8"  # both matmuls in FP8 e4m3
-    INT8_FP8 = "int8_fp8"  # q k^T in INT8, p v in FP8 (SageAttention2)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,91 @@
+"""The kernel spec: everything a block-sparse attention kernel's code depends on, defined once.
+
+The plan (vsopt.core.plan) names a precision with QuantMode, the launcher turns the spec into
+the kernel's constexpr arguments, the cost model keys its coefficients by it, and the ONNX /
+TensorRT plugins carry the same fields as node attributes. One definition, so a precision never
+changes form on its way from a plan to a kernel launch.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from .errors import check
+
+
+class QuantMode(str, enum.Enum):
+    """Precision of the two attention matmuls; the value is the spelling in plans and op arguments."""
+
+    NONE = "none"  # q k^T and p v in the input dtype (bf16/fp16)
+    INT8 = "int8"  # q k^T in INT8 (per-block scales, K smoothed), p v in the input dtype
+    FP8 = "fp8"  # both matmuls in FP8 e4m3
+    INT8_FP8 = "int8_fp8"  # q k^T in INT8, p v in FP8 (SageAttention2)
+
+    @property
+    def code(self) -> int:
+        """The kernel's QUANT constexpr."""
+        return _CODES[self]
+
+    @classmethod
+    def parse(cls, value: "QuantMode | str", where: str = "quant") -> "QuantMode":
+        """The mode named by value; a clear KernelInputError for anything else."""
+        if isinstance(value, cls):
+            return value
+        check(value in QUANT_MODES, f"{where} must be one of {list(QUANT_MODES)}, got {value!r}")
+        return cls(value)
+
+    @property
+    def pv_is_fp8(self) -> bool:
+        return self in (QuantMode.FP8, QuantMode.INT8_FP8)
+
+
+_CODES = {QuantMode.NONE: 0, QuantMode.INT8: 1, QuantMode.FP8: 2, QuantMode.INT8_FP8: 3}
+QUANT_MODES = tuple(m.value for m in QuantMode)
+
+
+def valid_block(block: int) -> bool:
+    """The block sizes the kernels and their tables take: powers of two in [16, 256]."""
+    return isinstance(block, int) and 16 <= block <= 256 and block & (block - 1) == 0
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One compiled form of the block-sparse attention kernel.
+
+    head_dim: D of q/k/v; dtype: the input dtype (bfloat16/float16; float32 in the interpreter);
+    quant: the precision; block_m/block_n: the table's query/key block sizes; layout: the memory
+    layout the kernel reads q/k/v in ("bhnd": the op's canonical (B, H, N, D) view, any strides
+    with a contiguous head dim). Hashable: the launch cache, the cost model and the plugins key by it.
+    """
+
+    head_dim: int
+    dtype: torch.dtype
+    quant: QuantMode = QuantMode.NONE
+    block_m: int = 64
+    block_n: int = 64
+    layout: str = "bhnd"
+
+    def __post_init__(self):
+        object.__setattr__(self, "quant", QuantMode.parse(self.quant, "KernelSpec.quant"))
+        for name in ("block_m", "block_n"):
+            check(valid_block(getattr(self, name)),
+                  f"KernelSpec.{name} must be a power of two in [16, 256], got {getattr(self, name)!r}")
+        check(isinstance(self.head_dim, int) and self.head_dim > 0,
+              f"KernelSpec.head_dim must be a positive int, got {self.head_dim!r}")
+
+    @property
+    def key(self) -> str:
+        """The name the cost model stores this configuration's coefficients under."""
+        return kernel_key(self.quant, self.head_dim, self.block_m, self.block_n)
+
+    def attributes(self) -> dict[str, int | str]:
+        """The spec as plugin / ONNX node attributes (ints and strings only)."""
+        return {"head_dim": self.head_dim, "dtype": str(self.dtype).removeprefix("torch."),
+                "quant": self.quant.value, "block_m": self.block_m, "block_n": self.block_n, "layout": self.layout}
+
+
+def kernel_key(quant: QuantMode | str, head_dim: int, block_m: int, block_n: int) -> str:
+    """"<quant>/d<head_dim>/<block_m>x<block_n>": the cost model's key of one configuration."""
+    return f"{QuantMode.parse(quant).value}/d{head_dim}/{block_m}x{block_n}"

@@ -1,0 +1,293 @@
+"""The hardware cost model: predicted time of one attention site under a plan, fitted to kernel
+timings measured on the machine (not FLOP counts).
+
+Model (all times in microseconds), for one site run as one launch per distinct kernel config:
+
+    time = sum over launches of  launch_us[key]                               (fixed: launches, quantize)
+                               + query_blocks * per_query_block_us[key]      (load Q, store O)
+                               + visited_blocks * per_block_us[key]            (one QK^T + PV tile)
+         + [permuted] permute_fixed_us + permuted_mib * permute_us_per_mib     (PARO reorder in/out)
+         + [dynamic]  score_fixed_us + scored_blocks * score_us_per_block      (dynamic masks)
+
+where key = "<quant>/d<head_dim>/<block_m>x<block_n>". A query block counts once per head (B*H*QB
+per launch); a visited block is one (query block, key block) pair of one head. Quantizing q/k/v
+(per-block scales and casts) is linear in the tokens, like the per-query-block work, so the two
+cannot be told apart by timings and per_query_block_us holds both. Coefficients are
+fitted by non-negative least squares (fit) to measured timings and saved as JSON with the GPU's
+name (save / load); vsopt/costmodels/ ships fitted ones (default()).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from vsopt.core.errors import ConfigError
+from vsopt.core.io import atomic_write_text
+from vsopt.kernels.spec import QUANT_MODES, kernel_key as spec_kernel_key
+
+SCHEMA_VERSION = 1
+
+
+def kernel_key(quant: str, head_dim: int, block_m: int, block_n: int) -> str:
+    """The name under which per-block costs of one kernel configuration are stored (the kernel
+    spec's key, vsopt.kernels.spec.kernel_key)."""
+    if quant not in QUANT_MODES:
+        raise ConfigError(f"unknown quant mode {quant!r}; valid modes are {QUANT_MODES}")
+    return spec_kernel_key(quant, head_dim, block_m, block_n)
+
+
+def _parse_key(key: str) -> tuple[str, int, int, int]:
+    quant, d, blocks = key.split("/")
+    bm, bn = blocks.split("x")
+    return quant, int(d[1:]), int(bm), int(bn)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch of a site: the heads of one kernel configuration.
+
+    query_blocks: batch * heads * ceil(N / block_m) summed over the heads of this launch;
+    visited_blocks: the (query block, key block) pairs those heads compute (density * QB * KB each).
+    """
+
+    quant: str
+    head_dim: int
+    block_m: int
+    block_n: int
+    query_blocks: int
+    visited_blocks: int
+
+    @property
+    def key(self) -> str:
+        return kernel_key(self.quant, self.head_dim, self.block_m, self.block_n)
+
+
+@dataclass(frozen=True)
+class SiteWork:
+    """Everything the cost model needs to price one site.
+
+    permuted_mib: data moved by token permutations (q, k, v in, output back), in MiB.
+    scored_blocks: block pairs scored online for dynamic masks (B * heads * QB * KB).
+    """
+
+    launches: tuple[Launch, ...]
+    permuted_mib: float = 0.0
+    scored_blocks: int = 0
+
+
+@dataclass
+class CostModel:
+    """Fitted coefficients (microseconds per unit). See the module docstring for the model."""
+
+    gpu: str
+    launch_us: dict[str, float]
+    per_block_us: dict[str, float]
+    per_query_block_us: dict[str, float]
+    permute_fixed_us: float = 0.0
+    permute_us_per_mib: float = 0.0
+    score_fixed_us: float = 0.0
+    score_us_per_block: float = 0.0
+    meta: dict = field(default_factory=dict)  # where it came from: torch/triton versions, date, fit error
+
+    # ------------------------------------------------------------------ prediction
+
+    def _per_block(self, table: Mapping[str, float], launch: Launch, what: str) -> float:
+        """Coefficient for launch's key; an unmeasured head_dim is scaled linearly from the nearest
+        measured one of the same quant and block size (tile cost grows ~linearly with head_dim)."""
+        key = launch.key
+        if key in table:
+            return table[key]
+        same = [(_parse_key(k)[1], v) for k, v in table.items()
+                if _parse_key(k)[0] == launch.quant and _parse_key(k)[2:] == (launch.block_m, launch.block_n)]
+        if not same:
+            raise ConfigError(f"cost model for {self.gpu!r} has no {what} for quant={launch.quant!r} with "
+                              f"blocks {launch.block_m}x{launch.block_n}; measured: {sorted(table)}")
+        d, v = min(same, key=lambda dv: abs(math.log(dv[0] / launch.head_dim)))
+        return v * launch.head_dim / d
+
+    def predict_us(self, work: SiteWork) -> float:
+        """Predicted time of one site, in microseconds."""
+        t = 0.0
+        for launch in work.launches:
+            t += self._per_block(self.launch_us, launch, "launch cost")
+            t += launch.visited_blocks * self._per_block(self.per_block_us, launch, "per-block cost")
+            t += launch.query_blocks * self._per_block(self.per_query_block_us, launch, "per-query-block cost")
+        if work.permuted_mib:
+            t += self.permute_fixed_us + work.permuted_mib * self.permute_us_per_mib
+        if work.scored_blocks:
+            t += self.score_fixed_us + work.scored_blocks * self.score_us_per_block
+        return t
+
+    def launch_cost_us(self, launch: Launch) -> float:
+        """The fixed cost of one launch in this configuration (kernel launches, quantization)."""
+        return self._per_block(self.launch_us, launch, "launch cost")
+
+    def block_cost_us(self, quant: str, head_dim: int, block_m: int, block_n: int) -> float:
+        """Marginal cost of one more visited block in this configuration."""
+        return self._per_block(self.per_block_us, Launch(quant, head_dim, block_m, block_n, 0, 0), "per-block cost")
+
+    # ------------------------------------------------------------------ fitting
+
+    @staticmethod
+    def features(work: SiteWork) -> dict[str, float]:
+        """The linear features of a SiteWork: names -> amounts, matching the coefficient names."""
+        f: dict[str, float] = {}
+        for launch in work.launches:
+            f[f"launch:{launch.key}"] = f.get(f"launch:{launch.key}", 0.0) + 1.0
+            f[f"block:{launch.key}"] = f.get(f"block:{launch.key}", 0.0) + launch.visited_blocks
+            f[f"qblock:{launch.key}"] = f.get(f"qblock:{launch.key}", 0.0) + launch.query_blocks
+        if work.permuted_mib:
+            f["permute_fixed"], f["permute_mib"] = 1.0, work.permuted_mib
+        if work.scored_blocks:
+            f["score_fixed"], f["score_block"] = 1.0, float(work.scored_blocks)
+        return f
+
+    @classmethod
+    def fit(cls, measurements: Sequence[tuple[SiteWork, float]], gpu: str, meta: Mapping | None = None) -> "CostModel":
+        """Fit the coefficients to (work, measured microseconds) pairs by non-negative least squares,
+        weighting each measurement by 1/time so that short and long runs count by relative error."""
+        if not measurements:
+            raise ConfigError("cannot fit a cost model without measurements")
+        rows = [cls.features(w) for w, _ in measurements]
+        names = sorted({n for r in rows for n in r})
+        A = np.array([[r.get(n, 0.0) for n in names] for r in rows], dtype=np.float64)
+        y = np.array([t for _, t in measurements], dtype=np.float64)
+        if np.any(y <= 0):
+            raise ConfigError("measured times must be positive")
+        w = 1.0 / y
+        coef = nnls(A * w[:, None], y * w)
+        c = dict(zip(names, coef.tolist()))
+        predicted = A @ coef
+        rel = np.abs(predicted - y) / y
+        model = cls(
+            gpu=gpu, launch_us={n.split(":", 1)[1]: v for n, v in c.items() if n.startswith("launch:")},
+            per_block_us={n.split(":", 1)[1]: v for n, v in c.items() if n.startswith("block:")},
+            per_query_block_us={n.split(":", 1)[1]: v for n, v in c.items() if n.startswith("qblock:")},
+            permute_fixed_us=c.get("permute_fixed", 0.0), permute_us_per_mib=c.get("permute_mib", 0.0),
+            score_fixed_us=c.get("score_fixed", 0.0), score_us_per_block=c.get("score_block", 0.0),
+            meta={**dict(meta or {}), "measurements": len(measurements),
+                  "fit_median_rel_error": float(np.median(rel)), "fit_max_rel_error": float(rel.max())},
+        )
+        return model
+
+    # ------------------------------------------------------------------ files
+
+    def to_dict(self) -> dict:
+        return {"version": SCHEMA_VERSION, "gpu": self.gpu, "units": "microseconds",
+                "launch_us": dict(sorted(self.launch_us.items())),
+                "per_block_us": dict(sorted(self.per_block_us.items())),
+                "per_query_block_us": dict(sorted(self.per_query_block_us.items())),
+                "permute_fixed_us": self.permute_fixed_us, "permute_us_per_mib": self.permute_us_per_mib,
+                "score_fixed_us": self.score_fixed_us, "score_us_per_block": self.score_us_per_block,
+                "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, d: Mapping, where: str = "cost model") -> "CostModel":
+        version = d.get("version")
+        if version != SCHEMA_VERSION:
+            raise ConfigError(f"{where}: cost-model schema version {version!r}, this vsopt reads version {SCHEMA_VERSION}")
+        try:
+            table = lambda name: {str(k): float(v) for k, v in d[name].items()}  # noqa: E731
+            model = cls(gpu=str(d["gpu"]), launch_us=table("launch_us"), per_block_us=table("per_block_us"),
+                        per_query_block_us=table("per_query_block_us"),
+                        permute_fixed_us=float(d.get("permute_fixed_us", 0.0)),
+                        permute_us_per_mib=float(d.get("permute_us_per_mib", 0.0)),
+                        score_fixed_us=float(d.get("score_fixed_us", 0.0)),
+                        score_us_per_block=float(d.get("score_us_per_block", 0.0)), meta=dict(d.get("meta", {})))
+            for key in [*model.launch_us, *model.per_block_us, *model.per_query_block_us]:
+                kernel_key(*_parse_key(key))  # validates the key's form and quant mode
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ConfigError(f"{where}: malformed cost model ({type(e).__name__}: {e})") from None
+        return model
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the JSON atomically (temp file in the same folder, then os.replace)."""
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CostModel":
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"cost model {os.fspath(path)!r} is not valid JSON: {e}") from None
+        return cls.from_dict(d, where=f"cost model {os.fspath(path)!r}")
+
+    @classmethod
+    def default(cls, gpu: str | None = None) -> "CostModel":
+        """The shipped fitted model whose GPU name matches `gpu` (e.g. torch.cuda.get_device_name()),
+        else an H100 one, else the first shipped (vsopt ships one fitted on an H200: the same Hopper
+        chip as the H100 with faster memory, so the relative costs the search compares carry over)."""
+        shipped = {p.name: p for p in resources.files("vsopt").joinpath("costmodels").iterdir()
+                   if p.name.endswith(".json")}
+        if not shipped:
+            raise ConfigError("no shipped cost model found in vsopt/costmodels/")
+        models = {name: cls.from_dict(json.loads(p.read_text()), where=f"vsopt/costmodels/{name}")
+                  for name, p in sorted(shipped.items())}
+        if gpu:
+            for m in models.values():
+                if m.gpu == gpu:
+                    return m
+        for m in models.values():
+            if "H100" in m.gpu:
+                return m
+        return next(iter(models.values()))
+
+
+def nnls(A: np.ndarray, b: np.ndarray, max_iter: int | None = None) -> np.ndarray:
+    """Non-negative least squares, min ||A x - b|| subject to x >= 0 (Lawson-Hanson active set)."""
+    m, n = A.shape
+    x = np.zeros(n)
+    passive = np.zeros(n, dtype=bool)
+    max_iter = max_iter or 3 * n + 10
+    tol = 1e-10 * max(1.0, np.abs(A).max()) * max(1.0, np.abs(b).max())
+    for _ in range(max_iter):
+        grad = A.T @ (b - A @ x)
+        if passive.all() or grad[~passive].max(initial=-np.inf) <= tol:
+            break
+        j = np.argmax(np.where(passive, -np.inf, grad))
+        passive[j] = True
+        while True:
+            z = np.zeros(n)
+            z[passive] = np.linalg.lstsq(A[:, passive], b, rcond=None)[0]
+            if z[passive].min() > 0:
+                x = z
+                break
+            # step back toward z until a coefficient hits zero, and make it active again
+            neg = passive & (z <= 0)
+            alpha = np.min(x[neg] / (x[neg] - z[neg]))
+            x = x + alpha * (z - x)
+            passive &= x > tol
+            x[~passive] = 0.0
+    return x
+
+
+def describe_environment() -> dict:
+    """torch/triton versions and the date, recorded in a fitted model's meta."""
+    import torch
+
+    info = {"torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def sum_launches(launches: Iterable[Launch]) -> tuple[Launch, ...]:
+    """Merge launches of the same kernel configuration into one (heads sharing a config share a launch)."""
+    merged: dict[tuple, list[int]] = {}
+    for L in launches:
+        acc = merged.setdefault((L.quant, L.head_dim, L.block_m, L.block_n), [0, 0])
+        acc[0] += L.query_blocks
+        acc[1] += L.visited_blocks
+    return tuple(Launch(q, d, bm, bn, qb, vb) for (q, d, bm, bn), (qb, vb) in merged.items())

@@ -64,6 +64,17 @@ def _(q, k, v, attn_mask=None, scale=1.0, is_causal=False):
     return _attention_out_like(q, v)
 
 
+ATTENTION_ARGS = ("q", "k", "v", "attn_mask", "scale", "is_causal")
+_ATTENTION_DEFAULTS = {"attn_mask": None, "scale": 1.0, "is_causal": False}
+
+
+def attention_arguments(args: tuple, kwargs: dict) -> dict:
+    """The arguments of one vsopt.attention call by name, defaults filled in: the one binding of
+    the op's signature, for graph nodes (node.args, node.kwargs) and for run-time values alike."""
+    bound = {**_ATTENTION_DEFAULTS, **dict(zip(ATTENTION_ARGS, args)), **kwargs}
+    return {name: bound[name] for name in ATTENTION_ARGS}
+
+
 # ----------------------------------------------------------------------------- token permutation
 
 

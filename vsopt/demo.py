@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 from io import BytesIO
 from pathlib import Path
@@ -28,6 +26,7 @@ from pathlib import Path
 import torch
 
 from vsopt.core.errors import VsoptError
+from vsopt.core.io import atomic_write_bytes
 
 
 SHIPPED_PLAN = "shipped"
@@ -69,18 +68,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch.compile backend of the optimized run (default: vsopt; e.g. inductor to compare)")
 
 
-def _write_atomic(path: Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _upscale(frame, factor: int):
     from PIL import Image
 
@@ -108,7 +95,7 @@ def write_images(dense_rgb: torch.Tensor, opt_rgb: torch.Tensor, out: Path, fact
         d.text((label_w + c * cw + 4, 3), f"frame {f}", fill="black")
     buf = BytesIO()
     sheet.save(buf, format="PNG")
-    _write_atomic(out / "frames.png", buf.getvalue())
+    atomic_write_bytes(out / "frames.png", buf.getvalue())
 
     frames = []
     for f in range(F_):
@@ -118,7 +105,7 @@ def write_images(dense_rgb: torch.Tensor, opt_rgb: torch.Tensor, out: Path, fact
         frames.append(both)
     buf = BytesIO()
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=125, loop=0)
-    _write_atomic(out / "clip.gif", buf.getvalue())
+    atomic_write_bytes(out / "clip.gif", buf.getvalue())
 
 
 def _sync(device: str) -> None:
@@ -225,7 +212,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     write_images(dense_rgb, opt_rgb, out)
     # JSON has no infinity: identical clips give PSNR "inf" as a string
     doc = dict(result, metrics={k: ("inf" if v == float("inf") else v) for k, v in metrics.items()})
-    _write_atomic(out / "demo.json", json.dumps(doc, indent=1).encode())
+    atomic_write_bytes(out / "demo.json", json.dumps(doc, indent=1).encode())
     print(f"wrote {out / 'frames.png'}, {out / 'clip.gif'}, {out / 'demo.json'}")
     return result
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 
 # name -> (module, one-line help)
@@ -47,12 +48,25 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """`--grid -4,4,4` -> `--grid=-4,4,4`: argparse takes a value that starts with '-' and is not a
+    plain number for an option, and would answer "expected one argument" instead of checking the
+    value (which then gets its own clear error)."""
+    out: list[str] = []
+    for a in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and re.match(r"^-\d[\d.,:]*$", a):
+            out[-1] = f"{out[-1]}={a}"
+        else:
+            out.append(a)
+    return out
+
+
 def _command_in(argv: list[str]) -> str | None:
     return next((a for a in argv if a in COMMANDS), None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = _join_negative_values(sys.argv[1:] if argv is None else list(argv))
     parser = build_parser(_command_in(argv))
     args = parser.parse_args(argv)
     if args.command is None:

@@ -113,6 +113,31 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _load_reference(model_lib, device: str, dtype: torch.dtype):
+    """The shipped model; any failure is reported as what is wrong with the environment."""
+    try:
+        return model_lib.load_shipped(device, dtype)
+    except VsoptError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a broken environment (missing or mismatched packages, bad files)
+        raise VsoptError(f"the shipped reference model could not be loaded ({type(e).__name__}: {e}); the demo "
+                         f"needs {_environment_needs()}: reinstall with `python3 -m pip install -e .`") from e
+
+
+def _environment_needs() -> str:
+    """What the demo's environment must provide, with what is installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name, need in (("torch", "2.11 to 2.14"), ("diffusers", ">= 0.35"), ("safetensors", ">= 0.4")):
+        try:
+            have = version(name)
+        except PackageNotFoundError:
+            have = "not installed"
+        found.append(f"{name} {need} (found {have})")
+    return ", ".join(found)
+
+
 def run_demo(args: argparse.Namespace) -> dict:
     """Everything `vsopt demo` does; returns what it printed as a dict."""
     import vsopt
@@ -125,10 +150,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         raise VsoptError("--device cuda: no CUDA GPU is available")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    try:
-        ref = model_lib.load_shipped(device, dtype)
-    except (ImportError, FileNotFoundError) as e:
-        raise VsoptError(str(e)) from None
+    ref = _load_reference(model_lib, device, dtype)
     c = ref.config
     frames, size = args.frames or c.frames, args.size or c.height
     if frames < 2 or size < 8 or size % 2:

@@ -16,8 +16,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "inspect": ("vsopt.inspection", "inspect"),
     "calibrate": ("vsopt.calibrate", "calibrate"),
-    "diff": ("vsopt.debug", "diff"),
-    "bench": ("vsopt.bench", "bench"),
+    "diff": ("vsopt.debug.build", "diff"),
+    "bench": ("vsopt.benchmark.sweep", "bench"),
     "vsopt_backend": ("vsopt.backend", "vsopt_backend"),
     "set_denoising_step": ("vsopt.core.dynamic", "set_denoising_step"),
 }

@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from . import attention_autograd  # noqa: F401  (a rewritten graph must stay trainable)
 from .graph_edit import with_layout_of
 from .infra import GraphChanges, PassContext, PassReport
 

@@ -30,6 +30,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from vsopt.core.config import VsoptConfig
 from vsopt.core.errors import ConfigError
+from vsopt.core.steps import step_variants
 from vsopt.passes import DEFAULT_PIPELINE, PassContext, PipelineOptions, PipelineReport, run_pipeline
 
 
@@ -117,27 +118,10 @@ def vsopt_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     from torch._inductor.compile_fx import compile_fx
 
     config = VsoptConfig.from_options(options)
-    plan = config.plan
-    if plan is None or not plan.step_boundaries():
-        aten_gm, _report = trace_and_rewrite(gm, example_inputs, config)
+
+    def build(plan):
+        aten_gm, _report = trace_and_rewrite(gm, example_inputs, dataclasses.replace(config, plan=plan))
         return compile_fx(aten_gm, list(example_inputs))
-    # A plan with step ranges: one graph per segment of steps (and one for an unknown step),
-    # chosen at run time from vsopt.set_denoising_step.
-    variants = {}
-    for start in (None, 0, *plan.step_boundaries()):
-        if start not in variants:
-            aten_gm, _report = trace_and_rewrite(gm, example_inputs, dataclasses.replace(config, plan=plan.at_step(start)))
-            variants[start] = compile_fx(aten_gm, list(example_inputs))
-    return _StepDispatch(plan, variants)
 
-
-class _StepDispatch:
-    """Runs the compiled variant of the current denoising step's segment of a step-ranged plan."""
-
-    def __init__(self, plan, variants: dict):
-        self.plan, self.variants = plan, variants
-
-    def __call__(self, *args):
-        from vsopt.core.dynamic import current_denoising_step
-
-        return self.variants[self.plan.segment_start(current_denoising_step())](*args)
+    # a plan with step ranges: one graph per segment of steps, chosen per call (vsopt.core.steps)
+    return step_variants(config.plan, build)

@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "inspect": ("vsopt.inspect", "inspect"),
-    "calibrate": ("vsopt.calibrate", "calibrate"),
+    "calibrate": ("vsopt.calibration", "calibrate"),
     "diff": ("vsopt.debug", "diff"),
     "bench": ("vsopt.bench", "bench"),
     "vsopt_backend": ("vsopt.backend", "vsopt_backend"),

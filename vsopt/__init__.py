@@ -14,7 +14,7 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "inspect": ("vsopt.inspect", "inspect"),
+    "inspect": ("vsopt.inspection", "inspect"),
     "calibrate": ("vsopt.calibration", "calibrate"),
     "diff": ("vsopt.debug", "diff"),
     "bench": ("vsopt.bench", "bench"),

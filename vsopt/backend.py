@@ -30,7 +30,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from vsopt.core.config import VsoptConfig
 from vsopt.core.errors import ConfigError
-from vsopt.passes import DEFAULT_PIPELINE, PassContext, PipelineReport, run_pipeline
+from vsopt.passes import DEFAULT_PIPELINE, PassContext, PipelineOptions, PipelineReport, run_pipeline
 
 
 def _is_dynamo_graph(gm: Any) -> bool:
@@ -95,13 +95,15 @@ class _null:
         return False
 
 
-def trace_and_rewrite(model: torch.nn.Module, example_inputs: Sequence[Any],
-                      config: VsoptConfig | None = None) -> tuple[torch.fx.GraphModule, PipelineReport]:
-    """to_aten, then passes.DEFAULT_PIPELINE: the rewritten ATen graph and what the passes found.
-    With config.rewrite False the graph is traced and its sites reported, but left unchanged."""
+def trace_and_rewrite(model: torch.nn.Module, example_inputs: Sequence[Any], config: VsoptConfig | None = None,
+                      *, options: PipelineOptions | None = None) -> tuple[torch.fx.GraphModule, PipelineReport]:
+    """to_aten, then passes.DEFAULT_PIPELINE: the rewritten ATen graph and what the passes found
+    (report.passes: each pass's created / removed nodes). With config.rewrite False the graph is
+    traced and its sites reported, but left unchanged. options: check the graph after every pass,
+    or dump it to a folder (passes.PipelineOptions)."""
     config = config or VsoptConfig()
     gm = to_aten(model, example_inputs)
-    report = run_pipeline(gm, PassContext(config=config), DEFAULT_PIPELINE)
+    report = run_pipeline(gm, PassContext(config=config), DEFAULT_PIPELINE, options)
     return gm, report
 
 

@@ -299,7 +299,7 @@ def load_factory(target: str) -> tuple[torch.nn.Module, tuple[Any, ...], Callabl
     """Call MODULE:FACTORY (or path/to/file.py:FACTORY, as `vsopt inspect` takes it); it must return
     (model, example_inputs) or (model, example_inputs, sampler). Returns (model, example_inputs,
     sampler or None)."""
-    from vsopt.inspect import load_factory as resolve
+    from vsopt.io import load_factory as resolve
 
     made = resolve(target)()
     if not (isinstance(made, tuple) and len(made) in (2, 3) and isinstance(made[0], torch.nn.Module)

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 from io import BytesIO
 from pathlib import Path
@@ -28,6 +26,7 @@ from pathlib import Path
 import torch
 
 from vsopt.core.errors import VsoptError
+from vsopt.core.io import atomic_write_bytes
 
 
 SHIPPED_PLAN = "shipped"
@@ -69,18 +68,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch.compile backend of the optimized run (default: vsopt; e.g. inductor to compare)")
 
 
-def _write_atomic(path: Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _upscale(frame, factor: int):
     from PIL import Image
 
@@ -108,7 +95,7 @@ def write_images(dense_rgb: torch.Tensor, opt_rgb: torch.Tensor, out: Path, fact
         d.text((label_w + c * cw + 4, 3), f"frame {f}", fill="black")
     buf = BytesIO()
     sheet.save(buf, format="PNG")
-    _write_atomic(out / "frames.png", buf.getvalue())
+    atomic_write_bytes(out / "frames.png", buf.getvalue())
 
     frames = []
     for f in range(F_):
@@ -118,12 +105,37 @@ def write_images(dense_rgb: torch.Tensor, opt_rgb: torch.Tensor, out: Path, fact
         frames.append(both)
     buf = BytesIO()
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=125, loop=0)
-    _write_atomic(out / "clip.gif", buf.getvalue())
+    atomic_write_bytes(out / "clip.gif", buf.getvalue())
 
 
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def _load_reference(model_lib, device: str, dtype: torch.dtype):
+    """The shipped model; any failure is reported as what is wrong with the environment."""
+    try:
+        return model_lib.load_shipped(device, dtype)
+    except VsoptError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a broken environment (missing or mismatched packages, bad files)
+        raise VsoptError(f"the shipped reference model could not be loaded ({type(e).__name__}: {e}); the demo "
+                         f"needs {_environment_needs()}: reinstall with `python3 -m pip install -e .`") from e
+
+
+def _environment_needs() -> str:
+    """What the demo's environment must provide, with what is installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name, need in (("torch", "2.11 to 2.14"), ("diffusers", ">= 0.35"), ("safetensors", ">= 0.4")):
+        try:
+            have = version(name)
+        except PackageNotFoundError:
+            have = "not installed"
+        found.append(f"{name} {need} (found {have})")
+    return ", ".join(found)
 
 
 def run_demo(args: argparse.Namespace) -> dict:
@@ -138,10 +150,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         raise VsoptError("--device cuda: no CUDA GPU is available")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    try:
-        ref = model_lib.load_shipped(device, dtype)
-    except (ImportError, FileNotFoundError) as e:
-        raise VsoptError(str(e)) from None
+    ref = _load_reference(model_lib, device, dtype)
     c = ref.config
     frames, size = args.frames or c.frames, args.size or c.height
     if frames < 2 or size < 8 or size % 2:
@@ -225,7 +234,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     write_images(dense_rgb, opt_rgb, out)
     # JSON has no infinity: identical clips give PSNR "inf" as a string
     doc = dict(result, metrics={k: ("inf" if v == float("inf") else v) for k, v in metrics.items()})
-    _write_atomic(out / "demo.json", json.dumps(doc, indent=1).encode())
+    atomic_write_bytes(out / "demo.json", json.dumps(doc, indent=1).encode())
     print(f"wrote {out / 'frames.png'}, {out / 'clip.gif'}, {out / 'demo.json'}")
     return result
 

@@ -43,3 +43,40 @@ def test_inspect_help(capsys):
         main(["inspect", "--help"])
     assert e.value.code == 0
     assert "MODULE:FACTORY" in capsys.readouterr().out
+
+
+def test_negative_grid_is_checked_not_misparsed(capsys):
+    """`--grid -4,4,4` reaches the grid check (issue 12 item 8) instead of argparse's
+    "expected one argument"."""
+    assert main(["inspect", f"{FACTORIES}:videomae", "--grid", "-4,4,4"]) == 1
+    err = capsys.readouterr().err
+    assert "expected one argument" not in err and "grid" in err and len(err.strip().splitlines()) == 1
+
+
+def test_json_into_a_missing_folder_is_created(tmp_path, capsys):
+    out_json = tmp_path / "new" / "folder" / "sites.json"
+    assert main(["inspect", f"{FACTORIES}:videomae", "--json", str(out_json)]) == 0
+    assert json.loads(out_json.read_text())["sites"]
+
+
+def test_module_in_the_current_folder_is_found(tmp_path, monkeypatch, capsys):
+    """`vsopt inspect mymod:make` finds ./mymod.py from the console script too."""
+    (tmp_path / "vsopt_cwd_target.py").write_text(
+        "import torch\n"
+        "class M(torch.nn.Module):\n"
+        "    def forward(self, q, k, v):\n"
+        "        return torch.nn.functional.scaled_dot_product_attention(q, k, v)\n"
+        "def make():\n"
+        "    x = torch.randn(1, 2, 16, 8)\n"
+        "    return M(), (x, x, x)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
+    assert main(["inspect", "vsopt_cwd_target:make"]) == 0
+    assert "1 attention site(s)" in capsys.readouterr().out
+
+
+def test_factory_failure_names_the_step(tmp_path, capsys):
+    (tmp_path / "failing.py").write_text("def make():\n    raise RuntimeError('weights missing')\n")
+    assert main(["inspect", f"{tmp_path / 'failing.py'}:make"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "calling the factory failed: RuntimeError: weights missing" in err

@@ -68,3 +68,18 @@ def test_the_shipped_plan_is_found_and_fits_the_trained_clip_only():
     assert resolve_plan("shipped", 2, 8, cfg)[0] is None  # another clip size runs dense, and says so
     assert resolve_plan("none", cfg.frames, cfg.height, cfg)[0] is None
     assert resolve_plan("my.plan.json", 2, 8, cfg)[0] == "my.plan.json"
+
+
+def test_broken_environment_is_one_clear_error(monkeypatch, capsys):
+    """A model that fails to load for any reason (here: a diffusers API mismatch) is reported as an
+    environment problem naming the packages, not a traceback (issue 12 item 10)."""
+    from vsopt.cli import main
+    from vsopt.models import model as model_lib
+
+    def broken(*args, **kwargs):
+        raise AttributeError("module 'diffusers' has no attribute 'WanTransformer3DModel'")
+
+    monkeypatch.setattr(model_lib, "load_shipped", broken)
+    assert main(["demo", "--steps", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "could not be loaded (AttributeError" in err[0] and "diffusers >= 0.35 (found" in err[0]

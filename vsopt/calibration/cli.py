@@ -21,7 +21,6 @@ def _parse_ranges(text: str) -> tuple[tuple[int, int | None], ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     p.add_argument("target", nargs="?", help="MODULE:FACTORY or ./file.py:FACTORY; FACTORY() returns (model, inputs), "
                                              "inputs a tuple of positional inputs or a list of such tuples")
     p.add_argument("--reference", action="store_true",

@@ -21,7 +21,12 @@ def _as_grid(value: Any, where: str) -> TokenGrid:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{where}: not a valid grid {dict(value)!r}: {e}") from None
     if isinstance(value, (tuple, list)) and len(value) in (3, 4, 5):
-        return TokenGrid(*(int(v) for v in value))
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{where}: grid sizes must be integers, got {tuple(value)!r}")
+        try:
+            return TokenGrid(*value)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where}: not a valid grid {tuple(value)!r}: {e}") from None
     raise ConfigError(f"{where}: expected a TokenGrid, a dict with frames/height/width, or a tuple "
                       f"(frames, height, width[, text_before[, text_after]]); got {value!r}")
 
@@ -47,6 +52,9 @@ class VsoptConfig:
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> "VsoptConfig":
+        if options is not None and not isinstance(options, Mapping):
+            raise ConfigError(f"vsopt options must be a dict such as {{'plan': 'm.plan.json', 'strict': True}}, "
+                              f"got {type(options).__name__} {options!r}")
         options = dict(options or {})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
@@ -63,9 +71,14 @@ class VsoptConfig:
                 raise ConfigError(f"option 'grids' must map site ids to grids, got {options['grids']!r}")
             options["grids"] = {str(k): _as_grid(v, f"option 'grids'[{k!r}]") for k, v in options["grids"].items()}
         plan = options.get("plan")
-        if isinstance(plan, (str, os.PathLike)):
+        if plan is not None:
             from .plan import Plan  # local: plan.py is heavier and not needed without a plan
-            options["plan"] = Plan.load(plan)
+
+            if isinstance(plan, (str, os.PathLike)):
+                options["plan"] = Plan.load(plan)
+            elif not isinstance(plan, Plan):
+                raise ConfigError(f"option 'plan' must be a vsopt Plan or the path of a .plan.json file, got "
+                                  f"{type(plan).__name__} {plan!r:.60}")
         return cls(**options)
 
     def grid_for(self, site_id: str) -> TokenGrid | None:

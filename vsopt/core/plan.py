@@ -18,7 +18,6 @@ import enum
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -29,6 +28,7 @@ from vsopt.kernels.spec import QuantMode as Quant  # the one definition of a pre
 
 from .dynamic import DynamicMethod, DynamicSpec
 from .errors import PlanError
+from .io import atomic_write_bytes
 from .ir import AttentionSite, TokenGrid
 from .orders import TokenOrder
 from .patterns import Pattern, block_mask, num_blocks, pattern_from_dict
@@ -407,9 +407,9 @@ class Plan:
         if arrays:
             arrays_path = path.with_suffix(".safetensors")
             blob = st_save({k: v.to(torch.uint8) for k, v in arrays.items()}, metadata={"format": FORMAT_NAME})
-            _atomic_write(arrays_path, blob)
+            atomic_write_bytes(arrays_path, blob)
             doc["arrays"] = {"file": arrays_path.name, "sha256": hashlib.sha256(blob).hexdigest()}
-        _atomic_write(path, (json.dumps(doc, indent=1) + "\n").encode())
+        atomic_write_bytes(path, (json.dumps(doc, indent=1) + "\n").encode())
         return path
 
     @classmethod
@@ -421,6 +421,10 @@ class Plan:
             doc = json.loads(path.read_text())
         except FileNotFoundError:
             raise PlanError(f"plan file {str(path)!r} does not exist") from None
+        except IsADirectoryError:
+            raise PlanError(f"plan path {str(path)!r} is a folder, not a .plan.json file") from None
+        except PermissionError:
+            raise PlanError(f"plan file {str(path)!r} cannot be read (permission denied)") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PlanError(f"plan file {str(path)!r} is not valid JSON (corrupt or truncated?): {e}") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
@@ -445,10 +449,10 @@ class Plan:
             if not isinstance(sd, dict):
                 raise PlanError(f"{w}: must be an object")
             try:
-                n, q_len, kv_len = int(sd["num_heads"]), int(sd["q_len"]), int(sd["kv_len"])
+                n, q_len, kv_len = (_count(sd, key, w) for key in ("num_heads", "q_len", "kv_len"))
                 grid = _grid_or_none(sd.get("grid"), w)
                 heads = tuple(HeadPlan.from_json(h, arrays, f"{w} head {i}") for i, h in enumerate(sd["heads"]))
-                steps = tuple(StepPlan(int(st["start"]), None if st["stop"] is None else int(st["stop"]),
+                steps = tuple(StepPlan(_count(st, "start", w), None if st["stop"] is None else _count(st, "stop", w),
                                        tuple(HeadPlan.from_json(h, arrays, f"{w} steps from {st['start']} head {i}")
                                              for i, h in enumerate(st["heads"])))
                               for st in sd.get("steps", []))
@@ -463,6 +467,14 @@ class Plan:
         return cls(sites, meta)
 
 
+def _count(d: Mapping[str, Any], key: str, where: str) -> int:
+    """A non-negative integer field of the plan JSON (4.7 or "4" are errors, not 4)."""
+    value = d[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise PlanError(f"{where}: \"{key}\" must be a non-negative integer, got {value!r}")
+    return value
+
+
 def _load_arrays(path: Path, ref: Any) -> dict[str, torch.Tensor]:
     if ref is None:
         return {}
@@ -471,7 +483,10 @@ def _load_arrays(path: Path, ref: Any) -> dict[str, torch.Tensor]:
 
     if not isinstance(ref, dict) or not isinstance(ref.get("file"), str):
         raise PlanError(f"plan {str(path)!r}: \"arrays\" must be {{\"file\": ..., \"sha256\": ...}}, got {ref!r}")
-    arrays_path = path.parent / ref["file"]
+    name = ref["file"]
+    if Path(name).name != name or name in ("", ".", ".."):  # absolute paths and ../ escape the plan's folder
+        raise PlanError(f"plan {str(path)!r}: arrays file {name!r} must be a file name beside the plan, not a path")
+    arrays_path = path.parent / name
     try:
         blob = arrays_path.read_bytes()
     except FileNotFoundError:
@@ -483,23 +498,6 @@ def _load_arrays(path: Path, ref: Any) -> dict[str, torch.Tensor]:
         return {k: v.to(torch.bool) for k, v in st_load(blob).items()}
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise PlanError(f"arrays file {str(arrays_path)!r} is corrupt: {e}") from None
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then os.replace: readers see the old
-    file or the new one, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 __all__ = ["SCHEMA_VERSION", "DynamicMethod", "DynamicSpec", "HeadPlan", "Plan", "Quant", "SitePlan", "Sparsity",

@@ -21,7 +21,6 @@ blocks of block_m query and block_n key tokens, QB = ceil(Nq / block_m), KB = ce
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib.resources
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from importlib.resources.abc import Traversable
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vsopt.core.io import atomic_write_bytes
 from vsopt.models import data
 
 CHECKPOINT_NAME = "reference.safetensors"
@@ -133,19 +133,10 @@ def state_dict(model: ReferenceModel, dtype: torch.dtype = torch.bfloat16) -> di
 def save(model: ReferenceModel, path: str | os.PathLike, meta: dict[str, str] | None = None,
          dtype: torch.dtype = torch.bfloat16) -> None:
     """Write the checkpoint atomically (temp file in the same folder, then os.replace)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path = Path(path)
     metadata = {"config": model.config.to_json(), **(meta or {})}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state_dict(model, dtype), tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, save(state_dict(model, dtype), metadata=metadata))
 
 
 def load(path: str | os.PathLike, device: torch.device | str = "cpu",

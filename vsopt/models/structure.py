@@ -16,15 +16,13 @@ norm across heads, rotary embedding) and hands the call on to the original proce
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from vsopt.core.io import atomic_write_json
 from vsopt.core.metrics import block_attention_mass, topk_block_share
 from vsopt.models import data, model as model_lib, sampler
 
@@ -138,11 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["seconds"] = round(time.time() - t0, 1)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, out)
+    atomic_write_json(out, result, indent=1)
     print(_summary(result))
     return 0
 

@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -30,18 +28,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from vsopt.core.io import atomic_write_bytes, atomic_write_text
 from vsopt.models import data, model as model_lib
 
 TINY = dict(num_layers=1, num_attention_heads=2, attention_head_dim=32, ffn_dim=64, text_dim=16, freq_dim=32,
             frames=4, height=8, width=8)
-
-
-def _write_atomic(path: Path, text: str | bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(text.encode() if isinstance(text, str) else text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def plot_curve(points: list[dict], path: Path, title: str) -> None:
@@ -78,7 +69,7 @@ def plot_curve(points: list[dict], path: Path, title: str) -> None:
     d.text((W // 2 - 20, H - 16), "step", fill="black")
     buf = BytesIO()
     img.save(buf, format="PNG")
-    _write_atomic(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def flow_loss(transformer, text_embedding, x0: torch.Tensor, tokens: torch.Tensor, sigma: torch.Tensor,
@@ -209,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         "validation_loss_init": r["init_val"], "validation_loss_trained": r["final_val"],
         "schedule": "rectified flow, sigma ~ logit-normal(0,1), timestep = 1000 sigma, target noise - x0",
     }
-    _write_atomic(out / "train_config.json", json.dumps(record, indent=1))
-    _write_atomic(out / "loss_curve.json", json.dumps(r["curve"], indent=0))
+    atomic_write_text(out / "train_config.json", json.dumps(record, indent=1))
+    atomic_write_text(out / "loss_curve.json", json.dumps(r["curve"], indent=0))
     plot_curve(r["curve"], out / "loss_curve.png",
                f"reference model: flow-matching loss ({r['steps']} steps, {device_name})")
     print(json.dumps({k: record[k] for k in ("steps", "train_seconds", "clips_per_second", "checkpoint_bytes",

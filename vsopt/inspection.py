@@ -1,4 +1,4 @@
-"""vsopt.inspect: which attention sites vsopt finds in a model, and which it leaves alone.
+"""vsopt.inspect(): which attention sites vsopt finds in a model, and which it leaves alone.
 
     report = vsopt.inspect(model, *example_inputs, options={"grid": (4, 8, 8)})
     print(report.table())
@@ -12,12 +12,7 @@ passes run with rewrite off, so the report is what torch.compile(backend="vsopt"
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
-import os
 import sys
-import tempfile
-import types
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -26,6 +21,7 @@ import torch
 from vsopt.core.config import VsoptConfig
 from vsopt.core.errors import ConfigError
 from vsopt.core.ir import AttentionSite, SkippedSite
+from vsopt.io import atomic_write_json, load_target
 
 
 @dataclass
@@ -88,69 +84,14 @@ def _parse_grid(text: str) -> tuple[int, ...]:
     return values
 
 
-def load_factory(spec: str):
-    """'pkg.module:fn' or 'path/to/file.py:fn' -> the function."""
-    module_name, sep, attr = spec.rpartition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(f"{spec!r}: expected MODULE:FACTORY, e.g. mypkg.models:make_model")
-    try:
-        if module_name.endswith(".py"):
-            if not os.path.isfile(module_name):
-                raise ConfigError(f"{spec!r}: no file {module_name!r}")
-            loader_spec = importlib.util.spec_from_file_location("_vsopt_factory", module_name)
-            module = importlib.util.module_from_spec(loader_spec)
-            loader_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError(f"{spec!r}: cannot import {module_name!r}: {e}") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ConfigError(f"{spec!r}: {module_name!r} has no callable {attr!r}")
-    return factory
-
-
-def _call_factory(spec: str) -> tuple[torch.nn.Module, tuple]:
-    got = load_factory(spec)()
-    if not (isinstance(got, tuple) and len(got) == 2 and isinstance(got[0], torch.nn.Module)):
-        raise ConfigError(f"{spec!r} must return (model, example_inputs_tuple), got {type(got).__name__}")
-    model, inputs = got
-    return model, tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-
-
-def _write_json_atomic(path: str, data: Any) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".vsopt-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def run_cli(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {"strict": bool(args.strict)}
     if args.grid:
         options["grid"] = _parse_grid(args.grid)
-    model, inputs = _call_factory(args.factory)
-    report = inspect(model, *inputs, options=options)
+    target = load_target(args.factory)
+    report = inspect(target.model, *target.args, options=options)
     print(report.table())
     if args.json:
-        _write_json_atomic(args.json, report.to_dict())
+        atomic_write_json(args.json, report.to_dict())
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
-
-
-class _CallableModule(types.ModuleType):
-    """`vsopt.inspect` is both this module (the CLI imports it) and the function: once the
-    module is imported, the package attribute `vsopt.inspect` is the module, so calling it
-    must call inspect()."""
-
-    def __call__(self, *args, **kwargs) -> InspectReport:
-        return inspect(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

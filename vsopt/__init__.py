@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "inspect": ("vsopt.inspection", "inspect"),
-    "calibrate": ("vsopt.calibrate", "calibrate"),
+    "calibrate": ("vsopt.calibration", "calibrate"),
     "diff": ("vsopt.debug.build", "diff"),
     "bench": ("vsopt.benchmark.sweep", "bench"),
     "vsopt_backend": ("vsopt.backend", "vsopt_backend"),

@@ -7,7 +7,7 @@ of them run through the same rewrite, the same kernels and the same inputs:
   vsopt    vsopt's calibrated plan: per head the best token order (PARO), then per head the
            cheapest of calibrated mask / static pattern / dynamic / skip under a density budget,
            calibrated per denoising step, the budget shared over sites and steps where the final
-           output is measured to be most sensitive (vsopt.sensitivity); density is averaged over
+           output is measured to be most sensitive (vsopt.calibration.sensitivity); density is averaged over
            sites, heads and steps
   topk     block top-k of pooled q/k scores in the model's own token order, recomputed at every
            step (the SpargeAttn / XAttention family: keep ceil(d * KB) key blocks per query row

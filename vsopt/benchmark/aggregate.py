@@ -2,7 +2,7 @@
 the sites and the denoising steps. What each site's plan entry means (its densities, its launches
 and their cost) is vsopt.core.semantics'; this module only adds the sites and steps up.
 
-`calls`: site_id -> vsopt.capture.SiteCall (the site's q/k at one step), which dynamic heads need
+`calls`: site_id -> vsopt.calibration.capture.SiteCall (the site's q/k at one step), which dynamic heads need
 for their density; one dict per step, or one for all steps, or None (then a top-k head counts at
 its fraction and a cumulative-mass head raises: its density depends on the input)."""
 from __future__ import annotations

@@ -55,7 +55,7 @@ class PlanScorer:
     samples with the plan and measures video and per-site errors (see the package doc)."""
 
     def __init__(self, ref, settings: BenchSettings, progress: bool = False):
-        from vsopt.capture import record_forward_inputs, run_observing
+        from vsopt.calibration.capture import record_forward_inputs, run_observing
         from vsopt.models import data, sampler
 
         self.ref, self.settings = ref, settings
@@ -113,7 +113,7 @@ class PlanScorer:
         """vsopt's calibration under DensityBudget(density), on other clips than the scored ones:
         with settings.step_plans one step range per calibration step, with settings.sensitivity
         the errors weighted by the final output's sensitivity (measured on the calibration run)."""
-        from vsopt.calibrate import DensityBudget, calibrate
+        from vsopt.calibration import DensityBudget, calibrate
 
         calls, options = self._calibration(density)
         return calibrate(self.velocity, calls, DensityBudget(density, self.settings.quant), options=options,
@@ -125,7 +125,7 @@ class PlanScorer:
         calibrated sites): the sites left dense (cross-attention) count at their dense time, so the
         calibrated self-attention sites must be faster than the whole. Every sparse candidate is
         also offered in the model's token order, so the search can drop a permutation."""
-        from vsopt.calibrate import SpeedupBudget, calibrate_many
+        from vsopt.calibration import SpeedupBudget, calibrate_many
 
         calls, options = self._calibration(0.3)
         options = dataclasses.replace(options, model_order_candidates=True)
@@ -140,8 +140,8 @@ class PlanScorer:
 
     def _calibration(self, order_density: float):
         """The calibration inputs (a sampler run on other clips) and options of the bench."""
-        from vsopt.calibrate import CalibrationOptions
-        from vsopt.capture import RecordedCall, record_forward_inputs
+        from vsopt.calibration import CalibrationOptions
+        from vsopt.calibration.capture import RecordedCall, record_forward_inputs
         from vsopt.models import data, sampler
 
         s = self.settings
@@ -169,7 +169,7 @@ class PlanScorer:
         (one per step), each self-attention site probed with block top-k at density 0.5 in the
         model's order (an error of the kind sparse attention makes)."""
         from vsopt.models import sampler
-        from vsopt.sensitivity import euler_sensitivity
+        from vsopt.calibration.sensitivity import euler_sensitivity
 
         inputs = [c.args for c in calls]
         gm, _ = rewritten(self.velocity, inputs[0], None, None)

@@ -35,7 +35,7 @@ class BenchSettings:
     step_plans: vsopt calibrates each denoising step separately (a plan with one step range per
     step; the density budget is then shared across steps as well as sites). sensitivity: vsopt's
     density search weighs each site's and step's error by the final output's measured sensitivity
-    to it (vsopt.sensitivity), on the calibration clips. vsopt_speedups / vsopt_match: vsopt is
+    to it (vsopt.calibration.sensitivity), on the calibration clips. vsopt_speedups / vsopt_match: vsopt is
     calibrated under a time budget instead (calibrate.SpeedupBudget: the cost model's predicted
     attention time, fixed per-site costs included) at these predicted speedups of the whole
     model's attention, and with vsopt_match also at each baseline point's predicted speedup; its

@@ -83,7 +83,7 @@ def forward_ms(velocity, example, plan, settings: BenchSettings) -> float:
     """Median ms of one compiled forward of the scorer's Velocity wrapper (GPU), backend vsopt with `plan`."""
     import torch._dynamo
 
-    from vsopt.timing import median_ms
+    from vsopt.core.timing import median_ms
 
     torch._dynamo.reset()
     compiled = torch.compile(velocity, backend="vsopt", options={"plan": plan} if plan is not None else {},

@@ -1,0 +1,80 @@
+"""How much a sampler's final output moves when one attention site errs at one denoising step.
+
+A site's relative error does not cost the same everywhere: on the shipped reference model, the
+same kind of sparsity error in the first layer or at the first steps lowers the final PSNR by far
+more than in a middle layer or at the last step (errors made early are carried, and amplified,
+by every later step). The density search (vsopt.calibration.search.search_density) weighs each site's
+predicted squared error by this sensitivity when it is given one (`CalibrationOptions.
+error_weights`), so that blocks go where they protect the final output most.
+
+    weights = euler_sensitivity(gm, velocity, step_inputs, sigmas, site_ids, probe)
+    # weights[site_id][step] = (final relative error)^2 / (site relative error)^2
+
+Measurement, per step i and site s (one model run with s perturbed, then the dense model to the
+end): the site's output at step i is replaced by `probe(call)` (e.g. the site under a top-k
+sparse mask: an error of the kind a plan makes), the step is taken, and the remaining steps run
+dense from the recorded inputs (only the latents change); the final latents' squared relative
+error against the dense trajectory's, divided by the probe's squared relative error at the
+site, is the weight. Errors are assumed small and independent, so a plan's predicted final
+error^2 is the weighted sum of its sites' error^2 over sites and steps.
+
+Sampler convention (vsopt.models.sampler, Wan, rectified flow): the model's first input is the
+latents x, and x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * v_i, with `sigmas` the steps + 1 noise
+levels. Cost: one observed run plus (steps - 1 - i) dense runs per site and step i, the dense
+continuations batched over sites.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from vsopt.calibration.capture import SiteCall, run_observing
+from vsopt.calibration.inputs import model_output
+from vsopt.core.errors import ConfigError
+
+
+def euler_sensitivity(gm: torch.fx.GraphModule, velocity: Callable[..., torch.Tensor],
+                      step_inputs: Sequence[tuple], sigmas: torch.Tensor, site_ids: Sequence[str],
+                      probe: Callable[[SiteCall], torch.Tensor]) -> dict[str, dict[int, float]]:
+    """Sensitivity of the final latents to each of `site_ids`' error at each step.
+
+    gm: the model traced and rewritten by vsopt.backend.trace_and_rewrite (sites observable).
+    velocity(*inputs) -> v: the dense model, any batch size (it runs the continuations).
+    step_inputs: the positional inputs of each step of one dense sampler run, the latents first,
+      every tensor input batch-first. sigmas: (steps + 1,) noise levels of that run.
+    probe(call) -> the site's perturbed output (same shape as call.out).
+    Returns site_id -> {step: (final rel. error)^2 / (site rel. error)^2}."""
+    steps, site_ids = len(step_inputs), list(site_ids)
+    if len(sigmas) != steps + 1:
+        raise ConfigError(f"euler_sensitivity: {steps} steps need {steps + 1} sigmas, got {len(sigmas)}")
+    last = step_inputs[-1]
+    final = (last[0].float() + float(sigmas[-1] - sigmas[-2]) * model_output(velocity(*last)).float()).double()
+    final_norm2 = max(float(final.pow(2).sum()), 1e-300)
+    weights: dict[str, dict[int, float]] = {sid: {} for sid in site_ids}
+    for i, inp in enumerate(step_inputs):
+        site_err2, xs = {}, []
+        for sid in site_ids:
+            def observe(call: SiteCall, sid=sid):
+                if call.site_id != sid:
+                    return None
+                out, ref = probe(call), call.out.double()
+                site_err2[sid] = float((out.double() - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-300))
+                return out
+
+            v = model_output(run_observing(gm, inp, observe)).float()
+            if sid not in site_err2:
+                raise ConfigError(f"euler_sensitivity: site {sid!r} did not run at step {i}")
+            xs.append(inp[0].float() + float(sigmas[i + 1] - sigmas[i]) * v)
+        # the remaining steps dense, all perturbed trajectories in one batch
+        x, n = torch.cat(xs), len(site_ids)
+        for j in range(i + 1, steps):
+            rest = [a.repeat(n, *[1] * (a.dim() - 1)) if isinstance(a, torch.Tensor) and a.dim() > 0 else a
+                    for a in step_inputs[j][1:]]
+            v = model_output(velocity(x.to(step_inputs[j][0].dtype), *rest)).float()
+            x = x + float(sigmas[j + 1] - sigmas[j]) * v
+        for sid, xb in zip(site_ids, x.chunk(n)):
+            final_err2 = float((xb.double() - final).pow(2).sum()) / final_norm2
+            weights[sid][i] = final_err2 / max(site_err2[sid], 1e-300)
+    return weights
+

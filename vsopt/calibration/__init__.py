@@ -10,7 +10,8 @@
     order_choice  each head's token order from its block mass in every order
     measure       the two measuring passes: block mass and candidates, candidate errors (SiteState)
     choices       a head's (candidate, precision) as a HeadPlan, priced through vsopt.core.semantics
-    search        the Lagrangian searches under each budget (bisect_price)
+    search        the Lagrangian searches under each budget (bisect_price), decide: one SiteDecision
+                  per site (its choices, and why it stays dense), never_slower
     result        CalibrationResult, SiteResult, and the plan assembled from the choices
     checkpoint    resuming an interrupted calibration
     inputs        calibration inputs as positional calls, step ranges, the reference model's inputs
@@ -35,6 +36,7 @@ _LAZY = {
     "SiteState": "measure", "site_plan_output": "measure",
     "HeadChoice": "choices", "predicted_time_us": "choices",
     "search_site_error": "search", "search_density": "search", "search_time": "search",
+    "SiteDecision": "search", "decide": "search", "never_slower": "search", "fastest_within_error": "search",
     "SiteResult": "result", "CalibrationResult": "result",
     "calibrate": "run", "calibrate_many": "run",
     "reference_model_inputs": "inputs",

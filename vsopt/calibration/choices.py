@@ -98,3 +98,9 @@ def dense_choices(state: SiteState) -> list[HeadChoice]:
     """Every head dense, unquantized (the site stays the model's own attention)."""
     none = state.opt.quants.index(Quant.NONE)
     return [HeadChoice(0, Quant.NONE, float(state.quant_err2[h, none]), 0.0, 1.0) for h in range(state.site.heads)]
+
+
+def is_dense(state: SiteState, choices: Sequence[HeadChoice]) -> bool:
+    """Whether these choices leave the site the model's own attention (every head dense, in the
+    model's order, unquantized): lowering then leaves it alone, at no cost."""
+    return all(state.candidates[c.candidate].sparsity is Sparsity.DENSE and c.quant is Quant.NONE for c in choices)

@@ -10,9 +10,11 @@ compared by their full predicted time (choices.predicted_time_us).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar
 
-from vsopt.calibration.choices import HeadChoice, dense_choices, head_options, predicted_time_us
+from vsopt.calibration.budgets import Budget, DensityBudget, SiteErrorBudget, SpeedupBudget, budget_text
+from vsopt.calibration.choices import HeadChoice, dense_choices, head_options, is_dense, predicted_time_us
 from vsopt.calibration.measure import SiteState
 from vsopt.core.costmodel import CostModel
 from vsopt.core.errors import ConfigError
@@ -67,6 +69,13 @@ def _spend_slack(options: Options, choice: list[HeadChoice], limit: float) -> li
 
 
 def search_site_error(state: SiteState, cost: CostModel, max_rel_l2: float) -> list[HeadChoice]:
+    """Fastest per-head choice whose predicted site error is within max_rel_l2 (the site's dense
+    choices when no plan within it is predicted faster than dense): fastest_within_error, then
+    never_slower."""
+    return never_slower(state, fastest_within_error(state, cost, max_rel_l2), cost)[0]
+
+
+def fastest_within_error(state: SiteState, cost: CostModel, max_rel_l2: float) -> list[HeadChoice]:
     """Fastest per-head choice whose predicted site error is within max_rel_l2: a Lagrangian
     relaxation (per head, minimize time + lambda * error^2, lambda bisected) finished greedily.
     Each precision costs a launch of its own, which per-head costs cannot see: the search runs
@@ -89,13 +98,58 @@ def search_site_error(state: SiteState, cost: CostModel, max_rel_l2: float) -> l
             choice = _spend_slack(options, choice, limit)
         err = sum(o.err2 for o in choice)
         results.append((err > limit, predicted_time_us(state, choice, cost) if err <= limit else err, choice))
-    best = min(results, key=lambda r: (r[0], r[1]))[2]
-    # a site left as the model's dense attention costs no lowering overhead: keep it if the
-    # plan's predicted saving does not pay for that overhead
+    return min(results, key=lambda r: (r[0], r[1]))[2]
+
+
+def never_slower(state: SiteState, choices: list[HeadChoice], cost: CostModel) -> tuple[list[HeadChoice], str | None]:
+    """(choices, None), or the site's dense choices and the reason when the plan, with what
+    lowering a site costs beyond the cost model (CalibrationOptions.site_overhead_us), is
+    predicted no faster than the model's own dense attention (which costs no lowering)."""
+    if is_dense(state, choices):
+        return choices, None
     dense = dense_choices(state)
-    if predicted_time_us(state, best, cost) + state.opt.site_overhead_us >= predicted_time_us(state, dense, cost):
-        return dense
-    return best
+    planned = predicted_time_us(state, choices, cost) + state.opt.site_overhead_us
+    dense_us = predicted_time_us(state, dense, cost)
+    if planned >= dense_us:
+        return dense, f"predicted slower than dense: {planned:.1f} us vs {dense_us:.1f} us"
+    return choices, None
+
+
+@dataclass(frozen=True)
+class SiteDecision:
+    """What the search chose for one site (and step range): the heads' choices, and why the site
+    stays dense when it does (None when some head is sparse or quantized)."""
+
+    choices: list[HeadChoice]
+    dense_reason: str | None = None
+
+
+def decide(states: dict, cost: CostModel, budget: Budget,
+           weights: dict[tuple[str, int], float] | None = None) -> dict[tuple[str, int], SiteDecision]:
+    """The search's decision per (site, step range) under one budget (not a QualityFloor, which
+    bisects SiteErrorBudgets): every site within its error (SiteErrorBudget), or least (weighted)
+    error under the model-wide density (DensityBudget) or predicted time (SpeedupBudget)."""
+    if isinstance(budget, SiteErrorBudget):
+        out = {}
+        for key, st in states.items():
+            choices, why = never_slower(st, fastest_within_error(st, cost, budget.max_rel_l2), cost)
+            out[key] = SiteDecision(choices, why or _dense_reason(
+                st, choices, f"nothing faster than dense keeps it within {budget_text(budget)}"))
+        return out
+    keys = list(states)
+    w = None if weights is None else [weights[k] for k in keys]
+    if isinstance(budget, SpeedupBudget):
+        picked = search_time([states[k] for k in keys], cost, budget.speedup, budget.quant, w)
+    elif isinstance(budget, DensityBudget):
+        picked = search_density([states[k] for k in keys], cost, budget.density, budget.quant, w)
+    else:
+        raise ConfigError(f"search: no search for the budget {budget!r}")
+    why = f"the model-wide search ({budget_text(budget)}) kept every head dense"
+    return {k: SiteDecision(ch, _dense_reason(states[k], ch, why)) for k, ch in zip(keys, picked)}
+
+
+def _dense_reason(state: SiteState, choices: list[HeadChoice], why: str) -> str | None:
+    return why if is_dense(state, choices) else None
 
 
 def _error_factors(states: Sequence[SiteState], error_weights: Sequence[float] | None, who: str) -> list[float]:

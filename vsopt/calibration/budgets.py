@@ -83,6 +83,12 @@ class QualityFloor:
         if not isinstance(self.held_out, RecordedCall):
             object.__setattr__(self, "held_out", tuple(self.held_out))
         object.__setattr__(self, "metric", QualityMetric(self.metric))
+        if not (isinstance(self.value, (int, float)) and math.isfinite(self.value)):
+            raise ConfigError(f"QualityFloor.value must be a finite number, got {self.value!r}")
+        if self.metric is QualityMetric.REL_L2 and not self.value > 0:
+            raise ConfigError(f"QualityFloor.value must be > 0 for a relative L2 floor, got {self.value!r}")
+        if not (isinstance(self.iterations, int) and self.iterations >= 1):
+            raise ConfigError(f"QualityFloor.iterations must be an integer >= 1, got {self.iterations!r}")
 
     def passes(self, score: float) -> bool:
         return score >= self.value if self.metric is QualityMetric.PSNR else score <= self.value

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 from dataclasses import dataclass
 
 from vsopt.core.costmodel import CostModel
@@ -11,7 +12,7 @@ from vsopt.core.errors import ConfigError
 from vsopt.core.ir import TokenGrid
 from vsopt.core.orders import TokenOrder
 from vsopt.core.patterns import FrameTiles, LocalWindow, Pattern, Radial, TemporalDiagonals, Union, VerticalStripes
-from vsopt.core.plan import Quant
+from vsopt.core.plan import Quant, is_block_size
 
 
 def default_patterns(grid: TokenGrid) -> tuple[Pattern, ...]:
@@ -22,6 +23,50 @@ def default_patterns(grid: TokenGrid) -> tuple[Pattern, ...]:
     return (LocalWindow(1, 1, 1), LocalWindow(1, half, half), LocalWindow(2, 2 * half, 2 * half),
             LocalWindow(0, H, W), TemporalDiagonals(0), TemporalDiagonals(1), Radial(2 * half, 1),
             FrameTiles(2), Union((LocalWindow(1, half, half), VerticalStripes((0,)))))
+
+
+def check_block_size(value, name: str) -> int:
+    """value, when the kernels take it as a block size (vsopt.core.plan.is_block_size); else a
+    ConfigError naming `name` (an option or a field)."""
+    if not is_block_size(value):
+        raise ConfigError(f"{name} {value!r}: a block size must be a power of two from 16 to 256")
+    return value
+
+
+def check_overhead(value, name: str) -> float:
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
+        raise ConfigError(f"{name} {value!r}: must be a finite number of microseconds >= 0")
+    return float(value)
+
+
+def check_cost_model_blocks(cost: CostModel, quants, block: int, name: str, source: str) -> None:
+    """A ConfigError naming `name` when the cost model (described by `source`) has no timings for
+    block x block blocks in one of these precisions (it scales head dims, not block sizes)."""
+    measured = {(k.split("/")[0], k.split("/")[2]) for k in cost.launch_us}
+    missing = [Quant(q).value for q in quants if (Quant(q).value, f"{block}x{block}") not in measured]
+    if missing:
+        blocks = sorted({b for _, b in measured}, key=lambda b: int(b.split("x")[0]))
+        raise ConfigError(f"{name} {block}: {source} has no timings for {block}x{block} blocks in "
+                          f"{', '.join(missing)} (it has {', '.join(blocks)})")
+
+
+def check_step_ranges(ranges, name: str) -> tuple[tuple[int, int | None], ...]:
+    """Denoising step ranges [(start, stop)] as calibration takes them: non-empty, start >= 0,
+    stop None (to the end) or > start, no two overlapping; else a ConfigError naming `name`."""
+    try:
+        out = tuple((int(a), None if b is None else int(b)) for a, b in ranges)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected (start, stop) pairs of integers, got {ranges!r}") from None
+    if not out:
+        raise ConfigError(f"{name}: no step range given")
+    for a, b in out:
+        if a < 0 or (b is not None and b <= a):
+            raise ConfigError(f"{name}: {a}:{'' if b is None else b} is empty or negative (need 0 <= start < stop)")
+    ordered = sorted(out)
+    for (a, b), (c, d) in zip(ordered, ordered[1:]):
+        if b is None or b > c:
+            raise ConfigError(f"{name}: {a}:{'' if b is None else b} and {c}:{'' if d is None else d} overlap")
+    return out
 
 
 @dataclass(frozen=True)
@@ -81,9 +126,15 @@ class CalibrationOptions:
             raise ConfigError("CalibrationOptions.quants must include Quant.NONE (the exact fallback)")
         if not all(0.0 < s <= 1.0 for s in self.mass_shares):
             raise ConfigError(f"mass_shares must lie in (0, 1], got {self.mass_shares}")
+        for name in ("block_m", "block_n"):
+            check_block_size(getattr(self, name), f"CalibrationOptions.{name}")
+        if self.error_inputs is not None and not (isinstance(self.error_inputs, int) and self.error_inputs >= 1):
+            raise ConfigError(f"CalibrationOptions.error_inputs must be None or an integer >= 1, got "
+                              f"{self.error_inputs!r}")
+        check_overhead(self.site_overhead_us, "CalibrationOptions.site_overhead_us")
         if self.step_ranges is not None:
-            object.__setattr__(self, "step_ranges", tuple((int(a), None if b is None else int(b))
-                                                          for a, b in self.step_ranges))
+            object.__setattr__(self, "step_ranges", check_step_ranges(self.step_ranges,
+                                                                      "CalibrationOptions.step_ranges"))
 
     def fingerprint(self) -> dict:
         """The options as JSON (the cost model left out): recorded in the plan, and part of the

@@ -35,6 +35,7 @@ from vsopt.backend import trace_and_rewrite
 from vsopt.calibration.budgets import BUDGET_TYPES, Budget, QualityFloor, QualityMetric, SiteErrorBudget, budget_text
 from vsopt.calibration.capture import RecordedCall, SiteCall, run_observing
 from vsopt.calibration.checkpoint import Checkpoint, fingerprint
+from vsopt.calibration.failures import step_failed
 from vsopt.calibration.inputs import Signature, as_recorded, model_output, positional, range_of
 from vsopt.calibration.measure import SiteState, build_candidates, calibratable, exact_attention, measure_errors, \
     measure_mass
@@ -43,7 +44,7 @@ from vsopt.calibration.result import CalibrationResult, SiteResult, assemble
 from vsopt.calibration.search import decide
 from vsopt.core.config import VsoptConfig
 from vsopt.core.costmodel import CostModel
-from vsopt.core.errors import ConfigError
+from vsopt.core.errors import ConfigError, VsoptError
 from vsopt.core.ir import TokenGrid
 from vsopt.core.metrics import psnr, relative_l2
 from vsopt.core.orders import TokenOrder
@@ -96,7 +97,7 @@ def calibrate_many(model: torch.nn.Module, calibration_inputs: Sequence[Any], bu
     try:
         with torch.no_grad():
             with signature.bound(model):
-                gm, report = trace_and_rewrite(model, inputs[0], config)
+                gm, report = _trace(model, inputs[0], config)
         uncalibrated = [(s, why) for s in report.sites if (why := calibratable(s))]
         left_dense = {s.site_id: why for s, why in uncalibrated}
         sites = [s for s in report.sites if s.site_id not in left_dense]
@@ -164,6 +165,21 @@ def calibrate_many(model: torch.nn.Module, calibration_inputs: Sequence[Any], bu
         return found
     finally:
         model.train(was_training)
+
+
+def _trace(model: torch.nn.Module, example: tuple, config: VsoptConfig):
+    """trace_and_rewrite(model, example); when it fails, a ConfigError naming the step that failed:
+    running the model on the example inputs (the model rejects them), or tracing it."""
+    try:
+        return trace_and_rewrite(model, example, config)
+    except VsoptError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's model or inputs: name the step, then the cause
+        try:
+            model(*example)
+        except Exception as eager:  # noqa: BLE001
+            raise step_failed("running the model on the first calibration input", eager) from eager
+        raise step_failed("tracing the model with the first calibration input (torch.export)", e) from e
 
 
 def state_weights(states: dict, calls: Sequence[RecordedCall], range_ids: Sequence[int | None],

@@ -358,3 +358,16 @@ def test_model_order_candidates_measure_in_the_model_order():
     out = site_plan_output(state.site, heads, call)
     err2 = (out.double() - exact.double()).pow(2).sum((0, 2, 3))
     assert torch.allclose(err2, state.err2[:, c], rtol=1e-4, atol=1e-9)
+
+
+def test_host_overhead_per_launch_comes_from_the_cost_models_measurement():
+    """The shipped H200 model saved the host's overhead of one eager call per kernel configuration;
+    the nearest measured head dim serves others, and a configuration without one costs 0."""
+    from vsopt.calibration.choices import host_launch_us
+
+    shipped = CostModel.default("NVIDIA H200")
+    table = shipped.meta["host_overhead_us_not_in_model"]
+    assert host_launch_us(shipped, Quant.NONE, 64, 64, 64) == table["none/d64/64x64"]
+    assert host_launch_us(shipped, Quant.INT8, 80, 128, 128) == table["int8/d64/128x128"]
+    assert host_launch_us(shipped, Quant.INT8, 120, 128, 128) == table["int8/d128/128x128"]
+    assert host_launch_us(shipped, Quant.NONE, 64, 16, 16) == 0.0 and host_launch_us(COST, Quant.NONE, 16, 16, 16) == 0.0

@@ -5,9 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vsopt.calibration import SiteErrorBudget, calibrate
+from vsopt.calibration import CalibrationOptions, SiteErrorBudget, calibrate
+from vsopt.core.ir import TokenGrid
 from vsopt.core.metrics import relative_l2
-from vsopt.core.plan import Plan
+from vsopt.core.orders import inverse_permutation, order_permutation
+from vsopt.core.plan import Plan, Quant
 
 from . import test_calibrate as planted
 
@@ -99,3 +101,115 @@ def test_version_1_plans_without_dense_reasons_still_load(tmp_path):
     sites = dict(Plan.from_json(doc, {}).sites)
     Plan(sites, {"dense_reasons": {next(iter(sites)): "why"}}).save(path)
     assert Plan.load(path).meta["dense_reasons"] == {next(iter(sites)): "why"}
+
+
+# -- never slower than dense by choice (issue 15 item 3)
+
+BIG, TINY = TokenGrid(4, 4, 8), TokenGrid(2, 4, 8)  # 128 tokens (8x8 blocks of 16) and 64 (4x4)
+
+
+def planted_qkv(grid: TokenGrid, seed: int) -> torch.Tensor:
+    """(1, N, 3*H*D): each head attends to a narrow window in its planted order (as test_calibrate)."""
+    g = torch.Generator().manual_seed(seed)
+    n, c = grid.num_tokens, 0.5 / 2.0 ** 2
+    x = torch.randn(1, n, 3, HEADS, D, generator=g) * 0.05
+    for h, o in enumerate(planted.ORDERS):
+        pos = inverse_permutation(order_permutation(grid, o)).float()
+        x[:, :, 0, h, 0], x[:, :, 0, h, 1] = 2 * c * pos, 1.0
+        x[:, :, 1, h, 0], x[:, :, 1, h, 1] = pos, -c * pos ** 2
+        x[:, :, 2, h] = torch.randn(1, n, D, generator=g)
+    return x.reshape(1, n, 3 * HEADS * D)
+
+
+class BigAndTiny(torch.nn.Module):
+    """Two planted self-attention sites: a big one where sparsity pays and a tiny one."""
+
+    def attend(self, x):
+        B, N, _ = x.shape
+        q, k, v = x.view(B, N, 3, HEADS, D).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v, scale=1.0).sum()
+
+    def forward(self, big, tiny):
+        return self.attend(big) + self.attend(tiny)
+
+
+def _sites(result):
+    by_size = sorted(result.sites, key=lambda s: s.dense_us)
+    return by_size[1], by_size[0]  # big, tiny
+
+
+@pytest.fixture(scope="module")
+def big_and_tiny():
+    model = BigAndTiny().eval()
+    calls = [(planted_qkv(BIG, s), planted_qkv(TINY, s + 10)) for s in range(2)]
+    opts = CalibrationOptions(**{**planted.OPTIONS.__dict__, "quants": (Quant.NONE,), "dynamic": False})
+    with torch.no_grad():
+        from vsopt.backend import trace_and_rewrite
+        from vsopt.core.config import VsoptConfig
+
+        _, report = trace_and_rewrite(model, calls[0], VsoptConfig())
+    grids = {s.site_id: (BIG if s.q_len == BIG.num_tokens else TINY) for s in report.sites}
+    free = calibrate(model, calls, SiteErrorBudget(0.05), options=opts, grids=grids, progress=False)
+    return model, calls, opts, grids, free
+
+
+def test_without_overhead_both_sites_are_sparse_and_the_big_one_saves_more(big_and_tiny):
+    *_, free = big_and_tiny
+    big, tiny = _sites(free)
+    assert big.dense_reason is None and tiny.dense_reason is None
+    assert 0 < tiny.dense_us - tiny.predicted_us < big.dense_us - big.predicted_us
+
+
+def test_a_tiny_site_whose_plan_does_not_pay_for_its_launch_stays_dense(big_and_tiny, tmp_path):
+    """With the host's per-launch overhead measured with the cost model (host_overhead=True) set
+    between the two sites' savings, the tiny site stays dense, says why (in the plan and the
+    table), and the big one stays sparse; under CUDA graphs (host_overhead=False) both are sparse.
+    A time budget keeps the tiny site dense too."""
+    import dataclasses
+
+    from vsopt.calibration import SpeedupBudget
+
+    model, calls, opts, grids, free = big_and_tiny
+    big, tiny = _sites(free)
+    launch = ((tiny.dense_us - tiny.predicted_us) + (big.dense_us - big.predicted_us)) / 2
+    cost = dataclasses.replace(planted.COST, meta={"host_overhead_us_not_in_model": {f"none/d{D}/16x16": launch}})
+    eager = CalibrationOptions(**{**opts.__dict__, "cost_model": cost, "host_overhead": True})
+    out = tmp_path / "eager.plan.json"
+    result = calibrate(model, calls, SiteErrorBudget(0.05), options=eager, grids=grids, out=out, progress=False)
+    big2, tiny2 = _sites(result)
+    plan = Plan.load(out)
+    assert plan[tiny2.site_id].is_dense and not plan[big2.site_id].is_dense
+    reason = plan.meta["dense_reasons"][tiny2.site_id]
+    assert reason.startswith("predicted slower than dense: ") and f"vs {tiny2.dense_us:.1f} us" in reason
+    assert tiny2.dense_reason == reason and f"kept dense: {tiny2.site_id}: {reason}" in result.table()
+    assert big2.overhead_us == pytest.approx(launch) and big2.predicted_us < big2.dense_us
+    assert big2.site_id not in plan.meta["dense_reasons"]
+    # the same overhead given per site by hand, and a time budget: the same decision
+    by_hand = CalibrationOptions(**{**opts.__dict__, "site_overhead_us": launch})
+    for budget, options in ((SiteErrorBudget(0.05), by_hand), (SpeedupBudget(1.01), eager)):
+        again = calibrate(model, calls, budget, options=options, grids=grids, progress=False)
+        big3, tiny3 = _sites(again)
+        assert tiny3.dense_reason is not None and big3.dense_reason is None, again.table()
+    # under CUDA graphs (no host overhead): the tiny site is sparse again
+    graphs = CalibrationOptions(**{**opts.__dict__, "cost_model": cost, "host_overhead": False})
+    assert all(s.dense_reason is None for s in calibrate(model, calls, SiteErrorBudget(0.05), options=graphs,
+                                                         grids=grids, progress=False).sites)
+
+
+def test_the_cli_charges_the_host_overhead_unless_cuda_graphs(tmp_path, capsys):
+    """`vsopt calibrate` prices a lowered site with the host overhead per launch saved with the cost
+    model (torch.compile without CUDA graphs); --cuda-graphs prices GPU time alone."""
+    import dataclasses
+
+    from vsopt.cli import main
+
+    cost = dataclasses.replace(planted.COST, meta={"host_overhead_us_not_in_model": {f"none/d{D}/16x16": 1e4}})
+    cost.save(tmp_path / "cost.json")
+    for extra, dense in (([], True), (["--cuda-graphs"], False)):
+        out = tmp_path / f"cli{len(extra)}.plan.json"
+        assert main(["calibrate", f"{planted.__name__}:factory", "--max-error", "0.05", "--out", str(out),
+                     "--block", "16", "--grid", "3,4,6", "--quant", "none", "--no-dynamic", "--cost-model",
+                     str(tmp_path / "cost.json"), "--quiet", *extra]) == 0
+        (sp,) = Plan.load(out).sites.values()
+        assert sp.is_dense == dense
+        assert ("kept dense: " in capsys.readouterr().out) == dense

@@ -50,7 +50,9 @@ class SpeedupBudget:
     summed (weighted) relative squared error under that time, every head in precision `quant`.
     Fixed per-site costs (a launch per kernel configuration, dynamic-mask scoring, token
     permutations) are charged once per site, so a site drops dynamic heads or reorders when they
-    cost more than they save. The time is the cost model's prediction (fitted on a GPU), not a
+    cost more than they save, and so is what lowering costs beyond the cost model
+    (CalibrationOptions.site_overhead_us, host_overhead): a site whose plan would be slower than
+    dense stays dense. The time is the cost model's prediction (fitted on a GPU), not a
     measurement."""
 
     speedup: float

@@ -46,7 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--error-inputs", type=int, default=None,
                    help="inputs per step range used to measure errors (default: all)")
     p.add_argument("--site-overhead-us", type=float, default=0.0,
-                   help="per-site cost of lowering not in the GPU cost model; sites saving less stay dense")
+                   help="a further per-site cost of lowering not in the cost model (us, e.g. permutations' and "
+                        "gathers' host work); a site whose plan is predicted no faster than dense stays dense")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="the plan will run under CUDA graphs: price sites by the cost model's GPU time alone "
+                        "(default: each lowered site is also charged the host overhead measured per kernel launch, "
+                        "as torch.compile without CUDA graphs pays it)")
     p.add_argument("--step-ranges", default=None, metavar="START:STOP,...",
                    help="calibrate denoising step ranges separately, e.g. 0:4,4: (default: one plan for all steps)")
     p.add_argument("--steps", type=int, default=8, help="--reference: sampler steps")
@@ -180,7 +185,8 @@ def check_args(args: argparse.Namespace) -> Checked:
         block_m=block, block_n=block, quants=quants,
         orders=(TokenOrder.FHW,) if args.no_reorder else tuple(TokenOrder), patterns=not args.no_patterns,
         dynamic=not args.no_dynamic, skip=not args.no_skip, error_inputs=args.error_inputs,
-        site_overhead_us=overhead, model_order_candidates=args.speedup is not None,
+        site_overhead_us=overhead, host_overhead=not args.cuda_graphs,
+        model_order_candidates=args.speedup is not None,
         step_ranges=step_ranges, cost_model=cost)
     return Checked(quants, grid, cost, options, budget, device)
 

@@ -83,9 +83,18 @@ class CalibrationOptions:
       head's order; an input-dependent mask at a fixed density).
     error_inputs: how many calibration inputs (the first ones) pass 2 runs on (None: all).
     site_overhead_us: what lowering a site costs beyond the GPU time the cost model predicts
-      (host-side launch work, permutations, head-group gathers); with a SiteErrorBudget a site
-      whose predicted saving is smaller stays dense. 0 by default; see docs/CALIBRATION.md for
-      a measured value.
+      (host-side work of permutations and head-group gathers, for example), charged once to every
+      site that is not left dense. 0 by default; see docs/CALIBRATION.md for measured values.
+    host_overhead: also charge each lowered site, per kernel launch, the host's overhead of one
+      call of that kernel configuration, as measured with the cost model (its meta
+      "host_overhead_us_not_in_model": 150 to 470 us per launch on the H200; 0 where the cost
+      model has no such measurement). That is what the plan costs when the GPU waits for the host,
+      as with torch.compile(backend="vsopt") without CUDA graphs at small sizes. Off (the
+      default): the cost model's GPU time alone, which is what a plan run under CUDA graphs
+      costs (the cost model was fitted to CUDA-graph-replayed timings). `vsopt calibrate` turns it
+      on unless --cuda-graphs.
+      Whatever the overhead, a site whose plan is predicted no faster than dense stays dense
+      (except under a DensityBudget, which asks for a density, not a speed), with the reason.
     step_ranges: [(start, stop)] of denoising steps calibrated separately (inputs must be
       RecordedCalls whose index is the step; stop None = to the end); None: one plan for all.
     cost_model: None = the shipped one for this GPU (CostModel.default).
@@ -112,6 +121,7 @@ class CalibrationOptions:
     skip: bool = True
     error_inputs: int | None = None
     site_overhead_us: float = 0.0
+    host_overhead: bool = False
     step_ranges: tuple[tuple[int, int | None], ...] | None = None
     cost_model: CostModel | None = None
     error_weights: dict[str, dict[int, float]] | None = None

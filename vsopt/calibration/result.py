@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from vsopt.calibration.budgets import Budget, budget_text
-from vsopt.calibration.choices import head_plans, predicted_time_us
+from vsopt.calibration.choices import head_plans, lowering_overhead_us, site_time_us
 from vsopt.calibration.options import CalibrationOptions
 from vsopt.core import semantics
 from vsopt.core.costmodel import CostModel
@@ -23,10 +23,11 @@ class SiteResult:
     predicted_rel_l2: float
     actual_rel_l2: float | None
     density: float
-    predicted_us: float
+    predicted_us: float  # the cost model's time of the site as lowered, plus overhead_us
     dense_us: float
     choices: list[str]  # per head: "<candidate label>/<quant>/<order>"
     dense_reason: str | None = None  # why the search kept every head dense (None: some head is not)
+    overhead_us: float = 0.0  # what lowering the site costs beyond the cost model (choices.lowering_overhead_us)
 
 
 @dataclass
@@ -56,12 +57,18 @@ class CalibrationResult:
         dense = sum(s.dense_us for s in self.sites)
         lines.append(f"overall density {self.density:.3f}; predicted attention time {pred / 1e3:.3f} ms vs dense "
                      f"{dense / 1e3:.3f} ms ({dense / max(pred, 1e-9):.2f}x)")
+        overhead = sum(s.overhead_us for s in self.sites)
+        if overhead:
+            lines.append(f"  of which lowering overhead beyond the cost model: {overhead / 1e3:.3f} ms")
         if self.quality is not None:
             lines.append(f"held-out quality: {self.quality:.4g}")
         for s in self.sites:
+            where = s.site_id + ("" if s.steps is None else " at steps " + _steps_text(s.steps))
             if s.dense_reason:
-                lines.append(f"kept dense: {s.site_id}{'' if s.steps is None else ' at steps ' + _steps_text(s.steps)}: "
-                             f"{s.dense_reason}")
+                lines.append(f"kept dense: {where}: {s.dense_reason}")
+            elif s.predicted_us >= s.dense_us:  # only a DensityBudget keeps such a site: it asks for density
+                lines.append(f"predicted slower than dense, kept for the budget: {where}: {s.predicted_us:.1f} us "
+                             f"vs {s.dense_us:.1f} us")
         for sid, why in self.left_dense.items():
             lines.append(f"left dense: {sid}: {why}")
         return "\n".join(lines)
@@ -97,7 +104,7 @@ def assemble(states: dict, decisions: dict, options: CalibrationOptions, cost: C
             sid, None if ranges is None else ranges[r],
             predicted_rel_l2=math.sqrt(sum(c.err2 for c in ch) / max(float(st.norm2.sum()), 1e-300)),
             actual_rel_l2=None, density=sum(c.density for c in ch) / len(ch),
-            predicted_us=predicted_time_us(st, ch, cost),
+            predicted_us=site_time_us(st, ch, cost), overhead_us=lowering_overhead_us(st, ch, cost),
             dense_us=semantics.dense_us(st.site, cost, options.block_m, options.block_n),
             choices=[f"{st.candidates[c.candidate].label}/{c.quant.value}/{hp.order.value}" for c, hp in zip(ch, heads)],
             dense_reason=decision.dense_reason))

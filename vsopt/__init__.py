@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import importlib
 
+from vsopt import _moved
+
 __version__ = "0.1.0"
+_moved.install()  # old module paths of the restructure still import (with a DeprecationWarning)
 
 _LAZY = {
     "inspect": ("vsopt.inspection", "inspect"),

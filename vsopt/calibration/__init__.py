@@ -18,6 +18,7 @@
     run           calibrate / calibrate_many: the passes, the searches, the check of the plan
     check         running a written plan: check_plan, reference_sampler_check
     sensitivity   how much the final output moves per site and step (euler_sensitivity)
+    failures      a failure in the user's code: which step failed, then the cause, one line
     cli           `vsopt calibrate`
 
 Names are imported lazily (the CLI module must stay light).

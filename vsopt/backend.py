@@ -26,6 +26,7 @@ import torch
 import torch.fx
 import torch.fx.traceback as fx_traceback
 from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from vsopt.core.config import VsoptConfig
@@ -71,6 +72,7 @@ def to_aten(model_or_gm: torch.nn.Module, example_inputs: Sequence[Any]) -> torc
         aten_gm = model_or_gm  # an ATen graph already (e.g. from ExportedProgram.module())
     elif _is_dynamo_graph(model_or_gm):
         gm = model_or_gm
+        _specialize_float_inputs(gm)
         fake_mode = detect_fake_mode(example_inputs)
         fake_inputs = [n.meta["example_value"] for n in gm.graph.nodes if n.op == "placeholder"]
 
@@ -85,6 +87,33 @@ def to_aten(model_or_gm: torch.nn.Module, example_inputs: Sequence[Any]) -> torc
     aten_gm.graph.eliminate_dead_code()
     aten_gm.recompile()
     return aten_gm
+
+
+def _specialize_float_inputs(gm: torch.fx.GraphModule) -> None:
+    """Make Dynamo specialize the Python floats it passed as 0-d tensors read with .item().
+
+    Dynamo does not specialize every float (a dropout p, a scale or fill value under
+    dynamic=True): it passes each as a 0-d tensor, and the value only exists as a symbolic float.
+    A re-trace cannot read it (aten._local_scalar_dense fails on fake tensors), and the rules need
+    these values as constants anyway (a scale, a mask fill, whether a dropout is a no-op). So ask
+    Dynamo to restart its analysis with those floats specialized: the request Inductor's own
+    tensorify pass makes for the floats it cannot keep symbolic. Dynamo then guards on their values."""
+    try:
+        from torch._dynamo.exc import TensorifyScalarRestartAnalysis
+        from torch._dynamo.symbolic_convert import TensorifyState
+    except ImportError:  # a torch without the mechanism: the graph is traced as it is
+        return
+    names = []
+    for n in gm.graph.find_nodes(op="placeholder"):
+        value = n.meta.get("example_value")
+        memo = value.item_memo if isinstance(value, FakeTensor) else None
+        name = getattr(getattr(getattr(memo, "node", None), "_expr", None), "name", None)
+        if isinstance(memo, torch.SymFloat) and name and not TensorifyState.should_specialize(name):
+            names.append(name)
+    if names:
+        for name in names:
+            TensorifyState.specialize(name)
+        raise TensorifyScalarRestartAnalysis
 
 
 class _null:

@@ -3,7 +3,7 @@
 The passes run on the ATen-level FX graph, so that torch.compile and torch.export share them:
 
     Dynamo graph (torch level) --to_aten--> ATen graph --DEFAULT_PIPELINE--> rewritten ATen graph
-        --compile_fx--> Inductor
+        --vsopt.inductor.compile_fx--> Inductor (without Inductor's own attention fusion)
 
 Public functions (calibration, inspect and the graph-diff debugger call the first two):
 
@@ -143,7 +143,7 @@ def vsopt_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     A plan with separate head plans for ranges of denoising steps compiles one graph per segment
     of steps and picks one at each call from vsopt.set_denoising_step (unknown step: the default
     head plans)."""
-    from torch._inductor.compile_fx import compile_fx
+    from vsopt.inductor import compile_fx  # Inductor without its attention fusion (vsopt.inductor says why)
 
     config = VsoptConfig.from_options(options)
     plan = config.plan

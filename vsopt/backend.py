@@ -10,6 +10,7 @@ Public functions (calibration, inspect and the graph-diff debugger call the firs
     to_aten(model_or_gm, example_inputs) -> torch.fx.GraphModule
     trace_and_rewrite(model, example_inputs, config) -> (gm, PipelineReport)
     vsopt_backend(gm, example_inputs, options=None)   the torch_dynamo_backends entry point
+    last_report() -> PipelineReport | None           what the last compiled graph's passes found
 
 An attention before and after (timm, fused_attn=False; ATen, one head group shown):
     before:  bmm(q', k') -> _unsafe_view -> mul(0.125) -> _softmax(-1) -> expand -> view
@@ -18,8 +19,9 @@ An attention before and after (timm, fused_attn=False; ATen, one head group show
 """
 from __future__ import annotations
 
-import operator
 import dataclasses
+import logging
+import operator
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -142,22 +144,55 @@ def vsopt_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
 
     A plan with separate head plans for ranges of denoising steps compiles one graph per segment
     of steps and picks one at each call from vsopt.set_denoising_step (unknown step: the default
-    head plans)."""
+    head plans). What was left dense is logged and kept for last_report()."""
     from vsopt.inductor import compile_fx  # Inductor without its attention fusion (vsopt.inductor says why)
 
     config = VsoptConfig.from_options(options)
     plan = config.plan
     if plan is None or not plan.step_boundaries():
-        aten_gm, _report = trace_and_rewrite(gm, example_inputs, config)
+        aten_gm, report = trace_and_rewrite(gm, example_inputs, config)
+        _tell(config, [report])
         return compile_fx(aten_gm, list(example_inputs))
     # A plan with step ranges: one graph per segment of steps (and one for an unknown step),
     # chosen at run time from vsopt.set_denoising_step.
-    variants = {}
+    variants, reports = {}, []
     for start in (None, 0, *plan.step_boundaries()):
         if start not in variants:
-            aten_gm, _report = trace_and_rewrite(gm, example_inputs, dataclasses.replace(config, plan=plan.at_step(start)))
+            aten_gm, report = trace_and_rewrite(gm, example_inputs, dataclasses.replace(config, plan=plan.at_step(start)))
+            reports.append(report)
             variants[start] = compile_fx(aten_gm, list(example_inputs))
+    _tell(config, reports)
     return _StepDispatch(plan, variants)
+
+
+_log = logging.getLogger("vsopt")
+_last: list[PipelineReport] = []
+
+
+def last_report() -> PipelineReport | None:
+    """What the passes found in the last graph torch.compile(backend="vsopt") compiled in this
+    process (None before the first): its sites, report.lowered, report.dense_sites() (every site
+    left dense, with why), each pass's changes. A model Dynamo splits into several graphs is
+    compiled graph by graph: this is the last one's. With step ranges, the unknown step's graph."""
+    return _last[0] if _last else None
+
+
+def _tell(config: VsoptConfig, reports: Sequence[PipelineReport]) -> None:
+    """One log line (logger "vsopt") per site left dense, with why: a warning where a plan was
+    given and not applied (its lines are what a plan for another model, other head counts or
+    another length produces), info where dense is what was asked for (no plan, a dense entry)."""
+    _last[:] = [reports[0]]
+    lines = {}
+    for report in reports:
+        for s in report.skipped:
+            level = logging.WARNING if config.plan is not None else logging.INFO
+            lines.setdefault(f"site {s.site_id!r} runs dense: {s.reason}", level)
+        for site_id, why in report.kept_dense.items():
+            lines.setdefault(f"site {site_id!r} runs dense: {why}", logging.INFO)
+        if report.absent_plan_sites:  # may be in another graph of the same model (a graph break)
+            lines.setdefault(f"plan sites not in this graph: {report.absent_plan_sites}", logging.INFO)
+    for line, level in lines.items():
+        _log.log(level, "vsopt: %s", line)
 
 
 class _StepDispatch:

@@ -94,3 +94,80 @@ def test_only_the_attention_fusions_are_left_out():
             key_pass("graph")
         assert ran == ["graph"] and isinstance(inductor_config.joint_custom_pre_pass, UserPass)
     assert joint_graph.pass_patterns[0] is joint_graph.patterns
+
+
+# ----------------------------------------------------------------------------- what was left dense
+
+import logging  # noqa: E402
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import vsopt  # noqa: E402
+from vsopt.core.ir import TokenGrid  # noqa: E402
+from vsopt.core.patterns import LocalWindow  # noqa: E402
+from vsopt.core.plan import HeadPlan, Plan, SitePlan, Sparsity  # noqa: E402
+
+GRID = TokenGrid(2, 4, 4)
+WINDOW = HeadPlan(Sparsity.PATTERN, pattern=LocalWindow(1, 1, 1), block_m=16, block_n=16)
+
+
+class Blocks(nn.Module):
+    """Two attention blocks over a video grid: blocks.0.attn and blocks.1.attn."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({"attn": _Sdpa()}) for _ in range(2))
+
+    def forward(self, q, k, v):
+        for b in self.blocks:
+            q = b["attn"](q, k, v)
+        return q
+
+
+class _Sdpa(nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def _qkv(heads=2, n=GRID.num_tokens):
+    return tuple(torch.randn(1, heads, n, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+
+
+def _plan(heads=2, grid=GRID, ids=("blocks.0.attn", "blocks.1.attn"), head=WINDOW) -> Plan:
+    n = grid.num_tokens
+    return Plan({sid: SitePlan(sid, heads, n, n, grid, (head,) * heads) for sid in ids})
+
+
+def _compile(options, *inputs):
+    torch._dynamo.reset()
+    return torch.compile(Blocks(), backend="vsopt", options=options)(*inputs)
+
+
+@pytest.mark.parametrize("plan, says", [
+    (_plan(ids=("transformer.0.attn1", "transformer.1.attn1")), "the plan has no entry for this site"),
+    (_plan(heads=4), "plan has heads 4, model has 2"),
+    (_plan(grid=TokenGrid(3, 4, 4)), "plan has q_len (N) 48, model has 32"),
+], ids=["another model", "other head count", "other length"])
+def test_a_plan_that_does_not_fit_says_so(caplog, plan, says):
+    with caplog.at_level(logging.INFO, logger="vsopt"):
+        _compile({"plan": plan, "grid": GRID}, *_qkv())
+    lines = [r for r in caplog.records if r.name == "vsopt" and "runs dense" in r.getMessage()]
+    for site in ("blocks.0.attn", "blocks.1.attn"):
+        (line,) = [r for r in lines if repr(site) in r.getMessage()]
+        assert line.levelno == logging.WARNING and says in line.getMessage()
+    report = vsopt.last_report()
+    assert report.lowered == [] and [s for s, why in report.dense_sites()] == ["blocks.0.attn", "blocks.1.attn"]
+    assert all(says in why for _, why in report.dense_sites())
+
+
+def test_last_report_of_a_fitting_plan_and_of_no_plan(caplog):
+    _compile({"plan": _plan(ids=("blocks.0.attn",)), "grid": GRID}, *_qkv())
+    report = vsopt.last_report()
+    assert report.lowered == ["blocks.0.attn"]
+    assert report.dense_sites() == [("blocks.1.attn", "the plan has no entry for this site")]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="vsopt"):
+        _compile({}, *_qkv())
+    assert vsopt.last_report().dense_sites() == [("blocks.0.attn", "no plan"), ("blocks.1.attn", "no plan")]
+    assert all(r.levelno == logging.INFO for r in caplog.records if r.name == "vsopt")

@@ -171,3 +171,66 @@ def test_last_report_of_a_fitting_plan_and_of_no_plan(caplog):
         _compile({}, *_qkv())
     assert vsopt.last_report().dense_sites() == [("blocks.0.attn", "no plan"), ("blocks.1.attn", "no plan")]
     assert all(r.levelno == logging.INFO for r in caplog.records if r.name == "vsopt")
+
+
+# ----------------------------------------------------------------------------- strict mode and plans
+
+from vsopt.core.errors import PlanError, UnsupportedSiteError  # noqa: E402
+
+
+class SelfAndCross(nn.Module):
+    """blocks.0.attn: self-attention over the grid; blocks.0.cross: masked cross-attention to text."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.ModuleDict({"attn": _Sdpa(), "cross": _MaskedSdpa()})])
+
+    def forward(self, q, k, v, text, keep):
+        x = self.blocks[0]["attn"](q, k, v)
+        return self.blocks[0]["cross"](x, text, text, keep)
+
+
+class _MaskedSdpa(nn.Module):
+    def forward(self, q, k, v, keep):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+
+def _self_and_cross_inputs():
+    text = torch.randn(1, 2, 5, 8)
+    keep = torch.ones(1, 1, GRID.num_tokens, 5, dtype=torch.bool)
+    return (*_qkv(), text, keep)
+
+
+def _self_and_cross_plan(cross_dense: bool) -> Plan:
+    n = GRID.num_tokens
+    sites = {"blocks.0.attn": SitePlan("blocks.0.attn", 2, n, n, GRID, (WINDOW,) * 2)}
+    if cross_dense:  # dense on purpose: what calibration writes for the sites it keeps dense
+        sites["blocks.0.cross"] = SitePlan("blocks.0.cross", 2, n, 5, GRID, (HeadPlan(),) * 2)
+    return Plan(sites)
+
+
+def test_strict_accepts_sites_the_plan_keeps_dense():
+    model, inputs = SelfAndCross(), _self_and_cross_inputs()
+    torch._dynamo.reset()
+    options = {"plan": _self_and_cross_plan(cross_dense=True), "grid": GRID, "strict": True}
+    out = torch.compile(model, backend="vsopt", options=options)(*inputs)
+    assert out.shape == (1, 2, GRID.num_tokens, 8)
+    report = vsopt.last_report()
+    assert report.lowered == ["blocks.0.attn"] and report.kept_dense == {"blocks.0.cross": "the plan keeps it dense"}
+    torch._dynamo.reset()
+    options["plan"] = _self_and_cross_plan(cross_dense=False)
+    with pytest.raises(Exception, match="'blocks.0.cross' left as it was: the plan has no entry"):
+        torch.compile(model, backend="vsopt", options=options)(*inputs)
+
+
+def test_strict_inspect_checks_the_plan_against_the_sites_it_finds():
+    """inspect runs with rewrite off (no vsopt.attention nodes): a fitting plan is no error, a
+    plan that does not fit is the same error as in compile (not 'graph sites: []')."""
+    model, inputs = SelfAndCross(), _self_and_cross_inputs()
+    options = {"plan": _self_and_cross_plan(cross_dense=True), "grid": GRID, "strict": True}
+    report = vsopt.inspect(model, *inputs, options=options)
+    assert [s.site_id for s in report.sites] == ["blocks.0.attn", "blocks.0.cross"] and report.skipped == []
+    with pytest.raises(UnsupportedSiteError, match="plan has heads 4, model has 2"):
+        vsopt.inspect(model, *inputs, options={**options, "plan": _plan(heads=4, ids=("blocks.0.attn",))})
+    with pytest.raises(PlanError, match=r"plan sites not in this graph: \['blocks.9.attn'\] \(graph sites: \['blocks"):
+        vsopt.inspect(model, *inputs, options={**options, "plan": _plan(ids=("blocks.9.attn",))})

@@ -114,14 +114,21 @@ def vsopt_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
 
     A plan with separate head plans for ranges of denoising steps compiles one graph per segment
     of steps and picks one at each call from vsopt.set_denoising_step (unknown step: the default
-    head plans)."""
+    head plans). options["cudagraphs"]: every graph runs under Inductor's CUDA graphs."""
     from torch._inductor.compile_fx import compile_fx
 
     config = VsoptConfig.from_options(options)
+    plan = config.plan
+    if config.cudagraphs:  # options={"cudagraphs": True}: Inductor's CUDA graphs (vsopt/cudagraphs.py)
+        from vsopt import cudagraphs
+
+        plan = cudagraphs.plan_for_cudagraphs(plan)
 
     def build(plan):
         aten_gm, _report = trace_and_rewrite(gm, example_inputs, dataclasses.replace(config, plan=plan))
+        if config.cudagraphs:
+            return cudagraphs.compile_graph(aten_gm, gm, example_inputs)
         return compile_fx(aten_gm, list(example_inputs))
 
     # a plan with step ranges: one graph per segment of steps, chosen per call (vsopt.core.steps)
-    return step_variants(config.plan, build)
+    return step_variants(plan, build)

@@ -145,19 +145,27 @@ def vsopt_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
 
     A plan with separate head plans for ranges of denoising steps compiles one graph per segment
     of steps and picks one at each call from vsopt.set_denoising_step (unknown step: the default
-    head plans). What was left dense is logged and kept for last_report()."""
+    head plans). options["cudagraphs"]: every graph runs under Inductor's CUDA graphs. What was
+    left dense is logged and kept for last_report()."""
     from vsopt.inductor import compile_fx  # Inductor without its attention fusion (vsopt.inductor says why)
 
     config = VsoptConfig.from_options(options)
+    plan = config.plan
+    if config.cudagraphs:  # options={"cudagraphs": True}: Inductor's CUDA graphs (vsopt/cudagraphs.py)
+        from vsopt import cudagraphs
+
+        plan = cudagraphs.plan_for_cudagraphs(plan)
     reports: list[PipelineReport] = []
 
     def build(plan):
         aten_gm, report = trace_and_rewrite(gm, example_inputs, dataclasses.replace(config, plan=plan))
         reports.append(report)
+        if config.cudagraphs:
+            return cudagraphs.compile_graph(aten_gm, gm, example_inputs)
         return compile_fx(aten_gm, list(example_inputs))
 
     # a plan with step ranges: one graph per segment of steps, chosen per call (vsopt.core.steps)
-    compiled = step_variants(config.plan, build)
+    compiled = step_variants(plan, build)
     _tell(config, reports)
     return compiled
 

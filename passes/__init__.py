@@ -1,13 +1,24 @@
 """vsopt.passes: graph rewriting on ATen-level FX graphs, pure FX, runs on CPU.
 
-One pass per module (see infra.py for the contract). DEFAULT_PIPELINE is the order compile and
-export both run: find the attention sites, give them their video grid, rewrite each into
-torch.ops.vsopt.attention. Passes that lower plans are appended after rewrite_attention.
-Under context parallelism, ring_attention lowers ring sites first and ulysses_heads gives each
-rank the plan of its heads before lower_plan (docs/PARALLEL.md)."""
+One pass per module, each `run(gm, ctx) -> PassReport` (the contract, the typed PassContext and
+the pass manager are in infra.py). DEFAULT_PIPELINE is the order compile and export both run:
+
+    ring_attention       ring-parallel sites of a context-parallel engine -> vsopt.core.ring
+                         (sub-tables per shard, LSE merge; docs/PARALLEL.md)
+    detect_attention     find the attention sites (the rules in rules/), record their matches
+    infer_grid           give each site its video grid (frames x height x width, text tokens)
+    rewrite_attention    replace each match with torch.ops.vsopt.attention (the rule's rewrite)
+    ulysses_heads        under head-parallel (Ulysses) attention, each rank's plan entry becomes the
+                         slice of the heads it computes (docs/PARALLEL.md)
+    lower_plan           planned sites -> token permutation + block-sparse attention launches
+    cancel_permutations  keep token-wise ops between sites in the permuted order
+
+run_pipeline(gm, ctx, DEFAULT_PIPELINE, PipelineOptions(check_each_pass=True, dump_dir=...))
+checks the graph after every pass and writes it to a folder, one file per pass.
+"""
 from . import (cancel_permutations, detect_attention, infer_grid, lower_plan, rewrite_attention, ring_attention,
                ulysses_heads)
-from .infra import PassContext, PassReport, PipelineReport, run_pipeline
+from .infra import PassContext, PassReport, PipelineOptions, PipelineReport, run_pipeline
 
 DEFAULT_PIPELINE = [
     ring_attention,
@@ -19,4 +30,4 @@ DEFAULT_PIPELINE = [
     cancel_permutations,
 ]
 
-__all__ = ["DEFAULT_PIPELINE", "PassContext", "PassReport", "PipelineReport", "run_pipeline"]
+__all__ = ["DEFAULT_PIPELINE", "PassContext", "PassReport", "PipelineOptions", "PipelineReport", "run_pipeline"]

@@ -35,7 +35,6 @@ import re
 
 import torch
 import torch.fx
-from torch._guards import detect_fake_mode
 
 from vsopt.core.errors import ConfigError, PassError, PlanError, UnsupportedSiteError
 from vsopt.core.ir import AttentionSite, GridSource, Layout, SkippedSite
@@ -43,11 +42,11 @@ from vsopt.core.plan import Plan
 from vsopt.core.ring import Shards, ring_attention
 from vsopt.core.semantics import select_heads
 
-from .attention_rules import _normalize as named_args
-from .graph_edit import emit, with_layout_of
+from .graph_edit import constant, emit, with_layout_of
 from .infer_grid import infer
 from .infra import PassContext, PassReport
 from .layout_trace import ORDER_OPS
+from .rules.match import normalize_args as named_args
 from .site_ids import layer_index, module_path
 from .ulysses_heads import all_to_all_group, group_rank
 
@@ -134,8 +133,7 @@ class _GraphEmitter:
 
     def __init__(self, gm: torch.fx.GraphModule, anchor: torch.fx.Node, site_id: str):
         self.gm, self.anchor, self.site_id = gm, anchor, site_id
-        self.fake_mode = detect_fake_mode([named_args(anchor)["query"].meta["val"]])
-        self.device = named_args(anchor)["query"].meta["val"].device
+        self.query = named_args(anchor)["query"]
         self.prefix = "_vsopt_ring_" + re.sub(r"\W", "_", site_id)
         self.created: list[str] = []
 
@@ -147,15 +145,8 @@ class _GraphEmitter:
         return n
 
     def const(self, label: str, value: torch.Tensor):
-        name, i = f"{self.prefix}_{label}", 0
-        while hasattr(self.gm, name):
-            i += 1
-            name = f"{self.prefix}_{label}_{i}"
-        value = value.to(self.device)
-        self.gm.register_buffer(name, value)
-        n = self.gm.graph.get_attr(name)
-        n.meta["val"] = self.fake_mode.from_tensor(value, static_shapes=True) if self.fake_mode is not None else value
-        n.meta["vsopt_from"] = (NAME, (self.anchor.name,))
+        n = constant(self.gm, f"{self.prefix}_{label}", value, like=self.query, pass_name=NAME,
+                     replaces=(self.anchor.name,))
         self.created.append(n.name)
         return n
 
@@ -279,7 +270,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
 
 def _replace_outputs(em: _GraphEmitter, call: torch.fx.Node, out, lse) -> None:
     """Point the users of call's (out, lse) at the given values, or at (0, -inf) when None."""
-    q = named_args(em.anchor)["query"]   # defined before the insertion point (the call's own may not be)
+    q = em.query   # defined before the insertion point (the call's own may not be)
     for g in list(call.users):
         want = g.meta["val"]
         if g.args[1] == 0:

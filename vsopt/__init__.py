@@ -5,6 +5,7 @@
 Public API (imported lazily so that `import vsopt` stays cheap):
     vsopt.inspect(model, *example_inputs) -> InspectReport    the attention sites of a model
     vsopt.calibrate(...), vsopt.diff(...), vsopt.bench(...)   see their modules
+    vsopt.export(model, inputs, plan, format, out)  pt2 / aoti / onnx / trt artifacts (vsopt.deploy)
     vsopt.set_denoising_step(i)     the sampler's step: selects a plan's step ranges at run time
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ _LAZY = {
     "calibrate": ("vsopt.calibrate", "calibrate"),
     "diff": ("vsopt.debug", "diff"),
     "bench": ("vsopt.bench", "bench"),
+    "export": ("vsopt.deploy", "export"),
     "vsopt_backend": ("vsopt.backend", "vsopt_backend"),
     "set_denoising_step": ("vsopt.core.dynamic", "set_denoising_step"),
 }

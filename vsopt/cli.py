@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("vsopt.calibrate", "measure a model's attention and write a plan"),
     "diff": ("vsopt.debug", "show what the optimizer changed, left alone, and where error enters"),
     "bench": ("vsopt.bench", "sweep configurations: accuracy against dense, and speed"),
+    "export": ("vsopt.deploy.cli", "export the optimized model: torch.export, AOTInductor, ONNX or TensorRT"),
 }
 
 

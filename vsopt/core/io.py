@@ -73,6 +73,8 @@ def atomic_output(path: str | os.PathLike, *, folder: bool = False) -> Iterator[
             os.replace(path, old / path.name)   # the old folder steps aside, the new one takes its name
             os.replace(target, path)
             shutil.rmtree(old, ignore_errors=True)
+        elif folder:
+            os.replace(target, path)
         else:
             for side in staging.iterdir():   # sidecar files first, the main file last
                 if side != target:

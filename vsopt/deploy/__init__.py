@@ -25,10 +25,19 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .artifact import FORMATS, ONNX_FORMS, SUFFIXES, Check, ExportError, ExportResult, SiteOutcome
-
 __all__ = ["export", "load", "register_ops", "ExportResult", "ExportError", "Check", "SiteOutcome", "FORMATS",
            "ONNX_FORMS"]
+_ARTIFACT_NAMES = {"ExportResult", "ExportError", "Check", "SiteOutcome", "FORMATS", "ONNX_FORMS", "SUFFIXES"}
+
+
+def __getattr__(name: str):
+    # The result types load on first use: `vsopt export --help` imports this package, and the
+    # types import vsopt.core (torch).
+    if name in _ARTIFACT_NAMES:
+        from . import artifact
+
+        return getattr(artifact, name)
+    raise AttributeError(f"module 'vsopt.deploy' has no attribute {name!r}")
 
 
 def register_ops() -> None:
@@ -38,11 +47,15 @@ def register_ops() -> None:
 
 
 def _default_out(fmt: str) -> Path:
+    from .artifact import SUFFIXES
+
     return Path("vsopt-export" + (SUFFIXES[fmt] or "-trt"))
 
 
 def _check_out(fmt: str, out: str | os.PathLike | None) -> Path:
     from vsopt.core.errors import ConfigError
+
+    from .artifact import FORMATS, SUFFIXES
 
     if fmt not in FORMATS:
         raise ConfigError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
@@ -70,6 +83,7 @@ def export(model: Any, example_inputs: Any, plan: Any = None, format: str = "pt2
     line per slow step (the CLI prints them). Returns an ExportResult (.table() is the CLI's
     closing table). Raises ConfigError / PlanError / ExportError with one line naming the problem;
     nothing is left half-written."""
+    from .artifact import ONNX_FORMS, Check, ExportResult
     from .program import rewritten_program
 
     path = _check_out(format, out)
@@ -81,8 +95,7 @@ def export(model: Any, example_inputs: Any, plan: Any = None, format: str = "pt2
             from vsopt.core.errors import ConfigError
 
             raise ConfigError(f"onnx_form must be one of {list(ONNX_FORMS)}, got {onnx_form!r}")
-        if format == "onnx":
-            onnx_format._require("onnx", "onnxscript")
+        onnx_format._require("onnx", "onnxscript")
     prog = rewritten_program(model, example_inputs, plan, step_index=step, progress=progress)
     notes = list(prog.notes)
     result_check: Check | None = None
@@ -119,8 +132,9 @@ def export(model: Any, example_inputs: Any, plan: Any = None, format: str = "pt2
     return result
 
 
-def _check(fmt: str, onnx_form: str, path: Path, prog) -> Check:
+def _check(fmt: str, onnx_form: str, path: Path, prog):
     from . import check as check_module
+    from .artifact import Check
 
     if fmt == "onnx" and onnx_form == "custom":
         from . import onnx as onnx_format
@@ -170,4 +184,6 @@ def _pt2_kind(path: Path) -> str:
         with zipfile.ZipFile(path) as z:
             return "aoti" if any("/data/aotinductor/" in n for n in z.namelist()) else "pt2"
     except (zipfile.BadZipFile, FileNotFoundError) as e:
+        from .artifact import ExportError
+
         raise ExportError(f"{str(path)!r} is not a readable .pt2 archive: {e}") from None

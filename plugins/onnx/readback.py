@@ -80,7 +80,8 @@ def plan_from_onnx(model: onnx.ModelProto) -> Plan:
                 raise ValueError(f"site {site_id!r}: the table of {node.name} is neither an initializer nor a "
                                  "DynamicBlockMask's")
             d = {k: _text(v) for k, v in _attrs(dyn).items()}
-            spec = DynamicSpec(d["method"], float(d["value"]), int(d["reuse_steps"]))
+            # ONNX float attributes are float32: 7 significant digits give back the plan's decimal value
+            spec = DynamicSpec(d["method"], float(f"{d['value']:.7g}"), int(d["reuse_steps"]))
             for i, h in enumerate(group):
                 heads.setdefault(site_id, {})[h] = HeadPlan(Sparsity.DYNAMIC, order=orders[i], dynamic=spec, **common)
     sites = {}

@@ -27,7 +27,7 @@ _WHAT = {"pt2": "fresh process, torch.export.load", "aoti": "fresh process, aoti
          "onnx": "fresh process, onnxruntime"}
 
 
-def tolerance(dtype: torch.dtype) -> float:
+def default_tolerance(dtype: torch.dtype) -> float:
     """Max relative error a faithful artifact stays under: float32 rounding over a different
     operation order (fp32), or half-precision rounding."""
     return 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
@@ -49,11 +49,11 @@ def compare(got: tuple, want: tuple) -> tuple[float, float]:
 
 
 def check_in_subprocess(fmt: str, artifact: Path, prog, *, providers: tuple[str, ...] = ("CPUExecutionProvider",),
-                        timeout: float = TIMEOUT_S) -> Check:
+                        tolerance: float | None = None, timeout: float = TIMEOUT_S) -> Check:
     want = prog.expected()
     what = _WHAT[fmt] + (f" ({', '.join(p.removesuffix('ExecutionProvider') for p in providers)})"
                          if fmt == "onnx" else "")
-    tol = tolerance(want[0].dtype if want else torch.float32)
+    tol = tolerance if tolerance is not None else default_tolerance(want[0].dtype if want else torch.float32)
     with tempfile.TemporaryDirectory(prefix="vsopt-check-") as tmp:
         req = Path(tmp)
         torch.save(tuple(prog.inputs), req / "inputs.pt")

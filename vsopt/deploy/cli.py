@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where to write; without it vsopt-export.pt2 / vsopt-export.onnx, or the folder vsopt-export-trt")
     p.add_argument("--onnx-form", choices=("portable", "custom"), default="portable",
                    help="onnx: standard ops only (portable) or one vsopt-domain node per op (custom)")
+    p.add_argument("--onnx-quant", choices=("drop", "fake"), default="drop",
+                   help="portable onnx: run quantized heads at the model's precision (drop) or fake-quantize them "
+                        "with standard ops (fake: the kernels' rounding, no speed-up)")
     p.add_argument("--opset", type=int, default=23, help="ONNX opset (18-22: MatMul/Softmax instead of Attention)")
     p.add_argument("--step", type=int, default=none,
                    help="denoising step whose head plans a step-ranged plan exports; without it, its default heads")
@@ -81,8 +84,8 @@ def run_cli(args: argparse.Namespace) -> int:
         model = model.to(device=args.device, dtype=dtype)
         inputs = tuple(x.to(device=args.device, dtype=dtype if dtype and x.is_floating_point() else x.dtype)
                        if isinstance(x, torch.Tensor) else x for x in inputs)
-    result = export(model, inputs, plan, args.format, _opt(args, "out"), onnx_form=args.onnx_form, opset=args.opset,
-                    step=_opt(args, "step"), check=not args.no_check,
+    result = export(model, inputs, plan, args.format, _opt(args, "out"), onnx_form=args.onnx_form,
+                    onnx_quant=args.onnx_quant, opset=args.opset, step=_opt(args, "step"), check=not args.no_check,
                     progress=lambda line: print(line, file=sys.stderr))
     if note:
         result.notes.insert(0, note)

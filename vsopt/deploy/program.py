@@ -16,6 +16,7 @@ eagerly (on the CPU its vsopt ops run their PyTorch references).
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 import os
 from dataclasses import dataclass, field
@@ -89,6 +90,26 @@ def resolve_plan(plan: Plan | str | os.PathLike | None) -> Plan | None:
     if isinstance(plan, (str, os.PathLike)):
         return Plan.load(plan)
     raise ConfigError(f"plan must be a vsopt Plan, the path of a .plan.json file, or None; got {type(plan).__name__}")
+
+
+def without_quant(plan: Plan) -> tuple[Plan, str | None]:
+    """The plan with every head unquantized (at every step), and a note saying what was dropped
+    (None when nothing was quantized)."""
+    def strip(heads):
+        return tuple(dataclasses.replace(h, quant=Quant.NONE) for h in heads)
+
+    counts: dict[str, int] = {}
+    for sp in plan.sites.values():
+        for h in sp.all_heads():
+            if h.quant is not Quant.NONE:
+                counts[h.quant.value] = counts.get(h.quant.value, 0) + 1
+    if not counts:
+        return plan, None
+    sites = {sid: dataclasses.replace(sp, heads=strip(sp.heads),
+                                      steps=tuple(dataclasses.replace(st, heads=strip(st.heads)) for st in sp.steps))
+             for sid, sp in plan.sites.items()}
+    what = ", ".join(f"{n} {q}" for q, n in sorted(counts.items()))
+    return Plan(sites, plan.meta), f"quantization dropped ({what} head plan(s))"
 
 
 def _first_line(e: BaseException) -> str:

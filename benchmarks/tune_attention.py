@@ -36,7 +36,6 @@ def sweep(w, modes, densities, rep_ms: float, deadline: float, log) -> list[dict
     from vsopt.kernels.block_mask import launch as mask_launch
     from vsopt.kernels.block_sparse import kernel, launch
     from vsopt.kernels.quant import launch as quant_launch
-    from vsopt.kernels.quant.reference import pv_is_fp8
 
     g = torch.Generator(device="cuda").manual_seed(0)
     shape = (1, w.heads, w.n, w.head_dim)
@@ -65,7 +64,7 @@ def sweep(w, modes, densities, rep_ms: float, deadline: float, log) -> list[dict
                 for d, (idx, cnt, density) in tables.items():
                     row = {"workload": w.name, "mode": mode, "density": density, "tile": list(tile), "path": path}
                     try:
-                        fn = _kernel_call(kernel, launch, q, k, v, qq, idx, cnt, scale, mode, cfg, pv_is_fp8(mode))
+                        fn = _kernel_call(kernel, launch, q, k, v, qq, idx, cnt, scale, mode, cfg)
                         out = fn()
                         torch.cuda.synchronize()
                         ref = first.setdefault(d, out)
@@ -84,15 +83,18 @@ def sweep(w, modes, densities, rep_ms: float, deadline: float, log) -> list[dict
     return rows
 
 
-def _kernel_call(kernel, launch, q, k, v, qq, idx, cnt, scale, mode, cfg, fp8_pv, order="per_head_lpt"):
+def _kernel_call(kernel, launch, q, k, v, qq, idx, cnt, scale, mode, cfg, order="per_head_lpt"):
     """A closure launching the kernel once with configuration cfg on (pre-quantized) inputs."""
     import math
 
+    from vsopt.kernels.spec import KernelSpec
+
     B, H, N, D = q.shape
+    spec = KernelSpec(D, torch.bfloat16, mode, BLOCK, BLOCK)
     qs = ks = vs = None
     if qq is not None:
         q, k, v, qs, ks, vs = qq.q, qq.k, qq.v, qq.q_scale, qq.k_scale, qq.v_scale
-    stride_vn, stride_vd = (1, v.stride(2)) if fp8_pv else (v.stride(2), 1)
+    stride_vn, stride_vd = (1, v.stride(2)) if spec.quant.pv_is_fp8 else (v.stride(2), 1)
     out = torch.empty((B, H, N, D), dtype=torch.bfloat16, device=q.device)
     order = launch.work_order(cnt, B, order)
     QB = KB = math.ceil(N / BLOCK)
@@ -108,8 +110,8 @@ def _kernel_call(kernel, launch, q, k, v, qq, idx, cnt, scale, mode, cfg, fp8_pv
             v.stride(0), v.stride(1), stride_vn, stride_vd, out.stride(0), out.stride(1), out.stride(2),
             0, idx.stride(1), idx.stride(2), 0, cnt.stride(1),
             H, 1, N, N, QB, KB, scale * 1.4426950408889634,
-            HEAD_DIM=D, TABLE_BLOCK_M=BLOCK, TABLE_BLOCK_N=BLOCK, QUANT=launch.QUANT_CODE[mode],
-            WRITE_LSE=False, EVEN_N=N % BLOCK == 0, ROUND_IN_FP32=False, **cfg.launch_args())
+            **launch.spec_constexprs(spec), WRITE_LSE=False, EVEN_N=N % BLOCK == 0, ROUND_IN_FP32=False,
+            **cfg.launch_args())
         return out
     return call
 
@@ -201,7 +203,7 @@ def order_study(rep_ms: float, log) -> list[dict]:
     for mode, tile in (("none", launch.Tile(128, 128, 8, 3, True)), ("fp8", launch.Tile(128, 128, 4, 3, True))):
         qq = quant_launch.quantize_qkv(q, k, v, mode, BLOCK, BLOCK) if mode != "none" else None
         for strategy in launch.ORDERS:
-            fn = _kernel_call(kernel, launch, q, k, v, qq, idx, cnt, 128 ** -0.5, mode, tile, mode == "fp8", strategy)
+            fn = _kernel_call(kernel, launch, q, k, v, qq, idx, cnt, 128 ** -0.5, mode, tile, strategy)
             ms = _bench(fn, rep_ms)
             rows.append({"what": "order study (e2e site mask)", "mode": mode, "order": strategy, "ms": ms,
                          "density": float(mask.float().mean())})

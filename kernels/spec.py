@@ -25,7 +25,8 @@ class QuantMode(str, enum.Enum):
 
     @property
     def code(self) -> int:
-        """The kernel's QUANT constexpr."""
+        """The kernel's QUANT constexpr (kernels/block_sparse/kernel.py derives its QK_INT8 /
+        PV_FP8 flags from it, matching qk_format and pv_is_fp8)."""
         return _CODES[self]
 
     @classmethod
@@ -38,7 +39,14 @@ class QuantMode(str, enum.Enum):
 
     @property
     def pv_is_fp8(self) -> bool:
+        """Whether P and V run in FP8 (else in the input's 16-bit dtype)."""
         return self in (QuantMode.FP8, QuantMode.INT8_FP8)
+
+    @property
+    def qk_format(self) -> str | None:
+        """The format Q and K are quantized to ("int8" or "fp8"; kernels/quant/reference.py), None
+        when q k^T stays in the input dtype."""
+        return {QuantMode.NONE: None, QuantMode.FP8: "fp8"}.get(self, "int8")
 
 
 _CODES = {QuantMode.NONE: 0, QuantMode.INT8: 1, QuantMode.FP8: 2, QuantMode.INT8_FP8: 3}
@@ -47,7 +55,7 @@ QUANT_MODES = tuple(m.value for m in QuantMode)
 
 def valid_block(block: int) -> bool:
     """The block sizes the kernels and their tables take: powers of two in [16, 256]."""
-    return isinstance(block, int) and 16 <= block <= 256 and block & (block - 1) == 0
+    return isinstance(block, (int, torch.SymInt)) and 16 <= block <= 256 and block & (block - 1) == 0
 
 
 @dataclass(frozen=True)

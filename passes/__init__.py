@@ -1,10 +1,19 @@
 """vsopt.passes: graph rewriting on ATen-level FX graphs, pure FX, runs on CPU.
 
-One pass per module (see infra.py for the contract). DEFAULT_PIPELINE is the order compile and
-export both run: find the attention sites, give them their video grid, rewrite each into
-torch.ops.vsopt.attention. Passes that lower plans are appended after rewrite_attention."""
+One pass per module, each `run(gm, ctx) -> PassReport` (the contract, the typed PassContext and
+the pass manager are in infra.py). DEFAULT_PIPELINE is the order compile and export both run:
+
+    detect_attention     find the attention sites (the rules in rules/), record their matches
+    infer_grid           give each site its video grid (frames x height x width, text tokens)
+    rewrite_attention    replace each match with torch.ops.vsopt.attention (the rule's rewrite)
+    lower_plan           planned sites -> token permutation + block-sparse attention launches
+    cancel_permutations  keep token-wise ops between sites in the permuted order
+
+run_pipeline(gm, ctx, DEFAULT_PIPELINE, PipelineOptions(check_each_pass=True, dump_dir=...))
+checks the graph after every pass and writes it to a folder, one file per pass.
+"""
 from . import cancel_permutations, detect_attention, infer_grid, lower_plan, rewrite_attention
-from .infra import PassContext, PassReport, PipelineReport, run_pipeline
+from .infra import PassContext, PassReport, PipelineOptions, PipelineReport, run_pipeline
 
 DEFAULT_PIPELINE = [
     detect_attention,
@@ -14,4 +23,4 @@ DEFAULT_PIPELINE = [
     cancel_permutations,
 ]
 
-__all__ = ["DEFAULT_PIPELINE", "PassContext", "PassReport", "PipelineReport", "run_pipeline"]
+__all__ = ["DEFAULT_PIPELINE", "PassContext", "PassReport", "PipelineOptions", "PipelineReport", "run_pipeline"]

@@ -34,6 +34,7 @@ tokens is (0, 1).
 """
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from dataclasses import dataclass, field
@@ -42,9 +43,10 @@ import torch
 import torch.fx
 
 from vsopt.core import ops as vsopt_ops  # noqa: F401  (registers torch.ops.vsopt.*)
+from vsopt.core.ops import attention_arguments
 
-from .graph_edit import emit
-from .infra import PassContext, PassReport
+from .graph_edit import constant, emit
+from .infra import GraphChanges, PassContext, PassReport
 
 NAME = "cancel_permutations"
 aten = torch.ops.aten
@@ -249,12 +251,10 @@ class _Region:
     def _attention(self, node: torch.fx.Node, q_ax: Axis) -> Axis | None:
         """Dense attention without mask is equivariant in its queries: attention(P q, k, v) =
         P attention(q, k, v), with k and v both as they were or both permuted by P."""
-        q, k, v, mask, _scale, causal = (list(node.args) + [None, 1.0, False])[:6]
-        mask = node.kwargs.get("attn_mask", mask)
-        causal = node.kwargs.get("is_causal", causal)
-        if mask is not None or causal or q_ax != Axis(2, 1):
+        a = attention_arguments(node.args, node.kwargs)
+        if a["attn_mask"] is not None or a["is_causal"] or q_ax != Axis(2, 1):
             return None
-        k_ax, v_ax = self.axis_of(k), self.axis_of(v)
+        k_ax, v_ax = self.axis_of(a["k"]), self.axis_of(a["v"])
         both_permuted = k_ax == v_ax == Axis(2, 1)
         return q_ax if both_permuted or (k_ax is None and v_ax is None) else None
 
@@ -394,30 +394,20 @@ def _index(perm: torch.Tensor, size: int, ax: Axis) -> torch.Tensor:
     return idx.reshape(-1)
 
 
-def _apply(gm: torch.fx.GraphModule, plan: _Plan, tag: str, report: PassReport) -> None:
+def _apply(gm: torch.fx.GraphModule, plan: _Plan, tag: str, labels: "itertools.count[int]") -> None:
+    """Rewrite the region of `plan` to run in its permutation's order. `labels` numbers the
+    index constants of the whole pass run (each reorder takes two numbers: its constant and its
+    index_select), so that their buffer names stay apart."""
     graph, region, perm = gm.graph, plan.region, plan.perm
     inverse = torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel()))
 
-    def constant(name: str, value: torch.Tensor, like: torch.fx.Node) -> torch.fx.Node:
-        dev = like.meta["val"].device
-        attr = f"_vsopt_{tag}_{name}"
-        gm.register_buffer(attr, value.to(dev))
-        node = graph.get_attr(attr)
-        fake = torch._guards.detect_fake_mode([like.meta["val"]])
-        value = getattr(gm, attr)
-        # static: a constant must not bring new symbolic sizes into Dynamo's shape env
-        node.meta["val"] = fake.from_tensor(value, static_shapes=True) if fake is not None else value
-        node.meta["vsopt_from"] = (NAME, ())
-        report.created.append(node.name)
-        return node
-
     def reorder(value: torch.fx.Node, ax: Axis, p: torch.Tensor, label: str) -> torch.fx.Node:
         size = _shape(value)[ax.dim]
-        idx = constant(f"{label}{len(report.created)}", _index(p, size, ax), value)
-        node = emit(graph, aten.index_select.default, (value, ax.dim, idx), pass_name=NAME,
+        number = next(labels)
+        next(labels)
+        idx = constant(gm, f"_vsopt_{tag}_{label}{number}", _index(p, size, ax), like=value, pass_name=NAME)
+        return emit(graph, aten.index_select.default, (value, ax.dim, idx), pass_name=NAME,
                     replaces=(value.name,), meta_from=value)
-        report.created.append(node.name)
-        return node
 
     # entries: the permuted copy of each outside value, read by region nodes only
     for value, ax in region.entries.items():
@@ -445,16 +435,16 @@ def _apply(gm: torch.fx.GraphModule, plan: _Plan, tag: str, report: PassReport) 
                 u.replace_input_with(s, s.args[0])
         if not s.users:
             graph.erase_node(s)
-            report.removed.append(s.name)
     # sinks: already in permuted order
     for p in plan.sinks:
         p.replace_all_uses_with(p.args[0])
         graph.erase_node(p)
-        report.removed.append(p.name)
 
 
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
     report = PassReport(NAME)
+    changes = GraphChanges(gm.graph)
+    labels = itertools.count()
     by_perm: dict[tuple, tuple[torch.Tensor, list, list]] = {}
     for node in gm.graph.nodes:
         for op, slot in ((vsopt.unpermute_tokens, 1), (vsopt.permute_tokens, 2)):
@@ -474,8 +464,8 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
                                 f"{len(plan.free_sources)} unpermutes would go, {len(plan.region.entries)} "
                                 f"entries and {len(plan.exits)} exits would come)")
             continue
-        _apply(gm, plan, f"order{i}", report)
+        _apply(gm, plan, f"order{i}", labels)
         report.notes.append(f"order {i}: removed {len(plan.sinks)} permute_tokens and "
                             f"{len(plan.free_sources)} unpermute_tokens, added {len(plan.region.entries)} "
                             f"entries and {len(plan.exits)} exits (index_select)")
-    return report
+    return changes.record(report)

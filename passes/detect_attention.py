@@ -1,9 +1,14 @@
-"""Pass: find every attention in the ATen graph (rules in attention_rules.py), record an
-AttentionSite per match in ctx.sites and each candidate left alone in ctx.skipped.
+"""Pass: find every attention in the ATen graph (rules in passes/rules/), record an AttentionSite
+per match in ctx.sites and each candidate left alone in ctx.skipped.
 
-The graph is not changed here; rewrite_attention.py replaces the matches. Matches are kept in
-ctx.scratch["attention_matches"] (site_id -> Match) for the passes that follow. Under
-config.strict, a candidate that no rule accepts raises UnsupportedSiteError naming it and why.
+Every node is offered to the rules of DEFAULT_RULES in order; the first whose pattern anchors on
+it runs its check. A match goes into ctx.matches (site_id -> AttentionMatch, with the rule that
+found it) for infer_grid and rewrite_attention; a failed check of a real candidate is a
+SkippedSite with the rule's reason. Under config.strict such a candidate raises
+UnsupportedSiteError naming it and why. The graph is not changed here.
+
+Site ids: the module path of the anchor (passes/site_ids.py), "path:k" for the k-th further
+attention of one module, "attention.<ordinal>" where no path exists.
 """
 from __future__ import annotations
 
@@ -12,12 +17,11 @@ import torch.fx
 from vsopt.core.errors import UnsupportedSiteError
 from vsopt.core.ir import AttentionSite, GridSource, SkippedSite
 
-from .attention_rules import DEFAULT_RULES, Match
 from .infra import PassContext, PassReport
+from .rules import DEFAULT_RULES
 from .site_ids import layer_index, module_path
 
 NAME = "detect_attention"
-MATCHES = "attention_matches"  # ctx.scratch key: site_id -> Match
 
 
 def _unique(base: str, taken: dict[str, int]) -> str:
@@ -29,7 +33,6 @@ def _unique(base: str, taken: dict[str, int]) -> str:
 
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
     report = PassReport(NAME)
-    matches: dict[str, Match] = ctx.scratch.setdefault(MATCHES, {})
     taken: dict[str, int] = {}
     ordinal = 0
     for node in list(gm.graph.nodes):
@@ -43,13 +46,13 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
                 ordinal += 1
                 m = result.match
                 ctx.sites.append(AttentionSite(
-                    site_id=site_id, layer=layer_index(site_id) if path else None, rule=m.rule, layout=m.layout,
-                    batch=m.batch, heads=m.heads, kv_heads=m.kv_heads, head_dim=m.head_dim, value_dim=m.value_dim,
-                    q_len=m.q_len, kv_len=m.kv_len, dtype=m.dtype, scale=m.scale, has_mask=m.has_mask,
-                    is_causal=m.is_causal, grid=None, grid_source=GridSource.UNKNOWN, output_node=m.output.name,
-                    nodes=m.nodes))
-                matches[site_id] = m
-                report.notes.append(f"{site_id}: {m.rule} at {node.name}")
+                    site_id=site_id, layer=layer_index(site_id) if path else None, rule=m.rule_name,
+                    layout=m.layout, batch=m.batch, heads=m.heads, kv_heads=m.kv_heads, head_dim=m.head_dim,
+                    value_dim=m.value_dim, q_len=m.q_len, kv_len=m.kv_len, dtype=m.dtype, scale=m.scale,
+                    has_mask=m.has_mask, is_causal=m.is_causal, grid=None, grid_source=GridSource.UNKNOWN,
+                    output_node=m.output.name, nodes=m.nodes))
+                ctx.matches[site_id] = m
+                report.notes.append(f"{site_id}: {m.rule_name} at {node.name}")
             elif result.candidate:
                 site_id = path or f"attention.{ordinal}"
                 ctx.skipped.append(SkippedSite(site_id=site_id, node=node.name, reason=result.reason, rule=rule.name))

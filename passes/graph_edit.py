@@ -1,5 +1,10 @@
 """Creating nodes the way every pass must: with shape metadata (meta["val"], computed on fake
-tensors, so that later passes can read shapes) and provenance (meta["vsopt_from"])."""
+tensors, so that later passes can read shapes) and provenance (meta["vsopt_from"]).
+
+    emit(graph, target, args, ...)           a call_function node
+    constant(gm, name, value, like=..., ...) a get_attr node of a new buffer (kv tables, permutations)
+    with_layout_of(graph, new, old, ...)     `new` copied into the memory layout of `old`
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -32,6 +37,26 @@ def emit(graph: torch.fx.Graph, target, args: tuple, kwargs: dict | None = None,
         for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "seq_nr"):
             if key in meta_from.meta:
                 node.meta[key] = meta_from.meta[key]
+    node.meta["vsopt_from"] = (pass_name, tuple(replaces))
+    return node
+
+
+def constant(gm: torch.fx.GraphModule, name: str, value: torch.Tensor, *, like: torch.fx.Node, pass_name: str,
+             replaces: tuple[str, ...] = ()) -> torch.fx.Node:
+    """A get_attr node, at the graph's insertion point, of a new buffer of gm holding `value` on
+    the device of `like`'s value. The buffer is named `name`, or name_1, name_2, ... when taken.
+    meta["val"] is a fake tensor with static shapes (a constant must not bring new symbolic
+    sizes into Dynamo's shape env), in `like`'s fake mode (the value itself without one)."""
+    attr, i = name, 0
+    while hasattr(gm, attr):
+        i += 1
+        attr = f"{name}_{i}"
+    like_val = like.meta["val"]
+    gm.register_buffer(attr, value.to(like_val.device))
+    value = getattr(gm, attr)
+    node = gm.graph.get_attr(attr)
+    fake_mode = detect_fake_mode([like_val])
+    node.meta["val"] = fake_mode.from_tensor(value, static_shapes=True) if fake_mode is not None else value
     node.meta["vsopt_from"] = (pass_name, tuple(replaces))
     return node
 

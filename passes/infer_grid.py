@@ -4,7 +4,8 @@ In order of precedence: a grid the user gave for the site (config.grids[site_id]
 inferred from the graph, the user's global grid (config.grid) where its token count equals the
 site's query length; otherwise the grid stays unknown (GridSource.UNKNOWN), never guessed.
 
-Inference follows the query's source back through the graph (breadth-first, toward the inputs)
+Inference starts at the query's token source that detection found (ctx.matches[site_id]
+.q_token_source) and follows it back through the graph (breadth-first, toward the inputs)
 to the patch embedding, a convolution whose output tokens number the site's video tokens:
 - Conv3d, output (B, C, F, H, W): grid F x H x W;
 - Conv2d per frame, output (B*F, C, H, W): grid F x H x W with F = (B*F) / B;
@@ -25,7 +26,6 @@ import torch.fx
 from vsopt.core.errors import ConfigError
 from vsopt.core.ir import GridSource, TokenGrid
 
-from .detect_attention import MATCHES
 from .infra import PassContext, PassReport
 from .layout_trace import TraceError, shape_of, trace_back
 
@@ -124,7 +124,6 @@ def _with_text(found: torch.fx.Node, parent, frames: int, h: int, w: int, q_len:
 
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
     report = PassReport(NAME)
-    matches = ctx.scratch.get(MATCHES, {})
     cfg = ctx.config
     for i, site in enumerate(ctx.sites):
         grid, source = None, GridSource.UNKNOWN
@@ -134,7 +133,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
                 raise ConfigError(f"grid {grid} given for site {site.site_id!r} has {grid.num_tokens} tokens, "
                                   f"but the site's queries have {site.q_len}")
         else:
-            m = matches.get(site.site_id)
+            m = ctx.matches.get(site.site_id)
             if m is not None and m.q_token_source is not None:
                 grid = infer(m.q_token_source[0], site.batch, site.q_len)
                 source = GridSource.INFERRED if grid else GridSource.UNKNOWN

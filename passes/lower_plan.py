@@ -19,6 +19,12 @@ Several groups: heads are selected with index_select, and the outputs concatenat
 order. GQA keys/values are repeated to one per query head only when query heads of one kv group
 are in different launches or orders.
 
+What the plan means for the site (which heads share a launch, LaunchKey; the token orders as
+gather indices; each head's static block mask) is vsopt.core.semantics' launch_groups,
+permutations and static_mask, the same the calibration and the bench price: this pass only
+turns it into nodes. vsopt.attention's arguments are read with core.ops.attention_arguments;
+constants are made with graph_edit.constant.
+
 A site whose plan is entirely dense (every head dense, model order, no quantization) stays
 vsopt.attention. Sites left as they were (not in the plan, a plan that does not fit, a mask or
 causal flag the block-sparse kernel does not take) are recorded in ctx.skipped with the reason;
@@ -26,7 +32,7 @@ in strict mode they are errors, as are plan sites the graph does not have.
 
 Step-dependent plans (SitePlan.steps) are lowered with their default head plans: the backend
 applies step ranges by lowering Plan.at_step(...) once per segment of steps and choosing the
-graph at run time (vsopt.backend._StepDispatch); a graph lowered here directly notes it.
+graph at run time (vsopt.core.steps.step_variants); a graph lowered here directly notes it.
 
 Every node created carries meta["vsopt_from"] = ("lower_plan", (replaced node,)),
 meta["vsopt_site"] and, on the attention launches, meta["vsopt_heads"] (head indices) and
@@ -36,48 +42,28 @@ from __future__ import annotations
 
 import operator
 import re
-from dataclasses import dataclass
 
 import torch
 import torch.fx
-from torch._guards import detect_fake_mode
 
 from vsopt.core import ops as vsopt_ops  # noqa: F401  (registers torch.ops.vsopt.*)
-from vsopt.core.dynamic import DynamicSpec
 from vsopt.core.errors import PlanError, UnsupportedSiteError
 from vsopt.core.ir import AttentionSite, SkippedSite
-from vsopt.core.orders import TokenOrder, head_permutations
-from vsopt.core.plan import HeadPlan, Plan, Quant, SitePlan
+from vsopt.core.ops import attention_arguments
+from vsopt.core.orders import TokenOrder
+from vsopt.core.plan import HeadPlan, Plan, SitePlan
+from vsopt.core.semantics import LaunchKey, launch_groups, permutations, static_mask
 
-from .graph_edit import emit, with_layout_of
-from .infra import PassContext, PassReport
+from .graph_edit import constant, emit, with_layout_of
+from .infra import GraphChanges, PassContext, PassReport
 
 NAME = "lower_plan"
 aten = torch.ops.aten
 vsopt = torch.ops.vsopt
 
 
-@dataclass(frozen=True)
-class LaunchKey:
-    """Heads that share one block-sparse launch."""
-
-    quant: Quant
-    block_m: int
-    block_n: int
-    dynamic: DynamicSpec | None
-
-
 def _is_attention(n: torch.fx.Node) -> bool:
     return n.op == "call_function" and n.target in (vsopt.attention.default, vsopt.attention)
-
-
-def _attention_args(n: torch.fx.Node):
-    """(q, k, v, attn_mask, scale, is_causal) of a vsopt.attention node, defaults filled in."""
-    names = ("q", "k", "v", "attn_mask", "scale", "is_causal")
-    defaults = {"attn_mask": None, "scale": 1.0, "is_causal": False}
-    values = dict(zip(names, n.args))
-    values.update(n.kwargs)
-    return tuple(values.get(k, defaults.get(k)) for k in names)
 
 
 def _why_not(node: torch.fx.Node, site: AttentionSite | None, sp: SitePlan) -> str | None:
@@ -87,12 +73,12 @@ def _why_not(node: torch.fx.Node, site: AttentionSite | None, sp: SitePlan) -> s
     diffs = _site_differences(site, sp)
     if diffs:
         return "the plan does not fit the site: " + "; ".join(diffs)
-    q, k, v, attn_mask, _, is_causal = _attention_args(node)
-    if attn_mask is not None:
+    a = attention_arguments(node.args, node.kwargs)
+    if a["attn_mask"] is not None:
         return "the site has an attention mask, which block-sparse attention does not take"
-    if is_causal:
+    if a["is_causal"]:
         return "the site is causal, which block-sparse attention does not take"
-    qv, kv, vv = (x.meta.get("val") for x in (q, k, v))
+    qv, kv, vv = (x.meta.get("val") for x in (a["q"], a["k"], a["v"]))
     if qv is None or kv is None or vv is None:
         return "q/k/v have no shape metadata (meta['val'])"
     if vv.shape[-1] != qv.shape[-1]:
@@ -107,44 +93,30 @@ def _site_differences(site: AttentionSite, sp: SitePlan) -> list[str]:
 
 
 class _Lowering:
-    """Emits the lowered form of one site before its vsopt.attention node."""
+    """Emits the lowered form of one site before its vsopt.attention node: the launches, orders
+    and masks vsopt.core.semantics gives the site's head plans, as graph nodes."""
 
     def __init__(self, gm: torch.fx.GraphModule, node: torch.fx.Node, site: AttentionSite, sp: SitePlan):
         self.gm, self.node, self.site, self.sp = gm, node, site, sp
-        self.q, self.k, self.v, _, self.scale, _ = _attention_args(node)
-        self.fake_mode = detect_fake_mode([self.q.meta["val"]])
-        self.device = self.q.meta["val"].device
+        a = attention_arguments(node.args, node.kwargs)
+        self.q, self.k, self.v, self.scale = a["q"], a["k"], a["v"], a["scale"]
         self.prefix = "_vsopt_" + re.sub(r"\W", "_", site.site_id)
-        self.created: list[str] = []
 
     def constant(self, label: str, value: torch.Tensor) -> torch.fx.Node:
         """A get_attr node for a new buffer of the GraphModule holding `value` on the site's device."""
-        name, i = f"{self.prefix}_{label}", 0
-        while hasattr(self.gm, name):
-            i += 1
-            name = f"{self.prefix}_{label}_{i}"
-        value = value.to(self.device)
-        self.gm.register_buffer(name, value)
-        n = self.gm.graph.get_attr(name)
-        # static: a constant must not bring new symbolic sizes into Dynamo's shape env
-        n.meta["val"] = self.fake_mode.from_tensor(value, static_shapes=True) if self.fake_mode is not None else value
-        n.meta["vsopt_from"] = (NAME, (self.node.name,))
-        self.created.append(n.name)
-        return n
+        return constant(self.gm, f"{self.prefix}_{label}", value, like=self.q, pass_name=NAME,
+                        replaces=(self.node.name,))
 
     def emit(self, target, args, **meta) -> torch.fx.Node:
         n = emit(self.gm.graph, target, tuple(args), pass_name=NAME, replaces=(self.node.name,), meta_from=self.node)
         n.meta["vsopt_site"] = self.site.site_id
         n.meta.update(meta)
-        self.created.append(n.name)
         return n
 
     def lower(self) -> torch.fx.Node:
         heads = self.sp.heads_at(None)
         H, Hkv = self.q.meta["val"].shape[1], self.k.meta["val"].shape[1]
-        groups: dict[LaunchKey, list[int]] = {}
-        for h, hp in enumerate(heads):
-            groups.setdefault(LaunchKey(hp.quant, hp.block_m, hp.block_n, hp.dynamic), []).append(h)
+        groups = launch_groups(heads)
         orders = [hp.order for hp in heads]
         q, k, v = self.q, self.k, self.v
         rep = H // Hkv
@@ -155,10 +127,8 @@ class _Lowering:
             v = self.emit(aten.repeat_interleave.self_int, (v, rep, 1))
             Hkv = H
         perm_q = None
-        if any(o is not TokenOrder.FHW for o in orders):
-            perms = head_permutations(self.site.grid, orders)
-            if len(set(orders)) == 1:
-                perms = perms[:1]
+        perms = permutations(self.site.grid, heads)  # (1, N) when every head shares one order
+        if perms is not None:
             perm_q = self.constant("perm_q", perms)
             perm_kv = perm_q if perms.shape[0] == 1 or Hkv == H else self.constant("perm_kv", perms[::rep])
             q = self.emit(vsopt.permute_tokens.default, (q, perm_q))
@@ -183,7 +153,7 @@ class _Lowering:
     def launch(self, key: LaunchKey, idx: list[int], heads: list[HeadPlan], q, k, v) -> torch.fx.Node:
         meta = {"vsopt_heads": tuple(idx)}
         if key.dynamic is None:
-            masks = torch.stack([hp.block_mask(self.site.q_len, self.site.kv_len, self.site.grid) for hp in heads])
+            masks = torch.stack([static_mask(self.site, hp) for hp in heads])
             kv_indices, kv_counts = vsopt.mask_to_table(masks[None])
             width = max(1, int(kv_counts.max()))  # the table needs no wider rows than the fullest one
             kv_indices, kv_counts = self.constant("kv_indices", kv_indices[..., :width].contiguous()), \
@@ -222,6 +192,8 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
             raise PlanError(f"{NAME}: {msg}")
         report.notes.append(msg)
 
+    changes = GraphChanges(gm.graph)
+
     def leave(site_id: str, node: torch.fx.Node, reason: str) -> None:
         if ctx.config.strict:
             raise UnsupportedSiteError(site_id, reason)
@@ -248,6 +220,4 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
             out = with_layout_of(gm.graph, low.lower(), node, pass_name=NAME)   # e.g. a permuted order's output
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
-        report.created += low.created
-        report.removed.append(node.name)
-    return report
+    return changes.record(report)

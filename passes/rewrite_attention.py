@@ -1,9 +1,12 @@
-"""Pass: replace every detected attention (ctx.scratch["attention_matches"]) with
+"""Pass: replace every detected attention (ctx.matches) with
 torch.ops.vsopt.attention.default(q, k, v, mask, scale, is_causal) in (B, H, N, D) layout.
 
-The new attention node carries meta["vsopt_site"] = site_id and every created node
-meta["vsopt_from"] = ("rewrite_attention", replaced node names). The replaced nodes become dead
-and are erased. With config.rewrite False (inspect), the graph is left unchanged.
+Each match is rewritten by the rule that found it (match.rule.rewrite(graph, match)), at the
+match's output; if the replacement's memory layout differs from the output's, a copy into that
+layout follows (graph_edit.with_layout_of). The new attention node carries meta["vsopt_site"] =
+site_id and every created node meta["vsopt_from"] = ("rewrite_attention", replaced node names).
+The replaced nodes become dead and are erased. With config.rewrite False (inspect), the graph is
+left unchanged.
 
     before:  ... -> _softmax -> ... -> bmm -> _unsafe_view
     after:   q4, k4, v4 (reshape/permute of q, k, v) -> vsopt.attention -> reshape -> _unsafe_view
@@ -13,10 +16,8 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from . import attention_autograd  # noqa: F401  (a rewritten graph must stay trainable)
-from .detect_attention import MATCHES
 from .graph_edit import with_layout_of
-from .infra import PassContext, PassReport
+from .infra import GraphChanges, PassContext, PassReport
 
 NAME = "rewrite_attention"
 
@@ -27,11 +28,11 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
         report.notes.append("rewrite disabled (config.rewrite=False): graph left unchanged")
         return report
     graph = gm.graph
-    before = set(graph.nodes)
-    for site_id, m in ctx.scratch.get(MATCHES, {}).items():
+    changes = GraphChanges(graph)
+    for site_id, m in ctx.matches.items():
         existing = set(graph.nodes)
         with graph.inserting_before(m.output):
-            out = with_layout_of(graph, m.build(graph), m.output, pass_name=NAME)
+            out = with_layout_of(graph, m.rule.rewrite(graph, m), m.output, pass_name=NAME)
         for n in graph.nodes:
             if n not in existing and n.target is torch.ops.vsopt.attention.default:
                 n.meta["vsopt_site"] = site_id
@@ -40,7 +41,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
     graph.eliminate_dead_code()
     # DCE keeps ops it considers impure (e.g. SDPA, tagged nondeterministic_seeded); the
     # replaced nodes are dead by construction, so erase those explicitly.
-    for m in ctx.scratch.get(MATCHES, {}).values():
+    for m in ctx.matches.values():
         for node in list(graph.nodes):  # export's metadata asserts on replaced nodes go with them
             if node.target is torch.ops.aten._assert_tensor_metadata.default and node.args[0].name in m.nodes:
                 graph.erase_node(node)
@@ -48,8 +49,4 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
             if node.name in m.nodes and not node.users:
                 graph.erase_node(node)
     graph.eliminate_dead_code()
-    after = set(graph.nodes)
-    report.created = [n.name for n in graph.nodes if n not in before]
-    report.removed = sorted(n.name for n in before - after)
-    return report
-
+    return changes.record(report)

@@ -30,7 +30,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from vsopt.core.config import VsoptConfig
 from vsopt.core.errors import ConfigError
-from vsopt.passes import DEFAULT_PIPELINE, PassContext, PipelineReport, run_pipeline
+from vsopt.core.steps import step_variants
+from vsopt.passes import DEFAULT_PIPELINE, PassContext, PipelineOptions, PipelineReport, run_pipeline
 
 
 def _is_dynamo_graph(gm: Any) -> bool:
@@ -95,13 +96,15 @@ class _null:
         return False
 
 
-def trace_and_rewrite(model: torch.nn.Module, example_inputs: Sequence[Any],
-                      config: VsoptConfig | None = None) -> tuple[torch.fx.GraphModule, PipelineReport]:
-    """to_aten, then passes.DEFAULT_PIPELINE: the rewritten ATen graph and what the passes found.
-    With config.rewrite False the graph is traced and its sites reported, but left unchanged."""
+def trace_and_rewrite(model: torch.nn.Module, example_inputs: Sequence[Any], config: VsoptConfig | None = None,
+                      *, options: PipelineOptions | None = None) -> tuple[torch.fx.GraphModule, PipelineReport]:
+    """to_aten, then passes.DEFAULT_PIPELINE: the rewritten ATen graph and what the passes found
+    (report.passes: each pass's created / removed nodes). With config.rewrite False the graph is
+    traced and its sites reported, but left unchanged. options: check the graph after every pass,
+    or dump it to a folder (passes.PipelineOptions)."""
     config = config or VsoptConfig()
     gm = to_aten(model, example_inputs)
-    report = run_pipeline(gm, PassContext(config=config), DEFAULT_PIPELINE)
+    report = run_pipeline(gm, PassContext(config=config), DEFAULT_PIPELINE, options)
     return gm, report
 
 
@@ -115,27 +118,10 @@ def vsopt_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     from torch._inductor.compile_fx import compile_fx
 
     config = VsoptConfig.from_options(options)
-    plan = config.plan
-    if plan is None or not plan.step_boundaries():
-        aten_gm, _report = trace_and_rewrite(gm, example_inputs, config)
+
+    def build(plan):
+        aten_gm, _report = trace_and_rewrite(gm, example_inputs, dataclasses.replace(config, plan=plan))
         return compile_fx(aten_gm, list(example_inputs))
-    # A plan with step ranges: one graph per segment of steps (and one for an unknown step),
-    # chosen at run time from vsopt.set_denoising_step.
-    variants = {}
-    for start in (None, 0, *plan.step_boundaries()):
-        if start not in variants:
-            aten_gm, _report = trace_and_rewrite(gm, example_inputs, dataclasses.replace(config, plan=plan.at_step(start)))
-            variants[start] = compile_fx(aten_gm, list(example_inputs))
-    return _StepDispatch(plan, variants)
 
-
-class _StepDispatch:
-    """Runs the compiled variant of the current denoising step's segment of a step-ranged plan."""
-
-    def __init__(self, plan, variants: dict):
-        self.plan, self.variants = plan, variants
-
-    def __call__(self, *args):
-        from vsopt.core.dynamic import current_denoising_step
-
-        return self.variants[self.plan.segment_start(current_denoising_step())](*args)
+    # a plan with step ranges: one graph per segment of steps, chosen per call (vsopt.core.steps)
+    return step_variants(config.plan, build)

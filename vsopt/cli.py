@@ -22,9 +22,9 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("vsopt.inspection", "list the attention sites vsopt finds in a model"),
     "demo": ("vsopt.demo", "sample a clip from the shipped reference model, dense and optimized"),
-    "calibrate": ("vsopt.calibrate", "measure a model's attention and write a plan"),
-    "diff": ("vsopt.debug", "show what the optimizer changed, left alone, and where error enters"),
-    "bench": ("vsopt.bench", "sweep configurations: accuracy against dense, and speed"),
+    "calibrate": ("vsopt.calibration.cli", "measure a model's attention and write a plan"),
+    "diff": ("vsopt.debug.cli", "show what the optimizer changed, left alone, and where error enters"),
+    "bench": ("vsopt.benchmark.cli", "sweep configurations: accuracy against dense, and speed"),
     "export": ("vsopt.deploy.cli", "export the optimized model: torch.export, AOTInductor, ONNX or TensorRT"),
 }
 

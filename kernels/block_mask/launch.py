@@ -11,6 +11,7 @@ import torch
 import triton
 
 from ..errors import check
+from ..runtime import plain_eager, triton_launcher
 from . import kernel, reference
 
 
@@ -24,8 +25,8 @@ def mask_to_table(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     counts = torch.empty(mask.shape[:-1], dtype=torch.int32, device=mask.device)
     if rows:
         chunk = min(1024, triton.next_power_of_2(KB))
-        torch.library.wrap_triton(kernel._mask_to_table_kernel)[(rows,)](mask, indices, counts, KB, CHUNK=chunk,
-                                              num_warps=4)
+        triton_launcher(kernel._mask_to_table_kernel, plain_eager(mask))[(rows,)](
+            mask, indices, counts, KB, CHUNK=chunk, num_warps=4)
     return indices, counts
 
 
@@ -38,8 +39,8 @@ def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
           f"pool_blocks: head_dim ({D}) and block ({block}) must be powers of two, block >= 16")
     nb = triton.cdiv(N, block)
     out = torch.empty((B, H, nb, D), dtype=torch.float32, device=x.device)
-    torch.library.wrap_triton(kernel._pool_blocks_kernel)[(nb, B * H)](x, out, H, N, nb, x.stride(0), x.stride(1), x.stride(2),
-                                            BLOCK=block, HEAD_DIM=D, num_warps=4)
+    triton_launcher(kernel._pool_blocks_kernel, plain_eager(x))[(nb, B * H)](
+        x, out, H, N, nb, x.stride(0), x.stride(1), x.stride(2), BLOCK=block, HEAD_DIM=D, num_warps=4)
     return out
 
 

@@ -1,18 +1,20 @@
 """Input validation of block-sparse attention, shared by the launcher, the reference path and the
-fake (meta) implementation of the op; imports no Triton, so the CPU path never loads kernels."""
+fake (meta) implementation of the op; imports no Triton, so the CPU path never loads kernels.
+Run once per call: by the op (vsopt.core.ops), or by the launcher when it is called directly."""
 from __future__ import annotations
 
 import torch
 
 from ..errors import check
-from ..quant.reference import QUANT_MODES
+from ..spec import QuantMode, valid_block
 
 #: head dims the GPU kernel is built and tuned for; others run the reference (recorded by the op).
 GPU_HEAD_DIMS = (64, 128)
 
 
-def check_inputs(q, k, v, kv_indices, kv_counts, block_m: int, block_n: int, quant: str) -> None:
-    """Shape / dtype / layout checks shared by the launcher, the reference path and the fake op."""
+def check_inputs(q, k, v, kv_indices, kv_counts, block_m: int, block_n: int, quant: QuantMode | str) -> QuantMode:
+    """Shape / dtype / layout checks shared by the launcher, the reference path and the fake op.
+    Returns the precision, parsed (the op's quant argument is a string)."""
     check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
           f"block_sparse_attention: q, k, v must be (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}, "
           f"{tuple(v.shape)}")
@@ -22,10 +24,9 @@ def check_inputs(q, k, v, kv_indices, kv_counts, block_m: int, block_n: int, qua
           f"q {tuple(q.shape)} in batch and head_dim")
     check(Hq % k.shape[1] == 0, f"block_sparse_attention: query heads {Hq} not a multiple of kv heads {k.shape[1]}")
     check(q.dtype == k.dtype == v.dtype, f"block_sparse_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    check(quant in QUANT_MODES, f"block_sparse_attention: quant must be one of {QUANT_MODES}, got {quant!r}")
+    mode = QuantMode.parse(quant, "block_sparse_attention: quant")
     for name, blk in (("block_m", block_m), ("block_n", block_n)):
-        check(16 <= blk <= 256 and blk & (blk - 1) == 0,
-              f"block_sparse_attention: {name} must be a power of two in [16, 256], got {blk}")
+        check(valid_block(blk), f"block_sparse_attention: {name} must be a power of two in [16, 256], got {blk}")
     QB = -(-Nq // block_m)
     check(kv_indices.dim() == 4 and kv_counts.dim() == 3,
           f"block_sparse_attention: kv_indices must be (Bt, H, QB, MAXK) and kv_counts (Bt, H, QB); got "
@@ -38,3 +39,4 @@ def check_inputs(q, k, v, kv_indices, kv_counts, block_m: int, block_n: int, qua
           f"{tuple(kv_counts.shape)}")
     check(q.device == k.device == v.device == kv_indices.device == kv_counts.device,
           "block_sparse_attention: all inputs must be on one device")
+    return mode

@@ -8,6 +8,20 @@ block_sparse_attention(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, 
     Returns (out (B, Hq, Nq, D) in q's dtype and memory layout (torch.empty_like(q)), lse float32
     (B, Hq, Nq) or None).
 
+Validation runs once per call. block_sparse_attention (the direct entry) runs inputs.check_inputs,
+the checks it shares with the reference and the fake op, then run_checked; the op
+(vsopt.core.ops) runs check_inputs itself, to choose between the kernel and the reference, and
+then calls run_checked, which checks only what the kernel alone needs (dtype, head_dim, strides,
+scale) while it builds the call's KernelSpec (kernels/spec.py). The spec fixes the kernel's
+constexprs (spec_constexprs: the precision enters as QuantMode.code, the kernel derives its
+QK_INT8 / PV_FP8 flags from it), the autotuner's key (those constexprs, plus the argument dtypes
+Triton adds) and the tiles the autotuner tries (candidate_tiles).
+
+Eager calls on real tensors launch the Triton objects themselves, traced calls go through
+torch.library.wrap_triton (runtime.triton_launcher): through wrap_triton, an eager call outside
+the op rebuilt the pruned autotuner on every call and benchmarked again (540 ms instead of 1.4 ms
+at wan480); the autotuner object below, and its cache, are the one every eager call uses.
+
 Work order (see work_order): heads in order, each head's query-block rows longest first (a stable
 sort, so equal counts keep their natural order): the longest rows start early, the short ones fill
 the tail, and the programs running together share one head's K/V in L2. A global longest-first
@@ -27,13 +41,29 @@ import torch
 import triton
 
 from ..errors import check
-from ..runtime import interpreting
 from ..quant import launch as quant_launch
-from ..quant.reference import pv_is_fp8
+from ..runtime import interpreting, plain_eager, triton_launcher
+from ..spec import KernelSpec, QuantMode
 from . import kernel
 from .inputs import check_inputs
 
-QUANT_CODE = {"none": 0, "int8": 1, "fp8": 2, "int8_fp8": 3}
+#: The kernel's constexprs a KernelSpec fixes (see spec_constexprs); the autotuner keys by them.
+SPEC_CONSTEXPRS = ("HEAD_DIM", "TABLE_BLOCK_M", "TABLE_BLOCK_N", "QUANT")
+_MODE_OF_CODE = {mode.code: mode for mode in QuantMode}
+
+
+def spec_constexprs(spec: KernelSpec) -> dict[str, int]:
+    """The kernel's constexpr arguments of a spec (the input dtype reaches the kernel as the
+    pointers' element types; the layout "bhnd" as the strides)."""
+    return dict(zip(SPEC_CONSTEXPRS, (spec.head_dim, spec.block_m, spec.block_n, spec.quant.code)))
+
+
+def spec_of_launch(args: dict) -> KernelSpec:
+    """The spec of a launch from its arguments by name (the autotuner's pruner sees only those);
+    Out has the input dtype (Q may hold quantized codes)."""
+    return KernelSpec(args["HEAD_DIM"], args["Out"].dtype, _MODE_OF_CODE[args["QUANT"]],
+                      args["TABLE_BLOCK_M"], args["TABLE_BLOCK_N"])
+
 
 @dataclasses.dataclass(frozen=True)
 class Tile:
@@ -83,25 +113,30 @@ def _tma_compatible(x: torch.Tensor, row_stride: int) -> bool:
     return x.data_ptr() % 16 == 0 and (row_stride * x.element_size()) % 16 == 0
 
 
+def candidate_tiles(spec: KernelSpec, tma_ok: bool) -> list[Tile]:
+    """The tiles the autotuner tries for a spec (tma_ok: K and V can be read through TMA)."""
+    tm, tn, d = spec.block_m, spec.block_n, spec.head_dim
+    if not interpreting() and (tm, tn) == (128, 128) and d in _TUNED:
+        return [t for t in _TUNED[d] if tma_ok or not t.use_tma]
+    # Tiles that divide the table block and are not much smaller than it (small tiles waste the MMA).
+    fits = [t for t in _GENERIC
+            if tm % t.block_m == 0 and tn % t.block_n == 0 and t.block_m >= min(tm, 64) and t.block_n >= min(tn, 32)]
+    if not fits:  # tiny table blocks: the table block itself
+        fits = [Tile(tm, tn)]
+    return fits[:1] if interpreting() else fits[:4]
+
+
 def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
-    tm, tn, d = args["TABLE_BLOCK_M"], args["TABLE_BLOCK_N"], args["HEAD_DIM"]
     by_tile = dict(zip(_ALL_TILES, configs))
     tma_ok = _tma_compatible(args["K"], args["stride_kn"]) and \
         _tma_compatible(args["V"], max(args["stride_vn"], args["stride_vd"]))   # V's row stride: the one not 1
-    if not interpreting() and (tm, tn) == (128, 128) and d in _TUNED:
-        return [by_tile[t] for t in _TUNED[d] if tma_ok or not t.use_tma]
-    # Tiles that divide the table block and are not much smaller than it (small tiles waste the MMA).
-    fits = [by_tile[t] for t in _GENERIC
-            if tm % t.block_m == 0 and tn % t.block_n == 0 and t.block_m >= min(tm, 64) and t.block_n >= min(tn, 32)]
-    if not fits:  # tiny table blocks: the table block itself
-        fits = [Tile(tm, tn).config()]
-    return fits[:1] if interpreting() else fits[:4]
+    return [by_tile[t] if t in by_tile else t.config() for t in candidate_tiles(spec_of_launch(args), tma_ok)]
 
 
 _tuned_kernel = triton.autotune(
     configs=[t.config() for t in _ALL_TILES],
-    key=["HEAD_DIM", "TABLE_BLOCK_M", "TABLE_BLOCK_N", "QUANT", "EVEN_N", "WRITE_LSE"],
+    key=[*SPEC_CONSTEXPRS, "EVEN_N", "WRITE_LSE"],
     prune_configs_by={"early_config_prune": _prune},
 )(kernel._block_sparse_fwd_kernel)
 
@@ -161,21 +196,40 @@ def work_order(kv_counts: torch.Tensor, batch: int, strategy: str = "per_head_lp
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor,
                            kv_counts: torch.Tensor, scale: float, block_m: int, block_n: int,
-                           quant: str = "none", with_lse: bool = False, tile: Tile | tuple | None = None
+                           quant: QuantMode | str = "none", with_lse: bool = False, tile: Tile | tuple | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the Triton kernel (see the module docstring for shapes). tile (a Tile, or the tuple of
-    its fields) skips autotuning and runs that configuration: for tests and sweeps."""
-    check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, quant)
+    """Run the Triton kernel (see the module docstring for shapes), validating the inputs first.
+    tile (a Tile, or the tuple of its fields) skips autotuning and runs that configuration: for
+    tests and sweeps."""
+    mode = check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, quant)
+    return run_checked(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, mode, with_lse, tile)
+
+
+def kernel_spec(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, block_m: int, block_n: int,
+                quant: QuantMode | str) -> KernelSpec:
+    """The spec of a call whose inputs passed check_inputs, after the checks only the kernel needs."""
     check(q.dtype in (torch.float16, torch.bfloat16, torch.float32),
           f"block_sparse_attention: dtype must be float16, bfloat16 or float32, got {q.dtype}")
-    B, Hq, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
+    D = q.shape[-1]
     check(D in (16, 32, 64, 128), f"block_sparse_attention: the kernel supports head_dim 16, 32, 64, 128, got {D}")
     check(q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1,
           "block_sparse_attention: the head dimension of q, k, v must be contiguous (stride 1)")
     check(scale > 0, f"block_sparse_attention: scale must be positive, got {scale}")
-    check(quant == "none" or q.dtype != torch.float32 or interpreting() or q.device.type == "cpu",
+    spec = KernelSpec(int(D), q.dtype, quant, int(block_m), int(block_n))
+    check(spec.quant is QuantMode.NONE or q.dtype != torch.float32 or interpreting() or q.device.type == "cpu",
           "block_sparse_attention: quantized modes take float16/bfloat16 inputs")
+    return spec
+
+
+def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor,
+                kv_counts: torch.Tensor, scale: float, block_m: int, block_n: int, quant: QuantMode,
+                with_lse: bool = False, tile: Tile | tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """block_sparse_attention on inputs check_inputs has accepted (quant: the mode it returned):
+    the op's entry, which validated them itself."""
+    spec = kernel_spec(q, k, v, scale, block_m, block_n, quant)
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    eager = plain_eager(q, k, v, kv_indices, kv_counts)
     kv_indices, kv_counts = kv_indices.contiguous(), kv_counts.contiguous()
     QB, KB = triton.cdiv(Nq, block_m), triton.cdiv(Nk, block_n)
 
@@ -184,11 +238,11 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
     # layer at Wan 480p). ops._bsa_fake gives the same strides.
     out = torch.empty_like(q)
     q_scale = k_scale = v_scale = None
-    if quant != "none":
-        quantized = quant_launch.quantize_qkv(q, k, v, quant, block_m, block_n)
+    if spec.quant is not QuantMode.NONE:
+        quantized = quant_launch.quantize_qkv(q, k, v, spec.quant, block_m, block_n)
         q, k, v = quantized.q, quantized.k, quantized.v
         q_scale, k_scale, v_scale = quantized.q_scale, quantized.k_scale, quantized.v_scale
-    if pv_is_fp8(quant):   # v is (B, H, D, N_pad): token stride 1 (the kernel knows), channel stride N_pad
+    if spec.quant.pv_is_fp8:   # v is (B, H, D, N_pad): token stride 1 (the kernel knows), channel stride N_pad
         stride_vn, stride_vd = 1, v.stride(2)
     else:
         stride_vn, stride_vd = v.stride(2), 1
@@ -203,10 +257,9 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
               f"block_sparse_attention: tile {tile} must divide the table block ({block_m}, {block_n})")
         check(not tile.use_tma or q.is_cuda or interpreting(),
               "block_sparse_attention: TMA loads need a CUDA GPU (or Triton's interpreter)")
-        launch = torch.library.wrap_triton(kernel._block_sparse_fwd_kernel)
-        tile_args = tile.launch_args()
+        launch, tile_args = triton_launcher(kernel._block_sparse_fwd_kernel, eager), tile.launch_args()
     else:
-        launch, tile_args = torch.library.wrap_triton(_tuned_kernel), {}
+        launch, tile_args = triton_launcher(_tuned_kernel, eager), {}
     if q.is_cuda or interpreting():
         _ensure_tma_allocator()
     launch[grid](
@@ -221,7 +274,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
         kv_indices.stride(0) if Bt > 1 else 0, kv_indices.stride(1), kv_indices.stride(2),
         kv_counts.stride(0) if Bt > 1 else 0, kv_counts.stride(1),
         Hq, Hq // Hkv, Nq, Nk, QB, KB, scale * math.log2(math.e),
-        HEAD_DIM=D, TABLE_BLOCK_M=block_m, TABLE_BLOCK_N=block_n, QUANT=QUANT_CODE[quant],
-        WRITE_LSE=with_lse, EVEN_N=Nk % block_n == 0, ROUND_IN_FP32=interpreting(), **tile_args,
+        **spec_constexprs(spec), WRITE_LSE=with_lse, EVEN_N=Nk % block_n == 0, ROUND_IN_FP32=interpreting(),
+        **tile_args,
     )
     return out, (lse if with_lse else None)

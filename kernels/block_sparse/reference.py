@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..quant import reference as quant_ref
+from ..spec import QuantMode
 
 
 def table_to_token_mask(kv_indices: torch.Tensor, kv_counts: torch.Tensor, nq: int, nk: int,
@@ -51,12 +52,13 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, token_ma
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor,
                            kv_counts: torch.Tensor, scale: float, block_m: int, block_n: int,
-                           quant: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+                           quant: QuantMode | str = "none") -> tuple[torch.Tensor, torch.Tensor]:
     """Reference for vsopt::block_sparse_attention; returns (out in q's dtype, lse float32)."""
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     qf, kf, vf = q.to(work), k.to(work), v.to(work)
-    if quant != "none":
-        qf, kf, vf = quant_ref.fake_quantize_qkv(qf, kf, vf, quant, block_m, block_n)
+    mode = QuantMode.parse(quant, "block_sparse_attention: quant")
+    if mode is not QuantMode.NONE:
+        qf, kf, vf = quant_ref.fake_quantize_qkv(qf, kf, vf, mode, block_m, block_n)
     mask = table_to_token_mask(kv_indices, kv_counts, q.shape[2], k.shape[2], block_m, block_n)
     mask = mask.expand(q.shape[0], -1, -1, -1)
     out, lse = masked_attention(qf, kf, vf, mask, scale)

@@ -15,9 +15,10 @@ import torch
 import triton
 
 from ..errors import check
-from ..runtime import interpreting
+from ..runtime import interpreting, plain_eager, triton_launcher
+from ..spec import QuantMode
 from . import kernel
-from .reference import MIN_AMAX, QMAX, pv_is_fp8, qk_format
+from .reference import MIN_AMAX, QMAX
 
 CODE_DTYPE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 _STATS_ROWS = 256    # tokens reduced by one statistics program before its atomics (enough programs to fill the GPU)
@@ -37,7 +38,8 @@ def channel_stats(k: torch.Tensor, v: torch.Tensor | None) -> tuple[torch.Tensor
     k_sum = torch.zeros((B, H, D), dtype=torch.float32, device=k.device)
     v_max = torch.zeros((B, H, D), dtype=torch.float32, device=k.device) if v is not None else None
     vv = v if v is not None else k
-    torch.library.wrap_triton(kernel._channel_stats_kernel)[(triton.cdiv(N, _STATS_ROWS), B * H)](
+    launch = triton_launcher(kernel._channel_stats_kernel, plain_eager(k, vv))
+    launch[(triton.cdiv(N, _STATS_ROWS), B * H)](
         k, vv, k_sum, v_max if v_max is not None else k_sum, H, N,
         k.stride(0), k.stride(1), k.stride(2), vv.stride(0), vv.stride(1), vv.stride(2),
         ROWS=_STATS_ROWS, TILE=64, HEAD_DIM=D, WITH_V=v is not None, num_warps=4)
@@ -54,7 +56,7 @@ def quantize_blocks(x: torch.Tensor, block: int, fmt: str, channel_sum: torch.Te
     nb = triton.cdiv(N, block)
     codes = torch.empty((B, H, N, D), dtype=CODE_DTYPE[fmt], device=x.device)
     scale = torch.empty((B, H, nb), dtype=torch.float32, device=x.device)
-    torch.library.wrap_triton(kernel._quantize_blocks_kernel)[(nb, B * H)](
+    triton_launcher(kernel._quantize_blocks_kernel, plain_eager(x))[(nb, B * H)](
         x, channel_sum if channel_sum is not None else scale, codes, scale, H, N, nb, 1.0 / N,
         x.stride(0), x.stride(1), x.stride(2),
         BLOCK=block, HEAD_DIM=D, IS_FP8=fmt == "fp8", SMOOTH=channel_sum is not None, QMAX=QMAX[fmt],
@@ -75,7 +77,8 @@ def quantize_v_fp8(v: torch.Tensor, abs_max: torch.Tensor, block_n: int = 128, n
     # No zero fill: the kernel writes the padding columns (a fill of an FP8 tensor runs ATen's slow
     # generic kernel: 0.15 ms at Wan 480p).
     codes_t = torch.empty((B, H, D, n_pad), dtype=torch.float8_e4m3fn, device=v.device)
-    torch.library.wrap_triton(kernel._quantize_channels_fp8_kernel)[(triton.cdiv(N, block_n), B * H)](
+    launch = triton_launcher(kernel._quantize_channels_fp8_kernel, plain_eager(v, abs_max))
+    launch[(triton.cdiv(N, block_n), B * H)](
         v, abs_max, scale, codes_t, H, N, n_pad, v.stride(0), v.stride(1), v.stride(2), BLOCK_N=block_n,
         HEAD_DIM=D, MIN_AMAX=MIN_AMAX, ROUND_IN_FP32=interpreting(), num_warps=num_warps)
     return codes_t, scale
@@ -93,10 +96,12 @@ class QuantizedQKV:
     v_scale: torch.Tensor | None
 
 
-def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, block_m: int,
+def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: QuantMode | str, block_m: int,
                  block_n: int) -> QuantizedQKV:
     """Quantize q, k, v for `quant` mode ("int8", "fp8", "int8_fp8"): see kernels/quant/reference.py."""
-    fmt, fp8_pv = qk_format(quant), pv_is_fp8(quant)
+    mode = QuantMode.parse(quant, "quantize_qkv: quant")
+    check(mode is not QuantMode.NONE, f"quantize_qkv: quant must be a quantized mode, got {quant!r}")
+    fmt, fp8_pv = mode.qk_format, mode.pv_is_fp8
     k_sum, v_max = channel_stats(k, v if fp8_pv else None)
     qc, qs = quantize_blocks(q, block_m, fmt)
     kc, ks = quantize_blocks(k, block_n, fmt, channel_sum=k_sum)

@@ -12,19 +12,11 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import check
+from ..spec import QuantMode
+
 QMAX = {"int8": 127.0, "fp8": 448.0}
 MIN_AMAX = 1e-10
-QUANT_MODES = ("none", "int8", "fp8", "int8_fp8")
-
-
-def qk_format(quant: str) -> str:
-    """Format of Q and K in a quantization mode ("int8" or "fp8")."""
-    return "fp8" if quant == "fp8" else "int8"
-
-
-def pv_is_fp8(quant: str) -> bool:
-    """Whether P and V run in FP8 in a quantization mode (else in q's 16-bit dtype)."""
-    return quant in ("fp8", "int8_fp8")
 
 
 def round_to_format(x: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -58,17 +50,17 @@ def quantize_channels_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return round_to_format(v / scale[:, :, None, :], "fp8"), scale.float()
 
 
-def fake_quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: str, block_m: int,
+def fake_quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: QuantMode | str, block_m: int,
                       block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize then dequantize q, k, v as the kernels do in `quant` mode (K comes back smoothed)."""
-    if quant not in QUANT_MODES or quant == "none":
-        raise ValueError(f"fake_quantize_qkv: quant must be one of {QUANT_MODES[1:]}, got {quant!r}")
-    fmt = qk_format(quant)
+    mode = QuantMode.parse(quant, "fake_quantize_qkv: quant")
+    check(mode is not QuantMode.NONE, f"fake_quantize_qkv: quant must be a quantized mode, got {quant!r}")
+    fmt = mode.qk_format
     qc, qs = quantize_blocks(q, block_m, fmt)
     kc, ks = quantize_blocks(k, block_n, fmt, mean=k.float().mean(dim=2))
     q_hat = (qc * qs.repeat_interleave(block_m, dim=2)[:, :, : q.shape[2], None]).to(q.dtype)
     k_hat = (kc * ks.repeat_interleave(block_n, dim=2)[:, :, : k.shape[2], None]).to(k.dtype)
-    if pv_is_fp8(quant):
+    if mode.pv_is_fp8:
         vc, vs = quantize_channels_fp8(v)
         v = (vc * vs[:, :, None, :]).to(v.dtype)
     return q_hat, k_hat, v

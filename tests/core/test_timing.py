@@ -1,9 +1,9 @@
-"""vsopt.timing: the shared timing loop (CPU path; the CUDA-event path runs in the GPU benchmarks)."""
+"""vsopt.core.timing: the shared timing loop (CPU path; the CUDA-event path runs in the GPU benchmarks)."""
 import time
 
 import pytest
 
-from vsopt.timing import median_ms, time_calls
+from vsopt.core.timing import median_ms, time_calls
 
 
 def test_time_calls_counts_warmup_and_measures_each_call():

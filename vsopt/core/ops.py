@@ -4,6 +4,7 @@ Every op here is functional (returns new tensors, mutates nothing) and has a fak
 implementation so that Dynamo, Inductor and torch.export can trace it. Layout is (B, H, N, D).
 
 - vsopt::attention        exact dense attention; what every detected site is first rewritten into.
+                          Differentiable (backward: vsopt/core/autograd.py).
 - vsopt::permute_tokens   per-head token reorder (PARO): y[:, h, i] = x[:, h, perm[h, i]].
 - vsopt::unpermute_tokens its inverse:              y[:, h, perm[h, i]] = x[:, h, i].
 The block-sparse / quantized ops that run the Triton kernels are registered further down.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .autograd import attention_backward, attention_setup_context
 from .errors import KernelInputError
 
 # ----------------------------------------------------------------------------- dense attention
@@ -62,6 +64,10 @@ def _attention_out_like(q: torch.Tensor, v: torch.Tensor, device=None) -> torch.
 def _(q, k, v, attn_mask=None, scale=1.0, is_causal=False):
     _check_attention_inputs(q, k, v)
     return _attention_out_like(q, v)
+
+
+# The op is differentiable from the moment it exists (a rewritten graph must stay trainable).
+attention.register_autograd(attention_backward, setup_context=attention_setup_context)
 
 
 ATTENTION_ARGS = ("q", "k", "v", "attn_mask", "scale", "is_causal")
@@ -171,15 +177,16 @@ def _bsa_fallback_reason(q: torch.Tensor) -> str | None:
 
 def _run_block_sparse(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant, with_lse):
     with _as_vsopt_errors():
-        _bsa_inputs.check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, quant)
+        # Validated once here (the quant string parsed to its QuantMode); the launcher's
+        # run_checked then checks only what the kernel alone needs.
+        mode = _bsa_inputs.check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, quant)
         reason = _bsa_fallback_reason(q)
         if reason is None:
-            return _bsa_launch().block_sparse_attention(q, k, v, kv_indices, kv_counts, scale, block_m, block_n,
-                                                      quant, with_lse)
+            return _bsa_launch().run_checked(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, mode, with_lse)
         if q.device.type == "cuda" and reason not in KERNEL_FALLBACKS:
             KERNEL_FALLBACKS.add(reason)
             _log.warning("vsopt.block_sparse_attention runs the PyTorch reference: %s", reason)
-        out, lse = _bsa_ref.block_sparse_attention(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant)
+        out, lse = _bsa_ref.block_sparse_attention(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, mode)
         return torch.empty_like(q).copy_(out), lse   # q's layout, as the kernel's output (see _bsa_fake)
 
 

@@ -1,8 +1,9 @@
-"""Autograd for torch.ops.vsopt.attention, so a model compiled in training mode keeps working.
+"""The backward of torch.ops.vsopt.attention, so a model compiled in training mode keeps working.
 
-Registered with torch.library.register_autograd (the op's signature in vsopt/core/ops.py is
-unchanged). The backward recomputes the probabilities in float32 from the saved q, k, v: exact,
-O(N^2) memory, meant for correctness in training runs, not for speed. The mask gets no gradient.
+vsopt/core/ops.py registers it with torch.library.register_autograd next to the op, so the op has
+autograd as soon as it exists. The backward recomputes the probabilities in float32 from the saved
+q, k, v: exact, O(N^2) memory, meant for correctness in training runs, not for speed. The mask
+gets no gradient.
 
     P = softmax(scale * q k^T + mask)      dV = P^T dO
     dP = dO V^T                            dS = P * (dP - rowsum(dP * P))
@@ -13,16 +14,14 @@ from __future__ import annotations
 
 import torch
 
-from vsopt.core import ops as _ops  # noqa: F401  (defines the op)
 
-
-def _setup_context(ctx, inputs, output):
+def attention_setup_context(ctx, inputs, output):
     q, k, v, attn_mask, scale, is_causal = inputs
     ctx.save_for_backward(q, k, v, attn_mask if isinstance(attn_mask, torch.Tensor) else None)
     ctx.scale, ctx.is_causal = scale, is_causal
 
 
-def _backward(ctx, grad_out):
+def attention_backward(ctx, grad_out):
     q, k, v, mask = ctx.saved_tensors
     hq, hkv = q.shape[1], k.shape[1]
     group = hq // hkv
@@ -47,6 +46,3 @@ def _backward(ctx, grad_out):
         dk = dk.reshape(b, hkv, group, nk, d).sum(dim=2)
         dv = dv.reshape(b, hkv, group, nk, dv.shape[-1]).sum(dim=2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
-
-
-torch.library.register_autograd("vsopt::attention", _backward, setup_context=_setup_context)

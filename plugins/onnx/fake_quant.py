@@ -14,6 +14,7 @@ from onnxscript import opset18 as op
 from onnxscript import opset19
 
 from vsopt.kernels.quant import reference as quant_ref
+from vsopt.kernels.spec import QuantMode
 
 from .building import FLOAT, dims, i64, scalar_like
 
@@ -52,15 +53,16 @@ def _channels_fp8(v: ir.Value) -> ir.Value:
 
 def fake_quantize_qkv(q: ir.Value, k: ir.Value, v: ir.Value, quant: str, block_m: int, block_n: int, opset: int):
     """(q, k, v) as the kernels see them in `quant` mode, float32 (K comes back smoothed)."""
-    if quant not in quant_ref.QUANT_MODES[1:]:
-        raise ValueError(f"fake_quantize_qkv: quant must be one of {quant_ref.QUANT_MODES[1:]}, got {quant!r}")
-    fmt = quant_ref.qk_format(quant)
-    if (fmt == "fp8" or quant_ref.pv_is_fp8(quant)) and opset < FP8_OPSET:
+    mode = QuantMode.parse(quant, "fake_quantize_qkv: quant")
+    if mode is QuantMode.NONE:
+        raise ValueError("fake_quantize_qkv: quant 'none' has nothing to quantize")
+    fmt = mode.qk_format
+    if (fmt == "fp8" or mode.pv_is_fp8) and opset < FP8_OPSET:
         raise ValueError(f"quant {quant!r} needs float8 (ONNX opset >= {FP8_OPSET}); the export asked for opset {opset}")
     q_shape, kv_shape = dims(q), dims(k)
     q, k, v = (op.Cast(x, to=FLOAT) for x in (q, k, v))
     q_hat = _blocks(q, q_shape, block_m, fmt)
     k_hat = _blocks(k, kv_shape, block_n, fmt, mean=op.ReduceMean(k, i64([2]), keepdims=1))
-    if quant_ref.pv_is_fp8(quant):
+    if mode.pv_is_fp8:
         v = _channels_fp8(v)
     return q_hat, k_hat, v

@@ -56,34 +56,32 @@ class PtxConfig:
         return s + (f"_scale{self.qk_scale_log2:.6g}".replace(".", "p") if self.kernel == "trt_entry" else "")
 
 
-def _tiles(head_dim: int, block_m: int, block_n: int) -> list:
-    """The tiles the launcher's autotuner may pick on a GPU for this head dim and table block
-    (its own pruning, run with the interpreter off and TMA-aligned K/V)."""
+_TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _tiles(head_dim: int, dtype: str, quant: str, block_m: int, block_n: int) -> list:
+    """The tiles the launcher's autotuner may pick on a GPU for this spec (its own candidate list,
+    with the interpreter off and TMA-aligned K/V)."""
     import torch
 
     from vsopt.kernels.block_sparse import launch
+    from vsopt.kernels.spec import KernelSpec
 
-    k = torch.empty(1, 1, 1, head_dim)
-    configs = [t.config() for t in launch._ALL_TILES]
-    kept = launch._prune(configs, {"TABLE_BLOCK_M": block_m, "TABLE_BLOCK_N": block_n, "HEAD_DIM": head_dim,
-                                   "K": k, "V": k, "stride_kn": head_dim, "stride_vn": head_dim, "stride_vd": 1})
-    by_config = {id(c): t for c, t in zip(configs, launch._ALL_TILES)}
-    return [by_config.get(id(c)) or launch.Tile(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
-                                                  c.kwargs.get("USE_TMA", False)) for c in kept]
+    spec = KernelSpec(head_dim, getattr(torch, _TORCH_DTYPES[dtype]), quant, block_m, block_n)
+    return launch.candidate_tiles(spec, tma_ok=True)
 
 
 def launcher_configs(head_dim: int, dtype: str, quant: str, block_m: int, block_n: int,
                      even_n: bool = True) -> list[PtxConfig]:
     """Every attention-kernel form the launcher may run for this spec (runs in the child)."""
     return [PtxConfig("attention", head_dim, dtype, quant, block_m, block_n, t.block_m, t.block_n, t.num_warps,
-                      t.num_stages, t.use_tma, even_n) for t in _tiles(head_dim, block_m, block_n)]
+                      t.num_stages, t.use_tma, even_n) for t in _tiles(head_dim, dtype, quant, block_m, block_n)]
 
 
 def trt_entry_config(head_dim: int, dtype: str, block_m: int, block_n: int, even_n: bool,
                      qk_scale_log2: float) -> PtxConfig:
     """The TensorRT entry's form: the first non-TMA tile the launcher would consider."""
-    tile = next(t for t in _tiles(head_dim, block_m, block_n) if not t.use_tma) \
-        if any(not t.use_tma for t in _tiles(head_dim, block_m, block_n)) else None
+    tile = next((t for t in _tiles(head_dim, dtype, "none", block_m, block_n) if not t.use_tma), None)
     if tile is None:
         from vsopt.kernels.block_sparse import launch
 

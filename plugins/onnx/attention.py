@@ -10,7 +10,7 @@ import onnx_ir as ir
 from onnxscript import opset18 as op
 from onnxscript import opset23
 
-from .building import BOOL, const, dims, first_output, i64, repeat_heads, scalar_like
+from .building import BOOL, const, dims, first_output, repeat_heads, scalar_like
 
 #: The first opset with the Attention operator.
 ATTENTION_OPSET = 23
@@ -45,5 +45,3 @@ def dense_attention(q, k, v, attn_mask=None, scale: float = 1.0, is_causal: bool
     return attend(q, k, v, attn_mask, scale, opset, dims(q), dims(k), is_causal=is_causal,
                   mask_is_bool=attn_mask is None or attn_mask.dtype == BOOL)
 
-
-__all__ = ["ATTENTION_OPSET", "attend", "dense_attention", "i64"]

@@ -28,8 +28,8 @@ from vsopt.core.patterns import diagonal_blocks
 from vsopt.kernels.block_mask import reference as mask_ref
 
 from .attention import attend, dense_attention
-from .building import BOOL, FLOAT, INT32, INT64, arange, blocks_to_tokens, const, dims, i64, rows_to_tokens, \
-    scalar_like, table_to_blocks
+from .building import FLOAT, INT32, arange, blocks_to_tokens, const, dims, i64, rows_to_tokens, scalar_like, \
+    table_to_blocks
 from .fake_quant import fake_quantize_qkv
 
 
@@ -139,5 +139,3 @@ def portable_table(opset: int) -> dict:
             vs.block_sparse_attention.default: block_sparse_attention,
             vs.dynamic_block_mask.default: dynamic_block_mask}
 
-
-__all__ = ["portable_table", "BOOL", "INT64"]

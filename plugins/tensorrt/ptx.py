@@ -107,8 +107,6 @@ def representative_configs(dtype: str = "bf16") -> list[PtxConfig]:
 
 
 def _signature(c: PtxConfig) -> tuple[dict, dict]:
-    import math  # noqa: F401
-
     from vsopt.kernels.block_sparse import kernel
 
     from .entry import SCALARS, block_sparse_trt_entry

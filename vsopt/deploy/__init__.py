@@ -165,7 +165,7 @@ def _check(fmt: str, onnx_form: str, path: Path, prog, tolerance: float | None =
             else ("CPUExecutionProvider",)
         return check_module.check_in_subprocess("onnx", path, prog, providers=providers, tolerance=tolerance)
     if fmt == "trt":
-        return Check("TensorRT engine", None, message="not built")
+        return Check("TensorRT engine", None, message="built; vsopt's check does not run TensorRT engines")
     return check_module.check_in_subprocess(fmt, path, prog)
 
 

@@ -138,7 +138,8 @@ def check_custom(path: Path, prog: RewrittenProgram):
     schemas.register()
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
-    problems = readback.compare(readback.plan_from_onnx(model), prog.plan)
+    read = readback.plan_from_onnx(model)
+    problems = readback.compare(read, prog.plan)
     what = "onnx.checker with the vsopt schemas + plan read back from the file"
     return Check(what, not problems, message="; ".join(problems[:3]) if problems else
-                 f"{len(readback.plan_from_onnx(model).sites)} site(s) equal to the plan")
+                 f"{len(read.sites)} site(s) equal to the plan")

@@ -219,8 +219,9 @@ def _site_summary(plan: Plan, site_id: str) -> str:
         density = f"density {sum(dens) / len(dens):.2f}"
     except VsoptError:
         density = "density decided at run time"
-    return (f"{sp.num_heads} heads (" + ", ".join(f"{v} {k}" for k, v in kinds.items()) + f"), orders "
-            + "/".join(orders) + ", quant " + "/".join(quants) + f", blocks {'/'.join(blocks)}, {density}")
+    kinds_text = ", ".join(f"{v} {k}" for k, v in kinds.items())
+    return (f"{sp.num_heads} heads ({kinds_text}), orders {'/'.join(orders)}, quant {'/'.join(quants)}, "
+            f"blocks {'/'.join(blocks)}, {density}")
 
 
 def _outcomes(gm: torch.fx.GraphModule, report, plan: Plan | None) -> list[SiteOutcome]:

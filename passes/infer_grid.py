@@ -126,6 +126,9 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
     report = PassReport(NAME)
     cfg = ctx.config
     for i, site in enumerate(ctx.sites):
+        if site.site_id not in ctx.matches and site.grid is not None:   # a site another pass found with its grid
+            report.notes.append(f"{site.site_id}: grid {site.grid} ({site.grid_source.value}, from {site.rule})")
+            continue
         grid, source = None, GridSource.UNKNOWN
         if site.site_id in cfg.grids:
             grid, source = cfg.grids[site.site_id], GridSource.USER

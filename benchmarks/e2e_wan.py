@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import vsopt  # noqa: F401  (registers the backend's ops)
-    from vsopt.timing import time_calls
+    from vsopt.core.timing import time_calls
     from vsopt.core.ir import TokenGrid
     from vsopt.core.plan import HeadPlan, Plan, Quant, Sparsity
 

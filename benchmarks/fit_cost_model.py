@@ -1,4 +1,4 @@
-"""Fit vsopt's cost model (vsopt/costmodel.py) to kernel timings measured on this GPU.
+"""Fit vsopt's cost model (vsopt/core/costmodel.py) to kernel timings measured on this GPU.
 
     python3 benchmarks/fit_cost_model.py --out vsopt/costmodels/h100.json \
         --raw benchmarks/results/cost_model_h100.json
@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import vsopt.core  # noqa: E402,F401  (registers the ops)
 import vsopt.core.dynamic  # noqa: E402,F401  (registers vsopt::dynamic_block_mask)
-from vsopt.costmodel import CostModel, Launch, SiteWork, atomic_write_text, describe_environment  # noqa: E402
+from vsopt.core.costmodel import CostModel, Launch, SiteWork, describe_environment
+from vsopt.core.io import atomic_write_text  # noqa: E402
 
 HOST: dict[str, float] = {}  # eager minus graph-replayed time of a small call, per kernel config
 FIT_DENSITIES = (0.1, 0.3, 1.0)

@@ -12,8 +12,6 @@ the commit.
 from __future__ import annotations
 
 import datetime
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -29,7 +27,8 @@ TOLERANCE = {"psnr_db": 1.0, "rel_l2_factor": 1.15, "site_cosine": 0.005}
 
 
 def main() -> int:
-    from vsopt.bench import BenchSettings, Method, PlanScorer, method_plan
+    from vsopt.benchmark import BenchSettings, Method, PlanScorer, method_plan
+    from vsopt.core.io import atomic_write_json
     from vsopt.core.plan import Quant
     from vsopt.models.model import load_shipped
 
@@ -57,9 +56,7 @@ def main() -> int:
            "command": "python3 benchmarks/update_accuracy_baselines.py", "torch": torch.__version__,
            "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in SETTINGS.items()},
            "tolerance": TOLERANCE, "cases": cases}
-    tmp = OUT / "accuracy.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, OUT / "accuracy.json")
+    atomic_write_json(OUT / "accuracy.json", doc, indent=1)
     return 0
 
 

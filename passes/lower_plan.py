@@ -36,7 +36,7 @@ sites go into ctx.lowered.
 
 Step-dependent plans (SitePlan.steps) are lowered with their default head plans: the backend
 applies step ranges by lowering Plan.at_step(...) once per segment of steps and choosing the
-graph at run time (vsopt.backend._StepDispatch); a graph lowered here directly notes it.
+graph at run time (vsopt.core.steps.step_variants); a graph lowered here directly notes it.
 
 Every node created carries meta["vsopt_from"] = ("lower_plan", (replaced node,)),
 meta["vsopt_site"] and, on the attention launches, meta["vsopt_heads"] (head indices) and

@@ -1,4 +1,4 @@
-"""Tests of the graph-diff debugger (vsopt.debug*) on a hand-written model and a hand-made rewrite.
+"""Tests of the graph-diff debugger (vsopt.debug) on a hand-written model and a hand-made rewrite.
 
 The rewrite here is written out by hand, as the backend's passes would do it (node.meta
 "vsopt_from" / "vsopt_site", AttentionSite / SkippedSite records), so that every expected node
@@ -16,10 +16,11 @@ import torch.nn as nn
 import vsopt.core  # noqa: F401  (registers torch.ops.vsopt.*)
 from vsopt.core.errors import ConfigError, VsoptError
 from vsopt.core.ir import AttentionSite, Layout, SkippedSite
-from vsopt.debug import DiffReport, build_report, load_factory
-from vsopt.debug_graph import diff_graphs, layered_layout, source_location
-from vsopt.debug_numeric import ErrorStats, SiteProbe, measure, split_heads
-from vsopt.debug_text import render_text
+from vsopt.debug import DiffReport, build_report
+from vsopt.debug.graph import diff_graphs, layered_layout, source_location
+from vsopt.debug.numeric import ErrorStats, SiteProbe, measure, split_heads
+from vsopt.debug.text import render_text
+from vsopt.io import load_target as load_factory
 
 HEADS, DIM, TOKENS = 2, 16, 12
 

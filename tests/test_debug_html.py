@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vsopt.debug_html import anchor_id, render_html
+from vsopt.debug.html import anchor_id, render_html
 
 _spec = importlib.util.spec_from_file_location("_debug_cases", Path(__file__).with_name("test_debug.py"))
 cases = importlib.util.module_from_spec(_spec)
@@ -75,6 +75,6 @@ def test_page_shows_reason_drawings_and_first_site(page):
 
 
 def test_site_ids_are_escaped():
-    from vsopt.debug_html import _e
+    from vsopt.debug.html import _e
     assert _e('a"<b>') == "a&quot;&lt;b&gt;"
     assert anchor_id(3, 'x"<y>.z') == "site-3-x__y_.z"

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import importlib
 
+from vsopt import _moved
+
 __version__ = "0.1.0"
+_moved.install()  # old module paths of the restructure still import (with a DeprecationWarning)
 
 _LAZY = {
     "inspect": ("vsopt.inspection", "inspect"),
-    "calibrate": ("vsopt.calibrate", "calibrate"),
-    "diff": ("vsopt.debug", "diff"),
-    "bench": ("vsopt.bench", "bench"),
+    "calibrate": ("vsopt.calibration", "calibrate"),
+    "diff": ("vsopt.debug.build", "diff"),
+    "bench": ("vsopt.benchmark.sweep", "bench"),
     "vsopt_backend": ("vsopt.backend", "vsopt_backend"),
     "last_report": ("vsopt.backend", "last_report"),
     "set_denoising_step": ("vsopt.core.dynamic", "set_denoising_step"),

@@ -33,6 +33,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from vsopt.core.config import VsoptConfig
 from vsopt.core.errors import ConfigError
+from vsopt.core.steps import step_variants
 from vsopt.passes import DEFAULT_PIPELINE, PassContext, PipelineOptions, PipelineReport, run_pipeline
 
 
@@ -144,25 +145,29 @@ def vsopt_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
 
     A plan with separate head plans for ranges of denoising steps compiles one graph per segment
     of steps and picks one at each call from vsopt.set_denoising_step (unknown step: the default
-    head plans). What was left dense is logged and kept for last_report()."""
+    head plans). options["cudagraphs"]: every graph runs under Inductor's CUDA graphs. What was
+    left dense is logged and kept for last_report()."""
     from vsopt.inductor import compile_fx  # Inductor without its attention fusion (vsopt.inductor says why)
 
     config = VsoptConfig.from_options(options)
     plan = config.plan
-    if plan is None or not plan.step_boundaries():
-        aten_gm, report = trace_and_rewrite(gm, example_inputs, config)
-        _tell(config, [report])
+    if config.cudagraphs:  # options={"cudagraphs": True}: Inductor's CUDA graphs (vsopt/cudagraphs.py)
+        from vsopt import cudagraphs
+
+        plan = cudagraphs.plan_for_cudagraphs(plan)
+    reports: list[PipelineReport] = []
+
+    def build(plan):
+        aten_gm, report = trace_and_rewrite(gm, example_inputs, dataclasses.replace(config, plan=plan))
+        reports.append(report)
+        if config.cudagraphs:
+            return cudagraphs.compile_graph(aten_gm, gm, example_inputs)
         return compile_fx(aten_gm, list(example_inputs))
-    # A plan with step ranges: one graph per segment of steps (and one for an unknown step),
-    # chosen at run time from vsopt.set_denoising_step.
-    variants, reports = {}, []
-    for start in (None, 0, *plan.step_boundaries()):
-        if start not in variants:
-            aten_gm, report = trace_and_rewrite(gm, example_inputs, dataclasses.replace(config, plan=plan.at_step(start)))
-            reports.append(report)
-            variants[start] = compile_fx(aten_gm, list(example_inputs))
+
+    # a plan with step ranges: one graph per segment of steps, chosen per call (vsopt.core.steps)
+    compiled = step_variants(plan, build)
     _tell(config, reports)
-    return _StepDispatch(plan, variants)
+    return compiled
 
 
 _log = logging.getLogger("vsopt")
@@ -194,14 +199,3 @@ def _tell(config: VsoptConfig, reports: Sequence[PipelineReport]) -> None:
     for line, level in lines.items():
         _log.log(level, "vsopt: %s", line)
 
-
-class _StepDispatch:
-    """Runs the compiled variant of the current denoising step's segment of a step-ranged plan."""
-
-    def __init__(self, plan, variants: dict):
-        self.plan, self.variants = plan, variants
-
-    def __call__(self, *args):
-        from vsopt.core.dynamic import current_denoising_step
-
-        return self.variants[self.plan.segment_start(current_denoising_step())](*args)

@@ -22,10 +22,20 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("vsopt.inspection", "list the attention sites vsopt finds in a model"),
     "demo": ("vsopt.demo", "sample a clip from the shipped reference model, dense and optimized"),
-    "calibrate": ("vsopt.calibrate", "measure a model's attention and write a plan"),
-    "diff": ("vsopt.debug", "show what the optimizer changed, left alone, and where error enters"),
-    "bench": ("vsopt.bench", "sweep configurations: accuracy against dense, and speed"),
+    "calibrate": ("vsopt.calibration.cli", "measure a model's attention and write a plan"),
+    "diff": ("vsopt.debug.cli", "show what the optimizer changed, left alone, and where error enters"),
+    "bench": ("vsopt.benchmark.cli", "sweep configurations: accuracy against dense, and speed"),
 }
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's help ends with its default, except where there is nothing to say (a flag off,
+    an option unset) or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or action.required or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -35,7 +45,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
         p.set_defaults(_module=module)
         if name != command:
             continue

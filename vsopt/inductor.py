@@ -123,9 +123,9 @@ def _filtered_pattern_passes() -> Iterator[None]:
         passes[:] = saved
 
 
-def compile_fx(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):
+def compile_fx(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config_patches: dict | None = None):
     """torch._inductor.compile_fx.compile_fx, without Inductor's attention fusion."""
     from torch._inductor.compile_fx import compile_fx as inductor_compile_fx
 
     with without_attention_fusion():
-        return inductor_compile_fx(gm, list(example_inputs))
+        return inductor_compile_fx(gm, list(example_inputs), config_patches=config_patches)

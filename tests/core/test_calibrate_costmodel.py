@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vsopt.core.errors import ConfigError
-from vsopt.costmodel import CostModel, Launch, SiteWork, kernel_key, nnls, sum_launches
+from vsopt.core.costmodel import CostModel, Launch, SiteWork, kernel_key, nnls, sum_launches
 
 TRUE = CostModel(
     gpu="synthetic", launch_us={"none/d64/64x64": 6.0, "int8/d64/64x64": 11.0, "none/d128/64x64": 6.5},

@@ -5,16 +5,18 @@ import math
 import pytest
 import torch
 
-from vsopt.calibrate import (CalibrationOptions, DensityBudget, SiteErrorBudget, _build_candidates, _measure,
-                             _measure_errors, _SiteState, predicted_time_us, search_density,
-                             search_site_error, site_plan_output, _head_plans)
-from vsopt.capture import SiteCall, choose_orders
+from vsopt.calibration import (CalibrationOptions, DensityBudget, SiteErrorBudget, predicted_time_us, search_density,
+                               search_site_error, site_plan_output)
+from vsopt.calibration.capture import SiteCall
+from vsopt.calibration.choices import head_plans
+from vsopt.calibration.measure import SiteState, build_candidates, measure_errors, measure_mass
+from vsopt.calibration.order_choice import choose_orders
 from vsopt.core.errors import ConfigError
 from vsopt.core.ir import AttentionSite, GridSource, Layout, TokenGrid
 from vsopt.core.metrics import block_attention_mass, relative_l2
 from vsopt.core.orders import TokenOrder, inverse_permutation, order_permutation
 from vsopt.core.plan import Quant, Sparsity
-from vsopt.costmodel import CostModel
+from vsopt.core.costmodel import CostModel
 
 COST = CostModel(gpu="test", launch_us={f"{q}/d16/16x16": 5.0 for q in ("none", "int8", "fp8", "int8_fp8")},
                  per_block_us={f"{q}/d16/16x16": t for q, t in
@@ -48,12 +50,12 @@ def test_planted_token_order_is_recovered_and_its_mask_keeps_the_mass(grid):
     orders = list(TokenOrder)
     q, k = local_qk(grid, orders, width=4.0)
     site = make_site(grid, len(orders))
-    state = _SiteState(site, CalibrationOptions(block_m=16, block_n=16), tuple(TokenOrder))
-    _measure(state, SiteCall(site.site_id, q, k, k, None, 1.0, False, None))
+    state = SiteState(site, CalibrationOptions(block_m=16, block_n=16), tuple(TokenOrder))
+    measure_mass(state, SiteCall(site.site_id, q, k, k, None, 1.0, False, None))
     assert choose_orders(state.mass, density=0.2) == orders
     # the calibrated mask at share 0.95 in the chosen order keeps >= 95% of the exact mass and is sparse
     state.opt = CalibrationOptions(block_m=16, block_n=16, patterns=False, dynamic=False)
-    _build_candidates(state)
+    build_candidates(state)
     cand = next(c for c in state.candidates if c.label == "mask@0.95")
     for h, o in enumerate(orders):
         perm = order_permutation(grid, o)
@@ -80,11 +82,11 @@ def _state_with_errors(grid=TokenGrid(2, 4, 8), heads=3, seed=0, **opts):
     v = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1))
     site = make_site(grid, heads)
     opt = CalibrationOptions(block_m=16, block_n=16, mass_shares=(0.8, 0.95, 0.99), **opts)
-    state = _SiteState(site, opt, tuple(TokenOrder))
+    state = SiteState(site, opt, tuple(TokenOrder))
     call = SiteCall(site.site_id, q, k, v, None, 1.0, False, None)
-    _measure(state, call)
-    _build_candidates(state)
-    _measure_errors(state, call)
+    measure_mass(state, call)
+    build_candidates(state)
+    measure_errors(state, call)
     return state, call
 
 
@@ -101,7 +103,7 @@ def test_error_budget_is_met_and_predicted_error_matches_the_plan_run(measured, 
     assert predicted <= budget * (1 + 1e-9)
     # the plan built from the choices, run from the HeadPlans alone, gives the predicted error (same
     # input here, so only the quant/sparsity independence assumption separates them)
-    heads = _head_plans(state, choices)
+    heads = head_plans(state, choices)
     exact = torch.nn.functional.scaled_dot_product_attention(call.q, call.k, call.v, scale=1.0)
     actual = relative_l2(site_plan_output(state.site, heads, call), exact)
     assert actual == pytest.approx(predicted, rel=0.25, abs=2e-3)
@@ -118,16 +120,16 @@ def test_search_against_brute_force_on_a_small_case(measured):
     """Two heads: the search's time is within 5% of the exact optimum found by enumeration."""
     import itertools
 
-    from vsopt.calibrate import _head_options
+    from vsopt.calibration.choices import head_options
 
     state, _ = measured
-    opts = _head_options(state, COST, state.opt.quants)[:2]
+    opts = head_options(state, COST, state.opt.quants)[:2]
     norm2 = float(state.norm2[:2].sum())
     for budget in (0.02, 0.1):
         limit = budget ** 2 * norm2
         best = min((a.time_us + b.time_us for a, b in itertools.product(*opts) if a.err2 + b.err2 <= limit),
                    default=None)
-        sub = _SiteState(state.site, state.opt, state.orders)
+        sub = SiteState(state.site, state.opt, state.orders)
         sub.__dict__.update({k: v for k, v in state.__dict__.items() if k not in ("site",)})
         sub.norm2 = state.norm2.clone()
         sub.norm2[2] = 0.0  # only heads 0 and 1 count
@@ -168,8 +170,36 @@ def test_budget_validation():
         CalibrationOptions(quants=(Quant.INT8,))
 
 
+@pytest.mark.parametrize("fields, message", [
+    ({"block_m": 48}, "block_m 48: a block size must be a power of two"),
+    ({"block_n": 512}, "block_n 512"),
+    ({"error_inputs": 0}, "error_inputs must be None or an integer >= 1"),
+    ({"site_overhead_us": -1.0}, "site_overhead_us -1.0"),
+    ({"step_ranges": ((4, 2),)}, "4:2 is empty"),
+    ({"step_ranges": ((0, 4), (2, None))}, "0:4 and 2: overlap"),
+    ({"step_ranges": ((0, None), (4, None))}, "overlap"),
+    ({"step_ranges": ()}, "no step range"),
+])
+def test_options_are_checked_when_made(fields, message):
+    """A CalibrationOptions that calibration could not run is refused when it is made, not after
+    the measuring passes."""
+    with pytest.raises(ConfigError, match=message):
+        CalibrationOptions(**fields)
+    assert CalibrationOptions(step_ranges=[(4, None), (0, 4)]).step_ranges == ((4, None), (0, 4))
+
+
+def test_quality_floor_values_are_checked():
+    from vsopt.calibration import QualityFloor
+
+    for value, metric in ((float("nan"), "psnr"), (float("inf"), "psnr"), (0.0, "rel_l2")):
+        with pytest.raises(ConfigError, match="QualityFloor.value"):
+            QualityFloor((), value, metric)
+    with pytest.raises(ConfigError, match="iterations"):
+        QualityFloor((), 30.0, iterations=0)
+
+
 def test_run_observing_needs_sites_and_checks_replacements():
-    from vsopt.capture import run_observing
+    from vsopt.calibration.capture import run_observing
 
     gm = torch.fx.symbolic_trace(torch.nn.Linear(4, 4))
     with pytest.raises(ConfigError, match="no torch.ops.vsopt.attention site"):
@@ -204,9 +234,9 @@ def test_site_overhead_keeps_a_site_dense_when_the_saving_does_not_pay(measured)
 
 
 def cal_dense(state):
-    from vsopt.calibrate import _dense_choices
+    from vsopt.calibration.choices import dense_choices
 
-    return _dense_choices(state)
+    return dense_choices(state)
 
 
 def test_error_weights_move_blocks_to_the_heavier_site():
@@ -230,17 +260,17 @@ def test_error_weights_move_blocks_to_the_heavier_site():
 
 
 def test_state_weights_average_the_steps_of_each_range():
-    from vsopt.calibrate import _state_weights
-    from vsopt.capture import RecordedCall
+    from vsopt.calibration.capture import RecordedCall
+    from vsopt.calibration.run import state_weights
 
     calls = [RecordedCall(i, i, ()) for i in range(4)]
     range_ids = [0, 0, 1, 1]  # ranges 0:2 and 2:
     weights = {"s": {0: 4.0, 1: 2.0, 2: 1.0, 3: 0.5}}
-    got = _state_weights({("s", 0): None, ("s", 1): None}, calls, range_ids, weights)
+    got = state_weights({("s", 0): None, ("s", 1): None}, calls, range_ids, weights)
     assert got == {("s", 0): 3.0, ("s", 1): 0.75}
-    assert _state_weights({("s", 0): None}, calls, range_ids, None) is None
+    assert state_weights({("s", 0): None}, calls, range_ids, None) is None
     with pytest.raises(ConfigError, match="no weight for site 't'"):
-        _state_weights({("t", 0): None}, calls, range_ids, weights)
+        state_weights({("t", 0): None}, calls, range_ids, weights)
 
 
 def test_top_k_dynamic_candidates_run_at_their_fraction():
@@ -269,10 +299,11 @@ def _times(states, picks, cost):
 
 
 def test_speedup_budget_is_met_with_fixed_costs_and_tighter_is_less_accurate():
-    from vsopt.calibrate import SpeedupBudget, _dense_choices, search_time
+    from vsopt.calibration import SpeedupBudget, search_time
+    from vsopt.calibration.choices import dense_choices
 
     states = _time_states(patterns=True, dynamic=True)
-    dense = sum(predicted_time_us(s, _dense_choices(s), COST) for s in states)
+    dense = sum(predicted_time_us(s, dense_choices(s), COST) for s in states)
     errs = []
     for x in (1.05, 1.2, 2.0, 8.0):
         picks = search_time(states, COST, x, Quant.NONE)
@@ -285,7 +316,7 @@ def test_speedup_budget_is_met_with_fixed_costs_and_tighter_is_less_accurate():
 
 
 def test_time_search_drops_dynamic_heads_and_permutations_whose_fixed_cost_does_not_pay():
-    from vsopt.calibrate import search_time
+    from vsopt.calibration import search_time
 
     states = _time_states(patterns=True, dynamic=True)
     cheap = CostModel(**{**COST.__dict__, "score_fixed_us": 0.0, "score_us_per_block": 0.0,
@@ -310,7 +341,7 @@ def test_time_search_drops_dynamic_heads_and_permutations_whose_fixed_cost_does_
     assert _times(states, costly, dear) <= dense / 1.3 + 1e-6
     # the plan of a head that dropped its order runs in the model's order
     for s, p in zip(states, costly):
-        for hp, c in zip(_head_plans(s, p), p):
+        for hp, c in zip(head_plans(s, p), p):
             assert hp.order is TokenOrder.FHW or s.candidates[c.candidate].sparsity is Sparsity.DENSE
 
 
@@ -319,11 +350,24 @@ def test_model_order_candidates_measure_in_the_model_order():
     fhw = [c for c in state.candidates if c.model_order]
     assert fhw and all(c.label.endswith("@fhw") for c in fhw)
     c = state.candidates.index(fhw[-1])
-    from vsopt.calibrate import HeadChoice
+    from vsopt.calibration import HeadChoice
 
-    heads = _head_plans(state, [HeadChoice(c, Quant.NONE, 0.0, 0.0, 0.0)] * state.site.heads)
+    heads = head_plans(state, [HeadChoice(c, Quant.NONE, 0.0, 0.0, 0.0)] * state.site.heads)
     assert all(hp.order is TokenOrder.FHW for hp in heads)
     exact = torch.nn.functional.scaled_dot_product_attention(call.q, call.k, call.v, scale=1.0)
     out = site_plan_output(state.site, heads, call)
     err2 = (out.double() - exact.double()).pow(2).sum((0, 2, 3))
     assert torch.allclose(err2, state.err2[:, c], rtol=1e-4, atol=1e-9)
+
+
+def test_host_overhead_per_launch_comes_from_the_cost_models_measurement():
+    """The shipped H200 model saved the host's overhead of one eager call per kernel configuration;
+    the nearest measured head dim serves others, and a configuration without one costs 0."""
+    from vsopt.calibration.choices import host_launch_us
+
+    shipped = CostModel.default("NVIDIA H200")
+    table = shipped.meta["host_overhead_us_not_in_model"]
+    assert host_launch_us(shipped, Quant.NONE, 64, 64, 64) == table["none/d64/64x64"]
+    assert host_launch_us(shipped, Quant.INT8, 80, 128, 128) == table["int8/d64/128x128"]
+    assert host_launch_us(shipped, Quant.INT8, 120, 128, 128) == table["int8/d128/128x128"]
+    assert host_launch_us(shipped, Quant.NONE, 64, 16, 16) == 0.0 and host_launch_us(COST, Quant.NONE, 16, 16, 16) == 0.0

@@ -1,4 +1,4 @@
-"""vsopt.sensitivity.euler_sensitivity on a two-site toy velocity model whose answer is known at
+"""vsopt.calibration.sensitivity.euler_sensitivity on a two-site toy velocity model whose answer is known at
 the last step: there the final latents move by (sigma_N - sigma_{N-1}) times the perturbation of
 the last site's output, which is the model's output."""
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from vsopt.backend import trace_and_rewrite
 from vsopt.core.errors import ConfigError
-from vsopt.sensitivity import euler_sensitivity
+from vsopt.calibration.sensitivity import euler_sensitivity
 
 
 class Toy(torch.nn.Module):

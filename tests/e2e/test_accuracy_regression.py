@@ -2,7 +2,7 @@
 accuracy (tests/baselines/accuracy.json, made by benchmarks/update_accuracy_baselines.py).
 
 Runs at the reduced size CI affords (a 16x16x16 latent clip = 1024 tokens, 3 sampler steps). Each
-case re-scores its stored plan exactly as the baseline was made (vsopt.bench.PlanScorer) and fails
+case re-scores its stored plan exactly as the baseline was made (vsopt.benchmark.PlanScorer) and fails
 when PSNR drops by more than the stated tolerance, relative L2 grows by more than its factor, or
 the worst site's cosine similarity drops by more than its tolerance."""
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vsopt.bench import BenchSettings, PlanScorer
+from vsopt.benchmark import BenchSettings, PlanScorer
 from vsopt.core.plan import Plan
 
 BASELINES = Path(__file__).resolve().parent.parent / "baselines"

@@ -1,4 +1,4 @@
-"""vsopt.bench on a tiny untrained reference model: every method builds a valid plan at the asked
+"""vsopt.benchmark on a tiny untrained reference model: every method builds a valid plan at the asked
 density, the sweep records consistent points, the Pareto front and plot are right, the CLI rejects
 bad input."""
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from vsopt.bench import BenchSettings, Method, bench, method_plan, pareto_front, plot_pareto, plan_density, write_json
+from vsopt.benchmark import BenchSettings, Method, bench, method_plan, pareto_front, plot_pareto, plan_density, write_json
 from vsopt.core.errors import ConfigError
 from vsopt.core.ir import AttentionSite, Layout, TokenGrid
 from vsopt.core.plan import Quant, Sparsity

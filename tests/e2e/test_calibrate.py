@@ -7,14 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import vsopt.calibrate as cal
-from vsopt.calibrate import (CalibrationOptions, DensityBudget, QualityFloor, SiteErrorBudget, calibrate)
-from vsopt.capture import record_forward_inputs
+import vsopt.calibration.run as cal  # the driver: the resume test patches its run_observing and Checkpoint
+from vsopt.calibration import (CalibrationOptions, DensityBudget, QualityFloor, SiteErrorBudget, calibrate, check_plan,
+                               reference_model_inputs, site_plan_output)
+from vsopt.calibration.capture import record_forward_inputs
+from vsopt.core.errors import ConfigError
 from vsopt.core.ir import TokenGrid
 from vsopt.core.metrics import relative_l2
 from vsopt.core.orders import TokenOrder, inverse_permutation, order_permutation
 from vsopt.core.plan import Plan, Quant, Sparsity
-from vsopt.costmodel import CostModel
+from vsopt.core.costmodel import CostModel
 
 GRID = TokenGrid(3, 4, 6)
 HEADS, D = 3, 16
@@ -121,11 +123,11 @@ def test_plan_error_on_a_held_out_input_is_as_predicted(calibrated):
     x = planted_input(seed=11)
     B, N, _ = x.shape
     q, k, v = x.view(B, N, 3, HEADS, D).permute(2, 0, 3, 1, 4)
-    from vsopt.capture import SiteCall
+    from vsopt.calibration.capture import SiteCall
 
     call = SiteCall(site_id, q, k, v, None, 1.0, False, None)
     (site,) = [s for s in result.sites]
-    got = cal.site_plan_output(cal_site(model, x), plan[site_id].heads, call)
+    got = site_plan_output(cal_site(model, x), plan[site_id].heads, call)
     err = relative_l2(got, _site_output(model, x))
     assert err == pytest.approx(site.predicted_rel_l2, rel=0.5, abs=5e-3)
     assert err <= 0.05 * 1.5
@@ -153,7 +155,7 @@ def test_speedup_budget_and_calibrate_many(tmp_path, capsys):
     """One measurement, several time budgets: each plan's predicted time (cost model, fixed costs
     included) is within dense / speedup, and a faster plan is never more accurate; the CLI's
     --speedup writes such a plan."""
-    from vsopt.calibrate import SpeedupBudget, calibrate_many
+    from vsopt.calibration import SpeedupBudget, calibrate_many
     from vsopt.cli import main
 
     model, inputs = model_and_inputs()
@@ -166,7 +168,7 @@ def test_speedup_budget_and_calibrate_many(tmp_path, capsys):
         assert pred <= dense / x + 1e-6 and f"{x:g}x" in r.budget
         errs.append(r.sites[0].predicted_rel_l2)
     assert errs[0] <= errs[1] + 1e-12
-    with pytest.raises(cal.ConfigError, match="one budget"):
+    with pytest.raises(ConfigError, match="one budget"):
         calibrate_many(model, inputs, [SpeedupBudget(1.1), SpeedupBudget(1.5)], options=opts, out=tmp_path / "x.json")
     cost = tmp_path / "cost.json"
     COST.save(cost)
@@ -176,7 +178,7 @@ def test_speedup_budget_and_calibrate_many(tmp_path, capsys):
     assert "predicted attention speedup >= 1.3x" in capsys.readouterr().out and Plan.load(out).sites
 
 
-_checkpoint_init = cal._Checkpoint.__init__
+_checkpoint_init = cal.Checkpoint.__init__
 
 
 def _checkpoint_every_input(self, plan_path, fingerprint):
@@ -196,7 +198,7 @@ def test_interrupted_calibration_resumes(tmp_path, monkeypatch, capsys):
         return real(gm, inp, observer)
 
     monkeypatch.setattr(cal, "run_observing", flaky)
-    monkeypatch.setattr(cal._Checkpoint, "__init__", _checkpoint_every_input)
+    monkeypatch.setattr(cal.Checkpoint, "__init__", _checkpoint_every_input)
     with pytest.raises(KeyboardInterrupt):
         calibrate(model, inputs, SiteErrorBudget(0.05), options=OPTIONS, out=out, grid=GRID, progress=False)
     state_file = tmp_path / "r.plan.json.calibration.safetensors"
@@ -302,7 +304,7 @@ def test_diffusers_wan_over_sampler_steps(tmp_path):
     config = model_lib.ReferenceConfig(num_layers=1, num_attention_heads=2, attention_head_dim=32, ffn_dim=64,
                                        frames=4, height=8, width=8)
     ref = model_lib.build(config).eval()
-    calls = cal.reference_model_inputs(ref, clips=1, steps=2)
+    calls = reference_model_inputs(ref, clips=1, steps=2)
     assert [c.step for c in calls] == [0, 1] and calls[0].kwargs == {"return_dict": False}
     cost = CostModel(gpu="test", launch_us={"none/d32/16x16": 5.0}, per_block_us={"none/d32/16x16": 0.01},
                      per_query_block_us={"none/d32/16x16": 0.01})
@@ -314,13 +316,13 @@ def test_diffusers_wan_over_sampler_steps(tmp_path):
     assert "blocks.0.attn2" in result.left_dense  # cross-attention
     assert result.sites[0].density < 1.0
     # (torch.compile of this model takes a minute on CPU: the planted model's tests cover it)
-    check = cal.check_plan(ref.transformer, calls[0], out, compile=False)
+    check = check_plan(ref.transformer, calls[0], out, compile=False)
     assert check["lowered_rel_l2"] > 1e-4  # the sparse plan was applied, not silently dropped
 
 
 def test_vsopt_calibrate_is_callable_after_the_module_is_imported(tmp_path):
     import vsopt
-    import vsopt.calibrate  # noqa: F401  (makes the package attribute the module)
+    import vsopt.calibration  # noqa: F401  (the implementation's package: vsopt.calibrate stays the function)
 
     model, inputs = model_and_inputs()
     result = vsopt.calibrate(model, inputs[:1], DensityBudget(0.5), options=OPTIONS, grid=GRID, progress=False)

@@ -62,7 +62,7 @@ def test_api_on_hand_written_model_replaces_exactly_the_attention_nodes():
 
 def test_cli_on_a_diffusers_wan_model_prints_both_views_and_writes_files(tmp_path, capsys):
     out_json, out_html = tmp_path / "wan.json", tmp_path / "wan.html"
-    assert main(["diff", "vsopt.debug_targets:wan_tiny", "--json", str(out_json), "--html", str(out_html)]) == 0
+    assert main(["diff", "vsopt.debug.targets:wan_tiny", "--json", str(out_json), "--html", str(out_html)]) == 0
     text = capsys.readouterr().out
     assert "STRUCTURE" in text and "NUMERICS" in text and "\x1b[" not in text  # not a tty: no colour
     sites = ["blocks.0.attn1", "blocks.0.attn2", "blocks.1.attn1", "blocks.1.attn2"]
@@ -110,7 +110,7 @@ def test_cli_on_a_user_factory_shows_sites_left_alone_with_reasons(tmp_path, mon
 def test_cli_rejects_bad_input_with_clear_errors(capsys):
     assert main(["diff", "no_colon"]) == 1
     assert "MODULE:FACTORY" in capsys.readouterr().err
-    assert main(["diff", "vsopt.debug_targets:wan_tiny", "--threshold", "-1"]) == 1
+    assert main(["diff", "vsopt.debug.targets:wan_tiny", "--threshold", "-1"]) == 1
     assert "--threshold" in capsys.readouterr().err
 
 
@@ -162,7 +162,7 @@ def test_reference_model_over_sampler_steps():
     """The shipped reference model (trained diffusers Wan) at a small clip size, with the view
     over its Euler sampler's steps: every site is found with its inferred grid, and a plan that
     skips one self-attention is seen at every step, the trajectory drifting from dense."""
-    from vsopt.debug_targets import SAMPLER_STEPS, reference
+    from vsopt.debug.targets import SAMPLER_STEPS, reference
 
     from vsopt.core.ir import TokenGrid
     from vsopt.core.plan import HeadPlan, Plan, SitePlan, Sparsity

@@ -1,9 +1,10 @@
 """The structural view of `vsopt diff`: what the passes changed in the graph, aligned by provenance.
 
 Input: the ATen graph before the passes and the graph after them (torch.fx), plus the sites the
-pipeline found. A node is *kept* when a node of the same name and target exists in both graphs
-and no pass marked it as created (node.meta["vsopt_from"]). Every other node was *removed*
-(before only) or *created* (after only). Removed and created nodes are joined into change
+pipeline found and, from a pipeline run, what each pass reported changing (PassChanges). A node
+is *kept* when a node of the same name and target exists in both graphs and no pass reported
+creating or removing it (without reports: no pass marked it as created, node.meta["vsopt_from"]).
+Every other node was *removed* (before only) or *created* (after only). Removed and created nodes are joined into change
 regions with networkx: data edges among removed nodes, data edges among created nodes, and
 provenance edges from each created node to the nodes it replaced; each connected component is
 one region, normally one attention site. Kept nodes between regions collapse into counts.
@@ -146,10 +147,27 @@ def _provenance(node: torch.fx.Node) -> tuple[str, tuple[str, ...]] | None:
     return str(pass_name), tuple(str(r) for r in (replaced or ()))
 
 
-def _is_kept(node: torch.fx.Node, before_nodes: dict[str, torch.fx.Node]) -> bool:
+@dataclass(frozen=True)
+class PassChanges:
+    """The node names the passes of one pipeline run reported creating and removing (each
+    passes.infra.PassReport's created / removed lists, taken together)."""
+
+    created: frozenset[str]
+    removed: frozenset[str]
+
+    @classmethod
+    def of(cls, reports: Iterable[Any]) -> "PassChanges":
+        reports = list(reports)
+        return cls(frozenset(n for r in reports for n in r.created), frozenset(n for r in reports for n in r.removed))
+
+
+def _is_kept(node: torch.fx.Node, before_nodes: dict[str, torch.fx.Node], changes: PassChanges | None) -> bool:
     old = before_nodes.get(node.name)
-    return (old is not None and _provenance(node) is None and old.op == node.op
-            and op_label(old) == op_label(node))
+    if old is None or old.op != node.op or op_label(old) != op_label(node):
+        return False
+    if changes is not None:  # the passes' own reports say what they touched
+        return node.name not in changes.created and node.name not in changes.removed
+    return _provenance(node) is None  # two graphs only: a node a pass made carries its provenance
 
 
 def to_networkx(graph: torch.fx.Graph) -> nx.DiGraph:
@@ -185,7 +203,8 @@ def _subgraph(changed: Iterable[str], nodes: dict[str, torch.fx.Node], g: nx.DiG
 
 
 def diff_graphs(before: torch.fx.Graph, after: torch.fx.Graph, site_nodes: Mapping[str, Sequence[str]] | None = None,
-                anchors: Mapping[str, str] | None = None, pass_order: Sequence[str] = ()) -> StructuralDiff:
+                anchors: Mapping[str, str] | None = None, pass_order: Sequence[str] = (),
+                changes: PassChanges | None = None) -> StructuralDiff:
     """Align `before` and `after` by provenance and group the changes into regions.
 
     site_nodes maps site_id -> names of the before-graph nodes that site matched (from the
@@ -193,6 +212,8 @@ def diff_graphs(before: torch.fx.Graph, after: torch.fx.Graph, site_nodes: Mappi
     anchors maps a label (a site) -> the before-graph node it sits on; each anchor on a kept node
     (a site left alone) appears in the timeline as ("anchor", label), splitting the unchanged run.
     pass_order: the pipeline's pass names, to list each region's passes in the order they ran.
+    changes: what the passes reported changing (PassChanges.of(PipelineReport.passes)); None
+    for two graphs without reports (then node.meta["vsopt_from"] tells what a pass made).
     """
     site_nodes = site_nodes or {}
     anchors = anchors or {}
@@ -206,7 +227,7 @@ def diff_graphs(before: torch.fx.Graph, after: torch.fx.Graph, site_nodes: Mappi
     b_order = {name: i for i, name in enumerate(b_nodes)}
     a_order = {name: i for i, name in enumerate(a_nodes)}
 
-    kept_names = {n for n, node in a_nodes.items() if _is_kept(node, b_nodes)}
+    kept_names = {n for n, node in a_nodes.items() if _is_kept(node, b_nodes, changes)}
     removed = [n for n in b_nodes if n not in kept_names]
     created = [n for n in a_nodes if n not in kept_names]
 

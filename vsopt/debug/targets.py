@@ -1,9 +1,9 @@
 """Ready-made targets for `vsopt diff MODULE:FACTORY`: each factory returns (model, example_inputs,
-sampler), the form any user factory may take (the sampler is optional; see vsopt.debug).
+sampler), the form any user factory may take (the sampler is optional; see vsopt.debug.build).
 
-    vsopt diff vsopt.debug_targets:reference          the shipped reference model (a trained
+    vsopt diff vsopt.debug.targets:reference          the shipped reference model (a trained
                                                       diffusers Wan), one denoising step's inputs
-    vsopt diff vsopt.debug_targets:wan_tiny           a tiny random diffusers WanTransformer3DModel
+    vsopt diff vsopt.debug.targets:wan_tiny           a tiny random diffusers WanTransformer3DModel
 
 The sampler runs the reference Euler sampler (vsopt.models.sampler) with the denoiser it is given,
 so `--steps` shows the error over the sampling trajectory.
@@ -23,7 +23,7 @@ SAMPLER_STEPS = 4  # few: every optimized step runs the model three times (dense
 
 def euler_sampler(cond: torch.Tensor, shape: tuple[int, int, int, int], steps: int = SAMPLER_STEPS,
                   seed: int = 0) -> Callable[[Callable[..., Any]], list[torch.Tensor]]:
-    """A sampler for vsopt.debug_numeric.measure_trajectory: the reference Euler sampler from seeded
+    """A sampler for vsopt.debug.numeric.measure_trajectory: the reference Euler sampler from seeded
     noise, calling denoise(latents, timestep, cond) once per step; returns the latents after each
     step. shape: (C, F, H, W) of one latent clip; cond: (1, L, D) encoder_hidden_states."""
     from vsopt.models.sampler import sample

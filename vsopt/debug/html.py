@@ -16,11 +16,11 @@ import math
 import re
 from typing import TYPE_CHECKING, Any
 
-from vsopt.debug_graph import Subgraph, layered_layout
+from vsopt.debug.graph import Subgraph, layered_layout
 
 if TYPE_CHECKING:
-    from vsopt.debug import DiffReport, SiteEntry
-    from vsopt.debug_numeric import ErrorStats, SiteError
+    from vsopt.debug.report import DiffReport, SiteEntry
+    from vsopt.debug.numeric import ErrorStats, SiteError
 
 
 def _e(x: Any) -> str:

@@ -3,7 +3,7 @@
 A site's relative error does not cost the same everywhere: on the shipped reference model, the
 same kind of sparsity error in the first layer or at the first steps lowers the final PSNR by far
 more than in a middle layer or at the last step (errors made early are carried, and amplified,
-by every later step). The density search (vsopt.calibrate.search_density) weighs each site's
+by every later step). The density search (vsopt.calibration.search.search_density) weighs each site's
 predicted squared error by this sensitivity when it is given one (`CalibrationOptions.
 error_weights`), so that blocks go where they protect the final output most.
 
@@ -29,7 +29,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from vsopt.capture import SiteCall, run_observing
+from vsopt.calibration.capture import SiteCall, run_observing
+from vsopt.calibration.inputs import model_output
 from vsopt.core.errors import ConfigError
 
 
@@ -48,7 +49,7 @@ def euler_sensitivity(gm: torch.fx.GraphModule, velocity: Callable[..., torch.Te
     if len(sigmas) != steps + 1:
         raise ConfigError(f"euler_sensitivity: {steps} steps need {steps + 1} sigmas, got {len(sigmas)}")
     last = step_inputs[-1]
-    final = (last[0].float() + float(sigmas[-1] - sigmas[-2]) * _first_tensor(velocity(*last)).float()).double()
+    final = (last[0].float() + float(sigmas[-1] - sigmas[-2]) * model_output(velocity(*last)).float()).double()
     final_norm2 = max(float(final.pow(2).sum()), 1e-300)
     weights: dict[str, dict[int, float]] = {sid: {} for sid in site_ids}
     for i, inp in enumerate(step_inputs):
@@ -61,7 +62,7 @@ def euler_sensitivity(gm: torch.fx.GraphModule, velocity: Callable[..., torch.Te
                 site_err2[sid] = float((out.double() - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-300))
                 return out
 
-            v = _first_tensor(run_observing(gm, inp, observe)).float()
+            v = model_output(run_observing(gm, inp, observe)).float()
             if sid not in site_err2:
                 raise ConfigError(f"euler_sensitivity: site {sid!r} did not run at step {i}")
             xs.append(inp[0].float() + float(sigmas[i + 1] - sigmas[i]) * v)
@@ -70,17 +71,10 @@ def euler_sensitivity(gm: torch.fx.GraphModule, velocity: Callable[..., torch.Te
         for j in range(i + 1, steps):
             rest = [a.repeat(n, *[1] * (a.dim() - 1)) if isinstance(a, torch.Tensor) and a.dim() > 0 else a
                     for a in step_inputs[j][1:]]
-            v = _first_tensor(velocity(x.to(step_inputs[j][0].dtype), *rest)).float()
+            v = model_output(velocity(x.to(step_inputs[j][0].dtype), *rest)).float()
             x = x + float(sigmas[j + 1] - sigmas[j]) * v
         for sid, xb in zip(site_ids, x.chunk(n)):
             final_err2 = float((xb.double() - final).pow(2).sum()) / final_norm2
             weights[sid][i] = final_err2 / max(site_err2[sid], 1e-300)
     return weights
 
-
-def _first_tensor(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise ConfigError(f"euler_sensitivity: cannot take the velocity from a model output of type {type(out).__name__}")

@@ -1,0 +1,86 @@
+"""A plan over a whole model: its block density and its predicted attention speedup, summed over
+the sites and the denoising steps. What each site's plan entry means (its densities, its launches
+and their cost) is vsopt.core.semantics'; this module only adds the sites and steps up.
+
+`calls`: site_id -> vsopt.calibration.capture.SiteCall (the site's q/k at one step), which dynamic heads need
+for their density; one dict per step, or one for all steps, or None (then a top-k head counts at
+its fraction and a cumulative-mass head raises: its density depends on the input)."""
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Mapping, Sequence
+
+from vsopt.core import semantics
+from vsopt.core.costmodel import CostModel
+from vsopt.core.ir import AttentionSite
+from vsopt.core.plan import Plan, Sparsity
+
+Calls = Mapping[str, object] | None
+
+
+def _per_step(calls: Calls | Sequence[Calls], steps: int) -> list[Calls]:
+    return list(calls) if isinstance(calls, (list, tuple)) else [calls] * steps
+
+
+def site_densities(plan: Plan, site: AttentionSite, calls: Calls, step: int | None) -> list[float]:
+    """Per head, the block density the site's plan entry runs at `step` (semantics.head_densities,
+    on the site's q/k from `calls` when a dynamic head needs them)."""
+    heads = plan[site.site_id].heads_at(step)
+    call = calls[site.site_id] if calls is not None and any(h.sparsity is Sparsity.DYNAMIC for h in heads) else None
+    if call is None:
+        return semantics.head_densities(site, heads)
+    return semantics.head_densities(site, heads, call.q, call.k, call.scale)
+
+
+def plan_density(plan: Plan, sites: Sequence[AttentionSite], calls: Calls | Sequence[Calls] = None,
+                 steps: int | None = None) -> float:
+    """Mean block density over the planned heads of self-attention sites (dense 1, skipped 0).
+
+    With `steps`, the mean over denoising steps 0 .. steps - 1 of the heads each step runs (a
+    plan with step ranges runs different heads at different steps); `calls` is then one dict per
+    step (or one dict for all steps). Without, the plan's default heads."""
+    if steps is None:
+        return _step_density(plan, sites, calls, None)
+    per_step = _per_step(calls, steps)
+    return statistics.fmean(_step_density(plan, sites, per_step[i], i) for i in range(steps))
+
+
+def _step_density(plan: Plan, sites: Sequence[AttentionSite], calls: Calls, step: int | None) -> float:
+    ds = [d for s in sites if s.site_id in plan and s.is_self_attention for d in site_densities(plan, s, calls, step)]
+    return statistics.fmean(ds) if ds else 1.0
+
+
+def predicted_attention_speedup(plan: Plan, sites: Sequence[AttentionSite], cost: CostModel,
+                                steps: int | None = None, calls: Calls | Sequence[Calls] = None) -> float:
+    """Dense over planned attention time of all sites, from the cost model; with `steps`, summed
+    over denoising steps 0 .. steps - 1 (each runs its step range's heads)."""
+    if steps is None:
+        return _predicted_step_speedup(plan, sites, cost, calls, None)
+    per_step = _per_step(calls, steps)
+    # total time over steps = sum of per-step times: the harmonic mean of per-step speedups
+    return steps / sum(1.0 / _predicted_step_speedup(plan, sites, cost, per_step[i], i) for i in range(steps))
+
+
+def _predicted_step_speedup(plan: Plan, sites: Sequence[AttentionSite], cost: CostModel, calls: Calls,
+                            step: int | None) -> float:
+    dense = planned = 0.0
+    for s in sites:
+        dense_us = semantics.dense_us(s, cost)
+        dense += dense_us
+        if s.site_id not in plan:
+            planned += dense_us
+            continue
+        planned += semantics.predicted_us(s, plan[s.site_id].heads_at(step), cost,
+                                          site_densities(plan, s, calls, step))
+    return dense / max(planned, 1e-9)
+
+
+def calibrated_sites_target(speedup: float, sites: Sequence[AttentionSite], cost: CostModel) -> float:
+    """The predicted speedup the self-attention sites (those vsopt calibrates) must reach for the
+    whole model's attention to reach `speedup`, the other sites staying dense (inf: unreachable,
+    the dense sites alone take longer than the whole may)."""
+    dense_all = sum(semantics.dense_us(s, cost) for s in sites)
+    dense_video = sum(semantics.dense_us(s, cost) for s in sites if s.is_self_attention and s.grid is not None)
+    allowed = dense_all / speedup - (dense_all - dense_video)
+    return dense_video / allowed if allowed > 0 else math.inf

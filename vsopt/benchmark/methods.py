@@ -1,0 +1,60 @@
+"""The plan each sparse-attention method runs at a target density (the methods are listed in the
+package doc): every method is a Plan, so all of them run through the same rewrite and kernels."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from vsopt.benchmark.settings import BenchSettings, Method
+from vsopt.core.dynamic import DynamicMethod, DynamicSpec
+from vsopt.core.errors import ConfigError
+from vsopt.core.ir import AttentionSite, TokenGrid
+from vsopt.core.patterns import LocalWindow, Pattern, Radial, block_mask
+from vsopt.core.plan import HeadPlan, Plan, Quant, Sparsity
+
+
+def _closest(patterns: Sequence[Pattern], grid: TokenGrid, target: float, block: int) -> tuple[Pattern, float]:
+    scored = [(p, float(block_mask(p, grid, block_m=block, block_n=block).float().mean())) for p in patterns]
+    return min(scored, key=lambda pd: (abs(pd[1] - target), pd[1]))
+
+
+def window_pattern(grid: TokenGrid, target: float, block: int) -> tuple[Pattern, float]:
+    """The 3D local window with block density closest to `target`."""
+    span = max(grid.height, grid.width)
+    return _closest([LocalWindow(f, s, s) for f in range(grid.frames) for s in range(span)], grid, target, block)
+
+
+def radial_pattern(grid: TokenGrid, target: float, block: int) -> tuple[Pattern, float]:
+    """The Radial Attention mask with block density closest to `target`."""
+    span = max(grid.height, grid.width)
+    return _closest([Radial(s, f) for f in range(1, grid.frames + 1) for s in range(span)], grid, target, block)
+
+
+def method_plan(method: Method, sites: Sequence[AttentionSite], density: float, settings: BenchSettings,
+                calibrate_fn: Callable[[float], Plan] | None = None) -> tuple[Plan, list[str]]:
+    """The plan `method` runs at `density`, and notes on how it was made. Only self-attention
+    sites with a known grid are made sparse; the rest stay dense (cross-attention to a few text
+    tokens is cheap). calibrate_fn(density): vsopt's calibrated plan (PlanScorer.calibrated_plan)."""
+    video = [s for s in sites if s.is_self_attention and s.grid is not None]
+    b, quant = settings.block, settings.quant
+    if method is Method.DENSE:
+        return Plan.dense(sites), []
+    if method is Method.SAGE:
+        return Plan.uniform(video, HeadPlan(quant=Quant.INT8, block_m=b, block_n=b)), ["dense INT8 QK"]
+    if method is Method.TOPK:
+        head = HeadPlan(Sparsity.DYNAMIC, quant=quant, block_m=b, block_n=b,
+                        dynamic=DynamicSpec(DynamicMethod.TOP_K, density))
+        return Plan.uniform(video, head), [f"top-k {density:.2f} of key blocks per row"]
+    if method in (Method.WINDOW, Method.RADIAL):
+        grids = {s.grid for s in video}
+        if len(grids) != 1:
+            raise ConfigError(f"{method.value}: the self-attention sites have several grids {grids}")
+        grid = grids.pop()
+        pattern, d = (window_pattern if method is Method.WINDOW else radial_pattern)(grid, density, b)
+        head = HeadPlan(Sparsity.PATTERN, pattern=pattern, quant=quant, block_m=b, block_n=b)
+        return Plan.uniform(video, head), [f"{pattern} (block density {d:.3f})"]
+    if method is Method.VSOPT:
+        if calibrate_fn is None:
+            raise ConfigError("method 'vsopt' needs calibration inputs")
+        plan = calibrate_fn(density)
+        return plan, [f"calibrated at density budget {density}"]
+    raise ConfigError(f"unknown method {method!r}")

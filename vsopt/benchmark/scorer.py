@@ -1,0 +1,184 @@
+"""PlanScorer: scores plans against the dense model on fixed clips (the same descriptions and
+noise for every plan, so that scores compare across plans and runs), and makes vsopt's calibrated
+plans on other clips."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Sequence
+
+import torch
+
+from vsopt.benchmark.aggregate import calibrated_sites_target, plan_density
+from vsopt.benchmark.settings import DYNAMIC_MASS, DYNAMIC_TOP_K, BenchSettings
+from vsopt.core import semantics
+from vsopt.core.config import VsoptConfig
+from vsopt.core.dynamic import DynamicMethod, DynamicSpec
+from vsopt.core.errors import ConfigError
+from vsopt.core.ir import TokenGrid
+from vsopt.core.metrics import cosine_similarity, psnr, relative_l2, ssim
+from vsopt.core.plan import HeadPlan, Plan, Quant, Sparsity
+from vsopt.core.steps import step_variants
+
+
+class Velocity(torch.nn.Module):
+    """Wan's forward with positional inputs only, returning the velocity tensor."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, latents, timestep, encoder_hidden_states):
+        return self.transformer(latents, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+def rewritten(model: Velocity, example: tuple, plan: Plan | None, grid: TokenGrid | None):
+    """(graph, PipelineReport) of the model traced on `example` and rewritten for `plan`."""
+    from vsopt.backend import trace_and_rewrite
+
+    return trace_and_rewrite(model, example, VsoptConfig(plan=plan, grid=grid))
+
+
+def _as_sampler_model(fn):
+    return lambda x, t, c, return_dict=False: (fn(x, t, c),)
+
+
+def site_output(site, heads: Sequence[HeadPlan], call) -> torch.Tensor:
+    """What `site` computes under `heads` on a recorded call's q/k/v (semantics.site_output)."""
+    return semantics.site_output(site, heads, call.q, call.k, call.v, call.scale)
+
+
+class PlanScorer:
+    """Built once per (model, settings): it samples the dense clips, records the transformer's
+    inputs at every step and each attention site's exact q/k/v/output there. score(plan) then
+    samples with the plan and measures video and per-site errors (see the package doc)."""
+
+    def __init__(self, ref, settings: BenchSettings, progress: bool = False):
+        from vsopt.calibration.capture import record_forward_inputs, run_observing
+        from vsopt.models import data, sampler
+
+        self.ref, self.settings = ref, settings
+        self.device = next(ref.transformer.parameters()).device
+        self.shape = (data.CHANNELS, *(settings.clip or (ref.config.frames, ref.config.height, ref.config.width)))
+        _, tokens = data.make_batch(settings.clips, seed=settings.seed + 1000)
+        self.cond = ref.encode(tokens.to(self.device))
+        # every method traces this wrapper, so that site ids (and plans) agree across methods
+        self.velocity = Velocity(ref.transformer).eval()
+        self.example = (torch.randn(1, *self.shape, device=self.device, dtype=self.cond.dtype),
+                        torch.tensor([500.0], device=self.device), self.cond[:1])
+        dense_gm, report = rewritten(self.velocity, self.example, None, None)
+        self.sites = report.sites
+        self.site_step = settings.site_step if settings.site_step is not None else settings.steps // 2
+        t0 = time.perf_counter()
+        with record_forward_inputs(ref.transformer, device=None) as recorded:
+            self.dense_video = sampler.sample(ref.transformer, self.cond, self.shape, steps=settings.steps,
+                                              seed=settings.seed, progress=progress)
+        self.dense_sample_s = time.perf_counter() - t0
+        # every site's exact q/k/v/output at every step (per-site errors, dynamic heads' density)
+        self.dense_calls_by_step = []
+        for rec in recorded:
+            calls: dict = {}
+            run_observing(dense_gm, tuple(a[:1] for a in rec.args), lambda call: calls.__setitem__(call.site_id, call))
+            self.dense_calls_by_step.append(calls)
+        self.dense_calls = self.dense_calls_by_step[self.site_step]
+        self._calibration_inputs = None
+        self._error_weights = None
+
+    def score(self, plan: Plan) -> dict[str, Any]:
+        """Video scores (PSNR, SSIM, relative L2 of the final latents against dense), per-site
+        isolated errors at site_step, and the block density run."""
+        from vsopt.models import sampler
+
+        video = sampler.sample(self.step_model(plan), self.cond, self.shape, steps=self.settings.steps,
+                               seed=self.settings.seed)
+        per_site = {}
+        for site in self.sites:
+            call = self.dense_calls[site.site_id]
+            out = (site_output(site, plan[site.site_id].heads_at(self.site_step), call)
+                   if site.site_id in plan else call.out.float())
+            per_site[site.site_id] = {"cosine": cosine_similarity(out, call.out), "rel_l2": relative_l2(out, call.out)}
+        return {"psnr": psnr(video, self.dense_video), "ssim": ssim(video, self.dense_video),
+                "rel_l2": relative_l2(video, self.dense_video),
+                "density": plan_density(plan, self.sites, self.dense_calls_by_step, self.settings.steps),
+                "site_cosine_min": min(v["cosine"] for v in per_site.values()),
+                "site_rel_l2_max": max(v["rel_l2"] for v in per_site.values()), "sites": per_site}
+
+    def step_model(self, plan: Plan):
+        """A sampler model running `plan`: the lowered graph of the current denoising step's
+        segment when the plan has step ranges (vsopt.core.steps, as the backend dispatches)."""
+        return _as_sampler_model(step_variants(plan, lambda p: rewritten(self.velocity, self.example, p, None)[0]))
+
+    def calibrated_plan(self, density: float) -> Plan:
+        """vsopt's calibration under DensityBudget(density), on other clips than the scored ones:
+        with settings.step_plans one step range per calibration step, with settings.sensitivity
+        the errors weighted by the final output's sensitivity (measured on the calibration run)."""
+        from vsopt.calibration import DensityBudget, calibrate
+
+        calls, options = self._calibration(density)
+        return calibrate(self.velocity, calls, DensityBudget(density, self.settings.quant), options=options,
+                         progress=False).plan
+
+    def calibrated_plans_at_speedups(self, speedups: Sequence[float], cost) -> list[tuple[Plan, float]]:
+        """vsopt's calibration under SpeedupBudget at each whole-model predicted attention speedup
+        in `speedups` (one measurement, one search per target), as (plan, the speedup asked of the
+        calibrated sites): the sites left dense (cross-attention) count at their dense time, so the
+        calibrated self-attention sites must be faster than the whole. Every sparse candidate is
+        also offered in the model's token order, so the search can drop a permutation."""
+        from vsopt.calibration import SpeedupBudget, calibrate_many
+
+        calls, options = self._calibration(0.3)
+        options = dataclasses.replace(options, model_order_candidates=True)
+        targets = [calibrated_sites_target(x, self.sites, cost) for x in speedups]
+        if not all(math.isfinite(t) for t in targets):
+            raise ConfigError(f"vsopt speedups {list(speedups)}: the sites left dense alone take longer than "
+                              f"that (predicted); the largest reachable is below "
+                              f"{max(x for x, t in zip(speedups, targets) if not math.isfinite(t)):g}x")
+        results = calibrate_many(self.velocity, calls, [SpeedupBudget(t, self.settings.quant) for t in targets],
+                                 options=options, progress=False)
+        return [(r.plan, t) for r, t in zip(results, targets)]
+
+    def _calibration(self, order_density: float):
+        """The calibration inputs (a sampler run on other clips) and options of the bench."""
+        from vsopt.calibration import CalibrationOptions
+        from vsopt.calibration.capture import RecordedCall, record_forward_inputs
+        from vsopt.models import data, sampler
+
+        s = self.settings
+        if self._calibration_inputs is None:
+            _, tokens = data.make_batch(s.calibration_clips, seed=s.seed + 2000)
+            with record_forward_inputs(self.ref.transformer, device=None) as calls:
+                sampler.sample(self.ref.transformer, self.ref.encode(tokens.to(self.device)), self.shape,
+                               steps=s.calibration_steps, seed=s.seed + 1)
+            # one forward per step; the Velocity wrapper takes the positional inputs only
+            self._calibration_inputs = [RecordedCall(c.index, c.index, c.args) for c in calls]
+        calls = self._calibration_inputs
+        if s.sensitivity and self._error_weights is None:
+            self._error_weights = self.sensitivity_weights(calls)
+        ranges = None
+        if s.step_plans:
+            ranges = tuple((i, i + 1) for i in range(s.calibration_steps - 1)) + ((s.calibration_steps - 1, None),)
+        options = CalibrationOptions(block_m=s.block, block_n=s.block, quants=tuple({Quant.NONE, s.quant}),
+                                     order_density=order_density, step_ranges=ranges, dynamic_values=DYNAMIC_MASS,
+                                     dynamic_top_k=DYNAMIC_TOP_K,
+                                     error_weights=self._error_weights if s.sensitivity else None)
+        return calls, options
+
+    def sensitivity_weights(self, calls) -> dict[str, dict[int, float]]:
+        """vsopt.sensitivity.euler_sensitivity on a dense sampler run's recorded inputs `calls`
+        (one per step), each self-attention site probed with block top-k at density 0.5 in the
+        model's order (an error of the kind sparse attention makes)."""
+        from vsopt.models import sampler
+        from vsopt.calibration.sensitivity import euler_sensitivity
+
+        inputs = [c.args for c in calls]
+        gm, _ = rewritten(self.velocity, inputs[0], None, None)
+        b = self.settings.block
+        probe_head = HeadPlan(Sparsity.DYNAMIC, block_m=b, block_n=b, dynamic=DynamicSpec(DynamicMethod.TOP_K, 0.5))
+        video = {s.site_id: s for s in self.sites if s.is_self_attention and s.grid is not None}
+
+        def probe(call):
+            return site_output(video[call.site_id], [probe_head] * call.q.shape[1], call)
+
+        with torch.no_grad():
+            return euler_sensitivity(gm, self.velocity, inputs, sampler.sigmas(len(inputs)), list(video), probe)

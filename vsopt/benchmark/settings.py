@@ -1,0 +1,89 @@
+"""What a bench run sweeps (Method, BenchSettings) and what it records per configuration (BenchPoint)."""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+from vsopt.core.errors import ConfigError
+from vsopt.core.plan import Quant
+
+
+class Method(str, enum.Enum):
+    DENSE = "dense"
+    VSOPT = "vsopt"
+    TOPK = "topk"
+    WINDOW = "window"
+    RADIAL = "radial"
+    SAGE = "sage"
+
+
+# vsopt's dynamic candidates in the bench: cumulative-mass shares and top-k fractions spanning the
+# swept densities (CalibrationOptions' defaults offer only near-lossless mass shares)
+DYNAMIC_MASS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+DYNAMIC_TOP_K = (0.1, 0.2, 0.3, 0.4, 0.5)
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What one bench run sweeps and how it samples.
+
+    block: kernel block size of every plan. steps / clips / seed: the sampler run the video scores
+    come from (the same noise and descriptions for every method). calibration_clips /
+    calibration_steps: the sampler inputs vsopt's calibration measures (other seeds than the
+    scored clips). site_step: the denoising step whose inputs the per-site errors are taken at.
+    step_plans: vsopt calibrates each denoising step separately (a plan with one step range per
+    step; the density budget is then shared across steps as well as sites). sensitivity: vsopt's
+    density search weighs each site's and step's error by the final output's measured sensitivity
+    to it (vsopt.calibration.sensitivity), on the calibration clips. vsopt_speedups / vsopt_match: vsopt is
+    calibrated under a time budget instead (calibrate.SpeedupBudget: the cost model's predicted
+    attention time, fixed per-site costs included) at these predicted speedups of the whole
+    model's attention, and with vsopt_match also at each baseline point's predicted speedup; its
+    density points are then not run."""
+
+    methods: tuple[Method, ...] = (Method.VSOPT, Method.TOPK, Method.WINDOW, Method.RADIAL, Method.SAGE)
+    densities: tuple[float, ...] = (0.2, 0.3, 0.5)
+    quant: Quant = Quant.NONE
+    block: int = 64
+    steps: int = 10
+    clips: int = 1
+    seed: int = 0
+    calibration_clips: int = 1
+    calibration_steps: int = 4
+    site_step: int | None = None  # None: the middle step
+    timing_iters: int = 10
+    clip: tuple[int, int, int] | None = None  # latent (frames, height, width); None: the model's own
+    step_plans: bool = True
+    sensitivity: bool = True
+    vsopt_speedups: tuple[float, ...] = ()
+    vsopt_match: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "methods", tuple(Method(m) for m in self.methods))
+        object.__setattr__(self, "quant", Quant(self.quant))
+        if not all(0.0 < d <= 1.0 for d in self.densities):
+            raise ConfigError(f"densities must lie in (0, 1], got {self.densities}")
+        object.__setattr__(self, "vsopt_speedups", tuple(float(x) for x in self.vsopt_speedups))
+        if not all(x > 0 and math.isfinite(x) for x in self.vsopt_speedups):
+            raise ConfigError(f"vsopt_speedups must be finite and > 0, got {self.vsopt_speedups}")
+        if self.steps < 1 or self.clips < 1:
+            raise ConfigError(f"steps and clips must be >= 1, got {self.steps}, {self.clips}")
+
+
+@dataclass
+class BenchPoint:
+    method: str
+    target_density: float | None  # None: vsopt calibrated under a time budget (target_speedup)
+    density: float  # block density actually run (mean over planned self-attention heads)
+    quant: str
+    psnr: float
+    ssim: float
+    rel_l2: float
+    site_cosine_min: float
+    site_rel_l2_max: float
+    sites: dict[str, dict[str, float]]
+    speedup: float
+    speedup_source: str  # "measured-gpu" or "predicted-cost-model"
+    ms: float | None = None
+    notes: list[str] = field(default_factory=list)
+    target_speedup: float | None = None  # vsopt under a time budget: the whole-model predicted speedup asked

@@ -35,18 +35,12 @@ def _check_equal(r: dict, heads_note: str) -> None:
 
 
 def test_two_ranks():
-    results = _run(2, ["ulysses", "ring_unaligned", "ring_bad_order"])
+    results = _run(2, ["ulysses", "ring", "ring_unaligned", "ring_bad_order"])
     _check_equal(results["ulysses"], "blocks.1.attn1: Ulysses rank 0 of 2 computes heads 0..1 of 4")
+    _check_equal(results["ring"], "blocks.1.attn1: ring rank 0 of 2, 32 of 64 tokens, 4 heads")
     _check_equal(results["ring_unaligned"], "blocks.0.attn1: ring rank 0 of 2, 24 of 48 tokens, 4 heads")
     refused = results["ring_bad_order"]["refused"]
     assert "site 'blocks.0.attn1': head 2 runs token order 'hwf'" in refused and "across the ring shards" in refused
-
-
-@pytest.mark.xfail(strict=True, reason="known defect after the reliability merge (issue 18 note): under ring on 2 "
-                   "ranks one attn1 site finds no plan entry and stays dense")
-def test_two_ranks_ring():
-    results = _run(2, ["ring"])
-    _check_equal(results["ring"], "blocks.1.attn1: ring rank 0 of 2, 32 of 64 tokens, 4 heads")
 
 
 @pytest.mark.slow

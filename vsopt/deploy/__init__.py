@@ -25,6 +25,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .loading import load, register_ops  # noqa: E402  (light: stdlib only at import)
+
 __all__ = ["export", "load", "register_ops", "ExportResult", "ExportError", "Check", "SiteOutcome", "FORMATS",
            "ONNX_FORMS"]
 _ARTIFACT_NAMES = {"ExportResult", "ExportError", "Check", "SiteOutcome", "FORMATS", "ONNX_FORMS", "SUFFIXES"}
@@ -38,12 +40,6 @@ def __getattr__(name: str):
 
         return getattr(artifact, name)
     raise AttributeError(f"module 'vsopt.deploy' has no attribute {name!r}")
-
-
-def register_ops() -> None:
-    """Register torch.ops.vsopt.* (what loading a pt2 or AOTI artifact needs)."""
-    import vsopt.core.dynamic  # noqa: F401  (vsopt::dynamic_block_mask)
-    import vsopt.core.ops  # noqa: F401
 
 
 def _default_out(fmt: str) -> Path:
@@ -167,39 +163,3 @@ def _check(fmt: str, onnx_form: str, path: Path, prog, tolerance: float | None =
     if fmt == "trt":
         return Check("TensorRT engine", None, message="built; vsopt's check does not run TensorRT engines")
     return check_module.check_in_subprocess(fmt, path, prog)
-
-
-def load(path: str | os.PathLike, format: str | None = None, *, providers: tuple[str, ...] = ("CPUExecutionProvider",)):
-    """An artifact as a callable returning a tuple of tensors: pt2, aoti (both .pt2: told apart by
-    the archive's contents) or a portable-form .onnx (onnxruntime with `providers`)."""
-    path = Path(path)
-    if format is None:
-        format = "onnx" if path.suffix == ".onnx" else _pt2_kind(path)
-    if format == "pt2":
-        from . import pt2
-
-        return pt2.load(path)
-    if format == "aoti":
-        from . import aoti
-
-        return aoti.load(path)
-    if format == "onnx":
-        from . import onnx as onnx_format
-
-        return onnx_format.load(path, providers)
-    from vsopt.core.errors import ConfigError
-
-    raise ConfigError(f"cannot load format {format!r} (pt2, aoti or onnx)")
-
-
-def _pt2_kind(path: Path) -> str:
-    """'aoti' when the .pt2 archive holds compiled AOTInductor code, else 'pt2'."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as z:
-            return "aoti" if any("/data/aotinductor/" in n for n in z.namelist()) else "pt2"
-    except (zipfile.BadZipFile, FileNotFoundError) as e:
-        from .artifact import ExportError
-
-        raise ExportError(f"{str(path)!r} is not a readable .pt2 archive: {e}") from None

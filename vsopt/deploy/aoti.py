@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+import vsopt.core.dynamic  # noqa: F401  (registers vsopt::dynamic_block_mask: loading needs the ops)
+import vsopt.core.ops  # noqa: F401  (registers torch.ops.vsopt.*)
 from vsopt.core.io import atomic_output
 
 from .program import RewrittenProgram
@@ -46,7 +48,4 @@ def write(prog: RewrittenProgram, path: Path, progress: Report | None = None) ->
 
 def load(path: str | Path):
     """The package as a callable (aoti_load_package)."""
-    from . import register_ops
-
-    register_ops()
     return torch._inductor.aoti_load_package(str(path))

@@ -83,7 +83,7 @@ def check_in_subprocess(fmt: str, artifact: Path, prog, *, providers: tuple[str,
 def _child(req: Path) -> int:
     request = json.loads((req / "request.json").read_text())
     try:
-        from . import load
+        from .loading import load
 
         run = load(request["artifact"], format=request["format"], providers=tuple(request["providers"]))
         inputs = torch.load(req / "inputs.pt")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+import vsopt.core.dynamic  # noqa: F401  (registers vsopt::dynamic_block_mask: loading needs the ops)
+import vsopt.core.ops  # noqa: F401  (registers torch.ops.vsopt.*)
 from vsopt.core.io import atomic_output
 
 from .program import RewrittenProgram
@@ -27,7 +29,4 @@ def write(prog: RewrittenProgram, path: Path, progress: Report | None = None) ->
 
 def load(path: str | Path):
     """The saved program as a callable (its ExportedProgram's module())."""
-    from . import register_ops
-
-    register_ops()
     return torch.export.load(str(path)).module()

@@ -1,26 +1,37 @@
-"""`vsopt demo`: sample a clip from the shipped reference model, dense and through vsopt.
+"""`vsopt demo`: sample a clip from the shipped reference model: eager, Inductor and vsopt.
 
-    vsopt demo --out vsopt-demo [--plan wan.plan.json] [--steps 20] [--prompt "..."]
+    vsopt demo --out vsopt-demo [--plan wan.plan.json] [--steps N] [--prompt "..."] [--cudagraphs]
 
 Loads the reference model (a small diffusers WanTransformer3DModel trained on procedural clips,
-see docs/MODEL.md), prints the attention sites vsopt finds in it and the plan used, samples the
-same clip (same noise, same description) once with the eager model and once with
-torch.compile(model, backend="vsopt", options={"plan": ...}), prints the time of each and the
-PSNR/SSIM of the optimized clip against the dense one, and writes to --out:
-    frames.png   dense frames, optimized frames, and their difference (x4), side by side
-    clip.gif     dense | optimized, animated
-    demo.json    everything printed, as JSON
-By default the optimized run uses the shipped plan calibrated for the reference model (at the
-trained clip size); with --plan none every site runs vsopt's exact dense op, so the two clips
-agree to rounding.
-Runs on the GPU (bf16) when there is one, else on the CPU (float32) in a few minutes.
+see docs/MODEL.md), prints the attention sites vsopt finds in it and the plan used, then:
+
+1. compiles, before any clock starts, every graph the timed runs need: torch.compile's default
+   (Inductor) and torch.compile(model, backend="vsopt", options={"plan": ...}), warming up each
+   step segment of a step-ranged plan (vsopt.set_denoising_step at the first step of each), with
+   progress shown and the time taken reported on its own;
+2. samples the same clip (same noise, same description) eagerly, through Inductor and through
+   vsopt, timing every sampling step synchronized (vsopt.core.timing.CallTimer);
+3. prints the median step of each, vsopt's speedup against eager and against Inductor, one line on
+   what the numbers mean on this device (on a CPU vsopt's kernels run as their PyTorch
+   references: no speedup is expected), and the PSNR/SSIM of vsopt's clip against the eager one.
+
+It writes to --out: frames.png and clip.gif (vsopt.demo_images) and demo.json (everything printed,
+per-step times included). By default the vsopt run uses the shipped plan calibrated for the
+reference model (at the trained clip size); with --plan none every site runs vsopt's exact dense
+op. Defaults depend on the device (DEVICE_DEFAULTS, printed): bf16 and 20 steps on a GPU; float32
+and fewer steps on the CPU, at the trained clip size so that the shipped plan still applies.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import statistics
+import sys
+import threading
 import time
-from io import BytesIO
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +41,12 @@ from vsopt.core.io import atomic_write_bytes
 
 
 SHIPPED_PLAN = "shipped"
+#: Sampling steps by device when --steps is not given. On a 2-core CPU a step at the trained size
+#: takes ~1.5 s eagerly and ~2.5 s through vsopt (its kernels' PyTorch references), and compiling
+#: Inductor and vsopt ~70 s: 6 steps (both step ranges of the shipped plan, 0-3 and 4+, still run)
+#: keep the default demo within 3 minutes there. The clip stays at the trained size, the only one
+#: the shipped plan fits.
+DEVICE_DEFAULTS = {"cuda": {"steps": 20}, "cpu": {"steps": 6}}
 
 
 def resolve_plan(choice: str | None, frames: int, size: int, config) -> tuple[str | None, str]:
@@ -50,67 +67,26 @@ def resolve_plan(choice: str | None, frames: int, size: int, config) -> tuple[st
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="vsopt-demo", help="folder for frames.png, clip.gif and demo.json (default: %(default)s)")
+    p.add_argument("--out", default="vsopt-demo", help="folder for frames.png, clip.gif and demo.json")
     p.add_argument("--plan", default=SHIPPED_PLAN, metavar="PATH|shipped|none",
-                   help="plan for the optimized run: a plan JSON; 'shipped' (default), the plan calibrated for the "
-                        "reference model (used at the trained clip size, else every site dense); 'none', every "
-                        "site dense")
+                   help="plan for the optimized run: a plan JSON; 'shipped', the plan calibrated for the reference "
+                        "model (used at the trained clip size, else every site dense); 'none', every site dense")
     p.add_argument("--prompt", default=None,
                    help='description, e.g. "waves background; red square moving left, clockwise, growing" '
                         "(default: drawn from --seed)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise (and of the description if no --prompt)")
-    p.add_argument("--steps", type=int, default=20, help="Euler steps (default: %(default)s)")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale; 1 = off (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="Euler steps (default: " + ", ".join(f"{v['steps']} on {k}" for k, v in DEVICE_DEFAULTS.items())
+                        + ")")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale; 1 = off")
     p.add_argument("--frames", type=int, default=None, help="latent frames (default: the trained 16; fewer is faster)")
     p.add_argument("--size", type=int, default=None, help="latent height = width (default: the trained 32; even)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--backend", default="vsopt",
-                   help="torch.compile backend of the optimized run (default: vsopt; e.g. inductor to compare)")
-
-
-def _upscale(frame, factor: int):
-    from PIL import Image
-
-    img = Image.fromarray(frame.numpy())
-    return img.resize((img.width * factor, img.height * factor), Image.NEAREST)
-
-
-def write_images(dense_rgb: torch.Tensor, opt_rgb: torch.Tensor, out: Path, factor: int = 6) -> None:
-    """dense_rgb, opt_rgb: (F, H, W, 3) uint8. frames.png: rows dense / optimized / |diff| x 4,
-    every other frame; clip.gif: dense | optimized, one GIF frame per video frame."""
-    from PIL import Image, ImageDraw
-
-    F_, H, W, _ = dense_rgb.shape
-    diff = ((dense_rgb.float() - opt_rgb.float()).abs() * 4).clamp(0, 255).to(torch.uint8)
-    cols = list(range(0, F_, 2 if F_ > 8 else 1))
-    label_w, pad = 90, 2
-    cw, ch = W * factor + pad, H * factor + pad
-    sheet = Image.new("RGB", (label_w + cw * len(cols), ch * 3 + 18), "white")
-    d = ImageDraw.Draw(sheet)
-    for r, (name, video) in enumerate((("dense", dense_rgb), ("vsopt", opt_rgb), ("|diff| x4", diff))):
-        d.text((4, 18 + r * ch + ch // 2 - 6), name, fill="black")
-        for c, f in enumerate(cols):
-            sheet.paste(_upscale(video[f], factor), (label_w + c * cw, 18 + r * ch))
-    for c, f in enumerate(cols):
-        d.text((label_w + c * cw + 4, 3), f"frame {f}", fill="black")
-    buf = BytesIO()
-    sheet.save(buf, format="PNG")
-    atomic_write_bytes(out / "frames.png", buf.getvalue())
-
-    frames = []
-    for f in range(F_):
-        both = Image.new("RGB", (2 * W * factor + 4, H * factor), "white")
-        both.paste(_upscale(dense_rgb[f], factor), (0, 0))
-        both.paste(_upscale(opt_rgb[f], factor), (W * factor + 4, 0))
-        frames.append(both)
-    buf = BytesIO()
-    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=125, loop=0)
-    atomic_write_bytes(out / "clip.gif", buf.getvalue())
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+                   help="torch.compile backend of the optimized run (e.g. inductor to compare)")
+    p.add_argument("--cudagraphs", action="store_true",
+                   help="run both compiled models under CUDA graphs (vsopt: options cudagraphs; Inductor: "
+                        "mode reduce-overhead); GPU only")
 
 
 def _load_reference(model_lib, device: str, dtype: torch.dtype):
@@ -138,17 +114,104 @@ def _environment_needs() -> str:
     return ", ".join(found)
 
 
+@contextlib.contextmanager
+def _progress(label: str):
+    """Print `label ...`, the elapsed seconds while the block runs (on a terminal), then the time
+    taken. Yields a dict whose "s" holds the seconds afterwards."""
+    result: dict = {}
+    done = threading.Event()
+    tty = sys.stdout.isatty()
+    start = time.perf_counter()
+    print(f"  {label} ...", end="" if not tty else "\n", flush=True)
+
+    def tick():
+        while not done.wait(1.0):
+            print(f"\r  {label} ... {time.perf_counter() - start:.0f} s", end="", flush=True)
+
+    ticker = threading.Thread(target=tick, daemon=True) if tty else None
+    if ticker:
+        ticker.start()
+    try:
+        yield result
+    finally:
+        done.set()
+        if ticker:
+            ticker.join()
+        result["s"] = time.perf_counter() - start
+        print(f"\r  {label} ... {result['s']:.1f} s" if tty else f" {result['s']:.1f} s", flush=True)
+
+
+@contextlib.contextmanager
+def _quiet_cpu_compiler():
+    """Inductor's C++ build on a machine without CUDA warns 'No CUDA runtime is found' once per
+    process: noise in the demo's output."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _graphs_compiled() -> int:
+    """Graphs Dynamo has compiled in this process (to check that none is compiled while timing)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+@dataclass
+class Run:
+    """One way of running the model, and what happened: compile + warm-up seconds (before any
+    timing), the milliseconds of every sampling step, the sampled latents."""
+
+    name: str
+    model: object
+    graphs: str = "eager"
+    compile_s: float = 0.0
+    step_ms: list[float] = field(default_factory=list)
+    total_s: float = 0.0
+    latents: torch.Tensor | None = None
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.step_ms)
+
+
+def _meaning(device: str, dtype: torch.dtype, cudagraphs: bool, plan_path: str | None) -> str:
+    """One line: what the times mean on this device."""
+    if device != "cuda":
+        return ("on the CPU vsopt's kernels run as their PyTorch references (float32, no Triton): these times show the "
+                "pipeline runs, not vsopt's speed, and no speedup is expected; GPU numbers are in BENCHMARKS.md")
+    name = torch.cuda.get_device_name()
+    major, minor = torch.cuda.get_device_capability()
+    text = (f"on {name} ({str(dtype).replace('torch.', '')}, vsopt's Triton kernels): per-step times are CUDA-event "
+            f"medians after every graph was compiled and warmed up{', under CUDA graphs' if cudagraphs else ''}")
+    if plan_path is None:
+        text += "; no plan: every site runs vsopt's exact dense op, so this is the cost of the rewrite alone"
+    if major != 9:
+        text += f"; vsopt's kernels are tuned for Hopper (sm_90), this GPU is sm_{major}{minor}"
+    return text
+
+
 def run_demo(args: argparse.Namespace) -> dict:
     """Everything `vsopt demo` does; returns what it printed as a dict."""
     import vsopt
     from vsopt.core.metrics import psnr, relative_l2, ssim
+    from vsopt.core.timing import CallTimer
+    from vsopt.demo_images import write_images
     from vsopt.models import data, model as model_lib, sampler
 
-    if args.steps < 1:
-        raise VsoptError(f"--steps must be >= 1, got {args.steps}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise VsoptError("--device cuda: no CUDA GPU is available")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.cudagraphs and device != "cuda":
+        raise VsoptError("--cudagraphs needs a CUDA GPU")
+    defaults = DEVICE_DEFAULTS[device]
+    steps = args.steps if args.steps is not None else defaults["steps"]
+    if steps < 1:
+        raise VsoptError(f"--steps must be >= 1, got {steps}")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     ref = _load_reference(model_lib, device, dtype)
     c = ref.config
@@ -163,23 +226,31 @@ def run_demo(args: argparse.Namespace) -> dict:
     shape = (data.CHANNELS, frames, size, size)
     cond, uncond = ref.encode(tokens), ref.encode(torch.zeros_like(tokens))
     batch = 2 if args.guidance != 1.0 else 1
+    chosen = [f"{steps} steps" + (" (--steps)" if args.steps is not None else
+                                  f" (the {device} default; {DEVICE_DEFAULTS['cuda']['steps']} on a GPU)"
+                                  if device == "cpu" else " (the GPU default)"),
+              f"clip {frames}x{size}x{size}" + (" (the trained size, where the shipped plan applies)"
+                                                if (frames, size) == (c.frames, c.height) else "")]
     result: dict = {"description": data.describe(tokens[0].cpu()), "device": device, "dtype": str(dtype),
-                    "clip": {"latent": list(shape), "tokens": frames * (size // 2) ** 2}, "steps": args.steps,
-                    "guidance": args.guidance, "seed": args.seed, "backend": args.backend}
+                    "clip": {"latent": list(shape), "tokens": frames * (size // 2) ** 2}, "steps": steps,
+                    "guidance": args.guidance, "seed": args.seed, "backend": args.backend,
+                    "cudagraphs": args.cudagraphs, "defaults": f"{device}: " + ", ".join(chosen)}
     print(f"vsopt demo: {result['description']}")
     print(f"  {device} ({dtype}), latent clip {shape}, {result['clip']['tokens']} video tokens, "
-          f"{args.steps} steps, guidance {args.guidance}")
+          f"{steps} steps, guidance {args.guidance}")
+    print(f"  settings for this device: {', '.join(chosen)}; --steps, --frames, --size override")
 
     plan_path, plan_source = resolve_plan(args.plan, frames, size, c)
-    options: dict = {}
-    if plan_path:
-        options["plan"] = plan_path
+    options: dict = {"plan": plan_path} if plan_path else {}
+    if args.cudagraphs:
+        options["cudagraphs"] = True
     example = (torch.zeros(batch, *shape, device=device, dtype=dtype), torch.full((batch,), 500.0, device=device),
                torch.cat([cond, uncond])[:batch])
-    report = vsopt.inspect(ref.transformer, *example, options=options)
+    report = vsopt.inspect(ref.transformer, *example, options={k: v for k, v in options.items() if k == "plan"})
     print("\nattention sites found by vsopt:")
     print(report.table())
     result["sites"] = [s.site_id for s in report.sites]
+    plan = None
     if plan_path:
         from vsopt.core.plan import Plan
 
@@ -188,46 +259,108 @@ def run_demo(args: argparse.Namespace) -> dict:
         density = plan.density()
         plan_text = (f"{plan_source}: {len(plan.sites)} planned site(s), mean block density "
                      f"{'dynamic' if density is None else f'{density:.3f}'}")
+        changes = [b for b in plan.step_boundaries() if b > 0]
+        if changes:
+            plan_text += f", head plans change at step(s) {', '.join(map(str, changes))}"
     else:
         plan_text = plan_source
     print(f"\nplan: {plan_text}")
     result["plan"] = plan_text
+    meaning = _meaning(device, dtype, args.cudagraphs, plan_path)
 
-    def run(model) -> tuple[torch.Tensor, float]:
-        _sync(device)
-        t0 = time.perf_counter()
-        x = sampler.sample(model, cond, shape, steps=args.steps, seed=args.seed, guidance=args.guidance,
-                           uncond=uncond, progress=True)
-        _sync(device)
-        return x, time.perf_counter() - t0
+    # -- 1. compile and warm up everything the timed runs call, before any clock starts
+    # the step segments the sampler will run (one graph each for a step-ranged plan), each called
+    # once, twice on a GPU: Triton autotuning, then (CUDA graphs) the recording
+    segments = sorted({plan.segment_start(i) for i in range(steps)}) if plan is not None and args.backend == "vsopt" \
+        else [0]
+    calls = 2 if device == "cuda" else 1
 
-    print("\ndense (eager diffusers model):")
-    # one untimed step first, as the compiled run gets: the first call pays for CUDA/cuBLAS set-up
-    sampler.sample(ref.transformer, cond, shape, steps=1, seed=args.seed, guidance=args.guidance, uncond=uncond)
-    dense, t_dense = run(ref.transformer)
-    compiled = torch.compile(ref.transformer, backend=args.backend, **({"options": options} if args.backend == "vsopt" else {}))
-    print(f"optimized (torch.compile backend={args.backend!r}): compiling (one sampling step)...")
-    _sync(device)
-    t0 = time.perf_counter()
-    sampler.sample(compiled, cond, shape, steps=1, seed=args.seed, guidance=args.guidance, uncond=uncond)
-    _sync(device)
-    t_compile = time.perf_counter() - t0
-    optimized, t_opt = run(compiled)
+    def warm_up(run: Run, starts) -> None:
+        # under no_grad, as the sampler calls it: Dynamo guards on the grad mode
+        with _progress(f"{run.name}: {run.graphs}") as took, torch.no_grad():
+            try:
+                for start in starts:
+                    vsopt.set_denoising_step(start)
+                    for _ in range(calls):
+                        run.model(*example, return_dict=False)
+            finally:
+                vsopt.set_denoising_step(None)
+        run.compile_s = took["s"]
 
-    dense_rgb = data.latent_to_rgb(dense[0].cpu())
-    opt_rgb = data.latent_to_rgb(optimized[0].cpu())
+    inductor_kwargs = {"mode": "reduce-overhead"} if args.cudagraphs else {}
+    runs = [Run("eager", ref.transformer, "warm-up forward")]
+    if args.backend != "inductor":
+        runs.append(Run("inductor", torch.compile(ref.transformer, **inductor_kwargs),
+                        "torch.compile default: compiling and warming up"
+                        + (" (mode reduce-overhead)" if args.cudagraphs else "")))
+    optimized = Run(args.backend, torch.compile(ref.transformer, backend=args.backend,
+                                                **({"options": options} if args.backend == "vsopt" else
+                                                   inductor_kwargs if args.backend == "inductor" else {})),
+                    f"compiling and warming up {len(segments)} step segment(s) (first steps "
+                    f"{', '.join(map(str, segments))})" if len(segments) > 1 else "compiling and warming up")
+    runs.append(optimized)
+    print("\ncompiling and warming up (not timed below):")
+    with _quiet_cpu_compiler():
+        for run in runs:
+            warm_up(run, segments if run is optimized else [0])
+
+        # -- 2. the timed runs: the same clip, every step timed
+        print("\nsampling, every step timed (synchronized):")
+        graphs_before = _graphs_compiled()
+        for run in runs:
+            timer = CallTimer(run.model, cuda=device == "cuda")
+            t0 = time.perf_counter()
+            run.latents = sampler.sample(timer, cond, shape, steps=steps, seed=args.seed, guidance=args.guidance,
+                                         uncond=uncond, progress=f"  {run.name}")
+            if device == "cuda":
+                torch.cuda.synchronize()
+            run.total_s, run.step_ms = time.perf_counter() - t0, timer.ms
+            print(f"  {run.name}: {run.total_s:.2f} s")
+        late = _graphs_compiled() - graphs_before   # the warm-up above should leave none
+
+    # -- 3. report
+    eager = runs[0]
+    inductor = next(r for r in runs if r.name == "inductor")
+    print(f"\ntime per sampling step (median of {steps}; one transformer forward, batch {batch}):")
+    for run in runs:
+        line = f"  {run.name:<9} {run.median_ms:9.1f} ms"
+        if run is optimized:
+            line += (f"   {eager.median_ms / run.median_ms:.2f}x vs eager, "
+                     f"{inductor.median_ms / run.median_ms:.2f}x vs inductor")
+        print(line)
+    compiled = [r for r in runs if r is not eager]
+    print("compile and warm-up, before timing: " + ", ".join(f"{r.name} {r.compile_s:.1f} s" for r in compiled))
+    if late:
+        print(f"warning: {late} graph(s) were compiled during the timed runs: those times include compilation")
+    print(f"note: {meaning}")
+
+    dense_rgb = data.latent_to_rgb(eager.latents[0].cpu())
+    opt_rgb = data.latent_to_rgb(optimized.latents[0].cpu())
     a, e = opt_rgb.float() / 255, dense_rgb.float() / 255
     metrics = {
         "psnr_db": psnr(a, e, data_range=1.0),
         "ssim": ssim(a.permute(0, 3, 1, 2), e.permute(0, 3, 1, 2), data_range=1.0),
-        "latent_relative_l2": relative_l2(optimized.cpu(), dense.cpu()),
+        "latent_relative_l2": relative_l2(optimized.latents.cpu(), eager.latents.cpu()),
     }
-    result.update(seconds={"dense": round(t_dense, 3), "compile": round(t_compile, 3), "optimized": round(t_opt, 3)},
-                  metrics=metrics)
-    print(f"\ntime: dense {t_dense:.2f} s, optimized {t_opt:.2f} s ({t_dense / t_opt:.2f}x), compile {t_compile:.1f} s")
+    if inductor is not optimized:  # the compiler's own rounding, for scale
+        metrics["inductor_psnr_db"] = psnr(data.latent_to_rgb(inductor.latents[0].cpu()).float() / 255, e,
+                                           data_range=1.0)
     psnr_text = "inf (identical frames)" if metrics["psnr_db"] == float("inf") else f"{metrics['psnr_db']:.2f} dB"
-    print(f"optimized vs dense: PSNR {psnr_text}, SSIM {metrics['ssim']:.4f}, "
-          f"latent relative L2 {metrics['latent_relative_l2']:.2e}")
+    print(f"{optimized.name} vs eager: PSNR {psnr_text}, SSIM {metrics['ssim']:.4f}, "
+          f"latent relative L2 {metrics['latent_relative_l2']:.2e}"
+          + (f" (inductor vs eager: PSNR {metrics['inductor_psnr_db']:.2f} dB)"
+             if metrics.get("inductor_psnr_db", float("inf")) != float("inf") else ""))
+    result.update(
+        timing={"meaning": meaning,
+                "median_step_ms": {r.name: round(r.median_ms, 3) for r in runs},
+                "speedup": {"vs_eager": round(eager.median_ms / optimized.median_ms, 3),
+                            "vs_inductor": round(inductor.median_ms / optimized.median_ms, 3)},
+                "step_ms": {r.name: [round(t, 3) for t in r.step_ms] for r in runs},
+                "sampling_s": {r.name: round(r.total_s, 3) for r in runs},
+                "compile_and_warmup_s": {r.name: round(r.compile_s, 3) for r in runs},
+                "warmed_up_segments": segments, "warmup_calls_per_segment": calls,
+                "graphs_compiled_while_timing": late},
+        metrics=metrics)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,3 +22,11 @@ def test_time_calls_counts_warmup_and_measures_each_call():
 def test_time_calls_rejects_no_iterations():
     with pytest.raises(ValueError, match="iters"):
         time_calls(lambda: None, iters=0, cuda=False)
+
+
+def test_call_timer_times_every_call_and_passes_results_through():
+    from vsopt.core.timing import CallTimer
+
+    timer = CallTimer(lambda x, scale=1: (time.sleep(0.002), x * scale)[1], cuda=False)
+    assert [timer(i, scale=2) for i in range(3)] == [0, 2, 4]
+    assert len(timer.ms) == 3 and all(t >= 1.9 for t in timer.ms)

@@ -1,5 +1,6 @@
-"""`vsopt demo` end to end at a reduced size (CPU): the shipped model, sampled dense and through
-torch.compile(backend="vsopt") with no plan, which must agree to float32 rounding."""
+"""`vsopt demo` end to end at a reduced size (CPU): the shipped model, sampled eagerly, through
+Inductor and through torch.compile(backend="vsopt") with no plan, which must agree to float32
+rounding; every graph compiled before the timed runs, every step timed (issue 15 item 1)."""
 import json
 
 import pytest
@@ -12,7 +13,15 @@ def test_demo_runs_end_to_end_and_dense_plan_matches(tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "blocks.5.attn1" in printed and "plan: none" in printed and "PSNR" in printed
+    assert "x vs eager" in printed and "x vs inductor" in printed and "no speedup is expected" in printed
+    assert "settings for this device: 2 steps (--steps)" in printed
     doc = json.loads((tmp_path / "demo.json").read_text())
+    timing = doc["timing"]
+    assert sorted(timing["step_ms"]) == ["eager", "inductor", "vsopt"]
+    assert all(len(ms) == 2 and min(ms) > 0 for ms in timing["step_ms"].values())
+    assert timing["compile_and_warmup_s"]["vsopt"] > 0 and timing["compile_and_warmup_s"]["inductor"] > 0
+    assert timing["graphs_compiled_while_timing"] == 0 and "CPU" in timing["meaning"]
+    assert set(timing["speedup"]) == {"vs_eager", "vs_inductor"}
     assert len(doc["sites"]) == 12  # 6 layers x (self, cross)
     assert doc["metrics"]["latent_relative_l2"] < 1e-4
     assert doc["metrics"]["psnr_db"] == "inf" or doc["metrics"]["psnr_db"] > 40
@@ -52,6 +61,41 @@ def test_demo_refuses_a_plan_made_for_another_clip_size(tmp_path, capsys):
     assert rc == 1
     err = capsys.readouterr().err
     assert "does not fit" in err and "blocks.0.attn1" in err
+
+
+def test_every_step_segment_is_compiled_before_the_timed_runs(tmp_path, capsys):
+    """A plan whose head plans change at step 2: its second graph is built and warmed up before
+    any clock starts, so nothing compiles while timing; default steps depend on the device."""
+    import torch
+
+    import vsopt
+    from vsopt.core.plan import HeadPlan, Plan, Quant, SitePlan, StepPlan
+    from vsopt.models import data, model as model_lib
+
+    ref = model_lib.load_shipped()
+    tokens = data.sample_scenes(1, 0).tokens
+    cond = torch.cat([ref.encode(tokens), ref.encode(torch.zeros_like(tokens))])
+    report = vsopt.inspect(ref.transformer, torch.zeros(2, data.CHANNELS, 2, 8, 8), torch.full((2,), 500.0), cond)
+    late = (HeadPlan(quant=Quant.INT8, block_m=16, block_n=16),) * 4
+    plan = Plan({s.site_id: SitePlan.for_site(s, HeadPlan(block_m=16, block_n=16), steps=(StepPlan(2, None, late),))
+                 for s in report.sites if s.is_self_attention})
+    plan_path = plan.save(tmp_path / "steps.plan.json")
+    assert main(["demo", "--out", str(tmp_path), "--frames", "2", "--size", "8", "--steps", "3",
+                 "--plan", str(plan_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "head plans change at step(s) 2" in printed and "2 step segment(s) (first steps 0, 2)" in printed
+    timing = json.loads((tmp_path / "demo.json").read_text())["timing"]
+    assert timing["warmed_up_segments"] == [0, 2] and timing["graphs_compiled_while_timing"] == 0
+
+
+def test_device_defaults_are_printed_and_overridable():
+    from vsopt.demo import DEVICE_DEFAULTS, add_arguments
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert p.parse_args([]).steps is None and p.parse_args(["--steps", "4"]).steps == 4
+    assert DEVICE_DEFAULTS["cpu"]["steps"] >= 5   # both step ranges of the shipped plan (0-3, 4+) run
 
 
 def test_the_shipped_plan_is_found_and_fits_the_trained_clip_only():

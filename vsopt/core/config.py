@@ -38,10 +38,19 @@ class VsoptConfig:
     plan:   a Plan object or the path of a plan JSON file; None means every site runs the exact
             dense vsopt op.
     strict: make any site (or attention candidate) left unoptimized an error naming the reason.
-    grid:   the TokenGrid to use for every video site whose grid cannot be inferred (or to
-            override inference); grids: per-site_id grids, which take precedence.
+    grid:   a TokenGrid for every site whose query length is its token count; it wins over the
+            grid inferred from the graph. A grid that fits no site of a graph is not used: a
+            warning (logger "vsopt"), a ConfigError in strict mode.
+    grids:  per-site_id grids; they win over `grid` and inference, and each must have its site's
+            query length (ConfigError otherwise).
     rewrite: when False, sites are detected and reported but the graph is left unchanged
             (used by inspect).
+    cudagraphs: run each compiled graph under CUDA graphs (Inductor's cudagraph trees, what
+            torch.compile's mode="reduce-overhead" turns on; torch.compile does not take a mode
+            together with options, so this is vsopt's switch). CUDA only: on another device
+            Inductor runs the graph without them. Under CUDA graphs a dynamic head recomputes
+            its mask at every step (mask reuse across steps is a host-side decision a replayed
+            graph cannot make). See docs/RUNTIME.md.
     """
 
     plan: Any = None  # vsopt.core.plan.Plan | None (loaded from a path by from_options)
@@ -49,6 +58,7 @@ class VsoptConfig:
     grid: TokenGrid | None = None
     grids: Mapping[str, TokenGrid] = field(default_factory=dict)
     rewrite: bool = True
+    cudagraphs: bool = False
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> "VsoptConfig":
@@ -62,8 +72,9 @@ class VsoptConfig:
             raise ConfigError(f"unknown vsopt option(s) {unknown}; valid options are {sorted(known)}")
         if "strict" in options and not isinstance(options["strict"], bool):
             raise ConfigError(f"option 'strict' must be True or False, got {options['strict']!r}")
-        if "rewrite" in options and not isinstance(options["rewrite"], bool):
-            raise ConfigError(f"option 'rewrite' must be True or False, got {options['rewrite']!r}")
+        for name in ("rewrite", "cudagraphs"):
+            if name in options and not isinstance(options[name], bool):
+                raise ConfigError(f"option {name!r} must be True or False, got {options[name]!r}")
         if options.get("grid") is not None:
             options["grid"] = _as_grid(options["grid"], "option 'grid'")
         if "grids" in options:
@@ -82,5 +93,6 @@ class VsoptConfig:
         return cls(**options)
 
     def grid_for(self, site_id: str) -> TokenGrid | None:
-        """The user-given grid for a site, if any."""
+        """The grid the user gave for a site (per-site, else the global one), whether or not it
+        fits the site: passes/infer_grid.py decides which grid a site gets."""
         return self.grids.get(site_id, self.grid)

@@ -169,7 +169,8 @@ def dynamic_block_mask(q: torch.Tensor, k: torch.Tensor, scale: float, block_m: 
 
     def compute() -> torch.Tensor:
         scores = pooled_block_scores(q, k, scale, block_m, block_n)
-        diag = diagonal_blocks(q.shape[2], k.shape[2], block_m, block_n) if q.shape[2] == k.shape[2] else None
+        diag = (diagonal_blocks(q.shape[2], k.shape[2], block_m, block_n, device=q.device)
+                if q.shape[2] == k.shape[2] else None)  # on q's device: no host copy (CUDA graphs)
         return select_blocks(scores, spec, diag)
 
     if reuse_steps == 0:

@@ -344,14 +344,15 @@ def expand_block_mask(mask: torch.Tensor, q_len: int, kv_len: int, block_m: int,
     return m[..., :q_len, :kv_len]
 
 
-def diagonal_blocks(q_len: int, kv_len: int, block_m: int, block_n: int) -> torch.Tensor:
+def diagonal_blocks(q_len: int, kv_len: int, block_m: int, block_n: int, device=None) -> torch.Tensor:
     """Bool (QB, KB): for self-attention (q_len == kv_len), the key blocks that hold the keys of the
-    same positions as the queries of each query block (one block when block_m == block_n)."""
+    same positions as the queries of each query block (one block when block_m == block_n).
+    device: where to build it (a dynamic mask's, so that no host-to-device copy runs per call)."""
     if q_len != kv_len:
         raise ValueError(f"diagonal blocks need self-attention, got q_len={q_len}, kv_len={kv_len}")
     qb, kb = num_blocks(q_len, block_m), num_blocks(kv_len, block_n)
-    i = torch.arange(qb)[:, None]
-    j = torch.arange(kb)[None, :]
+    i = torch.arange(qb, device=device)[:, None]
+    j = torch.arange(kb, device=device)[None, :]
     q0, q1 = i * block_m, torch.clamp((i + 1) * block_m, max=q_len)  # query token range [q0, q1)
     k0, k1 = j * block_n, torch.clamp((j + 1) * block_n, max=kv_len)
     return (k0 < q1) & (q0 < k1)

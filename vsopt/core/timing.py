@@ -1,5 +1,6 @@
 """Wall-clock timing of a callable on the device it runs on: the one loop that the calibration's
-measured check, `vsopt bench` and the end-to-end benchmark share.
+measured check, `vsopt bench`, the end-to-end benchmarks and `vsopt demo` (CallTimer: every call
+of a model a sampler drives) share.
 
 On CUDA each call is bracketed by CUDA events (GPU time of the work the call enqueues, host launch
 gaps included, as a user sees it) and synchronized; elsewhere time.perf_counter is used.
@@ -13,6 +14,22 @@ from typing import Callable
 import torch
 
 
+def _timed(fn: Callable[[], object], cuda: bool) -> tuple[object, float]:
+    """fn()'s result and its milliseconds: the one timed call of this module. On CUDA the device
+    is idle when the start event is recorded and synchronized after the end event."""
+    if not cuda:
+        t0 = time.perf_counter()
+        out = fn()
+        return out, (time.perf_counter() - t0) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    out = fn()
+    end.record()
+    torch.cuda.synchronize()
+    return out, start.elapsed_time(end)
+
+
 def time_calls(fn: Callable[[], object], iters: int, warmup: int = 1, cuda: bool | None = None) -> list[float]:
     """Milliseconds of each of `iters` calls of fn, after `warmup` untimed calls. cuda: time with
     CUDA events (default: when CUDA is available)."""
@@ -21,24 +38,26 @@ def time_calls(fn: Callable[[], object], iters: int, warmup: int = 1, cuda: bool
     cuda = torch.cuda.is_available() if cuda is None else cuda
     for _ in range(warmup):
         fn()
-    if cuda:
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
+    return [_timed(fn, cuda)[1] for _ in range(iters)]
 
 
 def median_ms(fn: Callable[[], object], iters: int, warmup: int = 1, cuda: bool | None = None) -> float:
     """Median of time_calls."""
     return statistics.median(time_calls(fn, iters, warmup, cuda))
+
+
+class CallTimer:
+    """A callable that times every call of `fn` as time_calls does (CUDA events and a synchronize
+    on CUDA, time.perf_counter elsewhere), for loops someone else drives, e.g. one entry per
+    sampling step of a sampler given the wrapped model:
+
+        timer = CallTimer(model); sampler.sample(timer, ...); timer.ms   # [ms of each call]
+    """
+
+    def __init__(self, fn: Callable[..., object], cuda: bool | None = None):
+        self.fn, self.cuda, self.ms = fn, torch.cuda.is_available() if cuda is None else cuda, []
+
+    def __call__(self, *args, **kwargs):
+        out, ms = _timed(lambda: self.fn(*args, **kwargs), self.cuda)
+        self.ms.append(ms)
+        return out

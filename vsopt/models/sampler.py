@@ -36,7 +36,7 @@ def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 @torch.no_grad()
 def sample(model: Callable[..., tuple[torch.Tensor, ...]], cond: torch.Tensor, shape: tuple[int, int, int, int],
            *, steps: int = 20, seed: int = 0, guidance: float = 1.0, uncond: torch.Tensor | None = None,
-           shift: float = 3.0, noise: torch.Tensor | None = None, progress: bool = False,
+           shift: float = 3.0, noise: torch.Tensor | None = None, progress: bool | str = False,
            callback: Callable[[int, float], None] | None = None) -> torch.Tensor:
     """Turn noise and a description into clips.
 
@@ -46,6 +46,7 @@ def sample(model: Callable[..., tuple[torch.Tensor, ...]], cond: torch.Tensor, s
     (one forward per step); otherwise `uncond` (B or 1, L, D), the empty description, is required
     and each step runs cond and uncond in one batch: v = v_u + guidance * (v_c - v_u).
     noise: optional starting noise (B, C, F, H, W); by default initial_noise(seed).
+    progress: show a progress bar of the steps (a string: the bar's label).
     callback(step, sigma) runs before each step (e.g. to capture attention at chosen steps).
     Returns float32 latents (B, C, F, H, W) on the model's device.
     """
@@ -69,7 +70,7 @@ def sample(model: Callable[..., tuple[torch.Tensor, ...]], cond: torch.Tensor, s
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(iterator, desc="sampling", unit="step", leave=False)
+        iterator = tqdm(iterator, desc=progress if isinstance(progress, str) else "sampling", unit="step", leave=False)
     from vsopt.core.dynamic import set_denoising_step
 
     try:

@@ -159,10 +159,9 @@ INDUCTOR = True   # --dry-run: the graphs run as traced (vsopt's passes without 
 def vsopt_recording(options: dict, reports: list):
     """backend="vsopt" for plans without step ranges (vsopt.backend.vsopt_backend's path), keeping
     each graph's PipelineReport so the benchmark can tell which planned sites were lowered."""
-    from torch._inductor.compile_fx import compile_fx
-
     from vsopt.backend import trace_and_rewrite
     from vsopt.core.config import VsoptConfig
+    from vsopt.inductor import compile_fx   # as vsopt_backend: Inductor without its own attention fusion
 
     def backend(gm, example_inputs):
         aten_gm, report = trace_and_rewrite(gm, example_inputs, VsoptConfig.from_options(options))

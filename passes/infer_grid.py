@@ -131,6 +131,9 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
     report = PassReport(NAME)
     cfg = ctx.config
     for i, site in enumerate(ctx.sites):
+        if site.site_id not in ctx.matches and site.grid is not None:   # a site another pass found with its grid
+            report.notes.append(f"{site.site_id}: grid {site.grid} ({site.grid_source.value}, from {site.rule})")
+            continue
         grid, source = None, GridSource.UNKNOWN
         m = ctx.matches.get(site.site_id)
         if site.site_id in cfg.grids:

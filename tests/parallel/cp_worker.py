@@ -114,7 +114,10 @@ def run_case(case: str, args) -> dict:
     plan = make_plan("ring" if case == "unified" else case, frames)
     mode = case.split("_")[0]
     with torch.no_grad():
-        want = compiled(model, plan, "rewrite", [])(*inputs, return_dict=False)[0]
+        # the single-process result, computed once (rank 0) and sent to every rank
+        want = compiled(model, plan, "rewrite", [])(*inputs, return_dict=False)[0] if dist.get_rank() == 0 else \
+            torch.empty_like(model(*inputs, return_dict=False)[0])
+        dist.broadcast(want, 0)
         dense = model(*inputs, return_dict=False)[0]   # eager, no plan: shows that the plan matters
         degrees = {"ulysses": {"ulysses_degree": args.world}, "ring": {"ring_degree": args.world},
                    "unified": {"ring_degree": 2, "ulysses_degree": args.world // 2}}[mode]

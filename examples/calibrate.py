@@ -30,10 +30,11 @@ def main() -> None:
     p.add_argument("--density", type=float, default=0.5, help="share of key blocks kept")
     p.add_argument("--error", type=float, default=None, help="a per-site relative L2 error budget instead")
     p.add_argument("--inputs", type=int, default=2, help="calibration inputs (noise seeds)")
+    p.add_argument("--frames", type=int, default=4, help="latent frames of the clip")
     args = p.parse_args()
 
-    # 4 x 8 x 8 tokens in 64-token blocks, head_dim 64: sizes the shipped GPU cost model knows
-    model, inputs = reference(frames=4, size=16)
+    # frames x 8 x 8 tokens in 64-token blocks, head_dim 64: sizes the shipped GPU cost model knows
+    model, inputs = reference(frames=args.frames, size=16)
     calls = [inputs]
     for seed in range(1, args.inputs):
         g = torch.Generator().manual_seed(seed)

@@ -38,7 +38,7 @@ def test_compile_wan(tmp_path):
 
 
 def test_calibrate(tmp_path):
-    out = _run("calibrate.py", "--inputs", "1", "--out", "ref.plan.json", cwd=tmp_path)
+    out = _run("calibrate.py", "--inputs", "1", "--frames", "2", "--out", "ref.plan.json", cwd=tmp_path)
     assert "overall density" in out
     plan = Plan.load(tmp_path / "ref.plan.json")
     # the reference model's 6 self-attention sites are calibrated; its 6 cross-attention sites

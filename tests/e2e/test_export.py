@@ -65,6 +65,11 @@ def test_format_matches_the_eager_optimized_model(targets, name, fmt, tmp_path):
         assert result.check.max_rel <= 1e-4
     if fmt == "onnx":   # portable: quantized heads run at the model's precision, said in the table
         assert any("quantization dropped" in n for n in result.notes) and "quant int8" not in result.table()
+    if fmt.startswith("onnx"):   # what the GPU machine's onnxruntime reads
+        import onnx
+
+        model_proto = onnx.load(str(result.path))
+        assert model_proto.ir_version <= 13 and {o.domain or "": o.version for o in model_proto.opset_import}[""] == 23
     assert result.path.is_file() and result.size == result.path.stat().st_size
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no staging left behind
     text = result.table()

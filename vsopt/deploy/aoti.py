@@ -26,8 +26,8 @@ from .program import RewrittenProgram
 from .progress import Report, step
 
 KNOWN_CUDA_LOAD_CRASH = ("torch {version} with CUDA: aoti_load_package is known to segfault inside torch's loader "
-                         "(even for a plain MLP; seen with torch 2.11 on H100 and H200); the package is built, "
-                         "loading it may crash this process: load it in a separate process, or use torch >= 2.12")
+                         "(even for a plain MLP; seen with torch 2.11 on H100 and H200); the package is built, but "
+                         "loading it may crash the process that loads it (the check loads it in a separate one)")
 
 
 def load_problem(device: torch.device) -> str | None:

@@ -30,9 +30,10 @@ vsopt.attention: dense on purpose (ctx.kept_dense), which satisfies strict mode 
 (a mask, a causal flag), as long as the entry fits the site. Sites left as they were (not in the
 plan, a plan that does not fit, a mask or causal flag the block-sparse kernel does not take) are
 recorded in ctx.skipped with the reason; in strict mode they are errors, as are plan sites the
-graph does not have (ctx.absent_plan_sites otherwise). Decisions are made from ctx.sites, so with
-rewrite off (inspect) the same sites are reported, and strict raises the same errors; lowered
-sites go into ctx.lowered.
+graph does not have (ctx.absent_plan_sites otherwise). Decisions are made for the sites of
+ctx.sites that are vsopt.attention nodes or detection's matches (so with rewrite off, inspect
+reports the same and strict raises the same errors; sites an earlier pass lowered, such as
+ring_attention's, are its business); lowered sites go into ctx.lowered.
 
 Step-dependent plans (SitePlan.steps) are lowered with their default head plans: the backend
 applies step ranges by lowering Plan.at_step(...) once per segment of steps and choosing the
@@ -212,6 +213,8 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
         if site.rule == RING:   # a ring site: ring_attention lowered it, or said why not
             continue
         site_id, node = site.site_id, nodes.get(site.site_id)
+        if node is None and site_id not in ctx.matches:
+            continue  # not a vsopt.attention site: an earlier pass handled it (ring_attention)
         sp = plan.sites.get(site_id)
         if sp is None:
             leave(site, "the plan has no entry for this site")

@@ -5,6 +5,7 @@
 Public API (imported lazily so that `import vsopt` stays cheap):
     vsopt.inspect(model, *example_inputs) -> InspectReport    the attention sites of a model
     vsopt.calibrate(...), vsopt.diff(...), vsopt.bench(...)   see their modules
+    vsopt.export(model, inputs, plan, format, out)  pt2 / aoti / onnx / trt artifacts (vsopt.deploy)
     vsopt.set_denoising_step(i)     the sampler's step: selects a plan's step ranges at run time
     vsopt.last_report()             what the last torch.compile(backend="vsopt") graph rewrote and
                                     left dense, with why (each site left dense is also logged, logger "vsopt")
@@ -23,6 +24,7 @@ _LAZY = {
     "calibrate": ("vsopt.calibration", "calibrate"),
     "diff": ("vsopt.debug.build", "diff"),
     "bench": ("vsopt.benchmark.sweep", "bench"),
+    "export": ("vsopt.deploy", "export"),
     "vsopt_backend": ("vsopt.backend", "vsopt_backend"),
     "last_report": ("vsopt.backend", "last_report"),
     "set_denoising_step": ("vsopt.core.dynamic", "set_denoising_step"),

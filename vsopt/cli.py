@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("vsopt.calibration.cli", "measure a model's attention and write a plan"),
     "diff": ("vsopt.debug.cli", "show what the optimizer changed, left alone, and where error enters"),
     "bench": ("vsopt.benchmark.cli", "sweep configurations: accuracy against dense, and speed"),
+    "export": ("vsopt.deploy.cli", "export the optimized model: torch.export, AOTInductor, ONNX or TensorRT"),
 }
 
 

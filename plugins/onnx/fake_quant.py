@@ -1,0 +1,68 @@
+"""The kernels' quantization (kernels/quant/reference.py) in standard ONNX ops, so the portable
+form computes what vsopt's reference computes for the int8 / fp8 / int8_fp8 modes.
+
+Fake quantization: each group is divided by its scale (amax over the group / QMAX), rounded to the
+format (int8: half away from zero; fp8: Cast to float8 e4m3fn and back) and multiplied back. Groups:
+Q per (b, h, block of block_m tokens); K per (b, h, block of block_n tokens) after subtracting its
+mean over tokens (smoothing); V, for the FP8 P V modes only, per (b, h, channel). Everything in
+float32, as the reference. Needs opset 19 (float8) for the fp8 modes.
+"""
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnxscript import opset18 as op
+from onnxscript import opset19
+
+from vsopt.kernels.quant import reference as quant_ref
+from vsopt.kernels.spec import QuantMode
+
+from .building import FLOAT, dims, i64, scalar_like
+
+FP8_OPSET = 19
+
+
+def _round(x: ir.Value, fmt: str) -> ir.Value:
+    if fmt == "int8":
+        return op.Mul(op.Sign(x), op.Floor(op.Add(op.Abs(x), scalar_like(0.5, x))))
+    return opset19.Cast(opset19.Cast(x, to=ir.DataType.FLOAT8E4M3FN), to=FLOAT)
+
+
+def _blocks(x: ir.Value, shape: list[int], block: int, fmt: str, mean: ir.Value | None = None) -> ir.Value:
+    """quantize_blocks then dequantize: x of `shape` (B, H, N, D), float32 -> the values the codes
+    stand for."""
+    B, H, N, D = shape
+    if mean is not None:
+        x = op.Sub(x, mean)
+    nb = -(-N // block)
+    if nb * block != N:
+        x = op.Pad(x, i64([0, 0, 0, 0, 0, 0, nb * block - N, 0]))
+    groups = op.Reshape(x, i64([B, H, nb, block, D]))
+    amax = op.ReduceMax(op.Abs(groups), i64([3, 4]), keepdims=1)
+    scale = op.Div(op.Max(amax, scalar_like(quant_ref.MIN_AMAX, x)), scalar_like(quant_ref.QMAX[fmt], x))
+    out = op.Reshape(op.Mul(_round(op.Div(groups, scale), fmt), scale), i64([B, H, nb * block, D]))
+    if nb * block != N:
+        out = op.Slice(out, i64([0]), i64([N]), i64([2]))
+    return out
+
+
+def _channels_fp8(v: ir.Value) -> ir.Value:
+    amax = op.ReduceMax(op.Abs(v), i64([2]), keepdims=1)
+    scale = op.Div(op.Max(amax, scalar_like(quant_ref.MIN_AMAX, v)), scalar_like(quant_ref.QMAX["fp8"], v))
+    return op.Mul(_round(op.Div(v, scale), "fp8"), scale)
+
+
+def fake_quantize_qkv(q: ir.Value, k: ir.Value, v: ir.Value, quant: str, block_m: int, block_n: int, opset: int):
+    """(q, k, v) as the kernels see them in `quant` mode, float32 (K comes back smoothed)."""
+    mode = QuantMode.parse(quant, "fake_quantize_qkv: quant")
+    if mode is QuantMode.NONE:
+        raise ValueError("fake_quantize_qkv: quant 'none' has nothing to quantize")
+    fmt = mode.qk_format
+    if (fmt == "fp8" or mode.pv_is_fp8) and opset < FP8_OPSET:
+        raise ValueError(f"quant {quant!r} needs float8 (ONNX opset >= {FP8_OPSET}); the export asked for opset {opset}")
+    q_shape, kv_shape = dims(q), dims(k)
+    q, k, v = (op.Cast(x, to=FLOAT) for x in (q, k, v))
+    q_hat = _blocks(q, q_shape, block_m, fmt)
+    k_hat = _blocks(k, kv_shape, block_n, fmt, mean=op.ReduceMean(k, i64([2]), keepdims=1))
+    if mode.pv_is_fp8:
+        v = _channels_fp8(v)
+    return q_hat, k_hat, v

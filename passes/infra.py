@@ -85,8 +85,7 @@ class PassContext:
     # site_id -> what a rule's check found (detect_attention); infer_grid reads its q_token_source,
     # rewrite_attention replaces it with match.rule.rewrite(graph, match)
     matches: dict[str, AttentionMatch] = field(default_factory=dict)
-    lowered: list[str] = field(default_factory=list)  # sites rewritten into block-sparse launches
-    #                                                   (lower_plan, ring_attention)
+    lowered: list[str] = field(default_factory=list)  # sites lower_plan rewrote into block-sparse launches
     kept_dense: dict[str, str] = field(default_factory=dict)  # site_id -> why it is dense on purpose
     absent_plan_sites: list[str] = field(default_factory=list)  # plan entries for sites this graph lacks
 

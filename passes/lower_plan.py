@@ -61,7 +61,6 @@ from vsopt.core.semantics import LaunchKey, launch_groups, permutations, static_
 
 from .graph_edit import constant, emit, with_layout_of
 from .infra import GraphChanges, PassContext, PassReport
-from .ring_attention import NAME as RING
 
 NAME = "lower_plan"
 aten = torch.ops.aten
@@ -210,8 +209,6 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
         report.notes.append(f"site {site.site_id!r} stays dense: {reason}")
 
     for site in ctx.sites:
-        if site.rule == RING:   # a ring site: ring_attention lowered it, or said why not
-            continue
         site_id, node = site.site_id, nodes.get(site.site_id)
         if node is None and site_id not in ctx.matches:
             continue  # not a vsopt.attention site: an earlier pass handled it (ring_attention)

@@ -23,8 +23,9 @@ is empty saves its kernel launch but not its communication. Under ring x Ulysses
 site also holds H/U heads, sliced from the plan as passes.ulysses_heads does.
 
 The site is recorded in ctx.sites (rule "ring_attention", q_len = the whole sequence; lower_plan
-leaves sites of that rule alone) and, once rewritten, in ctx.lowered. Its grid: inferred from the query's source, else the user's, else the
-plan's (the sharded site alone has no grid of its own).
+leaves sites that are neither vsopt.attention nodes nor detection's matches to the pass that found
+them) and, once rewritten, in ctx.lowered. Its grid: inferred from the query's source, else the
+user's, else the plan's (the sharded site alone has no grid of its own).
 """
 from __future__ import annotations
 

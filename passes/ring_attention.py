@@ -22,9 +22,10 @@ The engine's all-gather stays: diffusers' ring only rotates by all-gather, so a 
 is empty saves its kernel launch but not its communication. Under ring x Ulysses (unified) the
 site also holds H/U heads, sliced from the plan as passes.ulysses_heads does.
 
-The site is recorded in ctx.sites (rule "ring", q_len = the whole sequence) and removed from the
-plan that lower_plan sees. Its grid: inferred from the query's source, else the user's, else the
-plan's (the sharded site alone has no grid of its own).
+The site is recorded in ctx.sites (rule "ring_attention", q_len = the whole sequence; lower_plan
+leaves sites that are neither vsopt.attention nodes nor detection's matches to the pass that found
+them) and, once rewritten, in ctx.lowered. Its grid: inferred from the query's source, else the
+user's, else the plan's (the sharded site alone has no grid of its own).
 """
 from __future__ import annotations
 
@@ -183,7 +184,6 @@ def _why_not(ring: _Ring) -> str | None:
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
     report = PassReport(NAME)
     plan = ctx.config.plan
-    lowered = []
     for qsrc, calls in _find_rings(gm).items():
         ring = _ring_of(calls) if len(calls) > 1 else "a single attention"
         if isinstance(ring, str):
@@ -204,7 +204,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
         sp = plan.sites.get(sid) if plan is not None else None
         if grid is None and sp is not None and sp.grid is not None and sp.grid.num_tokens == n:
             grid = sp.grid   # the plan's: the local shard alone has no patch embedding of n tokens
-        site = AttentionSite(sid, layer_index(sid), "ring", Layout.BHND, B, Hc, int(k.meta["val"].shape[1]), D,
+        site = AttentionSite(sid, layer_index(sid), NAME, Layout.BHND, B, Hc, int(k.meta["val"].shape[1]), D,
                              int(a["value"].meta["val"].shape[-1]), n, n, q.meta["val"].dtype, scale,
                              grid=grid, grid_source=source if grid is not None else GridSource.UNKNOWN,
                              output_node=anchor.name, nodes=tuple(c.name for c in ring.calls))
@@ -236,7 +236,6 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
             continue
         if sp.steps:
             report.notes.append(f"{sid}: {len(sp.steps)} step range(s); this graph runs the default head plans")
-        lowered.append(sid)
         if not ctx.config.rewrite:
             continue
         ks, vs = [None] * ring.degree, [None] * ring.degree
@@ -254,15 +253,13 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
                     _replace_outputs(em, c, None, None)
         except ConfigError as e:
             raise PlanError(f"{NAME}: {e}") from None
+        ctx.lowered.append(sid)
         for c in ring.calls:
             for u in list(c.users):
                 gm.graph.erase_node(u)
             gm.graph.erase_node(c)
             report.removed.append(c.name)
         report.created += em.created
-    if lowered and plan is not None:   # lowered here: lower_plan must not look for them
-        ctx.config = dataclasses.replace(ctx.config, plan=Plan({s: p for s, p in plan.sites.items() if s not in lowered},
-                                                               plan.meta))
     if report.changed:
         gm.graph.eliminate_dead_code()
     return report

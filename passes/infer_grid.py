@@ -1,8 +1,11 @@
 """Pass: give each attention site its TokenGrid (frames, height, width, text tokens).
 
-In order of precedence: a grid the user gave for the site (config.grids[site_id]), a grid
-inferred from the graph, the user's global grid (config.grid) where its token count equals the
-site's query length; otherwise the grid stays unknown (GridSource.UNKNOWN), never guessed.
+In order of precedence: a grid the user gave for the site (config.grids[site_id], which must have
+the site's query length: ConfigError otherwise), the user's global grid (config.grid) for every
+site whose query length is its token count, a grid inferred from the graph; otherwise the grid
+stays unknown (GridSource.UNKNOWN), never guessed. User-given grids win over inference. A global
+grid that fits no site of the graph is not used: a warning (logger "vsopt"), an error in strict
+mode.
 
 Inference starts at the query's token source that detection found (ctx.matches[site_id]
 .q_token_source) and follows it back through the graph (breadth-first, toward the inputs)
@@ -18,6 +21,7 @@ An image patchify (two axes) or any other token layout gives no grid (it stays u
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections import deque
 
 import torch
@@ -30,6 +34,7 @@ from .infra import PassContext, PassReport
 from .layout_trace import TraceError, shape_of, trace_back
 
 NAME = "infer_grid"
+log = logging.getLogger("vsopt")
 aten = torch.ops.aten
 MAX_VISITED = 20000  # bound on the backward search per site
 # torch.compile's graphs have aten.convolution; torch.export's keep aten.conv2d / conv3d
@@ -127,18 +132,25 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
     cfg = ctx.config
     for i, site in enumerate(ctx.sites):
         grid, source = None, GridSource.UNKNOWN
+        m = ctx.matches.get(site.site_id)
         if site.site_id in cfg.grids:
             grid, source = cfg.grids[site.site_id], GridSource.USER
             if grid.num_tokens != site.q_len:
                 raise ConfigError(f"grid {grid} given for site {site.site_id!r} has {grid.num_tokens} tokens, "
                                   f"but the site's queries have {site.q_len}")
-        else:
-            m = ctx.matches.get(site.site_id)
-            if m is not None and m.q_token_source is not None:
-                grid = infer(m.q_token_source[0], site.batch, site.q_len)
-                source = GridSource.INFERRED if grid else GridSource.UNKNOWN
-            if grid is None and cfg.grid is not None and cfg.grid.num_tokens == site.q_len:
-                grid, source = cfg.grid, GridSource.USER
+        elif cfg.grid is not None and cfg.grid.num_tokens == site.q_len:
+            grid, source = cfg.grid, GridSource.USER
+        elif m is not None and m.q_token_source is not None:
+            grid = infer(m.q_token_source[0], site.batch, site.q_len)
+            source = GridSource.INFERRED if grid else GridSource.UNKNOWN
         ctx.sites[i] = dataclasses.replace(site, grid=grid, grid_source=source)
         report.notes.append(f"{site.site_id}: grid {grid if grid else 'unknown'} ({source.value})")
+    if cfg.grid is not None and ctx.sites and not any(s.q_len == cfg.grid.num_tokens for s in ctx.sites):
+        lengths = sorted({s.q_len for s in ctx.sites})
+        msg = (f"option 'grid' {cfg.grid} has {cfg.grid.num_tokens} tokens, but no attention site of this graph "
+               f"has that many queries (they have {lengths}): it is not used")
+        if cfg.strict:
+            raise ConfigError(msg)
+        log.warning("vsopt: %s", msg)
+        report.notes.append(msg)
     return report

@@ -14,7 +14,8 @@ attention nodes carry node.meta["vsopt_site"] = site_id.
 
 What passes hand to later passes lives in typed fields of the PassContext, never in an untyped
 dict: detect_attention fills `sites`, `skipped` and `matches`; infer_grid gives the sites their
-grids; rewrite_attention rewrites each match with its rule; lower_plan adds to `skipped`.
+grids; rewrite_attention rewrites each match with its rule; lower_plan adds to `skipped` and fills
+`lowered`, `kept_dense` and `absent_plan_sites`.
 
 run_pipeline runs the passes in order. With PipelineOptions it also, after every pass,
 - writes the graph as text to dump_dir, one file per pass ("01-detect_attention.txt", ...);
@@ -84,6 +85,9 @@ class PassContext:
     # site_id -> what a rule's check found (detect_attention); infer_grid reads its q_token_source,
     # rewrite_attention replaces it with match.rule.rewrite(graph, match)
     matches: dict[str, AttentionMatch] = field(default_factory=dict)
+    lowered: list[str] = field(default_factory=list)  # sites lower_plan rewrote into block-sparse launches
+    kept_dense: dict[str, str] = field(default_factory=dict)  # site_id -> why it is dense on purpose
+    absent_plan_sites: list[str] = field(default_factory=list)  # plan entries for sites this graph lacks
 
     def site(self, site_id: str) -> AttentionSite:
         for s in self.sites:
@@ -109,6 +113,15 @@ class PipelineReport:
     sites: list[AttentionSite]
     skipped: list[SkippedSite]
     passes: list[PassReport]
+    lowered: list[str] = field(default_factory=list)
+    kept_dense: dict[str, str] = field(default_factory=dict)
+    absent_plan_sites: list[str] = field(default_factory=list)
+
+    def dense_sites(self) -> list[tuple[str, str]]:
+        """Every site and candidate that runs dense, with why, as (site_id, reason): first the ones
+        left alone (candidates the rules could not match, sites the plan could not be applied to:
+        `skipped`), then the ones dense on purpose (no plan, a dense plan entry: `kept_dense`)."""
+        return [(s.site_id, s.reason) for s in self.skipped] + list(self.kept_dense.items())
 
 
 def check_graph(gm: torch.fx.GraphModule) -> tuple[str, str | None] | None:
@@ -161,4 +174,5 @@ def run_pipeline(gm: torch.fx.GraphModule, ctx: PassContext, pipeline: Sequence[
         ctx.ran.append(p.NAME)
     gm.graph.lint()
     gm.recompile()
-    return PipelineReport(sites=list(ctx.sites), skipped=list(ctx.skipped), passes=reports)
+    return PipelineReport(sites=list(ctx.sites), skipped=list(ctx.skipped), passes=reports, lowered=list(ctx.lowered),
+                          kept_dense=dict(ctx.kept_dense), absent_plan_sites=list(ctx.absent_plan_sites))

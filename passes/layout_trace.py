@@ -52,6 +52,7 @@ class Atom:
 
 
 Axes = list[list[Atom]]  # per tensor axis, its atoms in row-major order (size-1 atoms dropped)
+Groups = tuple[tuple[Atom, ...], ...]  # frozen Axes: per canonical axis, its atoms (merged row-major)
 
 
 class TraceError(Exception):

@@ -26,9 +26,13 @@ turns it into nodes. vsopt.attention's arguments are read with core.ops.attentio
 constants are made with graph_edit.constant.
 
 A site whose plan is entirely dense (every head dense, model order, no quantization) stays
-vsopt.attention. Sites left as they were (not in the plan, a plan that does not fit, a mask or
-causal flag the block-sparse kernel does not take) are recorded in ctx.skipped with the reason;
-in strict mode they are errors, as are plan sites the graph does not have.
+vsopt.attention: dense on purpose (ctx.kept_dense), which satisfies strict mode whatever the site
+(a mask, a causal flag), as long as the entry fits the site. Sites left as they were (not in the
+plan, a plan that does not fit, a mask or causal flag the block-sparse kernel does not take) are
+recorded in ctx.skipped with the reason; in strict mode they are errors, as are plan sites the
+graph does not have (ctx.absent_plan_sites otherwise). Decisions are made from ctx.sites, so with
+rewrite off (inspect) the same sites are reported, and strict raises the same errors; lowered
+sites go into ctx.lowered.
 
 Step-dependent plans (SitePlan.steps) are lowered with their default head plans: the backend
 applies step ranges by lowering Plan.at_step(...) once per segment of steps and choosing the
@@ -66,24 +70,23 @@ def _is_attention(n: torch.fx.Node) -> bool:
     return n.op == "call_function" and n.target in (vsopt.attention.default, vsopt.attention)
 
 
-def _why_not(node: torch.fx.Node, site: AttentionSite | None, sp: SitePlan) -> str | None:
-    """The reason this site cannot be lowered with this plan, or None."""
-    if site is None:
-        return "the graph node has no AttentionSite in ctx.sites"
+def _why_not(site: AttentionSite, sp: SitePlan, node: torch.fx.Node | None) -> str | None:
+    """The reason this site cannot be lowered with this plan, or None. Read from the site (and its
+    vsopt.attention node, where the graph has one: with rewrite off it has none)."""
     diffs = _site_differences(site, sp)
     if diffs:
         return "the plan does not fit the site: " + "; ".join(diffs)
-    a = attention_arguments(node.args, node.kwargs)
-    if a["attn_mask"] is not None:
+    has_mask, is_causal = site.has_mask, site.is_causal
+    if node is not None:
+        a = attention_arguments(node.args, node.kwargs)
+        has_mask, is_causal = a["attn_mask"] is not None, bool(a["is_causal"])
+    if has_mask:
         return "the site has an attention mask, which block-sparse attention does not take"
-    if a["is_causal"]:
+    if is_causal:
         return "the site is causal, which block-sparse attention does not take"
-    qv, kv, vv = (x.meta.get("val") for x in (a["q"], a["k"], a["v"]))
-    if qv is None or kv is None or vv is None:
-        return "q/k/v have no shape metadata (meta['val'])"
-    if vv.shape[-1] != qv.shape[-1]:
-        return f"value head dim {vv.shape[-1]} differs from query head dim {qv.shape[-1]}"
-    if qv.shape[2] != kv.shape[2] and any(h.order is not TokenOrder.FHW for h in sp.all_heads()):
+    if site.value_dim != site.head_dim:
+        return f"value head dim {site.value_dim} differs from query head dim {site.head_dim}"
+    if site.q_len != site.kv_len and any(h.order is not TokenOrder.FHW for h in sp.all_heads()):
         return "token orders need self-attention (q_len == kv_len)"
     return None
 
@@ -182,42 +185,53 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
     plan = ctx.config.plan
     if plan is None:
         report.notes.append("no plan: every site stays vsopt.attention (dense)")
+        ctx.kept_dense.update({s.site_id: "no plan" for s in ctx.sites})
         return report
-    nodes = {n.meta["vsopt_site"]: n for n in gm.graph.nodes if _is_attention(n) and "vsopt_site" in n.meta}
-    sites = {s.site_id: s for s in ctx.sites}
-    absent = sorted(set(plan.sites) - set(nodes))
+    sites = {s.site_id: s for s in ctx.sites}  # what detection found (with rewrite off, no nodes exist)
+    absent = sorted(set(plan.sites) - set(sites))
     if absent:
-        msg = f"plan sites not in this graph: {absent} (graph sites: {sorted(nodes)})"
+        msg = f"plan sites not in this graph: {absent} (graph sites: {sorted(sites)})"
         if ctx.config.strict:
             raise PlanError(f"{NAME}: {msg}")
+        ctx.absent_plan_sites.extend(absent)
         report.notes.append(msg)
+    nodes = {n.meta["vsopt_site"]: n for n in gm.graph.nodes if _is_attention(n) and "vsopt_site" in n.meta}
 
     changes = GraphChanges(gm.graph)
 
-    def leave(site_id: str, node: torch.fx.Node, reason: str) -> None:
+    def leave(site: AttentionSite, reason: str) -> None:
         if ctx.config.strict:
-            raise UnsupportedSiteError(site_id, reason)
-        ctx.skipped.append(SkippedSite(site_id, node.name, reason, rule=NAME))
-        report.notes.append(f"site {site_id!r} stays dense: {reason}")
+            raise UnsupportedSiteError(site.site_id, reason)
+        node = nodes.get(site.site_id)
+        ctx.skipped.append(SkippedSite(site.site_id, node.name if node is not None else site.output_node, reason,
+                                       rule=NAME))
+        report.notes.append(f"site {site.site_id!r} stays dense: {reason}")
 
-    for site_id, node in nodes.items():
+    for site in ctx.sites:
+        site_id, node = site.site_id, nodes.get(site.site_id)
         sp = plan.sites.get(site_id)
         if sp is None:
-            leave(site_id, node, "the plan has no entry for this site")
+            leave(site, "the plan has no entry for this site")
             continue
-        reason = _why_not(node, sites.get(site_id), sp)
-        if reason is not None:
-            leave(site_id, node, reason)
-            continue
-        if sp.is_dense:
+        reason = _why_not(site, sp, node)
+        if sp.is_dense and not _site_differences(site, sp):
+            # dense on purpose: what the plan asks for, whatever the site (a mask, causal...)
+            ctx.kept_dense[site_id] = "the plan keeps it dense"
             report.notes.append(f"site {site_id!r}: dense plan, stays vsopt.attention")
+            continue
+        if reason is not None:
+            leave(site, reason)
+            continue
+        if node is None:
+            report.notes.append(f"site {site_id!r}: would be lowered (the graph has no vsopt.attention node for it)")
             continue
         if sp.steps:
             report.notes.append(f"site {site_id!r}: {len(sp.steps)} step range(s); this graph runs the default "
                                 "head plans (the backend compiles one graph per step segment)")
-        low = _Lowering(gm, node, sites[site_id], sp)
+        low = _Lowering(gm, node, site, sp)
         with gm.graph.inserting_before(node):
             out = with_layout_of(gm.graph, low.lower(), node, pass_name=NAME)   # e.g. a permuted order's output
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
+        ctx.lowered.append(site_id)
     return changes.record(report)

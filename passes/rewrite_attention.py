@@ -29,6 +29,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
         return report
     graph = gm.graph
     changes = GraphChanges(graph)
+    replacements = []
     for site_id, m in ctx.matches.items():
         existing = set(graph.nodes)
         with graph.inserting_before(m.output):
@@ -36,8 +37,12 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
         for n in graph.nodes:
             if n not in existing and n.target is torch.ops.vsopt.attention.default:
                 n.meta["vsopt_site"] = site_id
-        m.output.replace_all_uses_with(out)
+        replacements.append((m.output, out))
         report.notes.append(f"{site_id}: {m.output.name} -> {out.name}")
+    # Uses are redirected once every site is rewritten: a later site's match may read an earlier
+    # site's output directly (its q is the previous attention), and must find it in the graph.
+    for old, out in replacements:
+        old.replace_all_uses_with(out)
     graph.eliminate_dead_code()
     # DCE keeps ops it considers impure (e.g. SDPA, tagged nondeterministic_seeded); the
     # replaced nodes are dead by construction, so erase those explicitly.

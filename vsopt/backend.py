@@ -3,13 +3,14 @@
 The passes run on the ATen-level FX graph, so that torch.compile and torch.export share them:
 
     Dynamo graph (torch level) --to_aten--> ATen graph --DEFAULT_PIPELINE--> rewritten ATen graph
-        --compile_fx--> Inductor
+        --vsopt.inductor.compile_fx--> Inductor (without Inductor's own attention fusion)
 
 Public functions (calibration, inspect and the graph-diff debugger call the first two):
 
     to_aten(model_or_gm, example_inputs) -> torch.fx.GraphModule
     trace_and_rewrite(model, example_inputs, config) -> (gm, PipelineReport)
     vsopt_backend(gm, example_inputs, options=None)   the torch_dynamo_backends entry point
+    last_report() -> PipelineReport | None           what the last compiled graph's passes found
 
 An attention before and after (timm, fused_attn=False; ATen, one head group shown):
     before:  bmm(q', k') -> _unsafe_view -> mul(0.125) -> _softmax(-1) -> expand -> view
@@ -18,14 +19,16 @@ An attention before and after (timm, fused_attn=False; ATen, one head group show
 """
 from __future__ import annotations
 
-import operator
 import dataclasses
+import logging
+import operator
 from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx
 import torch.fx.traceback as fx_traceback
 from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from vsopt.core.config import VsoptConfig
@@ -72,6 +75,7 @@ def to_aten(model_or_gm: torch.nn.Module, example_inputs: Sequence[Any]) -> torc
         aten_gm = model_or_gm  # an ATen graph already (e.g. from ExportedProgram.module())
     elif _is_dynamo_graph(model_or_gm):
         gm = model_or_gm
+        _specialize_float_inputs(gm)
         fake_mode = detect_fake_mode(example_inputs)
         fake_inputs = [n.meta["example_value"] for n in gm.graph.nodes if n.op == "placeholder"]
 
@@ -86,6 +90,33 @@ def to_aten(model_or_gm: torch.nn.Module, example_inputs: Sequence[Any]) -> torc
     aten_gm.graph.eliminate_dead_code()
     aten_gm.recompile()
     return aten_gm
+
+
+def _specialize_float_inputs(gm: torch.fx.GraphModule) -> None:
+    """Make Dynamo specialize the Python floats it passed as 0-d tensors read with .item().
+
+    Dynamo does not specialize every float (a dropout p, a scale or fill value under
+    dynamic=True): it passes each as a 0-d tensor, and the value only exists as a symbolic float.
+    A re-trace cannot read it (aten._local_scalar_dense fails on fake tensors), and the rules need
+    these values as constants anyway (a scale, a mask fill, whether a dropout is a no-op). So ask
+    Dynamo to restart its analysis with those floats specialized: the request Inductor's own
+    tensorify pass makes for the floats it cannot keep symbolic. Dynamo then guards on their values."""
+    try:
+        from torch._dynamo.exc import TensorifyScalarRestartAnalysis
+        from torch._dynamo.symbolic_convert import TensorifyState
+    except ImportError:  # a torch without the mechanism: the graph is traced as it is
+        return
+    names = []
+    for n in gm.graph.find_nodes(op="placeholder"):
+        value = n.meta.get("example_value")
+        memo = value.item_memo if isinstance(value, FakeTensor) else None
+        name = getattr(getattr(getattr(memo, "node", None), "_expr", None), "name", None)
+        if isinstance(memo, torch.SymFloat) and name and not TensorifyState.should_specialize(name):
+            names.append(name)
+    if names:
+        for name in names:
+            TensorifyState.specialize(name)
+        raise TensorifyScalarRestartAnalysis
 
 
 class _null:
@@ -114,8 +145,9 @@ def vsopt_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
 
     A plan with separate head plans for ranges of denoising steps compiles one graph per segment
     of steps and picks one at each call from vsopt.set_denoising_step (unknown step: the default
-    head plans). options["cudagraphs"]: every graph runs under Inductor's CUDA graphs."""
-    from torch._inductor.compile_fx import compile_fx
+    head plans). options["cudagraphs"]: every graph runs under Inductor's CUDA graphs. What was
+    left dense is logged and kept for last_report()."""
+    from vsopt.inductor import compile_fx  # Inductor without its attention fusion (vsopt.inductor says why)
 
     config = VsoptConfig.from_options(options)
     plan = config.plan
@@ -123,12 +155,47 @@ def vsopt_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
         from vsopt import cudagraphs
 
         plan = cudagraphs.plan_for_cudagraphs(plan)
+    reports: list[PipelineReport] = []
 
     def build(plan):
-        aten_gm, _report = trace_and_rewrite(gm, example_inputs, dataclasses.replace(config, plan=plan))
+        aten_gm, report = trace_and_rewrite(gm, example_inputs, dataclasses.replace(config, plan=plan))
+        reports.append(report)
         if config.cudagraphs:
             return cudagraphs.compile_graph(aten_gm, gm, example_inputs)
         return compile_fx(aten_gm, list(example_inputs))
 
     # a plan with step ranges: one graph per segment of steps, chosen per call (vsopt.core.steps)
-    return step_variants(plan, build)
+    compiled = step_variants(plan, build)
+    _tell(config, reports)
+    return compiled
+
+
+_log = logging.getLogger("vsopt")
+_last: list[PipelineReport] = []
+
+
+def last_report() -> PipelineReport | None:
+    """What the passes found in the last graph torch.compile(backend="vsopt") compiled in this
+    process (None before the first): its sites, report.lowered, report.dense_sites() (every site
+    left dense, with why), each pass's changes. A model Dynamo splits into several graphs is
+    compiled graph by graph: this is the last one's. With step ranges, the unknown step's graph."""
+    return _last[0] if _last else None
+
+
+def _tell(config: VsoptConfig, reports: Sequence[PipelineReport]) -> None:
+    """One log line (logger "vsopt") per site left dense, with why: a warning where a plan was
+    given and not applied (its lines are what a plan for another model, other head counts or
+    another length produces), info where dense is what was asked for (no plan, a dense entry)."""
+    _last[:] = [reports[0]]
+    lines = {}
+    for report in reports:
+        for s in report.skipped:
+            level = logging.WARNING if config.plan is not None else logging.INFO
+            lines.setdefault(f"site {s.site_id!r} runs dense: {s.reason}", level)
+        for site_id, why in report.kept_dense.items():
+            lines.setdefault(f"site {site_id!r} runs dense: {why}", logging.INFO)
+        if report.absent_plan_sites:  # may be in another graph of the same model (a graph break)
+            lines.setdefault(f"plan sites not in this graph: {report.absent_plan_sites}", logging.INFO)
+    for line, level in lines.items():
+        _log.log(level, "vsopt: %s", line)
+

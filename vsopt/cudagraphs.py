@@ -72,11 +72,11 @@ def carry_dynamo_metadata(aten_gm: torch.fx.GraphModule, dynamo_gm: torch.fx.Gra
 def compile_graph(aten_gm: torch.fx.GraphModule, dynamo_gm: torch.fx.GraphModule, example_inputs: Sequence[Any]):
     """Inductor's compile_fx of vsopt's rewritten graph under CUDA graphs, parameters and vsopt's
     constants static."""
-    from torch._inductor import compile_fx as inductor
+    from vsopt.inductor import compile_fx
 
     if not carry_dynamo_metadata(aten_gm, dynamo_gm):
         _log.warning("vsopt cudagraphs: the graph's static inputs are unknown; parameters are copied at every replay")
-    return inductor.compile_fx(aten_gm, list(example_inputs), config_patches=dict(INDUCTOR_PATCHES))
+    return compile_fx(aten_gm, list(example_inputs), config_patches=dict(INDUCTOR_PATCHES))
 
 
 def plan_for_cudagraphs(plan):

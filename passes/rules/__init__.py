@@ -5,6 +5,7 @@ and passes/rewrite_attention.py).
     sdpa.py       SdpaRule(op_name): F.scaled_dot_product_attention in each ATen spelling
     softmax.py    SoftmaxAttentionRule(): softmax(scale * q @ k^T + mask) @ v with matmuls
     operands.py   a matmul's operands as layout_trace atoms (for the softmax rule)
+    score_mask.py the mask on the scores: which fills are exact, what fully masked rows give
     canonical.py  what the softmax rule emits (typed records) and the emitters
 
 DEFAULT_RULES is the order detection tries them in; the first rule whose pattern anchors on a

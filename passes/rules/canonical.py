@@ -5,8 +5,10 @@ A matched softmax attention is rebuilt from the sources of its operands, in the 
 output was:
 
     q4 = emit_canonical(q)  k4 = emit_canonical(k)  v4 = emit_canonical(v)   (reshape/permute/expand)
-    m4 = emit_mask(mask)                                (broadcastable to (B, H, Nq, Nk), or None)
-    out = vsopt.attention(q4, k4, v4, m4, scale, False) -> emit_output(out)  (reshape/permute)
+    m4 = score_mask.emit_mask(mask)                     (broadcastable to (B, H, Nq, Nk), or None)
+    out = vsopt.attention(q4, k4, v4, m4, scale, False)
+    out = score_mask.emit_empty_rows(out, m4, ...)      (masked rows as the original gives them)
+    emit_output(out)                                    (reshape/permute)
 
 Every emitted node goes through graph_edit.emit (shape metadata, provenance of rewrite_attention,
 attributed to the anchor's module).
@@ -20,12 +22,11 @@ import torch
 import torch.fx
 
 from ..graph_edit import emit
-from ..layout_trace import Atom, TraceError, Traced, shape_of
+from ..layout_trace import Groups, TraceError, Traced, shape_of
 from .match import PASS_NAME
+from .score_mask import EmptyRows, ScoreMask
 
 aten = torch.ops.aten
-
-Groups = tuple[tuple[Atom, ...], ...]  # per canonical axis, its atoms (merged row-major)
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,25 +41,6 @@ class Canonical:
 
 
 @dataclass(frozen=True, eq=False)
-class ScoreMask:
-    """The one mask the model applies to the scores.
-
-    kind: "add" (`tensor` is added to the scores), "fill_where_true" / "fill_where_false" (the
-    scores become `fill` where the condition `tensor` is True / False).
-    axes: the atoms of the scores where the mask is applied; groups: the canonical (B, H, Nq, Nk)
-    atoms; scale_before: the scale applied to the scores before it; factor: the model's factor
-    on the mask itself (baddbmm's beta)."""
-
-    kind: str
-    tensor: torch.fx.Node
-    fill: float | None
-    axes: Groups
-    groups: Groups
-    scale_before: float
-    factor: float
-
-
-@dataclass(frozen=True, eq=False)
 class SoftmaxEmit:
     """What SoftmaxAttentionRule.rewrite emits for one match: q/k/v rebuilt canonically, the
     mask, the total scale, and how to lay the (B, H, Nq, Dv) result out as the value matmul's
@@ -68,6 +50,7 @@ class SoftmaxEmit:
     k: Canonical
     v: Canonical
     mask: ScoreMask | None
+    empty_rows: EmptyRows | None  # what the original gives for a row the mask empties (None: no mask)
     scale: float
     out_groups: Groups
     out_axes: Groups
@@ -102,60 +85,6 @@ def emit_canonical(graph: torch.fx.Graph, c: Canonical, anchor: torch.fx.Node) -
     if [a.size for a in kept] != final:
         x = em(aten.reshape.default, x, final)
     return x
-
-
-def emit_mask(graph: torch.fx.Graph, mask: ScoreMask, scale_total: float, anchor: torch.fx.Node) -> torch.fx.Node:
-    """The mask as a tensor broadcastable to (B, H, Nq, Nk): boolean (True = keep) for -inf fills,
-    else additive, multiplied by any scale applied after it."""
-    em = lambda target, *args: emit(graph, target, args, pass_name=PASS_NAME, meta_from=anchor)  # noqa: E731
-    kind, axes, groups = mask.kind, mask.axes, mask.groups
-    if kind == "add":
-        m = mask.tensor
-    else:
-        cond, value = mask.tensor, mask.fill
-        keep_is_true = kind == "fill_where_false"
-        if value == float("-inf"):
-            m = cond if keep_is_true else em(aten.logical_not.default, cond)
-        else:  # finite fill: additive value where dropped, 0 where kept (exact: |score| << |value|)
-            dropped = em(aten.logical_not.default, cond) if keep_is_true else cond
-            as_float = emit(graph, aten._to_copy.default, (dropped,), {"dtype": torch.float32},
-                            pass_name=PASS_NAME, meta_from=anchor)
-            m = em(aten.mul.Tensor, as_float, value)
-            kind = "add"
-    if kind == "add" and m.meta["val"].dtype != torch.bool:
-        # the model scaled the mask by `factor` and by every scale applied after it was added
-        after = mask.factor * (scale_total / mask.scale_before if mask.scale_before else 1.0)
-        if after != 1.0:
-            m = em(aten.mul.Tensor, m, after)
-    # lay the mask's axes over the score axes (right-aligned broadcasting), atom by atom
-    mshape = list(shape_of(m))
-    mshape = [1] * (len(axes) - len(mshape)) + mshape
-    leaf_sizes, leaf_atoms = [], []
-    for ax, s in zip(axes, mshape):
-        for a in ax:
-            leaf_sizes.append(a.size if s != 1 else 1)
-            leaf_atoms.append(a)
-        if s != 1 and s != math.prod(a.size for a in ax):
-            raise TraceError("mask does not broadcast over the scores")
-    if leaf_sizes != list(shape_of(m)):
-        m = em(aten.reshape.default, m, leaf_sizes)
-    pos = {a.id: i for i, a in enumerate(leaf_atoms)}
-    order = [pos[a.id] for g in groups for a in g]
-    if order != sorted(order):
-        m = em(aten.permute.default, m, order)
-    sizes = [leaf_sizes[i] for i in order]
-    full, merged, i = list(sizes), [], 0
-    for g in groups:
-        part = sizes[i:i + len(g)]
-        if any(s == 1 for s in part) and any(s != 1 for s in part):  # partly broadcast: materialise
-            full[i:i + len(g)] = [a.size for a in g]
-        merged.append(math.prod(full[i:i + len(g)]))
-        i += len(g)
-    if full != sizes:
-        m = em(aten.expand.default, m, full)
-    if full != merged:
-        m = em(aten.reshape.default, m, merged)
-    return m
 
 
 def emit_output(graph: torch.fx.Graph, out: torch.fx.Node, groups: Groups, out_axes: Groups,

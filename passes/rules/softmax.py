@@ -2,7 +2,8 @@
 
 scores = q @ k^T (matmul, bmm, baddbmm or einsum; any layout, heads merged or not, k/v heads
 broadcast for MQA/GQA) -> scalar scale (mul/div, before the matmul on q or k, or after it) ->
-optional mask (additive add, boolean masked_fill / where, baddbmm's bias) -> dtype casts ->
+optional mask (additive, baddbmm's bias, or a masked_fill / where fill that drops keys: exactly
+what rules/score_mask.py accepts, fully masked rows included) -> dtype casts ->
 softmax over the key axis -> dropout that is a no-op -> probs @ v. Anchored on the softmax;
 layouts are followed with passes.layout_trace atoms (rules/operands.py), and the rewrite rebuilds
 q, k, v canonically (rules/canonical.py).
@@ -25,9 +26,10 @@ from vsopt.core.ir import Layout
 
 from ..graph_edit import emit
 from ..layout_trace import ORDER_OPS, TraceError, apply, scalar_factor
-from .canonical import Canonical, ScoreMask, SoftmaxEmit, emit_canonical, emit_mask, emit_output, groups_of
+from .canonical import Canonical, SoftmaxEmit, emit_canonical, emit_output, groups_of
 from .match import PASS_NAME, AttentionMatch, AttentionRule, MatchResult, normalize_args, users
 from .operands import Operand, einsum_spec, group_sizes, operands
+from .score_mask import EmptyRows, ScoreMask, emit_empty_rows, emit_mask, fill_mask, fill_of
 
 aten = torch.ops.aten
 
@@ -63,11 +65,11 @@ def score_path(x: torch.fx.Node) -> list[torch.fx.Node] | None:
         path.append(x)
         if x.target in SCORE_OPS:
             return list(reversed(path))
-        if x.target in ORDER_OPS or scalar_factor(x) is not None or _is_cast(x) or \
-                x.target in (aten.masked_fill.Scalar,):
+        fill = fill_of(x)
+        if x.target in ORDER_OPS or scalar_factor(x) is not None or _is_cast(x):
             x = x.args[0]
-        elif x.target is aten.where.ScalarOther:
-            x = x.args[1]
+        elif fill is not None:
+            x = fill.scores
         elif x.target is aten.add.Tensor and len(x.args) == 2 and not x.kwargs:
             for i in (0, 1):
                 sub = score_path(x.args[i])
@@ -80,8 +82,9 @@ def score_path(x: torch.fx.Node) -> list[torch.fx.Node] | None:
 
 
 def _blocking_op(x: torch.fx.Node, depth: int = 6) -> torch.fx.Node | None:
-    """If a matmul reaches the softmax input within `depth` ops along first arguments, the op
-    nearest the matmul that the score path does not accept (so the skip can name it)."""
+    """If a matmul reaches the softmax input within `depth` ops along first floating-point
+    arguments (a where's condition is not the scores), the op nearest the matmul that the score
+    path does not accept (so the skip can name it)."""
     chain = []
     while isinstance(x, torch.fx.Node) and x.op == "call_function" and len(chain) < depth:
         if x.target in SCORE_OPS:
@@ -90,7 +93,8 @@ def _blocking_op(x: torch.fx.Node, depth: int = 6) -> torch.fx.Node | None:
                     return n
             return chain[0] if chain else None
         chain.append(x)
-        args = [a for a in x.args if isinstance(a, torch.fx.Node)]
+        args = [a for a in x.args if isinstance(a, torch.fx.Node) and isinstance(a.meta.get("val"), torch.Tensor)
+                and a.meta["val"].is_floating_point()]
         if not args:
             return None
         x = args[0]
@@ -148,29 +152,28 @@ class SoftmaxAttentionRule(AttentionRule[SoftmaxEmit]):
             return fail("q is broadcast over a batch axis")
         # ---- scores: scale and mask between the matmul and the softmax
         scale = oq.traced.scale * ok_.traced.scale
-        masks = []  # (kind, tensor, fill, axes at that point, scale applied before it, factor on the mask)
+        masks = []  # (kind, tensor or Fill, axes at that point, scale applied before it, factor on the mask)
         if extra is not None:  # baddbmm: beta * bias + alpha * (q @ k^T)
             bias, beta, alpha = extra
             scale *= alpha
             if beta != 0:
-                masks.append(("add", bias, None, axes, scale, beta))
+                masks.append(("add", bias, axes, scale, beta))
         try:
             for n in path[1:]:
                 f = scalar_factor(n)
+                fill = fill_of(n)
                 if f is not None:
                     scale *= f
                 elif n.target in ORDER_OPS:
                     axes = apply(n, axes, {})
+                elif fill is not None:
+                    masks.append(("keep", fill, axes, scale, 1.0))
                 elif n.target is aten.add.Tensor:
                     prev = path[path.index(n) - 1]
                     other = n.args[1] if n.args[0] is prev else n.args[0]
                     if not isinstance(other, torch.fx.Node):
                         return fail(f"{n.name} adds a constant to the scores")
-                    masks.append(("add", other, None, axes, scale, 1.0))
-                elif n.target is aten.masked_fill.Scalar:
-                    masks.append(("fill_where_true", n.args[1], float(n.args[2]), axes, scale, 1.0))
-                elif n.target is aten.where.ScalarOther:
-                    masks.append(("fill_where_false", n.args[0], float(n.args[2]), axes, scale, 1.0))
+                    masks.append(("add", other, axes, scale, 1.0))
         except TraceError as e:
             return fail(f"cannot follow the scores: {e}")
         if len(masks) > 1:
@@ -270,15 +273,23 @@ class SoftmaxAttentionRule(AttentionRule[SoftmaxEmit]):
         D, Dv = math.prod(a.size for a in oq.feature), math.prod(a.size for a in ov.feature)
         if math.prod(a.size for a in ov.token) != Nk:
             return fail("k and v have different lengths")
-        mask = None
+        mask = empty_rows = None
         if masks:
-            kind, tensor, fill, m_axes, scale_before, factor = masks[0]
-            mask = ScoreMask(kind, tensor, fill, groups_of(m_axes), groups_of([bq, hq, oq.token, ok_.token]),
+            kind, what, m_axes, scale_before, factor = masks[0]
+            # a row the mask empties: what the anchor gives for all -inf scores
+            softmax_empty = 0.0 if sm.target is aten._safe_softmax.default else math.nan
+            invert, empty_rows = False, EmptyRows(value=softmax_empty)
+            if kind == "keep":
+                got = fill_mask(what, scale / scale_before if scale_before else 1.0, softmax_empty)
+                if isinstance(got, str):
+                    return fail(got)
+                (invert, empty_rows), what = got, what.cond
+            mask = ScoreMask(kind, what, invert, groups_of(m_axes), groups_of([bq, hq, oq.token, ok_.token]),
                              scale_before, factor)
         canonical = {label: Canonical(o.traced, groups_of([bg, hg, o.token, o.feature]), frozenset(drop))
                      for label, (o, bg, hg, drop) in kv.items()}
         record = SoftmaxEmit(q=Canonical(oq.traced, groups_of([bq, hq, oq.token, oq.feature])), k=canonical["k"],
-                           v=canonical["v"], mask=mask, scale=scale,
+                           v=canonical["v"], mask=mask, empty_rows=empty_rows, scale=scale,
                            out_groups=groups_of([bq, hq, oq.token, ov.feature]), out_axes=groups_of(out_axes))
         return self.matched(
             sm, record, anchor=sm, output=pv, layout=Layout.BN_D if len(axes) == 3 else _layout_of(oq), batch=B,
@@ -291,7 +302,9 @@ class SoftmaxAttentionRule(AttentionRule[SoftmaxEmit]):
         q4 = emit_canonical(graph, e.q, sm)
         k4 = emit_canonical(graph, e.k, sm)
         v4 = emit_canonical(graph, e.v, sm)
-        m4 = emit_mask(graph, e.mask, e.scale, sm) if e.mask is not None else None
+        m4 = emit_mask(graph, e.mask, e.scale, sm.args[0].meta["val"].dtype, sm) if e.mask is not None else None
         out = emit(graph, torch.ops.vsopt.attention.default, (q4, k4, v4, m4, e.scale, False),
                    pass_name=PASS_NAME, replaces=match.nodes, meta_from=sm)
+        if e.empty_rows is not None:  # the rows the mask empties, as the original graph gives them
+            out = emit_empty_rows(graph, out, m4, v4, e.empty_rows, sm)
         return emit_output(graph, out, e.out_groups, e.out_axes, match.output, sm)

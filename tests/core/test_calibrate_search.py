@@ -170,6 +170,34 @@ def test_budget_validation():
         CalibrationOptions(quants=(Quant.INT8,))
 
 
+@pytest.mark.parametrize("fields, message", [
+    ({"block_m": 48}, "block_m 48: a block size must be a power of two"),
+    ({"block_n": 512}, "block_n 512"),
+    ({"error_inputs": 0}, "error_inputs must be None or an integer >= 1"),
+    ({"site_overhead_us": -1.0}, "site_overhead_us -1.0"),
+    ({"step_ranges": ((4, 2),)}, "4:2 is empty"),
+    ({"step_ranges": ((0, 4), (2, None))}, "0:4 and 2: overlap"),
+    ({"step_ranges": ((0, None), (4, None))}, "overlap"),
+    ({"step_ranges": ()}, "no step range"),
+])
+def test_options_are_checked_when_made(fields, message):
+    """A CalibrationOptions that calibration could not run is refused when it is made, not after
+    the measuring passes."""
+    with pytest.raises(ConfigError, match=message):
+        CalibrationOptions(**fields)
+    assert CalibrationOptions(step_ranges=[(4, None), (0, 4)]).step_ranges == ((4, None), (0, 4))
+
+
+def test_quality_floor_values_are_checked():
+    from vsopt.calibration import QualityFloor
+
+    for value, metric in ((float("nan"), "psnr"), (float("inf"), "psnr"), (0.0, "rel_l2")):
+        with pytest.raises(ConfigError, match="QualityFloor.value"):
+            QualityFloor((), value, metric)
+    with pytest.raises(ConfigError, match="iterations"):
+        QualityFloor((), 30.0, iterations=0)
+
+
 def test_run_observing_needs_sites_and_checks_replacements():
     from vsopt.calibration.capture import run_observing
 
@@ -330,3 +358,16 @@ def test_model_order_candidates_measure_in_the_model_order():
     out = site_plan_output(state.site, heads, call)
     err2 = (out.double() - exact.double()).pow(2).sum((0, 2, 3))
     assert torch.allclose(err2, state.err2[:, c], rtol=1e-4, atol=1e-9)
+
+
+def test_host_overhead_per_launch_comes_from_the_cost_models_measurement():
+    """The shipped H200 model saved the host's overhead of one eager call per kernel configuration;
+    the nearest measured head dim serves others, and a configuration without one costs 0."""
+    from vsopt.calibration.choices import host_launch_us
+
+    shipped = CostModel.default("NVIDIA H200")
+    table = shipped.meta["host_overhead_us_not_in_model"]
+    assert host_launch_us(shipped, Quant.NONE, 64, 64, 64) == table["none/d64/64x64"]
+    assert host_launch_us(shipped, Quant.INT8, 80, 128, 128) == table["int8/d64/128x128"]
+    assert host_launch_us(shipped, Quant.INT8, 120, 128, 128) == table["int8/d128/128x128"]
+    assert host_launch_us(shipped, Quant.NONE, 64, 16, 16) == 0.0 and host_launch_us(COST, Quant.NONE, 16, 16, 16) == 0.0

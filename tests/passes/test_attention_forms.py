@@ -329,3 +329,17 @@ def test_strict_option_through_torch_compile():
     torch._dynamo.reset()
     with pytest.raises(Exception, match=r"unknown vsopt option\(s\) \['bogus'\]"):
         torch.compile(model, backend="vsopt", options={"bogus": 1})(*_inputs(H))
+
+
+def _chained(q, k, v, mask):  # the second attention's queries are the first one's output, directly
+    return F.scaled_dot_product_attention(F.scaled_dot_product_attention(q, k, v), k, v)
+
+
+def test_chained_sites_are_both_rewritten(compile_rewrite):
+    model = Form(_chained).eval()
+    inputs = _inputs(H)
+    out, [(gm, report)] = compile_rewrite(model, *inputs)
+    egm, _ = trace_and_rewrite(model, inputs, VsoptConfig())  # torch.export's graph
+    for g in (gm, egm):
+        assert op_names(g).count("vsopt.attention.default") == 2 and not any("scaled_dot" in o for o in op_names(g))
+    assert max_rel_err(out, model(*inputs)) <= 1e-5

@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", default=d.quant.value, choices=[q.value for q in Quant], help="precision of sparse methods")
     p.add_argument("--steps", type=int, default=d.steps, help="sampler steps per clip")
     p.add_argument("--clips", type=int, default=d.clips, help="clips sampled per configuration")
-    p.add_argument("--block", type=int, default=d.block, help="kernel block size")
+    p.add_argument("--block", type=int, default=d.block, help="kernel block size: a power of two, 16 to 256")
     p.add_argument("--clip", default=None, help="latent clip F,H,W; none: the size the model was trained on")
     p.add_argument("--device", default=None, help="cuda or cpu; none: cuda when available")
     p.add_argument("--out", default="bench", help="output folder for bench.json and pareto.png")
@@ -31,33 +31,78 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="vsopt: weigh every site's and step's error alike (no measured output sensitivity)")
 
 
+def _check_args(args: argparse.Namespace):
+    """The BenchSettings and the device from the options, every value checked before the model is
+    loaded; each error a ConfigError naming its option."""
+    from pathlib import Path
+
+    import torch
+
+    from vsopt.benchmark.settings import BenchSettings, Method
+    from vsopt.calibration.options import check_block_size, check_cost_model_blocks
+    from vsopt.core.costmodel import CostModel
+    from vsopt.core.errors import ConfigError
+    from vsopt.core.plan import Quant
+
+    def items(option: str, text: str | None, parse):
+        try:
+            return tuple(parse(v.strip()) for v in (text or "").split(",") if v.strip())
+        except ValueError as e:
+            raise ConfigError(f"bad {option} {text!r}: {e}") from None
+
+    methods = items("--methods", args.methods, Method)
+    if not methods:
+        raise ConfigError(f"bad --methods {args.methods!r}: no method given")
+    densities = items("--densities", args.densities, float)
+    clip = items("--clip", args.clip, int) if args.clip else None
+    if clip is not None and (len(clip) != 3 or min(clip) < 1):
+        raise ConfigError(f"--clip needs F,H,W (three integers >= 1), got {args.clip!r}")
+    speed = items("--vsopt-speedups", args.vsopt_speedups, str)
+    vsopt_speedups = items("--vsopt-speedups", ",".join(v for v in speed if v != "match"), float)
+    block = check_block_size(args.block, "--block")
+    for option, value in (("--steps", args.steps), ("--clips", args.clips)):
+        if value < 1:
+            raise ConfigError(f"{option} {value}: must be >= 1")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"--device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device!r}: no CUDA GPU is available here")
+    cost = CostModel.default(torch.cuda.get_device_name() if dev.type == "cuda" else None)
+    check_cost_model_blocks(cost, {Quant.NONE, Quant(args.quant)}, block, "--block",
+                            f"the shipped cost model ({cost.gpu})")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {args.out!r} is a file; give a folder (bench.json and pareto.png go there)")
+    try:
+        settings = BenchSettings(methods=methods, densities=densities, quant=Quant(args.quant), block=block,
+                                 steps=args.steps, clips=args.clips, clip=clip, step_plans=not args.no_step_plans,
+                                 sensitivity=not args.no_sensitivity, vsopt_speedups=vsopt_speedups,
+                                 vsopt_match="match" in speed)
+    except ConfigError as e:
+        option = {"densities": "--densities", "vsopt_speedups": "--vsopt-speedups"}
+        name = next((o for key, o in option.items() if str(e).startswith(key)), "bench options")
+        raise ConfigError(f"bad {name}: {e}") from None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {args.out!r}: cannot make the folder: {e}") from None
+    return settings, device
+
+
 def run_cli(args: argparse.Namespace) -> int:
+    settings, device = _check_args(args)  # before the model is loaded
+
     from pathlib import Path
 
     import torch
 
     from vsopt.benchmark.report import plot_pareto, summary_table, write_json
-    from vsopt.benchmark.settings import BenchSettings, Method
     from vsopt.benchmark.sweep import bench
-    from vsopt.core.errors import ConfigError
-    from vsopt.core.plan import Quant
     from vsopt.models.model import load_shipped
 
-    try:
-        methods = tuple(Method(m.strip()) for m in args.methods.split(",") if m.strip())
-        densities = tuple(float(d) for d in args.densities.split(",") if d.strip())
-        clip = tuple(int(v) for v in args.clip.split(",")) if args.clip else None
-        speed = [v.strip() for v in (args.vsopt_speedups or "").split(",") if v.strip()]
-        vsopt_speedups = tuple(float(v) for v in speed if v != "match")
-    except ValueError as e:
-        raise ConfigError(f"bad --methods, --densities, --clip or --vsopt-speedups: {e}") from None
-    if clip is not None and len(clip) != 3:
-        raise ConfigError(f"--clip needs F,H,W, got {args.clip!r}")
-    settings = BenchSettings(methods=methods, densities=densities, quant=Quant(args.quant), block=args.block,
-                             steps=args.steps, clips=args.clips, clip=clip, step_plans=not args.no_step_plans,
-                             sensitivity=not args.no_sensitivity, vsopt_speedups=vsopt_speedups,
-                             vsopt_match="match" in speed)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ref = load_shipped(device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32).eval()
     result = bench(ref, settings)
     out = Path(args.out)

@@ -10,13 +10,15 @@
     order_choice  each head's token order from its block mass in every order
     measure       the two measuring passes: block mass and candidates, candidate errors (SiteState)
     choices       a head's (candidate, precision) as a HeadPlan, priced through vsopt.core.semantics
-    search        the Lagrangian searches under each budget (bisect_price)
+    search        the Lagrangian searches under each budget (bisect_price), decide: one SiteDecision
+                  per site (its choices, and why it stays dense), never_slower
     result        CalibrationResult, SiteResult, and the plan assembled from the choices
     checkpoint    resuming an interrupted calibration
     inputs        calibration inputs as positional calls, step ranges, the reference model's inputs
     run           calibrate / calibrate_many: the passes, the searches, the check of the plan
     check         running a written plan: check_plan, reference_sampler_check
     sensitivity   how much the final output moves per site and step (euler_sensitivity)
+    failures      a failure in the user's code: which step failed, then the cause, one line
     cli           `vsopt calibrate`
 
 Names are imported lazily (the CLI module must stay light).
@@ -35,6 +37,7 @@ _LAZY = {
     "SiteState": "measure", "site_plan_output": "measure",
     "HeadChoice": "choices", "predicted_time_us": "choices",
     "search_site_error": "search", "search_density": "search", "search_time": "search",
+    "SiteDecision": "search", "decide": "search", "never_slower": "search", "fastest_within_error": "search",
     "SiteResult": "result", "CalibrationResult": "result",
     "calibrate": "run", "calibrate_many": "run",
     "reference_model_inputs": "inputs",

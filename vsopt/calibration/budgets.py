@@ -50,7 +50,9 @@ class SpeedupBudget:
     summed (weighted) relative squared error under that time, every head in precision `quant`.
     Fixed per-site costs (a launch per kernel configuration, dynamic-mask scoring, token
     permutations) are charged once per site, so a site drops dynamic heads or reorders when they
-    cost more than they save. The time is the cost model's prediction (fitted on a GPU), not a
+    cost more than they save, and so is what lowering costs beyond the cost model
+    (CalibrationOptions.site_overhead_us, host_overhead): a site whose plan would be slower than
+    dense stays dense. The time is the cost model's prediction (fitted on a GPU), not a
     measurement."""
 
     speedup: float
@@ -83,6 +85,12 @@ class QualityFloor:
         if not isinstance(self.held_out, RecordedCall):
             object.__setattr__(self, "held_out", tuple(self.held_out))
         object.__setattr__(self, "metric", QualityMetric(self.metric))
+        if not (isinstance(self.value, (int, float)) and math.isfinite(self.value)):
+            raise ConfigError(f"QualityFloor.value must be a finite number, got {self.value!r}")
+        if self.metric is QualityMetric.REL_L2 and not self.value > 0:
+            raise ConfigError(f"QualityFloor.value must be > 0 for a relative L2 floor, got {self.value!r}")
+        if not (isinstance(self.iterations, int) and self.iterations >= 1):
+            raise ConfigError(f"QualityFloor.iterations must be an integer >= 1, got {self.iterations!r}")
 
     def passes(self, score: float) -> bool:
         return score >= self.value if self.metric is QualityMetric.PSNR else score <= self.value

@@ -4,7 +4,9 @@ choices means as a plan: its HeadPlans and, through vsopt.core.semantics, its pr
 The search prices a head alone by its marginal time (head_options: its blocks and query blocks,
 its share of a permutation, the blocks it scores), which a Lagrangian can add up; a whole site is
 priced by predicted_time_us, the cost model's time of the site's HeadPlans exactly as lowered
-(semantics.site_work: one launch per launch group, fixed costs once)."""
+(semantics.site_work: one launch per launch group, fixed costs once), and by site_time_us, that
+plus what lowering costs beyond the cost model (lowering_overhead_us: the options' per-site
+overhead and the host's overhead per launch measured with the cost model)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -61,6 +63,41 @@ def predicted_time_us(state: SiteState, choices: Sequence[HeadChoice], cost: Cos
     return semantics.predicted_us(state.site, head_plans(state, choices), cost, [ch.density for ch in choices])
 
 
+HOST_OVERHEAD_KEY = "host_overhead_us_not_in_model"  # the cost model's meta: kernel key -> host us per call
+
+
+def host_launch_us(cost: CostModel, quant: Quant, head_dim: int, block_m: int, block_n: int) -> float:
+    """The host's overhead of one kernel call in this configuration, as measured with the cost
+    model (benchmarks/fit_cost_model.py: an eager call minus its CUDA-graph replay); the nearest
+    measured head dim of the same precision and blocks (host work does not grow with it), else 0."""
+    table = cost.meta.get(HOST_OVERHEAD_KEY) or {}
+    same = []
+    for key, us in table.items():
+        q, d, blocks = key.split("/")
+        if q == Quant(quant).value and blocks == f"{block_m}x{block_n}":
+            same.append((abs(int(d[1:]) - head_dim), float(us)))
+    return min(same)[1] if same else 0.0
+
+
+def lowering_overhead_us(state: SiteState, choices: Sequence[HeadChoice], cost: CostModel) -> float:
+    """What lowering the site costs beyond the cost model's GPU time: nothing for a site left
+    dense (the lowering leaves it alone); else CalibrationOptions.site_overhead_us, plus with
+    host_overhead the host's overhead of each kernel launch of the site (one per launch group, as
+    lowered, a group of skipped heads included)."""
+    if is_dense(state, choices):
+        return 0.0
+    t = state.opt.site_overhead_us
+    if state.opt.host_overhead:
+        for key in semantics.launch_groups(head_plans(state, choices)):
+            t += host_launch_us(cost, key.quant, state.site.head_dim, key.block_m, key.block_n)
+    return t
+
+
+def site_time_us(state: SiteState, choices: Sequence[HeadChoice], cost: CostModel) -> float:
+    """The site's predicted time with these choices: the cost model's, plus the lowering overhead."""
+    return predicted_time_us(state, choices, cost) + lowering_overhead_us(state, choices, cost)
+
+
 def _marginal_us(state: SiteState, hp: HeadPlan, density: float, cost: CostModel) -> float:
     """A head's own time: its launch's per-block and per-query-block work (the launch's fixed cost
     is shared, and charged by predicted_time_us), its permutation share and its scored blocks."""
@@ -98,3 +135,9 @@ def dense_choices(state: SiteState) -> list[HeadChoice]:
     """Every head dense, unquantized (the site stays the model's own attention)."""
     none = state.opt.quants.index(Quant.NONE)
     return [HeadChoice(0, Quant.NONE, float(state.quant_err2[h, none]), 0.0, 1.0) for h in range(state.site.heads)]
+
+
+def is_dense(state: SiteState, choices: Sequence[HeadChoice]) -> bool:
+    """Whether these choices leave the site the model's own attention (every head dense, in the
+    model's order, unquantized): lowering then leaves it alone, at no cost."""
+    return all(state.candidates[c.candidate].sparsity is Sparsity.DENSE and c.quant is Quant.NONE for c in choices)

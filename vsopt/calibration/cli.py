@@ -1,56 +1,62 @@
 """`vsopt calibrate`: measure a model's attention and write a plan. Light at import (no torch):
-`vsopt --help` builds this parser."""
+`vsopt --help` builds this parser.
+
+run_cli checks every option that can be checked without the model first (budgets, precisions,
+block size, step ranges, grid, device, cost model, output paths), each error one line naming the
+option; then builds the model, then calibrates. A failure while building the model or tracing it
+with the example inputs says which of the two failed, then the cause."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+from typing import Any
 
 QUANTS = "none,int8,fp8,int8_fp8"
-
-
-def _parse_ranges(text: str) -> tuple[tuple[int, int | None], ...]:
-    from vsopt.core.errors import ConfigError
-
-    out = []
-    for part in text.split(","):
-        a, _, b = part.partition(":")
-        try:
-            out.append((int(a or 0), int(b) if b else None))
-        except ValueError:
-            raise ConfigError(f"--step-ranges: {part!r} is not START:STOP (e.g. 0:4,4:)") from None
-    return tuple(out)
+USAGE = ("%(prog)s (MODULE:FACTORY | --reference) --out OUT.plan.json\n"
+         "       (--max-error X | --density D | --speedup S | --min-psnr DB) [options]")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("target", nargs="?", help="MODULE:FACTORY or ./file.py:FACTORY; FACTORY() returns (model, inputs), "
-                                             "inputs a tuple of positional inputs or a list of such tuples")
+    p.usage = USAGE
+    p.add_argument("target", nargs="?", metavar="MODULE:FACTORY",
+                   help="required unless --reference: MODULE:FACTORY or ./file.py:FACTORY; FACTORY() returns "
+                        "(model, inputs), inputs a tuple of positional inputs or a list of such tuples")
     p.add_argument("--reference", action="store_true",
                    help="calibrate the shipped reference model over its sampler steps instead of a FACTORY")
-    p.add_argument("--out", required=True, help="plan JSON to write (masks go to a .safetensors file beside it)")
+    p.add_argument("--out", required=True,
+                   help="plan JSON to write (masks go to a .safetensors file beside it; missing folders are made)")
     b = p.add_mutually_exclusive_group(required=True)
-    b.add_argument("--max-error", type=float, help="per-site budget: relative L2 of each attention output")
-    b.add_argument("--density", type=float, help="overall block density to reach")
-    b.add_argument("--speedup", type=float,
+    b.add_argument("--max-error", type=float, metavar="X",
+                   help="per-site budget: relative L2 of each attention output, in (0, 1)")
+    b.add_argument("--density", type=float, metavar="D", help="overall block density to reach, in (0, 1]")
+    b.add_argument("--speedup", type=float, metavar="S",
                    help="predicted attention speedup over dense to reach (cost model; fixed per-site costs of "
                         "dynamic masks, permutations and launches included); least weighted error under that time")
-    b.add_argument("--min-psnr", type=float,
+    b.add_argument("--min-psnr", type=float, metavar="DB",
                    help="end-to-end floor: PSNR (dB) of the model output on a held-out input (the last input; "
                         "with --reference a separate sampler run)")
     p.add_argument("--quant", default=QUANTS,
-                   help="precisions the search may use (comma-separated; with --density or --speedup the first is "
-                        "used)")
-    p.add_argument("--block", type=int, default=64, help="block size (query and key)")
+                   help="precisions the search may use, comma-separated (none, the exact fallback, is always "
+                        "allowed; with --density or --speedup the first is used)")
+    p.add_argument("--block", type=int, default=64, help="block size (query and key): a power of two, 16 to 256")
     p.add_argument("--no-reorder", action="store_true", help="keep every head in the model's token order")
     p.add_argument("--no-patterns", action="store_true", help="no static pattern candidates")
     p.add_argument("--no-dynamic", action="store_true", help="no dynamic-mask candidates")
     p.add_argument("--no-skip", action="store_true", help="never skip a head")
-    p.add_argument("--error-inputs", type=int, default=None, help="inputs per step range used to measure errors")
+    p.add_argument("--error-inputs", type=int, default=None,
+                   help="inputs per step range used to measure errors (default: all)")
     p.add_argument("--site-overhead-us", type=float, default=0.0,
-                   help="per-site cost of lowering not in the GPU cost model; sites saving less stay dense")
-    p.add_argument("--step-ranges", type=_parse_ranges, default=None,
-                   help="calibrate denoising step ranges separately, e.g. 0:4,4: (--reference)")
+                   help="a further per-site cost of lowering not in the cost model (us, e.g. permutations' and "
+                        "gathers' host work); a site whose plan is predicted no faster than dense stays dense")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="the plan will run under CUDA graphs: price sites by the cost model's GPU time alone "
+                        "(default: each lowered site is also charged the host overhead measured per kernel launch, "
+                        "as torch.compile without CUDA graphs pays it)")
+    p.add_argument("--step-ranges", default=None, metavar="START:STOP,...",
+                   help="calibrate denoising step ranges separately, e.g. 0:4,4: (default: one plan for all steps)")
     p.add_argument("--steps", type=int, default=8, help="--reference: sampler steps")
     p.add_argument("--clips", type=int, default=2, help="--reference: clips sampled for calibration")
-    p.add_argument("--device", default=None, help="--reference: device (default cuda if available)")
+    p.add_argument("--device", default=None, help="--reference: device (default: cuda if available, else cpu)")
     p.add_argument("--cost-model", default=None, help="cost-model JSON (default: the shipped one for this GPU)")
     p.add_argument("--grid", default=None, help="F,H,W[,text_before[,text_after]] for sites without an inferred grid")
     p.add_argument("--report", default=None, help="also write the per-site report as JSON here")
@@ -61,82 +67,186 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _factory_inputs(target: str):
-    """(model, list of calibration inputs) from MODULE:FACTORY: a tuple of inputs is one
-    calibration call, a list holds several."""
-    from vsopt.io import load_target
+def parse_step_ranges(text: str, option: str = "--step-ranges") -> tuple[tuple[int, int | None], ...]:
+    """'0:4,4:' -> ((0, 4), (4, None)), checked (CalibrationOptions' rule); errors name `option`."""
+    from vsopt.calibration.options import check_step_ranges
+    from vsopt.core.errors import ConfigError
 
-    made = load_target(target)
-    if isinstance(made.inputs, list):
-        return made.model, list(made.inputs)
-    return made.model, [made.inputs]  # a tuple of positional inputs (or one tensor) is one call
+    out = []
+    for part in text.split(","):
+        a, sep, b = part.strip().partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            out.append((int(a or 0), int(b) if b.strip() else None))
+        except ValueError:
+            raise ConfigError(f"{option}: {part!r} is not START:STOP (e.g. 0:4,4:)") from None
+    return check_step_ranges(out, option)
 
 
-def run_cli(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class Checked:
+    """The options as run_cli uses them, checked before any model is built."""
+
+    quants: tuple
+    grid: Any
+    cost: Any
+    options: Any  # CalibrationOptions
+    budget: Any  # the budget, or for --min-psnr the floor's value (its held-out input comes with the model)
+    device: str | None
+
+
+def check_args(args: argparse.Namespace) -> Checked:
+    """Everything that can be checked without the model, each error a ConfigError naming the option."""
+    from pathlib import Path
+
     import torch
 
     from vsopt.calibration.budgets import DensityBudget, QualityFloor, SiteErrorBudget, SpeedupBudget
-    from vsopt.calibration.check import check_plan, reference_sampler_check
-    from vsopt.calibration.inputs import as_recorded, reference_model_inputs
-    from vsopt.calibration.options import CalibrationOptions
-    from vsopt.calibration.run import calibrate
+    from vsopt.calibration.failures import one_line
+    from vsopt.calibration.options import (CalibrationOptions, check_block_size, check_cost_model_blocks,
+                                           check_overhead)
     from vsopt.core.costmodel import CostModel
     from vsopt.core.errors import ConfigError
     from vsopt.core.ir import TokenGrid
     from vsopt.core.orders import TokenOrder
     from vsopt.core.plan import Quant
-    from vsopt.io import atomic_write_json
 
+    if args.reference and args.target:
+        raise ConfigError(f"give MODULE:FACTORY or --reference, not both (got {args.target!r} and --reference)")
+    if not args.reference and not args.target:
+        raise ConfigError("give MODULE:FACTORY (the model to calibrate) or --reference")
+    names = [q.strip() for q in args.quant.split(",") if q.strip()]
+    if not names:
+        raise ConfigError(f"--quant {args.quant!r}: no precision given; valid: {[q.value for q in Quant]}")
     try:
-        quants = tuple(Quant(q.strip()) for q in args.quant.split(",") if q.strip())
+        given = tuple(dict.fromkeys(Quant(q) for q in names))
     except ValueError as e:
-        raise ConfigError(f"--quant: {e}; valid: {[q.value for q in Quant]}") from None
-    cost = CostModel.load(args.cost_model) if args.cost_model else None
+        raise ConfigError(f"--quant {args.quant!r}: {e}; valid: {[q.value for q in Quant]}") from None
+    quants = given if Quant.NONE in given else (*given, Quant.NONE)
+    block = check_block_size(args.block, "--block")
+    if args.error_inputs is not None and args.error_inputs < 1:
+        raise ConfigError(f"--error-inputs {args.error_inputs}: must be >= 1")
+    overhead = check_overhead(args.site_overhead_us, "--site-overhead-us")
+    step_ranges = parse_step_ranges(args.step_ranges) if args.step_ranges is not None else None
+    for option, value in (("--steps", args.steps), ("--clips", args.clips)):
+        if value < 1:
+            raise ConfigError(f"{option} {value}: must be >= 1")
     grid = None
     if args.grid:
         try:
             grid = TokenGrid(*(int(v) for v in args.grid.split(",")))
         except (TypeError, ValueError) as e:
             raise ConfigError(f"--grid {args.grid!r}: expected F,H,W[,text_before[,text_after]] ({e})") from None
+    device = args.device
+    if device is not None:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, ValueError) as e:
+            raise ConfigError(f"--device {device!r}: {one_line(e)}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device!r}: no CUDA GPU is available here")
+    # budgets (a --min-psnr floor's held-out input comes with the model: its value is checked here)
+    try:
+        if args.max_error is not None:
+            budget = SiteErrorBudget(args.max_error)
+        elif args.density is not None:
+            budget = DensityBudget(args.density, given[0])
+        elif args.speedup is not None:
+            budget = SpeedupBudget(args.speedup, given[0])
+        else:
+            budget = QualityFloor((), args.min_psnr).value
+    except ConfigError as e:
+        option = next(o for o, v in (("--max-error", args.max_error), ("--density", args.density),
+                                     ("--speedup", args.speedup), ("--min-psnr", args.min_psnr)) if v is not None)
+        raise ConfigError(f"{option}: {e}") from None
+    # the cost model, and that it has timings at this block size for every precision offered
+    try:
+        cost = CostModel.load(args.cost_model) if args.cost_model else \
+            CostModel.default(torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+    except OSError as e:
+        raise ConfigError(f"--cost-model {args.cost_model!r}: {one_line(e)}") from None
+    except ConfigError as e:
+        raise ConfigError(f"--cost-model: {e}") from None
+    source = f"--cost-model {args.cost_model!r}" if args.cost_model else f"the shipped cost model ({cost.gpu})"
+    check_cost_model_blocks(cost, quants, block, "--block", source)
+    # output paths: not folders; their folders are made now (the checkpoint is written beside the plan)
+    for option, path in (("--out", args.out), ("--report", args.report)):
+        if path is None:
+            continue
+        p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"{option} {path!r} is a folder; give a file path (e.g. {p / 'model.plan.json'})")
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"{option} {path!r}: cannot make its folder: {one_line(e)}") from None
+    options = CalibrationOptions(
+        block_m=block, block_n=block, quants=quants,
+        orders=(TokenOrder.FHW,) if args.no_reorder else tuple(TokenOrder), patterns=not args.no_patterns,
+        dynamic=not args.no_dynamic, skip=not args.no_skip, error_inputs=args.error_inputs,
+        site_overhead_us=overhead, host_overhead=not args.cuda_graphs,
+        model_order_candidates=args.speedup is not None,
+        step_ranges=step_ranges, cost_model=cost)
+    return Checked(quants, grid, cost, options, budget, device)
+
+
+def _factory_inputs(target: str):
+    """(model, list of calibration inputs) from MODULE:FACTORY: a tuple of inputs is one
+    calibration call, a list holds several. A failure says it happened building the model."""
+    from vsopt.calibration.failures import step_failed
+    from vsopt.core.errors import ConfigError
+    from vsopt.io import load_target
+
+    try:
+        made = load_target(target)
+    except ConfigError as e:
+        raise step_failed("building the model", e) from e
+    if isinstance(made.inputs, list):
+        return made.model, list(made.inputs)
+    return made.model, [made.inputs]  # a tuple of positional inputs (or one tensor) is one call
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    checked = check_args(args)  # before anything is built or traced
+
+    import torch
+
+    from vsopt.calibration.budgets import QualityFloor
+    from vsopt.calibration.check import check_plan, reference_sampler_check
+    from vsopt.calibration.failures import step_failed
+    from vsopt.calibration.inputs import as_recorded, reference_model_inputs
+    from vsopt.calibration.run import calibrate
+    from vsopt.core.errors import ConfigError
+    from vsopt.io import atomic_write_json
+
+    budget = checked.budget
     if args.reference:
         from vsopt.models import model as model_lib
 
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        ref = model_lib.load_shipped(device, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        device = checked.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            ref = model_lib.load_shipped(device, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        except Exception as e:  # noqa: BLE001 - the environment or the checkpoint: name the step, then the cause
+            raise step_failed("building the reference model", e) from e
         model = ref.transformer
         inputs = reference_model_inputs(ref, clips=args.clips, steps=args.steps, seed=0)
-        held_out = reference_model_inputs(ref, clips=1, steps=args.steps, seed=1)[args.steps // 2] \
-            if args.min_psnr is not None else None
-    elif args.target:
+        if args.min_psnr is not None:
+            budget = QualityFloor(reference_model_inputs(ref, clips=1, steps=args.steps, seed=1)[args.steps // 2],
+                                  budget)
+    else:
         model, inputs = _factory_inputs(args.target)
-        held_out = None
         if args.min_psnr is not None:
             if len(inputs) < 2:
-                raise ConfigError("--min-psnr needs at least two inputs: the last one is held out")
-            held_out = inputs.pop()
-    else:
-        raise ConfigError("give MODULE:FACTORY or --reference")
-    if args.max_error is not None:
-        budget = SiteErrorBudget(args.max_error)
-    elif args.density is not None:
-        budget = DensityBudget(args.density, quants[0] if quants else Quant.NONE)
-    elif args.speedup is not None:
-        budget = SpeedupBudget(args.speedup, quants[0] if quants else Quant.NONE)
-    else:
-        budget = QualityFloor(held_out, args.min_psnr)
-    options = CalibrationOptions(
-        block_m=args.block, block_n=args.block, quants=quants or (Quant.NONE,),
-        orders=(TokenOrder.FHW,) if args.no_reorder else tuple(TokenOrder), patterns=not args.no_patterns,
-        dynamic=not args.no_dynamic, skip=not args.no_skip, error_inputs=args.error_inputs,
-        site_overhead_us=args.site_overhead_us, model_order_candidates=args.speedup is not None,
-        step_ranges=args.step_ranges, cost_model=cost)
-    result = calibrate(model, inputs, budget, options=options, out=args.out, resume=not args.no_resume,
-                       progress=not args.quiet, grid=grid)
+                raise ConfigError("--min-psnr needs at least two inputs from the FACTORY: the last one is held out")
+            budget = QualityFloor(inputs.pop(), budget)
+    result = calibrate(model, inputs, budget, options=checked.options, out=args.out, resume=not args.no_resume,
+                       progress=not args.quiet, grid=checked.grid)
     print(result.table())
     print(f"plan written to {args.out}")
     result_dict = result.to_dict()
     if args.check:
-        check = check_plan(model, as_recorded(inputs[0], 0), args.out, grid)
+        check = check_plan(model, as_recorded(inputs[0], 0), args.out, checked.grid)
         if args.reference:
             check.update(reference_sampler_check(ref, args.out, clips=args.clips, steps=args.steps))
         print("plan check on the first input: " + ", ".join(

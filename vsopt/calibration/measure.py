@@ -71,12 +71,21 @@ class SiteState:
 
 
 def calibratable(site: AttentionSite) -> str | None:
-    """Why a site cannot be calibrated (it then stays dense), or None."""
+    """Why a site cannot be calibrated (it then gets a dense entry in the plan, "dense on
+    purpose", with this reason), or None. The block-sparse kernel takes self-attention with one
+    head dim, no mask and no causal flag."""
+    why = []
     if site.q_len != site.kv_len:
-        return "cross-attention (q_len != kv_len): left dense"
-    if site.has_mask or site.is_causal:
-        return "site has an attention mask or is causal: left dense"
-    return None
+        why.append(f"cross-attention (q_len {site.q_len} != kv_len {site.kv_len})")
+    if site.has_mask:
+        why.append("an attention mask")
+    if site.is_causal:
+        why.append("a causal flag")
+    if site.value_dim != site.head_dim:
+        why.append(f"value head dim {site.value_dim} != query head dim {site.head_dim}")
+    if not why:
+        return None
+    return "not calibrated, dense: block-sparse attention does not take " + ", ".join(why)
 
 
 def measure_mass(state: SiteState, call: SiteCall) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 from dataclasses import dataclass
 
 from vsopt.core.costmodel import CostModel
@@ -11,7 +12,7 @@ from vsopt.core.errors import ConfigError
 from vsopt.core.ir import TokenGrid
 from vsopt.core.orders import TokenOrder
 from vsopt.core.patterns import FrameTiles, LocalWindow, Pattern, Radial, TemporalDiagonals, Union, VerticalStripes
-from vsopt.core.plan import Quant
+from vsopt.core.plan import Quant, is_block_size
 
 
 def default_patterns(grid: TokenGrid) -> tuple[Pattern, ...]:
@@ -22,6 +23,50 @@ def default_patterns(grid: TokenGrid) -> tuple[Pattern, ...]:
     return (LocalWindow(1, 1, 1), LocalWindow(1, half, half), LocalWindow(2, 2 * half, 2 * half),
             LocalWindow(0, H, W), TemporalDiagonals(0), TemporalDiagonals(1), Radial(2 * half, 1),
             FrameTiles(2), Union((LocalWindow(1, half, half), VerticalStripes((0,)))))
+
+
+def check_block_size(value, name: str) -> int:
+    """value, when the kernels take it as a block size (vsopt.core.plan.is_block_size); else a
+    ConfigError naming `name` (an option or a field)."""
+    if not is_block_size(value):
+        raise ConfigError(f"{name} {value!r}: a block size must be a power of two from 16 to 256")
+    return value
+
+
+def check_overhead(value, name: str) -> float:
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
+        raise ConfigError(f"{name} {value!r}: must be a finite number of microseconds >= 0")
+    return float(value)
+
+
+def check_cost_model_blocks(cost: CostModel, quants, block: int, name: str, source: str) -> None:
+    """A ConfigError naming `name` when the cost model (described by `source`) has no timings for
+    block x block blocks in one of these precisions (it scales head dims, not block sizes)."""
+    measured = {(k.split("/")[0], k.split("/")[2]) for k in cost.launch_us}
+    missing = [Quant(q).value for q in quants if (Quant(q).value, f"{block}x{block}") not in measured]
+    if missing:
+        blocks = sorted({b for _, b in measured}, key=lambda b: int(b.split("x")[0]))
+        raise ConfigError(f"{name} {block}: {source} has no timings for {block}x{block} blocks in "
+                          f"{', '.join(missing)} (it has {', '.join(blocks)})")
+
+
+def check_step_ranges(ranges, name: str) -> tuple[tuple[int, int | None], ...]:
+    """Denoising step ranges [(start, stop)] as calibration takes them: non-empty, start >= 0,
+    stop None (to the end) or > start, no two overlapping; else a ConfigError naming `name`."""
+    try:
+        out = tuple((int(a), None if b is None else int(b)) for a, b in ranges)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected (start, stop) pairs of integers, got {ranges!r}") from None
+    if not out:
+        raise ConfigError(f"{name}: no step range given")
+    for a, b in out:
+        if a < 0 or (b is not None and b <= a):
+            raise ConfigError(f"{name}: {a}:{'' if b is None else b} is empty or negative (need 0 <= start < stop)")
+    ordered = sorted(out)
+    for (a, b), (c, d) in zip(ordered, ordered[1:]):
+        if b is None or b > c:
+            raise ConfigError(f"{name}: {a}:{'' if b is None else b} and {c}:{'' if d is None else d} overlap")
+    return out
 
 
 @dataclass(frozen=True)
@@ -38,9 +83,18 @@ class CalibrationOptions:
       head's order; an input-dependent mask at a fixed density).
     error_inputs: how many calibration inputs (the first ones) pass 2 runs on (None: all).
     site_overhead_us: what lowering a site costs beyond the GPU time the cost model predicts
-      (host-side launch work, permutations, head-group gathers); with a SiteErrorBudget a site
-      whose predicted saving is smaller stays dense. 0 by default; see docs/CALIBRATION.md for
-      a measured value.
+      (host-side work of permutations and head-group gathers, for example), charged once to every
+      site that is not left dense. 0 by default; see docs/CALIBRATION.md for measured values.
+    host_overhead: also charge each lowered site, per kernel launch, the host's overhead of one
+      call of that kernel configuration, as measured with the cost model (its meta
+      "host_overhead_us_not_in_model": 150 to 470 us per launch on the H200; 0 where the cost
+      model has no such measurement). That is what the plan costs when the GPU waits for the host,
+      as with torch.compile(backend="vsopt") without CUDA graphs at small sizes. Off (the
+      default): the cost model's GPU time alone, which is what a plan run under CUDA graphs
+      costs (the cost model was fitted to CUDA-graph-replayed timings). `vsopt calibrate` turns it
+      on unless --cuda-graphs.
+      Whatever the overhead, a site whose plan is predicted no faster than dense stays dense
+      (except under a DensityBudget, which asks for a density, not a speed), with the reason.
     step_ranges: [(start, stop)] of denoising steps calibrated separately (inputs must be
       RecordedCalls whose index is the step; stop None = to the end); None: one plan for all.
     cost_model: None = the shipped one for this GPU (CostModel.default).
@@ -67,6 +121,7 @@ class CalibrationOptions:
     skip: bool = True
     error_inputs: int | None = None
     site_overhead_us: float = 0.0
+    host_overhead: bool = False
     step_ranges: tuple[tuple[int, int | None], ...] | None = None
     cost_model: CostModel | None = None
     error_weights: dict[str, dict[int, float]] | None = None
@@ -81,9 +136,15 @@ class CalibrationOptions:
             raise ConfigError("CalibrationOptions.quants must include Quant.NONE (the exact fallback)")
         if not all(0.0 < s <= 1.0 for s in self.mass_shares):
             raise ConfigError(f"mass_shares must lie in (0, 1], got {self.mass_shares}")
+        for name in ("block_m", "block_n"):
+            check_block_size(getattr(self, name), f"CalibrationOptions.{name}")
+        if self.error_inputs is not None and not (isinstance(self.error_inputs, int) and self.error_inputs >= 1):
+            raise ConfigError(f"CalibrationOptions.error_inputs must be None or an integer >= 1, got "
+                              f"{self.error_inputs!r}")
+        check_overhead(self.site_overhead_us, "CalibrationOptions.site_overhead_us")
         if self.step_ranges is not None:
-            object.__setattr__(self, "step_ranges", tuple((int(a), None if b is None else int(b))
-                                                          for a, b in self.step_ranges))
+            object.__setattr__(self, "step_ranges", check_step_ranges(self.step_ranges,
+                                                                      "CalibrationOptions.step_ranges"))
 
     def fingerprint(self) -> dict:
         """The options as JSON (the cost model left out): recorded in the plan, and part of the

@@ -32,20 +32,19 @@ import torch
 from tqdm.auto import tqdm
 
 from vsopt.backend import trace_and_rewrite
-from vsopt.calibration.budgets import (BUDGET_TYPES, Budget, QualityFloor, QualityMetric, SiteErrorBudget,
-                                       SpeedupBudget, budget_text)
+from vsopt.calibration.budgets import BUDGET_TYPES, Budget, QualityFloor, QualityMetric, SiteErrorBudget, budget_text
 from vsopt.calibration.capture import RecordedCall, SiteCall, run_observing
 from vsopt.calibration.checkpoint import Checkpoint, fingerprint
-from vsopt.calibration.choices import HeadChoice
+from vsopt.calibration.failures import step_failed
 from vsopt.calibration.inputs import Signature, as_recorded, model_output, positional, range_of
 from vsopt.calibration.measure import SiteState, build_candidates, calibratable, exact_attention, measure_errors, \
     measure_mass
 from vsopt.calibration.options import CalibrationOptions
 from vsopt.calibration.result import CalibrationResult, SiteResult, assemble
-from vsopt.calibration.search import search_density, search_site_error, search_time
+from vsopt.calibration.search import decide
 from vsopt.core.config import VsoptConfig
 from vsopt.core.costmodel import CostModel
-from vsopt.core.errors import ConfigError
+from vsopt.core.errors import ConfigError, VsoptError
 from vsopt.core.ir import TokenGrid
 from vsopt.core.metrics import psnr, relative_l2
 from vsopt.core.orders import TokenOrder
@@ -98,8 +97,9 @@ def calibrate_many(model: torch.nn.Module, calibration_inputs: Sequence[Any], bu
     try:
         with torch.no_grad():
             with signature.bound(model):
-                gm, report = trace_and_rewrite(model, inputs[0], config)
-        left_dense = {s.site_id: why for s in report.sites if (why := calibratable(s))}
+                gm, report = _trace(model, inputs[0], config)
+        uncalibrated = [(s, why) for s in report.sites if (why := calibratable(s))]
+        left_dense = {s.site_id: why for s, why in uncalibrated}
         sites = [s for s in report.sites if s.site_id not in left_dense]
         if not sites:
             raise ConfigError(f"no attention site to calibrate: found {len(report.sites)} site(s), left dense: "
@@ -151,9 +151,10 @@ def calibrate_many(model: torch.nn.Module, calibration_inputs: Sequence[Any], bu
                 if isinstance(budget, QualityFloor):
                     held = positional(model, [*calls, as_recorded(budget.held_out, len(calls))])[1][-1]
                     plan, results, quality = _quality_search(model, signature, held, states, used, options, cost,
-                                                             budget, config, progress)
+                                                             budget, config, progress, uncalibrated)
                 else:
-                    plan, results = assemble(states, _search(states, cost, budget, weights), options, cost, budget)
+                    plan, results = assemble(states, decide(states, cost, budget, weights), options, cost, budget,
+                                             uncalibrated)
                     quality = None
                 _verify(gm, states, plan, results, first_of_range, options.step_ranges)
                 found.append(CalibrationResult(plan, results, left_dense, budget_text(budget), quality))
@@ -166,18 +167,19 @@ def calibrate_many(model: torch.nn.Module, calibration_inputs: Sequence[Any], bu
         model.train(was_training)
 
 
-def _search(states: dict, cost: CostModel, budget: Budget,
-           weights: dict[tuple[str, int], float] | None = None) -> dict[tuple[str, int], list[HeadChoice]]:
-    """The search's choices per (site, step range) under one budget (not a QualityFloor)."""
-    if isinstance(budget, SiteErrorBudget):
-        return {key: search_site_error(st, cost, budget.max_rel_l2) for key, st in states.items()}
-    keys = list(states)
-    w = None if weights is None else [weights[k] for k in keys]
-    if isinstance(budget, SpeedupBudget):
-        picked = search_time([states[k] for k in keys], cost, budget.speedup, budget.quant, w)
-    else:
-        picked = search_density([states[k] for k in keys], cost, budget.density, budget.quant, w)
-    return dict(zip(keys, picked))
+def _trace(model: torch.nn.Module, example: tuple, config: VsoptConfig):
+    """trace_and_rewrite(model, example); when it fails, a ConfigError naming the step that failed:
+    running the model on the example inputs (the model rejects them), or tracing it."""
+    try:
+        return trace_and_rewrite(model, example, config)
+    except VsoptError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's model or inputs: name the step, then the cause
+        try:
+            model(*example)
+        except Exception as eager:  # noqa: BLE001
+            raise step_failed("running the model on the first calibration input", eager) from eager
+        raise step_failed("tracing the model with the first calibration input (torch.export)", e) from e
 
 
 def state_weights(states: dict, calls: Sequence[RecordedCall], range_ids: Sequence[int | None],
@@ -221,7 +223,7 @@ def _verify(gm, states: dict, plan: Plan, results: list[SiteResult], first_of_ra
 
 
 def _quality_search(model, signature: Signature, held: tuple, states, used, options, cost, budget: QualityFloor,
-                    config, progress) -> tuple[Plan, list[SiteResult], float]:
+                    config, progress, uncalibrated) -> tuple[Plan, list[SiteResult], float]:
     """Bisect a per-site error budget (log scale) for the loosest one whose plan keeps the held-out
     output within the floor; the held-out input runs with each site's output replaced by the plan's."""
     with signature.bound(model):
@@ -230,7 +232,7 @@ def _quality_search(model, signature: Signature, held: tuple, states, used, opti
 
     def score(plan: Plan) -> float:
         def substitute(call: SiteCall):
-            if call.site_id not in plan.sites:
+            if (call.site_id, used[0]) not in states:  # not calibrated: its dense entry changes nothing
                 return None
             site = states[(call.site_id, used[0])].site
             return site_output(site, plan[call.site_id].heads, call.q, call.k, call.v, call.scale)
@@ -239,7 +241,7 @@ def _quality_search(model, signature: Signature, held: tuple, states, used, opti
         return psnr(out, dense_out) if budget.metric is QualityMetric.PSNR else relative_l2(out, dense_out)
 
     def build(eps: float):
-        return assemble(states, _search(states, cost, SiteErrorBudget(eps)), options, cost, budget)
+        return assemble(states, decide(states, cost, SiteErrorBudget(eps)), options, cost, budget, uncalibrated)
 
     lo, hi = math.log(1e-3), math.log(0.5)
     best = build(math.exp(lo))

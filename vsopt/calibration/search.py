@@ -6,13 +6,18 @@ independently takes the option minimizing time + price * error (or error + price
 price is bisected on a log scale (bisect_price) to the cheapest one whose choice fits, and a
 greedy pass spends what the relaxation left unused. Per-head prices cannot see a site's fixed
 costs (a launch per kernel configuration, a permutation, dynamic scoring), so whole sites are
-compared by their full predicted time (choices.predicted_time_us).
+compared by their full predicted time (choices.site_time_us: the cost model's time of the site as
+lowered, plus what lowering costs beyond it). No search keeps a site whose plan is predicted no
+faster than dense (never_slower), except the density search, which is asked for a density.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar
 
-from vsopt.calibration.choices import HeadChoice, dense_choices, head_options, predicted_time_us
+from vsopt.calibration.budgets import Budget, DensityBudget, SiteErrorBudget, SpeedupBudget, budget_text
+from vsopt.calibration.choices import (HeadChoice, dense_choices, head_options, is_dense, predicted_time_us,
+                                      site_time_us)
 from vsopt.calibration.measure import SiteState
 from vsopt.core.costmodel import CostModel
 from vsopt.core.errors import ConfigError
@@ -67,6 +72,13 @@ def _spend_slack(options: Options, choice: list[HeadChoice], limit: float) -> li
 
 
 def search_site_error(state: SiteState, cost: CostModel, max_rel_l2: float) -> list[HeadChoice]:
+    """Fastest per-head choice whose predicted site error is within max_rel_l2 (the site's dense
+    choices when no plan within it is predicted faster than dense): fastest_within_error, then
+    never_slower."""
+    return never_slower(state, fastest_within_error(state, cost, max_rel_l2), cost)[0]
+
+
+def fastest_within_error(state: SiteState, cost: CostModel, max_rel_l2: float) -> list[HeadChoice]:
     """Fastest per-head choice whose predicted site error is within max_rel_l2: a Lagrangian
     relaxation (per head, minimize time + lambda * error^2, lambda bisected) finished greedily.
     Each precision costs a launch of its own, which per-head costs cannot see: the search runs
@@ -88,14 +100,63 @@ def search_site_error(state: SiteState, cost: CostModel, max_rel_l2: float) -> l
         if fits(choice):
             choice = _spend_slack(options, choice, limit)
         err = sum(o.err2 for o in choice)
-        results.append((err > limit, predicted_time_us(state, choice, cost) if err <= limit else err, choice))
-    best = min(results, key=lambda r: (r[0], r[1]))[2]
-    # a site left as the model's dense attention costs no lowering overhead: keep it if the
-    # plan's predicted saving does not pay for that overhead
+        results.append((err > limit, site_time_us(state, choice, cost) if err <= limit else err, choice))
+    return min(results, key=lambda r: (r[0], r[1]))[2]
+
+
+def never_slower(state: SiteState, choices: list[HeadChoice], cost: CostModel) -> tuple[list[HeadChoice], str | None]:
+    """(choices, None), or the site's dense choices and the reason when the plan, with what
+    lowering a site costs beyond the cost model (choices.lowering_overhead_us), is predicted no
+    faster than the model's own dense attention (which costs no lowering)."""
+    if is_dense(state, choices):
+        return choices, None
     dense = dense_choices(state)
-    if predicted_time_us(state, best, cost) + state.opt.site_overhead_us >= predicted_time_us(state, dense, cost):
-        return dense
-    return best
+    planned = site_time_us(state, choices, cost)
+    dense_us = predicted_time_us(state, dense, cost)
+    if planned >= dense_us:
+        return dense, f"predicted slower than dense: {planned:.1f} us vs {dense_us:.1f} us"
+    return choices, None
+
+
+@dataclass(frozen=True)
+class SiteDecision:
+    """What the search chose for one site (and step range): the heads' choices, and why the site
+    stays dense when it does (None when some head is sparse or quantized)."""
+
+    choices: list[HeadChoice]
+    dense_reason: str | None = None
+
+
+def decide(states: dict, cost: CostModel, budget: Budget,
+           weights: dict[tuple[str, int], float] | None = None) -> dict[tuple[str, int], SiteDecision]:
+    """The search's decision per (site, step range) under one budget (not a QualityFloor, which
+    bisects SiteErrorBudgets): every site within its error (SiteErrorBudget), or least (weighted)
+    error under the model-wide density (DensityBudget) or predicted time (SpeedupBudget)."""
+    if isinstance(budget, SiteErrorBudget):
+        out = {}
+        for key, st in states.items():
+            choices, why = never_slower(st, fastest_within_error(st, cost, budget.max_rel_l2), cost)
+            out[key] = SiteDecision(choices, why or _dense_reason(
+                st, choices, f"nothing faster than dense keeps it within {budget_text(budget)}"))
+        return out
+    keys = list(states)
+    w = None if weights is None else [weights[k] for k in keys]
+    why = f"the model-wide search ({budget_text(budget)}) kept every head dense"
+    if isinstance(budget, SpeedupBudget):
+        picked = search_time([states[k] for k in keys], cost, budget.speedup, budget.quant, w)
+        out = {}
+        for k, ch in zip(keys, picked):  # a site slower than dense only adds time (and error)
+            ch, slower = never_slower(states[k], ch, cost)
+            out[k] = SiteDecision(ch, slower or _dense_reason(states[k], ch, why))
+        return out
+    if isinstance(budget, DensityBudget):  # asks for a density: kept even where slower (the table says so)
+        picked = search_density([states[k] for k in keys], cost, budget.density, budget.quant, w)
+        return {k: SiteDecision(ch, _dense_reason(states[k], ch, why)) for k, ch in zip(keys, picked)}
+    raise ConfigError(f"decide: no search for the budget {budget!r}")
+
+
+def _dense_reason(state: SiteState, choices: list[HeadChoice], why: str) -> str | None:
+    return why if is_dense(state, choices) else None
 
 
 def _error_factors(states: Sequence[SiteState], error_weights: Sequence[float] | None, who: str) -> list[float]:
@@ -184,10 +245,14 @@ def search_time(states: Sequence[SiteState], cost: CostModel, speedup: float, qu
     limit = dense_total / speedup
 
     def site_pick(i, mu):
+        # the site left dense (every head's dense option) costs no lowering overhead, which
+        # per-head minimizers cannot see: it is a choice of its own
         best = None
-        for variant in sites[i]:
+        dense = [next(o for o in opts if states[i].candidates[o.candidate].sparsity is Sparsity.DENSE)
+                 for opts in sites[i][0]]
+        for variant in [*sites[i], [[o] for o in dense]]:
             ch = [min(opts, key=lambda o: (o.err2 + mu * o.time_us, o.time_us)) for opts in variant]
-            t = predicted_time_us(states[i], ch, cost)
+            t = site_time_us(states[i], ch, cost)
             obj = sum(o.err2 for o in ch) + mu * t
             if best is None or obj < best[0]:
                 best = (obj, t, ch)
@@ -222,7 +287,7 @@ def _spend_time(states, sites, best, times, limit: float, cost: CostModel):
                     if gain <= 1e-15:
                         continue
                     trial = best[i][:h] + [o] + best[i][h + 1:]
-                    t = predicted_time_us(states[i], trial, cost)
+                    t = site_time_us(states[i], trial, cost)
                     if total - times[i] + t > limit + 1e-9:
                         continue
                     score = gain / max(t - times[i], 1e-9)

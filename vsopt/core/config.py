@@ -38,8 +38,11 @@ class VsoptConfig:
     plan:   a Plan object or the path of a plan JSON file; None means every site runs the exact
             dense vsopt op.
     strict: make any site (or attention candidate) left unoptimized an error naming the reason.
-    grid:   the TokenGrid to use for every video site whose grid cannot be inferred (or to
-            override inference); grids: per-site_id grids, which take precedence.
+    grid:   a TokenGrid for every site whose query length is its token count; it wins over the
+            grid inferred from the graph. A grid that fits no site of a graph is not used: a
+            warning (logger "vsopt"), a ConfigError in strict mode.
+    grids:  per-site_id grids; they win over `grid` and inference, and each must have its site's
+            query length (ConfigError otherwise).
     rewrite: when False, sites are detected and reported but the graph is left unchanged
             (used by inspect).
     cudagraphs: run each compiled graph under CUDA graphs (Inductor's cudagraph trees, what
@@ -90,5 +93,6 @@ class VsoptConfig:
         return cls(**options)
 
     def grid_for(self, site_id: str) -> TokenGrid | None:
-        """The user-given grid for a site, if any."""
+        """The grid the user gave for a site (per-site, else the global one), whether or not it
+        fits the site: passes/infer_grid.py decides which grid a site gets."""
         return self.grids.get(site_id, self.grid)

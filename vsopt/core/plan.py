@@ -37,6 +37,11 @@ SCHEMA_VERSION = 1
 FORMAT_NAME = "vsopt-plan"
 
 
+def is_block_size(value: Any) -> bool:
+    """Whether `value` is a block size the kernels take (block_m, block_n): a power of two in [16, 256]."""
+    return isinstance(value, int) and not isinstance(value, bool) and 16 <= value <= 256 and not value & (value - 1)
+
+
 class Sparsity(str, enum.Enum):
     """How a head chooses the key blocks it attends to."""
 
@@ -80,7 +85,7 @@ class HeadPlan:
                                      f"{[e.value for e in enum_type]}") from None
         for name in ("block_m", "block_n"):
             v = getattr(self, name)
-            if not isinstance(v, int) or not 16 <= v <= 256 or v & (v - 1):  # what the kernels take
+            if not is_block_size(v):
                 raise ValueError(f"HeadPlan.{name} must be a power of two in [16, 256], got {v!r}")
         s = self.sparsity
         want = {"pattern": s is Sparsity.PATTERN, "mask": s is Sparsity.MASK, "dynamic": s is Sparsity.DYNAMIC}
@@ -501,4 +506,4 @@ def _load_arrays(path: Path, ref: Any) -> dict[str, torch.Tensor]:
 
 
 __all__ = ["SCHEMA_VERSION", "DynamicMethod", "DynamicSpec", "HeadPlan", "Plan", "Quant", "SitePlan", "Sparsity",
-           "StepPlan", "TokenOrder"]
+           "StepPlan", "TokenOrder", "is_block_size"]

@@ -10,6 +10,8 @@ module says, once for the whole project:
     site_output(site, heads, q, k, v, scale)  the output, through the same ops the lowered graph runs
     site_work(site, heads, densities)         the launches and extra work, priced by
     predicted_us(site, heads, cost, ...)      the cost model
+    select_heads(site_plan, heads)            the plan of a subset / reordering of a site's heads
+                                              (what one rank computes under head parallelism)
 
 passes/lower_plan.py emits exactly these launches, calibration measures candidates with
 site_output and prices them with site_work, the bench reports head_densities and predicted_us, and
@@ -21,6 +23,7 @@ blocks of block_m query and block_n key tokens, QB = ceil(Nq / block_m), KB = ce
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -33,7 +36,7 @@ from vsopt.core.errors import ConfigError
 from vsopt.core.ir import TokenGrid
 from vsopt.core.orders import TokenOrder, head_permutations
 from vsopt.core.patterns import diagonal_blocks, num_blocks
-from vsopt.core.plan import HeadPlan, Quant, Sparsity
+from vsopt.core.plan import HeadPlan, Quant, SitePlan, Sparsity, StepPlan
 
 
 class SiteShape(Protocol):
@@ -227,6 +230,21 @@ def predicted_us(site: SiteShape, heads: Sequence[HeadPlan], cost: CostModel,
     if densities is None:
         densities = head_densities(site, heads)
     return cost.predict_us(site_work(site, heads, densities))
+
+
+def select_heads(sp: SitePlan, heads: Sequence[int]) -> SitePlan:
+    """The plan of the site as computed by `heads` (global head indices, in the order they are
+    computed): head i of the result is head heads[i] of `sp`, at every step range. Under Ulysses
+    rank r of U computes heads [r*H/U, (r+1)*H/U) of every site; a head permutation (head
+    balancing) reorders them. The site's sizes and grid are unchanged (the rank sees the whole
+    sequence of its heads)."""
+    heads = [int(h) for h in heads]
+    bad = [h for h in heads if not 0 <= h < sp.num_heads]
+    if bad or len(set(heads)) != len(heads):
+        raise ConfigError(f"site {sp.site_id!r}: head selection {heads} must be distinct heads of 0..{sp.num_heads - 1}")
+    pick = lambda hs: tuple(hs[h] for h in heads)  # noqa: E731
+    return dataclasses.replace(sp, num_heads=len(heads), heads=pick(sp.heads),
+                               steps=tuple(StepPlan(st.start, st.stop, pick(st.heads)) for st in sp.steps))
 
 
 def dense_us(site: SiteShape, cost: CostModel, block_m: int = 64, block_n: int = 64) -> float:

@@ -1,0 +1,131 @@
+"""How vsopt hands its rewritten graph to Inductor: compile_fx without Inductor's attention fusion.
+
+Inductor's joint-graph pattern matcher rewrites softmax(q @ k^T * s) @ v into SDPA
+(torch/_inductor/fx_passes/fuse_attention.py, the "_sfdp_pattern_*" replacements it registers
+into joint_graph.patterns). Those patterns match any softmax dimension, so on torch 2.13 and 2.14
+they also turn softmax(dim=-2), a softmax over the query axis, into SDPA: wrong numbers with plain
+backend="inductor" too (docs/RELIABILITY.md has the repro). vsopt owns attention: every site it
+can rewrite is vsopt.attention by the time Inductor sees the graph, and what it left alone it left
+for a reason. So for vsopt's compile_fx call the fuse_attention entries are taken out of the
+joint-graph pattern passes, and every other pattern there (pad_mm, pointless views and
+conversions, ...) still runs. Inductor has no narrower switch: config.pattern_matcher turns off
+every pattern pass, pre-grad, joint-graph and post-grad.
+
+Inductor caches compiled graphs on disk, keyed without that filter: an entry compiled with the
+fusion (by an older vsopt) would be reused as it is. So the call also adds a joint-graph pass that
+changes nothing but Inductor's cache key (_CacheKey), chained with any pass the user set there.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import defaultdict
+from typing import Any, Iterator, Sequence
+
+import torch
+
+log = logging.getLogger("vsopt")
+FUSE_ATTENTION = "torch._inductor.fx_passes.fuse_attention"  # the module whose patterns are left out
+
+
+def is_attention_fusion(entry: Any) -> bool:
+    """Whether a pattern entry is one of Inductor's SDPA fusions (its extra check lives in
+    fuse_attention.py, and newer versions name it "_sfdp_pattern_...")."""
+    name = getattr(entry, "pattern_name", None) or ""
+    check = getattr(entry, "extra_check", None)
+    return name.startswith("_sfdp_pattern") or getattr(check, "__module__", None) == FUSE_ATTENTION
+
+
+class _WithoutAttentionFusion:
+    """A joint-graph pattern pass that applies its patterns except the attention fusions. The
+    patterns are read when the pass runs (Inductor registers the fusions lazily, on its first
+    compile), so a pass wrapped before then is filtered all the same."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def apply(self, graph) -> int:
+        saved = self.inner.patterns
+        kept = defaultdict(list)
+        for key, entries in saved.items():
+            rest = [e for e in entries if not is_attention_fusion(e)]
+            if rest:
+                kept[key] = rest
+        self.inner.patterns = kept
+        try:
+            return self.inner.apply(graph)
+        finally:
+            self.inner.patterns = saved
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+CACHE_KEY = "vsopt: Inductor without its attention fusion, v1"
+
+
+def _cache_key_pass(user: Any) -> Any:
+    """A joint_custom_pre_pass that runs the user's (if any) and adds CACHE_KEY to Inductor's
+    cache keys (a user pass without a uuid still turns caching off, as it would alone)."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class _CacheKey(CustomGraphPass):
+        def __init__(self, inner: tuple):
+            self.inner = inner
+
+        def __call__(self, graph) -> None:
+            for p in self.inner:
+                p(graph)
+
+        def uuid(self) -> Any:
+            inner = []
+            for p in self.inner:
+                if not isinstance(p, CustomGraphPass) or p.uuid() is None:
+                    return None
+                inner.append(p.uuid())
+            return (CACHE_KEY, *inner)
+
+    return _CacheKey(tuple(user) if isinstance(user, (list, tuple)) else (() if user is None else (user,)))
+
+
+@contextlib.contextmanager
+def without_attention_fusion() -> Iterator[None]:
+    """Inductor's joint-graph passes without its SDPA fusion patterns, inside the block (and
+    Inductor's cache keys saying so)."""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(joint_custom_pre_pass=_cache_key_pass(inductor_config.joint_custom_pre_pass)), \
+            _filtered_pattern_passes():
+        yield
+
+
+@contextlib.contextmanager
+def _filtered_pattern_passes() -> Iterator[None]:
+    try:
+        from torch._inductor.fx_passes import joint_graph
+        passes = joint_graph.pass_patterns
+        if not all(hasattr(p, "patterns") and hasattr(p, "apply") for p in passes):
+            raise AttributeError("pass_patterns")
+    except (ImportError, AttributeError):
+        # A torch whose pattern passes look otherwise: the only switch left is the broad one.
+        log.warning("vsopt: this torch's Inductor pattern passes are not the expected ones; Inductor's "
+                    "pattern matching is turned off for vsopt's graphs so that its SDPA fusion cannot run")
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(pattern_matcher=False):
+            yield
+        return
+    saved = list(passes)
+    passes[:] = [_WithoutAttentionFusion(p) for p in saved]
+    try:
+        yield
+    finally:
+        passes[:] = saved
+
+
+def compile_fx(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config_patches: dict | None = None):
+    """torch._inductor.compile_fx.compile_fx, without Inductor's attention fusion."""
+    from torch._inductor.compile_fx import compile_fx as inductor_compile_fx
+
+    with without_attention_fusion():
+        return inductor_compile_fx(gm, list(example_inputs), config_patches=config_patches)

@@ -1,4 +1,0 @@
-"""Deprecated path of vsopt.core.timing."""
-from vsopt._moved import alias
-
-alias(__name__, "vsopt.core.timing")

@@ -35,8 +35,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from vsopt.core.errors import VsoptError
 from vsopt.core.io import atomic_write_bytes
 
@@ -214,6 +212,8 @@ class Run:
 
 def _meaning(device: str, dtype: torch.dtype, cudagraphs: bool, plan_path: str | None) -> str:
     """One line: what the times mean on this device."""
+    import torch
+
     if device != "cuda":
         return ("on the CPU vsopt's kernels run as their PyTorch references (float32, no Triton): these times show the "
                 "pipeline runs, not vsopt's speed, and no speedup is expected; GPU numbers are in BENCHMARKS.md")
@@ -230,6 +230,8 @@ def _meaning(device: str, dtype: torch.dtype, cudagraphs: bool, plan_path: str |
 
 def run_demo(args: argparse.Namespace) -> dict:
     """Everything `vsopt demo` does; returns what it printed as a dict."""
+    import torch
+
     import vsopt
     from vsopt.core.metrics import psnr, relative_l2, ssim
     from vsopt.core.timing import CallTimer

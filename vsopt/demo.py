@@ -27,14 +27,13 @@ import argparse
 import contextlib
 import json
 import logging
+import re
 import statistics
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 from vsopt.core.errors import VsoptError
 from vsopt.core.io import atomic_write_bytes
@@ -161,6 +160,38 @@ def _graphs_compiled() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+class _HeldWarnings(logging.Handler):
+    """Holds the backend's warnings (logger "vsopt") while a progress line is open, so that they
+    can be printed after it, the sites left dense grouped by reason."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+        self.log = logging.getLogger("vsopt")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        self.propagate, self.log.propagate = self.log.propagate, False
+        self.log.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.log.removeHandler(self)
+        self.log.propagate = self.propagate
+        dense: dict[str, list[str]] = {}
+        for m in dict.fromkeys(self.messages):
+            hit = re.fullmatch(r"vsopt: site '(.+)' runs dense: (.+)", m)
+            if hit:
+                dense.setdefault(hit[2], []).append(hit[1])
+            else:
+                print(f"    {m}")
+        for reason, sites in dense.items():
+            print(f"    {len(sites)} site(s) run dense ({reason}): {', '.join(sites)}")
+        return False
+
+
 @dataclass
 class Run:
     """One way of running the model, and what happened: compile + warm-up seconds (before any
@@ -181,6 +212,8 @@ class Run:
 
 def _meaning(device: str, dtype: torch.dtype, cudagraphs: bool, plan_path: str | None) -> str:
     """One line: what the times mean on this device."""
+    import torch
+
     if device != "cuda":
         return ("on the CPU vsopt's kernels run as their PyTorch references (float32, no Triton): these times show the "
                 "pipeline runs, not vsopt's speed, and no speedup is expected; GPU numbers are in BENCHMARKS.md")
@@ -197,6 +230,8 @@ def _meaning(device: str, dtype: torch.dtype, cudagraphs: bool, plan_path: str |
 
 def run_demo(args: argparse.Namespace) -> dict:
     """Everything `vsopt demo` does; returns what it printed as a dict."""
+    import torch
+
     import vsopt
     from vsopt.core.metrics import psnr, relative_l2, ssim
     from vsopt.core.timing import CallTimer
@@ -277,7 +312,7 @@ def run_demo(args: argparse.Namespace) -> dict:
 
     def warm_up(run: Run, starts) -> None:
         # under no_grad, as the sampler calls it: Dynamo guards on the grad mode
-        with _progress(f"{run.name}: {run.graphs}") as took, torch.no_grad():
+        with _HeldWarnings(), _progress(f"{run.name}: {run.graphs}") as took, torch.no_grad():
             try:
                 for start in starts:
                     vsopt.set_denoising_step(start)

@@ -127,3 +127,49 @@ def test_mask_reuse_is_off_under_cudagraphs(caplog):
     assert out.sites["a"].steps[0].start == 2 and out.sites["a"].heads[0].dynamic.value == 0.5
     assert "recomputed at every step at 1 site(s) (a)" in caplog.text
     assert plan_for_cudagraphs(out) is out and plan_for_cudagraphs(None) is None
+
+
+class Attn64(torch.nn.Module):
+    """2 heads of 64 (a head dim the GPU kernel takes) over a 2x8x8 grid."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(128, 384)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 64)).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cudagraphs_on_the_gpu_capture_static_and_dynamic_heads_without_skips():
+    """Every plan kind under CUDA graphs on the GPU: a static pattern head in another token order and
+    a dynamic head that asked for mask reuse (turned off), across two step segments; Inductor runs
+    every graph with CUDA graphs (no skip) and the replays match the same plan without them."""
+    from torch._dynamo.utils import counters
+
+    from vsopt.backend import trace_and_rewrite
+    from vsopt.core.orders import TokenOrder
+
+    grid = TokenGrid(2, 8, 8)
+    torch.manual_seed(0)
+    model = Attn64().cuda().to(torch.bfloat16).eval()
+    x = torch.randn(2, grid.num_tokens, 128, device="cuda", dtype=torch.bfloat16)
+    _, report = trace_and_rewrite(model, (x,), VsoptConfig(grid=grid))
+    (site,) = report.sites
+    heads = (HeadPlan(Sparsity.PATTERN, order=TokenOrder.HWF, pattern=LocalWindow(0, 2, 2), block_m=32, block_n=32),
+             HeadPlan(Sparsity.DYNAMIC, dynamic=DynamicSpec(value=0.5, reuse_steps=3), block_m=32, block_n=32))
+    plan = Plan({site.site_id: SitePlan.for_site(site, heads, steps=(StepPlan(2, None, heads[::-1]),))})
+    outs = {}
+    for graphs in (False, True):
+        torch._dynamo.reset()
+        skips = counters["inductor"]["cudagraph_skips"]
+        compiled = torch.compile(model, backend="vsopt", options={"plan": plan, "grid": grid, "cudagraphs": graphs})
+        with torch.no_grad():
+            for step in (0, 0, 0, 2, 2, 2):   # warm-up, record, replay, per segment
+                vsopt.set_denoising_step(step)
+                outs[graphs, step] = compiled(x).float().clone()
+        vsopt.set_denoising_step(None)
+        assert counters["inductor"]["cudagraph_skips"] == skips
+    for step in (0, 2):
+        torch.testing.assert_close(outs[True, step], outs[False, step], atol=2e-2, rtol=2e-2)

@@ -1,5 +1,5 @@
 #!/bin/bash
-# The exact GPU job that produced vsopt/models/assets/: install diffusers from carried wheels
+# The exact GPU job that produced vsopt/models/assets/: diffusers from carried wheels
 # (.whl/model, see docs/MODEL.md), a few-second dry run (with torch.compile, dropped if it fails),
 # the training run, then the attention-structure measurement at each trained size. Results go to $OUT.
 # v1 (4096 tokens): MINUTES=5 bash vsopt/models/gpu_train.sh
@@ -11,13 +11,8 @@ MINUTES=${MINUTES:-5.5}
 EXTRA=()
 [ -n "$SIZES" ] && EXTRA+=(--sizes "$SIZES")
 [ -n "$RESUME" ] && EXTRA+=(--resume "$RESUME" --warmup 50)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/model/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-if ! python3 -c "import diffusers; from diffusers import WanTransformer3DModel" 2>/dev/null; then
-  echo "diffusers needs newer huggingface_hub/safetensors: installing the carried ones"
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/model/hub/*.whl || exit 1
-  python3 -c "from diffusers import WanTransformer3DModel" || exit 1
-fi
+source benchmarks/gpu_env.sh   # the package links, diffusers from .whl/model, PYTHONPATH
+export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__)"
 COMPILE=--compile

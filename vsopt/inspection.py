@@ -36,7 +36,7 @@ from typing import Any, Mapping
 import torch
 
 from vsopt.core.config import VsoptConfig
-from vsopt.core.errors import ConfigError
+from vsopt.core.errors import ConfigError, VsoptError
 from vsopt.core.ir import AttentionSite, SkippedSite
 from vsopt.io import atomic_write_json, load_target
 
@@ -99,8 +99,16 @@ def inspect(model: torch.nn.Module, *example_inputs: Any, options: Mapping[str, 
     if trace is Trace.EXPORT:
         from vsopt.backend import trace_and_rewrite
 
-        with torch.no_grad():
-            _gm, report = trace_and_rewrite(model, example_inputs, config)
+        try:
+            with torch.no_grad():
+                _gm, report = trace_and_rewrite(model, example_inputs, config)
+        except VsoptError:
+            raise  # the passes' own error (strict mode, a bad plan)
+        except Exception as e:  # noqa: BLE001 - torch.export's failure, in one line
+            first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+            raise VsoptError(f"torch.export could not trace the model ({type(e).__name__}: {first[:200]}); "
+                             f"inspect with trace='compile' (the default), which handles data-dependent "
+                             f"branches as torch.compile does, with graph breaks") from e
         notes = ["traced with torch.export: torch.compile's graphs can differ (graph breaks where export "
                  "stops, ops decomposed differently); inspect with trace='compile' for what torch.compile "
                  "rewrites"]
@@ -116,11 +124,12 @@ def _inspect_compiled(model: torch.nn.Module, example_inputs: tuple, config: Vso
 
     from vsopt.backend import trace_and_rewrite
 
-    reports = []
+    param_names = {id(p): name for name, p in model.named_parameters()}
+    graphs = []  # (PipelineReport, where the graph's frame sits in the model: a module path prefix)
 
     def report_only(gm: torch.fx.GraphModule, graph_inputs):
         _aten, report = trace_and_rewrite(gm, graph_inputs, config)
-        reports.append(report)
+        graphs.append((report, _frame_prefix(gm, graph_inputs, param_names)))
         return gm.forward  # Dynamo's own graph, uncompiled: the model computes what it does eagerly
 
     before = {k: dict(v) for k, v in counters.items()}
@@ -131,10 +140,35 @@ def _inspect_compiled(model: torch.nn.Module, example_inputs: tuple, config: Vso
             torch.compile(model, backend=report_only, dynamic=False)(*example_inputs)
         except BackendCompilerFailed as e:  # the passes' own error (strict mode, a bad plan), unwrapped
             raise e.inner_exception from None
-    sites = [s for r in reports for s in r.sites]
-    skipped = [s for r in reports for s in r.skipped]
-    notes = _dynamo_notes(before, counters) + _site_id_notes(model, sites)
-    return InspectReport(sites, skipped, Trace.COMPILE, len(reports), notes)
+    sites = [s for r, _ in graphs for s in r.sites]
+    skipped = [s for r, _ in graphs for s in r.skipped]
+    notes = _dynamo_notes(before, counters)
+    names = {name for name, _ in model.named_modules() if name}
+    for report, prefix in graphs:
+        notes += _site_id_notes(names, report.sites, prefix)
+    if len(graphs) > 1:
+        notes += [f"site {s.site_id!r} has no grid: its graph may not hold the patch embedding (it is in another "
+                  f"graph, before a graph break); give the grid with the 'grid' or 'grids' option"
+                  for s in sites if s.grid is None and s.q_len == s.kv_len]
+    return InspectReport(sites, skipped, Trace.COMPILE, len(graphs), notes)
+
+
+def _frame_prefix(gm: torch.fx.GraphModule, graph_inputs, param_names: Mapping[int, str]) -> str | None:
+    """The module path of the frame a Dynamo graph was traced in ("transformer_blocks.0." for a block's
+    forward compiled on its own; "" for the model's), from its lifted parameters: the source Dynamo
+    names a parameter by (relative to the frame's self) against the parameter's name in the model."""
+    from vsopt.passes.site_ids import normalize_module_path
+
+    for node, value in zip(gm.graph.find_nodes(op="placeholder"), graph_inputs):
+        full = param_names.get(id(value))
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        if full is None or source is None:
+            continue
+        relative = normalize_module_path(source.name() if callable(source.name) else str(source.name))
+        relative = relative.replace("._parameters.", ".").replace("._buffers.", ".")
+        if relative and full.endswith(relative):
+            return full[: len(full) - len(relative)]
+    return None
 
 
 def _delta(before: Mapping[str, Mapping[str, int]], counters, group: str) -> dict[str, int]:
@@ -145,8 +179,12 @@ def _delta(before: Mapping[str, Mapping[str, int]], counters, group: str) -> dic
 def _dynamo_notes(before, counters) -> list[str]:
     """Graph breaks and frames Dynamo ran eagerly during the inspected call, from Dynamo's counters."""
     notes = []
-    for reason, n in _delta(before, counters, "graph_break").items():
-        first = next((line.strip() for line in str(reason).splitlines() if line.strip()), "?")
+    reasons: dict[str, int] = {}  # Dynamo counts a break as "graph_break" or, for what it cannot trace, "unimplemented"
+    for group in ("graph_break", "unimplemented"):
+        for reason, n in _delta(before, counters, group).items():
+            first = next((line.strip() for line in str(reason).splitlines() if line.strip()), "?")
+            reasons[first] = max(reasons.get(first, 0), n)
+    for first, n in reasons.items():
         notes.append(f"graph break ({n}x): {first}; the sites are split over several graphs")
     frames = _delta(before, counters, "frames")
     eager = frames.get("total", 0) - frames.get("ok", 0)
@@ -156,20 +194,25 @@ def _dynamo_notes(before, counters) -> list[str]:
     return notes
 
 
-def _site_id_notes(model: torch.nn.Module, sites: list[AttentionSite]) -> list[str]:
-    """Site ids that are not module paths of the model: a graph Dynamo resumed after a graph break
-    names its modules from the resumed frame's locals (`attn` for `transformer_blocks.0.attn`), so a
-    plan keyed by the full path does not match them."""
-    names = {name for name, _ in model.named_modules() if name}
+def _site_id_notes(names: set[str], sites: list[AttentionSite], prefix: str | None) -> list[str]:
+    """Site ids that are not module paths of the model: Dynamo compiles a submodule's forward as a
+    frame of its own when it could not compile the caller (a graph break it could not resume), and
+    names modules from that frame's self (`attn` for `transformer_blocks.0.attn`), so a plan keyed by
+    the full path does not match them."""
     notes = []
     for s in sites:
         path = s.site_id.split(":")[0]  # "attn:1": the second site of one module
         if path in names or not names or re.fullmatch(r"attention\.\d+", path):  # an ordinal: no module
             continue
-        full = sorted(n for n in names if n.endswith("." + path))
-        where = f" (module paths ending in it: {full[:4]}{' ...' if len(full) > 4 else ''})" if full else ""
-        notes.append(f"site id {s.site_id!r} is not a module path of the model{where}: Dynamo traced it in a "
-                     f"graph resumed after a graph break; a plan keyed by the full path does not match it")
+        if prefix and prefix + path in names:
+            where = f" (it is {prefix + path!r})"
+        else:
+            full = sorted(n for n in names if n.endswith("." + path))
+            where = f" (module paths ending in it: {full[:4]}{' ...' if len(full) > 4 else ''})" if full else ""
+        notes.append(f"site id {s.site_id!r} is not a module path of the model{where}: Dynamo compiled its "
+                     f"module's forward as a frame of its own (after a graph break) and names modules from "
+                     f"there; torch.compile uses this id too, and a plan keyed by the full path does not "
+                     f"match it")
     return notes
 
 

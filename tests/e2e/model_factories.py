@@ -173,3 +173,39 @@ def vivit():
     cfg = VivitConfig(image_size=16, num_frames=4, tubelet_size=[2, 4, 4], num_channels=3, hidden_size=32,
                       num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
     return VivitModel(cfg, add_pooling_layer=False).eval(), (torch.randn(1, 4, 3, 16, 16),)
+
+
+class _SelfAttention(torch.nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class _Branchy(torch.nn.Module):
+    """A data-dependent Python branch (as HunyuanVideo 1.5's `if torch.all(image_embeds == 0)`), then
+    a Conv3d patch embedding and two video self-attentions over a 2x4x4 grid: torch.export stops at
+    the branch, Dynamo breaks the graph there."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = torch.nn.Conv3d(3, 32, (1, 2, 2), stride=(1, 2, 2))
+        self.blocks = torch.nn.ModuleList(torch.nn.ModuleDict({"attn": _SelfAttention(32, 2)}) for _ in range(2))
+
+    def forward(self, x, image):
+        if torch.all(image == 0):  # text-to-video: no image condition
+            x = x * 0.5
+        h = self.patch(x).flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            h = block["attn"](h)
+        return h
+
+
+def branchy():
+    torch.manual_seed(0)
+    return _Branchy().eval(), (torch.randn(1, 3, 2, 8, 8), torch.ones(1, 4))

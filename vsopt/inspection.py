@@ -140,6 +140,10 @@ def _inspect_compiled(model: torch.nn.Module, example_inputs: tuple, config: Vso
             torch.compile(model, backend=report_only, dynamic=False)(*example_inputs)
         except BackendCompilerFailed as e:  # the passes' own error (strict mode, a bad plan), unwrapped
             raise e.inner_exception from None
+        finally:
+            # the report-only graphs must not stay in Dynamo's caches: they would count toward the
+            # recompile limit of the model's next torch.compile (past it, Dynamo runs it eagerly)
+            torch._dynamo.reset()
     sites = [s for r, _ in graphs for s in r.sites]
     skipped = [s for r, _ in graphs for s in r.skipped]
     notes = _dynamo_notes(before, counters)

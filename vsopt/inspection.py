@@ -6,30 +6,62 @@
     $ vsopt inspect mypkg.models:make_wan --grid 21,30,52 --json sites.json
 
 FACTORY is a callable taking no arguments that returns (model, example_inputs_tuple).
-The model is traced with torch.export (no compilation, nothing is run on real data) and the
-passes run with rewrite off, so the report is what torch.compile(backend="vsopt") would rewrite.
+
+How the model is traced (Trace):
+- COMPILE (the default): exactly as torch.compile(model, backend="vsopt") traces it. The model runs
+  once under torch.compile with a backend that runs vsopt's passes with rewrite off on every graph
+  Dynamo produces (the same vsopt.backend.trace_and_rewrite the vsopt backend calls) and then runs
+  Dynamo's graph as it is, uncompiled. Dynamo handles a data-dependent Python branch with a graph
+  break, so such models get a report; the sites are those of all graphs, in the order Dynamo
+  compiled them. The model's forward really runs once (eagerly, on the example inputs).
+- EXPORT: torch.export (non-strict), as vsopt.export and calibration trace. Its graph may differ
+  from Dynamo's (export stops on a data-dependent branch; ops kept whole or decomposed differently).
+
+Where the report can still differ from what a later torch.compile rewrites, report.notes says so:
+graph breaks (with Dynamo's reasons), frames Dynamo ran eagerly (attention in them is seen by
+neither), site ids that are not module paths of the model (a graph resumed after a graph break
+names modules from a local variable). Inspect traces with static shapes (dynamic=False), as a
+first torch.compile call does; a recompile with dynamic shapes can leave sites dense that this
+report lists.
 """
 from __future__ import annotations
 
 import argparse
+import enum
+import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 
 from vsopt.core.config import VsoptConfig
-from vsopt.core.errors import ConfigError
+from vsopt.core.errors import ConfigError, VsoptError
 from vsopt.core.ir import AttentionSite, SkippedSite
 from vsopt.io import atomic_write_json, load_target
 
 
+class Trace(str, enum.Enum):
+    """How inspect traces the model: as torch.compile does (Dynamo, graph breaks allowed) or as
+    torch.export does (one whole graph)."""
+
+    COMPILE = "compile"
+    EXPORT = "export"
+
+
 @dataclass
 class InspectReport:
-    """The attention sites of a model (graph order) and the candidates left alone."""
+    """The attention sites of a model (graph order) and the candidates left alone.
+
+    trace: how the model was traced; graphs: how many graphs the sites come from (Dynamo's graphs
+    under Trace.COMPILE, 1 under Trace.EXPORT); notes: where this report may differ from what
+    torch.compile rewrites, one line each."""
 
     sites: list[AttentionSite]
     skipped: list[SkippedSite]
+    trace: Trace = Trace.COMPILE
+    graphs: int = 1
+    notes: list[str] = field(default_factory=list)
 
     def table(self) -> str:
         """The sites as a fixed-width table: site, layout, heads, head_dim, N, grid, rule."""
@@ -39,26 +71,153 @@ class InspectReport:
                 for s in self.sites]
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
-        lines.append(f"{len(self.sites)} attention site(s)")
+        lines.append(f"{len(self.sites)} attention site(s) in {self.graphs} graph(s), traced as "
+                     f"{'torch.compile' if self.trace is Trace.COMPILE else 'torch.export'} does")
         for s in self.skipped:
             lines.append(f"left alone: {s.site_id} (node {s.node}): {s.reason}")
+        for note in self.notes:
+            lines.append(f"note: {note}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"sites": [s.to_dict() for s in self.sites],
+        return {"trace": self.trace.value, "graphs": self.graphs, "notes": list(self.notes),
+                "sites": [s.to_dict() for s in self.sites],
                 "skipped": [{"site_id": s.site_id, "node": s.node, "reason": s.reason, "rule": s.rule}
                             for s in self.skipped]}
 
 
-def inspect(model: torch.nn.Module, *example_inputs: Any, options: Mapping[str, Any] | None = None) -> InspectReport:
+def inspect(model: torch.nn.Module, *example_inputs: Any, options: Mapping[str, Any] | None = None,
+            trace: Trace | str = Trace.COMPILE) -> InspectReport:
     """Find the attention sites of `model` on `example_inputs` (options as for the backend; a
-    "strict" option raises on the first candidate left alone)."""
+    "strict" option raises on the first candidate left alone). trace: Trace.COMPILE (default, what
+    torch.compile(backend="vsopt") rewrites) or Trace.EXPORT (what torch.export's graph holds)."""
+    try:
+        trace = Trace(trace)
+    except ValueError:
+        raise ConfigError(f"inspect: trace must be one of {[t.value for t in Trace]}, got {trace!r}") from None
+    config = VsoptConfig.from_options({**dict(options or {}), "rewrite": False})
+    if trace is Trace.EXPORT:
+        from vsopt.backend import trace_and_rewrite
+
+        try:
+            with torch.no_grad():
+                _gm, report = trace_and_rewrite(model, example_inputs, config)
+        except VsoptError:
+            raise  # the passes' own error (strict mode, a bad plan)
+        except Exception as e:  # noqa: BLE001 - torch.export's failure, in one line
+            first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+            raise VsoptError(f"torch.export could not trace the model ({type(e).__name__}: {first[:200]}); "
+                             f"inspect with trace='compile' (the default), which handles data-dependent "
+                             f"branches as torch.compile does, with graph breaks") from e
+        notes = ["traced with torch.export: torch.compile's graphs can differ (graph breaks where export "
+                 "stops, ops decomposed differently); inspect with trace='compile' for what torch.compile "
+                 "rewrites"]
+        return InspectReport(report.sites, report.skipped, Trace.EXPORT, 1, notes)
+    return _inspect_compiled(model, example_inputs, config)
+
+
+def _inspect_compiled(model: torch.nn.Module, example_inputs: tuple, config: VsoptConfig) -> InspectReport:
+    """Run the model once under torch.compile with a report-only backend: the passes of every graph
+    Dynamo produces, each graph then run as it is."""
+    from torch._dynamo.exc import BackendCompilerFailed
+    from torch._dynamo.utils import counters
+
     from vsopt.backend import trace_and_rewrite
 
-    config = VsoptConfig.from_options({**dict(options or {}), "rewrite": False})
-    with torch.no_grad():
-        _gm, report = trace_and_rewrite(model, example_inputs, config)
-    return InspectReport(sites=report.sites, skipped=report.skipped)
+    param_names = {id(p): name for name, p in model.named_parameters()}
+    graphs = []  # (PipelineReport, where the graph's frame sits in the model: a module path prefix)
+
+    def report_only(gm: torch.fx.GraphModule, graph_inputs):
+        _aten, report = trace_and_rewrite(gm, graph_inputs, config)
+        graphs.append((report, _frame_prefix(gm, graph_inputs, param_names)))
+        return gm.forward  # Dynamo's own graph, uncompiled: the model computes what it does eagerly
+
+    before = {k: dict(v) for k, v in counters.items()}
+    # static shapes, as a first torch.compile call traces (and independent of what this process
+    # compiled before); a recompile limit that raises instead of silently running eagerly
+    with torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True), torch.no_grad():
+        try:
+            torch.compile(model, backend=report_only, dynamic=False)(*example_inputs)
+        except BackendCompilerFailed as e:  # the passes' own error (strict mode, a bad plan), unwrapped
+            raise e.inner_exception from None
+        finally:
+            # the report-only graphs must not stay in Dynamo's caches: they would count toward the
+            # recompile limit of the model's next torch.compile (past it, Dynamo runs it eagerly)
+            torch._dynamo.reset()
+    sites = [s for r, _ in graphs for s in r.sites]
+    skipped = [s for r, _ in graphs for s in r.skipped]
+    notes = _dynamo_notes(before, counters)
+    names = {name for name, _ in model.named_modules() if name}
+    for report, prefix in graphs:
+        notes += _site_id_notes(names, report.sites, prefix)
+    if len(graphs) > 1:
+        notes += [f"site {s.site_id!r} has no grid: its graph may not hold the patch embedding (it is in another "
+                  f"graph, before a graph break); give the grid with the 'grid' or 'grids' option"
+                  for s in sites if s.grid is None and s.q_len == s.kv_len]
+    return InspectReport(sites, skipped, Trace.COMPILE, len(graphs), notes)
+
+
+def _frame_prefix(gm: torch.fx.GraphModule, graph_inputs, param_names: Mapping[int, str]) -> str | None:
+    """The module path of the frame a Dynamo graph was traced in ("transformer_blocks.0." for a block's
+    forward compiled on its own; "" for the model's), from its lifted parameters: the source Dynamo
+    names a parameter by (relative to the frame's self) against the parameter's name in the model."""
+    from vsopt.passes.site_ids import normalize_module_path
+
+    for node, value in zip(gm.graph.find_nodes(op="placeholder"), graph_inputs):
+        full = param_names.get(id(value))
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        if full is None or source is None:
+            continue
+        relative = normalize_module_path(source.name() if callable(source.name) else str(source.name))
+        relative = relative.replace("._parameters.", ".").replace("._buffers.", ".")
+        if relative and full.endswith(relative):
+            return full[: len(full) - len(relative)]
+    return None
+
+
+def _delta(before: Mapping[str, Mapping[str, int]], counters, group: str) -> dict[str, int]:
+    now, then = counters.get(group, {}), before.get(group, {})
+    return {k: v - then.get(k, 0) for k, v in now.items() if v - then.get(k, 0) > 0}
+
+
+def _dynamo_notes(before, counters) -> list[str]:
+    """Graph breaks and frames Dynamo ran eagerly during the inspected call, from Dynamo's counters."""
+    notes = []
+    reasons: dict[str, int] = {}  # Dynamo counts a break as "graph_break" or, for what it cannot trace, "unimplemented"
+    for group in ("graph_break", "unimplemented"):
+        for reason, n in _delta(before, counters, group).items():
+            first = next((line.strip() for line in str(reason).splitlines() if line.strip()), "?")
+            reasons[first] = max(reasons.get(first, 0), n)
+    for first, n in reasons.items():
+        notes.append(f"graph break ({n}x): {first}; the sites are split over several graphs")
+    frames = _delta(before, counters, "frames")
+    eager = frames.get("total", 0) - frames.get("ok", 0)
+    if eager > 0:
+        notes.append(f"{eager} frame(s) ran eagerly (Dynamo could not compile them): an attention computed "
+                     f"there is in no graph, so neither inspect nor torch.compile sees it")
+    return notes
+
+
+def _site_id_notes(names: set[str], sites: list[AttentionSite], prefix: str | None) -> list[str]:
+    """Site ids that are not module paths of the model: Dynamo compiles a submodule's forward as a
+    frame of its own when it could not compile the caller (a graph break it could not resume), and
+    names modules from that frame's self (`attn` for `transformer_blocks.0.attn`), so a plan keyed by
+    the full path does not match them."""
+    notes = []
+    for s in sites:
+        path = s.site_id.split(":")[0]  # "attn:1": the second site of one module
+        if path in names or not names or re.fullmatch(r"attention\.\d+", path):  # an ordinal: no module
+            continue
+        if prefix and prefix + path in names:
+            where = f" (it is {prefix + path!r})"
+        else:
+            full = sorted(n for n in names if n.endswith("." + path))
+            where = f" (module paths ending in it: {full[:4]}{' ...' if len(full) > 4 else ''})" if full else ""
+        notes.append(f"site id {s.site_id!r} is not a module path of the model{where}: Dynamo compiled its "
+                     f"module's forward as a frame of its own (after a graph break) and names modules from "
+                     f"there; torch.compile uses this id too, and a plan keyed by the full path does not "
+                     f"match it")
+    return notes
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -72,6 +231,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "[,text tokens before[,text tokens after]]")
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
     parser.add_argument("--strict", action="store_true", help="fail on any attention candidate left alone")
+    parser.add_argument("--trace", choices=[t.value for t in Trace], default=Trace.COMPILE.value,
+                        help="trace as torch.compile does (default: what torch.compile(backend='vsopt') rewrites; "
+                             "runs the model once) or as torch.export does (what `vsopt export` and calibration see)")
 
 
 def _parse_grid(text: str) -> tuple[int, ...]:
@@ -89,7 +251,7 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.grid:
         options["grid"] = _parse_grid(args.grid)
     target = load_target(args.factory)
-    report = inspect(target.model, *target.args, options=options)
+    report = inspect(target.model, *target.args, options=options, trace=args.trace)
     print(report.table())
     if args.json:
         atomic_write_json(args.json, report.to_dict())

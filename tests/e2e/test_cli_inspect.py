@@ -80,3 +80,62 @@ def test_factory_failure_names_the_step(tmp_path, capsys):
     assert main(["inspect", f"{tmp_path / 'failing.py'}:make"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "calling the factory failed: RuntimeError: weights missing" in err
+
+
+# ----------------------------------------------------------------------------- how inspect traces (issue 14 class 2)
+
+import torch  # noqa: E402
+
+import vsopt  # noqa: E402
+from vsopt.core.errors import UnsupportedSiteError, VsoptError  # noqa: E402
+
+from . import model_factories  # noqa: E402
+
+
+def test_a_data_dependent_branch_gets_a_report_as_compile_traces_it():
+    """torch.export stops on `if torch.all(image == 0)`; inspect traces as torch.compile does (a graph
+    break) and reports both sites with their grid, and says the graph broke."""
+    model, inputs = model_factories.branchy()
+    report = vsopt.inspect(model, *inputs)
+    assert [(s.site_id, str(s.grid)) for s in report.sites] == [("blocks.0.attn", "2x4x4"), ("blocks.1.attn", "2x4x4")]
+    assert report.trace is vsopt.inspection.Trace.COMPILE and report.graphs >= 2 and report.skipped == []
+    assert any(n.startswith("graph break") for n in report.notes), report.notes
+    with pytest.raises(VsoptError, match=r"torch.export could not trace the model .*trace='compile'"):
+        vsopt.inspect(model, *inputs, trace="export")
+    with pytest.raises(ValueError, match="trace must be one of"):
+        vsopt.inspect(model, *inputs, trace="jit")
+
+
+def test_the_export_trace_is_there_when_asked_for(capsys):
+    assert main(["inspect", f"{FACTORIES}:videomae", "--trace", "export"]) == 0
+    out = capsys.readouterr().out
+    assert "2 attention site(s) in 1 graph(s), traced as torch.export does" in out and "2x4x4 (inferred)" in out
+    assert main(["inspect", f"{FACTORIES}:branchy", "--trace", "export"]) == 1
+    assert "torch.export could not trace the model" in capsys.readouterr().err
+
+
+def test_hunyuan_video15_image_to_video_gets_a_report(capsys):
+    """The issue's example: no report at all under torch.export. Traced as torch.compile does, its two
+    sites are found, and the report says where compile's view is partial (frames run eagerly, a site id
+    named from its own frame, with the full path)."""
+    assert main(["inspect", f"{FACTORIES}:hunyuan_video15"]) == 0
+    out = capsys.readouterr().out
+    assert "2 attention site(s) in 3 graph(s)" in out
+    assert "context_embedder.token_refiner.refiner_blocks.0.attn" in out
+    assert "site id 'attn' is not a module path of the model (it is 'transformer_blocks.0.attn')" in out
+
+
+def test_strict_errors_come_out_of_torch_compile_unwrapped():
+    """A plan that does not fit, under strict mode: the passes' UnsupportedSiteError, not Dynamo's
+    BackendCompilerFailed around it."""
+
+    class Sdpa(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    from vsopt.core.plan import HeadPlan, Plan, SitePlan
+
+    q = torch.randn(1, 2, 32, 8)
+    bad = Plan({"attention.0": SitePlan("attention.0", 4, 32, 32, None, (HeadPlan(),) * 4)})
+    with pytest.raises(UnsupportedSiteError, match="plan has heads 4, model has 2"):
+        vsopt.inspect(Sdpa(), q, q, q, options={"plan": bad, "strict": True})

@@ -50,6 +50,7 @@ import re
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from vsopt.core import ops as vsopt_ops  # noqa: F401  (registers torch.ops.vsopt.*)
 from vsopt.core.errors import ConfigError, PlanError, UnsupportedSiteError
@@ -105,9 +106,24 @@ def _site_mask(site: AttentionSite, node: torch.fx.Node | None, ctx: PassContext
     return mask if isinstance(mask, torch.fx.Node) else None
 
 
-def _why_not_split(gm: torch.fx.GraphModule, site: AttentionSite, sp: SitePlan, mask: torch.fx.Node | None) -> str | None:
-    """Why a masked site cannot be split into video x video (the plan) and text (dense, under the
-    mask; vsopt.core.joint), or None. The mask must be provably all-true over video x video."""
+def _symbolic_length(node: torch.fx.Node | None) -> bool:
+    """Whether the site's sequence length is not a static int (data-dependent text)."""
+    if node is None:
+        return False
+    q = attention_arguments(node.args, node.kwargs)["q"].meta["val"]
+    k = attention_arguments(node.args, node.kwargs)["k"].meta["val"]
+    return not (is_concrete_int(q.shape[2]) and is_concrete_int(k.shape[2]))
+
+
+def _why_not_split(gm: torch.fx.GraphModule, site: AttentionSite, sp: SitePlan, mask: torch.fx.Node | None,
+                   symbolic: bool = False) -> str | None:
+    """Why a masked site, or one of data-dependent length, cannot be split into video x video (the
+    plan) and text (dense, under the mask; vsopt.core.joint), or None. The mask must be provably
+    all-true over video x video. A site of data-dependent length describes its static part: q_len
+    == kv_len == grid.num_tokens (text_before + video), grid.text_after 0; the rest is text."""
+    if symbolic and (site.grid is None or site.grid.text_after or site.q_len != site.grid.num_tokens):
+        return (f"the site's length is data-dependent, and its grid {site.grid} does not describe the static part "
+                f"of its sequence (text_before + video tokens = q_len {site.q_len}, the data-dependent text after it)")
     if site.grid is None:
         return ("the site has an attention mask and no video grid, so its text part cannot be split off "
                 "(give the site's grid in the `grid` option)")
@@ -118,6 +134,8 @@ def _why_not_split(gm: torch.fx.GraphModule, site: AttentionSite, sp: SitePlan, 
     except ConfigError as e:
         return str(e)
     start, stop = video_range(site)
+    if mask is None and symbolic:
+        return None
     if mask is None:
         return "the site has an attention mask that is not a graph node (a softmax-form mask), which cannot be checked"
     return video_part_kept(gm, mask, start, stop)
@@ -152,6 +170,9 @@ class _Lowering:
     def op(self, target, *args, **kwargs) -> torch.fx.Node:
         n = emit(self.gm.graph, target, tuple(args), kwargs, pass_name=NAME, replaces=(self.node.name,),
                  meta_from=self.node)
+        if n.meta.get("val") is None:   # arithmetic on sizes (no fake tensor among the arguments)
+            vals = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in args]
+            n.meta["val"] = target(*vals, **kwargs)
         n.meta["vsopt_site"] = self.site.site_id
         return n
 
@@ -268,10 +289,11 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
             leave(site, "the plan has no entry for this site")
             continue
         mask = _site_mask(site, node, ctx) if site.has_mask or node is not None else None
-        split = mask is not None or site.has_mask
+        symbolic = _symbolic_length(node)
+        split = mask is not None or site.has_mask or symbolic
         reason = _why_not(site, sp, node, split)
         if reason is None and split:
-            reason = _why_not_split(gm, site, sp, mask)
+            reason = _why_not_split(gm, site, sp, mask, symbolic)
         if sp.is_dense and not _site_differences(site, sp):
             # dense on purpose: what the plan asks for, whatever the site (a mask, causal...)
             ctx.kept_dense[site_id] = "the plan keeps it dense"
@@ -281,7 +303,8 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
             leave(site, reason)
             continue
         if split:
-            report.notes.append(f"site {site_id!r}: masked joint site, split: video x video by the plan, text dense "
+            what = "data-dependent text length" if symbolic else "masked joint site"
+            report.notes.append(f"site {site_id!r}: {what}, split: video x video by the plan, text dense "
                                 "under the mask")
         if node is None:
             report.notes.append(f"site {site_id!r}: would be lowered (the graph has no vsopt.attention node for it)")

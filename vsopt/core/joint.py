@@ -21,7 +21,6 @@ semantics and tests, the lowering pass's emitter for graph nodes: the same ops e
 from __future__ import annotations
 
 import operator
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +33,6 @@ from vsopt.core.plan import Quant
 
 aten = torch.ops.aten
 vsopt = torch.ops.vsopt
-END = sys.maxsize   # aten.slice's "to the end", also for a symbolic length
 
 
 @dataclass(frozen=True)
@@ -74,13 +72,20 @@ def _shape(x) -> tuple:
     return tuple(_val(x).shape)
 
 
-def _has_rows(n, start: int) -> bool:
-    """Whether a sequence of length n (an int or a symbolic size) may have tokens from `start` on."""
-    return not isinstance(n, int) or n > start
-
-
-def _seq(em: Emitter, x, dim: int, start: int, stop: int):
-    return em.op(aten.slice.Tensor, x, dim, start, stop)
+def _split_seq(em: Emitter, x, dim: int, tb: int, nv: int) -> tuple[Any, Any, Any]:
+    """x's (text before, video, text after) along `dim` (None where empty). A static length is
+    sliced; a symbolic one is split with sizes [tb, nv, rest], so that the video piece has the
+    static size nv (a slice of a symbolic length would only be min(nv, length))."""
+    n = _shape(x)[dim]
+    if isinstance(n, int):
+        parts = (em.op(aten.slice.Tensor, x, dim, 0, tb) if tb else None, em.op(aten.slice.Tensor, x, dim, tb, tb + nv),
+                 em.op(aten.slice.Tensor, x, dim, tb + nv, n) if n > tb + nv else None)
+        return parts
+    rest = em.op(operator.sub, em.op(aten.sym_size.int, x, dim), tb + nv)
+    sizes = ([tb] if tb else []) + [nv, rest]
+    pieces = em.op(aten.split_with_sizes.default, x, sizes, dim)
+    got = [em.op(operator.getitem, pieces, i) for i in range(len(sizes))]
+    return (got[0], got[1], got[2]) if tb else (None, got[0], got[1])
 
 
 def _mask4(em: Emitter, mask):
@@ -90,25 +95,19 @@ def _mask4(em: Emitter, mask):
     return mask
 
 
-def _take(em: Emitter, mask, dim: int, pieces: list[tuple[int, int]]):
-    """Rows (dim 2) or columns (dim 3) of a 4-d mask: the pieces, concatenated; a broadcast (size 1)
-    axis stays as it is."""
+def _take(em: Emitter, mask, dim: int, tb: int, nv: int, which: tuple[int, ...]):
+    """Rows (dim 2) or columns (dim 3) of a 4-d mask: the pieces `which` of (text before, video,
+    text after), concatenated; a broadcast (size 1) axis stays as it is."""
     if mask is None or _shape(mask)[dim] == 1:
         return mask
-    parts = [_seq(em, mask, dim, s, e) for s, e in pieces]
+    split = _split_seq(em, mask, dim, tb, nv)
+    parts = [split[i] for i in which if split[i] is not None]
     return parts[0] if len(parts) == 1 else em.op(aten.cat.default, parts, dim)
 
 
-def _text_pieces(jp: JointPlan, n) -> list[tuple[int, int]]:
-    pieces = [(0, jp.text_before)] if jp.text_before else []
-    if _has_rows(n, jp.text_before + jp.video):
-        pieces.append((jp.text_before + jp.video, END))
-    return pieces
-
-
-def _cat_seq(em: Emitter, x, pieces):
-    parts = [_seq(em, x, 2, s, e) for s, e in pieces]
-    return parts[0] if len(parts) == 1 else em.op(aten.cat.default, parts, 2)
+def _cat(em: Emitter, parts, dim: int = 2):
+    parts = [p for p in parts if p is not None]
+    return parts[0] if len(parts) == 1 else em.op(aten.cat.default, parts, dim)
 
 
 def joint_attention(jp: JointPlan, q, k, v, mask, scale: float, em: Emitter, cache_key: str = "",
@@ -118,28 +117,26 @@ def joint_attention(jp: JointPlan, q, k, v, mask, scale: float, em: Emitter, cac
     broadcastable to (B, H, N, N). cache_key: prefix of the dynamic heads' mask-reuse keys;
     reuse=False computes dynamic masks afresh (the meaning at one step)."""
     tb, nv = jp.text_before, jp.video
-    n = _shape(q)[2]
     dtype = _val(q).dtype
     mask = _mask4(em, mask)
-    text = _text_pieces(jp, n)
     H, Hkv = jp.heads, _shape(k)[1]
-    qv, kv, vv = (_seq(em, x, 2, tb, tb + nv) for x in (q, k, v))
+    (q0, qv, q1), (k0, kv, k1), (v0, vv, v1) = (_split_seq(em, x, 2, tb, nv) for x in (q, k, v))
     if Hkv != H:   # one key/value head per query head (orders and launch groups are per query head)
         kv, vv = (em.op(aten.repeat_interleave.self_int, x, H // Hkv, 1) for x in (kv, vv))
     out_v, lse_v = _video_part(jp, qv, kv, vv, scale, em, cache_key, reuse)
-    if text:
-        kt, vt = (_cat_seq(em, x, text) for x in (k, v))
+    if k0 is not None or k1 is not None:
+        kt, vt = _cat(em, (k0, k1)), _cat(em, (v0, v1))
         if Hkv != H:
             kt, vt = (em.op(aten.repeat_interleave.self_int, x, H // Hkv, 1) for x in (kt, vt))
-        m = _take(em, _take(em, mask, 2, [(tb, tb + nv)]), 3, text)
+        m = _take(em, _take(em, mask, 2, tb, nv, (1,)), 3, tb, nv, (0, 2))
         out_v, _ = merge_partials(em, [(out_v, lse_v), dense_lse(em, qv, kt, vt, m, scale)])
     rows = []
-    if tb:
-        rows.append(_text_rows(em, q, k, v, mask, scale, 0, tb))
+    if q0 is not None:
+        rows.append(_text_rows(em, q0, k, v, _take(em, mask, 2, tb, nv, (0,)), scale))
     rows.append(em.op(aten._to_copy.default, out_v, dtype=dtype))
-    if _has_rows(n, tb + nv):
-        rows.append(_text_rows(em, q, k, v, mask, scale, tb + nv, END))
-    out = rows[0] if len(rows) == 1 else em.op(aten.cat.default, rows, 2)
+    if q1 is not None:
+        rows.append(_text_rows(em, q1, k, v, _take(em, mask, 2, tb, nv, (2,)), scale))
+    out = _cat(em, rows)
     if jp.skipped:
         keep = torch.ones(1, H, 1, 1, dtype=dtype)
         keep[:, list(jp.skipped)] = 0
@@ -147,10 +144,9 @@ def joint_attention(jp: JointPlan, q, k, v, mask, scale: float, em: Emitter, cac
     return out
 
 
-def _text_rows(em: Emitter, q, k, v, mask, scale: float, start: int, stop: int):
-    """Text query rows [start, stop) over every key, dense under their rows of the mask."""
-    return em.op(vsopt.attention.default, _seq(em, q, 2, start, stop), k, v, _take(em, mask, 2, [(start, stop)]),
-                 float(scale), False)
+def _text_rows(em: Emitter, q, k, v, mask, scale: float):
+    """Text query rows over every key, dense under their rows of the mask."""
+    return em.op(vsopt.attention.default, q, k, v, mask, float(scale), False)
 
 
 def _video_part(jp: JointPlan, q, k, v, scale: float, em: Emitter, cache_key: str, reuse: bool):
@@ -195,4 +191,4 @@ def _video_part(jp: JointPlan, q, k, v, scale: float, em: Emitter, cache_key: st
     return out, lse
 
 
-__all__ = ["END", "JointGroup", "JointPlan", "joint_attention"]
+__all__ = ["JointGroup", "JointPlan", "joint_attention"]

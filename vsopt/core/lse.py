@@ -75,7 +75,7 @@ def dense_lse(em: Emitter, q, k, v, mask, scale: float) -> tuple[Any, Any]:
     and lse -inf. Plain ATen ops, so Nk may be a symbolic (data-dependent) size; memory
     B*H*Nq*Nk floats (meant for the few text keys of a joint attention)."""
     f32 = torch.float32
-    s = em.op(aten.matmul.default, em.op(aten._to_copy.default, q, dtype=f32),
+    s = em.op(aten.matmul.default, em.op(aten._to_copy.default, q, dtype=f32),  # (B, H, Nq, Nk)
               em.op(aten.transpose.int, em.op(aten._to_copy.default, k, dtype=f32), 2, 3))
     s = em.op(aten.mul.Tensor, s, float(scale))
     if mask is not None:
@@ -83,7 +83,11 @@ def dense_lse(em: Emitter, q, k, v, mask, scale: float) -> tuple[Any, Any]:
             s = em.op(aten.masked_fill.Scalar, s, em.op(aten.logical_not.default, mask), NEG_INF)
         else:
             s = em.op(aten.add.Tensor, s, em.op(aten._to_copy.default, mask, dtype=f32))
-    lse = em.op(aten.logsumexp.default, s, [-1])
+    # one -inf column more: the lse of an empty key set (a data-dependent text of length 0) is -inf,
+    # and the reduction never sees an empty axis (nothing to guard on for a symbolic size)
+    qf = em.op(aten._to_copy.default, q, dtype=f32)
+    pad = em.op(aten.full_like.default, em.op(aten.slice.Tensor, qf, 3, 0, 1), NEG_INF)
+    lse = em.op(aten.logsumexp.default, em.op(aten.cat.default, [s, pad], 3), [-1])
     finite = em.op(aten.where.self, em.op(aten.isinf.default, lse), em.op(aten.zeros_like.default, lse), lse)
     p = em.op(aten.exp.default, em.op(aten.sub.Tensor, s, em.op(aten.unsqueeze.default, finite, -1)))
     out = em.op(aten.matmul.default, p, em.op(aten._to_copy.default, v, dtype=f32))

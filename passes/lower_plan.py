@@ -25,10 +25,17 @@ permutations and static_mask, the same the calibration and the bench price: this
 turns it into nodes. vsopt.attention's arguments are read with core.ops.attention_arguments;
 constants are made with graph_edit.constant.
 
+A joint site with the model's attention mask, or whose length is data-dependent (text cut to its
+unpadded length), is split (vsopt.core.joint, its meaning semantics.joint_plan): video rows x
+video keys through vsopt.block_sparse_attention_lse per launch group, the text keys dense under the
+mask, merged by log-sum-exp, the text rows vsopt.attention. A mask must be proved all-true (or all
+zero) over video x video from the graph (passes/mask_bounds.py), else the site stays dense with the
+reason. A dynamic group's runtime mask gets the text blocks OR-ed in (text is global).
+
 A site whose plan is entirely dense (every head dense, model order, no quantization) stays
 vsopt.attention: dense on purpose (ctx.kept_dense), which satisfies strict mode whatever the site
 (a mask, a causal flag), as long as the entry fits the site. Sites left as they were (not in the
-plan, a plan that does not fit, a mask or causal flag the block-sparse kernel does not take) are
+plan, a plan that does not fit, a mask that cannot be split off, a causal flag) are
 recorded in ctx.skipped with the reason; in strict mode they are errors, as are plan sites the
 graph does not have (ctx.absent_plan_sites otherwise). Decisions are made for the sites of
 ctx.sites that are vsopt.attention nodes or detection's matches (so with rewrite off, inspect

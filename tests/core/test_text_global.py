@@ -106,3 +106,17 @@ def test_calibration_keeps_text_blocks_in_masks_and_dynamic_measurements():
     c = state.candidates.index(masked[0])
     hp = head_plan(state, 0, c, Quant.NONE)
     assert hp.mask[text].all() and semantics.static_mask(site, hp)[text].all()
+
+
+def test_ring_dynamic_heads_keep_text_blocks_like_one_device():
+    from vsopt.core.ring import EagerEmitter, Shards, ring_attention, shard_rows
+    grid = TokenGrid(2, 4, 4, text_before=16, text_after=16)     # 64 tokens, 2 shards of 32
+    site = site_for(grid)
+    heads = [HeadPlan(Sparsity.DYNAMIC, block_m=16, block_n=16, dynamic=DynamicSpec(DynamicMethod.TOP_K, 0.1))] * 2
+    q, k, v = qk(grid, seed=4)
+    want = semantics.site_output(site, heads, q, k, v, 0.25)
+    shards = Shards(grid.num_tokens, 2)
+    ks, vs = [shard_rows(k, shards, j) for j in range(2)], [shard_rows(v, shards, j) for j in range(2)]
+    for r in range(2):
+        out, _ = ring_attention(site, heads, r, shards, shard_rows(q, shards, r), ks, vs, 0.25, EagerEmitter("cpu"))
+        torch.testing.assert_close(out, shard_rows(want, shards, r), rtol=1e-5, atol=1e-5)

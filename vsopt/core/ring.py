@@ -43,7 +43,7 @@ from vsopt.core.lse import NEG_INF, EagerEmitter, Emitter, merge_partials, smoot
 from vsopt.core.orders import TokenOrder
 from vsopt.core.patterns import diagonal_blocks, num_blocks
 from vsopt.core.plan import HeadPlan, Quant, Sparsity
-from vsopt.core.semantics import SiteShape, launch_groups, permutations, static_mask
+from vsopt.core.semantics import SiteShape, launch_groups, permutations, static_mask, text_blocks
 
 aten = torch.ops.aten
 vsopt = torch.ops.vsopt
@@ -185,8 +185,11 @@ def _group(site: SiteShape, heads: list[HeadPlan], key, rank: int, shards: Shard
         k_all = em.op(aten.cat.default, list(ks), 2)
         mask = em.op(vsopt.dynamic_block_mask.default, q, k_all, float(scale), bm, bn, spec.method.value, spec.value,
                      spec.reuse_steps, cache_key)
-        diag = diagonal_blocks(shards.n, shards.n, bm, bn)[qb0:qb0 + qbs]
-        full = em.op(aten.bitwise_or.Tensor, mask, em.const("ring_diag", diag))   # the diagonal, as on one device
+        diag = diagonal_blocks(shards.n, shards.n, bm, bn)
+        text = text_blocks(site.grid, shards.n, shards.n, bm, bn)
+        if text is not None:   # text rows and columns global, as semantics.dynamic_masks keeps them
+            diag = diag | text
+        full = em.op(aten.bitwise_or.Tensor, mask, em.const("ring_diag", diag[qb0:qb0 + qbs]))   # as on one device
         rows = None
     parts = []
     for j in range(shards.degree):

@@ -69,6 +69,12 @@ def test_hunyuan_joint_sites_lower_and_equal_eager(valid, text_len, compile_rewr
         assert ops.count("vsopt.block_sparse_attention_lse.default") == 2
         assert max_rel_err(out, want) <= 1e-5
 
+        # inspect (rewrite off) makes the same decision: with the refiner kept dense on purpose,
+        # strict mode accepts the plan (the joint sites are split, not left dense)
+        refiner = next(s for s in report.sites if s.site_id not in JOINT)
+        strict_plan = Plan({**plan_for(report, keep).sites, refiner.site_id: SitePlan.for_site(refiner, HeadPlan())})
+        vsopt.inspect(model, *inputs, options={"plan": strict_plan, "strict": True})
+
         # a sparse plan: lowered the same way, not eager's output, and Inductor runs it alike
         sparse = plan_for(report, HeadPlan(Sparsity.PATTERN, TokenOrder.WHF, pattern=LocalWindow(0, 1, 1),
                                            block_m=16, block_n=16))

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx
-from torch.fx.experimental.symbolic_shapes import is_concrete_int
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, is_concrete_int
 
 aten = torch.ops.aten
 
@@ -90,7 +90,13 @@ def _as_int(s) -> int:
     if is_concrete_int(s):
         return int(s)
     # The rewrite emits reshapes with fixed sizes, which would be wrong for other input shapes.
-    raise TraceError(f"size {s} is symbolic (dynamic shapes); compile with dynamic=False to rewrite this site")
+    if free_unbacked_symbols(s):
+        raise TraceError(f"size {s} depends on the data (e.g. text cut to its unpadded length by a mask), not on the "
+                         "input shapes: this site is not detected and runs as the model wrote it (dense, exact); "
+                         "lower_plan splits such joint sites once detection gives their static video part "
+                         "(issue 14, class 1)")
+    raise TraceError(f"size {s} is symbolic (dynamic shapes: torch.compile(dynamic=True) or automatic dynamic "
+                     "after a shape change); compile with dynamic=False to rewrite this site")
 
 
 # Ops that rearrange or copy elements without changing them (dtype casts are not here on purpose:

@@ -25,10 +25,17 @@ permutations and static_mask, the same the calibration and the bench price: this
 turns it into nodes. vsopt.attention's arguments are read with core.ops.attention_arguments;
 constants are made with graph_edit.constant.
 
+A joint site with the model's attention mask, or whose length is data-dependent (text cut to its
+unpadded length), is split (vsopt.core.joint, its meaning semantics.joint_plan): video rows x
+video keys through vsopt.block_sparse_attention_lse per launch group, the text keys dense under the
+mask, merged by log-sum-exp, the text rows vsopt.attention. A mask must be proved all-true (or all
+zero) over video x video from the graph (passes/mask_bounds.py), else the site stays dense with the
+reason. A dynamic group's runtime mask gets the text blocks OR-ed in (text is global).
+
 A site whose plan is entirely dense (every head dense, model order, no quantization) stays
 vsopt.attention: dense on purpose (ctx.kept_dense), which satisfies strict mode whatever the site
 (a mask, a causal flag), as long as the entry fits the site. Sites left as they were (not in the
-plan, a plan that does not fit, a mask or causal flag the block-sparse kernel does not take) are
+plan, a plan that does not fit, a mask that cannot be split off, a causal flag) are
 recorded in ctx.skipped with the reason; in strict mode they are errors, as are plan sites the
 graph does not have (ctx.absent_plan_sites otherwise). Decisions are made for the sites of
 ctx.sites that are vsopt.attention nodes or detection's matches (so with rewrite off, inspect
@@ -50,17 +57,20 @@ import re
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from vsopt.core import ops as vsopt_ops  # noqa: F401  (registers torch.ops.vsopt.*)
-from vsopt.core.errors import PlanError, UnsupportedSiteError
+from vsopt.core.errors import ConfigError, PlanError, UnsupportedSiteError
 from vsopt.core.ir import AttentionSite, SkippedSite
 from vsopt.core.ops import attention_arguments
 from vsopt.core.orders import TokenOrder
 from vsopt.core.plan import HeadPlan, Plan, SitePlan
-from vsopt.core.semantics import LaunchKey, launch_groups, permutations, static_mask
+from vsopt.core.joint import joint_attention
+from vsopt.core.semantics import LaunchKey, joint_plan, launch_groups, permutations, static_mask, text_blocks, video_range
 
 from .graph_edit import constant, emit, with_layout_of
 from .infra import GraphChanges, PassContext, PassReport
+from .mask_bounds import video_part_kept
 
 NAME = "lower_plan"
 aten = torch.ops.aten
@@ -71,9 +81,10 @@ def _is_attention(n: torch.fx.Node) -> bool:
     return n.op == "call_function" and n.target in (vsopt.attention.default, vsopt.attention)
 
 
-def _why_not(site: AttentionSite, sp: SitePlan, node: torch.fx.Node | None) -> str | None:
+def _why_not(site: AttentionSite, sp: SitePlan, node: torch.fx.Node | None, split: bool = False) -> str | None:
     """The reason this site cannot be lowered with this plan, or None. Read from the site (and its
-    vsopt.attention node, where the graph has one: with rewrite off it has none)."""
+    vsopt.attention node, where the graph has one: with rewrite off it has none). A split site
+    (a masked joint site, _why_not_split) has its mask handled by the split."""
     diffs = _site_differences(site, sp)
     if diffs:
         return "the plan does not fit the site: " + "; ".join(diffs)
@@ -81,7 +92,7 @@ def _why_not(site: AttentionSite, sp: SitePlan, node: torch.fx.Node | None) -> s
     if node is not None:
         a = attention_arguments(node.args, node.kwargs)
         has_mask, is_causal = a["attn_mask"] is not None, bool(a["is_causal"])
-    if has_mask:
+    if has_mask and not split:
         return "the site has an attention mask, which block-sparse attention does not take"
     if is_causal:
         return "the site is causal, which block-sparse attention does not take"
@@ -90,6 +101,51 @@ def _why_not(site: AttentionSite, sp: SitePlan, node: torch.fx.Node | None) -> s
     if site.q_len != site.kv_len and any(h.order is not TokenOrder.FHW for h in sp.all_heads()):
         return "token orders need self-attention (q_len == kv_len)"
     return None
+
+
+def _site_mask(site: AttentionSite, node: torch.fx.Node | None, ctx: PassContext) -> torch.fx.Node | None:
+    """The site's attention mask node: vsopt.attention's argument, or (rewrite off) the SDPA
+    match's mask; None without one."""
+    if node is not None:
+        return attention_arguments(node.args, node.kwargs)["attn_mask"]
+    match = ctx.matches.get(site.site_id)
+    mask = getattr(getattr(match, "emit", None), "mask", None)
+    return mask if isinstance(mask, torch.fx.Node) else None
+
+
+def _symbolic_length(node: torch.fx.Node | None) -> bool:
+    """Whether the site's sequence length is not a static int (data-dependent text)."""
+    if node is None:
+        return False
+    q = attention_arguments(node.args, node.kwargs)["q"].meta["val"]
+    k = attention_arguments(node.args, node.kwargs)["k"].meta["val"]
+    return not (is_concrete_int(q.shape[2]) and is_concrete_int(k.shape[2]))
+
+
+def _why_not_split(gm: torch.fx.GraphModule, site: AttentionSite, sp: SitePlan, mask: torch.fx.Node | None,
+                   symbolic: bool = False) -> str | None:
+    """Why a masked site, or one of data-dependent length, cannot be split into video x video (the
+    plan) and text (dense, under the mask; vsopt.core.joint), or None. The mask must be provably
+    all-true over video x video. A site of data-dependent length describes its static part: q_len
+    == kv_len == grid.num_tokens (text_before + video), grid.text_after 0; the rest is text."""
+    if symbolic and (site.grid is None or site.grid.text_after or site.q_len != site.grid.num_tokens):
+        return (f"the site's length is data-dependent, and its grid {site.grid} does not describe the static part "
+                f"of its sequence (text_before + video tokens = q_len {site.q_len}, the data-dependent text after it)")
+    if site.grid is None:
+        return ("the site has an attention mask and no video grid, so its text part cannot be split off "
+                "(give the site's grid in the `grid` option)")
+    if site.q_len != site.kv_len:
+        return "the site has an attention mask and is not self-attention (q_len != kv_len): no joint split"
+    try:
+        joint_plan(site, sp.heads_at(None))
+    except ConfigError as e:
+        return str(e)
+    start, stop = video_range(site)
+    if mask is None and symbolic:
+        return None
+    if mask is None:
+        return "the site has an attention mask that is not a graph node (a softmax-form mask), which cannot be checked"
+    return video_part_kept(gm, mask, start, stop)
 
 
 def _site_differences(site: AttentionSite, sp: SitePlan) -> list[str]:
@@ -116,6 +172,26 @@ class _Lowering:
         n.meta["vsopt_site"] = self.site.site_id
         n.meta.update(meta)
         return n
+
+    # the vsopt.core.lse.Emitter protocol (joint attention is written against it)
+    def op(self, target, *args, **kwargs) -> torch.fx.Node:
+        n = emit(self.gm.graph, target, tuple(args), kwargs, pass_name=NAME, replaces=(self.node.name,),
+                 meta_from=self.node)
+        if n.meta.get("val") is None:   # arithmetic on sizes (no fake tensor among the arguments)
+            vals = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in args]
+            n.meta["val"] = target(*vals, **kwargs)
+        n.meta["vsopt_site"] = self.site.site_id
+        return n
+
+    def const(self, label: str, value: torch.Tensor) -> torch.fx.Node:
+        return self.constant(label, value)
+
+    def lower_joint(self, mask: torch.fx.Node | None) -> torch.fx.Node:
+        """The split of a masked (or data-dependent text) joint site: semantics.joint_plan computed
+        by vsopt.core.joint over these nodes."""
+        jp = joint_plan(self.site, self.sp.heads_at(None))
+        return joint_attention(jp, self.q, self.k, self.v, mask, float(self.scale), self,
+                               cache_key=f"{id(self.gm):x}:{self.site.site_id}")
 
     def lower(self) -> torch.fx.Node:
         heads = self.sp.heads_at(None)
@@ -171,6 +247,9 @@ class _Lowering:
             mask = self.emit(vsopt.dynamic_block_mask.default,
                              (q, k, float(self.scale), key.block_m, key.block_n, spec.method.value, spec.value,
                               spec.reuse_steps, cache_key))
+            text = text_blocks(self.site.grid, self.site.q_len, self.site.kv_len, key.block_m, key.block_n)
+            if text is not None:   # text rows and columns are global in a dynamic mask too
+                mask = self.emit(aten.bitwise_or.Tensor, (mask, self.constant("text_blocks", text)))
             table = self.emit(vsopt.mask_to_table.default, (mask,))
             kv_indices = self.emit(operator.getitem, (table, 0))
             kv_counts = self.emit(operator.getitem, (table, 1))
@@ -216,7 +295,12 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
         if sp is None:
             leave(site, "the plan has no entry for this site")
             continue
-        reason = _why_not(site, sp, node)
+        mask = _site_mask(site, node, ctx) if site.has_mask or node is not None else None
+        symbolic = _symbolic_length(node)
+        split = mask is not None or site.has_mask or symbolic
+        reason = _why_not(site, sp, node, split)
+        if reason is None and split:
+            reason = _why_not_split(gm, site, sp, mask, symbolic)
         if sp.is_dense and not _site_differences(site, sp):
             # dense on purpose: what the plan asks for, whatever the site (a mask, causal...)
             ctx.kept_dense[site_id] = "the plan keeps it dense"
@@ -225,6 +309,10 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
         if reason is not None:
             leave(site, reason)
             continue
+        if split:
+            what = "data-dependent text length" if symbolic else "masked joint site"
+            report.notes.append(f"site {site_id!r}: {what}, split: video x video by the plan, text dense "
+                                "under the mask")
         if node is None:
             report.notes.append(f"site {site_id!r}: would be lowered (the graph has no vsopt.attention node for it)")
             continue
@@ -233,7 +321,8 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
                                 "head plans (the backend compiles one graph per step segment)")
         low = _Lowering(gm, node, site, sp)
         with gm.graph.inserting_before(node):
-            out = with_layout_of(gm.graph, low.lower(), node, pass_name=NAME)   # e.g. a permuted order's output
+            new = low.lower_joint(mask) if split else low.lower()
+            out = with_layout_of(gm.graph, new, node, pass_name=NAME)   # e.g. a permuted order's output
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
         ctx.lowered.append(site_id)

@@ -21,6 +21,7 @@ from vsopt.core.dynamic import DynamicSpec
 from vsopt.core.ir import TokenGrid
 from vsopt.core.patterns import num_blocks
 from vsopt.core.plan import HeadPlan, Plan, SitePlan, Sparsity
+from vsopt.core.semantics import static_mask
 
 from .schemas import DOMAIN
 
@@ -76,6 +77,8 @@ def plan_from_onnx(model: onnx.ModelProto) -> Plan:
         else:
             table = producer[node.input[3]]
             dyn = producer.get(table.input[0]) if table.op_type == "MaskToTable" else None
+            if dyn is not None and dyn.op_type == "Or":   # a joint site's text blocks OR-ed into the mask
+                dyn = producer.get(dyn.input[0])
             if dyn is None or dyn.op_type != "DynamicBlockMask":
                 raise ValueError(f"site {site_id!r}: the table of {node.name} is neither an initializer nor a "
                                  "DynamicBlockMask's")
@@ -118,8 +121,7 @@ def compare(read: Plan, plan: Plan | None) -> list[str]:
                 if g.dynamic != w.dynamic:
                     problems.append(f"{where}: dynamic {g.dynamic} in the file, {w.dynamic} in the plan")
             else:
-                mg = g.block_mask(got.q_len, got.kv_len, got.grid)
-                mw = w.block_mask(want.q_len, want.kv_len, want.grid)
+                mg, mw = static_mask(got, g), static_mask(want, w)   # the meaning (text blocks included)
                 if not torch.equal(mg, mw):
                     problems.append(f"{where}: block mask differs in {int((mg != mw).sum())} block(s)")
     return problems

@@ -11,12 +11,14 @@ from vsopt.calibration.capture import SiteCall
 from vsopt.calibration.choices import head_plans
 from vsopt.calibration.measure import SiteState, build_candidates, measure_errors, measure_mass
 from vsopt.calibration.order_choice import choose_orders
+from vsopt.core import semantics
 from vsopt.core.errors import ConfigError
 from vsopt.core.ir import AttentionSite, GridSource, Layout, TokenGrid
 from vsopt.core.metrics import block_attention_mass, relative_l2
 from vsopt.core.orders import TokenOrder, inverse_permutation, order_permutation
 from vsopt.core.plan import Quant, Sparsity
 from vsopt.core.costmodel import CostModel
+from vsopt.core.patterns import calibrated_block_mask
 
 COST = CostModel(gpu="test", launch_us={f"{q}/d16/16x16": 5.0 for q in ("none", "int8", "fp8", "int8_fp8")},
                  per_block_us={f"{q}/d16/16x16": t for q, t in
@@ -57,18 +59,27 @@ def test_planted_token_order_is_recovered_and_its_mask_keeps_the_mass(grid):
     state.opt = CalibrationOptions(block_m=16, block_n=16, patterns=False, dynamic=False)
     build_candidates(state)
     cand = next(c for c in state.candidates if c.label == "mask@0.95")
+    text = semantics.text_blocks(grid, grid.num_tokens, grid.num_tokens, 16, 16)
+    video = torch.ones_like(cand.masks[0]) if text is None else ~text
     for h, o in enumerate(orders):
         perm = order_permutation(grid, o)
         mass = block_attention_mass(q[:, h:h + 1, perm], k[:, h:h + 1, perm], 1.0, 16, 16)[0, 0]
         kept = float((mass * cand.masks[h]).sum() / mass.sum())
         assert kept >= 0.95 - 1e-6
-        assert float(cand.masks[h].float().mean()) < 0.35
+        # sparse: the video blocks kept (the text ones are forced) under 35% of all blocks
+        assert int(cand.masks[h][video].sum()) < 0.35 * cand.masks[h].numel()
+        if text is not None:
+            assert cand.masks[h][text].all()       # text rows and columns kept (issue 14, class 4)
         # in the model's own order the same share needs more blocks, unless that is the planted order
         if o is not TokenOrder.FHW:
             fhw = block_attention_mass(q[:, h:h + 1], k[:, h:h + 1], 1.0, 16, 16)[0, 0]
             flat = fhw.flatten().sort(descending=True).values
             needed = int((flat.cumsum(0) < 0.95 * flat.sum()).sum()) + 1
-            assert needed > int(cand.masks[h].sum())
+            if text is None:
+                assert needed > int(cand.masks[h].sum())
+            else:   # the text blocks forced in both orders
+                fhw_mask = calibrated_block_mask(fhw, 0.95) | text
+                assert int(fhw_mask.sum()) > int(cand.masks[h].sum())
 
 
 def test_choose_orders_prefers_the_model_order_on_ties():

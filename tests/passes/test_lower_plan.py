@@ -49,6 +49,17 @@ def lower(f, inputs, sites, plan, strict=False):
     return gm, report, ctx
 
 
+def text_blocks_of(grid, n, block_m, block_n):
+    """The blocks holding a text row or column (text tokens sit at both ends in every order)."""
+    is_text = torch.ones(n, dtype=torch.bool)
+    is_text[grid.text_before:grid.text_before + grid.video_tokens] = False
+    pos = torch.nonzero(is_text).squeeze(1)
+    out = torch.zeros(-(-n // block_m), -(-n // block_n), dtype=torch.bool)
+    out[pos // block_m] = True
+    out[:, pos // block_n] = True
+    return out
+
+
 def reference(q, k, v, site, heads):
     """Dense attention in float64 with each head's block mask, taken in the head's token order and
     mapped back to the original token positions; rows with no key give 0."""
@@ -63,6 +74,8 @@ def reference(q, k, v, site, heads):
                                           hp.dynamic.method.value, hp.dynamic.value, 0, "")[:, 0]
         else:
             bm = hp.block_mask(N, N, site.grid)[None]
+        if hp.sparsity in (Sparsity.MASK, Sparsity.DYNAMIC):   # text rows and columns global (issue 14, class 4)
+            bm = bm | text_blocks_of(site.grid, N, hp.block_m, hp.block_n)
         tok = expand_block_mask(bm, N, N, hp.block_m, hp.block_n)  # (B or 1, N, N) in the permuted order
         orig = torch.zeros_like(tok)
         orig[:, perm[:, None], perm[None, :]] = tok  # back to original positions
@@ -191,17 +204,19 @@ def test_mismatches_are_reported_or_errors_in_strict_mode():
         lower(traced(sites), (q, k, v), sites, fitting, strict=True)
 
 
-def test_masked_site_is_not_lowered():
+def test_masked_site_whose_mask_cannot_be_proved_is_not_lowered():
+    """A mask computed from an input's values: nothing proves its video x video part all zero, so
+    the site stays dense, with the reason (masked joint sites that can be proved: test_lower_joint)."""
     site = site_for(GRID, 2, 2)
     q, k, v = (torch.randn(1, 2, 63, 8) for _ in range(3))
 
     def f(q, k, v):
-        return vsopt.attention(q, k, v, torch.zeros(63, 63, device=q.device), SCALE, False)
+        return vsopt.attention(q, k, v, q[0, 0, :, :1] * 0.0, SCALE, False)
 
     plan = Plan({site.site_id: SitePlan.for_site(site, HeadPlan(Sparsity.SKIP))})
     gm, _, ctx = lower(f, (q, k, v), [site], plan)
     assert vsopt.attention.default in ops_of(gm)
-    assert "attention mask" in ctx.skipped[0].reason
+    assert "cannot be proved zero over video x video" in ctx.skipped[0].reason
 
 
 # ----------------------------------------------------------------------------- through torch.compile

@@ -104,7 +104,7 @@ def build_candidates(state: SiteState) -> None:
     cands = [Candidate("dense", Sparsity.DENSE, torch.ones(site.heads, qb, kb, dtype=torch.bool))]
     seen = {cands[0].masks.numpy().tobytes()}
     for share in sorted(opt.mass_shares):
-        masks = calibrated_block_mask(mean, share)
+        masks = _with_text(state, calibrated_block_mask(mean, share))
         if masks.numpy().tobytes() not in seen:
             seen.add(masks.numpy().tobytes())
             cands.append(Candidate(f"mask@{share:g}", Sparsity.MASK, masks))
@@ -135,6 +135,14 @@ def build_candidates(state: SiteState) -> None:
     state.norm2 = torch.zeros(H, dtype=torch.float64)
 
 
+def _with_text(state: SiteState, masks: torch.Tensor) -> torch.Tensor:
+    """Calibrated masks (H, QB, KB) with the blocks of text rows and columns kept: text tokens are
+    global in a joint site (semantics.text_blocks), so the saved mask is what runs."""
+    site, opt = state.site, state.opt
+    text = semantics.text_blocks(site.grid, site.q_len, site.kv_len, opt.block_m, opt.block_n)
+    return masks if text is None else masks | text
+
+
 def _model_order_candidates(state: SiteState, cands: Sequence[Candidate]) -> list[Candidate]:
     """The sparse candidates again in the model's own token order for every head (labels end in
     "@fhw"): calibrated masks from the FHW block mass, patterns and dynamic masks in FHW."""
@@ -144,7 +152,7 @@ def _model_order_candidates(state: SiteState, cands: Sequence[Candidate]) -> lis
     for cand in cands:
         if cand.sparsity is Sparsity.MASK:
             share = float(cand.label.split("@", 1)[1])
-            out.append(Candidate(cand.label + "@fhw", Sparsity.MASK, calibrated_block_mask(fhw_mass, share),
+            out.append(Candidate(cand.label + "@fhw", Sparsity.MASK, _with_text(state, calibrated_block_mask(fhw_mass, share)),
                                  model_order=True))
         elif cand.sparsity is Sparsity.PATTERN:
             m = block_mask(cand.pattern, site.grid, TokenOrder.FHW, opt.block_m, opt.block_n)
@@ -192,7 +200,7 @@ def measure_errors(state: SiteState, call: SiteCall) -> None:
     for c, cand in enumerate(state.candidates):
         p, qc, kc, vc = model_order if cand.model_order else (perm, qp, kp, vp)
         if cand.sparsity is Sparsity.DYNAMIC:
-            masks = semantics.dynamic_masks(qc, kc, cand.dynamic, call.scale, *blocks)
+            masks = semantics.dynamic_masks(qc, kc, cand.dynamic, call.scale, *blocks, grid=state.site.grid)
         else:
             masks = cand.masks[None]
         out = _unpermuted(semantics.masked_attention(qc, kc, vc, masks, call.scale, Quant.NONE, *blocks), p)

@@ -25,49 +25,28 @@ queries against all key shards. Quantized heads smooth K per piece (the kernels 
 of the keys they see), so lse_P gets the smoothing's row shift back (scale * q . mean(k_P)) before
 the merge; their rounding then differs slightly from one device's (quantization tolerance).
 
-The computation is written once against an Emitter: EagerEmitter runs it (tests, GPU checks),
-passes.ring_attention emits it into the graph as nodes of the same ops.
+The computation is written once against an Emitter (vsopt/core/lse.py, with merge_partials):
+EagerEmitter runs it (tests, GPU checks), passes.ring_attention emits it into the graph as nodes of
+the same ops.
 """
 from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from vsopt.core import ops as _ops  # noqa: F401  (registers torch.ops.vsopt.*)
 from vsopt.core.errors import ConfigError
+from vsopt.core.lse import NEG_INF, EagerEmitter, Emitter, merge_partials, smoothing_shift  # noqa: F401  (re-exported)
 from vsopt.core.orders import TokenOrder
 from vsopt.core.patterns import diagonal_blocks, num_blocks
 from vsopt.core.plan import HeadPlan, Quant, Sparsity
-from vsopt.core.semantics import SiteShape, launch_groups, permutations, static_mask
+from vsopt.core.semantics import SiteShape, launch_groups, permutations, static_mask, text_blocks
 
 aten = torch.ops.aten
 vsopt = torch.ops.vsopt
-NEG_INF = float("-inf")
-
-
-class Emitter(Protocol):
-    """Where the ring computation goes: op(target, *args, **kwargs) runs or records one op call;
-    const(label, tensor) is a constant input (a buffer of the graph)."""
-
-    def op(self, target, *args, **kwargs) -> Any: ...
-
-    def const(self, label: str, value: torch.Tensor) -> Any: ...
-
-
-class EagerEmitter:
-    """Runs the ops now, constants on `device`."""
-
-    def __init__(self, device: torch.device | str):
-        self.device = torch.device(device)
-
-    def op(self, target, *args, **kwargs):
-        return target(*args, **kwargs)
-
-    def const(self, label: str, value: torch.Tensor):
-        return value.to(self.device)
 
 
 @dataclass(frozen=True)
@@ -119,22 +98,6 @@ def local_permutations(site_id: str, heads: Sequence[HeadPlan], perm: torch.Tens
                               "orders or use Ulysses (heads are whole on each rank)")
         out.append(part - s)
     return out
-
-
-def merge_partials(em: Emitter, parts: Sequence[tuple[Any, Any]]) -> tuple[Any, Any]:
-    """Merge partial attentions (out float32 (B, H, N, D), lse float32 (B, H, N)) over disjoint key
-    sets: out = sum_i exp(lse_i - lse) out_i, lse = logsumexp_i lse_i. Rows empty in every part stay
-    0 with lse -inf (no NaN)."""
-    out, lse = parts[0]
-    for o2, l2 in parts[1:]:
-        m = em.op(aten.clamp_min.default, em.op(aten.maximum.default, lse, l2), -1e30)
-        w1 = em.op(aten.unsqueeze.default, em.op(aten.exp.default, em.op(aten.sub.Tensor, lse, m)), -1)
-        w2 = em.op(aten.unsqueeze.default, em.op(aten.exp.default, em.op(aten.sub.Tensor, l2, m)), -1)
-        total = em.op(aten.add.Tensor, w1, w2)   # in [1, 2] unless both parts are empty (then 0)
-        num = em.op(aten.add.Tensor, em.op(aten.mul.Tensor, out, w1), em.op(aten.mul.Tensor, o2, w2))
-        out = em.op(aten.div.Tensor, num, em.op(aten.clamp_min.default, total, 1e-30))
-        lse = em.op(aten.add.Tensor, m, em.op(aten.squeeze.dim, em.op(aten.log.default, total), -1))
-    return out, lse
 
 
 def check_ring_plan(site: SiteShape, heads: Sequence[HeadPlan], shards: Shards) -> None:
@@ -222,8 +185,11 @@ def _group(site: SiteShape, heads: list[HeadPlan], key, rank: int, shards: Shard
         k_all = em.op(aten.cat.default, list(ks), 2)
         mask = em.op(vsopt.dynamic_block_mask.default, q, k_all, float(scale), bm, bn, spec.method.value, spec.value,
                      spec.reuse_steps, cache_key)
-        diag = diagonal_blocks(shards.n, shards.n, bm, bn)[qb0:qb0 + qbs]
-        full = em.op(aten.bitwise_or.Tensor, mask, em.const("ring_diag", diag))   # the diagonal, as on one device
+        diag = diagonal_blocks(shards.n, shards.n, bm, bn)
+        text = text_blocks(site.grid, shards.n, shards.n, bm, bn)
+        if text is not None:   # text rows and columns global, as semantics.dynamic_masks keeps them
+            diag = diag | text
+        full = em.op(aten.bitwise_or.Tensor, mask, em.const("ring_diag", diag[qb0:qb0 + qbs]))   # as on one device
         rows = None
     parts = []
     for j in range(shards.degree):
@@ -248,7 +214,7 @@ def _group(site: SiteShape, heads: list[HeadPlan], key, rank: int, shards: Shard
                         key.quant.value)
             o, lse = em.op(operator.getitem, res, 0), em.op(operator.getitem, res, 1)
             if key.quant is not Quant.NONE:
-                lse = em.op(aten.add.Tensor, lse, _smoothing_shift(em, q, kp, scale))
+                lse = em.op(aten.add.Tensor, lse, smoothing_shift(em, q, kp, scale))
             parts.append((em.op(aten._to_copy.default, o, dtype=torch.float32), lse))
     if not parts:   # every head of the group skipped: zero output, empty rows
         shape = list(_shape(q))
@@ -259,15 +225,6 @@ def _group(site: SiteShape, heads: list[HeadPlan], key, rank: int, shards: Shard
         out, lse = em.op(aten.slice.Tensor, out, 2, pad, pad + shards.size), em.op(aten.slice.Tensor, lse, 2, pad,
                                                                                    pad + shards.size)
     return out, lse
-
-
-def _smoothing_shift(em: Emitter, q, kp, scale: float):
-    """scale * q . mean(k_piece) per row (B, H, Nq): what the kernels' K smoothing took off the
-    scores of this piece (softmax ignores it within a piece, the merge across pieces does not)."""
-    mean = em.op(aten.mean.dim, em.op(aten._to_copy.default, kp, dtype=torch.float32), [2], True)   # (B, H, 1, D)
-    dots = em.op(aten.matmul.default, em.op(aten._to_copy.default, q, dtype=torch.float32),
-                 em.op(aten.transpose.int, mean, 2, 3))
-    return em.op(aten.mul.Tensor, em.op(aten.squeeze.dim, dots, -1), float(scale))
 
 
 def shard_rows(x: torch.Tensor, shards: Shards, rank: int, dim: int = 2) -> torch.Tensor:

@@ -8,6 +8,10 @@ module says, once for the whole project:
     head_masks(site, heads, q, k, scale)      the block masks (B or 1, H, QB, KB), in each head's order
     head_densities(site, heads, q, k, scale)  the fraction of blocks each head visits
     site_output(site, heads, q, k, v, scale)  the output, through the same ops the lowered graph runs
+    site_output(..., mask=m) / joint=True     a joint site split into video x video (the plan) and
+                                              text (dense, under the model's mask): joint_plan
+    text_blocks(grid, ...)                    the blocks holding text rows or columns (global in
+                                              every sparsity kind: masks, patterns, dynamic)
     site_work(site, heads, densities)         the launches and extra work, priced by
     predicted_us(site, heads, cost, ...)      the cost model
     select_heads(site_plan, heads)            the plan of a subset / reordering of a site's heads
@@ -24,6 +28,7 @@ blocks of block_m query and block_n key tokens, QB = ceil(Nq / block_m), KB = ce
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -34,8 +39,10 @@ from vsopt.core.costmodel import CostModel, Launch, SiteWork
 from vsopt.core.dynamic import DynamicMethod, DynamicSpec, pooled_block_scores, select_blocks
 from vsopt.core.errors import ConfigError
 from vsopt.core.ir import TokenGrid
+from vsopt.core.joint import JointGroup, JointPlan, joint_attention
+from vsopt.core.lse import EagerEmitter
 from vsopt.core.orders import TokenOrder, head_permutations
-from vsopt.core.patterns import diagonal_blocks, num_blocks
+from vsopt.core.patterns import block_mask, diagonal_blocks, num_blocks
 from vsopt.core.plan import HeadPlan, Quant, SitePlan, Sparsity, StepPlan
 
 
@@ -107,21 +114,53 @@ def permuted_qkv(grid: TokenGrid | None, heads: Sequence[HeadPlan], q, k, v=None
 
 
 def dynamic_masks(qp: torch.Tensor, kp: torch.Tensor, spec: DynamicSpec, scale: float, block_m: int,
-                  block_n: int) -> torch.Tensor:
+                  block_n: int, grid: TokenGrid | None = None) -> torch.Tensor:
     """The masks (B, H, QB, KB) a dynamic head predicts online from pooled scores of these
-    (already permuted) q and k; the diagonal blocks are always kept."""
+    (already permuted) q and k; the diagonal blocks are always kept, and with the site's grid the
+    text blocks too (text_blocks: text rows and columns are global)."""
     scores = pooled_block_scores(qp, kp, scale, block_m, block_n)
     diag = diagonal_blocks(qp.shape[2], kp.shape[2], block_m, block_n).to(qp.device)
+    text = text_blocks(grid, qp.shape[2], kp.shape[2], block_m, block_n)
+    if text is not None:
+        diag = diag | text.to(qp.device)
     return select_blocks(scores, spec, diag)
+
+
+def text_blocks(grid: TokenGrid | None, q_len: int, kv_len: int, block_m: int, block_n: int) -> torch.Tensor | None:
+    """bool (QB, KB): the blocks holding a text query row or a text key column of a joint
+    self-attention over `grid` (text tokens keep their places in every token order), None when the
+    site has no text (or is not self-attention over the grid). Text rows and columns are global in
+    every sparsity kind: calibrated masks and dynamic masks are OR-ed with this, patterns keep them
+    through their text_global flag (True by default)."""
+    if grid is None or grid.num_tokens == grid.video_tokens or not q_len == kv_len == grid.num_tokens:
+        return None
+    return _text_blocks_cached(grid, block_m, block_n).clone()
+
+
+@functools.lru_cache(maxsize=256)
+def _text_blocks_cached(grid: TokenGrid, block_m: int, block_n: int) -> torch.Tensor:
+    n = grid.num_tokens
+    is_text = torch.ones(n, dtype=torch.bool)
+    is_text[grid.text_before:grid.text_before + grid.video_tokens] = False
+    pos = torch.nonzero(is_text).squeeze(1)
+    out = torch.zeros(num_blocks(n, block_m), num_blocks(n, block_n), dtype=torch.bool)
+    out[pos // block_m, :] = True
+    out[:, pos // block_n] = True
+    return out
 
 
 def static_mask(site: SiteShape, hp: HeadPlan) -> torch.Tensor | None:
     """A head's static block mask (QB, KB) in its order, None for a dynamic head. A pattern the
     site's grid cannot hold raises ConfigError naming the site."""
     try:
-        return hp.block_mask(site.q_len, site.kv_len, site.grid)
+        mask = hp.block_mask(site.q_len, site.kv_len, site.grid)
     except ValueError as e:
         raise ConfigError(f"site {site.site_id!r}: {e}") from None
+    if hp.sparsity is Sparsity.MASK:   # a calibrated mask keeps the text rows and columns (global)
+        text = text_blocks(site.grid, site.q_len, site.kv_len, hp.block_m, hp.block_n)
+        if text is not None:
+            mask |= text
+    return mask
 
 
 def head_masks(site: SiteShape, heads: Sequence[HeadPlan], q: torch.Tensor | None = None,
@@ -138,7 +177,7 @@ def head_masks(site: SiteShape, heads: Sequence[HeadPlan], q: torch.Tensor | Non
     out = []
     for h, (hp, m) in enumerate(zip(heads, static)):
         if m is None:
-            m = dynamic_masks(qp[:, h:h + 1], kp[:, h:h + 1], hp.dynamic, scale, block_m, block_n)[:, 0]
+            m = dynamic_masks(qp[:, h:h + 1], kp[:, h:h + 1], hp.dynamic, scale, block_m, block_n, site.grid)[:, 0]
         out.append(m.to(q.device).expand(q.shape[0], -1, -1))
     return torch.stack(out, dim=1)
 
@@ -171,10 +210,20 @@ def common_blocks(site: SiteShape, heads: Sequence[HeadPlan]) -> tuple[int, int]
 
 
 def site_output(site: SiteShape, heads: Sequence[HeadPlan], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                scale: float) -> torch.Tensor:
+                scale: float, mask: torch.Tensor | None = None, joint: bool = False) -> torch.Tensor:
     """What the site computes under `heads` (one HeadPlan per query head): the per-head
     permutation, one block-sparse attention per precision over the heads' masks, the inverse
-    permutation; the math the lowered graph runs, through the same ops. (B, Hq, Nq, Dv) float32."""
+    permutation; the math the lowered graph runs, through the same ops. (B, Hq, Nq, Dv) float32.
+
+    A site with the model's attention `mask` (boolean True = keep, or additive; broadcastable to
+    (B, H, Nq, Nk)), or any site with joint=True (a data-dependent text length), is split
+    (joint_plan, vsopt.core.joint): video rows x video keys run the plan over the video tokens,
+    text keys and text rows are dense under the mask, merged by log-sum-exp. The mask's video x
+    video part must be all-true (additive: all zero): check_video_mask raises otherwise."""
+    if mask is not None or joint:
+        check_video_mask(site, mask)
+        out = joint_attention(joint_plan(site, heads), q, k, v, mask, scale, EagerEmitter(q.device), reuse=False)
+        return out.float()
     block_m, block_n = common_blocks(site, heads)
     masks = head_masks(site, heads, q, k, scale).to(q.device)
     perm, qp, kp, vp = permuted_qkv(site.grid, heads, q, k, v)
@@ -184,6 +233,72 @@ def site_output(site: SiteShape, heads: Sequence[HeadPlan], q: torch.Tensor, k: 
         part = masked_attention(qp, kp, vp, masks & group, scale, quant, block_m, block_n)
         out += part.float() * group
     return out if perm is None else torch.ops.vsopt.unpermute_tokens(out, perm)
+
+
+def video_range(site: SiteShape) -> tuple[int, int]:
+    """[start, stop) of the video tokens in the site's sequence (its grid's text_before, video)."""
+    if site.grid is None:
+        raise ConfigError(f"site {site.site_id!r}: a split joint site needs its video grid")
+    return site.grid.text_before, site.grid.text_before + site.grid.video_tokens
+
+
+def check_video_mask(site: SiteShape, mask: torch.Tensor | None) -> None:
+    """Raise ConfigError naming the site unless the model's mask is all-true (boolean) or all zero
+    (additive) over video rows x video keys: the split runs the kernel there, which takes no mask."""
+    if mask is None:
+        return
+    s, e = video_range(site)
+    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    part = m[:, :, s:e] if m.shape[2] != 1 else m
+    part = part[..., s:e] if part.shape[3] != 1 else part
+    ok = bool(part.all()) if part.dtype == torch.bool else bool((part == 0).all())
+    if not ok:
+        raise ConfigError(f"site {site.site_id!r}: the attention mask is not all-true over video x video tokens "
+                          f"[{s}, {e}); a split joint site applies the mask to text rows and keys only")
+
+
+def joint_plan(site: SiteShape, heads: Sequence[HeadPlan]) -> JointPlan:
+    """The meaning of `heads` on a split joint site, over its video tokens (the video-only grid,
+    TokenGrid(frames, height, width)): per launch group its video x video block masks in the heads'
+    orders (a pattern's mask on the video grid; a calibrated mask given over the video blocks, or
+    over the whole site when text_before falls on block boundaries, then cut to the video blocks;
+    dense all; skip none, and a skipped head outputs 0 in every row), or its dynamic rule (predicted
+    on the video tokens). Text rows and columns are global in every kind, patterns' text_global
+    included. Raises ConfigError naming the site and head when a mask does not fit."""
+    tb, stop = video_range(site)
+    nv = stop - tb
+    grid = site.grid
+    video = TokenGrid(grid.frames, grid.height, grid.width)
+    groups = []
+    for key, idx in launch_groups(heads).items():
+        masks = None
+        if key.dynamic is None:
+            masks = torch.stack([_video_mask(site, h, heads[h], video, tb) for h in idx])
+        groups.append(JointGroup(tuple(idx), key.quant, key.block_m, key.block_n, masks, key.dynamic))
+    skipped = tuple(h for h, hp in enumerate(heads) if hp.sparsity is Sparsity.SKIP)
+    return JointPlan(site.site_id, tb, nv, len(heads), tuple(groups), permutations(video, heads), skipped)
+
+
+def _video_mask(site: SiteShape, h: int, hp: HeadPlan, video: TokenGrid, tb: int) -> torch.Tensor:
+    nv = video.video_tokens
+    qb, kb = num_blocks(nv, hp.block_m), num_blocks(nv, hp.block_n)
+    if hp.sparsity is Sparsity.MASK:
+        shape = tuple(hp.mask.shape)
+        if shape == (qb, kb):
+            return hp.mask.clone()
+        whole = (num_blocks(site.q_len, hp.block_m), num_blocks(site.kv_len, hp.block_n)) \
+            if isinstance(site.q_len, int) and isinstance(site.kv_len, int) else None
+        if shape == whole and tb % hp.block_m == 0 and tb % hp.block_n == 0:
+            r, c = tb // hp.block_m, tb // hp.block_n
+            return hp.mask[r:r + qb, c:c + kb].clone()
+        raise ConfigError(f"site {site.site_id!r} head {h}: calibrated mask of shape {shape} fits neither the "
+                          f"video blocks ({qb}, {kb}) nor the whole site {whole} with text_before {tb} on block "
+                          "boundaries")
+    if hp.sparsity is Sparsity.PATTERN:
+        return block_mask(hp.pattern, video, hp.order, hp.block_m, hp.block_n)
+    if hp.sparsity is Sparsity.SKIP:
+        return torch.zeros(qb, kb, dtype=torch.bool)
+    return torch.ones(qb, kb, dtype=torch.bool)
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor, scale: float,

@@ -42,6 +42,7 @@ from vsopt.calibration.measure import SiteState, build_candidates, calibratable,
 from vsopt.calibration.options import CalibrationOptions
 from vsopt.calibration.result import CalibrationResult, SiteResult, assemble
 from vsopt.calibration.search import decide
+from vsopt.calibration.warmup import decide_with_warmup
 from vsopt.core.config import VsoptConfig
 from vsopt.core.costmodel import CostModel
 from vsopt.core.errors import ConfigError, VsoptError
@@ -153,8 +154,11 @@ def calibrate_many(model: torch.nn.Module, calibration_inputs: Sequence[Any], bu
                     plan, results, quality = _quality_search(model, signature, held, states, used, options, cost,
                                                              budget, config, progress, uncalibrated)
                 else:
-                    plan, results = assemble(states, decide(states, cost, budget, weights), options, cost, budget,
-                                             uncalibrated)
+                    decisions, warmup = decide_with_warmup(states, cost, budget, weights, options.step_ranges,
+                                                           options.dense_warmup)
+                    plan, results = assemble(states, decisions, options, cost, budget, uncalibrated)
+                    if options.dense_warmup:
+                        plan.meta["calibration"]["dense_warmup"] = warmup
                     quality = None
                 _verify(gm, states, plan, results, first_of_range, options.step_ranges)
                 found.append(CalibrationResult(plan, results, left_dense, budget_text(budget), quality))

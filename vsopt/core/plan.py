@@ -300,6 +300,34 @@ class Plan:
             return None
         return max((b for b in self.step_boundaries() if b <= step), default=0)
 
+    @property
+    def dense_warmup(self) -> int:
+        """How many first denoising steps run every planned site as the model's own dense
+        attention (Sparse VideoGen / Radial Attention's dense warm-up): the smallest, over the
+        sites that are sparse at some step, of the steps from 0 covered without a gap by step
+        ranges whose heads are all plain dense. 0 when no such warm-up (or no sparse site)."""
+        ks = [_site_warmup(sp) for sp in self.sites.values() if not sp.is_dense]
+        return min(ks) if ks else 0
+
+    def with_dense_warmup(self, steps: int) -> "Plan":
+        """This plan with its first `steps` denoising steps dense at every site that is sparse at
+        some step: a StepPlan [0, steps) of plain dense heads (same block sizes) put in front of
+        each such site's step ranges, which are cut to start at `steps`. steps 0: the plan as it is."""
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise ValueError(f"dense warm-up steps must be an integer >= 0, got {steps!r}")
+        if steps == 0:
+            return self
+        sites = {}
+        for sid, sp in self.sites.items():
+            if sp.is_dense:
+                sites[sid] = sp
+                continue
+            dense = tuple(HeadPlan(block_m=h.block_m, block_n=h.block_n) for h in sp.heads)
+            later = [dataclasses.replace(st, start=max(st.start, steps)) for st in sp.steps
+                     if st.stop is None or st.stop > steps]
+            sites[sid] = dataclasses.replace(sp, steps=(StepPlan(0, steps, dense), *later))
+        return Plan(sites, dict(self.meta, dense_warmup=steps))
+
     def at_step(self, step: int | None) -> "Plan":
         """The plan without step ranges that `step` runs: each site's heads_at(step)."""
         sites = {sid: dataclasses.replace(sp, heads=sp.heads_at(step), steps=()) for sid, sp in self.sites.items()}
@@ -399,6 +427,8 @@ class Plan:
             }
         doc = {"format": FORMAT_NAME, "version": SCHEMA_VERSION, "meta": dict(self.meta), "arrays": None,
                "sites": sites}
+        if self.dense_warmup:  # what the step ranges say, written out for readers; checked on load
+            doc["dense_warmup"] = self.dense_warmup
         return doc, arrays
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -469,7 +499,27 @@ class Plan:
         meta = doc.get("meta") or {}
         if not isinstance(meta, dict):
             raise PlanError(f"{where}: \"meta\" must be an object")
-        return cls(sites, meta)
+        plan = cls(sites, meta)
+        if "dense_warmup" in doc:
+            k = _count(doc, "dense_warmup", where)
+            if k != plan.dense_warmup:
+                raise PlanError(f"{where}: \"dense_warmup\" is {k} but the sites' step ranges run the first "
+                                f"{plan.dense_warmup} step(s) dense")
+        return plan
+
+
+def _plain_dense(heads: Iterable[HeadPlan]) -> bool:
+    return all(h.sparsity is Sparsity.DENSE and h.order is TokenOrder.FHW and h.quant is Quant.NONE for h in heads)
+
+
+def _site_warmup(sp: SitePlan) -> int:
+    """The steps from 0 that `sp`'s step ranges cover, without a gap, with plain dense heads."""
+    k = 0
+    for st in sp.steps:
+        if st.start != k or st.stop is None or not _plain_dense(st.heads):
+            break
+        k = st.stop
+    return k
 
 
 def _count(d: Mapping[str, Any], key: str, where: str) -> int:

@@ -8,6 +8,7 @@ module says, once for the whole project:
     head_masks(site, heads, q, k, scale)      the block masks (B or 1, H, QB, KB), in each head's order
     head_densities(site, heads, q, k, scale)  the fraction of blocks each head visits
     site_output(site, heads, q, k, v, scale)  the output, through the same ops the lowered graph runs
+    mask_refresh_step(spec, step, start)      the step a reused dynamic mask was computed at
     site_work(site, heads, densities)         the launches and extra work, priced by
     predicted_us(site, heads, cost, ...)      the cost model
     select_heads(site_plan, heads)            the plan of a subset / reordering of a site's heads
@@ -170,13 +171,28 @@ def common_blocks(site: SiteShape, heads: Sequence[HeadPlan]) -> tuple[int, int]
     return blocks.pop()
 
 
+def mask_refresh_step(spec: DynamicSpec, step: int, segment_start: int = 0) -> int:
+    """The denoising step whose q/k a dynamic head's mask at `step` was predicted from (AdaSpa's
+    mask reuse): masks are computed at the first step of the plan's segment and every
+    reuse_steps + 1 steps after it, and reused in between (what MaskReuseCache does when the
+    sampler announces every step; each segment of a step-ranged plan is its own graph, so its
+    first step computes afresh)."""
+    if step < segment_start:
+        raise ConfigError(f"step {step} is before its segment's first step {segment_start}")
+    period = spec.reuse_steps + 1
+    return segment_start + (step - segment_start) // period * period
+
+
 def site_output(site: SiteShape, heads: Sequence[HeadPlan], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                scale: float) -> torch.Tensor:
+                scale: float, masks_from: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """What the site computes under `heads` (one HeadPlan per query head): the per-head
     permutation, one block-sparse attention per precision over the heads' masks, the inverse
-    permutation; the math the lowered graph runs, through the same ops. (B, Hq, Nq, Dv) float32."""
+    permutation; the math the lowered graph runs, through the same ops. (B, Hq, Nq, Dv) float32.
+    masks_from: (q, k) of the step the dynamic heads' masks were computed at, when they are
+    reused (mask_refresh_step); None: this call's q and k."""
     block_m, block_n = common_blocks(site, heads)
-    masks = head_masks(site, heads, q, k, scale).to(q.device)
+    mq, mk = (q, k) if masks_from is None else masks_from
+    masks = head_masks(site, heads, mq, mk, scale).to(q.device)
     perm, qp, kp, vp = permuted_qkv(site.grid, heads, q, k, v)
     out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=torch.float32, device=q.device)
     for quant in sorted({hp.quant for hp in heads}, key=lambda m: m.value):
@@ -218,8 +234,9 @@ def site_work(site: SiteShape, heads: Sequence[HeadPlan], densities: Sequence[fl
         qb, kb = num_blocks(site.q_len, key.block_m), num_blocks(site.kv_len, key.block_n)
         launches.append(Launch(key.quant.value, site.head_dim, key.block_m, key.block_n, batch * qb * len(live),
                                sum(round(batch * densities[h] * qb * kb) for h in live)))
+    # a mask reused for reuse_steps more steps is scored once per reuse_steps + 1 steps (the mean)
     scored = sum(batch * num_blocks(site.q_len, hp.block_m) * num_blocks(site.kv_len, hp.block_n)
-                 for hp in heads if hp.sparsity is Sparsity.DYNAMIC)
+                 / (hp.dynamic.reuse_steps + 1) for hp in heads if hp.sparsity is Sparsity.DYNAMIC)
     return SiteWork(tuple(launches), permuted_mib(site, permuted_heads(heads)), scored)
 
 

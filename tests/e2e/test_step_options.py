@@ -13,7 +13,8 @@ from vsopt.core.config import VsoptConfig
 from vsopt.core.dynamic import DynamicMethod, DynamicSpec, current_denoising_step
 from vsopt.core.ir import TokenGrid
 from vsopt.core.patterns import LocalWindow
-from vsopt.core.plan import HeadPlan, Plan, SitePlan, Sparsity
+from vsopt.core.orders import TokenOrder
+from vsopt.core.plan import HeadPlan, Plan, Quant, SitePlan, Sparsity
 from vsopt.models import sampler
 
 C, HEADS, D = 32, 2, 16
@@ -133,3 +134,62 @@ def test_mask_refresh_step():
     assert semantics.mask_refresh_step(DynamicSpec(), 5) == 5
     with pytest.raises(vsopt.core.errors.ConfigError, match="before its segment"):
         semantics.mask_refresh_step(spec, 1, 2)
+
+
+def _recorded(model, example, grid, steps):
+    from vsopt.calibration.capture import record_forward_inputs
+
+    with record_forward_inputs(model) as calls:
+        _sample(model, example, grid, steps)
+    return calls
+
+
+def test_calibration_with_warmup_and_refresh_candidates_runs_as_it_predicts():
+    """calibrate() on recorded sampler steps with dense warm-ups and mask refresh intervals on
+    offer: the plan says which it chose, and the compiled model under the sampler computes, step by
+    step, what the calibration's check predicted (the meaning of the plan: semantics.site_output at
+    the step's heads, reused masks from their refresh step)."""
+    from vsopt.calibration import CalibrationOptions, DensityBudget, calibrate
+
+    from tests.core.test_calibrate_search import COST
+
+    grid = TokenGrid(4, 4, 8)
+    model, example, site = _setup(grid, seed=2, gain=5.0)
+    steps = 5
+    calls = _recorded(model, example, grid, steps)
+    ranges = ((0, 1), (1, None))
+    opts = CalibrationOptions(block_m=16, block_n=16, orders=(TokenOrder.FHW,), patterns=False, mass_shares=(0.9,),
+                              dynamic_values=(), dynamic_top_k=(0.25, 0.5), mask_refresh=(2,), dense_warmup=(1,),
+                              step_ranges=ranges, skip=False, quants=(Quant.NONE,), cost_model=COST)
+    result = calibrate(model, calls, DensityBudget(0.6), options=opts, grid=grid, progress=False)
+    plan = result.plan
+    record = plan.meta["calibration"]["dense_warmup"]
+    assert record["chosen"] in (0, 1) and set(record["tried"]) == {"0", "1"}
+    assert plan.dense_warmup == record["chosen"]
+    late = plan[site.site_id].heads_at(1)
+    offered = [c for r in result.sites if r.steps == (1, None) for c in r.choices]
+    assert offered  # the late range's choices are recorded
+
+    # the compiled model under the sampler, against the meaning computed per step
+    kept = {}
+
+    def reference(x, t, c, return_dict=False):
+        step = current_denoising_step()
+        heads = plan[site.site_id].heads_at(step)
+        start = plan.segment_start(step)
+        q, k, v = model.qkv_heads(x)
+        kept[step] = (q, k)
+        # each dynamic head's mask from its refresh step: per head, that step's q and k
+        at = [semantics.mask_refresh_step(h.dynamic, step, start) if h.sparsity is Sparsity.DYNAMIC else step
+              for h in heads]
+        masks_from = tuple(torch.cat([kept[a][i][:, h:h + 1] for h, a in enumerate(at)], dim=1) for i in (0, 1))
+        if all(h.sparsity is Sparsity.DENSE for h in heads):
+            return model(x, t, c)
+        return model.finish(semantics.site_output(site, heads, q, k, v, site.scale, masks_from=masks_from), x)
+
+    dynamic.MASK_CACHE.reset()
+    with torch.no_grad():
+        got = _sample(_compiled(model, plan, grid), example, grid, steps)
+        want = _sample(reference, example, grid, steps)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert any(h.sparsity is not Sparsity.DENSE for h in late)

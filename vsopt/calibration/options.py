@@ -104,9 +104,6 @@ def check_refresh(values, ranges) -> tuple[int, ...]:
     if rs and rs[0] < 2:
         raise ConfigError("CalibrationOptions.mask_refresh: 1 is recomputing at every step (the plain dynamic "
                           "candidate); give intervals >= 2")
-    if rs and (ranges is None or any(b is not None and b - a != 1 for a, b in ranges)):
-        raise ConfigError("CalibrationOptions.mask_refresh needs step_ranges of single steps (the last may run to "
-                          f"the end): a reused mask's error depends on the step; got {ranges}")
     return rs
 
 
@@ -150,8 +147,9 @@ class CalibrationOptions:
       (vsopt.calibration.warmup). Under other budgets warm-up buys no site error: k = 0.
     mask_refresh: refresh intervals r > 0 of reused dynamic masks (AdaSpa): every dynamic
       candidate is also offered with reuse_steps = r - 1, its mask computed at steps 0, r, 2r, ...
-      and reused in between. Needs step_ranges of single steps holding the refresh steps, and
-      calibration inputs of consecutive steps of one sampler run (vsopt.calibration.reuse).
+      and reused in between, counted from the first step of each step range (each range is its
+      own lowered graph). Offered only where pass 2's inputs hold a step reusing a mask and the
+      refresh step it reuses: consecutive steps of one sampler run (vsopt.calibration.reuse).
     model_order_candidates: also offer every sparse candidate in the model's own token order
       (no permutation) to heads that were given another order, so that a time-budgeted search can
       drop a permutation that costs more than it saves (pass 2 then measures up to twice as many

@@ -188,8 +188,9 @@ def site_output(site: SiteShape, heads: Sequence[HeadPlan], q: torch.Tensor, k: 
     """What the site computes under `heads` (one HeadPlan per query head): the per-head
     permutation, one block-sparse attention per precision over the heads' masks, the inverse
     permutation; the math the lowered graph runs, through the same ops. (B, Hq, Nq, Dv) float32.
-    masks_from: (q, k) of the step the dynamic heads' masks were computed at, when they are
-    reused (mask_refresh_step); None: this call's q and k."""
+    masks_from: (q, k) whose head h is head h's q and k at the step its mask was computed at,
+    when dynamic masks are reused (mask_refresh_step: heads may refresh at different steps);
+    None: this call's q and k."""
     block_m, block_n = common_blocks(site, heads)
     mq, mk = (q, k) if masks_from is None else masks_from
     masks = head_masks(site, heads, mq, mk, scale).to(q.device)

@@ -32,6 +32,7 @@ from .io import atomic_write_bytes
 from .ir import AttentionSite, TokenGrid
 from .orders import TokenOrder
 from .patterns import Pattern, block_mask, num_blocks, pattern_from_dict
+from .pooled import Remainder
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "vsopt-plan"
@@ -63,6 +64,9 @@ class HeadPlan:
       dynamic  (Sparsity.DYNAMIC) a vsopt.core.dynamic.DynamicSpec
     order: token order the head runs in (FHW = the model's own, no permutation).
     quant: precision. block_m, block_n: query / key block sizes of the kernel and of the mask.
+    remainder: what a mask, pattern or dynamic head does with the key blocks it does not keep
+      (vsopt.core.pooled.Remainder): dropped (default), or attended mean-pooled in the same
+      softmax (PSA).
     """
 
     sparsity: Sparsity = Sparsity.DENSE
@@ -73,9 +77,11 @@ class HeadPlan:
     pattern: Pattern | None = None
     mask: torch.Tensor | None = field(default=None, compare=False, repr=False)
     dynamic: DynamicSpec | None = None
+    remainder: Remainder = Remainder.DROP
 
     def __post_init__(self):
-        for name, enum_type in (("sparsity", Sparsity), ("order", TokenOrder), ("quant", Quant)):
+        for name, enum_type in (("sparsity", Sparsity), ("order", TokenOrder), ("quant", Quant),
+                                ("remainder", Remainder)):
             value = getattr(self, name)
             if not isinstance(value, enum_type):
                 try:
@@ -95,6 +101,9 @@ class HeadPlan:
                 raise ValueError(f"HeadPlan with sparsity {s.value!r} needs `{name}`")
             if present and not needed:
                 raise ValueError(f"HeadPlan with sparsity {s.value!r} must not set `{name}`")
+        if self.remainder is Remainder.POOLED and s in (Sparsity.DENSE, Sparsity.SKIP):
+            raise ValueError(f"HeadPlan with sparsity {s.value!r} cannot have remainder 'pooled' (only mask, "
+                             "pattern and dynamic heads leave key blocks out)")
         if self.pattern is not None and not isinstance(self.pattern, Pattern):
             raise ValueError(f"HeadPlan.pattern must be a Pattern, got {type(self.pattern).__name__}")
         if self.dynamic is not None and not isinstance(self.dynamic, DynamicSpec):
@@ -136,13 +145,16 @@ class HeadPlan:
         if self.mask is not None:
             d["mask"] = mask_key
             d["density"] = round(float(self.mask.float().mean()), 6)
+        if self.remainder is not Remainder.DROP:  # older plans have none: dropped
+            d["remainder"] = self.remainder.value
         return d
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any], arrays: Mapping[str, torch.Tensor], where: str) -> "HeadPlan":
         if not isinstance(d, Mapping):
             raise PlanError(f"{where}: a head plan must be an object, got {d!r}")
-        unknown = sorted(set(d) - {"sparsity", "order", "quant", "block", "pattern", "dynamic", "mask", "density"})
+        unknown = sorted(set(d) - {"sparsity", "order", "quant", "block", "pattern", "dynamic", "mask", "density",
+                                 "remainder"})
         if unknown:
             raise PlanError(f"{where}: unknown field(s) {unknown}")
         try:
@@ -158,7 +170,8 @@ class HeadPlan:
             return cls(sparsity=Sparsity(d.get("sparsity", "dense")), order=TokenOrder(d.get("order", "fhw")),
                        quant=Quant(d.get("quant", "none")), block_m=block[0], block_n=block[1],
                        pattern=pattern_from_dict(d["pattern"]) if "pattern" in d else None,
-                       dynamic=DynamicSpec.from_dict(d["dynamic"]) if "dynamic" in d else None, mask=mask)
+                       dynamic=DynamicSpec.from_dict(d["dynamic"]) if "dynamic" in d else None, mask=mask,
+                       remainder=d.get("remainder", "drop"))
         except (ValueError, TypeError, KeyError) as e:
             raise PlanError(f"{where}: {e}") from None
 
@@ -555,5 +568,6 @@ def _load_arrays(path: Path, ref: Any) -> dict[str, torch.Tensor]:
         raise PlanError(f"arrays file {str(arrays_path)!r} is corrupt: {e}") from None
 
 
-__all__ = ["SCHEMA_VERSION", "DynamicMethod", "DynamicSpec", "HeadPlan", "Plan", "Quant", "SitePlan", "Sparsity",
+__all__ = ["SCHEMA_VERSION", "DynamicMethod", "DynamicSpec", "HeadPlan", "Plan", "Quant", "Remainder", "SitePlan",
+           "Sparsity",
            "StepPlan", "TokenOrder", "is_block_size"]

@@ -38,6 +38,7 @@ from vsopt.core.ir import TokenGrid
 from vsopt.core.orders import TokenOrder, head_permutations
 from vsopt.core.patterns import diagonal_blocks, num_blocks
 from vsopt.core.plan import HeadPlan, Quant, SitePlan, Sparsity, StepPlan
+from vsopt.core.pooled import Remainder
 
 
 class SiteShape(Protocol):
@@ -61,13 +62,14 @@ class LaunchKey:
     block_m: int
     block_n: int
     dynamic: DynamicSpec | None
+    remainder: Remainder = Remainder.DROP  # pooled: the launch adds the pooled remainder (core.pooled)
 
 
 def launch_groups(heads: Sequence[HeadPlan]) -> dict[LaunchKey, list[int]]:
     """Head indices per launch, launches in order of their first head."""
     groups: dict[LaunchKey, list[int]] = {}
     for h, hp in enumerate(heads):
-        groups.setdefault(LaunchKey(hp.quant, hp.block_m, hp.block_n, hp.dynamic), []).append(h)
+        groups.setdefault(LaunchKey(hp.quant, hp.block_m, hp.block_n, hp.dynamic, hp.remainder), []).append(h)
     return groups
 
 
@@ -199,6 +201,11 @@ def site_output(site: SiteShape, heads: Sequence[HeadPlan], q: torch.Tensor, k: 
     for quant in sorted({hp.quant for hp in heads}, key=lambda m: m.value):
         group = torch.tensor([hp.quant is quant for hp in heads], device=q.device)[None, :, None, None]
         part = masked_attention(qp, kp, vp, masks & group, scale, quant, block_m, block_n)
+        pooled = torch.tensor([hp.quant is quant and hp.remainder is Remainder.POOLED for hp in heads],
+                              device=q.device)[None, :, None, None]
+        if bool(pooled.any()):  # PSA heads: the kept blocks plus the pooled remainder (core.pooled)
+            part = torch.where(pooled, pooled_masked_attention(qp, kp, vp, masks, scale, quant, block_m, block_n),
+                               part.float())
         out += part.float() * group
     return out if perm is None else torch.ops.vsopt.unpermute_tokens(out, perm)
 
@@ -209,6 +216,19 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: t
     (Bt, H, QB, KB) through vsopt's ops (the Triton kernel on a GPU, its reference on the CPU)."""
     idx, counts = torch.ops.vsopt.mask_to_table(masks.to(q.device))
     return torch.ops.vsopt.block_sparse_attention(q, k, v, idx, counts, scale, block_m, block_n, Quant(quant).value)
+
+
+def pooled_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor, scale: float,
+                            quant: Quant, block_m: int, block_n: int) -> torch.Tensor:
+    """masked_attention plus the pooled remainder of the blocks `masks` leaves out (PSA,
+    vsopt.core.pooled), run eagerly through the same ops the lowered graph emits. float32."""
+    from vsopt.core.pooled import pooled_attention
+    from vsopt.core.ring import EagerEmitter
+
+    masks = masks.to(q.device)
+    idx, counts = torch.ops.vsopt.mask_to_table(masks)
+    return pooled_attention(EagerEmitter(q.device), q, k, v, masks, idx, counts, scale, block_m, block_n,
+                            Quant(quant).value)
 
 
 def permuted_heads(heads: Sequence[HeadPlan]) -> int:
@@ -235,6 +255,11 @@ def site_work(site: SiteShape, heads: Sequence[HeadPlan], densities: Sequence[fl
         qb, kb = num_blocks(site.q_len, key.block_m), num_blocks(site.kv_len, key.block_n)
         launches.append(Launch(key.quant.value, site.head_dim, key.block_m, key.block_n, batch * qb * len(live),
                                sum(round(batch * densities[h] * qb * kb) for h in live)))
+        if key.remainder is Remainder.POOLED:
+            # priced as a launch of the same work: per query block, KB pooled keys are block_m x KB
+            # scores, the work of ceil(KB / block_n) full blocks (an equivalence, not a fitted term)
+            launches.append(Launch(key.quant.value, site.head_dim, key.block_m, key.block_n, batch * qb * len(live),
+                                   batch * qb * len(live) * num_blocks(kb, key.block_n)))
     # a mask reused for reuse_steps more steps is scored once per reuse_steps + 1 steps (the mean)
     scored = sum(batch * num_blocks(site.q_len, hp.block_m) * num_blocks(site.kv_len, hp.block_n)
                  / (hp.dynamic.reuse_steps + 1) for hp in heads if hp.sparsity is Sparsity.DYNAMIC)

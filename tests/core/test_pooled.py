@@ -126,3 +126,38 @@ def test_remainder_in_the_schema(tmp_path):
     assert "\n" not in str(e.value)
     doc["sites"]["s"]["heads"] = [head.to_json(None)]
     assert Plan.from_json(json.loads(json.dumps(doc)), {})["s"].heads[0] == head
+
+
+def test_calibration_offers_pooled_candidates_measured_as_they_run():
+    from vsopt.calibration import CalibrationOptions
+    from vsopt.calibration.capture import SiteCall
+    from vsopt.calibration.choices import head_options, head_plan
+    from vsopt.calibration.measure import SiteState, build_candidates, exact_attention, measure_errors, measure_mass
+    from vsopt.core.orders import TokenOrder
+
+    from tests.core.test_calibrate_search import COST, local_qk, make_site
+
+    grid = TokenGrid(2, 4, 8)
+    q, k = local_qk(grid, [TokenOrder.FHW, TokenOrder.HWF], width=6.0, seed=4)
+    v = torch.randn(q.shape, generator=torch.Generator().manual_seed(5))
+    site = make_site(grid, 2)
+    call = SiteCall(site.site_id, q, k, v, None, 1.0, False, None)
+    opt = CalibrationOptions(block_m=16, block_n=16, mass_shares=(0.5, 0.9), patterns=False, dynamic_values=(),
+                             dynamic_top_k=(0.25,), pooled_remainder=True, quants=(Quant.NONE,))
+    state = SiteState(site, opt, tuple(TokenOrder))
+    measure_mass(state, call)
+    build_candidates(state)
+    measure_errors(state, call)
+    labels = [c.label for c in state.candidates]
+    ref = exact_attention(call)
+    for base in ("mask@0.5", "topk@0.25"):
+        c0, c1 = labels.index(base), labels.index(base + "+pooled")
+        heads = [head_plan(state, h, c1, Quant.NONE) for h in range(2)]
+        assert all(hp.remainder is Remainder.POOLED for hp in heads)
+        out = semantics.site_output(site, heads, q, k, v, 1.0)
+        want = (out.double() - ref.double()).pow(2).sum((0, 2, 3))
+        torch.testing.assert_close(state.err2[:, c1], want, rtol=1e-6, atol=1e-9)
+        assert (state.err2[:, c1] < state.err2[:, c0]).all()  # the pooled remainder recovers lost mass
+        torch.testing.assert_close(state.density[:, c1], state.density[:, c0])  # the same kept blocks
+        opts = {o.candidate: o for o in head_options(state, COST, (Quant.NONE,))[0]}
+        assert opts[c1].time_us > opts[c0].time_us  # and costs more

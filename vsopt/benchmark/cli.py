@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "empty: none")
     p.add_argument("--vsopt-refresh", default=",".join(map(str, d.vsopt_refresh)),
                    help="vsopt: refresh intervals (>= 2) of reused dynamic masks the calibration may choose")
+    p.add_argument("--no-vsopt-pooled", action="store_true",
+                   help="vsopt: no pooled-remainder (PSA) candidates in the calibration")
     p.add_argument("--no-sensitivity", action="store_true",
                    help="vsopt: weigh every site's and step's error alike (no measured output sensitivity)")
 
@@ -92,7 +94,8 @@ def _check_args(args: argparse.Namespace):
                                  vsopt_match="match" in speed, warmup_steps=args.warmup_steps,
                                  mask_refresh=args.mask_refresh,
                                  vsopt_warmup=items("--vsopt-warmup", args.vsopt_warmup, int),
-                                 vsopt_refresh=items("--vsopt-refresh", args.vsopt_refresh, int))
+                                 vsopt_refresh=items("--vsopt-refresh", args.vsopt_refresh, int),
+                                 vsopt_pooled=not args.no_vsopt_pooled)
     except ConfigError as e:
         option = {"densities": "--densities", "vsopt_speedups": "--vsopt-speedups", "warmup_steps": "--warmup-steps",
                   "mask_refresh": "--mask-refresh"}

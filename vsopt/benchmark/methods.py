@@ -61,6 +61,11 @@ def method_plan(method: Method, sites: Sequence[AttentionSite], density: float, 
         head = HeadPlan(Sparsity.DYNAMIC, quant=quant, block_m=b, block_n=b,
                         dynamic=DynamicSpec(DynamicMethod.TOP_K, density, reuse_steps=r - 1))
         return Plan.uniform(video, head), [f"top-k {density:.2f}, masks computed every {r} steps and reused between"]
+    if method is Method.PSA:
+        head = HeadPlan(Sparsity.DYNAMIC, quant=quant, block_m=b, block_n=b, remainder="pooled",
+                        dynamic=DynamicSpec(DynamicMethod.TOP_K, density))
+        return Plan.uniform(video, head), [f"top-k {density:.2f} of key blocks per row, the rest attended "
+                                           "mean-pooled (separate ATen ops, not in the kernel)"]
     if method in (Method.WINDOW, Method.RADIAL):
         grids = {s.grid for s in video}
         if len(grids) != 1:

@@ -164,7 +164,7 @@ class PlanScorer:
                                      error_weights=self._error_weights if s.sensitivity else None,
                                      dense_warmup=tuple(k for k in s.vsopt_warmup if k < s.calibration_steps)
                                      if s.step_plans else (),
-                                     mask_refresh=s.vsopt_refresh if s.step_plans else ())
+                                     mask_refresh=s.vsopt_refresh, pooled_remainder=s.vsopt_pooled)
         return calls, options
 
     def sensitivity_weights(self, calls) -> dict[str, dict[int, float]]:

@@ -18,6 +18,7 @@ class Method(str, enum.Enum):
     SAGE = "sage"
     WARMUP = "warmup"  # top-k after `warmup_steps` dense steps, at the same mean density (Sparse VideoGen)
     REUSE = "reuse"  # top-k masks computed every `mask_refresh` steps and reused between (AdaSpa)
+    PSA = "psa"  # top-k with the dropped key blocks attended mean-pooled (Pyramid Sparse Attention)
 
 
 # vsopt's dynamic candidates in the bench: cumulative-mass shares and top-k fractions spanning the
@@ -44,10 +45,11 @@ class BenchSettings:
     density points are then not run. warmup_steps / mask_refresh: the first steps the "warmup"
     method runs dense, the refresh interval of the "reuse" method. vsopt_warmup / vsopt_refresh:
     the dense warm-ups and mask refresh intervals vsopt's calibration may choose
-    (CalibrationOptions.dense_warmup / mask_refresh; with step_plans only)."""
+    (CalibrationOptions.dense_warmup, with step_plans only / mask_refresh). vsopt_pooled: vsopt's
+    calibration may also give heads a pooled remainder (CalibrationOptions.pooled_remainder)."""
 
     methods: tuple[Method, ...] = (Method.VSOPT, Method.TOPK, Method.WINDOW, Method.RADIAL, Method.SAGE, Method.WARMUP,
-                                   Method.REUSE)
+                                   Method.REUSE, Method.PSA)
     densities: tuple[float, ...] = (0.2, 0.3, 0.5)
     quant: Quant = Quant.NONE
     block: int = 64
@@ -67,6 +69,7 @@ class BenchSettings:
     mask_refresh: int = 2
     vsopt_warmup: tuple[int, ...] = (1,)
     vsopt_refresh: tuple[int, ...] = ()
+    vsopt_pooled: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "methods", tuple(Method(m) for m in self.methods))

@@ -28,6 +28,7 @@ from vsopt.core.ir import AttentionSite
 from vsopt.core.orders import TokenOrder
 from vsopt.core.patterns import Pattern, Union, block_mask, calibrated_block_mask, num_blocks
 from vsopt.core.plan import HeadPlan, Quant, Sparsity
+from vsopt.core.pooled import Remainder
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Candidate:
     pattern: Pattern | None = None
     dynamic: DynamicSpec | None = None
     model_order: bool = False  # masks in the model's own order (FHW) for every head: no permutation
+    remainder: Remainder = Remainder.DROP  # pooled: the dropped blocks attended mean-pooled (PSA)
 
 
 @dataclass
@@ -134,6 +136,9 @@ def build_candidates(state: SiteState) -> None:
                                 dynamic=dataclasses.replace(c.dynamic, reuse_steps=r - 1)) for c in fresh]
     if opt.model_order_candidates and any(o is not TokenOrder.FHW for o in state.head_orders):
         cands += _model_order_candidates(state, cands)
+    if opt.pooled_remainder:  # every sparse candidate again, its dropped blocks pooled (PSA)
+        cands += [dataclasses.replace(c, label=c.label + "+pooled", remainder=Remainder.POOLED) for c in cands
+                  if c.sparsity in (Sparsity.MASK, Sparsity.PATTERN, Sparsity.DYNAMIC)]
     if opt.skip:
         cands.append(Candidate("skip", Sparsity.SKIP, torch.zeros(site.heads, qb, kb, dtype=torch.bool)))
     state.candidates = cands
@@ -217,7 +222,8 @@ def measure_errors(state: SiteState, call: SiteCall, step: int | None = None) ->
             masks = semantics.dynamic_masks(qc, kc, cand.dynamic, call.scale, *blocks)
         else:
             masks = cand.masks[None]
-        out = _unpermuted(semantics.masked_attention(qc, kc, vc, masks, call.scale, Quant.NONE, *blocks), p)
+        attend = semantics.pooled_masked_attention if cand.remainder is Remainder.POOLED else semantics.masked_attention
+        out = _unpermuted(attend(qc, kc, vc, masks, call.scale, Quant.NONE, *blocks), p)
         state.err2[:, c] += _head_err2(out, ref)
         state.density[:, c] += masks.float().mean((-1, -2)).expand(call.q.shape[0], -1).sum(0).double().cpu()
     dense = state.candidates[0].masks[None]

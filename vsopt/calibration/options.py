@@ -150,6 +150,10 @@ class CalibrationOptions:
       and reused in between, counted from the first step of each step range (each range is its
       own lowered graph). Offered only where pass 2's inputs hold a step reusing a mask and the
       refresh step it reuses: consecutive steps of one sampler run (vsopt.calibration.reuse).
+    pooled_remainder: also offer every mask, pattern and dynamic candidate with its dropped key
+      blocks attended mean-pooled (PSA, vsopt.core.pooled; HeadPlan.remainder "pooled"): its error
+      measured as it runs, its extra work priced by semantics.site_work (pass 2 then measures up
+      to twice as many candidates). Off by default.
     model_order_candidates: also offer every sparse candidate in the model's own token order
       (no permutation) to heads that were given another order, so that a time-budgeted search can
       drop a permutation that costs more than it saves (pass 2 then measures up to twice as many
@@ -176,6 +180,7 @@ class CalibrationOptions:
     model_order_candidates: bool = False
     dense_warmup: tuple[int, ...] = ()
     mask_refresh: tuple[int, ...] = ()
+    pooled_remainder: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "orders", tuple(TokenOrder(o) for o in self.orders))

@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from vsopt.kernels.block_mask.reference import block_sizes  # tokens per block, the last one ragged
+
 aten = torch.ops.aten
 NEG_INF = float("-inf")
 
@@ -49,16 +51,9 @@ def _shape(x) -> tuple[int, ...]:
     return tuple(val.shape)
 
 
-def block_sizes(n: int, block_n: int) -> torch.Tensor:
-    """Tokens per key block (KB,) float32: block_n, the last one ragged."""
-    kb = -(-n // block_n)
-    sizes = torch.full((kb,), float(block_n))
-    sizes[-1] = n - (kb - 1) * block_n
-    return sizes
-
-
 def pooled_blocks(em, x, block_n: int, sizes) -> Any:
-    """Mean of x (B, H, N, D) over each key block: float32 (B, H, KB, D). `sizes`: block_sizes as
+    """Mean of x (B, H, N, D) over each key block: float32 (B, H, KB, D), as emitted ops (the
+    kernels' block_mask.reference.pool_blocks computes the same eagerly). `sizes`: block_sizes as
     an emitted constant (KB, 1)."""
     B, H, N, D = _shape(x)
     kb = -(-N // block_n)

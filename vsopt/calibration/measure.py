@@ -143,6 +143,7 @@ def build_candidates(state: SiteState) -> None:
         cands.append(Candidate("skip", Sparsity.SKIP, torch.zeros(site.heads, qb, kb, dtype=torch.bool)))
     state.candidates = cands
     state.plans = {}
+    state.reused = None  # pass 2 (re)starts: no kept masks
     H, C = site.heads, len(cands)
     state.err2 = torch.zeros(H, C, dtype=torch.float64)
     state.density = torch.zeros(H, C, dtype=torch.float64)

@@ -66,6 +66,7 @@ from vsopt.core.ops import attention_arguments
 from vsopt.core.orders import TokenOrder
 from vsopt.core.plan import HeadPlan, Plan, SitePlan
 from vsopt.core.joint import joint_attention
+from vsopt.core.pooled import Remainder, pooled_attention
 from vsopt.core.semantics import LaunchKey, joint_plan, launch_groups, permutations, static_mask, text_blocks, video_range
 
 from .graph_edit import constant, emit, with_layout_of
@@ -255,9 +256,40 @@ class _Lowering:
             kv_counts = self.emit(operator.getitem, (table, 1))
             meta["vsopt_plan"] = {"quant": key.quant.value, "block": (key.block_m, key.block_n),
                                   "dynamic": spec.to_dict()}
+        if key.remainder is Remainder.POOLED:
+            return self.pooled(key, q, k, v, masks if key.dynamic is None else mask, kv_indices, kv_counts, meta)
         return self.emit(vsopt.block_sparse_attention.default,
                          (q, k, v, kv_indices, kv_counts, float(self.scale), key.block_m, key.block_n,
                           key.quant.value), **meta)
+
+    def pooled(self, key: LaunchKey, q, k, v, masks, kv_indices, kv_counts, meta) -> torch.fx.Node:
+        """The kept blocks by block_sparse_attention_lse plus the pooled remainder, merged
+        (vsopt.core.pooled: the ops semantics runs), back in q's dtype."""
+        em = _LoweringEmitter(self)
+        if isinstance(masks, torch.Tensor):
+            masks = self.constant("pool_masks", masks[None])
+        meta["vsopt_plan"]["remainder"] = key.remainder.value
+        out = pooled_attention(em, q, k, v, masks, kv_indices, kv_counts, float(self.scale), key.block_m,
+                               key.block_n, key.quant.value)
+        out = em.op(aten._to_copy.default, out, dtype=q.meta["val"].dtype)
+        out.meta.update(meta)
+        return out
+
+
+class _LoweringEmitter:
+    """ring.Emitter over a _Lowering: ops become nodes before the site, constants its buffers."""
+
+    def __init__(self, low: _Lowering):
+        self.low = low
+
+    def op(self, target, *args, **kwargs):
+        n = emit(self.low.gm.graph, target, tuple(args), kwargs, pass_name=NAME, replaces=(self.low.node.name,),
+                 meta_from=self.low.node)
+        n.meta["vsopt_site"] = self.low.site.site_id
+        return n
+
+    def const(self, label: str, value: torch.Tensor):
+        return self.low.constant(label, value)
 
 
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:

@@ -19,6 +19,12 @@ of them run through the same rewrite, the same kernels and the same inputs:
            distance), parameters chosen for the closest block density
   sage     dense attention with INT8 Q K^T, per-block scales and K smoothing (SageAttention's
            scheme), density 1
+  warmup   the first warmup_steps denoising steps dense (Sparse VideoGen, Radial Attention), the
+           rest block top-k at the lower density that gives the target mean density over steps
+  reuse    block top-k whose masks are computed every mask_refresh steps and reused in between
+           (AdaSpa): the scoring of pooled q/k is paid once per refresh
+  psa      block top-k, the key blocks a query block drops attended mean-pooled in the same
+           softmax (PSA's pooled remainder, one level; separate ATen ops beside the kernel)
 
 For each (method, density) it records: per site, cosine and relative L2 of the attention output
 against exact attention on the same q/k/v (isolated: only that site changed), measured at one

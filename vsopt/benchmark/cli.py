@@ -27,6 +27,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "dense, fixed costs of dynamic masks and permutations included) at these speedups instead "
                         "of at --densities; comma-separated numbers, 'match' = at each baseline point's predicted "
                         "speedup (e.g. 1.1,1.3,match)")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                   help="method warmup: the first steps run dense (the rest sparser, same mean density)")
+    p.add_argument("--mask-refresh", type=int, default=d.mask_refresh,
+                   help="method reuse: top-k masks computed every this many steps and reused in between")
+    p.add_argument("--vsopt-warmup", default=",".join(map(str, d.vsopt_warmup)),
+                   help="vsopt: dense warm-ups (first steps dense) the calibration may choose, comma-separated; "
+                        "empty: none")
+    p.add_argument("--vsopt-refresh", default=",".join(map(str, d.vsopt_refresh)),
+                   help="vsopt: refresh intervals (>= 2) of reused dynamic masks the calibration may choose")
+    p.add_argument("--no-vsopt-pooled", action="store_true",
+                   help="vsopt: no pooled-remainder (PSA) candidates in the calibration")
     p.add_argument("--no-sensitivity", action="store_true",
                    help="vsopt: weigh every site's and step's error alike (no measured output sensitivity)")
 
@@ -80,9 +91,14 @@ def _check_args(args: argparse.Namespace):
         settings = BenchSettings(methods=methods, densities=densities, quant=Quant(args.quant), block=block,
                                  steps=args.steps, clips=args.clips, clip=clip, step_plans=not args.no_step_plans,
                                  sensitivity=not args.no_sensitivity, vsopt_speedups=vsopt_speedups,
-                                 vsopt_match="match" in speed)
+                                 vsopt_match="match" in speed, warmup_steps=args.warmup_steps,
+                                 mask_refresh=args.mask_refresh,
+                                 vsopt_warmup=items("--vsopt-warmup", args.vsopt_warmup, int),
+                                 vsopt_refresh=items("--vsopt-refresh", args.vsopt_refresh, int),
+                                 vsopt_pooled=not args.no_vsopt_pooled)
     except ConfigError as e:
-        option = {"densities": "--densities", "vsopt_speedups": "--vsopt-speedups"}
+        option = {"densities": "--densities", "vsopt_speedups": "--vsopt-speedups", "warmup_steps": "--warmup-steps",
+                  "mask_refresh": "--mask-refresh"}
         name = next((o for key, o in option.items() if str(e).startswith(key)), "bench options")
         raise ConfigError(f"bad {name}: {e}") from None
     try:

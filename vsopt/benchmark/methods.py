@@ -44,6 +44,28 @@ def method_plan(method: Method, sites: Sequence[AttentionSite], density: float, 
         head = HeadPlan(Sparsity.DYNAMIC, quant=quant, block_m=b, block_n=b,
                         dynamic=DynamicSpec(DynamicMethod.TOP_K, density))
         return Plan.uniform(video, head), [f"top-k {density:.2f} of key blocks per row"]
+    if method is Method.WARMUP:
+        k, steps = settings.warmup_steps, settings.steps
+        # the steps after the warm-up sparser, so that the mean density over the steps is `density`
+        rest = (density * steps - k) / (steps - k)
+        if rest <= 0:
+            raise ConfigError(f"warmup: {k} dense step(s) of {steps} alone exceed density {density}; lower "
+                              f"warmup_steps")
+        rest = min(1.0, rest)
+        head = HeadPlan(Sparsity.DYNAMIC, quant=quant, block_m=b, block_n=b,
+                        dynamic=DynamicSpec(DynamicMethod.TOP_K, rest))
+        return Plan.uniform(video, head).with_dense_warmup(k), [
+            f"first {k} of {steps} steps dense, then top-k {rest:.3f} of key blocks per row"]
+    if method is Method.REUSE:
+        r = settings.mask_refresh
+        head = HeadPlan(Sparsity.DYNAMIC, quant=quant, block_m=b, block_n=b,
+                        dynamic=DynamicSpec(DynamicMethod.TOP_K, density, reuse_steps=r - 1))
+        return Plan.uniform(video, head), [f"top-k {density:.2f}, masks computed every {r} steps and reused between"]
+    if method is Method.PSA:
+        head = HeadPlan(Sparsity.DYNAMIC, quant=quant, block_m=b, block_n=b, remainder="pooled",
+                        dynamic=DynamicSpec(DynamicMethod.TOP_K, density))
+        return Plan.uniform(video, head), [f"top-k {density:.2f} of key blocks per row, the rest attended "
+                                           "mean-pooled (separate ATen ops, not in the kernel)"]
     if method in (Method.WINDOW, Method.RADIAL):
         grids = {s.grid for s in video}
         if len(grids) != 1:

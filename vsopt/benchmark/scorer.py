@@ -161,7 +161,10 @@ class PlanScorer:
         options = CalibrationOptions(block_m=s.block, block_n=s.block, quants=tuple({Quant.NONE, s.quant}),
                                      order_density=order_density, step_ranges=ranges, dynamic_values=DYNAMIC_MASS,
                                      dynamic_top_k=DYNAMIC_TOP_K,
-                                     error_weights=self._error_weights if s.sensitivity else None)
+                                     error_weights=self._error_weights if s.sensitivity else None,
+                                     dense_warmup=tuple(k for k in s.vsopt_warmup if k < s.calibration_steps)
+                                     if s.step_plans else (),
+                                     mask_refresh=s.vsopt_refresh, pooled_remainder=s.vsopt_pooled)
         return calls, options
 
     def sensitivity_weights(self, calls) -> dict[str, dict[int, float]]:

@@ -16,6 +16,9 @@ class Method(str, enum.Enum):
     WINDOW = "window"
     RADIAL = "radial"
     SAGE = "sage"
+    WARMUP = "warmup"  # top-k after `warmup_steps` dense steps, at the same mean density (Sparse VideoGen)
+    REUSE = "reuse"  # top-k masks computed every `mask_refresh` steps and reused between (AdaSpa)
+    PSA = "psa"  # top-k with the dropped key blocks attended mean-pooled (Pyramid Sparse Attention)
 
 
 # vsopt's dynamic candidates in the bench: cumulative-mass shares and top-k fractions spanning the
@@ -39,9 +42,14 @@ class BenchSettings:
     calibrated under a time budget instead (calibrate.SpeedupBudget: the cost model's predicted
     attention time, fixed per-site costs included) at these predicted speedups of the whole
     model's attention, and with vsopt_match also at each baseline point's predicted speedup; its
-    density points are then not run."""
+    density points are then not run. warmup_steps / mask_refresh: the first steps the "warmup"
+    method runs dense, the refresh interval of the "reuse" method. vsopt_warmup / vsopt_refresh:
+    the dense warm-ups and mask refresh intervals vsopt's calibration may choose
+    (CalibrationOptions.dense_warmup, with step_plans only / mask_refresh). vsopt_pooled: vsopt's
+    calibration may also give heads a pooled remainder (CalibrationOptions.pooled_remainder)."""
 
-    methods: tuple[Method, ...] = (Method.VSOPT, Method.TOPK, Method.WINDOW, Method.RADIAL, Method.SAGE)
+    methods: tuple[Method, ...] = (Method.VSOPT, Method.TOPK, Method.WINDOW, Method.RADIAL, Method.SAGE, Method.WARMUP,
+                                   Method.REUSE, Method.PSA)
     densities: tuple[float, ...] = (0.2, 0.3, 0.5)
     quant: Quant = Quant.NONE
     block: int = 64
@@ -57,6 +65,11 @@ class BenchSettings:
     sensitivity: bool = True
     vsopt_speedups: tuple[float, ...] = ()
     vsopt_match: bool = False
+    warmup_steps: int = 1
+    mask_refresh: int = 2
+    vsopt_warmup: tuple[int, ...] = (1,)
+    vsopt_refresh: tuple[int, ...] = ()
+    vsopt_pooled: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "methods", tuple(Method(m) for m in self.methods))
@@ -64,8 +77,14 @@ class BenchSettings:
         if not all(0.0 < d <= 1.0 for d in self.densities):
             raise ConfigError(f"densities must lie in (0, 1], got {self.densities}")
         object.__setattr__(self, "vsopt_speedups", tuple(float(x) for x in self.vsopt_speedups))
+        object.__setattr__(self, "vsopt_warmup", tuple(self.vsopt_warmup))
+        object.__setattr__(self, "vsopt_refresh", tuple(self.vsopt_refresh))
         if not all(x > 0 and math.isfinite(x) for x in self.vsopt_speedups):
             raise ConfigError(f"vsopt_speedups must be finite and > 0, got {self.vsopt_speedups}")
+        if not (isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps < self.steps):
+            raise ConfigError(f"warmup_steps must be an integer in [0, steps), got {self.warmup_steps!r}")
+        if not (isinstance(self.mask_refresh, int) and self.mask_refresh >= 1):
+            raise ConfigError(f"mask_refresh must be an integer >= 1, got {self.mask_refresh!r}")
         if self.steps < 1 or self.clips < 1:
             raise ConfigError(f"steps and clips must be >= 1, got {self.steps}, {self.clips}")
 

@@ -23,10 +23,12 @@ from vsopt.calibration.options import CalibrationOptions, default_patterns
 from vsopt.calibration.order_choice import choose_orders, order_block_mass
 from vsopt.core import semantics
 from vsopt.core.dynamic import DynamicMethod, DynamicSpec
+from vsopt.core.errors import ConfigError
 from vsopt.core.ir import AttentionSite
 from vsopt.core.orders import TokenOrder
 from vsopt.core.patterns import Pattern, Union, block_mask, calibrated_block_mask, num_blocks
 from vsopt.core.plan import HeadPlan, Quant, Sparsity
+from vsopt.core.pooled import Remainder
 
 
 @dataclass
@@ -40,6 +42,7 @@ class Candidate:
     pattern: Pattern | None = None
     dynamic: DynamicSpec | None = None
     model_order: bool = False  # masks in the model's own order (FHW) for every head: no permutation
+    remainder: Remainder = Remainder.DROP  # pooled: the dropped blocks attended mean-pooled (PSA)
 
 
 @dataclass
@@ -60,6 +63,11 @@ class SiteState:
     error_calls: int = 0
     # (head, candidate, quant) -> HeadPlan, filled by choices.head_plan, emptied with the candidates
     plans: dict = field(default_factory=dict, repr=False)
+    # mask reuse (calibration.reuse): the refresh intervals offered here, the range's first step,
+    # and the reusing candidates' kept masks during pass 2
+    refresh: tuple[int, ...] = ()
+    range_start: int = 0
+    reused: object = field(default=None, repr=False)
 
     @property
     def blocks(self) -> tuple[int, int]:
@@ -122,12 +130,20 @@ def build_candidates(state: SiteState) -> None:
         for value in opt.dynamic_top_k:
             spec = DynamicSpec(DynamicMethod.TOP_K, value)
             cands.append(Candidate(f"topk@{value:g}", Sparsity.DYNAMIC, dynamic=spec))
+        fresh = [c for c in cands if c.sparsity is Sparsity.DYNAMIC]
+        for r in state.refresh:  # the same masks, computed every r steps and reused between (AdaSpa)
+            cands += [Candidate(f"{c.label}/every{r}", Sparsity.DYNAMIC,
+                                dynamic=dataclasses.replace(c.dynamic, reuse_steps=r - 1)) for c in fresh]
     if opt.model_order_candidates and any(o is not TokenOrder.FHW for o in state.head_orders):
         cands += _model_order_candidates(state, cands)
+    if opt.pooled_remainder:  # every sparse candidate again, its dropped blocks pooled (PSA)
+        cands += [dataclasses.replace(c, label=c.label + "+pooled", remainder=Remainder.POOLED) for c in cands
+                  if c.sparsity in (Sparsity.MASK, Sparsity.PATTERN, Sparsity.DYNAMIC)]
     if opt.skip:
         cands.append(Candidate("skip", Sparsity.SKIP, torch.zeros(site.heads, qb, kb, dtype=torch.bool)))
     state.candidates = cands
     state.plans = {}
+    state.reused = None  # pass 2 (re)starts: no kept masks
     H, C = site.heads, len(cands)
     state.err2 = torch.zeros(H, C, dtype=torch.float64)
     state.density = torch.zeros(H, C, dtype=torch.float64)
@@ -187,11 +203,20 @@ def _unpermuted(out: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
     return out if perm is None else torch.ops.vsopt.unpermute_tokens(out, perm)
 
 
-def measure_errors(state: SiteState, call: SiteCall) -> None:
+def measure_errors(state: SiteState, call: SiteCall, step: int | None = None) -> None:
     """Pass 2: squared error of every candidate (quant none) and every quant mode (dense). The
     q/k/v are permuted once into the heads' orders; each candidate then runs on them (or, for a
-    model-order candidate, on the unpermuted ones) with its masks."""
+    model-order candidate, on the unpermuted ones) with its masks. step: the call's denoising
+    step, which a candidate reusing masks (calibration.reuse) needs."""
+    from vsopt.calibration.reuse import ReusedMasks
+
     ref = exact_attention(call)
+    if state.refresh:
+        if step is None:
+            raise ConfigError("calibration candidates that reuse masks need each input's denoising step")
+        if state.reused is None:
+            state.reused = ReusedMasks(state.range_start)
+        state.reused.begin(step)
     opt = state.opt
     blocks = (opt.block_m, opt.block_n)
     perm, qp, kp, vp = semantics.permuted_qkv(state.site.grid, state.ordered_heads(), call.q, call.k, call.v)
@@ -199,11 +224,15 @@ def measure_errors(state: SiteState, call: SiteCall) -> None:
     model_order = (None, call.q, semantics.kv_to_heads(call.k, H), semantics.kv_to_heads(call.v, H))
     for c, cand in enumerate(state.candidates):
         p, qc, kc, vc = model_order if cand.model_order else (perm, qp, kp, vp)
-        if cand.sparsity is Sparsity.DYNAMIC:
+        if cand.sparsity is Sparsity.DYNAMIC and cand.dynamic.reuse_steps:
+            masks = state.reused.masks(c, cand.label, cand.dynamic, step, lambda: semantics.dynamic_masks(
+                qc, kc, cand.dynamic, call.scale, *blocks, grid=state.site.grid))
+        elif cand.sparsity is Sparsity.DYNAMIC:
             masks = semantics.dynamic_masks(qc, kc, cand.dynamic, call.scale, *blocks, grid=state.site.grid)
         else:
             masks = cand.masks[None]
-        out = _unpermuted(semantics.masked_attention(qc, kc, vc, masks, call.scale, Quant.NONE, *blocks), p)
+        attend = semantics.pooled_masked_attention if cand.remainder is Remainder.POOLED else semantics.masked_attention
+        out = _unpermuted(attend(qc, kc, vc, masks, call.scale, Quant.NONE, *blocks), p)
         state.err2[:, c] += _head_err2(out, ref)
         state.density[:, c] += masks.float().mean((-1, -2)).expand(call.q.shape[0], -1).sum(0).double().cpu()
     dense = state.candidates[0].masks[None]

@@ -69,6 +69,44 @@ def check_step_ranges(ranges, name: str) -> tuple[tuple[int, int | None], ...]:
     return out
 
 
+def _positive_ints(values, name: str) -> tuple[int, ...]:
+    try:
+        out = tuple(sorted(set(values)))
+    except TypeError:
+        raise ConfigError(f"{name}: expected a list of integers, got {values!r}") from None
+    bad = [v for v in out if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+    if bad:
+        raise ConfigError(f"{name}: {bad[0]!r} is not an integer >= 1")
+    return out
+
+
+def check_warmup(values, ranges) -> tuple[int, ...]:
+    """Dense warm-up candidates: integers k >= 1, each the end of step ranges that cover steps
+    0 .. k - 1 without a gap (the warm-up runs whole ranges dense); else a ConfigError."""
+    ks = _positive_ints(values, "CalibrationOptions.dense_warmup")
+    if ks and ranges is None:
+        raise ConfigError("CalibrationOptions.dense_warmup needs step_ranges (the warm-up is whole step ranges)")
+    for k in ks:
+        at = 0
+        for a, b in sorted(ranges):
+            if a != at or b is None or at >= k:
+                break
+            at = b
+        if at != k:
+            raise ConfigError(f"CalibrationOptions.dense_warmup {k}: the step ranges {list(ranges)} do not cover "
+                              f"steps 0..{k - 1} exactly (need ranges from 0 without a gap, one ending at {k})")
+    return ks
+
+
+def check_refresh(values, ranges) -> tuple[int, ...]:
+    """Mask refresh intervals r >= 2 (r = 1 is recomputing every step, the plain candidate)."""
+    rs = _positive_ints(values, "CalibrationOptions.mask_refresh")
+    if rs and rs[0] < 2:
+        raise ConfigError("CalibrationOptions.mask_refresh: 1 is recomputing at every step (the plain dynamic "
+                          "candidate); give intervals >= 2")
+    return rs
+
+
 @dataclass(frozen=True)
 class CalibrationOptions:
     """What the search may choose from, and how it measures.
@@ -102,6 +140,20 @@ class CalibrationOptions:
       squared error at that step costs in the final output (vsopt.calibration.sensitivity.
       euler_sensitivity); a DensityBudget or SpeedupBudget then minimizes the weighted sum (a step
       range takes the mean weight of its calibration steps). None: every site and step weighs 1.
+    dense_warmup: numbers k of first denoising steps the search may run dense (Sparse VideoGen,
+      Radial Attention); 0 (no warm-up) is always tried too. Each k must end a run of step_ranges
+      starting at step 0; under a DensityBudget or SpeedupBudget the warm-up's blocks or time are
+      taken out of the budget and the k with the least (weighted) error wins
+      (vsopt.calibration.warmup). Under other budgets warm-up buys no site error: k = 0.
+    mask_refresh: refresh intervals r > 0 of reused dynamic masks (AdaSpa): every dynamic
+      candidate is also offered with reuse_steps = r - 1, its mask computed at steps 0, r, 2r, ...
+      and reused in between, counted from the first step of each step range (each range is its
+      own lowered graph). Offered only where pass 2's inputs hold a step reusing a mask and the
+      refresh step it reuses: consecutive steps of one sampler run (vsopt.calibration.reuse).
+    pooled_remainder: also offer every mask, pattern and dynamic candidate with its dropped key
+      blocks attended mean-pooled (PSA, vsopt.core.pooled; HeadPlan.remainder "pooled"): its error
+      measured as it runs, its extra work priced by semantics.site_work (pass 2 then measures up
+      to twice as many candidates). Off by default.
     model_order_candidates: also offer every sparse candidate in the model's own token order
       (no permutation) to heads that were given another order, so that a time-budgeted search can
       drop a permutation that costs more than it saves (pass 2 then measures up to twice as many
@@ -126,6 +178,9 @@ class CalibrationOptions:
     cost_model: CostModel | None = None
     error_weights: dict[str, dict[int, float]] | None = None
     model_order_candidates: bool = False
+    dense_warmup: tuple[int, ...] = ()
+    mask_refresh: tuple[int, ...] = ()
+    pooled_remainder: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "orders", tuple(TokenOrder(o) for o in self.orders))
@@ -145,6 +200,8 @@ class CalibrationOptions:
         if self.step_ranges is not None:
             object.__setattr__(self, "step_ranges", check_step_ranges(self.step_ranges,
                                                                       "CalibrationOptions.step_ranges"))
+        object.__setattr__(self, "dense_warmup", check_warmup(self.dense_warmup, self.step_ranges))
+        object.__setattr__(self, "mask_refresh", check_refresh(self.mask_refresh, self.step_ranges))
 
     def fingerprint(self) -> dict:
         """The options as JSON (the cost model left out): recorded in the plan, and part of the

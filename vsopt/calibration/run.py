@@ -41,7 +41,9 @@ from vsopt.calibration.measure import SiteState, build_candidates, calibratable,
     measure_mass
 from vsopt.calibration.options import CalibrationOptions
 from vsopt.calibration.result import CalibrationResult, SiteResult, assemble
+from vsopt.calibration.reuse import measurable_intervals
 from vsopt.calibration.search import decide
+from vsopt.calibration.warmup import decide_with_warmup
 from vsopt.core.config import VsoptConfig
 from vsopt.core.costmodel import CostModel
 from vsopt.core.errors import ConfigError, VsoptError
@@ -111,6 +113,17 @@ def calibrate_many(model: torch.nn.Module, calibration_inputs: Sequence[Any], bu
             raise ConfigError(f"no calibration input falls in the step ranges {ranges}")
         states = {(s.site_id, r): SiteState(s, options, options.orders if s.grid is not None else (TokenOrder.FHW,))
                   for s in sites for r in used}
+        # pass 2 runs on the first `error_inputs` inputs of each step range
+        take, seen = [], {}
+        for i, r in enumerate(range_ids):
+            if r is not None and seen.get(r, 0) < (options.error_inputs or len(calls)):
+                take.append(i)
+                seen[r] = seen.get(r, 0) + 1
+        if options.mask_refresh:  # reused masks where pass 2 can measure them (calibration.reuse)
+            for (sid, r), st in states.items():
+                st.range_start = 0 if ranges is None else ranges[r][0]
+                st.refresh = measurable_intervals(options.mask_refresh, st.range_start,
+                                                  [calls[i].step for i in take if range_ids[i] == r])
         ckpt = Checkpoint(out, fingerprint(sites, calls, options)) if out is not None else None
         measured, errors_done = ckpt.load(states) if (ckpt and resume) else (0, 0)
 
@@ -126,18 +139,18 @@ def calibrate_many(model: torch.nn.Module, calibration_inputs: Sequence[Any], bu
                     ckpt.save(states, i + 1, 0, force=i + 1 == len(calls))
                 bar.update(1)
             bar.close()
+            if errors_done and any(st.refresh for st in states.values()):
+                # reusing candidates keep masks across pass 2's inputs, which the checkpoint does
+                # not hold: pass 2 starts over (build_candidates zeroes its sums)
+                errors_done = 0
             if not errors_done:
                 for st in states.values():
                     build_candidates(st)
-            # pass 2 on the first `error_inputs` inputs of each step range
-            take, seen = [], {}
-            for i, r in enumerate(range_ids):
-                if r is not None and seen.get(r, 0) < (options.error_inputs or len(calls)):
-                    take.append(i)
-                    seen[r] = seen.get(r, 0) + 1
             bar = tqdm(range(len(take)), desc="calibrate: candidate errors", disable=not progress, initial=errors_done)
             for j in range(errors_done, len(take)):
-                run_observing(gm, inputs[take[j]], observe(measure_errors, range_ids[take[j]]))
+                step = calls[take[j]].step
+                run_observing(gm, inputs[take[j]],
+                              observe(lambda st, call: measure_errors(st, call, step), range_ids[take[j]]))
                 if ckpt:
                     ckpt.save(states, len(calls), j + 1, force=j + 1 == len(take))
                 bar.update(1)
@@ -153,8 +166,11 @@ def calibrate_many(model: torch.nn.Module, calibration_inputs: Sequence[Any], bu
                     plan, results, quality = _quality_search(model, signature, held, states, used, options, cost,
                                                              budget, config, progress, uncalibrated)
                 else:
-                    plan, results = assemble(states, decide(states, cost, budget, weights), options, cost, budget,
-                                             uncalibrated)
+                    decisions, warmup = decide_with_warmup(states, cost, budget, weights, options.step_ranges,
+                                                           options.dense_warmup)
+                    plan, results = assemble(states, decisions, options, cost, budget, uncalibrated)
+                    if options.dense_warmup:
+                        plan.meta["calibration"]["dense_warmup"] = warmup
                     quality = None
                 _verify(gm, states, plan, results, first_of_range, options.step_ranges)
                 found.append(CalibrationResult(plan, results, left_dense, budget_text(budget), quality))

@@ -32,6 +32,7 @@ from .io import atomic_write_bytes
 from .ir import AttentionSite, TokenGrid
 from .orders import TokenOrder
 from .patterns import Pattern, block_mask, num_blocks, pattern_from_dict
+from .pooled import Remainder
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "vsopt-plan"
@@ -63,6 +64,9 @@ class HeadPlan:
       dynamic  (Sparsity.DYNAMIC) a vsopt.core.dynamic.DynamicSpec
     order: token order the head runs in (FHW = the model's own, no permutation).
     quant: precision. block_m, block_n: query / key block sizes of the kernel and of the mask.
+    remainder: what a mask, pattern or dynamic head does with the key blocks it does not keep
+      (vsopt.core.pooled.Remainder): dropped (default), or attended mean-pooled in the same
+      softmax (PSA).
     """
 
     sparsity: Sparsity = Sparsity.DENSE
@@ -73,9 +77,11 @@ class HeadPlan:
     pattern: Pattern | None = None
     mask: torch.Tensor | None = field(default=None, compare=False, repr=False)
     dynamic: DynamicSpec | None = None
+    remainder: Remainder = Remainder.DROP
 
     def __post_init__(self):
-        for name, enum_type in (("sparsity", Sparsity), ("order", TokenOrder), ("quant", Quant)):
+        for name, enum_type in (("sparsity", Sparsity), ("order", TokenOrder), ("quant", Quant),
+                                ("remainder", Remainder)):
             value = getattr(self, name)
             if not isinstance(value, enum_type):
                 try:
@@ -95,6 +101,9 @@ class HeadPlan:
                 raise ValueError(f"HeadPlan with sparsity {s.value!r} needs `{name}`")
             if present and not needed:
                 raise ValueError(f"HeadPlan with sparsity {s.value!r} must not set `{name}`")
+        if self.remainder is Remainder.POOLED and s in (Sparsity.DENSE, Sparsity.SKIP):
+            raise ValueError(f"HeadPlan with sparsity {s.value!r} cannot have remainder 'pooled' (only mask, "
+                             "pattern and dynamic heads leave key blocks out)")
         if self.pattern is not None and not isinstance(self.pattern, Pattern):
             raise ValueError(f"HeadPlan.pattern must be a Pattern, got {type(self.pattern).__name__}")
         if self.dynamic is not None and not isinstance(self.dynamic, DynamicSpec):
@@ -136,13 +145,16 @@ class HeadPlan:
         if self.mask is not None:
             d["mask"] = mask_key
             d["density"] = round(float(self.mask.float().mean()), 6)
+        if self.remainder is not Remainder.DROP:  # older plans have none: dropped
+            d["remainder"] = self.remainder.value
         return d
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any], arrays: Mapping[str, torch.Tensor], where: str) -> "HeadPlan":
         if not isinstance(d, Mapping):
             raise PlanError(f"{where}: a head plan must be an object, got {d!r}")
-        unknown = sorted(set(d) - {"sparsity", "order", "quant", "block", "pattern", "dynamic", "mask", "density"})
+        unknown = sorted(set(d) - {"sparsity", "order", "quant", "block", "pattern", "dynamic", "mask", "density",
+                                 "remainder"})
         if unknown:
             raise PlanError(f"{where}: unknown field(s) {unknown}")
         try:
@@ -158,7 +170,8 @@ class HeadPlan:
             return cls(sparsity=Sparsity(d.get("sparsity", "dense")), order=TokenOrder(d.get("order", "fhw")),
                        quant=Quant(d.get("quant", "none")), block_m=block[0], block_n=block[1],
                        pattern=pattern_from_dict(d["pattern"]) if "pattern" in d else None,
-                       dynamic=DynamicSpec.from_dict(d["dynamic"]) if "dynamic" in d else None, mask=mask)
+                       dynamic=DynamicSpec.from_dict(d["dynamic"]) if "dynamic" in d else None, mask=mask,
+                       remainder=d.get("remainder", "drop"))
         except (ValueError, TypeError, KeyError) as e:
             raise PlanError(f"{where}: {e}") from None
 
@@ -300,6 +313,34 @@ class Plan:
             return None
         return max((b for b in self.step_boundaries() if b <= step), default=0)
 
+    @property
+    def dense_warmup(self) -> int:
+        """How many first denoising steps run every planned site as the model's own dense
+        attention (Sparse VideoGen / Radial Attention's dense warm-up): the smallest, over the
+        sites that are sparse at some step, of the steps from 0 covered without a gap by step
+        ranges whose heads are all plain dense. 0 when no such warm-up (or no sparse site)."""
+        ks = [_site_warmup(sp) for sp in self.sites.values() if not sp.is_dense]
+        return min(ks) if ks else 0
+
+    def with_dense_warmup(self, steps: int) -> "Plan":
+        """This plan with its first `steps` denoising steps dense at every site that is sparse at
+        some step: a StepPlan [0, steps) of plain dense heads (same block sizes) put in front of
+        each such site's step ranges, which are cut to start at `steps`. steps 0: the plan as it is."""
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise ValueError(f"dense warm-up steps must be an integer >= 0, got {steps!r}")
+        if steps == 0:
+            return self
+        sites = {}
+        for sid, sp in self.sites.items():
+            if sp.is_dense:
+                sites[sid] = sp
+                continue
+            dense = tuple(HeadPlan(block_m=h.block_m, block_n=h.block_n) for h in sp.heads)
+            later = [dataclasses.replace(st, start=max(st.start, steps)) for st in sp.steps
+                     if st.stop is None or st.stop > steps]
+            sites[sid] = dataclasses.replace(sp, steps=(StepPlan(0, steps, dense), *later))
+        return Plan(sites, dict(self.meta, dense_warmup=steps))
+
     def at_step(self, step: int | None) -> "Plan":
         """The plan without step ranges that `step` runs: each site's heads_at(step)."""
         sites = {sid: dataclasses.replace(sp, heads=sp.heads_at(step), steps=()) for sid, sp in self.sites.items()}
@@ -399,6 +440,8 @@ class Plan:
             }
         doc = {"format": FORMAT_NAME, "version": SCHEMA_VERSION, "meta": dict(self.meta), "arrays": None,
                "sites": sites}
+        if self.dense_warmup:  # what the step ranges say, written out for readers; checked on load
+            doc["dense_warmup"] = self.dense_warmup
         return doc, arrays
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -469,7 +512,27 @@ class Plan:
         meta = doc.get("meta") or {}
         if not isinstance(meta, dict):
             raise PlanError(f"{where}: \"meta\" must be an object")
-        return cls(sites, meta)
+        plan = cls(sites, meta)
+        if "dense_warmup" in doc:
+            k = _count(doc, "dense_warmup", where)
+            if k != plan.dense_warmup:
+                raise PlanError(f"{where}: \"dense_warmup\" is {k} but the sites' step ranges run the first "
+                                f"{plan.dense_warmup} step(s) dense")
+        return plan
+
+
+def _plain_dense(heads: Iterable[HeadPlan]) -> bool:
+    return all(h.sparsity is Sparsity.DENSE and h.order is TokenOrder.FHW and h.quant is Quant.NONE for h in heads)
+
+
+def _site_warmup(sp: SitePlan) -> int:
+    """The steps from 0 that `sp`'s step ranges cover, without a gap, with plain dense heads."""
+    k = 0
+    for st in sp.steps:
+        if st.start != k or st.stop is None or not _plain_dense(st.heads):
+            break
+        k = st.stop
+    return k
 
 
 def _count(d: Mapping[str, Any], key: str, where: str) -> int:
@@ -505,5 +568,6 @@ def _load_arrays(path: Path, ref: Any) -> dict[str, torch.Tensor]:
         raise PlanError(f"arrays file {str(arrays_path)!r} is corrupt: {e}") from None
 
 
-__all__ = ["SCHEMA_VERSION", "DynamicMethod", "DynamicSpec", "HeadPlan", "Plan", "Quant", "SitePlan", "Sparsity",
+__all__ = ["SCHEMA_VERSION", "DynamicMethod", "DynamicSpec", "HeadPlan", "Plan", "Quant", "Remainder", "SitePlan",
+           "Sparsity",
            "StepPlan", "TokenOrder", "is_block_size"]

@@ -12,6 +12,7 @@ module says, once for the whole project:
                                               text (dense, under the model's mask): joint_plan
     text_blocks(grid, ...)                    the blocks holding text rows or columns (global in
                                               every sparsity kind: masks, patterns, dynamic)
+    mask_refresh_step(spec, step, start)      the step a reused dynamic mask was computed at
     site_work(site, heads, densities)         the launches and extra work, priced by
     predicted_us(site, heads, cost, ...)      the cost model
     select_heads(site_plan, heads)            the plan of a subset / reordering of a site's heads
@@ -44,6 +45,7 @@ from vsopt.core.lse import EagerEmitter
 from vsopt.core.orders import TokenOrder, head_permutations
 from vsopt.core.patterns import block_mask, diagonal_blocks, num_blocks
 from vsopt.core.plan import HeadPlan, Quant, SitePlan, Sparsity, StepPlan
+from vsopt.core.pooled import Remainder
 
 
 class SiteShape(Protocol):
@@ -67,13 +69,14 @@ class LaunchKey:
     block_m: int
     block_n: int
     dynamic: DynamicSpec | None
+    remainder: Remainder = Remainder.DROP  # pooled: the launch adds the pooled remainder (core.pooled)
 
 
 def launch_groups(heads: Sequence[HeadPlan]) -> dict[LaunchKey, list[int]]:
     """Head indices per launch, launches in order of their first head."""
     groups: dict[LaunchKey, list[int]] = {}
     for h, hp in enumerate(heads):
-        groups.setdefault(LaunchKey(hp.quant, hp.block_m, hp.block_n, hp.dynamic), []).append(h)
+        groups.setdefault(LaunchKey(hp.quant, hp.block_m, hp.block_n, hp.dynamic, hp.remainder), []).append(h)
     return groups
 
 
@@ -209,8 +212,21 @@ def common_blocks(site: SiteShape, heads: Sequence[HeadPlan]) -> tuple[int, int]
     return blocks.pop()
 
 
+def mask_refresh_step(spec: DynamicSpec, step: int, segment_start: int = 0) -> int:
+    """The denoising step whose q/k a dynamic head's mask at `step` was predicted from (AdaSpa's
+    mask reuse): masks are computed at the first step of the plan's segment and every
+    reuse_steps + 1 steps after it, and reused in between (what MaskReuseCache does when the
+    sampler announces every step; each segment of a step-ranged plan is its own graph, so its
+    first step computes afresh)."""
+    if step < segment_start:
+        raise ConfigError(f"step {step} is before its segment's first step {segment_start}")
+    period = spec.reuse_steps + 1
+    return segment_start + (step - segment_start) // period * period
+
+
 def site_output(site: SiteShape, heads: Sequence[HeadPlan], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                scale: float, mask: torch.Tensor | None = None, joint: bool = False) -> torch.Tensor:
+                scale: float, mask: torch.Tensor | None = None, joint: bool = False,
+                masks_from: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """What the site computes under `heads` (one HeadPlan per query head): the per-head
     permutation, one block-sparse attention per precision over the heads' masks, the inverse
     permutation; the math the lowered graph runs, through the same ops. (B, Hq, Nq, Dv) float32.
@@ -219,18 +235,30 @@ def site_output(site: SiteShape, heads: Sequence[HeadPlan], q: torch.Tensor, k: 
     (B, H, Nq, Nk)), or any site with joint=True (a data-dependent text length), is split
     (joint_plan, vsopt.core.joint): video rows x video keys run the plan over the video tokens,
     text keys and text rows are dense under the mask, merged by log-sum-exp. The mask's video x
-    video part must be all-true (additive: all zero): check_video_mask raises otherwise."""
+    video part must be all-true (additive: all zero): check_video_mask raises otherwise.
+
+    masks_from: (q, k) whose head h is head h's q and k at the step its mask was computed at,
+    when dynamic masks are reused (mask_refresh_step: heads may refresh at different steps);
+    None: this call's q and k."""
     if mask is not None or joint:
+        if masks_from is not None:
+            raise ConfigError(f"site {site.site_id!r}: reused dynamic masks at a joint site are not modelled")
         check_video_mask(site, mask)
         out = joint_attention(joint_plan(site, heads), q, k, v, mask, scale, EagerEmitter(q.device), reuse=False)
         return out.float()
     block_m, block_n = common_blocks(site, heads)
-    masks = head_masks(site, heads, q, k, scale).to(q.device)
+    mq, mk = (q, k) if masks_from is None else masks_from
+    masks = head_masks(site, heads, mq, mk, scale).to(q.device)
     perm, qp, kp, vp = permuted_qkv(site.grid, heads, q, k, v)
     out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=torch.float32, device=q.device)
     for quant in sorted({hp.quant for hp in heads}, key=lambda m: m.value):
         group = torch.tensor([hp.quant is quant for hp in heads], device=q.device)[None, :, None, None]
         part = masked_attention(qp, kp, vp, masks & group, scale, quant, block_m, block_n)
+        pooled = torch.tensor([hp.quant is quant and hp.remainder is Remainder.POOLED for hp in heads],
+                              device=q.device)[None, :, None, None]
+        if bool(pooled.any()):  # PSA heads: the kept blocks plus the pooled remainder (core.pooled)
+            part = torch.where(pooled, pooled_masked_attention(qp, kp, vp, masks, scale, quant, block_m, block_n),
+                               part.float())
         out += part.float() * group
     return out if perm is None else torch.ops.vsopt.unpermute_tokens(out, perm)
 
@@ -265,6 +293,10 @@ def joint_plan(site: SiteShape, heads: Sequence[HeadPlan]) -> JointPlan:
     dense all; skip none, and a skipped head outputs 0 in every row), or its dynamic rule (predicted
     on the video tokens). Text rows and columns are global in every kind, patterns' text_global
     included. Raises ConfigError naming the site and head when a mask does not fit."""
+    pooled = [h for h, hp in enumerate(heads) if hp.remainder is Remainder.POOLED]
+    if pooled:  # the split has no pooled-remainder path: refuse rather than drop it
+        raise ConfigError(f"site {site.site_id!r}: heads {pooled} ask for the pooled remainder, which a split "
+                          "joint site does not run")
     tb, stop = video_range(site)
     nv = stop - tb
     grid = site.grid
@@ -309,6 +341,19 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: t
     return torch.ops.vsopt.block_sparse_attention(q, k, v, idx, counts, scale, block_m, block_n, Quant(quant).value)
 
 
+def pooled_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor, scale: float,
+                            quant: Quant, block_m: int, block_n: int) -> torch.Tensor:
+    """masked_attention plus the pooled remainder of the blocks `masks` leaves out (PSA,
+    vsopt.core.pooled), run eagerly through the same ops the lowered graph emits. float32."""
+    from vsopt.core.pooled import pooled_attention
+    from vsopt.core.ring import EagerEmitter
+
+    masks = masks.to(q.device)
+    idx, counts = torch.ops.vsopt.mask_to_table(masks)
+    return pooled_attention(EagerEmitter(q.device), q, k, v, masks, idx, counts, scale, block_m, block_n,
+                            Quant(quant).value)
+
+
 def permuted_heads(heads: Sequence[HeadPlan]) -> int:
     """Heads that compute something in an order other than the model's: when there is one, the
     lowering permutes the site (every head of q, k, v and the output)."""
@@ -333,8 +378,14 @@ def site_work(site: SiteShape, heads: Sequence[HeadPlan], densities: Sequence[fl
         qb, kb = num_blocks(site.q_len, key.block_m), num_blocks(site.kv_len, key.block_n)
         launches.append(Launch(key.quant.value, site.head_dim, key.block_m, key.block_n, batch * qb * len(live),
                                sum(round(batch * densities[h] * qb * kb) for h in live)))
+        if key.remainder is Remainder.POOLED:
+            # priced as a launch of the same work: per query block, KB pooled keys are block_m x KB
+            # scores, the work of ceil(KB / block_n) full blocks (an equivalence, not a fitted term)
+            launches.append(Launch(key.quant.value, site.head_dim, key.block_m, key.block_n, batch * qb * len(live),
+                                   batch * qb * len(live) * num_blocks(kb, key.block_n)))
+    # a mask reused for reuse_steps more steps is scored once per reuse_steps + 1 steps (the mean)
     scored = sum(batch * num_blocks(site.q_len, hp.block_m) * num_blocks(site.kv_len, hp.block_n)
-                 for hp in heads if hp.sparsity is Sparsity.DYNAMIC)
+                 / (hp.dynamic.reuse_steps + 1) for hp in heads if hp.sparsity is Sparsity.DYNAMIC)
     # the lowering gathers every head of q, k, v and the output once any head reorders
     moved = permuted_mib(site, site.heads) if permuted_heads(heads) else 0.0
     return SiteWork(tuple(launches), moved, scored)

@@ -1,0 +1,45 @@
+"""The bench's methods for the accuracy options (warmup, reuse, psa): each a plan of the asked
+mean density over the sampler's steps, with the option the method stands for."""
+import pytest
+
+from vsopt.benchmark import BenchSettings, Method, method_plan, plan_density
+from vsopt.core.errors import ConfigError
+from vsopt.core.ir import TokenGrid
+from vsopt.core.plan import Remainder, Sparsity
+
+from tests.e2e.test_bench import _site
+
+
+@pytest.mark.parametrize("steps, warm, density", [(10, 1, 0.2), (4, 1, 0.5), (8, 2, 0.3)])
+def test_warmup_method_runs_the_first_steps_dense_at_the_same_mean_density(steps, warm, density):
+    site = _site(TokenGrid(8, 16, 16))
+    settings = BenchSettings(block=64, steps=steps, warmup_steps=warm)
+    plan, notes = method_plan(Method.WARMUP, [site], density, settings)
+    assert plan.dense_warmup == warm and f"first {warm} of {steps}" in notes[0]
+    for s in range(warm):
+        assert all(h.sparsity is Sparsity.DENSE for h in plan[site.site_id].heads_at(s))
+    assert plan[site.site_id].heads_at(warm)[0].sparsity is Sparsity.DYNAMIC
+    # mean over the steps (a top-k head counts at its fraction; this grid's 128 key blocks make
+    # ceil(fraction * KB) close to it)
+    assert plan_density(plan, [site], None, steps) == pytest.approx(density, abs=0.01)
+
+
+def test_warmup_method_that_cannot_reach_the_density_says_so():
+    site = _site(TokenGrid(8, 16, 16))
+    with pytest.raises(ConfigError, match="1 dense step.* of 4 alone exceed density 0.2"):
+        method_plan(Method.WARMUP, [site], 0.2, BenchSettings(block=64, steps=4, warmup_steps=1))
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        BenchSettings(steps=4, warmup_steps=4)
+    with pytest.raises(ConfigError, match="mask_refresh"):
+        BenchSettings(mask_refresh=0)
+
+
+def test_reuse_and_psa_methods():
+    site = _site(TokenGrid(8, 16, 16))
+    reuse, _ = method_plan(Method.REUSE, [site], 0.3, BenchSettings(block=64, mask_refresh=3))
+    (h, *_) = reuse[site.site_id].heads
+    assert h.dynamic.reuse_steps == 2 and h.dynamic.value == 0.3 and not reuse.step_boundaries()
+    psa, notes = method_plan(Method.PSA, [site], 0.3, BenchSettings(block=64))
+    (h, *_) = psa[site.site_id].heads
+    assert h.remainder is Remainder.POOLED and h.sparsity is Sparsity.DYNAMIC and "not in the kernel" in notes[0]
+    assert plan_density(psa, [site]) == pytest.approx(0.3)  # the kept blocks; the pooled rest is not counted

@@ -15,13 +15,17 @@ site's tokens are: a tuple of segments, video (with a grid and token order) or o
 The grid is the largest video segment (the first of equal ones), in its own token order
 (TokenGrid.axes); every other token, further video segments included, is counted in
 text_before / text_after, and the other video segments are recorded in TokenGrid.segments.
-Nothing reaches the query's tokens from a patch embedding, or the tokens do not add up to q_len,
-or two paths disagree: the grid is unknown.
+One fallback (per_frame_grid): an attention within each frame of a per-frame Conv2d video whose
+tokens went through the batch axis on the way (divided space-time attention) gets the one-frame
+grid 1 x H x W when a cat on the way to its queries adds up to q_len. Otherwise, when nothing
+reaches the query's tokens from a patch embedding, or the tokens do not add up to q_len, or two
+paths disagree: the grid is unknown.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import deque
 
 import torch
 import torch.fx
@@ -30,11 +34,13 @@ from vsopt.core.errors import ConfigError
 from vsopt.core.ir import GridSource, TokenGrid, VideoSegment
 
 from .infra import PassContext, PassReport
+from .layout_trace import TraceError, shape_of
 from .token_segments import TokenState, Video, token_states
 
 NAME = "infer_grid"
 log = logging.getLogger("vsopt")
 aten = torch.ops.aten
+MAX_VISITED = 20000  # bound on the backward search of per_frame_grid
 HOW_TO_GIVE = ("give it with the option 'grid', e.g. options={'grid': (frames, height, width)} or "
                "{'grid': {'frames': 4, 'height': 8, 'width': 8, 'text_after': 16}} (tokens ordered (h, w, f): "
                "add 'axes': 'hwf'), or per site: {'grids': {%r: (4, 8, 8)}}")
@@ -61,8 +67,50 @@ def infer(states: dict, source: torch.fx.Node, token_axes: tuple[int, ...], q_le
     """The grid of the query's tokens (axes `token_axes` of `source`), or None."""
     st = states.get(source)
     if not isinstance(st, TokenState) or st.dim not in token_axes or st.total != q_len:
-        return None
+        return per_frame_grid(states, source, q_len)
     return grid_of(st)
+
+
+def _ancestors(node: torch.fx.Node) -> set[str]:
+    seen, todo = {node}, deque([node])
+    while todo and len(seen) < MAX_VISITED:
+        for a in todo.popleft().all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return {n.name for n in seen}
+
+
+def per_frame_grid(states: dict, source: torch.fx.Node, q_len: int) -> TokenGrid | None:
+    """The one-frame grid of an attention within each frame of a per-frame Conv2d video whose
+    tokens the dataflow lost on a detour through other axes (divided space-time attention, as in
+    TimeSformer: the frames go into the batch and back). The cat nearest the query's source
+    (searched back from it) whose output has q_len tokens along its axis, and one of whose inputs
+    has a frame's H x W tokens there and is computed from that video's convolution, names the
+    other tokens. None unless the counts add up exactly."""
+    videos = {s for st in states.values() if isinstance(st, TokenState) for s in st.segments
+              if isinstance(s, Video) and s.per_frame}
+    if not videos:
+        return None
+    seen, todo = {source}, deque([source])
+    while todo and len(seen) < MAX_VISITED:
+        n = todo.popleft()
+        if n.target is aten.cat.default:
+            try:
+                dim = (n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)) % len(shape_of(n))
+                sizes = [shape_of(t)[dim] for t in n.args[0]]
+                fits = shape_of(n)[dim] == q_len
+            except TraceError:
+                fits = False
+            for i, t in enumerate(n.args[0] if fits else ()):
+                for v in sorted(videos, key=lambda v: v.source):
+                    if sizes[i] == v.size and v.source in _ancestors(t):
+                        return TokenGrid(1, v.height, v.width, sum(sizes[:i]), sum(sizes[i + 1:]), axes=v.axes)
+        for a in n.all_input_nodes:
+            if a not in seen and isinstance(a.meta.get("val"), (torch.Tensor, list, tuple)):  # a tuple: layer norm
+                seen.add(a)
+                todo.append(a)
+    return None
 
 
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:

@@ -60,6 +60,7 @@ class Video:
     width: int
     axes: str
     source: str
+    per_frame: bool = False  # from a per-frame Conv2d whose frames stay in the batch axis (frames 1)
 
     @property
     def size(self) -> int:
@@ -203,7 +204,8 @@ def _start(node: torch.fx.Node) -> TokenState | None:
             continue
         axes, outer, inner = got
         size = lambda r: roles[r].size if roles[r] is not None else 1  # noqa: E731
-        video = Video(size("f"), size("h"), size("w"), axes, (conv or src).name)  # views of it agree
+        per_frame = conv is not None and len(src_shape) == 4 and roles["f"] is None
+        video = Video(size("f"), size("h"), size("w"), axes, (conv or src).name, per_frame)  # views of it agree
         return TokenState((video,), i, outer, inner)
     return None
 

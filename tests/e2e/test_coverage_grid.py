@@ -249,3 +249,32 @@ def test_a_convolution_whose_positions_are_not_the_tokens_gives_no_grid(compile_
 
     torch.manual_seed(0)
     _check(compile_rewrite, MixedTokens().eval(), (torch.randn(1, 3, 2, 4, 4),), ["None"])
+
+
+class DividedSpaceTime(nn.Module):
+    """A per-frame Conv2d patch embedding and divided attention as in TimeSformer: a temporal
+    attention over the frames of each position, then a spatial one over a CLS token + each
+    frame's patches (the frames go through the batch axis between the two)."""
+
+    def __init__(self, frames=2):
+        super().__init__()
+        self.t = frames
+        self.conv = nn.Conv2d(3, DIM, 2, 2)
+        self.cls = nn.Parameter(torch.randn(1, 1, DIM))
+        self.temporal, self.spatial = Block(), Block()
+
+    def forward(self, video):                                  # (B, T, C, H, W)
+        b, t = video.shape[:2]
+        x = self.conv(video.flatten(0, 1)).flatten(2).transpose(1, 2)      # (B*T, HW, DIM)
+        hw = x.shape[1]
+        x = x.reshape(b, t, hw, DIM).transpose(1, 2).reshape(b * hw, t, DIM)
+        x = self.temporal(x)                                   # (B*HW, T, DIM)
+        x = x.reshape(b, hw, t, DIM).transpose(1, 2).reshape(b * t, hw, DIM)
+        x = torch.cat([self.cls.expand(b * t, -1, -1), x], 1)
+        return self.spatial(x)                                 # (B*T, 1 + HW, DIM)
+
+
+def test_divided_space_time_gets_the_one_frame_grid_for_its_spatial_attention(compile_rewrite):
+    torch.manual_seed(0)
+    report = _check(compile_rewrite, DividedSpaceTime().eval(), (torch.randn(2, 2, 3, 4, 6),), ["None", "1+1x2x3"])
+    assert [s.q_len for s in report.sites] == [2, 7]

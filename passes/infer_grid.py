@@ -63,12 +63,22 @@ def grid_of(state: TokenState) -> TokenGrid | None:
                      segments=tuple(others))
 
 
-def infer(states: dict, source: torch.fx.Node, token_axes: tuple[int, ...], q_len: int) -> TokenGrid | None:
+def infer_site(states: dict, source: torch.fx.Node, token_axes: tuple[int, ...], q_len: int) -> TokenGrid | None:
     """The grid of the query's tokens (axes `token_axes` of `source`), or None."""
     st = states.get(source)
     if not isinstance(st, TokenState) or st.dim not in token_axes or st.total != q_len:
         return per_frame_grid(states, source, q_len)
     return grid_of(st)
+
+
+def infer(source: torch.fx.Node, batch: int, q_len: int) -> TokenGrid | None:
+    """The grid of the q_len tokens of `source` (on whichever axis holds them), or None: for a pass
+    that finds its sites itself (ring_attention). `batch` is not needed any more (kept for callers)."""
+    states = token_states(source.graph)
+    st = states.get(source)
+    if isinstance(st, TokenState) and st.whole is not None and st.whole.total == q_len:
+        return grid_of(st.whole)  # a rank's shard of the q_len tokens (ring attention)
+    return infer_site(states, source, tuple(range(source.meta["val"].dim())), q_len)
 
 
 def _ancestors(node: torch.fx.Node) -> set[str]:
@@ -132,8 +142,8 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
             grid, source = cfg.grid, GridSource.USER
         elif m is not None and m.q_token_source is not None:
             if states is None:
-                states = token_states(gm)  # once per graph, for every site
-            grid = infer(states, m.q_token_source[0], tuple(m.q_token_source[1]), site.q_len)
+                states = token_states(gm.graph)  # once per graph, for every site
+            grid = infer_site(states, m.q_token_source[0], tuple(m.q_token_source[1]), site.q_len)
             source = GridSource.INFERRED if grid else GridSource.UNKNOWN
         ctx.sites[i] = dataclasses.replace(site, grid=grid, grid_source=source)
         report.notes.append(f"{site.site_id}: grid {grid if grid else 'unknown'} ({source.value})")

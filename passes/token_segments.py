@@ -48,6 +48,10 @@ ALONG_DIM = {aten.index_select.default: 1, aten.gather.default: 1}  # op -> posi
 REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default, aten.var.correction,
               aten.std.correction}
 SDPA_PREFIX = "_scaled_dot_product_"
+_c10d = getattr(torch.ops, "_c10d_functional", None)
+GATHER_OPS = {getattr(_c10d, n).default for n in ("all_to_all_single", "all_gather_into_tensor")
+              if _c10d is not None and hasattr(_c10d, n)}
+WAIT_OPS = {_c10d.wait_tensor.default} if _c10d is not None and hasattr(_c10d, "wait_tensor") else set()
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,10 @@ class TokenState:
     dim: int
     outer: int = 1
     inner: int = 1
+    # context parallelism: the state before this rank's shard was cut out of the sequence, and
+    # whether a collective has since brought every rank's shard into the rank axis
+    whole: "TokenState | None" = None
+    gathered: bool = False
 
     @property
     def total(self) -> int:
@@ -210,10 +218,10 @@ def _start(node: torch.fx.Node) -> TokenState | None:
     return None
 
 
-def patch_embeddings(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, TokenState]:
-    """Every node of gm where a patch embedding's tokens first lie on one axis (module docstring)."""
+def patch_embeddings(graph: torch.fx.Graph) -> dict[torch.fx.Node, TokenState]:
+    """Every node of the graph where a patch embedding's tokens first lie on one axis (module docstring)."""
     starts = {}
-    for n in gm.graph.nodes:
+    for n in graph.nodes:
         if n.op == "call_function" and n.target in RESHAPE_OPS | {aten.permute.default, aten.transpose.int}:
             if any(a in starts for a in n.all_input_nodes):
                 continue  # a later view of the same tokens: the dataflow carries them
@@ -257,13 +265,19 @@ def cut(segments: Segments, start: int, stop: int) -> Segments:
 
 
 def _reshaped(st: TokenState, shape_in, shape_out) -> TokenState | None:
-    """The state after a row-major reshape: the output axis whose flat strides hold the tokens."""
+    """The state after a row-major reshape: the output axis whose flat strides hold the tokens.
+    After a collective (st.gathered), merging the rank axis into the shard's tokens as their outer
+    index (every rank's shard in rank order) gives back the whole sequence."""
     s = math.prod(shape_in[st.dim + 1:])
     tok_stride, tok_span = st.inner * s, st.total * st.inner * s
     for j, size in enumerate(shape_out):
         stride = math.prod(shape_out[j + 1:])
         if tok_stride % stride == 0 and (stride * size) % tok_span == 0 and size > 0:
-            return TokenState(st.segments, j, (stride * size) // tok_span, tok_stride // stride)
+            outer, inner = (stride * size) // tok_span, tok_stride // stride
+            w = st.whole
+            if st.gathered and w is not None and st.outer == 1 and outer * st.total == w.total:
+                return TokenState(w.segments, j, 1, inner)
+            return replace(st, dim=j, outer=outer, inner=inner)
     return None
 
 
@@ -299,8 +313,10 @@ def _step(n: torch.fx.Node, states: dict) -> TokenState | Several | None:
         rank = len(in_shape)
         if t in RESHAPE_OPS:
             return _reshaped(st, in_shape, out_shape) if out_shape is not None else None
-        if t in SAME_OPS:
+        if t in SAME_OPS or t in WAIT_OPS:
             return st
+        if t in GATHER_OPS:  # dim 0's chunks come from the ranks: the shard's tokens stay inside each
+            return replace(st, gathered=True) if st.whole is not None and (st.dim != 0 or st.outer > 1) else None
         if t is aten.permute.default:
             return replace(st, dim=[_norm(d, rank) for d in args[1]].index(st.dim))
         if t is aten.transpose.int:
@@ -328,7 +344,7 @@ def _step(n: torch.fx.Node, states: dict) -> TokenState | Several | None:
             total = st.total
             start = 0 if start is None else max(0, min(total, start + total if start < 0 else start))
             stop = total if stop is None else max(0, min(total, stop + total if stop < 0 else stop))
-            return TokenState(cut(st.segments, start, stop), d) if stop > start else None
+            return TokenState(cut(st.segments, start, stop), d, whole=st.whole or st) if stop > start else None
         if t in (aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int):
             vals = n.meta.get("val")
             count = len(vals) if isinstance(vals, (list, tuple)) else 0
@@ -342,7 +358,7 @@ def _step(n: torch.fx.Node, states: dict) -> TokenState | Several | None:
                 return None
             sizes, pos, outs = [int(v.shape[d]) for v in vals], 0, []
             for s in sizes:
-                outs.append(TokenState(cut(st.segments, pos, pos + s), d))
+                outs.append(TokenState(cut(st.segments, pos, pos + s), d, whole=st.whole or st))
                 pos += s
             return Several(tuple(outs))
         if t is aten.select.int:
@@ -452,10 +468,10 @@ def _elementwise(n, states, out_shape, inputs=None) -> TokenState | None:
     return found[0] if len(distinct) == 1 else None
 
 
-def token_states(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, TokenState | Several]:
-    """The state of every node reached from a patch embedding (module docstring)."""
-    states: dict = dict(patch_embeddings(gm))
-    for n in gm.graph.nodes:
+def token_states(graph: torch.fx.Graph) -> dict[torch.fx.Node, TokenState | Several]:
+    """The state of every node of the graph reached from a patch embedding (module docstring)."""
+    states: dict = dict(patch_embeddings(graph))
+    for n in graph.nodes:
         if n in states or n.op != "call_function" or not any(a in states for a in n.all_input_nodes):
             continue
         if n.target in CONV_OPS:

@@ -5,7 +5,9 @@ Every node is offered to the rules of DEFAULT_RULES in order; the first whose pa
 it runs its check. A match goes into ctx.matches (site_id -> AttentionMatch, with the rule that
 found it) for infer_grid and rewrite_attention; a failed check of a real candidate is a
 SkippedSite with the rule's reason. Under config.strict such a candidate raises
-UnsupportedSiteError naming it and why. The graph is not changed here.
+UnsupportedSiteError naming it and why. A node the rule finds is no attention at all (a softmax
+that is not softmax(q @ k^T) @ v: rules/attention_shape.py) is no candidate: only a note says why.
+The graph is not changed here.
 
 Site ids: the module path of the anchor (passes/site_ids.py), "path:k" for the k-th further
 attention of one module, "attention.<ordinal>" where no path exists.
@@ -59,5 +61,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
                 report.notes.append(f"{site_id}: left alone at {node.name}: {result.reason}")
                 if ctx.config.strict:
                     raise UnsupportedSiteError(site_id, f"{result.reason} (node {node.name}, rule {rule.name})")
+            else:  # never an attention (e.g. a classifier's softmax): no candidate, but said why
+                report.notes.append(f"{node.name}: not an attention ({rule.name}): {result.reason}")
             break
     return report

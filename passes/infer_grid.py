@@ -1,22 +1,25 @@
-"""Pass: give each attention site its TokenGrid (frames, height, width, text tokens).
+"""Pass: give each attention site its TokenGrid (frames, height, width, token order, other tokens).
 
 In order of precedence: a grid the user gave for the site (config.grids[site_id], which must have
 the site's query length: ConfigError otherwise), the user's global grid (config.grid) for every
 site whose query length is its token count, a grid inferred from the graph; otherwise the grid
 stays unknown (GridSource.UNKNOWN), never guessed. User-given grids win over inference. A global
 grid that fits no site of the graph is not used: a warning (logger "vsopt"), an error in strict
-mode.
+mode. A self-attention site left without a grid says how to give one (a note and an info log).
 
-Inference starts at the query's token source that detection found (ctx.matches[site_id]
-.q_token_source) and follows it back through the graph (breadth-first, toward the inputs)
-to the patch embedding, a convolution whose output tokens number the site's video tokens:
-- Conv3d, output (B, C, F, H, W): grid F x H x W;
-- Conv2d per frame, output (B*F, C, H, W): grid F x H x W with F = (B*F) / B;
-- a patchify reshape of a (B, C, F, H, W) tensor whose token axis is (F/pf, H/ph, W/pw) patches
-  (found with passes.layout_trace atoms: three outer parts of axes 2, 3, 4, in order).
-Text tokens: the concatenation nearest the query along the way whose output has q_len tokens
-and one input on the path; the inputs before / after it are text_before / text_after.
-An image patchify (two axes) or any other token layout gives no grid (it stays unknown).
+Inference (passes/token_segments.py): the graph's patch embeddings (Conv3d, per-frame Conv2d,
+a patchify reshape of a (B, C, F, H, W), (B, F, H, W, C) or (B, F, C, H, W) video), then a
+forward dataflow along every path from them, through concatenations and slices of the token
+axis; the state at the query's token source (ctx.matches[site_id].q_token_source) is what the
+site's tokens are: a tuple of segments, video (with a grid and token order) or other tokens.
+The grid is the largest video segment (the first of equal ones), in its own token order
+(TokenGrid.axes); every other token, further video segments included, is counted in
+text_before / text_after, and the other video segments are recorded in TokenGrid.segments.
+One fallback (per_frame_grid): an attention within each frame of a per-frame Conv2d video whose
+tokens went through the batch axis on the way (divided space-time attention) gets the one-frame
+grid 1 x H x W when a cat on the way to its queries adds up to q_len. Otherwise, when nothing
+reaches the query's tokens from a patch embedding, or the tokens do not add up to q_len, or two
+paths disagree: the grid is unknown.
 """
 from __future__ import annotations
 
@@ -28,108 +31,102 @@ import torch
 import torch.fx
 
 from vsopt.core.errors import ConfigError
-from vsopt.core.ir import GridSource, TokenGrid
+from vsopt.core.ir import GridSource, TokenGrid, VideoSegment
 
 from .infra import PassContext, PassReport
-from .layout_trace import TraceError, shape_of, trace_back
+from .layout_trace import TraceError, shape_of
+from .token_segments import TokenState, Video, token_states
 
 NAME = "infer_grid"
 log = logging.getLogger("vsopt")
 aten = torch.ops.aten
-MAX_VISITED = 20000  # bound on the backward search per site
-# torch.compile's graphs have aten.convolution; torch.export's keep aten.conv2d / conv3d
-CONV_OPS = {aten.convolution.default, aten.conv2d.default, aten.conv3d.default, aten.conv2d.padding,
-            aten.conv3d.padding}
-PATCHIFY_OPS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.flatten.using_ints}
+MAX_VISITED = 20000  # bound on the backward search of per_frame_grid
+HOW_TO_GIVE = ("give it with the option 'grid', e.g. options={'grid': (frames, height, width)} or "
+               "{'grid': {'frames': 4, 'height': 8, 'width': 8, 'text_after': 16}} (tokens ordered (h, w, f): "
+               "add 'axes': 'hwf'), or per site: {'grids': {%r: (4, 8, 8)}}")
 
 
-def _inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
-    def is_tensor(v) -> bool:  # a tensor, or a tuple of them (unbind, split)
-        return isinstance(v, torch.Tensor) or (isinstance(v, (list, tuple)) and any(is_tensor(x) for x in v))
+def grid_of(state: TokenState) -> TokenGrid | None:
+    """The TokenGrid of a token axis's segments: the largest video segment, the rest around it."""
+    videos = [s for s in state.segments if isinstance(s, Video)]
+    if not videos:
+        return None
+    main = max(videos, key=lambda v: v.size)  # max keeps the first of equal ones
+    pos, before, others = 0, None, []
+    for s in state.segments:
+        if s is main and before is None:
+            before = pos
+        elif isinstance(s, Video):
+            others.append(VideoSegment(pos, s.frames, s.height, s.width, s.axes))
+        pos += s.size
+    return TokenGrid(main.frames, main.height, main.width, before, pos - before - main.size, axes=main.axes,
+                     segments=tuple(others))
 
-    return [a for a in node.all_input_nodes if is_tensor(a.meta.get("val"))]
+
+def infer_site(states: dict, source: torch.fx.Node, token_axes: tuple[int, ...], q_len: int) -> TokenGrid | None:
+    """The grid of the query's tokens (axes `token_axes` of `source`), or None."""
+    st = states.get(source)
+    if not isinstance(st, TokenState) or st.dim not in token_axes or st.total != q_len:
+        return per_frame_grid(states, source, q_len)
+    return grid_of(st)
 
 
 def infer(source: torch.fx.Node, batch: int, q_len: int) -> TokenGrid | None:
-    """The grid of the tokens of `source` (the query's source tensor), or None."""
-    parent: dict[torch.fx.Node, torch.fx.Node | None] = {source: None}
-    todo = deque([source])
-    while todo and len(parent) < MAX_VISITED:
+    """The grid of the q_len tokens of `source` (on whichever axis holds them), or None: for a pass
+    that finds its sites itself (ring_attention). `batch` is not needed any more (kept for callers)."""
+    states = token_states(source.graph)
+    st = states.get(source)
+    if isinstance(st, TokenState) and st.whole is not None and st.whole.total == q_len:
+        return grid_of(st.whole)  # a rank's shard of the q_len tokens (ring attention)
+    return infer_site(states, source, tuple(range(source.meta["val"].dim())), q_len)
+
+
+def _ancestors(node: torch.fx.Node) -> set[str]:
+    seen, todo = {node}, deque([node])
+    while todo and len(seen) < MAX_VISITED:
+        for a in todo.popleft().all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return {n.name for n in seen}
+
+
+def per_frame_grid(states: dict, source: torch.fx.Node, q_len: int) -> TokenGrid | None:
+    """The one-frame grid of an attention within each frame of a per-frame Conv2d video whose
+    tokens the dataflow lost on a detour through other axes (divided space-time attention, as in
+    TimeSformer: the frames go into the batch and back). The cat nearest the query's source
+    (searched back from it) whose output has q_len tokens along its axis, and one of whose inputs
+    has a frame's H x W tokens there and is computed from that video's convolution, names the
+    other tokens. None unless the counts add up exactly."""
+    videos = {s for st in states.values() if isinstance(st, TokenState) for s in st.segments
+              if isinstance(s, Video) and s.per_frame}
+    if not videos:
+        return None
+    seen, todo = {source}, deque([source])
+    while todo and len(seen) < MAX_VISITED:
         n = todo.popleft()
-        if n.op == "call_function" and n.target in CONV_OPS:
-            grid = _grid_from_conv(n, parent, batch, q_len)
-            if grid is not None:
-                return grid
-            continue  # a convolution that does not fit: do not search behind it
-        if n.op == "call_function" and n.target in PATCHIFY_OPS:
-            grid = _grid_from_patchify(n, parent, q_len)
-            if grid is not None:
-                return grid
-        for a in _inputs(n):
-            if a not in parent:
-                parent[a] = n
+        if n.target is aten.cat.default:
+            try:
+                dim = (n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)) % len(shape_of(n))
+                sizes = [shape_of(t)[dim] for t in n.args[0]]
+                fits = shape_of(n)[dim] == q_len
+            except TraceError:
+                fits = False
+            for i, t in enumerate(n.args[0] if fits else ()):
+                for v in sorted(videos, key=lambda v: v.source):
+                    if sizes[i] == v.size and v.source in _ancestors(t):
+                        return TokenGrid(1, v.height, v.width, sum(sizes[:i]), sum(sizes[i + 1:]), axes=v.axes)
+        for a in n.all_input_nodes:
+            if a not in seen and isinstance(a.meta.get("val"), (torch.Tensor, list, tuple)):  # a tuple: layer norm
+                seen.add(a)
                 todo.append(a)
     return None
-
-
-def _grid_from_conv(conv, parent, batch: int, q_len: int) -> TokenGrid | None:
-    try:
-        out = shape_of(conv)
-    except TraceError:
-        return None
-    if len(out) == 5:
-        frames, h, w = out[2:]
-    elif len(out) == 4 and batch and out[0] % batch == 0:
-        frames, h, w = out[0] // batch, out[2], out[3]
-    else:
-        return None
-    return _with_text(conv, parent, frames, h, w, q_len)
-
-
-def _grid_from_patchify(node, parent, q_len: int) -> TokenGrid | None:
-    """A patchify reshape: a (B, C, F, H, W) tensor reshaped / permuted so that one axis of `node`
-    enumerates (F/pf, H/ph, W/pw) patches, row-major (the patch sizes pf, ph, pw may be 1)."""
-    try:
-        traced = trace_back(node, follow_scale=False)
-        if len(shape_of(traced.source)) != 5:
-            return None
-    except TraceError:
-        return None
-    for atoms in traced.axes:
-        if len(atoms) == 3 and [a.source_axis for a in atoms] == [2, 3, 4] and \
-                all(traced.source_atoms[a.source_axis][0] is a for a in atoms):  # outer part = patch index
-            grid = _with_text(node, parent, *(a.size for a in atoms), q_len)
-            if grid is not None:
-                return grid
-    return None
-
-
-def _with_text(found: torch.fx.Node, parent, frames: int, h: int, w: int, q_len: int) -> TokenGrid | None:
-    """The grid with text tokens: on the path from `found` to the query's source, the cat nearest
-    the source that has q_len tokens along its axis and the video tokens as the input on the path
-    names the text before / after. None if the counts do not add up to q_len."""
-    video = frames * h * w
-    before = after = 0
-    child, n = found, parent[found]
-    while n is not None:
-        if n.target is aten.cat.default and video != q_len:
-            tensors = n.args[0]
-            dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
-            dim %= len(shape_of(n))
-            sizes = [shape_of(t)[dim] for t in tensors]
-            if shape_of(n)[dim] == q_len and child in tensors:
-                i = tensors.index(child)
-                if sizes[i] == video:
-                    before, after = sum(sizes[:i]), sum(sizes[i + 1:])
-        child, n = n, parent[n]
-    if before + video + after != q_len:
-        return None
-    return TokenGrid(frames, h, w, before, after)
 
 
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
     report = PassReport(NAME)
     cfg = ctx.config
+    states = None
     for i, site in enumerate(ctx.sites):
         if site.site_id not in ctx.matches and site.grid is not None:   # a site another pass found with its grid
             report.notes.append(f"{site.site_id}: grid {site.grid} ({site.grid_source.value}, from {site.rule})")
@@ -144,10 +141,17 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
         elif cfg.grid is not None and cfg.grid.num_tokens == site.q_len:
             grid, source = cfg.grid, GridSource.USER
         elif m is not None and m.q_token_source is not None:
-            grid = infer(m.q_token_source[0], site.batch, site.q_len)
+            if states is None:
+                states = token_states(gm.graph)  # once per graph, for every site
+            grid = infer_site(states, m.q_token_source[0], tuple(m.q_token_source[1]), site.q_len)
             source = GridSource.INFERRED if grid else GridSource.UNKNOWN
         ctx.sites[i] = dataclasses.replace(site, grid=grid, grid_source=source)
         report.notes.append(f"{site.site_id}: grid {grid if grid else 'unknown'} ({source.value})")
+        if grid is None and site.is_self_attention:
+            msg = (f"site {site.site_id}: no video grid (no patch embedding of this graph reaches its "
+                   f"{site.q_len} query tokens), so no pattern or token order applies; " + HOW_TO_GIVE % site.site_id)
+            log.info("vsopt: %s", msg)
+            report.notes.append(msg)
     if cfg.grid is not None and ctx.sites and not any(s.q_len == cfg.grid.num_tokens for s in ctx.sites):
         lengths = sorted({s.q_len for s in ctx.sites})
         msg = (f"option 'grid' {cfg.grid} has {cfg.grid.num_tokens} tokens, but no attention site of this graph "

@@ -26,6 +26,7 @@ from vsopt.core.ir import Layout
 
 from ..graph_edit import emit
 from ..layout_trace import ORDER_OPS, TraceError, apply, scalar_factor
+from .attention_shape import not_attention
 from .canonical import Canonical, SoftmaxEmit, emit_canonical, emit_output, groups_of
 from .match import PASS_NAME, AttentionMatch, AttentionRule, MatchResult, normalize_args, users
 from .operands import Operand, einsum_spec, group_sizes, operands
@@ -132,11 +133,15 @@ class SoftmaxAttentionRule(AttentionRule[SoftmaxEmit]):
 
     def check(self, sm: torch.fx.Node) -> MatchResult:
         fail = lambda reason: MatchResult.fail(sm, self.name, reason)  # noqa: E731
+        why_not = not_attention(sm)
+        if why_not is not None:  # not an attention at all: no candidate (rules/attention_shape.py)
+            return MatchResult.fail(sm, self.name, why_not, candidate=False)
         path = score_path(sm.args[0])
         if path is None:
             blocker = _blocking_op(sm.args[0])
-            if blocker is None:  # no matmul feeds this softmax: not an attention at all
-                return MatchResult.fail(sm, self.name, "softmax input does not come from a matmul", candidate=False)
+            if blocker is None:
+                return fail("the scores reach the softmax through ops that are not a scalar scale, a mask, "
+                            "a cast or a reshape")
             return fail(f"{blocker.name} ({blocker.target}) between the scores and the softmax is not a scalar "
                         "scale, a mask, a cast or a reshape")
         score = path[0]

@@ -28,12 +28,59 @@ class GridSource(str, enum.Enum):
     UNKNOWN = "unknown"  # neither worked: patterns that need geometry are not available
 
 
+VIDEO_AXES = "fhw"  # the default order of the video tokens: frame-major, (f, h, w), width innermost
+
+
+def _check_axes(axes: str, where: str) -> None:
+    if not isinstance(axes, str) or sorted(axes) != sorted(VIDEO_AXES):
+        raise ValueError(f"{where} must order the letters f, h, w (outermost first), e.g. 'fhw' or 'hwf'; "
+                         f"got {axes!r}")
+
+
+@dataclass(frozen=True)
+class VideoSegment:
+    """A further run of video tokens in a sequence, with its own grid, that is not the site's main
+    video (TokenGrid counts it in text_before / text_after). start: its first token's index."""
+
+    start: int
+    frames: int
+    height: int
+    width: int
+    axes: str = VIDEO_AXES
+
+    def __post_init__(self):
+        for name in ("frames", "height", "width"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"VideoSegment.{name} must be >= 1, got {getattr(self, name)}")
+        if self.start < 0:
+            raise ValueError(f"VideoSegment.start must be >= 0, got {self.start}")
+        _check_axes(self.axes, "VideoSegment.axes")
+
+    @property
+    def video_tokens(self) -> int:
+        return self.frames * self.height * self.width
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"start": self.start, "frames": self.frames, "height": self.height, "width": self.width,
+                "axes": self.axes}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "VideoSegment":
+        return cls(**{k: (str(v) if k == "axes" else int(v)) for k, v in d.items()})
+
+
 @dataclass(frozen=True)
 class TokenGrid:
     """Video geometry of a token sequence.
 
-    The sequence is [text_before tokens] + [frames*height*width video tokens, frame-major:
-    token index = (f*height + h)*width + w] + [text_after tokens].
+    The sequence is [text_before tokens] + [frames*height*width video tokens] + [text_after
+    tokens]. `axes` is the order of the video tokens, outermost first: "fhw" (the default) is
+    frame-major, token index = (f*height + h)*width + w; "hwf" is index = (h*width + w)*frames + f.
+
+    "Text" is every token that is not the main video: text, CLS / register / message tokens, and
+    further video segments with their own grids (recorded in `segments`, each inside the text
+    spans). Patterns keep all of them global (dense rows and columns) and token orders never move
+    them, which is always correct; only the main video's attention is made sparse or reordered.
     """
 
     frames: int
@@ -41,6 +88,8 @@ class TokenGrid:
     width: int
     text_before: int = 0
     text_after: int = 0
+    axes: str = VIDEO_AXES
+    segments: tuple[VideoSegment, ...] = ()
 
     def __post_init__(self):
         for name in ("frames", "height", "width"):
@@ -49,6 +98,16 @@ class TokenGrid:
         for name in ("text_before", "text_after"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TokenGrid.{name} must be >= 0, got {getattr(self, name)}")
+        _check_axes(self.axes, "TokenGrid.axes")
+        object.__setattr__(self, "segments", tuple(self.segments))
+        video = range(self.text_before, self.text_before + self.video_tokens)
+        for seg in self.segments:
+            if not isinstance(seg, VideoSegment):
+                raise ValueError(f"TokenGrid.segments must hold VideoSegments, got {seg!r}")
+            end = seg.start + seg.video_tokens
+            if end > self.num_tokens or (seg.start < video.stop and video.start < end):
+                raise ValueError(f"video segment {seg} overlaps the main video {video} or ends after the "
+                                 f"{self.num_tokens} tokens")
 
     @property
     def video_tokens(self) -> int:
@@ -58,20 +117,44 @@ class TokenGrid:
     def num_tokens(self) -> int:
         return self.text_before + self.video_tokens + self.text_after
 
-    def to_dict(self) -> dict[str, int]:
-        return {"frames": self.frames, "height": self.height, "width": self.width,
-                "text_before": self.text_before, "text_after": self.text_after}
+    @property
+    def is_frame_major(self) -> bool:
+        return self.axes == VIDEO_AXES
+
+    def to_dict(self) -> dict[str, Any]:
+        """The five counts; axes and segments only where they are not the defaults (so the JSON of
+        a frame-major grid is what it always was)."""
+        d: dict[str, Any] = {"frames": self.frames, "height": self.height, "width": self.width,
+                             "text_before": self.text_before, "text_after": self.text_after}
+        if self.axes != VIDEO_AXES:
+            d["axes"] = self.axes
+        if self.segments:
+            d["segments"] = [s.to_dict() for s in self.segments]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TokenGrid":
-        return cls(**{k: int(v) for k, v in d.items()})
+        """Inverse of to_dict; dicts without axes / segments (older plans) are frame-major grids."""
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            if k == "axes":
+                out[k] = str(v)
+            elif k == "segments":
+                out[k] = tuple(s if isinstance(s, VideoSegment) else VideoSegment.from_dict(s) for s in v)
+            else:
+                out[k] = int(v)
+        return cls(**out)
 
     def __str__(self) -> str:
         s = f"{self.frames}x{self.height}x{self.width}"
+        if self.axes != VIDEO_AXES:
+            s += f"({self.axes})"
         if self.text_before:
             s = f"{self.text_before}+" + s
         if self.text_after:
             s += f"+{self.text_after}"
+        if self.segments:
+            s += " [also video " + ", ".join(f"{g.frames}x{g.height}x{g.width}@{g.start}" for g in self.segments) + "]"
         return s
 
 

@@ -1,7 +1,11 @@
 """Token orders (PARO): the 6 orders of the (frame, height, width) axes of a video token sequence.
 
-A model lays its video tokens out frame-major: index = (f*height + h)*width + w, i.e. the order
-FHW (frame outermost, width innermost). Reordering the tokens of a head so that the keys it
+Most models lay their video tokens out frame-major: index = (f*height + h)*width + w, i.e. the
+order FHW (frame outermost, width innermost); a model whose grid says otherwise (TokenGrid.axes,
+e.g. "hwf") lays them out in that order. A TokenOrder names an order of the (frame, height,
+width) axes themselves, whatever the model's layout: the sequence reordered to HWF is the same
+for every layout of the same grid, and the identity permutation is the one to the model's own
+order (model_order(grid)). Reordering the tokens of a head so that the keys it
 attends to lie next to each other makes its attention map block-concentrated (PAROAttention);
 e.g. a head that attends to the same spatial place in every frame is block-diagonal in order HWF.
 
@@ -39,14 +43,26 @@ class TokenOrder(str, enum.Enum):
 
     @property
     def is_identity(self) -> bool:
+        """The identity for a frame-major grid (TokenGrid.axes "fhw"); see model_order."""
         return self is TokenOrder.FHW
+
+
+def model_order(grid: TokenGrid) -> TokenOrder:
+    """The order the model's own tokens are in (its permutation is the identity)."""
+    return TokenOrder(grid.axes)
+
+
+def _to_axes(layout: str, order: str) -> tuple[int, ...]:
+    """permute() dims that take a tensor with dims in `layout` (letters of fhw) to dims in `order`."""
+    return tuple(layout.index(c) for c in order)
 
 
 @functools.lru_cache(maxsize=256)
 def _permutation_cached(grid: TokenGrid, order: TokenOrder) -> torch.Tensor:
-    sizes = (grid.frames, grid.height, grid.width)
-    video = torch.arange(grid.video_tokens, dtype=torch.int64).view(sizes)
-    video = video.permute(order.axes).reshape(-1) + grid.text_before
+    dims = dict(zip("fhw", (grid.frames, grid.height, grid.width)))
+    # the model's video token indices, as a tensor with one dim per axis in the model's layout
+    video = torch.arange(grid.video_tokens, dtype=torch.int64).view([dims[c] for c in grid.axes])
+    video = video.permute(_to_axes(grid.axes, order.value)).reshape(-1) + grid.text_before
     before = torch.arange(grid.text_before, dtype=torch.int64)
     after = torch.arange(grid.text_before + grid.video_tokens, grid.num_tokens, dtype=torch.int64)
     return torch.cat([before, video, after])
@@ -72,16 +88,17 @@ def head_permutations(grid: TokenGrid, orders: "list[TokenOrder] | tuple[TokenOr
 
 
 def token_coordinates(grid: TokenGrid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(frame, height, width, is_video) of every token in the ORIGINAL order, each (N,): int64
-    coordinates (-1 for text tokens) and a bool mask of video tokens."""
+    """(frame, height, width, is_video) of every token in the ORIGINAL (the model's) order, each
+    (N,): int64 coordinates (-1 for text tokens) and a bool mask of video tokens."""
     n, t0 = grid.num_tokens, grid.text_before
-    f = torch.full((n,), -1, dtype=torch.int64)
-    h, w = f.clone(), f.clone()
+    dims = dict(zip("fhw", (grid.frames, grid.height, grid.width)))
+    coords = {c: torch.full((n,), -1, dtype=torch.int64) for c in "fhw"}
     idx = torch.arange(grid.video_tokens, dtype=torch.int64)
     span = slice(t0, t0 + grid.video_tokens)
-    f[span] = idx // (grid.height * grid.width)
-    h[span] = (idx // grid.width) % grid.height
-    w[span] = idx % grid.width
+    stride = 1
+    for c in reversed(grid.axes):  # the innermost axis of the model's layout first
+        coords[c][span] = (idx // stride) % dims[c]
+        stride *= dims[c]
     is_video = torch.zeros(n, dtype=torch.bool)
     is_video[span] = True
-    return f, h, w, is_video
+    return coords["f"], coords["h"], coords["w"], is_video

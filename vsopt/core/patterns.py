@@ -18,6 +18,11 @@ query and cut at the borders of the video (no NATTEN-style shift at the edges).
 
 The calibrated mask (calibrated_block_mask) is different: it is measured in one order, so it is
 already a block mask in that order.
+
+Orders are named axis orders (vsopt/core/orders.py): for a model whose tokens are not frame-major
+(TokenGrid.axes, e.g. "hwf"), token_mask / block_mask in order O are the masks of the sequence
+reordered to O, the same as for the frame-major grid; in the model's own order
+(orders.model_order(grid)) they are the masks of its tokens as they are.
 """
 from __future__ import annotations
 
@@ -334,6 +339,9 @@ def block_mask(pattern: Pattern, grid: TokenGrid, order: TokenOrder | str = Toke
         raise ValueError(f"block sizes must be >= 1, got block_m={block_m}, block_n={block_n}")
     if not isinstance(pattern, Pattern):
         raise TypeError(f"expected a Pattern, got {type(pattern).__name__}")
+    # In a named order the reordered sequence does not depend on the model's layout (grid.axes),
+    # so every layout shares the frame-major grid's mask (its evaluation indexes tokens frame-major).
+    grid = dataclasses.replace(grid, axes="fhw") if grid.axes != "fhw" else grid
     return _block_mask_cached(pattern, grid, TokenOrder(order), int(block_m), int(block_n)).clone()
 
 

@@ -87,12 +87,16 @@ def reorders(heads: Sequence[HeadPlan]) -> bool:
 
 def permutations(grid: TokenGrid | None, heads: Sequence[HeadPlan]) -> torch.Tensor | None:
     """Gather indices (H, N) of the heads' token orders ((1, N) when all heads share one), or None
-    when every head runs in the model's order."""
-    if not reorders(heads):
-        return None
-    if grid is None:
-        raise ConfigError("token orders need the site's video grid")
+    when every head runs in the model's order (grid.axes: "fhw" unless the model lays its tokens
+    out otherwise; without a grid, frame-major is assumed and any other order needs the grid)."""
     orders = [hp.order for hp in heads]
+    if grid is None:
+        if not reorders(heads):
+            return None
+        raise ConfigError("token orders need the site's video grid: give it with the option 'grid', e.g. "
+                          "options={'grid': (frames, height, width)} (or {'grids': {site_id: ...}})")
+    if all(o.value == grid.axes for o in orders):
+        return None
     perms = head_permutations(grid, orders)
     return perms[:1] if len(set(orders)) == 1 else perms
 

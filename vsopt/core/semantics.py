@@ -304,7 +304,7 @@ def joint_plan(site: SiteShape, heads: Sequence[HeadPlan]) -> JointPlan:
     tb, stop = video_range(site)
     nv = stop - tb
     grid = site.grid
-    video = TokenGrid(grid.frames, grid.height, grid.width)
+    video = TokenGrid(grid.frames, grid.height, grid.width, axes=grid.axes)  # the video tokens, in their order
     groups = []
     for key, idx in launch_groups(heads).items():
         masks = None

@@ -57,6 +57,7 @@ from vsopt.core.ir import AttentionSite, SkippedSite
 from vsopt.core.ops import attention_arguments
 from vsopt.core.orders import TokenOrder
 from vsopt.core.plan import HeadPlan, Plan, SitePlan
+from vsopt.core.resample import fit_site_plan
 from vsopt.core.semantics import LaunchKey, launch_groups, permutations, static_mask
 
 from .graph_edit import constant, emit, with_layout_of
@@ -216,6 +217,13 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
         if sp is None:
             leave(site, "the plan has no entry for this site")
             continue
+        fit = fit_site_plan(sp, site)  # a plan made at another clip size, at this site's (vsopt.core.resample)
+        if fit.plan is None:
+            leave(site, f"the plan does not fit the site: {fit.reason}")
+            continue
+        if fit.resampled:
+            report.notes.append(fit.line())
+        sp = fit.plan
         reason = _why_not(site, sp, node)
         if sp.is_dense and not _site_differences(site, sp):
             # dense on purpose: what the plan asks for, whatever the site (a mask, causal...)

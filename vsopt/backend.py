@@ -33,6 +33,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from vsopt.core.config import VsoptConfig
 from vsopt.core.errors import ConfigError
+from vsopt.core.resample import NOTE_PREFIX as FIT_NOTE
 from vsopt.core.steps import step_variants
 from vsopt.passes import DEFAULT_PIPELINE, PassContext, PipelineOptions, PipelineReport, run_pipeline
 
@@ -291,8 +292,9 @@ def last_report() -> PipelineReport | None:
 
 def _tell(config: VsoptConfig, reports: Sequence[PipelineReport]) -> None:
     """One log line (logger "vsopt") per site left dense, with why: a warning where a plan was
-    given and not applied (its lines are what a plan for another model, other head counts or
-    another length produces), info where dense is what was asked for (no plan, a dense entry)."""
+    given and not applied (its lines are what a plan for another model or other head counts
+    produces), info where dense is what was asked for (no plan, a dense entry); and one info line
+    per plan entry fitted to another clip size, with its density change."""
     _last[:] = [reports[0]]
     lines = {}
     for report in reports:
@@ -301,6 +303,10 @@ def _tell(config: VsoptConfig, reports: Sequence[PipelineReport]) -> None:
             lines.setdefault(f"site {s.site_id!r} runs dense: {s.reason}", level)
         for site_id, why in report.kept_dense.items():
             lines.setdefault(f"site {site_id!r} runs dense: {why}", logging.INFO)
+        for p in report.passes:  # a plan entry made at another size, fitted to this one (vsopt.core.resample)
+            for note in p.notes:
+                if note.startswith(FIT_NOTE):
+                    lines.setdefault(note, logging.INFO)
         if report.absent_plan_sites:  # may be in another graph of the same model (a graph break)
             lines.setdefault(f"plan sites not in this graph: {report.absent_plan_sites}", logging.INFO)
     for line, level in lines.items():

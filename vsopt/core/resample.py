@@ -16,9 +16,9 @@ What each head kind becomes at the new grid:
   mask is evaluated on the site's grid (HeadPlan.block_mask), i.e. re-derived at the new grid;
 - token order: unchanged (an order of the axes, valid at any size);
 - calibrated mask: resampled in grid coordinates (resample_mask): each token of the new grid
-  stands for the cells of the old grid that its extent covers (frame, height and width scaled
-  separately, in normalized coordinates), a new block pair is kept when any pair of old tokens
-  it stands for was in a kept old block pair, text rows and columns are global (text tokens
+  stands for the old tokens at its place (frame, height and width scaled separately, in
+  normalized coordinates: axis_cover), a new block pair is kept when any pair of old tokens it
+  stands for was in a kept old block pair, text rows and columns are global (text tokens
   have no grid position; issue 14 item 4), and every row keeps its diagonal block.
   Block sizes are kept.
 
@@ -67,6 +67,8 @@ class SiteFit:
         """One line for the report and the log."""
         if self.plan is None:
             return f"site {self.site_id!r}: the plan cannot be fitted to the site: {self.reason}"
+        if not self.resampled:
+            return f"site {self.site_id!r}: the plan entry fits the site's size ({self.after}) as it is"
         parts = [f"{NOTE_PREFIX}: site {self.site_id!r}: plan for {self.before} fitted to {self.after}"]
         if self.mask_density[0] is not None:
             parts.append(f"calibrated masks resampled, density {self.mask_density[0]:.3f} -> {self.mask_density[1]:.3f}")
@@ -134,12 +136,16 @@ def _fit_head(hp: HeadPlan, old: TokenGrid | None, new: TokenGrid | None, q_len:
 
 
 def axis_cover(n_old: int, n_new: int) -> torch.Tensor:
-    """Bool (n_new, n_old): new cell c stands for the old cells its extent [c, c+1) * n_old / n_new
-    overlaps (normalized coordinates; identity when n_old == n_new)."""
+    """Bool (n_new, n_old): the old cells new cell c stands for, along one axis, in normalized
+    coordinates (cell c spans [c, c+1) / n_new): every old cell whose centre lies in c's span
+    (shrinking: the old cells are shared out, none twice), and the old cell holding c's centre
+    (growing: each new cell has one). The identity when n_old == n_new; no dilation at any ratio,
+    so a mask keeps its density up to block rounding."""
     c = torch.arange(n_new, dtype=torch.int64)[:, None]
     o = torch.arange(n_old, dtype=torch.int64)[None, :]
-    # overlap of [c*n_old, (c+1)*n_old) and [o*n_new, (o+1)*n_new), integer arithmetic
-    return (c * n_old < (o + 1) * n_new) & (o * n_new < (c + 1) * n_old)
+    centre_of_old_in_c = ((2 * o + 1) * n_new) // (2 * n_old) == c
+    old_at_centre_of_c = ((2 * c + 1) * n_old) // (2 * n_new) == o
+    return centre_of_old_in_c | old_at_centre_of_c
 
 
 def _block_members(grid: TokenGrid, order: TokenOrder, block: int) -> torch.Tensor:

@@ -3,8 +3,6 @@ others (frames, height, width, text length), through the passes (trace_and_rewri
 export, calibration checks and the bench), equal to vsopt.core.semantics' reference of the plan
 fitted to the new grid, with the density change in lower_plan's report; a plan that cannot be
 fitted leaves the site dense with a one-line reason (strict: an error)."""
-import logging
-
 import pytest
 import torch
 
@@ -81,7 +79,7 @@ def test_the_plan_at_its_own_size_is_used_as_it_is(plan):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_a_plan_that_cannot_be_fitted_leaves_the_site_dense_with_one_line(plan, caplog):
+def test_a_plan_that_cannot_be_fitted_leaves_the_site_dense_with_one_line(plan):
     m = rm.model()
     two_heads = Plan({rm.SITE: select_heads(plan.sites[rm.SITE], [0, 1])})
     clip, text = rm.inputs(*SIZES["frames"])

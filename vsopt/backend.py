@@ -126,21 +126,29 @@ def _retrace(gm: torch.fx.GraphModule, fake_mode, fake_inputs: Sequence[Any]) ->
         return make_fx(run, tracing_mode="fake" if fake_mode is not None else "real")(*fake_inputs)
 
 
-def to_aten_at(gm: torch.fx.GraphModule, args: Sequence[Any]) -> torch.fx.GraphModule:
+def to_aten_at(gm: torch.fx.GraphModule, args: Sequence[Any], fake_mode=None) -> torch.fx.GraphModule:
     """The ATen graph of Dynamo's graph `gm` specialized to the sizes of `args` (real tensors and
     ints, what the compiled graph is called with): a graph Dynamo traced with symbolic sizes,
-    traced again in a fresh fake mode whose inputs have these concrete sizes and strides. The
-    data-dependent (unbacked) sizes of the graph stay symbolic; every other size is a number, so
-    the passes can build the site's masks and tables for this resolution."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
-    fake_mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True, static_shapes=True)
+    traced again in a fake mode (fake_mode, or a fresh one: concrete_fake_mode) whose inputs have
+    these concrete sizes and strides. The data-dependent (unbacked) sizes of the graph stay
+    symbolic; every other size is a number, so the passes can build the site's masks and tables
+    for this resolution."""
+    fake_mode = fake_mode or concrete_fake_mode()
     fakes = [fake_mode.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a for a in args]
     aten_gm = _retrace(gm, fake_mode, fakes)
     aten_gm.graph.eliminate_dead_code()
     aten_gm.recompile()
     return aten_gm
+
+
+def concrete_fake_mode():
+    """A fake mode with static input sizes whose ShapeEnv admits the data-dependent ops a Dynamo
+    graph can hold (it holds them only where Dynamo's config captured them)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    shape_env = ShapeEnv(allow_scalar_outputs=True, allow_dynamic_output_shape_ops=True)
+    return FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True, static_shapes=True)
 
 
 def _specialize_float_inputs(gm: torch.fx.GraphModule) -> None:
@@ -274,8 +282,17 @@ class PerResolution:
             sizes = ", ".join(str(tuple(k[0])) if isinstance(k, tuple) else str(k) for k in key)
             _log.info("vsopt: compiling for input sizes %s (Dynamo's graph has symbolic sizes: vsopt lowers "
                       "one graph per resolution)", sizes)
-            fn = self.compiled[key] = _compile(self.gm, self.config, args, lambda: to_aten_at(self.gm, args))
+            fn = self.compiled[key] = self.compile(args)
         return fn(*args)
+
+    def compile(self, args: Sequence[Any]):
+        """The graph at the sizes of `args`. Inductor runs in the same fake mode as the re-trace
+        (a TracingContext, as under Dynamo), so it too admits the graph's data-dependent ops."""
+        from torch._guards import TracingContext, tracing
+
+        fake_mode = concrete_fake_mode()
+        with tracing(TracingContext(fake_mode)):
+            return _compile(self.gm, self.config, args, lambda: to_aten_at(self.gm, args, fake_mode))
 
 
 _log = logging.getLogger("vsopt")

@@ -89,3 +89,20 @@ def test_the_aten_graph_keeps_the_unbacked_sizes(how, config):
     with torch._dynamo.config.patch(**config), torch.no_grad():
         torch.compile(m, backend=backend, fullgraph=True)(*inputs(5))
     assert seen == [[True]], seen
+
+
+def test_trimmed_text_at_several_resolutions_with_dynamic_shapes():
+    """dynamic=True: the graph is compiled per resolution (vsopt.backend.PerResolution), re-traced
+    at each call's sizes with the text length still data (an unbacked size), Inductor in the same
+    fake mode; with the cudagraphs option too (on a CPU Inductor runs without CUDA graphs)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = TrimmedTextJoint("nonzero").eval()
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True), torch.no_grad():
+        compiled = torch.compile(m, backend="vsopt", fullgraph=True, dynamic=True, options={"cudagraphs": True})
+        for frames, valid in ((2, 5), (3, 5), (3, 8)):
+            clip, text, mask = inputs(valid)
+            clip = torch.randn(1, 3, frames, 8, 8)
+            for g, w in zip(compiled(clip, text, mask), m(clip, text, mask)):
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+            assert vsopt.last_report().sites or vsopt.last_report().skipped

@@ -90,3 +90,19 @@ def test_a_plan_that_cannot_be_fitted_leaves_the_site_dense_with_one_line(plan):
     torch.testing.assert_close(run(gm, clip, text), run(m, clip, text), rtol=1e-5, atol=1e-5)
     with pytest.raises(UnsupportedSiteError, match="2 heads, the site 4"):
         trace_and_rewrite(m, (clip, text), VsoptConfig(plan=two_heads, strict=True))
+
+
+def test_the_bench_prices_the_plan_at_the_size_it_runs(plan):
+    """vsopt.benchmark.aggregate at another clip size: the densities of the fitted entry (what
+    lower_plan runs), and dense (1) for an entry that cannot be fitted."""
+    from vsopt.benchmark.aggregate import plan_density
+    from vsopt.core.semantics import head_densities
+
+    m = rm.model()
+    _, report = trace_and_rewrite(m, rm.inputs(*SIZES["all"]), VsoptConfig(plan=plan, rewrite=False))
+    (site,) = report.sites
+    fitted = fit_site_plan(plan.sites[rm.SITE], site).plan
+    want = sum(head_densities(site, fitted.heads)) / rm.HEADS
+    assert plan_density(plan, [site]) == pytest.approx(want)
+    assert want < 0.9
+    assert plan_density(Plan({rm.SITE: select_heads(plan.sites[rm.SITE], [0, 1])}), [site]) == 1.0

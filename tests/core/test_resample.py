@@ -167,3 +167,11 @@ def test_a_mask_that_does_not_match_its_own_blocks_is_refused_with_the_reason():
     object.__setattr__(sp, "heads", (bad, sp.heads[1]))
     fit = fit_site_plan(sp, site_at(TokenGrid(3, 8, 8)))
     assert fit.plan is None and "does not match blocks 32x16" in fit.reason
+
+
+def test_an_entry_whose_heads_read_no_grid_takes_the_sites_grid():
+    """Same length, a grid recorded differently (none at calibration, inferred now): dense and
+    dynamic heads do not read it, so the entry fits with the site's grid (not a difference)."""
+    sp = SitePlan("s", 2, 128, 128, None, (HeadPlan(), HeadPlan(Sparsity.DYNAMIC, dynamic=DynamicSpec(value=0.5))))
+    fit = fit_site_plan(sp, site_at(TokenGrid(2, 8, 8)))
+    assert fit.plan.grid == TokenGrid(2, 8, 8) and fit.plan.heads == sp.heads and not fit.resampled

@@ -33,8 +33,8 @@ resampled masks alone, their mean.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -95,8 +95,10 @@ def fit_site_plan(sp: SitePlan, site) -> SiteFit:
     same_sizes = (sp.q_len, sp.kv_len) == (site.q_len, site.kv_len)
     heads = list(sp.all_heads())
     needs_grid = [h for h in heads if h.sparsity in (Sparsity.PATTERN, Sparsity.MASK) or h.order is not TokenOrder.FHW]
-    if same_sizes and (sp.grid == site.grid or not needs_grid):
+    if same_sizes and sp.grid == site.grid:
         return SiteFit(sp.site_id, sp, before=before, after=after)
+    if same_sizes and not needs_grid:  # only the recorded grid differs, and no head reads it
+        return SiteFit(sp.site_id, dataclasses.replace(sp, grid=site.grid), before=before, after=after)
     if needs_grid:
         if site.q_len != site.kv_len or sp.q_len != sp.kv_len:
             return SiteFit(sp.site_id, None, "calibrated masks of a cross-attention site cannot be resampled (its "
@@ -158,9 +160,11 @@ def _block_members(grid: TokenGrid, order: TokenOrder, block: int) -> torch.Tens
     return member.view(-1, grid.frames, grid.height, grid.width)
 
 
+@functools.lru_cache(maxsize=64)
 def _block_cover(old: TokenGrid, new: TokenGrid, order: TokenOrder, block: int) -> torch.Tensor:
     """Bool (NB_new, NB_old): new block I stands for old block i when a video token of I covers a
-    video token of i (axis_cover on each axis)."""
+    video token of i (axis_cover on each axis). Cached: every mask head of a model with one order
+    and block size shares it (do not modify the result)."""
     cf, ch, cw = (axis_cover(o, n).float() for o, n in ((old.frames, new.frames), (old.height, new.height),
                                                          (old.width, new.width)))
     r = torch.einsum("ifhw,fg->ighw", _block_members(new, order, block), cf)
@@ -190,7 +194,3 @@ def resample_mask(mask: torch.Tensor, old: TokenGrid, new: TokenGrid, order: Tok
     out[:, _text_blocks(new, block_n)] = True
     return out | diagonal_blocks(new.num_tokens, new.num_tokens, block_m, block_n)
 
-
-def fit_all(plan_sites: dict[str, SitePlan], sites: Sequence) -> dict[str, SiteFit]:
-    """fit_site_plan for every site the plan has an entry for, by site_id."""
-    return {s.site_id: fit_site_plan(plan_sites[s.site_id], s) for s in sites if s.site_id in plan_sites}

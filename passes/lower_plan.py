@@ -67,6 +67,7 @@ from vsopt.core.orders import TokenOrder
 from vsopt.core.plan import HeadPlan, Plan, SitePlan
 from vsopt.core.joint import joint_attention
 from vsopt.core.pooled import Remainder, pooled_attention
+from vsopt.core.resample import fit_site_plan
 from vsopt.core.semantics import LaunchKey, joint_plan, launch_groups, permutations, static_mask, text_blocks, video_range
 
 from .graph_edit import constant, emit, with_layout_of
@@ -327,6 +328,13 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
         if sp is None:
             leave(site, "the plan has no entry for this site")
             continue
+        fit = fit_site_plan(sp, site)  # a plan made at another clip size, at this site's (vsopt.core.resample)
+        if fit.plan is None:
+            leave(site, f"the plan does not fit the site: {fit.reason}")
+            continue
+        if fit.resampled:
+            report.notes.append(fit.line())
+        sp = fit.plan
         mask = _site_mask(site, node, ctx) if site.has_mask or node is not None else None
         symbolic = _symbolic_length(node)
         split = mask is not None or site.has_mask or symbolic

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import operator
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.fx
@@ -33,6 +33,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from vsopt.core.config import VsoptConfig
 from vsopt.core.errors import ConfigError
+from vsopt.core.resample import NOTE_PREFIX as FIT_NOTE
 from vsopt.core.steps import step_variants
 from vsopt.passes import DEFAULT_PIPELINE, PassContext, PipelineOptions, PipelineReport, run_pipeline
 
@@ -57,8 +58,10 @@ def to_aten(model_or_gm: torch.nn.Module, example_inputs: Sequence[Any]) -> torc
     """An ATen-level FX graph of the model, with nn_module_stack, stack_trace and meta["val"] on
     its nodes.
 
-    - A Dynamo graph (what a backend receives): traced again with make_fx in Dynamo's fake mode,
-      through an fx.Interpreter under preserve_node_meta so node metadata survives. The result
+    - A Dynamo graph (what a backend receives): traced again with make_fx on Dynamo's fake
+      inputs (its placeholders' example values, symbolic sizes kept: _retrace), through an
+      fx.Interpreter under preserve_node_meta so node metadata survives. to_aten_at(gm, args)
+      traces it at the concrete sizes of a call's arguments instead. The result
       takes the same inputs as the Dynamo graph (parameters lifted as inputs), and the ATen ops
       are post-dispatch (SDPA appears as e.g. _scaled_dot_product_flash_attention_for_cpu).
     - An ExportedProgram: its module() (the export path runs the same passes on it).
@@ -76,20 +79,76 @@ def to_aten(model_or_gm: torch.nn.Module, example_inputs: Sequence[Any]) -> torc
     elif _is_dynamo_graph(model_or_gm):
         gm = model_or_gm
         _specialize_float_inputs(gm)
-        fake_mode = detect_fake_mode(example_inputs)
+        fake_mode = detect_fake_mode(example_inputs)  # None where Dynamo hands the backend real tensors
         fake_inputs = [n.meta["example_value"] for n in gm.graph.nodes if n.op == "placeholder"]
-
-        def run(*args):
-            return torch.fx.Interpreter(gm).run(*args)
-
-        with fx_traceback.preserve_node_meta(), (fake_mode if fake_mode is not None else _null()):
-            aten_gm = make_fx(run, tracing_mode="fake" if fake_mode is not None else "real")(*fake_inputs)
+        aten_gm = _retrace(gm, fake_mode, fake_inputs)
     else:
         ep = torch.export.export(model_or_gm, example_inputs, strict=False)
         aten_gm = ep.module()
     aten_gm.graph.eliminate_dead_code()
     aten_gm.recompile()
     return aten_gm
+
+
+def _has_symbols(values: Sequence[Any]) -> bool:
+    """Whether any value (a FakeTensor's sizes or strides, a SymInt) is symbolic."""
+    from torch.fx.experimental.symbolic_shapes import free_symbols
+
+    return any(free_symbols(v) for v in values if isinstance(v, (torch.Tensor, torch.SymInt, torch.SymFloat)))
+
+
+def _graph_has_symbols(gm: torch.fx.GraphModule) -> bool:
+    """Whether Dynamo's graph computes with symbolic sizes anywhere: dynamic input sizes, or the
+    unbacked sizes of data-dependent ops (nonzero, .item() under capture_scalar_outputs)."""
+    return _has_symbols([v for n in gm.graph.nodes
+                         for v in torch.utils._pytree.tree_leaves(n.meta.get("example_value"))])
+
+
+def _retrace(gm: torch.fx.GraphModule, fake_mode, fake_inputs: Sequence[Any]) -> torch.fx.GraphModule:
+    """make_fx of Dynamo's graph, run node by node (an fx.Interpreter under preserve_node_meta, so
+    nn_module_stack and stack traces survive), in `fake_mode` on inputs of that mode.
+
+    Symbols stay symbols, as in AOTAutograd's own trace (torch/_functorch/_aot_autograd/
+    graph_capture.py): the inputs are already fake tensors of the mode that made Dynamo's graph
+    (its ShapeEnv holds every symbol), make_fx runs in that ambient mode, and where the graph has
+    symbols the python dispatcher decomposes composite ops with SymInts. Without the python
+    dispatcher, the C++ composite kernels demand concrete sizes: F.pad of a tensor whose length
+    comes from nonzero or .item() failed with "SymIntArrayRef expected to contain only concrete
+    integers" (issue 14, class 1)."""
+    from torch._dispatch.python import enable_python_dispatcher
+
+    def run(*args):
+        return torch.fx.Interpreter(gm).run(*args)
+
+    dispatcher = enable_python_dispatcher() if _graph_has_symbols(gm) else _null()
+    with fx_traceback.preserve_node_meta(), (fake_mode if fake_mode is not None else _null()), dispatcher:
+        # fake inputs under "real" tracing run in their own mode (make_fx adds no conversion)
+        return make_fx(run, tracing_mode="fake" if fake_mode is not None else "real")(*fake_inputs)
+
+
+def to_aten_at(gm: torch.fx.GraphModule, args: Sequence[Any], fake_mode=None) -> torch.fx.GraphModule:
+    """The ATen graph of Dynamo's graph `gm` specialized to the sizes of `args` (real tensors and
+    ints, what the compiled graph is called with): a graph Dynamo traced with symbolic sizes,
+    traced again in a fake mode (fake_mode, or a fresh one: concrete_fake_mode) whose inputs have
+    these concrete sizes and strides. The data-dependent (unbacked) sizes of the graph stay
+    symbolic; every other size is a number, so the passes can build the site's masks and tables
+    for this resolution."""
+    fake_mode = fake_mode or concrete_fake_mode()
+    fakes = [fake_mode.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a for a in args]
+    aten_gm = _retrace(gm, fake_mode, fakes)
+    aten_gm.graph.eliminate_dead_code()
+    aten_gm.recompile()
+    return aten_gm
+
+
+def concrete_fake_mode():
+    """A fake mode with static input sizes whose ShapeEnv admits the data-dependent ops a Dynamo
+    graph can hold (it holds them only where Dynamo's config captured them)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    shape_env = ShapeEnv(allow_scalar_outputs=True, allow_dynamic_output_shape_ops=True)
+    return FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True, static_shapes=True)
 
 
 def _specialize_float_inputs(gm: torch.fx.GraphModule) -> None:
@@ -146,28 +205,94 @@ def vsopt_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     A plan with separate head plans for ranges of denoising steps compiles one graph per segment
     of steps and picks one at each call from vsopt.set_denoising_step (unknown step: the default
     head plans). options["cudagraphs"]: every graph runs under Inductor's CUDA graphs. What was
-    left dense is logged and kept for last_report()."""
-    from vsopt.inductor import compile_fx  # Inductor without its attention fusion (vsopt.inductor says why)
+    left dense is logged and kept for last_report().
 
+    A graph Dynamo traced with symbolic input sizes (its automatic dynamic shapes on the second
+    resolution, or dynamic=True) is lowered once per concrete resolution it is called with
+    (PerResolution; docs/RUNTIME.md says why): the plan's tables are built for each grid, the plan
+    itself fitted to it (vsopt.core.resample)."""
     config = VsoptConfig.from_options(options)
-    plan = config.plan
     if config.cudagraphs:  # options={"cudagraphs": True}: Inductor's CUDA graphs (vsopt/cudagraphs.py)
         from vsopt import cudagraphs
 
-        plan = cudagraphs.plan_for_cudagraphs(plan)
+        config = dataclasses.replace(config, plan=cudagraphs.plan_for_cudagraphs(config.plan))
+    _specialize_float_inputs(gm)  # may restart Dynamo's analysis: here, never inside a call
+    sized = symbolic_input_positions(gm)
+    if sized:
+        return PerResolution(gm, config, sized)
+    return _compile(gm, config, example_inputs, lambda: to_aten(gm, example_inputs))
+
+
+def _compile(gm: torch.fx.GraphModule, config: VsoptConfig, inputs: Sequence[Any],
+             trace: Callable[[], torch.fx.GraphModule]):
+    """Dynamo's graph traced to ATen by `trace` (at Dynamo's sizes, or at a call's), rewritten
+    and compiled by Inductor with `inputs` as example inputs; one graph per step segment."""
+    from vsopt.inductor import compile_fx  # Inductor without its attention fusion (vsopt.inductor says why)
+
     reports: list[PipelineReport] = []
 
     def build(plan):
-        aten_gm, report = trace_and_rewrite(gm, example_inputs, dataclasses.replace(config, plan=plan))
+        aten_gm = trace()
+        report = run_pipeline(aten_gm, PassContext(config=dataclasses.replace(config, plan=plan)), DEFAULT_PIPELINE)
         reports.append(report)
         if config.cudagraphs:
-            return cudagraphs.compile_graph(aten_gm, gm, example_inputs)
-        return compile_fx(aten_gm, list(example_inputs))
+            from vsopt import cudagraphs
+
+            return cudagraphs.compile_graph(aten_gm, gm, inputs)
+        return compile_fx(aten_gm, list(inputs))
 
     # a plan with step ranges: one graph per segment of steps, chosen per call (vsopt.core.steps)
-    compiled = step_variants(plan, build)
+    compiled = step_variants(config.plan, build)
     _tell(config, reports)
     return compiled
+
+
+def symbolic_input_positions(gm: torch.fx.GraphModule) -> tuple[int, ...]:
+    """Indices of the inputs of Dynamo's graph whose sizes or strides are symbolic (a FakeTensor
+    with symbolic sizes, a SymInt, in the placeholders' example values: torch 2.14 hands the
+    backend real example tensors): where a call's concrete resolution is read from."""
+    return tuple(i for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))
+                 if _has_symbols([n.meta.get("example_value")]))
+
+
+class PerResolution:
+    """What the backend returns for a graph with symbolic input sizes: at each call, the graph
+    compiled for the concrete sizes of that call's arguments (traced again from Dynamo's graph
+    with those sizes: vsopt.backend.to_aten_at), compiled on the first call at a resolution and
+    cached by the sizes and strides of the symbolic inputs.
+
+    Why not lower with symbolic sizes: a site's lowering is constant tables (kv indices per query
+    block, token permutations) that are functions of the grid, and the grid (frames, height,
+    width, text) is what varies; a symbolic table would have to be built inside the graph at
+    every call. One graph per resolution is what dynamic=False would give, without Dynamo's
+    recompile limit, and one Dynamo graph (one guard set) serves every size."""
+
+    def __init__(self, gm: torch.fx.GraphModule, config: VsoptConfig, positions: Sequence[int]):
+        self.gm, self.config, self.positions = gm, config, tuple(positions)
+        self.compiled: dict[tuple, Any] = {}
+
+    def key(self, args: Sequence[Any]) -> tuple:
+        return tuple((tuple(a.shape), tuple(a.stride())) if isinstance(a, torch.Tensor) else a
+                     for a in (args[i] for i in self.positions))
+
+    def __call__(self, *args):
+        key = self.key(args)
+        fn = self.compiled.get(key)
+        if fn is None:
+            sizes = ", ".join(str(tuple(k[0])) if isinstance(k, tuple) else str(k) for k in key)
+            _log.info("vsopt: compiling for input sizes %s (Dynamo's graph has symbolic sizes: vsopt lowers "
+                      "one graph per resolution)", sizes)
+            fn = self.compiled[key] = self.compile(args)
+        return fn(*args)
+
+    def compile(self, args: Sequence[Any]):
+        """The graph at the sizes of `args`. Inductor runs in the same fake mode as the re-trace
+        (a TracingContext, as under Dynamo), so it too admits the graph's data-dependent ops."""
+        from torch._guards import TracingContext, tracing
+
+        fake_mode = concrete_fake_mode()
+        with tracing(TracingContext(fake_mode)):
+            return _compile(self.gm, self.config, args, lambda: to_aten_at(self.gm, args, fake_mode))
 
 
 _log = logging.getLogger("vsopt")
@@ -184,8 +309,9 @@ def last_report() -> PipelineReport | None:
 
 def _tell(config: VsoptConfig, reports: Sequence[PipelineReport]) -> None:
     """One log line (logger "vsopt") per site left dense, with why: a warning where a plan was
-    given and not applied (its lines are what a plan for another model, other head counts or
-    another length produces), info where dense is what was asked for (no plan, a dense entry)."""
+    given and not applied (its lines are what a plan for another model or other head counts
+    produces), info where dense is what was asked for (no plan, a dense entry); and one info line
+    per plan entry fitted to another clip size, with its density change."""
     _last[:] = [reports[0]]
     lines = {}
     for report in reports:
@@ -194,8 +320,13 @@ def _tell(config: VsoptConfig, reports: Sequence[PipelineReport]) -> None:
             lines.setdefault(f"site {s.site_id!r} runs dense: {s.reason}", level)
         for site_id, why in report.kept_dense.items():
             lines.setdefault(f"site {site_id!r} runs dense: {why}", logging.INFO)
+        for p in report.passes:  # a plan entry made at another size, fitted to this one (vsopt.core.resample)
+            for note in p.notes:
+                if note.startswith(FIT_NOTE):
+                    lines.setdefault(note, logging.INFO)
         if report.absent_plan_sites:  # may be in another graph of the same model (a graph break)
             lines.setdefault(f"plan sites not in this graph: {report.absent_plan_sites}", logging.INFO)
     for line, level in lines.items():
         _log.log(level, "vsopt: %s", line)
+
 

@@ -15,6 +15,7 @@ from vsopt.core import semantics
 from vsopt.core.costmodel import CostModel
 from vsopt.core.ir import AttentionSite
 from vsopt.core.plan import Plan, Sparsity
+from vsopt.core.resample import fit_site_plan
 
 Calls = Mapping[str, object] | None
 
@@ -23,10 +24,21 @@ def _per_step(calls: Calls | Sequence[Calls], steps: int) -> list[Calls]:
     return list(calls) if isinstance(calls, (list, tuple)) else [calls] * steps
 
 
+def heads_run(plan: Plan, site: AttentionSite, step: int | None):
+    """The head plans the compiled model runs at `site` and `step`: the plan's entry fitted to the
+    site's size (vsopt.core.resample: a plan calibrated at another clip size), or None where it
+    cannot be fitted (the site then runs dense, as lower_plan leaves it)."""
+    fit = fit_site_plan(plan[site.site_id], site)
+    return None if fit.plan is None else fit.plan.heads_at(step)
+
+
 def site_densities(plan: Plan, site: AttentionSite, calls: Calls, step: int | None) -> list[float]:
     """Per head, the block density the site's plan entry runs at `step` (semantics.head_densities,
-    on the site's q/k from `calls` when a dynamic head needs them)."""
-    heads = plan[site.site_id].heads_at(step)
+    on the site's q/k from `calls` when a dynamic head needs them); 1 for every head of an entry
+    that does not fit the site."""
+    heads = heads_run(plan, site, step)
+    if heads is None:
+        return [1.0] * site.heads
     call = calls[site.site_id] if calls is not None and any(h.sparsity is Sparsity.DYNAMIC for h in heads) else None
     if call is None:
         return semantics.head_densities(site, heads)
@@ -68,11 +80,11 @@ def _predicted_step_speedup(plan: Plan, sites: Sequence[AttentionSite], cost: Co
     for s in sites:
         dense_us = semantics.dense_us(s, cost)
         dense += dense_us
-        if s.site_id not in plan:
+        heads = heads_run(plan, s, step) if s.site_id in plan else None
+        if heads is None:
             planned += dense_us
             continue
-        planned += semantics.predicted_us(s, plan[s.site_id].heads_at(step), cost,
-                                          site_densities(plan, s, calls, step))
+        planned += semantics.predicted_us(s, heads, cost, site_densities(plan, s, calls, step))
     return dense / max(planned, 1e-9)
 
 

@@ -176,9 +176,10 @@ class _Lowering:
             kv_counts = self.emit(operator.getitem, (table, 1))
             meta["vsopt_plan"] = {"quant": key.quant.value, "block": (key.block_m, key.block_n),
                                   "dynamic": spec.to_dict()}
+        softcap = attention_arguments(self.node.args, self.node.kwargs)["softcap"]   # the site's logit cap
         return self.emit(vsopt.block_sparse_attention.default,
                          (q, k, v, kv_indices, kv_counts, float(self.scale), key.block_m, key.block_n,
-                          key.quant.value), **meta)
+                          key.quant.value, *((float(softcap),) if softcap else ())), **meta)
 
 
 def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:

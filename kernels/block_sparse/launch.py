@@ -242,7 +242,8 @@ def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: t
     out = torch.empty_like(q)
     q_scale = k_scale = v_scale = None
     if spec.quant is not QuantMode.NONE:
-        quantized = quant_launch.quantize_qkv(q, k, v, spec.quant, block_m, block_n)
+        # K smoothing drops q . mean, a per-row constant the softmax ignores but a soft cap does not
+        quantized = quant_launch.quantize_qkv(q, k, v, spec.quant, block_m, block_n, smooth_k=spec.softcap == 0)
         q, k, v = quantized.q, quantized.k, quantized.v
         q_scale, k_scale, v_scale = quantized.q_scale, quantized.k_scale, quantized.v_scale
     if spec.quant.pv_is_fp8:   # v is (B, H, D, N_pad): token stride 1 (the kernel knows), channel stride N_pad

@@ -70,7 +70,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
     qf, kf, vf = q.to(work), k.to(work), v.to(work)
     mode = QuantMode.parse(quant, "block_sparse_attention: quant")
     if mode is not QuantMode.NONE:
-        qf, kf, vf = quant_ref.fake_quantize_qkv(qf, kf, vf, mode, block_m, block_n)
+        qf, kf, vf = quant_ref.fake_quantize_qkv(qf, kf, vf, mode, block_m, block_n, smooth_k=softcap == 0)
     mask = table_to_token_mask(kv_indices, kv_counts, q.shape[2], k.shape[2], block_m, block_n)
     mask = mask.expand(q.shape[0], -1, -1, -1)
     out, lse = masked_attention(qf, kf, vf, mask, scale, softcap, block_n if mode.pv_is_fp8 else None)

@@ -97,14 +97,15 @@ class QuantizedQKV:
 
 
 def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: QuantMode | str, block_m: int,
-                 block_n: int) -> QuantizedQKV:
-    """Quantize q, k, v for `quant` mode ("int8", "fp8", "int8_fp8"): see kernels/quant/reference.py."""
+                 block_n: int, smooth_k: bool = True) -> QuantizedQKV:
+    """Quantize q, k, v for `quant` mode ("int8", "fp8", "int8_fp8"): see kernels/quant/reference.py
+    (smooth_k False: K quantized without subtracting its mean, for soft-capped attention)."""
     mode = QuantMode.parse(quant, "quantize_qkv: quant")
     check(mode is not QuantMode.NONE, f"quantize_qkv: quant must be a quantized mode, got {quant!r}")
     fmt, fp8_pv = mode.qk_format, mode.pv_is_fp8
     k_sum, v_max = channel_stats(k, v if fp8_pv else None)
     qc, qs = quantize_blocks(q, block_m, fmt)
-    kc, ks = quantize_blocks(k, block_n, fmt, channel_sum=k_sum)
+    kc, ks = quantize_blocks(k, block_n, fmt, channel_sum=k_sum if smooth_k else None)
     if fp8_pv:
         vc, vs = quantize_v_fp8(v, v_max)
         return QuantizedQKV(qc, qs, kc, ks, vc, vs)

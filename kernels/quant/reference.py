@@ -54,13 +54,15 @@ def quantize_channels_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fake_quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: QuantMode | str, block_m: int,
-                      block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize then dequantize q, k, v as the kernels do in `quant` mode (K comes back smoothed)."""
+                      block_n: int, smooth_k: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize then dequantize q, k, v as the kernels do in `quant` mode (K comes back smoothed
+    unless smooth_k is False: a soft-capped attention is not invariant to the per-row constant
+    q . mean that smoothing drops, so it quantizes K as it is)."""
     mode = QuantMode.parse(quant, "fake_quantize_qkv: quant")
     check(mode is not QuantMode.NONE, f"fake_quantize_qkv: quant must be a quantized mode, got {quant!r}")
     fmt = mode.qk_format
     qc, qs = quantize_blocks(q, block_m, fmt)
-    kc, ks = quantize_blocks(k, block_n, fmt, mean=k.float().mean(dim=2))
+    kc, ks = quantize_blocks(k, block_n, fmt, mean=k.float().mean(dim=2) if smooth_k else None)
     q_hat = (qc * qs.repeat_interleave(block_m, dim=2)[:, :, : q.shape[2], None]).to(q.dtype)
     k_hat = (kc * ks.repeat_interleave(block_n, dim=2)[:, :, : k.shape[2], None]).to(k.dtype)
     if mode.pv_is_fp8:

@@ -54,8 +54,10 @@ def _channels_fp8(v: ir.Value) -> ir.Value:
     return op.Mul(_round(op.Div(v, scale), "fp8"), scale)
 
 
-def fake_quantize_qkv(q: ir.Value, k: ir.Value, v: ir.Value, quant: str, block_m: int, block_n: int, opset: int):
-    """(q, k, v) as the kernels see them in `quant` mode, float32 (K comes back smoothed)."""
+def fake_quantize_qkv(q: ir.Value, k: ir.Value, v: ir.Value, quant: str, block_m: int, block_n: int, opset: int,
+                      smooth_k: bool = True):
+    """(q, k, v) as the kernels see them in `quant` mode, float32 (K comes back smoothed unless
+    smooth_k is False: soft-capped attention)."""
     mode = QuantMode.parse(quant, "fake_quantize_qkv: quant")
     if mode is QuantMode.NONE:
         raise ValueError("fake_quantize_qkv: quant 'none' has nothing to quantize")
@@ -65,7 +67,7 @@ def fake_quantize_qkv(q: ir.Value, k: ir.Value, v: ir.Value, quant: str, block_m
     q_shape, kv_shape = dims(q), dims(k)
     q, k, v = (op.Cast(x, to=FLOAT) for x in (q, k, v))
     q_hat = _blocks(q, q_shape, block_m, fmt)
-    k_hat = _blocks(k, kv_shape, block_n, fmt, mean=op.ReduceMean(k, i64([2]), keepdims=1))
+    k_hat = _blocks(k, kv_shape, block_n, fmt, mean=op.ReduceMean(k, i64([2]), keepdims=1) if smooth_k else None)
     if mode.pv_is_fp8:
         v = _channels_fp8(v)
     return q_hat, k_hat, v

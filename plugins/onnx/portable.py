@@ -100,13 +100,14 @@ def portable_table(opset: int) -> dict:
         q_shape, kv_shape = dims(q), dims(k)
         if QuantMode.parse(quant).pv_is_fp8:   # P rounded as the kernel rounds it: written out, in float32
             dtype = q.dtype
-            qf, kf, vf = fake_quantize_qkv(q, k, v, quant, block_m, block_n, opset)
+            qf, kf, vf = fake_quantize_qkv(q, k, v, quant, block_m, block_n, opset, smooth_k=not softcap)
             out = op.Cast(fp8_p_attention(qf, kf, vf, tokens, scale, block_n, q_shape, kv_shape, float(softcap)),
                           to=dtype)
         else:
             if quant != "none":
                 dtype = q.dtype
-                q, k, v = (op.Cast(x, to=dtype) for x in fake_quantize_qkv(q, k, v, quant, block_m, block_n, opset))
+                q, k, v = (op.Cast(x, to=dtype)
+                           for x in fake_quantize_qkv(q, k, v, quant, block_m, block_n, opset, smooth_k=not softcap))
             out = attend(q, k, v, tokens, scale, opset, q_shape, kv_shape, softcap=float(softcap))
         # A row that visits no block (a skipped head) is 0, whatever the runtime's softmax of nothing is.
         live = rows_to_tokens(op.Greater(kv_counts, op.Constant(value=ir.tensor(np.zeros((), np.int32)))),

@@ -75,7 +75,7 @@ def _check_softcap(softcap) -> None:
 
 def softcapped_attention(q, k, v, attn_mask, scale: float, is_causal: bool, softcap: float) -> torch.Tensor:
     """softmax(softcap * tanh(q k^T * scale / softcap) + mask) v with q, k, v of equal heads; the
-    scores in q's dtype as a model computes them, the softmax in float32."""
+    scores in q's dtype as a model computes them, the softmax in at least float32."""
     s = (q @ k.transpose(-2, -1)) * scale
     s = softcap * torch.tanh(s / softcap)
     if attn_mask is not None:
@@ -83,7 +83,8 @@ def softcapped_attention(q, k, v, attn_mask, scale: float, is_causal: bool, soft
     if is_causal:
         keep = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
         s = s.masked_fill(~keep, float("-inf"))
-    return torch.softmax(s.float(), dim=-1).to(v.dtype) @ v
+    work = torch.float32 if s.element_size() < 4 else s.dtype   # 16-bit scores: the softmax in float32
+    return torch.softmax(s.to(work), dim=-1).to(v.dtype) @ v
 
 
 @attention.register_fake

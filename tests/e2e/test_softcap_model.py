@@ -78,11 +78,11 @@ def test_found_with_its_cap_and_compiled_equal_to_eager(spelling, compile_rewrit
     model, x = Model(spelling).eval(), _x()
     with torch.no_grad():
         want = model(x)
-        report = vsopt.inspect(model, x, options={"grid": GRID})
+        report = vsopt.inspect(model, x, options={"grid": GRID, "strict": True})
         assert [s.site_id for s in report.sites] == ["blocks.0.attn", "blocks.1.attn"] and report.skipped == []
         assert all(s.rule == "softmax" and s.softcap == pytest.approx(CAP) for s in report.sites)
         assert all(s.scale == pytest.approx((DIM // HEADS) ** -0.5) for s in report.sites)
-        out, graphs = compile_rewrite(model, x, options={"grid": GRID})
+        out, graphs = compile_rewrite(model, x, options={"grid": GRID, "strict": True})
     (gm, _), = graphs
     names = op_names(gm)
     assert "aten.tanh.default" not in names and not [o for o in names if "softmax" in o]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,31 +35,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+from vsopt.core.timing import median_ms  # noqa: E402  (after the path: runs from a checkout)
 
 
 def time_ms(fn, device: str, warmup: int = 3, reps: int = 10) -> float:
-    """Median milliseconds of fn() (CUDA events on a GPU)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median milliseconds of fn() (CUDA events on a GPU): vsopt.core.timing's loop."""
+    return median_ms(fn, reps, warmup=warmup, cuda=device == "cuda")
 
 
 def reference(device: str, dtype: torch.dtype, smoke: bool):

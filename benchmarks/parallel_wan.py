@@ -46,6 +46,8 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from vsopt.core.timing import time_calls  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("dense", "vsopt", "vsopt-balanced", "ring-dense", "ring-vsopt")
 WAN = {
@@ -188,28 +190,6 @@ def compile_blocks(model, plan, backend: str, grid=None, reports: list | None = 
     return model
 
 
-def timed(fn, args, device) -> list[float]:
-    """Forward times in ms (CUDA events on a GPU)."""
-    import time
-
-    for _ in range(args.warmup):
-        fn()
-    times = []
-    for _ in range(args.iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
 def kernel_split(fn, device) -> dict[str, float]:
     """One profiled forward: GPU kernel time in NCCL kernels (communication and waits) and in the rest."""
     from torch.profiler import ProfilerActivity, profile
@@ -310,7 +290,7 @@ def main(argv=None) -> int:
             out = fwd()
         except torch._dynamo.exc.BackendCompilerFailed as e:
             return {"unsupported": f"{type(e.inner_exception).__name__}: {e.inner_exception}"}
-        times = timed(fwd, args, device)
+        times = time_calls(fwd, args.iters, warmup=args.warmup, cuda=device.type == "cuda")
         row = {"median_ms": statistics.median(times), "times_ms": times}
         if use_plan is not None:   # planned sites some pass left as they were (should be none)
             row["planned_sites_left"] = sorted({f"{s.site_id}: {s.reason}" for r in reports for s in r.skipped

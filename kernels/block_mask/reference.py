@@ -28,9 +28,8 @@ def mask_to_table(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def block_sizes(n: int, block: int, device=None) -> torch.Tensor:
     """float32 (ceil(n / block),): the number of tokens in each block (the last may be ragged)."""
     nb = -(-n // block)
-    sizes = torch.full((nb,), float(block), device=device)
-    sizes[-1] = n - (nb - 1) * block
-    return sizes
+    # computed on the device from an arange: no host-to-device copy, so it runs inside a CUDA graph capture
+    return (n - block * torch.arange(nb, device=device)).clamp(max=block).float()
 
 
 def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:

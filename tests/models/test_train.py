@@ -31,3 +31,30 @@ def test_flow_loss_is_zero_for_the_exact_velocity():
 
     loss = train.flow_loss(oracle, torch.nn.Embedding(3, 2), x0, torch.zeros(2, 1, dtype=torch.long), sigma, noise)
     assert float(loss) == 0.0
+
+
+def test_training_on_two_sizes_resumes_from_a_checkpoint(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert train.main(["--out", str(first), "--tiny", "--batch", "4", "--max-steps", "6", "--probe-steps", "6",
+                       "--log-every", "3", "--warmup", "2"]) == 0
+    assert train.main(["--out", str(second), "--resume", str(first / "reference.safetensors"), "--sizes",
+                       "4x8x8,4x16x16", "--batch", "4", "--max-steps", "6", "--probe-steps", "6",
+                       "--log-every", "3", "--warmup", "2"]) == 0
+    record = json.loads((second / "train_config.json").read_text())
+    # the second size has 4x the tokens, so a quarter of the batch: 3 steps of 4 clips + 3 of 1
+    assert record["sizes"] == "4x8x8,4x16x16" and record["batches"] == [4, 1] and record["clips_seen"] == 15
+    assert {k.split()[0] for k in record["validation_loss_trained"]} == {"4x8x8", "4x16x16"}
+    resumed = model_lib.load(second / "reference.safetensors")
+    assert resumed.config == model_lib.ReferenceConfig(**train.TINY)
+    assert resumed.meta["resumed_from"] == str(first / "reference.safetensors")
+    before = model_lib.load(first / "reference.safetensors")
+    moved = [not torch.equal(a, b) for a, b in zip(before.transformer.parameters(), resumed.transformer.parameters())]
+    assert any(moved)  # the second stretch trained the first one's weights further
+
+
+def test_sizes_are_checked():
+    import pytest
+
+    assert train.parse_sizes("16x32x32, 16x64x64") == [(16, 32, 32), (16, 64, 64)]
+    with pytest.raises(SystemExit, match="not FRAMESxHEIGHTxWIDTH"):
+        train.parse_sizes("16x32")

@@ -77,7 +77,7 @@ def install_probes(transformer: torch.nn.Module, shares: dict[int, list[torch.Te
 
 
 def measure(ref: model_lib.ReferenceModel, tokens: torch.Tensor, *, steps: int, capture_steps: list[int],
-            seed: int, guidance: float) -> dict:
+            seed: int, guidance: float, size: tuple[int, int, int] | None = None) -> dict:
     """Sample clips for `tokens` (B, L) and return per layer and head the mean top-k shares over
     the captured steps: {"top10": [[...heads] per layer], "top20": ...}."""
     shares: dict[int, list[torch.Tensor]] = {}
@@ -90,13 +90,19 @@ def measure(ref: model_lib.ReferenceModel, tokens: torch.Tensor, *, steps: int, 
         cond = ref.encode(tokens)
         uncond = ref.encode(torch.zeros_like(tokens[:1]))
         c = ref.config
-        sampler.sample(ref.transformer, cond, (data.CHANNELS, c.frames, c.height, c.width), steps=steps,
+        sampler.sample(ref.transformer, cond, (data.CHANNELS, *(size or (c.frames, c.height, c.width))), steps=steps,
                        seed=seed, guidance=guidance, uncond=uncond, callback=arm)
     finally:
         for i, block in enumerate(ref.transformer.blocks):
             block.attn1.processor = probes[i].inner
     per_layer = torch.stack([torch.stack(shares[i]).mean(0) for i in sorted(shares)])  # (layers, H, k)
     return {f"top{round(f * 100)}": per_layer[..., j].tolist() for j, f in enumerate(FRACTIONS)}
+
+
+def _tokens(c: model_lib.ReferenceConfig, size: tuple[int, int, int] | None) -> int:
+    f, h, w = size or (c.frames, c.height, c.width)
+    p = c.patch_size
+    return (f // p[0]) * (h // p[1]) * (w // p[2])
 
 
 def _summary(result: dict) -> str:
@@ -118,7 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--init-seed", type=int, default=0, help="seed of the untrained model (train.py's --seed)")
+    p.add_argument("--size", default=None, help="latent clip size FxHxW to sample at (default: the config's)")
     args = p.parse_args(argv)
+    size = None
+    if args.size:
+        from vsopt.models.train import parse_sizes
+        (size,) = parse_sizes(args.size)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     capture = [int(s) for s in args.capture.split(",")]
@@ -129,10 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": "python -m vsopt.models.structure " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "block": 64, "tokens": trained.config.video_tokens, "steps": args.steps, "capture_steps": capture,
+        "block": 64, "tokens": _tokens(trained.config, size), "size": size, "steps": args.steps,
+        "capture_steps": capture,
         "guidance": args.guidance, "descriptions": [data.describe(t) for t in tokens.cpu()],
-        "trained": measure(trained, tokens, steps=args.steps, capture_steps=capture, seed=args.seed, guidance=args.guidance),
-        "init": measure(init, tokens, steps=args.steps, capture_steps=capture, seed=args.seed, guidance=args.guidance),
+        "trained": measure(trained, tokens, steps=args.steps, capture_steps=capture, seed=args.seed,
+                           guidance=args.guidance, size=size),
+        "init": measure(init, tokens, steps=args.steps, capture_steps=capture, seed=args.seed, guidance=args.guidance,
+                        size=size),
     }
     result["seconds"] = round(time.time() - t0, 1)
     out = Path(args.out)

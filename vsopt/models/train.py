@@ -10,6 +10,12 @@ weights (the EMA is what is saved), gradient clipping at 1.
 The run is bounded by wall-clock time: after `--probe-steps` steps it measures the step time and
 fixes the total number of steps (and so the cosine schedule) to fit `--minutes`.
 
+`--sizes 16x32x32,16x64x64` trains on several latent clip sizes (frames x height x width), one per
+step in turn, each at a batch that keeps the video tokens per step those of the first size (Wan's
+rotary embedding makes the same weights serve every size). `--resume CKPT` continues from a saved
+checkpoint (its weights and config; the optimizer starts afresh), so a long run can be done in
+stretches that each fit a GPU lease.
+
     python -m vsopt.models.train --out /tmp/run --minutes 6
 
 writes to --out: reference.safetensors (bf16 EMA weights), train_config.json (everything that
@@ -83,10 +89,12 @@ def flow_loss(transformer, text_embedding, x0: torch.Tensor, tokens: torch.Tenso
 
 
 @torch.no_grad()
-def validation_loss(ref: model_lib.ReferenceModel, device: str, batch: int = 16, seed: int = 99_999) -> dict[str, float]:
-    """Flow loss on a fixed held-out batch at sigma 0.25, 0.5 and 0.75 (same noise for every model)."""
+def validation_loss(ref: model_lib.ReferenceModel, device: str, size: tuple[int, int, int] | None = None,
+                    batch: int = 16, seed: int = 99_999) -> dict[str, float]:
+    """Flow loss on a fixed held-out batch at sigma 0.25, 0.5 and 0.75 (same noise for every model),
+    at latent clip `size` (frames, height, width; default the config's)."""
     c = ref.config
-    x0, tokens = data.make_batch(batch, seed, c.frames, c.height, c.width, device)
+    x0, tokens = data.make_batch(batch, seed, *(size or (c.frames, c.height, c.width)), device)
     g = torch.Generator(device).manual_seed(seed)
     noise = torch.randn(x0.shape, generator=g, device=device)
     out = {}
@@ -97,18 +105,45 @@ def validation_loss(ref: model_lib.ReferenceModel, device: str, batch: int = 16,
     return out
 
 
+def parse_sizes(text: str) -> list[tuple[int, int, int]]:
+    """'16x32x32,16x64x64' -> [(16, 32, 32), (16, 64, 64)]: latent clip sizes (frames x height x width)."""
+    sizes = []
+    for part in text.split(","):
+        dims = part.strip().lower().split("x")
+        if len(dims) != 3 or not all(d.isdigit() and int(d) > 0 for d in dims):
+            raise SystemExit(f"--sizes: {part!r} is not FRAMESxHEIGHTxWIDTH (e.g. 16x32x32)")
+        sizes.append(tuple(int(d) for d in dims))
+    return sizes
+
+
+def _validation(ref: model_lib.ReferenceModel, device: str, sizes) -> dict[str, float]:
+    if len(sizes) == 1:
+        return validation_loss(ref, device, sizes[0], batch=16)
+    base = sizes[0][0] * sizes[0][1] * sizes[0][2]
+    return {f"{f}x{h}x{w} {k}": v for f, h, w in sizes
+            for k, v in validation_loss(ref, device, (f, h, w), batch=max(2, 16 * base // (f * h * w))).items()}
+
+
 def train(args: argparse.Namespace) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = model_lib.ReferenceConfig(**(TINY if args.tiny else {}))
-    ref = model_lib.build(config, seed=args.seed).to(device)
-    init_val = validation_loss(ref, device)
+    if args.resume:
+        ref = model_lib.load(args.resume, device, torch.float32)
+        ref.transformer.train()
+        config = ref.config
+    else:
+        config = model_lib.ReferenceConfig(**(TINY if args.tiny else {}))
+        ref = model_lib.build(config, seed=args.seed).to(device)
+    sizes = parse_sizes(args.sizes) if args.sizes else [(config.frames, config.height, config.width)]
+    base_tokens = sizes[0][0] * sizes[0][1] * sizes[0][2]
+    batches = [max(1, round(args.batch * base_tokens / (f * h * w))) for f, h, w in sizes]
+    init_val = _validation(ref, device, sizes)
     params = list(ref.transformer.parameters()) + list(ref.text_embedding.parameters())
     n_params = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01, fused=device == "cuda")
     ema = [p.detach().clone() for p in params]
     forward = ref.transformer
     if args.compile:
-        forward = torch.compile(ref.transformer)
+        forward = torch.compile(ref.transformer, dynamic=False)  # one graph per clip size
     g = torch.Generator(device).manual_seed(args.seed)
     budget = args.minutes * 60.0
     total_steps = args.max_steps
@@ -116,7 +151,7 @@ def train(args: argparse.Namespace) -> dict:
     start = time.time()
     probe_t0 = None
     step = 0
-    print(f"model: {n_params / 1e6:.2f} M parameters, {config.video_tokens} video tokens per clip; device {device}",
+    print(f"model: {n_params / 1e6:.2f} M parameters; clip sizes {sizes} at batches {batches}; device {device}",
           flush=True)
     while step < total_steps:
         if step == 5:
@@ -135,11 +170,11 @@ def train(args: argparse.Namespace) -> dict:
         lr = args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
         for group in opt.param_groups:
             group["lr"] = lr
-        x0, tokens = data.make_batch(args.batch, args.seed * 1_000_003 + step, config.frames, config.height,
-                                     config.width, device)
-        drop = torch.rand(args.batch, generator=g, device=device) < args.uncond_prob
+        size, batch = sizes[step % len(sizes)], batches[step % len(sizes)]
+        x0, tokens = data.make_batch(batch, args.seed * 1_000_003 + step, *size, device)
+        drop = torch.rand(batch, generator=g, device=device) < args.uncond_prob
         tokens = torch.where(drop[:, None], torch.zeros_like(tokens), tokens)
-        sigma = torch.sigmoid(torch.randn(args.batch, generator=g, device=device))
+        sigma = torch.sigmoid(torch.randn(batch, generator=g, device=device))
         noise = torch.randn(x0.shape, generator=g, device=device)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
             loss = flow_loss(forward, ref.text_embedding, x0, tokens, sigma, noise)
@@ -161,9 +196,10 @@ def train(args: argparse.Namespace) -> dict:
         for p, e in zip(params, ema):
             p.copy_(e)
     ref.transformer.eval()
-    final_val = validation_loss(ref, device)
+    final_val = _validation(ref, device, sizes)
+    clips = sum(batches[i % len(sizes)] for i in range(step))
     return dict(ref=ref, curve=curve, steps=step, seconds=seconds, n_params=n_params, device=device,
-                init_val=init_val, final_val=final_val)
+                init_val=init_val, final_val=final_val, sizes=sizes, batches=batches, clips=clips)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,20 +217,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer for training")
     p.add_argument("--tiny", action="store_true", help="a tiny model and clip (tests, CPU smoke runs)")
+    p.add_argument("--sizes", default=None, help="latent clip sizes FxHxW,... trained in turn (default: the config's)")
+    p.add_argument("--resume", default=None, help="continue from this checkpoint (weights and config)")
     args = p.parse_args(argv)
+    if args.resume and args.tiny:
+        raise SystemExit("--resume takes its config from the checkpoint: drop --tiny")
     if args.probe_steps <= 5:
         raise SystemExit("--probe-steps must be > 5")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     r = train(args)
     ref = r["ref"]
-    model_lib.save(ref, out / model_lib.CHECKPOINT_NAME, meta={"steps": str(r["steps"])})
+    sizes = ",".join("x".join(map(str, s)) for s in r["sizes"])
+    model_lib.save(ref, out / model_lib.CHECKPOINT_NAME, meta={"steps": str(r["steps"]), "sizes": sizes,
+                                                                "resumed_from": str(args.resume or "")})
     device_name = torch.cuda.get_device_name() if r["device"] == "cuda" else "cpu"
-    clips = r["steps"] * args.batch
+    clips = r["clips"]
     record = {
         "command": "python -m vsopt.models.train " + " ".join(argv if argv is not None else sys.argv[1:]),
         "args": vars(args), "model": asdict(ref.config), "parameters": r["n_params"],
         "checkpoint_bytes": (out / model_lib.CHECKPOINT_NAME).stat().st_size,
+        "sizes": sizes, "batches": r["batches"],
         "device": device_name, "torch": torch.__version__, "steps": r["steps"], "clips_seen": clips,
         "train_seconds": round(r["seconds"], 1), "clips_per_second": round(clips / r["seconds"], 1),
         "validation_loss_init": r["init_val"], "validation_loss_trained": r["final_val"],

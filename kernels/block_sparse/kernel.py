@@ -23,7 +23,9 @@ its tiles: the same when the tile's BLOCK_N is the table's, as in the interprete
 SOFTCAP (constexpr): logit soft-capping, scores -> cap * tanh(scores / cap) before the softmax
 (Gemma-style). Applied to the scaled, dequantized scores in log2 units (cap_log2 = cap * log2 e,
 because cap * tanh(s / cap) * log2 e = cap_log2 * tanh(s log2 e / cap_log2)), before the row max
-and before the key mask (a masked key stays -inf, not -cap).
+and before the key mask (a masked key stays -inf, not -cap). ROW_BIAS (a cap on quantized Q K):
+K smoothing dropped q . mean(K), a per-row constant the softmax ignores but tanh does not, so it is
+added back (QkBias, (B, H, NQ) float32, from the unquantized q) before the cap.
 
 USE_TMA (constexpr): K and V tiles are loaded through tensor descriptors (Hopper's TMA engine, one
 descriptor per (b, kv head) built on the device; rows past NK read as zeros) instead of per-thread
@@ -44,11 +46,11 @@ def _tanh(x):
 
 
 @triton.jit
-def _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, NK, s_scale, cap_log2, inv_cap_log2,
+def _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, NK, s_scale, cap_log2, inv_cap_log2, row_bias,
                  stride_kn, stride_vn, stride_vd,
                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, QK_INT8: tl.constexpr, PV_FP8: tl.constexpr,
                  MASK_KEYS: tl.constexpr, ROUND_IN_FP32: tl.constexpr, USE_TMA: tl.constexpr,
-                 SOFTCAP: tl.constexpr):
+                 SOFTCAP: tl.constexpr, ROW_BIAS: tl.constexpr):
     """One key tile [start_n, start_n + BLOCK_N): update (acc, l_i, m_i). s_scale (> 0) folds the
     softmax scale, log2(e) and the dequantization scales of the Q block and this K block.
     k_src / v_src: tensor descriptors with USE_TMA, else the (b, kv head) base pointers."""
@@ -79,7 +81,10 @@ def _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, NK, s_scale, cap_log2,
     else:
         qk = tl.dot(q, tl.trans(k))
     if SOFTCAP:   # capped scores in log2 units; z_scale 1
-        qk = cap_log2 * _tanh(qk * (s_scale * inv_cap_log2))
+        z = qk * s_scale
+        if ROW_BIAS:
+            z = z + row_bias[:, None]
+        qk = cap_log2 * _tanh(z * inv_cap_log2)
         z_scale = 1.0
     else:         # scale inside the max and the exponent (one FMA per score) rather than scaling qk first
         z_scale = s_scale
@@ -109,7 +114,7 @@ def _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, NK, s_scale, cap_log2,
 @triton.jit
 def _block_sparse_fwd_kernel(
     Q, K, V, Out, Lse,
-    QScale, KScale, VScale,
+    QScale, KScale, VScale, QkBias,
     KvIndices, KvCounts, RowOrder,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -125,6 +130,7 @@ def _block_sparse_fwd_kernel(
     QK_QUANT: tl.constexpr = QUANT != 0
     QK_INT8: tl.constexpr = (QUANT == 1) or (QUANT == 3)
     PV_FP8: tl.constexpr = (QUANT == 2) or (QUANT == 3)
+    ROW_BIAS: tl.constexpr = SOFTCAP and QK_QUANT
     SPLIT_M: tl.constexpr = TABLE_BLOCK_M // BLOCK_M
     SPLIT_N: tl.constexpr = TABLE_BLOCK_N // BLOCK_N
 
@@ -160,6 +166,9 @@ def _block_sparse_fwd_kernel(
     inv_cap_log2 = cap_log2
     if SOFTCAP:
         inv_cap_log2 = 1.0 / cap_log2
+    row_bias = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if ROW_BIAS:   # q . mean(K) in log2 units (see the module docstring)
+        row_bias = tl.load(QkBias + bh * NQ + offs_m, mask=offs_m < NQ, other=0.0) * tl.cast(qk_scale_log2, tl.float32)
     if QK_QUANT:
         row_scale = row_scale * tl.load(QScale + bh * QB + qb)
     kscale_base = KScale + (b * (H // GROUP) + hk) * KB
@@ -178,8 +187,9 @@ def _block_sparse_fwd_kernel(
             s_scale = s_scale * tl.load(kscale_base + kb)
         start_n = kb * TABLE_BLOCK_N + (t % SPLIT_N) * BLOCK_N
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, NK, s_scale, cap_log2, inv_cap_log2,
-                                     stride_kn, stride_vn, stride_vd,
-                                     BLOCK_N, HEAD_DIM, QK_INT8, PV_FP8, False, ROUND_IN_FP32, USE_TMA, SOFTCAP)
+                                     row_bias, stride_kn, stride_vn, stride_vd,
+                                     BLOCK_N, HEAD_DIM, QK_INT8, PV_FP8, False, ROUND_IN_FP32, USE_TMA, SOFTCAP,
+                                     ROW_BIAS)
     if not EVEN_N:
         if count > 0:
             kb = tl.load(idx_base + count - 1)
@@ -188,9 +198,10 @@ def _block_sparse_fwd_kernel(
                 s_scale = s_scale * tl.load(kscale_base + kb)
             for sub in tl.static_range(SPLIT_N):
                 acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_src, v_src,
-                                             kb * TABLE_BLOCK_N + sub * BLOCK_N, NK, s_scale, cap_log2, inv_cap_log2,
+                                             kb * TABLE_BLOCK_N + sub * BLOCK_N, NK, s_scale, cap_log2, inv_cap_log2, row_bias,
                                              stride_kn, stride_vn, stride_vd,
-                                             BLOCK_N, HEAD_DIM, QK_INT8, PV_FP8, True, ROUND_IN_FP32, USE_TMA, SOFTCAP)
+                                             BLOCK_N, HEAD_DIM, QK_INT8, PV_FP8, True, ROUND_IN_FP32, USE_TMA, SOFTCAP,
+                                             ROW_BIAS)
 
     # A row that visited nothing (skipped head, empty row) has l = 0: output 0, lse -inf.
     l_safe = tl.where(l_i > 0, l_i, 1.0)

@@ -240,10 +240,12 @@ def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: t
     # transpose back to (B, N, H * D) is then free (a contiguous output cost a 100 MB copy per
     # layer at Wan 480p). ops._bsa_fake gives the same strides.
     out = torch.empty_like(q)
-    q_scale = k_scale = v_scale = None
+    q_scale = k_scale = v_scale = q_bias = None
     if spec.quant is not QuantMode.NONE:
-        # K smoothing drops q . mean, a per-row constant the softmax ignores but a soft cap does not
-        quantized = quant_launch.quantize_qkv(q, k, v, spec.quant, block_m, block_n, smooth_k=spec.softcap == 0)
+        quantized = quant_launch.quantize_qkv(q, k, v, spec.quant, block_m, block_n)
+        if spec.softcap > 0:   # q . mean(K): smoothing removed it, a soft cap does not ignore it
+            mean = quantized.k_mean.repeat_interleave(Hq // Hkv, dim=1)
+            q_bias = torch.einsum("bhnd,bhd->bhn", q.float(), mean).contiguous()
         q, k, v = quantized.q, quantized.k, quantized.v
         q_scale, k_scale, v_scale = quantized.q_scale, quantized.k_scale, quantized.v_scale
     if spec.quant.pv_is_fp8:   # v is (B, H, D, N_pad): token stride 1 (the kernel knows), channel stride N_pad
@@ -269,7 +271,7 @@ def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: t
     launch[grid](
         q, k, v, out, lse,
         q_scale if q_scale is not None else unused, k_scale if k_scale is not None else unused,
-        v_scale if v_scale is not None else unused,
+        v_scale if v_scale is not None else unused, q_bias if q_bias is not None else unused,
         kv_indices, kv_counts, order,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),

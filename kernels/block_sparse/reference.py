@@ -38,17 +38,21 @@ def table_to_token_mask(kv_indices: torch.Tensor, kv_counts: torch.Tensor, nq: i
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, token_mask: torch.Tensor,
-                     scale: float, softcap: float = 0.0, p_fp8_block: int | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(cap(q k^T * scale), masked) v with GQA, in q's (float) dtype; rows with no key give 0.
-    cap(s) = softcap * tanh(s / softcap) when softcap > 0, else s. p_fp8_block: round the
-    probabilities to e4m3 per row and group of that many keys, as the FP8 P V kernels do.
+                     scale: float, softcap: float = 0.0, p_fp8_block: int | None = None,
+                     score_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(cap((q k^T + bias) * scale), masked) v with GQA, in q's (float) dtype; rows with no
+    key give 0. cap(s) = softcap * tanh(s / softcap) when softcap > 0, else s; score_bias (B, Hq,
+    Nq) per query row (K smoothing's q . mean), or none. p_fp8_block: round the probabilities to
+    e4m3 per row and group of that many keys, as the FP8 P V kernels do.
 
     Returns (out (B, Hq, Nq, D), lse (B, Hq, Nq) natural-log log-sum-exp, -inf for empty rows)."""
     group = q.shape[1] // k.shape[1]
     if group > 1:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    s = torch.einsum("bhqd,bhkd->bhqk", q, k) * scale
+    s = torch.einsum("bhqd,bhkd->bhqk", q, k)
+    if score_bias is not None:
+        s = s + score_bias[..., None].to(s.dtype)
+    s = s * scale
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
     s = s.masked_fill(~token_mask, float("-inf"))
@@ -69,9 +73,12 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     qf, kf, vf = q.to(work), k.to(work), v.to(work)
     mode = QuantMode.parse(quant, "block_sparse_attention: quant")
+    bias = None
     if mode is not QuantMode.NONE:
-        qf, kf, vf = quant_ref.fake_quantize_qkv(qf, kf, vf, mode, block_m, block_n, smooth_k=softcap == 0)
+        if softcap > 0:   # the q . mean(K) that smoothing removes matters under a cap: added back
+            bias = quant_ref.smoothing_bias(qf, kf)
+        qf, kf, vf = quant_ref.fake_quantize_qkv(qf, kf, vf, mode, block_m, block_n)
     mask = table_to_token_mask(kv_indices, kv_counts, q.shape[2], k.shape[2], block_m, block_n)
     mask = mask.expand(q.shape[0], -1, -1, -1)
-    out, lse = masked_attention(qf, kf, vf, mask, scale, softcap, block_n if mode.pv_is_fp8 else None)
+    out, lse = masked_attention(qf, kf, vf, mask, scale, softcap, block_n if mode.pv_is_fp8 else None, bias)
     return out.to(q.dtype), lse.float()

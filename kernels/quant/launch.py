@@ -87,26 +87,28 @@ def quantize_v_fp8(v: torch.Tensor, abs_max: torch.Tensor, block_n: int = 128, n
 @dataclasses.dataclass
 class QuantizedQKV:
     """Inputs of the quantized attention kernel. v is the original tensor when P V stays 16-bit,
-    else FP8 codes transposed (B, H, D, N_pad) with v_scale (B, H, D)."""
+    else FP8 codes transposed (B, H, D, N_pad) with v_scale (B, H, D). k_mean: K's mean over tokens
+    (the smoothing), for the per-row term q . mean a soft cap needs back."""
     q: torch.Tensor
     q_scale: torch.Tensor
     k: torch.Tensor
     k_scale: torch.Tensor
     v: torch.Tensor
     v_scale: torch.Tensor | None
+    k_mean: torch.Tensor   # (B, H, D) float32: what smoothing subtracted from K
 
 
 def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: QuantMode | str, block_m: int,
-                 block_n: int, smooth_k: bool = True) -> QuantizedQKV:
-    """Quantize q, k, v for `quant` mode ("int8", "fp8", "int8_fp8"): see kernels/quant/reference.py
-    (smooth_k False: K quantized without subtracting its mean, for soft-capped attention)."""
+                 block_n: int) -> QuantizedQKV:
+    """Quantize q, k, v for `quant` mode ("int8", "fp8", "int8_fp8"): see kernels/quant/reference.py."""
     mode = QuantMode.parse(quant, "quantize_qkv: quant")
     check(mode is not QuantMode.NONE, f"quantize_qkv: quant must be a quantized mode, got {quant!r}")
     fmt, fp8_pv = mode.qk_format, mode.pv_is_fp8
     k_sum, v_max = channel_stats(k, v if fp8_pv else None)
     qc, qs = quantize_blocks(q, block_m, fmt)
-    kc, ks = quantize_blocks(k, block_n, fmt, channel_sum=k_sum if smooth_k else None)
+    kc, ks = quantize_blocks(k, block_n, fmt, channel_sum=k_sum)
+    k_mean = k_sum / k.shape[2]
     if fp8_pv:
         vc, vs = quantize_v_fp8(v, v_max)
-        return QuantizedQKV(qc, qs, kc, ks, vc, vs)
-    return QuantizedQKV(qc, qs, kc, ks, v, None)
+        return QuantizedQKV(qc, qs, kc, ks, vc, vs, k_mean)
+    return QuantizedQKV(qc, qs, kc, ks, v, None, k_mean)

@@ -54,15 +54,14 @@ def quantize_channels_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fake_quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: QuantMode | str, block_m: int,
-                      block_n: int, smooth_k: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize then dequantize q, k, v as the kernels do in `quant` mode (K comes back smoothed
-    unless smooth_k is False: a soft-capped attention is not invariant to the per-row constant
-    q . mean that smoothing drops, so it quantizes K as it is)."""
+                      block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize then dequantize q, k, v as the kernels do in `quant` mode (K comes back smoothed:
+    minus its mean over tokens, which only a soft cap notices; see smoothing_bias)."""
     mode = QuantMode.parse(quant, "fake_quantize_qkv: quant")
     check(mode is not QuantMode.NONE, f"fake_quantize_qkv: quant must be a quantized mode, got {quant!r}")
     fmt = mode.qk_format
     qc, qs = quantize_blocks(q, block_m, fmt)
-    kc, ks = quantize_blocks(k, block_n, fmt, mean=k.float().mean(dim=2) if smooth_k else None)
+    kc, ks = quantize_blocks(k, block_n, fmt, mean=k.float().mean(dim=2))
     q_hat = (qc * qs.repeat_interleave(block_m, dim=2)[:, :, : q.shape[2], None]).to(q.dtype)
     k_hat = (kc * ks.repeat_interleave(block_n, dim=2)[:, :, : k.shape[2], None]).to(k.dtype)
     if mode.pv_is_fp8:
@@ -85,3 +84,13 @@ def round_probabilities_fp8(scores: torch.Tensor, row_max: torch.Tensor, block: 
     p = round_to_format(torch.exp(groups - gref) * QMAX["fp8"], "fp8")
     weight = torch.where(live, torch.exp(gref - row_max[..., None]) / QMAX["fp8"], torch.zeros_like(gmax))
     return (p * weight).view(*scores.shape[:-1], nb * block)[..., :nk]
+
+
+def smoothing_bias(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q . mean(K) per query row, (B, Hq, Nq), in q's float dtype (at least float32): the per-row
+    constant K smoothing removes from the scores. Softmax ignores it; a soft cap does not, so the
+    capped kernels add it back (from the unquantized q) before the tanh. Grouped kv heads: each
+    query head takes its kv head's mean."""
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    mean = k.to(work).mean(dim=2).repeat_interleave(q.shape[1] // k.shape[1], dim=1)   # (B, Hq, D)
+    return torch.einsum("bhnd,bhd->bhn", q.to(work), mean)

@@ -54,10 +54,8 @@ def _channels_fp8(v: ir.Value) -> ir.Value:
     return op.Mul(_round(op.Div(v, scale), "fp8"), scale)
 
 
-def fake_quantize_qkv(q: ir.Value, k: ir.Value, v: ir.Value, quant: str, block_m: int, block_n: int, opset: int,
-                      smooth_k: bool = True):
-    """(q, k, v) as the kernels see them in `quant` mode, float32 (K comes back smoothed unless
-    smooth_k is False: soft-capped attention)."""
+def fake_quantize_qkv(q: ir.Value, k: ir.Value, v: ir.Value, quant: str, block_m: int, block_n: int, opset: int):
+    """(q, k, v) as the kernels see them in `quant` mode, float32 (K comes back smoothed)."""
     mode = QuantMode.parse(quant, "fake_quantize_qkv: quant")
     if mode is QuantMode.NONE:
         raise ValueError("fake_quantize_qkv: quant 'none' has nothing to quantize")
@@ -67,21 +65,33 @@ def fake_quantize_qkv(q: ir.Value, k: ir.Value, v: ir.Value, quant: str, block_m
     q_shape, kv_shape = dims(q), dims(k)
     q, k, v = (op.Cast(x, to=FLOAT) for x in (q, k, v))
     q_hat = _blocks(q, q_shape, block_m, fmt)
-    k_hat = _blocks(k, kv_shape, block_n, fmt, mean=op.ReduceMean(k, i64([2]), keepdims=1) if smooth_k else None)
+    k_hat = _blocks(k, kv_shape, block_n, fmt, mean=op.ReduceMean(k, i64([2]), keepdims=1))
     if mode.pv_is_fp8:
         v = _channels_fp8(v)
     return q_hat, k_hat, v
 
 
+def smoothing_bias(q: ir.Value, k: ir.Value, q_shape: list[int], kv_shape: list[int]) -> ir.Value:
+    """q . mean(K) per query row, (B, H, Nq, 1) float32 (quant_ref.smoothing_bias)."""
+    q, k = op.Cast(q, to=FLOAT), op.Cast(k, to=FLOAT)
+    mean = repeat_heads(op.ReduceMean(k, i64([2]), keepdims=1), [kv_shape[0], kv_shape[1], 1, kv_shape[3]],
+                        q_shape[1])
+    return op.MatMul(q, op.Transpose(mean, perm=[0, 1, 3, 2]))
+
+
 def fp8_p_attention(q: ir.Value, k: ir.Value, v: ir.Value, tokens: ir.Value, scale: float, block_n: int,
-                    q_shape: list[int], kv_shape: list[int], softcap: float = 0.0) -> ir.Value:
+                    q_shape: list[int], kv_shape: list[int], softcap: float = 0.0,
+                    score_bias: ir.Value | None = None) -> ir.Value:
     """softmax(cap(q k^T * scale), masked by tokens) v with P rounded to e4m3 per row and group of
     block_n keys (float32 q/k/v, tokens bool broadcastable to (B, H, Nq, Nk)); rows with no key
     give NaN or 0 (the caller zeroes them)."""
     B, H, Nq, _ = q_shape
     Nk = kv_shape[2]
     k, v = repeat_heads(k, kv_shape, H), repeat_heads(v, kv_shape, H)
-    s = op.Mul(op.MatMul(q, op.Transpose(k, perm=[0, 1, 3, 2])), scalar_like(scale, q))
+    s = op.MatMul(q, op.Transpose(k, perm=[0, 1, 3, 2]))
+    if score_bias is not None:
+        s = op.Add(s, score_bias)
+    s = op.Mul(s, scalar_like(scale, q))
     if softcap:
         s = op.Mul(op.Tanh(op.Div(s, scalar_like(softcap, q))), scalar_like(softcap, q))
     ninf = scalar_like(float("-inf"), q)

@@ -32,7 +32,7 @@ from vsopt.kernels.spec import QuantMode
 from .attention import attend, dense_attention
 from .building import FLOAT, INT32, arange, blocks_to_tokens, const, dims, i64, rows_to_tokens, scalar_like, \
     table_to_blocks
-from .fake_quant import fake_quantize_qkv, fp8_p_attention
+from .fake_quant import fake_quantize_qkv, fp8_p_attention, smoothing_bias
 
 
 def _permute(x: ir.Value, perm: ir.Value, heads: int) -> ir.Value:
@@ -98,17 +98,18 @@ def portable_table(opset: int) -> dict:
         blocks = table_to_blocks(kv_indices, kv_counts, KB)
         tokens = blocks_to_tokens(blocks, [Bt, H, QB, KB], Nq, Nk, block_m, block_n)   # (Bt, H, Nq, Nk)
         q_shape, kv_shape = dims(q), dims(k)
+        # under a cap, the q . mean(K) that K smoothing removes is added back (as the kernel does)
+        bias = smoothing_bias(q, k, q_shape, kv_shape) if quant != "none" and softcap else None
         if QuantMode.parse(quant).pv_is_fp8:   # P rounded as the kernel rounds it: written out, in float32
             dtype = q.dtype
-            qf, kf, vf = fake_quantize_qkv(q, k, v, quant, block_m, block_n, opset, smooth_k=not softcap)
-            out = op.Cast(fp8_p_attention(qf, kf, vf, tokens, scale, block_n, q_shape, kv_shape, float(softcap)),
-                          to=dtype)
+            qf, kf, vf = fake_quantize_qkv(q, k, v, quant, block_m, block_n, opset)
+            out = op.Cast(fp8_p_attention(qf, kf, vf, tokens, scale, block_n, q_shape, kv_shape, float(softcap),
+                                          bias), to=dtype)
         else:
             if quant != "none":
                 dtype = q.dtype
-                q, k, v = (op.Cast(x, to=dtype)
-                           for x in fake_quantize_qkv(q, k, v, quant, block_m, block_n, opset, smooth_k=not softcap))
-            out = attend(q, k, v, tokens, scale, opset, q_shape, kv_shape, softcap=float(softcap))
+                q, k, v = (op.Cast(x, to=dtype) for x in fake_quantize_qkv(q, k, v, quant, block_m, block_n, opset))
+            out = attend(q, k, v, tokens, scale, opset, q_shape, kv_shape, softcap=float(softcap), score_bias=bias)
         # A row that visits no block (a skipped head) is 0, whatever the runtime's softmax of nothing is.
         live = rows_to_tokens(op.Greater(kv_counts, op.Constant(value=ir.tensor(np.zeros((), np.int32)))),
                               [Bt, H, QB], Nq, block_m)

@@ -29,7 +29,7 @@ def block_sparse_trt_entry(
     TABLE_BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     _block_sparse_fwd_kernel(
-        Q, K, V, Out, Out, RowOrder, RowOrder, RowOrder, KvIndices, KvCounts, RowOrder,
+        Q, K, V, Out, Out, RowOrder, RowOrder, RowOrder, RowOrder, KvIndices, KvCounts, RowOrder,
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
         stride_kb, stride_kh, stride_kn, 1,                    # V has K's layout (quant none)
         stride_qb, stride_qh, stride_qn,                       # Out has q's layout

@@ -136,6 +136,7 @@ def _signature(c: PtxConfig) -> tuple[dict, dict]:
         v = "fp8e4nv" if code in (2, 3) else dt
         ptrs = {"Q": qk, "K": qk, "V": v, "Out": dt, "Lse": dt, "QScale": "fp32" if code else "i32",
                 "KScale": "fp32" if code else "i32", "VScale": "fp32" if code in (2, 3) else "i32",
+                "QkBias": "fp32" if code and c.softcap_log2 > 0 else "i32",
                 "KvIndices": "i32", "KvCounts": "i32", "RowOrder": "i32"}
         const = {"HEAD_DIM": c.head_dim, "TABLE_BLOCK_M": c.table_block_m, "TABLE_BLOCK_N": c.table_block_n,
                  "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "QUANT": code, "WRITE_LSE": False, "EVEN_N": c.even_n,

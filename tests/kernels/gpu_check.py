@@ -1,6 +1,8 @@
 """GPU correctness check of the Triton kernels against the float32 references, at workload sizes.
 
     python3 tests/kernels/gpu_check.py            (on a CUDA GPU; exit status 1 if any check fails)
+    python3 tests/kernels/gpu_check.py --parts small,helpers,compile,direct,wan480
+    python3 tests/kernels/gpu_check.py --parts cog720          (the two halves, each a shorter run)
 
 Not collected by pytest (the CPU tests in this folder run the same kernels under TRITON_INTERPRET
 at tiny sizes). Each line prints the case, cosine and relative L2 against float32 attention on the
@@ -24,6 +26,9 @@ from vsopt.kernels.block_sparse import reference as bsa_ref
 
 # Relative L2 bound per mode against float32 (bf16 output rounding alone is ~3e-3).
 REL_L2_BOUND = {"none": 1e-2, "int8": 3e-2, "fp8": 6e-2, "int8_fp8": 5e-2}
+# Structured inputs (dominant keys, large magnitudes): FP8 Q K loses more (reference.py's roundings
+# on the CPU: 0.060-0.082 for fp8, 0.035 int8_fp8, 0.024 int8 at D=128; docs/KERNELS.md).
+STRUCTURED_BOUND = {"none": 1e-2, "int8": 4e-2, "fp8": 1.2e-1, "int8_fp8": 5e-2}
 # Bound of the kernel against reference.py, which rounds Q, K, V and P as the kernel does: what is left
 # is bf16 output rounding, accumulation order and, where the kernel's tile is narrower than the
 # table's key block (128x64 tiles), P rounded in other groups (~3%).
@@ -81,13 +86,16 @@ def structured(q, k, v):
     return 2.0 * q, k, 20.0 * v + 5.0
 
 
-def workload_cases():
+WORKLOADS = {"wan480": (12, 32760, 128, ("random",)), "cog720": (48, 17776, 64, ("random", "structured"))}
+
+
+def workload_cases(names=tuple(WORKLOADS)):
     """Each mode against float32 at the benchmark shapes: random normal inputs at three densities,
     structured inputs (cog720) at three densities, and a soft cap (wan480, density 0.2)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     densities = (("one block per row", 0.0), ("density 0.2", 0.2), ("dense", 1.0))
-    for name, H, N, D, kinds in (("wan480", 12, 32760, 128, ("random",)), ("cog720", 48, 17776, 64,
-                                                                         ("random", "structured"))):
+    for name in names:
+        H, N, D, kinds = WORKLOADS[name]
         q, k, v = (torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         nb = math.ceil(N / 128)
         for kind in kinds:
@@ -98,7 +106,8 @@ def workload_cases():
                 ref = chunked_reference(qi, ki, vi, mask, D ** -0.5, 128)
                 for mode in REL_L2_BOUND:
                     out = torch.ops.vsopt.block_sparse_attention(qi, ki, vi, idx, cnt, D ** -0.5, 128, 128, mode)
-                    report(f"{name} {kind} {label} {mode}", out, ref, REL_L2_BOUND[mode], target=True)
+                    bound = (REL_L2_BOUND if kind == "random" else STRUCTURED_BOUND)[mode]
+                    report(f"{name} {kind} {label} {mode}", out, ref, bound, target=True)
         if name == "wan480":
             mask = random_mask(1, H, nb, nb, 0.2, "cuda")
             idx, cnt = torch.ops.vsopt.mask_to_table(mask)
@@ -208,17 +217,27 @@ def direct_launch_case():
         failures.append("direct launcher call")
 
 
-def main() -> int:
+PARTS = ("small", "helpers", "compile", "direct", *WORKLOADS)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="GPU correctness check of vsopt's kernels")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)} (default: all)")
+    parts = [x for x in p.parse_args(argv).parts.split(",") if x]
+    if not parts or any(x not in PARTS for x in parts):
+        p.error(f"--parts: choose from {', '.join(PARTS)}")
     if not torch.cuda.is_available():
         print("gpu_check.py needs a CUDA GPU", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    small_cases()
-    helper_cases()
-    compile_case()
-    direct_launch_case()
-    workload_cases()
+    print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, parts {parts}")
+    for part, fn in (("small", small_cases), ("helpers", helper_cases), ("compile", compile_case),
+                     ("direct", direct_launch_case)):
+        if part in parts:
+            fn()
+    workload_cases(tuple(w for w in WORKLOADS if w in parts))
     print(f"{len(failures)} failure(s)" + (": " + ", ".join(failures) if failures else ""))
     return 1 if failures else 0
 

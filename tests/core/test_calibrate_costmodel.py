@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vsopt.core.errors import ConfigError
-from vsopt.core.costmodel import CostModel, Launch, SiteWork, kernel_key, nnls, sum_launches
+from vsopt.core.costmodel import CostModel, Launch, SiteWork, kernel_key, nnls
 
 TRUE = CostModel(
     gpu="synthetic", launch_us={"none/d64/64x64": 6.0, "int8/d64/64x64": 11.0, "none/d128/64x64": 6.5},
@@ -73,12 +73,6 @@ def test_prediction_is_monotone_and_unmeasured_head_dim_scales():
         TRUE.block_cost_us("fp8", 64, 64, 64)
     with pytest.raises(ConfigError, match="unknown quant"):
         kernel_key("int4", 64, 64, 64)
-
-
-def test_sum_launches_merges_same_config():
-    merged = sum_launches([Launch("none", 64, 64, 64, 10, 5), Launch("int8", 64, 64, 64, 10, 7),
-                           Launch("none", 64, 64, 64, 10, 3)])
-    assert sorted((L.quant, L.query_blocks, L.visited_blocks) for L in merged) == [("int8", 10, 7), ("none", 20, 8)]
 
 
 def test_save_load_round_trip_and_rejects_bad_files(tmp_path):

@@ -103,9 +103,10 @@ def _marginal_us(state: SiteState, hp: HeadPlan, density: float, cost: CostModel
     is shared, and charged by predicted_time_us), its permutation share and its scored blocks."""
     work = semantics.site_work(state.site, [hp], [density])
     t = sum(cost.predict_us(SiteWork((launch,))) - cost.launch_cost_us(launch) for launch in work.launches)
-    # the search has always charged a permuted head 1/heads of its own data moved (the site's
-    # real permutation cost is in predicted_time_us)
-    t += work.permuted_mib * cost.permute_us_per_mib / state.site.heads
+    # the search charges a permuted head 1/heads of its own data moved, a tie-breaker between
+    # orders (the site's real permutation cost, every head gathered, is in predicted_time_us)
+    own = semantics.permuted_mib(state.site, semantics.permuted_heads([hp]))
+    t += own * cost.permute_us_per_mib / state.site.heads
     return t + work.scored_blocks * cost.score_us_per_block
 
 

@@ -24,7 +24,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -281,13 +281,3 @@ def describe_environment() -> dict:
     except ImportError:
         pass
     return info
-
-
-def sum_launches(launches: Iterable[Launch]) -> tuple[Launch, ...]:
-    """Merge launches of the same kernel configuration into one (heads sharing a config share a launch)."""
-    merged: dict[tuple, list[int]] = {}
-    for L in launches:
-        acc = merged.setdefault((L.quant, L.head_dim, L.block_m, L.block_n), [0, 0])
-        acc[0] += L.query_blocks
-        acc[1] += L.visited_blocks
-    return tuple(Launch(q, d, bm, bn, qb, vb) for (q, d, bm, bn), (qb, vb) in merged.items())

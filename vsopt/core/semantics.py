@@ -195,13 +195,13 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: t
 
 
 def permuted_heads(heads: Sequence[HeadPlan]) -> int:
-    """Heads whose q/k/v are moved by a permutation and that compute something (charged by the
-    cost model; a skipped head's permutation is free since its output is zero)."""
+    """Heads that compute something in an order other than the model's: when there is one, the
+    lowering permutes the site (every head of q, k, v and the output)."""
     return sum(1 for hp in heads if hp.order is not TokenOrder.FHW and hp.sparsity is not Sparsity.SKIP)
 
 
 def permuted_mib(site: SiteShape, heads_permuted: int) -> float:
-    """MiB moved by token permutations: q, k, v in and the output back, per permuted head."""
+    """MiB moved by token permutations of `heads_permuted` heads: q, k, v in and the output back."""
     return 4 * max(1, site.batch) * site.q_len * site.head_dim * site.dtype.itemsize * heads_permuted / 2**20
 
 
@@ -220,7 +220,9 @@ def site_work(site: SiteShape, heads: Sequence[HeadPlan], densities: Sequence[fl
                                sum(round(batch * densities[h] * qb * kb) for h in live)))
     scored = sum(batch * num_blocks(site.q_len, hp.block_m) * num_blocks(site.kv_len, hp.block_n)
                  for hp in heads if hp.sparsity is Sparsity.DYNAMIC)
-    return SiteWork(tuple(launches), permuted_mib(site, permuted_heads(heads)), scored)
+    # the lowering gathers every head of q, k, v and the output once any head reorders
+    moved = permuted_mib(site, site.heads) if permuted_heads(heads) else 0.0
+    return SiteWork(tuple(launches), moved, scored)
 
 
 def predicted_us(site: SiteShape, heads: Sequence[HeadPlan], cost: CostModel,

@@ -8,6 +8,7 @@ changes form on its way from a plan to a kernel launch.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 import torch
@@ -65,7 +66,9 @@ class KernelSpec:
     head_dim: D of q/k/v; dtype: the input dtype (bfloat16/float16; float32 in the interpreter);
     quant: the precision; block_m/block_n: the table's query/key block sizes; layout: the memory
     layout the kernel reads q/k/v in ("bhnd": the op's canonical (B, H, N, D) view, any strides
-    with a contiguous head dim). Hashable: the launch cache, the cost model and the plugins key by it.
+    with a contiguous head dim); softcap: logit soft-cap, scores -> softcap * tanh(scores / softcap)
+    before the softmax (0: none; the kernel compiles the cap in when it is > 0 and takes its value
+    at run time). Hashable: the launch cache, the cost model and the plugins key by it.
     """
 
     head_dim: int
@@ -74,6 +77,7 @@ class KernelSpec:
     block_m: int = 64
     block_n: int = 64
     layout: str = "bhnd"
+    softcap: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "quant", QuantMode.parse(self.quant, "KernelSpec.quant"))
@@ -82,16 +86,20 @@ class KernelSpec:
                   f"KernelSpec.{name} must be a power of two in [16, 256], got {getattr(self, name)!r}")
         check(isinstance(self.head_dim, int) and self.head_dim > 0,
               f"KernelSpec.head_dim must be a positive int, got {self.head_dim!r}")
+        check(isinstance(self.softcap, (int, float)) and math.isfinite(self.softcap) and self.softcap >= 0,
+              f"KernelSpec.softcap must be 0 (no cap) or a positive finite number, got {self.softcap!r}")
+        object.__setattr__(self, "softcap", float(self.softcap))
 
     @property
     def key(self) -> str:
         """The name the cost model stores this configuration's coefficients under."""
         return kernel_key(self.quant, self.head_dim, self.block_m, self.block_n)
 
-    def attributes(self) -> dict[str, int | str]:
-        """The spec as plugin / ONNX node attributes (ints and strings only)."""
+    def attributes(self) -> dict[str, int | float | str]:
+        """The spec as plugin / ONNX node attributes (ints, floats and strings)."""
         return {"head_dim": self.head_dim, "dtype": str(self.dtype).removeprefix("torch."),
-                "quant": self.quant.value, "block_m": self.block_m, "block_n": self.block_n, "layout": self.layout}
+                "quant": self.quant.value, "block_m": self.block_m, "block_n": self.block_n, "layout": self.layout,
+                "softcap": self.softcap}
 
 
 def kernel_key(quant: QuantMode | str, head_dim: int, block_m: int, block_n: int) -> str:

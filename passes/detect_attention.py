@@ -52,7 +52,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
                     layout=m.layout, batch=m.batch, heads=m.heads, kv_heads=m.kv_heads, head_dim=m.head_dim,
                     value_dim=m.value_dim, q_len=m.q_len, kv_len=m.kv_len, dtype=m.dtype, scale=m.scale,
                     has_mask=m.has_mask, is_causal=m.is_causal, grid=None, grid_source=GridSource.UNKNOWN,
-                    output_node=m.output.name, nodes=m.nodes))
+                    output_node=m.output.name, nodes=m.nodes, softcap=m.softcap))
                 ctx.matches[site_id] = m
                 report.notes.append(f"{site_id}: {m.rule_name} at {node.name}")
             elif result.candidate:

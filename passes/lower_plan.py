@@ -98,6 +98,10 @@ def _why_not(site: AttentionSite, sp: SitePlan, node: torch.fx.Node | None, spli
         return "the site has an attention mask, which block-sparse attention does not take"
     if is_causal:
         return "the site is causal, which block-sparse attention does not take"
+    if site.softcap and split:
+        return "the site's logits are soft-capped, which the joint split's dense text part does not apply"
+    if site.softcap and any(h.remainder is Remainder.POOLED for h in sp.all_heads()):
+        return "the site's logits are soft-capped, which the pooled remainder does not apply"
     if site.value_dim != site.head_dim:
         return f"value head dim {site.value_dim} differs from query head dim {site.head_dim}"
     if site.q_len != site.kv_len and any(h.order is not TokenOrder.FHW for h in sp.all_heads()):
@@ -257,11 +261,12 @@ class _Lowering:
             kv_counts = self.emit(operator.getitem, (table, 1))
             meta["vsopt_plan"] = {"quant": key.quant.value, "block": (key.block_m, key.block_n),
                                   "dynamic": spec.to_dict()}
+        softcap = attention_arguments(self.node.args, self.node.kwargs)["softcap"]   # the site's logit cap
         if key.remainder is Remainder.POOLED:
             return self.pooled(key, q, k, v, masks if key.dynamic is None else mask, kv_indices, kv_counts, meta)
         return self.emit(vsopt.block_sparse_attention.default,
                          (q, k, v, kv_indices, kv_counts, float(self.scale), key.block_m, key.block_n,
-                          key.quant.value), **meta)
+                          key.quant.value, *((float(softcap),) if softcap else ())), **meta)
 
     def pooled(self, key: LaunchKey, q, k, v, masks, kv_indices, kv_counts, meta) -> torch.fx.Node:
         """The kept blocks by block_sparse_attention_lse plus the pooled remainder, merged

@@ -3,6 +3,8 @@ fake (meta) implementation of the op; imports no Triton, so the CPU path never l
 Run once per call: by the op (vsopt.core.ops), or by the launcher when it is called directly."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import check
@@ -12,9 +14,13 @@ from ..spec import QuantMode, valid_block
 GPU_HEAD_DIMS = (64, 128)
 
 
-def check_inputs(q, k, v, kv_indices, kv_counts, block_m: int, block_n: int, quant: QuantMode | str) -> QuantMode:
+def check_inputs(q, k, v, kv_indices, kv_counts, block_m: int, block_n: int, quant: QuantMode | str,
+                 softcap: float = 0.0) -> QuantMode:
     """Shape / dtype / layout checks shared by the launcher, the reference path and the fake op.
-    Returns the precision, parsed (the op's quant argument is a string)."""
+    Returns the precision, parsed (the op's quant argument is a string). softcap: 0 (none) or a
+    positive finite cap."""
+    check(isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0,
+          f"block_sparse_attention: softcap must be 0 (no cap) or a positive finite number, got {softcap!r}")
     check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
           f"block_sparse_attention: q, k, v must be (B, H, N, D); got {tuple(q.shape)}, {tuple(k.shape)}, "
           f"{tuple(v.shape)}")

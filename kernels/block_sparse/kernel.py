@@ -10,8 +10,22 @@ running together share one head's K/V in L2.
 
 QUANT (constexpr): 0 bf16/fp16 Q K V; 1 INT8 Q K (smoothed K, per-block scales), 16-bit P V;
 2 FP8 Q K, FP8 P V; 3 INT8 Q K, FP8 P V. In the FP8 P V modes V comes transposed (B, H, D, N_pad)
-with a per-channel scale, and P is stored as p * 448 in e4m3 (its full range): the factor is folded
-into the exponent (exp2(s - m + log2 448)) and carried by l as well, so out = acc / l is unchanged.
+with a per-channel scale, and each tile's P is scaled by its own row max before the e4m3 cast
+(SageAttention2's per-block P scale): p~ = exp2(s - tmax) * 448, so the tile's largest value is
+e4m3's largest and P uses the whole range even where the tile lies far below the running max.
+Its product with V lands in a fresh fp32 tile that is rescaled and added to the accumulator
+(two-level accumulation: the FP8 tensor-core op accumulates only within one tile):
+    acc = acc * exp2(m - m_new) + (p~ @ v) * exp2(tmax - m_new) / 448
+    l   = l   * exp2(m - m_new) + rowsum(p~) * exp2(tmax - m_new) / 448
+reference.py rounds P the same way, per row and key block of the table (the kernel's groups are
+its tiles: the same when the tile's BLOCK_N is the table's, as in the interpreter tests).
+
+SOFTCAP (constexpr): logit soft-capping, scores -> cap * tanh(scores / cap) before the softmax
+(Gemma-style). Applied to the scaled, dequantized scores in log2 units (cap_log2 = cap * log2 e,
+because cap * tanh(s / cap) * log2 e = cap_log2 * tanh(s log2 e / cap_log2)), before the row max
+and before the key mask (a masked key stays -inf, not -cap). ROW_BIAS (a cap on quantized Q K):
+K smoothing dropped q . mean(K), a per-row constant the softmax ignores but tanh does not, so it is
+added back (QkBias, (B, H, NQ) float32, from the unquantized q) before the cap.
 
 USE_TMA (constexpr): K and V tiles are loaded through tensor descriptors (Hopper's TMA engine, one
 descriptor per (b, kv head) built on the device; rows past NK read as zeros) instead of per-thread
@@ -26,10 +40,17 @@ LOG2_448 = tl.constexpr(8.807354922057604)   # log2 of e4m3's largest value
 
 
 @triton.jit
-def _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, NK, s_scale,
+def _tanh(x):
+    """tanh(x) = 1 - 2 / (exp(2x) + 1): exactly +-1 in the limits (exp2 saturates to inf or 0)."""
+    return 1.0 - 2.0 / (tl.math.exp2(x * 2.885390081777927) + 1.0)   # 2 log2(e)
+
+
+@triton.jit
+def _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, NK, s_scale, cap_log2, inv_cap_log2, row_bias,
                  stride_kn, stride_vn, stride_vd,
                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, QK_INT8: tl.constexpr, PV_FP8: tl.constexpr,
-                 MASK_KEYS: tl.constexpr, ROUND_IN_FP32: tl.constexpr, USE_TMA: tl.constexpr):
+                 MASK_KEYS: tl.constexpr, ROUND_IN_FP32: tl.constexpr, USE_TMA: tl.constexpr,
+                 SOFTCAP: tl.constexpr, ROW_BIAS: tl.constexpr):
     """One key tile [start_n, start_n + BLOCK_N): update (acc, l_i, m_i). s_scale (> 0) folds the
     softmax scale, log2(e) and the dequantization scales of the Q block and this K block.
     k_src / v_src: tensor descriptors with USE_TMA, else the (b, kv head) base pointers."""
@@ -59,18 +80,32 @@ def _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, NK, s_scale,
         qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
     else:
         qk = tl.dot(q, tl.trans(k))
+    if SOFTCAP:   # capped scores in log2 units; z_scale 1
+        z = qk * s_scale
+        if ROW_BIAS:
+            z = z + row_bias[:, None]
+        qk = cap_log2 * _tanh(z * inv_cap_log2)
+        z_scale = 1.0
+    else:         # scale inside the max and the exponent (one FMA per score) rather than scaling qk first
+        z_scale = s_scale
     if MASK_KEYS:
         qk = tl.where(offs_n[None, :] < NK, qk, float("-inf"))
-    # Scale inside the max and the exponent (one FMA per score) rather than scaling qk first.
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * s_scale)
-    alpha = tl.math.exp2(m_i - m_new)
-    acc = acc * alpha[:, None]
-    if PV_FP8:   # p * 448 (see the module docstring), rounded to e4m3
-        p = tl.math.exp2(qk * s_scale - (m_new - LOG2_448)[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(_to_fp8(p, ROUND_IN_FP32), tl.trans(v), acc)
+    if PV_FP8:
+        t_max = tl.max(qk, 1) * z_scale                           # this tile's row max
+        m_new = tl.maximum(m_i, t_max)
+        alpha = tl.math.exp2(m_i - m_new)
+        live = t_max > float("-inf")
+        t_ref = tl.where(live, t_max, 0.0)
+        p = tl.math.exp2(qk * z_scale - (t_ref - LOG2_448)[:, None])   # in [0, 448], e4m3's range
+        beta = tl.where(live, tl.math.exp2(t_ref - m_new - LOG2_448), 0.0)
+        l_i = l_i * alpha + tl.sum(p, 1) * beta
+        pv = tl.dot(_to_fp8(p, ROUND_IN_FP32), tl.trans(v))     # a fresh fp32 tile (two-level accumulation)
+        acc = acc * alpha[:, None] + pv * beta[:, None]
     else:
-        p = tl.math.exp2(qk * s_scale - m_new[:, None])
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * z_scale)
+        alpha = tl.math.exp2(m_i - m_new)
+        acc = acc * alpha[:, None]
+        p = tl.math.exp2(qk * z_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_new
@@ -79,7 +114,7 @@ def _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, NK, s_scale,
 @triton.jit
 def _block_sparse_fwd_kernel(
     Q, K, V, Out, Lse,
-    QScale, KScale, VScale,
+    QScale, KScale, VScale, QkBias,
     KvIndices, KvCounts, RowOrder,
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -87,14 +122,15 @@ def _block_sparse_fwd_kernel(
     stride_ob, stride_oh, stride_on,
     stride_ib, stride_ih, stride_im,
     stride_cb, stride_ch,
-    H, GROUP, NQ, NK, QB, KB, qk_scale_log2,
+    H, GROUP, NQ, NK, QB, KB, qk_scale_log2, softcap_log2,
     HEAD_DIM: tl.constexpr, TABLE_BLOCK_M: tl.constexpr, TABLE_BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr, WRITE_LSE: tl.constexpr,
-    EVEN_N: tl.constexpr, ROUND_IN_FP32: tl.constexpr, USE_TMA: tl.constexpr = False,
+    EVEN_N: tl.constexpr, ROUND_IN_FP32: tl.constexpr, USE_TMA: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
 ):
     QK_QUANT: tl.constexpr = QUANT != 0
     QK_INT8: tl.constexpr = (QUANT == 1) or (QUANT == 3)
     PV_FP8: tl.constexpr = (QUANT == 2) or (QUANT == 3)
+    ROW_BIAS: tl.constexpr = SOFTCAP and QK_QUANT
     SPLIT_M: tl.constexpr = TABLE_BLOCK_M // BLOCK_M
     SPLIT_N: tl.constexpr = TABLE_BLOCK_N // BLOCK_N
 
@@ -126,6 +162,13 @@ def _block_sparse_fwd_kernel(
                                               block_shape=[BLOCK_N, HEAD_DIM])
 
     row_scale = tl.cast(qk_scale_log2, tl.float32)   # Inductor passes Python floats as fp64
+    cap_log2 = tl.cast(softcap_log2, tl.float32)
+    inv_cap_log2 = cap_log2
+    if SOFTCAP:
+        inv_cap_log2 = 1.0 / cap_log2
+    row_bias = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if ROW_BIAS:   # q . mean(K) in log2 units (see the module docstring)
+        row_bias = tl.load(QkBias + bh * NQ + offs_m, mask=offs_m < NQ, other=0.0) * tl.cast(qk_scale_log2, tl.float32)
     if QK_QUANT:
         row_scale = row_scale * tl.load(QScale + bh * QB + qb)
     kscale_base = KScale + (b * (H // GROUP) + hk) * KB
@@ -143,9 +186,10 @@ def _block_sparse_fwd_kernel(
         if QK_QUANT:
             s_scale = s_scale * tl.load(kscale_base + kb)
         start_n = kb * TABLE_BLOCK_N + (t % SPLIT_N) * BLOCK_N
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, NK, s_scale,
-                                     stride_kn, stride_vn, stride_vd,
-                                     BLOCK_N, HEAD_DIM, QK_INT8, PV_FP8, False, ROUND_IN_FP32, USE_TMA)
+        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, NK, s_scale, cap_log2, inv_cap_log2,
+                                     row_bias, stride_kn, stride_vn, stride_vd,
+                                     BLOCK_N, HEAD_DIM, QK_INT8, PV_FP8, False, ROUND_IN_FP32, USE_TMA, SOFTCAP,
+                                     ROW_BIAS)
     if not EVEN_N:
         if count > 0:
             kb = tl.load(idx_base + count - 1)
@@ -154,9 +198,10 @@ def _block_sparse_fwd_kernel(
                 s_scale = s_scale * tl.load(kscale_base + kb)
             for sub in tl.static_range(SPLIT_N):
                 acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_src, v_src,
-                                             kb * TABLE_BLOCK_N + sub * BLOCK_N, NK, s_scale,
+                                             kb * TABLE_BLOCK_N + sub * BLOCK_N, NK, s_scale, cap_log2, inv_cap_log2, row_bias,
                                              stride_kn, stride_vn, stride_vd,
-                                             BLOCK_N, HEAD_DIM, QK_INT8, PV_FP8, True, ROUND_IN_FP32, USE_TMA)
+                                             BLOCK_N, HEAD_DIM, QK_INT8, PV_FP8, True, ROUND_IN_FP32, USE_TMA, SOFTCAP,
+                                             ROW_BIAS)
 
     # A row that visited nothing (skipped head, empty row) has l = 0: output 0, lse -inf.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -167,7 +212,6 @@ def _block_sparse_fwd_kernel(
     tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=offs_m[:, None] < NQ)
     if WRITE_LSE:
-        # natural-log LSE of the scaled scores: (m + log2 l) * ln 2
-        log2_l = tl.math.log2(l_safe) - LOG2_448 if PV_FP8 else tl.math.log2(l_safe)   # l carries the 448
-        lse = tl.where(l_i > 0, (m_i + log2_l) * 0.6931471805599453, float("-inf"))
+        # natural-log LSE of the scaled (and capped) scores: (m + log2 l) * ln 2
+        lse = tl.where(l_i > 0, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
         tl.store(Lse + bh * NQ + offs_m, lse, mask=offs_m < NQ)

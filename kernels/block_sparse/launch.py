@@ -48,21 +48,23 @@ from . import kernel
 from .inputs import check_inputs
 
 #: The kernel's constexprs a KernelSpec fixes (see spec_constexprs); the autotuner keys by them.
-SPEC_CONSTEXPRS = ("HEAD_DIM", "TABLE_BLOCK_M", "TABLE_BLOCK_N", "QUANT")
+SPEC_CONSTEXPRS = ("HEAD_DIM", "TABLE_BLOCK_M", "TABLE_BLOCK_N", "QUANT", "SOFTCAP")
+LOG2E = math.log2(math.e)
 _MODE_OF_CODE = {mode.code: mode for mode in QuantMode}
 
 
 def spec_constexprs(spec: KernelSpec) -> dict[str, int]:
     """The kernel's constexpr arguments of a spec (the input dtype reaches the kernel as the
-    pointers' element types; the layout "bhnd" as the strides)."""
-    return dict(zip(SPEC_CONSTEXPRS, (spec.head_dim, spec.block_m, spec.block_n, spec.quant.code)))
+    pointers' element types; the layout "bhnd" as the strides; the cap's value as softcap_log2)."""
+    return dict(zip(SPEC_CONSTEXPRS, (spec.head_dim, spec.block_m, spec.block_n, spec.quant.code, spec.softcap > 0)))
 
 
 def spec_of_launch(args: dict) -> KernelSpec:
     """The spec of a launch from its arguments by name (the autotuner's pruner sees only those);
     Out has the input dtype (Q may hold quantized codes)."""
+    softcap = float(args["softcap_log2"]) / LOG2E if args.get("SOFTCAP") else 0.0
     return KernelSpec(args["HEAD_DIM"], args["Out"].dtype, _MODE_OF_CODE[args["QUANT"]],
-                      args["TABLE_BLOCK_M"], args["TABLE_BLOCK_N"])
+                      args["TABLE_BLOCK_M"], args["TABLE_BLOCK_N"], softcap=softcap)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,17 +198,17 @@ def work_order(kv_counts: torch.Tensor, batch: int, strategy: str = "per_head_lp
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor,
                            kv_counts: torch.Tensor, scale: float, block_m: int, block_n: int,
-                           quant: QuantMode | str = "none", with_lse: bool = False, tile: Tile | tuple | None = None
-                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                           quant: QuantMode | str = "none", with_lse: bool = False, tile: Tile | tuple | None = None,
+                           softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the Triton kernel (see the module docstring for shapes), validating the inputs first.
     tile (a Tile, or the tuple of its fields) skips autotuning and runs that configuration: for
-    tests and sweeps."""
-    mode = check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, quant)
-    return run_checked(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, mode, with_lse, tile)
+    tests and sweeps. softcap > 0: scores -> softcap * tanh(scores / softcap) before the softmax."""
+    mode = check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, quant, softcap)
+    return run_checked(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, mode, with_lse, tile, softcap)
 
 
 def kernel_spec(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, block_m: int, block_n: int,
-                quant: QuantMode | str) -> KernelSpec:
+                quant: QuantMode | str, softcap: float = 0.0) -> KernelSpec:
     """The spec of a call whose inputs passed check_inputs, after the checks only the kernel needs."""
     check(q.dtype in (torch.float16, torch.bfloat16, torch.float32),
           f"block_sparse_attention: dtype must be float16, bfloat16 or float32, got {q.dtype}")
@@ -215,7 +217,7 @@ def kernel_spec(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     check(q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1,
           "block_sparse_attention: the head dimension of q, k, v must be contiguous (stride 1)")
     check(scale > 0, f"block_sparse_attention: scale must be positive, got {scale}")
-    spec = KernelSpec(int(D), q.dtype, quant, int(block_m), int(block_n))
+    spec = KernelSpec(int(D), q.dtype, quant, int(block_m), int(block_n), softcap=float(softcap))
     check(spec.quant is QuantMode.NONE or q.dtype != torch.float32 or interpreting() or q.device.type == "cpu",
           "block_sparse_attention: quantized modes take float16/bfloat16 inputs")
     return spec
@@ -223,10 +225,11 @@ def kernel_spec(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
 
 def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor,
                 kv_counts: torch.Tensor, scale: float, block_m: int, block_n: int, quant: QuantMode,
-                with_lse: bool = False, tile: Tile | tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                with_lse: bool = False, tile: Tile | tuple | None = None, softcap: float = 0.0
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """block_sparse_attention on inputs check_inputs has accepted (quant: the mode it returned):
     the op's entry, which validated them itself."""
-    spec = kernel_spec(q, k, v, scale, block_m, block_n, quant)
+    spec = kernel_spec(q, k, v, scale, block_m, block_n, quant, softcap)
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     eager = plain_eager(q, k, v, kv_indices, kv_counts)
@@ -237,9 +240,12 @@ def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: t
     # transpose back to (B, N, H * D) is then free (a contiguous output cost a 100 MB copy per
     # layer at Wan 480p). ops._bsa_fake gives the same strides.
     out = torch.empty_like(q)
-    q_scale = k_scale = v_scale = None
+    q_scale = k_scale = v_scale = q_bias = None
     if spec.quant is not QuantMode.NONE:
         quantized = quant_launch.quantize_qkv(q, k, v, spec.quant, block_m, block_n)
+        if spec.softcap > 0:   # q . mean(K): smoothing removed it, a soft cap does not ignore it
+            mean = quantized.k_mean.repeat_interleave(Hq // Hkv, dim=1)
+            q_bias = torch.einsum("bhnd,bhd->bhn", q.float(), mean).contiguous()
         q, k, v = quantized.q, quantized.k, quantized.v
         q_scale, k_scale, v_scale = quantized.q_scale, quantized.k_scale, quantized.v_scale
     if spec.quant.pv_is_fp8:   # v is (B, H, D, N_pad): token stride 1 (the kernel knows), channel stride N_pad
@@ -265,7 +271,7 @@ def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: t
     launch[grid](
         q, k, v, out, lse,
         q_scale if q_scale is not None else unused, k_scale if k_scale is not None else unused,
-        v_scale if v_scale is not None else unused,
+        v_scale if v_scale is not None else unused, q_bias if q_bias is not None else unused,
         kv_indices, kv_counts, order,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -273,7 +279,7 @@ def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: t
         out.stride(0), out.stride(1), out.stride(2),
         kv_indices.stride(0) if Bt > 1 else 0, kv_indices.stride(1), kv_indices.stride(2),
         kv_counts.stride(0) if Bt > 1 else 0, kv_counts.stride(1),
-        Hq, Hq // Hkv, Nq, Nk, QB, KB, scale * math.log2(math.e),
+        Hq, Hq // Hkv, Nq, Nk, QB, KB, scale * LOG2E, spec.softcap * LOG2E,
         **spec_constexprs(spec), WRITE_LSE=with_lse, EVEN_N=Nk % block_n == 0, ROUND_IN_FP32=interpreting(),
         **tile_args,
     )

@@ -7,9 +7,12 @@ The sparsity is a table: kv_indices int32 (Bt, Hq, QB, MAXK) lists, for query bl
 Bt is 1 (one table for the whole batch) or B. A query row that visits no block outputs 0.
 
 The reference computes in float32 (float64 if the inputs are float64) and returns q's dtype.
-For the quantized modes it runs the same attention on fake-quantized (quantized then
-dequantized) Q, K and V from kernels.quant.reference, so the kernel and the reference see the
-same rounding of the inputs; the kernel's extra FP8 rounding of P is not modelled.
+softcap > 0 caps the scaled scores, s -> softcap * tanh(s / softcap), before the mask and the
+softmax. For the quantized modes it runs the same attention on fake-quantized (quantized then
+dequantized) Q, K and V from kernels.quant.reference, and in the FP8 P V modes it rounds P as the
+kernel does (quant_ref.round_probabilities_fp8: per row and key block, scaled by the block's row
+max to e4m3's 448); so the kernel and the reference see the same roundings, and what is left
+between them is summation order, exp2 ulps and the FP8 tensor core's accumulator.
 """
 from __future__ import annotations
 
@@ -35,31 +38,47 @@ def table_to_token_mask(kv_indices: torch.Tensor, kv_counts: torch.Tensor, nq: i
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, token_mask: torch.Tensor,
-                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q k^T * scale, masked) v with GQA, in q's (float) dtype; rows with no key give 0.
+                     scale: float, softcap: float = 0.0, p_fp8_block: int | None = None,
+                     score_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(cap((q k^T + bias) * scale), masked) v with GQA, in q's (float) dtype; rows with no
+    key give 0. cap(s) = softcap * tanh(s / softcap) when softcap > 0, else s; score_bias (B, Hq,
+    Nq) per query row (K smoothing's q . mean), or none. p_fp8_block: round the probabilities to
+    e4m3 per row and group of that many keys, as the FP8 P V kernels do.
 
     Returns (out (B, Hq, Nq, D), lse (B, Hq, Nq) natural-log log-sum-exp, -inf for empty rows)."""
     group = q.shape[1] // k.shape[1]
     if group > 1:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    s = torch.einsum("bhqd,bhkd->bhqk", q, k) * scale
+    s = torch.einsum("bhqd,bhkd->bhqk", q, k)
+    if score_bias is not None:
+        s = s + score_bias[..., None].to(s.dtype)
+    s = s * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
     s = s.masked_fill(~token_mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse[..., None].masked_fill(torch.isinf(lse[..., None]), 0.0))
+    m = lse[..., None].masked_fill(torch.isinf(lse[..., None]), 0.0)
+    if p_fp8_block is not None:
+        p = quant_ref.round_probabilities_fp8(s, m, p_fp8_block)
+    else:
+        p = torch.exp(s - m)
     p = p.masked_fill(~token_mask, 0.0)
     return torch.einsum("bhqk,bhkd->bhqd", p, v), lse
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor,
                            kv_counts: torch.Tensor, scale: float, block_m: int, block_n: int,
-                           quant: QuantMode | str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+                           quant: QuantMode | str = "none", softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference for vsopt::block_sparse_attention; returns (out in q's dtype, lse float32)."""
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     qf, kf, vf = q.to(work), k.to(work), v.to(work)
     mode = QuantMode.parse(quant, "block_sparse_attention: quant")
+    bias = None
     if mode is not QuantMode.NONE:
+        if softcap > 0:   # the q . mean(K) that smoothing removes matters under a cap: added back
+            bias = quant_ref.smoothing_bias(qf, kf)
         qf, kf, vf = quant_ref.fake_quantize_qkv(qf, kf, vf, mode, block_m, block_n)
     mask = table_to_token_mask(kv_indices, kv_counts, q.shape[2], k.shape[2], block_m, block_n)
     mask = mask.expand(q.shape[0], -1, -1, -1)
-    out, lse = masked_attention(qf, kf, vf, mask, scale)
+    out, lse = masked_attention(qf, kf, vf, mask, scale, softcap, block_n if mode.pv_is_fp8 else None, bias)
     return out.to(q.dtype), lse.float()

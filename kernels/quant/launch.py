@@ -87,13 +87,15 @@ def quantize_v_fp8(v: torch.Tensor, abs_max: torch.Tensor, block_n: int = 128, n
 @dataclasses.dataclass
 class QuantizedQKV:
     """Inputs of the quantized attention kernel. v is the original tensor when P V stays 16-bit,
-    else FP8 codes transposed (B, H, D, N_pad) with v_scale (B, H, D)."""
+    else FP8 codes transposed (B, H, D, N_pad) with v_scale (B, H, D). k_mean: K's mean over tokens
+    (the smoothing), for the per-row term q . mean a soft cap needs back."""
     q: torch.Tensor
     q_scale: torch.Tensor
     k: torch.Tensor
     k_scale: torch.Tensor
     v: torch.Tensor
     v_scale: torch.Tensor | None
+    k_mean: torch.Tensor   # (B, H, D) float32: what smoothing subtracted from K
 
 
 def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: QuantMode | str, block_m: int,
@@ -105,7 +107,8 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: Quant
     k_sum, v_max = channel_stats(k, v if fp8_pv else None)
     qc, qs = quantize_blocks(q, block_m, fmt)
     kc, ks = quantize_blocks(k, block_n, fmt, channel_sum=k_sum)
+    k_mean = k_sum / k.shape[2]
     if fp8_pv:
         vc, vs = quantize_v_fp8(v, v_max)
-        return QuantizedQKV(qc, qs, kc, ks, vc, vs)
-    return QuantizedQKV(qc, qs, kc, ks, v, None)
+        return QuantizedQKV(qc, qs, kc, ks, vc, vs, k_mean)
+    return QuantizedQKV(qc, qs, kc, ks, v, None, k_mean)

@@ -7,6 +7,9 @@ to +-QMAX; an all-zero group gets a tiny scale instead of 0):
 Groups: Q per (b, h, block of block_m tokens); K per (b, h, block of block_n tokens) after
 smoothing (K minus its mean over tokens, per (b, h, d): softmax ignores a per-row constant, and
 q . mean is one); V (FP8 P V only) per (b, h, d) channel over all tokens.
+P (FP8 P V only; round_probabilities_fp8): per query row and group of block keys, scaled so that
+the group's largest probability is 448 (SageAttention2's per-block P scale: the full e4m3 range
+whatever the group's distance to the row max), rounded, scaled back.
 """
 from __future__ import annotations
 
@@ -52,7 +55,8 @@ def quantize_channels_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fake_quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: QuantMode | str, block_m: int,
                       block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize then dequantize q, k, v as the kernels do in `quant` mode (K comes back smoothed)."""
+    """Quantize then dequantize q, k, v as the kernels do in `quant` mode (K comes back smoothed:
+    minus its mean over tokens, which only a soft cap notices; see smoothing_bias)."""
     mode = QuantMode.parse(quant, "fake_quantize_qkv: quant")
     check(mode is not QuantMode.NONE, f"fake_quantize_qkv: quant must be a quantized mode, got {quant!r}")
     fmt = mode.qk_format
@@ -64,3 +68,29 @@ def fake_quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: 
         vc, vs = quantize_channels_fp8(v)
         v = (vc * vs[:, :, None, :]).to(v.dtype)
     return q_hat, k_hat, v
+
+
+def round_probabilities_fp8(scores: torch.Tensor, row_max: torch.Tensor, block: int) -> torch.Tensor:
+    """exp(scores - row_max) with each (row, group of `block` keys) rounded to e4m3 as the FP8 P V
+    kernels do: p~ = round(exp(s - gmax) * 448) with gmax the group's row max, then
+    p = p~ * exp(gmax - row_max) / 448. scores (..., Nk) with -inf for masked keys; row_max (..., 1)."""
+    nk = scores.shape[-1]
+    nb = -(-nk // block)
+    padded = torch.nn.functional.pad(scores, (0, nb * block - nk), value=float("-inf"))
+    groups = padded.view(*scores.shape[:-1], nb, block)
+    gmax = groups.amax(dim=-1, keepdim=True)
+    live = torch.isfinite(gmax)
+    gref = torch.where(live, gmax, torch.zeros_like(gmax))
+    p = round_to_format(torch.exp(groups - gref) * QMAX["fp8"], "fp8")
+    weight = torch.where(live, torch.exp(gref - row_max[..., None]) / QMAX["fp8"], torch.zeros_like(gmax))
+    return (p * weight).view(*scores.shape[:-1], nb * block)[..., :nk]
+
+
+def smoothing_bias(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q . mean(K) per query row, (B, Hq, Nq), in q's float dtype (at least float32): the per-row
+    constant K smoothing removes from the scores. Softmax ignores it; a soft cap does not, so the
+    capped kernels add it back (from the unquantized q) before the tanh. Grouped kv heads: each
+    query head takes its kv head's mean."""
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    mean = k.to(work).mean(dim=2).repeat_interleave(q.shape[1] // k.shape[1], dim=1)   # (B, Hq, D)
+    return torch.einsum("bhnd,bhd->bhn", q.to(work), mean)

@@ -54,6 +54,7 @@ class SoftmaxEmit:
     scale: float
     out_groups: Groups
     out_axes: Groups
+    softcap: float = 0.0  # > 0: the scores are capped, softcap * tanh(scale * q k^T / softcap) (rules/softcap.py)
 
 
 def groups_of(axes) -> Groups:

@@ -53,6 +53,7 @@ class AttentionMatch(Generic[EmitT]):
     nodes: tuple[str, ...]  # names of the matched nodes (the rewrite replaces them)
     q_token_source: tuple[torch.fx.Node, tuple[int, ...]] | None  # (node, its axes forming q's tokens)
     emit: EmitT = field(repr=False)  # the rule's typed record of what rewrite emits
+    softcap: float = 0.0  # > 0: logit soft cap on the scores before the mask and softmax (rules/softcap.py)
 
     @property
     def rule_name(self) -> str:

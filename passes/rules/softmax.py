@@ -3,7 +3,8 @@
 scores = q @ k^T (matmul, bmm, baddbmm or einsum; any layout, heads merged or not, k/v heads
 broadcast for MQA/GQA) -> scalar scale (mul/div, before the matmul on q or k, or after it) ->
 optional mask (additive, baddbmm's bias, or a masked_fill / where fill that drops keys: exactly
-what rules/score_mask.py accepts, fully masked rows included) -> dtype casts ->
+what rules/score_mask.py accepts, fully masked rows included) -> dtype casts, and optionally a
+logit soft cap cap * tanh(scores / cap) before the mask (rules/softcap.py) ->
 softmax over the key axis -> dropout that is a no-op -> probs @ v. Anchored on the softmax;
 layouts are followed with passes.layout_trace atoms (rules/operands.py), and the rewrite rebuilds
 q, k, v canonically (rules/canonical.py).
@@ -31,6 +32,7 @@ from .canonical import Canonical, SoftmaxEmit, emit_canonical, emit_output, grou
 from .match import PASS_NAME, AttentionMatch, AttentionRule, MatchResult, normalize_args, users
 from .operands import Operand, einsum_spec, group_sizes, operands
 from .score_mask import EmptyRows, ScoreMask, emit_empty_rows, emit_mask, fill_mask, fill_of
+from .softcap import is_tanh, softcap_of
 
 aten = torch.ops.aten
 
@@ -67,7 +69,7 @@ def score_path(x: torch.fx.Node) -> list[torch.fx.Node] | None:
         if x.target in SCORE_OPS:
             return list(reversed(path))
         fill = fill_of(x)
-        if x.target in ORDER_OPS or scalar_factor(x) is not None or _is_cast(x):
+        if x.target in ORDER_OPS or scalar_factor(x) is not None or _is_cast(x) or is_tanh(x):
             x = x.args[0]
         elif fill is not None:
             x = fill.scores
@@ -158,6 +160,7 @@ class SoftmaxAttentionRule(AttentionRule[SoftmaxEmit]):
         # ---- scores: scale and mask between the matmul and the softmax
         scale = oq.traced.scale * ok_.traced.scale
         masks = []  # (kind, tensor or Fill, axes at that point, scale applied before it, factor on the mask)
+        before_tanh = None  # with a soft cap: the scale applied before the tanh (`scale` then restarts at 1)
         if extra is not None:  # baddbmm: beta * bias + alpha * (q @ k^T)
             bias, beta, alpha = extra
             scale *= alpha
@@ -169,6 +172,10 @@ class SoftmaxAttentionRule(AttentionRule[SoftmaxEmit]):
                 fill = fill_of(n)
                 if f is not None:
                     scale *= f
+                elif is_tanh(n):
+                    if masks or before_tanh is not None:
+                        return fail(f"{n.name}: a tanh after a mask or another tanh is not a soft cap")
+                    before_tanh, scale = scale, 1.0
                 elif n.target in ORDER_OPS:
                     axes = apply(n, axes, {})
                 elif fill is not None:
@@ -183,6 +190,12 @@ class SoftmaxAttentionRule(AttentionRule[SoftmaxEmit]):
             return fail(f"cannot follow the scores: {e}")
         if len(masks) > 1:
             return fail("more than one mask is applied to the scores")
+        softcap, mask_scale = 0.0, scale  # mask_scale: the factor applied to the scores the mask is added to
+        if before_tanh is not None:
+            cap = softcap_of(before_tanh, scale)
+            if isinstance(cap, str):
+                return fail(cap)
+            softcap, scale = cap.cap, cap.scale
         ndim = len(axes)
         dim = sm.args[1] % ndim
         if axes[dim] != ok_.token:
@@ -285,7 +298,7 @@ class SoftmaxAttentionRule(AttentionRule[SoftmaxEmit]):
             softmax_empty = 0.0 if sm.target is aten._safe_softmax.default else math.nan
             invert, empty_rows = False, EmptyRows(value=softmax_empty)
             if kind == "keep":
-                got = fill_mask(what, scale / scale_before if scale_before else 1.0, softmax_empty)
+                got = fill_mask(what, mask_scale / scale_before if scale_before else 1.0, softmax_empty)
                 if isinstance(got, str):
                     return fail(got)
                 (invert, empty_rows), what = got, what.cond
@@ -295,20 +308,24 @@ class SoftmaxAttentionRule(AttentionRule[SoftmaxEmit]):
                      for label, (o, bg, hg, drop) in kv.items()}
         record = SoftmaxEmit(q=Canonical(oq.traced, groups_of([bq, hq, oq.token, oq.feature])), k=canonical["k"],
                            v=canonical["v"], mask=mask, empty_rows=empty_rows, scale=scale,
-                           out_groups=groups_of([bq, hq, oq.token, ov.feature]), out_axes=groups_of(out_axes))
+                           out_groups=groups_of([bq, hq, oq.token, ov.feature]), out_axes=groups_of(out_axes),
+                           softcap=softcap)
         return self.matched(
             sm, record, anchor=sm, output=pv, layout=Layout.BN_D if len(axes) == 3 else _layout_of(oq), batch=B,
             heads=H, kv_heads=hk, head_dim=D, value_dim=Dv, q_len=Nq, kv_len=Nk,
             dtype=oq.traced.source.meta["val"].dtype, scale=scale, has_mask=mask is not None, is_causal=False,
-            nodes=tuple(n.name for n in path + probs_path + [pv]), q_token_source=_token_axes(oq))
+            nodes=tuple(n.name for n in path + probs_path + [pv]), q_token_source=_token_axes(oq), softcap=softcap)
 
     def rewrite(self, graph: torch.fx.Graph, match: AttentionMatch[SoftmaxEmit]) -> torch.fx.Node:
         e, sm = match.emit, match.anchor
         q4 = emit_canonical(graph, e.q, sm)
         k4 = emit_canonical(graph, e.k, sm)
         v4 = emit_canonical(graph, e.v, sm)
-        m4 = emit_mask(graph, e.mask, e.scale, sm.args[0].meta["val"].dtype, sm) if e.mask is not None else None
-        out = emit(graph, torch.ops.vsopt.attention.default, (q4, k4, v4, m4, e.scale, False),
+        # a capped site's mask is added to the capped scores: the factors after it are the cap's
+        mask_scale = e.softcap if e.softcap else e.scale
+        m4 = emit_mask(graph, e.mask, mask_scale, sm.args[0].meta["val"].dtype, sm) if e.mask is not None else None
+        cap = (e.softcap,) if e.softcap else ()   # uncapped sites keep the six-argument call
+        out = emit(graph, torch.ops.vsopt.attention.default, (q4, k4, v4, m4, e.scale, False, *cap),
                    pass_name=PASS_NAME, replaces=match.nodes, meta_from=sm)
         if e.empty_rows is not None:  # the rows the mask empties, as the original graph gives them
             out = emit_empty_rows(graph, out, m4, v4, e.empty_rows, sm)

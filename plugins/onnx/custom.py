@@ -37,8 +37,8 @@ def custom_table(opset: int) -> dict:
     schemas.register()
     vsopt_ops = values.Opset(schemas.DOMAIN, schemas.VERSION)
 
-    def attention(q, k, v, attn_mask=None, scale: float = 1.0, is_causal: bool = False):
-        return dense_attention(q, k, v, attn_mask, scale, is_causal, opset=opset)
+    def attention(q, k, v, attn_mask=None, scale: float = 1.0, is_causal: bool = False, softcap: float = 0.0):
+        return dense_attention(q, k, v, attn_mask, scale, is_causal, softcap, opset=opset)
 
     def permute_tokens(x, perm):
         return vsopt_ops.PermuteTokens(x, perm)
@@ -50,8 +50,9 @@ def custom_table(opset: int) -> dict:
         return vsopt_ops.MaskToTable(mask)
 
     def block_sparse_attention(q, k, v, kv_indices, kv_counts, scale: float, block_m: int, block_n: int,
-                               quant: str = "none"):
-        spec = KernelSpec(head_dim=dims(q)[3], dtype=_DTYPES[q.dtype], quant=quant, block_m=block_m, block_n=block_n)
+                               quant: str = "none", softcap: float = 0.0):
+        spec = KernelSpec(head_dim=dims(q)[3], dtype=_DTYPES[q.dtype], quant=quant, block_m=block_m, block_n=block_n,
+                          softcap=float(softcap))
         return vsopt_ops.BlockSparseAttention(q, k, v, kv_indices, kv_counts, scale=float(scale), **spec.attributes())
 
     def dynamic_block_mask(q, k, scale: float, block_m: int, block_n: int, method: str, value: float,

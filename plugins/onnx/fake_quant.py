@@ -6,6 +6,9 @@ format (int8: half away from zero; fp8: Cast to float8 e4m3fn and back) and mult
 Q per (b, h, block of block_m tokens); K per (b, h, block of block_n tokens) after subtracting its
 mean over tokens (smoothing); V, for the FP8 P V modes only, per (b, h, channel). Everything in
 float32, as the reference. Needs opset 19 (float8) for the fp8 modes.
+
+fp8_p_attention: the FP8 P V modes' attention with P rounded as the kernels round it
+(quant_ref.round_probabilities_fp8: per row and key block, scaled by the block's row max to 448).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from onnxscript import opset19
 from vsopt.kernels.quant import reference as quant_ref
 from vsopt.kernels.spec import QuantMode
 
-from .building import FLOAT, dims, i64, scalar_like
+from .building import FLOAT, dims, i64, repeat_heads, scalar_like
 
 FP8_OPSET = 19
 
@@ -66,3 +69,47 @@ def fake_quantize_qkv(q: ir.Value, k: ir.Value, v: ir.Value, quant: str, block_m
     if mode.pv_is_fp8:
         v = _channels_fp8(v)
     return q_hat, k_hat, v
+
+
+def smoothing_bias(q: ir.Value, k: ir.Value, q_shape: list[int], kv_shape: list[int]) -> ir.Value:
+    """q . mean(K) per query row, (B, H, Nq, 1) float32 (quant_ref.smoothing_bias)."""
+    q, k = op.Cast(q, to=FLOAT), op.Cast(k, to=FLOAT)
+    mean = repeat_heads(op.ReduceMean(k, i64([2]), keepdims=1), [kv_shape[0], kv_shape[1], 1, kv_shape[3]],
+                        q_shape[1])
+    return op.MatMul(q, op.Transpose(mean, perm=[0, 1, 3, 2]))
+
+
+def fp8_p_attention(q: ir.Value, k: ir.Value, v: ir.Value, tokens: ir.Value, scale: float, block_n: int,
+                    q_shape: list[int], kv_shape: list[int], softcap: float = 0.0,
+                    score_bias: ir.Value | None = None) -> ir.Value:
+    """softmax(cap(q k^T * scale), masked by tokens) v with P rounded to e4m3 per row and group of
+    block_n keys (float32 q/k/v, tokens bool broadcastable to (B, H, Nq, Nk)); rows with no key
+    give NaN or 0 (the caller zeroes them)."""
+    B, H, Nq, _ = q_shape
+    Nk = kv_shape[2]
+    k, v = repeat_heads(k, kv_shape, H), repeat_heads(v, kv_shape, H)
+    s = op.MatMul(q, op.Transpose(k, perm=[0, 1, 3, 2]))
+    if score_bias is not None:
+        s = op.Add(s, score_bias)
+    s = op.Mul(s, scalar_like(scale, q))
+    if softcap:
+        s = op.Mul(op.Tanh(op.Div(s, scalar_like(softcap, q))), scalar_like(softcap, q))
+    ninf = scalar_like(float("-inf"), q)
+    zero = scalar_like(0.0, q)
+    s = op.Where(tokens, s, ninf)
+    m = op.ReduceMax(s, i64([-1]), keepdims=1)
+    m = op.Where(op.IsInf(m), zero, m)
+    nb = -(-Nk // block_n)
+    padded = op.Pad(s, i64([0, 0, 0, 0, 0, 0, 0, nb * block_n - Nk]), ninf) if nb * block_n != Nk else s
+    groups = op.Reshape(padded, i64([B, H, Nq, nb, block_n]))
+    gmax = op.ReduceMax(groups, i64([-1]), keepdims=1)
+    live = op.Not(op.IsInf(gmax))
+    gref = op.Where(live, gmax, zero)
+    qmax = scalar_like(quant_ref.QMAX["fp8"], q)
+    p = _round(op.Mul(op.Exp(op.Sub(groups, gref)), qmax), "fp8")
+    weight = op.Where(live, op.Div(op.Exp(op.Sub(gref, op.Unsqueeze(m, i64([-1])))), qmax), zero)
+    p = op.Reshape(op.Mul(p, weight), i64([B, H, Nq, nb * block_n]))
+    if nb * block_n != Nk:
+        p = op.Slice(p, i64([0]), i64([Nk]), i64([3]))
+    l = op.ReduceSum(op.Where(tokens, op.Exp(op.Sub(s, m)), zero), i64([-1]), keepdims=1)
+    return op.Div(op.MatMul(p, v), l)

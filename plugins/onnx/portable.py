@@ -2,7 +2,8 @@
 
     block_sparse_attention  the block table -> a boolean token mask -> Attention (opset 23) or
                             MatMul / Softmax / MatMul; rows that visit no block give 0; the
-                            quantized modes fake-quantize q/k/v as the reference does (fake_quant.py)
+                            quantized modes fake-quantize q/k/v as the reference does (fake_quant.py),
+                            and the FP8 P V modes round P as it does (written out, no Attention op)
     permute_tokens          GatherElements (Gather when all heads share one order)
     unpermute_tokens        the inverse permutation (ScatterElements on the small index) + gather
     mask_to_table           TopK over a sort key, ReduceSum for the counts
@@ -26,11 +27,12 @@ from onnxscript import opset18 as op
 from vsopt.core.dynamic import DynamicMethod
 from vsopt.core.patterns import diagonal_blocks
 from vsopt.kernels.block_mask import reference as mask_ref
+from vsopt.kernels.spec import QuantMode
 
 from .attention import attend, dense_attention
 from .building import FLOAT, INT32, arange, blocks_to_tokens, const, dims, i64, rows_to_tokens, scalar_like, \
     table_to_blocks
-from .fake_quant import fake_quantize_qkv
+from .fake_quant import fake_quantize_qkv, fp8_p_attention, smoothing_bias
 
 
 def _permute(x: ir.Value, perm: ir.Value, heads: int) -> ir.Value:
@@ -70,8 +72,8 @@ def portable_table(opset: int) -> dict:
     """The translation table (torch op overload -> ONNX function) of the portable form."""
     import torch
 
-    def attention(q, k, v, attn_mask=None, scale: float = 1.0, is_causal: bool = False):
-        return dense_attention(q, k, v, attn_mask, scale, is_causal, opset=opset)
+    def attention(q, k, v, attn_mask=None, scale: float = 1.0, is_causal: bool = False, softcap: float = 0.0):
+        return dense_attention(q, k, v, attn_mask, scale, is_causal, softcap, opset=opset)
 
     def permute_tokens(x, perm):
         return _permute(x, perm, dims(perm)[0])
@@ -88,7 +90,7 @@ def portable_table(opset: int) -> dict:
         return op.Cast(indices, to=INT32), op.ReduceSum(op.Cast(mask, to=INT32), i64([-1]), keepdims=0)
 
     def block_sparse_attention(q, k, v, kv_indices, kv_counts, scale: float, block_m: int, block_n: int,
-                               quant: str = "none"):
+                               quant: str = "none", softcap: float = 0.0):
         B, H, Nq, D = dims(q)
         Nk = dims(k)[2]
         Bt, _, QB, _ = dims(kv_indices)
@@ -96,10 +98,18 @@ def portable_table(opset: int) -> dict:
         blocks = table_to_blocks(kv_indices, kv_counts, KB)
         tokens = blocks_to_tokens(blocks, [Bt, H, QB, KB], Nq, Nk, block_m, block_n)   # (Bt, H, Nq, Nk)
         q_shape, kv_shape = dims(q), dims(k)
-        if quant != "none":
+        # under a cap, the q . mean(K) that K smoothing removes is added back (as the kernel does)
+        bias = smoothing_bias(q, k, q_shape, kv_shape) if quant != "none" and softcap else None
+        if QuantMode.parse(quant).pv_is_fp8:   # P rounded as the kernel rounds it: written out, in float32
             dtype = q.dtype
-            q, k, v = (op.Cast(x, to=dtype) for x in fake_quantize_qkv(q, k, v, quant, block_m, block_n, opset))
-        out = attend(q, k, v, tokens, scale, opset, q_shape, kv_shape)
+            qf, kf, vf = fake_quantize_qkv(q, k, v, quant, block_m, block_n, opset)
+            out = op.Cast(fp8_p_attention(qf, kf, vf, tokens, scale, block_n, q_shape, kv_shape, float(softcap),
+                                          bias), to=dtype)
+        else:
+            if quant != "none":
+                dtype = q.dtype
+                q, k, v = (op.Cast(x, to=dtype) for x in fake_quantize_qkv(q, k, v, quant, block_m, block_n, opset))
+            out = attend(q, k, v, tokens, scale, opset, q_shape, kv_shape, softcap=float(softcap), score_bias=bias)
         # A row that visits no block (a skipped head) is 0, whatever the runtime's softmax of nothing is.
         live = rows_to_tokens(op.Greater(kv_counts, op.Constant(value=ir.tensor(np.zeros((), np.int32)))),
                               [Bt, H, QB], Nq, block_m)

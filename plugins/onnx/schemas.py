@@ -8,7 +8,8 @@
 
 The semantics are those of torch.ops.vsopt.* (vsopt/core/ops.py, vsopt/core/dynamic.py); layouts
 are (B, H, N, D). BlockSparseAttention carries the kernel spec as attributes
-(vsopt.kernels.spec.KernelSpec.attributes(): head_dim, dtype, quant, block_m, block_n, layout) so
+(vsopt.kernels.spec.KernelSpec.attributes(): head_dim, dtype, quant, block_m, block_n, layout,
+softcap) so
 a runtime with a vsopt kernel (plugins/tensorrt) picks the compiled form from the node alone, plus
 where it came from: site_id, heads (the site's query heads this launch runs) and orders (each
 head's token order). register() makes onnx.checker and onnxscript know the domain.
@@ -60,6 +61,8 @@ SCHEMAS = [
                     _required("block_m", _A.INT, "query block of the table"),
                     _required("block_n", _A.INT, "key block of the table"),
                     _required("layout", _A.STRING, "memory layout the kernel reads (bhnd)"),
+                    _optional("softcap", _A.FLOAT, "logit soft cap: scores -> softcap * tanh(scores / softcap) "
+                              "before the softmax (0 or absent: none)"),
                     *_WHERE,
                     _optional("orders", _A.STRINGS, "token order of each head in `heads` (the plan's)")]),
     OpSchema(

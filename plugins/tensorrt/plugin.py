@@ -45,7 +45,7 @@ def _static(expr) -> int:
 @trtp.register("vsopt::BlockSparseAttention")
 def _bsa_desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, kv_indices: trtp.TensorDesc,
               kv_counts: trtp.TensorDesc, row_order: trtp.TensorDesc, scale: float, head_dim: int, dtype: str,
-              quant: str, block_m: int, block_n: int, layout: str) -> trtp.TensorDesc:
+              quant: str, block_m: int, block_n: int, layout: str, softcap: float) -> trtp.TensorDesc:
     return q.like()
 
 
@@ -57,24 +57,25 @@ def _bsa_autotune(q, k, v, kv_indices, kv_counts, row_order, outputs):
 
 @trtp.impl("vsopt::BlockSparseAttention")
 def _bsa_impl(q, k, v, kv_indices, kv_counts, row_order, scale: float, block_m: int, block_n: int, quant: str,
-              outputs, stream) -> None:
+              softcap: float, outputs, stream) -> None:
     with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
         args = [_torch(x, stream) for x in (q, k, v, kv_indices, kv_counts)]
-        out = torch.ops.vsopt.block_sparse_attention(*args, scale, block_m, block_n, quant)
+        out = torch.ops.vsopt.block_sparse_attention(*args, scale, block_m, block_n, quant, softcap)
         _torch(outputs[0], stream).copy_(out)
 
 
 @trtp.aot_impl("vsopt::BlockSparseAttention")
 def _bsa_aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, kv_indices: trtp.TensorDesc,
              kv_counts: trtp.TensorDesc, row_order: trtp.TensorDesc, scale: float, block_m: int, block_n: int,
-             quant: str, outputs: Tuple[trtp.TensorDesc], tactic: int):
+             quant: str, softcap: float, outputs: Tuple[trtp.TensorDesc], tactic: int):
     if quant != "none":
         raise ValueError(f"vsopt::BlockSparseAttention AOT: quant {quant!r} needs the quantization kernels; "
                          "build this node with aot=0 (the JIT implementation)")
     B, H, NQ, D = (_static(e) for e in q.shape_expr)
     Hkv, NK = _static(k.shape_expr[1]), _static(k.shape_expr[2])
     Bt, _, QB, W = (_static(e) for e in kv_indices.shape_expr)
-    config = ptx.trt_entry_config(D, _DT[q.dtype], block_m, block_n, NK % block_n == 0, scale * math.log2(math.e))
+    config = ptx.trt_entry_config(D, _DT[q.dtype], block_m, block_n, NK % block_n == 0, scale * math.log2(math.e),
+                                  softcap * math.log2(math.e))
     compiled = ptx._compile_one(config)
     values = {"stride_qb": H * NQ * D, "stride_qh": NQ * D, "stride_qn": D, "stride_kb": Hkv * NK * D,
               "stride_kh": NK * D, "stride_kn": D, "stride_ib": H * QB * W if Bt > 1 else 0, "stride_ih": QB * W,

@@ -32,7 +32,9 @@ _QUANT_CODE = {"none": 0, "int8": 1, "fp8": 2, "int8_fp8": 3}
 @dataclass(frozen=True)
 class PtxConfig:
     """One compiled form: the kernel, the KernelSpec fields it depends on, the tile, EVEN_N
-    (Nk a multiple of the key block) and, for trt_entry, the folded softmax scale."""
+    (Nk a multiple of the key block) and, for trt_entry, the folded softmax scale; softcap_log2:
+    the logit soft cap in log2 units (cap * log2 e; 0: none), a constant of trt_entry, a run-time
+    argument of attention (only whether it is > 0 is compiled in)."""
 
     kernel: str            # "attention" | "trt_entry"
     head_dim: int
@@ -47,12 +49,15 @@ class PtxConfig:
     use_tma: bool = False
     even_n: bool = True
     qk_scale_log2: float = 0.0
+    softcap_log2: float = 0.0
 
     @property
     def name(self) -> str:
         s = (f"{self.kernel}_{self.dtype}_{self.quant}_d{self.head_dim}_t{self.table_block_m}x{self.table_block_n}"
              f"_b{self.block_m}x{self.block_n}_w{self.num_warps}s{self.num_stages}"
              f"{'_tma' if self.use_tma else ''}{'' if self.even_n else '_ragged'}")
+        if self.softcap_log2 > 0:
+            s += "_softcap" + (f"{self.softcap_log2:.6g}".replace(".", "p") if self.kernel == "trt_entry" else "")
         return s + (f"_scale{self.qk_scale_log2:.6g}".replace(".", "p") if self.kernel == "trt_entry" else "")
 
 
@@ -79,7 +84,7 @@ def launcher_configs(head_dim: int, dtype: str, quant: str, block_m: int, block_
 
 
 def trt_entry_config(head_dim: int, dtype: str, block_m: int, block_n: int, even_n: bool,
-                     qk_scale_log2: float) -> PtxConfig:
+                     qk_scale_log2: float, softcap_log2: float = 0.0) -> PtxConfig:
     """The TensorRT entry's form: the first non-TMA tile the launcher would consider."""
     tile = next((t for t in _tiles(head_dim, dtype, "none", block_m, block_n) if not t.use_tma), None)
     if tile is None:
@@ -87,7 +92,7 @@ def trt_entry_config(head_dim: int, dtype: str, block_m: int, block_n: int, even
 
         tile = launch.Tile(min(block_m, 64), min(block_n, 64), 4, 2)
     return PtxConfig("trt_entry", head_dim, dtype, "none", block_m, block_n, tile.block_m, tile.block_n, tile.num_warps,
-                     tile.num_stages, False, even_n, float(qk_scale_log2))
+                     tile.num_stages, False, even_n, float(qk_scale_log2), float(softcap_log2))
 
 
 def representative_configs(dtype: str = "bf16") -> list[PtxConfig]:
@@ -103,6 +108,9 @@ def representative_configs(dtype: str = "bf16") -> list[PtxConfig]:
         out += [dataclasses.replace(first, quant=q) for q in ("int8", "fp8", "int8_fp8")]
     out.append(dataclasses.replace(launcher_configs(64, dtype, "none", 64, 64)[0], even_n=False))
     out.append(trt_entry_config(64, dtype, 64, 64, True, 0.18033688011112042))
+    out.append(trt_entry_config(64, dtype, 64, 64, True, 0.18033688011112042, 50.0 * 1.4426950408889634))
+    out.append(dataclasses.replace(launcher_configs(128, dtype, "none", 128, 128)[0], quant="int8_fp8",
+                                   softcap_log2=1.0))   # the cap compiled in (its value is an argument)
     return list(dict.fromkeys(out))
 
 
@@ -118,7 +126,8 @@ def _signature(c: PtxConfig) -> tuple[dict, dict]:
         sig.update({n: "*i32" for n in ("KvIndices", "KvCounts", "RowOrder")})
         sig.update({n: "i32" for n in SCALARS})
         sig["Out"] = f"*{dt}"
-        const = {"QK_SCALE_LOG2": c.qk_scale_log2, "HEAD_DIM": c.head_dim, "TABLE_BLOCK_M": c.table_block_m,
+        const = {"QK_SCALE_LOG2": c.qk_scale_log2, "SOFTCAP_LOG2": c.softcap_log2, "SOFTCAP": c.softcap_log2 > 0,
+                 "HEAD_DIM": c.head_dim, "TABLE_BLOCK_M": c.table_block_m,
                  "TABLE_BLOCK_N": c.table_block_n, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "EVEN_N": c.even_n}
     else:
         fn = kernel._block_sparse_fwd_kernel
@@ -127,14 +136,15 @@ def _signature(c: PtxConfig) -> tuple[dict, dict]:
         v = "fp8e4nv" if code in (2, 3) else dt
         ptrs = {"Q": qk, "K": qk, "V": v, "Out": dt, "Lse": dt, "QScale": "fp32" if code else "i32",
                 "KScale": "fp32" if code else "i32", "VScale": "fp32" if code in (2, 3) else "i32",
+                "QkBias": "fp32" if code and c.softcap_log2 > 0 else "i32",
                 "KvIndices": "i32", "KvCounts": "i32", "RowOrder": "i32"}
         const = {"HEAD_DIM": c.head_dim, "TABLE_BLOCK_M": c.table_block_m, "TABLE_BLOCK_N": c.table_block_n,
                  "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "QUANT": code, "WRITE_LSE": False, "EVEN_N": c.even_n,
-                 "ROUND_IN_FP32": False, "USE_TMA": c.use_tma}
+                 "ROUND_IN_FP32": False, "USE_TMA": c.use_tma, "SOFTCAP": c.softcap_log2 > 0}
         sig = {}
         for name in fn.arg_names:
             sig[name] = f"*{ptrs[name]}" if name in ptrs else "constexpr" if name in const else \
-                "fp32" if name == "qk_scale_log2" else "i32"
+                "fp32" if name in ("qk_scale_log2", "softcap_log2") else "i32"
     for name in const:
         sig[name] = "constexpr"
     return fn, sig, const

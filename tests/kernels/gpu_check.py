@@ -1,10 +1,15 @@
 """GPU correctness check of the Triton kernels against the float32 references, at workload sizes.
 
     python3 tests/kernels/gpu_check.py            (on a CUDA GPU; exit status 1 if any check fails)
+    python3 tests/kernels/gpu_check.py --parts small,helpers,compile,direct,wan480
+    python3 tests/kernels/gpu_check.py --parts cog720          (the two halves, each a shorter run)
 
 Not collected by pytest (the CPU tests in this folder run the same kernels under TRITON_INTERPRET
 at tiny sizes). Each line prints the case, cosine and relative L2 against float32 attention on the
-unquantized inputs, and PASS/FAIL against the mode's bound (bounds: docs/KERNELS.md).
+unquantized inputs, and PASS/FAIL against the mode's bound (bounds: docs/KERNELS.md). Every mode
+runs with and without a logit soft cap; the workload lines also say whether issue 16's accuracy
+target (cosine >= 0.999 and relative L2 <= 0.03 against float32) is met ("target met" / "target
+missed": informational, the PASS/FAIL bound is the mode's).
 """
 from __future__ import annotations
 
@@ -21,18 +26,29 @@ from vsopt.kernels.block_sparse import reference as bsa_ref
 
 # Relative L2 bound per mode against float32 (bf16 output rounding alone is ~3e-3).
 REL_L2_BOUND = {"none": 1e-2, "int8": 3e-2, "fp8": 6e-2, "int8_fp8": 5e-2}
-# Bound of the kernel against the reference run on the same quantized inputs (FP8 P adds ~2-3%).
+# Structured inputs (dominant keys, large magnitudes): FP8 Q K loses more (reference.py's roundings
+# on the CPU: 0.060-0.082 for fp8, 0.035 int8_fp8, 0.024 int8 at D=128; docs/KERNELS.md).
+STRUCTURED_BOUND = {"none": 1e-2, "int8": 4e-2, "fp8": 1.2e-1, "int8_fp8": 5e-2}
+# Bound of the kernel against reference.py, which rounds Q, K, V and P as the kernel does: what is left
+# is bf16 output rounding, accumulation order and, where the kernel's tile is narrower than the
+# table's key block (128x64 tiles), P rounded in other groups (~3%).
 KERNEL_BOUND = {"none": 1e-2, "int8": 1e-2, "fp8": 5e-2, "int8_fp8": 5e-2}
+TARGET_COS, TARGET_REL = 0.999, 0.03
+CAP = 2.0   # a soft cap that binds on unit-variance scores at these head dims
 failures: list[str] = []
 
 
-def report(case: str, out: torch.Tensor, ref: torch.Tensor, bound: float) -> None:
+def report(case: str, out: torch.Tensor, ref: torch.Tensor, bound: float, target: bool = False) -> None:
     o, r = out.float().flatten(), ref.float().flatten()
     finite = bool(torch.isfinite(o).all())
     cos = float(torch.nn.functional.cosine_similarity(o, r, dim=0))
     rel = float((o - r).norm() / r.norm().clamp_min(1e-30))
     ok = finite and rel <= bound
-    print(f"{'PASS' if ok else 'FAIL'} {case:<58} cos {cos:.6f} rel_l2 {rel:.2e} (bound {bound:.0e})", flush=True)
+    met = ""
+    if target:
+        met = " target met" if cos >= TARGET_COS and rel <= TARGET_REL else " target missed"
+    print(f"{'PASS' if ok else 'FAIL'} {case:<66} cos {cos:.6f} rel_l2 {rel:.2e} (bound {bound:.0e}){met}",
+          flush=True)
     if not ok:
         failures.append(case)
 
@@ -43,8 +59,9 @@ def random_mask(Bt, H, QB, KB, density, device):
     return mask.scatter(-1, diag.expand(Bt, H, QB)[..., None], True)
 
 
-def chunked_reference(q, k, v, mask, scale, block, chunk=4096):
-    """float32 masked attention, (1, H, QB, KB) block mask, without materialising N x N."""
+def chunked_reference(q, k, v, mask, scale, block, chunk=4096, softcap=0.0):
+    """float32 masked attention, (1, H, QB, KB) block mask, without materialising N x N; softcap > 0
+    caps the scaled scores (softcap * tanh(s / softcap)) before the mask."""
     B, H, N, D = q.shape
     group = H // k.shape[1]
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
@@ -53,27 +70,56 @@ def chunked_reference(q, k, v, mask, scale, block, chunk=4096):
         for s in range(0, N, chunk):
             e = min(N, s + chunk)
             allowed = mask[0, h][torch.arange(s, e, device=q.device) // block].repeat_interleave(block, 1)[:, :N]
-            sc = (q[:, h, s:e].float() @ kh.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+            sc = q[:, h, s:e].float() @ kh.transpose(-1, -2) * scale
+            if softcap > 0:
+                sc = softcap * torch.tanh(sc / softcap)
+            sc = sc.masked_fill(~allowed, float("-inf"))
             out[:, h, s:e] = torch.nan_to_num(torch.softmax(sc, -1)) @ vh
     return out
 
 
-def workload_cases():
+def structured(q, k, v):
+    """A few dominant keys, large magnitudes, a common key component and a value offset."""
+    k = k.clone()
+    k[:, :, [5, k.shape[2] // 3, k.shape[2] - 7]] *= 8
+    k += 2.0 * torch.randn(1, k.shape[1], 1, k.shape[3], device=k.device, dtype=k.dtype)
+    return 2.0 * q, k, 20.0 * v + 5.0
+
+
+WORKLOADS = {"wan480": (12, 32760, 128, ("random",)), "cog720": (48, 17776, 64, ("random", "structured"))}
+
+
+def workload_cases(names=tuple(WORKLOADS)):
+    """Each mode against float32 at the benchmark shapes: random normal inputs at three densities,
+    structured inputs (cog720) at three densities, and a soft cap (wan480, density 0.2)."""
     torch.backends.cuda.matmul.allow_tf32 = False
-    for name, H, N, D in (("wan480", 12, 32760, 128), ("cog720", 48, 17776, 64)):
+    densities = (("one block per row", 0.0), ("density 0.2", 0.2), ("dense", 1.0))
+    for name in names:
+        H, N, D, kinds = WORKLOADS[name]
         q, k, v = (torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         nb = math.ceil(N / 128)
-        for label, density in (("one block per row", 0.0), ("density 0.2", 0.2), ("dense", 1.0)):
-            mask = random_mask(1, H, nb, nb, density, "cuda")
+        for kind in kinds:
+            qi, ki, vi = (q, k, v) if kind == "random" else structured(q, k, v)
+            for label, density in densities:
+                mask = random_mask(1, H, nb, nb, density, "cuda")
+                idx, cnt = torch.ops.vsopt.mask_to_table(mask)
+                ref = chunked_reference(qi, ki, vi, mask, D ** -0.5, 128)
+                for mode in REL_L2_BOUND:
+                    out = torch.ops.vsopt.block_sparse_attention(qi, ki, vi, idx, cnt, D ** -0.5, 128, 128, mode)
+                    bound = (REL_L2_BOUND if kind == "random" else STRUCTURED_BOUND)[mode]
+                    report(f"{name} {kind} {label} {mode}", out, ref, bound, target=True)
+        if name == "wan480":
+            mask = random_mask(1, H, nb, nb, 0.2, "cuda")
             idx, cnt = torch.ops.vsopt.mask_to_table(mask)
-            ref = chunked_reference(q, k, v, mask, D ** -0.5, 128)
+            ref = chunked_reference(q, k, v, mask, D ** -0.5, 128, softcap=CAP)
             for mode in REL_L2_BOUND:
-                out = torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128, mode)
-                report(f"{name} {label} {mode}", out, ref, REL_L2_BOUND[mode])
+                out = torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128, mode, CAP)
+                report(f"{name} random density 0.2 {mode} softcap {CAP}", out, ref, REL_L2_BOUND[mode], target=True)
 
 
 def small_cases():
     dev = "cuda"
+    first = True
     for B, Hq, Hkv, N, D, bm, bn, dtype, bt in [
             (2, 8, 2, 1000, 64, 128, 128, torch.bfloat16, 1), (2, 4, 4, 777, 128, 128, 64, torch.float16, 2),
             (1, 6, 3, 2049, 128, 64, 64, torch.bfloat16, 1), (1, 4, 1, 300, 64, 128, 128, torch.float16, 1)]:
@@ -87,21 +133,24 @@ def small_cases():
         mask[:, 1 % Hq] = False          # a skipped head (all counts 0)
         idx, cnt = torch.ops.vsopt.mask_to_table(mask)
         case = f"B{B} Hq{Hq} Hkv{Hkv} N{N} D{D} {bm}x{bn} {str(dtype)[6:]} Bt{bt}"
-        for mode in REL_L2_BOUND:
-            # Structured inputs: against the reference on the same quantized inputs (the kernel's own
-            # error: accumulation order, bf16 / FP8 rounding of P); input quantization error is
-            # measured on random inputs in workload_cases.
+        caps = (0.0, CAP) if first else (0.0,)   # the cap on one shape (each new spec is autotuned: time)
+        first = False
+        for mode, cap in [(m, c) for m in REL_L2_BOUND for c in caps]:
+            # Structured inputs: against the reference, which applies the kernel's roundings (the
+            # kernel's own error: accumulation order, output rounding); the quantization error
+            # against float32 is measured in workload_cases.
             ref, ref_lse = bsa_ref.block_sparse_attention(q.float(), k.float(), v.float(), idx, cnt, D ** -0.5,
-                                                          bm, bn, mode)
-            out, lse = torch.ops.vsopt.block_sparse_attention_lse(q, k, v, idx, cnt, D ** -0.5, bm, bn, mode)
-            report(f"{case} {mode} (vs same-quantized reference)", out, ref, KERNEL_BOUND[mode])
+                                                          bm, bn, mode, cap)
+            out, lse = torch.ops.vsopt.block_sparse_attention_lse(q, k, v, idx, cnt, D ** -0.5, bm, bn, mode, cap)
+            capped = f" softcap {cap}" if cap else ""
+            report(f"{case} {mode}{capped} (vs reference)", out, ref, KERNEL_BOUND[mode])
             if mode == "none":
                 both_inf = torch.isinf(lse) & torch.isinf(ref_lse)
                 lse_err = float((lse - ref_lse).masked_fill(both_inf, 0).abs().max())
                 ok = lse_err < 2e-2 and bool(out[:, 1 % Hq].eq(0).all())
-                print(f"{'PASS' if ok else 'FAIL'} {case} lse max err {lse_err:.2e}, skipped head all zero")
+                print(f"{'PASS' if ok else 'FAIL'} {case}{capped} lse max err {lse_err:.2e}, skipped head all zero")
                 if not ok:
-                    failures.append(case + " lse/skip")
+                    failures.append(case + capped + " lse/skip")
 
 
 def helper_cases():
@@ -168,17 +217,27 @@ def direct_launch_case():
         failures.append("direct launcher call")
 
 
-def main() -> int:
+PARTS = ("small", "helpers", "compile", "direct", *WORKLOADS)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="GPU correctness check of vsopt's kernels")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)} (default: all)")
+    parts = [x for x in p.parse_args(argv).parts.split(",") if x]
+    if not parts or any(x not in PARTS for x in parts):
+        p.error(f"--parts: choose from {', '.join(PARTS)}")
     if not torch.cuda.is_available():
         print("gpu_check.py needs a CUDA GPU", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    small_cases()
-    helper_cases()
-    compile_case()
-    direct_launch_case()
-    workload_cases()
+    print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, parts {parts}")
+    for part, fn in (("small", small_cases), ("helpers", helper_cases), ("compile", compile_case),
+                     ("direct", direct_launch_case)):
+        if part in parts:
+            fn()
+    workload_cases(tuple(w for w in WORKLOADS if w in parts))
     print(f"{len(failures)} failure(s)" + (": " + ", ".join(failures) if failures else ""))
     return 1 if failures else 0
 

@@ -14,8 +14,12 @@ from .helpers import block_mask, rel_l2
 
 # float32 in the interpreter: the kernel is exact up to summation order.
 EXACT = 1e-5
-# FP8 P (e4m3, 3 mantissa bits) is the one rounding reference.py does not model.
-FP8_P = 0.05
+# reference.py rounds FP8 P as the kernel does; a P value on an e4m3 rounding boundary may still
+# round the other way (float32 exp2 in the kernel): a few such flips at these tiny sizes.
+FP8_P = 2e-3
+# A kernel tile narrower than the table's key block scales P per tile, the reference per table
+# block: the same accuracy, other roundings (e4m3's 3 mantissa bits: a few percent apart).
+FP8_P_OTHER_GROUPS = 0.05
 
 
 def _inputs(B, Hq, Hkv, N, D, seed):
@@ -137,7 +141,10 @@ def test_tma_loads_match_reference(quant, N):
     """The tensor-descriptor (TMA) load path, including a ragged last key block read past the end."""
     q, k, v, g = _inputs(1, 2, 1, N, 32, seed=N + len(quant))
     mask = block_mask(1, 2, math.ceil(N / 32), math.ceil(N / 32), 0.6, g)
-    _run_and_compare(q, k, v, mask, 32, 32, quant, tile=launch.Tile(32, 16, use_tma=True))
+    bound = FP8_P_OTHER_GROUPS if quant == "fp8" else None   # 16-key tiles in 32-key table blocks
+    _run_and_compare(q, k, v, mask, 32, 32, quant, tile=launch.Tile(32, 16, use_tma=True), bound=bound)
+    if quant == "fp8":   # full-width tiles round P in the reference's groups
+        _run_and_compare(q, k, v, mask, 32, 32, quant, tile=launch.Tile(32, 32, use_tma=True))
 
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -109,8 +110,13 @@ def test_inputs_are_validated_once_per_call(monkeypatch):
 def test_the_spec_fixes_the_constexprs_and_the_tiles():
     spec = KernelSpec(64, torch.bfloat16, QuantMode.INT8_FP8, 128, 64)
     constexprs = launch.spec_constexprs(spec)
-    assert constexprs == {"HEAD_DIM": 64, "TABLE_BLOCK_M": 128, "TABLE_BLOCK_N": 64, "QUANT": 3}
-    assert list(launch._tuned_kernel.keys[:4]) == list(launch.SPEC_CONSTEXPRS)
-    assert launch.spec_of_launch({**constexprs, "Out": torch.empty(0, dtype=torch.bfloat16)}) == spec
+    assert constexprs == {"HEAD_DIM": 64, "TABLE_BLOCK_M": 128, "TABLE_BLOCK_N": 64, "QUANT": 3, "SOFTCAP": False}
+    assert list(launch._tuned_kernel.keys[:5]) == list(launch.SPEC_CONSTEXPRS)
+    out = torch.empty(0, dtype=torch.bfloat16)
+    assert launch.spec_of_launch({**constexprs, "Out": out, "softcap_log2": 0.0}) == spec
+    capped = KernelSpec(64, torch.bfloat16, QuantMode.INT8_FP8, 128, 64, softcap=30.0)
+    assert launch.spec_constexprs(capped)["SOFTCAP"] is True and capped.attributes()["softcap"] == 30.0
+    got = launch.spec_of_launch({**launch.spec_constexprs(capped), "Out": out, "softcap_log2": 30.0 * launch.LOG2E})
+    assert got.softcap == pytest.approx(30.0) and got.quant is QuantMode.INT8_FP8
     for tile in launch.candidate_tiles(spec, tma_ok=True):
         assert spec.block_m % tile.block_m == 0 and spec.block_n % tile.block_n == 0

@@ -187,6 +187,7 @@ class AttentionSite:
     grid_source: GridSource = GridSource.UNKNOWN
     output_node: str = ""  # name of the node whose value is the attention output
     nodes: tuple[str, ...] = field(default=(), compare=False)  # names of the matched nodes
+    softcap: float = 0.0  # > 0: scores -> softcap * tanh(scores / softcap) before the mask and softmax
 
     @property
     def is_self_attention(self) -> bool:
@@ -199,7 +200,7 @@ class AttentionSite:
             "value_dim": self.value_dim, "q_len": self.q_len, "kv_len": self.kv_len,
             "dtype": str(self.dtype).removeprefix("torch."), "scale": self.scale, "has_mask": self.has_mask,
             "is_causal": self.is_causal, "grid": self.grid.to_dict() if self.grid else None,
-            "grid_source": self.grid_source.value,
+            "grid_source": self.grid_source.value, **({"softcap": self.softcap} if self.softcap else {}),
         }
 
 

@@ -11,6 +11,8 @@ The block-sparse / quantized ops that run the Triton kernels are registered furt
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -33,19 +35,25 @@ def _check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
 
 @torch.library.custom_op("vsopt::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
-              scale: float = 1.0, is_causal: bool = False) -> torch.Tensor:
-    """Exact dense attention, softmax(q k^T * scale + mask) v, in (B, H, N, D) layout.
+              scale: float = 1.0, is_causal: bool = False, softcap: float = 0.0) -> torch.Tensor:
+    """Exact dense attention, softmax(cap(q k^T * scale) + mask) v, in (B, H, N, D) layout.
 
     q: (B, Hq, Nq, D); k: (B, Hkv, Nk, D); v: (B, Hkv, Nk, Dv) with Hq a multiple of Hkv
     (grouped-query attention); attn_mask broadcastable to (B, Hq, Nq, Nk), boolean (True = keep)
-    or additive. Returns (B, Hq, Nq, Dv) in q's dtype. Runs torch SDPA, the fastest exact path on
-    each device (cuDNN / flash on Hopper), so a dense plan costs nothing over the original model.
+    or additive. softcap > 0: logit soft-capping, cap(s) = softcap * tanh(s / softcap) (0: none).
+    Returns (B, Hq, Nq, Dv) in q's dtype. Runs torch SDPA, the fastest exact path on each device
+    (cuDNN / flash on Hopper), so a dense plan costs nothing over the original model; a capped
+    site runs the explicit math (SDPA has no cap).
     """
     _check_attention_inputs(q, k, v)
+    _check_softcap(softcap)
     if k.shape[1] != q.shape[1]:
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+    if softcap > 0:
+        out = softcapped_attention(q, k, v, attn_mask, scale, is_causal, softcap)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
     # A fixed layout (the fake's); SDPA's own depends on the backend. Copy only when they differ:
     # flash and cuDNN already return q's layout, so a (B, N, H, D) view stays one without a copy.
     if out.stride() == _attention_out_like(q, v, device="meta").stride():
@@ -60,9 +68,29 @@ def _attention_out_like(q: torch.Tensor, v: torch.Tensor, device=None) -> torch.
     return q.new_empty((*q.shape[:-1], v.shape[-1]), device=device)
 
 
+def _check_softcap(softcap) -> None:
+    if not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
+        raise KernelInputError(f"vsopt.attention: softcap must be 0 (no cap) or a positive finite number, got {softcap!r}")
+
+
+def softcapped_attention(q, k, v, attn_mask, scale: float, is_causal: bool, softcap: float) -> torch.Tensor:
+    """softmax(softcap * tanh(q k^T * scale / softcap) + mask) v with q, k, v of equal heads; the
+    scores in q's dtype as a model computes them, the softmax in at least float32."""
+    s = (q @ k.transpose(-2, -1)) * scale
+    s = softcap * torch.tanh(s / softcap)
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+    if is_causal:
+        keep = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    work = torch.float32 if s.element_size() < 4 else s.dtype   # 16-bit scores: the softmax in float32
+    return torch.softmax(s.to(work), dim=-1).to(v.dtype) @ v
+
+
 @attention.register_fake
-def _(q, k, v, attn_mask=None, scale=1.0, is_causal=False):
+def _(q, k, v, attn_mask=None, scale=1.0, is_causal=False, softcap=0.0):
     _check_attention_inputs(q, k, v)
+    _check_softcap(softcap)
     return _attention_out_like(q, v)
 
 
@@ -70,8 +98,8 @@ def _(q, k, v, attn_mask=None, scale=1.0, is_causal=False):
 attention.register_autograd(attention_backward, setup_context=attention_setup_context)
 
 
-ATTENTION_ARGS = ("q", "k", "v", "attn_mask", "scale", "is_causal")
-_ATTENTION_DEFAULTS = {"attn_mask": None, "scale": 1.0, "is_causal": False}
+ATTENTION_ARGS = ("q", "k", "v", "attn_mask", "scale", "is_causal", "softcap")
+_ATTENTION_DEFAULTS = {"attn_mask": None, "scale": 1.0, "is_causal": False, "softcap": 0.0}
 
 
 def attention_arguments(args: tuple, kwargs: dict) -> dict:
@@ -175,24 +203,26 @@ def _bsa_fallback_reason(q: torch.Tensor) -> str | None:
     return None
 
 
-def _run_block_sparse(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant, with_lse):
+def _run_block_sparse(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant, with_lse, softcap):
     with _as_vsopt_errors():
         # Validated once here (the quant string parsed to its QuantMode); the launcher's
         # run_checked then checks only what the kernel alone needs.
-        mode = _bsa_inputs.check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, quant)
+        mode = _bsa_inputs.check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, quant, softcap)
         reason = _bsa_fallback_reason(q)
         if reason is None:
-            return _bsa_launch().run_checked(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, mode, with_lse)
+            return _bsa_launch().run_checked(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, mode, with_lse,
+                                             softcap=softcap)
         if q.device.type == "cuda" and reason not in KERNEL_FALLBACKS:
             KERNEL_FALLBACKS.add(reason)
             _log.warning("vsopt.block_sparse_attention runs the PyTorch reference: %s", reason)
-        out, lse = _bsa_ref.block_sparse_attention(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, mode)
+        out, lse = _bsa_ref.block_sparse_attention(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, mode,
+                                                   softcap)
         return torch.empty_like(q).copy_(out), lse   # q's layout, as the kernel's output (see _bsa_fake)
 
 
-def _bsa_fake(q, k, v, kv_indices, kv_counts, block_m, block_n, quant):
+def _bsa_fake(q, k, v, kv_indices, kv_counts, block_m, block_n, quant, softcap):
     with _as_vsopt_errors():
-        _bsa_inputs.check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, quant)
+        _bsa_inputs.check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, quant, softcap)
     # q's memory layout (the kernel writes through strides): a (B, N, H, D) view stays one, so the
     # model's transpose back to (B, N, H * D) needs no copy.
     return torch.empty_like(q)
@@ -201,35 +231,37 @@ def _bsa_fake(q, k, v, kv_indices, kv_counts, block_m, block_n, quant):
 @torch.library.triton_op("vsopt::block_sparse_attention", mutates_args=())
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor,
                            kv_counts: torch.Tensor, scale: float, block_m: int, block_n: int,
-                           quant: str = "none") -> torch.Tensor:
+                           quant: str = "none", softcap: float = 0.0) -> torch.Tensor:
     """Block-sparse attention: query block qb of head h attends to the key blocks
     kv_indices[b, h, qb, :kv_counts[b, h, qb]] only (b is 0 when the table has Bt = 1).
+    softcap > 0 caps the scaled scores, s -> softcap * tanh(s / softcap), before the softmax.
 
     q (B, Hq, Nq, D); k, v (B, Hkv, Nk, D), Hq % Hkv == 0; kv_indices int32 (Bt, Hq, ceil(Nq/block_m),
     MAXK) ascending; kv_counts int32 (Bt, Hq, ceil(Nq/block_m)); quant in none / int8 / fp8 /
     int8_fp8 (see docs/KERNELS.md). Returns (B, Hq, Nq, D) in q's dtype; rows that visit no block are 0.
     """
-    return _run_block_sparse(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant, False)[0]
+    return _run_block_sparse(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant, False, softcap)[0]
 
 
 @block_sparse_attention.register_fake
-def _(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant="none"):
-    return _bsa_fake(q, k, v, kv_indices, kv_counts, block_m, block_n, quant)
+def _(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant="none", softcap=0.0):
+    return _bsa_fake(q, k, v, kv_indices, kv_counts, block_m, block_n, quant, softcap)
 
 
 @torch.library.triton_op("vsopt::block_sparse_attention_lse", mutates_args=())
 def block_sparse_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor,
                                kv_counts: torch.Tensor, scale: float, block_m: int, block_n: int,
-                               quant: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+                               quant: str = "none", softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """block_sparse_attention that also returns the natural-log log-sum-exp of each row's scaled
-    scores, float32 (B, Hq, Nq) (-inf for rows that visit no block): to merge partial attentions."""
-    out, lse = _run_block_sparse(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant, True)
+    (and capped) scores, float32 (B, Hq, Nq) (-inf for rows that visit no block): to merge partial
+    attentions."""
+    out, lse = _run_block_sparse(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant, True, softcap)
     return out, lse
 
 
 @block_sparse_attention_lse.register_fake
-def _(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant="none"):
-    out = _bsa_fake(q, k, v, kv_indices, kv_counts, block_m, block_n, quant)
+def _(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant="none", softcap=0.0):
+    out = _bsa_fake(q, k, v, kv_indices, kv_counts, block_m, block_n, quant, softcap)
     return out, q.new_empty(q.shape[:3], dtype=torch.float32)
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from vsopt.core.lse import merge_partials, smoothing_shift
 from vsopt.kernels.block_mask.reference import block_sizes  # tokens per block, the last one ragged
 
 aten = torch.ops.aten
@@ -92,15 +93,13 @@ def pooled_attention(em, q, k, v, masks, kv_indices, kv_counts, scale: float, bl
                      quant: str) -> Any:
     """Block-sparse attention over the kept blocks (masks, and their table kv_indices/kv_counts)
     plus the pooled remainder, merged: float32 (B, H, Nq, D)."""
-    from vsopt.core.ring import _smoothing_shift, merge_partials
-
     res = em.op(torch.ops.vsopt.block_sparse_attention_lse.default, q, k, v, kv_indices, kv_counts, float(scale),
                 block_m, block_n, quant)
     o1, lse1 = em.op(operator.getitem, res, 0), em.op(operator.getitem, res, 1)
     if quant != "none":
         H, Hkv = _shape(q)[1], _shape(k)[1]
         kk = k if H == Hkv else em.op(aten.repeat_interleave.self_int, k, H // Hkv, 1)
-        lse1 = em.op(aten.add.Tensor, lse1, _smoothing_shift(em, q, kk, scale))
+        lse1 = em.op(aten.add.Tensor, lse1, smoothing_shift(em, q, kk, scale))
     o2, lse2 = pooled_remainder(em, q, k, v, masks, scale, block_m, block_n)
     out, _ = merge_partials(em, [(em.op(aten._to_copy.default, o1, dtype=torch.float32), lse1), (o2, lse2)])
     return out

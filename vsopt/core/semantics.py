@@ -350,7 +350,6 @@ def pooled_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     """masked_attention plus the pooled remainder of the blocks `masks` leaves out (PSA,
     vsopt.core.pooled), run eagerly through the same ops the lowered graph emits. float32."""
     from vsopt.core.pooled import pooled_attention
-    from vsopt.core.ring import EagerEmitter
 
     masks = masks.to(q.device)
     idx, counts = torch.ops.vsopt.mask_to_table(masks)

@@ -65,10 +65,11 @@ def inductor_calls(monkeypatch):
             depth[0] -= 1
 
     monkeypatch.setattr(inductor, "compile_fx", spy)
-    # no cached graphs: a cache hit skips the inner compile this watches
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
-    return calls
+    # no cached graphs: a cache hit skips the inner compile this watches. The configs' own patch(),
+    # not monkeypatch: pytest >= 9.2 deletes a config module's attribute on undo
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        yield calls
 
 
 def _window_plan(model, x, steps=()):

@@ -137,5 +137,5 @@ def test_strict_errors_come_out_of_torch_compile_unwrapped():
 
     q = torch.randn(1, 2, 32, 8)
     bad = Plan({"attention.0": SitePlan("attention.0", 4, 32, 32, None, (HeadPlan(),) * 4)})
-    with pytest.raises(UnsupportedSiteError, match="plan has heads 4, model has 2"):
+    with pytest.raises(UnsupportedSiteError, match="the plan has 4 heads, the site 2"):
         vsopt.inspect(Sdpa(), q, q, q, options={"plan": bad, "strict": True})

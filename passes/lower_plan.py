@@ -289,7 +289,8 @@ class _Lowering:
         cache_key = f"{id(self.gm):x}:{self.site.site_id}/heads{idx[0]}"
         lay = self.emit(vsopt.cluster_layout.default,
                         (q, k, float(self.scale), key.block_m, key.block_n, spec.q_clusters, spec.k_clusters,
-                         spec.top_p, spec.refresh, spec.iterations, spec.warm_iterations, q0, q1, k0, k1, cache_key))
+                         spec.top_p, spec.refresh, spec.iterations, spec.warm_iterations, spec.warm_start, q0, q1, k0,
+                         k1, cache_key))
         perm_q, perm_k, mask = (self.emit(operator.getitem, (lay, i)) for i in range(3))
         qp = self.emit(vsopt.permute_tokens.default, (q, perm_q))
         kp = self.emit(vsopt.permute_tokens.default, (k, perm_k))

@@ -209,3 +209,24 @@ def test_semantics_site_output_and_densities_of_cluster_heads():
         semantics.head_densities(site, heads)
     work = semantics.site_work(site, heads, dens)
     assert work.scored_blocks > 0 and work.permuted_mib > 0
+
+
+def test_cuda_graph_plans_cluster_cold_and_keep_no_state():
+    from vsopt.core import clustering
+    from vsopt.cudagraphs import plan_for_cudagraphs
+
+    grid = TokenGrid(2, 4, 4)
+    head = HeadPlan(Sparsity.CLUSTER, cluster=ClusterSpec(4, 4, 0.9, refresh=3), block_m=16, block_n=16)
+    plan = Plan({"s": SitePlan("s", 2, 32, 32, grid, (head, HeadPlan(block_m=16, block_n=16)))})
+    (h, dense) = plan_for_cudagraphs(plan)["s"].heads
+    assert h.cluster.refresh == 1 and not h.cluster.warm_start and dense == HeadPlan(block_m=16, block_n=16)
+    q, k, _ = _qkv(1, 2, 40, 8, seed=1, dtype=torch.float32)
+    clustering.CLUSTER_STATE.reset()
+    args = (q, k, 0.3, 16, 16, 4, 4, 0.9, 1, 3, 1)
+    pq, pk, m = cluster_layout_op(*args, False, 0, 40, 0, 40, "stateless")
+    assert not clustering.CLUSTER_STATE._entries  # nothing kept: safe to replay in a CUDA graph
+    lay = cluster_layout(q, k, ClusterSpec(4, 4, 0.9, iterations=3, warm_iterations=1), 0.3, 16, 16)
+    assert torch.equal(pq, lay.perm_q) and torch.equal(pk, lay.perm_k) and torch.equal(m, lay.masks)
+    cluster_layout_op(*args, True, 0, 40, 0, 40, "kept")
+    assert "kept" in clustering.CLUSTER_STATE._entries
+    clustering.CLUSTER_STATE.reset()

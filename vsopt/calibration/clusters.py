@@ -65,7 +65,7 @@ class ClusterRuns:
             at, kept = entry
             if at <= step < at + spec.refresh:
                 return kept
-            init = (kept.centroids_q, kept.centroids_k)
+            init = (kept.centroids_q, kept.centroids_k) if spec.warm_start else None
         lay = cluster_layout(q, k, spec, scale, block_m, block_n, *spans, init=init)
         if step is not None:
             self.kept[candidate] = (step, lay)

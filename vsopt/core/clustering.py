@@ -50,7 +50,8 @@ class ClusterSpec:
     and keys, top_p the centroid-score mass of key clusters each query cluster keeps (in (0, 1]),
     refresh the denoising steps one clustering serves (1: recomputed at every step, warm-started
     from the previous step's centroids), iterations the k-means iterations of a cold start,
-    warm_iterations those of a warm start."""
+    warm_iterations those of a warm start; warm_start False: every refresh starts cold (and with
+    refresh 1 the op keeps no state at all: what runs under CUDA graphs)."""
 
     q_clusters: int = 32
     k_clusters: int = 64
@@ -58,6 +59,7 @@ class ClusterSpec:
     refresh: int = 1
     iterations: int = 8
     warm_iterations: int = 2
+    warm_start: bool = True
 
     def __post_init__(self):
         for name, low in (("q_clusters", 1), ("k_clusters", 1), ("refresh", 1), ("iterations", 0),
@@ -69,10 +71,13 @@ class ClusterSpec:
                 or not 0.0 < float(self.top_p) <= 1.0:
             raise ValueError(f"ClusterSpec.top_p must be in (0, 1], got {self.top_p!r}")
         object.__setattr__(self, "top_p", float(self.top_p))
+        if not isinstance(self.warm_start, bool):
+            raise ValueError(f"ClusterSpec.warm_start must be true or false, got {self.warm_start!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"q_clusters": self.q_clusters, "k_clusters": self.k_clusters, "top_p": self.top_p,
-                "refresh": self.refresh, "iterations": self.iterations, "warm_iterations": self.warm_iterations}
+                "refresh": self.refresh, "iterations": self.iterations, "warm_iterations": self.warm_iterations,
+                "warm_start": self.warm_start}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ClusterSpec":
@@ -300,27 +305,27 @@ class ClusterState:
 CLUSTER_STATE = ClusterState()  # the process-wide state of the vsopt::cluster_layout op
 
 
-def _spec_of(q_clusters, k_clusters, top_p, refresh, iterations, warm_iterations) -> ClusterSpec:
-    return ClusterSpec(q_clusters, k_clusters, top_p, refresh, iterations, warm_iterations)
-
-
 @torch.library.custom_op("vsopt::cluster_layout", mutates_args=())
 def cluster_layout_op(q: torch.Tensor, k: torch.Tensor, scale: float, block_m: int, block_n: int, q_clusters: int,
                       k_clusters: int, top_p: float, refresh: int, iterations: int, warm_iterations: int,
-                      q_start: int, q_stop: int, k_start: int, k_stop: int,
+                      warm_start: bool, q_start: int, q_stop: int, k_start: int, k_stop: int,
                       cache_key: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(perm_q (B, H, Nq) int64, perm_k (B, H, Nk) int64, masks bool (B, H, QB, KB)) of the
     clustering of q (B, H, Nq, D) and k (B, H, Nk, D) (cluster_layout), kept in CLUSTER_STATE under
     cache_key across denoising steps (refresh, warm start). Deliberately stateful, like
     vsopt::dynamic_block_mask with reuse: opaque to the compiler, the state lives at run time."""
-    spec = _spec_of(q_clusters, k_clusters, top_p, refresh, iterations, warm_iterations)
+    spec = ClusterSpec(q_clusters, k_clusters, top_p, refresh, iterations, warm_iterations, warm_start)
+    spans = ((q_start, q_stop), (k_start, k_stop))
+    if refresh == 1 and not warm_start:   # stateless: a cold clustering of this call's q and k
+        lay = cluster_layout(q, k, spec, scale, block_m, block_n, *spans)
+        return lay.perm_q, lay.perm_k, lay.masks
 
     def fits(lay: ClusterLayout) -> bool:
         return (lay.perm_q.shape == q.shape[:3] and lay.perm_k.shape == k.shape[:3]
                 and lay.centroids_q.shape[-1] == q.shape[-1] and lay.perm_q.device == q.device)
 
     def compute(init):
-        return cluster_layout(q, k, spec, scale, block_m, block_n, (q_start, q_stop), (k_start, k_stop), init)
+        return cluster_layout(q, k, spec, scale, block_m, block_n, *spans, init if warm_start else None)
 
     lay = CLUSTER_STATE.layout(cache_key, refresh, fits, compute)
     return lay.perm_q.clone(), lay.perm_k.clone(), lay.masks.clone()
@@ -328,7 +333,7 @@ def cluster_layout_op(q: torch.Tensor, k: torch.Tensor, scale: float, block_m: i
 
 @cluster_layout_op.register_fake
 def _(q, k, scale, block_m, block_n, q_clusters, k_clusters, top_p, refresh, iterations, warm_iterations,
-      q_start, q_stop, k_start, k_stop, cache_key):
+      warm_start, q_start, q_stop, k_start, k_stop, cache_key):
     B, H, Nq = q.shape[:3]
     Nk = k.shape[2]
     qb, kb = (Nq + block_m - 1) // block_m, (Nk + block_n - 1) // block_n

@@ -89,3 +89,45 @@ def test_sampler_refreshes_and_warm_starts_the_clustering(grid, refresh, steps, 
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(again, got, rtol=1e-6, atol=1e-6)
     assert (got - fresh).abs().max() > 1e-5  # warm starts (and reuse) do change the result
+
+
+def test_calibration_chooses_cluster_heads_that_run_as_measured():
+    """calibrate() on recorded sampler steps with only dense and cluster candidates under a density
+    budget: the plan gives heads the cluster spec, and the compiled model under the sampler
+    computes what the state rule (cold, then warm-started) computes from the meaning."""
+    from vsopt.calibration import CalibrationOptions, DensityBudget, calibrate
+    from vsopt.core.orders import TokenOrder
+    from vsopt.core.plan import Quant
+
+    from tests.core.test_calibrate_search import COST
+    from tests.e2e.test_step_options import _recorded
+
+    grid = TokenGrid(4, 4, 8)
+    model, example, site = _setup(grid, seed=2, gain=5.0)
+    steps = 3
+    calls = _recorded(model, example, grid, steps)
+    spec = ClusterSpec(4, 6, 0.5, iterations=4, warm_iterations=1)
+    opts = CalibrationOptions(block_m=16, block_n=16, orders=(TokenOrder.FHW,), patterns=False, mass_shares=(),
+                              dynamic=False, skip=False, quants=(Quant.NONE,), cost_model=COST, clusters=(spec,))
+    plan = calibrate(model, calls, DensityBudget(0.8), options=opts, grid=grid, progress=False).plan
+    heads = plan[site.site_id].heads
+    assert any(h.sparsity is Sparsity.CLUSTER and h.cluster == spec for h in heads)
+    kept = {}
+
+    def reference(x, t, c, return_dict=False):
+        step = current_denoising_step()
+        q, k, v = model.qkv_heads(x)
+        out = semantics.site_output(site, heads, q, k, v, site.scale).clone()   # the dense heads
+        idx = [h for h, hp in enumerate(heads) if hp.cluster is not None]
+        lay = kept.get("lay")
+        init = None if lay is None else (lay.centroids_q, lay.centroids_k)
+        lay = cluster_layout(q[:, idx], k[:, idx], spec, site.scale, 16, 16, init=init)
+        kept["lay"] = lay
+        out[:, idx] = clustered_attention(q[:, idx], k[:, idx], v[:, idx], lay, site.scale, "none", 16, 16).float()
+        return model.finish(out, x)
+
+    clustering.CLUSTER_STATE.reset()
+    with torch.no_grad():
+        got = _sample(_compiled(model, plan, grid), example, grid, steps)
+        want = _sample(reference, example, grid, steps)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -103,8 +103,8 @@ def plan_for_cudagraphs(plan):
     changed = sorted(sid for sid, sp in plan.sites.items() if any(map(reuses, sp.all_heads())))
     if not changed:
         return plan
-    _log.warning("vsopt cudagraphs: dynamic masks and cluster layouts are recomputed at every step (cold k-means) "
-                 "at %d site(s) (%s): reuse and warm starts across steps do not run inside a CUDA graph",
+    _log.warning("vsopt cudagraphs: dynamic masks (and cluster layouts, cold) are recomputed at every step at %d "
+                 "site(s) (%s): mask reuse and warm starts across steps do not run inside a CUDA graph",
                  len(changed), ", ".join(changed))
     sites = {sid: dataclasses.replace(sp, heads=no_reuse(sp.heads),
                                       steps=tuple(dataclasses.replace(st, heads=no_reuse(st.heads)) for st in sp.steps))

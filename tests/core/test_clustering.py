@@ -208,7 +208,10 @@ def test_semantics_site_output_and_densities_of_cluster_heads():
     with pytest.raises(Exception, match="cluster head's density needs q/k"):
         semantics.head_densities(site, heads)
     work = semantics.site_work(site, heads, dens)
-    assert work.scored_blocks > 0 and work.permuted_mib > 0
+    # two cluster launches (specs differ) + their k-means as tile-equivalent launches + the dense head
+    assert len(work.launches) == 5 and work.permuted_mib > 0 and work.scored_blocks == 0
+    kmeans_tiles = [w for w in work.launches if w.query_blocks == 0]
+    assert len(kmeans_tiles) == 2 and all(w.visited_blocks > 0 for w in kmeans_tiles)
 
 
 def test_cuda_graph_plans_cluster_cold_and_keep_no_state():

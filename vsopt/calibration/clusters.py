@@ -9,7 +9,7 @@ inputs' denoising steps known, a layout computed at step a is reused while a <= 
 and recomputed warm-started from its centroids at a later step of the same sampler run (a step that
 does not grow starts a new run: cold). Without steps every input is clustered cold (what a first
 step runs). Its density is that of the blocks its layout keeps; its time is priced by
-semantics.site_work (the k-means as scored blocks, the extra permutation).
+semantics.site_work (the k-means as QK^T-equivalent attention tiles, the extra permutation).
 """
 from __future__ import annotations
 

@@ -343,8 +343,9 @@ def _(q, k, scale, block_m, block_n, q_clusters, k_clusters, top_p, refresh, ite
 
 def cluster_cost_pairs(spec: ClusterSpec, q_len: int, kv_len: int) -> float:
     """Token-centroid dot products one head's clustering costs per step, averaged over a refresh
-    period (a cold start at the first refresh of a run is not in the mean: its warm refreshes are)."""
-    iters = spec.warm_iterations + 1
+    period (a cold start at the first refresh of a run is not in the mean: its warm refreshes are;
+    without warm starts every refresh is cold). Each iteration assigns (and a final one)."""
+    iters = (spec.warm_iterations if spec.warm_start else spec.iterations) + 1
     return (q_len * spec.q_clusters + kv_len * spec.k_clusters) * iters / spec.refresh + \
         spec.q_clusters * spec.k_clusters / spec.refresh
 

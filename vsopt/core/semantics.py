@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -423,6 +424,14 @@ def site_work(site: SiteShape, heads: Sequence[HeadPlan], densities: Sequence[fl
         qb, kb = num_blocks(site.q_len, key.block_m), num_blocks(site.kv_len, key.block_n)
         launches.append(Launch(key.quant.value, site.head_dim, key.block_m, key.block_n, batch * qb * len(live),
                                sum(round(batch * densities[h] * qb * kb) for h in live)))
+        if key.cluster is not None:
+            # the k-means, priced as attention tiles of the same kernel: its token-centroid dot
+            # products are a GEMM like QK^T, half a tile's work (no PV) per block_m x block_n pairs,
+            # plus one launch's fixed cost (an equivalence, not a fitted term: gpu_check_cluster
+            # measures the layout's time)
+            pairs = cluster_cost_pairs(key.cluster, site.q_len, site.kv_len)
+            launches.append(Launch(key.quant.value, site.head_dim, key.block_m, key.block_n, 0,
+                                   math.ceil(batch * len(live) * pairs / (2 * key.block_m * key.block_n))))
         if key.remainder is Remainder.POOLED:
             # priced as a launch of the same work: per query block, KB pooled keys are block_m x KB
             # scores, the work of ceil(KB / block_n) full blocks (an equivalence, not a fitted term)
@@ -431,10 +440,6 @@ def site_work(site: SiteShape, heads: Sequence[HeadPlan], densities: Sequence[fl
     # a mask reused for reuse_steps more steps is scored once per reuse_steps + 1 steps (the mean)
     scored = sum(batch * num_blocks(site.q_len, hp.block_m) * num_blocks(site.kv_len, hp.block_n)
                  / (hp.dynamic.reuse_steps + 1) for hp in heads if hp.sparsity is Sparsity.DYNAMIC)
-    # clustering, priced as scored blocks: a scored block pair is one dot product of pooled q and k,
-    # a k-means assignment one of a token and a centroid (an equivalence, not a fitted term)
-    scored += sum(batch * cluster_cost_pairs(hp.cluster, site.q_len, site.kv_len) for hp in heads
-                  if hp.sparsity is Sparsity.CLUSTER)
     # the lowering gathers every head of q, k, v and the output once any head reorders; a cluster
     # launch gathers its own heads again, in their clustering orders
     moved = permuted_mib(site, site.heads) if permuted_heads(heads) else 0.0

@@ -22,7 +22,7 @@ keep their places and are global: their rows and columns are kept, as in every s
       cluster in block i and key cluster in block j are a kept pair (clusters have any size, so
       a block may hold several clusters; a block holding a text token is kept along its row/col)
 
-Every step is a fixed-shape tensor op (argmax, index_add, sort, matmul, scatter): no .item(), no
+Every step is a fixed-shape tensor op (argmax, one-hot matmul, sort, scatter): no .item(), no
 nonzero, no host sync, so the op is safe inside a CUDA graph. Distances are materialized per chunk
 of heads ((chunk, N, C) floats), not in a fused k-means kernel (SVG2 has one; not written here).
 With top_p = 1 every pair is kept: the result is dense attention exactly (after unpermuting).
@@ -124,16 +124,36 @@ def _assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return out[0] if len(out) == 1 else torch.cat(out)
 
 
+def _one_hot(labels: torch.Tensor, clusters: int) -> torch.Tensor:
+    """float32 (G, N, C): 1 at each token's cluster."""
+    G, N = labels.shape
+    return torch.zeros(G, N, clusters, dtype=torch.float32, device=labels.device).scatter_(2, labels[..., None], 1.0)
+
+
 def _update(x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Means of the tokens of each cluster (an empty cluster keeps its centroid), and the counts."""
+    """Means of the tokens of each cluster (an empty cluster keeps its centroid), and the counts.
+    Sums as a one-hot matmul, chunked over G like _assign: deterministic on the GPU too (an
+    index_add's float atomics are not, and contend on few clusters)."""
     G, N, D = x.shape
     C = centroids.shape[1]
-    flat = (labels + torch.arange(G, device=x.device)[:, None] * C).reshape(-1)
-    sums = torch.zeros(G * C, D, dtype=x.dtype, device=x.device).index_add_(0, flat, x.reshape(-1, D))
-    counts = torch.zeros(G * C, dtype=x.dtype, device=x.device).index_add_(0, flat, torch.ones_like(flat, dtype=x.dtype))
-    sums, counts = sums.view(G, C, D), counts.view(G, C)
+    step = max(1, CHUNK_ELEMENTS // max(1, N * C))
+    sums, counts = [], []
+    for s in range(0, G, step):
+        hot = _one_hot(labels[s:s + step], C)
+        sums.append(torch.bmm(hot.transpose(1, 2), x[s:s + step]))
+        counts.append(hot.sum(1))
+    sums = sums[0] if len(sums) == 1 else torch.cat(sums)
+    counts = counts[0] if len(counts) == 1 else torch.cat(counts)
     means = sums / counts.clamp_min(1)[..., None]
     return torch.where(counts[..., None] > 0, means, centroids), counts
+
+
+def _counts(labels: torch.Tensor, clusters: int) -> torch.Tensor:
+    """float32 (G, C): tokens per cluster (exact integers: a scatter of ones per row, no atomics
+    over rows of other samples)."""
+    G = labels.shape[0]
+    return torch.zeros(G, clusters, dtype=torch.float32, device=labels.device).scatter_add_(
+        1, labels, torch.ones(labels.shape, dtype=torch.float32, device=labels.device))
 
 
 def kmeans(x: torch.Tensor, clusters: int, iterations: int,
@@ -146,13 +166,9 @@ def kmeans(x: torch.Tensor, clusters: int, iterations: int,
     if c.shape != (x.shape[0], clusters, x.shape[2]):
         raise ValueError(f"kmeans: init centroids {tuple(c.shape)} do not fit ({x.shape[0]}, {clusters}, {x.shape[2]})")
     for _ in range(iterations):
-        c, _counts = _update(x, _assign(x, c), c)
+        c, _ = _update(x, _assign(x, c), c)
     labels = _assign(x, c)
-    G = x.shape[0]
-    flat = (labels + torch.arange(G, device=x.device)[:, None] * clusters).reshape(-1)
-    counts = torch.zeros(G * clusters, dtype=torch.float32, device=x.device).index_add_(
-        0, flat, torch.ones_like(flat, dtype=torch.float32)).view(G, clusters)
-    return labels, c, counts
+    return labels, c, _counts(labels, clusters)
 
 
 def cluster_keep(cq: torch.Tensor, ck: torch.Tensor, counts_k: torch.Tensor, scale: float,

@@ -42,6 +42,7 @@ import triton
 
 from ..errors import check
 from ..quant import launch as quant_launch
+from ..quant.fusable import quantize_qkv_fusable
 from ..runtime import interpreting, plain_eager, triton_launcher
 from ..spec import KernelSpec, QuantMode
 from . import kernel
@@ -50,6 +51,9 @@ from .inputs import check_inputs
 #: The kernel's constexprs a KernelSpec fixes (see spec_constexprs); the autotuner keys by them.
 SPEC_CONSTEXPRS = ("HEAD_DIM", "TABLE_BLOCK_M", "TABLE_BLOCK_N", "QUANT", "SOFTCAP")
 LOG2E = math.log2(math.e)
+#: Under torch.compile, quantize q, k, v with torch ops Inductor fuses into their producers (True) or
+#: with the Triton quantization kernels (False; tests/kernels/gpu_check.py times both).
+FUSE_QUANT_WHEN_TRACED = True
 _MODE_OF_CODE = {mode.code: mode for mode in QuantMode}
 
 
@@ -242,7 +246,10 @@ def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: t
     out = torch.empty_like(q)
     q_scale = k_scale = v_scale = q_bias = None
     if spec.quant is not QuantMode.NONE:
-        quantized = quant_launch.quantize_qkv(q, k, v, spec.quant, block_m, block_n)
+        # Traced (torch.compile): the quantization as torch ops Inductor fuses into the producers of
+        # q, k, v (kernels/quant/fusable.py); eager: the Triton quantization kernels.
+        quantize = quant_launch.quantize_qkv if eager or not FUSE_QUANT_WHEN_TRACED else quantize_qkv_fusable
+        quantized = quantize(q, k, v, spec.quant, block_m, block_n)
         if spec.softcap > 0:   # q . mean(K): smoothing removed it, a soft cap does not ignore it
             mean = quantized.k_mean.repeat_interleave(Hq // Hkv, dim=1)
             q_bias = torch.einsum("bhnd,bhd->bhn", q.float(), mean).contiguous()

@@ -335,12 +335,15 @@ PARTS = ("small", "helpers", "compile", "direct", *WORKLOADS, "quant", "overhead
 
 
 def main(argv=None) -> int:
+    global WORKLOADS
     import argparse
 
     p = argparse.ArgumentParser(description="GPU correctness check of vsopt's kernels")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)} (default: all)")
     p.add_argument("--json", default=None, help="also write every measured line to this JSON file")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help="the quant and overhead parts' workloads")
     args = p.parse_args(argv)
+    WORKLOADS = {w: WORKLOADS[w] for w in args.workloads.split(",") if w in WORKLOADS}
     parts = [x for x in args.parts.split(",") if x]
     if not parts or any(x not in PARTS for x in parts):
         p.error(f"--parts: choose from {', '.join(PARTS)}")

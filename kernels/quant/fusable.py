@@ -26,7 +26,7 @@ import torch
 from ..errors import check
 from ..spec import QuantMode
 from .launch import QuantizedQKV
-from .reference import MIN_AMAX, QMAX
+from .reference import MIN_AMAX, QMAX, check_pv_format
 
 
 def _codes(y: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -50,27 +50,29 @@ def quantize_blocks_fusable(x: torch.Tensor, block: int, fmt: str, mean: torch.T
     return codes.view(B, H, nb * block, D)[:, :, :N], scale
 
 
-def quantize_v_fp8_fusable(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes transposed (B, H, D, N_pad16) float8_e4m3fn, zero past N; scale float32 (B, H, D))."""
+def quantize_v_fp8_fusable(v: torch.Tensor, fmt: str = "fp8") -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes transposed (B, H, D, N_pad16) float8_e4m3fn (fmt "int8": int8), zero past N; scale
+    float32 (B, H, D))."""
     B, H, N, D = v.shape
     vf = v.float()
-    scale = vf.abs().amax(dim=2).clamp_min(MIN_AMAX) / QMAX["fp8"]
+    scale = vf.abs().amax(dim=2).clamp_min(MIN_AMAX) / QMAX[fmt]
     n_pad = -(-N // 16) * 16
     y = torch.nn.functional.pad((vf * (1.0 / scale)[:, :, None, :]).transpose(2, 3), (0, n_pad - N))
-    return _codes(y, "fp8").contiguous(), scale
+    return _codes(y, fmt).contiguous(), scale
 
 
 def quantize_qkv_fusable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: QuantMode | str, block_m: int,
-                         block_n: int) -> QuantizedQKV:
+                         block_n: int, pv_format: str | None = None) -> QuantizedQKV:
     """What launch.quantize_qkv returns, as torch ops (see the module docstring)."""
     mode = QuantMode.parse(quant, "quantize_qkv_fusable: quant")
     check(mode is not QuantMode.NONE, f"quantize_qkv_fusable: quant must be a quantized mode, got {quant!r}")
+    check_pv_format(mode, pv_format)
     fmt = mode.qk_format
     k_sum = k.float().sum(dim=2)
     k_mean = k_sum / k.shape[2]
     qc, qs = quantize_blocks_fusable(q, block_m, fmt)
     kc, ks = quantize_blocks_fusable(k, block_n, fmt, mean=k_sum * (1.0 / k.shape[2]))   # as the kernel: sum * (1/N)
     if mode.pv_is_fp8:
-        vc, vs = quantize_v_fp8_fusable(v)
+        vc, vs = quantize_v_fp8_fusable(v, pv_format or "fp8")
         return QuantizedQKV(qc.contiguous(), qs, kc.contiguous(), ks, vc, vs, k_mean)
     return QuantizedQKV(qc.contiguous(), qs, kc.contiguous(), ks, v, None, k_mean)

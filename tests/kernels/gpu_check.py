@@ -242,6 +242,11 @@ def quant_accuracy_cases():
                     out = torch.ops.vsopt.block_sparse_attention(qi, ki, vi, idx, cnt, D ** -0.5, 128, 128, mode)
                     bound = (REL_L2_BOUND if kind == "random" else STRUCTURED_BOUND)[mode]
                     report(f"quant {name} {kind} density {density} {mode}", out, ref, bound, target=True)
+                for mode in ("int8_fp8", "fp8"):   # the experimental INT8 P V (launcher only)
+                    out, _ = bsa_launch.block_sparse_attention(qi, ki, vi, idx, cnt, D ** -0.5, 128, 128, mode,
+                                                               pv_format="int8")
+                    bound = (REL_L2_BOUND if kind == "random" else STRUCTURED_BOUND)[mode]
+                    report(f"quant {name} {kind} density {density} {mode} pv int8", out, ref, bound, target=True)
                 del ref
 
 
@@ -305,6 +310,12 @@ def quant_overhead_cases():
             eager_out = torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128, mode)
             per_mode = {"op_ms": op_ms, "quant_ms": quant_ms, "kernel_ms": kernel_ms,
                         "eager_overhead": quant_ms / kernel_ms}
+            if mode != "int8":   # the experimental INT8 P V: same quantization work, INT8 instead of e4m3 P V
+                pv8_ms = _cuda_ms(lambda: bsa_launch.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128, mode,
+                                                                            pv_format="int8"))
+                per_mode["pv_int8_launcher_ms"] = pv8_ms
+                print(f"INFO speed {name} d=0.2 {mode}: e4m3 P V op {op_ms:.3f} ms, INT8 P V launcher {pv8_ms:.3f} ms "
+                      f"(both with their quantization; bf16 {bf16_ms:.3f} ms)", flush=True)
             for fused in ((True, False) if mode != "int8" else ()):   # compiles take time: the FP8 P V modes
                 bsa_launch.FUSE_QUANT_WHEN_TRACED = fused
                 torch._dynamo.reset()

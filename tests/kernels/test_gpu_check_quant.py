@@ -16,13 +16,15 @@ def test_quant_and_overhead_parts_run_on_a_tiny_workload(monkeypatch, capsys):
     monkeypatch.setattr(check, "results", [])
     check.quant_accuracy_cases()
     accuracy = [r for r in check.results if r["case"].startswith("quant tiny")]
-    assert len(accuracy) == 2 * 4 * len(check.REL_L2_BOUND)          # kinds x densities x modes
-    by_mode = {m: [r["rel_l2"] for r in accuracy if r["case"].endswith(" " + m)] for m in check.REL_L2_BOUND}
+    assert len(accuracy) == 2 * 4 * (len(check.REL_L2_BOUND) + 2)    # kinds x densities x (modes + INT8 P V)
+    by_mode = {m: [r["rel_l2"] for r in accuracy if r["case"].endswith(" " + m)] for m in (*check.REL_L2_BOUND, "pv int8")}
     assert max(by_mode["none"]) < 5e-3 < 1e-2 < min(by_mode["int8_fp8"])   # bf16 rounding only; the roundings applied
+    assert by_mode["pv int8"] and all(r["pass"] for r in accuracy)
     check.quant_overhead_cases()
     line = check.results[-1]
     assert line["case"] == "overhead tiny density 0.2"
     assert {"fp8", "int8_fp8", "int8"} <= set(line) and "compiled_fused_ms" in line["int8_fp8"]
     assert "compiled_fused_ms" not in line["int8"]
     out = capsys.readouterr().out
-    assert "quantization overhead" in out and "quantize_qkv" in out
+    assert "quantization overhead" in out and "quantize_qkv" in out and "INT8 P V launcher" in out
+    assert "pv_int8_launcher_ms" in line["int8_fp8"]

@@ -98,3 +98,33 @@ def test_int8_pv_meets_the_target_where_e4m3_misses(kind, density):
     assert errs["int8"] < errs[None] - 0.004, errs          # INT8 P V is the more accurate
     if kind == "random":
         assert errs[None] > 0.03                            # e4m3 P V: the target missed (honest bound)
+
+
+_PTX_CHILD = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from vsopt.plugins.tensorrt import ptx
+c = ptx.launcher_configs(128, "bf16", "int8_fp8", 128, 128)[1]
+fn, sig, const = ptx._signature(c)
+const["PV_INT8"] = True
+sig["V"] = "*i8"
+out = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget(*ptx.TARGET),
+                     options={"num_warps": c.num_warps, "num_stages": c.num_stages})
+asm = out.asm["ptx"]
+print(asm.count(".s32.s8.s8"), asm.count("e4m3"))
+"""
+
+
+def test_int8_pv_compiles_to_int8_tensor_core_ops_for_sm_90():
+    """Ahead-of-time for sm_90 on the CPU (as plugins/tensorrt/ptx.py does, in a child without the
+    interpreter): both products of the INT8 P V kernel are INT8 wgmma ops, and no e4m3 is left."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _PTX_CHILD], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    int8_mma, e4m3 = map(int, proc.stdout.split()[-2:])
+    assert int8_mma >= 2 and e4m3 == 0, proc.stdout

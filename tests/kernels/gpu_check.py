@@ -42,6 +42,16 @@ CAP = 2.0   # a soft cap that binds on unit-variance scores at these head dims
 DEVICE = "cuda"   # the quant / overhead parts run on it (tests/kernels/test_gpu_check_quant.py: "cpu", tiny shapes)
 failures: list[str] = []
 results: list[dict] = []   # every measured line, written with --json
+json_path: str | None = None   # --json: rewritten after every line, so a run cut short keeps what it measured
+
+
+def _flush() -> None:
+    if json_path:
+        import json
+
+        with open(json_path, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                       "torch": torch.__version__, "failures": failures, "results": results}, f, indent=1)
 
 
 def report(case: str, out: torch.Tensor, ref: torch.Tensor, bound: float, target: bool = False) -> None:
@@ -59,6 +69,7 @@ def report(case: str, out: torch.Tensor, ref: torch.Tensor, bound: float, target
                     **({"target_met": met == " target met"} if target else {})})
     if not ok:
         failures.append(case)
+    _flush()
 
 
 def random_mask(Bt, H, QB, KB, density, device):
@@ -339,14 +350,16 @@ def quant_overhead_cases():
             print(f"INFO overhead {name} d=0.2 {mode} eager: op {op_ms:.3f} ms, quantize_qkv {quant_ms:.3f} ms "
                   f"= {100 * quant_ms / kernel_ms:.1f}% of the kernel's {kernel_ms:.3f} ms", flush=True)
             line[mode] = per_mode
-        results.append(line)
+            if line not in results:
+                results.append(line)
+            _flush()
 
 
 PARTS = ("small", "helpers", "compile", "direct", *WORKLOADS, "quant", "overhead")
 
 
 def main(argv=None) -> int:
-    global WORKLOADS
+    global WORKLOADS, json_path
     import argparse
 
     p = argparse.ArgumentParser(description="GPU correctness check of vsopt's kernels")
@@ -354,6 +367,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write every measured line to this JSON file")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="the quant and overhead parts' workloads")
     args = p.parse_args(argv)
+    json_path = args.json
     WORKLOADS = {w: WORKLOADS[w] for w in args.workloads.split(",") if w in WORKLOADS}
     parts = [x for x in args.parts.split(",") if x]
     if not parts or any(x not in PARTS for x in parts):
@@ -370,12 +384,7 @@ def main(argv=None) -> int:
             fn()
     workload_cases(tuple(w for w in WORKLOADS if w in parts))
     print(f"{len(failures)} failure(s)" + (": " + ", ".join(failures) if failures else ""))
-    if args.json:
-        import json
-
-        with open(args.json, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "parts": parts,
-                       "failures": failures, "results": results}, f, indent=1)
+    _flush()
     return 1 if failures else 0
 
 

@@ -327,6 +327,7 @@ def quant_overhead_cases():
                 per_mode["pv_int8_launcher_ms"] = pv8_ms
                 print(f"INFO speed {name} d=0.2 {mode}: e4m3 P V op {op_ms:.3f} ms, INT8 P V launcher {pv8_ms:.3f} ms "
                       f"(both with their quantization; bf16 {bf16_ms:.3f} ms)", flush=True)
+            default_fused = bsa_launch.FUSE_QUANT_WHEN_TRACED
             for fused in ((True, False) if mode != "int8" else ()):   # compiles take time: the FP8 P V modes
                 bsa_launch.FUSE_QUANT_WHEN_TRACED = fused
                 torch._dynamo.reset()
@@ -346,7 +347,7 @@ def quant_overhead_cases():
                       f"(target < 5%), vs eager rel_l2 {rel:.1e}", flush=True)
                 if not ok:
                     failures.append(f"overhead {name} {mode} {key}")
-            bsa_launch.FUSE_QUANT_WHEN_TRACED = True
+            bsa_launch.FUSE_QUANT_WHEN_TRACED = default_fused
             print(f"INFO overhead {name} d=0.2 {mode} eager: op {op_ms:.3f} ms, quantize_qkv {quant_ms:.3f} ms "
                   f"= {100 * quant_ms / kernel_ms:.1f}% of the kernel's {kernel_ms:.3f} ms", flush=True)
             line[mode] = per_mode

@@ -56,6 +56,7 @@ def test_traced_launch_uses_the_fusable_form_and_matches_eager(monkeypatch):
     monkeypatch.setattr(bsa_launch, "quantize_qkv_fusable", lambda *a: calls.append(1) or real(*a))
     eager, _ = bsa_launch.block_sparse_attention(*args)
     assert not calls
+    monkeypatch.setattr(bsa_launch, "FUSE_QUANT_WHEN_TRACED", True)
     monkeypatch.setattr(bsa_launch, "plain_eager", lambda *t: False)
     monkeypatch.setattr(bsa_launch, "triton_launcher", lambda kernel, eager: kernel)
     traced, _ = bsa_launch.block_sparse_attention(*args)

@@ -233,3 +233,17 @@ def test_cuda_graph_plans_cluster_cold_and_keep_no_state():
     cluster_layout_op(*args, True, 0, 40, 0, 40, "kept")
     assert "kept" in clustering.CLUSTER_STATE._entries
     clustering.CLUSTER_STATE.reset()
+
+
+def test_onnx_export_refuses_cluster_heads_in_one_line():
+    from types import SimpleNamespace as NS
+
+    from vsopt.core.errors import ConfigError
+    from vsopt.deploy.onnx import check_options
+
+    grid = TokenGrid(2, 4, 4)
+    head = HeadPlan(Sparsity.CLUSTER, cluster=ClusterSpec(4, 4, 0.9), block_m=16, block_n=16)
+    plan = Plan({"s": SitePlan("s", 1, 32, 32, grid, (head,))})
+    with pytest.raises(ConfigError, match=r"cluster heads .* at \['s'\], which have no ONNX form"):
+        check_options(NS(plan=plan, quant_modes=()), "portable", 18)
+    check_options(NS(plan=Plan({}), quant_modes=()), "portable", 18)  # without them: accepted

@@ -447,8 +447,7 @@ def _product(n, states) -> TokenState | None:
             contracted = r - 1 if is_a else r - 2
             if st.dim != contracted:
                 found.append(replace(st, dim=st.dim + ro - r))
-    distinct = set(found)
-    return found[0] if len(distinct) == 1 else None
+    return _agreed(found)
 
 
 def _elementwise(n, states, out_shape, inputs=None) -> TokenState | None:
@@ -464,8 +463,19 @@ def _elementwise(n, states, out_shape, inputs=None) -> TokenState | None:
         d = st.dim + len(out_shape) - len(shape)
         if 0 <= d < len(out_shape) and out_shape[d] == shape[st.dim]:
             found.append(replace(st, dim=d))
-    distinct = set(found)
-    return found[0] if len(distinct) == 1 else None
+    return _agreed(found)
+
+
+def _agreed(found: list[TokenState]) -> TokenState | None:
+    """The one state the inputs of an op agree on, or None. They agree when their tokens do (segments,
+    axis, merged indices); where only their history differs (a residual add of the video tokens with
+    the video part sliced back out of a joint sequence: one remembers the joint sequence as `whole`,
+    the other does not), the history is dropped, not the tokens."""
+    if not found or len({(s.segments, s.dim, s.outer, s.inner) for s in found}) != 1:
+        return None
+    if len(set(found)) == 1:
+        return found[0]
+    return replace(found[0], whole=None, gathered=False)
 
 
 def token_states(graph: torch.fx.Graph) -> dict[torch.fx.Node, TokenState | Several]:

@@ -278,3 +278,44 @@ def test_divided_space_time_gets_the_one_frame_grid_for_its_spatial_attention(co
     torch.manual_seed(0)
     report = _check(compile_rewrite, DividedSpaceTime().eval(), (torch.randn(2, 2, 3, 4, 6),), ["None", "1+1x2x3"])
     assert [s.q_len for s in report.sites] == [2, 7]
+
+
+class DualThenSingleStream(nn.Module):
+    """MM-DiT blocks as Flux, SD3 and HunyuanVideo build them: a dual-stream block (video and text
+    projected apart, concatenated for the joint attention, split back and added to each stream's
+    residual), then a single-stream block (the streams concatenated, one attention, split again at
+    the end). The residual add of the video stream meets the video part sliced out of the joint
+    sequence: both are the same video tokens, so the single-stream block's joint sequence keeps
+    the grid. text_first: the text before the video (Flux), else after it (HunyuanVideo)."""
+
+    def __init__(self, text_first: bool):
+        super().__init__()
+        self.text_first = text_first
+        self.conv = nn.Conv3d(3, DIM, (1, 2, 2), (1, 2, 2))
+        self.text = nn.Linear(8, DIM)
+        self.qkv_x, self.qkv_c = nn.Linear(DIM, 3 * DIM), nn.Linear(DIM, 3 * DIM)
+        self.out_x, self.out_c = nn.Linear(DIM, DIM), nn.Linear(DIM, DIM)
+        self.single = Block()
+
+    def _joint(self, x, c):
+        return torch.cat([c, x], 1) if self.text_first else torch.cat([x, c], 1)
+
+    def forward(self, video, text):
+        x = self.conv(video).flatten(2).transpose(1, 2)         # (B, F*H*W, DIM)
+        c = self.text(text)                                      # (B, L, DIM)
+        b, n, L = x.shape[0], x.shape[1], c.shape[1]
+        qkv = self._joint(self.qkv_x(x), self.qkv_c(c)).reshape(b, n + L, 3, HEADS, -1).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(*qkv).transpose(1, 2).reshape(b, n + L, DIM)
+        ox, oc = (o[:, L:], o[:, :L]) if self.text_first else (o[:, :n], o[:, n:])
+        x, c = x + self.out_x(ox), c + self.out_c(oc)             # each stream's residual
+        h = self.single(self._joint(x, c))
+        return h[:, L:] if self.text_first else h[:, :-L]
+
+
+@pytest.mark.parametrize("text_first", [False, True])
+def test_single_stream_block_keeps_the_dual_stream_grid(compile_rewrite, text_first):
+    torch.manual_seed(0)
+    grid = "5+2x2x3" if text_first else "2x2x3+5"
+    report = _check(compile_rewrite, DualThenSingleStream(text_first).eval(),
+                    (torch.randn(1, 3, 2, 4, 6), torch.randn(1, 5, 8)), [grid, grid])
+    assert all(s.grid_source.value == "inferred" for s in report.sites)

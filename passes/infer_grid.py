@@ -80,6 +80,9 @@ def infer_site(states: dict, source: torch.fx.Node, token_axes: tuple[int, ...],
     """The grid of the query's tokens (axes `token_axes` of `source`), or None."""
     st = states.get(source)
     if not isinstance(st, TokenState) or st.dim not in token_axes or st.total != q_len:
+        fr = getattr(states, "frames", {}).get(source)  # the frames of each position (divided space-time)
+        if isinstance(fr, TokenState) and fr.dim in token_axes and fr.total == q_len:
+            return grid_of(fr)
         return per_frame_grid(states, source, q_len)
     return grid_of(st)
 

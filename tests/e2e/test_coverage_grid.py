@@ -274,10 +274,56 @@ class DividedSpaceTime(nn.Module):
         return self.spatial(x)                                 # (B*T, 1 + HW, DIM)
 
 
-def test_divided_space_time_gets_the_one_frame_grid_for_its_spatial_attention(compile_rewrite):
+def test_divided_space_time_gets_the_frames_and_the_one_frame_grids(compile_rewrite):
+    """The temporal attention (tokens '(b h w) t', the frame index followed from the per-frame
+    convolution's batch) gets T x 1 x 1, the spatial one 1 x H x W."""
     torch.manual_seed(0)
-    report = _check(compile_rewrite, DividedSpaceTime().eval(), (torch.randn(2, 2, 3, 4, 6),), ["None", "1+1x2x3"])
+    report = _check(compile_rewrite, DividedSpaceTime().eval(), (torch.randn(2, 2, 3, 4, 6),), ["2x1x1", "1+1x2x3"])
     assert [s.q_len for s in report.sites] == [2, 7]
+
+
+class FoldedConv3d(nn.Module):
+    """A Conv3d video (tokens frame-major, or ordered (h, w, f)) rearranged so that an attention runs
+    within each position over the frames, '(b h w) f', or within each frame over its positions,
+    '(b f) (h w)': the axes not attended over are folded into the batch."""
+
+    def __init__(self, axes: str):
+        super().__init__()
+        self.axes = axes
+        self.conv = nn.Conv3d(3, DIM, (1, 2, 2), (1, 2, 2))
+        self.inner = Block()
+
+    def forward(self, video):
+        x = self.conv(video)                                       # (B, C, F, H, W)
+        b, f, h, w = x.shape[0], *x.shape[2:]
+        x = x.permute(0, *(2 + "fhw".index(a) for a in self.axes), 1).flatten(1, 3)   # (B, tokens, C)
+        if self.axes == "hwf":                                     # '(b h w) f'
+            x = self.inner(x.reshape(b * h * w, f, DIM))
+        else:                                                      # '(b f) (h w)'
+            x = self.inner(x.reshape(b * f, h * w, DIM))
+        return x
+
+
+@pytest.mark.parametrize("axes,grid", [("hwf", "3x1x1"), ("fhw", "1x2x3")])
+def test_axes_folded_into_the_batch_leave_the_attended_ones(compile_rewrite, axes, grid):
+    torch.manual_seed(0)
+    _check(compile_rewrite, FoldedConv3d(axes).eval(), (torch.randn(2, 3, 3, 4, 6),), [grid])
+
+
+def test_a_split_that_is_no_video_axis_gives_no_grid(compile_rewrite):
+    """Tokens (f, h, w) = (3, 2, 3) cut into rows of 2 along the flat order: not a video axis, no grid."""
+    class Rows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv3d(3, DIM, (1, 2, 2), (1, 2, 2))
+            self.inner = Block()
+
+        def forward(self, video):
+            x = self.conv(video).flatten(2).transpose(1, 2)       # (B, 18, C)
+            return self.inner(x.reshape(-1, 2, DIM))
+
+    torch.manual_seed(0)
+    _check(compile_rewrite, Rows().eval(), (torch.randn(1, 3, 3, 4, 6),), ["None"])
 
 
 class DualThenSingleStream(nn.Module):

@@ -167,10 +167,7 @@ CASES = {
     "cogvideox15": Case(_sites([(f"transformer_blocks.{i}.attn1", "sdpa", "6+2x4x4") for i in (0, 1)])),
     "timesformer": Case(
         (Site("encoder.layer.0.temporal_attention.attention", "softmax", "2x1x1", True),
-         Site("encoder.layer.0.attention.attention", "softmax", "1+1x4x4", True)),
-        xfail={k: [("issue 14 class 7: divided space-time, the temporal attention runs over the 2 frames of "
-                    "each patch position (tokens (b h w) t): grid unknown",
-                    ("encoder.layer.0.temporal_attention.attention",))] for k in ("grids", "plan")}),
+         Site("encoder.layer.0.attention.attention", "softmax", "1+1x4x4", True))),
     "vivit": Case(_sites([(f"layers.{i}.attention", "sdpa", "1+2x4x4") for i in (0, 1)])),
 }
 

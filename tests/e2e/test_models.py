@@ -123,8 +123,8 @@ def _sites(prefix_rules_grids, video=True):
 NO_PATCH_EMBEDDING = ("issue 14 class 7: the joint site's graph is the block's own frame (Dynamo runs the forward "
                       "eagerly from its data-dependent branch on, so it compiles each block on its own): the patch "
                       "embedding is in another graph, so the grid is unknown; the grid is not carried across graphs "
-                      "(the tensor passes through eager code in between), and the strict message says how to give "
-                      "it (the case hunyuan_video15_grid gives it)")
+                      "(the tensor passes through eager code in between), and the site's note (log, report) spells its "
+                      "grids option (the case hunyuan_video15_grid gives it)")
 STRICT_ACROSS_GRAPHS = ("issue 14 class 2 (passes/lower_plan.py, not the grid's owner): strict mode raises on "
                         "plan sites a graph does not hold ('plan sites not in this graph'), so a plan over a "
                         "model that graph breaks split fails in the first graph: the refiner's")

@@ -141,7 +141,7 @@ def _place_frame(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> tup
     another module's code calls it. Returns (compiled module or None, nested)."""
     root, selves, f = None, [], sys._getframe(1)
     while f is not None and root is None:
-        s = f.f_locals.get("self")
+        s = f.f_locals.get("self") if "self" in f.f_code.co_varnames else None
         if isinstance(s, torch.nn.Module) and not isinstance(s, torch.fx.GraphModule):
             orig = getattr(s, "_orig_mod", None)
             in_place = getattr(s, "_compiled_call_impl", None) is not None

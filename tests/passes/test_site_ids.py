@@ -137,3 +137,14 @@ def test_each_module_running_one_graph_gets_its_own_plan_entry(no_inductor, capl
     assert any("compiling a submodule's graph again" in r.getMessage() for r in caplog.records)
     assert min(max_rel_err(o, want) for o in outs.values()) > 1e-3
     assert max_rel_err(outs[(0,)], outs[(0, 1)]) > 1e-3 and max_rel_err(outs[(1,)], outs[(0, 1)]) > 1e-3
+
+
+def test_a_module_at_two_paths_is_not_placed_by_a_guess(caplog):
+    """The same block registered at two paths: its parameters name both, so its frame has no one
+    place in the model; the id stays relative and the report says so."""
+    model, inputs = _model()
+    model.stages["main"][1] = model.stages["main"][0]
+    with caplog.at_level(logging.INFO, logger="vsopt"):
+        report = vsopt.inspect(model, *inputs)
+    assert [s.site_id for s in report.sites] == ["attn"]
+    assert any("site id 'attn' is relative" in r.getMessage() for r in caplog.records)

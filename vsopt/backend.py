@@ -12,6 +12,10 @@ Public functions (calibration, inspect and the graph-diff debugger call the firs
     vsopt_backend(gm, example_inputs, options=None)   the torch_dynamo_backends entry point
     last_report() -> PipelineReport | None           what the last compiled graph's passes found
 
+A graph Dynamo starts in a submodule's frame is placed in the compiled module (_place_frame ->
+passes/site_ids.FrameNames), so its site ids are full module paths; under a plan, PerModule
+compiles it once per module that runs it.
+
 An attention before and after (timm, fused_attn=False; ATen, one head group shown):
     before:  bmm(q', k') -> _unsafe_view -> mul(0.125) -> _softmax(-1) -> expand -> view
              -> bmm(p, v') -> _unsafe_view

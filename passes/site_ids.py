@@ -72,6 +72,9 @@ class FrameNames:
     relative: frozenset[str] = frozenset()
     lifted: tuple[tuple[int, str, str], ...] = ()
     locals: frozenset[str] = frozenset()
+    #: every module path of the compiled module (empty where it is unknown): a plan site naming one
+    #: of them may sit in another graph of the same compile (after a graph break)
+    root_modules: frozenset[str] = frozenset()
 
     @property
     def inputs(self) -> tuple[int, ...]:
@@ -103,7 +106,8 @@ class FrameNames:
         prefixes = {local: next(iter(found)) for local, found in candidates.items() if len(found) == 1}
         relative = {loc for loc in self.locals | set(candidates) if loc not in prefixes
                     and (root is not None and loc in candidates or nested)}
-        return dataclasses.replace(self, prefixes=prefixes, relative=frozenset(relative))
+        root_modules = frozenset(name for name, _ in root.named_modules()) if root is not None else frozenset()
+        return dataclasses.replace(self, prefixes=prefixes, relative=frozenset(relative), root_modules=root_modules)
 
 
 def frame_names(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], root: torch.nn.Module | None,
@@ -120,6 +124,15 @@ def frame_names(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], root: t
     locals_seen = {loc for n in gm.graph.nodes for p, _ in (n.meta.get("nn_module_stack") or {}).values()
                    if (loc := _local(str(p))) is not None}
     return FrameNames(lifted=tuple(lifted), locals=frozenset(locals_seen)).at(example_inputs, root, nested)
+
+
+def in_other_graphs(gm: torch.fx.GraphModule, site_ids: Sequence[str]) -> list[str]:
+    """Those of `site_ids` (absent from gm) that name a module of the compiled module, so another
+    graph of the same compile may hold them: a model that graph breaks split is compiled as several
+    graphs, each holding only its own sites."""
+    names = gm.meta.get(FRAME_NAMES)
+    modules = names.root_modules if names is not None else frozenset()
+    return [s for s in site_ids if s.split(":")[0] in modules]
 
 
 def _frame_names_of(node: torch.fx.Node) -> FrameNames | None:

@@ -125,9 +125,9 @@ NO_PATCH_EMBEDDING = ("issue 14 class 7: the joint site's graph is the block's o
                       "embedding is in another graph, so the grid is unknown; the grid is not carried across graphs "
                       "(the tensor passes through eager code in between), and the site's note (log, report) spells its "
                       "grids option (the case hunyuan_video15_grid gives it)")
-STRICT_ACROSS_GRAPHS = ("issue 14 class 2 (passes/lower_plan.py, not the grid's owner): strict mode raises on "
-                        "plan sites a graph does not hold ('plan sites not in this graph'), so a plan over a "
-                        "model that graph breaks split fails in the first graph: the refiner's")
+MASK_FROM_EAGER = ("issue 14 class 3: the joint site's attention mask is built in eager code before the block's graph "
+                   "(a graph input there), so passes/mask_bounds.py cannot prove it all-true over video x video and "
+                   "strict mode refuses the split")
 MOCHI_TRIM = ("issue 14 class 1: the joint attention follows the text's data-dependent trim (nonzero) "
               "inside a loop over the batch; Dynamo runs that frame eagerly, so the attention is in no graph")
 CASES = {
@@ -151,7 +151,7 @@ CASES = {
          Site("transformer_blocks.0.attn", "sdpa", "2x4x4+10", True)),
         options={"grids": {"transformer_blocks.0.attn": {"frames": 2, "height": 4, "width": 4, "text_after": 10}}},
         factory="hunyuan_video15",
-        xfail={"plan": [(STRICT_ACROSS_GRAPHS, ("transformer_blocks.0.attn",))]}),
+        xfail={"plan": [(MASK_FROM_EAGER, ("transformer_blocks.0.attn",))]}),
     "mochi": Case(
         (Site("time_embed.pooler", "sdpa", ""),
          Site("transformer_blocks.0.attn1", "sdpa", "2x4x4+3", True),

@@ -398,6 +398,10 @@ def joint_plan(site: SiteShape, heads: Sequence[HeadPlan]) -> JointPlan:
     if pooled:  # the split has no pooled-remainder path: refuse rather than drop it
         raise ConfigError(f"site {site.site_id!r}: heads {pooled} ask for the pooled remainder, which a split "
                           "joint site does not run")
+    renorm = [h for h, hp in enumerate(heads) if hp.renorm is not None]
+    if renorm:  # nor a softmax-mass correction
+        raise ConfigError(f"site {site.site_id!r}: heads {renorm} ask for a softmax-mass correction (renorm), which a "
+                          "split joint site does not run")
     tb, stop = video_range(site)
     nv = stop - tb
     grid = site.grid
@@ -478,24 +482,26 @@ def site_work(site: SiteShape, heads: Sequence[HeadPlan], densities: Sequence[fl
         qb, kb = num_blocks(site.q_len, key.block_m), num_blocks(site.kv_len, key.block_n)
         launches.append(Launch(key.quant.value, site.head_dim, key.block_m, key.block_n, batch * qb * len(live),
                                sum(round(batch * densities[h] * qb * kb) for h in live)))
-        pooled_heads = sum(_pooled_share(heads[h]) for h in live)
+        pooled_heads = sum(_measure_share(heads[h]) for h in live)
         if key.remainder is Remainder.POOLED and pooled_heads:
             # priced as a launch of the same work: per query block, KB pooled keys are block_m x KB
             # scores, the work of ceil(KB / block_n) full blocks (an equivalence, not a fitted term)
             launches.append(Launch(key.quant.value, site.head_dim, key.block_m, key.block_n, batch * qb * len(live),
                                    round(batch * qb * pooled_heads * num_blocks(kb, key.block_n))))
     # a mask reused for reuse_steps more steps is scored once per reuse_steps + 1 steps (the mean)
+    # a renormalized dynamic head scores when it measures only (correcting, it reuses that mask)
     scored = sum(batch * num_blocks(site.q_len, hp.block_m) * num_blocks(site.kv_len, hp.block_n)
-                 / (hp.dynamic.reuse_steps + 1) for hp in heads if hp.sparsity is Sparsity.DYNAMIC)
+                 / (hp.dynamic.reuse_steps + 1) * _measure_share(hp) for hp in heads if hp.sparsity is Sparsity.DYNAMIC)
     # the lowering gathers every head of q, k, v and the output once any head reorders
     moved = permuted_mib(site, site.heads) if permuted_heads(heads) else 0.0
     moved += renorm_mib(site, heads)
     return SiteWork(tuple(launches), moved, scored)
 
 
-def _pooled_share(hp: HeadPlan) -> float:
-    """How often a pooled-remainder head runs its remainder: always, or for a renormalized one
-    only when measuring (1 / every of its steps while its phase is unresolved)."""
+def _measure_share(hp: HeadPlan) -> float:
+    """How often a head runs what only a measuring renormalized head runs (a pooled remainder, a
+    dynamic mask's scoring): always without a renorm, else when measuring (1 / every of its steps
+    while its phase is unresolved)."""
     r = hp.renorm
     if r is None or r.phase is Phase.MEASURE:
         return 1.0

@@ -136,3 +136,58 @@ def test_compiled_model_with_the_sampler_measures_and_corrects_at_the_planned_st
     assert (got - dense).norm() < (sparse - dense).norm()
     assert [plan.at_step(s)[site.site_id].heads[0].renorm.phase is Phase.MEASURE for s in range(steps)] == \
         [s % every == 0 for s in range(steps)]
+
+
+class Attn64(torch.nn.Module):
+    """2 heads of 64 (a head dim the GPU kernel takes) over a 2x8x8 grid."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(128, 384)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 64)).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["window", "topk"])
+def test_renorm_under_cuda_graphs_on_the_gpu_replays_what_runs_without_them(kind):
+    """Measuring and correcting graphs under CUDA graphs (warm-up, record, replay over three clips):
+    no cudagraph skip (the statistics buffers are static inputs, written in place by the measuring
+    graph's replay) and the outputs equal the same plan without CUDA graphs."""
+    from torch._dynamo.utils import counters
+
+    import vsopt
+
+    grid = TokenGrid(2, 8, 8)
+    torch.manual_seed(0)
+    model = Attn64().cuda().to(torch.bfloat16).eval()
+    x = torch.randn(2, grid.num_tokens, 128, device="cuda", dtype=torch.bfloat16)
+    _, report = trace_and_rewrite(model, (x,), VsoptConfig(grid=grid))
+    (site,) = report.sites
+    if kind == "window":
+        heads = (HeadPlan(Sparsity.PATTERN, order="hwf", pattern=LocalWindow(0, 2, 2), block_m=32, block_n=32,
+                          renorm=Renorm(2)),) * 2
+    else:
+        heads = (HeadPlan(Sparsity.DYNAMIC, dynamic=DynamicSpec(value=0.3), block_m=32, block_n=32,
+                          renorm=Renorm(3)),) * 2
+    plan = Plan({site.site_id: SitePlan.for_site(site, heads)})
+    inputs = [x + 0.05 * s * torch.randn_like(x) for s in range(6)]
+    outs = {}
+    for graphs in (False, True):
+        torch._dynamo.reset()
+        RENORM_STATE.reset()
+        skips = counters["inductor"]["cudagraph_skips"]
+        compiled = torch.compile(model, backend="vsopt", options={"plan": plan, "grid": grid, "cudagraphs": graphs})
+        with torch.no_grad():
+            for clip in range(3):
+                for step, xs in enumerate(inputs):
+                    vsopt.set_denoising_step(step)
+                    outs[graphs, clip, step] = compiled(xs).float().clone()
+        vsopt.set_denoising_step(None)
+        assert counters["inductor"]["cudagraph_skips"] == skips
+    for step in range(6):
+        for clip in range(3):
+            torch.testing.assert_close(outs[True, clip, step], outs[False, clip, step], atol=2e-2, rtol=2e-2)
+        assert torch.isfinite(outs[True, 2, step]).all()

@@ -191,3 +191,52 @@ def test_renorm_under_cuda_graphs_on_the_gpu_replays_what_runs_without_them(kind
         for clip in range(3):
             torch.testing.assert_close(outs[True, clip, step], outs[False, clip, step], atol=2e-2, rtol=2e-2)
         assert torch.isfinite(outs[True, 2, step]).all()
+
+
+def test_calibration_offers_renorm_candidates_and_the_compiled_model_runs_as_it_predicts():
+    """calibrate() on recorded sampler steps with renorm_every (and pooled remainders) on offer:
+    every sparse candidate also comes renormalized (measured exactly, or with the pooled remainder
+    at the kept blocks' density), and under a density budget of 0.8 the search picks a renormalized one
+    on this model; the plan runs, step by step through the compiled model and the sampler, what the
+    plan means (semantics.site_output at each step's phases, statistics from the measuring step)."""
+    from vsopt.calibration import CalibrationOptions, DensityBudget, calibrate
+    from vsopt.calibration.capture import record_forward_inputs
+    from vsopt.core.orders import TokenOrder
+    from vsopt.core.plan import Quant
+
+    from tests.core.test_calibrate_search import COST
+
+    grid = TokenGrid(4, 4, 8)
+    model, example, site = _setup(grid, gain=2.0, seed=4)
+    steps = 5
+    shape = (C, grid.frames, grid.height, grid.width)
+    with torch.no_grad(), record_forward_inputs(model) as calls:
+        sampler.sample(model, example[2], shape, steps=steps, seed=3)
+    opts = CalibrationOptions(block_m=16, block_n=16, orders=(TokenOrder.FHW,), patterns=True, mass_shares=(0.5, 0.8),
+                              dynamic_values=(), dynamic_top_k=(0.25,), renorm_every=(2,), pooled_remainder=True,
+                              skip=False, quants=(Quant.NONE,), cost_model=COST)
+    # 5 steps, measuring at 0, 2, 4: a renormalized candidate measured exactly computes 0.6 + 0.4 d
+    result = calibrate(model, calls, DensityBudget(0.8), options=opts, grid=grid, progress=False)
+    plan = result.plan
+    chosen = [h for h in plan[site.site_id].all_heads()]
+    assert any(h.renorm == Renorm(2) for h in chosen), chosen   # the search buys the correction here
+
+    kept = {}
+
+    def reference(x, t, c, return_dict=False):
+        step = current_denoising_step()
+        qkv = model.qkv_heads(x)
+        kept[step] = qkv
+        heads = plan.at_step(step)[site.site_id].heads
+        at = [measured_step(h.renorm, step, 0) if h.renorm is not None else step for h in heads]
+        renorm_from = tuple(torch.cat([kept[a][i][:, h:h + 1] for h, a in enumerate(at)], dim=1) for i in range(3))
+        return model.finish(semantics.site_output(site, heads, *qkv, site.scale, renorm_from=renorm_from), x)
+
+    RENORM_STATE.reset()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = sampler.sample(torch.compile(model, backend="vsopt", options={"plan": plan, "grid": grid}),
+                             example[2], shape, steps=steps, seed=3)
+        want = sampler.sample(reference, example[2], shape, steps=steps, seed=3)
+    set_denoising_step(None)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

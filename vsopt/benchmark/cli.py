@@ -104,7 +104,8 @@ def _check_args(args: argparse.Namespace):
                                  vsopt_renorm=items("--vsopt-renorm", args.vsopt_renorm, int))
     except ConfigError as e:
         option = {"densities": "--densities", "vsopt_speedups": "--vsopt-speedups", "warmup_steps": "--warmup-steps",
-                  "mask_refresh": "--mask-refresh", "renorm_every": "--renorm-every"}
+                  "mask_refresh": "--mask-refresh", "renorm_every": "--renorm-every",
+                  "vsopt_renorm": "--vsopt-renorm"}
         name = next((o for key, o in option.items() if str(e).startswith(key)), "bench options")
         raise ConfigError(f"bad {name}: {e}") from None
     try:

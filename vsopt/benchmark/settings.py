@@ -95,6 +95,8 @@ class BenchSettings:
         if not (isinstance(self.renorm_every, int) and not isinstance(self.renorm_every, bool)
                 and self.renorm_every >= 2):
             raise ConfigError(f"renorm_every must be an integer >= 2, got {self.renorm_every!r}")
+        if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 2 for r in self.vsopt_renorm):
+            raise ConfigError(f"vsopt_renorm: intervals must be integers >= 2, got {self.vsopt_renorm}")
         if not all(x > 0 and math.isfinite(x) for x in self.vsopt_speedups):
             raise ConfigError(f"vsopt_speedups must be finite and > 0, got {self.vsopt_speedups}")
         if not (isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps < self.steps):

@@ -22,6 +22,7 @@ from vsopt.calibration.capture import SiteCall
 from vsopt.calibration.options import CalibrationOptions, default_patterns
 from vsopt.calibration.order_choice import choose_orders, order_block_mass
 from vsopt.core import semantics
+from vsopt.core.clustering import ClusterSpec
 from vsopt.core.dynamic import DynamicMethod, DynamicSpec
 from vsopt.core.errors import ConfigError
 from vsopt.core.ir import AttentionSite
@@ -45,6 +46,7 @@ class Candidate:
     model_order: bool = False  # masks in the model's own order (FHW) for every head: no permutation
     remainder: Remainder = Remainder.DROP  # pooled: the dropped blocks attended mean-pooled (PSA)
     renorm: Renorm | None = None  # softmax-mass correction (Re-ttention, calibration.renorm)
+    cluster: ClusterSpec | None = None  # a cluster candidate (calibration.clusters): no masks, no order
 
 
 @dataclass
@@ -73,6 +75,7 @@ class SiteState:
     # softmax-mass correction (calibration.renorm): the intervals offered here, the kept statistics
     renorm: tuple[int, ...] = ()
     renormed: object = field(default=None, repr=False)
+    clusters: object = field(default=None, repr=False)  # cluster candidates' layouts (calibration.clusters)
 
     @property
     def blocks(self) -> tuple[int, int]:
@@ -148,12 +151,17 @@ def build_candidates(state: SiteState) -> None:
         cands += [dataclasses.replace(c, label=f"{c.label}/renorm{r}", renorm=Renorm(r)) for c in list(cands)
                   if c.renorm is None and c.sparsity in (Sparsity.MASK, Sparsity.PATTERN, Sparsity.DYNAMIC)
                   and not (c.dynamic is not None and c.dynamic.reuse_steps)]
+    if opt.clusters:  # k-means orders and cluster-pair blocks, online (SVG2)
+        from vsopt.calibration.clusters import cluster_label
+
+        cands += [Candidate(cluster_label(s), Sparsity.CLUSTER, cluster=s) for s in opt.clusters]
     if opt.skip:
         cands.append(Candidate("skip", Sparsity.SKIP, torch.zeros(site.heads, qb, kb, dtype=torch.bool)))
     state.candidates = cands
     state.plans = {}
     state.reused = None  # pass 2 (re)starts: no kept masks
     state.renormed = None  # nor kept statistics
+    state.clusters = None
     H, C = site.heads, len(cands)
     state.err2 = torch.zeros(H, C, dtype=torch.float64)
     state.density = torch.zeros(H, C, dtype=torch.float64)
@@ -219,6 +227,7 @@ def measure_errors(state: SiteState, call: SiteCall, step: int | None = None) ->
     model-order candidate, on the unpermuted ones) with its masks. step: the call's denoising
     step, which a candidate reusing masks (calibration.reuse) needs."""
     from vsopt.calibration.renorm import KeptStatistics
+    from vsopt.calibration.clusters import ClusterRuns, measure_cluster
     from vsopt.calibration.reuse import ReusedMasks
 
     ref = exact_attention(call)
@@ -234,6 +243,10 @@ def measure_errors(state: SiteState, call: SiteCall, step: int | None = None) ->
         if state.renormed is None:
             state.renormed = KeptStatistics(state.range_start)
         state.renormed.begin(step)
+    if state.opt.clusters:
+        if state.clusters is None:
+            state.clusters = ClusterRuns()
+        state.clusters.begin(step)
     opt = state.opt
     blocks = (opt.block_m, opt.block_n)
     perm, qp, kp, vp = semantics.permuted_qkv(state.site.grid, state.ordered_heads(), call.q, call.k, call.v)
@@ -248,6 +261,11 @@ def measure_errors(state: SiteState, call: SiteCall, step: int | None = None) ->
                                               call.scale, *blocks)
             state.err2[:, c] += _head_err2(_unpermuted(out, p), ref)
             state.density[:, c] += done.sum(0).double().cpu()
+            continue
+        if cand.sparsity is Sparsity.CLUSTER:
+            out, masks = measure_cluster(state, c, cand, call, step)
+            state.err2[:, c] += _head_err2(out, ref)
+            state.density[:, c] += masks.float().mean((-1, -2)).sum(0).double().cpu()
             continue
         if cand.sparsity is Sparsity.DYNAMIC and cand.dynamic.reuse_steps:
             masks = state.reused.masks(c, cand.label, cand.dynamic, step, lambda: semantics.dynamic_masks(

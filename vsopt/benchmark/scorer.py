@@ -156,7 +156,9 @@ class PlanScorer:
         if s.sensitivity and self._error_weights is None:
             self._error_weights = self.sensitivity_weights(calls)
         ranges = None
-        if s.step_plans:
+        if s.step_plans and s.vsopt_renorm:   # a correction needs its measuring step in its range
+            ranges = ((0, 1), (1, None)) if s.calibration_steps > 1 else None
+        elif s.step_plans:
             ranges = tuple((i, i + 1) for i in range(s.calibration_steps - 1)) + ((s.calibration_steps - 1, None),)
         options = CalibrationOptions(block_m=s.block, block_n=s.block, quants=tuple({Quant.NONE, s.quant}),
                                      order_density=order_density, step_ranges=ranges, dynamic_values=DYNAMIC_MASS,
@@ -165,6 +167,7 @@ class PlanScorer:
                                      dense_warmup=tuple(k for k in s.vsopt_warmup if k < s.calibration_steps)
                                      if s.step_plans else (),
                                      mask_refresh=s.vsopt_refresh, pooled_remainder=s.vsopt_pooled,
+                                     renorm_every=s.vsopt_renorm,
                                      clusters=self._cluster_candidates())
         return calls, options
 

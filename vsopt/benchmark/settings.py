@@ -19,6 +19,12 @@ class Method(str, enum.Enum):
     WARMUP = "warmup"  # top-k after `warmup_steps` dense steps, at the same mean density (Sparse VideoGen)
     REUSE = "reuse"  # top-k masks computed every `mask_refresh` steps and reused between (AdaSpa)
     PSA = "psa"  # top-k with the dropped key blocks attended mean-pooled (Pyramid Sparse Attention)
+    # top-k whose dropped blocks are measured exactly every `renorm_every` steps (at full cost; the
+    # kept fraction lowered so that the mean density is the target) and restored between (Re-ttention)
+    RETTENTION = "rettention"
+    # the same measured with the pooled remainder (at the kept density; the pooled keys' work, as
+    # PSA's, not counted in the density)
+    RETTENTION_POOLED = "rettention_pooled"
     CLUSTER = "cluster"  # k-means token orders, cluster-pair blocks by centroid top-p (Sparse VideoGen 2)
 
 
@@ -48,6 +54,10 @@ class BenchSettings:
     the dense warm-ups and mask refresh intervals vsopt's calibration may choose
     (CalibrationOptions.dense_warmup, with step_plans only / mask_refresh). vsopt_pooled: vsopt's
     calibration may also give heads a pooled remainder (CalibrationOptions.pooled_remainder).
+    renorm_every: the measuring interval of the "rettention" methods. vsopt_renorm: the intervals
+    of the softmax-mass correction vsopt's calibration may choose (CalibrationOptions.renorm_every);
+    with step_plans its step ranges are then step 0 and the rest (a correction needs its measuring
+    step in the same range), not one per step.
     cluster_clusters: (query, key) k-means clusters of the "cluster" method (0: one per kernel
     block of the video tokens), cluster_refresh its refresh period in steps; vsopt_clusters: vsopt's
     calibration may also give heads that clustering (CalibrationOptions.clusters), at the top-p
@@ -75,6 +85,8 @@ class BenchSettings:
     vsopt_warmup: tuple[int, ...] = (1,)
     vsopt_refresh: tuple[int, ...] = ()
     vsopt_pooled: bool = True
+    renorm_every: int = 4
+    vsopt_renorm: tuple[int, ...] = ()
     cluster_clusters: tuple[int, int] = (0, 0)
     cluster_refresh: int = 1
     vsopt_clusters: bool = False
@@ -88,6 +100,12 @@ class BenchSettings:
         object.__setattr__(self, "vsopt_speedups", tuple(float(x) for x in self.vsopt_speedups))
         object.__setattr__(self, "vsopt_warmup", tuple(self.vsopt_warmup))
         object.__setattr__(self, "vsopt_refresh", tuple(self.vsopt_refresh))
+        object.__setattr__(self, "vsopt_renorm", tuple(self.vsopt_renorm))
+        if not (isinstance(self.renorm_every, int) and not isinstance(self.renorm_every, bool)
+                and self.renorm_every >= 2):
+            raise ConfigError(f"renorm_every must be an integer >= 2, got {self.renorm_every!r}")
+        if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 2 for r in self.vsopt_renorm):
+            raise ConfigError(f"vsopt_renorm: intervals must be integers >= 2, got {self.vsopt_renorm}")
         if not all(x > 0 and math.isfinite(x) for x in self.vsopt_speedups):
             raise ConfigError(f"vsopt_speedups must be finite and > 0, got {self.vsopt_speedups}")
         if not (isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps < self.steps):

@@ -108,6 +108,14 @@ def check_refresh(values, ranges) -> tuple[int, ...]:
     return rs
 
 
+def check_renorm(values) -> tuple[int, ...]:
+    """Renorm intervals r >= 2 (r = 1 would measure, at full cost, at every step)."""
+    rs = _positive_ints(values, "CalibrationOptions.renorm_every")
+    if rs and rs[0] < 2:
+        raise ConfigError("CalibrationOptions.renorm_every: 1 measures at every step (dense work); give intervals >= 2")
+    return rs
+
+
 @dataclass(frozen=True)
 class CalibrationOptions:
     """What the search may choose from, and how it measures.
@@ -155,6 +163,13 @@ class CalibrationOptions:
       blocks attended mean-pooled (PSA, vsopt.core.pooled; HeadPlan.remainder "pooled"): its error
       measured as it runs, its extra work priced by semantics.site_work (pass 2 then measures up
       to twice as many candidates). Off by default.
+    renorm_every: intervals r >= 2 of the softmax-mass correction (Re-ttention,
+      vsopt.calibration.renorm; HeadPlan.renorm): every mask, pattern and dynamic candidate (the
+      pooled ones too) is also offered measuring its dropped blocks' statistics at steps 0, r, 2r,
+      ... of each step range (exact attention there, at full cost) and correcting the steps
+      between with them; its error measured as it runs, its work priced by semantics.site_work.
+      Offered only where pass 2's inputs hold a correcting step and the measuring step it uses
+      (consecutive steps of one sampler run). Off by default.
     clusters: cluster candidates (Sparse VideoGen 2, vsopt.core.clustering; HeadPlan sparsity
       "cluster"): each ClusterSpec (query/key cluster counts, top-p, refresh period, k-means
       iterations) is offered to every head, its token order and blocks from k-means of its own
@@ -187,6 +202,7 @@ class CalibrationOptions:
     dense_warmup: tuple[int, ...] = ()
     mask_refresh: tuple[int, ...] = ()
     pooled_remainder: bool = False
+    renorm_every: tuple[int, ...] = ()
     clusters: tuple = ()
 
     def __post_init__(self):
@@ -209,6 +225,7 @@ class CalibrationOptions:
                                                                       "CalibrationOptions.step_ranges"))
         object.__setattr__(self, "dense_warmup", check_warmup(self.dense_warmup, self.step_ranges))
         object.__setattr__(self, "mask_refresh", check_refresh(self.mask_refresh, self.step_ranges))
+        object.__setattr__(self, "renorm_every", check_renorm(self.renorm_every))
         object.__setattr__(self, "clusters", check_clusters(self.clusters))
 
     def fingerprint(self) -> dict:

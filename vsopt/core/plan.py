@@ -34,6 +34,7 @@ from .ir import AttentionSite, TokenGrid
 from .orders import TokenOrder
 from .patterns import Pattern, block_mask, num_blocks, pattern_from_dict
 from .pooled import Remainder
+from .rettention import Phase, Renorm, renorm_phase
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "vsopt-plan"
@@ -72,6 +73,11 @@ class HeadPlan:
     remainder: what a mask, pattern or dynamic head does with the key blocks it does not keep
       (vsopt.core.pooled.Remainder): dropped (default), or attended mean-pooled in the same
       softmax (PSA).
+    renorm: softmax-mass correction (Re-ttention, vsopt.core.rettention.Renorm) of a mask,
+      pattern or dynamic head: measure the dropped blocks' statistics every `every` steps (exactly
+      through the kernel, or, with remainder "pooled", as the pooled remainder) and correct the
+      steps between with them; a dynamic head's mask is the measuring step's until the next one.
+      None: no correction.
     """
 
     sparsity: Sparsity = Sparsity.DENSE
@@ -83,6 +89,7 @@ class HeadPlan:
     mask: torch.Tensor | None = field(default=None, compare=False, repr=False)
     dynamic: DynamicSpec | None = None
     remainder: Remainder = Remainder.DROP
+    renorm: Renorm | None = None
     cluster: ClusterSpec | None = None
 
     def __post_init__(self):
@@ -119,6 +126,15 @@ class HeadPlan:
         if self.remainder is Remainder.POOLED and s in (Sparsity.DENSE, Sparsity.SKIP):
             raise ValueError(f"HeadPlan with sparsity {s.value!r} cannot have remainder 'pooled' (only mask, "
                              "pattern and dynamic heads leave key blocks out)")
+        if self.renorm is not None:
+            if not isinstance(self.renorm, Renorm):
+                raise ValueError(f"HeadPlan.renorm must be a Renorm, got {type(self.renorm).__name__}")
+            if s not in (Sparsity.MASK, Sparsity.PATTERN, Sparsity.DYNAMIC):
+                raise ValueError(f"HeadPlan with sparsity {s.value!r} cannot have a renorm (only mask, pattern and "
+                                 "dynamic heads: their kept blocks are what the statistics describe)")
+            if s is Sparsity.DYNAMIC and self.dynamic is not None and self.dynamic.reuse_steps:
+                raise ValueError("HeadPlan: a dynamic head with a renorm reuses its measuring step's mask until the "
+                                 "next one; give dynamic.reuse_steps 0")
         if self.pattern is not None and not isinstance(self.pattern, Pattern):
             raise ValueError(f"HeadPlan.pattern must be a Pattern, got {type(self.pattern).__name__}")
         if self.dynamic is not None and not isinstance(self.dynamic, DynamicSpec):
@@ -165,6 +181,8 @@ class HeadPlan:
             d["density"] = round(float(self.mask.float().mean()), 6)
         if self.remainder is not Remainder.DROP:  # older plans have none: dropped
             d["remainder"] = self.remainder.value
+        if self.renorm is not None:
+            d["renorm"] = self.renorm.to_dict()
         return d
 
     @classmethod
@@ -172,7 +190,7 @@ class HeadPlan:
         if not isinstance(d, Mapping):
             raise PlanError(f"{where}: a head plan must be an object, got {d!r}")
         unknown = sorted(set(d) - {"sparsity", "order", "quant", "block", "pattern", "dynamic", "mask", "density",
-                                 "remainder", "cluster"})
+                                 "remainder", "renorm", "cluster"})
         if unknown:
             raise PlanError(f"{where}: unknown field(s) {unknown}")
         try:
@@ -196,6 +214,7 @@ class HeadPlan:
                        pattern=pattern_from_dict(d["pattern"]) if "pattern" in d else None,
                        dynamic=DynamicSpec.from_dict(d["dynamic"]) if "dynamic" in d else None, mask=mask,
                        remainder=d.get("remainder", "drop"),
+                       renorm=Renorm.from_dict(d["renorm"]) if "renorm" in d else None,
                        cluster=ClusterSpec.from_dict(d["cluster"]) if "cluster" in d else None)
         except (ValueError, TypeError, KeyError) as e:
             raise PlanError(f"{where}: {e}") from None
@@ -367,9 +386,21 @@ class Plan:
         return Plan(sites, dict(self.meta, dense_warmup=steps))
 
     def at_step(self, step: int | None) -> "Plan":
-        """The plan without step ranges that `step` runs: each site's heads_at(step)."""
-        sites = {sid: dataclasses.replace(sp, heads=sp.heads_at(step), steps=()) for sid, sp in self.sites.items()}
+        """The plan without step ranges that `step` runs: each site's heads_at(step), a
+        renormalized head's phase resolved (vsopt.core.rettention.renorm_phase: measuring at its
+        segment's first step and every `every` steps, correcting between; None measures)."""
+        start = self.segment_start(step)
+        sites = {sid: dataclasses.replace(sp, heads=tuple(_at_phase(h, step, start) for h in sp.heads_at(step)),
+                                          steps=())
+                 for sid, sp in self.sites.items()}
         return Plan(sites, dict(self.meta, at_step=step))
+
+    def renorm_phases(self, step: int | None) -> tuple[Phase, ...]:
+        """The phases of the renormalized heads at `step` (site by site, head by head; empty
+        without such heads): two steps of one segment with equal phases run the same graph."""
+        start = self.segment_start(step)
+        return tuple(_at_phase(h, step, start).renorm.phase for sp in self.sites.values() for h in sp.heads_at(step)
+                     if h.renorm is not None)
 
     # -- builders
 
@@ -546,6 +577,14 @@ class Plan:
         return plan
 
 
+def _at_phase(hp: HeadPlan, step: int | None, segment_start: int | None) -> HeadPlan:
+    """hp with its renorm's phase resolved at `step` (hp itself without a renorm or when resolved)."""
+    if hp.renorm is None or hp.renorm.phase is not Phase.AUTO:
+        return hp
+    phase = renorm_phase(hp.renorm, step, segment_start)
+    return dataclasses.replace(hp, renorm=dataclasses.replace(hp.renorm, phase=phase))
+
+
 def _plain_dense(heads: Iterable[HeadPlan]) -> bool:
     return all(h.sparsity is Sparsity.DENSE and h.order is TokenOrder.FHW and h.quant is Quant.NONE for h in heads)
 
@@ -593,6 +632,7 @@ def _load_arrays(path: Path, ref: Any) -> dict[str, torch.Tensor]:
         raise PlanError(f"arrays file {str(arrays_path)!r} is corrupt: {e}") from None
 
 
-__all__ = ["SCHEMA_VERSION", "ClusterSpec", "DynamicMethod", "DynamicSpec", "HeadPlan", "Plan", "Quant", "Remainder", "SitePlan",
+__all__ = ["SCHEMA_VERSION", "ClusterSpec", "DynamicMethod", "DynamicSpec", "HeadPlan", "Plan", "Quant", "Remainder",
+           "Renorm", "SitePlan",
            "Sparsity",
            "StepPlan", "TokenOrder", "is_block_size"]

@@ -13,8 +13,11 @@ Triton kernel's, and every limit is a clear error, never a silent fallback:
 validate() runs every check that needs no GPU, so the CPU suite tests it.
 
 GluonConfig picks the kernel's variant (see gluon_kernel.py): stages of the K/V ring, PIPELINE (QK of
-entry t+1 overlapped with PV of entry t), PINGPONG (two one-warpgroup consumers). DEFAULT_CONFIG is
-the one tests/kernels/gpu_check_gluon.py measured fastest (docs/KERNELS.md has the numbers).
+entry t+1 overlapped with PV of entry t), PINGPONG (two one-warpgroup consumers), ORDERED (their GEMMs
+in strict turns), persistent (one program per SM over the rows; host TMA descriptors over 2-D views of
+q, k, v: a contiguous (B, H, N, D) tensor or a (B, N, H, D) view is used as it is, any other layout is
+copied to a contiguous one first). DEFAULT_CONFIG is the one tests/kernels/gpu_check_gluon.py measured
+fastest (docs/KERNELS.md has the numbers).
 """
 from __future__ import annotations
 
@@ -36,21 +39,31 @@ TRITON_VERSION = "3.6"   # Gluon's API changes between Triton releases; the kern
 
 @dataclasses.dataclass(frozen=True)
 class GluonConfig:
+    """stages: depth of the K/V ring; pipeline: QK of entry t+1 issued before PV of entry t; pingpong:
+    two consumer partitions of one warpgroup each (else one of two); ordered: with pingpong and
+    pipeline, the two issue their GEMMs in strict turns (FA3's ping-pong schedule); persistent: one
+    program per SM looping over the table rows (gluon_block_sparse_persistent_kernel)."""
     stages: int = 2
     pipeline: bool = True
     pingpong: bool = False
+    ordered: bool = False
+    persistent: bool = False
 
     def launch_args(self) -> dict:
+        # 12 warps in all (the consumers' two warpgroups + the producer's): 168 registers a thread fill
+        # the register file; setmaxnreg moves them from the producer (24) to the consumers (240).
         return {"STAGES": self.stages, "PIPELINE": self.pipeline, "PINGPONG": self.pingpong,
-                "num_warps": 4 if self.pingpong else 8,
-                # 12 warps in all (consumers + the producer's warpgroup): 168 registers a thread fill the
-                # register file; setmaxnreg then moves them from the producer (24) to the consumers (240).
+                "ORDERED": self.ordered, "CONSUMER_REGS": 240, "num_warps": 4 if self.pingpong else 8,
                 "maxnreg": 168}
 
 
 DEFAULT_CONFIG = GluonConfig()
-#: Every variant gpu_check_gluon.py compares, the simplest first.
-CONFIGS = tuple(GluonConfig(s, p, pp) for s in (2, 3) for pp in (False, True) for p in (False, True))
+#: Every variant gpu_check_gluon.py compares, the simplest first (4 stages fit at head_dim 64 only).
+CONFIGS = (GluonConfig(2, False, False), GluonConfig(2, True, False), GluonConfig(2, True, True, True),
+           GluonConfig(2, True, False, persistent=True), GluonConfig(3, True, False, persistent=True),
+           GluonConfig(2, True, True, persistent=True), GluonConfig(2, True, True, True, persistent=True),
+           GluonConfig(3, True, True, True, persistent=True), GluonConfig(4, True, False, persistent=True),
+           GluonConfig(4, True, True, True, persistent=True))
 
 
 def shared_bytes(head_dim: int, block_n: int, stages: int, itemsize: int = 2) -> int:
@@ -76,6 +89,8 @@ def validate(q, k, v, kv_indices, kv_counts, scale: float, block_m: int, block_n
           f"{name}: table blocks must be 128 x {' or '.join(map(str, BLOCK_NS))}, got {block_m} x {block_n}")
     check(scale > 0, f"{name}: scale must be positive, got {scale}")
     check(isinstance(config, GluonConfig) and config.stages >= 1, f"{name}: config must be a GluonConfig, got {config!r}")
+    check(not config.ordered or (config.pingpong and config.pipeline),
+          f"{name}: ordered turns need pingpong and pipeline, got {config}")
     smem = shared_bytes(q.shape[-1], block_n, config.stages)
     check(smem <= 227 * 1024, f"{name}: {config.stages} stages need {smem} bytes of shared memory (> 227 KB)")
     check(not interpreting(), f"{name}: the Gluon kernel cannot run in Triton's interpreter (TRITON_INTERPRET=1: "
@@ -107,9 +122,18 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     check(plain_eager(q, k, v, kv_indices, kv_counts),
           "block_sparse_attention (gluon): eager calls only (the Gluon kernel is not wrapped for tracing)")
     _check_device(q)
-    from . import gluon_kernel
+    return launch_validated(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, with_lse, config)
+
+
+def launch_validated(q, k, v, kv_indices, kv_counts, scale: float, block_m: int, block_n: int, with_lse: bool,
+                     config: GluonConfig, kernels=None, num_sms: int | None = None):
+    """The launch itself, on inputs validate() accepted. kernels: the module holding the two Gluon
+    kernels (gluon_kernel; tests/kernels/aot_gluon.py passes a recorder to compile the very launches
+    this function makes for sm_90a without a GPU); num_sms: programs of the persistent kernel."""
     from .launch import _ensure_tma_allocator, work_order
 
+    if kernels is None:
+        from . import gluon_kernel as kernels
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     kv_indices, kv_counts = kv_indices.contiguous(), kv_counts.contiguous()
@@ -117,17 +141,56 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device) if with_lse else out
     order = work_order(kv_counts, B)
-    _ensure_tma_allocator()   # the producer builds its TMA descriptors on the device
-    gluon_kernel.gluon_block_sparse_fwd_kernel[(order.numel(),)](
+    table_args = (kv_indices.stride(0) if Bt > 1 else 0, kv_indices.stride(1), kv_indices.stride(2),
+                  kv_counts.stride(0) if Bt > 1 else 0, kv_counts.stride(1))
+    variant = {"EVEN_N": Nk % block_n == 0, "WRITE_LSE": with_lse, **config.launch_args()}
+    if config.persistent:
+        q_desc, q_map = _descriptor(q, 128)
+        if _flat(k)[1] != _flat(v)[1]:   # K and V share one row mapping: give them one layout
+            k, v = k.contiguous(), v.contiguous()
+        k_desc, kv_map = _descriptor(k, block_n)
+        v_desc, _ = _descriptor(v, block_n)
+        if num_sms is None:
+            num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        grid = (max(1, min(order.numel(), num_sms)),)
+        kernels.gluon_block_sparse_persistent_kernel[grid](
+            q_desc, k_desc, v_desc, out, lse, kv_indices, kv_counts, order,
+            out.stride(0), out.stride(1), out.stride(2), *table_args,
+            Hq, Hq // Hkv, Nq, Nk, kv_counts.shape[2], order.numel(), *q_map, *kv_map, scale * LOG2E,
+            **variant)
+        return out, (lse if with_lse else None)
+    if q.is_cuda:
+        _ensure_tma_allocator()   # the producer builds its TMA descriptors on the device
+    kernels.gluon_block_sparse_fwd_kernel[(order.numel(),)](
         q, k, v, out, lse, kv_indices, kv_counts, order,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        kv_indices.stride(0) if Bt > 1 else 0, kv_indices.stride(1), kv_indices.stride(2),
-        kv_counts.stride(0) if Bt > 1 else 0, kv_counts.stride(1),
+        out.stride(0), out.stride(1), out.stride(2), *table_args,
         Hq, Hq // Hkv, Nq, Nk, kv_counts.shape[2], scale * LOG2E,
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, EVEN_N=Nk % block_n == 0, WRITE_LSE=with_lse,
-        **config.launch_args(),
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, **variant,
     )
     return out, (lse if with_lse else None)
+
+
+def _flat(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """x (B, H, N, D) as a 2-D matrix for a host TMA descriptor, and where (b, h, token n) lands:
+    row b * rb + h * rh + n, column h * ch. A contiguous tensor is (B*H*N, D) with (H*N, N, 0); a
+    (B, N, H, D) view, the layout of a projection's output, is (B*N, H*D) with (N, 0, D); any other
+    layout is copied to a contiguous tensor first."""
+    B, H, N, D = x.shape
+    if x.is_contiguous():
+        return x.view(B * H * N, D), (H * N, N, 0)
+    if x.transpose(1, 2).is_contiguous():
+        return x.transpose(1, 2).view(B * N, H * D), (N, 0, D)
+    return _flat(x.contiguous())
+
+
+def _descriptor(x: torch.Tensor, rows: int):
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    flat, mapping = _flat(x)
+    D = x.shape[-1]
+    layout = gl.NVMMASharedLayout.get_default_for([rows, D], gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16)
+    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [rows, D], layout), mapping

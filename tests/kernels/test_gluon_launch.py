@@ -81,11 +81,22 @@ def test_tma_alignment_is_checked(monkeypatch):
 
 def test_configs_fit_shared_memory_where_the_check_uses_them():
     assert gluon_launch.DEFAULT_CONFIG in gluon_launch.CONFIGS
-    assert len(set(gluon_launch.CONFIGS)) == 8
+    assert len(set(gluon_launch.CONFIGS)) == len(gluon_launch.CONFIGS) == 10
     # 3 stages at head_dim 128 and 128-key blocks: 224 KB, the most that fits (227 KB).
     assert gluon_launch.shared_bytes(128, 128, 3) == 229376 <= 227 * 1024 < gluon_launch.shared_bytes(128, 128, 4)
     assert gluon_launch.GluonConfig(pingpong=True).launch_args()["num_warps"] == 4
     assert gluon_launch.GluonConfig().launch_args()["num_warps"] == 8
+
+
+def test_flat_views_map_every_token_to_its_row():
+    """The persistent kernel's 2-D views: (b, h, n) lands at row b * rb + h * rh + n, column h * ch,
+    for a contiguous tensor and for a (B, N, H, D) view (the layout of a projection's output)."""
+    x = torch.randn(2, 3, 5, 16)
+    for view in (x, x.transpose(1, 2).contiguous().transpose(1, 2), x[:, :, ::2]):   # the last is copied
+        flat, (rb, rh, ch) = gluon_launch._flat(view)
+        for b, h, n in [(0, 0, 0), (1, 2, view.shape[2] - 1), (1, 0, 2)]:
+            assert torch.equal(flat[b * rb + h * rh + n, h * ch:h * ch + 16], view[b, h, n])
+    assert gluon_launch._flat(x.transpose(1, 2).contiguous().transpose(1, 2))[0].data_ptr() != 0
 
 
 @pytest.mark.parametrize("N, D, bn, dtype", [(300, 64, 128, torch.bfloat16), (777, 128, 64, torch.float16)])

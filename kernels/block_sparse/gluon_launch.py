@@ -144,6 +144,8 @@ def launch_validated(q, k, v, kv_indices, kv_counts, scale: float, block_m: int,
     table_args = (kv_indices.stride(0) if Bt > 1 else 0, kv_indices.stride(1), kv_indices.stride(2),
                   kv_counts.stride(0) if Bt > 1 else 0, kv_counts.stride(1))
     variant = {"EVEN_N": Nk % block_n == 0, "WRITE_LSE": with_lse, **config.launch_args()}
+    if q.is_cuda:
+        _ensure_tma_allocator()   # the per-row kernel's producer builds its TMA descriptors on the device
     if config.persistent:
         q_desc, q_map = _descriptor(q, 128)
         if _flat(k)[1] != _flat(v)[1]:   # K and V share one row mapping: give them one layout
@@ -159,8 +161,6 @@ def launch_validated(q, k, v, kv_indices, kv_counts, scale: float, block_m: int,
             Hq, Hq // Hkv, Nq, Nk, kv_counts.shape[2], order.numel(), *q_map, *kv_map, scale * LOG2E,
             **variant)
         return out, (lse if with_lse else None)
-    if q.is_cuda:
-        _ensure_tma_allocator()   # the producer builds its TMA descriptors on the device
     kernels.gluon_block_sparse_fwd_kernel[(order.numel(),)](
         q, k, v, out, lse, kv_indices, kv_counts, order,
         q.stride(0), q.stride(1), q.stride(2),

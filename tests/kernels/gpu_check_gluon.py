@@ -145,7 +145,14 @@ def bench(fn, reps=REPS):
     return times[len(times) // 2]
 
 
-def speed(configs, workloads):
+def save(out: pathlib.Path, t0: float) -> None:
+    """Rewrite the JSON (after every part: a run cut short still leaves what it measured)."""
+    results["failures"] = failures
+    results["seconds"] = time.time() - t0
+    (out / "gpu_check_gluon.json").write_text(json.dumps(results, indent=1))
+
+
+def speed(configs, workloads, out=None, t0=0.0):
     for name in workloads:
         B, H, N, D = WORKLOADS[name]
         torch.manual_seed(0)
@@ -172,6 +179,8 @@ def speed(configs, workloads):
                               if "ms" in val else f"{key}: {val['error'][:80]}"
                               for key, val in row.items() if isinstance(val, dict))
             print(f"SPEED {name} density {density} (run {run_density:.3f})  {cells}", flush=True)
+            if out is not None:
+                save(out, t0)
 
 
 def main(argv=None) -> int:
@@ -217,11 +226,10 @@ def main(argv=None) -> int:
         small_cases(configs)
         workload_correctness(configs)
         print(f"correctness: {len(failures)} failed, {time.time() - t0:.0f} s", flush=True)
+        save(out, t0)
     if "speed" in parts:
-        speed(configs, args.workloads.split(","))
-    results["failures"] = failures
-    results["seconds"] = time.time() - t0
-    (out / "gpu_check_gluon.json").write_text(json.dumps(results, indent=1))
+        speed(configs, args.workloads.split(","), out, t0)
+    save(out, t0)
     print(f"{len(failures)} failed; {time.time() - t0:.0f} s; wrote {out / 'gpu_check_gluon.json'}")
     return 1 if failures else 0
 

@@ -113,3 +113,38 @@ def test_reference_the_gpu_check_uses_is_masked_softmax(N, D, bn, dtype):
     want = torch.nan_to_num(torch.softmax(s, -1)) @ vd
     assert rel_l2(out[0], want) < 1e-5
     assert bool(out[0, 1, :128].eq(0).all()) and bool(torch.isinf(lse[0, 1, :128]).all())
+
+
+def test_fa4_peer_gets_the_same_table(monkeypatch):
+    """benchmarks/attention.py hands FlashAttention-4 vsopt's table as 'full' blocks, zero-padded to
+    one column per key block and broadcast over the batch (FA4's expected shapes), no partial blocks."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "attention.py"
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_attention", bench)   # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    seen = {}
+
+    class Tensors(tuple):
+        def __new__(cls, **kw):
+            seen.update(kw)
+            return super().__new__(cls)
+
+    def flash_attn_func(q, k, v, softmax_scale, block_sparse_tensors):
+        seen["scale"] = softmax_scale
+        return q * 2, None
+
+    N, H, B = 300, 2, 2
+    g = torch.Generator().manual_seed(0)
+    idx, cnt = mask_ref.mask_to_table(block_mask(1, H, 3, 3, 0.5, g)[..., :2])   # MAXK 2 < 3 key blocks
+    qt = torch.randn(B, N, H, 16)
+    out = bench._fa4_block_sparse((flash_attn_func, Tensors), qt, qt, qt, idx, cnt, 0.25, N)()
+    assert torch.equal(out, qt * 2) and seen["scale"] == 0.25 and seen["block_size"] == (128, 128)
+    assert seen["full_block_idx"].shape == (B, H, 3, 3) and seen["full_block_cnt"].shape == (B, H, 3)
+    assert torch.equal(seen["full_block_idx"][:, :, :, :2], idx.expand(B, -1, -1, -1))
+    assert bool((seen["full_block_idx"][..., 2] == 0).all()) and torch.equal(seen["full_block_cnt"][1], cnt[0])
+    assert not seen["mask_block_cnt"].any() and seen["mask_block_idx"].shape == (B, H, 3, 3)

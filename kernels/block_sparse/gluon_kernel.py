@@ -62,10 +62,12 @@ def _load_entries(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, kv_empty, id
                   it0, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """K and V of every entry of one table row into the ring; it0: entries loaded before (ring position)."""
     tile_bytes: gl.constexpr = k_desc.block_type.nbytes
+    kb_next = gl.load(idx_base, mask=count > 0, other=0)
     for t in range(count):
         it = it0 + t
         s = it % STAGES
-        kb = gl.load(idx_base + t)
+        kb = kb_next   # the next index is loaded one entry ahead: its latency hides behind this entry's wait
+        kb_next = gl.load(idx_base + t + 1, mask=t + 1 < count, other=0)
         # A fresh mbarrier counts as having completed the phase before 0: the first lap does not wait.
         mbarrier.wait(kv_empty.index(s), ((it // STAGES) & 1) ^ 1)
         mbarrier.expect(k_ready.index(s), tile_bytes)

@@ -58,8 +58,11 @@ def run(q, k, v, idx, cnt, scale, bm, bn, config, with_lse=False):
                                                      config=config)
 
 
-QUICK_CONFIGS = (gluon_launch.GluonConfig(2, True, False), gluon_launch.GluonConfig(2, True, False, persistent=True),
+QUICK_CONFIGS = (gluon_launch.GluonConfig(2, False, True), gluon_launch.GluonConfig(2, False, True, persistent=True),
                  gluon_launch.GluonConfig(2, True, True, True, persistent=True))
+# --small iterate: two shapes, every variant (a shorter run: 128x64 table, fp16, GQA off, batched table,
+# (B, N, H, D) views; and 128x128, bf16, GQA, odd N at head_dim 128).
+ITERATE_SHAPES = [(2, 4, 4, 777, 128, 64, torch.float16, 2), (1, 6, 3, 2049, 128, 128, torch.bfloat16, 1)]
 SMOKE_SHAPE = [(1, 4, 1, 300, 64, 128, torch.float16, 1)]
 
 
@@ -82,9 +85,9 @@ def small_cases(configs, shapes=None):
         idx, cnt = torch.ops.vsopt.mask_to_table(mask)
         ref, ref_lse = bsa_ref.block_sparse_attention(q.float(), k.float(), v.float(), idx, cnt, D ** -0.5, 128, bn)
         case = f"B{B} Hq{Hq} Hkv{Hkv} N{N} D{D} 128x{bn} {str(dtype)[6:]} Bt{bt}"
-        # Every variant on two shapes (head dims 64 and 128), three on the others (compile time).
+        # Every variant on four shapes (the smoke run's among them), three on the others (compile time).
         some = [c for c in configs if c in QUICK_CONFIGS]
-        for config in (configs if (N, D) in ((1000, 64), (2049, 128)) else some):
+        for config in (configs if (N, D) in ((1000, 64), (2049, 128), (777, 128), (300, 64)) else some):
             name = f"{case} {config}"
             if gluon_launch.shared_bytes(D, bn, config.stages) > 227 * 1024:
                 continue
@@ -188,6 +191,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--parts", default="correct,speed")
     parser.add_argument("--workloads", default="wan480,cog720")
+    parser.add_argument("--small", default="all", choices=("all", "iterate"),
+                        help="small correctness shapes: all six, or the two of ITERATE_SHAPES (shorter run)")
     args = parser.parse_args(argv)
     import triton
 
@@ -223,7 +228,7 @@ def main(argv=None) -> int:
     if not configs:
         parts = []
     if "correct" in parts:
-        small_cases(configs)
+        small_cases(configs, ITERATE_SHAPES if args.small == "iterate" else None)
         workload_correctness(configs)
         print(f"correctness: {len(failures)} failed, {time.time() - t0:.0f} s", flush=True)
         save(out, t0)

@@ -30,6 +30,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import vsopt.core  # noqa: E402,F401  (registers torch.ops.vsopt.*)
 from gpu_check import chunked_reference, random_mask  # noqa: E402
 from vsopt.kernels.block_sparse import gluon_launch  # noqa: E402
+from vsopt.kernels.block_sparse import launch as bsa_launch  # noqa: E402
 from vsopt.kernels.block_sparse import reference as bsa_ref  # noqa: E402
 
 BOUND = 1e-2          # relative L2 of the bf16/fp16 kernel against float32 (output rounding is ~3e-3)
@@ -131,6 +132,10 @@ def workload_correctness(configs):
             rel_vs_triton, _ = rel_l2(out, tri)
             record(f"{name} density 0.2 {config}", finite and rel <= BOUND,
                    f"rel_l2 {rel:.2e} (triton kernel {rel_t:.2e}; gluon vs triton {rel_vs_triton:.2e})")
+        out, _ = bsa_launch.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128, kernel="gluon")
+        rel, finite = rel_l2(out, ref)
+        record(f"{name} density 0.2 launch.block_sparse_attention(kernel='gluon')", finite and rel <= BOUND,
+               f"rel_l2 {rel:.2e} ({gluon_launch.DEFAULT_CONFIG})")
 
 
 def bench(fn, reps=REPS):

@@ -149,3 +149,17 @@ def test_fa4_peer_gets_the_same_table(monkeypatch):
     assert torch.equal(seen["full_block_idx"][:, :, :, :2], idx.expand(B, -1, -1, -1))
     assert bool((seen["full_block_idx"][..., 2] == 0).all()) and torch.equal(seen["full_block_cnt"][1], cnt[0])
     assert not seen["mask_block_cnt"].any() and seen["mask_block_idx"].shape == (B, H, 3, 3)
+
+
+def test_launcher_switch_routes_to_the_gluon_kernel_and_names_its_limits():
+    from vsopt.kernels.block_sparse import launch
+
+    q, k, v, idx, cnt = _inputs()
+    with pytest.raises(KernelInputError, match="kernel must be one of"):
+        launch.block_sparse_attention(q, k, v, idx, cnt, 0.125, 128, 128, kernel="cuda")
+    with pytest.raises(KernelInputError, match=r"\(gluon\): only quant 'none'"):
+        launch.block_sparse_attention(q, k, v, idx, cnt, 0.125, 128, 128, quant="int8", kernel="gluon")
+    with pytest.raises(KernelInputError, match="tile is a Triton kernel option"):
+        launch.block_sparse_attention(q, k, v, idx, cnt, 0.125, 128, 128, tile=(128, 128), kernel="gluon")
+    with pytest.raises(KernelInputError, match="cannot run in Triton's interpreter"):
+        launch.block_sparse_attention(q, k, v, idx, cnt, 0.125, 128, 128, kernel="gluon")

@@ -1,4 +1,5 @@
-"""Attention kernel benchmark on the GPU: vsopt's block-sparse kernel (bf16, INT8-QK, FP8) side by side
+"""Attention kernel benchmark on the GPU: vsopt's block-sparse kernel (bf16, INT8-QK, FP8; and its Gluon
+kernel, bf16, as vsopt_gluon_none) side by side
 with cuDNN SDPA, FlashAttention-3 (fa3-fwd, bf16 and FP8), FlashAttention-4 (flash-attn-4, CuTe DSL:
 dense and block-sparse with the same table), SageAttention 1.0.6 and FlexAttention with the same block
 mask, on the reference workloads of WORKLOADS.md; writes JSON and the "Attention kernels" section of
@@ -283,6 +284,17 @@ def run_workload(w: Workload, densities, modes, accuracy: bool, rep_ms: float, l
                     extra.update(_accuracy(fn(), ref))
                 row = record(res["sparse"], f"vsopt_{mode}", ms, real_density, extra)
                 row["speedup_vs_best_dense"] = best_dense / ms
+            if "none" in modes:   # the Gluon kernel (bf16 only; launch.block_sparse_attention(kernel="gluon"))
+                try:
+                    fn = lambda: bsa_launch.block_sparse_attention(q, k, v, kv_indices, kv_counts, scale,  # noqa
+                                                                   BLOCK, BLOCK, kernel="gluon")[0]
+                    ms = _bench(fn, rep_ms)
+                    extra = _accuracy(fn(), ref) if ref is not None else {}
+                    row = record(res["sparse"], "vsopt_gluon_none", ms, real_density, extra)
+                    row["speedup_vs_best_dense"] = best_dense / ms
+                except Exception as e:  # noqa: BLE001 - not a Hopper GPU, not Triton 3.6: recorded
+                    log(f"gluon kernel failed: {e!r}"[:300])
+                    res.setdefault("peers_missing", {})["vsopt_gluon_none"] = repr(e)[:200]
             try:
                 flex = _flex(q, k, v, kv_indices, kv_counts, scale, N)
                 ms = _bench(flex, rep_ms)

@@ -115,15 +115,19 @@ def _check_device(q: torch.Tensor) -> None:
 def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor,
                                  kv_counts: torch.Tensor, scale: float, block_m: int, block_n: int,
                                  with_lse: bool = False, config: GluonConfig | None = None,
-                                 quant: QuantMode | str = "none", softcap: float = 0.0
+                                 quant: QuantMode | str = "none", softcap: float = 0.0, num_sms: int | None = None
                                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the Gluon kernel (module docstring: what it takes). config: the variant (DEFAULT_CONFIG)."""
+    """Run the Gluon kernel (module docstring: what it takes). config: the variant (DEFAULT_CONFIG);
+    num_sms: programs of the persistent kernel (default: the GPU's SMs; fewer make each program loop
+    over more rows, as the GPU check does on small shapes)."""
     config = config or DEFAULT_CONFIG
     validate(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant, softcap, config)
     check(plain_eager(q, k, v, kv_indices, kv_counts),
           "block_sparse_attention (gluon): eager calls only (the Gluon kernel is not wrapped for tracing)")
     _check_device(q)
-    return launch_validated(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, with_lse, config)
+    check(num_sms is None or num_sms >= 1, f"block_sparse_attention (gluon): num_sms must be >= 1, got {num_sms}")
+    return launch_validated(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, with_lse, config,
+                            num_sms=num_sms)
 
 
 def launch_validated(q, k, v, kv_indices, kv_counts, scale: float, block_m: int, block_n: int, with_lse: bool,

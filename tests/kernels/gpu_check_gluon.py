@@ -54,9 +54,9 @@ def record(case: str, ok: bool, detail: str) -> None:
         failures.append(case)
 
 
-def run(q, k, v, idx, cnt, scale, bm, bn, config, with_lse=False):
+def run(q, k, v, idx, cnt, scale, bm, bn, config, with_lse=False, num_sms=None):
     return gluon_launch.block_sparse_attention_gluon(q, k, v, idx, cnt, scale, bm, bn, with_lse=with_lse,
-                                                     config=config)
+                                                     config=config, num_sms=num_sms)
 
 
 QUICK_CONFIGS = (gluon_launch.GluonConfig(2, False, True), gluon_launch.GluonConfig(2, False, True, persistent=True),
@@ -105,6 +105,11 @@ def small_cases(configs, shapes=None):
             skipped_zero = bool(out[:, 1 % Hq].eq(0).all())
             ok = finite and rel <= BOUND and lse_err <= LSE_BOUND and skipped_zero
             record(name, ok, f"rel_l2 {rel:.2e} lse_err {lse_err:.2e} skipped head zero {skipped_zero}")
+            if config.persistent:   # 3 programs: each loops over several rows (ring, Q hand-back, turns)
+                out3, _ = run(q, k, v, idx, cnt, D ** -0.5, 128, bn, config, with_lse=True, num_sms=3)
+                torch.cuda.synchronize()
+                rel3, finite3 = rel_l2(out3, ref)
+                record(f"{case} 3 programs {config}", finite3 and rel3 <= BOUND, f"rel_l2 {rel3:.2e}")
         # A (B, N, H, D) view, the layout of a projection's output (strided q, k, v and output).
         q2, k2, v2 = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
         for config in some:

@@ -159,7 +159,7 @@ def test_launcher_switch_routes_to_the_gluon_kernel_and_names_its_limits():
         launch.block_sparse_attention(q, k, v, idx, cnt, 0.125, 128, 128, kernel="cuda")
     with pytest.raises(KernelInputError, match=r"\(gluon\): only quant 'none'"):
         launch.block_sparse_attention(q, k, v, idx, cnt, 0.125, 128, 128, quant="int8", kernel="gluon")
-    with pytest.raises(KernelInputError, match="tile is a Triton kernel option"):
+    with pytest.raises(KernelInputError, match="tile and pv_format are Triton kernel options"):
         launch.block_sparse_attention(q, k, v, idx, cnt, 0.125, 128, 128, tile=(128, 128), kernel="gluon")
     with pytest.raises(KernelInputError, match="cannot run in Triton's interpreter"):
         launch.block_sparse_attention(q, k, v, idx, cnt, 0.125, 128, 128, kernel="gluon")

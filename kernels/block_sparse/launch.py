@@ -201,15 +201,29 @@ def work_order(kv_counts: torch.Tensor, batch: int, strategy: str = "per_head_lp
     return order
 
 
+KERNELS = ("triton", "gluon")
+
+
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor,
                            kv_counts: torch.Tensor, scale: float, block_m: int, block_n: int,
                            quant: QuantMode | str = "none", with_lse: bool = False, tile: Tile | tuple | None = None,
-                           softcap: float = 0.0, pv_format: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                           softcap: float = 0.0, pv_format: str | None = None, kernel: str = "triton"
+                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the Triton kernel (see the module docstring for shapes), validating the inputs first.
     tile (a Tile, or the tuple of its fields) skips autotuning and runs that configuration: for
     tests and sweeps. softcap > 0: scores -> softcap * tanh(scores / softcap) before the softmax.
     pv_format "int8" (FP8 P V modes; experimental, not a plan mode: no op, plan or export carries
-    it yet): P and V in INT8 instead of e4m3 (kernel.py, PV_INT8; docs/KERNELS.md "P V formats")."""
+    it yet): P and V in INT8 instead of e4m3 (kernel.py, PV_INT8; docs/KERNELS.md "P V formats").
+    kernel: "triton" (this module's kernel, every mode) or "gluon" (gluon_launch: Hopper, bf16/fp16,
+    no cap, eager; its limits are errors, not fallbacks). The ops of vsopt.core run the Triton kernel."""
+    check(kernel in KERNELS, f"block_sparse_attention: kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "gluon":
+        from . import gluon_launch
+
+        check(tile is None and pv_format is None,
+              "block_sparse_attention: tile and pv_format are Triton kernel options (kernel='triton')")
+        return gluon_launch.block_sparse_attention_gluon(q, k, v, kv_indices, kv_counts, scale, block_m, block_n,
+                                                         with_lse=with_lse, quant=quant, softcap=softcap)
     mode = check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, quant, softcap)
     return run_checked(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, mode, with_lse, tile, softcap,
                        pv_format)

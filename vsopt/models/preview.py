@@ -38,8 +38,14 @@ def sample_clips(ref: model_lib.ReferenceModel, texts, size: tuple[int, int, int
 
 
 def data_clips(texts, size: tuple[int, int, int], seed: int = 0) -> torch.Tensor:
-    """A data clip per description: random scenes whose description tokens are replaced, then
-    rendered (positions and speeds stay random; the words decide colours, shapes and motion)."""
+    """A data clip per description (B, C, F, H, W): scenes_for(texts, seed) rendered."""
+    return data.render(scenes_for(texts, seed), *size)
+
+
+def scenes_for(texts, seed: int = 0) -> data.Scenes:
+    """Random scenes made to fit the descriptions: the words decide background, colours, shapes,
+    motion, turn and size change; positions, speeds and textures stay random (the path keeps its
+    middle point)."""
     scenes = data.sample_scenes(len(texts), seed)
     tokens = torch.stack([data.tokenize(t) for t in texts])
     fields = {k: getattr(scenes, k).clone() for k in data.Scenes.__dataclass_fields__}
@@ -56,7 +62,7 @@ def data_clips(texts, size: tuple[int, int, int], seed: int = 0) -> torch.Tensor
             fields[name][:, i] = torch.where(present, w[:, j] - data.TOKEN[words[0]], 0)
     fields["start"] = centre - half_path * data._MOTION_DIR[fields["motion"]]  # the new path, same middle
     fields["spin"] = data._TURN_RATE[fields["turn"]] * scenes.spin.abs().clamp(min=1.2)
-    return data.render(data.Scenes(**fields), *size)
+    return data.Scenes(**fields)
 
 
 def write_sheet(rows: list[tuple[str, torch.Tensor]], path: str | Path) -> None:

@@ -81,3 +81,16 @@ def test_calibrate_size_is_checked(capsys):
     assert "--size '16x64'" in capsys.readouterr().err
     assert main(["calibrate", "m:f", "--size", "16x64x64", "--max-error", "0.05", "--out", "/tmp/x.plan.json"]) == 1
     assert "--size applies to --reference only" in capsys.readouterr().err
+
+
+def test_ship_joins_the_stretches_curves_end_to_end():
+    from vsopt.models.ship import joined_curve
+
+    docs = [{"train": {"steps": 50}, "loss_curve": [{"step": 25, "loss": 2.0}, {"step": 50, "loss": 1.0}]},
+            {"train": {"steps": 30}, "loss_curve": [{"step": 30, "loss": 0.5}]}]
+    assert [(p["step"], p["stretch"]) for p in joined_curve(docs)] == [(25, 0), (50, 0), (80, 1)]
+
+
+def test_shipped_plans_are_looked_up_by_clip_size():
+    assert str(model_lib.shipped_plan(16, 32, 32)).endswith("reference.plan.json")
+    assert model_lib.shipped_plan(16, 48, 48) is None

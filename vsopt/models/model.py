@@ -196,6 +196,18 @@ def shipped_checkpoint() -> Traversable:
     return ref
 
 
+#: The plans shipped for the reference model (vsopt/models/assets/), by latent clip size
+#: (frames, height, width): each calibrated at its size on the GPU (docs/MODEL.md).
+SHIPPED_PLANS = {(16, 32, 32): "reference.plan.json", (16, 64, 64): "reference_16x64x64.plan.json"}
+
+
+def shipped_plan(frames: int, height: int, width: int) -> Traversable | None:
+    """The shipped plan calibrated for this latent clip size, or None if none is shipped for it."""
+    name = SHIPPED_PLANS.get((frames, height, width))
+    ref = importlib.resources.files("vsopt.models") / "assets" / name if name else None
+    return ref if ref is not None and ref.is_file() else None
+
+
 def load_shipped(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> ReferenceModel:
     """Load the reference model shipped with vsopt."""
     with importlib.resources.as_file(shipped_checkpoint()) as path:

@@ -88,16 +88,22 @@ def main(argv: list[str] | None = None) -> int:
     for name in PLANS:
         src = result / f"{name}.json"
         if src.is_file():
-            for ext in (".json", ".safetensors"):
-                if (result / f"{name}{ext}").is_file():
-                    shutil.copyfile(result / f"{name}{ext}", ASSETS / f"{name}{ext}")
+            shutil.copyfile(src, ASSETS / f"{name}.json")
+            masks = result / f"{name}.safetensors"
+            if json.loads(src.read_text()).get("arrays"):
+                if not masks.is_file():
+                    raise SystemExit(f"{src} names a masks file that is not in {result}: {masks.name}")
+                shutil.copyfile(masks, ASSETS / masks.name)
+            elif (ASSETS / masks.name).is_file():
+                (ASSETS / masks.name).unlink()  # the old plan's masks: this plan has none
             print(f"plan {name}.json shipped from {result}")
         elif name == "reference.plan" and args.calibrate_cpu:
             _run([sys.executable, "-m", "vsopt.cli", "calibrate", "--reference", "--steps", "8", "--clips", "2",
                   "--max-error", "0.05", "--step-ranges", "0:4,4:", "--out", str(ASSETS / "reference.plan.json"),
                   "--quiet"])
         else:
-            print(f"no {name}.json in {result}: the shipped one was NOT recalibrated for these weights")
+            print(f"no {name}.json in {result}: " + ("the shipped one was NOT recalibrated for these weights"
+                                                      if (ASSETS / f"{name}.json").is_file() else "none shipped"))
     if (result / "samples.png").is_file():
         dest = ROOT / "benchmarks" / "results" / "reference_v2"
         dest.mkdir(parents=True, exist_ok=True)

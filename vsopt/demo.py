@@ -18,8 +18,9 @@ see docs/MODEL.md), prints the attention sites vsopt finds in it and the plan us
 It writes to --out: frames.png and clip.gif (vsopt.demo_images) and demo.json (everything printed,
 per-step times included). By default the vsopt run uses the shipped plan calibrated for the
 reference model (at the trained clip size); with --plan none every site runs vsopt's exact dense
-op. Defaults depend on the device (DEVICE_DEFAULTS, printed): bf16 and 20 steps on a GPU; float32
-and fewer steps on the CPU, at the trained clip size so that the shipped plan still applies.
+op. Defaults depend on the device (DEVICE_DEFAULTS, printed): bf16, 20 steps and the large clip
+(16384 tokens) on a GPU; float32, fewer steps and the small clip (4096) on the CPU; a shipped
+plan is calibrated for each of the two sizes.
 """
 from __future__ import annotations
 
@@ -43,25 +44,28 @@ SHIPPED_PLAN = "shipped"
 #: Sampling steps by device when --steps is not given. On a 2-core CPU a step at the trained size
 #: takes ~1.5 s eagerly and ~2.5 s through vsopt (its kernels' PyTorch references), and compiling
 #: Inductor and vsopt ~70 s: 6 steps (both step ranges of the shipped plan, 0-3 and 4+, still run)
-#: keep the default demo within 3 minutes there. The clip stays at the trained size, the only one
-#: the shipped plan fits.
-DEVICE_DEFAULTS = {"cuda": {"steps": 20}, "cpu": {"steps": 6}}
+#: keep the default demo within 3 minutes there.
+#: The clip (latent height = width) by device: the reference model's large size (16384 video tokens,
+#: where sparsity pays) on a GPU, its small one (4096) on a CPU; a plan is shipped for each.
+DEVICE_DEFAULTS = {"cuda": {"steps": 20, "size": 64}, "cpu": {"steps": 6, "size": 32}}
 
 
 def resolve_plan(choice: str | None, frames: int, size: int, config) -> tuple[str | None, str]:
     """The plan file the demo runs, and why: `choice` is a path, 'shipped' or 'none'. The shipped
-    plan (vsopt/models/assets/reference.plan.json, calibrated on the GPU for the trained clip size,
-    see docs/CALIBRATION.md) holds block masks for that size only, so other sizes run dense."""
+    plans (vsopt.models.model.SHIPPED_PLANS, each calibrated on the GPU at its clip size, see
+    docs/MODEL.md) hold block masks for their size only, so other sizes run dense. (`config`, the
+    model's, is kept for callers.)"""
     if choice in (None, "", "none"):
         return None, "none: every site runs vsopt's exact dense attention"
     if choice != SHIPPED_PLAN:
         return choice, choice
-    if (frames, size) != (config.frames, config.height):
-        return None, (f"none: the shipped plan is calibrated for {config.frames} frames of {config.height}x"
-                      f"{config.width}; this clip runs every site dense (--plan PATH for a plan of its size)")
-    from importlib.resources import files
+    from vsopt.models.model import SHIPPED_PLANS, shipped_plan
 
-    path = files("vsopt.models") / "assets" / "reference.plan.json"
+    path = shipped_plan(frames, size, size)
+    if path is None:
+        sizes = ", ".join(f"{f}x{h}x{w}" for f, h, w in SHIPPED_PLANS)
+        return None, (f"none: the shipped plans are calibrated for latent clips {sizes}; this clip "
+                      f"({frames}x{size}x{size}) runs every site dense (--plan PATH for a plan of its size)")
     return str(path), f"shipped calibrated plan ({path.name})"
 
 
@@ -79,7 +83,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         + ")")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale; 1 = off")
     p.add_argument("--frames", type=int, default=None, help="latent frames (default: the trained 16; fewer is faster)")
-    p.add_argument("--size", type=int, default=None, help="latent height = width (default: the trained 32; even)")
+    p.add_argument("--size", type=int, default=None,
+                   help="latent height = width (default: " + ", ".join(f"{v['size']} on {k}" for k, v in DEVICE_DEFAULTS.items())
+                        + "; even)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--backend", default="vsopt",
                    help="torch.compile backend of the optimized run (e.g. inductor to compare)")
@@ -250,7 +256,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     ref = _load_reference(model_lib, device, dtype)
     c = ref.config
-    frames, size = args.frames or c.frames, args.size or c.height
+    frames, size = args.frames or c.frames, args.size or defaults["size"]
     if frames < 2 or size < 8 or size % 2:
         raise VsoptError(f"clip too small or odd: --frames {frames} (>= 2), --size {size} (even, >= 8)")
     try:
@@ -264,8 +270,8 @@ def run_demo(args: argparse.Namespace) -> dict:
     chosen = [f"{steps} steps" + (" (--steps)" if args.steps is not None else
                                   f" (the {device} default; {DEVICE_DEFAULTS['cuda']['steps']} on a GPU)"
                                   if device == "cpu" else " (the GPU default)"),
-              f"clip {frames}x{size}x{size}" + (" (the trained size, where the shipped plan applies)"
-                                                if (frames, size) == (c.frames, c.height) else "")]
+              f"clip {frames}x{size}x{size}" + (" (a trained size, where a shipped plan applies)"
+                                                if model_lib.shipped_plan(frames, size, size) else "")]
     result: dict = {"description": data.describe(tokens[0].cpu()), "device": device, "dtype": str(dtype),
                     "clip": {"latent": list(shape), "tokens": frames * (size // 2) ** 2}, "steps": steps,
                     "guidance": args.guidance, "seed": args.seed, "backend": args.backend,

@@ -56,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="calibrate denoising step ranges separately, e.g. 0:4,4: (default: one plan for all steps)")
     p.add_argument("--steps", type=int, default=8, help="--reference: sampler steps")
     p.add_argument("--clips", type=int, default=2, help="--reference: clips sampled for calibration")
+    p.add_argument("--size", default=None, metavar="FxHxW",
+                   help="--reference: latent clip size to calibrate at (default: the checkpoint's, 16x32x32)")
     p.add_argument("--device", default=None, help="--reference: device (default: cuda if available, else cpu)")
     p.add_argument("--cost-model", default=None, help="cost-model JSON (default: the shipped one for this GPU)")
     p.add_argument("--grid", default=None, help="F,H,W[,text_before[,text_after]] for sites without an inferred grid")
@@ -112,6 +114,10 @@ def check_args(args: argparse.Namespace) -> Checked:
     from vsopt.core.orders import TokenOrder
     from vsopt.core.plan import Quant
 
+    if args.size and not args.reference:
+        raise ConfigError("--size applies to --reference only (a FACTORY makes its own inputs)")
+    if args.size:
+        _clip_size(args.size)
     if args.reference and args.target:
         raise ConfigError(f"give MODULE:FACTORY or --reference, not both (got {args.target!r} and --reference)")
     if not args.reference and not args.target:
@@ -191,6 +197,15 @@ def check_args(args: argparse.Namespace) -> Checked:
     return Checked(quants, grid, cost, options, budget, device)
 
 
+def _clip_size(text: str) -> tuple[int, int, int]:
+    from vsopt.core.errors import ConfigError
+
+    dims = text.lower().split("x")
+    if len(dims) != 3 or not all(d.isdigit() and int(d) > 0 for d in dims):
+        raise ConfigError(f"--size {text!r}: expected FRAMESxHEIGHTxWIDTH of the latent clip, e.g. 16x64x64")
+    return tuple(int(d) for d in dims)
+
+
 def _factory_inputs(target: str):
     """(model, list of calibration inputs) from MODULE:FACTORY: a tuple of inputs is one
     calibration call, a list holds several. A failure says it happened building the model."""
@@ -229,6 +244,11 @@ def run_cli(args: argparse.Namespace) -> int:
             ref = model_lib.load_shipped(device, torch.bfloat16 if device.startswith("cuda") else torch.float32)
         except Exception as e:  # noqa: BLE001 - the environment or the checkpoint: name the step, then the cause
             raise step_failed("building the reference model", e) from e
+        if args.size:  # the sampler runs (inputs and --check) follow the config's clip size
+            import dataclasses
+
+            f, h, w = _clip_size(args.size)
+            ref.config = dataclasses.replace(ref.config, frames=f, height=h, width=w)
         model = ref.transformer
         inputs = reference_model_inputs(ref, clips=args.clips, steps=args.steps, seed=0)
         if args.min_psnr is not None:

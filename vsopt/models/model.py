@@ -2,8 +2,8 @@
 
 Layout of a clip: latents (B, C, F, H, W) = (B, 4, 16, 32, 32); Wan's 1x2x2 patchify makes
 F x H/2 x W/2 = 16 x 16 x 16 = 4096 video tokens, frame-major. The description (B, L) of token
-ids goes through `text_embedding` (B, L, text_dim) and becomes Wan's encoder_hidden_states
-(cross-attention only, as in Wan2.1).
+ids goes through `text_embedding` (a DescriptionEmbedding: word plus position, (B, L, text_dim))
+and becomes Wan's encoder_hidden_states (cross-attention only, as in Wan2.1).
 
 The checkpoint is one safetensors file (bf16 weights, keys "transformer.*" and
 "text_embedding.*", the ReferenceConfig as JSON in its metadata), shipped as package data in
@@ -72,13 +72,37 @@ class ReferenceConfig:
         return cls(**d)
 
 
+class DescriptionEmbedding(nn.Module):
+    """The "text encoder": a word embedding plus a learned embedding of each token's position.
+
+    Wan's cross-attention has no positional encoding of its own (a real text encoder's outputs carry
+    position), so plain word embeddings would make a description a bag of words: "red triangle,
+    blue square" and "blue triangle, red square" would be the same input. The position embedding
+    binds each colour, shape and motion word to its shape slot. A checkpoint without it (v1) loads
+    with positions zero, which is exactly the bag-of-words model it was."""
+
+    def __init__(self, vocab_size: int, length: int, dim: int):
+        super().__init__()
+        self.words = nn.Embedding(vocab_size, dim)
+        self.positions = nn.Parameter(torch.zeros(length, dim))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.words.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.shape[-1] > self.positions.shape[0]:
+            raise ValueError(f"descriptions have at most {self.positions.shape[0]} tokens, got {tokens.shape[-1]}")
+        return self.words(tokens) + self.positions[: tokens.shape[-1]].to(self.words.weight.dtype)
+
+
 @dataclass
 class ReferenceModel:
     """The transformer (Wan's forward signature: (latents, timestep, encoder_hidden_states)) and
     the word embedding that makes its encoder_hidden_states."""
 
     transformer: nn.Module
-    text_embedding: nn.Embedding
+    text_embedding: DescriptionEmbedding
     config: ReferenceConfig
     meta: dict[str, str] = field(default_factory=dict)
 
@@ -119,8 +143,9 @@ def build(config: ReferenceConfig, seed: int = 0) -> ReferenceModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = WanTransformer3DModel(**config.wan_kwargs())
-        text_embedding = nn.Embedding(config.vocab_size, config.text_dim)
-        nn.init.normal_(text_embedding.weight, std=1.0)
+        text_embedding = DescriptionEmbedding(config.vocab_size, config.description_len, config.text_dim)
+        nn.init.normal_(text_embedding.words.weight, std=1.0)
+        nn.init.normal_(text_embedding.positions, std=0.5)
     return ReferenceModel(transformer, text_embedding, config)
 
 
@@ -156,6 +181,8 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu",
     model = build(config)
     for prefix, module in (("transformer.", model.transformer), ("text_embedding.", model.text_embedding)):
         sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if module is model.text_embedding and "weight" in sub:  # v1: a plain nn.Embedding, no positions
+            sub = {"words.weight": sub.pop("weight"), "positions": torch.zeros_like(module.positions), **sub}
         module.load_state_dict(sub, strict=True)
     model.meta = meta
     return model.to(device, dtype).eval()
@@ -167,6 +194,18 @@ def shipped_checkpoint() -> Traversable:
     if not ref.is_file():
         raise FileNotFoundError(f"the shipped reference checkpoint is missing from the install: {ref}")
     return ref
+
+
+#: The plans shipped for the reference model (vsopt/models/assets/), by latent clip size
+#: (frames, height, width): each calibrated at its size on the GPU (docs/MODEL.md).
+SHIPPED_PLANS = {(16, 32, 32): "reference.plan.json", (16, 64, 64): "reference_16x64x64.plan.json"}
+
+
+def shipped_plan(frames: int, height: int, width: int) -> Traversable | None:
+    """The shipped plan calibrated for this latent clip size, or None if none is shipped for it."""
+    name = SHIPPED_PLANS.get((frames, height, width))
+    ref = importlib.resources.files("vsopt.models") / "assets" / name if name else None
+    return ref if ref is not None and ref.is_file() else None
 
 
 def load_shipped(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> ReferenceModel:

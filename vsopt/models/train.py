@@ -105,6 +105,21 @@ def validation_loss(ref: model_lib.ReferenceModel, device: str, size: tuple[int,
     return out
 
 
+def train_sigmas(z: torch.Tensor, shift: float) -> torch.Tensor:
+    """Noise levels of a batch from standard normals z: logit-normal(0, 1) (Wan's training
+    distribution); with shift != 1 every other clip's level is shifted as the sampler shifts its
+    grid (sampler.sigmas: shift s / (1 + (shift - 1) s)). The sampler spends a quarter of its steps
+    above sigma 0.9, where logit-normal(0, 1) puts 1.4% of the training clips: the shapes and the
+    layout are decided there, so half of each batch is trained on the sampler's distribution and
+    half on Wan's (which keeps the low-noise detail trained)."""
+    s = torch.sigmoid(z)
+    if shift == 1.0:
+        return s
+    shifted = shift * s / (1 + (shift - 1) * s)
+    every_other = torch.arange(s.shape[0], device=s.device) % 2 == 1
+    return torch.where(every_other, shifted, s)
+
+
 def parse_sizes(text: str) -> list[tuple[int, int, int]]:
     """'16x32x32,16x64x64' -> [(16, 32, 32), (16, 64, 64)]: latent clip sizes (frames x height x width)."""
     sizes = []
@@ -126,10 +141,12 @@ def _validation(ref: model_lib.ReferenceModel, device: str, sizes) -> dict[str, 
 
 def train(args: argparse.Namespace) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    done = 0  # steps of the earlier stretches: the data stream continues where they stopped
     if args.resume:
         ref = model_lib.load(args.resume, device, torch.float32)
         ref.transformer.train()
         config = ref.config
+        done = int(ref.meta.get("steps_total", ref.meta.get("steps", "0")))
     else:
         config = model_lib.ReferenceConfig(**(TINY if args.tiny else {}))
         ref = model_lib.build(config, seed=args.seed).to(device)
@@ -144,7 +161,7 @@ def train(args: argparse.Namespace) -> dict:
     forward = ref.transformer
     if args.compile:
         forward = torch.compile(ref.transformer, dynamic=False)  # one graph per clip size
-    g = torch.Generator(device).manual_seed(args.seed)
+    g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + done)
     budget = args.minutes * 60.0
     total_steps = args.max_steps
     curve, window = [], []
@@ -171,10 +188,10 @@ def train(args: argparse.Namespace) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr
         size, batch = sizes[step % len(sizes)], batches[step % len(sizes)]
-        x0, tokens = data.make_batch(batch, args.seed * 1_000_003 + step, *size, device)
+        x0, tokens = data.make_batch(batch, args.seed * 1_000_003 + done + step, *size, device)
         drop = torch.rand(batch, generator=g, device=device) < args.uncond_prob
         tokens = torch.where(drop[:, None], torch.zeros_like(tokens), tokens)
-        sigma = torch.sigmoid(torch.randn(batch, generator=g, device=device))
+        sigma = train_sigmas(torch.randn(batch, generator=g, device=device), args.shift)
         noise = torch.randn(x0.shape, generator=g, device=device)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
             loss = flow_loss(forward, ref.text_embedding, x0, tokens, sigma, noise)
@@ -198,11 +215,11 @@ def train(args: argparse.Namespace) -> dict:
     ref.transformer.eval()
     final_val = _validation(ref, device, sizes)
     clips = sum(batches[i % len(sizes)] for i in range(step))
-    return dict(ref=ref, curve=curve, steps=step, seconds=seconds, n_params=n_params, device=device,
+    return dict(ref=ref, curve=curve, steps=step, steps_total=done + step, seconds=seconds, n_params=n_params, device=device,
                 init_val=init_val, final_val=final_val, sizes=sizes, batches=batches, clips=clips)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train the vsopt reference model (rectified flow).")
     p.add_argument("--out", required=True, help="folder for the checkpoint, config and loss curve")
     p.add_argument("--minutes", type=float, default=6.0, help="wall-clock budget of the training loop")
@@ -212,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--uncond-prob", type=float, default=0.1)
+    p.add_argument("--shift", type=float, default=1.0,
+                   help="train every other clip at noise levels shifted as the sampler's grid (1: Wan's "
+                        "logit-normal(0, 1) for all; see train_sigmas)")
     p.add_argument("--probe-steps", type=int, default=30, help="steps after which the step time is measured")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
@@ -219,7 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="a tiny model and clip (tests, CPU smoke runs)")
     p.add_argument("--sizes", default=None, help="latent clip sizes FxHxW,... trained in turn (default: the config's)")
     p.add_argument("--resume", default=None, help="continue from this checkpoint (weights and config)")
-    args = p.parse_args(argv)
+    return p
+
+
+def run(argv: list[str] | None = None, side_files: bool = True) -> dict:
+    """Parse `argv`, train, write the checkpoint to --out (and, with side_files, train_config.json,
+    loss_curve.json and loss_curve.png); returns the run's record (with "curve")."""
+    args = build_parser().parse_args(argv)
     if args.resume and args.tiny:
         raise SystemExit("--resume takes its config from the checkpoint: drop --tiny")
     if args.probe_steps <= 5:
@@ -230,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     ref = r["ref"]
     sizes = ",".join("x".join(map(str, s)) for s in r["sizes"])
     model_lib.save(ref, out / model_lib.CHECKPOINT_NAME, meta={"steps": str(r["steps"]), "sizes": sizes,
+                                                                "steps_total": str(r["steps_total"]),
                                                                 "resumed_from": str(args.resume or "")})
     device_name = torch.cuda.get_device_name() if r["device"] == "cuda" else "cpu"
     clips = r["clips"]
@@ -238,17 +265,26 @@ def main(argv: list[str] | None = None) -> int:
         "args": vars(args), "model": asdict(ref.config), "parameters": r["n_params"],
         "checkpoint_bytes": (out / model_lib.CHECKPOINT_NAME).stat().st_size,
         "sizes": sizes, "batches": r["batches"],
-        "device": device_name, "torch": torch.__version__, "steps": r["steps"], "clips_seen": clips,
+        "device": device_name, "torch": torch.__version__, "steps": r["steps"], "steps_total": r["steps_total"],
+        "clips_seen": clips,
         "train_seconds": round(r["seconds"], 1), "clips_per_second": round(clips / r["seconds"], 1),
         "validation_loss_init": r["init_val"], "validation_loss_trained": r["final_val"],
-        "schedule": "rectified flow, sigma ~ logit-normal(0,1), timestep = 1000 sigma, target noise - x0",
+        "schedule": "rectified flow, sigma ~ logit-normal(0,1)"
+                    + (f", every other clip's sigma shifted by {args.shift}" if args.shift != 1.0 else "")
+                    + ", timestep = 1000 sigma, target noise - x0",
     }
-    atomic_write_text(out / "train_config.json", json.dumps(record, indent=1))
-    atomic_write_text(out / "loss_curve.json", json.dumps(r["curve"], indent=0))
-    plot_curve(r["curve"], out / "loss_curve.png",
-               f"reference model: flow-matching loss ({r['steps']} steps, {device_name})")
+    if side_files:
+        atomic_write_text(out / "train_config.json", json.dumps(record, indent=1))
+        atomic_write_text(out / "loss_curve.json", json.dumps(r["curve"], indent=0))
+        plot_curve(r["curve"], out / "loss_curve.png",
+                   f"reference model: flow-matching loss ({r['steps']} steps, {device_name})")
     print(json.dumps({k: record[k] for k in ("steps", "train_seconds", "clips_per_second", "checkpoint_bytes",
                                              "validation_loss_init", "validation_loss_trained")}), flush=True)
+    return {**record, "curve": r["curve"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(argv)
     return 0
 
 

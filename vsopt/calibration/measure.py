@@ -25,7 +25,7 @@ from vsopt.core import semantics
 from vsopt.core.dynamic import DynamicMethod, DynamicSpec
 from vsopt.core.errors import ConfigError
 from vsopt.core.ir import AttentionSite
-from vsopt.core.orders import TokenOrder
+from vsopt.core.orders import TokenOrder, model_order
 from vsopt.core.patterns import Pattern, Union, block_mask, calibrated_block_mask, num_blocks
 from vsopt.core.plan import HeadPlan, Quant, Sparsity
 from vsopt.core.pooled import Remainder
@@ -41,7 +41,7 @@ class Candidate:
     masks: torch.Tensor | None = None
     pattern: Pattern | None = None
     dynamic: DynamicSpec | None = None
-    model_order: bool = False  # masks in the model's own order (FHW) for every head: no permutation
+    model_order: bool = False  # masks in the model's own order (SiteState.own_order) for every head: no permutation
     remainder: Remainder = Remainder.DROP  # pooled: the dropped blocks attended mean-pooled (PSA)
 
 
@@ -68,6 +68,11 @@ class SiteState:
     refresh: tuple[int, ...] = ()
     range_start: int = 0
     reused: object = field(default=None, repr=False)
+
+    @property
+    def own_order(self) -> TokenOrder:
+        """The model's own token order at this site (orders.model_order: FHW without a grid)."""
+        return model_order(self.site.grid)
 
     @property
     def blocks(self) -> tuple[int, int]:
@@ -107,7 +112,7 @@ def measure_mass(state: SiteState, call: SiteCall) -> None:
 def build_candidates(state: SiteState) -> None:
     """After pass 1: pick each head's order and list the sparsity candidates in those orders."""
     site, (qb, kb), opt = state.site, state.blocks, state.opt
-    state.head_orders = choose_orders(state.mass, opt.order_density)
+    state.head_orders = choose_orders(state.mass, opt.order_density, prefer=state.own_order)
     mean = torch.stack([state.mass[o][h] for h, o in enumerate(state.head_orders)]) / max(1, state.mass_calls)
     cands = [Candidate("dense", Sparsity.DENSE, torch.ones(site.heads, qb, kb, dtype=torch.bool))]
     seen = {cands[0].masks.numpy().tobytes()}
@@ -134,7 +139,7 @@ def build_candidates(state: SiteState) -> None:
         for r in state.refresh:  # the same masks, computed every r steps and reused between (AdaSpa)
             cands += [Candidate(f"{c.label}/every{r}", Sparsity.DYNAMIC,
                                 dynamic=dataclasses.replace(c.dynamic, reuse_steps=r - 1)) for c in fresh]
-    if opt.model_order_candidates and any(o is not TokenOrder.FHW for o in state.head_orders):
+    if opt.model_order_candidates and any(o is not state.own_order for o in state.head_orders):
         cands += _model_order_candidates(state, cands)
     if opt.pooled_remainder:  # every sparse candidate again, its dropped blocks pooled (PSA)
         cands += [dataclasses.replace(c, label=c.label + "+pooled", remainder=Remainder.POOLED) for c in cands
@@ -161,21 +166,23 @@ def _with_text(state: SiteState, masks: torch.Tensor) -> torch.Tensor:
 
 def _model_order_candidates(state: SiteState, cands: Sequence[Candidate]) -> list[Candidate]:
     """The sparse candidates again in the model's own token order for every head (labels end in
-    "@fhw"): calibrated masks from the FHW block mass, patterns and dynamic masks in FHW."""
-    site, opt = state.site, state.opt
-    fhw_mass = state.mass[TokenOrder.FHW] / max(1, state.mass_calls)
+    "@" + that order, e.g. "@fhw"): calibrated masks from its block mass, patterns and dynamic
+    masks in it."""
+    site, opt, own = state.site, state.opt, state.own_order
+    own_mass = state.mass[own] / max(1, state.mass_calls)
+    tag = "@" + own.value
     out = []
     for cand in cands:
         if cand.sparsity is Sparsity.MASK:
             share = float(cand.label.split("@", 1)[1])
-            out.append(Candidate(cand.label + "@fhw", Sparsity.MASK, _with_text(state, calibrated_block_mask(fhw_mass, share)),
+            out.append(Candidate(cand.label + tag, Sparsity.MASK, _with_text(state, calibrated_block_mask(own_mass, share)),
                                  model_order=True))
         elif cand.sparsity is Sparsity.PATTERN:
-            m = block_mask(cand.pattern, site.grid, TokenOrder.FHW, opt.block_m, opt.block_n)
-            out.append(Candidate(cand.label + "@fhw", Sparsity.PATTERN, m[None].expand(site.heads, -1, -1).clone(),
+            m = block_mask(cand.pattern, site.grid, own, opt.block_m, opt.block_n)
+            out.append(Candidate(cand.label + tag, Sparsity.PATTERN, m[None].expand(site.heads, -1, -1).clone(),
                                  pattern=cand.pattern, model_order=True))
         elif cand.sparsity is Sparsity.DYNAMIC:
-            out.append(Candidate(cand.label + "@fhw", Sparsity.DYNAMIC, dynamic=cand.dynamic, model_order=True))
+            out.append(Candidate(cand.label + tag, Sparsity.DYNAMIC, dynamic=cand.dynamic, model_order=True))
     return out
 
 

@@ -40,7 +40,6 @@ import torch
 from vsopt.core import ops as _ops  # noqa: F401  (registers torch.ops.vsopt.*)
 from vsopt.core.errors import ConfigError
 from vsopt.core.lse import NEG_INF, EagerEmitter, Emitter, merge_partials, smoothing_shift  # noqa: F401  (re-exported)
-from vsopt.core.orders import TokenOrder
 from vsopt.core.patterns import diagonal_blocks, num_blocks
 from vsopt.core.plan import HeadPlan, Quant, Sparsity
 from vsopt.core.semantics import SiteShape, launch_groups, permutations, static_mask, text_blocks
@@ -90,7 +89,7 @@ def local_permutations(site_id: str, heads: Sequence[HeadPlan], perm: torch.Tens
         inside = (part >= s) & (part < e)
         if not bool(inside.all()):
             row = int((~inside).any(1).nonzero()[0])
-            h = row if perm.shape[0] > 1 else next(i for i, hp in enumerate(heads) if hp.order is not TokenOrder.FHW)
+            h = row if perm.shape[0] > 1 else 0  # one row: every head runs the same order
             raise ConfigError(f"site {site_id!r}: head {h} runs token order {heads[h].order.value!r}, which moves "
                               f"tokens across the ring shards of {shards.size} tokens (shard {j} = tokens {s}..{e - 1}); "
                               "ring attention takes only orders that keep every shard's tokens in it (e.g. "

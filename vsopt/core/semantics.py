@@ -42,7 +42,7 @@ from vsopt.core.errors import ConfigError
 from vsopt.core.ir import TokenGrid
 from vsopt.core.joint import JointGroup, JointPlan, joint_attention
 from vsopt.core.lse import EagerEmitter
-from vsopt.core.orders import TokenOrder, head_permutations
+from vsopt.core.orders import head_permutations, is_model_order
 from vsopt.core.patterns import block_mask, diagonal_blocks, num_blocks
 from vsopt.core.plan import HeadPlan, Quant, SitePlan, Sparsity, StepPlan
 from vsopt.core.pooled import Remainder
@@ -80,9 +80,10 @@ def launch_groups(heads: Sequence[HeadPlan]) -> dict[LaunchKey, list[int]]:
     return groups
 
 
-def reorders(heads: Sequence[HeadPlan]) -> bool:
-    """Whether any head runs in a token order other than the model's (the site is permuted)."""
-    return any(hp.order is not TokenOrder.FHW for hp in heads)
+def reorders(heads: Sequence[HeadPlan], grid: TokenGrid | None = None) -> bool:
+    """Whether any head runs in a token order other than the model's (orders.model_order(grid):
+    FHW without a grid), so the site is permuted."""
+    return any(not is_model_order(hp.order, grid) for hp in heads)
 
 
 def permutations(grid: TokenGrid | None, heads: Sequence[HeadPlan]) -> torch.Tensor | None:
@@ -357,10 +358,10 @@ def pooled_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
                             Quant(quant).value)
 
 
-def permuted_heads(heads: Sequence[HeadPlan]) -> int:
-    """Heads that compute something in an order other than the model's: when there is one, the
-    lowering permutes the site (every head of q, k, v and the output)."""
-    return sum(1 for hp in heads if hp.order is not TokenOrder.FHW and hp.sparsity is not Sparsity.SKIP)
+def permuted_heads(heads: Sequence[HeadPlan], grid: TokenGrid | None = None) -> int:
+    """Heads that compute something in an order other than the model's (orders.model_order(grid)):
+    when there is one, the lowering permutes the site (every head of q, k, v and the output)."""
+    return sum(1 for hp in heads if not is_model_order(hp.order, grid) and hp.sparsity is not Sparsity.SKIP)
 
 
 def permuted_mib(site: SiteShape, heads_permuted: int) -> float:
@@ -390,7 +391,7 @@ def site_work(site: SiteShape, heads: Sequence[HeadPlan], densities: Sequence[fl
     scored = sum(batch * num_blocks(site.q_len, hp.block_m) * num_blocks(site.kv_len, hp.block_n)
                  / (hp.dynamic.reuse_steps + 1) for hp in heads if hp.sparsity is Sparsity.DYNAMIC)
     # the lowering gathers every head of q, k, v and the output once any head reorders
-    moved = permuted_mib(site, site.heads) if permuted_heads(heads) else 0.0
+    moved = permuted_mib(site, site.heads) if permuted_heads(heads, site.grid) else 0.0
     return SiteWork(tuple(launches), moved, scored)
 
 

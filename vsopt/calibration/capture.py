@@ -42,6 +42,7 @@ class SiteCall:
     scale: float
     is_causal: bool
     out: torch.Tensor
+    softcap: float = 0.0  # > 0: the site's logit cap, scores -> softcap * tanh(scores / softcap)
 
 
 class _ObservingInterpreter(torch.fx.Interpreter):
@@ -56,7 +57,8 @@ class _ObservingInterpreter(torch.fx.Interpreter):
         if n.op == "call_function" and n.target is ATTENTION_OP and site_id is not None:
             bound = attention_arguments(*self.fetch_args_kwargs_from_env(n))
             replacement = self.observer(SiteCall(site_id, bound["q"], bound["k"], bound["v"], bound["attn_mask"],
-                                                 float(bound["scale"]), bool(bound["is_causal"]), result))
+                                                 float(bound["scale"]), bool(bound["is_causal"]), result,
+                                                 float(bound["softcap"])))
             self.seen.append(site_id)
             if replacement is not None:
                 if replacement.shape != result.shape:

@@ -24,6 +24,7 @@ from vsopt.calibration.order_choice import choose_orders, order_block_mass
 from vsopt.core import semantics
 from vsopt.core.dynamic import DynamicMethod, DynamicSpec
 from vsopt.core.errors import ConfigError
+from vsopt.core.ops import softcapped_attention
 from vsopt.core.ir import AttentionSite
 from vsopt.core.orders import TokenOrder, model_order
 from vsopt.core.patterns import Pattern, Union, block_mask, calibrated_block_mask, num_blocks
@@ -141,7 +142,8 @@ def build_candidates(state: SiteState) -> None:
                                 dynamic=dataclasses.replace(c.dynamic, reuse_steps=r - 1)) for c in fresh]
     if opt.model_order_candidates and any(o is not state.own_order for o in state.head_orders):
         cands += _model_order_candidates(state, cands)
-    if opt.pooled_remainder:  # every sparse candidate again, its dropped blocks pooled (PSA)
+    if opt.pooled_remainder and not site.softcap:  # every sparse candidate again, its dropped blocks pooled
+        # (PSA; not at a soft-capped site: the pooled remainder takes no cap, lower_plan refuses it)
         cands += [dataclasses.replace(c, label=c.label + "+pooled", remainder=Remainder.POOLED) for c in cands
                   if c.sparsity in (Sparsity.MASK, Sparsity.PATTERN, Sparsity.DYNAMIC)]
     if opt.skip:
@@ -195,11 +197,13 @@ def describe_pattern(p: Pattern) -> str:
 
 
 def exact_attention(call: SiteCall) -> torch.Tensor:
-    """Exact attention in float32, the reference every error is measured against."""
+    """Exact attention in float32, the reference every error is measured against; a soft-capped
+    site's scores capped (softcap * tanh(s / softcap)) before the softmax, as the site computes."""
     H = call.q.shape[1]
-    return torch.nn.functional.scaled_dot_product_attention(
-        call.q.float(), semantics.kv_to_heads(call.k, H).float(), semantics.kv_to_heads(call.v, H).float(),
-        scale=call.scale)
+    q, k, v = call.q.float(), semantics.kv_to_heads(call.k, H).float(), semantics.kv_to_heads(call.v, H).float()
+    if call.softcap:
+        return softcapped_attention(q, k, v, None, call.scale, False, call.softcap)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=call.scale)
 
 
 def _head_err2(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -239,12 +243,14 @@ def measure_errors(state: SiteState, call: SiteCall, step: int | None = None) ->
         else:
             masks = cand.masks[None]
         attend = semantics.pooled_masked_attention if cand.remainder is Remainder.POOLED else semantics.masked_attention
-        out = _unpermuted(attend(qc, kc, vc, masks, call.scale, Quant.NONE, *blocks), p)
+        cap = (call.softcap,) if call.softcap else ()   # no capped pooled candidate (build_candidates)
+        out = _unpermuted(attend(qc, kc, vc, masks, call.scale, Quant.NONE, *blocks, *cap), p)
         state.err2[:, c] += _head_err2(out, ref)
         state.density[:, c] += masks.float().mean((-1, -2)).expand(call.q.shape[0], -1).sum(0).double().cpu()
     dense = state.candidates[0].masks[None]
     for i, quant in enumerate(opt.quants):
-        out = _unpermuted(semantics.masked_attention(qp, kp, vp, dense, call.scale, quant, *blocks), perm)
+        out = _unpermuted(semantics.masked_attention(qp, kp, vp, dense, call.scale, quant, *blocks, call.softcap),
+                          perm)
         state.quant_err2[:, i] += _head_err2(out, ref)
     state.norm2 += ref.double().pow(2).sum((0, 2, 3)).cpu()
     state.error_calls += call.q.shape[0]
@@ -254,4 +260,4 @@ def site_plan_output(site: AttentionSite, heads: Sequence[HeadPlan], call: SiteC
     """Deprecated: vsopt.core.semantics.site_output(site, heads, call.q, call.k, call.v, call.scale)."""
     warnings.warn("vsopt.calibration.site_plan_output is deprecated; use vsopt.core.semantics.site_output",
                   DeprecationWarning, stacklevel=2)
-    return semantics.site_output(site, heads, call.q, call.k, call.v, call.scale)
+    return semantics.site_output(site, heads, call.q, call.k, call.v, call.scale, softcap=call.softcap)

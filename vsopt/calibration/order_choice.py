@@ -22,7 +22,7 @@ def order_block_mass(call: "SiteCall", grid: TokenGrid | None, orders: Sequence[
     """The exact block attention mass of a self-attention call with its tokens in each of `orders`:
     order -> float64 (H, QB, KB) on the CPU, summed over the batch (rows of one query sum to 1).
     Blockwise (vsopt.core.metrics.block_attention_mass): never the N x N map at once. GQA keys are
-    repeated per query head. Orders other than the model's own (model_order(grid); FHW without a
+    repeated per query head; a soft-capped site's scores are capped. Orders other than the model's own (model_order(grid); FHW without a
     grid) need the site's grid."""
     k = kv_to_heads(call.k, call.q.shape[1])
     out = {}
@@ -34,7 +34,8 @@ def order_block_mass(call: "SiteCall", grid: TokenGrid | None, orders: Sequence[
                 raise ConfigError(f"site {call.site_id!r}: token order {order.value} needs the site's grid")
             perm = order_permutation(grid, order).to(call.q.device)
             qp, kp = call.q[:, :, perm], k[:, :, perm]
-        out[order] = block_attention_mass(qp, kp, call.scale, block_m, block_n).sum(0).double().cpu()
+        out[order] = block_attention_mass(qp, kp, call.scale, block_m, block_n,
+                                          softcap=call.softcap).sum(0).double().cpu()
     return out
 
 

@@ -228,7 +228,7 @@ def _verify(gm, states: dict, plan: Plan, results: list[SiteResult], first_of_ra
             sp = plan[call.site_id]
             heads = sp.heads if ranges is None else sp.heads_at(ranges[rng][0])
             ref = exact_attention(call)
-            out = site_output(states[key].site, heads, call.q, call.k, call.v, call.scale)
+            out = site_output(states[key].site, heads, call.q, call.k, call.v, call.scale, softcap=call.softcap)
             err2[key] = err2.get(key, 0.0) + float((out.double() - ref.double()).pow(2).sum())
             norm2[key] = norm2.get(key, 0.0) + float(ref.double().pow(2).sum())
             return None
@@ -251,7 +251,8 @@ def _quality_search(model, signature: Signature, held: tuple, states, used, opti
             if (call.site_id, used[0]) not in states:  # not calibrated: its dense entry changes nothing
                 return None
             site = states[(call.site_id, used[0])].site
-            return site_output(site, plan[call.site_id].heads, call.q, call.k, call.v, call.scale)
+            return site_output(site, plan[call.site_id].heads, call.q, call.k, call.v, call.scale,
+                               softcap=call.softcap)
 
         out = model_output(run_observing(held_gm, held, substitute)).float()
         return psnr(out, dense_out) if budget.metric is QualityMetric.PSNR else relative_l2(out, dense_out)

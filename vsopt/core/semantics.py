@@ -231,7 +231,7 @@ def mask_refresh_step(spec: DynamicSpec, step: int, segment_start: int = 0) -> i
 
 def site_output(site: SiteShape, heads: Sequence[HeadPlan], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 scale: float, mask: torch.Tensor | None = None, joint: bool = False,
-                masks_from: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                masks_from: tuple[torch.Tensor, torch.Tensor] | None = None, softcap: float = 0.0) -> torch.Tensor:
     """What the site computes under `heads` (one HeadPlan per query head): the per-head
     permutation, one block-sparse attention per precision over the heads' masks, the inverse
     permutation; the math the lowered graph runs, through the same ops. (B, Hq, Nq, Dv) float32.
@@ -244,7 +244,14 @@ def site_output(site: SiteShape, heads: Sequence[HeadPlan], q: torch.Tensor, k: 
 
     masks_from: (q, k) whose head h is head h's q and k at the step its mask was computed at,
     when dynamic masks are reused (mask_refresh_step: heads may refresh at different steps);
-    None: this call's q and k."""
+    None: this call's q and k.
+
+    softcap > 0: the site's logit cap (AttentionSite.softcap), applied before the softmax as the
+    kernel does; the joint split and the pooled remainder do not take one (lower_plan leaves such
+    sites dense), so they raise ConfigError here."""
+    if softcap and (mask is not None or joint or any(hp.remainder is Remainder.POOLED for hp in heads)):
+        raise ConfigError(f"site {site.site_id!r}: soft-capped logits with a joint split or the pooled remainder "
+                          "are not lowered (the site stays dense)")
     if mask is not None or joint:
         if masks_from is not None:
             raise ConfigError(f"site {site.site_id!r}: reused dynamic masks at a joint site are not modelled")
@@ -258,7 +265,7 @@ def site_output(site: SiteShape, heads: Sequence[HeadPlan], q: torch.Tensor, k: 
     out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=torch.float32, device=q.device)
     for quant in sorted({hp.quant for hp in heads}, key=lambda m: m.value):
         group = torch.tensor([hp.quant is quant for hp in heads], device=q.device)[None, :, None, None]
-        part = masked_attention(qp, kp, vp, masks & group, scale, quant, block_m, block_n)
+        part = masked_attention(qp, kp, vp, masks & group, scale, quant, block_m, block_n, softcap)
         pooled = torch.tensor([hp.quant is quant and hp.remainder is Remainder.POOLED for hp in heads],
                               device=q.device)[None, :, None, None]
         if bool(pooled.any()):  # PSA heads: the kept blocks plus the pooled remainder (core.pooled)
@@ -339,11 +346,14 @@ def _video_mask(site: SiteShape, h: int, hp: HeadPlan, video: TokenGrid, tb: int
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor, scale: float,
-                     quant: Quant, block_m: int, block_n: int) -> torch.Tensor:
+                     quant: Quant, block_m: int, block_n: int, softcap: float = 0.0) -> torch.Tensor:
     """Block-sparse attention of q/k/v (B, H, N, D), one kv head per query head, under masks
-    (Bt, H, QB, KB) through vsopt's ops (the Triton kernel on a GPU, its reference on the CPU)."""
+    (Bt, H, QB, KB) through vsopt's ops (the Triton kernel on a GPU, its reference on the CPU).
+    softcap > 0: the site's logit cap, applied by the kernel as the lowered graph passes it."""
     idx, counts = torch.ops.vsopt.mask_to_table(masks.to(q.device))
-    return torch.ops.vsopt.block_sparse_attention(q, k, v, idx, counts, scale, block_m, block_n, Quant(quant).value)
+    cap = (float(softcap),) if softcap else ()   # uncapped: the call lower_plan emits for uncapped sites
+    return torch.ops.vsopt.block_sparse_attention(q, k, v, idx, counts, scale, block_m, block_n, Quant(quant).value,
+                                                  *cap)
 
 
 def pooled_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor, scale: float,

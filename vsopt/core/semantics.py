@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import torch
 
@@ -48,8 +48,12 @@ from vsopt.core.plan import HeadPlan, Quant, SitePlan, Sparsity, StepPlan
 from vsopt.core.pooled import Remainder
 
 
-class SiteShape(Protocol):
-    """What the meaning of a plan depends on: an AttentionSite or a SitePlan both have it."""
+@dataclass(frozen=True)
+class SiteShape:
+    """What the meaning of a plan depends on. The functions here take a SiteShape or anything
+    with these fields: an AttentionSite has them all; a SitePlan has site_id, q_len, kv_len and
+    grid, all that the masks and outputs read (the costs also read batch, heads, head_dim, dtype:
+    SiteShape.of_plan adds them)."""
 
     site_id: str
     batch: int
@@ -59,6 +63,14 @@ class SiteShape(Protocol):
     kv_len: int
     grid: TokenGrid | None
     dtype: torch.dtype
+
+    @classmethod
+    def of_plan(cls, sp: SitePlan, batch: int, head_dim: int, dtype: torch.dtype,
+                heads: int | None = None) -> "SiteShape":
+        """The shape of a plan's site at this batch, head dim and dtype; heads: those one rank
+        computes (default: all of the plan's)."""
+        return cls(sp.site_id, batch, sp.num_heads if heads is None else heads, head_dim, sp.q_len, sp.kv_len,
+                   sp.grid, dtype)
 
 
 @dataclass(frozen=True)

@@ -24,25 +24,11 @@ import torch.fx
 from torch.utils._pytree import tree_map
 
 from vsopt.calibration.order_choice import choose_orders, order_block_mass  # noqa: F401  (old vsopt.capture names)
+from vsopt.calibration.site_call import SiteCall
 from vsopt.core.errors import ConfigError
 from vsopt.core.ops import attention_arguments
 
 ATTENTION_OP = torch.ops.vsopt.attention.default
-
-
-@dataclass
-class SiteCall:
-    """One execution of one attention site. q: (B, Hq, N, D); k, v: (B, Hkv, N, D); out: (B, Hq, N, Dv)."""
-
-    site_id: str
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    attn_mask: torch.Tensor | None
-    scale: float
-    is_causal: bool
-    out: torch.Tensor
-    softcap: float = 0.0  # > 0: the site's logit cap, scores -> softcap * tanh(scores / softcap)
 
 
 class _ObservingInterpreter(torch.fx.Interpreter):

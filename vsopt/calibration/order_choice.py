@@ -3,21 +3,19 @@ and the order that concentrates that mass best (PAROAttention's criterion)."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 
+from vsopt.calibration.site_call import SiteCall
 from vsopt.core.errors import ConfigError
 from vsopt.core.ir import TokenGrid
 from vsopt.core.metrics import block_attention_mass
 from vsopt.core.orders import TokenOrder, is_model_order, model_order, order_permutation
 from vsopt.core.semantics import kv_to_heads
 
-if TYPE_CHECKING:
-    from vsopt.calibration.capture import SiteCall
 
-
-def order_block_mass(call: "SiteCall", grid: TokenGrid | None, orders: Sequence[TokenOrder], block_m: int,
+def order_block_mass(call: SiteCall, grid: TokenGrid | None, orders: Sequence[TokenOrder], block_m: int,
                      block_n: int) -> dict[TokenOrder, torch.Tensor]:
     """The exact block attention mass of a self-attention call with its tokens in each of `orders`:
     order -> float64 (H, QB, KB) on the CPU, summed over the batch (rows of one query sum to 1).

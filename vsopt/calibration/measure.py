@@ -24,8 +24,8 @@ from vsopt.calibration.order_choice import choose_orders, order_block_mass
 from vsopt.core import semantics
 from vsopt.core.dynamic import DynamicMethod, DynamicSpec
 from vsopt.core.errors import ConfigError
-from vsopt.core.ops import softcapped_attention
 from vsopt.core.ir import AttentionSite
+from vsopt.core.ops import softcapped_attention
 from vsopt.core.orders import TokenOrder, model_order
 from vsopt.core.patterns import Pattern, Union, block_mask, calibrated_block_mask, num_blocks
 from vsopt.core.plan import HeadPlan, Quant, Sparsity

@@ -68,7 +68,8 @@ from vsopt.core.plan import HeadPlan, Plan, SitePlan
 from vsopt.core.joint import joint_attention
 from vsopt.core.pooled import Remainder, pooled_attention
 from vsopt.core.resample import fit_site_plan
-from vsopt.core.semantics import LaunchKey, joint_plan, launch_groups, permutations, static_mask, text_blocks, video_range
+from vsopt.core.semantics import (LaunchKey, cluster_span, joint_plan, launch_groups, permutations, static_mask,
+                                  text_blocks, video_range)
 
 from .graph_edit import constant, emit, with_layout_of
 from .infra import GraphChanges, PassContext, PassReport
@@ -100,6 +101,8 @@ def _why_not(site: AttentionSite, sp: SitePlan, node: torch.fx.Node | None, spli
         return "the site is causal, which block-sparse attention does not take"
     if site.softcap and split:
         return "the site's logits are soft-capped, which the joint split's dense text part does not apply"
+    if site.softcap and any(h.cluster is not None for h in sp.all_heads()):
+        return "the site's logits are soft-capped, which the clustering launch does not apply"
     if site.softcap and any(h.remainder is Remainder.POOLED for h in sp.all_heads()):
         return "the site's logits are soft-capped, which the pooled remainder does not apply"
     if site.value_dim != site.head_dim:
@@ -238,6 +241,8 @@ class _Lowering:
 
     def launch(self, key: LaunchKey, idx: list[int], heads: list[HeadPlan], q, k, v) -> torch.fx.Node:
         meta = {"vsopt_heads": tuple(idx)}
+        if key.cluster is not None:
+            return self.clustered(key, idx, q, k, v, meta)
         if key.dynamic is None:
             masks = torch.stack([static_mask(self.site, hp) for hp in heads])
             kv_indices, kv_counts = vsopt.mask_to_table(masks[None])
@@ -267,6 +272,37 @@ class _Lowering:
         return self.emit(vsopt.block_sparse_attention.default,
                          (q, k, v, kv_indices, kv_counts, float(self.scale), key.block_m, key.block_n,
                           key.quant.value, *((float(softcap),) if softcap else ())), **meta)
+
+    def clustered(self, key: LaunchKey, idx: list[int], q, k, v, meta) -> torch.fx.Node:
+        """A clustering group (vsopt.core.clustering, what semantics.site_output runs): the
+        layout op computes per sample and head the k-means orders of q and k and the block mask
+        over the permuted sequences (kept and warm-started across steps on the device), then the
+        same permute_tokens -> block-sparse attention -> unpermute_tokens path as the axis orders,
+        with per-sample permutations (B, H, N)."""
+        spec = key.cluster
+        H, Hkv = q.meta["val"].shape[1], k.meta["val"].shape[1]
+        if Hkv != H:   # one key head per query head: each query head clusters its own keys
+            k = self.emit(aten.repeat_interleave.self_int, (k, H // Hkv, 1))
+            v = self.emit(aten.repeat_interleave.self_int, (v, H // Hkv, 1))
+        nq, nk = q.meta["val"].shape[2], k.meta["val"].shape[2]
+        (q0, q1), (k0, k1) = cluster_span(self.site, nq), cluster_span(self.site, nk)
+        cache_key = f"{id(self.gm):x}:{self.site.site_id}/heads{idx[0]}"
+        lay = self.emit(vsopt.cluster_layout.default,
+                        (q, k, float(self.scale), key.block_m, key.block_n, spec.q_clusters, spec.k_clusters,
+                         spec.top_p, spec.refresh, spec.iterations, spec.warm_iterations, spec.warm_start, q0, q1, k0,
+                         k1, cache_key))
+        perm_q, perm_k, mask = (self.emit(operator.getitem, (lay, i)) for i in range(3))
+        qp = self.emit(vsopt.permute_tokens.default, (q, perm_q))
+        kp = self.emit(vsopt.permute_tokens.default, (k, perm_k))
+        vp = self.emit(vsopt.permute_tokens.default, (v, perm_k))
+        table = self.emit(vsopt.mask_to_table.default, (mask,))
+        kv_indices, kv_counts = self.emit(operator.getitem, (table, 0)), self.emit(operator.getitem, (table, 1))
+        meta["vsopt_plan"] = {"quant": key.quant.value, "block": (key.block_m, key.block_n),
+                              "cluster": spec.to_dict()}
+        out = self.emit(vsopt.block_sparse_attention.default,
+                        (qp, kp, vp, kv_indices, kv_counts, float(self.scale), key.block_m, key.block_n,
+                         key.quant.value), **meta)
+        return self.emit(vsopt.unpermute_tokens.default, (out, perm_q))
 
     def pooled(self, key: LaunchKey, q, k, v, masks, kv_indices, kv_counts, meta) -> torch.fx.Node:
         """The kept blocks by block_sparse_attention_lse plus the pooled remainder, merged

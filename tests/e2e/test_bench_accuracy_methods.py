@@ -43,3 +43,30 @@ def test_reuse_and_psa_methods():
     (h, *_) = psa[site.site_id].heads
     assert h.remainder is Remainder.POOLED and h.sparsity is Sparsity.DYNAMIC and "not in the kernel" in notes[0]
     assert plan_density(psa, [site]) == pytest.approx(0.3)  # the kept blocks; the pooled rest is not counted
+
+
+def test_cluster_method_bisects_its_top_p_to_the_density():
+    import torch
+
+    from vsopt.calibration.capture import SiteCall
+    from vsopt.core import semantics
+
+    grid = TokenGrid(4, 8, 8)
+    site = _site(grid)
+    g = torch.Generator().manual_seed(0)
+    dirs = torch.randn(6, 32, generator=g) * 2
+    n = grid.num_tokens
+    q = torch.randn(1, 2, n, 32, generator=g) + dirs[torch.arange(n) % 6]
+    k = torch.randn(1, 2, n, 32, generator=g) + dirs[(torch.arange(n) * 5) % 6]
+    call = SiteCall(site.site_id, q, k, torch.randn(1, 2, n, 32, generator=g), None, 0.18, False, None)
+    settings = BenchSettings(block=16, cluster_refresh=2)
+    plan, notes = method_plan(Method.CLUSTER, [site], 0.4, settings, calls={site.site_id: call})
+    (h, *_) = plan[site.site_id].heads
+    assert h.sparsity is Sparsity.CLUSTER and h.cluster.refresh == 2 and h.cluster.k_clusters == 16  # 256 / 16
+    dens = semantics.head_densities(site, plan[site.site_id].heads, q, k, 0.18)
+    assert sum(dens) / 2 == pytest.approx(0.4, abs=0.08) and "top-p" in notes[0]
+    assert plan_density(plan, [site], {site.site_id: call}) == pytest.approx(sum(dens) / 2)
+    with pytest.raises(ConfigError, match="needs the dense model's recorded q/k"):
+        method_plan(Method.CLUSTER, [site], 0.4, settings)
+    with pytest.raises(ConfigError, match="cluster_refresh"):
+        BenchSettings(cluster_refresh=0)

@@ -39,7 +39,8 @@ def site_densities(plan: Plan, site: AttentionSite, calls: Calls, step: int | No
     heads = heads_run(plan, site, step)
     if heads is None:
         return [1.0] * site.heads
-    call = calls[site.site_id] if calls is not None and any(h.sparsity is Sparsity.DYNAMIC for h in heads) else None
+    online = (Sparsity.DYNAMIC, Sparsity.CLUSTER)  # masks chosen on the input
+    call = calls[site.site_id] if calls is not None and any(h.sparsity in online for h in heads) else None
     if call is None:
         return semantics.head_densities(site, heads)
     return semantics.head_densities(site, heads, call.q, call.k, call.scale)

@@ -164,8 +164,20 @@ class PlanScorer:
                                      error_weights=self._error_weights if s.sensitivity else None,
                                      dense_warmup=tuple(k for k in s.vsopt_warmup if k < s.calibration_steps)
                                      if s.step_plans else (),
-                                     mask_refresh=s.vsopt_refresh, pooled_remainder=s.vsopt_pooled)
+                                     mask_refresh=s.vsopt_refresh, pooled_remainder=s.vsopt_pooled,
+                                     clusters=self._cluster_candidates())
         return calls, options
+
+    def _cluster_candidates(self):
+        """vsopt_clusters: the cluster method's specs at each of vsopt_cluster_top_p (one cluster
+        count for every site: the smallest site's), for the calibration to choose per head."""
+        from vsopt.benchmark.methods import cluster_specs
+
+        s = self.settings
+        video = [x for x in self.sites if x.is_self_attention and x.grid is not None]
+        if not s.vsopt_clusters or not video:
+            return ()
+        return tuple(min(cluster_specs(video, s, p).values(), key=lambda c: c.k_clusters) for p in s.vsopt_cluster_top_p)
 
     def sensitivity_weights(self, calls) -> dict[str, dict[int, float]]:
         """vsopt.sensitivity.euler_sensitivity on a dense sampler run's recorded inputs `calls`

@@ -19,6 +19,7 @@ class Method(str, enum.Enum):
     WARMUP = "warmup"  # top-k after `warmup_steps` dense steps, at the same mean density (Sparse VideoGen)
     REUSE = "reuse"  # top-k masks computed every `mask_refresh` steps and reused between (AdaSpa)
     PSA = "psa"  # top-k with the dropped key blocks attended mean-pooled (Pyramid Sparse Attention)
+    CLUSTER = "cluster"  # k-means token orders, cluster-pair blocks by centroid top-p (Sparse VideoGen 2)
 
 
 # vsopt's dynamic candidates in the bench: cumulative-mass shares and top-k fractions spanning the
@@ -46,7 +47,11 @@ class BenchSettings:
     method runs dense, the refresh interval of the "reuse" method. vsopt_warmup / vsopt_refresh:
     the dense warm-ups and mask refresh intervals vsopt's calibration may choose
     (CalibrationOptions.dense_warmup, with step_plans only / mask_refresh). vsopt_pooled: vsopt's
-    calibration may also give heads a pooled remainder (CalibrationOptions.pooled_remainder)."""
+    calibration may also give heads a pooled remainder (CalibrationOptions.pooled_remainder).
+    cluster_clusters: (query, key) k-means clusters of the "cluster" method (0: one per kernel
+    block of the video tokens), cluster_refresh its refresh period in steps; vsopt_clusters: vsopt's
+    calibration may also give heads that clustering (CalibrationOptions.clusters), at the top-p
+    values vsopt_cluster_top_p."""
 
     methods: tuple[Method, ...] = (Method.VSOPT, Method.TOPK, Method.WINDOW, Method.RADIAL, Method.SAGE, Method.WARMUP,
                                    Method.REUSE, Method.PSA)
@@ -70,6 +75,10 @@ class BenchSettings:
     vsopt_warmup: tuple[int, ...] = (1,)
     vsopt_refresh: tuple[int, ...] = ()
     vsopt_pooled: bool = True
+    cluster_clusters: tuple[int, int] = (0, 0)
+    cluster_refresh: int = 1
+    vsopt_clusters: bool = False
+    vsopt_cluster_top_p: tuple[float, ...] = (0.5, 0.7, 0.9)
 
     def __post_init__(self):
         object.__setattr__(self, "methods", tuple(Method(m) for m in self.methods))
@@ -85,6 +94,14 @@ class BenchSettings:
             raise ConfigError(f"warmup_steps must be an integer in [0, steps), got {self.warmup_steps!r}")
         if not (isinstance(self.mask_refresh, int) and self.mask_refresh >= 1):
             raise ConfigError(f"mask_refresh must be an integer >= 1, got {self.mask_refresh!r}")
+        object.__setattr__(self, "cluster_clusters", tuple(self.cluster_clusters))
+        if len(self.cluster_clusters) != 2 or not all(isinstance(c, int) and c >= 0 for c in self.cluster_clusters):
+            raise ConfigError(f"cluster_clusters must be two integers >= 0 (query, key), got {self.cluster_clusters!r}")
+        if not (isinstance(self.cluster_refresh, int) and self.cluster_refresh >= 1):
+            raise ConfigError(f"cluster_refresh must be an integer >= 1, got {self.cluster_refresh!r}")
+        object.__setattr__(self, "vsopt_cluster_top_p", tuple(float(p) for p in self.vsopt_cluster_top_p))
+        if not all(0.0 < p <= 1.0 for p in self.vsopt_cluster_top_p):
+            raise ConfigError(f"vsopt_cluster_top_p must lie in (0, 1], got {self.vsopt_cluster_top_p}")
         if self.steps < 1 or self.clips < 1:
             raise ConfigError(f"steps and clips must be >= 1, got {self.steps}, {self.clips}")
 

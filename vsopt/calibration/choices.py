@@ -46,6 +46,8 @@ def head_plan(state: SiteState, h: int, candidate: int, quant: Quant) -> HeadPla
             cache[key] = HeadPlan(Sparsity.PATTERN, pattern=cand.pattern, **common)
         elif cand.sparsity is Sparsity.DYNAMIC:
             cache[key] = HeadPlan(Sparsity.DYNAMIC, dynamic=cand.dynamic, **common)
+        elif cand.sparsity is Sparsity.CLUSTER:   # its order comes from its clustering: FHW here
+            cache[key] = HeadPlan(Sparsity.CLUSTER, cluster=cand.cluster, **common)
         else:
             cache[key] = HeadPlan(cand.sparsity, **common)
     return cache[key]

@@ -22,6 +22,7 @@ from vsopt.calibration.capture import SiteCall
 from vsopt.calibration.options import CalibrationOptions, default_patterns
 from vsopt.calibration.order_choice import choose_orders, order_block_mass
 from vsopt.core import semantics
+from vsopt.core.clustering import ClusterSpec
 from vsopt.core.dynamic import DynamicMethod, DynamicSpec
 from vsopt.core.errors import ConfigError
 from vsopt.core.ir import AttentionSite
@@ -44,6 +45,7 @@ class Candidate:
     dynamic: DynamicSpec | None = None
     model_order: bool = False  # masks in the model's own order (SiteState.own_order) for every head: no permutation
     remainder: Remainder = Remainder.DROP  # pooled: the dropped blocks attended mean-pooled (PSA)
+    cluster: ClusterSpec | None = None  # a cluster candidate (calibration.clusters): no masks, no order
 
 
 @dataclass
@@ -69,6 +71,7 @@ class SiteState:
     refresh: tuple[int, ...] = ()
     range_start: int = 0
     reused: object = field(default=None, repr=False)
+    clusters: object = field(default=None, repr=False)  # cluster candidates' layouts (calibration.clusters)
 
     @property
     def own_order(self) -> TokenOrder:
@@ -146,11 +149,17 @@ def build_candidates(state: SiteState) -> None:
         # (PSA; not at a soft-capped site: the pooled remainder takes no cap, lower_plan refuses it)
         cands += [dataclasses.replace(c, label=c.label + "+pooled", remainder=Remainder.POOLED) for c in cands
                   if c.sparsity in (Sparsity.MASK, Sparsity.PATTERN, Sparsity.DYNAMIC)]
+    if opt.clusters and not site.softcap:  # k-means orders and cluster-pair blocks, online (SVG2; no cap:
+        # lower_plan leaves a capped site with cluster heads dense)
+        from vsopt.calibration.clusters import cluster_label
+
+        cands += [Candidate(cluster_label(s), Sparsity.CLUSTER, cluster=s) for s in opt.clusters]
     if opt.skip:
         cands.append(Candidate("skip", Sparsity.SKIP, torch.zeros(site.heads, qb, kb, dtype=torch.bool)))
     state.candidates = cands
     state.plans = {}
     state.reused = None  # pass 2 (re)starts: no kept masks
+    state.clusters = None
     H, C = site.heads, len(cands)
     state.err2 = torch.zeros(H, C, dtype=torch.float64)
     state.density = torch.zeros(H, C, dtype=torch.float64)
@@ -219,6 +228,7 @@ def measure_errors(state: SiteState, call: SiteCall, step: int | None = None) ->
     q/k/v are permuted once into the heads' orders; each candidate then runs on them (or, for a
     model-order candidate, on the unpermuted ones) with its masks. step: the call's denoising
     step, which a candidate reusing masks (calibration.reuse) needs."""
+    from vsopt.calibration.clusters import ClusterRuns, measure_cluster
     from vsopt.calibration.reuse import ReusedMasks
 
     ref = exact_attention(call)
@@ -228,6 +238,10 @@ def measure_errors(state: SiteState, call: SiteCall, step: int | None = None) ->
         if state.reused is None:
             state.reused = ReusedMasks(state.range_start)
         state.reused.begin(step)
+    if state.opt.clusters:
+        if state.clusters is None:
+            state.clusters = ClusterRuns()
+        state.clusters.begin(step)
     opt = state.opt
     blocks = (opt.block_m, opt.block_n)
     perm, qp, kp, vp = semantics.permuted_qkv(state.site.grid, state.ordered_heads(), call.q, call.k, call.v)
@@ -235,6 +249,11 @@ def measure_errors(state: SiteState, call: SiteCall, step: int | None = None) ->
     model_order = (None, call.q, semantics.kv_to_heads(call.k, H), semantics.kv_to_heads(call.v, H))
     for c, cand in enumerate(state.candidates):
         p, qc, kc, vc = model_order if cand.model_order else (perm, qp, kp, vp)
+        if cand.sparsity is Sparsity.CLUSTER:
+            out, masks = measure_cluster(state, c, cand, call, step)
+            state.err2[:, c] += _head_err2(out, ref)
+            state.density[:, c] += masks.float().mean((-1, -2)).sum(0).double().cpu()
+            continue
         if cand.sparsity is Sparsity.DYNAMIC and cand.dynamic.reuse_steps:
             masks = state.reused.masks(c, cand.label, cand.dynamic, step, lambda: semantics.dynamic_masks(
                 qc, kc, cand.dynamic, call.scale, *blocks, grid=state.site.grid))

@@ -7,6 +7,7 @@ import json
 import math
 from dataclasses import dataclass
 
+from vsopt.calibration.clusters import check_clusters
 from vsopt.core.costmodel import CostModel
 from vsopt.core.errors import ConfigError
 from vsopt.core.ir import TokenGrid
@@ -155,6 +156,11 @@ class CalibrationOptions:
       blocks attended mean-pooled (PSA, vsopt.core.pooled; HeadPlan.remainder "pooled"): its error
       measured as it runs, its extra work priced by semantics.site_work (pass 2 then measures up
       to twice as many candidates). Off by default.
+    clusters: cluster candidates (Sparse VideoGen 2, vsopt.core.clustering; HeadPlan sparsity
+      "cluster"): each ClusterSpec (query/key cluster counts, top-p, refresh period, k-means
+      iterations) is offered to every head, its token order and blocks from k-means of its own
+      queries and keys, measured across pass 2's steps as the runtime refreshes and warm-starts it
+      (vsopt.calibration.clusters). Empty (none) by default.
     model_order_candidates: also offer every sparse candidate in the model's own token order
       (no permutation) to heads that were given another order, so that a time-budgeted search can
       drop a permutation that costs more than it saves (pass 2 then measures up to twice as many
@@ -182,6 +188,7 @@ class CalibrationOptions:
     dense_warmup: tuple[int, ...] = ()
     mask_refresh: tuple[int, ...] = ()
     pooled_remainder: bool = False
+    clusters: tuple = ()
 
     def __post_init__(self):
         object.__setattr__(self, "orders", tuple(TokenOrder(o) for o in self.orders))
@@ -201,6 +208,7 @@ class CalibrationOptions:
                                                                       "CalibrationOptions.step_ranges"))
         object.__setattr__(self, "dense_warmup", check_warmup(self.dense_warmup, self.step_ranges))
         object.__setattr__(self, "mask_refresh", check_refresh(self.mask_refresh, self.step_ranges))
+        object.__setattr__(self, "clusters", check_clusters(self.clusters))
 
     def fingerprint(self) -> dict:
         """The options as JSON (the cost model left out): recorded in the plan, and part of the

@@ -139,7 +139,7 @@ def calibrate_many(model: torch.nn.Module, calibration_inputs: Sequence[Any], bu
                     ckpt.save(states, i + 1, 0, force=i + 1 == len(calls))
                 bar.update(1)
             bar.close()
-            if errors_done and any(st.refresh for st in states.values()):
+            if errors_done and (options.clusters or any(st.refresh for st in states.values())):
                 # reusing candidates keep masks across pass 2's inputs, which the checkpoint does
                 # not hold: pass 2 starts over (build_candidates zeroes its sums)
                 errors_done = 0

@@ -26,6 +26,7 @@ import torch
 
 from vsopt.kernels.spec import QuantMode as Quant  # the one definition of a precision
 
+from .clustering import ClusterSpec
 from .dynamic import DynamicMethod, DynamicSpec
 from .errors import PlanError
 from .io import atomic_write_bytes
@@ -51,6 +52,7 @@ class Sparsity(str, enum.Enum):
     MASK = "mask"  # a static block mask measured by calibration (HeadPlan.mask)
     PATTERN = "pattern"  # a static pattern computed from the grid (HeadPlan.pattern)
     DYNAMIC = "dynamic"  # predicted online from pooled block scores (HeadPlan.dynamic)
+    CLUSTER = "cluster"  # k-means token order and cluster-pair blocks, online (HeadPlan.cluster, SVG2)
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,9 @@ class HeadPlan:
       mask     (Sparsity.MASK)    bool (QB, KB), QB = ceil(q_len / block_m), KB = ceil(kv_len /
                                   block_n), blocks taken in this head's token order
       dynamic  (Sparsity.DYNAMIC) a vsopt.core.dynamic.DynamicSpec
+      cluster  (Sparsity.CLUSTER) a vsopt.core.clustering.ClusterSpec: the head's token order and
+                                  its blocks come from k-means of its queries and keys (Sparse
+                                  VideoGen 2); its order field stays FHW (on disk: "order": "cluster")
     order: token order the head runs in; the model's own (orders.model_order(grid): FHW for
       frame-major tokens, the default) moves no token.
     quant: precision. block_m, block_n: query / key block sizes of the kernel and of the mask.
@@ -79,6 +84,7 @@ class HeadPlan:
     mask: torch.Tensor | None = field(default=None, compare=False, repr=False)
     dynamic: DynamicSpec | None = None
     remainder: Remainder = Remainder.DROP
+    cluster: ClusterSpec | None = None
 
     def __post_init__(self):
         for name, enum_type in (("sparsity", Sparsity), ("order", TokenOrder), ("quant", Quant),
@@ -95,13 +101,22 @@ class HeadPlan:
             if not is_block_size(v):
                 raise ValueError(f"HeadPlan.{name} must be a power of two in [16, 256], got {v!r}")
         s = self.sparsity
-        want = {"pattern": s is Sparsity.PATTERN, "mask": s is Sparsity.MASK, "dynamic": s is Sparsity.DYNAMIC}
+        want = {"pattern": s is Sparsity.PATTERN, "mask": s is Sparsity.MASK, "dynamic": s is Sparsity.DYNAMIC,
+                "cluster": s is Sparsity.CLUSTER}
         for name, needed in want.items():
             present = getattr(self, name) is not None
             if needed and not present:
                 raise ValueError(f"HeadPlan with sparsity {s.value!r} needs `{name}`")
             if present and not needed:
                 raise ValueError(f"HeadPlan with sparsity {s.value!r} must not set `{name}`")
+        if s is Sparsity.CLUSTER:
+            if not isinstance(self.cluster, ClusterSpec):
+                raise ValueError(f"HeadPlan.cluster must be a ClusterSpec, got {type(self.cluster).__name__}")
+            if self.order is not TokenOrder.FHW:
+                raise ValueError(f"a cluster head's token order comes from its clustering; order must be 'fhw', got "
+                                 f"{self.order.value!r}")
+            if self.remainder is not Remainder.DROP:
+                raise ValueError("a cluster head cannot have remainder 'pooled' (not implemented for clustering)")
         if self.remainder is Remainder.POOLED and s in (Sparsity.DENSE, Sparsity.SKIP):
             raise ValueError(f"HeadPlan with sparsity {s.value!r} cannot have remainder 'pooled' (only mask, "
                              "pattern and dynamic heads leave key blocks out)")
@@ -137,12 +152,15 @@ class HeadPlan:
         return None
 
     def to_json(self, mask_key: str | None) -> dict[str, Any]:
-        d: dict[str, Any] = {"sparsity": self.sparsity.value, "order": self.order.value,
+        order = "cluster" if self.cluster is not None else self.order.value
+        d: dict[str, Any] = {"sparsity": self.sparsity.value, "order": order,
                              "quant": self.quant.value, "block": [self.block_m, self.block_n]}
         if self.pattern is not None:
             d["pattern"] = self.pattern.to_dict()
         if self.dynamic is not None:
             d["dynamic"] = self.dynamic.to_dict()
+        if self.cluster is not None:
+            d["cluster"] = self.cluster.to_dict()
         if self.mask is not None:
             d["mask"] = mask_key
             d["density"] = round(float(self.mask.float().mean()), 6)
@@ -155,24 +173,31 @@ class HeadPlan:
         if not isinstance(d, Mapping):
             raise PlanError(f"{where}: a head plan must be an object, got {d!r}")
         unknown = sorted(set(d) - {"sparsity", "order", "quant", "block", "pattern", "dynamic", "mask", "density",
-                                 "remainder"})
+                                 "remainder", "cluster"})
         if unknown:
             raise PlanError(f"{where}: unknown field(s) {unknown}")
         try:
             block = d.get("block", [64, 64])
             if not (isinstance(block, list) and len(block) == 2):
                 raise ValueError(f"block must be [block_m, block_n], got {block!r}")
+            order = d.get("order", "fhw")
+            if (order == "cluster") != (d.get("sparsity") == "cluster"):
+                raise ValueError(f"order 'cluster' goes with sparsity 'cluster' (got order {order!r}, sparsity "
+                                 f"{d.get('sparsity', 'dense')!r})")
+            if order == "cluster":
+                order = "fhw"
             mask = None
             if "mask" in d:
                 key = d["mask"]
                 if key not in arrays:
                     raise ValueError(f"mask {key!r} is not in the plan's safetensors file")
                 mask = arrays[key]
-            return cls(sparsity=Sparsity(d.get("sparsity", "dense")), order=TokenOrder(d.get("order", "fhw")),
+            return cls(sparsity=Sparsity(d.get("sparsity", "dense")), order=TokenOrder(order),
                        quant=Quant(d.get("quant", "none")), block_m=block[0], block_n=block[1],
                        pattern=pattern_from_dict(d["pattern"]) if "pattern" in d else None,
                        dynamic=DynamicSpec.from_dict(d["dynamic"]) if "dynamic" in d else None, mask=mask,
-                       remainder=d.get("remainder", "drop"))
+                       remainder=d.get("remainder", "drop"),
+                       cluster=ClusterSpec.from_dict(d["cluster"]) if "cluster" in d else None)
         except (ValueError, TypeError, KeyError) as e:
             raise PlanError(f"{where}: {e}") from None
 
@@ -577,6 +602,6 @@ def _load_arrays(path: Path, ref: Any) -> dict[str, torch.Tensor]:
         raise PlanError(f"arrays file {str(arrays_path)!r} is corrupt: {e}") from None
 
 
-__all__ = ["SCHEMA_VERSION", "DynamicMethod", "DynamicSpec", "HeadPlan", "Plan", "Quant", "Remainder", "SitePlan",
+__all__ = ["SCHEMA_VERSION", "ClusterSpec", "DynamicMethod", "DynamicSpec", "HeadPlan", "Plan", "Quant", "Remainder", "SitePlan",
            "Sparsity",
            "StepPlan", "TokenOrder", "is_block_size"]

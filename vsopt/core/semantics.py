@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from vsopt.core import ops as _ops  # noqa: F401  (registers torch.ops.vsopt.*)
+from vsopt.core.clustering import ClusterLayout, ClusterSpec, cluster_cost_pairs, cluster_layout, clustered_attention
 from vsopt.core.costmodel import CostModel, Launch, SiteWork
 from vsopt.core.dynamic import DynamicMethod, DynamicSpec, pooled_block_scores, select_blocks
 from vsopt.core.errors import ConfigError
@@ -82,13 +84,15 @@ class LaunchKey:
     block_n: int
     dynamic: DynamicSpec | None
     remainder: Remainder = Remainder.DROP  # pooled: the launch adds the pooled remainder (core.pooled)
+    cluster: ClusterSpec | None = None  # clustering heads: their own orders and blocks (core.clustering)
 
 
 def launch_groups(heads: Sequence[HeadPlan]) -> dict[LaunchKey, list[int]]:
     """Head indices per launch, launches in order of their first head."""
     groups: dict[LaunchKey, list[int]] = {}
     for h, hp in enumerate(heads):
-        groups.setdefault(LaunchKey(hp.quant, hp.block_m, hp.block_n, hp.dynamic, hp.remainder), []).append(h)
+        groups.setdefault(LaunchKey(hp.quant, hp.block_m, hp.block_n, hp.dynamic, hp.remainder, hp.cluster),
+                          []).append(h)
     return groups
 
 
@@ -194,9 +198,12 @@ def head_masks(site: SiteShape, heads: Sequence[HeadPlan], q: torch.Tensor | Non
     if q is None or k is None or scale is None:
         raise ConfigError(f"site {site.site_id!r}: dynamic heads need q, k and scale to give their masks")
     _, qp, kp, _ = permuted_qkv(site.grid, heads, q, k)
+    layouts = cluster_layouts(site, heads, qp, kp, scale)
     out = []
     for h, (hp, m) in enumerate(zip(heads, static)):
-        if m is None:
+        if h in layouts:   # in the head's own clustering order (per sample)
+            m = layouts[h].masks[:, 0]
+        elif m is None:
             m = dynamic_masks(qp[:, h:h + 1], kp[:, h:h + 1], hp.dynamic, scale, block_m, block_n, site.grid)[:, 0]
         out.append(m.to(q.device).expand(q.shape[0], -1, -1))
     return torch.stack(out, dim=1)
@@ -207,13 +214,15 @@ def head_densities(site: SiteShape, heads: Sequence[HeadPlan], q: torch.Tensor |
     """Fraction of key blocks each head visits (skip 0, dense 1). A dynamic head's density comes
     from the mask it selects on q/k (mean over the batch); without q/k a top-k head is its
     fraction, and a cumulative-mass head raises (its density depends on the input)."""
-    if q is None and any(hp.sparsity is Sparsity.DYNAMIC for hp in heads):
+    if q is None and any(hp.sparsity in (Sparsity.DYNAMIC, Sparsity.CLUSTER) for hp in heads):
         out = []
         for h, hp in enumerate(heads):
-            if hp.sparsity is not Sparsity.DYNAMIC:
+            if hp.sparsity not in (Sparsity.DYNAMIC, Sparsity.CLUSTER):
                 out.append(float(static_mask(site, hp).float().mean()))
-            elif hp.dynamic.method is DynamicMethod.TOP_K:
+            elif hp.dynamic is not None and hp.dynamic.method is DynamicMethod.TOP_K:
                 out.append(float(hp.dynamic.value))
+            elif hp.sparsity is Sparsity.CLUSTER:
+                raise ConfigError(f"{site.site_id} head {h}: a cluster head's density needs q/k")
             else:
                 raise ConfigError(f"{site.site_id} head {h}: a cumulative-mass head's density needs q/k")
         return out
@@ -261,9 +270,10 @@ def site_output(site: SiteShape, heads: Sequence[HeadPlan], q: torch.Tensor, k: 
     softcap > 0: the site's logit cap (AttentionSite.softcap), applied before the softmax as the
     kernel does; the joint split and the pooled remainder do not take one (lower_plan leaves such
     sites dense), so they raise ConfigError here."""
-    if softcap and (mask is not None or joint or any(hp.remainder is Remainder.POOLED for hp in heads)):
-        raise ConfigError(f"site {site.site_id!r}: soft-capped logits with a joint split or the pooled remainder "
-                          "are not lowered (the site stays dense)")
+    if softcap and (mask is not None or joint or any(hp.remainder is Remainder.POOLED or hp.cluster is not None
+                                                     for hp in heads)):
+        raise ConfigError(f"site {site.site_id!r}: soft-capped logits with a joint split, the pooled remainder or "
+                          "clustering are not lowered (the site stays dense)")
     if mask is not None or joint:
         if masks_from is not None:
             raise ConfigError(f"site {site.site_id!r}: reused dynamic masks at a joint site are not modelled")
@@ -275,8 +285,14 @@ def site_output(site: SiteShape, heads: Sequence[HeadPlan], q: torch.Tensor, k: 
     masks = head_masks(site, heads, mq, mk, scale).to(q.device)
     perm, qp, kp, vp = permuted_qkv(site.grid, heads, q, k, v)
     out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=torch.float32, device=q.device)
-    for quant in sorted({hp.quant for hp in heads}, key=lambda m: m.value):
-        group = torch.tensor([hp.quant is quant for hp in heads], device=q.device)[None, :, None, None]
+    layouts = cluster_layouts(site, heads, qp, kp, scale)
+    for h, lay in layouts.items():   # clustering heads: their own orders and blocks (core.clustering)
+        sl = slice(h, h + 1)
+        out[:, sl] = clustered_attention(qp[:, sl], kp[:, sl], vp[:, sl], lay, scale, heads[h].quant.value,
+                                         block_m, block_n).float()
+    for quant in sorted({hp.quant for hp in heads if hp.cluster is None}, key=lambda m: m.value):
+        group = torch.tensor([hp.quant is quant and hp.cluster is None for hp in heads],
+                             device=q.device)[None, :, None, None]
         part = masked_attention(qp, kp, vp, masks & group, scale, quant, block_m, block_n, softcap)
         pooled = torch.tensor([hp.quant is quant and hp.remainder is Remainder.POOLED for hp in heads],
                               device=q.device)[None, :, None, None]
@@ -285,6 +301,30 @@ def site_output(site: SiteShape, heads: Sequence[HeadPlan], q: torch.Tensor, k: 
                                part.float())
         out += part.float() * group
     return out if perm is None else torch.ops.vsopt.unpermute_tokens(out, perm)
+
+
+def cluster_span(site: SiteShape, n: int) -> tuple[int, int]:
+    """[start, stop) of the tokens a clustering head clusters in a sequence of n tokens: the video
+    tokens of a site with a grid of n tokens (text keeps its places, global), else all n."""
+    g = site.grid
+    if g is not None and g.num_tokens == n and g.video_tokens != n:
+        return g.text_before, g.text_before + g.video_tokens
+    return 0, n
+
+
+def cluster_layouts(site: SiteShape, heads: Sequence[HeadPlan], qp: torch.Tensor, kp: torch.Tensor,
+                    scale: float) -> dict[int, ClusterLayout]:
+    """Head index -> the clustering (a cold start, core.clustering.cluster_layout) of every cluster
+    head, on q (B, H, Nq, D) and k (B, H, Nk, D) as permuted_qkv gives them (one key head per
+    query head). The compiled graph warm-starts and reuses these across steps (CLUSTER_STATE); this
+    is one step's clustering from scratch."""
+    out = {}
+    for h, hp in enumerate(heads):
+        if hp.cluster is not None:
+            sl = slice(h, h + 1)
+            out[h] = cluster_layout(qp[:, sl], kp[:, sl], hp.cluster, scale, hp.block_m, hp.block_n,
+                                    cluster_span(site, qp.shape[2]), cluster_span(site, kp.shape[2]))
+    return out
 
 
 def video_range(site: SiteShape) -> tuple[int, int]:
@@ -317,6 +357,10 @@ def joint_plan(site: SiteShape, heads: Sequence[HeadPlan]) -> JointPlan:
     dense all; skip none, and a skipped head outputs 0 in every row), or its dynamic rule (predicted
     on the video tokens). Text rows and columns are global in every kind, patterns' text_global
     included. Raises ConfigError naming the site and head when a mask does not fit."""
+    clustered = [h for h, hp in enumerate(heads) if hp.sparsity is Sparsity.CLUSTER]
+    if clustered:  # the split has no clustering path: refuse rather than run it dense
+        raise ConfigError(f"site {site.site_id!r}: heads {clustered} are cluster heads, which a split joint site "
+                          "does not run")
     pooled = [h for h, hp in enumerate(heads) if hp.remainder is Remainder.POOLED]
     if pooled:  # the split has no pooled-remainder path: refuse rather than drop it
         raise ConfigError(f"site {site.site_id!r}: heads {pooled} ask for the pooled remainder, which a split "
@@ -404,6 +448,14 @@ def site_work(site: SiteShape, heads: Sequence[HeadPlan], densities: Sequence[fl
         qb, kb = num_blocks(site.q_len, key.block_m), num_blocks(site.kv_len, key.block_n)
         launches.append(Launch(key.quant.value, site.head_dim, key.block_m, key.block_n, batch * qb * len(live),
                                sum(round(batch * densities[h] * qb * kb) for h in live)))
+        if key.cluster is not None:
+            # the k-means, priced as attention tiles of the same kernel: its token-centroid dot
+            # products are a GEMM like QK^T, half a tile's work (no PV) per block_m x block_n pairs,
+            # plus one launch's fixed cost (an equivalence, not a fitted term: gpu_check_cluster
+            # measures the layout's time)
+            pairs = cluster_cost_pairs(key.cluster, site.q_len, site.kv_len)
+            launches.append(Launch(key.quant.value, site.head_dim, key.block_m, key.block_n, 0,
+                                   math.ceil(batch * len(live) * pairs / (2 * key.block_m * key.block_n))))
         if key.remainder is Remainder.POOLED:
             # priced as a launch of the same work: per query block, KB pooled keys are block_m x KB
             # scores, the work of ceil(KB / block_n) full blocks (an equivalence, not a fitted term)
@@ -412,8 +464,10 @@ def site_work(site: SiteShape, heads: Sequence[HeadPlan], densities: Sequence[fl
     # a mask reused for reuse_steps more steps is scored once per reuse_steps + 1 steps (the mean)
     scored = sum(batch * num_blocks(site.q_len, hp.block_m) * num_blocks(site.kv_len, hp.block_n)
                  / (hp.dynamic.reuse_steps + 1) for hp in heads if hp.sparsity is Sparsity.DYNAMIC)
-    # the lowering gathers every head of q, k, v and the output once any head reorders
+    # the lowering gathers every head of q, k, v and the output once any head reorders; a cluster
+    # launch gathers its own heads again, in their clustering orders
     moved = permuted_mib(site, site.heads) if permuted_heads(heads, site.grid) else 0.0
+    moved += permuted_mib(site, sum(1 for hp in heads if hp.sparsity is Sparsity.CLUSTER))
     return SiteWork(tuple(launches), moved, scored)
 
 

@@ -72,7 +72,7 @@ from vsopt.core import ops as vsopt_ops  # noqa: F401  (registers torch.ops.vsop
 from vsopt.core.errors import ConfigError, PlanError, UnsupportedSiteError
 from vsopt.core.ir import AttentionSite, SkippedSite
 from vsopt.core.ops import attention_arguments
-from vsopt.core.orders import TokenOrder
+from vsopt.core.orders import is_model_order
 from vsopt.core.plan import HeadPlan, Plan, SitePlan
 from vsopt.core.joint import joint_attention
 from vsopt.core.pooled import Remainder, pooled_attention, pooled_remainder
@@ -123,7 +123,7 @@ def _why_not(site: AttentionSite, sp: SitePlan, node: torch.fx.Node | None, spli
             return "the softmax-mass correction (renorm) keeps statistics of a static batch and length"
     if site.value_dim != site.head_dim:
         return f"value head dim {site.value_dim} differs from query head dim {site.head_dim}"
-    if site.q_len != site.kv_len and any(h.order is not TokenOrder.FHW for h in sp.all_heads()):
+    if site.q_len != site.kv_len and any(not is_model_order(h.order, site.grid) for h in sp.all_heads()):
         return "token orders need self-attention (q_len == kv_len)"
     return None
 

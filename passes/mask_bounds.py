@@ -9,7 +9,9 @@ masked_fill / where, arithmetic, sums, casts, broadcasts and the views that move
 without one is bounded by its dtype only (bool: [0, 1], numbers: unbounded), so a mask is never
 taken for all-true by accident. Inputs are unknown: HunyuanVideo's key-padding mask
 (ones.masked_fill(arange >= video + sum(text_mask), False)) is proved when the text mask input is
-boolean (its sum is >= 0), not when it is an integer tensor, whose sum could be negative.
+boolean (its sum is >= 0), or converted to one in the graph (mask.bool(), mask > 0, mask != 0),
+not when it is an integer tensor used as it is, whose sum could be negative: the reason then names
+that input and says to pass it as mask.bool().
 
 Reads only shapes and dtypes (meta["val"]) and constant buffers; never runs the model.
 """
@@ -290,6 +292,37 @@ def video_part_kept(gm: torch.fx.GraphModule, mask: torch.fx.Node, start: int, s
     if ok:
         return None
     kind = "all-true" if val.dtype == torch.bool else "zero"
-    return (f"the attention mask {mask.name!r} cannot be proved {kind} over video x video tokens [{start}, {stop}) "
-            f"from the graph (bounds [{lo:g}, {hi:g}]); a split joint site needs it (e.g. a key-padding mask "
-            "over the text built from a boolean text mask)")
+    why = (f"the attention mask {mask.name!r} cannot be proved {kind} over video x video tokens [{start}, {stop}) "
+           f"from the graph (bounds [{lo:g}, {hi:g}]); a split joint site needs it")
+    raw = raw_number_inputs(mask)
+    if raw:
+        names = ", ".join(repr(r) for r in raw)
+        return (f"{why}: it is computed from the non-boolean input(s) {names}, whose values the graph cannot bound "
+                "(a tokenizer's 0/1 int64 mask could hold any integer); pass it as mask.bool(), or convert it in the "
+                "model (mask.bool(), mask > 0), which the proof follows")
+    return f"{why} (e.g. a key-padding mask over the text built from a boolean text mask)"
+
+
+_TO_BOOL = {*_CMP, *_NOT}
+
+
+def raw_number_inputs(mask: torch.fx.Node) -> list[str]:
+    """Names of the graph inputs (placeholders) of a non-boolean dtype that reach `mask` used as
+    numbers, not converted to boolean right away (a comparison, a logical not, a cast to bool):
+    their values are unknown, so no bound follows from arithmetic on them (e.g. a sum)."""
+    seen, stack, raw = set(), [mask], set()
+    while stack:
+        n = stack.pop()
+        if n in seen or n.op == "placeholder":
+            continue
+        seen.add(n)
+        converts = n.op == "call_function" and (n.target in _TO_BOOL or (
+            n.target in _CASTS and getattr(_val(n), "dtype", None) == torch.bool))
+        for x in n.all_input_nodes:
+            v = _val(x)
+            if x.op == "placeholder":
+                if isinstance(v, torch.Tensor) and v.dtype != torch.bool and not converts:
+                    raw.add(x.name)
+            else:
+                stack.append(x)
+    return sorted(raw)

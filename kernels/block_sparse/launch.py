@@ -110,6 +110,12 @@ _GENERIC = [
 _ALL_TILES = list(dict.fromkeys([*_GENERIC, *(t for tiles in _TUNED.values() for t in tiles)]))
 
 
+def all_tiles() -> list[Tile]:
+    """Every tile the autotuner may run (its config list, without repeats), in that order: what an
+    ahead-of-time build (plugins/tensorrt/ptx.py) compiles to cover any launch. A new list."""
+    return list(_ALL_TILES)
+
+
 def _tma_compatible(x: torch.Tensor, row_stride: int) -> bool:
     """TMA needs a 16-byte aligned base and row stride (true for any (B, H, N, D) view of a
     contiguous projection with head_dim >= 16; a view at an odd element offset is not)."""

@@ -102,7 +102,7 @@ def representative_configs(dtype: str = "bf16") -> list[PtxConfig]:
     from vsopt.kernels.block_sparse import launch
 
     out = [PtxConfig("attention", 128, dtype, "none", 128, 128, t.block_m, t.block_n, t.num_warps, t.num_stages,
-                     t.use_tma) for t in launch._ALL_TILES]
+                     t.use_tma) for t in launch.all_tiles()]
     for d in (64, 128):
         first = launcher_configs(d, dtype, "none", 128, 128)[0]
         out += [dataclasses.replace(first, quant=q) for q in ("int8", "fp8", "int8_fp8")]

@@ -175,10 +175,20 @@ def test_budget_validation():
         SiteErrorBudget(0.0)
     with pytest.raises(ConfigError, match="density"):
         DensityBudget(1.5)
-    with pytest.raises(ConfigError, match="FHW"):
-        CalibrationOptions(orders=(TokenOrder.HWF,))
     with pytest.raises(ConfigError, match="Quant.NONE"):
         CalibrationOptions(quants=(Quant.INT8,))
+
+
+def test_the_model_order_is_always_tried_first():
+    """CalibrationOptions.orders lists orders besides the model's own, which every site with a
+    grid tries first (no permutation); a site without a grid stays in FHW."""
+    from vsopt.calibration.order_choice import site_orders
+
+    assert site_orders(TokenGrid(2, 2, 2), (TokenOrder.HWF,)) == (TokenOrder.FHW, TokenOrder.HWF)
+    assert site_orders(TokenGrid(2, 2, 2, axes="hwf"), ()) == (TokenOrder.HWF,)
+    assert site_orders(TokenGrid(2, 2, 2, axes="hwf"), tuple(TokenOrder))[0] is TokenOrder.HWF
+    assert len(site_orders(TokenGrid(2, 2, 2, axes="hwf"), tuple(TokenOrder))) == 6
+    assert site_orders(None, tuple(TokenOrder)) == (TokenOrder.FHW,)
 
 
 @pytest.mark.parametrize("fields, message", [

@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, event, given, seed, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from vsopt.core import semantics  # noqa: E402
+from vsopt.core.semantics import SiteShape  # noqa: E402
 from vsopt.core.dynamic import DynamicMethod, DynamicSpec  # noqa: E402
 from vsopt.core.ir import TokenGrid  # noqa: E402
 from vsopt.core.orders import TokenOrder  # noqa: E402
@@ -271,17 +272,5 @@ def _only_site_id(model, *inputs) -> str:
     return report.sites[0].site_id
 
 
-@dataclass(frozen=True)
-class _Shape:
-    site_id: str
-    batch: int
-    heads: int
-    head_dim: int
-    q_len: int
-    kv_len: int
-    grid: TokenGrid
-    dtype: torch.dtype
-
-
-def site_shape(sp: SitePlan, batch: int) -> _Shape:
-    return _Shape(sp.site_id, batch, sp.num_heads, 8, sp.q_len, sp.kv_len, sp.grid, torch.float32)
+def site_shape(sp: SitePlan, batch: int) -> SiteShape:
+    return SiteShape.of_plan(sp, batch, 8, torch.float32)

@@ -37,11 +37,13 @@ def hunyuan_mask(text_mask, video, n):
     return torch.ones(text_mask.shape[0], n, dtype=torch.bool).masked_fill(idx >= valid.unsqueeze(1), False)[:, None, None]
 
 
-def lowered(grid, heads, kv_heads, text_dtype=torch.bool, strict=False, dtype=torch.float64):
+def lowered(grid, heads, kv_heads, text_dtype=torch.bool, strict=False, dtype=torch.float64, convert=None):
+    """convert: what the model does to its text mask input first (e.g. lambda t: t.bool())."""
     site = site_for(grid, len(heads), kv_heads)
     video = grid.video_tokens
 
     def f(q, k, v, text_mask):
+        text_mask = text_mask if convert is None else convert(text_mask)
         return vsopt.attention(q, k, v, hunyuan_mask(text_mask, video, q.shape[2]), SCALE, False) * 2.0
 
     n = grid.num_tokens
@@ -125,10 +127,30 @@ def test_integer_text_mask_cannot_be_proved_and_stays_dense():
     proof, the site stays dense with the reason; strict mode raises it."""
     grid = TokenGrid(2, 4, 4, text_after=6)
     gm, site, ctx, _ = lowered(grid, mixed(), 4, text_dtype=torch.int64)
-    assert ctx.lowered == [] and "cannot be proved all-true over video x video" in ctx.skipped[0].reason
+    reason = ctx.skipped[0].reason
+    assert ctx.lowered == [] and "cannot be proved all-true over video x video" in reason
+    assert "non-boolean input(s) 'text_mask" in reason and "mask.bool()" in reason      # what to do about it
     assert vsopt.attention.default in ops_of(gm)
     with pytest.raises(UnsupportedSiteError, match="cannot be proved"):
         lowered(grid, mixed(), 4, text_dtype=torch.int64, strict=True)
+
+
+CONVERSIONS = {"bool": lambda t: t.bool(), "gt0": lambda t: t > 0, "ne0": lambda t: t != 0,
+               "to_bool_then_int": lambda t: t.to(torch.bool).to(torch.int32)}
+
+
+@pytest.mark.parametrize("convert", sorted(CONVERSIONS))
+def test_integer_text_mask_converted_in_the_graph_lowers(convert):
+    """An int64 text mask (as tokenizers give) that the model converts to boolean first: the proof
+    follows the conversion, the site is split, and equals the meaning of the plan on the mask."""
+    grid = TokenGrid(2, 4, 4, text_after=6)
+    heads = mixed()
+    gm, site, ctx, _ = lowered(grid, heads, 4, text_dtype=torch.int64, convert=CONVERSIONS[convert])
+    assert ctx.lowered == [site.site_id] and not ctx.skipped
+    q, k, v, text = inputs(grid, len(heads), 4, (2, 6), 3)
+    mask = hunyuan_mask(text, grid.video_tokens, grid.num_tokens)
+    want = semantics.site_output(site, heads, q, k, v, SCALE, mask=mask)
+    torch.testing.assert_close(gm(q, k, v, text.long()), 2.0 * want.double(), rtol=1e-6, atol=1e-6)
 
 
 def test_mask_bounds_rules():
@@ -151,5 +173,15 @@ def test_mask_bounds_rules():
     add = lambda t: (((1.0 - hunyuan_mask(t, 8, 12).float()) * -10000.0),)   # noqa: E731
     assert prove(add, t) is None
     assert prove(lambda t: (torch.zeros(12, 12).masked_fill(~hunyuan_mask(t, 8, 12)[0, 0], float("-inf")),), t) is None
-    # a mask read from data is never proved
-    assert prove(lambda x: (x > 0,), torch.randn(1, 1, 12, 12)) is not None
+    # a mask read from data is never proved (and converting it would not help: no .bool() advice)
+    why = prove(lambda x: (x > 0,), torch.randn(1, 1, 12, 12))
+    assert why is not None and "mask.bool()" not in why
+    # integer inputs: converted in the graph, proved; an additive mask from a converted int mask too
+    i = torch.ones(2, 4, dtype=torch.int64)
+    keep = lambda t: torch.cat([torch.ones(2, 8, dtype=torch.int64), t], 1)[:, None, None]   # noqa: E731
+    assert prove(lambda t: (keep(t) > 0,), i) is None
+    assert prove(lambda t: (keep(t).bool(),), i) is None
+    assert prove(lambda t: ((1.0 - keep(t).float()) * torch.finfo(torch.float32).min,), i) is None
+    assert prove(lambda t: (torch.zeros(2, 1, 1, 12).masked_fill(keep(t) == 0, float("-inf")),), i) is None
+    # (1 - m) * -inf is NaN (0 * -inf) where m keeps a key: never proved zero
+    assert prove(lambda t: ((1.0 - keep(t).float()) * float("-inf"),), i) is not None

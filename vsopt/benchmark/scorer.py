@@ -46,7 +46,7 @@ def _as_sampler_model(fn):
 
 def site_output(site, heads: Sequence[HeadPlan], call) -> torch.Tensor:
     """What `site` computes under `heads` on a recorded call's q/k/v (semantics.site_output)."""
-    return semantics.site_output(site, heads, call.q, call.k, call.v, call.scale)
+    return semantics.site_output(site, heads, call.q, call.k, call.v, call.scale, softcap=call.softcap)
 
 
 class PlanScorer:

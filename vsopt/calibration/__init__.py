@@ -31,7 +31,7 @@ _LAZY = {
     "SiteErrorBudget": "budgets", "DensityBudget": "budgets", "SpeedupBudget": "budgets", "QualityFloor": "budgets",
     "QualityMetric": "budgets", "Budget": "budgets",
     "CalibrationOptions": "options", "default_patterns": "options",
-    "SiteCall": "capture", "RecordedCall": "capture", "run_observing": "capture",
+    "SiteCall": "site_call", "RecordedCall": "capture", "run_observing": "capture",
     "record_forward_inputs": "capture",
     "order_block_mass": "order_choice", "choose_orders": "order_choice",
     "SiteState": "measure", "site_plan_output": "measure",

@@ -24,24 +24,11 @@ import torch.fx
 from torch.utils._pytree import tree_map
 
 from vsopt.calibration.order_choice import choose_orders, order_block_mass  # noqa: F401  (old vsopt.capture names)
+from vsopt.calibration.site_call import SiteCall
 from vsopt.core.errors import ConfigError
 from vsopt.core.ops import attention_arguments
 
 ATTENTION_OP = torch.ops.vsopt.attention.default
-
-
-@dataclass
-class SiteCall:
-    """One execution of one attention site. q: (B, Hq, N, D); k, v: (B, Hkv, N, D); out: (B, Hq, N, Dv)."""
-
-    site_id: str
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    attn_mask: torch.Tensor | None
-    scale: float
-    is_causal: bool
-    out: torch.Tensor
 
 
 class _ObservingInterpreter(torch.fx.Interpreter):
@@ -56,7 +43,8 @@ class _ObservingInterpreter(torch.fx.Interpreter):
         if n.op == "call_function" and n.target is ATTENTION_OP and site_id is not None:
             bound = attention_arguments(*self.fetch_args_kwargs_from_env(n))
             replacement = self.observer(SiteCall(site_id, bound["q"], bound["k"], bound["v"], bound["attn_mask"],
-                                                 float(bound["scale"]), bool(bound["is_causal"]), result))
+                                                 float(bound["scale"]), bool(bound["is_causal"]), result,
+                                                 float(bound["softcap"])))
             self.seen.append(site_id)
             if replacement is not None:
                 if replacement.shape != result.shape:

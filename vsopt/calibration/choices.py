@@ -15,7 +15,6 @@ from typing import Sequence
 from vsopt.calibration.measure import SiteState
 from vsopt.core import semantics
 from vsopt.core.costmodel import CostModel, SiteWork
-from vsopt.core.orders import TokenOrder
 from vsopt.core.plan import HeadPlan, Quant, Sparsity
 
 
@@ -38,7 +37,7 @@ def head_plan(state: SiteState, h: int, candidate: int, quant: Quant) -> HeadPla
         cand = state.candidates[candidate]
         # a dense or skipped head gains nothing from a permutation: keep the model's order
         order = state.head_orders[h] if cand.sparsity in (Sparsity.MASK, Sparsity.PATTERN, Sparsity.DYNAMIC) \
-            and not cand.model_order else TokenOrder.FHW
+            and not cand.model_order else state.own_order
         common = dict(order=order, quant=quant if cand.sparsity is not Sparsity.SKIP else Quant.NONE,
                       block_m=state.opt.block_m, block_n=state.opt.block_n, remainder=cand.remainder,
                       renorm=cand.renorm)
@@ -108,7 +107,7 @@ def _marginal_us(state: SiteState, hp: HeadPlan, density: float, cost: CostModel
     t = sum(cost.predict_us(SiteWork((launch,))) - cost.launch_cost_us(launch) for launch in work.launches)
     # the search charges a permuted head 1/heads of its own data moved, a tie-breaker between
     # orders (the site's real permutation cost, every head gathered, is in predicted_time_us)
-    own = semantics.permuted_mib(state.site, semantics.permuted_heads([hp]))
+    own = semantics.permuted_mib(state.site, semantics.permuted_heads([hp], state.site.grid))
     t += own * cost.permute_us_per_mib / state.site.heads
     return t + work.scored_blocks * cost.score_us_per_block
 

@@ -189,7 +189,7 @@ def check_args(args: argparse.Namespace) -> Checked:
             raise ConfigError(f"{option} {path!r}: cannot make its folder: {one_line(e)}") from None
     options = CalibrationOptions(
         block_m=block, block_n=block, quants=quants,
-        orders=(TokenOrder.FHW,) if args.no_reorder else tuple(TokenOrder), patterns=not args.no_patterns,
+        orders=() if args.no_reorder else tuple(TokenOrder), patterns=not args.no_patterns,
         dynamic=not args.no_dynamic, skip=not args.no_skip, error_inputs=args.error_inputs,
         site_overhead_us=overhead, host_overhead=not args.cuda_graphs,
         model_order_candidates=args.speedup is not None,

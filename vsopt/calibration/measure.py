@@ -26,7 +26,8 @@ from vsopt.core.clustering import ClusterSpec
 from vsopt.core.dynamic import DynamicMethod, DynamicSpec
 from vsopt.core.errors import ConfigError
 from vsopt.core.ir import AttentionSite
-from vsopt.core.orders import TokenOrder
+from vsopt.core.ops import softcapped_attention
+from vsopt.core.orders import TokenOrder, model_order
 from vsopt.core.patterns import Pattern, Union, block_mask, calibrated_block_mask, num_blocks
 from vsopt.core.plan import HeadPlan, Quant, Sparsity
 from vsopt.core.pooled import Remainder
@@ -43,7 +44,7 @@ class Candidate:
     masks: torch.Tensor | None = None
     pattern: Pattern | None = None
     dynamic: DynamicSpec | None = None
-    model_order: bool = False  # masks in the model's own order (FHW) for every head: no permutation
+    model_order: bool = False  # masks in the model's own order (SiteState.own_order) for every head: no permutation
     remainder: Remainder = Remainder.DROP  # pooled: the dropped blocks attended mean-pooled (PSA)
     renorm: Renorm | None = None  # softmax-mass correction (Re-ttention, calibration.renorm)
     cluster: ClusterSpec | None = None  # a cluster candidate (calibration.clusters): no masks, no order
@@ -76,6 +77,11 @@ class SiteState:
     renorm: tuple[int, ...] = ()
     renormed: object = field(default=None, repr=False)
     clusters: object = field(default=None, repr=False)  # cluster candidates' layouts (calibration.clusters)
+
+    @property
+    def own_order(self) -> TokenOrder:
+        """The model's own token order at this site (orders.model_order: FHW without a grid)."""
+        return model_order(self.site.grid)
 
     @property
     def blocks(self) -> tuple[int, int]:
@@ -115,7 +121,7 @@ def measure_mass(state: SiteState, call: SiteCall) -> None:
 def build_candidates(state: SiteState) -> None:
     """After pass 1: pick each head's order and list the sparsity candidates in those orders."""
     site, (qb, kb), opt = state.site, state.blocks, state.opt
-    state.head_orders = choose_orders(state.mass, opt.order_density)
+    state.head_orders = choose_orders(state.mass, opt.order_density, prefer=state.own_order)
     mean = torch.stack([state.mass[o][h] for h, o in enumerate(state.head_orders)]) / max(1, state.mass_calls)
     cands = [Candidate("dense", Sparsity.DENSE, torch.ones(site.heads, qb, kb, dtype=torch.bool))]
     seen = {cands[0].masks.numpy().tobytes()}
@@ -142,16 +148,19 @@ def build_candidates(state: SiteState) -> None:
         for r in state.refresh:  # the same masks, computed every r steps and reused between (AdaSpa)
             cands += [Candidate(f"{c.label}/every{r}", Sparsity.DYNAMIC,
                                 dynamic=dataclasses.replace(c.dynamic, reuse_steps=r - 1)) for c in fresh]
-    if opt.model_order_candidates and any(o is not TokenOrder.FHW for o in state.head_orders):
+    if opt.model_order_candidates and any(o is not state.own_order for o in state.head_orders):
         cands += _model_order_candidates(state, cands)
-    if opt.pooled_remainder:  # every sparse candidate again, its dropped blocks pooled (PSA)
+    if opt.pooled_remainder and not site.softcap:  # every sparse candidate again, its dropped blocks pooled
+        # (PSA; not at a soft-capped site: the pooled remainder takes no cap, lower_plan refuses it)
         cands += [dataclasses.replace(c, label=c.label + "+pooled", remainder=Remainder.POOLED) for c in cands
                   if c.sparsity in (Sparsity.MASK, Sparsity.PATTERN, Sparsity.DYNAMIC)]
-    for r in state.renorm:  # every sparse candidate again, its dropped mass restored (Re-ttention)
+    for r in state.renorm if not site.softcap else ():  # every sparse candidate again, its dropped mass
+        # restored (Re-ttention; not at a soft-capped site: the correction takes no cap, lower_plan refuses it)
         cands += [dataclasses.replace(c, label=f"{c.label}/renorm{r}", renorm=Renorm(r)) for c in list(cands)
                   if c.renorm is None and c.sparsity in (Sparsity.MASK, Sparsity.PATTERN, Sparsity.DYNAMIC)
                   and not (c.dynamic is not None and c.dynamic.reuse_steps)]
-    if opt.clusters:  # k-means orders and cluster-pair blocks, online (SVG2)
+    if opt.clusters and not site.softcap:  # k-means orders and cluster-pair blocks, online (SVG2; no cap:
+        # lower_plan leaves a capped site with cluster heads dense)
         from vsopt.calibration.clusters import cluster_label
 
         cands += [Candidate(cluster_label(s), Sparsity.CLUSTER, cluster=s) for s in opt.clusters]
@@ -179,21 +188,23 @@ def _with_text(state: SiteState, masks: torch.Tensor) -> torch.Tensor:
 
 def _model_order_candidates(state: SiteState, cands: Sequence[Candidate]) -> list[Candidate]:
     """The sparse candidates again in the model's own token order for every head (labels end in
-    "@fhw"): calibrated masks from the FHW block mass, patterns and dynamic masks in FHW."""
-    site, opt = state.site, state.opt
-    fhw_mass = state.mass[TokenOrder.FHW] / max(1, state.mass_calls)
+    "@" + that order, e.g. "@fhw"): calibrated masks from its block mass, patterns and dynamic
+    masks in it."""
+    site, opt, own = state.site, state.opt, state.own_order
+    own_mass = state.mass[own] / max(1, state.mass_calls)
+    tag = "@" + own.value
     out = []
     for cand in cands:
         if cand.sparsity is Sparsity.MASK:
             share = float(cand.label.split("@", 1)[1])
-            out.append(Candidate(cand.label + "@fhw", Sparsity.MASK, _with_text(state, calibrated_block_mask(fhw_mass, share)),
+            out.append(Candidate(cand.label + tag, Sparsity.MASK, _with_text(state, calibrated_block_mask(own_mass, share)),
                                  model_order=True))
         elif cand.sparsity is Sparsity.PATTERN:
-            m = block_mask(cand.pattern, site.grid, TokenOrder.FHW, opt.block_m, opt.block_n)
-            out.append(Candidate(cand.label + "@fhw", Sparsity.PATTERN, m[None].expand(site.heads, -1, -1).clone(),
+            m = block_mask(cand.pattern, site.grid, own, opt.block_m, opt.block_n)
+            out.append(Candidate(cand.label + tag, Sparsity.PATTERN, m[None].expand(site.heads, -1, -1).clone(),
                                  pattern=cand.pattern, model_order=True))
         elif cand.sparsity is Sparsity.DYNAMIC:
-            out.append(Candidate(cand.label + "@fhw", Sparsity.DYNAMIC, dynamic=cand.dynamic, model_order=True))
+            out.append(Candidate(cand.label + tag, Sparsity.DYNAMIC, dynamic=cand.dynamic, model_order=True))
     return out
 
 
@@ -206,11 +217,13 @@ def describe_pattern(p: Pattern) -> str:
 
 
 def exact_attention(call: SiteCall) -> torch.Tensor:
-    """Exact attention in float32, the reference every error is measured against."""
+    """Exact attention in float32, the reference every error is measured against; a soft-capped
+    site's scores capped (softcap * tanh(s / softcap)) before the softmax, as the site computes."""
     H = call.q.shape[1]
-    return torch.nn.functional.scaled_dot_product_attention(
-        call.q.float(), semantics.kv_to_heads(call.k, H).float(), semantics.kv_to_heads(call.v, H).float(),
-        scale=call.scale)
+    q, k, v = call.q.float(), semantics.kv_to_heads(call.k, H).float(), semantics.kv_to_heads(call.v, H).float()
+    if call.softcap:
+        return softcapped_attention(q, k, v, None, call.scale, False, call.softcap)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=call.scale)
 
 
 def _head_err2(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -275,12 +288,14 @@ def measure_errors(state: SiteState, call: SiteCall, step: int | None = None) ->
         else:
             masks = cand.masks[None]
         attend = semantics.pooled_masked_attention if cand.remainder is Remainder.POOLED else semantics.masked_attention
-        out = _unpermuted(attend(qc, kc, vc, masks, call.scale, Quant.NONE, *blocks), p)
+        cap = (call.softcap,) if call.softcap else ()   # no capped pooled candidate (build_candidates)
+        out = _unpermuted(attend(qc, kc, vc, masks, call.scale, Quant.NONE, *blocks, *cap), p)
         state.err2[:, c] += _head_err2(out, ref)
         state.density[:, c] += masks.float().mean((-1, -2)).expand(call.q.shape[0], -1).sum(0).double().cpu()
     dense = state.candidates[0].masks[None]
     for i, quant in enumerate(opt.quants):
-        out = _unpermuted(semantics.masked_attention(qp, kp, vp, dense, call.scale, quant, *blocks), perm)
+        out = _unpermuted(semantics.masked_attention(qp, kp, vp, dense, call.scale, quant, *blocks, call.softcap),
+                          perm)
         state.quant_err2[:, i] += _head_err2(out, ref)
     state.norm2 += ref.double().pow(2).sum((0, 2, 3)).cpu()
     state.error_calls += call.q.shape[0]
@@ -290,4 +305,4 @@ def site_plan_output(site: AttentionSite, heads: Sequence[HeadPlan], call: SiteC
     """Deprecated: vsopt.core.semantics.site_output(site, heads, call.q, call.k, call.v, call.scale)."""
     warnings.warn("vsopt.calibration.site_plan_output is deprecated; use vsopt.core.semantics.site_output",
                   DeprecationWarning, stacklevel=2)
-    return semantics.site_output(site, heads, call.q, call.k, call.v, call.scale)
+    return semantics.site_output(site, heads, call.q, call.k, call.v, call.scale, softcap=call.softcap)

@@ -121,7 +121,8 @@ class CalibrationOptions:
     """What the search may choose from, and how it measures.
 
     block_m, block_n: kernel block sizes (masks are in blocks of these).
-    orders: token orders tried per head (a site without a grid stays in FHW).
+    orders: token orders tried per head besides the model's own (orders.model_order(grid): FHW for
+    frame-major tokens), which is always tried and wins ties (a site without a grid stays in FHW).
     order_density: density at which orders are compared (mass kept by the top blocks).
     mass_shares: calibrated-mask candidates, each the fewest blocks holding that share of mass.
     quants: precisions the search may pick. patterns / dynamic / skip: candidate families allowed.
@@ -208,8 +209,6 @@ class CalibrationOptions:
     def __post_init__(self):
         object.__setattr__(self, "orders", tuple(TokenOrder(o) for o in self.orders))
         object.__setattr__(self, "quants", tuple(Quant(q) for q in self.quants))
-        if TokenOrder.FHW not in self.orders:
-            raise ConfigError("CalibrationOptions.orders must include FHW (the model's own order)")
         if Quant.NONE not in self.quants:
             raise ConfigError("CalibrationOptions.quants must include Quant.NONE (the exact fallback)")
         if not all(0.0 < s <= 1.0 for s in self.mass_shares):

@@ -40,6 +40,7 @@ from vsopt.calibration.inputs import Signature, as_recorded, model_output, posit
 from vsopt.calibration.measure import SiteState, build_candidates, calibratable, exact_attention, measure_errors, \
     measure_mass
 from vsopt.calibration.options import CalibrationOptions
+from vsopt.calibration.order_choice import site_orders
 from vsopt.calibration.result import CalibrationResult, SiteResult, assemble
 from vsopt.calibration.reuse import measurable_intervals
 from vsopt.calibration.search import decide
@@ -49,7 +50,6 @@ from vsopt.core.costmodel import CostModel
 from vsopt.core.errors import ConfigError, VsoptError
 from vsopt.core.ir import TokenGrid
 from vsopt.core.metrics import psnr, relative_l2
-from vsopt.core.orders import TokenOrder
 from vsopt.core.plan import Plan
 from vsopt.core.semantics import site_output
 
@@ -111,7 +111,7 @@ def calibrate_many(model: torch.nn.Module, calibration_inputs: Sequence[Any], bu
         used = sorted({r for r in range_ids if r is not None})
         if not used:
             raise ConfigError(f"no calibration input falls in the step ranges {ranges}")
-        states = {(s.site_id, r): SiteState(s, options, options.orders if s.grid is not None else (TokenOrder.FHW,))
+        states = {(s.site_id, r): SiteState(s, options, site_orders(s.grid, options.orders))
                   for s in sites for r in used}
         # pass 2 runs on the first `error_inputs` inputs of each step range
         take, seen = [], {}
@@ -233,7 +233,7 @@ def _verify(gm, states: dict, plan: Plan, results: list[SiteResult], first_of_ra
             sp = plan[call.site_id]
             heads = sp.heads if ranges is None else sp.heads_at(ranges[rng][0])
             ref = exact_attention(call)
-            out = site_output(states[key].site, heads, call.q, call.k, call.v, call.scale)
+            out = site_output(states[key].site, heads, call.q, call.k, call.v, call.scale, softcap=call.softcap)
             err2[key] = err2.get(key, 0.0) + float((out.double() - ref.double()).pow(2).sum())
             norm2[key] = norm2.get(key, 0.0) + float(ref.double().pow(2).sum())
             return None
@@ -256,7 +256,8 @@ def _quality_search(model, signature: Signature, held: tuple, states, used, opti
             if (call.site_id, used[0]) not in states:  # not calibrated: its dense entry changes nothing
                 return None
             site = states[(call.site_id, used[0])].site
-            return site_output(site, plan[call.site_id].heads, call.q, call.k, call.v, call.scale)
+            return site_output(site, plan[call.site_id].heads, call.q, call.k, call.v, call.scale,
+                               softcap=call.softcap)
 
         out = model_output(run_observing(held_gm, held, substitute)).float()
         return psnr(out, dense_out) if budget.metric is QualityMetric.PSNR else relative_l2(out, dense_out)

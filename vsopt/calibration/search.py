@@ -21,7 +21,6 @@ from vsopt.calibration.choices import (HeadChoice, dense_choices, head_options, 
 from vsopt.calibration.measure import SiteState
 from vsopt.core.costmodel import CostModel
 from vsopt.core.errors import ConfigError
-from vsopt.core.orders import TokenOrder
 from vsopt.core.plan import Quant, Sparsity
 
 T = TypeVar("T")
@@ -209,7 +208,7 @@ def _site_variants(state: SiteState, options: Options) -> list[Options]:
 
     def permuted(h, o):
         c = cands[o.candidate]
-        return (state.head_orders[h] is not TokenOrder.FHW and not c.model_order
+        return (state.head_orders[h] is not state.own_order and not c.model_order
                 and c.sparsity not in (Sparsity.DENSE, Sparsity.SKIP))
 
     online = (Sparsity.DYNAMIC, Sparsity.CLUSTER)  # heads that pay a per-site scoring cost

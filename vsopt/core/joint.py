@@ -28,7 +28,7 @@ import torch
 
 from vsopt.core import ops as _ops  # noqa: F401  (registers torch.ops.vsopt.*)
 from vsopt.core.dynamic import DynamicSpec
-from vsopt.core.lse import Emitter, dense_lse, merge_partials, smoothing_shift
+from vsopt.core.lse import Emitter, dense_lse, gather_heads, merge_partials, sparse_partial
 from vsopt.core.plan import Quant
 
 aten = torch.ops.aten
@@ -171,24 +171,11 @@ def _video_part(jp: JointPlan, q, k, v, scale: float, em: Emitter, cache_key: st
                        spec.value, spec.reuse_steps if reuse else 0, f"{cache_key}/heads{g.heads[0]}")
             table = em.op(vsopt.mask_to_table.default, dm)
             idx, counts = em.op(operator.getitem, table, 0), em.op(operator.getitem, table, 1)
-        res = em.op(vsopt.block_sparse_attention_lse.default, qg, kg, vg, idx, counts, float(scale), g.block_m,
-                    g.block_n, g.quant.value)
-        o, lse = em.op(operator.getitem, res, 0), em.op(operator.getitem, res, 1)
-        if g.quant is not Quant.NONE:
-            lse = em.op(aten.add.Tensor, lse, smoothing_shift(em, qg, kg, scale))
-        outs.append(em.op(aten._to_copy.default, o, dtype=torch.float32))
+        o, lse = sparse_partial(em, qg, kg, vg, idx, counts, scale, g.block_m, g.block_n, g.quant)
+        outs.append(o)
         lses.append(lse)
         order += g.heads
-    out = outs[0] if len(outs) == 1 else em.op(aten.cat.default, outs, 1)
-    lse = lses[0] if len(lses) == 1 else em.op(aten.cat.default, lses, 1)
-    if order != sorted(order):
-        inverse = em.const("joint_head_order", torch.argsort(torch.tensor(order, dtype=torch.int64)))
-        out, lse = em.op(aten.index_select.default, out, 1, inverse), em.op(aten.index_select.default, lse, 1, inverse)
-    if perm is not None:
-        out = em.op(vsopt.unpermute_tokens.default, out, perm)
-        lse = em.op(aten.squeeze.dim, em.op(vsopt.unpermute_tokens.default, em.op(aten.unsqueeze.default, lse, -1),
-                                            perm), -1)
-    return out, lse
+    return gather_heads(em, outs, lses, order, perm, "joint_head_order")
 
 
 __all__ = ["JointGroup", "JointPlan", "joint_attention"]

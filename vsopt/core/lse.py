@@ -12,9 +12,12 @@ the ops now (the meaning, tests, GPU checks), a pass's emitter inserts the same 
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Protocol, Sequence
 
 import torch
+
+from vsopt.kernels.spec import QuantMode
 
 aten = torch.ops.aten
 NEG_INF = float("-inf")
@@ -66,6 +69,36 @@ def smoothing_shift(em: Emitter, q, kp, scale: float):
     dots = em.op(aten.matmul.default, em.op(aten._to_copy.default, q, dtype=torch.float32),
                  em.op(aten.transpose.int, mean, 2, 3))
     return em.op(aten.mul.Tensor, em.op(aten.squeeze.dim, dots, -1), float(scale))
+
+
+def sparse_partial(em: Emitter, q, k, v, kv_indices, kv_counts, scale: float, block_m: int, block_n: int,
+                   quant: QuantMode | str) -> tuple[Any, Any]:
+    """One vsopt.block_sparse_attention_lse launch as a part to merge: (out float32 (B, H, Nq, Dv),
+    lse (B, H, Nq)); a quantized launch's lse gets its smoothing shift back (smoothing_shift)."""
+    quant = QuantMode.parse(quant)
+    res = em.op(torch.ops.vsopt.block_sparse_attention_lse.default, q, k, v, kv_indices, kv_counts, float(scale),
+                block_m, block_n, quant.value)
+    out, lse = em.op(operator.getitem, res, 0), em.op(operator.getitem, res, 1)
+    if quant is not QuantMode.NONE:
+        lse = em.op(aten.add.Tensor, lse, smoothing_shift(em, q, k, scale))
+    return em.op(aten._to_copy.default, out, dtype=torch.float32), lse
+
+
+def gather_heads(em: Emitter, outs: Sequence[Any], lses: Sequence[Any], order: Sequence[int], perm, label: str
+                 ) -> tuple[Any, Any]:
+    """The launch groups' (out, lse), computed for heads `order` (concatenated in that order) and
+    in the token order `perm` (gather indices, a constant; None: the model's), back in head order
+    and the model's token order. label: the name of the head-order constant."""
+    out = outs[0] if len(outs) == 1 else em.op(aten.cat.default, list(outs), 1)
+    lse = lses[0] if len(lses) == 1 else em.op(aten.cat.default, list(lses), 1)
+    if list(order) != sorted(order):
+        inverse = em.const(label, torch.argsort(torch.tensor(list(order), dtype=torch.int64)))
+        out, lse = em.op(aten.index_select.default, out, 1, inverse), em.op(aten.index_select.default, lse, 1, inverse)
+    if perm is not None:
+        unpermute = torch.ops.vsopt.unpermute_tokens.default
+        out = em.op(unpermute, out, perm)
+        lse = em.op(aten.squeeze.dim, em.op(unpermute, em.op(aten.unsqueeze.default, lse, -1), perm), -1)
+    return out, lse
 
 
 def dense_lse(em: Emitter, q, k, v, mask, scale: float) -> tuple[Any, Any]:

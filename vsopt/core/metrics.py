@@ -7,14 +7,15 @@ import torch
 
 
 def block_attention_mass(q: torch.Tensor, k: torch.Tensor, scale: float, block_m: int = 64, block_n: int = 64,
-                         query_chunk: int = 1024) -> torch.Tensor:
+                         query_chunk: int = 1024, softcap: float = 0.0) -> torch.Tensor:
     """Exact block-level attention mass, without materializing the N x N map at once.
 
     q: (B, H, Nq, D); k: (B, Hkv, Nk, D) (Hkv divides H). Returns float32 (B, H, QB, KB) with
     QB = ceil(Nq / block_m), KB = ceil(Nk / block_n): entry [b, h, i, j] is the softmax
     probability mass that the queries of block i give to the keys of block j, averaged over the
     queries of block i (so each row sums to 1). Computed in float32, `query_chunk` query rows at a
-    time (memory O(query_chunk * Nk) per head).
+    time (memory O(query_chunk * Nk) per head). softcap > 0: the scores are capped first,
+    s -> softcap * tanh(s / softcap), as the site computes them.
     """
     B, H, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -31,7 +32,10 @@ def block_attention_mass(q: torch.Tensor, k: torch.Tensor, scale: float, block_m
     out = torch.zeros(B, H, QB, KB, device=q.device, dtype=torch.float32)
     for start in range(0, Nq, query_chunk):
         stop = min(Nq, start + query_chunk)
-        p = torch.softmax(q[:, :, start:stop].float() @ kf.transpose(-1, -2) * scale, dim=-1)  # (B,H,c,Nk)
+        s = q[:, :, start:stop].float() @ kf.transpose(-1, -2) * scale
+        if softcap > 0:
+            s = softcap * torch.tanh(s / softcap)
+        p = torch.softmax(s, dim=-1)  # (B, H, c, Nk)
         mass = p @ to_blocks  # (B, H, c, KB)
         qb = torch.arange(start, stop, device=q.device) // block_m
         out.index_add_(2, qb, mass)

@@ -47,9 +47,15 @@ class TokenOrder(str, enum.Enum):
         return self is TokenOrder.FHW
 
 
-def model_order(grid: TokenGrid) -> TokenOrder:
-    """The order the model's own tokens are in (its permutation is the identity)."""
-    return TokenOrder(grid.axes)
+def model_order(grid: TokenGrid | None) -> TokenOrder:
+    """The order the model's own tokens are in (its permutation is the identity); without a grid,
+    frame-major (FHW) is assumed, as everywhere a site has no grid."""
+    return TokenOrder.FHW if grid is None else TokenOrder(grid.axes)
+
+
+def is_model_order(order: TokenOrder | str, grid: TokenGrid | None) -> bool:
+    """Whether running in `order` moves no token of a site over `grid` (None: frame-major)."""
+    return TokenOrder(order) is model_order(grid)
 
 
 def _to_axes(layout: str, order: str) -> tuple[int, ...]:

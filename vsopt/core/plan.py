@@ -31,7 +31,7 @@ from .dynamic import DynamicMethod, DynamicSpec
 from .errors import PlanError
 from .io import atomic_write_bytes
 from .ir import AttentionSite, TokenGrid
-from .orders import TokenOrder
+from .orders import TokenOrder, is_model_order
 from .patterns import Pattern, block_mask, num_blocks, pattern_from_dict
 from .pooled import Remainder
 from .rettention import Phase, Renorm, renorm_phase
@@ -68,7 +68,8 @@ class HeadPlan:
       cluster  (Sparsity.CLUSTER) a vsopt.core.clustering.ClusterSpec: the head's token order and
                                   its blocks come from k-means of its queries and keys (Sparse
                                   VideoGen 2); its order field stays FHW (on disk: "order": "cluster")
-    order: token order the head runs in (FHW = the model's own, no permutation).
+    order: token order the head runs in; the model's own (orders.model_order(grid): FHW for
+      frame-major tokens, the default) moves no token.
     quant: precision. block_m, block_n: query / key block sizes of the kernel and of the mask.
     remainder: what a mask, pattern or dynamic head does with the key blocks it does not keep
       (vsopt.core.pooled.Remainder): dropped (default), or attended mean-pooled in the same
@@ -267,7 +268,7 @@ class SitePlan:
         for h in self.all_heads():
             if h.mask is not None:
                 h.block_mask(self.q_len, self.kv_len, self.grid)  # checks the mask shape
-            needs_grid = h.sparsity is Sparsity.PATTERN or h.order is not TokenOrder.FHW
+            needs_grid = h.sparsity is Sparsity.PATTERN or not _order_free(h, self.grid)
             if needs_grid and (self.grid is None or self.grid.num_tokens != self.q_len or self.q_len != self.kv_len):
                 raise ValueError(f"site {self.site_id!r}: pattern heads and token orders need self-attention with "
                                  f"a grid of q_len tokens; got grid {self.grid}, q_len {self.q_len}, "
@@ -289,8 +290,7 @@ class SitePlan:
     @property
     def is_dense(self) -> bool:
         """True when every head at every step is plain dense attention in the model's order."""
-        return all(h.sparsity is Sparsity.DENSE and h.order is TokenOrder.FHW and h.quant is Quant.NONE
-                   for h in self.all_heads())
+        return _plain_dense(self.all_heads(), self.grid)
 
     def density(self, step: int | None = None) -> float | None:
         """Mean block density over the heads (static heads only; None if any head is dynamic)."""
@@ -585,15 +585,24 @@ def _at_phase(hp: HeadPlan, step: int | None, segment_start: int | None) -> Head
     return dataclasses.replace(hp, renorm=dataclasses.replace(hp.renorm, phase=phase))
 
 
-def _plain_dense(heads: Iterable[HeadPlan]) -> bool:
-    return all(h.sparsity is Sparsity.DENSE and h.order is TokenOrder.FHW and h.quant is Quant.NONE for h in heads)
+def _order_free(h: HeadPlan, grid: TokenGrid | None) -> bool:
+    """Whether the head's order moves no token: the model's own (orders.model_order), or FHW,
+    HeadPlan's default, which needs no grid to be checked here (on a grid laid out otherwise it
+    is a permutation, which the meaning of the plan, vsopt.core.semantics, applies)."""
+    return h.order is TokenOrder.FHW or is_model_order(h.order, grid)
+
+
+def _plain_dense(heads: Iterable[HeadPlan], grid: TokenGrid | None = None) -> bool:
+    """Plain dense attention: dense, unquantized heads, in the model's order or the default FHW
+    (a dense unquantized head's output does not depend on its token order)."""
+    return all(h.sparsity is Sparsity.DENSE and _order_free(h, grid) and h.quant is Quant.NONE for h in heads)
 
 
 def _site_warmup(sp: SitePlan) -> int:
     """The steps from 0 that `sp`'s step ranges cover, without a gap, with plain dense heads."""
     k = 0
     for st in sp.steps:
-        if st.start != k or st.stop is None or not _plain_dense(st.heads):
+        if st.start != k or st.stop is None or not _plain_dense(st.heads, sp.grid):
             break
         k = st.stop
     return k

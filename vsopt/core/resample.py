@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from .ir import TokenGrid
-from .orders import TokenOrder, inverse_permutation, order_permutation
+from .orders import TokenOrder, inverse_permutation, is_model_order, order_permutation
 from .patterns import diagonal_blocks, num_blocks
 from .plan import HeadPlan, SitePlan, Sparsity, StepPlan
 
@@ -94,7 +94,8 @@ def fit_site_plan(sp: SitePlan, site) -> SiteFit:
                                          "the resolution, not the head count", before=before, after=after)
     same_sizes = (sp.q_len, sp.kv_len) == (site.q_len, site.kv_len)
     heads = list(sp.all_heads())
-    needs_grid = [h for h in heads if h.sparsity in (Sparsity.PATTERN, Sparsity.MASK) or h.order is not TokenOrder.FHW]
+    needs_grid = [h for h in heads if h.sparsity in (Sparsity.PATTERN, Sparsity.MASK)
+                  or not is_model_order(h.order, sp.grid) or not is_model_order(h.order, site.grid)]
     if same_sizes and sp.grid == site.grid:
         return SiteFit(sp.site_id, sp, before=before, after=after)
     if same_sizes and not needs_grid:  # only the recorded grid differs, and no head reads it

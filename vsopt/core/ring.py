@@ -39,10 +39,10 @@ import torch
 
 from vsopt.core import ops as _ops  # noqa: F401  (registers torch.ops.vsopt.*)
 from vsopt.core.errors import ConfigError
-from vsopt.core.lse import NEG_INF, EagerEmitter, Emitter, merge_partials, smoothing_shift  # noqa: F401  (re-exported)
-from vsopt.core.orders import TokenOrder
+from vsopt.core.lse import NEG_INF, EagerEmitter, Emitter, gather_heads, merge_partials, smoothing_shift, \
+    sparse_partial  # noqa: F401  (re-exported)
 from vsopt.core.patterns import diagonal_blocks, num_blocks
-from vsopt.core.plan import HeadPlan, Quant, Sparsity
+from vsopt.core.plan import HeadPlan, Sparsity
 from vsopt.core.semantics import SiteShape, launch_groups, permutations, static_mask, text_blocks
 
 aten = torch.ops.aten
@@ -90,7 +90,7 @@ def local_permutations(site_id: str, heads: Sequence[HeadPlan], perm: torch.Tens
         inside = (part >= s) & (part < e)
         if not bool(inside.all()):
             row = int((~inside).any(1).nonzero()[0])
-            h = row if perm.shape[0] > 1 else next(i for i, hp in enumerate(heads) if hp.order is not TokenOrder.FHW)
+            h = row if perm.shape[0] > 1 else 0  # one row: every head runs the same order
             raise ConfigError(f"site {site_id!r}: head {h} runs token order {heads[h].order.value!r}, which moves "
                               f"tokens across the ring shards of {shards.size} tokens (shard {j} = tokens {s}..{e - 1}); "
                               "ring attention takes only orders that keep every shard's tokens in it (e.g. "
@@ -159,15 +159,7 @@ def ring_attention(site: SiteShape, heads: Sequence[HeadPlan], rank: int, shards
         outs.append(o)
         lses.append(l)
         order += idx
-    out = outs[0] if len(outs) == 1 else em.op(aten.cat.default, outs, 1)
-    lse = lses[0] if len(lses) == 1 else em.op(aten.cat.default, lses, 1)
-    if order != sorted(order):
-        inverse = em.const("ring_head_order", torch.argsort(torch.tensor(order, dtype=torch.int64)))
-        out, lse = em.op(aten.index_select.default, out, 1, inverse), em.op(aten.index_select.default, lse, 1, inverse)
-    if local is not None:
-        out = em.op(vsopt.unpermute_tokens.default, out, local[rank])
-        lse = em.op(aten.squeeze.dim, em.op(vsopt.unpermute_tokens.default, em.op(aten.unsqueeze.default, lse, -1),
-                                            local[rank]), -1)
+    out, lse = gather_heads(em, outs, lses, order, None if local is None else local[rank], "ring_head_order")
     return em.op(aten._to_copy.default, out, dtype=site.dtype), lse
 
 
@@ -219,12 +211,7 @@ def _group(site: SiteShape, heads: list[HeadPlan], key, rank: int, shards: Shard
                             memory_format=torch.contiguous_format)
                 table = em.op(vsopt.mask_to_table.default, sub)
                 idx, counts = em.op(operator.getitem, table, 0), em.op(operator.getitem, table, 1)
-            res = em.op(vsopt.block_sparse_attention_lse.default, q, kp, vp, idx, counts, float(scale), bm, bn,
-                        key.quant.value)
-            o, lse = em.op(operator.getitem, res, 0), em.op(operator.getitem, res, 1)
-            if key.quant is not Quant.NONE:
-                lse = em.op(aten.add.Tensor, lse, smoothing_shift(em, q, kp, scale))
-            parts.append((em.op(aten._to_copy.default, o, dtype=torch.float32), lse))
+            parts.append(sparse_partial(em, q, kp, vp, idx, counts, scale, bm, bn, key.quant))
     if not parts:   # every head of the group skipped: zero output, empty rows
         shape = list(_shape(q))
         zero = em.op(aten.new_zeros.default, q, shape, dtype=torch.float32)

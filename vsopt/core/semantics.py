@@ -36,7 +36,7 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import torch
 
@@ -48,15 +48,19 @@ from vsopt.core.errors import ConfigError
 from vsopt.core.ir import TokenGrid
 from vsopt.core.joint import JointGroup, JointPlan, joint_attention
 from vsopt.core.lse import EagerEmitter
-from vsopt.core.orders import TokenOrder, head_permutations
+from vsopt.core.orders import head_permutations, is_model_order
 from vsopt.core.patterns import block_mask, diagonal_blocks, num_blocks
 from vsopt.core.plan import HeadPlan, Quant, SitePlan, Sparsity, StepPlan
 from vsopt.core.pooled import Remainder
 from vsopt.core.rettention import Phase, correct, kept_partial, measure
 
 
-class SiteShape(Protocol):
-    """What the meaning of a plan depends on: an AttentionSite or a SitePlan both have it."""
+@dataclass(frozen=True)
+class SiteShape:
+    """What the meaning of a plan depends on. The functions here take a SiteShape or anything
+    with these fields: an AttentionSite has them all; a SitePlan has site_id, q_len, kv_len and
+    grid, all that the masks and outputs read (the costs also read batch, heads, head_dim, dtype:
+    SiteShape.of_plan adds them)."""
 
     site_id: str
     batch: int
@@ -66,6 +70,14 @@ class SiteShape(Protocol):
     kv_len: int
     grid: TokenGrid | None
     dtype: torch.dtype
+
+    @classmethod
+    def of_plan(cls, sp: SitePlan, batch: int, head_dim: int, dtype: torch.dtype,
+                heads: int | None = None) -> "SiteShape":
+        """The shape of a plan's site at this batch, head dim and dtype; heads: those one rank
+        computes (default: all of the plan's)."""
+        return cls(sp.site_id, batch, sp.num_heads if heads is None else heads, head_dim, sp.q_len, sp.kv_len,
+                   sp.grid, dtype)
 
 
 @dataclass(frozen=True)
@@ -91,9 +103,10 @@ def launch_groups(heads: Sequence[HeadPlan]) -> dict[LaunchKey, list[int]]:
     return groups
 
 
-def reorders(heads: Sequence[HeadPlan]) -> bool:
-    """Whether any head runs in a token order other than the model's (the site is permuted)."""
-    return any(hp.order is not TokenOrder.FHW for hp in heads)
+def reorders(heads: Sequence[HeadPlan], grid: TokenGrid | None = None) -> bool:
+    """Whether any head runs in a token order other than the model's (orders.model_order(grid):
+    FHW without a grid), so the site is permuted."""
+    return any(not is_model_order(hp.order, grid) for hp in heads)
 
 
 def permutations(grid: TokenGrid | None, heads: Sequence[HeadPlan]) -> torch.Tensor | None:
@@ -263,7 +276,8 @@ def mask_refresh_step(spec: DynamicSpec, step: int, segment_start: int = 0) -> i
 def site_output(site: SiteShape, heads: Sequence[HeadPlan], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 scale: float, mask: torch.Tensor | None = None, joint: bool = False,
                 masks_from: tuple[torch.Tensor, torch.Tensor] | None = None,
-                renorm_from: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                renorm_from: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                softcap: float = 0.0) -> torch.Tensor:
     """What the site computes under `heads` (one HeadPlan per query head): the per-head
     permutation, one block-sparse attention per precision over the heads' masks, the inverse
     permutation; the math the lowered graph runs, through the same ops. (B, Hq, Nq, Dv) float32.
@@ -282,7 +296,15 @@ def site_output(site: SiteShape, heads: Sequence[HeadPlan], q: torch.Tensor, k: 
     at phase CORRECT, Re-ttention) measured their statistics (and a dynamic one its mask): the
     head's output is rho o_K + r (vsopt.core.rettention); a measuring head (phase MEASURE, or
     AUTO: the step unknown) outputs the merged kept and dropped parts. Needed when some head
-    corrects."""
+    corrects.
+
+    softcap > 0: the site's logit cap (AttentionSite.softcap), applied before the softmax as the
+    kernel does; the joint split, the pooled remainder, clustering and the softmax-mass correction
+    do not take one (lower_plan leaves such sites dense), so they raise ConfigError here."""
+    if softcap and (mask is not None or joint or any(hp.remainder is Remainder.POOLED or hp.cluster is not None
+                                                     or hp.renorm is not None for hp in heads)):
+        raise ConfigError(f"site {site.site_id!r}: soft-capped logits with a joint split, the pooled remainder, "
+                          "clustering or the softmax-mass correction are not lowered (the site stays dense)")
     if mask is not None or joint:
         if masks_from is not None:
             raise ConfigError(f"site {site.site_id!r}: reused dynamic masks at a joint site are not modelled")
@@ -304,7 +326,7 @@ def site_output(site: SiteShape, heads: Sequence[HeadPlan], q: torch.Tensor, k: 
     for quant in sorted({hp.quant for hp in heads if hp.cluster is None}, key=lambda m: m.value):
         group = torch.tensor([hp.quant is quant and hp.cluster is None for hp in heads],
                              device=q.device)[None, :, None, None]
-        part = masked_attention(qp, kp, vp, masks & group, scale, quant, block_m, block_n)
+        part = masked_attention(qp, kp, vp, masks & group, scale, quant, block_m, block_n, softcap)
         pooled = torch.tensor([hp.quant is quant and hp.remainder is Remainder.POOLED for hp in heads],
                               device=q.device)[None, :, None, None]
         if bool(pooled.any()):  # PSA heads: the kept blocks plus the pooled remainder (core.pooled)
@@ -482,11 +504,14 @@ def _video_mask(site: SiteShape, h: int, hp: HeadPlan, video: TokenGrid, tb: int
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor, scale: float,
-                     quant: Quant, block_m: int, block_n: int) -> torch.Tensor:
+                     quant: Quant, block_m: int, block_n: int, softcap: float = 0.0) -> torch.Tensor:
     """Block-sparse attention of q/k/v (B, H, N, D), one kv head per query head, under masks
-    (Bt, H, QB, KB) through vsopt's ops (the Triton kernel on a GPU, its reference on the CPU)."""
+    (Bt, H, QB, KB) through vsopt's ops (the Triton kernel on a GPU, its reference on the CPU).
+    softcap > 0: the site's logit cap, applied by the kernel as the lowered graph passes it."""
     idx, counts = torch.ops.vsopt.mask_to_table(masks.to(q.device))
-    return torch.ops.vsopt.block_sparse_attention(q, k, v, idx, counts, scale, block_m, block_n, Quant(quant).value)
+    cap = (float(softcap),) if softcap else ()   # uncapped: the call lower_plan emits for uncapped sites
+    return torch.ops.vsopt.block_sparse_attention(q, k, v, idx, counts, scale, block_m, block_n, Quant(quant).value,
+                                                  *cap)
 
 
 def pooled_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor, scale: float,
@@ -501,10 +526,10 @@ def pooled_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
                             Quant(quant).value)
 
 
-def permuted_heads(heads: Sequence[HeadPlan]) -> int:
-    """Heads that compute something in an order other than the model's: when there is one, the
-    lowering permutes the site (every head of q, k, v and the output)."""
-    return sum(1 for hp in heads if hp.order is not TokenOrder.FHW and hp.sparsity is not Sparsity.SKIP)
+def permuted_heads(heads: Sequence[HeadPlan], grid: TokenGrid | None = None) -> int:
+    """Heads that compute something in an order other than the model's (orders.model_order(grid)):
+    when there is one, the lowering permutes the site (every head of q, k, v and the output)."""
+    return sum(1 for hp in heads if not is_model_order(hp.order, grid) and hp.sparsity is not Sparsity.SKIP)
 
 
 def permuted_mib(site: SiteShape, heads_permuted: int) -> float:
@@ -545,7 +570,7 @@ def site_work(site: SiteShape, heads: Sequence[HeadPlan], densities: Sequence[fl
                  / (hp.dynamic.reuse_steps + 1) * _measure_share(hp) for hp in heads if hp.sparsity is Sparsity.DYNAMIC)
     # the lowering gathers every head of q, k, v and the output once any head reorders; a cluster
     # launch gathers its own heads again, in their clustering orders
-    moved = permuted_mib(site, site.heads) if permuted_heads(heads) else 0.0
+    moved = permuted_mib(site, site.heads) if permuted_heads(heads, site.grid) else 0.0
     moved += permuted_mib(site, sum(1 for hp in heads if hp.sparsity is Sparsity.CLUSTER))
     moved += renorm_mib(site, heads)
     return SiteWork(tuple(launches), moved, scored)

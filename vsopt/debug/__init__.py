@@ -13,7 +13,7 @@ The report has two views, each built by its own module:
   numerical (vsopt.debug.numeric): per site and head, cosine / relative L2 / max error, isolated
       and accumulated; the model output's PSNR and relative L2; the first site over a threshold;
       optionally over a sampler's steps.
-Modules: report (the report types), build (build_report, diff), graph, numeric, text (terminal)
+Modules: report_data (the report's types and JSON), report (DiffReport: them with the views), build (build_report, diff), graph, numeric, text (terminal)
 and html (the page) renderers, targets (ready-made MODULE:FACTORY targets), cli (`vsopt diff`).
 The public names below are loaded on first use.
 """

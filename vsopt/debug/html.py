@@ -17,9 +17,9 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from vsopt.debug.graph import Subgraph, layered_layout
+from vsopt.debug.report_data import ReportData, SiteEntry
 
 if TYPE_CHECKING:
-    from vsopt.debug.report import DiffReport, SiteEntry
     from vsopt.debug.numeric import ErrorStats, SiteError
 
 
@@ -170,7 +170,7 @@ def draw_subgraph(sub: Subgraph, title: str) -> str:
     return "".join(parts)
 
 
-def draw_error_plot(report: "DiffReport", anchors: dict[str, str]) -> str:
+def draw_error_plot(report: ReportData, anchors: dict[str, str]) -> str:
     """Relative L2 per rewritten site on a log scale: isolated as bars, accumulated as a line,
     the threshold dashed. Bars link to the site's section."""
     num = report.numerical
@@ -226,7 +226,7 @@ def draw_error_plot(report: "DiffReport", anchors: dict[str, str]) -> str:
     return "".join(parts) + legend
 
 
-def draw_steps_plot(report: "DiffReport") -> str:
+def draw_steps_plot(report: ReportData) -> str:
     """PSNR of the sampler state after each step, optimized trajectory against dense."""
     psnrs = [s.state.psnr if math.isfinite(s.state.psnr) else 100.0 for s in report.steps]
     lo, hi = math.floor(min(psnrs) / 5) * 5, math.ceil(max(psnrs) / 5) * 5 + 5
@@ -261,7 +261,7 @@ def _stats_cells(st: "ErrorStats", threshold: float) -> str:
     return f"<td>{st.cosine:.6f}</td><td{cls}>{_num(st.rel_l2)}</td><td>{_num(st.max_abs)}</td>"
 
 
-def _site_section(entry: "SiteEntry", anchor: str, error: "SiteError | None", threshold: float) -> str:
+def _site_section(entry: SiteEntry, anchor: str, error: "SiteError | None", threshold: float) -> str:
     rewritten = entry.status == "rewritten"
     out = [f'<section class="site" id="{_e(anchor)}" data-site="{_e(entry.site_id)}">',
            f'<h2>{_e(entry.site_id)}<span class="status {"rewritten" if rewritten else "alone"}">'
@@ -311,7 +311,7 @@ def _site_section(entry: "SiteEntry", anchor: str, error: "SiteError | None", th
     return "".join(out)
 
 
-def _timeline(report: "DiffReport", anchors: dict[str, str]) -> str:
+def _timeline(report: ReportData, anchors: dict[str, str]) -> str:
     items = []
     for kind, value in report.structure.timeline:
         if kind == "unchanged":
@@ -335,7 +335,7 @@ def _timeline(report: "DiffReport", anchors: dict[str, str]) -> str:
     return f'<ul class="timeline mono">{"".join(items)}</ul>'
 
 
-def render_html(report: "DiffReport") -> str:
+def render_html(report: ReportData) -> str:
     """The whole page as a string."""
     anchors = {e.site_id: anchor_id(i, e.site_id) for i, e in enumerate(report.entries)}
     num = report.numerical

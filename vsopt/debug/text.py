@@ -11,10 +11,10 @@ from __future__ import annotations
 import math
 import textwrap
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from vsopt.debug.report import DiffReport, SiteEntry
+from vsopt.debug.report_data import ReportData, SiteEntry
+
 
 _COLOURS = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "cyan": "36"}
 
@@ -69,7 +69,7 @@ def _ops_with_lines(nodes) -> str:
     return "; ".join(", ".join(ops) + (f" ({where})" if where else "") for where, ops in groups)
 
 
-def _site_block(entry: "SiteEntry", width: int, s: _Style) -> list[str]:
+def _site_block(entry: SiteEntry, width: int, s: _Style) -> list[str]:
     lines = []
     if entry.status == "rewritten":
         r = entry.region
@@ -99,7 +99,7 @@ def _ansi_extra(text: str) -> int:
     return len(text) - len(re.sub(r"\x1b\[[0-9;]*m", "", text))
 
 
-def _structure(report: "DiffReport", width: int, s: _Style) -> list[str]:
+def _structure(report: ReportData, width: int, s: _Style) -> list[str]:
     st = report.structure
     by_site = {e.site_id: e for e in report.entries}
     lines = [s("STRUCTURE", "bold") + s(" (execution order; unchanged runs collapsed)", "dim")]
@@ -129,7 +129,7 @@ def _structure(report: "DiffReport", width: int, s: _Style) -> list[str]:
     return lines
 
 
-def _numerics(report: "DiffReport", width: int, s: _Style) -> list[str]:
+def _numerics(report: ReportData, width: int, s: _Style) -> list[str]:
     num = report.numerical
     lines = [s("NUMERICS", "bold") + s(f" (optimized vs dense; flagged above relative L2 {_num(num.threshold)})", "dim")]
     site_w = max(8, min(width - 58, max((len(x.site_id) for x in num.sites), default=8)))
@@ -168,7 +168,7 @@ def _numerics(report: "DiffReport", width: int, s: _Style) -> list[str]:
     return lines
 
 
-def _steps(report: "DiffReport", width: int, s: _Style) -> list[str]:
+def _steps(report: ReportData, width: int, s: _Style) -> list[str]:
     lines = [s("SAMPLER STEPS", "bold") + s(" (state after each step, optimized trajectory vs dense)", "dim"),
              s(f"  {'step':>4}  {'PSNR dB':>8}  {'rel L2':>9}  first site over threshold", "dim")]
     for st in report.steps:
@@ -177,7 +177,7 @@ def _steps(report: "DiffReport", width: int, s: _Style) -> list[str]:
     return lines
 
 
-def render_text(report: "DiffReport", width: int = 80, color: bool = False) -> str:
+def render_text(report: ReportData, width: int = 80, color: bool = False) -> str:
     """The report as terminal text, every line at most `width` columns (escape codes aside)."""
     s = _Style(color)
     st = report.structure

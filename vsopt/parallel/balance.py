@@ -29,23 +29,8 @@ import torch
 
 from vsopt.core.costmodel import CostModel
 from vsopt.core.errors import ConfigError
-from vsopt.core.ir import TokenGrid
 from vsopt.core.plan import HeadPlan, Plan, SitePlan
-from vsopt.core.semantics import head_densities, predicted_us, select_heads
-
-
-@dataclass(frozen=True)
-class RankSite:
-    """What the cost model needs of a site as one rank computes it (semantics.SiteShape)."""
-
-    site_id: str
-    batch: int
-    heads: int
-    head_dim: int
-    q_len: int
-    kv_len: int
-    grid: TokenGrid | None
-    dtype: torch.dtype
+from vsopt.core.semantics import SiteShape, head_densities, predicted_us, select_heads
 
 
 @dataclass(frozen=True)
@@ -113,7 +98,7 @@ def balance_heads(plan: Plan, degree: int, *, head_dim: int, dtype: torch.dtype 
             raise ConfigError(f"site {sid!r}: {sp.num_heads} heads do not split over {degree} ranks")
         heads = sp.heads_at(step)
         dens = list(densities[sid]) if densities and sid in densities else _densities(sp, heads, batch, head_dim, dtype)
-        rank_site = RankSite(sid, batch, sp.num_heads // degree, head_dim, sp.q_len, sp.kv_len, sp.grid, dtype)
+        rank_site = SiteShape.of_plan(sp, batch, head_dim, dtype, heads=sp.num_heads // degree)  # one rank's
 
         def rank_us(group: Sequence[int]) -> float:
             return predicted_us(rank_site, [heads[h] for h in group], cost, [dens[h] for h in group])
@@ -127,7 +112,7 @@ def balance_heads(plan: Plan, degree: int, *, head_dim: int, dtype: torch.dtype 
 
 
 def _densities(sp: SitePlan, heads, batch: int, head_dim: int, dtype: torch.dtype) -> list[float]:
-    shape = RankSite(sp.site_id, batch, sp.num_heads, head_dim, sp.q_len, sp.kv_len, sp.grid, dtype)
+    shape = SiteShape.of_plan(sp, batch, head_dim, dtype)
     try:
         return head_densities(shape, heads)
     except ConfigError as e:

@@ -437,6 +437,17 @@ def main(argv=None) -> int:
                                                deadline),
         "dynamic": lambda: measure_dynamic(rec, lengths[:4]),
     }
+
+    def write():  # after every section, so that a run cut short still leaves what it measured
+        out = {"format": "vsopt-cost-measurements", "version": 1, "gpu": gpu, "dry_run": DRY_RUN,
+               "sm_count": None if DRY_RUN else torch.cuda.get_device_properties(0).multi_processor_count,
+               **describe_environment(),
+               "command": "python3 " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
+               "seconds": round(time.time() - start, 1), "sections": sections,
+               "shipped_cost_model": {"gpu": cost.gpu, "date": cost.meta.get("date")}, "measurements": records}
+        atomic_write_text(args.out, json.dumps(out, indent=1))
+        return out
+
     for name in args.sections.split(","):
         t0 = time.time()
         if t0 > deadline:
@@ -450,13 +461,8 @@ def main(argv=None) -> int:
             sections[name] = {"status": f"failed: {type(e).__name__}: {e}"[:400]}
         sections[name]["seconds"] = round(time.time() - t0, 1)
         print(f"section {name}: {sections[name]} (at {time.time() - start:.0f} s)", flush=True)
-    out = {"format": "vsopt-cost-measurements", "version": 1, "gpu": gpu, "dry_run": DRY_RUN,
-           "sm_count": None if DRY_RUN else torch.cuda.get_device_properties(0).multi_processor_count,
-           **describe_environment(),
-           "command": "python3 " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
-           "seconds": round(time.time() - start, 1), "sections": sections,
-           "shipped_cost_model": {"gpu": cost.gpu, "date": cost.meta.get("date")}, "measurements": records}
-    atomic_write_text(args.out, json.dumps(out, indent=1))
+        write()
+    out = write()
     print(f"wrote {args.out}: {len(records)} records in {out['seconds']} s", flush=True)
     return 0
 

@@ -104,3 +104,25 @@ def test_shipped_model_loads_and_predicts_sensibly():
     assert model.predict_us(w("none", 8 * 256 * 50)) < model.predict_us(w("none", 8 * 256 * 256))
     assert model.block_cost_us("fp8", 128, 128, 128) < model.block_cost_us("none", 128, 128, 128)
     assert CostModel.default(gpu="no such GPU").gpu == model.gpu  # falls back to a shipped one
+
+
+def test_span_sdpa_and_overheads_round_trip_and_validate(tmp_path):
+    model = CostModel(gpu="g", launch_us={"none/d64/64x64": 5.0}, per_block_us={"none/d64/64x64": 0.002},
+                      per_query_block_us={"none/d64/64x64": 0.01}, per_span_block_us={"none/d64/64x64": 0.3}, slots=264,
+                      sdpa_us={"d64": {"launch": 7.0, "block": 0.001}}, overhead_us={"eager": 80.0, "cudagraphs": 5.0})
+    small = SiteWork((Launch("none", 64, 64, 64, 132, 132 * 40),))   # fewer rows than slots: 40 blocks in sequence
+    assert model.predict_us(small) == pytest.approx(5.0 + 132 * 40 * 0.002 + 132 * 0.01 + 40 * 0.3)
+    large = SiteWork((Launch("none", 64, 64, 64, 2640, 2640 * 40),))  # ten rows per slot
+    assert model.predict_us(large) == pytest.approx(5.0 + 2640 * 40 * 0.002 + 2640 * 0.01 + 400 * 0.3)
+    assert model.dense_us(1, 1, 128, 128, 64) == pytest.approx(7.0 + 4 * 0.001)
+    assert model.dense_us(1, 1, 128, 128, 128) == pytest.approx(2 * (7.0 + 4 * 0.001))  # scaled from d64
+    assert model.lowering_overhead_us(False) == 80.0 and model.lowering_overhead_us(True) == 5.0
+    model.save(tmp_path / "m.json")
+    back = CostModel.load(tmp_path / "m.json")
+    assert back.to_dict() == model.to_dict() and back.predict_us(small) == model.predict_us(small)
+    plain = CostModel(gpu="g", launch_us={}, per_block_us={}, per_query_block_us={})
+    assert plain.dense_us(1, 1, 128, 128, 64) is None and plain.lowering_overhead_us(True) == 0.0
+    for bad in ({"overhead_us": {"graphs": 1.0}}, {"sdpa_us": {"64": {}}}, {"slots": 0}):
+        d = {**model.to_dict(), **bad}
+        with pytest.raises(ConfigError, match="malformed cost model"):
+            CostModel.from_dict(d)

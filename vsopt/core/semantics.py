@@ -419,6 +419,10 @@ def select_heads(sp: SitePlan, heads: Sequence[int]) -> SitePlan:
 
 
 def dense_us(site: SiteShape, cost: CostModel, block_m: int = 64, block_n: int = 64) -> float:
-    """The cost model's time of the site's exact dense attention (every head, every block, bf16)."""
+    """The cost model's time of the site's exact dense attention: SDPA (what a site left dense runs,
+    vsopt.attention) where the cost model measured it, else vsopt's kernel with every block (bf16)."""
+    sdpa = cost.dense_us(max(1, site.batch), site.heads, site.q_len, site.kv_len, site.head_dim)
+    if sdpa is not None:
+        return sdpa
     heads = [HeadPlan(block_m=block_m, block_n=block_n)] * site.heads
     return predicted_us(site, heads, cost, [1.0] * site.heads)

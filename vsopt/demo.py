@@ -19,7 +19,8 @@ It writes to --out: frames.png and clip.gif (vsopt.demo_images) and demo.json (e
 per-step times included). By default the vsopt run uses the shipped plan calibrated for the
 reference model (at the trained clip size); with --plan none every site runs vsopt's exact dense
 op. Defaults depend on the device (DEVICE_DEFAULTS, printed): bf16 and 20 steps on a GPU; float32
-and fewer steps on the CPU, at the trained clip size so that the shipped plan still applies.
+and fewer steps on the CPU, at the trained clip size; at another size (--frames, --size) the plan
+is fitted to the clip (vsopt.core.resample), its density change printed.
 """
 from __future__ import annotations
 
@@ -43,25 +44,26 @@ SHIPPED_PLAN = "shipped"
 #: Sampling steps by device when --steps is not given. On a 2-core CPU a step at the trained size
 #: takes ~1.5 s eagerly and ~2.5 s through vsopt (its kernels' PyTorch references), and compiling
 #: Inductor and vsopt ~70 s: 6 steps (both step ranges of the shipped plan, 0-3 and 4+, still run)
-#: keep the default demo within 3 minutes there. The clip stays at the trained size, the only one
-#: the shipped plan fits.
+#: keep the default demo within 3 minutes there. The clip stays at the trained size (the shipped
+#: plan, calibrated there, is fitted to any other size given with --frames / --size).
 DEVICE_DEFAULTS = {"cuda": {"steps": 20}, "cpu": {"steps": 6}}
 
 
 def resolve_plan(choice: str | None, frames: int, size: int, config) -> tuple[str | None, str]:
     """The plan file the demo runs, and why: `choice` is a path, 'shipped' or 'none'. The shipped
     plan (vsopt/models/assets/reference.plan.json, calibrated on the GPU for the trained clip size,
-    see docs/CALIBRATION.md) holds block masks for that size only, so other sizes run dense."""
+    see docs/CALIBRATION.md) applies at other sizes too, fitted to them (vsopt.core.resample: its
+    masks resampled in grid coordinates, as every plan made at another size)."""
     if choice in (None, "", "none"):
         return None, "none: every site runs vsopt's exact dense attention"
     if choice != SHIPPED_PLAN:
         return choice, choice
-    if (frames, size) != (config.frames, config.height):
-        return None, (f"none: the shipped plan is calibrated for {config.frames} frames of {config.height}x"
-                      f"{config.width}; this clip runs every site dense (--plan PATH for a plan of its size)")
     from importlib.resources import files
 
     path = files("vsopt.models") / "assets" / "reference.plan.json"
+    if (frames, size) != (config.frames, config.height):
+        return str(path), (f"shipped calibrated plan ({path.name}), calibrated for {config.frames} frames of "
+                           f"{config.height}x{config.width}, fitted to this clip")
     return str(path), f"shipped calibrated plan ({path.name})"
 
 
@@ -69,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="vsopt-demo", help="folder for frames.png, clip.gif and demo.json")
     p.add_argument("--plan", default=SHIPPED_PLAN, metavar="PATH|shipped|none",
                    help="plan for the optimized run: a plan JSON; 'shipped', the plan calibrated for the reference "
-                        "model (used at the trained clip size, else every site dense); 'none', every site dense")
+                        "model (fitted to the clip size); 'none', every site dense")
     p.add_argument("--prompt", default=None,
                    help='description, e.g. "waves background; red square moving left, clockwise, growing" '
                         "(default: drawn from --seed)")
@@ -264,7 +266,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     chosen = [f"{steps} steps" + (" (--steps)" if args.steps is not None else
                                   f" (the {device} default; {DEVICE_DEFAULTS['cuda']['steps']} on a GPU)"
                                   if device == "cpu" else " (the GPU default)"),
-              f"clip {frames}x{size}x{size}" + (" (the trained size, where the shipped plan applies)"
+              f"clip {frames}x{size}x{size}" + (" (the trained size, where the shipped plan was calibrated)"
                                                 if (frames, size) == (c.frames, c.height) else "")]
     result: dict = {"description": data.describe(tokens[0].cpu()), "device": device, "dtype": str(dtype),
                     "clip": {"latent": list(shape), "tokens": frames * (size // 2) ** 2}, "steps": steps,
@@ -289,17 +291,27 @@ def run_demo(args: argparse.Namespace) -> dict:
     if plan_path:
         from vsopt.core.plan import Plan
 
-        plan = Plan.load(plan_path)
-        plan.validate_against(report.sites)
+        from vsopt.deploy.fitting import fit_plan
+
+        calibrated = Plan.load(plan_path)
+        fitted = fit_plan(calibrated, report.sites)  # another clip size: fitted, as the compile path does
+        plan = fitted.plan
         density = plan.density()
         plan_text = (f"{plan_source}: {len(plan.sites)} planned site(s), mean block density "
                      f"{'dynamic' if density is None else f'{density:.3f}'}")
+        if fitted.resampled:
+            before = calibrated.density()
+            plan_text += (f" (fitted to this clip: {len(fitted.lines)} site(s) resampled, mean density "
+                          f"{'dynamic' if before is None else f'{before:.3f}'} at the calibrated size)")
+            result["plan_fit"] = list(fitted.lines)
         changes = [b for b in plan.step_boundaries() if b > 0]
         if changes:
             plan_text += f", head plans change at step(s) {', '.join(map(str, changes))}"
     else:
         plan_text = plan_source
     print(f"\nplan: {plan_text}")
+    for line in result.get("plan_fit", []):
+        print(f"  {line}")
     result["plan"] = plan_text
     meaning = _meaning(device, dtype, args.cudagraphs, plan_path)
 

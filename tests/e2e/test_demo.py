@@ -44,23 +44,38 @@ def test_demo_rejects_bad_input_with_a_clear_message(tmp_path, capsys, argv, mes
     assert message in capsys.readouterr().err
 
 
-def test_demo_refuses_a_plan_made_for_another_clip_size(tmp_path, capsys):
+def test_demo_fits_the_shipped_plan_to_another_clip_size(tmp_path, capsys):
+    """The shipped plan (calibrated at 16x32x32 latents) applies to a 2x8x8 clip, fitted as the
+    compile path fits it (vsopt.core.resample), with each site's density change printed."""
+    assert main(["demo", "--out", str(tmp_path), "--frames", "2", "--size", "8", "--steps", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "shipped calibrated plan" in printed and "fitted to this clip: 6 site(s) resampled" in printed
+    doc = json.loads((tmp_path / "demo.json").read_text())
+    assert len(doc["plan_fit"]) == 6
+    for line in doc["plan_fit"]:
+        assert line.startswith("plan fitted to the site's size") and "grid 16x16x16 fitted to grid 2x4x4" in line
+        assert "site density" in line and line in printed
+    assert doc["timing"]["graphs_compiled_while_timing"] == 0
+
+
+def test_demo_refuses_a_plan_that_cannot_fit(tmp_path, capsys):
     import torch
 
     import vsopt
-    from vsopt.core.plan import HeadPlan, Plan, Quant
+    from vsopt.core.plan import HeadPlan, Plan, SitePlan
     from vsopt.models import data, model as model_lib
 
     ref = model_lib.load_shipped()
     tokens = data.sample_scenes(1, 0).tokens
     cond = torch.cat([ref.encode(tokens), ref.encode(torch.zeros_like(tokens))])
     report = vsopt.inspect(ref.transformer, torch.zeros(2, data.CHANNELS, 2, 8, 8), torch.full((2,), 500.0), cond)
-    plan_path = tmp_path / "small.plan.json"
-    Plan.uniform([s for s in report.sites if s.is_self_attention], HeadPlan(quant=Quant.INT8)).save(plan_path)
+    plan_path = tmp_path / "two_heads.plan.json"
+    Plan({s.site_id: SitePlan(s.site_id, 2, s.q_len, s.kv_len, s.grid, (HeadPlan(),) * 2)
+          for s in report.sites if s.is_self_attention}).save(plan_path)
     rc = main(["demo", "--out", str(tmp_path), "--frames", "2", "--size", "12", "--plan", str(plan_path)])
     assert rc == 1
     err = capsys.readouterr().err
-    assert "does not fit" in err and "blocks.0.attn1" in err
+    assert "does not fit" in err and "blocks.0.attn1" in err and "2 heads" in err
 
 
 def test_every_step_segment_is_compiled_before_the_timed_runs(tmp_path, capsys):
@@ -98,7 +113,7 @@ def test_device_defaults_are_printed_and_overridable():
     assert DEVICE_DEFAULTS["cpu"]["steps"] >= 5   # both step ranges of the shipped plan (0-3, 4+) run
 
 
-def test_the_shipped_plan_is_found_and_fits_the_trained_clip_only():
+def test_the_shipped_plan_is_found_and_applies_at_every_clip_size():
     from vsopt.core.plan import Plan
     from vsopt.demo import resolve_plan
     from vsopt.models.model import ReferenceConfig
@@ -109,7 +124,8 @@ def test_the_shipped_plan_is_found_and_fits_the_trained_clip_only():
     assert sorted(plan.sites) == [f"blocks.{i}.attn1" for i in range(cfg.num_layers)]
     assert all(sp.q_len == cfg.video_tokens for sp in plan.sites.values())
     assert 0 < plan.density() < 1 and "shipped" in why
-    assert resolve_plan("shipped", 2, 8, cfg)[0] is None  # another clip size runs dense, and says so
+    other, why = resolve_plan("shipped", 2, 8, cfg)  # another clip size: the same plan, fitted, and says so
+    assert other == path and "fitted to this clip" in why
     assert resolve_plan("none", cfg.frames, cfg.height, cfg)[0] is None
     assert resolve_plan("my.plan.json", 2, 8, cfg)[0] == "my.plan.json"
 

@@ -12,6 +12,7 @@ A plan without step ranges (or no plan) is built once, as it is, and called dire
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Callable, Mapping
 
 from vsopt.core.dynamic import current_denoising_step
@@ -24,18 +25,52 @@ def segment_starts(plan: Plan) -> tuple[int | None, ...]:
 
 
 class StepDispatch:
-    """Calls the variant of the current denoising step's segment of a step-ranged plan."""
+    """Calls the variant of the current denoising step's segment of a step-ranged plan. `lazy`:
+    segment starts (None: the unknown step) whose variant is built on their first call."""
 
-    def __init__(self, plan: Plan, variants: Mapping[int | None, Callable[..., Any]]):
-        self.plan, self.variants = plan, dict(variants)
+    def __init__(self, plan: Plan, variants: Mapping[int | None, Callable[..., Any]],
+                 lazy: Mapping[int | None, Callable[[], Callable[..., Any]]] | None = None):
+        self.plan, self.variants, self.lazy = plan, dict(variants), dict(lazy or {})
 
     def __call__(self, *args, **kwargs):
-        return self.variants[self.plan.segment_start(current_denoising_step())](*args, **kwargs)
+        start = self.plan.segment_start(current_denoising_step())
+        fn = self.variants.get(start)
+        if fn is None:
+            fn = self.variants[start] = self.lazy.pop(start)()
+        return fn(*args, **kwargs)
+
+
+def plan_key(plan: Plan) -> tuple:
+    """What a step-free plan runs, hashable: two plans with equal keys build the same graph."""
+    def head(h):
+        mask = None if h.mask is None else (tuple(h.mask.shape), h.mask.cpu().numpy().tobytes())
+        return json.dumps(h.to_json(None), sort_keys=True), mask
+
+    return tuple((sid, sp.q_len, sp.kv_len, str(sp.grid), tuple(head(h) for h in sp.heads))
+                 for sid, sp in sorted(plan.sites.items()))
 
 
 def step_variants(plan: Plan | None, build: Callable[[Plan | None], Callable[..., Any]]) -> Callable[..., Any]:
-    """build(plan) when the plan has no step ranges; else a StepDispatch over
-    build(plan.at_step(start)) for each segment start."""
+    """build(plan) when the plan has no step ranges; else a StepDispatch over one build per
+    distinct plan.at_step(start) of the segment starts (segments running the same head plans share
+    one). The unknown step (None: the default head plans) shares the variant of a segment with the
+    same head plans, else its variant is built on its first call: a sampler that sets every step
+    never runs it, so it is not compiled up front."""
     if plan is None or not plan.step_boundaries():
         return build(plan)
-    return StepDispatch(plan, {start: build(plan.at_step(start)) for start in segment_starts(plan)})
+    built: dict[tuple, Callable[..., Any]] = {}
+    variants = {}
+    for start in segment_starts(plan):
+        if start is None:
+            continue
+        at = plan.at_step(start)
+        key = plan_key(at)
+        if key not in built:
+            built[key] = build(at)
+        variants[start] = built[key]
+    default = plan.at_step(None)
+    same = built.get(plan_key(default))
+    if same is not None:
+        variants[None] = same
+        return StepDispatch(plan, variants)
+    return StepDispatch(plan, variants, lazy={None: lambda: build(default)})

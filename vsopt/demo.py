@@ -36,8 +36,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vsopt.core.errors import VsoptError
-from vsopt.core.io import atomic_write_bytes
+# vsopt.core (torch) is imported inside the functions that run the demo: `vsopt demo --help` only
+# builds the parser (vsopt.cli imports the command's module for its arguments).
 
 
 SHIPPED_PLAN = "shipped"
@@ -92,6 +92,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _load_reference(model_lib, device: str, dtype: torch.dtype):
     """The shipped model; any failure is reported as what is wrong with the environment."""
+    from vsopt.core.errors import VsoptError
+
     try:
         return model_lib.load_shipped(device, dtype)
     except VsoptError:
@@ -235,6 +237,8 @@ def run_demo(args: argparse.Namespace) -> dict:
     import torch
 
     import vsopt
+    from vsopt.core.errors import VsoptError
+    from vsopt.core.io import atomic_write_bytes
     from vsopt.core.metrics import psnr, relative_l2, ssim
     from vsopt.core.timing import CallTimer
     from vsopt.demo_images import write_images

@@ -298,12 +298,13 @@ def measure_compiled(rec):
 
 def measure_launch(rec, quants):
     """Per-launch cost on a tiny input: host per eager call vs GPU per launch in a graph."""
-    q, k, v = qkv(1, 1, 128, 64, "contiguous")
+    qkv_d = {d: qkv(1, 1, 128, d, "contiguous") for d in (64, 128)}
+    q, k, v = qkv_d[64]
     perm = torch.randperm(128, device=DEV)[None]
     tables = {64: table(banded_mask(1, 2, 2, 1.0)), 128: table(banded_mask(1, 1, 1, 1.0))}
-    ops = {f"block_sparse_attention/{qm}/d64/{b}x{b}":
-           (lambda qm=qm, b=b: torch.ops.vsopt.block_sparse_attention(q, k, v, *tables[b], 0.125, b, b, qm))
-           for qm in quants for b in (64, 128)}
+    ops = {f"block_sparse_attention/{qm}/d{d}/{b}x{b}":
+           (lambda qm=qm, b=b, d=d: torch.ops.vsopt.block_sparse_attention(*qkv_d[d], *tables[b], d ** -0.5, b, b, qm))
+           for qm in quants for d in (64, 128) for b in (64, 128)}
     ops["permute_tokens"] = lambda: torch.ops.vsopt.permute_tokens(q, perm)
     ops["unpermute_tokens"] = lambda: torch.ops.vsopt.unpermute_tokens(q, perm)
     ops["attention(sdpa)"] = lambda: torch.ops.vsopt.attention(q, k, v, None, 0.125, False)

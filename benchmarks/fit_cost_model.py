@@ -6,8 +6,8 @@ took on a GPU. Runs anywhere (no GPU needed):
 
 What is fitted from what (non-negative least squares weighted by 1/time: relative errors):
 - the attention terms per kernel key (launch, per query block, per visited block, per span block)
-  from the attention grid; `slots` (the span term's concurrent programs) is the candidate
-  (0, or 1-4 programs per SM) that fits the grid best;
+  from the attention grid; key_slots (the span term's concurrent programs, per kernel key) is the
+  candidate (0, or 1-4 programs per SM) that fits that key's grid points best;
 - the permutation (fixed + per MiB) from one site's 3 permute + 1 unpermute in the model's layout
   with one order per head (what the lowering runs);
 - SDPA (the dense path, sdpa_us per head dim) from the sdpa records in the model's layout;
@@ -37,6 +37,11 @@ from vsopt.core.errors import ConfigError  # noqa: E402
 SLOTS_PER_SM = (1, 2, 3, 4)
 
 
+def _score(model: CostModel) -> float:
+    """How well a fit fits: median relative error, plus a quarter of the worst."""
+    return model.meta["fit_median_rel_error"] + 0.25 * model.meta["fit_max_rel_error"]
+
+
 def load_measurements(path: str, allow_dry_run: bool = False) -> dict:
     with open(path) as f:
         m = json.load(f)
@@ -56,11 +61,43 @@ def work_of(d: dict) -> SiteWork:
     return SiteWork(tuple(Launch(**launch) for launch in d["launches"]), d["permuted_mib"], d["scored_blocks"])
 
 
+def site_works(m: dict) -> dict[tuple[str, int], SiteWork]:
+    """(site, tokens) -> the site's work as vsopt.core.semantics prices it now, for site records
+    measured before their work recorded the longest rows (max_row_blocks): the reference plan's
+    sites rebuilt as benchmarks/measure_cost_model.py builds them (on the CPU), used only where
+    they give the recorded densities (the same plan)."""
+    recs = [r for r in records(m, "site") if any("max_row_blocks" not in launch for launch in r["work"]["launches"])]
+    if not recs:
+        return {}
+    import importlib.util
+
+    from vsopt.core import semantics
+
+    spec = importlib.util.spec_from_file_location(
+        "measure_cost_model", os.path.join(os.path.dirname(os.path.abspath(__file__)), "measure_cost_model.py"))
+    mcm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mcm)
+    out = {}
+    for tokens in sorted({r["tokens"] for r in recs}):
+        for site, sp, _ in mcm.reference_sites(tokens):
+            for st in sp.steps or [None]:
+                heads = st.heads if st is not None else sp.heads
+                where = f"{site.site_id}@{st.start if st is not None else 'all'}"
+                densities = semantics.head_densities(site, heads)
+                out[(where, tokens)] = (densities, semantics.site_work(site, heads, densities))
+    found = {}
+    for r in recs:
+        d, w = out.get((r["site"], r["tokens"]), (None, None))
+        if d is not None and all(abs(a - b) < 1e-6 for a, b in zip(d, r["densities"])):
+            found[(r["site"], r["tokens"])] = w
+    return found
+
+
 def attention_points(m: dict) -> list[tuple[SiteWork, float]]:
     out = []
     for r in records(m, "attention"):
         out.append((SiteWork((Launch(r["quant"], r["head_dim"], r["block"], r["block"], r["query_blocks"],
-                                     r["visited_blocks"]),)), r["gpu_us"]))
+                                     r["visited_blocks"], r.get("rows_max", 0)),)), r["gpu_us"]))
     return out
 
 
@@ -70,13 +107,12 @@ def fit(m: dict, before: CostModel | None, command: str, source: str) -> tuple[C
     if not att:
         raise ConfigError("the measurements have no attention timings: nothing to fit")
     sms = m.get("sm_count") or 132
-    best = None
-    for slots in (0, *(k * sms for k in SLOTS_PER_SM)):
-        model = CostModel.fit(att, m["gpu"], slots=slots)
-        score = model.meta["fit_median_rel_error"] + 0.25 * model.meta["fit_max_rel_error"]
-        if best is None or score < best[0]:
-            best = (score, model)
-    model = best[1]
+    candidates = (0, *(k * sms for k in SLOTS_PER_SM))
+    key_slots = {}
+    for key in sorted({w.launches[0].key for w, _ in att}):
+        mine = [(w, t) for w, t in att if w.launches[0].key == key]
+        key_slots[key] = min(candidates, key=lambda n: _score(CostModel.fit(mine, m["gpu"], slots=n)))
+    model = CostModel.fit(att, m["gpu"], slots=key_slots)
     fitted = {"attention": len(att)}
 
     perm = records(m, "permute", op="site", layout="model", shared_order=False)
@@ -91,9 +127,14 @@ def fit(m: dict, before: CostModel | None, command: str, source: str) -> tuple[C
         fitted["dynamic"] = len(dyn)
     for d in sorted({r["head_dim"] for r in records(m, "sdpa", layout="model")}):
         rs = records(m, "sdpa", layout="model", head_dim=d)
-        c, _ = fit_linear([dense_features(r["batch"], r["heads"], r["n"], r["n"], model.slots) for r in rs],
-                          [r["gpu_us"] for r in rs])
-        model.sdpa_us[f"d{d}"] = c
+        best = None
+        for n in candidates:
+            c, rel = fit_linear([dense_features(r["batch"], r["heads"], r["n"], r["n"], n) for r in rs],
+                                [r["gpu_us"] for r in rs])
+            score = float(statistics.median(rel)) + 0.25 * float(rel.max())
+            if best is None or score < best[0]:
+                best = (score, {**c, "slots": float(n)})
+        model.sdpa_us[f"d{d}"] = best[1]
         fitted[f"sdpa/d{d}"] = len(rs)
     compiled = {(r["what"], r["mode"]): r for r in records(m, "compiled")}
     for mode, name in (("default", "eager"), ("reduce-overhead", "cudagraphs")):
@@ -113,13 +154,14 @@ def fit(m: dict, before: CostModel | None, command: str, source: str) -> tuple[C
                      "torch": m.get("torch"), "triton": m.get("triton"), "seconds": m.get("seconds"),
                      "sections": m.get("sections"), "file_sha256": sha},
         "torch": m.get("torch"), "triton": m.get("triton"), "date": m.get("date"),
-        "fitted_on": fitted, "slots_per_sm": model.slots / sms if model.slots else 0,
+        "fitted_on": fitted, "slots_per_sm": {k: v / sms for k, v in sorted(model.key_slots.items())},
         "fit_median_rel_error": model.meta["fit_median_rel_error"], "fit_max_rel_error": model.meta["fit_max_rel_error"],
         "host_overhead_us_not_in_model": dict(sorted(host.items())),
     }
-    check = {"after": errors(m, model)}
+    rebuilt = site_works(m)
+    check = {"after": errors(m, model, rebuilt), "sites_priced_from_the_plan_now": len(rebuilt)}
     if before is not None:
-        check["before"] = errors(m, before)
+        check["before"] = errors(m, before, rebuilt)
         check["before_model"] = {"gpu": before.gpu, "date": before.meta.get("date")}
     model.meta["check"] = check
     return model, check
@@ -132,7 +174,7 @@ def _rel(pairs) -> dict | None:
     return {"n": len(rel), "median": round(statistics.median(rel), 4), "max": round(max(rel), 4)}
 
 
-def errors(m: dict, model: CostModel) -> dict:
+def errors(m: dict, model: CostModel, sites_rebuilt: dict | None = None) -> dict:
     """Relative prediction errors of `model` at every measured point, per family; the reference
     plan's sites per size (attention, permutations, whole site, dense)."""
     def safe(f):
@@ -146,9 +188,10 @@ def errors(m: dict, model: CostModel) -> dict:
                                 for r in records(m, "permute", op="site", layout="model", shared_order=False)),
            "sdpa_grid": _rel((model.dense_us(r["batch"], r["heads"], r["n"], r["n"], r["head_dim"]), r["gpu_us"])
                              for r in records(m, "sdpa", layout="model"))}
+    rebuilt = site_works(m) if sites_rebuilt is None else sites_rebuilt
     for tokens in sorted({r["tokens"] for r in records(m, "site")}):
         rs = records(m, "site", tokens=tokens)
-        works = [work_of(r["work"]) for r in rs]
+        works = [rebuilt.get((r["site"], tokens)) or work_of(r["work"]) for r in rs]
         out[f"sites@{tokens}"] = {
             "attention": _rel((safe(lambda w=w: model.predict_us(SiteWork(w.launches))), r["attention_gpu_us"])
                               for w, r in zip(works, rs)),
@@ -189,7 +232,7 @@ def main(argv=None) -> int:
         print(f"fit_cost_model: {e}", file=sys.stderr)
         return 2
     model.save(args.out)
-    print(f"{m['gpu']}: fitted on {model.meta['fitted_on']} (slots {model.slots}); wrote {args.out}")
+    print(f"{m['gpu']}: fitted on {model.meta['fitted_on']} (slots per SM {model.meta['slots_per_sm']}); wrote {args.out}")
     for name in sorted(check["after"]):
         print(f"  {name}: before {json.dumps(check.get('before', {}).get(name))}\n  {' ' * len(name)}  after  "
               f"{json.dumps(check['after'][name])}")

@@ -253,7 +253,7 @@ def measure_sites(rec, cost: CostModel, tokens: int):
 
 
 def _work_dict(work: SiteWork) -> dict:
-    keys = ("quant", "head_dim", "block_m", "block_n", "query_blocks", "visited_blocks")
+    keys = ("quant", "head_dim", "block_m", "block_n", "query_blocks", "visited_blocks", "max_row_blocks")
     return {"launches": [{k: getattr(launch, k) for k in keys} for launch in work.launches],
             "permuted_mib": work.permuted_mib, "scored_blocks": work.scored_blocks}
 
@@ -342,7 +342,8 @@ def measure_attention(rec, quants, head_dims, blocks, lengths, densities, bh_lis
                                 q, k, v, idx, counts, d ** -0.5, block, block, quant)
                             t, how = gpu_us(fn)
                             visited = batch * int(mask.sum())
-                            work = SiteWork((Launch(quant, d, block, block, batch * heads * qb, visited),))
+                            work = SiteWork((Launch(quant, d, block, block, batch * heads * qb, visited,
+                                                    int(counts.max())),))
                             rec("attention", quant=quant, head_dim=d, block=block, n=n, batch=batch, heads=heads,
                                 density=density, query_blocks=batch * heads * qb, visited_blocks=visited,
                                 rows_max=int(counts.max()), gpu_us=t, timer=how, features=CostModel.features(work))

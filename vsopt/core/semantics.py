@@ -380,7 +380,8 @@ def site_work(site: SiteShape, heads: Sequence[HeadPlan], densities: Sequence[fl
             continue
         qb, kb = num_blocks(site.q_len, key.block_m), num_blocks(site.kv_len, key.block_n)
         launches.append(Launch(key.quant.value, site.head_dim, key.block_m, key.block_n, batch * qb * len(live),
-                               sum(round(batch * densities[h] * qb * kb) for h in live)))
+                               sum(round(batch * densities[h] * qb * kb) for h in live),
+                               max(_longest_row(heads[h], densities[h], kb) for h in live)))
         if key.remainder is Remainder.POOLED:
             # priced as a launch of the same work: per query block, KB pooled keys are block_m x KB
             # scores, the work of ceil(KB / block_n) full blocks (an equivalence, not a fitted term)
@@ -392,6 +393,17 @@ def site_work(site: SiteShape, heads: Sequence[HeadPlan], densities: Sequence[fl
     # the lowering gathers every head of q, k, v and the output once any head reorders
     moved = permuted_mib(site, site.heads) if permuted_heads(heads) else 0.0
     return SiteWork(tuple(launches), moved, scored)
+
+
+def _longest_row(hp: HeadPlan, density: float, kb: int) -> int:
+    """Key blocks of a head's longest query-block row (the launch lasts at least that long): a
+    calibrated mask's own, a dense head's every block, else its mean row (patterns and dynamic
+    heads: not derived here, to keep pricing cheap)."""
+    if hp.sparsity is Sparsity.DENSE:
+        return kb
+    if hp.sparsity is Sparsity.MASK and hp.mask is not None and hp.mask.shape[-1] == kb:
+        return int(hp.mask.sum(-1).max())
+    return max(1, round(density * kb))
 
 
 def predicted_us(site: SiteShape, heads: Sequence[HeadPlan], cost: CostModel,

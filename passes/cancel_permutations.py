@@ -208,9 +208,9 @@ class _Region:
         if t is aten.bmm.default:
             ok = ax.dim == 1 and self.axis_of(args[1]) is None
             return (ax if ok else None), {}
-        if t is aten.native_layer_norm.default:
+        if t in (aten.native_layer_norm.default, aten._fused_rms_norm.default):  # (out, stats...)
             ok = ax.dim < len(src) - len(args[1])
-            return ((ax, ax, ax) if ok else None), {}
+            return ((ax,) * (3 if t is aten.native_layer_norm.default else 2) if ok else None), {}
         if t in (aten.layer_norm.default, aten.rms_norm.default):
             ok = ax.dim < len(src) - len(args[1])
             return (ax if ok else None), {}

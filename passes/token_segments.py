@@ -48,6 +48,9 @@ ALONG_DIM = {aten.index_select.default: 1, aten.gather.default: 1}  # op -> posi
 REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default, aten.var.correction,
               aten.std.correction}
 SDPA_PREFIX = "_scaled_dot_product_"
+# norms that return a tuple, with their number of statistics outputs: on CUDA, torch >= 2.11 keeps
+# RMSNorm fused as _fused_rms_norm (on the CPU it decomposes), so both forms must be followed
+NORMS = {aten.native_layer_norm.default: 2, aten._fused_rms_norm.default: 1}
 _c10d = getattr(torch.ops, "_c10d_functional", None)
 GATHER_OPS = {getattr(_c10d, n).default for n in ("all_to_all_single", "all_gather_into_tensor")
               if _c10d is not None and hasattr(_c10d, n)}
@@ -345,7 +348,7 @@ def _step(n: torch.fx.Node, states: dict) -> TokenState | Several | None:
             start = 0 if start is None else max(0, min(total, start + total if start < 0 else start))
             stop = total if stop is None else max(0, min(total, stop + total if stop < 0 else stop))
             return TokenState(cut(st.segments, start, stop), d, whole=st.whole or st) if stop > start else None
-        if t in (aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int):
+        if t in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int):
             vals = n.meta.get("val")
             count = len(vals) if isinstance(vals, (list, tuple)) else 0
             d = _norm(args[2] if len(args) > 2 else (args[1] if t is aten.unbind.int and len(args) > 1 else 0), rank)
@@ -369,8 +372,8 @@ def _step(n: torch.fx.Node, states: dict) -> TokenState | Several | None:
             dims = {_norm(d, rank) for d in ([dims] if isinstance(dims, int) else dims)}
             keep = bool(args[2]) if len(args) > 2 else bool(n.kwargs.get("keepdim", False))
             return None if st.dim in dims else replace(st, dim=st.dim - (0 if keep else sum(d < st.dim for d in dims)))
-        if t is aten.native_layer_norm.default:
-            return Several((st, None, None))
+        if t in NORMS:  # (out, stats...): a norm over trailing dims keeps the token axis
+            return Several((st,) + (None,) * NORMS[t]) if st.dim < rank - len(args[1]) else None
         if t in SHUFFLES:
             return None
         if t in ALONG_DIM:

@@ -90,7 +90,7 @@ def test_fit_recovers_the_model_and_reports(fcm, tmp_path, capsys):
     old.save(before)
     assert fcm.main(["--measurements", str(src), "--out", str(out), "--before", str(before)]) == 0
     model = CostModel.load(out)
-    assert model.slots == 264
+    assert model.key_slots == {key: 264 for key in KEYS}
     for key in KEYS:
         for qb, visited in ((512, 500), (512, 20000), (4096, 800000)):
             w = SiteWork((Launch(*fcm_key(key), qb, visited),))

@@ -9,7 +9,8 @@ from vsopt.cli import main
 
 
 def test_demo_runs_end_to_end_and_dense_plan_matches(tmp_path, capsys):
-    rc = main(["demo", "--out", str(tmp_path), "--frames", "2", "--size", "8", "--steps", "2", "--seed", "3"])
+    rc = main(["demo", "--out", str(tmp_path), "--frames", "2", "--size", "8", "--steps", "2", "--seed", "3",
+               "--plan", "none"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "blocks.5.attn1" in printed and "plan: none" in printed and "PSNR" in printed

@@ -1,7 +1,11 @@
-"""Attention kernel benchmark on the GPU: vsopt's block-sparse kernel (bf16, INT8-QK, FP8) side by side
-with cuDNN SDPA, FlashAttention-3 (fa3-fwd, bf16 and FP8), SageAttention 1.0.6 and FlexAttention with the
-same block mask, on the reference workloads of WORKLOADS.md; writes JSON and the "Attention kernels"
-section of BENCHMARKS.md.
+"""Attention kernel benchmark on the GPU: vsopt's block-sparse kernel (bf16, INT8-QK, FP8; and its Gluon
+kernel, bf16, as vsopt_gluon_none) side by side
+with cuDNN SDPA, FlashAttention-3 (fa3-fwd, bf16 and FP8), FlashAttention-4 (flash-attn-4, CuTe DSL:
+dense and block-sparse with the same table), SageAttention 1.0.6 and FlexAttention with the same block
+mask, on the reference workloads of WORKLOADS.md; writes JSON and the "Attention kernels" section of
+BENCHMARKS.md. FlashAttention-4 runs where its wheels are installed (on the GPU machine:
+benchmarks/fetch_fa4_wheels.sh here, then `VSOPT_FA4=1 source benchmarks/gpu_env.sh` in two runs, see
+that script); without them its rows are listed under "Not run" with the import error.
 
     python3 benchmarks/attention.py --workloads wan480,cog720 --out benchmarks/results/attention.json
 
@@ -165,6 +169,35 @@ def _peers():
     return peers, missing
 
 
+def _fa4():
+    """FlashAttention-4's interface (flash_attn.cute), or the reason it does not load."""
+    try:
+        from flash_attn.cute import flash_attn_func
+        from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+        return (flash_attn_func, BlockSparseTensorsTorch), None
+    except Exception as e:  # noqa: BLE001 - a peer that does not load is recorded, not fatal
+        return None, repr(e)[:200]
+
+
+def _fa4_out(result):
+    return result[0] if isinstance(result, tuple) else result   # (out, lse) in flash-attn-4 4.0.0b36
+
+
+def _fa4_block_sparse(fa4, qt, kt, vt, kv_indices, kv_counts, scale, n):
+    """FA4's block-sparse forward on vsopt's table: every listed block as a 'full' block (no mask_mod;
+    FA4 masks the ragged sequence end itself), no partial blocks. qt/kt/vt: (B, N, H, D) contiguous.
+    FA4 wants index tensors with one column per key block: the table is zero-padded to that width."""
+    flash_attn_func, BlockSparseTensorsTorch = fa4
+    B = qt.shape[0]
+    kb = math.ceil(n / BLOCK)
+    idx = torch.zeros(*kv_indices.shape[:3], kb, dtype=torch.int32, device=qt.device)
+    idx[..., :kv_indices.shape[3]] = kv_indices
+    idx, cnt = idx.expand(B, -1, -1, -1).contiguous(), kv_counts.expand(B, -1, -1).contiguous()
+    tensors = BlockSparseTensorsTorch(mask_block_cnt=torch.zeros_like(cnt), mask_block_idx=torch.zeros_like(idx),
+                                      full_block_cnt=cnt, full_block_idx=idx, block_size=(BLOCK, BLOCK))
+    return lambda: _fa4_out(flash_attn_func(qt, kt, vt, softmax_scale=scale, block_sparse_tensors=tensors))
+
+
 def _flex(q, k, v, kv_indices, kv_counts, scale, n):
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
     compiled = torch.compile(flex_attention, dynamic=False)
@@ -216,6 +249,20 @@ def run_workload(w: Workload, densities, modes, accuracy: bool, rep_ms: float, l
             except Exception as e:  # noqa: BLE001
                 res["peers_missing"][name] = repr(e)[:200]
                 log(f"{name} failed: {e!r}"[:300])
+        fa4, fa4_missing = _fa4()
+        qt = kt = vt = None
+        if fa4 is None:
+            res["peers_missing"]["flash-attn-4"] = fa4_missing
+        else:   # (B, N, H, D) copies made once, outside the timed region
+            qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+            try:
+                fn = lambda: _fa4_out(fa4[0](qt, kt, vt, softmax_scale=scale))  # noqa: E731
+                ms = _bench(fn, rep_ms)
+                record(res["dense"], "fa4_bf16", ms, 1.0,
+                       _accuracy(fn().transpose(1, 2), dense_ref) if accuracy else {})
+            except Exception as e:  # noqa: BLE001
+                res["peers_missing"]["fa4_bf16"] = repr(e)[:200]
+                log(f"fa4_bf16 failed: {e!r}"[:300])
         best_dense = min(r["ms"] for r in res["dense"].values() if not r["name"].endswith("fp8"))
         res["best_dense_bf16_ms"] = best_dense
 
@@ -237,6 +284,17 @@ def run_workload(w: Workload, densities, modes, accuracy: bool, rep_ms: float, l
                     extra.update(_accuracy(fn(), ref))
                 row = record(res["sparse"], f"vsopt_{mode}", ms, real_density, extra)
                 row["speedup_vs_best_dense"] = best_dense / ms
+            if "none" in modes:   # the Gluon kernel (bf16 only; launch.block_sparse_attention(kernel="gluon"))
+                try:
+                    fn = lambda: bsa_launch.block_sparse_attention(q, k, v, kv_indices, kv_counts, scale,  # noqa
+                                                                   BLOCK, BLOCK, kernel="gluon")[0]
+                    ms = _bench(fn, rep_ms)
+                    extra = _accuracy(fn(), ref) if ref is not None else {}
+                    row = record(res["sparse"], "vsopt_gluon_none", ms, real_density, extra)
+                    row["speedup_vs_best_dense"] = best_dense / ms
+                except Exception as e:  # noqa: BLE001 - not a Hopper GPU, not Triton 3.6: recorded
+                    log(f"gluon kernel failed: {e!r}"[:300])
+                    res.setdefault("peers_missing", {})["vsopt_gluon_none"] = repr(e)[:200]
             try:
                 flex = _flex(q, k, v, kv_indices, kv_counts, scale, N)
                 ms = _bench(flex, rep_ms)
@@ -246,6 +304,16 @@ def run_workload(w: Workload, densities, modes, accuracy: bool, rep_ms: float, l
             except Exception as e:  # noqa: BLE001
                 log(f"flex failed: {e!r}"[:300])
                 res.setdefault("peers_missing", {})["flex_attention"] = repr(e)[:200]
+            if fa4 is not None:
+                try:
+                    fn = _fa4_block_sparse(fa4, qt, kt, vt, kv_indices, kv_counts, scale, N)
+                    ms = _bench(fn, rep_ms)
+                    extra = _accuracy(fn().transpose(1, 2), ref) if ref is not None else {}
+                    row = record(res["sparse"], "fa4_block_sparse", ms, real_density, extra)
+                    row["speedup_vs_best_dense"] = best_dense / ms
+                except Exception as e:  # noqa: BLE001
+                    log(f"fa4 block-sparse failed: {e!r}"[:300])
+                    res["peers_missing"]["fa4_block_sparse"] = repr(e)[:200]
             del mask, kv_indices, kv_counts, ref
             torch.cuda.empty_cache()
         res["autotuned"] = {str(k): str(v) for k, v in bsa_launch._tuned_kernel.cache.items()}

@@ -15,4 +15,29 @@ done
 mkdir -p /tmp/site/vsopt_gpu-0.dist-info
 printf 'Metadata-Version: 2.1\nName: vsopt-gpu\nVersion: 0\n' > /tmp/site/vsopt_gpu-0.dist-info/METADATA
 printf '[torch_dynamo_backends]\nvsopt = vsopt.backend:vsopt_backend\n' > /tmp/site/vsopt_gpu-0.dist-info/entry_points.txt
-export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+# Opt-in (VSOPT_FA4=1): FlashAttention-4 as a peer of benchmarks/attention.py. Its wheels come in two
+# runs (benchmarks/fetch_fa4_wheels.sh lays them out: carry .whl/fa4/run1 in one run, .whl/fa4/run2 in
+# the next, on a machine still warm); each run adds its part to /tmp/fa4, and once every wheel there
+# matches benchmarks/fa4_wheels.sha256 they are installed into /tmp/site (once).
+if [ "${VSOPT_FA4:-0}" = 1 ]; then
+    mkdir -p /tmp/fa4
+    for f in .whl/fa4/run*/*; do [ -f "$f" ] && cp -f "$f" /tmp/fa4/; done
+    for first in /tmp/fa4/*.whl.part00; do
+        [ -f "$first" ] || continue
+        whl=${first%.part00}
+        [ -f "$whl" ] || { [ -f "$whl.part01" ] && cat "$whl".part?? > "$whl"; }
+    done
+    if (cd /tmp/fa4 && sha256sum --quiet -c "$OLDPWD/benchmarks/fa4_wheels.sha256") >/dev/null 2>&1; then
+        if [ ! -f /tmp/fa4/.installed ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site \
+                $(grep -o '[^ ]*\.whl$' benchmarks/fa4_wheels.sha256 | sed 's|^|/tmp/fa4/|'); then
+            touch /tmp/fa4/.installed
+        fi
+        [ -f /tmp/fa4/.installed ] && echo "FA4: installed in /tmp/site" || echo "FA4: pip install failed"
+    else
+        echo "FA4: wheels incomplete in /tmp/fa4 ($(ls /tmp/fa4 | wc -l) files): carry the other part (.whl/fa4/run1 or run2) in the next run"
+    fi
+fi
+# pip --target does not run .pth files: the CUTLASS DSL's packages go on the path by hand.
+dsl=/tmp/site/nvidia_cutlass_dsl/dsl_packages
+[ -d $dsl ] || dsl=
+export PYTHONPATH=/tmp/site${dsl:+:$dsl}:$PWD${PYTHONPATH:+:$PYTHONPATH}

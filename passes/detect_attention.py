@@ -14,6 +14,8 @@ attention of one module, "attention.<ordinal>" where no path exists.
 """
 from __future__ import annotations
 
+import logging
+
 import torch.fx
 
 from vsopt.core.errors import UnsupportedSiteError
@@ -21,9 +23,10 @@ from vsopt.core.ir import AttentionSite, GridSource, SkippedSite
 
 from .infra import PassContext, PassReport
 from .rules import DEFAULT_RULES
-from .site_ids import layer_index, module_path
+from .site_ids import layer_index, module_path, relative_note
 
 NAME = "detect_attention"
+log = logging.getLogger("vsopt")
 
 
 def _unique(base: str, taken: dict[str, int]) -> str:
@@ -43,6 +46,10 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
                 continue
             result = rule.check(node)
             path = module_path(node)
+            relative = relative_note(node) if result.ok or result.candidate else None
+            if relative:  # never guessed: the id stays relative, and says so
+                report.notes.append(relative)
+                log.log(logging.WARNING if ctx.config.plan is not None else logging.INFO, "vsopt: %s", relative)
             if result.ok:
                 site_id = _unique(path or f"attention.{ordinal}", taken)
                 ordinal += 1

@@ -46,6 +46,19 @@ HOW_TO_GIVE = ("give it with the option 'grid', e.g. options={'grid': (frames, h
                "add 'axes': 'hwf'), or per site: {'grids': {%r: (4, 8, 8)}}")
 
 
+def patch_embeddings_in(states: dict) -> bool:
+    """Whether any patch embedding of the graph was found (token_states starts from them)."""
+    return any(isinstance(st, TokenState) and any(isinstance(s, Video) for s in st.segments) for st in states.values())
+
+
+def _exact(site_id: str, q_len: int) -> str:
+    """The grid option for one site of q_len tokens, spelled out."""
+    return (f"; for this site: options={{'grids': {{{site_id!r}: {{'frames': F, 'height': H, 'width': W, "
+            f"'text_before': B, 'text_after': A}}}}}} with F * H * W + B + A = {q_len} (F, H, W: the latent "
+            f"video after patchify, frames x height x width in tokens; B, A: other tokens before / after "
+            f"the video in the sequence)")
+
+
 def grid_of(state: TokenState) -> TokenGrid | None:
     """The TokenGrid of a token axis's segments: the largest video segment, the rest around it."""
     videos = [s for s in state.segments if isinstance(s, Video)]
@@ -67,6 +80,9 @@ def infer_site(states: dict, source: torch.fx.Node, token_axes: tuple[int, ...],
     """The grid of the query's tokens (axes `token_axes` of `source`), or None."""
     st = states.get(source)
     if not isinstance(st, TokenState) or st.dim not in token_axes or st.total != q_len:
+        fr = getattr(states, "frames", {}).get(source)  # the frames of each position (divided space-time)
+        if isinstance(fr, TokenState) and fr.dim in token_axes and fr.total == q_len:
+            return grid_of(fr)
         return per_frame_grid(states, source, q_len)
     return grid_of(st)
 
@@ -148,8 +164,13 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
         ctx.sites[i] = dataclasses.replace(site, grid=grid, grid_source=source)
         report.notes.append(f"{site.site_id}: grid {grid if grid else 'unknown'} ({source.value})")
         if grid is None and site.is_self_attention:
-            msg = (f"site {site.site_id}: no video grid (no patch embedding of this graph reaches its "
-                   f"{site.q_len} query tokens), so no pattern or token order applies; " + HOW_TO_GIVE % site.site_id)
+            if states is None:
+                states = token_states(gm.graph)
+            where = ("no patch embedding of this graph reaches its" if patch_embeddings_in(states) else
+                     "this graph holds no patch embedding (a pre-patchified input, or a graph Dynamo started after "
+                     "a graph break, the patch embedding being in an earlier graph) for its")
+            msg = (f"site {site.site_id}: no video grid ({where} {site.q_len} query tokens), so no pattern or "
+                   f"token order applies; " + HOW_TO_GIVE % site.site_id + _exact(site.site_id, site.q_len))
             log.info("vsopt: %s", msg)
             report.notes.append(msg)
     if cfg.grid is not None and ctx.sites and not any(s.q_len == cfg.grid.num_tokens for s in ctx.sites):

@@ -46,6 +46,15 @@ Step-dependent plans (SitePlan.steps) are lowered with their default head plans:
 applies step ranges by lowering Plan.at_step(...) once per segment of steps and choosing the
 graph at run time (vsopt.core.steps.step_variants); a graph lowered here directly notes it.
 
+Renormalized heads (HeadPlan.renorm, Re-ttention; vsopt.core.rettention) are lowered at the phase
+Plan.at_step resolved for this graph: a measuring launch runs the kept blocks and the dropped
+part (the complement blocks through block_sparse_attention_lse, or the pooled remainder) as two
+partials, merges them, and writes its heads' statistics (and a dynamic head's mask) into the
+site's state buffers with index_copy_; a correcting launch runs the kept blocks (a dynamic head's
+mask read from the state) and applies rho o + r from the buffers. The buffers are the same
+tensors in every graph of the site (rettention.RENORM_STATE), constants of each graph; no host
+decision or synchronization happens in a graph.
+
 Every node created carries meta["vsopt_from"] = ("lower_plan", (replaced node,)),
 meta["vsopt_site"] and, on the attention launches, meta["vsopt_heads"] (head indices) and
 meta["vsopt_plan"] (the launch key and the static density).
@@ -66,13 +75,16 @@ from vsopt.core.ops import attention_arguments
 from vsopt.core.orders import TokenOrder
 from vsopt.core.plan import HeadPlan, Plan, SitePlan
 from vsopt.core.joint import joint_attention
-from vsopt.core.pooled import Remainder, pooled_attention
+from vsopt.core.pooled import Remainder, pooled_attention, pooled_remainder
 from vsopt.core.resample import fit_site_plan
-from vsopt.core.semantics import LaunchKey, joint_plan, launch_groups, permutations, static_mask, text_blocks, video_range
+from vsopt.core.rettention import RENORM_STATE, Phase, correct, kept_partial, measure
+from vsopt.core.semantics import (LaunchKey, cluster_span, joint_plan, launch_groups, permutations, static_mask,
+                                  text_blocks, video_range)
 
 from .graph_edit import constant, emit, with_layout_of
 from .infra import GraphChanges, PassContext, PassReport
 from .mask_bounds import video_part_kept
+from .site_ids import in_other_graphs
 
 NAME = "lower_plan"
 aten = torch.ops.aten
@@ -100,13 +112,26 @@ def _why_not(site: AttentionSite, sp: SitePlan, node: torch.fx.Node | None, spli
         return "the site is causal, which block-sparse attention does not take"
     if site.softcap and split:
         return "the site's logits are soft-capped, which the joint split's dense text part does not apply"
+    if site.softcap and any(h.cluster is not None for h in sp.all_heads()):
+        return "the site's logits are soft-capped, which the clustering launch does not apply"
     if site.softcap and any(h.remainder is Remainder.POOLED for h in sp.all_heads()):
         return "the site's logits are soft-capped, which the pooled remainder does not apply"
+    if any(h.renorm is not None for h in sp.all_heads()):
+        if site.softcap:
+            return "the site's logits are soft-capped, which the softmax-mass correction (renorm) does not apply"
+        if node is not None and not _static_sizes(node):
+            return "the softmax-mass correction (renorm) keeps statistics of a static batch and length"
     if site.value_dim != site.head_dim:
         return f"value head dim {site.value_dim} differs from query head dim {site.head_dim}"
     if site.q_len != site.kv_len and any(h.order is not TokenOrder.FHW for h in sp.all_heads()):
         return "token orders need self-attention (q_len == kv_len)"
     return None
+
+
+def _static_sizes(node: torch.fx.Node) -> bool:
+    q = attention_arguments(node.args, node.kwargs)["q"].meta["val"]
+    v = attention_arguments(node.args, node.kwargs)["v"].meta["val"]
+    return all(is_concrete_int(s) for s in (*q.shape, *v.shape))
 
 
 def _site_mask(site: AttentionSite, node: torch.fx.Node | None, ctx: PassContext) -> torch.fx.Node | None:
@@ -238,6 +263,10 @@ class _Lowering:
 
     def launch(self, key: LaunchKey, idx: list[int], heads: list[HeadPlan], q, k, v) -> torch.fx.Node:
         meta = {"vsopt_heads": tuple(idx)}
+        if key.renorm is not None:
+            return self.renormed(key, idx, heads, q, k, v, meta)
+        if key.cluster is not None:
+            return self.clustered(key, idx, q, k, v, meta)
         if key.dynamic is None:
             masks = torch.stack([static_mask(self.site, hp) for hp in heads])
             kv_indices, kv_counts = vsopt.mask_to_table(masks[None])
@@ -268,6 +297,37 @@ class _Lowering:
                          (q, k, v, kv_indices, kv_counts, float(self.scale), key.block_m, key.block_n,
                           key.quant.value, *((float(softcap),) if softcap else ())), **meta)
 
+    def clustered(self, key: LaunchKey, idx: list[int], q, k, v, meta) -> torch.fx.Node:
+        """A clustering group (vsopt.core.clustering, what semantics.site_output runs): the
+        layout op computes per sample and head the k-means orders of q and k and the block mask
+        over the permuted sequences (kept and warm-started across steps on the device), then the
+        same permute_tokens -> block-sparse attention -> unpermute_tokens path as the axis orders,
+        with per-sample permutations (B, H, N)."""
+        spec = key.cluster
+        H, Hkv = q.meta["val"].shape[1], k.meta["val"].shape[1]
+        if Hkv != H:   # one key head per query head: each query head clusters its own keys
+            k = self.emit(aten.repeat_interleave.self_int, (k, H // Hkv, 1))
+            v = self.emit(aten.repeat_interleave.self_int, (v, H // Hkv, 1))
+        nq, nk = q.meta["val"].shape[2], k.meta["val"].shape[2]
+        (q0, q1), (k0, k1) = cluster_span(self.site, nq), cluster_span(self.site, nk)
+        cache_key = f"{id(self.gm):x}:{self.site.site_id}/heads{idx[0]}"
+        lay = self.emit(vsopt.cluster_layout.default,
+                        (q, k, float(self.scale), key.block_m, key.block_n, spec.q_clusters, spec.k_clusters,
+                         spec.top_p, spec.refresh, spec.iterations, spec.warm_iterations, spec.warm_start, q0, q1, k0,
+                         k1, cache_key))
+        perm_q, perm_k, mask = (self.emit(operator.getitem, (lay, i)) for i in range(3))
+        qp = self.emit(vsopt.permute_tokens.default, (q, perm_q))
+        kp = self.emit(vsopt.permute_tokens.default, (k, perm_k))
+        vp = self.emit(vsopt.permute_tokens.default, (v, perm_k))
+        table = self.emit(vsopt.mask_to_table.default, (mask,))
+        kv_indices, kv_counts = self.emit(operator.getitem, (table, 0)), self.emit(operator.getitem, (table, 1))
+        meta["vsopt_plan"] = {"quant": key.quant.value, "block": (key.block_m, key.block_n),
+                              "cluster": spec.to_dict()}
+        out = self.emit(vsopt.block_sparse_attention.default,
+                        (qp, kp, vp, kv_indices, kv_counts, float(self.scale), key.block_m, key.block_n,
+                         key.quant.value), **meta)
+        return self.emit(vsopt.unpermute_tokens.default, (out, perm_q))
+
     def pooled(self, key: LaunchKey, q, k, v, masks, kv_indices, kv_counts, meta) -> torch.fx.Node:
         """The kept blocks by block_sparse_attention_lse plus the pooled remainder, merged
         (vsopt.core.pooled: the ops semantics runs), back in q's dtype."""
@@ -280,6 +340,92 @@ class _Lowering:
         out = em.op(aten._to_copy.default, out, dtype=q.meta["val"].dtype)
         out.meta.update(meta)
         return out
+
+
+    def renorm_buffers(self, key: LaunchKey) -> dict[str, torch.fx.Node]:
+        """The site's statistics buffers (rettention.RENORM_STATE: the same tensors in every graph
+        of the site) as constants of this graph: rho (B, H, N) float32, resid (B, H, N, Dv) in q's
+        dtype, and for dynamic heads their kept masks (B, H, QB, KB)."""
+        qv, vv = self.q.meta["val"], self.v.meta["val"]
+        B, H, N, Dv = qv.shape[0], qv.shape[1], qv.shape[2], vv.shape[-1]
+        dev, sid = qv.device, self.site.site_id
+        shapes = {"rho": ((B, H, N), torch.float32), "resid": ((B, H, N, Dv), qv.dtype)}
+        if key.dynamic is not None:
+            qb, kb = -(-N // key.block_m), -(-self.k.meta["val"].shape[2] // key.block_n)
+            shapes["mask"] = ((B, H, qb, kb), torch.bool)
+        return {what: self.constant(f"renorm_{what}", RENORM_STATE.buffer(sid, what, shape, dtype, dev))
+                for what, (shape, dtype) in shapes.items()}
+
+    def renormed(self, key: LaunchKey, idx: list[int], heads: list[HeadPlan], q, k, v, meta) -> torch.fx.Node:
+        """A renormalized launch group (vsopt.core.rettention) at its phase: measuring, the kept and
+        dropped partials merged and the statistics written to the site's buffers; correcting, the
+        kept blocks corrected from them. Back in q's dtype."""
+        em = _LoweringEmitter(self)
+        phase = heads[0].renorm.effective_phase()
+        bufs = self.renorm_buffers(key)
+        sel = self.constant("renorm_heads", torch.tensor(idx, dtype=torch.int64))
+        scale, bm, bn, quant = float(self.scale), key.block_m, key.block_n, key.quant.value
+        meta["vsopt_plan"] = {"quant": quant, "block": (bm, bn), "renorm": phase.value,
+                              "remainder": key.remainder.value}
+        masks = None
+        if key.dynamic is None:
+            static = torch.stack([static_mask(self.site, hp) for hp in heads])[None]
+            meta["vsopt_plan"]["density"] = float(static.float().mean())
+        if phase is Phase.CORRECT:
+            if key.dynamic is None:
+                kv_indices, kv_counts = self.table_constants("kv", static)
+            else:   # the measuring step's mask
+                masks = em.op(aten.index_select.default, bufs["mask"], 1, sel)
+                kv_indices, kv_counts = self.table_nodes(em, masks)
+            o = em.op(vsopt.block_sparse_attention.default, q, k, v, kv_indices, kv_counts, scale, bm, bn, quant)
+            rho = em.op(aten.index_select.default, bufs["rho"], 1, sel)
+            resid = em.op(aten.index_select.default, bufs["resid"], 1, sel)
+            out = correct(em, o, rho, resid)
+        else:
+            if key.dynamic is None:
+                kv_indices, kv_counts = self.table_constants("kv", static)
+                drop_indices, drop_counts = self.table_constants("drop", ~static)
+                masks = self.constant("renorm_masks", static)
+            else:
+                masks = self.dynamic_mask(key, q, k)
+                meta["vsopt_plan"]["dynamic"] = key.dynamic.to_dict()
+                kv_indices, kv_counts = self.table_nodes(em, masks)
+                drop_indices, drop_counts = self.table_nodes(em, em.op(aten.logical_not.default, masks))
+            kept = kept_partial(em, q, k, v, kv_indices, kv_counts, scale, bm, bn, quant)
+            if key.remainder is Remainder.POOLED:
+                dropped = pooled_remainder(em, q, k, v, masks, scale, bm, bn)
+            else:
+                dropped = kept_partial(em, q, k, v, drop_indices, drop_counts, scale, bm, bn, quant)
+            out, rho, resid = measure(em, kept, dropped)
+            em.op(aten.index_copy_.default, bufs["rho"], 1, sel, rho)
+            em.op(aten.index_copy_.default, bufs["resid"], 1, sel,
+                  em.op(aten._to_copy.default, resid, dtype=self.q.meta["val"].dtype))
+            if key.dynamic is not None:
+                em.op(aten.index_copy_.default, bufs["mask"], 1, sel, masks)
+        out = em.op(aten._to_copy.default, out, dtype=q.meta["val"].dtype)
+        out.meta.update(meta)
+        return out
+
+    def table_constants(self, label: str, masks: torch.Tensor) -> tuple[torch.fx.Node, torch.fx.Node]:
+        kv_indices, kv_counts = vsopt.mask_to_table(masks)
+        width = max(1, int(kv_counts.max()))
+        return (self.constant(f"{label}_indices", kv_indices[..., :width].contiguous()),
+                self.constant(f"{label}_counts", kv_counts))
+
+    def table_nodes(self, em, masks) -> tuple[torch.fx.Node, torch.fx.Node]:
+        table = em.op(vsopt.mask_to_table.default, masks)
+        return em.op(operator.getitem, table, 0), em.op(operator.getitem, table, 1)
+
+    def dynamic_mask(self, key: LaunchKey, q, k) -> torch.fx.Node:
+        """A dynamic group's mask predicted on this step's q/k, text blocks kept."""
+        spec = key.dynamic
+        mask = self.emit(vsopt.dynamic_block_mask.default,
+                         (q, k, float(self.scale), key.block_m, key.block_n, spec.method.value, spec.value,
+                          spec.reuse_steps, f"{id(self.gm):x}:{self.site.site_id}/renorm"))
+        text = text_blocks(self.site.grid, self.site.q_len, self.site.kv_len, key.block_m, key.block_n)
+        if text is not None:
+            mask = self.emit(aten.bitwise_or.Tensor, (mask, self.constant("text_blocks", text)))
+        return mask
 
 
 class _LoweringEmitter:
@@ -309,7 +455,10 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
     absent = sorted(set(plan.sites) - set(sites))
     if absent:
         msg = f"plan sites not in this graph: {absent} (graph sites: {sorted(sites)})"
-        if ctx.config.strict:
+        elsewhere = in_other_graphs(gm, absent)
+        if elsewhere:
+            msg += f"; {elsewhere} name modules of the compiled model, so other graphs of this compile may hold them"
+        if ctx.config.strict and len(elsewhere) < len(absent):  # a site of no module: another model's plan, or a typo
             raise PlanError(f"{NAME}: {msg}")
         ctx.absent_plan_sites.extend(absent)
         report.notes.append(msg)

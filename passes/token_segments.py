@@ -17,7 +17,11 @@
    cuts them; elementwise ops, linears, norms, reshapes that keep the axis and attention itself
    keep them; where two inputs disagree, or the axis is split, reduced or shuffled (roll, flip,
    gather along it), the state is dropped. Every path from every patch embedding is followed,
-   so a side branch (a CLS token sliced off and pooled) cannot hide a concatenation.
+   so a side branch (a CLS token sliced off and pooled) cannot hide a concatenation. A reshape
+   that moves a video's outer axes into another axis (the batch) leaves the inner ones, the
+   folded axes 1 ('(b h w) f': F x 1 x 1). The frame index of a per-frame Conv2d video, in its
+   batch axis, is followed as a second state (States.frames): an attention over it gets F x 1 x 1,
+   and next to the frame's H x W tokens on one axis it joins them into the whole video.
 The grid of a site is then read off the state of its query's token source (infer_grid.py).
 """
 from __future__ import annotations
@@ -270,7 +274,10 @@ def cut(segments: Segments, start: int, stop: int) -> Segments:
 def _reshaped(st: TokenState, shape_in, shape_out) -> TokenState | None:
     """The state after a row-major reshape: the output axis whose flat strides hold the tokens.
     After a collective (st.gathered), merging the rank axis into the shard's tokens as their outer
-    index (every rank's shard in rank order) gives back the whole sequence."""
+    index (every rank's shard in rank order) gives back the whole sequence. A reshape that splits
+    one video's tokens, the inner part (its last one or two axes in token order) on an axis of its
+    own and the outer part moved elsewhere (into the batch: '(b h w) t' of divided space-time
+    attention), leaves on that axis a video whose outer axes are 1 (F x 1 x 1 for its frames)."""
     s = math.prod(shape_in[st.dim + 1:])
     tok_stride, tok_span = st.inner * s, st.total * st.inner * s
     for j, size in enumerate(shape_out):
@@ -281,6 +288,25 @@ def _reshaped(st: TokenState, shape_in, shape_out) -> TokenState | None:
             if st.gathered and w is not None and st.outer == 1 and outer * st.total == w.total:
                 return TokenState(w.segments, j, 1, inner)
             return replace(st, dim=j, outer=outer, inner=inner)
+    return _folded(st, s, shape_out)
+
+
+def _folded(st: TokenState, s: int, shape_out) -> TokenState | None:
+    """The inner axes of one video split off onto an axis of their own (_reshaped), or None."""
+    if len(st.segments) != 1 or not isinstance(st.segments[0], Video) or st.inner != 1:
+        return None
+    v = st.segments[0]
+    dims = {"f": v.frames, "h": v.height, "w": v.width}
+    for j, size in enumerate(shape_out):
+        if math.prod(shape_out[j + 1:]) != s or size <= 1 or v.size % size:
+            continue  # not an axis whose index steps through the tokens one by one
+        for keep in (v.axes[2:], v.axes[1:]):  # the last axis, or the last two, in token order
+            if math.prod(dims[a] for a in keep) == size and size < v.size:
+                kept = {a: (dims[a] if a in keep else 1) for a in "fhw"}
+                # the folded axes are 1: only the kept ones' order matters (frame-major where it agrees)
+                axes = "fhw" if "".join(a for a in "fhw" if a in keep) == keep else \
+                    "".join(a for a in v.axes if a not in keep) + keep
+                return TokenState((replace(v, frames=kept["f"], height=kept["h"], width=kept["w"], axes=axes),), j)
     return None
 
 
@@ -450,8 +476,7 @@ def _product(n, states) -> TokenState | None:
             contracted = r - 1 if is_a else r - 2
             if st.dim != contracted:
                 found.append(replace(st, dim=st.dim + ro - r))
-    distinct = set(found)
-    return found[0] if len(distinct) == 1 else None
+    return _agreed(found)
 
 
 def _elementwise(n, states, out_shape, inputs=None) -> TokenState | None:
@@ -467,19 +492,107 @@ def _elementwise(n, states, out_shape, inputs=None) -> TokenState | None:
         d = st.dim + len(out_shape) - len(shape)
         if 0 <= d < len(out_shape) and out_shape[d] == shape[st.dim]:
             found.append(replace(st, dim=d))
-    distinct = set(found)
-    return found[0] if len(distinct) == 1 else None
+    return _agreed(found)
 
 
-def token_states(graph: torch.fx.Graph) -> dict[torch.fx.Node, TokenState | Several]:
+def _agreed(found: list[TokenState]) -> TokenState | None:
+    """The one state the inputs of an op agree on, or None. They agree when their tokens do (segments,
+    axis, merged indices); where only their history differs (a residual add of the video tokens with
+    the video part sliced back out of a joint sequence: one remembers the joint sequence as `whole`,
+    the other does not), the history is dropped, not the tokens."""
+    if not found or len({(s.segments, s.dim, s.outer, s.inner) for s in found}) != 1:
+        return None
+    if len(set(found)) == 1:
+        return found[0]
+    return replace(found[0], whole=None, gathered=False)
+
+
+class States(dict):
+    """token_states' result: node -> TokenState | Several, and in `frames` the same for the frame
+    index of per-frame Conv2d videos (a video F x 1 x 1 on the axis holding it: the frames start in
+    the batch axis, B*F, where the token dataflow does not follow them)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.frames: dict = {}
+
+
+def _frames_in_batch(conv: torch.fx.Node) -> int | None:
+    """F, where a per-frame Conv2d's input (B*F, C, H, W) is a 5-D video with its frame axis merged
+    into the batch as its inner part (the other three axes being the image's); None otherwise."""
+    try:
+        traced = trace_back(conv.args[0], follow_scale=False)
+        shape = shape_of(traced.source)
+    except TraceError:
+        return None
+    if len(shape) != 5 or not traced.axes:
+        return None
+    atoms, leaves = traced.axes[0], traced.source_atoms
+    axes = [a.source_axis for a in atoms]
+    if axes not in ([0, axes[-1]], [axes[-1]]) or axes[-1] in (0, None) or (len(axes) == 1 and shape[0] != 1):
+        return None
+    if any(len(leaves[ax]) != 1 or a is not leaves[ax][0] for a, ax in zip(atoms, axes)):
+        return None  # not whole axes
+    return shape[axes[-1]]
+
+
+def _frame_start(node: torch.fx.Node, st: TokenState) -> TokenState | None:
+    """The frame index of a per-frame video's start `node`: on the axis holding its convolution's
+    whole batch axis (B*F), F inner."""
+    v = st.segments[0]
+    conv = next((c for c in node.graph.nodes if c.name == v.source and c.op == "call_function"
+                 and c.target in CONV_OPS), None)
+    frames = _frames_in_batch(conv) if conv is not None else None
+    if frames is None or frames <= 1:
+        return None
+    try:
+        traced = trace_back(node, follow_scale=False)
+    except TraceError:
+        return None
+    batch = traced.source_atoms[0] if traced.source is conv else None
+    for i, atoms in enumerate(traced.axes):
+        if batch and len(batch) == 1 and atoms == batch:
+            return TokenState((Video(frames, 1, 1, "fhw", v.source),), i, batch[0].size // frames, 1)
+    return None
+
+
+def _joined(st: TokenState, fr: TokenState) -> TokenState | None:
+    """A per-frame video's tokens (1 x H x W) and its frame index on one axis, next to each other:
+    the whole F x H x W video, frame-major or with the frames innermost."""
+    v, f = st.segments[0], fr.segments[0]
+    if st.dim != fr.dim or len(st.segments) != 1 or not v.per_frame:
+        return None
+    spatial = v.axes.replace("f", "")
+    whole = dict(frames=f.frames, height=v.height, width=v.width, per_frame=False)
+    if st.inner == f.frames * fr.inner and fr.outer == st.outer * st.total:       # (..., h, w, f, ...)
+        return TokenState((replace(v, axes=spatial + "f", **whole),), st.dim, st.outer, fr.inner)
+    if fr.inner == st.total * st.inner and st.outer == fr.outer * f.frames:        # (..., f, h, w, ...)
+        return TokenState((replace(v, axes="f" + spatial, **whole),), st.dim, fr.outer, st.inner)
+    return None
+
+
+def token_states(graph: torch.fx.Graph) -> States:
     """The state of every node of the graph reached from a patch embedding (module docstring)."""
-    states: dict = dict(patch_embeddings(graph))
+    states = States(patch_embeddings(graph))
+    frames = states.frames
+    for n, st in list(states.items()):
+        if isinstance(st, TokenState) and st.segments[0].per_frame:
+            fr = _frame_start(n, st)
+            if fr is not None:
+                frames[n] = fr
     for n in graph.nodes:
-        if n in states or n.op != "call_function" or not any(a in states for a in n.all_input_nodes):
+        if n.op != "call_function" or n.target in CONV_OPS:
             continue
-        if n.target in CONV_OPS:
+        if frames and n not in frames and any(a in frames for a in n.all_input_nodes):
+            fr = _step(n, frames)
+            if fr is not None:
+                frames[n] = fr
+        if n in states or not any(a in states for a in n.all_input_nodes):
             continue
         st = _step(n, states)
+        fr = frames.get(n)
+        if isinstance(st, TokenState) and isinstance(fr, TokenState):
+            st = _joined(st, fr) or st
         if st is not None:
             states[n] = st
     return states

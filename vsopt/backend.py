@@ -12,6 +12,10 @@ Public functions (calibration, inspect and the graph-diff debugger call the firs
     vsopt_backend(gm, example_inputs, options=None)   the torch_dynamo_backends entry point
     last_report() -> PipelineReport | None           what the last compiled graph's passes found
 
+A graph Dynamo starts in a submodule's frame is placed in the compiled module (_place_frame ->
+passes/site_ids.FrameNames), so its site ids are full module paths; under a plan, PerModule
+compiles it once per module that runs it.
+
 An attention before and after (timm, fused_attn=False; ATen, one head group shown):
     before:  bmm(q', k') -> _unsafe_view -> mul(0.125) -> _softmax(-1) -> expand -> view
              -> bmm(p, v') -> _unsafe_view
@@ -22,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import operator
+import sys
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -36,6 +41,7 @@ from vsopt.core.errors import ConfigError
 from vsopt.core.resample import NOTE_PREFIX as FIT_NOTE
 from vsopt.core.steps import step_variants
 from vsopt.passes import DEFAULT_PIPELINE, PassContext, PipelineOptions, PipelineReport, run_pipeline
+from vsopt.passes.site_ids import FRAME_NAMES, frame_names
 
 
 def _is_dynamo_graph(gm: Any) -> bool:
@@ -79,6 +85,8 @@ def to_aten(model_or_gm: torch.nn.Module, example_inputs: Sequence[Any]) -> torc
     elif _is_dynamo_graph(model_or_gm):
         gm = model_or_gm
         _specialize_float_inputs(gm)
+        if FRAME_NAMES not in gm.meta:  # vsopt_backend placed it already
+            _place_frame(gm, example_inputs)
         fake_mode = detect_fake_mode(example_inputs)  # None where Dynamo hands the backend real tensors
         fake_inputs = [n.meta["example_value"] for n in gm.graph.nodes if n.op == "placeholder"]
         aten_gm = _retrace(gm, fake_mode, fake_inputs)
@@ -123,7 +131,31 @@ def _retrace(gm: torch.fx.GraphModule, fake_mode, fake_inputs: Sequence[Any]) ->
     dispatcher = enable_python_dispatcher() if _graph_has_symbols(gm) else _null()
     with fx_traceback.preserve_node_meta(), (fake_mode if fake_mode is not None else _null()), dispatcher:
         # fake inputs under "real" tracing run in their own mode (make_fx adds no conversion)
-        return make_fx(run, tracing_mode="fake" if fake_mode is not None else "real")(*fake_inputs)
+        aten_gm = make_fx(run, tracing_mode="fake" if fake_mode is not None else "real")(*fake_inputs)
+    if FRAME_NAMES in gm.meta:
+        aten_gm.meta[FRAME_NAMES] = gm.meta[FRAME_NAMES]
+    return aten_gm
+
+
+def _place_frame(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[torch.nn.Module | None, bool]:
+    """Record where the frame of Dynamo's graph sits in the compiled module (passes/site_ids.py:
+    FrameNames, so that site ids are full module paths after a graph break), once, while Dynamo
+    compiles it: the compiled module is read from the Python stack (the nearest OptimizedModule's
+    _orig_mod, or a module compiled in place by module.compile()), and the frame is nested when
+    another module's code calls it. Returns (compiled module or None, nested)."""
+    root, selves, f = None, [], sys._getframe(1)
+    while f is not None and root is None:
+        s = f.f_locals.get("self") if "self" in f.f_code.co_varnames else None
+        if isinstance(s, torch.nn.Module) and not isinstance(s, torch.fx.GraphModule):
+            orig = getattr(s, "_orig_mod", None)
+            in_place = getattr(s, "_compiled_call_impl", None) is not None
+            root = orig if isinstance(orig, torch.nn.Module) else s if in_place else None
+            selves.append(s)
+        f = f.f_back
+    nested = any(m is not root for m in (selves[:-1] if root is not None else selves))
+    if FRAME_NAMES not in gm.meta:
+        gm.meta[FRAME_NAMES] = frame_names(gm, example_inputs, root, nested)
+    return root, nested
 
 
 def to_aten_at(gm: torch.fx.GraphModule, args: Sequence[Any], fake_mode=None) -> torch.fx.GraphModule:
@@ -217,10 +249,13 @@ def vsopt_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
 
         config = dataclasses.replace(config, plan=cudagraphs.plan_for_cudagraphs(config.plan))
     _specialize_float_inputs(gm)  # may restart Dynamo's analysis: here, never inside a call
+    root, nested = _place_frame(gm, example_inputs)  # while Dynamo compiles (PerResolution traces at call time)
     sized = symbolic_input_positions(gm)
-    if sized:
-        return PerResolution(gm, config, sized)
-    return _compile(gm, config, example_inputs, lambda: to_aten(gm, example_inputs))
+    compiled = PerResolution(gm, config, sized) if sized else _compile(gm, config, example_inputs,
+                                                                       lambda: to_aten(gm, example_inputs))
+    if config.plan is not None and gm.meta[FRAME_NAMES].nested:
+        return PerModule(gm, config, example_inputs, compiled, root, nested, sized)
+    return compiled
 
 
 def _compile(gm: torch.fx.GraphModule, config: VsoptConfig, inputs: Sequence[Any],
@@ -297,6 +332,37 @@ class PerResolution:
         fake_mode = concrete_fake_mode()
         with tracing(TracingContext(fake_mode)):
             return _compile(self.gm, self.config, args, lambda: to_aten_at(self.gm, args, fake_mode))
+
+
+class PerModule:
+    """What the backend returns for the graph of a submodule's frame (Dynamo compiled a block's forward
+    on its own, after a graph break) under a plan: Dynamo runs that one graph for every module of the
+    same code (blocks.0, blocks.1, ...: their parameters are its inputs), but each module's sites have
+    their own plan entries. So a call with another module's parameters (identified by the inputs
+    that placed the frame: site_ids.FrameNames.inputs) compiles the graph again, placed at that
+    module (its site ids, hence its plan entries), once per module."""
+
+    def __init__(self, gm: torch.fx.GraphModule, config: VsoptConfig, first_args: Sequence[Any], first: Any,
+                 root: torch.nn.Module | None, nested: bool, sized: Sequence[int]):
+        self.gm, self.config, self.root, self.nested, self.sized = gm, config, root, nested, tuple(sized)
+        self.positions = gm.meta[FRAME_NAMES].inputs
+        self.compiled = {self.key(first_args): first}
+
+    def key(self, args: Sequence[Any]) -> tuple[int, ...]:
+        return tuple(id(args[i]) for i in self.positions)  # the module's parameters: alive while it is
+
+    def __call__(self, *args):
+        key = self.key(args)
+        fn = self.compiled.get(key)
+        if fn is None:
+            gm = torch.fx.GraphModule(self.gm, self.gm.graph)  # the same graph, placed at this module
+            gm.meta.update(self.gm.meta)
+            gm.meta[FRAME_NAMES] = names = self.gm.meta[FRAME_NAMES].at(args, self.root, self.nested)
+            _log.info("vsopt: compiling a submodule's graph again at %s (Dynamo runs one graph for every "
+                      "module of this code; each module's sites have their own plan entries)", dict(names.prefixes))
+            fn = PerResolution(gm, self.config, self.sized)
+            fn = self.compiled[key] = fn if self.sized else fn.compile(args)
+        return fn(*args)
 
 
 _log = logging.getLogger("vsopt")

@@ -16,7 +16,9 @@ Two things make that more than the patch:
   DDPOptimizer propagates it to the graphs it splits (see the note "Assumption on Dynamo
   Metadata" in torch/_functorch/_aot_autograd/frontend_utils.py), and names vsopt's own constant
   buffers (kv tables, permutations) as constants, so they are static too.
-- Mask reuse. A dynamic head with reuse_steps > 0 decides on the host, per step, whether to
+- Mask reuse (and cluster layouts: a cluster head keeps its layout and centroids across steps
+  the same way, vsopt.core.clustering.CLUSTER_STATE; under CUDA graphs it is clustered cold at
+  every step, refresh 1, no warm start). A dynamic head with reuse_steps > 0 decides on the host, per step, whether to
   recompute its mask (vsopt.core.dynamic.MASK_CACHE); a replayed graph does not run that
   decision, and a cached mask in the graph's memory pool would be overwritten. Under CUDA graphs
   such heads recompute their mask at every step (reuse_steps 0): exact to the plan's selection
@@ -87,17 +89,23 @@ def plan_for_cudagraphs(plan):
     from vsopt.core.plan import Plan
 
     def reuses(h) -> bool:
-        return h.dynamic is not None and h.dynamic.reuse_steps > 0
+        keeps_layout = h.cluster is not None and (h.cluster.refresh > 1 or h.cluster.warm_start)
+        return (h.dynamic is not None and h.dynamic.reuse_steps > 0) or keeps_layout
+
+    def stateless(h):
+        if h.cluster is not None:  # clustered afresh at every step: no state kept across replays
+            return dataclasses.replace(h, cluster=dataclasses.replace(h.cluster, refresh=1, warm_start=False))
+        return dataclasses.replace(h, dynamic=dataclasses.replace(h.dynamic, reuse_steps=0))
 
     def no_reuse(heads):
-        return tuple(dataclasses.replace(h, dynamic=dataclasses.replace(h.dynamic, reuse_steps=0)) if reuses(h) else h
-                     for h in heads)
+        return tuple(stateless(h) if reuses(h) else h for h in heads)
 
     changed = sorted(sid for sid, sp in plan.sites.items() if any(map(reuses, sp.all_heads())))
     if not changed:
         return plan
-    _log.warning("vsopt cudagraphs: dynamic masks are recomputed at every step at %d site(s) (%s): mask reuse "
-                 "across steps does not run inside a CUDA graph", len(changed), ", ".join(changed))
+    _log.warning("vsopt cudagraphs: dynamic masks (and cluster layouts, cold) are recomputed at every step at %d "
+                 "site(s) (%s): mask reuse and warm starts across steps do not run inside a CUDA graph",
+                 len(changed), ", ".join(changed))
     sites = {sid: dataclasses.replace(sp, heads=no_reuse(sp.heads),
                                       steps=tuple(dataclasses.replace(st, heads=no_reuse(st.heads)) for st in sp.steps))
              for sid, sp in plan.sites.items()}

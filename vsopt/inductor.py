@@ -14,12 +14,23 @@ every pattern pass, pre-grad, joint-graph and post-grad.
 Inductor caches compiled graphs on disk, keyed without that filter: an entry compiled with the
 fusion (by an older vsopt) would be reused as it is. So the call also adds a joint-graph pass that
 changes nothing but Inductor's cache key (_CacheKey), chained with any pass the user set there.
+
+The same keys also miss what vsopt's ops compute. AOTAutograd's cache keys a graph by its nodes,
+and a torch.ops.vsopt.* node is its name only; what the op's body traced into (on CPU, the
+references of kernels/) is not hashed. So after a change to a reference a graph compiled before
+it was reused from disk: the fuzz test's int8_fp8 head ran an older reference without the FP8
+rounding of P (1.6e-2 rel L2 from the current one; /tmp/torchinductor_<user> is shared by every
+checkout of a machine, so any older checkout's entry). CACHE_KEY therefore carries a fingerprint
+of the source of the code those bodies run (kernels/ and vsopt/core/): a changed op misses.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.util
 import logging
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -61,7 +72,20 @@ class _WithoutAttentionFusion:
         return getattr(self.inner, name)
 
 
-CACHE_KEY = "vsopt: Inductor without its attention fusion, v1"
+def op_source_fingerprint(packages: Sequence[str] = ("vsopt.kernels", "vsopt.core")) -> str:
+    """sha256 (16 hex digits) over the .py files (path and contents, sorted) of the packages whose
+    code the bodies of vsopt's ops run when Inductor traces them (see the module docstring)."""
+    digest = hashlib.sha256()
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        for root in (spec.submodule_search_locations or []) if spec else []:
+            for path in sorted(Path(root).rglob("*.py")):
+                digest.update(f"{name}/{path.relative_to(root).as_posix()}\0".encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+CACHE_KEY = f"vsopt: Inductor without its attention fusion, v1; ops {op_source_fingerprint()}"
 
 
 def _cache_key_pass(user: Any) -> Any:

@@ -27,6 +27,11 @@ and before the key mask (a masked key stays -inf, not -cap). ROW_BIAS (a cap on 
 K smoothing dropped q . mean(K), a per-row constant the softmax ignores but tanh does not, so it is
 added back (QkBias, (B, H, NQ) float32, from the unquantized q) before the cap.
 
+PV_INT8 (constexpr, with an FP8 P V mode; experimental, not a plan mode yet): P V in INT8 instead
+of e4m3: p~ = round(exp2(s - tmax) * 127), V in INT8 codes per channel (same transposed layout),
+the tile's product in int32, then as above with 127 for 448. More accurate than e4m3 for P and V
+(uniform steps: ~1% rms for Gaussian V against e4m3's ~2.7%; docs/KERNELS.md "P V formats").
+
 USE_TMA (constexpr): K and V tiles are loaded through tensor descriptors (Hopper's TMA engine, one
 descriptor per (b, kv head) built on the device; rows past NK read as zeros) instead of per-thread
 pointer loads: 5-15% faster at head_dim 128 on an H100, the same results (benchmarks/tune_attention.py).
@@ -37,6 +42,7 @@ import triton.language as tl
 from ..quant.kernel import _to_fp8
 
 LOG2_448 = tl.constexpr(8.807354922057604)   # log2 of e4m3's largest value
+LOG2_127 = tl.constexpr(6.988684686772166)   # log2 of INT8's largest code
 
 
 @triton.jit
@@ -50,7 +56,7 @@ def _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, NK, s_scale, cap_log2,
                  stride_kn, stride_vn, stride_vd,
                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, QK_INT8: tl.constexpr, PV_FP8: tl.constexpr,
                  MASK_KEYS: tl.constexpr, ROUND_IN_FP32: tl.constexpr, USE_TMA: tl.constexpr,
-                 SOFTCAP: tl.constexpr, ROW_BIAS: tl.constexpr):
+                 SOFTCAP: tl.constexpr, ROW_BIAS: tl.constexpr, PV_INT8: tl.constexpr):
     """One key tile [start_n, start_n + BLOCK_N): update (acc, l_i, m_i). s_scale (> 0) folds the
     softmax scale, log2(e) and the dequantization scales of the Q block and this K block.
     k_src / v_src: tensor descriptors with USE_TMA, else the (b, kv head) base pointers."""
@@ -96,10 +102,15 @@ def _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, NK, s_scale, cap_log2,
         alpha = tl.math.exp2(m_i - m_new)
         live = t_max > float("-inf")
         t_ref = tl.where(live, t_max, 0.0)
-        p = tl.math.exp2(qk * z_scale - (t_ref - LOG2_448)[:, None])   # in [0, 448], e4m3's range
-        beta = tl.where(live, tl.math.exp2(t_ref - m_new - LOG2_448), 0.0)
+        if PV_INT8:   # P to [0, 127], rounded to INT8 codes; V INT8 per channel; int32 products
+            p = tl.math.exp2(qk * z_scale - (t_ref - LOG2_127)[:, None])
+            beta = tl.where(live, tl.math.exp2(t_ref - m_new - LOG2_127), 0.0)
+            pv = tl.dot(tl.floor(p + 0.5).to(tl.int8), tl.trans(v), out_dtype=tl.int32).to(tl.float32)
+        else:
+            p = tl.math.exp2(qk * z_scale - (t_ref - LOG2_448)[:, None])   # in [0, 448], e4m3's range
+            beta = tl.where(live, tl.math.exp2(t_ref - m_new - LOG2_448), 0.0)
+            pv = tl.dot(_to_fp8(p, ROUND_IN_FP32), tl.trans(v))     # a fresh fp32 tile (two-level accumulation)
         l_i = l_i * alpha + tl.sum(p, 1) * beta
-        pv = tl.dot(_to_fp8(p, ROUND_IN_FP32), tl.trans(v))     # a fresh fp32 tile (two-level accumulation)
         acc = acc * alpha[:, None] + pv * beta[:, None]
     else:
         m_new = tl.maximum(m_i, tl.max(qk, 1) * z_scale)
@@ -126,6 +137,7 @@ def _block_sparse_fwd_kernel(
     HEAD_DIM: tl.constexpr, TABLE_BLOCK_M: tl.constexpr, TABLE_BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr, WRITE_LSE: tl.constexpr,
     EVEN_N: tl.constexpr, ROUND_IN_FP32: tl.constexpr, USE_TMA: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
+    PV_INT8: tl.constexpr = False,
 ):
     QK_QUANT: tl.constexpr = QUANT != 0
     QK_INT8: tl.constexpr = (QUANT == 1) or (QUANT == 3)
@@ -189,7 +201,7 @@ def _block_sparse_fwd_kernel(
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, NK, s_scale, cap_log2, inv_cap_log2,
                                      row_bias, stride_kn, stride_vn, stride_vd,
                                      BLOCK_N, HEAD_DIM, QK_INT8, PV_FP8, False, ROUND_IN_FP32, USE_TMA, SOFTCAP,
-                                     ROW_BIAS)
+                                     ROW_BIAS, PV_INT8)
     if not EVEN_N:
         if count > 0:
             kb = tl.load(idx_base + count - 1)
@@ -201,7 +213,7 @@ def _block_sparse_fwd_kernel(
                                              kb * TABLE_BLOCK_N + sub * BLOCK_N, NK, s_scale, cap_log2, inv_cap_log2, row_bias,
                                              stride_kn, stride_vn, stride_vd,
                                              BLOCK_N, HEAD_DIM, QK_INT8, PV_FP8, True, ROUND_IN_FP32, USE_TMA, SOFTCAP,
-                                             ROW_BIAS)
+                                             ROW_BIAS, PV_INT8)
 
     # A row that visited nothing (skipped head, empty row) has l = 0: output 0, lse -inf.
     l_safe = tl.where(l_i > 0, l_i, 1.0)

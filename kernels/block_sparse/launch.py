@@ -42,6 +42,7 @@ import triton
 
 from ..errors import check
 from ..quant import launch as quant_launch
+from ..quant.fusable import quantize_qkv_fusable
 from ..runtime import interpreting, plain_eager, triton_launcher
 from ..spec import KernelSpec, QuantMode
 from . import kernel
@@ -50,6 +51,10 @@ from .inputs import check_inputs
 #: The kernel's constexprs a KernelSpec fixes (see spec_constexprs); the autotuner keys by them.
 SPEC_CONSTEXPRS = ("HEAD_DIM", "TABLE_BLOCK_M", "TABLE_BLOCK_N", "QUANT", "SOFTCAP")
 LOG2E = math.log2(math.e)
+#: Under torch.compile, quantize q, k, v with torch ops Inductor fuses into their producers (True) or
+#: with the Triton quantization kernels (False). Off until the GPU has timed and checked the fused form
+#: (tests/kernels/gpu_check.py --parts overhead times both): it is tested on the CPU only.
+FUSE_QUANT_WHEN_TRACED = False
 _MODE_OF_CODE = {mode.code: mode for mode in QuantMode}
 
 
@@ -138,7 +143,7 @@ def _prune(configs, named_args, **kwargs):
 
 _tuned_kernel = triton.autotune(
     configs=[t.config() for t in _ALL_TILES],
-    key=[*SPEC_CONSTEXPRS, "EVEN_N", "WRITE_LSE"],
+    key=[*SPEC_CONSTEXPRS, "EVEN_N", "WRITE_LSE", "PV_INT8"],
     prune_configs_by={"early_config_prune": _prune},
 )(kernel._block_sparse_fwd_kernel)
 
@@ -196,15 +201,32 @@ def work_order(kv_counts: torch.Tensor, batch: int, strategy: str = "per_head_lp
     return order
 
 
+KERNELS = ("triton", "gluon")
+
+
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor,
                            kv_counts: torch.Tensor, scale: float, block_m: int, block_n: int,
                            quant: QuantMode | str = "none", with_lse: bool = False, tile: Tile | tuple | None = None,
-                           softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                           softcap: float = 0.0, pv_format: str | None = None, kernel: str = "triton"
+                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the Triton kernel (see the module docstring for shapes), validating the inputs first.
     tile (a Tile, or the tuple of its fields) skips autotuning and runs that configuration: for
-    tests and sweeps. softcap > 0: scores -> softcap * tanh(scores / softcap) before the softmax."""
+    tests and sweeps. softcap > 0: scores -> softcap * tanh(scores / softcap) before the softmax.
+    pv_format "int8" (FP8 P V modes; experimental, not a plan mode: no op, plan or export carries
+    it yet): P and V in INT8 instead of e4m3 (kernel.py, PV_INT8; docs/KERNELS.md "P V formats").
+    kernel: "triton" (this module's kernel, every mode) or "gluon" (gluon_launch: Hopper, bf16/fp16,
+    no cap, eager; its limits are errors, not fallbacks). The ops of vsopt.core run the Triton kernel."""
+    check(kernel in KERNELS, f"block_sparse_attention: kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "gluon":
+        from . import gluon_launch
+
+        check(tile is None and pv_format is None,
+              "block_sparse_attention: tile and pv_format are Triton kernel options (kernel='triton')")
+        return gluon_launch.block_sparse_attention_gluon(q, k, v, kv_indices, kv_counts, scale, block_m, block_n,
+                                                         with_lse=with_lse, quant=quant, softcap=softcap)
     mode = check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, quant, softcap)
-    return run_checked(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, mode, with_lse, tile, softcap)
+    return run_checked(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, mode, with_lse, tile, softcap,
+                       pv_format)
 
 
 def kernel_spec(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, block_m: int, block_n: int,
@@ -225,11 +247,12 @@ def kernel_spec(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
 
 def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor,
                 kv_counts: torch.Tensor, scale: float, block_m: int, block_n: int, quant: QuantMode,
-                with_lse: bool = False, tile: Tile | tuple | None = None, softcap: float = 0.0
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                with_lse: bool = False, tile: Tile | tuple | None = None, softcap: float = 0.0,
+                pv_format: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """block_sparse_attention on inputs check_inputs has accepted (quant: the mode it returned):
     the op's entry, which validated them itself."""
     spec = kernel_spec(q, k, v, scale, block_m, block_n, quant, softcap)
+    quant_launch.check_pv_format(spec.quant, pv_format)
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     eager = plain_eager(q, k, v, kv_indices, kv_counts)
@@ -242,7 +265,10 @@ def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: t
     out = torch.empty_like(q)
     q_scale = k_scale = v_scale = q_bias = None
     if spec.quant is not QuantMode.NONE:
-        quantized = quant_launch.quantize_qkv(q, k, v, spec.quant, block_m, block_n)
+        # Traced (torch.compile): the quantization as torch ops Inductor fuses into the producers of
+        # q, k, v (kernels/quant/fusable.py); eager: the Triton quantization kernels.
+        quantize = quant_launch.quantize_qkv if eager or not FUSE_QUANT_WHEN_TRACED else quantize_qkv_fusable
+        quantized = quantize(q, k, v, spec.quant, block_m, block_n, pv_format)
         if spec.softcap > 0:   # q . mean(K): smoothing removed it, a soft cap does not ignore it
             mean = quantized.k_mean.repeat_interleave(Hq // Hkv, dim=1)
             q_bias = torch.einsum("bhnd,bhd->bhn", q.float(), mean).contiguous()
@@ -281,6 +307,7 @@ def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: t
         kv_counts.stride(0) if Bt > 1 else 0, kv_counts.stride(1),
         Hq, Hq // Hkv, Nq, Nk, QB, KB, scale * LOG2E, spec.softcap * LOG2E,
         **spec_constexprs(spec), WRITE_LSE=with_lse, EVEN_N=Nk % block_n == 0, ROUND_IN_FP32=interpreting(),
+        PV_INT8=pv_format == "int8",
         **tile_args,
     )
     return out, (lse if with_lse else None)

@@ -39,11 +39,12 @@ def table_to_token_mask(kv_indices: torch.Tensor, kv_counts: torch.Tensor, nq: i
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, token_mask: torch.Tensor,
                      scale: float, softcap: float = 0.0, p_fp8_block: int | None = None,
-                     score_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     score_bias: torch.Tensor | None = None, p_format: str = "fp8") -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(cap((q k^T + bias) * scale), masked) v with GQA, in q's (float) dtype; rows with no
     key give 0. cap(s) = softcap * tanh(s / softcap) when softcap > 0, else s; score_bias (B, Hq,
     Nq) per query row (K smoothing's q . mean), or none. p_fp8_block: round the probabilities to
-    e4m3 per row and group of that many keys, as the FP8 P V kernels do.
+    e4m3 per row and group of that many keys, as the FP8 P V kernels do (p_format "int8": to INT8,
+    the experimental INT8 P V).
 
     Returns (out (B, Hq, Nq, D), lse (B, Hq, Nq) natural-log log-sum-exp, -inf for empty rows)."""
     group = q.shape[1] // k.shape[1]
@@ -59,7 +60,7 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, token_ma
     lse = torch.logsumexp(s, dim=-1)
     m = lse[..., None].masked_fill(torch.isinf(lse[..., None]), 0.0)
     if p_fp8_block is not None:
-        p = quant_ref.round_probabilities_fp8(s, m, p_fp8_block)
+        p = quant_ref.round_probabilities_fp8(s, m, p_fp8_block, p_format)
     else:
         p = torch.exp(s - m)
     p = p.masked_fill(~token_mask, 0.0)
@@ -68,17 +69,21 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, token_ma
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor,
                            kv_counts: torch.Tensor, scale: float, block_m: int, block_n: int,
-                           quant: QuantMode | str = "none", softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference for vsopt::block_sparse_attention; returns (out in q's dtype, lse float32)."""
+                           quant: QuantMode | str = "none", softcap: float = 0.0, pv_format: str | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference for vsopt::block_sparse_attention; returns (out in q's dtype, lse float32).
+    pv_format "int8" (FP8 P V modes; the launcher's experimental option): P and V in INT8."""
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     qf, kf, vf = q.to(work), k.to(work), v.to(work)
     mode = QuantMode.parse(quant, "block_sparse_attention: quant")
+    quant_ref.check_pv_format(mode, pv_format)
     bias = None
     if mode is not QuantMode.NONE:
         if softcap > 0:   # the q . mean(K) that smoothing removes matters under a cap: added back
             bias = quant_ref.smoothing_bias(qf, kf)
-        qf, kf, vf = quant_ref.fake_quantize_qkv(qf, kf, vf, mode, block_m, block_n)
+        qf, kf, vf = quant_ref.fake_quantize_qkv(qf, kf, vf, mode, block_m, block_n, pv_format)
     mask = table_to_token_mask(kv_indices, kv_counts, q.shape[2], k.shape[2], block_m, block_n)
     mask = mask.expand(q.shape[0], -1, -1, -1)
-    out, lse = masked_attention(qf, kf, vf, mask, scale, softcap, block_n if mode.pv_is_fp8 else None, bias)
+    out, lse = masked_attention(qf, kf, vf, mask, scale, softcap, block_n if mode.pv_is_fp8 else None, bias,
+                                pv_format or "fp8")
     return out.to(q.dtype), lse.float()

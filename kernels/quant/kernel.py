@@ -6,7 +6,8 @@ ROWS tokens and adds its partial result with one atomic per column.
 _quantize_blocks_kernel: one program per (block of BLOCK tokens, b*h): optionally subtracts the
 channel mean (K smoothing), takes amax(|x|) over the block, writes the codes and one float32
 scale = amax / QMAX. One read of x, one write of the codes.
-_quantize_channels_fp8_kernel: V for FP8 P V: x / scale[d] cast to e4m3 and written transposed,
+_quantize_channels_fp8_kernel: V for FP8 P V: x / scale[d] cast to e4m3 (IS_INT8: rounded to INT8,
+scale amax / 127, for the experimental INT8 P V) and written transposed,
 (B, H, D, N_pad), because Hopper's FP8 tensor-core op wants its B operand K-major; the padding
 columns are written as zeros by the same kernel.
 """
@@ -99,6 +100,7 @@ def _quantize_channels_fp8_kernel(
     H, N, N_PAD,
     stride_xb, stride_xh, stride_xn,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MIN_AMAX: tl.constexpr, ROUND_IN_FP32: tl.constexpr,
+    IS_INT8: tl.constexpr = False,
 ):
     blk = tl.program_id(0)
     bh = tl.program_id(1)
@@ -107,11 +109,17 @@ def _quantize_channels_fp8_kernel(
     offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     x = _load_rows(X, b, h, offs_n, N, stride_xb, stride_xh, stride_xn, HEAD_DIM)
-    scale = tl.maximum(tl.load(AbsMax + bh * HEAD_DIM + offs_d), MIN_AMAX) / 448.0
+    if IS_INT8:
+        scale = tl.maximum(tl.load(AbsMax + bh * HEAD_DIM + offs_d), MIN_AMAX) / 127.0
+    else:
+        scale = tl.maximum(tl.load(AbsMax + bh * HEAD_DIM + offs_d), MIN_AMAX) / 448.0
     if blk == 0:
         tl.store(Scale + bh * HEAD_DIM + offs_d, scale)
     inv_scale = 1.0 / scale
-    codes = _to_fp8(x * inv_scale[None, :], ROUND_IN_FP32)
+    if IS_INT8:
+        codes = _round_half_away(x * inv_scale[None, :]).to(tl.int8)
+    else:
+        codes = _to_fp8(x * inv_scale[None, :], ROUND_IN_FP32)
     # Transposed store: CodesT[b, h, d, n], the padding columns N <= n < N_PAD too (as zeros: x was
     # loaded as 0 there), so the buffer needs no separate fill. tl.trans first, so that the store
     # runs along n (coalesced); the mask bound N_PAD is a multiple of 16, so the stores stay

@@ -18,7 +18,7 @@ from ..errors import check
 from ..runtime import interpreting, plain_eager, triton_launcher
 from ..spec import QuantMode
 from . import kernel
-from .reference import MIN_AMAX, QMAX
+from .reference import MIN_AMAX, QMAX, check_pv_format
 
 CODE_DTYPE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 _STATS_ROWS = 256    # tokens reduced by one statistics program before its atomics (enough programs to fill the GPU)
@@ -65,22 +65,24 @@ def quantize_blocks(x: torch.Tensor, block: int, fmt: str, channel_sum: torch.Te
     return codes, scale
 
 
-def quantize_v_fp8(v: torch.Tensor, abs_max: torch.Tensor, block_n: int = 128, num_warps: int = 4
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_v_fp8(v: torch.Tensor, abs_max: torch.Tensor, block_n: int = 128, num_warps: int = 4,
+                   fmt: str = "fp8") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel FP8 of v (B, H, N, D) given its channel abs-max (B, H, D): (codes transposed
     (B, H, D, N_pad) with N_pad = N rounded up to 16, scale float32 (B, H, D)). One program per
-    block_n tokens (128: full-width 128-byte stores of each channel row)."""
+    block_n tokens (128: full-width 128-byte stores of each channel row). fmt "int8": INT8 codes
+    (scale amax / 127), for the experimental INT8 P V."""
+    check(fmt in CODE_DTYPE, f"quantize_v_fp8: fmt must be 'int8' or 'fp8', got {fmt!r}")
     _check_input(v, "quantize_v_fp8")
     B, H, N, D = v.shape
     n_pad = triton.cdiv(N, 16) * 16
     scale = torch.empty((B, H, D), dtype=torch.float32, device=v.device)
     # No zero fill: the kernel writes the padding columns (a fill of an FP8 tensor runs ATen's slow
     # generic kernel: 0.15 ms at Wan 480p).
-    codes_t = torch.empty((B, H, D, n_pad), dtype=torch.float8_e4m3fn, device=v.device)
+    codes_t = torch.empty((B, H, D, n_pad), dtype=CODE_DTYPE[fmt], device=v.device)
     launch = triton_launcher(kernel._quantize_channels_fp8_kernel, plain_eager(v, abs_max))
     launch[(triton.cdiv(N, block_n), B * H)](
         v, abs_max, scale, codes_t, H, N, n_pad, v.stride(0), v.stride(1), v.stride(2), BLOCK_N=block_n,
-        HEAD_DIM=D, MIN_AMAX=MIN_AMAX, ROUND_IN_FP32=interpreting(), num_warps=num_warps)
+        HEAD_DIM=D, MIN_AMAX=MIN_AMAX, ROUND_IN_FP32=interpreting(), IS_INT8=fmt == "int8", num_warps=num_warps)
     return codes_t, scale
 
 
@@ -99,16 +101,18 @@ class QuantizedQKV:
 
 
 def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: QuantMode | str, block_m: int,
-                 block_n: int) -> QuantizedQKV:
-    """Quantize q, k, v for `quant` mode ("int8", "fp8", "int8_fp8"): see kernels/quant/reference.py."""
+                 block_n: int, pv_format: str | None = None) -> QuantizedQKV:
+    """Quantize q, k, v for `quant` mode ("int8", "fp8", "int8_fp8"): see kernels/quant/reference.py.
+    pv_format "int8" (FP8 P V modes only): V in INT8 codes per channel (the experimental INT8 P V)."""
     mode = QuantMode.parse(quant, "quantize_qkv: quant")
     check(mode is not QuantMode.NONE, f"quantize_qkv: quant must be a quantized mode, got {quant!r}")
     fmt, fp8_pv = mode.qk_format, mode.pv_is_fp8
+    check_pv_format(mode, pv_format)
     k_sum, v_max = channel_stats(k, v if fp8_pv else None)
     qc, qs = quantize_blocks(q, block_m, fmt)
     kc, ks = quantize_blocks(k, block_n, fmt, channel_sum=k_sum)
     k_mean = k_sum / k.shape[2]
     if fp8_pv:
-        vc, vs = quantize_v_fp8(v, v_max)
+        vc, vs = quantize_v_fp8(v, v_max, fmt=pv_format or "fp8")
         return QuantizedQKV(qc, qs, kc, ks, vc, vs, k_mean)
     return QuantizedQKV(qc, qs, kc, ks, v, None, k_mean)

@@ -46,34 +46,45 @@ def quantize_blocks(x: torch.Tensor, block: int, fmt: str, mean: torch.Tensor | 
     return codes.view(B, H, nb * block, D)[:, :, :N], scale.float()
 
 
-def quantize_channels_fp8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """v (B, H, N, D) -> (codes as float (B, H, N, D), scale float32 (B, H, D)), per-channel FP8."""
+def quantize_channels_fp8(v: torch.Tensor, fmt: str = "fp8") -> tuple[torch.Tensor, torch.Tensor]:
+    """v (B, H, N, D) -> (codes as float (B, H, N, D), scale float32 (B, H, D)), per-channel FP8
+    (fmt "int8": per-channel INT8, the experimental INT8 P V)."""
     v = v.float() if v.dtype != torch.float64 else v
-    scale = v.abs().amax(dim=2).clamp_min(MIN_AMAX) / QMAX["fp8"]
-    return round_to_format(v / scale[:, :, None, :], "fp8"), scale.float()
+    scale = v.abs().amax(dim=2).clamp_min(MIN_AMAX) / QMAX[fmt]
+    return round_to_format(v / scale[:, :, None, :], fmt), scale.float()
+
+
+def check_pv_format(mode: QuantMode, pv_format: str | None) -> None:
+    """pv_format: None (the mode's own), or "int8" / "fp8" for a mode whose P V is 8-bit."""
+    check(pv_format in (None, "fp8", "int8"), f"pv_format must be None, 'fp8' or 'int8', got {pv_format!r}")
+    check(pv_format is None or mode.pv_is_fp8,
+          f"pv_format {pv_format!r} needs a mode with 8-bit P V (fp8, int8_fp8), got {mode.value!r}")
 
 
 def fake_quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: QuantMode | str, block_m: int,
-                      block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      block_n: int, pv_format: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize then dequantize q, k, v as the kernels do in `quant` mode (K comes back smoothed:
-    minus its mean over tokens, which only a soft cap notices; see smoothing_bias)."""
+    minus its mean over tokens, which only a soft cap notices; see smoothing_bias). pv_format
+    "int8" (FP8 P V modes): V per channel in INT8 instead of e4m3."""
     mode = QuantMode.parse(quant, "fake_quantize_qkv: quant")
     check(mode is not QuantMode.NONE, f"fake_quantize_qkv: quant must be a quantized mode, got {quant!r}")
+    check_pv_format(mode, pv_format)
     fmt = mode.qk_format
     qc, qs = quantize_blocks(q, block_m, fmt)
     kc, ks = quantize_blocks(k, block_n, fmt, mean=k.float().mean(dim=2))
     q_hat = (qc * qs.repeat_interleave(block_m, dim=2)[:, :, : q.shape[2], None]).to(q.dtype)
     k_hat = (kc * ks.repeat_interleave(block_n, dim=2)[:, :, : k.shape[2], None]).to(k.dtype)
     if mode.pv_is_fp8:
-        vc, vs = quantize_channels_fp8(v)
+        vc, vs = quantize_channels_fp8(v, pv_format or "fp8")
         v = (vc * vs[:, :, None, :]).to(v.dtype)
     return q_hat, k_hat, v
 
 
-def round_probabilities_fp8(scores: torch.Tensor, row_max: torch.Tensor, block: int) -> torch.Tensor:
+def round_probabilities_fp8(scores: torch.Tensor, row_max: torch.Tensor, block: int, fmt: str = "fp8") -> torch.Tensor:
     """exp(scores - row_max) with each (row, group of `block` keys) rounded to e4m3 as the FP8 P V
     kernels do: p~ = round(exp(s - gmax) * 448) with gmax the group's row max, then
-    p = p~ * exp(gmax - row_max) / 448. scores (..., Nk) with -inf for masked keys; row_max (..., 1)."""
+    p = p~ * exp(gmax - row_max) / 448. scores (..., Nk) with -inf for masked keys; row_max (..., 1).
+    fmt "int8": the experimental INT8 P V, 127 for 448 and rounding to integers."""
     nk = scores.shape[-1]
     nb = -(-nk // block)
     padded = torch.nn.functional.pad(scores, (0, nb * block - nk), value=float("-inf"))
@@ -81,8 +92,8 @@ def round_probabilities_fp8(scores: torch.Tensor, row_max: torch.Tensor, block: 
     gmax = groups.amax(dim=-1, keepdim=True)
     live = torch.isfinite(gmax)
     gref = torch.where(live, gmax, torch.zeros_like(gmax))
-    p = round_to_format(torch.exp(groups - gref) * QMAX["fp8"], "fp8")
-    weight = torch.where(live, torch.exp(gref - row_max[..., None]) / QMAX["fp8"], torch.zeros_like(gmax))
+    p = round_to_format(torch.exp(groups - gref) * QMAX[fmt], fmt)
+    weight = torch.where(live, torch.exp(gref - row_max[..., None]) / QMAX[fmt], torch.zeros_like(gmax))
     return (p * weight).view(*scores.shape[:-1], nb * block)[..., :nk]
 
 

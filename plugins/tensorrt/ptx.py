@@ -140,7 +140,8 @@ def _signature(c: PtxConfig) -> tuple[dict, dict]:
                 "KvIndices": "i32", "KvCounts": "i32", "RowOrder": "i32"}
         const = {"HEAD_DIM": c.head_dim, "TABLE_BLOCK_M": c.table_block_m, "TABLE_BLOCK_N": c.table_block_n,
                  "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "QUANT": code, "WRITE_LSE": False, "EVEN_N": c.even_n,
-                 "ROUND_IN_FP32": False, "USE_TMA": c.use_tma, "SOFTCAP": c.softcap_log2 > 0}
+                 "ROUND_IN_FP32": False, "USE_TMA": c.use_tma, "SOFTCAP": c.softcap_log2 > 0,
+                 "PV_INT8": False}   # the experimental INT8 P V is no plan mode (docs/KERNELS.md)
         sig = {}
         for name in fn.arg_names:
             sig[name] = f"*{ptrs[name]}" if name in ptrs else "constexpr" if name in const else \

@@ -141,3 +141,15 @@ def test_vsopt_under_a_time_budget_reaches_the_asked_predicted_speedup():
         assert p["speedup"] >= p["target_speedup"] * 0.99  # static heads: the same time as calibrated
     with pytest.raises(ConfigError, match="vsopt_speedups"):
         BenchSettings(vsopt_speedups=(0.0,))
+
+
+def test_bench_sweep_runs_the_cluster_method(tmp_path):
+    from vsopt.models.model import ReferenceConfig, build
+
+    cfg = ReferenceConfig(num_layers=1, num_attention_heads=2, attention_head_dim=32, ffn_dim=64, frames=4,
+                          height=16, width=16)
+    ref = build(cfg).eval()
+    settings = BenchSettings(methods=(Method.CLUSTER,), densities=(0.5,), steps=2, block=64)
+    (p,) = bench(ref, settings, progress=False)["points"]
+    assert p["method"] == "cluster" and 0 < p["density"] < 1 and p["psnr"] > 0 and p["speedup"] > 0
+    assert "top-p" in p["notes"][0]

@@ -159,6 +159,8 @@ def test_bench_help_shows_defaults(capsys, monkeypatch):
     (["--clip", "0,8,8"], "--clip needs F,H,W"), (["--densities", "0.3,x"], "bad --densities"),
     (["--densities", "1.5"], "bad --densities"), (["--vsopt-speedups", "-1"], "bad --vsopt-speedups"),
     (["--device", "bogus"], "--device 'bogus'"), (["--out", "a_file"], "--out 'a_file' is a file"),
+    (["--renorm-every", "1"], "bad --renorm-every"), (["--vsopt-renorm", "2,x"], "bad --vsopt-renorm"),
+    (["--vsopt-renorm", "1"], "bad --vsopt-renorm"),
 ])
 def test_bench_rejects_bad_options_before_loading_the_model(tmp_path, monkeypatch, capsys, bad, message):
     from vsopt.models import model as model_lib

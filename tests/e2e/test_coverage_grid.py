@@ -274,7 +274,94 @@ class DividedSpaceTime(nn.Module):
         return self.spatial(x)                                 # (B*T, 1 + HW, DIM)
 
 
-def test_divided_space_time_gets_the_one_frame_grid_for_its_spatial_attention(compile_rewrite):
+def test_divided_space_time_gets_the_frames_and_the_one_frame_grids(compile_rewrite):
+    """The temporal attention (tokens '(b h w) t', the frame index followed from the per-frame
+    convolution's batch) gets T x 1 x 1, the spatial one 1 x H x W."""
     torch.manual_seed(0)
-    report = _check(compile_rewrite, DividedSpaceTime().eval(), (torch.randn(2, 2, 3, 4, 6),), ["None", "1+1x2x3"])
+    report = _check(compile_rewrite, DividedSpaceTime().eval(), (torch.randn(2, 2, 3, 4, 6),), ["2x1x1", "1+1x2x3"])
     assert [s.q_len for s in report.sites] == [2, 7]
+
+
+class FoldedConv3d(nn.Module):
+    """A Conv3d video (tokens frame-major, or ordered (h, w, f)) rearranged so that an attention runs
+    within each position over the frames, '(b h w) f', or within each frame over its positions,
+    '(b f) (h w)': the axes not attended over are folded into the batch."""
+
+    def __init__(self, axes: str):
+        super().__init__()
+        self.axes = axes
+        self.conv = nn.Conv3d(3, DIM, (1, 2, 2), (1, 2, 2))
+        self.inner = Block()
+
+    def forward(self, video):
+        x = self.conv(video)                                       # (B, C, F, H, W)
+        b, f, h, w = x.shape[0], *x.shape[2:]
+        x = x.permute(0, *(2 + "fhw".index(a) for a in self.axes), 1).flatten(1, 3)   # (B, tokens, C)
+        if self.axes == "hwf":                                     # '(b h w) f'
+            x = self.inner(x.reshape(b * h * w, f, DIM))
+        else:                                                      # '(b f) (h w)'
+            x = self.inner(x.reshape(b * f, h * w, DIM))
+        return x
+
+
+@pytest.mark.parametrize("axes,grid", [("hwf", "3x1x1"), ("fhw", "1x2x3")])
+def test_axes_folded_into_the_batch_leave_the_attended_ones(compile_rewrite, axes, grid):
+    torch.manual_seed(0)
+    _check(compile_rewrite, FoldedConv3d(axes).eval(), (torch.randn(2, 3, 3, 4, 6),), [grid])
+
+
+def test_a_split_that_is_no_video_axis_gives_no_grid(compile_rewrite):
+    """Tokens (f, h, w) = (3, 2, 3) cut into rows of 2 along the flat order: not a video axis, no grid."""
+    class Rows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv3d(3, DIM, (1, 2, 2), (1, 2, 2))
+            self.inner = Block()
+
+        def forward(self, video):
+            x = self.conv(video).flatten(2).transpose(1, 2)       # (B, 18, C)
+            return self.inner(x.reshape(-1, 2, DIM))
+
+    torch.manual_seed(0)
+    _check(compile_rewrite, Rows().eval(), (torch.randn(1, 3, 3, 4, 6),), ["None"])
+
+
+class DualThenSingleStream(nn.Module):
+    """MM-DiT blocks as Flux, SD3 and HunyuanVideo build them: a dual-stream block (video and text
+    projected apart, concatenated for the joint attention, split back and added to each stream's
+    residual), then a single-stream block (the streams concatenated, one attention, split again at
+    the end). The residual add of the video stream meets the video part sliced out of the joint
+    sequence: both are the same video tokens, so the single-stream block's joint sequence keeps
+    the grid. text_first: the text before the video (Flux), else after it (HunyuanVideo)."""
+
+    def __init__(self, text_first: bool):
+        super().__init__()
+        self.text_first = text_first
+        self.conv = nn.Conv3d(3, DIM, (1, 2, 2), (1, 2, 2))
+        self.text = nn.Linear(8, DIM)
+        self.qkv_x, self.qkv_c = nn.Linear(DIM, 3 * DIM), nn.Linear(DIM, 3 * DIM)
+        self.out_x, self.out_c = nn.Linear(DIM, DIM), nn.Linear(DIM, DIM)
+        self.single = Block()
+
+    def _joint(self, x, c):
+        return torch.cat([c, x], 1) if self.text_first else torch.cat([x, c], 1)
+
+    def forward(self, video, text):
+        x = self.conv(video).flatten(2).transpose(1, 2)         # (B, F*H*W, DIM)
+        c = self.text(text)                                      # (B, L, DIM)
+        b, n, L = x.shape[0], x.shape[1], c.shape[1]
+        qkv = self._joint(self.qkv_x(x), self.qkv_c(c)).reshape(b, n + L, 3, HEADS, -1).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(*qkv).transpose(1, 2).reshape(b, n + L, DIM)
+        ox, oc = (o[:, L:], o[:, :L]) if self.text_first else (o[:, :n], o[:, n:])
+        x, c = x + self.out_x(ox), c + self.out_c(oc)             # each stream's residual
+        h = self.single(self._joint(x, c))
+        return h[:, L:] if self.text_first else h[:, :-L]
+
+
+@pytest.mark.parametrize("text_first", [False, True])
+def test_single_stream_block_keeps_the_dual_stream_grid(compile_rewrite, text_first):
+    torch.manual_seed(0)
+    grid = "5+2x2x3" if text_first else "2x2x3+5"
+    report = _check(compile_rewrite, DualThenSingleStream(text_first).eval(),
+                    (torch.randn(1, 3, 2, 4, 6), torch.randn(1, 5, 8)), [grid, grid])
+    assert all(s.grid_source.value == "inferred" for s in report.sites)

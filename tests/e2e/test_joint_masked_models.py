@@ -47,31 +47,33 @@ def hunyuan_inputs(valid, text_len=7, dtype=torch.bool):
 JOINT = ("m.transformer_blocks.0.attn", "m.single_transformer_blocks.0.attn")
 
 
-def grid_option(text_len: int) -> dict:
-    """The joint sites' grid given as the user would: the token-segment inference loses the
-    single-stream block's grid (issue 14, a regression tracked by test_models' strict xfail), and
-    these tests are about the masked split, not about grid inference."""
-    return {"grid": TokenGrid(2, 5, 5, text_after=text_len)}
+def grid_option(text_len: int, given: bool = True) -> dict:
+    """The joint sites' grid given as the user would (given), or left to the inference (which finds
+    the same 2x5x5 video with the text after it in both the dual- and the single-stream block)."""
+    return {"grid": TokenGrid(2, 5, 5, text_after=text_len)} if given else {}
 
 
 def plan_for(report, head: HeadPlan) -> Plan:
     return Plan({s.site_id: SitePlan.for_site(s, head) for s in report.sites if s.site_id in JOINT})
 
 
-@pytest.mark.parametrize("valid,text_len", [((5, 7), 7), ((2, 9), 9), ((1,), 4)])
-def test_hunyuan_joint_sites_lower_and_equal_eager(valid, text_len, compile_rewrite):
+@pytest.mark.parametrize("valid,text_len,given", [((5, 7), 7, False), ((2, 9), 9, False), ((1,), 4, False),
+                                                  ((1,), 4, True)])
+def test_hunyuan_joint_sites_lower_and_equal_eager(valid, text_len, given, compile_rewrite):
     model = Hunyuan()
     inputs = hunyuan_inputs(valid, text_len)
     with torch.no_grad():
         want = model(*inputs)
-        report = vsopt.inspect(model, *inputs, options=grid_option(text_len))
+        report = vsopt.inspect(model, *inputs, options=grid_option(text_len, given))
         joint = [s for s in report.sites if s.site_id in JOINT]
         assert len(report.sites) == 3 and len(joint) == 2
         assert {str(s.grid) for s in joint} == {f"2x5x5+{text_len}"} and all(s.has_mask for s in joint)
+        assert {s.grid_source.value for s in joint} == {"user" if given else "inferred"}
 
         # a plan that keeps every block, in a token order: the split must give eager's output
         keep = HeadPlan(Sparsity.PATTERN, TokenOrder.HWF, pattern=Dense(), block_m=16, block_n=16)
-        out, graphs = compile_rewrite(model, *inputs, options={"plan": plan_for(report, keep), **grid_option(text_len)})
+        out, graphs = compile_rewrite(model, *inputs, options={"plan": plan_for(report, keep),
+                                                               **grid_option(text_len, given)})
         assert sorted(sid for _, r in graphs for sid in r.lowered) == sorted(JOINT)
         ops = [o for gm, _ in graphs for o in op_names(gm)]
         assert ops.count("vsopt.block_sparse_attention_lse.default") == 2
@@ -81,17 +83,17 @@ def test_hunyuan_joint_sites_lower_and_equal_eager(valid, text_len, compile_rewr
         # strict mode accepts the plan (the joint sites are split, not left dense)
         refiner = next(s for s in report.sites if s.site_id not in JOINT)
         strict_plan = Plan({**plan_for(report, keep).sites, refiner.site_id: SitePlan.for_site(refiner, HeadPlan())})
-        vsopt.inspect(model, *inputs, options={"plan": strict_plan, "strict": True, **grid_option(text_len)})
+        vsopt.inspect(model, *inputs, options={"plan": strict_plan, "strict": True, **grid_option(text_len, given)})
 
         # a sparse plan: lowered the same way, not eager's output, and Inductor runs it alike
         sparse = plan_for(report, HeadPlan(Sparsity.PATTERN, TokenOrder.WHF, pattern=LocalWindow(0, 1, 1),
                                            block_m=16, block_n=16))
-        out_sparse, graphs = compile_rewrite(model, *inputs, options={"plan": sparse, **grid_option(text_len)})
+        out_sparse, graphs = compile_rewrite(model, *inputs, options={"plan": sparse, **grid_option(text_len, given)})
         assert sorted(sid for _, r in graphs for sid in r.lowered) == sorted(JOINT)
         assert max_rel_err(out_sparse, want) > 1e-3
         if valid == (5, 7):   # once (slow on CPU): the full backend, Inductor included, runs it alike
             torch._dynamo.reset()
-            compiled = torch.compile(model, backend="vsopt", options={"plan": sparse, **grid_option(text_len)})(*inputs)
+            compiled = torch.compile(model, backend="vsopt", options={"plan": sparse})(*inputs)
             assert max_rel_err(compiled, out_sparse) <= 1e-5
 
 
@@ -100,9 +102,9 @@ def test_hunyuan_integer_text_mask_stays_dense_with_the_reason(compile_rewrite):
     inputs = hunyuan_inputs((4, 7), dtype=torch.int64)
     with torch.no_grad():
         want = model(*inputs)
-        report = vsopt.inspect(model, *inputs, options=grid_option(7))
+        report = vsopt.inspect(model, *inputs)
         plan = plan_for(report, HeadPlan(Sparsity.PATTERN, pattern=LocalWindow(0, 1, 1), block_m=16, block_n=16))
-        out, graphs = compile_rewrite(model, *inputs, options={"plan": plan, **grid_option(7)})
+        out, graphs = compile_rewrite(model, *inputs, options={"plan": plan})
     reasons = {s.site_id: s.reason for _, r in graphs for s in r.skipped}
     assert all("cannot be proved" in reasons[sid] for sid in JOINT)
     assert max_rel_err(out, want) <= 1e-5

@@ -3,6 +3,10 @@
     python3 tests/kernels/gpu_check.py            (on a CUDA GPU; exit status 1 if any check fails)
     python3 tests/kernels/gpu_check.py --parts small,helpers,compile,direct,wan480
     python3 tests/kernels/gpu_check.py --parts cog720          (the two halves, each a shorter run)
+    python3 tests/kernels/gpu_check.py --parts direct,quant,overhead --json $OUT/gpu_quant.json
+        (issue 16 items 2, 3, 7: every quant mode against float32 on wan480 and cog720, random and
+        structured inputs, densities 0.1 / 0.2 / 0.5 / 1.0; the quantization's time against the
+        attention's at density 0.2, eager Triton kernels and fused by Inductor into RoPE)
 
 Not collected by pytest (the CPU tests in this folder run the same kernels under TRITON_INTERPRET
 at tiny sizes). Each line prints the case, cosine and relative L2 against float32 attention on the
@@ -35,7 +39,19 @@ STRUCTURED_BOUND = {"none": 1e-2, "int8": 4e-2, "fp8": 1.2e-1, "int8_fp8": 5e-2}
 KERNEL_BOUND = {"none": 1e-2, "int8": 1e-2, "fp8": 5e-2, "int8_fp8": 5e-2}
 TARGET_COS, TARGET_REL = 0.999, 0.03
 CAP = 2.0   # a soft cap that binds on unit-variance scores at these head dims
+DEVICE = "cuda"   # the quant / overhead parts run on it (tests/kernels/test_gpu_check_quant.py: "cpu", tiny shapes)
 failures: list[str] = []
+results: list[dict] = []   # every measured line, written with --json
+json_path: str | None = None   # --json: rewritten after every line, so a run cut short keeps what it measured
+
+
+def _flush() -> None:
+    if json_path:
+        import json
+
+        with open(json_path, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                       "torch": torch.__version__, "failures": failures, "results": results}, f, indent=1)
 
 
 def report(case: str, out: torch.Tensor, ref: torch.Tensor, bound: float, target: bool = False) -> None:
@@ -49,8 +65,11 @@ def report(case: str, out: torch.Tensor, ref: torch.Tensor, bound: float, target
         met = " target met" if cos >= TARGET_COS and rel <= TARGET_REL else " target missed"
     print(f"{'PASS' if ok else 'FAIL'} {case:<66} cos {cos:.6f} rel_l2 {rel:.2e} (bound {bound:.0e}){met}",
           flush=True)
+    results.append({"case": case, "cos": cos, "rel_l2": rel, "bound": bound, "pass": ok,
+                    **({"target_met": met == " target met"} if target else {})})
     if not ok:
         failures.append(case)
+    _flush()
 
 
 def random_mask(Bt, H, QB, KB, density, device):
@@ -217,15 +236,141 @@ def direct_launch_case():
         failures.append("direct launcher call")
 
 
-PARTS = ("small", "helpers", "compile", "direct", *WORKLOADS)
+def quant_accuracy_cases():
+    """Issue 16 item 2: every mode against float32 attention on both workloads, random normal and
+    structured inputs, densities 0.1 / 0.2 / 0.5 / 1.0 (one random block mask plus the diagonal)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for name, (H, N, D, _) in WORKLOADS.items():
+        q, k, v = (torch.randn(1, H, N, D, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
+        nb = math.ceil(N / 128)
+        for kind in ("random", "structured"):
+            qi, ki, vi = (q, k, v) if kind == "random" else structured(q, k, v)
+            for density in (0.1, 0.2, 0.5, 1.0):
+                mask = random_mask(1, H, nb, nb, density, DEVICE)
+                idx, cnt = torch.ops.vsopt.mask_to_table(mask)
+                ref = chunked_reference(qi, ki, vi, mask, D ** -0.5, 128)
+                for mode in REL_L2_BOUND:
+                    out = torch.ops.vsopt.block_sparse_attention(qi, ki, vi, idx, cnt, D ** -0.5, 128, 128, mode)
+                    bound = (REL_L2_BOUND if kind == "random" else STRUCTURED_BOUND)[mode]
+                    report(f"quant {name} {kind} density {density} {mode}", out, ref, bound, target=True)
+                for mode in ("int8_fp8", "fp8"):   # the experimental INT8 P V (launcher only)
+                    out, _ = bsa_launch.block_sparse_attention(qi, ki, vi, idx, cnt, D ** -0.5, 128, 128, mode,
+                                                               pv_format="int8")
+                    bound = (REL_L2_BOUND if kind == "random" else STRUCTURED_BOUND)[mode]
+                    report(f"quant {name} {kind} density {density} {mode} pv int8", out, ref, bound, target=True)
+                del ref
+
+
+def _cuda_ms(fn, reps=30):
+    """Best of 3 rounds of the mean of `reps` calls, ms (CUDA events; wall clock off the GPU, for
+    the CPU smoke test of this script)."""
+    fn()
+    if DEVICE != "cuda":
+        import time
+
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(3):
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / reps)
+    return best
+
+
+def _rope(x, cos, sin):
+    x1, x2 = x.chunk(2, -1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+
+def quant_overhead_cases():
+    """Issue 16 item 3: the quantization's time against the attention kernel's at density 0.2
+    (target < 5%). Eager: launch.quantize_qkv (the Triton quantization kernels) against the op
+    (quantization + attention). Fused: torch.compile of RoPE -> the op, the quantization as torch
+    ops Inductor fuses into RoPE (launch.FUSE_QUANT_WHEN_TRACED) or as the Triton kernels;
+    overhead = compiled time - compiled RoPE alone - the attention kernel alone. The compiled
+    output is also compared with eager (same codes up to K's mean's summation order)."""
+    from vsopt.kernels.quant import launch as quant_launch
+
+    for name, (H, N, D, _) in WORKLOADS.items():
+        xq, xk, xv = (torch.randn(1, N, H, D, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
+        cos, sin = (torch.randn(N, 1, D // 2, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+        nb = math.ceil(N / 128)
+        idx, cnt = torch.ops.vsopt.mask_to_table(random_mask(1, H, nb, nb, 0.2, DEVICE))
+
+        def produce(xq, xk, xv):   # the model's (B, N, H, D) projections -> RoPE -> (B, H, N, D) views
+            return _rope(xq, cos, sin).transpose(1, 2), _rope(xk, cos, sin).transpose(1, 2), xv.transpose(1, 2)
+
+        torch._dynamo.reset()
+        rope_only = torch.compile(lambda a, b, c: [t.contiguous() for t in produce(a, b, c)[:2]])   # v: a view
+        rope_ms = _cuda_ms(lambda: rope_only(xq, xk, xv))
+        q, k, v = (t.contiguous() for t in produce(xq, xk, xv))
+        bf16_ms = _cuda_ms(lambda: torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128))
+        line = {"case": f"overhead {name} density 0.2", "rope_ms": rope_ms, "bf16_attention_ms": bf16_ms}
+        print(f"INFO {name} d=0.2: compiled RoPE of q, k {rope_ms:.3f} ms, bf16 attention {bf16_ms:.3f} ms")
+        for mode in ("int8", "fp8", "int8_fp8"):
+            op_ms = _cuda_ms(lambda: torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128, mode))
+            quant_ms = _cuda_ms(lambda: quant_launch.quantize_qkv(q, k, v, mode, 128, 128))
+            kernel_ms = op_ms - quant_ms
+            eager_out = torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128, mode)
+            per_mode = {"op_ms": op_ms, "quant_ms": quant_ms, "kernel_ms": kernel_ms,
+                        "eager_overhead": quant_ms / kernel_ms}
+            if mode != "int8":   # the experimental INT8 P V: same quantization work, INT8 instead of e4m3 P V
+                pv8_ms = _cuda_ms(lambda: bsa_launch.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128, mode,
+                                                                            pv_format="int8"))
+                per_mode["pv_int8_launcher_ms"] = pv8_ms
+                print(f"INFO speed {name} d=0.2 {mode}: e4m3 P V op {op_ms:.3f} ms, INT8 P V launcher {pv8_ms:.3f} ms "
+                      f"(both with their quantization; bf16 {bf16_ms:.3f} ms)", flush=True)
+            default_fused = bsa_launch.FUSE_QUANT_WHEN_TRACED
+            for fused in ((True, False) if mode != "int8" else ()):   # compiles take time: the FP8 P V modes
+                bsa_launch.FUSE_QUANT_WHEN_TRACED = fused
+                torch._dynamo.reset()
+                f = torch.compile(lambda a, b, c: torch.ops.vsopt.block_sparse_attention(
+                    *produce(a, b, c), idx, cnt, D ** -0.5, 128, 128, mode))
+                t = _cuda_ms(lambda: f(xq, xk, xv))
+                over = (t - rope_ms - kernel_ms) / kernel_ms
+                key = "fused" if fused else "triton_kernels"
+                per_mode[f"compiled_{key}_ms"] = t
+                per_mode[f"compiled_{key}_overhead"] = over
+                diff = f(xq, xk, xv).float()
+                rel = float((diff - eager_out.float()).norm() / eager_out.float().norm())
+                per_mode[f"compiled_{key}_rel_l2_vs_eager"] = rel
+                ok = rel < KERNEL_BOUND[mode] and math.isfinite(t)
+                print(f"{'PASS' if ok else 'FAIL'} overhead {name} d=0.2 {mode} compiled ({key}): {t:.3f} ms, "
+                      f"quantization overhead {100 * over:.1f}% of the kernel's {kernel_ms:.3f} ms "
+                      f"(target < 5%), vs eager rel_l2 {rel:.1e}", flush=True)
+                if not ok:
+                    failures.append(f"overhead {name} {mode} {key}")
+            bsa_launch.FUSE_QUANT_WHEN_TRACED = default_fused
+            print(f"INFO overhead {name} d=0.2 {mode} eager: op {op_ms:.3f} ms, quantize_qkv {quant_ms:.3f} ms "
+                  f"= {100 * quant_ms / kernel_ms:.1f}% of the kernel's {kernel_ms:.3f} ms", flush=True)
+            line[mode] = per_mode
+            if line not in results:
+                results.append(line)
+            _flush()
+
+
+PARTS = ("small", "helpers", "compile", "direct", *WORKLOADS, "quant", "overhead")
 
 
 def main(argv=None) -> int:
+    global WORKLOADS, json_path
     import argparse
 
     p = argparse.ArgumentParser(description="GPU correctness check of vsopt's kernels")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)} (default: all)")
-    parts = [x for x in p.parse_args(argv).parts.split(",") if x]
+    p.add_argument("--json", default=None, help="also write every measured line to this JSON file")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help="the quant and overhead parts' workloads")
+    args = p.parse_args(argv)
+    json_path = args.json
+    WORKLOADS = {w: WORKLOADS[w] for w in args.workloads.split(",") if w in WORKLOADS}
+    parts = [x for x in args.parts.split(",") if x]
     if not parts or any(x not in PARTS for x in parts):
         p.error(f"--parts: choose from {', '.join(PARTS)}")
     if not torch.cuda.is_available():
@@ -234,11 +379,13 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, parts {parts}")
     for part, fn in (("small", small_cases), ("helpers", helper_cases), ("compile", compile_case),
-                     ("direct", direct_launch_case)):
+                     ("direct", direct_launch_case), ("quant", quant_accuracy_cases),
+                     ("overhead", quant_overhead_cases)):
         if part in parts:
             fn()
     workload_cases(tuple(w for w in WORKLOADS if w in parts))
     print(f"{len(failures)} failure(s)" + (": " + ", ".join(failures) if failures else ""))
+    _flush()
     return 1 if failures else 0
 
 

@@ -37,8 +37,9 @@ def traced(sites):
     return f
 
 
-def lower(f, inputs, sites, plan, strict=False):
+def lower(f, inputs, sites, plan, strict=False, meta=None):
     gm = make_fx(f, tracing_mode="fake")(*inputs)
+    gm.meta.update(meta or {})
     atts = [n for n in gm.graph.nodes if n.target is vsopt.attention.default]
     for n, s in zip(atts, sites):
         n.meta["vsopt_site"] = s.site_id
@@ -310,3 +311,27 @@ if __name__ == "__main__":  # on the GPU machine: python3 tests/passes/test_lowe
 
         register_backend(vsopt_backend, "vsopt")
     test_compiled_plan_on_cuda()
+
+
+def test_strict_mode_takes_plan_sites_of_other_graphs_of_the_model():
+    """A model that graph breaks split compiles as several graphs, each holding its own sites: a
+    plan site naming a module of the compiled model is a note there, even in strict mode; one naming
+    no module of it (another model's plan, a typo) stays an error."""
+    from vsopt.passes.site_ids import FRAME_NAMES, FrameNames
+
+    g = torch.Generator().manual_seed(5)
+    sites = [site_for(GRID, 2, 2)]
+    q, k, v = (torch.randn(1, 2, 63, 8, generator=g) for _ in range(3))
+    head = HeadPlan(Sparsity.PATTERN, pattern=LocalWindow(), block_m=16, block_n=16)
+    plan = Plan({sites[0].site_id: SitePlan.for_site(sites[0], head),
+                 "blocks.7.attn1": SitePlan.for_site(site_for(GRID, 2, 2, sid="blocks.7.attn1"), head)})
+
+    def placed(modules):
+        return {FRAME_NAMES: FrameNames(root_modules=frozenset(modules))}
+
+    gm, report, _ = lower(traced(sites), (q, k, v), sites, plan, strict=True,
+                          meta=placed({"", "blocks", "blocks.0.attn1", "blocks.7", "blocks.7.attn1"}))
+    assert vsopt.block_sparse_attention.default in ops_of(gm)
+    assert any("['blocks.7.attn1'] name modules of the compiled model" in n for n in report.notes)
+    with pytest.raises(PlanError, match="plan sites not in this graph: \\['blocks.7.attn1'\\]"):
+        lower(traced(sites), (q, k, v), sites, plan, strict=True, meta=placed({"", "blocks.0.attn1"}))

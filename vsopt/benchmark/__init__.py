@@ -25,6 +25,9 @@ of them run through the same rewrite, the same kernels and the same inputs:
            (AdaSpa): the scoring of pooled q/k is paid once per refresh
   psa      block top-k, the key blocks a query block drops attended mean-pooled in the same
            softmax (PSA's pooled remainder, one level; separate ATen ops beside the kernel)
+  cluster  per head k-means of queries and keys (Sparse VideoGen 2): tokens permuted by cluster,
+           key clusters kept per query cluster by centroid-score top-p (bisected on the scored
+           step's q/k to the target density), refreshed every cluster_refresh steps, warm-started
 
 For each (method, density) it records: per site, cosine and relative L2 of the attention output
 against exact attention on the same q/k/v (isolated: only that site changed), measured at one

@@ -28,8 +28,8 @@ def heads_run(plan: Plan, site: AttentionSite, step: int | None):
     """The head plans the compiled model runs at `site` and `step`: the plan's entry fitted to the
     site's size (vsopt.core.resample: a plan calibrated at another clip size), or None where it
     cannot be fitted (the site then runs dense, as lower_plan leaves it)."""
-    fit = fit_site_plan(plan[site.site_id], site)
-    return None if fit.plan is None else fit.plan.heads_at(step)
+    fit = fit_site_plan(plan.at_step(step)[site.site_id], site)   # at_step: renormalized heads' phases resolved
+    return None if fit.plan is None else fit.plan.heads
 
 
 def site_densities(plan: Plan, site: AttentionSite, calls: Calls, step: int | None) -> list[float]:
@@ -39,7 +39,8 @@ def site_densities(plan: Plan, site: AttentionSite, calls: Calls, step: int | No
     heads = heads_run(plan, site, step)
     if heads is None:
         return [1.0] * site.heads
-    call = calls[site.site_id] if calls is not None and any(h.sparsity is Sparsity.DYNAMIC for h in heads) else None
+    online = (Sparsity.DYNAMIC, Sparsity.CLUSTER)  # masks chosen on the input
+    call = calls[site.site_id] if calls is not None and any(h.sparsity in online for h in heads) else None
     if call is None:
         return semantics.head_densities(site, heads)
     return semantics.head_densities(site, heads, call.q, call.k, call.scale)

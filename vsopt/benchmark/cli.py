@@ -36,8 +36,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "empty: none")
     p.add_argument("--vsopt-refresh", default=",".join(map(str, d.vsopt_refresh)),
                    help="vsopt: refresh intervals (>= 2) of reused dynamic masks the calibration may choose")
+    p.add_argument("--renorm-every", type=int, default=d.renorm_every,
+                   help="methods rettention, rettention_pooled: the dropped mass measured every this many steps")
+    p.add_argument("--vsopt-renorm", default=",".join(map(str, d.vsopt_renorm)),
+                   help="vsopt: measuring intervals (>= 2) of the softmax-mass correction (Re-ttention) the "
+                        "calibration may choose, comma-separated; empty: none")
     p.add_argument("--no-vsopt-pooled", action="store_true",
                    help="vsopt: no pooled-remainder (PSA) candidates in the calibration")
+    p.add_argument("--cluster-clusters", default=",".join(map(str, d.cluster_clusters)),
+                   help="method cluster: query,key k-means clusters per head (0: one per kernel block)")
+    p.add_argument("--cluster-refresh", type=int, default=d.cluster_refresh,
+                   help="method cluster: the k-means clustering is refreshed every this many steps (warm-started)")
+    p.add_argument("--vsopt-clusters", action="store_true",
+                   help="vsopt: also offer cluster heads (Sparse VideoGen 2) to the calibration")
     p.add_argument("--no-sensitivity", action="store_true",
                    help="vsopt: weigh every site's and step's error alike (no measured output sensitivity)")
 
@@ -95,10 +106,16 @@ def _check_args(args: argparse.Namespace):
                                  mask_refresh=args.mask_refresh,
                                  vsopt_warmup=items("--vsopt-warmup", args.vsopt_warmup, int),
                                  vsopt_refresh=items("--vsopt-refresh", args.vsopt_refresh, int),
-                                 vsopt_pooled=not args.no_vsopt_pooled)
+                                 vsopt_pooled=not args.no_vsopt_pooled, renorm_every=args.renorm_every,
+                                 vsopt_renorm=items("--vsopt-renorm", args.vsopt_renorm, int),
+                                 cluster_refresh=args.cluster_refresh,
+                                 cluster_clusters=items("--cluster-clusters", args.cluster_clusters, int),
+                                 vsopt_clusters=args.vsopt_clusters)
     except ConfigError as e:
         option = {"densities": "--densities", "vsopt_speedups": "--vsopt-speedups", "warmup_steps": "--warmup-steps",
-                  "mask_refresh": "--mask-refresh"}
+                  "mask_refresh": "--mask-refresh", "renorm_every": "--renorm-every",
+                  "vsopt_renorm": "--vsopt-renorm", "cluster_refresh": "--cluster-refresh",
+                  "cluster_clusters": "--cluster-clusters"}
         name = next((o for key, o in option.items() if str(e).startswith(key)), "bench options")
         raise ConfigError(f"bad {name}: {e}") from None
     try:

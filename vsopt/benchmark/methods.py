@@ -2,14 +2,17 @@
 package doc): every method is a Plan, so all of them run through the same rewrite and kernels."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from vsopt.benchmark.settings import BenchSettings, Method
+from vsopt.core import semantics
+from vsopt.core.clustering import ClusterSpec
 from vsopt.core.dynamic import DynamicMethod, DynamicSpec
 from vsopt.core.errors import ConfigError
 from vsopt.core.ir import AttentionSite, TokenGrid
 from vsopt.core.patterns import LocalWindow, Pattern, Radial, block_mask
-from vsopt.core.plan import HeadPlan, Plan, Quant, Sparsity
+from vsopt.core.plan import HeadPlan, Plan, Quant, SitePlan, Sparsity
+from vsopt.core.rettention import Renorm
 
 
 def _closest(patterns: Sequence[Pattern], grid: TokenGrid, target: float, block: int) -> tuple[Pattern, float]:
@@ -29,11 +32,52 @@ def radial_pattern(grid: TokenGrid, target: float, block: int) -> tuple[Pattern,
     return _closest([Radial(s, f) for f in range(1, grid.frames + 1) for s in range(span)], grid, target, block)
 
 
+def cluster_specs(sites: Sequence[AttentionSite], settings: BenchSettings, top_p: float) -> dict[str, ClusterSpec]:
+    """Per site the "cluster" method's ClusterSpec at `top_p` (cluster counts from the settings,
+    0: one cluster per kernel block of the site's video tokens)."""
+    out = {}
+    for s in sites:
+        n = s.grid.video_tokens if s.grid is not None else s.q_len
+        cq, ck = (c or max(2, -(-n // settings.block)) for c in settings.cluster_clusters)
+        out[s.site_id] = ClusterSpec(cq, ck, top_p, refresh=settings.cluster_refresh)
+    return out
+
+
+def cluster_plan(sites: Sequence[AttentionSite], settings: BenchSettings, density: float,
+                 calls: Mapping[str, object]) -> tuple[Plan, float, float]:
+    """(plan, top_p, density) of the "cluster" method: the top-p, bisected on the recorded q/k of
+    `calls` (site_id -> SiteCall, one denoising step), whose mean block density over the sites is
+    closest to `density` (a cold clustering, as at a first step)."""
+    b, quant = settings.block, settings.quant
+
+    def plan_at(p: float) -> Plan:
+        specs = cluster_specs(sites, settings, p)
+        return Plan({s.site_id: SitePlan.for_site(s, HeadPlan(Sparsity.CLUSTER, quant=quant, block_m=b, block_n=b,
+                                                                cluster=specs[s.site_id])) for s in sites})
+
+    def measured(plan: Plan) -> float:
+        ds = [d for s in sites for d in semantics.head_densities(s, plan[s.site_id].heads, calls[s.site_id].q,
+                                                                  calls[s.site_id].k, calls[s.site_id].scale)]
+        return sum(ds) / len(ds)
+
+    lo, hi = 0.0, 1.0  # density grows with top_p
+    best = (1.0, measured(plan_at(1.0)))
+    for _ in range(10):
+        mid = (lo + hi) / 2
+        d = measured(plan_at(mid))
+        if abs(d - density) < abs(best[1] - density):
+            best = (mid, d)
+        lo, hi = (mid, hi) if d < density else (lo, mid)
+    return plan_at(best[0]), best[0], best[1]
+
+
 def method_plan(method: Method, sites: Sequence[AttentionSite], density: float, settings: BenchSettings,
-                calibrate_fn: Callable[[float], Plan] | None = None) -> tuple[Plan, list[str]]:
+                calibrate_fn: Callable[[float], Plan] | None = None,
+                calls: Mapping[str, object] | None = None) -> tuple[Plan, list[str]]:
     """The plan `method` runs at `density`, and notes on how it was made. Only self-attention
     sites with a known grid are made sparse; the rest stay dense (cross-attention to a few text
-    tokens is cheap). calibrate_fn(density): vsopt's calibrated plan (PlanScorer.calibrated_plan)."""
+    tokens is cheap). calibrate_fn(density): vsopt's calibrated plan (PlanScorer.calibrated_plan).
+    calls: site_id -> SiteCall of the dense model at one step, which "cluster" chooses its top-p on."""
     video = [s for s in sites if s.is_self_attention and s.grid is not None]
     b, quant = settings.block, settings.quant
     if method is Method.DENSE:
@@ -66,6 +110,32 @@ def method_plan(method: Method, sites: Sequence[AttentionSite], density: float, 
                         dynamic=DynamicSpec(DynamicMethod.TOP_K, density))
         return Plan.uniform(video, head), [f"top-k {density:.2f} of key blocks per row, the rest attended "
                                            "mean-pooled (separate ATen ops, not in the kernel)"]
+    if method in (Method.RETTENTION, Method.RETTENTION_POOLED):
+        r, steps = settings.renorm_every, settings.steps
+        kept, how = density, "measured with the pooled remainder"
+        if method is Method.RETTENTION:
+            # steps 0, r, 2r, ... measure at full density: the others sparser, same mean density
+            measuring = -(-steps // r)
+            if measuring >= steps:
+                raise ConfigError(f"rettention: every step of {steps} measures with renorm_every {r}; raise steps")
+            kept = (density * steps - measuring) / (steps - measuring)
+            if kept <= 0:
+                raise ConfigError(f"rettention: {measuring} measuring (dense) step(s) of {steps} alone exceed density "
+                                  f"{density}; raise renorm_every")
+            kept, how = min(1.0, kept), f"measured exactly ({measuring} of {steps} steps dense)"
+        head = HeadPlan(Sparsity.DYNAMIC, quant=quant, block_m=b, block_n=b, renorm=Renorm(r),
+                        remainder="pooled" if method is Method.RETTENTION_POOLED else "drop",
+                        dynamic=DynamicSpec(DynamicMethod.TOP_K, kept))
+        return Plan.uniform(video, head), [f"top-k {kept:.3f}, dropped mass {how} every {r} steps and restored "
+                                           "between (Re-ttention)"]
+    if method is Method.CLUSTER:
+        if calls is None:
+            raise ConfigError("method 'cluster' needs the dense model's recorded q/k to choose its top-p")
+        plan, top_p, d = cluster_plan(video, settings, density, calls)
+        spec = next(iter(plan.sites.values())).heads[0].cluster if plan.sites else None
+        return plan, [f"k-means orders ({spec.q_clusters if spec else 0}x{spec.k_clusters if spec else 0} clusters, "
+                      f"refresh every {settings.cluster_refresh} step(s), warm-started), key clusters by centroid "
+                      f"top-p {top_p:.4f} (block density {d:.3f} on the scored step)"]
     if method in (Method.WINDOW, Method.RADIAL):
         grids = {s.grid for s in video}
         if len(grids) != 1:

@@ -156,7 +156,9 @@ class PlanScorer:
         if s.sensitivity and self._error_weights is None:
             self._error_weights = self.sensitivity_weights(calls)
         ranges = None
-        if s.step_plans:
+        if s.step_plans and s.vsopt_renorm:   # a correction needs its measuring step in its range
+            ranges = ((0, 1), (1, None)) if s.calibration_steps > 1 else None
+        elif s.step_plans:
             ranges = tuple((i, i + 1) for i in range(s.calibration_steps - 1)) + ((s.calibration_steps - 1, None),)
         options = CalibrationOptions(block_m=s.block, block_n=s.block, quants=tuple({Quant.NONE, s.quant}),
                                      order_density=order_density, step_ranges=ranges, dynamic_values=DYNAMIC_MASS,
@@ -164,8 +166,21 @@ class PlanScorer:
                                      error_weights=self._error_weights if s.sensitivity else None,
                                      dense_warmup=tuple(k for k in s.vsopt_warmup if k < s.calibration_steps)
                                      if s.step_plans else (),
-                                     mask_refresh=s.vsopt_refresh, pooled_remainder=s.vsopt_pooled)
+                                     mask_refresh=s.vsopt_refresh, pooled_remainder=s.vsopt_pooled,
+                                     renorm_every=s.vsopt_renorm,
+                                     clusters=self._cluster_candidates())
         return calls, options
+
+    def _cluster_candidates(self):
+        """vsopt_clusters: the cluster method's specs at each of vsopt_cluster_top_p (one cluster
+        count for every site: the smallest site's), for the calibration to choose per head."""
+        from vsopt.benchmark.methods import cluster_specs
+
+        s = self.settings
+        video = [x for x in self.sites if x.is_self_attention and x.grid is not None]
+        if not s.vsopt_clusters or not video:
+            return ()
+        return tuple(min(cluster_specs(video, s, p).values(), key=lambda c: c.k_clusters) for p in s.vsopt_cluster_top_p)
 
     def sensitivity_weights(self, calls) -> dict[str, dict[int, float]]:
         """vsopt.sensitivity.euler_sensitivity on a dense sampler run's recorded inputs `calls`

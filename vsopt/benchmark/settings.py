@@ -19,6 +19,13 @@ class Method(str, enum.Enum):
     WARMUP = "warmup"  # top-k after `warmup_steps` dense steps, at the same mean density (Sparse VideoGen)
     REUSE = "reuse"  # top-k masks computed every `mask_refresh` steps and reused between (AdaSpa)
     PSA = "psa"  # top-k with the dropped key blocks attended mean-pooled (Pyramid Sparse Attention)
+    # top-k whose dropped blocks are measured exactly every `renorm_every` steps (at full cost; the
+    # kept fraction lowered so that the mean density is the target) and restored between (Re-ttention)
+    RETTENTION = "rettention"
+    # the same measured with the pooled remainder (at the kept density; the pooled keys' work, as
+    # PSA's, not counted in the density)
+    RETTENTION_POOLED = "rettention_pooled"
+    CLUSTER = "cluster"  # k-means token orders, cluster-pair blocks by centroid top-p (Sparse VideoGen 2)
 
 
 # vsopt's dynamic candidates in the bench: cumulative-mass shares and top-k fractions spanning the
@@ -46,7 +53,15 @@ class BenchSettings:
     method runs dense, the refresh interval of the "reuse" method. vsopt_warmup / vsopt_refresh:
     the dense warm-ups and mask refresh intervals vsopt's calibration may choose
     (CalibrationOptions.dense_warmup, with step_plans only / mask_refresh). vsopt_pooled: vsopt's
-    calibration may also give heads a pooled remainder (CalibrationOptions.pooled_remainder)."""
+    calibration may also give heads a pooled remainder (CalibrationOptions.pooled_remainder).
+    renorm_every: the measuring interval of the "rettention" methods. vsopt_renorm: the intervals
+    of the softmax-mass correction vsopt's calibration may choose (CalibrationOptions.renorm_every);
+    with step_plans its step ranges are then step 0 and the rest (a correction needs its measuring
+    step in the same range), not one per step.
+    cluster_clusters: (query, key) k-means clusters of the "cluster" method (0: one per kernel
+    block of the video tokens), cluster_refresh its refresh period in steps; vsopt_clusters: vsopt's
+    calibration may also give heads that clustering (CalibrationOptions.clusters), at the top-p
+    values vsopt_cluster_top_p."""
 
     methods: tuple[Method, ...] = (Method.VSOPT, Method.TOPK, Method.WINDOW, Method.RADIAL, Method.SAGE, Method.WARMUP,
                                    Method.REUSE, Method.PSA)
@@ -70,6 +85,12 @@ class BenchSettings:
     vsopt_warmup: tuple[int, ...] = (1,)
     vsopt_refresh: tuple[int, ...] = ()
     vsopt_pooled: bool = True
+    renorm_every: int = 4
+    vsopt_renorm: tuple[int, ...] = ()
+    cluster_clusters: tuple[int, int] = (0, 0)
+    cluster_refresh: int = 1
+    vsopt_clusters: bool = False
+    vsopt_cluster_top_p: tuple[float, ...] = (0.5, 0.7, 0.9)
 
     def __post_init__(self):
         object.__setattr__(self, "methods", tuple(Method(m) for m in self.methods))
@@ -79,12 +100,26 @@ class BenchSettings:
         object.__setattr__(self, "vsopt_speedups", tuple(float(x) for x in self.vsopt_speedups))
         object.__setattr__(self, "vsopt_warmup", tuple(self.vsopt_warmup))
         object.__setattr__(self, "vsopt_refresh", tuple(self.vsopt_refresh))
+        object.__setattr__(self, "vsopt_renorm", tuple(self.vsopt_renorm))
+        if not (isinstance(self.renorm_every, int) and not isinstance(self.renorm_every, bool)
+                and self.renorm_every >= 2):
+            raise ConfigError(f"renorm_every must be an integer >= 2, got {self.renorm_every!r}")
+        if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 2 for r in self.vsopt_renorm):
+            raise ConfigError(f"vsopt_renorm: intervals must be integers >= 2, got {self.vsopt_renorm}")
         if not all(x > 0 and math.isfinite(x) for x in self.vsopt_speedups):
             raise ConfigError(f"vsopt_speedups must be finite and > 0, got {self.vsopt_speedups}")
         if not (isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps < self.steps):
             raise ConfigError(f"warmup_steps must be an integer in [0, steps), got {self.warmup_steps!r}")
         if not (isinstance(self.mask_refresh, int) and self.mask_refresh >= 1):
             raise ConfigError(f"mask_refresh must be an integer >= 1, got {self.mask_refresh!r}")
+        object.__setattr__(self, "cluster_clusters", tuple(self.cluster_clusters))
+        if len(self.cluster_clusters) != 2 or not all(isinstance(c, int) and c >= 0 for c in self.cluster_clusters):
+            raise ConfigError(f"cluster_clusters must be two integers >= 0 (query, key), got {self.cluster_clusters!r}")
+        if not (isinstance(self.cluster_refresh, int) and self.cluster_refresh >= 1):
+            raise ConfigError(f"cluster_refresh must be an integer >= 1, got {self.cluster_refresh!r}")
+        object.__setattr__(self, "vsopt_cluster_top_p", tuple(float(p) for p in self.vsopt_cluster_top_p))
+        if not all(0.0 < p <= 1.0 for p in self.vsopt_cluster_top_p):
+            raise ConfigError(f"vsopt_cluster_top_p must lie in (0, 1], got {self.vsopt_cluster_top_p}")
         if self.steps < 1 or self.clips < 1:
             raise ConfigError(f"steps and clips must be >= 1, got {self.steps}, {self.clips}")
 

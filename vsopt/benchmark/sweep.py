@@ -57,7 +57,7 @@ def bench(ref, settings: BenchSettings | None = None, *, progress: bool = True) 
             target_speedup=target_speedup))
 
     for method, density in iterator:
-        plan, notes = method_plan(method, scorer.sites, density, settings, scorer.calibrated_plan)
+        plan, notes = method_plan(method, scorer.sites, density, settings, scorer.calibrated_plan, scorer.dense_calls)
         add(method, density, plan, notes)
     if by_time:
         # the baselines' PREDICTED speedups (on a GPU too: the time budget is the cost model's)

@@ -40,13 +40,16 @@ def head_plan(state: SiteState, h: int, candidate: int, quant: Quant) -> HeadPla
         order = state.head_orders[h] if cand.sparsity in (Sparsity.MASK, Sparsity.PATTERN, Sparsity.DYNAMIC) \
             and not cand.model_order else TokenOrder.FHW
         common = dict(order=order, quant=quant if cand.sparsity is not Sparsity.SKIP else Quant.NONE,
-                      block_m=state.opt.block_m, block_n=state.opt.block_n, remainder=cand.remainder)
+                      block_m=state.opt.block_m, block_n=state.opt.block_n, remainder=cand.remainder,
+                      renorm=cand.renorm)
         if cand.sparsity is Sparsity.MASK:
             cache[key] = HeadPlan(Sparsity.MASK, mask=cand.masks[h], **common)
         elif cand.sparsity is Sparsity.PATTERN:
             cache[key] = HeadPlan(Sparsity.PATTERN, pattern=cand.pattern, **common)
         elif cand.sparsity is Sparsity.DYNAMIC:
             cache[key] = HeadPlan(Sparsity.DYNAMIC, dynamic=cand.dynamic, **common)
+        elif cand.sparsity is Sparsity.CLUSTER:   # its order comes from its clustering: FHW here
+            cache[key] = HeadPlan(Sparsity.CLUSTER, cluster=cand.cluster, **common)
         else:
             cache[key] = HeadPlan(cand.sparsity, **common)
     return cache[key]

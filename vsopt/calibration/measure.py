@@ -22,6 +22,7 @@ from vsopt.calibration.capture import SiteCall
 from vsopt.calibration.options import CalibrationOptions, default_patterns
 from vsopt.calibration.order_choice import choose_orders, order_block_mass
 from vsopt.core import semantics
+from vsopt.core.clustering import ClusterSpec
 from vsopt.core.dynamic import DynamicMethod, DynamicSpec
 from vsopt.core.errors import ConfigError
 from vsopt.core.ir import AttentionSite
@@ -29,6 +30,7 @@ from vsopt.core.orders import TokenOrder
 from vsopt.core.patterns import Pattern, Union, block_mask, calibrated_block_mask, num_blocks
 from vsopt.core.plan import HeadPlan, Quant, Sparsity
 from vsopt.core.pooled import Remainder
+from vsopt.core.rettention import Renorm
 
 
 @dataclass
@@ -43,6 +45,8 @@ class Candidate:
     dynamic: DynamicSpec | None = None
     model_order: bool = False  # masks in the model's own order (FHW) for every head: no permutation
     remainder: Remainder = Remainder.DROP  # pooled: the dropped blocks attended mean-pooled (PSA)
+    renorm: Renorm | None = None  # softmax-mass correction (Re-ttention, calibration.renorm)
+    cluster: ClusterSpec | None = None  # a cluster candidate (calibration.clusters): no masks, no order
 
 
 @dataclass
@@ -68,6 +72,10 @@ class SiteState:
     refresh: tuple[int, ...] = ()
     range_start: int = 0
     reused: object = field(default=None, repr=False)
+    # softmax-mass correction (calibration.renorm): the intervals offered here, the kept statistics
+    renorm: tuple[int, ...] = ()
+    renormed: object = field(default=None, repr=False)
+    clusters: object = field(default=None, repr=False)  # cluster candidates' layouts (calibration.clusters)
 
     @property
     def blocks(self) -> tuple[int, int]:
@@ -139,11 +147,21 @@ def build_candidates(state: SiteState) -> None:
     if opt.pooled_remainder:  # every sparse candidate again, its dropped blocks pooled (PSA)
         cands += [dataclasses.replace(c, label=c.label + "+pooled", remainder=Remainder.POOLED) for c in cands
                   if c.sparsity in (Sparsity.MASK, Sparsity.PATTERN, Sparsity.DYNAMIC)]
+    for r in state.renorm:  # every sparse candidate again, its dropped mass restored (Re-ttention)
+        cands += [dataclasses.replace(c, label=f"{c.label}/renorm{r}", renorm=Renorm(r)) for c in list(cands)
+                  if c.renorm is None and c.sparsity in (Sparsity.MASK, Sparsity.PATTERN, Sparsity.DYNAMIC)
+                  and not (c.dynamic is not None and c.dynamic.reuse_steps)]
+    if opt.clusters:  # k-means orders and cluster-pair blocks, online (SVG2)
+        from vsopt.calibration.clusters import cluster_label
+
+        cands += [Candidate(cluster_label(s), Sparsity.CLUSTER, cluster=s) for s in opt.clusters]
     if opt.skip:
         cands.append(Candidate("skip", Sparsity.SKIP, torch.zeros(site.heads, qb, kb, dtype=torch.bool)))
     state.candidates = cands
     state.plans = {}
     state.reused = None  # pass 2 (re)starts: no kept masks
+    state.renormed = None  # nor kept statistics
+    state.clusters = None
     H, C = site.heads, len(cands)
     state.err2 = torch.zeros(H, C, dtype=torch.float64)
     state.density = torch.zeros(H, C, dtype=torch.float64)
@@ -208,6 +226,8 @@ def measure_errors(state: SiteState, call: SiteCall, step: int | None = None) ->
     q/k/v are permuted once into the heads' orders; each candidate then runs on them (or, for a
     model-order candidate, on the unpermuted ones) with its masks. step: the call's denoising
     step, which a candidate reusing masks (calibration.reuse) needs."""
+    from vsopt.calibration.renorm import KeptStatistics
+    from vsopt.calibration.clusters import ClusterRuns, measure_cluster
     from vsopt.calibration.reuse import ReusedMasks
 
     ref = exact_attention(call)
@@ -217,6 +237,16 @@ def measure_errors(state: SiteState, call: SiteCall, step: int | None = None) ->
         if state.reused is None:
             state.reused = ReusedMasks(state.range_start)
         state.reused.begin(step)
+    if state.renorm:
+        if step is None:
+            raise ConfigError("calibration candidates with a softmax-mass correction need each input's denoising step")
+        if state.renormed is None:
+            state.renormed = KeptStatistics(state.range_start)
+        state.renormed.begin(step)
+    if state.opt.clusters:
+        if state.clusters is None:
+            state.clusters = ClusterRuns()
+        state.clusters.begin(step)
     opt = state.opt
     blocks = (opt.block_m, opt.block_n)
     perm, qp, kp, vp = semantics.permuted_qkv(state.site.grid, state.ordered_heads(), call.q, call.k, call.v)
@@ -224,6 +254,19 @@ def measure_errors(state: SiteState, call: SiteCall, step: int | None = None) ->
     model_order = (None, call.q, semantics.kv_to_heads(call.k, H), semantics.kv_to_heads(call.v, H))
     for c, cand in enumerate(state.candidates):
         p, qc, kc, vc = model_order if cand.model_order else (perm, qp, kp, vp)
+        if cand.renorm is not None:   # measured or corrected as it runs (calibration.renorm)
+            fresh = (lambda: semantics.dynamic_masks(qc, kc, cand.dynamic, call.scale, *blocks, grid=state.site.grid)) \
+                if cand.sparsity is Sparsity.DYNAMIC else (lambda: cand.masks[None])
+            out, done = state.renormed.output(c, cand.label, cand.renorm, cand.remainder, step, qc, kc, vc, fresh,
+                                              call.scale, *blocks)
+            state.err2[:, c] += _head_err2(_unpermuted(out, p), ref)
+            state.density[:, c] += done.sum(0).double().cpu()
+            continue
+        if cand.sparsity is Sparsity.CLUSTER:
+            out, masks = measure_cluster(state, c, cand, call, step)
+            state.err2[:, c] += _head_err2(out, ref)
+            state.density[:, c] += masks.float().mean((-1, -2)).sum(0).double().cpu()
+            continue
         if cand.sparsity is Sparsity.DYNAMIC and cand.dynamic.reuse_steps:
             masks = state.reused.masks(c, cand.label, cand.dynamic, step, lambda: semantics.dynamic_masks(
                 qc, kc, cand.dynamic, call.scale, *blocks, grid=state.site.grid))

@@ -7,6 +7,7 @@ import json
 import math
 from dataclasses import dataclass
 
+from vsopt.calibration.clusters import check_clusters
 from vsopt.core.costmodel import CostModel
 from vsopt.core.errors import ConfigError
 from vsopt.core.ir import TokenGrid
@@ -107,6 +108,14 @@ def check_refresh(values, ranges) -> tuple[int, ...]:
     return rs
 
 
+def check_renorm(values) -> tuple[int, ...]:
+    """Renorm intervals r >= 2 (r = 1 would measure, at full cost, at every step)."""
+    rs = _positive_ints(values, "CalibrationOptions.renorm_every")
+    if rs and rs[0] < 2:
+        raise ConfigError("CalibrationOptions.renorm_every: 1 measures at every step (dense work); give intervals >= 2")
+    return rs
+
+
 @dataclass(frozen=True)
 class CalibrationOptions:
     """What the search may choose from, and how it measures.
@@ -154,6 +163,18 @@ class CalibrationOptions:
       blocks attended mean-pooled (PSA, vsopt.core.pooled; HeadPlan.remainder "pooled"): its error
       measured as it runs, its extra work priced by semantics.site_work (pass 2 then measures up
       to twice as many candidates). Off by default.
+    renorm_every: intervals r >= 2 of the softmax-mass correction (Re-ttention,
+      vsopt.calibration.renorm; HeadPlan.renorm): every mask, pattern and dynamic candidate (the
+      pooled ones too) is also offered measuring its dropped blocks' statistics at steps 0, r, 2r,
+      ... of each step range (exact attention there, at full cost) and correcting the steps
+      between with them; its error measured as it runs, its work priced by semantics.site_work.
+      Offered only where pass 2's inputs hold a correcting step and the measuring step it uses
+      (consecutive steps of one sampler run). Off by default.
+    clusters: cluster candidates (Sparse VideoGen 2, vsopt.core.clustering; HeadPlan sparsity
+      "cluster"): each ClusterSpec (query/key cluster counts, top-p, refresh period, k-means
+      iterations) is offered to every head, its token order and blocks from k-means of its own
+      queries and keys, measured across pass 2's steps as the runtime refreshes and warm-starts it
+      (vsopt.calibration.clusters). Empty (none) by default.
     model_order_candidates: also offer every sparse candidate in the model's own token order
       (no permutation) to heads that were given another order, so that a time-budgeted search can
       drop a permutation that costs more than it saves (pass 2 then measures up to twice as many
@@ -181,6 +202,8 @@ class CalibrationOptions:
     dense_warmup: tuple[int, ...] = ()
     mask_refresh: tuple[int, ...] = ()
     pooled_remainder: bool = False
+    renorm_every: tuple[int, ...] = ()
+    clusters: tuple = ()
 
     def __post_init__(self):
         object.__setattr__(self, "orders", tuple(TokenOrder(o) for o in self.orders))
@@ -202,6 +225,8 @@ class CalibrationOptions:
                                                                       "CalibrationOptions.step_ranges"))
         object.__setattr__(self, "dense_warmup", check_warmup(self.dense_warmup, self.step_ranges))
         object.__setattr__(self, "mask_refresh", check_refresh(self.mask_refresh, self.step_ranges))
+        object.__setattr__(self, "renorm_every", check_renorm(self.renorm_every))
+        object.__setattr__(self, "clusters", check_clusters(self.clusters))
 
     def fingerprint(self) -> dict:
         """The options as JSON (the cost model left out): recorded in the plan, and part of the

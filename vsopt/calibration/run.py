@@ -124,6 +124,11 @@ def calibrate_many(model: torch.nn.Module, calibration_inputs: Sequence[Any], bu
                 st.range_start = 0 if ranges is None else ranges[r][0]
                 st.refresh = measurable_intervals(options.mask_refresh, st.range_start,
                                                   [calls[i].step for i in take if range_ids[i] == r])
+        if options.renorm_every:  # corrected candidates where pass 2 can measure them (calibration.renorm)
+            for (sid, r), st in states.items():
+                st.range_start = 0 if ranges is None else ranges[r][0]
+                st.renorm = measurable_intervals(options.renorm_every, st.range_start,
+                                                 [calls[i].step for i in take if range_ids[i] == r])
         ckpt = Checkpoint(out, fingerprint(sites, calls, options)) if out is not None else None
         measured, errors_done = ckpt.load(states) if (ckpt and resume) else (0, 0)
 
@@ -139,7 +144,7 @@ def calibrate_many(model: torch.nn.Module, calibration_inputs: Sequence[Any], bu
                     ckpt.save(states, i + 1, 0, force=i + 1 == len(calls))
                 bar.update(1)
             bar.close()
-            if errors_done and any(st.refresh for st in states.values()):
+            if errors_done and (options.clusters or any(st.refresh or st.renorm for st in states.values())):
                 # reusing candidates keep masks across pass 2's inputs, which the checkpoint does
                 # not hold: pass 2 starts over (build_candidates zeroes its sums)
                 errors_done = 0

@@ -213,12 +213,13 @@ def _site_variants(state: SiteState, options: Options) -> list[Options]:
         return (state.head_orders[h] is not TokenOrder.FHW and not c.model_order
                 and c.sparsity not in (Sparsity.DENSE, Sparsity.SKIP))
 
-    has_dyn = any(cands[o.candidate].sparsity is Sparsity.DYNAMIC for opts in options for o in opts)
+    online = (Sparsity.DYNAMIC, Sparsity.CLUSTER)  # heads that pay a per-site scoring cost
+    has_dyn = any(cands[o.candidate].sparsity in online for opts in options for o in opts)
     has_perm = any(permuted(h, o) for h, opts in enumerate(options) for o in opts)
     variants = []
     for dyn in ((False, True) if has_dyn else (False,)):
         for perm in ((False, True) if has_perm else (False,)):
-            variants.append([[o for o in opts if (dyn or cands[o.candidate].sparsity is not Sparsity.DYNAMIC)
+            variants.append([[o for o in opts if (dyn or cands[o.candidate].sparsity not in online)
                               and (perm or not permuted(h, o))] for h, opts in enumerate(options)])
     return variants
 

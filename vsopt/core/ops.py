@@ -113,22 +113,26 @@ def attention_arguments(args: tuple, kwargs: dict) -> dict:
 
 
 def _check_perm(x: torch.Tensor, perm: torch.Tensor, op: str) -> None:
-    if x.dim() != 4 or perm.dim() != 2 or perm.shape[0] not in (1, x.shape[1]) or perm.shape[1] != x.shape[2]:
-        raise KernelInputError(f"vsopt.{op}: x must be (B, H, N, D) and perm (H or 1, N); got x {tuple(x.shape)}, "
-                               f"perm {tuple(perm.shape)}")
+    # (H or 1, N): a static order per head; (B, H, N): one per sample and head (clustering orders)
+    per_head = perm.dim() == 2 and perm.shape[0] in (1, x.shape[1])
+    per_sample = perm.dim() == 3 and tuple(perm.shape[:2]) == tuple(x.shape[:2])
+    if x.dim() != 4 or not (per_head or per_sample) or perm.shape[-1] != x.shape[2]:
+        raise KernelInputError(f"vsopt.{op}: x must be (B, H, N, D) and perm (H or 1, N) or (B, H, N); got x "
+                               f"{tuple(x.shape)}, perm {tuple(perm.shape)}")
     if perm.dtype != torch.int64:
         raise KernelInputError(f"vsopt.{op}: perm must be int64, got {perm.dtype}")
 
 
 def _gather_index(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     B, H, N, D = x.shape
-    return perm.to(x.device)[None, :, :, None].expand(B, H, N, D)
+    perm = perm.to(x.device)
+    return (perm[None] if perm.dim() == 2 else perm)[..., None].expand(B, H, N, D)
 
 
 @torch.library.custom_op("vsopt::permute_tokens", mutates_args=())
 def permute_tokens(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """Reorder tokens per head: y[:, h, i] = x[:, h, perm[h, i]]. x: (B, H, N, D); perm: (H or 1, N)
-    int64, each row a permutation of range(N)."""
+    int64, each row a permutation of range(N), or (B, H, N): y[b, h, i] = x[b, h, perm[b, h, i]]."""
     _check_perm(x, perm, "permute_tokens")
     return torch.gather(x, 2, _gather_index(x, perm)).contiguous()
 

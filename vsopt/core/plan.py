@@ -26,6 +26,7 @@ import torch
 
 from vsopt.kernels.spec import QuantMode as Quant  # the one definition of a precision
 
+from .clustering import ClusterSpec
 from .dynamic import DynamicMethod, DynamicSpec
 from .errors import PlanError
 from .io import atomic_write_bytes
@@ -33,6 +34,7 @@ from .ir import AttentionSite, TokenGrid
 from .orders import TokenOrder
 from .patterns import Pattern, block_mask, num_blocks, pattern_from_dict
 from .pooled import Remainder
+from .rettention import Phase, Renorm, renorm_phase
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "vsopt-plan"
@@ -51,6 +53,7 @@ class Sparsity(str, enum.Enum):
     MASK = "mask"  # a static block mask measured by calibration (HeadPlan.mask)
     PATTERN = "pattern"  # a static pattern computed from the grid (HeadPlan.pattern)
     DYNAMIC = "dynamic"  # predicted online from pooled block scores (HeadPlan.dynamic)
+    CLUSTER = "cluster"  # k-means token order and cluster-pair blocks, online (HeadPlan.cluster, SVG2)
 
 
 @dataclass(frozen=True)
@@ -62,11 +65,19 @@ class HeadPlan:
       mask     (Sparsity.MASK)    bool (QB, KB), QB = ceil(q_len / block_m), KB = ceil(kv_len /
                                   block_n), blocks taken in this head's token order
       dynamic  (Sparsity.DYNAMIC) a vsopt.core.dynamic.DynamicSpec
+      cluster  (Sparsity.CLUSTER) a vsopt.core.clustering.ClusterSpec: the head's token order and
+                                  its blocks come from k-means of its queries and keys (Sparse
+                                  VideoGen 2); its order field stays FHW (on disk: "order": "cluster")
     order: token order the head runs in (FHW = the model's own, no permutation).
     quant: precision. block_m, block_n: query / key block sizes of the kernel and of the mask.
     remainder: what a mask, pattern or dynamic head does with the key blocks it does not keep
       (vsopt.core.pooled.Remainder): dropped (default), or attended mean-pooled in the same
       softmax (PSA).
+    renorm: softmax-mass correction (Re-ttention, vsopt.core.rettention.Renorm) of a mask,
+      pattern or dynamic head: measure the dropped blocks' statistics every `every` steps (exactly
+      through the kernel, or, with remainder "pooled", as the pooled remainder) and correct the
+      steps between with them; a dynamic head's mask is the measuring step's until the next one.
+      None: no correction.
     """
 
     sparsity: Sparsity = Sparsity.DENSE
@@ -78,6 +89,8 @@ class HeadPlan:
     mask: torch.Tensor | None = field(default=None, compare=False, repr=False)
     dynamic: DynamicSpec | None = None
     remainder: Remainder = Remainder.DROP
+    renorm: Renorm | None = None
+    cluster: ClusterSpec | None = None
 
     def __post_init__(self):
         for name, enum_type in (("sparsity", Sparsity), ("order", TokenOrder), ("quant", Quant),
@@ -94,16 +107,34 @@ class HeadPlan:
             if not is_block_size(v):
                 raise ValueError(f"HeadPlan.{name} must be a power of two in [16, 256], got {v!r}")
         s = self.sparsity
-        want = {"pattern": s is Sparsity.PATTERN, "mask": s is Sparsity.MASK, "dynamic": s is Sparsity.DYNAMIC}
+        want = {"pattern": s is Sparsity.PATTERN, "mask": s is Sparsity.MASK, "dynamic": s is Sparsity.DYNAMIC,
+                "cluster": s is Sparsity.CLUSTER}
         for name, needed in want.items():
             present = getattr(self, name) is not None
             if needed and not present:
                 raise ValueError(f"HeadPlan with sparsity {s.value!r} needs `{name}`")
             if present and not needed:
                 raise ValueError(f"HeadPlan with sparsity {s.value!r} must not set `{name}`")
+        if s is Sparsity.CLUSTER:
+            if not isinstance(self.cluster, ClusterSpec):
+                raise ValueError(f"HeadPlan.cluster must be a ClusterSpec, got {type(self.cluster).__name__}")
+            if self.order is not TokenOrder.FHW:
+                raise ValueError(f"a cluster head's token order comes from its clustering; order must be 'fhw', got "
+                                 f"{self.order.value!r}")
+            if self.remainder is not Remainder.DROP:
+                raise ValueError("a cluster head cannot have remainder 'pooled' (not implemented for clustering)")
         if self.remainder is Remainder.POOLED and s in (Sparsity.DENSE, Sparsity.SKIP):
             raise ValueError(f"HeadPlan with sparsity {s.value!r} cannot have remainder 'pooled' (only mask, "
                              "pattern and dynamic heads leave key blocks out)")
+        if self.renorm is not None:
+            if not isinstance(self.renorm, Renorm):
+                raise ValueError(f"HeadPlan.renorm must be a Renorm, got {type(self.renorm).__name__}")
+            if s not in (Sparsity.MASK, Sparsity.PATTERN, Sparsity.DYNAMIC):
+                raise ValueError(f"HeadPlan with sparsity {s.value!r} cannot have a renorm (only mask, pattern and "
+                                 "dynamic heads: their kept blocks are what the statistics describe)")
+            if s is Sparsity.DYNAMIC and self.dynamic is not None and self.dynamic.reuse_steps:
+                raise ValueError("HeadPlan: a dynamic head with a renorm reuses its measuring step's mask until the "
+                                 "next one; give dynamic.reuse_steps 0")
         if self.pattern is not None and not isinstance(self.pattern, Pattern):
             raise ValueError(f"HeadPlan.pattern must be a Pattern, got {type(self.pattern).__name__}")
         if self.dynamic is not None and not isinstance(self.dynamic, DynamicSpec):
@@ -136,17 +167,22 @@ class HeadPlan:
         return None
 
     def to_json(self, mask_key: str | None) -> dict[str, Any]:
-        d: dict[str, Any] = {"sparsity": self.sparsity.value, "order": self.order.value,
+        order = "cluster" if self.cluster is not None else self.order.value
+        d: dict[str, Any] = {"sparsity": self.sparsity.value, "order": order,
                              "quant": self.quant.value, "block": [self.block_m, self.block_n]}
         if self.pattern is not None:
             d["pattern"] = self.pattern.to_dict()
         if self.dynamic is not None:
             d["dynamic"] = self.dynamic.to_dict()
+        if self.cluster is not None:
+            d["cluster"] = self.cluster.to_dict()
         if self.mask is not None:
             d["mask"] = mask_key
             d["density"] = round(float(self.mask.float().mean()), 6)
         if self.remainder is not Remainder.DROP:  # older plans have none: dropped
             d["remainder"] = self.remainder.value
+        if self.renorm is not None:
+            d["renorm"] = self.renorm.to_dict()
         return d
 
     @classmethod
@@ -154,24 +190,32 @@ class HeadPlan:
         if not isinstance(d, Mapping):
             raise PlanError(f"{where}: a head plan must be an object, got {d!r}")
         unknown = sorted(set(d) - {"sparsity", "order", "quant", "block", "pattern", "dynamic", "mask", "density",
-                                 "remainder"})
+                                 "remainder", "renorm", "cluster"})
         if unknown:
             raise PlanError(f"{where}: unknown field(s) {unknown}")
         try:
             block = d.get("block", [64, 64])
             if not (isinstance(block, list) and len(block) == 2):
                 raise ValueError(f"block must be [block_m, block_n], got {block!r}")
+            order = d.get("order", "fhw")
+            if (order == "cluster") != (d.get("sparsity") == "cluster"):
+                raise ValueError(f"order 'cluster' goes with sparsity 'cluster' (got order {order!r}, sparsity "
+                                 f"{d.get('sparsity', 'dense')!r})")
+            if order == "cluster":
+                order = "fhw"
             mask = None
             if "mask" in d:
                 key = d["mask"]
                 if key not in arrays:
                     raise ValueError(f"mask {key!r} is not in the plan's safetensors file")
                 mask = arrays[key]
-            return cls(sparsity=Sparsity(d.get("sparsity", "dense")), order=TokenOrder(d.get("order", "fhw")),
+            return cls(sparsity=Sparsity(d.get("sparsity", "dense")), order=TokenOrder(order),
                        quant=Quant(d.get("quant", "none")), block_m=block[0], block_n=block[1],
                        pattern=pattern_from_dict(d["pattern"]) if "pattern" in d else None,
                        dynamic=DynamicSpec.from_dict(d["dynamic"]) if "dynamic" in d else None, mask=mask,
-                       remainder=d.get("remainder", "drop"))
+                       remainder=d.get("remainder", "drop"),
+                       renorm=Renorm.from_dict(d["renorm"]) if "renorm" in d else None,
+                       cluster=ClusterSpec.from_dict(d["cluster"]) if "cluster" in d else None)
         except (ValueError, TypeError, KeyError) as e:
             raise PlanError(f"{where}: {e}") from None
 
@@ -342,9 +386,21 @@ class Plan:
         return Plan(sites, dict(self.meta, dense_warmup=steps))
 
     def at_step(self, step: int | None) -> "Plan":
-        """The plan without step ranges that `step` runs: each site's heads_at(step)."""
-        sites = {sid: dataclasses.replace(sp, heads=sp.heads_at(step), steps=()) for sid, sp in self.sites.items()}
+        """The plan without step ranges that `step` runs: each site's heads_at(step), a
+        renormalized head's phase resolved (vsopt.core.rettention.renorm_phase: measuring at its
+        segment's first step and every `every` steps, correcting between; None measures)."""
+        start = self.segment_start(step)
+        sites = {sid: dataclasses.replace(sp, heads=tuple(_at_phase(h, step, start) for h in sp.heads_at(step)),
+                                          steps=())
+                 for sid, sp in self.sites.items()}
         return Plan(sites, dict(self.meta, at_step=step))
+
+    def renorm_phases(self, step: int | None) -> tuple[Phase, ...]:
+        """The phases of the renormalized heads at `step` (site by site, head by head; empty
+        without such heads): two steps of one segment with equal phases run the same graph."""
+        start = self.segment_start(step)
+        return tuple(_at_phase(h, step, start).renorm.phase for sp in self.sites.values() for h in sp.heads_at(step)
+                     if h.renorm is not None)
 
     # -- builders
 
@@ -521,6 +577,14 @@ class Plan:
         return plan
 
 
+def _at_phase(hp: HeadPlan, step: int | None, segment_start: int | None) -> HeadPlan:
+    """hp with its renorm's phase resolved at `step` (hp itself without a renorm or when resolved)."""
+    if hp.renorm is None or hp.renorm.phase is not Phase.AUTO:
+        return hp
+    phase = renorm_phase(hp.renorm, step, segment_start)
+    return dataclasses.replace(hp, renorm=dataclasses.replace(hp.renorm, phase=phase))
+
+
 def _plain_dense(heads: Iterable[HeadPlan]) -> bool:
     return all(h.sparsity is Sparsity.DENSE and h.order is TokenOrder.FHW and h.quant is Quant.NONE for h in heads)
 
@@ -568,6 +632,7 @@ def _load_arrays(path: Path, ref: Any) -> dict[str, torch.Tensor]:
         raise PlanError(f"arrays file {str(arrays_path)!r} is corrupt: {e}") from None
 
 
-__all__ = ["SCHEMA_VERSION", "DynamicMethod", "DynamicSpec", "HeadPlan", "Plan", "Quant", "Remainder", "SitePlan",
+__all__ = ["SCHEMA_VERSION", "ClusterSpec", "DynamicMethod", "DynamicSpec", "HeadPlan", "Plan", "Quant", "Remainder",
+           "Renorm", "SitePlan",
            "Sparsity",
            "StepPlan", "TokenOrder", "is_block_size"]

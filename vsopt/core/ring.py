@@ -106,9 +106,15 @@ def check_ring_plan(site: SiteShape, heads: Sequence[HeadPlan], shards: Shards) 
         raise ConfigError(f"site {site.site_id!r}: ring attention needs self-attention over the sharded sequence "
                           f"({shards.n} tokens), got q_len {site.q_len}, kv_len {site.kv_len}")
     for h, hp in enumerate(heads):
+        if hp.sparsity is Sparsity.CLUSTER:
+            raise ConfigError(f"site {site.site_id!r}: head {h} is a cluster head (k-means order over the whole "
+                              "sequence), which ring attention does not run (single-device and Ulysses only)")
         if hp.remainder.value != "drop":
             raise ConfigError(f"site {site.site_id!r}: head {h} has a pooled remainder, which ring attention does "
                               "not run (single-device and Ulysses only)")
+        if hp.renorm is not None:
+            raise ConfigError(f"site {site.site_id!r}: head {h} has a softmax-mass correction (renorm), which ring "
+                              "attention does not run (single-device and Ulysses only)")
         if hp.sparsity is Sparsity.DYNAMIC and (shards.size % hp.block_m or shards.size % hp.block_n):
             raise ConfigError(f"site {site.site_id!r}: dynamic head {h} with blocks {hp.block_m}x{hp.block_n} "
                               f"needs ring shards of a multiple of its blocks, got {shards.size} tokens per shard "

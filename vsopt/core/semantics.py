@@ -13,6 +13,10 @@ module says, once for the whole project:
     text_blocks(grid, ...)                    the blocks holding text rows or columns (global in
                                               every sparsity kind: masks, patterns, dynamic)
     mask_refresh_step(spec, step, start)      the step a reused dynamic mask was computed at
+    site_output(..., renorm_from=(q, k, v))   renormalized heads (Re-ttention) corrected with the
+                                              statistics of their measuring step's q/k/v
+    renorm_statistics / renorm_corrected      a measuring step's output and statistics, a
+                                              correcting step's output (vsopt.core.rettention)
     site_work(site, heads, densities)         the launches and extra work, priced by
     predicted_us(site, heads, cost, ...)      the cost model
     select_heads(site_plan, heads)            the plan of a subset / reordering of a site's heads
@@ -30,12 +34,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import torch
 
 from vsopt.core import ops as _ops  # noqa: F401  (registers torch.ops.vsopt.*)
+from vsopt.core.clustering import ClusterLayout, ClusterSpec, cluster_cost_pairs, cluster_layout, clustered_attention
 from vsopt.core.costmodel import CostModel, Launch, SiteWork
 from vsopt.core.dynamic import DynamicMethod, DynamicSpec, pooled_block_scores, select_blocks
 from vsopt.core.errors import ConfigError
@@ -46,6 +52,7 @@ from vsopt.core.orders import TokenOrder, head_permutations
 from vsopt.core.patterns import block_mask, diagonal_blocks, num_blocks
 from vsopt.core.plan import HeadPlan, Quant, SitePlan, Sparsity, StepPlan
 from vsopt.core.pooled import Remainder
+from vsopt.core.rettention import Phase, correct, kept_partial, measure
 
 
 class SiteShape(Protocol):
@@ -70,13 +77,17 @@ class LaunchKey:
     block_n: int
     dynamic: DynamicSpec | None
     remainder: Remainder = Remainder.DROP  # pooled: the launch adds the pooled remainder (core.pooled)
+    cluster: ClusterSpec | None = None  # clustering heads: their own orders and blocks (core.clustering)
+    renorm: Phase | None = None  # renormalized heads (core.rettention): their phase at this step
 
 
 def launch_groups(heads: Sequence[HeadPlan]) -> dict[LaunchKey, list[int]]:
     """Head indices per launch, launches in order of their first head."""
     groups: dict[LaunchKey, list[int]] = {}
     for h, hp in enumerate(heads):
-        groups.setdefault(LaunchKey(hp.quant, hp.block_m, hp.block_n, hp.dynamic, hp.remainder), []).append(h)
+        renorm = hp.renorm.phase if hp.renorm is not None else None
+        groups.setdefault(LaunchKey(hp.quant, hp.block_m, hp.block_n, hp.dynamic, hp.remainder, hp.cluster, renorm),
+                          []).append(h)
     return groups
 
 
@@ -181,9 +192,12 @@ def head_masks(site: SiteShape, heads: Sequence[HeadPlan], q: torch.Tensor | Non
     if q is None or k is None or scale is None:
         raise ConfigError(f"site {site.site_id!r}: dynamic heads need q, k and scale to give their masks")
     _, qp, kp, _ = permuted_qkv(site.grid, heads, q, k)
+    layouts = cluster_layouts(site, heads, qp, kp, scale)
     out = []
     for h, (hp, m) in enumerate(zip(heads, static)):
-        if m is None:
+        if h in layouts:   # in the head's own clustering order (per sample)
+            m = layouts[h].masks[:, 0]
+        elif m is None:
             m = dynamic_masks(qp[:, h:h + 1], kp[:, h:h + 1], hp.dynamic, scale, block_m, block_n, site.grid)[:, 0]
         out.append(m.to(q.device).expand(q.shape[0], -1, -1))
     return torch.stack(out, dim=1)
@@ -194,18 +208,36 @@ def head_densities(site: SiteShape, heads: Sequence[HeadPlan], q: torch.Tensor |
     """Fraction of key blocks each head visits (skip 0, dense 1). A dynamic head's density comes
     from the mask it selects on q/k (mean over the batch); without q/k a top-k head is its
     fraction, and a cumulative-mass head raises (its density depends on the input)."""
-    if q is None and any(hp.sparsity is Sparsity.DYNAMIC for hp in heads):
+    if q is None and any(hp.sparsity in (Sparsity.DYNAMIC, Sparsity.CLUSTER) for hp in heads):
         out = []
         for h, hp in enumerate(heads):
-            if hp.sparsity is not Sparsity.DYNAMIC:
+            if hp.sparsity not in (Sparsity.DYNAMIC, Sparsity.CLUSTER):
                 out.append(float(static_mask(site, hp).float().mean()))
-            elif hp.dynamic.method is DynamicMethod.TOP_K:
+            elif hp.dynamic is not None and hp.dynamic.method is DynamicMethod.TOP_K:
                 out.append(float(hp.dynamic.value))
+            elif hp.sparsity is Sparsity.CLUSTER:
+                raise ConfigError(f"{site.site_id} head {h}: a cluster head's density needs q/k")
             else:
                 raise ConfigError(f"{site.site_id} head {h}: a cumulative-mass head's density needs q/k")
-        return out
+        return renorm_densities(heads, out)
     masks = head_masks(site, heads, q, k, scale)
-    return [float(d) for d in masks.float().mean((0, 2, 3))]
+    return renorm_densities(heads, [float(d) for d in masks.float().mean((0, 2, 3))])
+
+
+def renorm_densities(heads: Sequence[HeadPlan], kept: Sequence[float]) -> list[float]:
+    """The fraction of key blocks each head computes, from its kept fraction: a renormalized
+    head measuring with the dropped blocks through the kernel computes every block (1.0), one
+    whose phase is not resolved (AUTO, a plan file) the mean over its period, d + (1 - d) / every;
+    with the pooled remainder, and when correcting, it computes its kept blocks."""
+    out = []
+    for hp, d in zip(heads, kept):
+        r = hp.renorm
+        if r is not None and hp.remainder is Remainder.DROP and r.phase is Phase.MEASURE:
+            d = 1.0
+        elif r is not None and hp.remainder is Remainder.DROP and r.phase is Phase.AUTO:
+            d = d + (1.0 - d) / r.every
+        out.append(d)
+    return out
 
 
 def common_blocks(site: SiteShape, heads: Sequence[HeadPlan]) -> tuple[int, int]:
@@ -230,7 +262,8 @@ def mask_refresh_step(spec: DynamicSpec, step: int, segment_start: int = 0) -> i
 
 def site_output(site: SiteShape, heads: Sequence[HeadPlan], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 scale: float, mask: torch.Tensor | None = None, joint: bool = False,
-                masks_from: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                masks_from: tuple[torch.Tensor, torch.Tensor] | None = None,
+                renorm_from: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """What the site computes under `heads` (one HeadPlan per query head): the per-head
     permutation, one block-sparse attention per precision over the heads' masks, the inverse
     permutation; the math the lowered graph runs, through the same ops. (B, Hq, Nq, Dv) float32.
@@ -243,10 +276,18 @@ def site_output(site: SiteShape, heads: Sequence[HeadPlan], q: torch.Tensor, k: 
 
     masks_from: (q, k) whose head h is head h's q and k at the step its mask was computed at,
     when dynamic masks are reused (mask_refresh_step: heads may refresh at different steps);
-    None: this call's q and k."""
+    None: this call's q and k.
+
+    renorm_from: (q, k, v) of the step at which the correcting renormalized heads (HeadPlan.renorm
+    at phase CORRECT, Re-ttention) measured their statistics (and a dynamic one its mask): the
+    head's output is rho o_K + r (vsopt.core.rettention); a measuring head (phase MEASURE, or
+    AUTO: the step unknown) outputs the merged kept and dropped parts. Needed when some head
+    corrects."""
     if mask is not None or joint:
         if masks_from is not None:
             raise ConfigError(f"site {site.site_id!r}: reused dynamic masks at a joint site are not modelled")
+        if any(hp.renorm is not None for hp in heads):
+            raise ConfigError(f"site {site.site_id!r}: renormalized heads at a split joint site are not modelled")
         check_video_mask(site, mask)
         out = joint_attention(joint_plan(site, heads), q, k, v, mask, scale, EagerEmitter(q.device), reuse=False)
         return out.float()
@@ -255,16 +296,111 @@ def site_output(site: SiteShape, heads: Sequence[HeadPlan], q: torch.Tensor, k: 
     masks = head_masks(site, heads, mq, mk, scale).to(q.device)
     perm, qp, kp, vp = permuted_qkv(site.grid, heads, q, k, v)
     out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=torch.float32, device=q.device)
-    for quant in sorted({hp.quant for hp in heads}, key=lambda m: m.value):
-        group = torch.tensor([hp.quant is quant for hp in heads], device=q.device)[None, :, None, None]
+    layouts = cluster_layouts(site, heads, qp, kp, scale)
+    for h, lay in layouts.items():   # clustering heads: their own orders and blocks (core.clustering)
+        sl = slice(h, h + 1)
+        out[:, sl] = clustered_attention(qp[:, sl], kp[:, sl], vp[:, sl], lay, scale, heads[h].quant.value,
+                                         block_m, block_n).float()
+    for quant in sorted({hp.quant for hp in heads if hp.cluster is None}, key=lambda m: m.value):
+        group = torch.tensor([hp.quant is quant and hp.cluster is None for hp in heads],
+                             device=q.device)[None, :, None, None]
         part = masked_attention(qp, kp, vp, masks & group, scale, quant, block_m, block_n)
         pooled = torch.tensor([hp.quant is quant and hp.remainder is Remainder.POOLED for hp in heads],
                               device=q.device)[None, :, None, None]
         if bool(pooled.any()):  # PSA heads: the kept blocks plus the pooled remainder (core.pooled)
             part = torch.where(pooled, pooled_masked_attention(qp, kp, vp, masks, scale, quant, block_m, block_n),
                                part.float())
+        if any(hp.renorm is not None and hp.quant is quant for hp in heads):
+            part = _renorm_part(site, heads, quant, part, (qp, kp, vp), masks, scale, renorm_from)
         out += part.float() * group
     return out if perm is None else torch.ops.vsopt.unpermute_tokens(out, perm)
+
+
+def _renorm_part(site: SiteShape, heads: Sequence[HeadPlan], quant: Quant, part: torch.Tensor, current, masks,
+                 scale: float, renorm_from) -> torch.Tensor:
+    """`part` (one precision's output) with its renormalized heads' outputs put in: measuring
+    heads their merged kept and dropped parts on this step's q/k/v; correcting heads their kept
+    blocks (under the measuring step's masks) corrected with the measuring step's statistics."""
+    block_m, block_n = common_blocks(site, heads)
+    dev = current[0].device
+    part = part.float()
+    phases = [hp.renorm.effective_phase() if hp.renorm is not None and hp.quant is quant else None for hp in heads]
+    measured = None
+    if Phase.CORRECT in phases:
+        if renorm_from is None:
+            raise ConfigError(f"site {site.site_id!r}: correcting renormalized heads need renorm_from, the q/k/v of "
+                              "their measuring step")
+        fq, fk, fv = renorm_from
+        measured = permuted_qkv(site.grid, heads, fq, fk, fv)[1:], head_masks(site, heads, fq, fk, scale).to(dev)
+    for remainder in Remainder:
+        for phase in (Phase.MEASURE, Phase.CORRECT):
+            sel = [p is phase and hp.remainder is remainder for p, hp in zip(phases, heads)]
+            if not any(sel):
+                continue
+            where = torch.tensor(sel, device=dev)[None, :, None, None]
+            if phase is Phase.MEASURE:
+                value = renorm_statistics(*current, masks, scale, quant, block_m, block_n, remainder)[0]
+            else:
+                (mq, mk, mv), mmasks = measured
+                _, rho, resid = renorm_statistics(mq, mk, mv, mmasks, scale, quant, block_m, block_n, remainder)
+                value = renorm_corrected(*current, mmasks, scale, quant, block_m, block_n, rho, resid)
+            part = torch.where(where, value, part)
+    return part
+
+
+def renorm_statistics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor, scale: float,
+                      quant: Quant, block_m: int, block_n: int, remainder: Remainder = Remainder.DROP
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A measuring step of renormalized heads (vsopt.core.rettention), run eagerly through the
+    ops the lowered graph emits: (out float32 (B, H, N, D), rho float32 (B, H, N), r float32
+    (B, H, N, D)). q/k/v (B, H, N, D) in the heads' orders, one kv head per query head; masks
+    (Bt, H, QB, KB) the kept blocks. The dropped part: the complement blocks through the kernel
+    (DROP: out is exact attention), or the pooled remainder (POOLED: out is PSA's)."""
+    from vsopt.core.pooled import pooled_remainder
+
+    em = EagerEmitter(q.device)
+    masks = masks.to(q.device)
+    qv = Quant(quant).value
+    idx, counts = torch.ops.vsopt.mask_to_table(masks)
+    kept = kept_partial(em, q, k, v, idx, counts, scale, block_m, block_n, qv)
+    if remainder is Remainder.POOLED:
+        dropped = pooled_remainder(em, q, k, v, masks, scale, block_m, block_n)
+    else:
+        didx, dcounts = torch.ops.vsopt.mask_to_table(~masks)
+        dropped = kept_partial(em, q, k, v, didx, dcounts, scale, block_m, block_n, qv)
+    return measure(em, kept, dropped)
+
+
+def renorm_corrected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor, scale: float,
+                     quant: Quant, block_m: int, block_n: int, rho: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+    """A correcting step: the kept blocks `masks` of q/k/v through the kernel, rescaled by rho and
+    plus r (a measuring step's statistics, renorm_statistics). float32 (B, H, N, D)."""
+    o = masked_attention(q, k, v, masks, scale, quant, block_m, block_n)
+    return correct(EagerEmitter(q.device), o, rho, resid)
+
+
+def cluster_span(site: SiteShape, n: int) -> tuple[int, int]:
+    """[start, stop) of the tokens a clustering head clusters in a sequence of n tokens: the video
+    tokens of a site with a grid of n tokens (text keeps its places, global), else all n."""
+    g = site.grid
+    if g is not None and g.num_tokens == n and g.video_tokens != n:
+        return g.text_before, g.text_before + g.video_tokens
+    return 0, n
+
+
+def cluster_layouts(site: SiteShape, heads: Sequence[HeadPlan], qp: torch.Tensor, kp: torch.Tensor,
+                    scale: float) -> dict[int, ClusterLayout]:
+    """Head index -> the clustering (a cold start, core.clustering.cluster_layout) of every cluster
+    head, on q (B, H, Nq, D) and k (B, H, Nk, D) as permuted_qkv gives them (one key head per
+    query head). The compiled graph warm-starts and reuses these across steps (CLUSTER_STATE); this
+    is one step's clustering from scratch."""
+    out = {}
+    for h, hp in enumerate(heads):
+        if hp.cluster is not None:
+            sl = slice(h, h + 1)
+            out[h] = cluster_layout(qp[:, sl], kp[:, sl], hp.cluster, scale, hp.block_m, hp.block_n,
+                                    cluster_span(site, qp.shape[2]), cluster_span(site, kp.shape[2]))
+    return out
 
 
 def video_range(site: SiteShape) -> tuple[int, int]:
@@ -297,10 +433,18 @@ def joint_plan(site: SiteShape, heads: Sequence[HeadPlan]) -> JointPlan:
     dense all; skip none, and a skipped head outputs 0 in every row), or its dynamic rule (predicted
     on the video tokens). Text rows and columns are global in every kind, patterns' text_global
     included. Raises ConfigError naming the site and head when a mask does not fit."""
+    clustered = [h for h, hp in enumerate(heads) if hp.sparsity is Sparsity.CLUSTER]
+    if clustered:  # the split has no clustering path: refuse rather than run it dense
+        raise ConfigError(f"site {site.site_id!r}: heads {clustered} are cluster heads, which a split joint site "
+                          "does not run")
     pooled = [h for h, hp in enumerate(heads) if hp.remainder is Remainder.POOLED]
     if pooled:  # the split has no pooled-remainder path: refuse rather than drop it
         raise ConfigError(f"site {site.site_id!r}: heads {pooled} ask for the pooled remainder, which a split "
                           "joint site does not run")
+    renorm = [h for h, hp in enumerate(heads) if hp.renorm is not None]
+    if renorm:  # nor a softmax-mass correction
+        raise ConfigError(f"site {site.site_id!r}: heads {renorm} ask for a softmax-mass correction (renorm), which a "
+                          "split joint site does not run")
     tb, stop = video_range(site)
     nv = stop - tb
     grid = site.grid
@@ -382,16 +526,29 @@ def site_work(site: SiteShape, heads: Sequence[HeadPlan], densities: Sequence[fl
         launches.append(Launch(key.quant.value, site.head_dim, key.block_m, key.block_n, batch * qb * len(live),
                                sum(round(batch * densities[h] * qb * kb) for h in live),
                                max(_longest_row(heads[h], densities[h], kb) for h in live)))
-        if key.remainder is Remainder.POOLED:
+        if key.cluster is not None:
+            # the k-means, priced as attention tiles of the same kernel: its token-centroid dot
+            # products are a GEMM like QK^T, half a tile's work (no PV) per block_m x block_n pairs,
+            # plus one launch's fixed cost (an equivalence, not a fitted term: gpu_check_cluster
+            # measures the layout's time)
+            pairs = cluster_cost_pairs(key.cluster, site.q_len, site.kv_len)
+            launches.append(Launch(key.quant.value, site.head_dim, key.block_m, key.block_n, 0,
+                                   math.ceil(batch * len(live) * pairs / (2 * key.block_m * key.block_n))))
+        pooled_heads = sum(_measure_share(heads[h]) for h in live)
+        if key.remainder is Remainder.POOLED and pooled_heads:
             # priced as a launch of the same work: per query block, KB pooled keys are block_m x KB
             # scores, the work of ceil(KB / block_n) full blocks (an equivalence, not a fitted term)
             launches.append(Launch(key.quant.value, site.head_dim, key.block_m, key.block_n, batch * qb * len(live),
-                                   batch * qb * len(live) * num_blocks(kb, key.block_n)))
+                                   round(batch * qb * pooled_heads * num_blocks(kb, key.block_n))))
     # a mask reused for reuse_steps more steps is scored once per reuse_steps + 1 steps (the mean)
+    # a renormalized dynamic head scores when it measures only (correcting, it reuses that mask)
     scored = sum(batch * num_blocks(site.q_len, hp.block_m) * num_blocks(site.kv_len, hp.block_n)
-                 / (hp.dynamic.reuse_steps + 1) for hp in heads if hp.sparsity is Sparsity.DYNAMIC)
-    # the lowering gathers every head of q, k, v and the output once any head reorders
+                 / (hp.dynamic.reuse_steps + 1) * _measure_share(hp) for hp in heads if hp.sparsity is Sparsity.DYNAMIC)
+    # the lowering gathers every head of q, k, v and the output once any head reorders; a cluster
+    # launch gathers its own heads again, in their clustering orders
     moved = permuted_mib(site, site.heads) if permuted_heads(heads) else 0.0
+    moved += permuted_mib(site, sum(1 for hp in heads if hp.sparsity is Sparsity.CLUSTER))
+    moved += renorm_mib(site, heads)
     return SiteWork(tuple(launches), moved, scored)
 
 
@@ -404,6 +561,31 @@ def _longest_row(hp: HeadPlan, density: float, kb: int) -> int:
     if hp.sparsity is Sparsity.MASK and hp.mask is not None and hp.mask.shape[-1] == kb:
         return int(hp.mask.sum(-1).max())
     return max(1, round(density * kb))
+
+
+def _measure_share(hp: HeadPlan) -> float:
+    """How often a head runs what only a measuring renormalized head runs (a pooled remainder, a
+    dynamic mask's scoring): always without a renorm, else when measuring (1 / every of its steps
+    while its phase is unresolved)."""
+    r = hp.renorm
+    if r is None or r.phase is Phase.MEASURE:
+        return 1.0
+    return 0.0 if r.phase is Phase.CORRECT else 1.0 / r.every
+
+
+def renorm_mib(site: SiteShape, heads: Sequence[HeadPlan]) -> float:
+    """MiB the renormalized heads' epilogues move (priced as memory traffic, like a permutation;
+    not a fitted term): correcting, the kept output and r read and the output written; measuring,
+    r and rho written besides the merge; unresolved (AUTO), the mean over the period."""
+    per_head = max(1, site.batch) * site.q_len * site.head_dim * site.dtype.itemsize / 2**20
+    total = 0.0
+    for hp in heads:
+        r = hp.renorm
+        if r is None or hp.sparsity is Sparsity.SKIP:
+            continue
+        passes = {Phase.CORRECT: 3.0, Phase.MEASURE: 4.0}.get(r.phase, (4.0 + 3.0 * (r.every - 1)) / r.every)
+        total += passes * per_head
+    return total
 
 
 def predicted_us(site: SiteShape, heads: Sequence[HeadPlan], cost: CostModel,

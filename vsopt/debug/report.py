@@ -130,6 +130,6 @@ def plan_heads(plan: Any, site_id: str) -> list[dict[str, Any]]:
         except ConfigError:  # a pattern the site's grid cannot hold: lower_plan says why it stays dense
             mask = None
         rows.append({"sparsity": head.sparsity.value, "pattern": head.pattern.KIND if head.pattern else None,
-                     "order": head.order.value, "quant": head.quant.value, "block": [head.block_m, head.block_n],
+                     "order": "cluster" if head.cluster is not None else head.order.value, "quant": head.quant.value, "block": [head.block_m, head.block_n],
                      "density": float(mask.float().mean()) if mask is not None else None})
     return rows

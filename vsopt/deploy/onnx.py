@@ -49,6 +49,12 @@ def check_options(prog: RewrittenProgram, form: str, opset: int) -> None:
         raise ConfigError(f"onnx_form must be one of {list(ONNX_FORMS)}, got {form!r}")
     if not isinstance(opset, int) or opset < MIN_OPSET:
         raise ConfigError(f"opset must be an int >= {MIN_OPSET}, got {opset!r}")
+    plan = getattr(prog, "plan", None)
+    clustered = sorted(sid for sid, sp in (plan.sites.items() if plan is not None else ())
+                       if any(h.cluster is not None for h in sp.all_heads()))
+    if clustered:
+        raise ConfigError(f"the plan has cluster heads (semantic clustering order) at {clustered}, which have no ONNX "
+                          "form (their k-means layout op has no translation); export a plan without them")
     fp8 = sorted(q for q in prog.quant_modes if q in ("fp8", "int8_fp8"))
     if form == "portable" and fp8 and opset < FP8_OPSET:
         raise ConfigError(f"the plan quantizes with {fp8}, which the portable form expresses with float8 casts: "

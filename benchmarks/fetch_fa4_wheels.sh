@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Download FlashAttention-4 (flash-attn-4, CuTe DSL) and its dependencies as cp312 manylinux x86_64
+# wheels (the GPU machine's Python), and lay them out under .whl/fa4/ in two parts that each fit one
+# GPU run (at most 64 MiB of files travel with a run): the 92 MB CUTLASS DSL library wheel is split.
+#     bash benchmarks/fetch_fa4_wheels.sh            (on this machine; writes .whl/fa4/run1, .whl/fa4/run2)
+# Then on the GPU machine, two runs in a row on a warm machine (/tmp survives between them):
+#     run 1, carry [".whl/fa4/run1"]:  VSOPT_FA4=1 source benchmarks/gpu_env.sh     (keeps its part in /tmp/fa4)
+#     run 2, carry [".whl/fa4/run2"]:  VSOPT_FA4=1 source benchmarks/gpu_env.sh && python3 benchmarks/attention.py ...
+# gpu_env.sh joins the parts, checks every wheel against benchmarks/fa4_wheels.sha256 and installs
+# them with pip --target /tmp/site. .whl/ is git-ignored: the wheels are never committed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+dl=$(mktemp -d)
+wheels=(flash-attn-4==4.0.0b36 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1
+        nvidia-cutlass-dsl-libs-cu12==4.8.1 quack-kernels==0.6.5 apache-tvm-ffi==0.1.15.post2
+        torch-c-dlpack-ext==0.1.5 einops==0.8.2)
+$PY -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
+    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform any -d "$dl" "${wheels[@]}"
+(cd "$dl" && sha256sum *.whl) > benchmarks/fa4_wheels.sha256.new
+if ! cmp -s benchmarks/fa4_wheels.sha256.new benchmarks/fa4_wheels.sha256 2>/dev/null; then
+    echo "note: benchmarks/fa4_wheels.sha256 updated (commit it)"
+fi
+mv benchmarks/fa4_wheels.sha256.new benchmarks/fa4_wheels.sha256
+rm -rf .whl/fa4 && mkdir -p .whl/fa4/run1 .whl/fa4/run2
+big=$(ls "$dl"/nvidia_cutlass_dsl_libs_cu12-*.whl)
+split -b 48M -d -a 2 "$big" ".whl/fa4/run1/$(basename "$big").part"   # .part00 (48 MiB), .part01 (the rest)
+mv ".whl/fa4/run1/$(basename "$big").part01" .whl/fa4/run2/
+for w in "$dl"/*.whl; do [ "$w" = "$big" ] || cp "$w" .whl/fa4/run2/; done
+rm -rf "$dl"
+du -sh .whl/fa4/run1 .whl/fa4/run2

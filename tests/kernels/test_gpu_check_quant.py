@@ -1,0 +1,35 @@
+"""The CPU path of gpu_check.py's quant and overhead parts (issue 16 items 2 and 3) at a tiny
+workload: the script runs end to end, records one line per case, and its accuracy lines find the
+quantized modes' errors (the op runs its reference on the CPU; the GPU run is the measurement)."""
+import importlib.util
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).with_name("gpu_check.py"))
+check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(check)
+
+
+def test_quant_and_overhead_parts_run_on_a_tiny_workload(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(check, "DEVICE", "cpu")
+    monkeypatch.setattr(check, "WORKLOADS", {"tiny": (2, 300, 16, ("random",))})
+    monkeypatch.setattr(check, "failures", [])
+    monkeypatch.setattr(check, "results", [])
+    monkeypatch.setattr(check, "json_path", str(tmp_path / "q.json"))
+    check.quant_accuracy_cases()
+    accuracy = [r for r in check.results if r["case"].startswith("quant tiny")]
+    assert len(accuracy) == 2 * 4 * (len(check.REL_L2_BOUND) + 2)    # kinds x densities x (modes + INT8 P V)
+    by_mode = {m: [r["rel_l2"] for r in accuracy if r["case"].endswith(" " + m)] for m in (*check.REL_L2_BOUND, "pv int8")}
+    assert max(by_mode["none"]) < 5e-3 < 1e-2 < min(by_mode["int8_fp8"])   # bf16 rounding only; the roundings applied
+    assert by_mode["pv int8"] and all(r["pass"] for r in accuracy)
+    check.quant_overhead_cases()
+    line = check.results[-1]
+    assert line["case"] == "overhead tiny density 0.2"
+    assert {"fp8", "int8_fp8", "int8"} <= set(line) and "compiled_fused_ms" in line["int8_fp8"]
+    assert "compiled_fused_ms" not in line["int8"]
+    import json
+
+    written = json.loads((tmp_path / "q.json").read_text())["results"]   # rewritten after every line
+    assert [r["case"] for r in written] == [r["case"] for r in check.results]
+    out = capsys.readouterr().out
+    assert "quantization overhead" in out and "quantize_qkv" in out and "INT8 P V launcher" in out
+    assert "pv_int8_launcher_ms" in line["int8_fp8"]

@@ -234,9 +234,9 @@ def vsopt_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
                   options: Mapping[str, Any] | None = None):
     """torch.compile backend: rewrite the attention sites of Dynamo's graph, then Inductor.
 
-    A plan with separate head plans for ranges of denoising steps compiles one graph per segment
-    of steps and picks one at each call from vsopt.set_denoising_step (unknown step: the default
-    head plans). options["cudagraphs"]: every graph runs under Inductor's CUDA graphs. What was
+    A plan with separate head plans for ranges of denoising steps compiles one graph per distinct
+    segment of steps and picks one at each call from vsopt.set_denoising_step (unknown step: the
+    default head plans, compiled on its first call unless a segment runs the same; vsopt.core.steps). options["cudagraphs"]: every graph runs under Inductor's CUDA graphs. What was
     left dense is logged and kept for last_report().
 
     A graph Dynamo traced with symbolic input sizes (its automatic dynamic shapes on the second
@@ -265,11 +265,14 @@ def _compile(gm: torch.fx.GraphModule, config: VsoptConfig, inputs: Sequence[Any
     from vsopt.inductor import compile_fx  # Inductor without its attention fusion (vsopt.inductor says why)
 
     reports: list[PipelineReport] = []
+    built_up_front: list[bool] = []
 
     def build(plan):
         aten_gm = trace()
         report = run_pipeline(aten_gm, PassContext(config=dataclasses.replace(config, plan=plan)), DEFAULT_PIPELINE)
         reports.append(report)
+        if built_up_front:  # a variant built on its first call (the unknown step's): its log lines now
+            _tell(config, [report])
         if config.cudagraphs:
             from vsopt import cudagraphs
 
@@ -279,6 +282,7 @@ def _compile(gm: torch.fx.GraphModule, config: VsoptConfig, inputs: Sequence[Any
     # a plan with step ranges: one graph per segment of steps, chosen per call (vsopt.core.steps)
     compiled = step_variants(config.plan, build)
     _tell(config, reports)
+    built_up_front.append(True)
     return compiled
 
 
@@ -369,7 +373,9 @@ def last_report() -> PipelineReport | None:
     """What the passes found in the last graph torch.compile(backend="vsopt") compiled in this
     process (None before the first): its sites, report.lowered, report.dense_sites() (every site
     left dense, with why), each pass's changes. A model Dynamo splits into several graphs is
-    compiled graph by graph: this is the last one's. With step ranges, the unknown step's graph."""
+    compiled graph by graph: this is the last one's. With step ranges, the first segment's graph (a
+    variant built later, on its first call, replaces it: the unknown step's, when it runs head plans
+    no segment runs)."""
     return _last[0] if _last else None
 
 

@@ -19,8 +19,9 @@ It writes to --out: frames.png and clip.gif (vsopt.demo_images) and demo.json (e
 per-step times included). By default the vsopt run uses the shipped plan calibrated for the
 reference model (at the trained clip size); with --plan none every site runs vsopt's exact dense
 op. Defaults depend on the device (DEVICE_DEFAULTS, printed): bf16, 20 steps and the large clip
-(16384 tokens) on a GPU; float32, fewer steps and the small clip (4096) on the CPU; a shipped
-plan is calibrated for each of the two sizes.
+(16384 tokens) on a GPU; float32, fewer steps and the small clip (4096) on the CPU. The shipped
+plan calibrated for the clip's size runs; at a size with no shipped plan the plan of the trained
+size is fitted to the clip (vsopt.core.resample), its density change printed.
 """
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vsopt.core.errors import VsoptError
-from vsopt.core.io import atomic_write_bytes
+# vsopt.core (torch) is imported inside the functions that run the demo: `vsopt demo --help` only
+# builds the parser (vsopt.cli imports the command's module for its arguments).
 
 
 SHIPPED_PLAN = "shipped"
@@ -46,26 +47,27 @@ SHIPPED_PLAN = "shipped"
 #: Inductor and vsopt ~70 s: 6 steps (both step ranges of the shipped plan, 0-3 and 4+, still run)
 #: keep the default demo within 3 minutes there.
 #: The clip (latent height = width) by device: the reference model's large size (16384 video tokens,
-#: where sparsity pays) on a GPU, its small one (4096) on a CPU; a plan is shipped for each.
+#: where sparsity pays) on a GPU, its small one (4096) on a CPU.
 DEVICE_DEFAULTS = {"cuda": {"steps": 20, "size": 64}, "cpu": {"steps": 6, "size": 32}}
 
 
 def resolve_plan(choice: str | None, frames: int, size: int, config) -> tuple[str | None, str]:
     """The plan file the demo runs, and why: `choice` is a path, 'shipped' or 'none'. The shipped
     plans (vsopt.models.model.SHIPPED_PLANS, each calibrated on the GPU at its clip size, see
-    docs/MODEL.md) hold block masks for their size only, so other sizes run dense. (`config`, the
-    model's, is kept for callers.)"""
+    docs/MODEL.md) run at their size; at another size the plan of the trained size is fitted to the
+    clip (vsopt.core.resample: its masks resampled in grid coordinates, as every plan made at
+    another size)."""
     if choice in (None, "", "none"):
         return None, "none: every site runs vsopt's exact dense attention"
     if choice != SHIPPED_PLAN:
         return choice, choice
-    from vsopt.models.model import SHIPPED_PLANS, shipped_plan
+    from vsopt.models.model import shipped_plan
 
     path = shipped_plan(frames, size, size)
     if path is None:
-        sizes = ", ".join(f"{f}x{h}x{w}" for f, h, w in SHIPPED_PLANS)
-        return None, (f"none: the shipped plans are calibrated for latent clips {sizes}; this clip "
-                      f"({frames}x{size}x{size}) runs every site dense (--plan PATH for a plan of its size)")
+        path = shipped_plan(config.frames, config.height, config.width)
+        return str(path), (f"shipped calibrated plan ({path.name}), calibrated for {config.frames} frames of "
+                           f"{config.height}x{config.width}, fitted to this clip")
     return str(path), f"shipped calibrated plan ({path.name})"
 
 
@@ -73,7 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="vsopt-demo", help="folder for frames.png, clip.gif and demo.json")
     p.add_argument("--plan", default=SHIPPED_PLAN, metavar="PATH|shipped|none",
                    help="plan for the optimized run: a plan JSON; 'shipped', the plan calibrated for the reference "
-                        "model (used at the trained clip size, else every site dense); 'none', every site dense")
+                        "model (fitted to the clip size); 'none', every site dense")
     p.add_argument("--prompt", default=None,
                    help='description, e.g. "waves background; red square moving left, clockwise, growing" '
                         "(default: drawn from --seed)")
@@ -96,6 +98,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _load_reference(model_lib, device: str, dtype: torch.dtype):
     """The shipped model; any failure is reported as what is wrong with the environment."""
+    from vsopt.core.errors import VsoptError
+
     try:
         return model_lib.load_shipped(device, dtype)
     except VsoptError:
@@ -239,6 +243,8 @@ def run_demo(args: argparse.Namespace) -> dict:
     import torch
 
     import vsopt
+    from vsopt.core.errors import VsoptError
+    from vsopt.core.io import atomic_write_bytes
     from vsopt.core.metrics import psnr, relative_l2, ssim
     from vsopt.core.timing import CallTimer
     from vsopt.demo_images import write_images
@@ -295,17 +301,27 @@ def run_demo(args: argparse.Namespace) -> dict:
     if plan_path:
         from vsopt.core.plan import Plan
 
-        plan = Plan.load(plan_path)
-        plan.validate_against(report.sites)
+        from vsopt.deploy.fitting import fit_plan
+
+        calibrated = Plan.load(plan_path)
+        fitted = fit_plan(calibrated, report.sites)  # another clip size: fitted, as the compile path does
+        plan = fitted.plan
         density = plan.density()
         plan_text = (f"{plan_source}: {len(plan.sites)} planned site(s), mean block density "
                      f"{'dynamic' if density is None else f'{density:.3f}'}")
+        if fitted.resampled:
+            before = calibrated.density()
+            plan_text += (f" (fitted to this clip: {len(fitted.lines)} site(s) resampled, mean density "
+                          f"{'dynamic' if before is None else f'{before:.3f}'} at the calibrated size)")
+            result["plan_fit"] = list(fitted.lines)
         changes = [b for b in plan.step_boundaries() if b > 0]
         if changes:
             plan_text += f", head plans change at step(s) {', '.join(map(str, changes))}"
     else:
         plan_text = plan_source
     print(f"\nplan: {plan_text}")
+    for line in result.get("plan_fit", []):
+        print(f"  {line}")
     result["plan"] = plan_text
     meaning = _meaning(device, dtype, args.cudagraphs, plan_path)
 

@@ -96,11 +96,37 @@ def test_save_load_round_trip_and_rejects_bad_files(tmp_path):
 
 
 def test_shipped_model_loads_and_predicts_sensibly():
-    """The shipped fitted model: loads, and its predictions order configurations as measured:
-    more blocks cost more; per block, FP8 is cheaper than bf16 at head_dim 128."""
+    """The shipped fitted model: loads, predicts the reference plan's sites it was checked on (not
+    fitted on) within its recorded errors, and orders configurations as measured: more blocks cost
+    more; per block, FP8 is cheaper than bf16 at head_dim 128."""
     model = CostModel.default()
-    assert model.meta["check_median_rel_error"] < 0.1  # held-out timings it was checked on
+    check = model.meta["check"]["after"]
+    assert check["sites@16384"]["site"]["median"] < 0.05 and check["sites@4096"]["site"]["median"] < 0.1
+    assert check["sites@4096"]["dense"]["max"] < 0.05 and model.dense_us(2, 4, 4096, 4096, 64) is not None
+    assert set(model.overhead_us) == {"eager", "cudagraphs"}
     w = lambda quant, visited: SiteWork((Launch(quant, 128, 128, 128, 8 * 256, visited),))
     assert model.predict_us(w("none", 8 * 256 * 50)) < model.predict_us(w("none", 8 * 256 * 256))
     assert model.block_cost_us("fp8", 128, 128, 128) < model.block_cost_us("none", 128, 128, 128)
     assert CostModel.default(gpu="no such GPU").gpu == model.gpu  # falls back to a shipped one
+
+
+def test_span_sdpa_and_overheads_round_trip_and_validate(tmp_path):
+    model = CostModel(gpu="g", launch_us={"none/d64/64x64": 5.0}, per_block_us={"none/d64/64x64": 0.002},
+                      per_query_block_us={"none/d64/64x64": 0.01}, per_span_block_us={"none/d64/64x64": 0.3}, slots=264,
+                      sdpa_us={"d64": {"launch": 7.0, "block": 0.001}}, overhead_us={"eager": 80.0, "cudagraphs": 5.0})
+    small = SiteWork((Launch("none", 64, 64, 64, 132, 132 * 40),))   # fewer rows than slots: 40 blocks in sequence
+    assert model.predict_us(small) == pytest.approx(5.0 + 132 * 40 * 0.002 + 132 * 0.01 + 40 * 0.3)
+    large = SiteWork((Launch("none", 64, 64, 64, 2640, 2640 * 40),))  # ten rows per slot
+    assert model.predict_us(large) == pytest.approx(5.0 + 2640 * 40 * 0.002 + 2640 * 0.01 + 400 * 0.3)
+    assert model.dense_us(1, 1, 128, 128, 64) == pytest.approx(7.0 + 4 * 0.001)
+    assert model.dense_us(1, 1, 128, 128, 128) == pytest.approx(2 * (7.0 + 4 * 0.001))  # scaled from d64
+    assert model.lowering_overhead_us(False) == 80.0 and model.lowering_overhead_us(True) == 5.0
+    model.save(tmp_path / "m.json")
+    back = CostModel.load(tmp_path / "m.json")
+    assert back.to_dict() == model.to_dict() and back.predict_us(small) == model.predict_us(small)
+    plain = CostModel(gpu="g", launch_us={}, per_block_us={}, per_query_block_us={})
+    assert plain.dense_us(1, 1, 128, 128, 64) is None and plain.lowering_overhead_us(True) == 0.0
+    for bad in ({"overhead_us": {"graphs": 1.0}}, {"sdpa_us": {"64": {}}}, {"slots": 0}):
+        d = {**model.to_dict(), **bad}
+        with pytest.raises(ConfigError, match="malformed cost model"):
+            CostModel.from_dict(d)

@@ -389,6 +389,8 @@ def test_host_overhead_per_launch_comes_from_the_cost_models_measurement():
     shipped = CostModel.default("NVIDIA H200")
     table = shipped.meta["host_overhead_us_not_in_model"]
     assert host_launch_us(shipped, Quant.NONE, 64, 64, 64) == table["none/d64/64x64"]
-    assert host_launch_us(shipped, Quant.INT8, 80, 128, 128) == table["int8/d64/128x128"]
-    assert host_launch_us(shipped, Quant.INT8, 120, 128, 128) == table["int8/d128/128x128"]
+    dims = sorted({int(k.split("/")[1][1:]) for k in table if k.startswith("int8/") and k.endswith("/128x128")})
+    for d in (80, 120):  # the nearest measured head dim of the same precision and blocks
+        near = min(dims, key=lambda m: abs(m - d))
+        assert host_launch_us(shipped, Quant.INT8, d, 128, 128) == table[f"int8/d{near}/128x128"]
     assert host_launch_us(shipped, Quant.NONE, 64, 16, 16) == 0.0 and host_launch_us(COST, Quant.NONE, 16, 16, 16) == 0.0

@@ -213,3 +213,52 @@ def test_the_cli_charges_the_host_overhead_unless_cuda_graphs(tmp_path, capsys):
         (sp,) = Plan.load(out).sites.values()
         assert sp.is_dense == dense
         assert ("kept dense: " in capsys.readouterr().out) == dense
+
+
+def test_the_measured_site_overhead_with_and_without_cuda_graphs_decides(big_and_tiny):
+    """A cost model with a measured per-site overhead in a compiled model (overhead_us, from
+    benchmarks/measure_cost_model.py) charges the one of the mode calibrated for: 'eager' with
+    host_overhead (and no per-launch host overhead on top for the measured launch), 'cudagraphs'
+    without. Set between the two sites' savings, it keeps the tiny site dense in that mode only,
+    and the reason says how the site was priced."""
+    import dataclasses
+
+    model, calls, opts, grids, free = big_and_tiny
+    big, tiny = _sites(free)
+    between = ((tiny.dense_us - tiny.predicted_us) + (big.dense_us - big.predicted_us)) / 2
+    host = {"host_overhead_us_not_in_model": {f"none/d{D}/16x16": 1e6}}  # would make both dense if charged
+    for host_overhead, mode, words in ((True, "eager", "without CUDA graphs"), (False, "cudagraphs", "under CUDA graphs")):
+        other = "cudagraphs" if mode == "eager" else "eager"
+        cost = dataclasses.replace(planted.COST, overhead_us={mode: between, other: 0.0}, meta=host)
+        options = CalibrationOptions(**{**opts.__dict__, "cost_model": cost, "host_overhead": host_overhead})
+        big2, tiny2 = _sites(calibrate(model, calls, SiteErrorBudget(0.05), options=options, grids=grids,
+                                       progress=False))
+        assert big2.dense_reason is None and big2.overhead_us == pytest.approx(between)
+        assert tiny2.dense_reason.startswith("predicted slower than dense") and words in tiny2.dense_reason
+        assert f"lowering overhead {between:.1f} us" in tiny2.dense_reason
+        # the other mode's overhead (0) leaves both sparse
+        options = CalibrationOptions(**{**opts.__dict__, "cost_model": cost, "host_overhead": not host_overhead})
+        if host_overhead:  # pricing under graphs: no host table, overhead 0
+            again = calibrate(model, calls, SiteErrorBudget(0.05), options=options, grids=grids, progress=False)
+            assert all(s.dense_reason is None for s in again.sites), again.table()
+
+
+def test_never_slower_compares_with_the_measured_dense_path(big_and_tiny):
+    """Where the cost model measured SDPA (sdpa_us), a plan is compared with it (what a site left
+    dense runs), not with vsopt's kernel at full density: an SDPA faster than the tiny site's plan
+    keeps it dense, and the reason and the result give SDPA's predicted time."""
+    import dataclasses
+
+    model, calls, opts, grids, free = big_and_tiny
+    big, tiny = _sites(free)
+    # SDPA priced a little under the tiny site's plan, itself faster than vsopt's kernel at full density
+    assert tiny.predicted_us < tiny.dense_us
+    target = 0.9 * tiny.predicted_us
+    cost = dataclasses.replace(planted.COST, sdpa_us={f"d{D}": {"launch": target}})
+    options = CalibrationOptions(**{**opts.__dict__, "cost_model": cost})
+    result = calibrate(model, calls, SiteErrorBudget(0.05), options=options, grids=grids, progress=False)
+    (big2,) = [s for s in result.sites if grids[s.site_id] == BIG]
+    (tiny2,) = [s for s in result.sites if grids[s.site_id] == TINY]
+    assert tiny2.dense_us == pytest.approx(target) and big2.dense_us == pytest.approx(target)
+    assert tiny2.dense_reason is not None and f"vs {target:.1f} us" in tiny2.dense_reason
+    assert (big2.dense_reason is None) == (big2.predicted_us < target)

@@ -9,7 +9,8 @@ from vsopt.cli import main
 
 
 def test_demo_runs_end_to_end_and_dense_plan_matches(tmp_path, capsys):
-    rc = main(["demo", "--out", str(tmp_path), "--frames", "2", "--size", "8", "--steps", "2", "--seed", "3"])
+    rc = main(["demo", "--out", str(tmp_path), "--frames", "2", "--size", "8", "--steps", "2", "--seed", "3",
+               "--plan", "none"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "blocks.5.attn1" in printed and "plan: none" in printed and "PSNR" in printed
@@ -44,23 +45,38 @@ def test_demo_rejects_bad_input_with_a_clear_message(tmp_path, capsys, argv, mes
     assert message in capsys.readouterr().err
 
 
-def test_demo_refuses_a_plan_made_for_another_clip_size(tmp_path, capsys):
+def test_demo_fits_the_shipped_plan_to_another_clip_size(tmp_path, capsys):
+    """The shipped plan (calibrated at 16x32x32 latents) applies to a 2x8x8 clip, fitted as the
+    compile path fits it (vsopt.core.resample), with each site's density change printed."""
+    assert main(["demo", "--out", str(tmp_path), "--frames", "2", "--size", "8", "--steps", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "shipped calibrated plan" in printed and "fitted to this clip: 6 site(s) resampled" in printed
+    doc = json.loads((tmp_path / "demo.json").read_text())
+    assert len(doc["plan_fit"]) == 6
+    for line in doc["plan_fit"]:
+        assert line.startswith("plan fitted to the site's size") and "grid 16x16x16 fitted to grid 2x4x4" in line
+        assert "site density" in line and line in printed
+    assert doc["timing"]["graphs_compiled_while_timing"] == 0
+
+
+def test_demo_refuses_a_plan_that_cannot_fit(tmp_path, capsys):
     import torch
 
     import vsopt
-    from vsopt.core.plan import HeadPlan, Plan, Quant
+    from vsopt.core.plan import HeadPlan, Plan, SitePlan
     from vsopt.models import data, model as model_lib
 
     ref = model_lib.load_shipped()
     tokens = data.sample_scenes(1, 0).tokens
     cond = torch.cat([ref.encode(tokens), ref.encode(torch.zeros_like(tokens))])
     report = vsopt.inspect(ref.transformer, torch.zeros(2, data.CHANNELS, 2, 8, 8), torch.full((2,), 500.0), cond)
-    plan_path = tmp_path / "small.plan.json"
-    Plan.uniform([s for s in report.sites if s.is_self_attention], HeadPlan(quant=Quant.INT8)).save(plan_path)
+    plan_path = tmp_path / "two_heads.plan.json"
+    Plan({s.site_id: SitePlan(s.site_id, 2, s.q_len, s.kv_len, s.grid, (HeadPlan(),) * 2)
+          for s in report.sites if s.is_self_attention}).save(plan_path)
     rc = main(["demo", "--out", str(tmp_path), "--frames", "2", "--size", "12", "--plan", str(plan_path)])
     assert rc == 1
     err = capsys.readouterr().err
-    assert "does not fit" in err and "blocks.0.attn1" in err
+    assert "does not fit" in err and "blocks.0.attn1" in err and "2 heads" in err
 
 
 def test_every_step_segment_is_compiled_before_the_timed_runs(tmp_path, capsys):
@@ -99,7 +115,7 @@ def test_device_defaults_are_printed_and_overridable():
     assert DEVICE_DEFAULTS["cuda"]["size"] == 64 and DEVICE_DEFAULTS["cpu"]["size"] == 32  # 16384 / 4096 tokens
 
 
-def test_the_shipped_plan_is_found_and_fits_the_trained_clip_only():
+def test_the_shipped_plan_is_found_and_applies_at_every_clip_size():
     from vsopt.core.plan import Plan
     from vsopt.demo import resolve_plan
     from vsopt.models.model import ReferenceConfig
@@ -112,10 +128,10 @@ def test_the_shipped_plan_is_found_and_fits_the_trained_clip_only():
     assert all(plan.sites[s].q_len == cfg.video_tokens for s in selfs)
     # calibrated on the GPU for the shipped weights (docs/MODEL.md: at 4096 tokens every site stays dense)
     assert plan.meta["calibration"]["cost_model"] == "NVIDIA H200" and 0 < plan.density() <= 1 and "shipped" in why
-    path, why = resolve_plan("shipped", 2, 8, cfg)
-    assert path is None and "16x32x32, 16x64x64" in why  # another clip size runs dense, and says so
-    large, _ = resolve_plan("shipped", 16, 64, cfg)  # the GPU default: its own plan once one is shipped
-    assert large is None or all(sp.q_len == 16384 for sp in Plan.load(large).sites.values())
+    other, why = resolve_plan("shipped", 2, 8, cfg)  # a size with no plan of its own: the trained size's, fitted
+    assert other == path and "fitted to this clip" in why
+    large, _ = resolve_plan("shipped", 16, 64, cfg)  # the GPU default: its own plan once one is shipped, else fitted
+    assert large == path or all(sp.q_len == 16384 for sp in Plan.load(large).sites.values())
     assert resolve_plan("none", cfg.frames, cfg.height, cfg)[0] is None
     assert resolve_plan("my.plan.json", 2, 8, cfg)[0] == "my.plan.json"
 

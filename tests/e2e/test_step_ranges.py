@@ -66,3 +66,77 @@ def test_compiled_model_follows_the_denoising_step():
             assert (got - eager).abs().max() > 1e-3  # the window really is sparser than dense
     finally:
         vsopt.set_denoising_step(None)
+
+
+class _CountingCompiles:
+    """vsopt.inductor.compile_fx, counting the graphs the backend hands to Inductor."""
+
+    def __init__(self, monkeypatch):
+        import vsopt.inductor
+
+        self.count, real = 0, vsopt.inductor.compile_fx
+
+        def counting(*args, **kwargs):
+            self.count += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(vsopt.inductor, "compile_fx", counting)
+
+
+def test_one_graph_per_distinct_segment_and_none_for_the_unknown_step(monkeypatch):
+    """The plan's segments 0 and 4 run the default (dense) heads, 2 skips, 6 a window: three
+    distinct graphs, the unknown step sharing the dense one; nothing more compiles when the step
+    is unknown."""
+    torch.manual_seed(0)
+    model, x = Attn().eval(), torch.randn(1, GRID.num_tokens, 32)
+    plan = _plan(model, x)
+    eager = model(x)
+    compiles = _CountingCompiles(monkeypatch)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="vsopt", options={"plan": plan, "grid": GRID})
+    try:
+        with torch.no_grad():
+            vsopt.set_denoising_step(0)
+            torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)
+            assert compiles.count == 3
+            for step, dense in ((2, False), (4, True), (6, False), (None, True)):
+                vsopt.set_denoising_step(step)
+                out = compiled(x)
+                assert torch.allclose(out, eager, rtol=1e-5, atol=1e-5) == dense, step
+            assert compiles.count == 3
+    finally:
+        vsopt.set_denoising_step(None)
+
+
+def test_the_unknown_steps_own_graph_compiles_on_its_first_call_only(monkeypatch):
+    """Every step runs the window (a step range from 0 on), the default heads are dense: a sampler
+    that sets its steps compiles one graph; a call with no step compiles the default's, then."""
+    torch.manual_seed(0)
+    model, x = Attn().eval(), torch.randn(1, GRID.num_tokens, 32)
+    sp = _plan(model, x)[next(iter(_plan(model, x).sites))]
+    window = sp.steps[-1].heads
+    plan = Plan({sp.site_id: SitePlan.for_site(_site(model, x), sp.heads, steps=(StepPlan(0, None, window),))})
+    eager = model(x)
+    compiles = _CountingCompiles(monkeypatch)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="vsopt", options={"plan": plan, "grid": GRID})
+    try:
+        with torch.no_grad():
+            vsopt.set_denoising_step(0)
+            sparse = compiled(x)
+            vsopt.set_denoising_step(9)
+            compiled(x)
+            assert compiles.count == 1 and (sparse - eager).abs().max() > 1e-3
+            vsopt.set_denoising_step(None)
+            torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)
+            assert compiles.count == 2
+            compiled(x)
+            assert compiles.count == 2
+    finally:
+        vsopt.set_denoising_step(None)
+
+
+def _site(model, x):
+    _, report = trace_and_rewrite(model, (x,), VsoptConfig(grid=GRID))
+    (site,) = report.sites
+    return site

@@ -83,16 +83,26 @@ def host_launch_us(cost: CostModel, quant: Quant, head_dim: int, block_m: int, b
 
 def lowering_overhead_us(state: SiteState, choices: Sequence[HeadChoice], cost: CostModel) -> float:
     """What lowering the site costs beyond the cost model's GPU time: nothing for a site left
-    dense (the lowering leaves it alone); else CalibrationOptions.site_overhead_us, plus with
-    host_overhead the host's overhead of each kernel launch of the site (one per launch group, as
-    lowered, a group of skipped heads included)."""
+    dense (the lowering leaves it alone); else CalibrationOptions.site_overhead_us, plus the cost
+    model's measured per-site overhead in a compiled model (CostModel.lowering_overhead_us: without
+    CUDA graphs when host_overhead, else with them; one launch group measured), plus with
+    host_overhead the host's overhead of each kernel launch the measurement does not cover (every
+    launch group where the cost model has no per-site overhead, else those after the first)."""
     if is_dense(state, choices):
         return 0.0
-    t = state.opt.site_overhead_us
+    t = state.opt.site_overhead_us + cost.lowering_overhead_us(cudagraphs=not state.opt.host_overhead)
     if state.opt.host_overhead:
-        for key in semantics.launch_groups(head_plans(state, choices)):
-            t += host_launch_us(cost, key.quant, state.site.head_dim, key.block_m, key.block_n)
+        measured = "eager" in cost.overhead_us
+        for i, key in enumerate(semantics.launch_groups(head_plans(state, choices))):
+            if not (measured and i == 0):
+                t += host_launch_us(cost, key.quant, state.site.head_dim, key.block_m, key.block_n)
     return t
+
+
+def overhead_basis(state: SiteState, choices: Sequence[HeadChoice], cost: CostModel) -> str:
+    """How the site's time was priced, for the plan's dense reasons and the report."""
+    mode = "without CUDA graphs (host overhead charged)" if state.opt.host_overhead else "under CUDA graphs"
+    return f"priced {mode}, lowering overhead {lowering_overhead_us(state, choices, cost):.1f} us"
 
 
 def site_time_us(state: SiteState, choices: Sequence[HeadChoice], cost: CostModel) -> float:

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar
 
 from vsopt.calibration.budgets import Budget, DensityBudget, SiteErrorBudget, SpeedupBudget, budget_text
-from vsopt.calibration.choices import (HeadChoice, dense_choices, head_options, is_dense, predicted_time_us,
-                                      site_time_us)
+from vsopt.calibration.choices import (HeadChoice, dense_choices, head_options, is_dense, overhead_basis,
+                                      predicted_time_us, site_time_us)
 from vsopt.calibration.measure import SiteState
+from vsopt.core import semantics
 from vsopt.core.costmodel import CostModel
 from vsopt.core.errors import ConfigError
 from vsopt.core.plan import Quant, Sparsity
@@ -109,11 +110,11 @@ def never_slower(state: SiteState, choices: list[HeadChoice], cost: CostModel) -
     faster than the model's own dense attention (which costs no lowering)."""
     if is_dense(state, choices):
         return choices, None
-    dense = dense_choices(state)
     planned = site_time_us(state, choices, cost)
-    dense_us = predicted_time_us(state, dense, cost)
+    dense_us = semantics.dense_us(state.site, cost, state.opt.block_m, state.opt.block_n)
     if planned >= dense_us:
-        return dense, f"predicted slower than dense: {planned:.1f} us vs {dense_us:.1f} us"
+        return dense_choices(state), (f"predicted slower than dense: {planned:.1f} us vs {dense_us:.1f} us "
+                                      f"({overhead_basis(state, choices, cost)})")
     return choices, None
 
 

@@ -6,8 +6,24 @@ Model (all times in microseconds), for one site run as one launch per distinct k
     time = sum over launches of  launch_us[key]                               (fixed: launches, quantize)
                                + query_blocks * per_query_block_us[key]      (load Q, store O)
                                + visited_blocks * per_block_us[key]            (one QK^T + PV tile)
+                               + span_blocks * per_span_block_us[key]          (latency, small grids)
          + [permuted] permute_fixed_us + permuted_mib * permute_us_per_mib     (PARO reorder in/out)
          + [dynamic]  score_fixed_us + scored_blocks * score_us_per_block      (dynamic masks)
+
+span_blocks = max(longest row, visited_blocks / slots): the blocks the busiest of `slots`
+concurrent programs runs in sequence (fitted per kernel key, key_slots, else `slots`: the count
+that fits best), at least the longest
+query-block row (Launch.max_row_blocks; unknown: the mean row). At small N (512 rows at 4096
+tokens, batch 2, 4 heads) a launch lasts as long as its longest row, not its total work over the
+GPU's throughput: a site with one dense head costs what a dense launch costs; with many rows the
+term is proportional to the visited blocks like per_block_us.
+
+dense_us(...) prices the exact dense attention a site left dense runs (vsopt.attention: SDPA), by
+the same four terms per head dim (sdpa_us["d<head_dim>"], counted in 64x64 block pairs), where
+the GPU's SDPA was measured; else None (the caller prices vsopt's own kernel at density 1).
+overhead_us["eager" | "cudagraphs"]: what one lowered site costs a compiled model beyond these GPU
+times (its extra launches, the host's work per op; measured through torch.compile without and with
+CUDA graphs), 0 where not measured.
 
 where key = "<quant>/d<head_dim>/<block_m>x<block_n>". A query block counts once per head (B*H*QB
 per launch); a visited block is one (query block, key block) pair of one head. Quantizing q/k/v
@@ -54,7 +70,8 @@ class Launch:
     """One kernel launch of a site: the heads of one kernel configuration.
 
     query_blocks: batch * heads * ceil(N / block_m) summed over the heads of this launch;
-    visited_blocks: the (query block, key block) pairs those heads compute (density * QB * KB each).
+    visited_blocks: the (query block, key block) pairs those heads compute (density * QB * KB each);
+    max_row_blocks: the key blocks of the longest query-block row (0: unknown, the mean row is used).
     """
 
     quant: str
@@ -63,6 +80,7 @@ class Launch:
     block_n: int
     query_blocks: int
     visited_blocks: int
+    max_row_blocks: int = 0
 
     @property
     def key(self) -> str:
@@ -95,6 +113,11 @@ class CostModel:
     score_fixed_us: float = 0.0
     score_us_per_block: float = 0.0
     meta: dict = field(default_factory=dict)  # where it came from: torch/triton versions, date, fit error
+    per_span_block_us: dict[str, float] = field(default_factory=dict)
+    slots: int = 0  # concurrent programs the span term assumes (0: no span term) where key_slots has no entry
+    key_slots: dict[str, int] = field(default_factory=dict)  # per kernel key (occupancy differs by tile)
+    sdpa_us: dict[str, dict[str, float]] = field(default_factory=dict)  # "d64" -> {launch, qblock, block, span}
+    overhead_us: dict[str, float] = field(default_factory=dict)  # "eager" / "cudagraphs" -> us per lowered site
 
     # ------------------------------------------------------------------ prediction
 
@@ -119,11 +142,35 @@ class CostModel:
             t += self._per_block(self.launch_us, launch, "launch cost")
             t += launch.visited_blocks * self._per_block(self.per_block_us, launch, "per-block cost")
             t += launch.query_blocks * self._per_block(self.per_query_block_us, launch, "per-query-block cost")
+            if self.per_span_block_us and self.slots_for(launch.key):
+                t += span_blocks(launch.query_blocks, launch.visited_blocks, self.slots_for(launch.key),
+                                 launch.max_row_blocks) * \
+                    self._per_block(self.per_span_block_us, launch, "per-span-block cost")
         if work.permuted_mib:
             t += self.permute_fixed_us + work.permuted_mib * self.permute_us_per_mib
         if work.scored_blocks:
             t += self.score_fixed_us + work.scored_blocks * self.score_us_per_block
         return t
+
+    def dense_us(self, batch: int, heads: int, q_len: int, kv_len: int, head_dim: int) -> float | None:
+        """Predicted time of the exact dense attention (SDPA) of these sizes, None where SDPA was not
+        measured (an unmeasured head dim is scaled linearly from the nearest measured one)."""
+        if not self.sdpa_us:
+            return None
+        d = min((int(k[1:]) for k in self.sdpa_us), key=lambda m: abs(math.log(m / head_dim)))
+        c = self.sdpa_us[f"d{d}"]
+        f = dense_features(batch, heads, q_len, kv_len, int(c.get("slots", self.slots)))
+        f.pop("slots", None)
+        return sum(c.get(name, 0.0) * amount for name, amount in f.items()) * (head_dim / d if d != head_dim else 1.0)
+
+    def slots_for(self, key: str) -> int:
+        """The concurrent programs the span term assumes for this kernel key."""
+        return self.key_slots.get(key, self.slots)
+
+    def lowering_overhead_us(self, cudagraphs: bool) -> float:
+        """What one lowered site costs a compiled model beyond its kernels' GPU time, without or with
+        CUDA graphs (0 where this model has no such measurement)."""
+        return float(self.overhead_us.get("cudagraphs" if cudagraphs else "eager", 0.0))
 
     def launch_cost_us(self, launch: Launch) -> float:
         """The fixed cost of one launch in this configuration (kernel launches, quantization)."""
@@ -136,13 +183,18 @@ class CostModel:
     # ------------------------------------------------------------------ fitting
 
     @staticmethod
-    def features(work: SiteWork) -> dict[str, float]:
-        """The linear features of a SiteWork: names -> amounts, matching the coefficient names."""
+    def features(work: SiteWork, slots: int | Mapping[str, int] = 0) -> dict[str, float]:
+        """The linear features of a SiteWork: names -> amounts, matching the coefficient names
+        (span features where the launch's key has slots > 0: one count, or one per key)."""
         f: dict[str, float] = {}
         for launch in work.launches:
             f[f"launch:{launch.key}"] = f.get(f"launch:{launch.key}", 0.0) + 1.0
             f[f"block:{launch.key}"] = f.get(f"block:{launch.key}", 0.0) + launch.visited_blocks
             f[f"qblock:{launch.key}"] = f.get(f"qblock:{launch.key}", 0.0) + launch.query_blocks
+            n = slots.get(launch.key, 0) if isinstance(slots, Mapping) else slots
+            if n:
+                f[f"span:{launch.key}"] = f.get(f"span:{launch.key}", 0.0) + \
+                    span_blocks(launch.query_blocks, launch.visited_blocks, n, launch.max_row_blocks)
         if work.permuted_mib:
             f["permute_fixed"], f["permute_mib"] = 1.0, work.permuted_mib
         if work.scored_blocks:
@@ -150,22 +202,15 @@ class CostModel:
         return f
 
     @classmethod
-    def fit(cls, measurements: Sequence[tuple[SiteWork, float]], gpu: str, meta: Mapping | None = None) -> "CostModel":
+    def fit(cls, measurements: Sequence[tuple[SiteWork, float]], gpu: str, meta: Mapping | None = None,
+            slots: int | Mapping[str, int] = 0) -> "CostModel":
         """Fit the coefficients to (work, measured microseconds) pairs by non-negative least squares,
-        weighting each measurement by 1/time so that short and long runs count by relative error."""
+        weighting each measurement by 1/time so that short and long runs count by relative error.
+        slots > 0 adds the span term (see the module doc) with that many concurrent programs (a
+        mapping: per kernel key)."""
         if not measurements:
             raise ConfigError("cannot fit a cost model without measurements")
-        rows = [cls.features(w) for w, _ in measurements]
-        names = sorted({n for r in rows for n in r})
-        A = np.array([[r.get(n, 0.0) for n in names] for r in rows], dtype=np.float64)
-        y = np.array([t for _, t in measurements], dtype=np.float64)
-        if np.any(y <= 0):
-            raise ConfigError("measured times must be positive")
-        w = 1.0 / y
-        coef = nnls(A * w[:, None], y * w)
-        c = dict(zip(names, coef.tolist()))
-        predicted = A @ coef
-        rel = np.abs(predicted - y) / y
+        c, rel = fit_linear([cls.features(w, slots) for w, _ in measurements], [t for _, t in measurements])
         model = cls(
             gpu=gpu, launch_us={n.split(":", 1)[1]: v for n, v in c.items() if n.startswith("launch:")},
             per_block_us={n.split(":", 1)[1]: v for n, v in c.items() if n.startswith("block:")},
@@ -174,6 +219,9 @@ class CostModel:
             score_fixed_us=c.get("score_fixed", 0.0), score_us_per_block=c.get("score_block", 0.0),
             meta={**dict(meta or {}), "measurements": len(measurements),
                   "fit_median_rel_error": float(np.median(rel)), "fit_max_rel_error": float(rel.max())},
+            per_span_block_us={n.split(":", 1)[1]: v for n, v in c.items() if n.startswith("span:")},
+            slots=0 if isinstance(slots, Mapping) else int(slots),
+            key_slots={k: int(v) for k, v in slots.items()} if isinstance(slots, Mapping) else {},
         )
         return model
 
@@ -186,6 +234,10 @@ class CostModel:
                 "per_query_block_us": dict(sorted(self.per_query_block_us.items())),
                 "permute_fixed_us": self.permute_fixed_us, "permute_us_per_mib": self.permute_us_per_mib,
                 "score_fixed_us": self.score_fixed_us, "score_us_per_block": self.score_us_per_block,
+                "per_span_block_us": dict(sorted(self.per_span_block_us.items())), "slots": self.slots,
+                "key_slots": dict(sorted(self.key_slots.items())),
+                "sdpa_us": {k: dict(sorted(v.items())) for k, v in sorted(self.sdpa_us.items())},
+                "overhead_us": dict(sorted(self.overhead_us.items())),
                 "meta": self.meta}
 
     @classmethod
@@ -200,8 +252,20 @@ class CostModel:
                         permute_fixed_us=float(d.get("permute_fixed_us", 0.0)),
                         permute_us_per_mib=float(d.get("permute_us_per_mib", 0.0)),
                         score_fixed_us=float(d.get("score_fixed_us", 0.0)),
-                        score_us_per_block=float(d.get("score_us_per_block", 0.0)), meta=dict(d.get("meta", {})))
-            for key in [*model.launch_us, *model.per_block_us, *model.per_query_block_us]:
+                        score_us_per_block=float(d.get("score_us_per_block", 0.0)), meta=dict(d.get("meta", {})),
+                        per_span_block_us=table("per_span_block_us") if "per_span_block_us" in d else {},
+                        slots=int(d.get("slots", 0)),
+                        key_slots={str(k): int(v) for k, v in d.get("key_slots", {}).items()},
+                        sdpa_us={str(k): {str(n): float(x) for n, x in v.items()} for k, v in d.get("sdpa_us", {}).items()},
+                        overhead_us={str(k): float(v) for k, v in d.get("overhead_us", {}).items()})
+            if any(k not in ("eager", "cudagraphs") for k in model.overhead_us):
+                raise ValueError(f"overhead_us keys must be 'eager' / 'cudagraphs', got {sorted(model.overhead_us)}")
+            if any(not (k.startswith("d") and k[1:].isdigit()) for k in model.sdpa_us):
+                raise ValueError(f"sdpa_us keys must be 'd<head_dim>', got {sorted(model.sdpa_us)}")
+            unslotted = [k for k in model.per_span_block_us if model.slots_for(k) <= 0]
+            if unslotted:
+                raise ValueError(f"per_span_block_us of {unslotted} needs slots > 0")
+            for key in [*model.launch_us, *model.per_block_us, *model.per_query_block_us, *model.per_span_block_us]:
                 kernel_key(*_parse_key(key))  # validates the key's form and quant mode
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ConfigError(f"{where}: malformed cost model ({type(e).__name__}: {e})") from None
@@ -239,6 +303,41 @@ class CostModel:
             if "H100" in m.gpu:
                 return m
         return next(iter(models.values()))
+
+
+def span_blocks(query_blocks: int, visited_blocks: int, slots: int, max_row_blocks: int = 0) -> float:
+    """Blocks the busiest program runs in sequence: the longest row (the mean row when not known),
+    or the visited blocks over the `slots` programs that run at once, whichever is more."""
+    if not query_blocks:
+        return 0.0
+    row = max_row_blocks or visited_blocks / query_blocks
+    return max(float(row), visited_blocks / max(1, slots))
+
+
+SDPA_BLOCK = 64  # dense attention is counted in 64x64 block pairs
+
+
+def dense_features(batch: int, heads: int, q_len: int, kv_len: int, slots: int = 0) -> dict[str, float]:
+    """The features of one dense attention (sdpa_us's coefficient names)."""
+    qb = batch * heads * math.ceil(q_len / SDPA_BLOCK)
+    visited = qb * math.ceil(kv_len / SDPA_BLOCK)
+    f = {"launch": 1.0, "qblock": float(qb), "block": float(visited)}
+    if slots:
+        f["span"] = span_blocks(qb, visited, slots, math.ceil(kv_len / SDPA_BLOCK))
+    return f
+
+
+def fit_linear(rows: Sequence[Mapping[str, float]], times: Sequence[float]) -> tuple[dict[str, float], np.ndarray]:
+    """(coefficients by feature name, relative errors) of times ~ rows . coefficients, fitted by
+    non-negative least squares weighted by 1/time (every measurement counts by relative error)."""
+    names = sorted({n for r in rows for n in r})
+    A = np.array([[r.get(n, 0.0) for n in names] for r in rows], dtype=np.float64)
+    y = np.array(times, dtype=np.float64)
+    if np.any(y <= 0):
+        raise ConfigError("measured times must be positive")
+    w = 1.0 / y
+    coef = nnls(A * w[:, None], y * w)
+    return dict(zip(names, coef.tolist())), np.abs(A @ coef - y) / y
 
 
 def nnls(A: np.ndarray, b: np.ndarray, max_iter: int | None = None) -> np.ndarray:

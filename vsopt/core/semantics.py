@@ -549,7 +549,8 @@ def site_work(site: SiteShape, heads: Sequence[HeadPlan], densities: Sequence[fl
             continue
         qb, kb = num_blocks(site.q_len, key.block_m), num_blocks(site.kv_len, key.block_n)
         launches.append(Launch(key.quant.value, site.head_dim, key.block_m, key.block_n, batch * qb * len(live),
-                               sum(round(batch * densities[h] * qb * kb) for h in live)))
+                               sum(round(batch * densities[h] * qb * kb) for h in live),
+                               max(_longest_row(heads[h], densities[h], kb) for h in live)))
         if key.cluster is not None:
             # the k-means, priced as attention tiles of the same kernel: its token-centroid dot
             # products are a GEMM like QK^T, half a tile's work (no PV) per block_m x block_n pairs,
@@ -574,6 +575,17 @@ def site_work(site: SiteShape, heads: Sequence[HeadPlan], densities: Sequence[fl
     moved += permuted_mib(site, sum(1 for hp in heads if hp.sparsity is Sparsity.CLUSTER))
     moved += renorm_mib(site, heads)
     return SiteWork(tuple(launches), moved, scored)
+
+
+def _longest_row(hp: HeadPlan, density: float, kb: int) -> int:
+    """Key blocks of a head's longest query-block row (the launch lasts at least that long): a
+    calibrated mask's own, a dense head's every block, else its mean row (patterns and dynamic
+    heads: not derived here, to keep pricing cheap)."""
+    if hp.sparsity is Sparsity.DENSE:
+        return kb
+    if hp.sparsity is Sparsity.MASK and hp.mask is not None and hp.mask.shape[-1] == kb:
+        return int(hp.mask.sum(-1).max())
+    return max(1, round(density * kb))
 
 
 def _measure_share(hp: HeadPlan) -> float:
@@ -626,6 +638,10 @@ def select_heads(sp: SitePlan, heads: Sequence[int]) -> SitePlan:
 
 
 def dense_us(site: SiteShape, cost: CostModel, block_m: int = 64, block_n: int = 64) -> float:
-    """The cost model's time of the site's exact dense attention (every head, every block, bf16)."""
+    """The cost model's time of the site's exact dense attention: SDPA (what a site left dense runs,
+    vsopt.attention) where the cost model measured it, else vsopt's kernel with every block (bf16)."""
+    sdpa = cost.dense_us(max(1, site.batch), site.heads, site.q_len, site.kv_len, site.head_dim)
+    if sdpa is not None:
+        return sdpa
     heads = [HeadPlan(block_m=block_m, block_n=block_n)] * site.heads
     return predicted_us(site, heads, cost, [1.0] * site.heads)

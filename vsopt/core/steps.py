@@ -14,9 +14,14 @@ Renormalized heads (HeadPlan.renorm, Re-ttention) measure at some steps of a seg
 at the others (Plan.at_step resolves the phase): the variants are then keyed by the segment's
 start and the heads' phases (Plan.renorm_phases), one graph per distinct pair; the phases of a
 segment repeat with the least common multiple of the heads' periods, so there are few.
+
+Variants whose plans run the same head plans (plan_key) share one build, and the unknown step's
+(None: the default head plans) is built on its first call unless a built variant runs the same:
+a sampler that sets every step never runs it, so it is not compiled up front.
 """
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Callable, Mapping
 
@@ -61,18 +66,56 @@ def _renormalizes(plan: Plan) -> bool:
 
 class StepDispatch:
     """Calls the variant of the current denoising step (its segment, and the phases of its
-    renormalized heads) of a step-ranged or renormalized plan."""
+    renormalized heads) of a step-ranged or renormalized plan. `lazy`: variant keys whose variant
+    is built on their first call."""
 
-    def __init__(self, plan: Plan, variants: Mapping[tuple, Callable[..., Any]]):
-        self.plan, self.variants = plan, dict(variants)
+    def __init__(self, plan: Plan, variants: Mapping[tuple, Callable[..., Any]],
+                 lazy: Mapping[tuple, Callable[[], Callable[..., Any]]] | None = None):
+        self.plan, self.variants, self.lazy = plan, dict(variants), dict(lazy or {})
 
     def __call__(self, *args, **kwargs):
-        return self.variants[variant_key(self.plan, current_denoising_step())](*args, **kwargs)
+        key = variant_key(self.plan, current_denoising_step())
+        fn = self.variants.get(key)
+        if fn is None:
+            fn = self.variants[key] = self.lazy.pop(key)()
+        return fn(*args, **kwargs)
+
+
+def plan_key(plan: Plan) -> tuple:
+    """What a step-free plan runs, hashable: two plans with equal keys build the same graph."""
+    def head(h):
+        mask = None if h.mask is None else (tuple(h.mask.shape), h.mask.cpu().numpy().tobytes())
+        phase = None if getattr(h, "renorm", None) is None else str(h.renorm.phase)
+        return json.dumps(h.to_json(None), sort_keys=True, default=str), mask, phase
+
+    return tuple((sid, sp.q_len, sp.kv_len, str(sp.grid), tuple(head(h) for h in sp.heads))
+                 for sid, sp in sorted(plan.sites.items()))
 
 
 def step_variants(plan: Plan | None, build: Callable[[Plan | None], Callable[..., Any]]) -> Callable[..., Any]:
     """build(plan) when the plan has neither step ranges nor renormalized heads; else a
-    StepDispatch over build(plan.at_step(step)) for a step of each variant (variant_steps)."""
+    StepDispatch over build(plan.at_step(step)) for a step of each variant (variant_steps), one
+    build per distinct plan (plan_key); the unknown step's variant shares a build that runs the
+    same heads, else it is built on its first call."""
     if plan is None or not (plan.step_boundaries() or _renormalizes(plan)):
         return build(plan)
-    return StepDispatch(plan, {key: build(plan.at_step(step)) for key, step in variant_steps(plan).items()})
+    built: dict[tuple, Callable[..., Any]] = {}
+    variants, lazy = {}, {}
+    steps = variant_steps(plan)
+    for key, step in steps.items():
+        if step is None:
+            continue
+        at = plan.at_step(step)
+        pk = plan_key(at)
+        if pk not in built:
+            built[pk] = build(at)
+        variants[key] = built[pk]
+    for key, step in steps.items():
+        if step is None and key not in variants:
+            default = plan.at_step(None)
+            same = built.get(plan_key(default))
+            if same is not None:
+                variants[key] = same
+            else:
+                lazy[key] = lambda default=default: build(default)
+    return StepDispatch(plan, variants, lazy)

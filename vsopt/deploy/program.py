@@ -26,13 +26,14 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from vsopt.core.config import VsoptConfig
-from vsopt.core.errors import ConfigError, PlanError, VsoptError
+from vsopt.core.errors import ConfigError, VsoptError
 from vsopt.core.ir import AttentionSite
 from vsopt.core.plan import Plan, Quant, Sparsity
 
 from vsopt.plugins.onnx import NODE_META_KEY as META_KEY
 
 from .artifact import ExportError, SiteOutcome
+from .fitting import fit_plan
 from .progress import Report, step
 
 _VSOPT_OPS = ("attention", "permute_tokens", "unpermute_tokens", "block_sparse_attention", "mask_to_table",
@@ -126,8 +127,10 @@ def rewritten_program(model: torch.nn.Module, example_inputs: Any, plan: Plan | 
     """Trace `model` on `example_inputs`, run vsopt's passes with `plan`, and export the result.
 
     A plan with step ranges is exported at one denoising step (Plan.at_step(step_index); None: its
-    default head plans). A plan that does not fit the model raises PlanError; a model torch.export
-    cannot trace raises ExportError naming the cause."""
+    default head plans). A plan calibrated at another clip size is fitted to the model's sites
+    (vsopt.core.resample, as torch.compile's lowering does; a note per fitted site gives its density
+    change); a plan that cannot fit the model raises PlanError; a model torch.export cannot trace
+    raises ExportError naming the cause."""
     from vsopt.backend import trace_and_rewrite
 
     if not isinstance(model, torch.nn.Module):
@@ -148,11 +151,10 @@ def rewritten_program(model: torch.nn.Module, example_inputs: Any, plan: Plan | 
             raise
         except Exception as e:  # noqa: BLE001 - torch.export failed on the user's model: one line, the cause
             raise ExportError(f"torch.export could not trace the model: {_first_line(e)}") from e
-    if plan is not None:
-        diffs = plan.differences(report.sites)
-        if diffs:
-            more = f" (and {len(diffs) - 1} more difference(s))" if len(diffs) > 1 else ""
-            raise PlanError(f"the plan does not fit this model: {diffs[0]}{more}")
+    if plan is not None:  # a plan made at another clip size is fitted to this one, as lower_plan did
+        fitted = fit_plan(plan, report.sites)
+        plan = fitted.plan
+        notes += fitted.lines
     _tag_nodes(gm, plan)
     module = flatten_outputs(gm)
     with step(progress, "exporting the rewritten graph (torch.export)"), torch.no_grad():

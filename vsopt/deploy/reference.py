@@ -1,7 +1,7 @@
 """The shipped reference model as an export target (`vsopt export --reference`): a trained
 diffusers WanTransformer3DModel with one denoising step's inputs (vsopt's debug targets) and the
-plan calibrated for it (vsopt.demo.resolve_plan: the shipped plan at the trained clip size; at
-other sizes every site runs dense unless --plan gives one)."""
+plan calibrated for it (vsopt.demo.resolve_plan: the shipped plan, calibrated at the trained clip
+size and fitted to any other by vsopt.export, with the density change in the notes)."""
 from __future__ import annotations
 
 import importlib

@@ -34,6 +34,7 @@ from vsopt.core.dynamic import DynamicMethod, DynamicSpec  # noqa: E402
 from vsopt.core.ir import TokenGrid  # noqa: E402
 from vsopt.core.orders import TokenOrder  # noqa: E402
 from vsopt.core.patterns import LocalWindow, TemporalDiagonals, num_blocks  # noqa: E402
+from vsopt.core.clustering import ClusterSpec  # noqa: E402
 from vsopt.core.plan import HeadPlan, Plan, Quant, SitePlan, Sparsity  # noqa: E402
 
 FUZZ_SEED = 20261201
@@ -225,6 +226,11 @@ def head_plans(draw, grid: TokenGrid) -> HeadPlan:
         method = draw(st.sampled_from(list(DynamicMethod)))
         value = draw(st.sampled_from([0.3, 0.6, 0.9]))
         return HeadPlan(sparsity, dynamic=DynamicSpec(method, value), **common)
+    if sparsity is Sparsity.CLUSTER:  # the clustering gives the order: fhw
+        top_p = draw(st.sampled_from([0.5, 0.9, 1.0]))
+        spec = ClusterSpec(q_clusters=draw(st.sampled_from([2, 3])), k_clusters=draw(st.sampled_from([2, 5])),
+                           top_p=top_p, iterations=3, warm_iterations=1)
+        return HeadPlan(sparsity, cluster=spec, **{**common, "order": TokenOrder.FHW})
     return HeadPlan(sparsity, **common)
 
 

@@ -75,9 +75,10 @@ from vsopt.core.ops import attention_arguments
 from vsopt.core.orders import is_model_order
 from vsopt.core.plan import HeadPlan, Plan, SitePlan
 from vsopt.core.joint import joint_attention
+from vsopt.core.lse import sparse_partial
 from vsopt.core.pooled import Remainder, pooled_attention, pooled_remainder
 from vsopt.core.resample import fit_site_plan
-from vsopt.core.rettention import RENORM_STATE, Phase, correct, kept_partial, measure
+from vsopt.core.rettention import RENORM_STATE, Phase, correct, measure
 from vsopt.core.semantics import (LaunchKey, cluster_span, joint_plan, launch_groups, permutations, static_mask,
                                   text_blocks, video_range)
 
@@ -391,11 +392,11 @@ class _Lowering:
                 meta["vsopt_plan"]["dynamic"] = key.dynamic.to_dict()
                 kv_indices, kv_counts = self.table_nodes(em, masks)
                 drop_indices, drop_counts = self.table_nodes(em, em.op(aten.logical_not.default, masks))
-            kept = kept_partial(em, q, k, v, kv_indices, kv_counts, scale, bm, bn, quant)
+            kept = sparse_partial(em, q, k, v, kv_indices, kv_counts, scale, bm, bn, quant)
             if key.remainder is Remainder.POOLED:
                 dropped = pooled_remainder(em, q, k, v, masks, scale, bm, bn)
             else:
-                dropped = kept_partial(em, q, k, v, drop_indices, drop_counts, scale, bm, bn, quant)
+                dropped = sparse_partial(em, q, k, v, drop_indices, drop_counts, scale, bm, bn, quant)
             out, rho, resid = measure(em, kept, dropped)
             em.op(aten.index_copy_.default, bufs["rho"], 1, sel, rho)
             em.op(aten.index_copy_.default, bufs["resid"], 1, sel,

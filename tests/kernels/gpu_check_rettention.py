@@ -27,7 +27,8 @@ import torch
 from vsopt.core import semantics
 from vsopt.core.lse import EagerEmitter
 from vsopt.core.plan import Quant
-from vsopt.core.rettention import correct, kept_partial, measure, reference_renorm
+from vsopt.core.lse import sparse_partial
+from vsopt.core.rettention import correct, measure, reference_renorm
 
 BOUND = {"none": 2e-2, "int8": 6e-2}
 REF_HEADS = 2   # the float64 reference on the first heads only (memory: N^2 per head)
@@ -40,8 +41,8 @@ def _steps(q, k, v, masks, scale, block, quant):
     didx, dcounts = torch.ops.vsopt.mask_to_table(~masks)
 
     def measuring():
-        kept = kept_partial(em, q, k, v, idx, counts, scale, block, block, quant)
-        dropped = kept_partial(em, q, k, v, didx, dcounts, scale, block, block, quant)
+        kept = sparse_partial(em, q, k, v, idx, counts, scale, block, block, quant)
+        dropped = sparse_partial(em, q, k, v, didx, dcounts, scale, block, block, quant)
         return measure(em, kept, dropped)
 
     def correcting(rho, resid):

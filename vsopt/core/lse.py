@@ -71,16 +71,25 @@ def smoothing_shift(em: Emitter, q, kp, scale: float):
     return em.op(aten.mul.Tensor, em.op(aten.squeeze.dim, dots, -1), float(scale))
 
 
+def shape_of(x) -> tuple[int, ...]:
+    """The shape of a tensor, or of a graph node's value (what an Emitter's ops return)."""
+    val = x.meta["val"] if hasattr(x, "meta") else x
+    return tuple(val.shape)
+
+
 def sparse_partial(em: Emitter, q, k, v, kv_indices, kv_counts, scale: float, block_m: int, block_n: int,
                    quant: QuantMode | str) -> tuple[Any, Any]:
     """One vsopt.block_sparse_attention_lse launch as a part to merge: (out float32 (B, H, Nq, Dv),
-    lse (B, H, Nq)); a quantized launch's lse gets its smoothing shift back (smoothing_shift)."""
+    lse float32 (B, H, Nq), -inf on rows visiting no block); a quantized launch's lse gets its
+    smoothing shift back (smoothing_shift; k repeated to q's heads where it has fewer)."""
     quant = QuantMode.parse(quant)
     res = em.op(torch.ops.vsopt.block_sparse_attention_lse.default, q, k, v, kv_indices, kv_counts, float(scale),
                 block_m, block_n, quant.value)
     out, lse = em.op(operator.getitem, res, 0), em.op(operator.getitem, res, 1)
     if quant is not QuantMode.NONE:
-        lse = em.op(aten.add.Tensor, lse, smoothing_shift(em, q, k, scale))
+        H, Hkv = shape_of(q)[1], shape_of(k)[1]
+        kk = k if H == Hkv else em.op(aten.repeat_interleave.self_int, k, H // Hkv, 1)
+        lse = em.op(aten.add.Tensor, lse, smoothing_shift(em, q, kk, scale))
     return em.op(aten._to_copy.default, out, dtype=torch.float32), lse
 
 

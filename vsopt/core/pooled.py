@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import enum
 import math
-import operator
 from typing import Any
 
 import torch
 
-from vsopt.core.lse import merge_partials, smoothing_shift
+from vsopt.core.lse import merge_partials, shape_of, sparse_partial
 from vsopt.kernels.block_mask.reference import block_sizes  # tokens per block, the last one ragged
 
 aten = torch.ops.aten
@@ -47,16 +46,11 @@ class Remainder(str, enum.Enum):
     POOLED = "pooled"  # attended once each, mean-pooled, in the same softmax (PSA)
 
 
-def _shape(x) -> tuple[int, ...]:
-    val = x.meta["val"] if hasattr(x, "meta") else x
-    return tuple(val.shape)
-
-
 def pooled_blocks(em, x, block_n: int, sizes) -> Any:
     """Mean of x (B, H, N, D) over each key block: float32 (B, H, KB, D), as emitted ops (the
     kernels' block_mask.reference.pool_blocks computes the same eagerly). `sizes`: block_sizes as
     an emitted constant (KB, 1)."""
-    B, H, N, D = _shape(x)
+    B, H, N, D = shape_of(x)
     kb = -(-N // block_n)
     xf = em.op(aten._to_copy.default, x, dtype=torch.float32)
     if kb * block_n != N:
@@ -69,8 +63,8 @@ def pooled_remainder(em, q, k, v, masks, scale: float, block_m: int, block_n: in
     """The pooled remainder's partial attention: (out float32 (B, H, Nq, D), lse float32 (B, H, Nq),
     -inf where a row's query block keeps every key block). q (B, H, Nq, D); k, v (B, Hkv, Nk, D);
     masks bool (B or 1, H, QB, KB), True = kept (attended at full resolution, not pooled here)."""
-    B, H, Nq, _ = _shape(q)
-    Hkv, Nk = _shape(k)[1], _shape(k)[2]
+    B, H, Nq, _ = shape_of(q)
+    Hkv, Nk = shape_of(k)[1], shape_of(k)[2]
     sizes = block_sizes(Nk, block_n)
     size_col = em.const("pool_sizes", sizes[:, None])
     kbar, vbar = pooled_blocks(em, k, block_n, size_col), pooled_blocks(em, v, block_n, size_col)
@@ -93,15 +87,8 @@ def pooled_attention(em, q, k, v, masks, kv_indices, kv_counts, scale: float, bl
                      quant: str) -> Any:
     """Block-sparse attention over the kept blocks (masks, and their table kv_indices/kv_counts)
     plus the pooled remainder, merged: float32 (B, H, Nq, D)."""
-    res = em.op(torch.ops.vsopt.block_sparse_attention_lse.default, q, k, v, kv_indices, kv_counts, float(scale),
-                block_m, block_n, quant)
-    o1, lse1 = em.op(operator.getitem, res, 0), em.op(operator.getitem, res, 1)
-    if quant != "none":
-        H, Hkv = _shape(q)[1], _shape(k)[1]
-        kk = k if H == Hkv else em.op(aten.repeat_interleave.self_int, k, H // Hkv, 1)
-        lse1 = em.op(aten.add.Tensor, lse1, smoothing_shift(em, q, kk, scale))
-    o2, lse2 = pooled_remainder(em, q, k, v, masks, scale, block_m, block_n)
-    out, _ = merge_partials(em, [(em.op(aten._to_copy.default, o1, dtype=torch.float32), lse1), (o2, lse2)])
+    kept = sparse_partial(em, q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant)
+    out, _ = merge_partials(em, [kept, pooled_remainder(em, q, k, v, masks, scale, block_m, block_n)])
     return out
 
 

@@ -40,14 +40,13 @@ from __future__ import annotations
 
 import enum
 import math
-import operator
 import threading
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 
-from vsopt.core.lse import merge_partials, smoothing_shift
+from vsopt.core.lse import merge_partials
 
 aten = torch.ops.aten
 
@@ -118,26 +117,6 @@ def measured_step(spec: Renorm, step: int, segment_start: int) -> int:
 
 
 # ----------------------------------------------------------------------------- the math
-
-
-def _shape(x) -> tuple[int, ...]:
-    val = x.meta["val"] if hasattr(x, "meta") else x
-    return tuple(val.shape)
-
-
-def kept_partial(em, q, k, v, kv_indices, kv_counts, scale: float, block_m: int, block_n: int,
-                 quant: str) -> tuple[Any, Any]:
-    """The block-sparse attention over a table's blocks as a partial: (out float32 (B, H, Nq, D),
-    lse float32 (B, H, Nq), -inf on rows visiting no block), the quantized kernels' K smoothing
-    added back to lse (lse.smoothing_shift) so that partials over different key sets merge."""
-    res = em.op(torch.ops.vsopt.block_sparse_attention_lse.default, q, k, v, kv_indices, kv_counts, float(scale),
-                block_m, block_n, quant)
-    o, lse = em.op(operator.getitem, res, 0), em.op(operator.getitem, res, 1)
-    if quant != "none":
-        H, Hkv = _shape(q)[1], _shape(k)[1]
-        kk = k if H == Hkv else em.op(aten.repeat_interleave.self_int, k, H // Hkv, 1)
-        lse = em.op(aten.add.Tensor, lse, smoothing_shift(em, q, kk, scale))
-    return em.op(aten._to_copy.default, o, dtype=torch.float32), lse
 
 
 def measure(em, kept: tuple[Any, Any], dropped: tuple[Any, Any]) -> tuple[Any, Any, Any]:
@@ -218,5 +197,5 @@ def reference_renorm(measured: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     return rho * o_kept + resid
 
 
-__all__ = ["Phase", "RENORM_STATE", "Renorm", "RenormState", "correct", "kept_partial", "measure", "measured_step",
+__all__ = ["Phase", "RENORM_STATE", "Renorm", "RenormState", "correct", "measure", "measured_step",
            "reference_renorm", "renorm_phase"]

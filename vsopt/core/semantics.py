@@ -47,12 +47,12 @@ from vsopt.core.dynamic import DynamicMethod, DynamicSpec, pooled_block_scores, 
 from vsopt.core.errors import ConfigError
 from vsopt.core.ir import TokenGrid
 from vsopt.core.joint import JointGroup, JointPlan, joint_attention
-from vsopt.core.lse import EagerEmitter
+from vsopt.core.lse import EagerEmitter, sparse_partial
 from vsopt.core.orders import head_permutations, is_model_order
 from vsopt.core.patterns import block_mask, diagonal_blocks, num_blocks
 from vsopt.core.plan import HeadPlan, Quant, SitePlan, Sparsity, StepPlan
 from vsopt.core.pooled import Remainder
-from vsopt.core.rettention import Phase, correct, kept_partial, measure
+from vsopt.core.rettention import Phase, correct, measure
 
 
 @dataclass(frozen=True)
@@ -384,12 +384,12 @@ def renorm_statistics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: 
     masks = masks.to(q.device)
     qv = Quant(quant).value
     idx, counts = torch.ops.vsopt.mask_to_table(masks)
-    kept = kept_partial(em, q, k, v, idx, counts, scale, block_m, block_n, qv)
+    kept = sparse_partial(em, q, k, v, idx, counts, scale, block_m, block_n, qv)
     if remainder is Remainder.POOLED:
         dropped = pooled_remainder(em, q, k, v, masks, scale, block_m, block_n)
     else:
         didx, dcounts = torch.ops.vsopt.mask_to_table(~masks)
-        dropped = kept_partial(em, q, k, v, didx, dcounts, scale, block_m, block_n, qv)
+        dropped = sparse_partial(em, q, k, v, didx, dcounts, scale, block_m, block_n, qv)
     return measure(em, kept, dropped)
 
 

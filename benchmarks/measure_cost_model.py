@@ -203,10 +203,13 @@ def site_ops(site: AttentionSite, heads, q, k, v):
 
 
 def reference_sites(tokens: int):
-    """[(AttentionSite, SitePlan, fit line)] of the shipped plan at `tokens` video tokens (batch 2)."""
+    """[(AttentionSite, SitePlan, fit line)] of the shipped plan's self-attention sites at `tokens`
+    video tokens (batch 2; its cross-attention entries, always dense, are not measured)."""
     plan = Plan.load(PLAN)
     out = []
     for sp in plan.sites.values():
+        if sp.q_len != sp.kv_len:
+            continue
         grid = sp.grid
         if tokens != sp.q_len:
             side = int(round(math.sqrt(tokens / grid.frames)))

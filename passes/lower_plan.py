@@ -342,7 +342,6 @@ class _Lowering:
         out.meta.update(meta)
         return out
 
-
     def renorm_buffers(self, key: LaunchKey) -> dict[str, torch.fx.Node]:
         """The site's statistics buffers (rettention.RENORM_STATE: the same tensors in every graph
         of the site) as constants of this graph: rho (B, H, N) float32, resid (B, H, N, Dv) in q's

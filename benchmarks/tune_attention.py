@@ -99,7 +99,7 @@ def _kernel_call(kernel, launch, q, k, v, qq, idx, cnt, scale, mode, cfg, order=
     order = launch.work_order(cnt, B, order)
     QB = KB = math.ceil(N / BLOCK)
     if cfg.use_tma:
-        launch._ensure_tma_allocator()
+        launch.ensure_tma_allocator()
     grid = (order.numel() * (BLOCK // cfg.block_m),)
 
     def call():

@@ -37,11 +37,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vsopt.models.plans import SHIPPED_PLAN, resolve_plan
+
 # vsopt.core (torch) is imported inside the functions that run the demo: `vsopt demo --help` only
 # builds the parser (vsopt.cli imports the command's module for its arguments).
 
 
-SHIPPED_PLAN = "shipped"
 #: Sampling steps by device when --steps is not given. On a 2-core CPU a step at the trained size
 #: takes ~1.5 s eagerly and ~2.5 s through vsopt (its kernels' PyTorch references), and compiling
 #: Inductor and vsopt ~70 s: 6 steps (both step ranges of the shipped plan, 0-3 and 4+, still run)
@@ -49,26 +50,6 @@ SHIPPED_PLAN = "shipped"
 #: The clip (latent height = width) by device: the reference model's large size (16384 video tokens,
 #: where sparsity pays) on a GPU, its small one (4096) on a CPU.
 DEVICE_DEFAULTS = {"cuda": {"steps": 20, "size": 64}, "cpu": {"steps": 6, "size": 32}}
-
-
-def resolve_plan(choice: str | None, frames: int, size: int, config) -> tuple[str | None, str]:
-    """The plan file the demo runs, and why: `choice` is a path, 'shipped' or 'none'. The shipped
-    plans (vsopt.models.model.SHIPPED_PLANS, each calibrated on the GPU at its clip size, see
-    docs/MODEL.md) run at their size; at another size the plan of the trained size is fitted to the
-    clip (vsopt.core.resample: its masks resampled in grid coordinates, as every plan made at
-    another size)."""
-    if choice in (None, "", "none"):
-        return None, "none: every site runs vsopt's exact dense attention"
-    if choice != SHIPPED_PLAN:
-        return choice, choice
-    from vsopt.models.model import shipped_plan
-
-    path = shipped_plan(frames, size, size)
-    if path is None:
-        path = shipped_plan(config.frames, config.height, config.width)
-        return str(path), (f"shipped calibrated plan ({path.name}), calibrated for {config.frames} frames of "
-                           f"{config.height}x{config.width}, fitted to this clip")
-    return str(path), f"shipped calibrated plan ({path.name})"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

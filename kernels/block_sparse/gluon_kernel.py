@@ -373,7 +373,7 @@ def gluon_block_sparse_fwd_kernel(
     EVEN_N: gl.constexpr, WRITE_LSE: gl.constexpr, PIPELINE: gl.constexpr, PINGPONG: gl.constexpr,
     ORDERED: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
 ):
-    """Grid: one program per table row, in RowOrder's order (launch.work_order). num_warps: 8
+    """Grid: one program per table row, in RowOrder's order (schedule.work_order). num_warps: 8
     (one consumer of two warpgroups) or, with PINGPONG, 4 (two consumers of one warpgroup each)."""
     gl.static_assert(BLOCK_M == 128, "the Gluon kernel takes 128-row table blocks")
     gl.static_assert(not ORDERED or (PINGPONG and PIPELINE), "ORDERED needs PINGPONG and PIPELINE")

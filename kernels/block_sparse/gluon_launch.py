@@ -30,6 +30,7 @@ from ..errors import check
 from ..runtime import interpreting, plain_eager
 from ..spec import QuantMode
 from .inputs import check_inputs
+from .schedule import ensure_tma_allocator, work_order
 
 LOG2E = math.log2(math.e)
 HEAD_DIMS = (64, 128)
@@ -135,8 +136,6 @@ def launch_validated(q, k, v, kv_indices, kv_counts, scale: float, block_m: int,
     """The launch itself, on inputs validate() accepted. kernels: the module holding the two Gluon
     kernels (gluon_kernel; tests/kernels/aot_gluon.py passes a recorder to compile the very launches
     this function makes for sm_90a without a GPU); num_sms: programs of the persistent kernel."""
-    from .launch import _ensure_tma_allocator, work_order
-
     if kernels is None:
         from . import gluon_kernel as kernels
     B, Hq, Nq, D = q.shape
@@ -150,7 +149,7 @@ def launch_validated(q, k, v, kv_indices, kv_counts, scale: float, block_m: int,
                   kv_counts.stride(0) if Bt > 1 else 0, kv_counts.stride(1))
     variant = {"EVEN_N": Nk % block_n == 0, "WRITE_LSE": with_lse, **config.launch_args()}
     if q.is_cuda:
-        _ensure_tma_allocator()   # the per-row kernel's producer builds its TMA descriptors on the device
+        ensure_tma_allocator()   # the per-row kernel's producer builds its TMA descriptors on the device
     if config.persistent:
         q_desc, q_map = _descriptor(q, 128)
         if _flat(k)[1] != _flat(v)[1]:   # K and V share one row mapping: give them one layout

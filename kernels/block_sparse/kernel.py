@@ -5,7 +5,7 @@ with the online softmax of FlashAttention in base 2 (exp2, scale pre-multiplied 
     m_new = max(m, rowmax(s));  p = exp2(s - m_new);  l = l * exp2(m - m_new) + rowsum(p)
     acc = acc * exp2(m - m_new) + p @ v;               out = acc / l
 Programs are launched in the order of RowOrder (head by head, each head's heaviest rows first; see
-launch.work_order), so the long rows start early, the short ones fill the tail, and the programs
+schedule.work_order), so the long rows start early, the short ones fill the tail, and the programs
 running together share one head's K/V in L2.
 
 QUANT (constexpr): 0 bf16/fp16 Q K V; 1 INT8 Q K (smoothed K, per-block scales), 16-bit P V;

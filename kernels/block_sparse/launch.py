@@ -22,7 +22,7 @@ torch.library.wrap_triton (runtime.triton_launcher): through wrap_triton, an eag
 the op rebuilt the pruned autotuner on every call and benchmarked again (540 ms instead of 1.4 ms
 at wan480); the autotuner object below, and its cache, are the one every eager call uses.
 
-Work order (see work_order): heads in order, each head's query-block rows longest first (a stable
+Work order (schedule.work_order): heads in order, each head's query-block rows longest first (a stable
 sort, so equal counts keep their natural order): the longest rows start early, the short ones fill
 the tail, and the programs running together share one head's K/V in L2. A global longest-first
 order balances as well but mixes heads: 19-30% slower on an H100 (tune_attention.py, order study).
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import weakref
 
 import torch
 import triton
@@ -47,6 +46,7 @@ from ..runtime import interpreting, plain_eager, triton_launcher
 from ..spec import KernelSpec, QuantMode
 from . import kernel
 from .inputs import check_inputs
+from .schedule import ensure_tma_allocator, work_order
 
 #: The kernel's constexprs a KernelSpec fixes (see spec_constexprs); the autotuner keys by them.
 SPEC_CONSTEXPRS = ("HEAD_DIM", "TABLE_BLOCK_M", "TABLE_BLOCK_N", "QUANT", "SOFTCAP")
@@ -154,59 +154,6 @@ _tuned_kernel = triton.autotune(
 )(kernel._block_sparse_fwd_kernel)
 
 
-def _tma_scratch(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _ensure_tma_allocator() -> None:
-    """Device-built TMA descriptors live in global scratch memory that Triton asks an allocator for.
-    Inductor provides its own; for eager launches install one unless the user already has."""
-    from triton.runtime import _allocation
-
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(_tma_scratch)
-
-
-ORDERS = ("per_head_lpt", "lpt", "natural")
-_ORDER_CACHE: dict[int, tuple] = {}
-_ORDER_CACHE_SIZE = 16
-
-
-def work_order(kv_counts: torch.Tensor, batch: int, strategy: str = "per_head_lpt") -> torch.Tensor:
-    """int32 (batch * H * QB,) flattened (b, h, qb) rows in launch order.
-
-    natural: as stored. lpt: the largest count first over all rows (stable): the best balance, but
-    the programs running together then come from every head, and the K/V of all heads compete for
-    L2. per_head_lpt (default): heads in order, each head's rows largest count first: one head's
-    K/V is in L2 at a time and the light rows of the last head fill the tail.
-
-    Eager calls on a real CUDA tensor reuse the order computed for the same counts tensor (the same
-    live object, unmodified: a weak reference and the version counter say so), saving the sort's
-    launches on every call of a static plan."""
-    check(strategy in ORDERS, f"work_order: strategy must be one of {ORDERS}, got {strategy!r}")
-    cacheable = kv_counts.device.type == "cuda" and type(kv_counts) is torch.Tensor \
-        and not torch.compiler.is_compiling()
-    key = (kv_counts._version, tuple(kv_counts.shape), batch, strategy)
-    hit = _ORDER_CACHE.get(id(kv_counts)) if cacheable else None
-    if hit is not None and hit[0]() is kv_counts and hit[1] == key:
-        return hit[2]
-    counts = kv_counts.expand(batch, -1, -1)
-    rows = counts.shape[2]
-    if strategy == "natural":
-        order = torch.arange(counts.numel(), device=counts.device, dtype=torch.int32)
-    elif strategy == "lpt":
-        order = torch.argsort(counts.reshape(-1), descending=True, stable=True).to(torch.int32)
-    else:
-        within = torch.argsort(counts.reshape(-1, rows), dim=1, descending=True, stable=True)
-        base = torch.arange(within.shape[0], device=counts.device)[:, None] * rows
-        order = (within + base).reshape(-1).to(torch.int32)
-    if cacheable:
-        if len(_ORDER_CACHE) >= _ORDER_CACHE_SIZE:
-            _ORDER_CACHE.pop(next(iter(_ORDER_CACHE)))
-        _ORDER_CACHE[id(kv_counts)] = (weakref.ref(kv_counts), key, order)
-    return order
-
-
 KERNELS = ("triton", "gluon")
 
 
@@ -299,7 +246,7 @@ def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: t
     else:
         launch, tile_args = triton_launcher(_tuned_kernel, eager), {}
     if q.is_cuda or interpreting():
-        _ensure_tma_allocator()
+        ensure_tma_allocator()
     launch[grid](
         q, k, v, out, lse,
         q_scale if q_scale is not None else unused, k_scale if k_scale is not None else unused,

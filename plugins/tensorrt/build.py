@@ -7,7 +7,7 @@ TensorRT): each vsopt node gets plugin_namespace="vsopt" (the parser finds plugi
 and namespace), BlockSparseAttention gets aot=1 for quant none (the PTX entry) else aot=0 (the
 JIT implementation), its provenance attributes (site_id, heads, orders: not plugin fields) are
 dropped, and it gets a sixth input, the kernel's work order: per head, query-block rows with the
-most key blocks first (kernels/block_sparse/launch.work_order), precomputed from a static table,
+most key blocks first (kernels/block_sparse/schedule.work_order), precomputed from a static table,
 the natural order for a table computed at run time.
 """
 from __future__ import annotations

@@ -45,11 +45,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import vsopt.core  # noqa: E402,F401  (registers the ops)
 import vsopt.core.dynamic  # noqa: E402,F401  (registers vsopt::dynamic_block_mask)
+from vsopt.core.timing import median_ms  # noqa: E402
 from vsopt.core import semantics  # noqa: E402
 from vsopt.core.costmodel import CostModel, Launch, SiteWork, describe_environment  # noqa: E402
 from vsopt.core.io import atomic_write_text  # noqa: E402
 from vsopt.core.ir import AttentionSite, Layout, TokenGrid  # noqa: E402
-from vsopt.core.plan import Plan, Sparsity  # noqa: E402
+from vsopt.core.plan import Plan  # noqa: E402
 from vsopt.core.resample import fit_site_plan  # noqa: E402
 
 DEV = "cuda"
@@ -103,15 +104,7 @@ def gpu_us(fn, target_us: float = 2000.0, reps: int = 5) -> tuple[float, str]:
 def _event_us(fn, reps: int) -> float:
     if DRY_RUN:
         return _dry_us(fn)
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(1e3 * a.elapsed_time(b))
-    return statistics.median(times)
+    return 1e3 * median_ms(fn, reps, warmup=0, cuda=True)
 
 
 def wall_us(fn, calls: int = 50, reps: int = 3) -> float:

@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import vsopt.core  # noqa: E402,F401  (registers torch.ops.vsopt.*)
+from vsopt.core.timing import median_ms  # noqa: E402
 from gpu_check import chunked_reference, random_mask  # noqa: E402
 from vsopt.kernels.block_sparse import gluon_launch  # noqa: E402
 from vsopt.kernels.block_sparse import launch as bsa_launch  # noqa: E402
@@ -144,18 +145,7 @@ def workload_correctness(configs):
 
 
 def bench(fn, reps=REPS):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
+    return median_ms(fn, reps)   # CUDA events, after one warm-up call
 
 
 def save(out: pathlib.Path, t0: float) -> None:

@@ -24,11 +24,9 @@ import sys
 
 import torch
 
-from vsopt.core import semantics
-from vsopt.core.lse import EagerEmitter
-from vsopt.core.plan import Quant
-from vsopt.core.lse import sparse_partial
+from vsopt.core.lse import EagerEmitter, sparse_partial
 from vsopt.core.rettention import correct, measure, reference_renorm
+from vsopt.core.timing import median_ms
 
 BOUND = {"none": 2e-2, "int8": 6e-2}
 REF_HEADS = 2   # the float64 reference on the first heads only (memory: N^2 per head)
@@ -56,17 +54,7 @@ def _steps(q, k, v, masks, scale, block, quant):
 
 
 def _median_ms(fn, iters=20):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+    return median_ms(fn, iters, warmup=3)
 
 
 def _case(name, B, H, N, D, block, density, quant, device, dtype, timing):

@@ -19,8 +19,8 @@ How the model is traced (Trace):
 
 Where the report can still differ from what a later torch.compile rewrites, report.notes says so:
 graph breaks (with Dynamo's reasons), frames Dynamo ran eagerly (attention in them is seen by
-neither), site ids that are not module paths of the model (a graph resumed after a graph break
-names modules from a local variable). Inspect traces with static shapes (dynamic=False), as a
+neither), site ids left relative (a graph whose frame could not be placed in the model:
+passes/site_ids.py, the same note torch.compile logs). Inspect traces with static shapes (dynamic=False), as a
 first torch.compile call does; a recompile with dynamic shapes can leave sites dense that this
 report lists.
 """
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import enum
-import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -124,12 +123,11 @@ def _inspect_compiled(model: torch.nn.Module, example_inputs: tuple, config: Vso
 
     from vsopt.backend import trace_and_rewrite
 
-    param_names = {id(p): name for name, p in model.named_parameters()}
-    graphs = []  # (PipelineReport, where the graph's frame sits in the model: a module path prefix)
+    graphs = []  # the PipelineReport of every graph; site ids are full module paths (passes/site_ids.py)
 
     def report_only(gm: torch.fx.GraphModule, graph_inputs):
         _aten, report = trace_and_rewrite(gm, graph_inputs, config)
-        graphs.append((report, _frame_prefix(gm, graph_inputs, param_names)))
+        graphs.append(report)
         return gm.forward  # Dynamo's own graph, uncompiled: the model computes what it does eagerly
 
     before = {k: dict(v) for k, v in counters.items()}
@@ -144,35 +142,14 @@ def _inspect_compiled(model: torch.nn.Module, example_inputs: tuple, config: Vso
             # the report-only graphs must not stay in Dynamo's caches: they would count toward the
             # recompile limit of the model's next torch.compile (past it, Dynamo runs it eagerly)
             torch._dynamo.reset()
-    sites = [s for r, _ in graphs for s in r.sites]
-    skipped = [s for r, _ in graphs for s in r.skipped]
+    sites = [s for r in graphs for s in r.sites]
+    skipped = [s for r in graphs for s in r.skipped]
     notes = _dynamo_notes(before, counters)
-    names = {name for name, _ in model.named_modules() if name}
-    for report, prefix in graphs:
-        notes += _site_id_notes(names, report.sites, prefix)
     if len(graphs) > 1:
         notes += [f"site {s.site_id!r} has no grid: its graph may not hold the patch embedding (it is in another "
                   f"graph, before a graph break); give the grid with the 'grid' or 'grids' option"
                   for s in sites if s.grid is None and s.q_len == s.kv_len]
     return InspectReport(sites, skipped, Trace.COMPILE, len(graphs), notes)
-
-
-def _frame_prefix(gm: torch.fx.GraphModule, graph_inputs, param_names: Mapping[int, str]) -> str | None:
-    """The module path of the frame a Dynamo graph was traced in ("transformer_blocks.0." for a block's
-    forward compiled on its own; "" for the model's), from its lifted parameters: the source Dynamo
-    names a parameter by (relative to the frame's self) against the parameter's name in the model."""
-    from vsopt.passes.site_ids import normalize_module_path
-
-    for node, value in zip(gm.graph.find_nodes(op="placeholder"), graph_inputs):
-        full = param_names.get(id(value))
-        source = getattr(node.meta.get("grapharg"), "source", None)
-        if full is None or source is None:
-            continue
-        relative = normalize_module_path(source.name() if callable(source.name) else str(source.name))
-        relative = relative.replace("._parameters.", ".").replace("._buffers.", ".")
-        if relative and full.endswith(relative):
-            return full[: len(full) - len(relative)]
-    return None
 
 
 def _delta(before: Mapping[str, Mapping[str, int]], counters, group: str) -> dict[str, int]:
@@ -195,28 +172,6 @@ def _dynamo_notes(before, counters) -> list[str]:
     if eager > 0:
         notes.append(f"{eager} frame(s) ran eagerly (Dynamo could not compile them): an attention computed "
                      f"there is in no graph, so neither inspect nor torch.compile sees it")
-    return notes
-
-
-def _site_id_notes(names: set[str], sites: list[AttentionSite], prefix: str | None) -> list[str]:
-    """Site ids that are not module paths of the model: Dynamo compiles a submodule's forward as a
-    frame of its own when it could not compile the caller (a graph break it could not resume), and
-    names modules from that frame's self (`attn` for `transformer_blocks.0.attn`), so a plan keyed by
-    the full path does not match them."""
-    notes = []
-    for s in sites:
-        path = s.site_id.split(":")[0]  # "attn:1": the second site of one module
-        if path in names or not names or re.fullmatch(r"attention\.\d+", path):  # an ordinal: no module
-            continue
-        if prefix and prefix + path in names:
-            where = f" (it is {prefix + path!r})"
-        else:
-            full = sorted(n for n in names if n.endswith("." + path))
-            where = f" (module paths ending in it: {full[:4]}{' ...' if len(full) > 4 else ''})" if full else ""
-        notes.append(f"site id {s.site_id!r} is not a module path of the model{where}: Dynamo compiled its "
-                     f"module's forward as a frame of its own (after a graph break) and names modules from "
-                     f"there; torch.compile uses this id too, and a plan keyed by the full path does not "
-                     f"match it")
     return notes
 
 

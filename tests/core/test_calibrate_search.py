@@ -394,3 +394,40 @@ def test_host_overhead_per_launch_comes_from_the_cost_models_measurement():
         near = min(dims, key=lambda m: abs(m - d))
         assert host_launch_us(shipped, Quant.INT8, d, 128, 128) == table[f"int8/d{near}/128x128"]
     assert host_launch_us(shipped, Quant.NONE, 64, 16, 16) == 0.0 and host_launch_us(COST, Quant.NONE, 16, 16, 16) == 0.0
+
+
+def test_a_range_of_several_steps_counts_its_blocks_and_error_once_per_step():
+    """A state whose step range runs 3 denoising steps is searched as 3 copies of a one-step state
+    would be (the reference: the copies listed), and the step-weighted density holds the budget."""
+    import copy
+
+    a, _ = _state_with_errors(seed=0, patterns=False, dynamic=False)
+    b, _ = _state_with_errors(seed=3, patterns=False, dynamic=False)
+    b3 = copy.copy(b)
+    b3.steps = 3
+    for target in (0.25, 0.4):
+        weighted = search_density([a, b3], COST, target, Quant.NONE)
+        copies = search_density([a, b, b, b], COST, target, Quant.NONE)
+        assert [c.candidate for c in weighted[0]] == [c.candidate for c in copies[0]]
+        assert [c.candidate for c in weighted[1]] == [c.candidate for c in copies[1]]
+        blocks = sum(c.density for c in weighted[0]) + 3 * sum(c.density for c in weighted[1])
+        assert blocks <= target * 4 * len(weighted[0]) + 1e-6
+    # unweighted, the 3-step state would get the same share as the 1-step one: the weighting changes
+    # the choice where the two states differ
+    differ = [t for t in (0.3, 0.5, 0.6) if [c.candidate for c in search_density([a, b], COST, t, Quant.NONE)[0]]
+              != [c.candidate for c in search_density([a, b3], COST, t, Quant.NONE)[0]]]
+    assert differ
+
+
+def test_a_time_budget_counts_a_range_once_per_step():
+    from vsopt.calibration import SpeedupBudget, search_time
+    from vsopt.calibration.choices import dense_choices, site_time_us
+    import copy
+
+    a, _ = _state_with_errors(seed=0, patterns=False, dynamic=False)
+    b, _ = _state_with_errors(seed=3, patterns=False, dynamic=False)
+    b.steps = 3
+    dense = predicted_time_us(a, dense_choices(a), COST) + 3 * predicted_time_us(b, dense_choices(b), COST)
+    picks = search_time([a, b], COST, 1.1, Quant.NONE)
+    spent = site_time_us(a, picks[0], COST) + 3 * site_time_us(b, picks[1], COST)
+    assert spent <= dense / 1.1 + 1e-6

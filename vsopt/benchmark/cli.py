@@ -17,9 +17,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", default=d.quant.value, choices=[q.value for q in Quant], help="precision of sparse methods")
     p.add_argument("--steps", type=int, default=d.steps, help="sampler steps per clip")
     p.add_argument("--clips", type=int, default=d.clips, help="clips sampled per configuration")
+    p.add_argument("--calibration-steps", type=int, default=d.calibration_steps,
+                   help="vsopt: sampler steps of the calibration clip (one calibration input per step)")
     p.add_argument("--block", type=int, default=d.block, help="kernel block size: a power of two, 16 to 256")
     p.add_argument("--clip", default=None, help="latent clip F,H,W; none: the size the model was trained on")
     p.add_argument("--device", default=None, help="cuda or cpu; none: cuda when available")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="seconds: no configuration is started after this (those left are listed as not run)")
     p.add_argument("--out", default="bench", help="output folder for bench.json and pareto.png")
     p.add_argument("--no-step-plans", action="store_true", help="vsopt: one plan for all steps (no step ranges)")
     p.add_argument("--vsopt-speedups", default=None,
@@ -82,7 +86,8 @@ def _check_args(args: argparse.Namespace):
     speed = items("--vsopt-speedups", args.vsopt_speedups, str)
     vsopt_speedups = items("--vsopt-speedups", ",".join(v for v in speed if v != "match"), float)
     block = check_block_size(args.block, "--block")
-    for option, value in (("--steps", args.steps), ("--clips", args.clips)):
+    for option, value in (("--steps", args.steps), ("--clips", args.clips),
+                          ("--calibration-steps", args.calibration_steps)):
         if value < 1:
             raise ConfigError(f"{option} {value}: must be >= 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -100,7 +105,8 @@ def _check_args(args: argparse.Namespace):
         raise ConfigError(f"--out {args.out!r} is a file; give a folder (bench.json and pareto.png go there)")
     try:
         settings = BenchSettings(methods=methods, densities=densities, quant=Quant(args.quant), block=block,
-                                 steps=args.steps, clips=args.clips, clip=clip, step_plans=not args.no_step_plans,
+                                 steps=args.steps, clips=args.clips, clip=clip,
+                                 calibration_steps=args.calibration_steps, step_plans=not args.no_step_plans,
                                  sensitivity=not args.no_sensitivity, vsopt_speedups=vsopt_speedups,
                                  vsopt_match="match" in speed, warmup_steps=args.warmup_steps,
                                  mask_refresh=args.mask_refresh,
@@ -110,12 +116,13 @@ def _check_args(args: argparse.Namespace):
                                  vsopt_renorm=items("--vsopt-renorm", args.vsopt_renorm, int),
                                  cluster_refresh=args.cluster_refresh,
                                  cluster_clusters=items("--cluster-clusters", args.cluster_clusters, int),
-                                 vsopt_clusters=args.vsopt_clusters)
+                                 vsopt_clusters=args.vsopt_clusters, time_limit_s=args.time_limit)
     except ConfigError as e:
         option = {"densities": "--densities", "vsopt_speedups": "--vsopt-speedups", "warmup_steps": "--warmup-steps",
                   "mask_refresh": "--mask-refresh", "renorm_every": "--renorm-every",
                   "vsopt_renorm": "--vsopt-renorm", "cluster_refresh": "--cluster-refresh",
-                  "cluster_clusters": "--cluster-clusters"}
+                  "cluster_clusters": "--cluster-clusters", "time_limit_s": "--time-limit",
+                  "calibration_steps": "--calibration-steps"}
         name = next((o for key, o in option.items() if str(e).startswith(key)), "bench options")
         raise ConfigError(f"bad {name}: {e}") from None
     try:
@@ -137,8 +144,8 @@ def run_cli(args: argparse.Namespace) -> int:
     from vsopt.models.model import load_shipped
 
     ref = load_shipped(device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32).eval()
-    result = bench(ref, settings)
     out = Path(args.out)
+    result = bench(ref, settings, partial=lambda r: write_json(r, out / "bench.json"))
     write_json(result, out / "bench.json")
     plot_pareto(result, out / "pareto.png")
     print(summary_table(result))

@@ -33,17 +33,19 @@ def plot_pareto(result: dict, path: str | os.PathLike, quality: str = "psnr") ->
     for p in result["points"]:
         by_method.setdefault(p["method"], []).append(p)
     cap = 60.0 if quality == "psnr" else math.inf
+    markers = "osD^v<>pXh*"  # more methods than the colour cycle has colours: each its own marker too
     for ax, x in zip(axes, ("density", "speedup")):
-        for method, pts in sorted(by_method.items()):
+        for i, (method, pts) in enumerate(sorted(by_method.items())):
             pts = sorted(pts, key=lambda p: p[x])
-            ax.plot([p[x] for p in pts], [min(p[quality], cap) for p in pts], marker="o", label=method)
+            ax.plot([p[x] for p in pts], [min(p[quality], cap) for p in pts], marker=markers[i % len(markers)],
+                    linestyle="-" if i < 10 else "--", label=method)
         ax.grid(alpha=0.3)
         ax.set_ylabel(f"{quality.upper()} vs dense" + (" (dB, capped at 60)" if quality == "psnr" else ""))
     axes[0].set_xlabel("block density run (lower = sparser)")
     axes[0].invert_xaxis()
     source = ", ".join(sorted({p["speedup_source"] for p in result["points"]}))
     axes[1].set_xlabel(f"speedup over dense ({source})")
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
     clip = "x".join(str(v) for v in result["model"]["latent_clip"])
     fig.suptitle(f"vsopt bench: reference model, latent clip {clip}, {result['settings']['steps']} steps, "
                  f"{result['device']}", fontsize=10)
@@ -59,9 +61,11 @@ def write_json(result: dict, path: str | os.PathLike) -> Path:
 
 
 def summary_table(result: dict) -> str:
-    lines = [f"{'method':<8} {'density':>7} {'quant':<6} {'PSNR':>6} {'SSIM':>6} {'relL2':>7} {'site cos':>8} "
+    lines = [f"{'method':<17} {'density':>7} {'quant':<6} {'PSNR':>6} {'SSIM':>6} {'relL2':>7} {'site cos':>8} "
              f"{'speedup':>7}"]
     for p in result["points"]:
-        lines.append(f"{p['method']:<8} {p['density']:>7.3f} {p['quant']:<6} {min(p['psnr'], 99):>6.2f} "
+        lines.append(f"{p['method']:<17} {p['density']:>7.3f} {p['quant']:<6} {min(p['psnr'], 99):>6.2f} "
                      f"{p['ssim']:>6.4f} {p['rel_l2']:>7.4f} {p['site_cosine_min']:>8.4f} {p['speedup']:>6.2f}x")
+    for n in result.get("not_run", ()):
+        lines.append(f"not run: {n['method']} at {n['target_density']}: {n['why']}")
     return "\n".join(lines)

@@ -84,6 +84,7 @@ class PlanScorer:
         self.dense_calls = self.dense_calls_by_step[self.site_step]
         self._calibration_inputs = None
         self._error_weights = None
+        self._density_plans: dict[float, Plan] = {}
 
     def score(self, plan: Plan) -> dict[str, Any]:
         """Video scores (PSNR, SSIM, relative L2 of the final latents against dense), per-site
@@ -112,12 +113,19 @@ class PlanScorer:
     def calibrated_plan(self, density: float) -> Plan:
         """vsopt's calibration under DensityBudget(density), on other clips than the scored ones:
         with settings.step_plans one step range per calibration step, with settings.sensitivity
-        the errors weighted by the final output's sensitivity (measured on the calibration run)."""
-        from vsopt.calibration import DensityBudget, calibrate
+        the errors weighted by the final output's sensitivity (measured on the calibration run).
+        The first call calibrates once for every density of the settings (calibrate_many: one
+        measurement, one search per density; token orders compared at the lowest density), the
+        later ones return those plans."""
+        from vsopt.calibration import DensityBudget, calibrate_many
 
-        calls, options = self._calibration(density)
-        return calibrate(self.velocity, calls, DensityBudget(density, self.settings.quant), options=options,
-                         progress=False).plan
+        if density not in self._density_plans:
+            densities = sorted({*self.settings.densities, density} - set(self._density_plans))
+            calls, options = self._calibration(min(densities))
+            results = calibrate_many(self.velocity, calls, [DensityBudget(d, self.settings.quant) for d in densities],
+                                     options=options, progress=False)
+            self._density_plans.update({d: r.plan for d, r in zip(densities, results)})
+        return self._density_plans[density]
 
     def calibrated_plans_at_speedups(self, speedups: Sequence[float], cost) -> list[tuple[Plan, float]]:
         """vsopt's calibration under SpeedupBudget at each whole-model predicted attention speedup

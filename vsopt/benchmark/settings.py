@@ -61,7 +61,9 @@ class BenchSettings:
     cluster_clusters: (query, key) k-means clusters of the "cluster" method (0: one per kernel
     block of the video tokens), cluster_refresh its refresh period in steps; vsopt_clusters: vsopt's
     calibration may also give heads that clustering (CalibrationOptions.clusters), at the top-p
-    values vsopt_cluster_top_p."""
+    values vsopt_cluster_top_p.
+    time_limit_s: no configuration is started after this many seconds of the run (the ones left
+    are recorded as not run); None: no limit."""
 
     methods: tuple[Method, ...] = (Method.VSOPT, Method.TOPK, Method.WINDOW, Method.RADIAL, Method.SAGE, Method.WARMUP,
                                    Method.REUSE, Method.PSA)
@@ -91,6 +93,7 @@ class BenchSettings:
     cluster_refresh: int = 1
     vsopt_clusters: bool = False
     vsopt_cluster_top_p: tuple[float, ...] = (0.5, 0.7, 0.9)
+    time_limit_s: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "methods", tuple(Method(m) for m in self.methods))
@@ -120,6 +123,10 @@ class BenchSettings:
         object.__setattr__(self, "vsopt_cluster_top_p", tuple(float(p) for p in self.vsopt_cluster_top_p))
         if not all(0.0 < p <= 1.0 for p in self.vsopt_cluster_top_p):
             raise ConfigError(f"vsopt_cluster_top_p must lie in (0, 1], got {self.vsopt_cluster_top_p}")
+        if self.time_limit_s is not None and not (math.isfinite(self.time_limit_s) and self.time_limit_s > 0):
+            raise ConfigError(f"time_limit_s must be a finite number of seconds > 0, got {self.time_limit_s!r}")
+        if not (isinstance(self.calibration_steps, int) and self.calibration_steps >= 1):
+            raise ConfigError(f"calibration_steps must be an integer >= 1, got {self.calibration_steps!r}")
         if self.steps < 1 or self.clips < 1:
             raise ConfigError(f"steps and clips must be >= 1, got {self.steps}, {self.clips}")
 
@@ -138,6 +145,6 @@ class BenchPoint:
     sites: dict[str, dict[str, float]]
     speedup: float
     speedup_source: str  # "measured-gpu" or "predicted-cost-model"
-    ms: float | None = None
+    ms: float | None = None  # measured on a GPU: one whole sampler run (every step), median
     notes: list[str] = field(default_factory=list)
     target_speedup: float | None = None  # vsopt under a time budget: the whole-model predicted speedup asked

@@ -1,11 +1,20 @@
 """bench(): sweep the methods and densities of a BenchSettings on one model, one BenchPoint per
-configuration, speed measured on a GPU or predicted by the cost model elsewhere."""
+configuration, speed measured on a GPU or predicted by the cost model elsewhere.
+
+On a GPU the speed is measured over the whole sampler run (every denoising step, through
+torch.compile(backend="vsopt") with the plan: step ranges, warm-ups and measuring/correcting steps
+run as they do for a user), against the same run with the dense compiled model. With
+settings.time_limit_s the sweep stops starting configurations once that many seconds have passed,
+and records the ones it did not run (result["not_run"], with the reason); a configuration whose
+plan cannot be made at its density (e.g. rettention's measuring steps alone exceeding it) is
+recorded there too, and the sweep goes on."""
 from __future__ import annotations
 
 import dataclasses
 import datetime
 import json
-from typing import Any
+import time
+from typing import Any, Callable
 
 import torch
 
@@ -13,24 +22,33 @@ from vsopt.benchmark.aggregate import predicted_attention_speedup
 from vsopt.benchmark.methods import method_plan
 from vsopt.benchmark.scorer import PlanScorer
 from vsopt.benchmark.settings import BenchPoint, BenchSettings, Method
+from vsopt.core.errors import ConfigError
 from vsopt.core.plan import Plan, Quant
 
 
-def bench(ref, settings: BenchSettings | None = None, *, progress: bool = True) -> dict[str, Any]:
+def bench(ref, settings: BenchSettings | None = None, *, progress: bool = True,
+          partial: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Sweep `settings` on a vsopt.models.ReferenceModel (or any object with .transformer, .encode
-    and .config with frames/height/width); returns the JSON-ready result (see the package doc)."""
+    and .config with frames/height/width); returns the JSON-ready result (see the package doc).
+    partial(result): called with the result so far after every point (e.g. to write it, so that a
+    run cut short keeps what it measured)."""
     from vsopt.core.costmodel import CostModel
 
+    started = time.perf_counter()
     settings = settings or BenchSettings()
     scorer = PlanScorer(ref, settings, progress=progress)
     on_gpu = scorer.device.type == "cuda"
     cost = CostModel.default(torch.cuda.get_device_name() if on_gpu else None)
-    dense_ms = forward_ms(scorer.velocity, scorer.example, None, settings) if on_gpu else None
+    dense_ms = sampling_ms(scorer, None, settings) if on_gpu else None
+    not_run: list[dict[str, Any]] = []
+    points: list[BenchPoint] = []
+
+    def result() -> dict[str, Any]:
+        return _result(settings, scorer, on_gpu, dense_ms, points, not_run, started)
 
     def predicted(plan: Plan) -> float:  # dynamic heads at their density on the scored clip's q/k
         return predicted_attention_speedup(plan, scorer.sites, cost, settings.steps, scorer.dense_calls_by_step)
 
-    points: list[BenchPoint] = []
     by_time = Method.VSOPT in settings.methods and (settings.vsopt_speedups or settings.vsopt_match)
     configs = [(m, d) for m in settings.methods if not (by_time and m is Method.VSOPT)
                for d in (settings.densities if m is not Method.SAGE else (1.0,))]
@@ -43,7 +61,7 @@ def bench(ref, settings: BenchSettings | None = None, *, progress: bool = True) 
     def add(method, density, plan, notes, target_speedup=None):
         scores = scorer.score(plan)
         if on_gpu:
-            ms = forward_ms(scorer.velocity, scorer.example, plan, settings)
+            ms = sampling_ms(scorer, plan, settings)
             speedup, source = dense_ms / ms, "measured-gpu"
         else:
             speedup = predicted(plan)
@@ -55,9 +73,23 @@ def bench(ref, settings: BenchSettings | None = None, *, progress: bool = True) 
             site_cosine_min=scores["site_cosine_min"], site_rel_l2_max=scores["site_rel_l2_max"],
             sites=scores["sites"], speedup=speedup, speedup_source=source, ms=ms, notes=notes,
             target_speedup=target_speedup))
+        if partial is not None:
+            partial(result())
+
+    def out_of_time() -> bool:
+        return settings.time_limit_s is not None and time.perf_counter() - started > settings.time_limit_s
 
     for method, density in iterator:
-        plan, notes = method_plan(method, scorer.sites, density, settings, scorer.calibrated_plan, scorer.dense_calls)
+        if out_of_time():
+            not_run.append({"method": method.value, "target_density": density,
+                            "why": f"time limit {settings.time_limit_s:g} s reached"})
+            continue
+        try:
+            plan, notes = method_plan(method, scorer.sites, density, settings, scorer.calibrated_plan,
+                                      scorer.dense_calls)
+        except ConfigError as e:  # this density is out of the method's reach: say so, go on
+            not_run.append({"method": method.value, "target_density": density, "why": str(e)})
+            continue
         add(method, density, plan, notes)
     if by_time:
         # the baselines' PREDICTED speedups (on a GPU too: the time budget is the cost model's)
@@ -69,14 +101,39 @@ def bench(ref, settings: BenchSettings | None = None, *, progress: bool = True) 
         for target, (plan, site_target) in zip(targets, scorer.calibrated_plans_at_speedups(targets, cost)):
             add(Method.VSOPT, None, plan, [f"calibrated at predicted speedup {target:g}x (calibrated sites "
                                            f"{site_target:.3g}x)"], target_speedup=target)
+    return result()
+
+
+def _result(settings, scorer, on_gpu, dense_ms, points, not_run, started) -> dict[str, Any]:
     return {
         "benchmark": "vsopt-bench", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if on_gpu else "cpu", "torch": torch.__version__,
         "settings": json.loads(json.dumps(dataclasses.asdict(settings), default=lambda v: v.value)),
         "model": {"latent_clip": list(scorer.shape[1:]), "sites": [s.site_id for s in scorer.sites]},
         "dense_ms": dense_ms, "dense_sample_s": scorer.dense_sample_s,
-        "points": [dataclasses.asdict(p) for p in points],
+        "points": [dataclasses.asdict(p) for p in points], "not_run": list(not_run),
+        "wall_s": time.perf_counter() - started,
     }
+
+
+def sampling_ms(scorer: PlanScorer, plan: Plan | None, settings: BenchSettings) -> float:
+    """Median ms of one whole sampler run (settings.steps steps on the scored clip's inputs) of
+    the Velocity wrapper compiled with backend vsopt and `plan` (GPU; None: dense), after one
+    untimed run that compiles every step variant."""
+    import torch._dynamo
+
+    from vsopt.benchmark.scorer import _as_sampler_model
+    from vsopt.core.timing import median_ms
+    from vsopt.models import sampler
+
+    torch._dynamo.reset()
+    compiled = torch.compile(scorer.velocity, backend="vsopt", options={"plan": plan} if plan is not None else {},
+                             dynamic=False)
+    model = _as_sampler_model(compiled)
+    with torch.no_grad():
+        return median_ms(lambda: sampler.sample(model, scorer.cond, scorer.shape, steps=settings.steps,
+                                                seed=settings.seed),
+                         settings.timing_iters, warmup=1, cuda=True)
 
 
 def forward_ms(velocity, example, plan, settings: BenchSettings) -> float:

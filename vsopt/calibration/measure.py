@@ -77,6 +77,9 @@ class SiteState:
     renorm: tuple[int, ...] = ()
     renormed: object = field(default=None, repr=False)
     clusters: object = field(default=None, repr=False)  # cluster candidates' layouts (calibration.clusters)
+    # how many denoising steps the state's step range runs (its calibration inputs): a model-wide
+    # budget counts its blocks, time and error that many times (a range of 3 steps spends 3x)
+    steps: int = 1
 
     @property
     def own_order(self) -> TokenOrder:

@@ -111,7 +111,8 @@ def calibrate_many(model: torch.nn.Module, calibration_inputs: Sequence[Any], bu
         used = sorted({r for r in range_ids if r is not None})
         if not used:
             raise ConfigError(f"no calibration input falls in the step ranges {ranges}")
-        states = {(s.site_id, r): SiteState(s, options, site_orders(s.grid, options.orders))
+        # a range's budget share grows with the steps it runs (search_density / search_time)
+        states = {(s.site_id, r): SiteState(s, options, site_orders(s.grid, options.orders), steps=range_ids.count(r))
                   for s in sites for r in used}
         # pass 2 runs on the first `error_inputs` inputs of each step range
         take, seen = [], {}

@@ -175,18 +175,21 @@ def _unrecast(full: Sequence[Options], chosen: Sequence[list[HeadChoice]]) -> li
 def search_density(states: Sequence[SiteState], cost: CostModel, density: float, quant: Quant,
                    error_weights: Sequence[float] | None = None) -> list[list[HeadChoice]]:
     """Least summed relative squared error over sites with overall block density <= density;
-    with error_weights (one per state), the sum of weight * relative squared error."""
+    with error_weights (one per state), the sum of weight * relative squared error. A state whose
+    step range runs several denoising steps (SiteState.steps) counts its blocks and error once
+    per step."""
     factors = _error_factors(states, error_weights, "search_density")
     all_options = [head_options(s, cost, (quant,)) for s in states]
     # recast each option: "time" = blocks it keeps, error relative to its site's norm, weighted
+    # a state whose step range runs n steps spends n times its blocks and makes n times its error
     recast, sizes = [], []
     for opts_site, f, s in zip(all_options, factors, states):
-        norm = float(s.norm2.sum())
+        norm, n = float(s.norm2.sum()), s.steps
         qb, kb = s.blocks
         for opts in opts_site:
-            recast.append([HeadChoice(o.candidate, o.quant, f * o.err2 / norm, o.density * qb * kb, o.density)
+            recast.append([HeadChoice(o.candidate, o.quant, n * f * o.err2 / norm, n * o.density * qb * kb, o.density)
                            for o in opts])
-            sizes.append(qb * kb)
+            sizes.append(n * qb * kb)
     total = sum(sizes)
 
     def pick(mu):  # minimize err + mu * blocks
@@ -226,8 +229,8 @@ def _site_variants(state: SiteState, options: Options) -> list[Options]:
 def search_time(states: Sequence[SiteState], cost: CostModel, speedup: float, quant: Quant,
                 error_weights: Sequence[float] | None = None) -> list[list[HeadChoice]]:
     """Least summed (weighted) relative squared error over sites whose predicted attention time,
-    summed over the sites (cost model, fixed per-site costs included), is at most the dense
-    time / speedup.
+    summed over the sites (cost model, fixed per-site costs included; a state's time and error
+    once per denoising step of its range, SiteState.steps), is at most the dense time / speedup.
 
     Lagrangian: for a price mu on time, each site takes, over its variants (_site_variants), the
     per-head minimizers of err + mu * marginal time, and keeps the variant minimizing its error +
@@ -236,13 +239,13 @@ def search_time(states: Sequence[SiteState], cost: CostModel, speedup: float, qu
     the fastest choice does not fit (no skip candidates), the fastest is returned."""
     factors = _error_factors(states, error_weights, "search_time")
     sites, full = [], []  # per state: variants of the recast options; the original options
-    for st, f in zip(states, factors):
-        norm = max(float(st.norm2.sum()), 1e-300)
+    for st, f in zip(states, factors):  # a range of n steps: n times its time and error
+        norm, n = max(float(st.norm2.sum()), 1e-300), st.steps
         full.append(head_options(st, cost, (quant,)))
-        opts = [[HeadChoice(o.candidate, o.quant, f * o.err2 / norm, o.time_us, o.density) for o in per_head]
-                for per_head in full[-1]]
+        opts = [[HeadChoice(o.candidate, o.quant, n * f * o.err2 / norm, n * o.time_us, o.density)
+                 for o in per_head] for per_head in full[-1]]
         sites.append(_site_variants(st, opts))
-    dense_total = sum(predicted_time_us(st, dense_choices(st), cost) for st in states)
+    dense_total = sum(st.steps * predicted_time_us(st, dense_choices(st), cost) for st in states)
     limit = dense_total / speedup
 
     def site_pick(i, mu):
@@ -253,7 +256,7 @@ def search_time(states: Sequence[SiteState], cost: CostModel, speedup: float, qu
                  for opts in sites[i][0]]
         for variant in [*sites[i], [[o] for o in dense]]:
             ch = [min(opts, key=lambda o: (o.err2 + mu * o.time_us, o.time_us)) for opts in variant]
-            t = site_time_us(states[i], ch, cost)
+            t = states[i].steps * site_time_us(states[i], ch, cost)
             obj = sum(o.err2 for o in ch) + mu * t
             if best is None or obj < best[0]:
                 best = (obj, t, ch)
@@ -288,7 +291,7 @@ def _spend_time(states, sites, best, times, limit: float, cost: CostModel):
                     if gain <= 1e-15:
                         continue
                     trial = best[i][:h] + [o] + best[i][h + 1:]
-                    t = site_time_us(states[i], trial, cost)
+                    t = states[i].steps * site_time_us(states[i], trial, cost)
                     if total - times[i] + t > limit + 1e-9:
                         continue
                     score = gain / max(t - times[i], 1e-9)

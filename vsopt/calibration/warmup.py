@@ -33,12 +33,12 @@ def warmup_keys(states: dict, ranges: Sequence[tuple[int, int | None]] | None, k
 
 
 def objective(states: dict, decisions: dict[Key, SiteDecision], weights: dict[Key, float] | None) -> float:
-    """The summed (weighted) relative squared error of the decisions: what the density and time
-    searches minimize."""
+    """The summed (weighted) relative squared error of the decisions, once per denoising step of
+    each state's range: what the density and time searches minimize."""
     total = 0.0
     for key, d in decisions.items():
         norm = max(float(states[key].norm2.sum()), 1e-300)
-        total += (1.0 if weights is None else weights[key]) * sum(c.err2 for c in d.choices) / norm
+        total += states[key].steps * (1.0 if weights is None else weights[key]) * sum(c.err2 for c in d.choices) / norm
     return total
 
 
@@ -47,14 +47,14 @@ def _rest_budget(states: dict, warm: list[Key], budget: Budget, cost) -> Budget 
     warm-up alone spends it all."""
     rest = [k for k in states if k not in warm]
     if isinstance(budget, DensityBudget):
-        size = {k: states[k].blocks[0] * states[k].blocks[1] for k in states}
+        size = {k: states[k].steps * states[k].blocks[0] * states[k].blocks[1] for k in states}
         total, used = sum(size.values()), sum(size[k] for k in warm)
         left = budget.density * total - used
         if left <= 0:
             return None
         return dataclasses.replace(budget, density=min(1.0, left / sum(size[k] for k in rest)))
     if isinstance(budget, SpeedupBudget):
-        dense = {k: predicted_time_us(states[k], dense_choices(states[k]), cost) for k in states}
+        dense = {k: states[k].steps * predicted_time_us(states[k], dense_choices(states[k]), cost) for k in states}
         left = sum(dense.values()) / budget.speedup - sum(dense[k] for k in warm)
         if left <= 0:
             return None

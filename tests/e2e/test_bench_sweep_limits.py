@@ -1,0 +1,64 @@
+"""vsopt.benchmark.sweep on a tiny untrained reference model: a configuration out of its method's
+reach and configurations past the time limit are recorded as not run (the sweep goes on), the
+partial result is handed out after every point, and vsopt is calibrated once for all densities."""
+import pytest
+
+from vsopt.benchmark import BenchSettings, Method, bench
+from vsopt.benchmark.report import summary_table
+from vsopt.core.errors import ConfigError
+
+
+def _tiny():
+    from vsopt.models.model import ReferenceConfig, build
+
+    cfg = ReferenceConfig(num_layers=1, num_attention_heads=2, attention_head_dim=32, ffn_dim=64, frames=4,
+                          height=16, width=16)
+    return build(cfg).eval()
+
+
+def test_an_unreachable_density_is_recorded_and_the_sweep_goes_on():
+    # rettention measures (dense) at steps 0 and 2 of 4: density 0.2 is out of reach, 0.9 is not
+    settings = BenchSettings(methods=(Method.RETTENTION, Method.TOPK), densities=(0.2, 0.9), steps=4, renorm_every=2)
+    seen = []
+    result = bench(_tiny(), settings, progress=False, partial=lambda r: seen.append(len(r["points"])))
+    done = {(p["method"], p["target_density"]) for p in result["points"]}
+    assert done == {("rettention", 0.9), ("topk", 0.2), ("topk", 0.9)}
+    (skipped,) = result["not_run"]
+    assert skipped["method"] == "rettention" and skipped["target_density"] == 0.2
+    assert "exceed density" in skipped["why"]
+    assert seen == [1, 2, 3]  # the partial result after every point
+    assert "not run: rettention at 0.2" in summary_table(result)
+
+
+def test_the_time_limit_stops_starting_configurations():
+    settings = BenchSettings(methods=(Method.TOPK, Method.WINDOW), densities=(0.5,), steps=2, time_limit_s=1e-3)
+    result = bench(_tiny(), settings, progress=False)
+    assert result["points"] == []
+    assert [(n["method"], n["why"]) for n in result["not_run"]] == [("topk", "time limit 0.001 s reached"),
+                                                                     ("window", "time limit 0.001 s reached")]
+    with pytest.raises(ConfigError, match="time_limit_s"):
+        BenchSettings(time_limit_s=0)
+    with pytest.raises(ConfigError, match="calibration_steps"):
+        BenchSettings(calibration_steps=0)
+
+
+def test_vsopt_is_calibrated_once_for_every_density(monkeypatch):
+    import vsopt.calibration as calibration
+
+    calls = []
+    real = calibration.calibrate_many
+
+    def counting(*args, **kwargs):
+        calls.append([b.density for b in args[2]])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(calibration, "calibrate_many", counting)
+    settings = BenchSettings(methods=(Method.VSOPT,), densities=(0.3, 0.6), steps=2, calibration_steps=2,
+                             sensitivity=False, vsopt_warmup=())
+    result = bench(_tiny(), settings, progress=False)
+    assert calls == [[0.3, 0.6]]
+    by = {p["target_density"]: p for p in result["points"]}
+    assert set(by) == {0.3, 0.6}
+    # each plan is its own density's (dynamic heads measured on the scored clip, not the calibration one)
+    assert abs(by[0.3]["density"] - 0.3) < 0.1 and abs(by[0.6]["density"] - 0.6) < 0.1
+    assert by[0.3]["density"] < by[0.6]["density"]

@@ -62,3 +62,18 @@ def test_vsopt_is_calibrated_once_for_every_density(monkeypatch):
     # each plan is its own density's (dynamic heads measured on the scored clip, not the calibration one)
     assert abs(by[0.3]["density"] - 0.3) < 0.1 and abs(by[0.6]["density"] - 0.6) < 0.1
     assert by[0.3]["density"] < by[0.6]["density"]
+
+
+def test_sampling_time_is_measured_for_dense_and_step_ranged_plans():
+    from vsopt.benchmark.methods import method_plan
+    from vsopt.benchmark.scorer import PlanScorer
+    from vsopt.benchmark.sweep import sampling_ms
+
+    settings = BenchSettings(methods=(Method.WARMUP,), densities=(0.6,), steps=2, timing_iters=1)
+    scorer = PlanScorer(_tiny(), settings)
+    plan, _ = method_plan(Method.WARMUP, scorer.sites, 0.6, settings)   # step 0 dense, step 1 top-k
+    assert plan.step_boundaries()
+    for p in (None, plan):
+        assert sampling_ms(scorer, p, settings) > 0
+    with pytest.raises(ConfigError, match="timing"):
+        BenchSettings(timing="jit")

@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu; none: cuda when available")
     p.add_argument("--time-limit", type=float, default=None,
                    help="seconds: no configuration is started after this (those left are listed as not run)")
+    p.add_argument("--timing", default=d.timing, choices=("eager", "compiled"),
+                   help="GPU speed: the rewritten graphs run eagerly (no compile per plan), or torch.compile "
+                        "(backend vsopt, Inductor: tens of seconds per plan)")
     p.add_argument("--out", default="bench", help="output folder for bench.json and pareto.png")
     p.add_argument("--no-step-plans", action="store_true", help="vsopt: one plan for all steps (no step ranges)")
     p.add_argument("--vsopt-speedups", default=None,
@@ -116,7 +119,8 @@ def _check_args(args: argparse.Namespace):
                                  vsopt_renorm=items("--vsopt-renorm", args.vsopt_renorm, int),
                                  cluster_refresh=args.cluster_refresh,
                                  cluster_clusters=items("--cluster-clusters", args.cluster_clusters, int),
-                                 vsopt_clusters=args.vsopt_clusters, time_limit_s=args.time_limit)
+                                 vsopt_clusters=args.vsopt_clusters, time_limit_s=args.time_limit,
+                                 timing=args.timing)
     except ConfigError as e:
         option = {"densities": "--densities", "vsopt_speedups": "--vsopt-speedups", "warmup_steps": "--warmup-steps",
                   "mask_refresh": "--mask-refresh", "renorm_every": "--renorm-every",

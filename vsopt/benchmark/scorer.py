@@ -108,6 +108,8 @@ class PlanScorer:
     def step_model(self, plan: Plan):
         """A sampler model running `plan`: the lowered graph of the current denoising step's
         segment when the plan has step ranges (vsopt.core.steps, as the backend dispatches)."""
+        if plan is None:  # the traced model's own graph
+            return _as_sampler_model(rewritten(self.velocity, self.example, None, None)[0])
         return _as_sampler_model(step_variants(plan, lambda p: rewritten(self.velocity, self.example, p, None)[0]))
 
     def calibrated_plan(self, density: float) -> Plan:

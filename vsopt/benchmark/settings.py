@@ -63,7 +63,9 @@ class BenchSettings:
     calibration may also give heads that clustering (CalibrationOptions.clusters), at the top-p
     values vsopt_cluster_top_p.
     time_limit_s: no configuration is started after this many seconds of the run (the ones left
-    are recorded as not run); None: no limit."""
+    are recorded as not run); None: no limit. timing: how a GPU run measures speed (sweep.sampling_ms):
+    "eager" (the rewritten graphs, no compilation per plan) or "compiled" (torch.compile, backend
+    vsopt, Inductor)."""
 
     methods: tuple[Method, ...] = (Method.VSOPT, Method.TOPK, Method.WINDOW, Method.RADIAL, Method.SAGE, Method.WARMUP,
                                    Method.REUSE, Method.PSA)
@@ -94,6 +96,7 @@ class BenchSettings:
     vsopt_clusters: bool = False
     vsopt_cluster_top_p: tuple[float, ...] = (0.5, 0.7, 0.9)
     time_limit_s: float | None = None
+    timing: str = "eager"
 
     def __post_init__(self):
         object.__setattr__(self, "methods", tuple(Method(m) for m in self.methods))
@@ -125,6 +128,8 @@ class BenchSettings:
             raise ConfigError(f"vsopt_cluster_top_p must lie in (0, 1], got {self.vsopt_cluster_top_p}")
         if self.time_limit_s is not None and not (math.isfinite(self.time_limit_s) and self.time_limit_s > 0):
             raise ConfigError(f"time_limit_s must be a finite number of seconds > 0, got {self.time_limit_s!r}")
+        if self.timing not in ("eager", "compiled"):
+            raise ConfigError(f"timing must be 'eager' or 'compiled', got {self.timing!r}")
         if not (isinstance(self.calibration_steps, int) and self.calibration_steps >= 1):
             raise ConfigError(f"calibration_steps must be an integer >= 1, got {self.calibration_steps!r}")
         if self.steps < 1 or self.clips < 1:

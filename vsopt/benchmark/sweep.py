@@ -1,9 +1,10 @@
 """bench(): sweep the methods and densities of a BenchSettings on one model, one BenchPoint per
 configuration, speed measured on a GPU or predicted by the cost model elsewhere.
 
-On a GPU the speed is measured over the whole sampler run (every denoising step, through
-torch.compile(backend="vsopt") with the plan: step ranges, warm-ups and measuring/correcting steps
-run as they do for a user), against the same run with the dense compiled model. With
+On a GPU the speed is measured over the whole sampler run (every denoising step: step ranges,
+warm-ups, mask reuse and measuring/correcting steps run as they do for a user), against the same
+run of the dense model (sampling_ms: the rewritten graphs eagerly, or torch.compile with
+settings.timing "compiled"). With
 settings.time_limit_s the sweep stops starting configurations once that many seconds have passed,
 and records the ones it did not run (result["not_run"], with the reason); a configuration whose
 plan cannot be made at its density (e.g. rettention's measuring steps alone exceeding it) is
@@ -117,33 +118,25 @@ def _result(settings, scorer, on_gpu, dense_ms, points, not_run, started) -> dic
 
 
 def sampling_ms(scorer: PlanScorer, plan: Plan | None, settings: BenchSettings) -> float:
-    """Median ms of one whole sampler run (settings.steps steps on the scored clip's inputs) of
-    the Velocity wrapper compiled with backend vsopt and `plan` (GPU; None: dense), after one
-    untimed run that compiles every step variant."""
-    import torch._dynamo
-
+    """Median ms of one whole sampler run (settings.steps steps on the scored clip's inputs) with
+    `plan` (None: dense; the bench calls it on a GPU), after one untimed run that builds every step variant (and JITs the
+    kernels). settings.timing "eager": the rewritten graphs run as the scorer runs them (the
+    lowered FX graph per step segment, no Inductor; dense: the traced model's own graph), which
+    costs no compilation per configuration; "compiled": torch.compile(backend="vsopt") with the
+    plan, as a user runs it (Inductor compiles every step variant: tens of seconds per plan)."""
     from vsopt.benchmark.scorer import _as_sampler_model
     from vsopt.core.timing import median_ms
     from vsopt.models import sampler
 
-    torch._dynamo.reset()
-    compiled = torch.compile(scorer.velocity, backend="vsopt", options={"plan": plan} if plan is not None else {},
-                             dynamic=False)
-    model = _as_sampler_model(compiled)
+    if settings.timing == "compiled":
+        from torch import _dynamo
+
+        _dynamo.reset()
+        model = _as_sampler_model(torch.compile(scorer.velocity, backend="vsopt", dynamic=False,
+                                                options={"plan": plan} if plan is not None else {}))
+    else:
+        model = scorer.step_model(plan)
     with torch.no_grad():
         return median_ms(lambda: sampler.sample(model, scorer.cond, scorer.shape, steps=settings.steps,
                                                 seed=settings.seed),
-                         settings.timing_iters, warmup=1, cuda=True)
-
-
-def forward_ms(velocity, example, plan, settings: BenchSettings) -> float:
-    """Median ms of one compiled forward of the scorer's Velocity wrapper (GPU), backend vsopt with `plan`."""
-    import torch._dynamo
-
-    from vsopt.core.timing import median_ms
-
-    torch._dynamo.reset()
-    compiled = torch.compile(velocity, backend="vsopt", options={"plan": plan} if plan is not None else {},
-                             dynamic=False)
-    with torch.no_grad():
-        return median_ms(lambda: compiled(*example), settings.timing_iters, warmup=3, cuda=True)
+                         settings.timing_iters, warmup=1, cuda=scorer.device.type == "cuda")

@@ -57,6 +57,7 @@ def test_vsopt_is_calibrated_once_for_every_density(monkeypatch):
                              sensitivity=False, vsopt_warmup=())
     result = bench(_tiny(), settings, progress=False)
     assert calls == [[0.3, 0.6]]
+    assert result["not_run"] == []
     by = {p["target_density"]: p for p in result["points"]}
     assert set(by) == {0.3, 0.6}
     # each plan is its own density's (dynamic heads measured on the scored clip, not the calibration one)
@@ -77,3 +78,27 @@ def test_sampling_time_is_measured_for_dense_and_step_ranged_plans():
         assert sampling_ms(scorer, p, settings) > 0
     with pytest.raises(ConfigError, match="timing"):
         BenchSettings(timing="jit")
+
+
+def test_past_the_time_limit_vsopt_still_scores_the_densities_it_calibrated(monkeypatch):
+    import types
+
+    import vsopt.benchmark.sweep as sweep
+    from vsopt.benchmark.scorer import PlanScorer
+
+    # the clock passes the limit the moment the calibration is done
+    clock = {"now": 0.0}
+    monkeypatch.setattr(sweep, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+    real = PlanScorer.calibrated_plan
+
+    def calibrated_then_late(self, density):
+        plan = real(self, density)
+        clock["now"] = 100.0
+        return plan
+
+    monkeypatch.setattr(PlanScorer, "calibrated_plan", calibrated_then_late)
+    settings = BenchSettings(methods=(Method.VSOPT, Method.TOPK), densities=(0.3, 0.6), steps=2, calibration_steps=2,
+                             sensitivity=False, vsopt_warmup=(), time_limit_s=50.0)
+    result = bench(_tiny(), settings, progress=False)
+    assert [(p["method"], p["target_density"]) for p in result["points"]] == [("vsopt", 0.3), ("vsopt", 0.6)]
+    assert [(n["method"], n["target_density"]) for n in result["not_run"]] == [("topk", 0.3), ("topk", 0.6)]

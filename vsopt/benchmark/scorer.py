@@ -129,6 +129,10 @@ class PlanScorer:
             self._density_plans.update({d: r.plan for d, r in zip(densities, results)})
         return self._density_plans[density]
 
+    def has_calibrated(self, density: float) -> bool:
+        """Whether calibrated_plan(density) is made already (the calibration of every density ran)."""
+        return density in self._density_plans
+
     def calibrated_plans_at_speedups(self, speedups: Sequence[float], cost) -> list[tuple[Plan, float]]:
         """vsopt's calibration under SpeedupBudget at each whole-model predicted attention speedup
         in `speedups` (one measurement, one search per target), as (plan, the speedup asked of the

@@ -102,3 +102,20 @@ def test_past_the_time_limit_vsopt_still_scores_the_densities_it_calibrated(monk
     result = bench(_tiny(), settings, progress=False)
     assert [(p["method"], p["target_density"]) for p in result["points"]] == [("vsopt", 0.3), ("vsopt", 0.6)]
     assert [(n["method"], n["target_density"]) for n in result["not_run"]] == [("topk", 0.3), ("topk", 0.6)]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--time-limit", "-1"], "bad --time-limit: time_limit_s must be a finite number of seconds > 0"),
+    (["--calibration-steps", "0"], "--calibration-steps 0: must be >= 1"),
+    (["--vsopt-top-k", "0,2"], "bad --vsopt-top-k: vsopt_top_k must lie in (0, 1]"),
+    (["--timing", "jit"], "invalid choice: 'jit'"),
+])
+def test_cli_rejects_bad_new_options(capsys, args, message):
+    from vsopt.cli import main
+
+    try:
+        rc = main(["bench", *args])
+    except SystemExit as e:  # argparse's own choices check
+        rc = e.code
+    assert rc in (1, 2)
+    assert message in capsys.readouterr().err

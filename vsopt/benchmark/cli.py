@@ -48,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vsopt-renorm", default=",".join(map(str, d.vsopt_renorm)),
                    help="vsopt: measuring intervals (>= 2) of the softmax-mass correction (Re-ttention) the "
                         "calibration may choose, comma-separated; empty: none")
+    p.add_argument("--vsopt-top-k", default=",".join(f"{x:g}" for x in d.vsopt_top_k),
+                   help="vsopt: top-k fractions of the calibration's dynamic candidates, comma-separated")
     p.add_argument("--no-vsopt-pooled", action="store_true",
                    help="vsopt: no pooled-remainder (PSA) candidates in the calibration")
     p.add_argument("--cluster-clusters", default=",".join(map(str, d.cluster_clusters)),
@@ -120,13 +122,13 @@ def _check_args(args: argparse.Namespace):
                                  cluster_refresh=args.cluster_refresh,
                                  cluster_clusters=items("--cluster-clusters", args.cluster_clusters, int),
                                  vsopt_clusters=args.vsopt_clusters, time_limit_s=args.time_limit,
-                                 timing=args.timing)
+                                 timing=args.timing, vsopt_top_k=items("--vsopt-top-k", args.vsopt_top_k, float))
     except ConfigError as e:
         option = {"densities": "--densities", "vsopt_speedups": "--vsopt-speedups", "warmup_steps": "--warmup-steps",
                   "mask_refresh": "--mask-refresh", "renorm_every": "--renorm-every",
                   "vsopt_renorm": "--vsopt-renorm", "cluster_refresh": "--cluster-refresh",
                   "cluster_clusters": "--cluster-clusters", "time_limit_s": "--time-limit",
-                  "calibration_steps": "--calibration-steps"}
+                  "calibration_steps": "--calibration-steps", "vsopt_top_k": "--vsopt-top-k"}
         name = next((o for key, o in option.items() if str(e).startswith(key)), "bench options")
         raise ConfigError(f"bad {name}: {e}") from None
     try:

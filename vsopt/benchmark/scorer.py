@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import torch
 
 from vsopt.benchmark.aggregate import calibrated_sites_target, plan_density
-from vsopt.benchmark.settings import DYNAMIC_MASS, DYNAMIC_TOP_K, BenchSettings
+from vsopt.benchmark.settings import DYNAMIC_MASS, BenchSettings
 from vsopt.core import semantics
 from vsopt.core.config import VsoptConfig
 from vsopt.core.dynamic import DynamicMethod, DynamicSpec
@@ -176,7 +176,7 @@ class PlanScorer:
             ranges = tuple((i, i + 1) for i in range(s.calibration_steps - 1)) + ((s.calibration_steps - 1, None),)
         options = CalibrationOptions(block_m=s.block, block_n=s.block, quants=tuple({Quant.NONE, s.quant}),
                                      order_density=order_density, step_ranges=ranges, dynamic_values=DYNAMIC_MASS,
-                                     dynamic_top_k=DYNAMIC_TOP_K,
+                                     dynamic_top_k=s.vsopt_top_k,
                                      error_weights=self._error_weights if s.sensitivity else None,
                                      dense_warmup=tuple(k for k in s.vsopt_warmup if k < s.calibration_steps)
                                      if s.step_plans else (),

@@ -65,7 +65,7 @@ class BenchSettings:
     time_limit_s: no configuration is started after this many seconds of the run (the ones left
     are recorded as not run); None: no limit. timing: how a GPU run measures speed (sweep.sampling_ms):
     "eager" (the rewritten graphs, no compilation per plan) or "compiled" (torch.compile, backend
-    vsopt, Inductor)."""
+    vsopt, Inductor). vsopt_top_k: the top-k fractions of vsopt's dynamic candidates."""
 
     methods: tuple[Method, ...] = (Method.VSOPT, Method.TOPK, Method.WINDOW, Method.RADIAL, Method.SAGE, Method.WARMUP,
                                    Method.REUSE, Method.PSA)
@@ -97,6 +97,7 @@ class BenchSettings:
     vsopt_cluster_top_p: tuple[float, ...] = (0.5, 0.7, 0.9)
     time_limit_s: float | None = None
     timing: str = "eager"
+    vsopt_top_k: tuple[float, ...] = DYNAMIC_TOP_K
 
     def __post_init__(self):
         object.__setattr__(self, "methods", tuple(Method(m) for m in self.methods))
@@ -128,6 +129,9 @@ class BenchSettings:
             raise ConfigError(f"vsopt_cluster_top_p must lie in (0, 1], got {self.vsopt_cluster_top_p}")
         if self.time_limit_s is not None and not (math.isfinite(self.time_limit_s) and self.time_limit_s > 0):
             raise ConfigError(f"time_limit_s must be a finite number of seconds > 0, got {self.time_limit_s!r}")
+        object.__setattr__(self, "vsopt_top_k", tuple(float(x) for x in self.vsopt_top_k))
+        if not all(0.0 < x <= 1.0 for x in self.vsopt_top_k):
+            raise ConfigError(f"vsopt_top_k must lie in (0, 1], got {self.vsopt_top_k}")
         if self.timing not in ("eager", "compiled"):
             raise ConfigError(f"timing must be 'eager' or 'compiled', got {self.timing!r}")
         if not (isinstance(self.calibration_steps, int) and self.calibration_steps >= 1):

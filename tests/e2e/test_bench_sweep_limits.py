@@ -119,3 +119,20 @@ def test_cli_rejects_bad_new_options(capsys, args, message):
         rc = e.code
     assert rc in (1, 2)
     assert message in capsys.readouterr().err
+
+
+def test_plan_options_count_what_each_step_runs():
+    from vsopt.benchmark.aggregate import plan_options
+    from vsopt.benchmark.methods import method_plan
+    from vsopt.core.ir import AttentionSite, Layout, TokenGrid
+
+    grid = TokenGrid(4, 16, 16)
+    n = grid.num_tokens
+    site = AttentionSite("blocks.0.attn1", 0, "sdpa", Layout.BHND, 1, 2, 2, 32, 32, n, n, None, 0.1, grid=grid)
+    settings = BenchSettings(steps=4, warmup_steps=1)
+    plan, _ = method_plan(Method.WARMUP, [site], 0.5, settings)    # step 0 dense, steps 1-3 top-k
+    assert plan_options(plan, [site], 4) == ("of 8 head-steps: dense 2, dynamic 6; pooled remainder 0, renorm 0; "
+                                             "dense warm-up 1 step(s)")
+    plan, _ = method_plan(Method.RETTENTION_POOLED, [site], 0.5, settings)
+    assert plan_options(plan, [site], 4) == ("of 8 head-steps: dynamic 8; pooled remainder 2, renorm 8; "
+                                             "dense warm-up 0 step(s)")

@@ -97,3 +97,30 @@ def calibrated_sites_target(speedup: float, sites: Sequence[AttentionSite], cost
     dense_video = sum(semantics.dense_us(s, cost) for s in sites if s.is_self_attention and s.grid is not None)
     allowed = dense_all / speedup - (dense_all - dense_video)
     return dense_video / allowed if allowed > 0 else math.inf
+
+
+def plan_options(plan: Plan, sites: Sequence[AttentionSite], steps: int) -> str:
+    """What a plan runs, counted over the planned sites' heads at each of `steps` denoising steps
+    (e.g. "of 192 head-steps: dense 20, mask 40, dynamic 100, skip 0, ...; pooled 60, renorm 30;
+    dense warm-up 1 step(s)"; the pooled remainder counted where it runs: a renormalized head's at
+    its measuring steps only): which options a calibrated plan chose."""
+    counts: dict[str, int] = {}
+    pooled = renormed = total = 0
+    for site in sites:
+        if site.site_id not in plan:
+            continue
+        for step in range(steps):
+            heads = heads_run(plan, site, step)
+            if heads is None:  # not fitted to the site: it runs dense
+                counts["unfitted, dense"] = counts.get("unfitted, dense", 0) + site.heads
+                total += site.heads
+                continue
+            for h in heads:
+                total += 1
+                counts[h.sparsity.value] = counts.get(h.sparsity.value, 0) + 1
+                # a renormalized head runs its pooled remainder only where it measures
+                pooled += h.remainder.value == "pooled" and (h.renorm is None or h.renorm.phase.value == "measure")
+                renormed += h.renorm is not None
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    return (f"of {total} head-steps: {kinds}; pooled remainder {pooled}, renorm {renormed}; "
+            f"dense warm-up {plan.dense_warmup} step(s)")

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from vsopt.benchmark.aggregate import predicted_attention_speedup
+from vsopt.benchmark.aggregate import plan_options, predicted_attention_speedup
 from vsopt.benchmark.methods import method_plan
 from vsopt.benchmark.scorer import PlanScorer
 from vsopt.benchmark.settings import BenchPoint, BenchSettings, Method
@@ -92,6 +92,8 @@ def bench(ref, settings: BenchSettings | None = None, *, progress: bool = True,
         except ConfigError as e:  # this density is out of the method's reach: say so, go on
             not_run.append({"method": method.value, "target_density": density, "why": str(e)})
             continue
+        if method is Method.VSOPT:  # which options the calibration chose
+            notes = [*notes, plan_options(plan, scorer.sites, settings.steps)]
         add(method, density, plan, notes)
     if by_time:
         # the baselines' PREDICTED speedups (on a GPU too: the time budget is the cost model's)

@@ -136,3 +136,23 @@ def test_plan_options_count_what_each_step_runs():
     plan, _ = method_plan(Method.RETTENTION_POOLED, [site], 0.5, settings)
     assert plan_options(plan, [site], 4) == ("of 8 head-steps: dynamic 8; pooled remainder 2, renorm 8; "
                                              "dense warm-up 0 step(s)")
+
+
+def test_calibration_step_ranges_keep_a_correction_and_its_measuring_step_together():
+    from vsopt.benchmark.scorer import calibration_step_ranges
+    from vsopt.core.rettention import Phase, Renorm, renorm_phase
+
+    assert calibration_step_ranges(4) == ((0, 1), (1, 2), (2, 3), (3, None))
+    assert calibration_step_ranges(1) == ((0, None),)
+    assert calibration_step_ranges(4, (3,)) == ((0, 1), (1, None))
+    assert calibration_step_ranges(8, (3,)) == ((0, 1), (1, 4), (4, 7), (7, None))
+    assert calibration_step_ranges(8, (2, 3)) == calibration_step_ranges(8, (3,))
+    assert calibration_step_ranges(1, (3,)) is None
+    # the measuring steps are those of one range from step 1 (renorm_phase counts from a range's start)
+    spec = Renorm(3)
+    for steps in (4, 8, 10):
+        ranges = calibration_step_ranges(steps, (3,))
+        start = {i: a for a, b in ranges for i in range(a, steps if b is None else b)}
+        split = [renorm_phase(spec, i, start[i]) for i in range(1, steps)]
+        whole = [renorm_phase(spec, i, 1) for i in range(1, steps)]
+        assert split == whole and split[0] is Phase.MEASURE

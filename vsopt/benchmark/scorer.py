@@ -49,6 +49,22 @@ def site_output(site, heads: Sequence[HeadPlan], call) -> torch.Tensor:
     return semantics.site_output(site, heads, call.q, call.k, call.v, call.scale, softcap=call.softcap)
 
 
+def calibration_step_ranges(steps: int, renorm: Sequence[int] = ()) -> tuple[tuple[int, int | None], ...] | None:
+    """vsopt's step plans over a calibration run of `steps` steps: one range per step; with
+    Re-ttention intervals on offer (a correction needs its measuring step in its own range, and
+    measures at the range's first step), step 0, then ranges of the longest interval R from step
+    1 ((1, 1 + R), (1 + R, 1 + 2R), ...: each measures at its start, as one range from step 1
+    would, and the search still places blocks per segment), the last one to the end. None for a
+    one-step run with intervals (nothing to correct)."""
+    if not renorm:
+        return tuple((i, i + 1) for i in range(steps - 1)) + ((steps - 1, None),)
+    if steps < 2:
+        return None
+    r = max(renorm)
+    starts = [0, *range(1, steps, r)]
+    return tuple((a, b) for a, b in zip(starts, [*starts[1:], None]))
+
+
 class PlanScorer:
     """Built once per (model, settings): it samples the dense clips, records the transformer's
     inputs at every step and each attention site's exact q/k/v/output there. score(plan) then
@@ -169,11 +185,7 @@ class PlanScorer:
         calls = self._calibration_inputs
         if s.sensitivity and self._error_weights is None:
             self._error_weights = self.sensitivity_weights(calls)
-        ranges = None
-        if s.step_plans and s.vsopt_renorm:   # a correction needs its measuring step in its range
-            ranges = ((0, 1), (1, None)) if s.calibration_steps > 1 else None
-        elif s.step_plans:
-            ranges = tuple((i, i + 1) for i in range(s.calibration_steps - 1)) + ((s.calibration_steps - 1, None),)
+        ranges = calibration_step_ranges(s.calibration_steps, s.vsopt_renorm) if s.step_plans else None
         options = CalibrationOptions(block_m=s.block, block_n=s.block, quants=tuple({Quant.NONE, s.quant}),
                                      order_density=order_density, step_ranges=ranges, dynamic_values=DYNAMIC_MASS,
                                      dynamic_top_k=s.vsopt_top_k,

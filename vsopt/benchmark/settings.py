@@ -56,8 +56,9 @@ class BenchSettings:
     calibration may also give heads a pooled remainder (CalibrationOptions.pooled_remainder).
     renorm_every: the measuring interval of the "rettention" methods. vsopt_renorm: the intervals
     of the softmax-mass correction vsopt's calibration may choose (CalibrationOptions.renorm_every);
-    with step_plans its step ranges are then step 0 and the rest (a correction needs its measuring
-    step in the same range), not one per step.
+    with step_plans its step ranges are then step 0 and ranges of the longest interval from step 1
+    (a correction needs its measuring step in the same range; scorer.calibration_step_ranges), not
+    one per step.
     cluster_clusters: (query, key) k-means clusters of the "cluster" method (0: one per kernel
     block of the video tokens), cluster_refresh its refresh period in steps; vsopt_clusters: vsopt's
     calibration may also give heads that clustering (CalibrationOptions.clusters), at the top-p

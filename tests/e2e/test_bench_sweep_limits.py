@@ -156,3 +156,17 @@ def test_calibration_step_ranges_keep_a_correction_and_its_measuring_step_togeth
         split = [renorm_phase(spec, i, start[i]) for i in range(1, steps)]
         whole = [renorm_phase(spec, i, 1) for i in range(1, steps)]
         assert split == whole and split[0] is Phase.MEASURE
+
+
+def test_the_step_model_of_a_plan_is_built_once_for_scoring_and_timing():
+    from vsopt.benchmark.methods import method_plan
+    from vsopt.benchmark.scorer import PlanScorer
+
+    settings = BenchSettings(methods=(Method.TOPK,), densities=(0.5,), steps=2)
+    scorer = PlanScorer(_tiny(), settings)
+    plan, _ = method_plan(Method.TOPK, scorer.sites, 0.5, settings)
+    other, _ = method_plan(Method.TOPK, scorer.sites, 0.5, settings)
+    first = scorer.step_model(plan)
+    assert scorer.step_model(plan) is first
+    assert scorer.step_model(other) is not first   # an equal but other plan object is built anew
+    assert scorer.step_model(None) is not scorer.step_model(other)

@@ -101,6 +101,7 @@ class PlanScorer:
         self._calibration_inputs = None
         self._error_weights = None
         self._density_plans: dict[float, Plan] = {}
+        self._last_model = None  # (plan, its sampler model): the last one built
 
     def score(self, plan: Plan) -> dict[str, Any]:
         """Video scores (PSNR, SSIM, relative L2 of the final latents against dense), per-site
@@ -124,9 +125,14 @@ class PlanScorer:
     def step_model(self, plan: Plan):
         """A sampler model running `plan`: the lowered graph of the current denoising step's
         segment when the plan has step ranges (vsopt.core.steps, as the backend dispatches)."""
+        if self._last_model is not None and self._last_model[0] is plan:  # score, then time, the same plan
+            return self._last_model[1]
         if plan is None:  # the traced model's own graph
-            return _as_sampler_model(rewritten(self.velocity, self.example, None, None)[0])
-        return _as_sampler_model(step_variants(plan, lambda p: rewritten(self.velocity, self.example, p, None)[0]))
+            model = _as_sampler_model(rewritten(self.velocity, self.example, None, None)[0])
+        else:
+            model = _as_sampler_model(step_variants(plan, lambda p: rewritten(self.velocity, self.example, p, None)[0]))
+        self._last_model = (plan, model)
+        return model
 
     def calibrated_plan(self, density: float) -> Plan:
         """vsopt's calibration under DensityBudget(density), on other clips than the scored ones:

@@ -4,11 +4,10 @@ configuration, speed measured on a GPU or predicted by the cost model elsewhere.
 On a GPU the speed is measured over the whole sampler run (every denoising step: step ranges,
 warm-ups, mask reuse and measuring/correcting steps run as they do for a user), against the same
 run of the dense model (sampling_ms: the rewritten graphs eagerly, or torch.compile with
-settings.timing "compiled"). With
-settings.time_limit_s the sweep stops starting configurations once that many seconds have passed,
-and records the ones it did not run (result["not_run"], with the reason); a configuration whose
-plan cannot be made at its density (e.g. rettention's measuring steps alone exceeding it) is
-recorded there too, and the sweep goes on."""
+settings.timing "compiled"). With settings.time_limit_s the sweep stops starting configurations
+once that many seconds have passed, and records the ones it did not run (result["not_run"], with
+the reason); a configuration whose plan cannot be made at its density (e.g. rettention's
+measuring steps alone exceeding it) is recorded there too, and the sweep goes on."""
 from __future__ import annotations
 
 import dataclasses
@@ -122,11 +121,12 @@ def _result(settings, scorer, on_gpu, dense_ms, points, not_run, started) -> dic
 
 def sampling_ms(scorer: PlanScorer, plan: Plan | None, settings: BenchSettings) -> float:
     """Median ms of one whole sampler run (settings.steps steps on the scored clip's inputs) with
-    `plan` (None: dense; the bench calls it on a GPU), after one untimed run that builds every step variant (and JITs the
-    kernels). settings.timing "eager": the rewritten graphs run as the scorer runs them (the
-    lowered FX graph per step segment, no Inductor; dense: the traced model's own graph), which
-    costs no compilation per configuration; "compiled": torch.compile(backend="vsopt") with the
-    plan, as a user runs it (Inductor compiles every step variant: tens of seconds per plan)."""
+    `plan` (None: dense; the bench calls it on a GPU), after one untimed run that builds every
+    step variant (and JITs the kernels). settings.timing "eager": the rewritten graphs run as the
+    scorer runs them (the lowered FX graph per step segment, no Inductor; dense: the traced
+    model's own graph), which costs no compilation per configuration; "compiled":
+    torch.compile(backend="vsopt") with the plan, as a user runs it (Inductor compiles every step
+    variant: tens of seconds per plan)."""
     from vsopt.benchmark.scorer import _as_sampler_model
     from vsopt.core.timing import median_ms
     from vsopt.models import sampler

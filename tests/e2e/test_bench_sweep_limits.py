@@ -125,6 +125,7 @@ def test_plan_options_count_what_each_step_runs():
     from vsopt.benchmark.aggregate import plan_options
     from vsopt.benchmark.methods import method_plan
     from vsopt.core.ir import AttentionSite, Layout, TokenGrid
+    from vsopt.core.plan import HeadPlan, Plan, SitePlan
 
     grid = TokenGrid(4, 16, 16)
     n = grid.num_tokens
@@ -133,6 +134,9 @@ def test_plan_options_count_what_each_step_runs():
     plan, _ = method_plan(Method.WARMUP, [site], 0.5, settings)    # step 0 dense, steps 1-3 top-k
     assert plan_options(plan, [site], 4) == ("of 8 head-steps: dense 2, dynamic 6; pooled remainder 0, renorm 0; "
                                              "dense warm-up 1 step(s)")
+    cross = AttentionSite("blocks.0.attn2", 1, "sdpa", Layout.BHND, 1, 2, 2, 32, 32, n, 16, None, 0.1)
+    plan = Plan({**plan.sites, cross.site_id: SitePlan.for_site(cross, HeadPlan())})   # a dense cross-attention entry
+    assert plan_options(plan, [site, cross], 4).startswith("of 8 head-steps: dense 2, dynamic 6;")  # not counted
     plan, _ = method_plan(Method.RETTENTION_POOLED, [site], 0.5, settings)
     assert plan_options(plan, [site], 4) == ("of 8 head-steps: dynamic 8; pooled remainder 2, renorm 8; "
                                              "dense warm-up 0 step(s)")

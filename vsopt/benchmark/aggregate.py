@@ -100,14 +100,14 @@ def calibrated_sites_target(speedup: float, sites: Sequence[AttentionSite], cost
 
 
 def plan_options(plan: Plan, sites: Sequence[AttentionSite], steps: int) -> str:
-    """What a plan runs, counted over the planned sites' heads at each of `steps` denoising steps
-    (e.g. "of 192 head-steps: dense 20, mask 40, dynamic 100, skip 0, ...; pooled 60, renorm 30;
+    """What a plan runs, counted over the planned self-attention sites' heads at each of `steps`
+    denoising steps (e.g. "of 192 head-steps: dense 20, mask 40, dynamic 100, skip 0, ...; pooled 60, renorm 30;
     dense warm-up 1 step(s)"; the pooled remainder counted where it runs: a renormalized head's at
     its measuring steps only): which options a calibrated plan chose."""
     counts: dict[str, int] = {}
     pooled = renormed = total = 0
     for site in sites:
-        if site.site_id not in plan:
+        if site.site_id not in plan or not site.is_self_attention:  # as plan_density: cross-attention stays dense
             continue
         for step in range(steps):
             heads = heads_run(plan, site, step)

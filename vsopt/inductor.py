@@ -147,6 +147,21 @@ def _filtered_pattern_passes() -> Iterator[None]:
         passes[:] = saved
 
 
+#: Static token permutations inlined as ATen gathers before Inductor (passes/inline_permutations.py
+#: says why); False keeps the custom ops (benchmarks/host_overhead.py measures both).
+INLINE_PERMUTATIONS = True
+
+
+def prepare(gm: torch.fx.GraphModule):
+    """What vsopt does to a rewritten graph for Inductor alone (an export keeps vsopt's ops): its
+    static token permutations become ATen gathers. Returns the pass's report, None when off."""
+    if not INLINE_PERMUTATIONS:
+        return None
+    from vsopt.passes import inline_permutations
+
+    return inline_permutations.run(gm)
+
+
 def compile_fx(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config_patches: dict | None = None):
     """torch._inductor.compile_fx.compile_fx, without Inductor's attention fusion."""
     from torch._inductor.compile_fx import compile_fx as inductor_compile_fx

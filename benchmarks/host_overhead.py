@@ -185,7 +185,7 @@ def noop_kernels():
 
     saved = ops._run_block_sparse
 
-    def noop(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant, with_lse, softcap):
+    def noop(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant, with_lse, softcap, row_order=None):
         ops._bsa_inputs.check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, quant, softcap)
         return torch.empty_like(q), (q.new_empty(q.shape[:3], dtype=torch.float32) if with_lse else None)
 

@@ -147,19 +147,24 @@ def _filtered_pattern_passes() -> Iterator[None]:
         passes[:] = saved
 
 
-#: Static token permutations inlined as ATen gathers before Inductor (passes/inline_permutations.py
-#: says why); False keeps the custom ops (benchmarks/host_overhead.py measures both).
+#: What prepare() does (passes/inline_permutations.py and passes/static_work_orders.py say why);
+#: False keeps the graph as the pipeline left it (benchmarks/host_overhead.py measures both).
 INLINE_PERMUTATIONS = True
+STATIC_WORK_ORDERS = True
 
 
-def prepare(gm: torch.fx.GraphModule):
-    """What vsopt does to a rewritten graph for Inductor alone (an export keeps vsopt's ops): its
-    static token permutations become ATen gathers. Returns the pass's report, None when off."""
-    if not INLINE_PERMUTATIONS:
-        return None
-    from vsopt.passes import inline_permutations
+def prepare(gm: torch.fx.GraphModule) -> list:
+    """What vsopt does to a rewritten graph for Inductor alone (an export keeps vsopt's ops in
+    their plain form): static token permutations become ATen gathers, launches over constant
+    tables get their work order as a constant. Returns the passes' reports."""
+    from vsopt.passes import inline_permutations, static_work_orders
 
-    return inline_permutations.run(gm)
+    reports = []
+    if INLINE_PERMUTATIONS:
+        reports.append(inline_permutations.run(gm))
+    if STATIC_WORK_ORDERS:
+        reports.append(static_work_orders.run(gm))
+    return reports
 
 
 def compile_fx(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config_patches: dict | None = None):

@@ -115,3 +115,39 @@ def test_a_lowered_site_has_one_launch_per_launch_group_and_no_python_permutatio
     assert len(vsopt_ops) == 3   # the launches are the only vsopt ops (Python) left at the site
     # 4 gathers (q, k, v, out) + per extra group 3 index_select, one cat, one head-order index_select
     assert len(mine) <= 4 + 3 + 3 * 3 + 2, targets
+
+
+def test_static_tables_get_their_work_order_once_and_the_output_is_unchanged():
+    from vsopt.core.ops import row_order
+    from vsopt.passes import static_work_orders
+
+    grid = TokenGrid(2, 3, 5, text_before=1)
+    heads = [HeadPlan(Sparsity.PATTERN, o, qm, 16, 16, pattern=LocalWindow(1, 1, 1))
+             for o, qm in zip((TokenOrder.HWF, TokenOrder.FHW, TokenOrder.WHF), (Quant.NONE, Quant.INT8, Quant.NONE))]
+    site = site_for(grid, 3, 3)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 3, grid.num_tokens, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    gm, _, _ = lower(traced([site]), (q, k, v), [site], Plan({site.site_id: SitePlan.for_site(site, heads)}))
+    new = copy.deepcopy(gm)
+    report = static_work_orders.run(new)
+    launches = [n for n in new.graph.nodes if n.target is vsopt.block_sparse_attention.default]
+    assert len(launches) == 2 and report.changed
+    for n in launches:
+        order = getattr(new, n.kwargs["row_order"].target)
+        counts = getattr(new, n.args[4].target)
+        assert order.dtype == torch.int32 and torch.equal(order, row_order(counts, 2))
+        assert sorted(order.tolist()) == list(range(2 * counts.shape[1] * counts.shape[2]))   # every row once
+    assert torch.equal(new(q, k, v), gm(q, k, v))
+    assert not static_work_orders.run(new).changed   # idempotent
+
+
+def test_a_table_computed_in_the_graph_keeps_its_per_call_order():
+    from vsopt.passes import static_work_orders
+
+    def f(q, k, v, mask):
+        idx, counts = vsopt.mask_to_table(mask)
+        return vsopt.block_sparse_attention(q, k, v, idx, counts, 0.5, 16, 16, "none")
+
+    q, k, v = (torch.randn(1, 2, 32, 8) for _ in range(3))
+    gm = make_fx(f, tracing_mode="fake")(q, k, v, torch.ones(1, 2, 2, 2, dtype=torch.bool))
+    assert not static_work_orders.run(gm).changed

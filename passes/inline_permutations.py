@@ -68,11 +68,63 @@ class _Indices:
         return self.made[key]
 
 
+def _select_heads(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
+    """The constant head indices of index_select(., 1, const), else None."""
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is aten.index_select.default
+            and node.args[1] == 1):
+        return None
+    sel = _constant_value(gm, node.args[2])
+    return sel if sel is not None and sel.dim() == 1 and sel.dtype == torch.int64 else None
+
+
+def _gather(gm, at: torch.fx.Node, x, heads: torch.Tensor, rows: torch.Tensor, label: str) -> torch.fx.Node:
+    """x[:, heads[:, None], rows] (rows (len(heads) or 1, N)) replacing `at`, as one aten.index."""
+    with gm.graph.inserting_before(at):
+        idx = [None, constant(gm, f"_vsopt_gather_{label}_heads", heads[:, None].contiguous(), like=x, pass_name=NAME),
+               constant(gm, f"_vsopt_gather_{label}_rows", rows.contiguous(), like=x, pass_name=NAME)]
+        new = emit(gm.graph, aten.index.Tensor, (x, idx), pass_name=NAME, replaces=(at.name,), meta_from=at)
+        new = with_layout_of(gm.graph, new, at, pass_name=NAME)
+    if "vsopt_site" in at.meta:
+        new.meta["vsopt_site"] = at.meta["vsopt_site"]
+    at.replace_all_uses_with(new)
+    gm.graph.erase_node(at)
+    return new
+
+
+def _fold_head_selections(gm: torch.fx.GraphModule, gathers: dict) -> int:
+    """A multi-group site (semantics.launch_groups) selects each group's heads from the permuted
+    q, k, v (index_select) and puts the outputs back in head order (cat, index_select) before the
+    inverse permutation. Each selection of a gathered tensor becomes one gather of the group's
+    heads straight from the unpermuted tensor (the whole permuted copy is not made), and the head
+    reorder before an inverse permutation joins it: one gather with a per-head index."""
+    folded = 0
+    for g, (rows, inverse) in list(gathers.items()):
+        x = g.args[0]
+        if not inverse:   # index_select(x[:, heads, P], 1, sel) == x[:, sel, P[sel]]
+            for user in list(g.users):
+                sel = _select_heads(gm, user)
+                if sel is None:
+                    continue
+                _gather(gm, user, x, sel, rows[sel] if rows.shape[0] > 1 else rows, f"{g.name}_{user.name}")
+                folded += 1
+            if not g.users:
+                gm.graph.erase_node(g)
+        else:   # index_select(c, 1, inv)[:, h, Pinv[h]] == c[:, inv[h], Pinv[h]]
+            sel = _select_heads(gm, x)
+            if sel is None or len(x.users) != 1 or (rows.shape[0] not in (1, sel.numel())):
+                continue
+            _gather(gm, g, x.args[0], sel, rows, g.name)
+            gm.graph.erase_node(x)
+            folded += 1
+    return folded
+
+
 def run(gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> PassReport:
     """Replace every permute_tokens / unpermute_tokens whose order is a (H or 1, N) constant."""
     report = PassReport(NAME)
     changes = GraphChanges(gm.graph)
     indices = _Indices(gm)
+    gathers: dict[torch.fx.Node, tuple[torch.Tensor, bool]] = {}   # gather -> (its rows (H or 1, N), inverse)
     done = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _TARGETS:
@@ -83,19 +135,24 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> PassReport:
             continue   # an order computed in the graph (or per sample): the op stays
         with gm.graph.inserting_after(perm):   # right after the order: it dominates every use
             idx = indices.get(perm, value, inverse=node.target is vsopt.unpermute_tokens.default)
+        inverse = node.target is vsopt.unpermute_tokens.default
         with gm.graph.inserting_before(node):
-            new = emit(gm.graph, aten.index.Tensor, (x, idx), pass_name=NAME, replaces=(node.name,), meta_from=node)
-            new = with_layout_of(gm.graph, new, node, pass_name=NAME)   # the op's output is contiguous
-        for key in ("vsopt_site",):
-            if key in node.meta:
-                new.meta[key] = node.meta[key]
+            gather = emit(gm.graph, aten.index.Tensor, (x, idx), pass_name=NAME, replaces=(node.name,), meta_from=node)
+            new = with_layout_of(gm.graph, gather, node, pass_name=NAME)   # the op's output is contiguous
+        for n in {gather, new}:
+            if "vsopt_site" in node.meta:
+                n.meta["vsopt_site"] = node.meta["vsopt_site"]
+        if new is gather:
+            gathers[gather] = (torch.argsort(value, dim=-1) if inverse else value, inverse)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         if not perm.users:
             gm.graph.erase_node(perm)
         done += 1
+    folded = _fold_head_selections(gm, gathers) if done else 0
     if done:
         gm.graph.lint()
         gm.recompile()
-        report.notes.append(f"{done} token permutation(s) with a constant order inlined as ATen gathers")
+        report.notes.append(f"{done} token permutation(s) with a constant order inlined as ATen gathers"
+                            + (f", {folded} head selection(s) folded into them" if folded else ""))
     return changes.record(report)

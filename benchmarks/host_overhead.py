@@ -320,15 +320,16 @@ def _gpu_us(fn) -> float | None:
         return None
 
 
-def _wall_us(fn, calls: int = 50, reps: int = 3) -> float:
+def _wall_us(fn, calls: int = 50, reps: int = 3, sync=None) -> float:
+    sync = sync or torch.cuda.synchronize
     fn()
-    torch.cuda.synchronize()
+    sync()
     out = []
     for _ in range(reps):
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
-        torch.cuda.synchronize()
+        sync()
         out.append(1e6 * (time.perf_counter() - t0) / calls)
     return statistics.median(out)
 
@@ -340,23 +341,30 @@ GPU_ORDER = [("dense", "eager", True), ("1g_perm", "eager", True), ("3g_perm", "
 
 
 def run_gpu(args) -> dict:
+    """The compiled runs (GPU_ORDER). --dry-run: the same flow on the CPU at a tiny grid, eager
+    mode only, 'GPU time' = wall time (checks the script, not a measurement)."""
     from vsopt import inductor
 
     torch.manual_seed(0)
-    n = GRID[0] * GRID[1] * GRID[2]
-    model = Blocks(args.sites).cuda().to(torch.bfloat16).eval()
-    x = torch.randn(BATCH, n, HEADS * HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-    sites = model_sites(model, x, GRID)
+    dry = args.dry_run
+    grid, block = ((1, 2, 8), 16) if dry else (GRID, 64)
+    dev, dtype = ("cpu", torch.float32) if dry else ("cuda", torch.bfloat16)
+    sync = (lambda: None) if dry else torch.cuda.synchronize
+    n = grid[0] * grid[1] * grid[2]
+    model = Blocks(args.sites).to(dev, dtype).eval()
+    x = torch.randn(BATCH, n, HEADS * HEAD_DIM, device=dev, dtype=dtype)
+    sites = model_sites(model, x, grid)
     start = time.time()
     runs = []
-    for variant, mode, inline in GPU_ORDER:
+    order = [r for r in GPU_ORDER if r[1] == "eager"][:4] if dry else GPU_ORDER
+    for variant, mode, inline in order:
         if time.time() - start > args.budget_s:
             runs.append({"variant": variant, "mode": mode, "inlined": inline, "skipped": "time budget"})
             continue
         torch._dynamo.reset()
-        inductor.INLINE_PERMUTATIONS = inline
-        options = {"grid": GRID, "cudagraphs": mode == "cudagraphs"}
-        plan = plan_of(variant, sites)
+        inductor.INLINE_PERMUTATIONS = inductor.STATIC_WORK_ORDERS = inline
+        options = {"grid": grid, "cudagraphs": mode == "cudagraphs"}
+        plan = plan_of(variant, sites, block)
         if plan is not None:
             options["plan"] = plan
         t0 = time.time()
@@ -364,11 +372,11 @@ def run_gpu(args) -> dict:
         with torch.no_grad():
             for _ in range(3):
                 y = compiled(x)
-            torch.cuda.synchronize()
+            sync()
             compile_s = time.time() - t0
             call = lambda: compiled(x)  # noqa: E731
-            wall = _wall_us(call)
-            gpu = _gpu_us(call) if mode == "eager" else None
+            wall = _wall_us(call, sync=sync)
+            gpu = (wall if dry else _gpu_us(call)) if mode == "eager" else None
         heads = heads_of(variant)
         r = {"variant": variant, "mode": mode, "inlined": inline, "wall_us": wall, "gpu_us": gpu,
              "compile_s": round(compile_s, 1), "finite": bool(torch.isfinite(y).all()),
@@ -377,8 +385,9 @@ def run_gpu(args) -> dict:
         runs.append(r)
         print(f"{variant} {mode} inline={inline}: wall {wall:.1f} us, gpu {gpu}, compile {compile_s:.1f} s",
               flush=True)
-    inductor.INLINE_PERMUTATIONS = True
-    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "sites": len(sites), "tokens": n,
+    inductor.INLINE_PERMUTATIONS = inductor.STATIC_WORK_ORDERS = True
+    return {"gpu": "cpu (dry run)" if dry else torch.cuda.get_device_name(), "torch": torch.__version__,
+            "dry_run": dry, "sites": len(sites), "tokens": n,
             "batch": BATCH, "heads": HEADS, "head_dim": HEAD_DIM, "runs": runs, "seconds": round(time.time() - start, 1),
             "overhead_us": fit_overhead(runs, len(sites))}
 
@@ -430,6 +439,8 @@ def apply(result_path: str, model_path: str) -> None:
 
     with open(result_path) as f:
         res = json.load(f)
+    if res.get("dry_run"):
+        raise SystemExit(f"{result_path}: a --dry-run on the CPU: its times are not a GPU's")
     model = CostModel.load(model_path)
     terms = res["overhead_us"]
     for mode in ("eager", "cudagraphs"):
@@ -454,6 +465,7 @@ def main(argv=None) -> int:
     mode.add_argument("--gpu", action="store_true", help="compiled per-site overhead on the GPU")
     mode.add_argument("--apply", metavar="RESULT", help="write a --gpu result's overhead terms into --to")
     p.add_argument("--to", help="the cost-model JSON --apply updates")
+    p.add_argument("--dry-run", action="store_true", help="--gpu: the flow on the CPU (a check, not a measurement)")
     p.add_argument("--out", help="the JSON to write")
     p.add_argument("--sites", type=int, default=4, help="attention blocks in the model")
     p.add_argument("--budget-s", type=float, default=170.0, help="--gpu: start no new variant after this")
@@ -467,7 +479,7 @@ def main(argv=None) -> int:
             p.error("--apply needs --to COSTMODEL.json")
         apply(args.apply, args.to)
         return 0
-    if args.gpu and not torch.cuda.is_available():
+    if args.gpu and not args.dry_run and not torch.cuda.is_available():
         print("host_overhead --gpu: needs a CUDA GPU", file=sys.stderr)
         return 2
     result = run_cpu(args) if args.cpu else run_gpu(args)

@@ -31,7 +31,7 @@ def _runs(base, per_launch, permuted, sites=4, graphs=(3.0, 1.0, 0.5)):
         for mode, f in (("eager", 1.0), ("cudagraphs", 1 / 3)):
             runs.append({"variant": v, "mode": mode, "inlined": True, "gpu_us": gpu[v] if mode == "eager" else None,
                          "wall_us": 300.0 + (gpu[v] - 100.0) + f * per * sites})
-    runs.append({"variant": "1g_perm", "mode": "eager", "inlined": False, "gpu_us": None,
+    runs.append({"variant": "1g_perm", "mode": "eager", "inlined": False, "gpu_us": 160.0,
                  "wall_us": 300.0 + 60.0 + 2 * (base + permuted) * sites})
     return runs
 
@@ -44,11 +44,20 @@ def test_the_fit_recovers_known_terms(ho):
     assert terms["eager_before_inlining_1g_perm"] == pytest.approx(100.0)
 
 
+def test_the_dense_baseline_is_the_unprepared_dense_model_where_measured(ho):
+    runs = _runs(30.0, 12.0, 20.0)
+    # a prepared dense run 40 us/site slower (what inlining dense sites as ATen SDPA measured): not the baseline
+    runs.append({"variant": "dense", "mode": "eager", "inlined": False, "wall_us": 300.0, "gpu_us": 100.0})
+    runs[0]["wall_us"] += 4 * 40.0
+    terms = ho.fit_overhead(runs, sites=4)
+    assert terms["eager"]["base"] == pytest.approx(30.0) and terms["eager"]["per_launch"] == pytest.approx(12.0)
+
+
 def test_apply_writes_the_terms_into_a_cost_model(ho, tmp_path):
     model = CostModel(gpu="test", launch_us={}, per_block_us={}, per_query_block_us={}, overhead_us={"eager": 129.0})
     model.save(tmp_path / "c.json")
-    (tmp_path / "r.json").write_text(json.dumps({"gpu": "test", "overhead_us": ho.fit_overhead(_runs(30.0, 12.0, 20.0),
-                                                                                               sites=4)}))
+    (tmp_path / "r.json").write_text(json.dumps({"gpu": "test", "sites": 4, "runs": _runs(30.0, 12.0, 20.0),
+                                                 "overhead_us": {}}))   # refitted from the runs
     ho.apply(str(tmp_path / "r.json"), str(tmp_path / "c.json"))
     got = CostModel.load(tmp_path / "c.json")
     assert got.overhead_us["eager"] == pytest.approx(30.0) and got.overhead_us["eager_per_launch"] == pytest.approx(12.0)

@@ -201,9 +201,12 @@ def kernel_spec(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
 def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor,
                 kv_counts: torch.Tensor, scale: float, block_m: int, block_n: int, quant: QuantMode,
                 with_lse: bool = False, tile: Tile | tuple | None = None, softcap: float = 0.0,
-                pv_format: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                pv_format: str | None = None, row_order: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """block_sparse_attention on inputs check_inputs has accepted (quant: the mode it returned):
-    the op's entry, which validated them itself."""
+    the op's entry, which validated them itself. row_order: the work order (schedule.work_order of
+    this table and batch) computed ahead, e.g. a compiled graph's constant for a static table;
+    None: computed here (in a traced graph, a sort at every call)."""
     spec = kernel_spec(q, k, v, scale, block_m, block_n, quant, softcap)
     quant_launch.check_pv_format(spec.quant, pv_format)
     B, Hq, Nq, D = q.shape
@@ -232,7 +235,14 @@ def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: t
     else:
         stride_vn, stride_vd = v.stride(2), 1
     lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device) if with_lse else out
-    order = work_order(kv_counts, B)
+    if row_order is None:
+        order = work_order(kv_counts, B)
+    else:   # the rows are scheduling only: any order of all B * Hq * QB rows gives the same output
+        check(row_order.dim() == 1 and row_order.dtype == torch.int32 and row_order.numel() == B * Hq * QB
+              and row_order.device == q.device,
+              f"block_sparse_attention: row_order must be int32 ({B * Hq * QB},) on {q.device}, got "
+              f"{row_order.dtype} {tuple(row_order.shape)} on {row_order.device}")
+        order = row_order
     unused = order   # stands in for the scale pointers a mode does not read
     Bt = kv_counts.shape[0]
     grid = lambda meta: (order.numel() * (block_m // meta["BLOCK_M"]),)  # noqa: E731

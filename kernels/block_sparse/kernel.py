@@ -9,7 +9,7 @@ schedule.work_order), so the long rows start early, the short ones fill the tail
 running together share one head's K/V in L2.
 
 QUANT (constexpr): 0 bf16/fp16 Q K V; 1 INT8 Q K (smoothed K, per-block scales), 16-bit P V;
-2 FP8 Q K, FP8 P V; 3 INT8 Q K, FP8 P V. In the FP8 P V modes V comes transposed (B, H, D, N_pad)
+2 FP8 Q K, FP8 P V; 3 INT8 Q K, FP8 P V; 4 INT8 Q K, INT8 P V (see PV_INT8). In the 8-bit P V modes V comes transposed (B, H, D, N_pad)
 with a per-channel scale, and each tile's P is scaled by its own row max before the e4m3 cast
 (SageAttention2's per-block P scale): p~ = exp2(s - tmax) * 448, so the tile's largest value is
 e4m3's largest and P uses the whole range even where the tile lies far below the running max.
@@ -27,8 +27,8 @@ and before the key mask (a masked key stays -inf, not -cap). ROW_BIAS (a cap on 
 K smoothing dropped q . mean(K), a per-row constant the softmax ignores but tanh does not, so it is
 added back (QkBias, (B, H, NQ) float32, from the unquantized q) before the cap.
 
-PV_INT8 (constexpr, with an FP8 P V mode; experimental, not a plan mode yet): P V in INT8 instead
-of e4m3: p~ = round(exp2(s - tmax) * 127), V in INT8 codes per channel (same transposed layout),
+PV_INT8 (QUANT 4, the plan mode int8_int8; or the flag with an FP8 P V mode, the launcher's
+experimental option for FP8 Q K): P V in INT8 instead of e4m3: p~ = round(exp2(s - tmax) * 127), V in INT8 codes per channel (same transposed layout),
 the tile's product in int32, then as above with 127 for 448. More accurate than e4m3 for P and V
 (uniform steps: ~1% rms for Gaussian V against e4m3's ~2.7%; docs/KERNELS.md "P V formats").
 
@@ -140,8 +140,9 @@ def _block_sparse_fwd_kernel(
     PV_INT8: tl.constexpr = False,
 ):
     QK_QUANT: tl.constexpr = QUANT != 0
-    QK_INT8: tl.constexpr = (QUANT == 1) or (QUANT == 3)
-    PV_FP8: tl.constexpr = (QUANT == 2) or (QUANT == 3)
+    QK_INT8: tl.constexpr = (QUANT == 1) or (QUANT == 3) or (QUANT == 4)
+    PV_FP8: tl.constexpr = (QUANT == 2) or (QUANT == 3) or (QUANT == 4)   # 8-bit P V: V transposed, P per tile
+    PV_I8: tl.constexpr = PV_INT8 or (QUANT == 4)
     ROW_BIAS: tl.constexpr = SOFTCAP and QK_QUANT
     SPLIT_M: tl.constexpr = TABLE_BLOCK_M // BLOCK_M
     SPLIT_N: tl.constexpr = TABLE_BLOCK_N // BLOCK_N
@@ -201,7 +202,7 @@ def _block_sparse_fwd_kernel(
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, NK, s_scale, cap_log2, inv_cap_log2,
                                      row_bias, stride_kn, stride_vn, stride_vd,
                                      BLOCK_N, HEAD_DIM, QK_INT8, PV_FP8, False, ROUND_IN_FP32, USE_TMA, SOFTCAP,
-                                     ROW_BIAS, PV_INT8)
+                                     ROW_BIAS, PV_I8)
     if not EVEN_N:
         if count > 0:
             kb = tl.load(idx_base + count - 1)
@@ -213,7 +214,7 @@ def _block_sparse_fwd_kernel(
                                              kb * TABLE_BLOCK_N + sub * BLOCK_N, NK, s_scale, cap_log2, inv_cap_log2, row_bias,
                                              stride_kn, stride_vn, stride_vd,
                                              BLOCK_N, HEAD_DIM, QK_INT8, PV_FP8, True, ROUND_IN_FP32, USE_TMA, SOFTCAP,
-                                             ROW_BIAS, PV_INT8)
+                                             ROW_BIAS, PV_I8)
 
     # A row that visited nothing (skipped head, empty row) has l = 0: output 0, lse -inf.
     l_safe = tl.where(l_i > 0, l_i, 1.0)

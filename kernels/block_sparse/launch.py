@@ -165,8 +165,9 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
     """Run the Triton kernel (see the module docstring for shapes), validating the inputs first.
     tile (a Tile, or the tuple of its fields) skips autotuning and runs that configuration: for
     tests and sweeps. softcap > 0: scores -> softcap * tanh(scores / softcap) before the softmax.
-    pv_format "int8" (FP8 P V modes; experimental, not a plan mode: no op, plan or export carries
-    it yet): P and V in INT8 instead of e4m3 (kernel.py, PV_INT8; docs/KERNELS.md "P V formats").
+    pv_format "int8" with fp8 / int8_fp8 (experimental: no op, plan or export carries it): P and V in
+    INT8 instead of e4m3 (kernel.py, PV_INT8; docs/KERNELS.md "P V formats"); int8_int8 is the plan
+    mode of INT8 Q K with INT8 P V (its pv_format is "int8" already).
     kernel: "triton" (this module's kernel, every mode) or "gluon" (gluon_launch: Hopper, bf16/fp16,
     no cap, eager; its limits are errors, not fallbacks). The ops of vsopt.core run the Triton kernel."""
     check(kernel in KERNELS, f"block_sparse_attention: kernel must be one of {KERNELS}, got {kernel!r}")
@@ -205,7 +206,7 @@ def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: t
     """block_sparse_attention on inputs check_inputs has accepted (quant: the mode it returned):
     the op's entry, which validated them itself."""
     spec = kernel_spec(q, k, v, scale, block_m, block_n, quant, softcap)
-    quant_launch.check_pv_format(spec.quant, pv_format)
+    pv_format = quant_launch.check_pv_format(spec.quant, pv_format)
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     eager = plain_eager(q, k, v, kv_indices, kv_counts)
@@ -227,7 +228,7 @@ def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: t
             q_bias = torch.einsum("bhnd,bhd->bhn", q.float(), mean).contiguous()
         q, k, v = quantized.q, quantized.k, quantized.v
         q_scale, k_scale, v_scale = quantized.q_scale, quantized.k_scale, quantized.v_scale
-    if spec.quant.pv_is_fp8:   # v is (B, H, D, N_pad): token stride 1 (the kernel knows), channel stride N_pad
+    if pv_format is not None:   # v is (B, H, D, N_pad): token stride 1 (the kernel knows), channel stride N_pad
         stride_vn, stride_vd = 1, v.stride(2)
     else:
         stride_vn, stride_vd = v.stride(2), 1

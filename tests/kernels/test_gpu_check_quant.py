@@ -17,19 +17,36 @@ def test_quant_and_overhead_parts_run_on_a_tiny_workload(monkeypatch, capsys, tm
     monkeypatch.setattr(check, "json_path", str(tmp_path / "q.json"))
     check.quant_accuracy_cases()
     accuracy = [r for r in check.results if r["case"].startswith("quant tiny")]
-    assert len(accuracy) == 2 * 4 * (len(check.REL_L2_BOUND) + 2)    # kinds x densities x (modes + INT8 P V)
+    assert len(accuracy) == 2 * 4 * (len(check.REL_L2_BOUND) + 1)    # kinds x densities x (modes + fp8 INT8 P V)
     by_mode = {m: [r["rel_l2"] for r in accuracy if r["case"].endswith(" " + m)] for m in (*check.REL_L2_BOUND, "pv int8")}
     assert max(by_mode["none"]) < 5e-3 < 1e-2 < min(by_mode["int8_fp8"])   # bf16 rounding only; the roundings applied
+    assert 5e-3 < min(by_mode["int8_int8"]) and max(by_mode["int8_int8"]) < min(by_mode["int8_fp8"])   # INT8 P V: finer
     assert by_mode["pv int8"] and all(r["pass"] for r in accuracy)
     check.quant_overhead_cases()
     line = check.results[-1]
     assert line["case"] == "overhead tiny density 0.2"
-    assert {"fp8", "int8_fp8", "int8"} <= set(line) and "compiled_fused_ms" in line["int8_fp8"]
+    assert {"fp8", "int8_fp8", "int8", "int8_int8"} <= set(line) and "compiled_fused_ms" in line["int8_int8"]
     assert "compiled_fused_ms" not in line["int8"]
     import json
 
     written = json.loads((tmp_path / "q.json").read_text())["results"]   # rewritten after every line
     assert [r["case"] for r in written] == [r["case"] for r in check.results]
     out = capsys.readouterr().out
-    assert "quantization overhead" in out and "quantize_qkv" in out and "INT8 P V launcher" in out
-    assert "pv_int8_launcher_ms" in line["int8_fp8"]
+    assert "quantization overhead" in out and "quantize_qkv" in out
+
+
+def test_speed_part_times_every_mode_on_a_tiny_workload(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(check, "DEVICE", "cpu")
+    monkeypatch.setattr(check, "WORKLOADS", {"tiny": (2, 300, 16, ("random",))})
+    monkeypatch.setattr(check, "SPEED_REPS", 1)
+    monkeypatch.setattr(check, "failures", [])
+    monkeypatch.setattr(check, "results", [])
+    monkeypatch.setattr(check, "json_path", str(tmp_path / "s.json"))
+    check.speed_cases()
+    lines = [r for r in check.results if r["case"].startswith("speed tiny")]
+    assert [r["case"] for r in lines] == [f"speed tiny density {d}" for d in check.SPEED_DENSITIES]
+    for r in lines:
+        assert set(check.REL_L2_BOUND) <= set(r) and all(r[m]["ms"] > 0 and r[m]["tflops"] > 0 for m in check.REL_L2_BOUND)
+        assert set(r["quant_ms"]) == set(check.REL_L2_BOUND) - {"none"}
+    assert lines[0]["density_run"] < lines[-1]["density_run"] == 1.0
+    assert capsys.readouterr().out.count("SPEED tiny") == len(check.SPEED_DENSITIES)

@@ -242,7 +242,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
 
     q (B, Hq, Nq, D); k, v (B, Hkv, Nk, D), Hq % Hkv == 0; kv_indices int32 (Bt, Hq, ceil(Nq/block_m),
     MAXK) ascending; kv_counts int32 (Bt, Hq, ceil(Nq/block_m)); quant in none / int8 / fp8 /
-    int8_fp8 (see docs/KERNELS.md). Returns (B, Hq, Nq, D) in q's dtype; rows that visit no block are 0.
+    int8_fp8 / int8_int8 (see docs/KERNELS.md). Returns (B, Hq, Nq, D) in q's dtype; rows that visit no block are 0.
     """
     return _run_block_sparse(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant, False, softcap)[0]
 

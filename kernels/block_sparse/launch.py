@@ -55,6 +55,9 @@ LOG2E = math.log2(math.e)
 #: with the Triton quantization kernels (False). Off until the GPU has timed and checked the fused form
 #: (tests/kernels/gpu_check.py --parts overhead times both): it is tested on the CPU only.
 FUSE_QUANT_WHEN_TRACED = False
+#: The INT8 products' integer <-> float conversions by the float-bias trick (kernel.py, FAST_CVT) or
+#: by cvt instructions (False): a switch for timing one against the other on the GPU.
+FAST_CVT = True
 _MODE_OF_CODE = {mode.code: mode for mode in QuantMode}
 
 
@@ -149,7 +152,7 @@ def _prune(configs, named_args, **kwargs):
 
 _tuned_kernel = triton.autotune(
     configs=[t.config() for t in _ALL_TILES],
-    key=[*SPEC_CONSTEXPRS, "EVEN_N", "WRITE_LSE", "PV_INT8"],
+    key=[*SPEC_CONSTEXPRS, "EVEN_N", "WRITE_LSE", "PV_INT8", "FAST_CVT"],
     prune_configs_by={"early_config_prune": _prune},
 )(kernel._block_sparse_fwd_kernel)
 
@@ -261,7 +264,7 @@ def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: t
         kv_counts.stride(0) if Bt > 1 else 0, kv_counts.stride(1),
         Hq, Hq // Hkv, Nq, Nk, QB, KB, scale * LOG2E, spec.softcap * LOG2E,
         **spec_constexprs(spec), WRITE_LSE=with_lse, EVEN_N=Nk % block_n == 0, ROUND_IN_FP32=interpreting(),
-        PV_INT8=pv_format == "int8",
+        PV_INT8=pv_format == "int8", FAST_CVT=FAST_CVT,
         **tile_args,
     )
     return out, (lse if with_lse else None)

@@ -141,7 +141,8 @@ def _signature(c: PtxConfig) -> tuple[dict, dict]:
         const = {"HEAD_DIM": c.head_dim, "TABLE_BLOCK_M": c.table_block_m, "TABLE_BLOCK_N": c.table_block_n,
                  "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "QUANT": code, "WRITE_LSE": False, "EVEN_N": c.even_n,
                  "ROUND_IN_FP32": False, "USE_TMA": c.use_tma, "SOFTCAP": c.softcap_log2 > 0,
-                 "PV_INT8": False}   # the launcher's experimental FP8-QK INT8 P V; int8_int8 is QUANT 4
+                 "PV_INT8": False,   # the launcher's experimental FP8-QK INT8 P V; int8_int8 is QUANT 4
+                 "FAST_CVT": True}
         sig = {}
         for name in fn.arg_names:
             sig[name] = f"*{ptrs[name]}" if name in ptrs else "constexpr" if name in const else \

@@ -356,6 +356,7 @@ def quant_overhead_cases():
 
 SPEED_DENSITIES = (0.1, 0.2, 0.5, 1.0)
 SPEED_REPS = 20
+CVT_MODES = ("int8", "int8_int8")   # also timed with launch.FAST_CVT off ("<mode>_cvt")
 
 
 def speed_cases():
@@ -365,7 +366,8 @@ def speed_cases():
     block mask plus the diagonal, the same for every kernel) at densities 0.1 / 0.2 / 0.5 / 1.0;
     the median of SPEED_REPS calls (CUDA events, after a warm-up call that autotunes). Also each
     quantized mode's quantize_qkv time (density-independent: once per workload), so the kernel's
-    own time is op - quant. The Gluon kernel's other variants (the persistent v2 among them) run in
+    own time is op - quant. CVT_MODES again with the INT8 products' conversions by cvt instructions
+    (launch.FAST_CVT off: "<mode>_cvt"), against the float-bias trick. The Gluon kernel's other variants (the persistent v2 among them) run in
     gpu_check_gluon.py, whose child process guards against a hang."""
     from vsopt.core.timing import median_ms
     from vsopt.kernels.quant import launch as quant_launch
@@ -389,6 +391,14 @@ def speed_cases():
                 ms = median_ms(lambda: torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128,
                                                                               mode), SPEED_REPS, cuda=cuda)
                 line[mode] = {"ms": ms, "tflops": flops / ms / 1e9}
+            bsa_launch.FAST_CVT = False   # the INT8 products' conversions by cvt instructions (kernel.py FAST_CVT)
+            try:
+                for mode in CVT_MODES:
+                    ms = median_ms(lambda: torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128,
+                                                                                  128, mode), SPEED_REPS, cuda=cuda)
+                    line[f"{mode}_cvt"] = {"ms": ms, "tflops": flops / ms / 1e9}
+            finally:
+                bsa_launch.FAST_CVT = True
             if cuda:
                 try:
                     ms = median_ms(lambda: bsa_launch.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128,

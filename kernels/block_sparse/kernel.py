@@ -38,7 +38,8 @@ float-bias trick instead of cvt instructions, which run at a quarter of the FP32
 (one integer add, one float add), and a P value p in [0, 127] becomes its INT8 code as the low
 byte of bits(p + 1.5 * 2^23) (one float add: round to nearest even; the reference rounds half away
 from zero, which differs only on exact ties). Every INT8 product fits: |q . k| and |p . v| are at
-most 127 * 127 * HEAD_DIM <= 2,064,512 < 2^22 for HEAD_DIM <= 128. Off: the cvt path, kept to
+most 127 * 127 * HEAD_DIM (or BLOCK_N) < 2^22 for HEAD_DIM <= 128 and BLOCK_N <= 256. (Compiled, the
+integer add folds into the wgmma's initial accumulator: the tensor core starts from 0x4B400000.) Off: the cvt path, kept to
 time one against the other (tests/kernels/gpu_check.py --parts speed).
 
 USE_TMA (constexpr): K and V tiles are loaded through tensor descriptors (Hopper's TMA engine, one

@@ -42,6 +42,8 @@ STRUCTURED_BOUND = {"none": 1e-2, "int8": 4e-2, "fp8": 1.2e-1, "int8_fp8": 5e-2,
 # are finer, the same bound is kept for it until a GPU run measures it).
 KERNEL_BOUND = {"none": 1e-2, "int8": 1e-2, "fp8": 5e-2, "int8_fp8": 5e-2, "int8_int8": 5e-2}
 TARGET_COS, TARGET_REL = 0.999, 0.03
+MODES = tuple(REL_L2_BOUND)           # the quant and speed parts' modes (--modes)
+DENSITIES = (0.1, 0.2, 0.5, 1.0)      # the quant and speed parts' densities (--densities)
 CAP = 2.0   # a soft cap that binds on unit-variance scores at these head dims
 DEVICE = "cuda"   # the quant / overhead parts run on it (tests/kernels/test_gpu_check_quant.py: "cpu", tiny shapes)
 failures: list[str] = []
@@ -249,19 +251,19 @@ def quant_accuracy_cases():
         nb = math.ceil(N / 128)
         for kind in ("random", "structured"):
             qi, ki, vi = (q, k, v) if kind == "random" else structured(q, k, v)
-            for density in (0.1, 0.2, 0.5, 1.0):
+            for density in DENSITIES:
                 mask = random_mask(1, H, nb, nb, density, DEVICE)
                 idx, cnt = torch.ops.vsopt.mask_to_table(mask)
                 ref = chunked_reference(qi, ki, vi, mask, D ** -0.5, 128)
-                for mode in REL_L2_BOUND:
+                for mode in MODES:
                     out = torch.ops.vsopt.block_sparse_attention(qi, ki, vi, idx, cnt, D ** -0.5, 128, 128, mode)
                     bound = (REL_L2_BOUND if kind == "random" else STRUCTURED_BOUND)[mode]
                     report(f"quant {name} {kind} density {density} {mode}", out, ref, bound, target=True)
-                # FP8 Q K with INT8 P V (the launcher's experimental pv_format; INT8 Q K with it is int8_int8)
-                out, _ = bsa_launch.block_sparse_attention(qi, ki, vi, idx, cnt, D ** -0.5, 128, 128, "fp8",
-                                                           pv_format="int8")
-                bound = (REL_L2_BOUND if kind == "random" else STRUCTURED_BOUND)["fp8"]
-                report(f"quant {name} {kind} density {density} fp8 pv int8", out, ref, bound, target=True)
+                if MODES == tuple(REL_L2_BOUND):   # full runs: FP8 Q K with INT8 P V (the launcher's pv_format)
+                    out, _ = bsa_launch.block_sparse_attention(qi, ki, vi, idx, cnt, D ** -0.5, 128, 128, "fp8",
+                                                               pv_format="int8")
+                    bound = (REL_L2_BOUND if kind == "random" else STRUCTURED_BOUND)["fp8"]
+                    report(f"quant {name} {kind} density {density} fp8 pv int8", out, ref, bound, target=True)
                 del ref
 
 
@@ -354,9 +356,9 @@ def quant_overhead_cases():
             _flush()
 
 
-SPEED_DENSITIES = (0.1, 0.2, 0.5, 1.0)
 SPEED_REPS = 20
-CVT_MODES = ("int8", "int8_int8")   # also timed with launch.FAST_CVT off ("<mode>_cvt")
+CVT_MODES = ("int8_int8",)   # also timed with launch.FAST_CVT off ("<mode>_cvt"; --cvt-modes)
+SPEED_GLUON = True           # the speed part also times the Gluon kernel's default variant (--no-gluon: not)
 
 
 def speed_cases():
@@ -367,8 +369,9 @@ def speed_cases():
     the median of SPEED_REPS calls (CUDA events, after a warm-up call that autotunes). Also each
     quantized mode's quantize_qkv time (density-independent: once per workload), so the kernel's
     own time is op - quant. CVT_MODES again with the INT8 products' conversions by cvt instructions
-    (launch.FAST_CVT off: "<mode>_cvt"), against the float-bias trick. The Gluon kernel's other variants (the persistent v2 among them) run in
-    gpu_check_gluon.py, whose child process guards against a hang."""
+    (launch.FAST_CVT off: "<mode>_cvt"), against the float-bias trick. The Gluon kernel's other
+    variants (the persistent v2 among them) run in gpu_check_gluon.py, whose child process guards
+    against a hang. MODES, DENSITIES, CVT_MODES, SPEED_GLUON: the command line's choice."""
     from vsopt.core.timing import median_ms
     from vsopt.kernels.quant import launch as quant_launch
 
@@ -378,16 +381,16 @@ def speed_cases():
         q, k, v = (torch.randn(1, H, N, D, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
         nb = math.ceil(N / 128)
         quant_ms = {m: median_ms(lambda: quant_launch.quantize_qkv(q, k, v, m, 128, 128), SPEED_REPS, cuda=cuda)
-                    for m in REL_L2_BOUND if m != "none"}
+                    for m in MODES if m != "none"}
         print(f"INFO speed {name} quantize_qkv ms: " + ", ".join(f"{m} {t:.3f}" for m, t in quant_ms.items()),
               flush=True)
-        for density in SPEED_DENSITIES:
+        for density in DENSITIES:
             mask = random_mask(1, H, nb, nb, density, DEVICE)
             idx, cnt = torch.ops.vsopt.mask_to_table(mask)
             run_density = float(cnt.sum()) / (H * nb * nb)
             flops = 4 * H * N * N * D * run_density
             line = {"case": f"speed {name} density {density}", "density_run": run_density, "quant_ms": quant_ms}
-            for mode in REL_L2_BOUND:
+            for mode in MODES:
                 ms = median_ms(lambda: torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128,
                                                                               mode), SPEED_REPS, cuda=cuda)
                 line[mode] = {"ms": ms, "tflops": flops / ms / 1e9}
@@ -399,7 +402,7 @@ def speed_cases():
                     line[f"{mode}_cvt"] = {"ms": ms, "tflops": flops / ms / 1e9}
             finally:
                 bsa_launch.FAST_CVT = True
-            if cuda:
+            if cuda and SPEED_GLUON:
                 try:
                     ms = median_ms(lambda: bsa_launch.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128,
                                                                              kernel="gluon"), SPEED_REPS)
@@ -418,15 +421,26 @@ PARTS = ("small", "helpers", "compile", "direct", *WORKLOADS, "quant", "overhead
 
 
 def main(argv=None) -> int:
-    global WORKLOADS, json_path
+    global WORKLOADS, json_path, MODES, DENSITIES, CVT_MODES, SPEED_GLUON
     import argparse
 
     p = argparse.ArgumentParser(description="GPU correctness check of vsopt's kernels")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)} (default: all)")
     p.add_argument("--json", default=None, help="also write every measured line to this JSON file")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="the quant, overhead and speed parts' workloads")
+    p.add_argument("--modes", default=",".join(MODES), help="the quant and speed parts' modes")
+    p.add_argument("--densities", default=",".join(map(str, DENSITIES)), help="the quant and speed parts' densities")
+    p.add_argument("--cvt-modes", default=",".join(CVT_MODES),
+                   help="modes the speed part also times with the cvt conversions (launch.FAST_CVT off); empty: none")
+    p.add_argument("--no-gluon", action="store_true", help="the speed part without the Gluon kernel")
     args = p.parse_args(argv)
     json_path = args.json
+    SPEED_GLUON = not args.no_gluon
+    MODES = tuple(m for m in args.modes.split(",") if m)
+    if not MODES or any(m not in REL_L2_BOUND for m in MODES):
+        p.error(f"--modes: choose from {', '.join(REL_L2_BOUND)}")
+    DENSITIES = tuple(float(d) for d in args.densities.split(",") if d)
+    CVT_MODES = tuple(m for m in args.cvt_modes.split(",") if m)
     WORKLOADS = {w: WORKLOADS[w] for w in args.workloads.split(",") if w in WORKLOADS}
     parts = [x for x in args.parts.split(",") if x]
     if not parts or any(x not in PARTS for x in parts):

@@ -51,10 +51,10 @@ def test_speed_part_times_every_mode_on_a_tiny_workload(monkeypatch, capsys, tmp
     check.speed_cases()
     assert check.bsa_launch.FAST_CVT   # restored
     lines = [r for r in check.results if r["case"].startswith("speed tiny")]
-    assert [r["case"] for r in lines] == [f"speed tiny density {d}" for d in check.SPEED_DENSITIES]
+    assert [r["case"] for r in lines] == [f"speed tiny density {d}" for d in check.DENSITIES]
     for r in lines:
         assert set(check.REL_L2_BOUND) <= set(r) and all(r[m]["ms"] > 0 and r[m]["tflops"] > 0 for m in check.REL_L2_BOUND)
         assert set(r["quant_ms"]) == set(check.REL_L2_BOUND) - {"none"}
         assert all(r[f"{m}_cvt"]["ms"] > 0 for m in check.CVT_MODES)
     assert lines[0]["density_run"] < lines[-1]["density_run"] == 1.0
-    assert capsys.readouterr().out.count("SPEED tiny") == len(check.SPEED_DENSITIES)
+    assert capsys.readouterr().out.count("SPEED tiny") == len(check.DENSITIES)

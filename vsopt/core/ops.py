@@ -244,7 +244,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
 
     q (B, Hq, Nq, D); k, v (B, Hkv, Nk, D), Hq % Hkv == 0; kv_indices int32 (Bt, Hq, ceil(Nq/block_m),
     MAXK) ascending; kv_counts int32 (Bt, Hq, ceil(Nq/block_m)); quant in none / int8 / fp8 /
-    int8_fp8 (see docs/KERNELS.md). Returns (B, Hq, Nq, D) in q's dtype; rows that visit no block are 0.
+    int8_fp8 / int8_int8 (see docs/KERNELS.md). Returns (B, Hq, Nq, D) in q's dtype; rows that visit no block are 0.
     row_order: the kernel's work order of this table and batch (row_order() below), computed ahead
     (vsopt.inductor.prepare makes it a constant for a static table); None: computed per call. It
     orders the rows only: the output does not depend on it (the reference ignores it).

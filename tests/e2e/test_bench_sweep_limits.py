@@ -89,14 +89,15 @@ def test_past_the_time_limit_vsopt_still_scores_the_densities_it_calibrated(monk
     # the clock passes the limit the moment the calibration is done
     clock = {"now": 0.0}
     monkeypatch.setattr(sweep, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
-    real = PlanScorer.calibrated_plan
 
-    def calibrated_then_late(self, density):
-        plan = real(self, density)
+    real = PlanScorer.calibrated_plans
+
+    def calibrated_then_late(self, densities):
+        plans = real(self, densities)
         clock["now"] = 100.0
-        return plan
+        return plans
 
-    monkeypatch.setattr(PlanScorer, "calibrated_plan", calibrated_then_late)
+    monkeypatch.setattr(PlanScorer, "calibrated_plans", calibrated_then_late)
     settings = BenchSettings(methods=(Method.VSOPT, Method.TOPK), densities=(0.3, 0.6), steps=2, calibration_steps=2,
                              sensitivity=False, vsopt_warmup=(), time_limit_s=50.0)
     result = bench(_tiny(), settings, progress=False)

@@ -138,18 +138,23 @@ class PlanScorer:
         """vsopt's calibration under DensityBudget(density), on other clips than the scored ones:
         with settings.step_plans one step range per calibration step, with settings.sensitivity
         the errors weighted by the final output's sensitivity (measured on the calibration run).
-        The first call calibrates once for every density of the settings (calibrate_many: one
-        measurement, one search per density; token orders compared at the lowest density), the
-        later ones return those plans."""
+        A density calibrated_plans made already is returned as it is."""
+        if density not in self._density_plans:
+            self.calibrated_plans([density])
+        return self._density_plans[density]
+
+    def calibrated_plans(self, densities: Sequence[float]) -> dict[float, Plan]:
+        """calibrated_plan of each density, those not made yet from ONE calibration (calibrate_many:
+        one measurement, one search per density; token orders compared at the lowest density)."""
         from vsopt.calibration import DensityBudget, calibrate_many
 
-        if density not in self._density_plans:
-            densities = sorted({*self.settings.densities, density} - set(self._density_plans))
-            calls, options = self._calibration(min(densities))
-            results = calibrate_many(self.velocity, calls, [DensityBudget(d, self.settings.quant) for d in densities],
+        todo = sorted(set(densities) - set(self._density_plans))
+        if todo:
+            calls, options = self._calibration(min(todo))
+            results = calibrate_many(self.velocity, calls, [DensityBudget(d, self.settings.quant) for d in todo],
                                      options=options, progress=False)
-            self._density_plans.update({d: r.plan for d, r in zip(densities, results)})
-        return self._density_plans[density]
+            self._density_plans.update({d: r.plan for d, r in zip(todo, results)})
+        return {d: self._density_plans[d] for d in densities}
 
     def has_calibrated(self, density: float) -> bool:
         """Whether calibrated_plan(density) is made already (the calibration of every density ran)."""

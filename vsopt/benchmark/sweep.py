@@ -85,9 +85,9 @@ def bench(ref, settings: BenchSettings | None = None, *, progress: bool = True,
             not_run.append({"method": method.value, "target_density": density,
                             "why": f"time limit {settings.time_limit_s:g} s reached"})
             continue
-        try:
-            plan, notes = method_plan(method, scorer.sites, density, settings, scorer.calibrated_plan,
-                                      scorer.dense_calls)
+        try:  # vsopt: every density of the run from one calibration
+            plan, notes = method_plan(method, scorer.sites, density, settings,
+                                      lambda d: scorer.calibrated_plans(settings.densities)[d], scorer.dense_calls)
         except ConfigError as e:  # this density is out of the method's reach: say so, go on
             not_run.append({"method": method.value, "target_density": density, "why": str(e)})
             continue

@@ -33,7 +33,9 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .data_sizes import is_data_dependent
 from .layout_trace import TraceError, shape_of, trace_back
 
 aten = torch.ops.aten
@@ -101,6 +103,10 @@ class TokenState:
     # whether a collective has since brought every rank's shard into the rank axis
     whole: "TokenState | None" = None
     gathered: bool = False
+    # tokens of a data-dependent count follow the segments on the axis (text cut to its unpadded
+    # length by a mask: passes/data_sizes.py); only a cat makes such a state, and any op that
+    # needs the axis's size drops it
+    data_after: bool = False
 
     @property
     def total(self) -> int:
@@ -124,13 +130,18 @@ def _conv_behind(src: torch.fx.Node, depth: int = 3) -> torch.fx.Node | None:
         if not isinstance(n, torch.fx.Node) or n.op != "call_function":
             return None
         if n.target in CONV_OPS:
-            return n if n.meta["val"].shape == want.shape else None
+            return n if _same_shape(n.meta["val"], want) else None
         same = [a for a in n.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)
-                and a.meta["val"].shape == want.shape]
+                and _same_shape(a.meta["val"], want)]
         if len(same) != 1:
             return None
         n = same[0]
     return None
+
+
+def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shapes, known statically (a data-dependent size is never guarded on)."""
+    return a.dim() == b.dim() and all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape))
 
 
 def _from_inputs(node: torch.fx.Node, limit: int = 5000) -> bool:
@@ -385,6 +396,8 @@ def _step(n: torch.fx.Node, states: dict) -> TokenState | Several | None:
                 return Several((st,) * count)
             if st.outer != 1 or st.inner != 1:
                 return None
+            if any(not isinstance(v.shape[d], int) and not v.shape[d].node.is_constant() for v in vals):
+                return None  # a data-dependent split
             sizes, pos, outs = [int(v.shape[d]) for v in vals], 0, []
             for s in sizes:
                 outs.append(TokenState(cut(st.segments, pos, pos + s), d, whole=st.whole or st))
@@ -412,22 +425,35 @@ def _step(n: torch.fx.Node, states: dict) -> TokenState | Several | None:
             return Several((st,) + (None,) * (len(vals) - 1)) if isinstance(vals, (list, tuple)) else None
     if t is aten.cat.default:
         return _cat(n, states, out_shape)
+    if t is aten.stack.default:
+        return _stack(n, states, out_shape)
     if t in PRODUCTS:
         return _product(n, states)
     return _elementwise(n, states, out_shape)
 
 
 def _cat(n, states, out_shape) -> TokenState | None:
-    if out_shape is None:
+    val = n.meta.get("val")
+    if not isinstance(val, torch.Tensor):
         return None
     tensors = n.args[0]
-    d = _norm(n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0), len(out_shape))
-    segments, along = [], False
+    d = _norm(n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0), val.dim())
+    if out_shape is None and not is_data_dependent(val.shape[d]):
+        return None
+    segments, along, data_after = [], False, False
     for x in tensors:
         st, shape = states.get(x), _shape(x)
         if shape is None:
+            val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+            if st is None and isinstance(val, torch.Tensor) and val.dim() > d and is_data_dependent(val.shape[d]):
+                data_after = True  # tokens of a data-dependent count (trimmed text): only after every other
+                continue
             return None
+        if data_after:
+            return None  # static tokens after data-dependent ones: their positions depend on the data
         if isinstance(st, TokenState) and st.dim == d:
+            if st.data_after:
+                return None
             if st.outer != 1 or st.inner != 1:
                 return None
             segments += st.segments
@@ -441,8 +467,21 @@ def _cat(n, states, out_shape) -> TokenState | None:
                 merged[-1] = Other(merged[-1].size + s.size)
             else:
                 merged.append(s)
-        return TokenState(tuple(merged), d)
+        return TokenState(tuple(merged), d, data_after=data_after)
     return _elementwise(n, states, out_shape, inputs=list(tensors))
+
+
+def _stack(n, states, out_shape) -> TokenState | None:
+    """stack along a new axis (rotary embeddings stack cos / sin parts): the inputs' one state,
+    its axis moved past the new one."""
+    if out_shape is None:
+        return None
+    d = _norm(n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0), len(out_shape))
+    found = [states.get(x) for x in n.args[0]]
+    if not all(isinstance(st, TokenState) for st in found):
+        return None
+    st = _agreed(found)
+    return None if st is None else replace(st, dim=st.dim + (d <= st.dim))
 
 
 def _product(n, states) -> TokenState | None:

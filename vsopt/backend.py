@@ -334,35 +334,70 @@ class PerResolution:
             return _compile(self.gm, self.config, args, lambda: to_aten_at(self.gm, args, fake_mode))
 
 
+def placed_at(gm: torch.fx.GraphModule, args: Sequence[Any], root: torch.nn.Module | None,
+              nested: bool) -> torch.fx.GraphModule:
+    """The graph of a submodule's frame, placed at the module whose parameters `args` holds (its
+    site ids: site_ids.FrameNames.at); the graph itself is shared."""
+    placed = torch.fx.GraphModule(gm, gm.graph)
+    placed.meta.update(gm.meta)
+    placed.meta[FRAME_NAMES] = gm.meta[FRAME_NAMES].at(args, root, nested)
+    return placed
+
+
+def module_key(gm: torch.fx.GraphModule, args: Sequence[Any]) -> tuple[int, ...]:
+    """Which module a call of a submodule frame's graph runs for: the identities of the inputs that
+    placed the frame (its parameters: alive while the module is)."""
+    return tuple(id(args[i]) for i in gm.meta[FRAME_NAMES].inputs)
+
+
 class PerModule:
     """What the backend returns for the graph of a submodule's frame (Dynamo compiled a block's forward
     on its own, after a graph break) under a plan: Dynamo runs that one graph for every module of the
     same code (blocks.0, blocks.1, ...: their parameters are its inputs), but each module's sites have
-    their own plan entries. So a call with another module's parameters (identified by the inputs
-    that placed the frame: site_ids.FrameNames.inputs) compiles the graph again, placed at that
-    module (its site ids, hence its plan entries), once per module."""
+    their own plan entries. So a call with another module's parameters (module_key) compiles the
+    graph again, placed at that module (placed_at: its site ids, hence its plan entries), once per
+    module."""
 
     def __init__(self, gm: torch.fx.GraphModule, config: VsoptConfig, first_args: Sequence[Any], first: Any,
                  root: torch.nn.Module | None, nested: bool, sized: Sequence[int]):
         self.gm, self.config, self.root, self.nested, self.sized = gm, config, root, nested, tuple(sized)
-        self.positions = gm.meta[FRAME_NAMES].inputs
-        self.compiled = {self.key(first_args): first}
-
-    def key(self, args: Sequence[Any]) -> tuple[int, ...]:
-        return tuple(id(args[i]) for i in self.positions)  # the module's parameters: alive while it is
+        self.compiled = {module_key(gm, first_args): first}
 
     def __call__(self, *args):
-        key = self.key(args)
+        key = module_key(self.gm, args)
         fn = self.compiled.get(key)
         if fn is None:
-            gm = torch.fx.GraphModule(self.gm, self.gm.graph)  # the same graph, placed at this module
-            gm.meta.update(self.gm.meta)
-            gm.meta[FRAME_NAMES] = names = self.gm.meta[FRAME_NAMES].at(args, self.root, self.nested)
+            gm = placed_at(self.gm, args, self.root, self.nested)
             _log.info("vsopt: compiling a submodule's graph again at %s (Dynamo runs one graph for every "
-                      "module of this code; each module's sites have their own plan entries)", dict(names.prefixes))
+                      "module of this code; each module's sites have their own plan entries)",
+                      dict(gm.meta[FRAME_NAMES].prefixes))
             fn = PerResolution(gm, self.config, self.sized)
             fn = self.compiled[key] = fn if self.sized else fn.compile(args)
         return fn(*args)
+
+
+def report_each_module(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: VsoptConfig,
+                       reports: list) -> Callable:
+    """A report-only backend's body (vsopt.inspect): the passes' report of Dynamo's graph appended to
+    `reports`, and the graph returned as it is (uncompiled). A submodule frame's graph that Dynamo
+    runs for several modules gets one report per module, placed at it on its first call, as
+    PerModule compiles it under a plan: so inspect lists every module's sites, as compile plans them."""
+    root, nested = _place_frame(gm, example_inputs)
+    _aten, report = trace_and_rewrite(gm, example_inputs, config)
+    reports.append(report)
+    if not gm.meta[FRAME_NAMES].nested or not (report.sites or report.skipped):
+        return gm.forward  # one module, or no attention to place
+    seen = {module_key(gm, example_inputs)}
+
+    def run(*args):
+        key = module_key(gm, args)
+        if key not in seen:
+            seen.add(key)
+            placed = placed_at(gm, args, root, nested)
+            reports.append(run_pipeline(to_aten_at(placed, args), PassContext(config=config), DEFAULT_PIPELINE))
+        return gm.forward(*args)
+
+    return run
 
 
 _log = logging.getLogger("vsopt")

@@ -121,14 +121,14 @@ def _inspect_compiled(model: torch.nn.Module, example_inputs: tuple, config: Vso
     from torch._dynamo.exc import BackendCompilerFailed
     from torch._dynamo.utils import counters
 
-    from vsopt.backend import trace_and_rewrite
+    from vsopt.backend import report_each_module
 
     graphs = []  # the PipelineReport of every graph; site ids are full module paths (passes/site_ids.py)
 
     def report_only(gm: torch.fx.GraphModule, graph_inputs):
-        _aten, report = trace_and_rewrite(gm, graph_inputs, config)
-        graphs.append(report)
-        return gm.forward  # Dynamo's own graph, uncompiled: the model computes what it does eagerly
+        # Dynamo's own graph, uncompiled (the model computes what it does eagerly); a submodule frame's
+        # graph run for several modules is reported once per module, as compile plans it (PerModule)
+        return report_each_module(gm, graph_inputs, config, graphs)
 
     before = {k: dict(v) for k, v in counters.items()}
     # static shapes, as a first torch.compile call traces (and independent of what this process

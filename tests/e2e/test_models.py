@@ -131,9 +131,6 @@ NO_PATCH_EMBEDDING = ("issue 14 class 7: the joint site's graph is the block's o
                       "embedding is in another graph, so the grid is unknown; the grid is not carried across graphs "
                       "(the tensor passes through eager code in between), and the site's note (log, report) spells its "
                       "grids option (the case hunyuan_video15_grid gives it)")
-MASK_FROM_EAGER = ("issue 14 class 3: the joint site's attention mask is built in eager code before the block's graph "
-                   "(a graph input there), so passes/mask_bounds.py cannot prove it all-true over video x video and "
-                   "strict mode refuses the split")
 MOCHI_TRIM = ("issue 14 class 1: the joint attention follows the text's data-dependent trim (nonzero) "
               "inside a loop over the batch; under Dynamo's default config that frame runs eagerly, so the "
               "attention is in no graph (the case mochi: with CAPTURE it is)")
@@ -152,13 +149,14 @@ CASES = {
         (Site("context_embedder.token_refiner.refiner_blocks.0.attn", "sdpa", ""),
          Site("transformer_blocks.0.attn", "sdpa", "2x4x4+10", True)),
         xfail={k: [(NO_PATCH_EMBEDDING, ("transformer_blocks.0.attn",))] for k in ("grids", "plan")}),
-    # the same with the grid given, as the strict message says
+    # the same with the grid given, as the strict message says; the joint mask is built in eager code (a
+    # graph input: unprovable), so the split runs with its video block checked on the device
     "hunyuan_video15_grid": Case(
         (Site("context_embedder.token_refiner.refiner_blocks.0.attn", "sdpa", ""),
          Site("transformer_blocks.0.attn", "sdpa", "2x4x4+10", True)),
-        options={"grids": {"transformer_blocks.0.attn": {"frames": 2, "height": 4, "width": 4, "text_after": 10}}},
-        factory="hunyuan_video15",
-        xfail={"plan": [(MASK_FROM_EAGER, ("transformer_blocks.0.attn",))]}),
+        options={"grids": {"transformer_blocks.0.attn": {"frames": 2, "height": 4, "width": 4, "text_after": 10}},
+                 "check_masks_on_device": True},
+        factory="hunyuan_video15"),
     # the text cut to its unpadded length (nonzero): under CAPTURE the processor's frame is traced, the
     # joint sequence is 32 video tokens + a data-dependent count; the site is its static part
     "mochi": Case(

@@ -34,6 +34,7 @@ from vsopt.core.errors import ConfigError
 from vsopt.core.ir import GridSource, TokenGrid, VideoSegment
 
 from .infra import PassContext, PassReport
+from .carried_tokens import seeded
 from .data_sizes import data_tokens_last, is_data_dependent
 from .layout_trace import TraceError, shape_of
 from .token_segments import TokenState, Video, token_states
@@ -184,7 +185,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
             grid, source = cfg.grid, GridSource.USER
         elif m is not None and m.q_token_source is not None:
             if states is None:
-                states = token_states(gm.graph)  # once per graph, for every site
+                states = token_states(gm.graph, seeded(gm.graph))  # once per graph, for every site
             grid = infer_site(states, m.q_token_source[0], tuple(m.q_token_source[1]), site.q_len)
             source = GridSource.INFERRED if grid else GridSource.UNKNOWN
             if grid is not None and data_dependent_tail(states, m.q_token_source[0]):
@@ -194,7 +195,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
         report.notes.append(f"{site.site_id}: grid {grid if grid else 'unknown'} ({source.value})")
         if grid is None and site.is_self_attention:
             if states is None:
-                states = token_states(gm.graph)
+                states = token_states(gm.graph, seeded(gm.graph))
             where = ("no patch embedding of this graph reaches its" if patch_embeddings_in(states) else
                      "this graph holds no patch embedding (a pre-patchified input, or a graph Dynamo started after "
                      "a graph break, the patch embedding being in an earlier graph) for its")

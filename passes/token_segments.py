@@ -610,9 +610,11 @@ def _joined(st: TokenState, fr: TokenState) -> TokenState | None:
     return None
 
 
-def token_states(graph: torch.fx.Graph) -> States:
-    """The state of every node of the graph reached from a patch embedding (module docstring)."""
-    states = States(patch_embeddings(graph))
+def token_states(graph: torch.fx.Graph, seeds: dict | None = None) -> States:
+    """The state of every node of the graph reached from a patch embedding (module docstring), or
+    from a placeholder in `seeds` (the tokens an earlier graph's output carried into this graph's
+    input: passes/carried_tokens.py)."""
+    states = States({**patch_embeddings(graph), **(seeds or {})})
     frames = states.frames
     for n, st in list(states.items()):
         if isinstance(st, TokenState) and st.segments[0].per_frame:

@@ -40,7 +40,9 @@ from vsopt.core.config import VsoptConfig
 from vsopt.core.errors import ConfigError
 from vsopt.core.resample import NOTE_PREFIX as FIT_NOTE
 from vsopt.core.steps import step_variants
+from vsopt.carried import carry
 from vsopt.passes import DEFAULT_PIPELINE, PassContext, PipelineOptions, PipelineReport, run_pipeline
+from vsopt.passes.carried_tokens import CARRIED
 from vsopt.passes.site_ids import FRAME_NAMES, frame_names
 
 
@@ -132,8 +134,9 @@ def _retrace(gm: torch.fx.GraphModule, fake_mode, fake_inputs: Sequence[Any]) ->
     with fx_traceback.preserve_node_meta(), (fake_mode if fake_mode is not None else _null()), dispatcher:
         # fake inputs under "real" tracing run in their own mode (make_fx adds no conversion)
         aten_gm = make_fx(run, tracing_mode="fake" if fake_mode is not None else "real")(*fake_inputs)
-    if FRAME_NAMES in gm.meta:
-        aten_gm.meta[FRAME_NAMES] = gm.meta[FRAME_NAMES]
+    for key in (FRAME_NAMES, CARRIED):  # where the frame sits; the tokens carried into its inputs
+        if key in gm.meta:
+            aten_gm.meta[key] = gm.meta[key]
     return aten_gm
 
 
@@ -251,11 +254,16 @@ def vsopt_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     _specialize_float_inputs(gm)  # may restart Dynamo's analysis: here, never inside a call
     root, nested = _place_frame(gm, example_inputs)  # while Dynamo compiles (PerResolution traces at call time)
     sized = symbolic_input_positions(gm)
-    compiled = PerResolution(gm, config, sized) if sized else _compile(gm, config, example_inputs,
-                                                                       lambda: to_aten(gm, example_inputs))
-    if config.plan is not None and gm.meta[FRAME_NAMES].nested:
-        return PerModule(gm, config, example_inputs, compiled, root, nested, sized)
-    return compiled
+
+    def build(g: torch.fx.GraphModule):
+        compiled = PerResolution(g, config, sized) if sized else _compile(g, config, example_inputs,
+                                                                          lambda: to_aten(g, example_inputs))
+        if config.plan is not None and g.meta[FRAME_NAMES].nested:
+            return PerModule(g, config, example_inputs, compiled, root, nested, sized)
+        return compiled
+
+    # the video tokens an earlier graph's output carries into this graph's inputs (vsopt/carried.py)
+    return carry(gm, example_inputs, build)
 
 
 def _compile(gm: torch.fx.GraphModule, config: VsoptConfig, inputs: Sequence[Any],
@@ -383,21 +391,25 @@ def report_each_module(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], 
     runs for several modules gets one report per module, placed at it on its first call, as
     PerModule compiles it under a plan: so inspect lists every module's sites, as compile plans them."""
     root, nested = _place_frame(gm, example_inputs)
-    _aten, report = trace_and_rewrite(gm, example_inputs, config)
-    reports.append(report)
-    if not gm.meta[FRAME_NAMES].nested or not (report.sites or report.skipped):
-        return gm.forward  # one module, or no attention to place
-    seen = {module_key(gm, example_inputs)}
 
-    def run(*args):
-        key = module_key(gm, args)
-        if key not in seen:
-            seen.add(key)
-            placed = placed_at(gm, args, root, nested)
-            reports.append(run_pipeline(to_aten_at(placed, args), PassContext(config=config), DEFAULT_PIPELINE))
-        return gm.forward(*args)
+    def build(g: torch.fx.GraphModule):
+        _aten, report = trace_and_rewrite(g, example_inputs, config)
+        reports.append(report)
+        if not g.meta[FRAME_NAMES].nested or not (report.sites or report.skipped):
+            return g.forward  # one module, or no attention to place
+        seen = {module_key(g, example_inputs)}
 
-    return run
+        def run(*args):
+            key = module_key(g, args)
+            if key not in seen:
+                seen.add(key)
+                placed = placed_at(g, args, root, nested)
+                reports.append(run_pipeline(to_aten_at(placed, args), PassContext(config=config), DEFAULT_PIPELINE))
+            return g.forward(*args)
+
+        return run
+
+    return carry(gm, example_inputs, build)  # with the tokens carried into its inputs, as compile
 
 
 _log = logging.getLogger("vsopt")

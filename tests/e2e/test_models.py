@@ -8,6 +8,7 @@ import torch
 
 import vsopt
 from vsopt.backend import trace_and_rewrite
+from vsopt.carried import carry
 from vsopt.core.config import VsoptConfig
 
 from ..conftest import max_rel_err, op_names
@@ -126,11 +127,6 @@ def _sites(prefix_rules_grids, video=True):
     return tuple(Site(i, r, g, video) for i, r, g in prefix_rules_grids)
 
 
-NO_PATCH_EMBEDDING = ("issue 14 class 7: the joint site's graph is the block's own frame (Dynamo runs the forward "
-                      "eagerly from its data-dependent branch on, so it compiles each block on its own): the patch "
-                      "embedding is in another graph, so the grid is unknown; the grid is not carried across graphs "
-                      "(the tensor passes through eager code in between), and the site's note (log, report) spells its "
-                      "grids option (the case hunyuan_video15_grid gives it)")
 MOCHI_TRIM = ("issue 14 class 1: the joint attention follows the text's data-dependent trim (nonzero) "
               "inside a loop over the batch; under Dynamo's default config that frame runs eagerly, so the "
               "attention is in no graph (the case mochi: with CAPTURE it is)")
@@ -148,7 +144,9 @@ CASES = {
     "hunyuan_video15": Case(
         (Site("context_embedder.token_refiner.refiner_blocks.0.attn", "sdpa", ""),
          Site("transformer_blocks.0.attn", "sdpa", "2x4x4+10", True)),
-        xfail={k: [(NO_PATCH_EMBEDDING, ("transformer_blocks.0.attn",))] for k in ("grids", "plan")}),
+        # the joint site's graph (the block's own frame, after the graph break) holds no patch embedding:
+        # the grid is carried from the graph whose output is the block's input (vsopt/carried.py)
+        options={"check_masks_on_device": True}),
     # the same with the grid given, as the strict message says; the joint mask is built in eager code (a
     # graph input: unprovable), so the split runs with its video block checked on the device
     "hunyuan_video15_grid": Case(
@@ -215,9 +213,12 @@ def _compiled(model, inputs, options=None):
     config = VsoptConfig.from_options(options)
 
     def backend(gm, example_inputs):
-        out_gm, report = trace_and_rewrite(gm, example_inputs, config)
-        reports.append(report)
-        return out_gm
+        def build(g):
+            out_gm, report = trace_and_rewrite(g, example_inputs, config)
+            reports.append(report)
+            return out_gm
+
+        return carry(gm, example_inputs, build)  # the tokens carried across graphs, as the vsopt backend
 
     torch._dynamo.reset()
     with torch.no_grad():
@@ -310,7 +311,7 @@ def test_plan_lowers_on_video_self_attention(name, ids):
     planned_config = VsoptConfig.from_options({**CASES[name].options, "plan": plan, "strict": True})
     lowered, errors = [], []
 
-    def backend(gm, example_inputs):
+    def build(gm, example_inputs):
         planned_gm, planned_report = trace_and_rewrite(gm, example_inputs, planned_config)
         lowered.extend(planned_report.lowered)
         dense_gm, _ = trace_and_rewrite(gm, example_inputs, unplanned_config)
@@ -327,6 +328,9 @@ def test_plan_lowers_on_video_self_attention(name, ids):
 
         return run
 
+    def backend(gm, example_inputs):
+        return carry(gm, example_inputs, lambda g: build(g, example_inputs))
+
     torch._dynamo.reset()
     with torch.no_grad(), torch._dynamo.config.patch(**CASES[name].dynamo):
         torch.compile(model, backend=backend)(*inputs)
@@ -334,14 +338,3 @@ def test_plan_lowers_on_video_self_attention(name, ids):
     assert sorted(site_change) == sorted(ids) and min(site_change.values()) > 1e-5, site_change
     assert errors and max(e for e, _ in errors) <= 1e-4, errors
     assert max(e for e, _ in errors) * 10 <= max(d for _, d in errors), errors
-
-
-def test_a_site_whose_graph_holds_no_patch_embedding_says_how_to_give_its_grid():
-    """HunyuanVideo 1.5's joint site (its graph is the block's frame): the note names the graph's
-    missing patch embedding and spells the site's grid option with its token count; given so
-    (the case hunyuan_video15_grid), the site has its grid."""
-    _, _, _, _, _, reports = _traced("hunyuan_video15")
-    notes = [n for r in reports for p in r.passes for n in p.notes if n.startswith("site transformer_blocks.0.attn: no")]
-    assert len(notes) == 1 and "this graph holds no patch embedding" in notes[0]
-    assert ("options={'grids': {'transformer_blocks.0.attn': {'frames': F, 'height': H, 'width': W, "
-            "'text_before': B, 'text_after': A}}} with F * H * W + B + A = 42") in notes[0]

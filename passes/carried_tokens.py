@@ -16,7 +16,8 @@ import torch
 import torch.fx
 from torch.utils._pytree import tree_leaves
 
-from .token_segments import TokenState, Video, token_states
+from .token_segments import token_states
+from .token_state import TokenState, Video
 
 CARRIED = "vsopt_carried_tokens"  # gm.meta key: {placeholder index: TokenState}
 

@@ -37,7 +37,8 @@ from .infra import PassContext, PassReport
 from .carried_tokens import seeded
 from .data_sizes import data_tokens_last, is_data_dependent
 from .layout_trace import TraceError, shape_of
-from .token_segments import TokenState, Video, token_states
+from .token_segments import token_states
+from .token_state import TokenState, Video
 
 NAME = "infer_grid"
 log = logging.getLogger("vsopt")
@@ -169,7 +170,8 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
             continue
         grid, source = None, GridSource.UNKNOWN
         m = ctx.matches.get(site.site_id)
-        data = m is not None and m.q_token_source is not None and _data_dependent_axis(*_token_axis(m))
+        data = m is not None and m.q_token_source is not None and bool(m.q_token_source[1]) and \
+            _data_dependent_axis(*_token_axis(m))
         if data and (site.site_id in cfg.grids or cfg.grid is not None) and not data_tokens_last(*_token_axis(m)):
             # a user grid covers the static part only where the data-dependent tokens follow it
             msg = (f"site {site.site_id}: the grid option is not applied: the site's length is data-dependent "

@@ -152,6 +152,13 @@ def _inspect_compiled(model: torch.nn.Module, example_inputs: tuple, config: Vso
     return InspectReport(sites, skipped, Trace.COMPILE, len(graphs), notes)
 
 
+DATA_DEPENDENT = "Dynamic shape operator"  # Dynamo's break reason for nonzero and the like
+CAPTURE_NOTE = ("a data-dependent size (nonzero, .item()) broke the graph: where it ends a frame Dynamo runs eagerly "
+                "(diffusers Mochi's text trim), its attention is in no graph; trace it with "
+                "torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True) "
+                "around inspect and torch.compile alike (docs/RUNTIME.md, 'Data-dependent sizes')")
+
+
 def _delta(before: Mapping[str, Mapping[str, int]], counters, group: str) -> dict[str, int]:
     now, then = counters.get(group, {}), before.get(group, {})
     return {k: v - then.get(k, 0) for k, v in now.items() if v - then.get(k, 0) > 0}
@@ -167,6 +174,8 @@ def _dynamo_notes(before, counters) -> list[str]:
             reasons[first] = max(reasons.get(first, 0), n)
     for first, n in reasons.items():
         notes.append(f"graph break ({n}x): {first}; the sites are split over several graphs")
+    if any(DATA_DEPENDENT in r for r in reasons):  # nonzero / .item() under Dynamo's defaults
+        notes.append(CAPTURE_NOTE)
     frames = _delta(before, counters, "frames")
     eager = frames.get("total", 0) - frames.get("ok", 0)
     if eager > 0:

@@ -338,3 +338,12 @@ def test_plan_lowers_on_video_self_attention(name, ids):
     assert sorted(site_change) == sorted(ids) and min(site_change.values()) > 1e-5, site_change
     assert errors and max(e for e, _ in errors) <= 1e-4, errors
     assert max(e for e, _ in errors) * 10 <= max(d for _, d in errors), errors
+
+
+def test_inspect_says_how_to_trace_a_frame_cut_by_a_data_dependent_size():
+    """Mochi under Dynamo's defaults: its joint attention is in no graph, and inspect's notes name the
+    Dynamo config that traces it (the case mochi, with it, finds both joint sites)."""
+    _, _, _, report, _, _ = _traced("mochi_default")
+    assert "capture_dynamic_output_shape_ops=True" in "\n".join(report.notes), report.notes
+    _, _, _, captured, _, _ = _traced("mochi")
+    assert not [n for n in captured.notes if "capture_dynamic_output_shape_ops" in n]

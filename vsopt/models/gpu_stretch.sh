@@ -7,7 +7,7 @@
 # Resume the next stretch from the returned $OUT/reference.safetensors (copied into the worktree).
 # Writes to $OUT (at most 8 files): reference.safetensors, samples.png, stretch.json, stretch.log and,
 # with CALIBRATE=1, reference.plan.json/.safetensors (16x32x32) and reference_16x64x64.plan.json/.safetensors;
-# the calibration reports are merged into stretch.json. MINUTES=0 skips training (calibrate a checkpoint).
+# the calibration reports are merged into stretch.json. CALIB_ARGS adds calibrate flags (e.g. --cuda-graphs). MINUTES=0 skips training (calibrate a checkpoint).
 set -o pipefail
 OUT=${OUT:-/tmp/vsopt-stretch-out}; mkdir -p "$OUT"
 MINUTES=${MINUTES:-7}
@@ -33,7 +33,7 @@ if [ "${CALIBRATE:-0}" = 1 ]; then
     name=reference_$size; [ "$size" = 16x32x32 ] && name=reference
     python3 -m vsopt.cli calibrate --reference --size "$size" --steps 8 --clips 2 --max-error 0.05 \
       --step-ranges 0:4,4: --out "/tmp/calib/$name.plan.json" --report "/tmp/calib/$name.report.json" \
-      --check --quiet 2>&1 | tee -a "$LOG" && cp /tmp/calib/$name.plan.json /tmp/calib/$name.plan.safetensors "$OUT"/
+      --check --quiet $CALIB_ARGS 2>&1 | tee -a "$LOG" && cp /tmp/calib/$name.plan.json /tmp/calib/$name.plan.safetensors "$OUT"/
   done
   python3 - "$OUT/stretch.json" /tmp/calib/*.report.json <<'PY' 2>&1 | tee -a "$LOG"
 import json, sys, os

@@ -127,6 +127,8 @@ def _step(n: torch.fx.Node, states: dict) -> TokenState | Several | None:
     st = states.get(x) if x is not None else None
     if isinstance(st, Several):
         st = None
+    if any(isinstance(states.get(a), TokenState) and states[a].data_after for a in n.all_input_nodes):
+        return _data_tail_step(n, states)
     out_shape = _shape(n)
     in_shape = _shape(x) if x is not None else None
     if st is not None and in_shape is not None:
@@ -210,6 +212,78 @@ def _step(n: torch.fx.Node, states: dict) -> TokenState | Several | None:
     if t in PRODUCTS:
         return _product(n, states)
     return _elementwise(n, states, out_shape)
+
+
+def _sizes(n) -> tuple | None:
+    val = n.meta.get("val") if isinstance(n, torch.fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _static_prod(sizes) -> int | None:
+    """The product of sizes known to be ints, None if one is not."""
+    if not all(isinstance(s, int) or s.node.is_constant() for s in sizes):
+        return None
+    return math.prod(int(s) for s in sizes)
+
+
+def _data_tail_step(n: torch.fx.Node, states: dict) -> TokenState | Several | None:
+    """The state of n's output where an input's token axis ends in data-dependent tokens
+    (TokenState.data_after, from _cat): only ops that provably keep that axis whole carry it (views
+    and transposes, row-wise products, reshapes that keep the axis's size, elementwise ops and
+    attention); anything else drops it. Sizes are compared as expressions (the same symbol), never
+    guarded on."""
+    t, args = n.target, n.args
+    x = args[0] if args and isinstance(args[0], torch.fx.Node) else None
+    st = states.get(x) if x is not None else None
+    out, inn = _sizes(n), _sizes(x) if x is not None else None
+    data = isinstance(st, TokenState) and st.data_after and inn is not None and st.outer == st.inner == 1
+    if data and isinstance(t, torch._ops.OpOverload) and t.__name__.startswith(SDPA_PREFIX):
+        vals = n.meta.get("val")  # the output (and only it) has q's tokens on q's axis
+        return Several((st,) + (None,) * (len(vals) - 1)) if isinstance(vals, (list, tuple)) else None
+    if out is None:
+        return None
+    if data:
+        rank = len(inn)
+        if t in SAME_OPS or t in WAIT_OPS:
+            return st
+        if t is aten.permute.default:
+            return replace(st, dim=[_norm(d, rank) for d in args[1]].index(st.dim))
+        if t is aten.transpose.int:
+            d0, d1 = _norm(args[1], rank), _norm(args[2], rank)
+            return replace(st, dim={d0: d1, d1: d0}.get(st.dim, st.dim))
+        if t is aten.t.default:
+            return replace(st, dim=rank - 1 - st.dim)
+        if t is aten.unsqueeze.default:
+            return replace(st, dim=st.dim + (_norm(args[1], rank + 1) <= st.dim))
+        if t in RESHAPE_OPS:  # the axis's size (one expression) on one output axis, the same inner elements
+            inner = _static_prod(inn[st.dim + 1:])
+            for j, size in enumerate(out):
+                if str(size) == str(inn[st.dim]) and inner is not None and _static_prod(out[j + 1:]) == inner \
+                        and _static_prod(out[:j]) == _static_prod(inn[:st.dim]):
+                    return replace(st, dim=j)
+            return None
+        if t is aten.slice.Tensor:  # along another axis; along the tokens: their positions depend on the data
+            return st if _norm(args[1] if len(args) > 1 else 0, rank) != st.dim else None
+        if t is aten.select.int:
+            d = _norm(args[1], rank)
+            return None if d == st.dim else replace(st, dim=st.dim - (d < st.dim))
+    if t in (aten.mm.default, aten.addmm.default):  # the rows of x in x @ W (bias + x @ W) keep their tokens
+        a = args[1] if t is aten.addmm.default else args[0]
+        sa, shape = states.get(a), _sizes(a)
+        ok = isinstance(sa, TokenState) and sa.data_after and shape is not None and len(shape) == 2
+        return sa if ok and sa.dim == 0 and sa.outer == sa.inner == 1 else None
+    if t in PRODUCTS | RESHAPE_OPS | SHUFFLES | REDUCTIONS or t is aten.cat.default or t in ALONG_DIM:
+        return None
+    found = []  # elementwise: every input with a state aligned from the right, on an axis of the same size
+    for a in n.all_input_nodes:
+        sa, shape = states.get(a), _sizes(a)
+        if not isinstance(sa, TokenState) or shape is None:
+            continue
+        d = sa.dim + len(out) - len(shape)
+        if not (0 <= d < len(out) and str(out[d]) == str(shape[sa.dim])):
+            return None
+        found.append(replace(sa, dim=d))
+    return _agreed(found)
 
 
 def _cat(n, states, out_shape) -> TokenState | None:

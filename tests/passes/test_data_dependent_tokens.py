@@ -133,3 +133,41 @@ def test_data_dependent_tokens_before_the_video_give_no_grid_and_stay_dense():
     with torch._dynamo.config.patch(**CAPTURE), torch.no_grad():
         args = inputs(3, seed=3)
         torch.testing.assert_close(fn(*args), m(*args), rtol=1e-5, atol=1e-5)
+
+
+class ProjectedAfterCat(torch.nn.Module):
+    """The valid text cut by nonzero and concatenated with the video before the projections (one
+    linear over the joint sequence, then heads): the data-dependent tail goes through a view, the
+    linear's matmul, a reshape into heads and a permute before the attention."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.patch = torch.nn.Conv3d(3, dim, (1, 2, 2), (1, 2, 2))
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+
+    def qkv_of(self, clip, text, mask):
+        x = torch.cat([self.patch(clip).flatten(2).transpose(1, 2), text[:, torch.nonzero(mask[0]).flatten()]], 1)
+        B, N, C = x.shape
+        return self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+
+    def forward(self, clip, text, mask):
+        q, k, v = self.qkv_of(clip, text, mask)
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_the_data_dependent_tail_is_followed_through_projections():
+    torch.manual_seed(0)
+    m = ProjectedAfterCat().eval()
+    _, reports = compiled(m, VsoptConfig())
+    (site,) = [s for r in reports for s in r.sites]
+    assert (site.q_len, str(site.grid)) == (32, "2x4x4")
+    plan = Plan({site.site_id: SitePlan.for_site(site, SPARSE)})
+    fn, reports = compiled(m, VsoptConfig(plan=plan, strict=True))
+    assert [r.lowered for r in reports] == [[site.site_id]]
+    with torch._dynamo.config.patch(**CAPTURE), torch.no_grad():
+        for valid in (0, 3, 6):
+            args = inputs(valid, seed=valid)
+            q, k, v = m.qkv_of(*args)
+            want = semantics.site_output(site, plan[site.site_id].heads, q, k, v, site.scale, joint=True)
+            torch.testing.assert_close(fn(*args), want, rtol=1e-5, atol=1e-5)

@@ -29,8 +29,9 @@ A joint site with the model's attention mask, or whose length is data-dependent 
 unpadded length), is split (vsopt.core.joint, its meaning semantics.joint_plan): video rows x
 video keys through vsopt.block_sparse_attention_lse per launch group, the text keys dense under the
 mask, merged by log-sum-exp, the text rows vsopt.attention. A mask must be proved all-true (or all
-zero) over video x video from the graph (passes/mask_bounds.py), else the site stays dense with the
-reason. A dynamic group's runtime mask gets the text blocks OR-ed in (text is global).
+zero) over video x video from the graph (passes/mask_bounds.py), or, with the option
+check_masks_on_device, checked in the graph by a device-side assert (passes/mask_checks.py), else
+the site stays dense with the reason. A dynamic group's runtime mask gets the text blocks OR-ed in (text is global).
 
 A site whose plan is entirely dense (every head dense, model order, no quantization) stays
 vsopt.attention: dense on purpose (ctx.kept_dense), which satisfies strict mode whatever the site
@@ -179,7 +180,8 @@ def _why_not_split(gm: torch.fx.GraphModule, site: AttentionSite, sp: SitePlan, 
     if mask is None:
         return "the site has an attention mask that is not a graph node (a softmax-form mask), which cannot be checked"
     why = video_part_kept(gm, mask, start, stop)
-    return None if why is not None and checked else why
+    readable = isinstance(mask.meta.get("val"), torch.Tensor)  # the device check slices its video block
+    return None if why is not None and checked and readable else why
 
 
 def _asserted(gm: torch.fx.GraphModule, site: AttentionSite, mask: torch.fx.Node, ctx: PassContext) -> bool:

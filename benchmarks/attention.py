@@ -1,5 +1,5 @@
-"""Attention kernel benchmark on the GPU: vsopt's block-sparse kernel (bf16, INT8-QK, FP8; and its Gluon
-kernel, bf16, as vsopt_gluon_none) side by side
+"""Attention kernel benchmark on the GPU: vsopt's block-sparse kernel (bf16, INT8-QK, FP8, INT8 P V; and its
+Gluon kernel, bf16, variants v1 and v2 as vsopt_gluon_v1_none / vsopt_gluon_v2_none) side by side
 with cuDNN SDPA, FlashAttention-3 (fa3-fwd, bf16 and FP8), FlashAttention-4 (flash-attn-4, CuTe DSL:
 dense and block-sparse with the same table), SageAttention 1.0.6 and FlexAttention with the same block
 mask, on the reference workloads of WORKLOADS.md; writes JSON and the "Attention kernels" section of
@@ -11,7 +11,8 @@ that script); without them its rows are listed under "Not run" with the import e
 
 Useful TFLOP/s = 4 * B * H * N^2 * D * density / time, density = the fraction of (query block,
 key block) pairs the mask keeps (as run). Accuracy (cosine, relative L2) is against float32 attention
-with the same mask on the same random normal inputs. Times: GPU time, the median of CUDA-graph
+with the same mask on the same random normal inputs, at every density (structured inputs: the quant
+part of tests/kernels/gpu_check.py). Times: GPU time, the median of CUDA-graph
 replays (triton.testing.do_bench_cudagraph), for every kernel alike; for vsopt also the eager
 time of one op call (do_bench, L2 flushed), which adds the host-side launch work. vsopt's times
 include its quantization kernels and reuse the work order of a static table (see work_order).
@@ -96,7 +97,17 @@ def window_block_mask(w: Workload, density: float, block: int, device) -> torch.
 
 
 BLOCK = 128
-MODES = ("none", "int8", "fp8", "int8_fp8")
+MODES = ("none", "int8", "fp8", "int8_fp8", "int8_int8")
+#: The Gluon kernel's variants timed beside the Triton kernel (bf16): v1 = gluon_launch.DEFAULT_CONFIG
+#: (one program per row, ping-pong consumers), v2 = the persistent kernel with FA3's ordered ping-pong.
+GLUON_VARIANTS = ("v1", "v2")
+
+
+def gluon_config(variant: str):
+    from vsopt.kernels.block_sparse import gluon_launch
+    if variant == "v1":
+        return gluon_launch.DEFAULT_CONFIG
+    return gluon_launch.GluonConfig(2, True, True, True, persistent=True)
 
 
 def _bench(fn, rep_ms: float) -> float:
@@ -207,7 +218,8 @@ def _flex(q, k, v, kv_indices, kv_counts, scale, n):
     return lambda: compiled(q, k, v, block_mask=bm, scale=scale)
 
 
-def run_workload(w: Workload, densities, modes, accuracy: bool, rep_ms: float, log) -> dict:
+def run_workload(w: Workload, densities, modes, accuracy: bool, rep_ms: float, log,
+                 gluon_variants=GLUON_VARIANTS) -> dict:
     import vsopt.core  # noqa: F401  (registers torch.ops.vsopt.*)
     from vsopt.kernels.block_sparse import launch as bsa_launch
     from vsopt.kernels.quant import launch as quant_launch
@@ -270,7 +282,7 @@ def run_workload(w: Workload, densities, modes, accuracy: bool, rep_ms: float, l
             mask = window_block_mask(w, density, BLOCK, dev)
             kv_indices, kv_counts = torch.ops.vsopt.mask_to_table(mask)
             real_density = float(mask.float().mean())
-            ref = reference_attention(q, k, v, mask, scale) if accuracy and density in (0.2, 1.0) else None
+            ref = reference_attention(q, k, v, mask, scale) if accuracy else None
             table_ms = _bench(lambda: torch.ops.vsopt.mask_to_table(mask), rep_ms)
             order_ms = _bench(lambda: bsa_launch.work_order(kv_counts.clone(), B), rep_ms)   # clone: no cache
             for mode in modes:
@@ -284,17 +296,21 @@ def run_workload(w: Workload, densities, modes, accuracy: bool, rep_ms: float, l
                     extra.update(_accuracy(fn(), ref))
                 row = record(res["sparse"], f"vsopt_{mode}", ms, real_density, extra)
                 row["speedup_vs_best_dense"] = best_dense / ms
-            if "none" in modes:   # the Gluon kernel (bf16 only; launch.block_sparse_attention(kernel="gluon"))
+            for variant in gluon_variants if "none" in modes else ():   # the Gluon kernel (bf16 only)
+                name = f"vsopt_gluon_{variant}_none"
                 try:
-                    fn = lambda: bsa_launch.block_sparse_attention(q, k, v, kv_indices, kv_counts, scale,  # noqa
-                                                                   BLOCK, BLOCK, kernel="gluon")[0]
+                    from vsopt.kernels.block_sparse import gluon_launch
+                    config = gluon_config(variant)
+                    fn = lambda: gluon_launch.block_sparse_attention_gluon(  # noqa: E731
+                        q, k, v, kv_indices, kv_counts, scale, BLOCK, BLOCK, config=config)[0]
                     ms = _bench(fn, rep_ms)
                     extra = _accuracy(fn(), ref) if ref is not None else {}
-                    row = record(res["sparse"], "vsopt_gluon_none", ms, real_density, extra)
+                    row = record(res["sparse"], name, ms, real_density, extra)
                     row["speedup_vs_best_dense"] = best_dense / ms
+                    row["config"] = str(config)
                 except Exception as e:  # noqa: BLE001 - not a Hopper GPU, not Triton 3.6: recorded
-                    log(f"gluon kernel failed: {e!r}"[:300])
-                    res.setdefault("peers_missing", {})["vsopt_gluon_none"] = repr(e)[:200]
+                    log(f"gluon kernel {variant} failed: {e!r}"[:300])
+                    res.setdefault("peers_missing", {})[name] = repr(e)[:200]
             try:
                 flex = _flex(q, k, v, kv_indices, kv_counts, scale, N)
                 ms = _bench(flex, rep_ms)
@@ -332,7 +348,7 @@ def markdown(results: dict) -> str:
              "block 128x128, B=1, random normal bf16 inputs. Times: GPU time (median of CUDA-graph replays); vsopt's "
              "include its quantization kernels; 'eager ms' is one eager op call (host launch work included). "
              "Useful TFLOP/s = 4*B*H*N^2*D*density/time; speedup is over the fastest dense bf16 kernel. Accuracy vs "
-             "float32 with the same mask (density 0.2 and 1.0; dense peers vs dense float32). quant ms: the "
+             "float32 with the same mask (every density; dense peers vs dense float32). quant ms: the "
              "quantization kernels alone (part of the vsopt time).", ""]
     for res in results["workloads"]:
         w = res["workload"]
@@ -382,6 +398,9 @@ def main(argv=None) -> int:
     p.add_argument("--densities", default="0.1,0.2,0.3,0.5,1.0")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--no-accuracy", action="store_true")
+    p.add_argument("--gluon", default=",".join(GLUON_VARIANTS),
+                   help="Gluon kernel variants to time (v1, v2; empty: none). Run tests/kernels/gpu_check_gluon.py "
+                        "first on a new variant: it guards against a hang in a child process, this script does not")
     p.add_argument("--rep-ms", type=float, default=200.0)
     p.add_argument("--out", default="benchmarks/results/attention.json")
     p.add_argument("--markdown", default="BENCHMARKS.md", help="file whose 'Attention kernels' section is rewritten")
@@ -397,7 +416,8 @@ def main(argv=None) -> int:
     for name in args.workloads.split(","):
         results["workloads"].append(run_workload(
             WORKLOADS[name], [float(d) for d in args.densities.split(",")], args.modes.split(","),
-            not args.no_accuracy and name != "hyv720", args.rep_ms, log))
+            not args.no_accuracy and name != "hyv720", args.rep_ms, log,
+            tuple(x for x in args.gluon.split(",") if x)))
         _atomic_write(args.out, json.dumps(results, indent=1))
     section = markdown(results)
     if args.markdown:

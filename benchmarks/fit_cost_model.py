@@ -13,7 +13,9 @@ What is fitted from what (non-negative least squares weighted by 1/time: relativ
 - SDPA (the dense path, sdpa_us per head dim) from the sdpa records in the model's layout;
 - the dynamic-mask scoring from the dynamic records;
 - overhead_us: one lowered site's cost beyond its GPU time in a compiled model, without and with
-  CUDA graphs: (planned - dense) compiled wall time minus (planned - dense) GPU time;
+  CUDA graphs: (planned - dense) compiled wall time minus (planned - dense) GPU time (one site
+  compiled by plain Inductor, without vsopt.inductor.prepare; the terms per launch group come from
+  benchmarks/host_overhead.py --gpu, written in with its --apply after a refit);
 - meta["host_overhead_us_not_in_model"]: an eager op call minus its graph replay, per kernel key.
 The shipped reference plan's sites (4096 and 16384 tokens) are not fitted on: they are the check.
 The prediction errors there, and on every measured family, are reported for the model before

@@ -398,7 +398,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="the measurements JSON to write")
     p.add_argument("--budget-s", type=float, default=200.0, help="start no new section after this many seconds")
-    p.add_argument("--quants", default="none,int8,fp8,int8_fp8")
+    p.add_argument("--quants", default="none,int8,fp8,int8_fp8,int8_int8")
     p.add_argument("--head-dims", default="64,128")
     p.add_argument("--blocks", default="64,128")
     p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768")

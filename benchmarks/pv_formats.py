@@ -5,7 +5,9 @@
 INT8 Q K with K smoothing (kernels/quant/reference.fake_quantize_qkv) in every variant but the last
 two, then P and V rounded as named: e4m3 or INT8 per row and 128-key tile (P, scaled to the format's
 largest value), e4m3 or INT8 per channel (V), "fp8res" = a second e4m3 product of the residual
-(x - round(x)) * 16. The table in docs/KERNELS.md ("P V formats") comes from this script.
+(x - round(x)) * 16; qk "int8tok": INT8 Q K with K scaled per token instead of per block of 128
+tokens (not in the kernel: an emulation of what a per-key scale would buy). The table in
+docs/KERNELS.md ("P V formats") comes from this script.
 """
 import torch
 from vsopt.kernels.quant import reference as qr
@@ -46,7 +48,13 @@ def v_round(v, fmt):
     if fmt == "fp8smooth":
         mu = v.mean(2, keepdim=True); x = v - mu; s = x.abs().amax(2, keepdim=True)/448; return fp8(x/s)*s + mu
 def attn(q,k,v,mask,qk="int8",p="fp8",vf="fp8"):
-    if qk != "none":
+    if qk == "int8tok":   # Q per block; K smoothed, one scale per token (row)
+        qc, qs = qr.quantize_blocks(q, BLK, "int8")
+        qq = qc * qs.repeat_interleave(BLK, 2)[..., None]
+        x = k - k.mean(2, keepdim=True)
+        ks = x.abs().amax(-1, keepdim=True).clamp_min(1e-10) / 127
+        kk = int8(x / ks) * ks
+    elif qk != "none":
         qq, kk, _ = qr.fake_quantize_qkv(q, k, v, "int8" if qk=="int8" else "fp8", BLK, BLK)
     else: qq, kk = q, k
     s = (qq @ kk.transpose(-1,-2)) * D**-0.5
@@ -55,7 +63,8 @@ def attn(q,k,v,mask,qk="int8",p="fp8",vf="fp8"):
     pp = p_round(s, lse, BLK, p)
     return pp @ v_round(v, vf)
 variants = [("int8", "none", "none"), ("int8", "none", "fp8"), ("int8", "fp8", "fp8"), ("int8", "fp8res", "fp8"),
-            ("int8", "fp8", "fp8res"), ("int8", "int8", "int8"), ("fp8", "int8", "int8"), ("fp8", "fp8", "fp8")]
+            ("int8", "fp8", "fp8res"), ("int8", "int8", "int8"), ("int8tok", "none", "none"), ("int8tok", "int8", "int8"),
+            ("fp8", "int8", "int8"), ("fp8", "fp8", "fp8")]
 for kind in ["random","structured"]:
     q,k,v = inputs(kind, 1)
     for dens in [0.1, 0.5, 1.0]:

@@ -94,7 +94,7 @@ def _kernel_call(kernel, launch, q, k, v, qq, idx, cnt, scale, mode, cfg, order=
     qs = ks = vs = None
     if qq is not None:
         q, k, v, qs, ks, vs = qq.q, qq.k, qq.v, qq.q_scale, qq.k_scale, qq.v_scale
-    stride_vn, stride_vd = (1, v.stride(2)) if spec.quant.pv_is_fp8 else (v.stride(2), 1)
+    stride_vn, stride_vd = (1, v.stride(2)) if spec.quant.pv_is_8bit else (v.stride(2), 1)
     out = torch.empty((B, H, N, D), dtype=torch.bfloat16, device=q.device)
     order = launch.work_order(cnt, B, order)
     QB = KB = math.ceil(N / BLOCK)

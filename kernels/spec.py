@@ -23,11 +23,12 @@ class QuantMode(str, enum.Enum):
     INT8 = "int8"  # q k^T in INT8 (per-block scales, K smoothed), p v in the input dtype
     FP8 = "fp8"  # both matmuls in FP8 e4m3
     INT8_FP8 = "int8_fp8"  # q k^T in INT8, p v in FP8 (SageAttention2)
+    INT8_INT8 = "int8_int8"  # q k^T in INT8, p v in INT8 (P per row and key tile, V per channel)
 
     @property
     def code(self) -> int:
         """The kernel's QUANT constexpr (kernels/block_sparse/kernel.py derives its QK_INT8 /
-        PV_FP8 flags from it, matching qk_format and pv_is_fp8)."""
+        PV_FP8 / PV_INT8 flags from it, matching qk_format and pv_format)."""
         return _CODES[self]
 
     @classmethod
@@ -39,9 +40,20 @@ class QuantMode(str, enum.Enum):
         return cls(value)
 
     @property
+    def pv_format(self) -> str | None:
+        """The 8-bit format of P and V ("fp8": e4m3, "int8"), None when p v stays in the input
+        dtype. Either 8-bit format: V per channel, stored transposed; P per row and key tile."""
+        return {QuantMode.FP8: "fp8", QuantMode.INT8_FP8: "fp8", QuantMode.INT8_INT8: "int8"}.get(self)
+
+    @property
+    def pv_is_8bit(self) -> bool:
+        """Whether P and V run in 8 bits (FP8 or INT8; else in the input's 16-bit dtype)."""
+        return self.pv_format is not None
+
+    @property
     def pv_is_fp8(self) -> bool:
-        """Whether P and V run in FP8 (else in the input's 16-bit dtype)."""
-        return self in (QuantMode.FP8, QuantMode.INT8_FP8)
+        """Whether P and V run in FP8 e4m3 (int8_int8 runs them in INT8: pv_is_8bit)."""
+        return self.pv_format == "fp8"
 
     @property
     def qk_format(self) -> str | None:
@@ -50,7 +62,7 @@ class QuantMode(str, enum.Enum):
         return {QuantMode.NONE: None, QuantMode.FP8: "fp8"}.get(self, "int8")
 
 
-_CODES = {QuantMode.NONE: 0, QuantMode.INT8: 1, QuantMode.FP8: 2, QuantMode.INT8_FP8: 3}
+_CODES = {QuantMode.NONE: 0, QuantMode.INT8: 1, QuantMode.FP8: 2, QuantMode.INT8_FP8: 3, QuantMode.INT8_INT8: 4}
 QUANT_MODES = tuple(m.value for m in QuantMode)
 
 

@@ -271,6 +271,7 @@ def _compile(gm: torch.fx.GraphModule, config: VsoptConfig, inputs: Sequence[Any
     """Dynamo's graph traced to ATen by `trace` (at Dynamo's sizes, or at a call's), rewritten
     and compiled by Inductor with `inputs` as example inputs; one graph per step segment."""
     from vsopt.inductor import compile_fx  # Inductor without its attention fusion (vsopt.inductor says why)
+    from vsopt.inductor import prepare as prepare_for_inductor
 
     reports: list[PipelineReport] = []
     built_up_front: list[bool] = []
@@ -281,6 +282,7 @@ def _compile(gm: torch.fx.GraphModule, config: VsoptConfig, inputs: Sequence[Any
         reports.append(report)
         if built_up_front:  # a variant built on its first call (the unknown step's): its log lines now
             _tell(config, [report])
+        prepare_for_inductor(aten_gm)   # static permutations as gathers; before cudagraphs names the constants
         if config.cudagraphs:
             from vsopt import cudagraphs
 

@@ -147,6 +147,28 @@ def _filtered_pattern_passes() -> Iterator[None]:
         passes[:] = saved
 
 
+#: What prepare() does (passes/inline_permutations.py and passes/static_work_orders.py say why);
+#: False keeps the graph as the pipeline left it (benchmarks/host_overhead.py measures both).
+INLINE_PERMUTATIONS = True
+STATIC_WORK_ORDERS = True
+
+
+def prepare(gm: torch.fx.GraphModule) -> list:
+    """What vsopt does to a rewritten graph for Inductor alone (an export keeps vsopt's ops in
+    their plain form): static token permutations become ATen gathers, launches over constant
+    tables get their work order as a constant. Returns the passes' reports. (Sites left dense
+    stay vsopt.attention: written as ATen SDPA they cost 47 us more per site on the H200 without
+    CUDA graphs, benchmarks/results/host_overhead_h200.json.)"""
+    from vsopt.passes import inline_permutations, static_work_orders
+
+    reports = []
+    if INLINE_PERMUTATIONS:
+        reports.append(inline_permutations.run(gm))
+    if STATIC_WORK_ORDERS:
+        reports.append(static_work_orders.run(gm))
+    return reports
+
+
 def compile_fx(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config_patches: dict | None = None):
     """torch._inductor.compile_fx.compile_fx, without Inductor's attention fusion."""
     from torch._inductor.compile_fx import compile_fx as inductor_compile_fx

@@ -9,7 +9,7 @@ schedule.work_order), so the long rows start early, the short ones fill the tail
 running together share one head's K/V in L2.
 
 QUANT (constexpr): 0 bf16/fp16 Q K V; 1 INT8 Q K (smoothed K, per-block scales), 16-bit P V;
-2 FP8 Q K, FP8 P V; 3 INT8 Q K, FP8 P V. In the FP8 P V modes V comes transposed (B, H, D, N_pad)
+2 FP8 Q K, FP8 P V; 3 INT8 Q K, FP8 P V; 4 INT8 Q K, INT8 P V (see PV_INT8). In the 8-bit P V modes V comes transposed (B, H, D, N_pad)
 with a per-channel scale, and each tile's P is scaled by its own row max before the e4m3 cast
 (SageAttention2's per-block P scale): p~ = exp2(s - tmax) * 448, so the tile's largest value is
 e4m3's largest and P uses the whole range even where the tile lies far below the running max.
@@ -27,10 +27,20 @@ and before the key mask (a masked key stays -inf, not -cap). ROW_BIAS (a cap on 
 K smoothing dropped q . mean(K), a per-row constant the softmax ignores but tanh does not, so it is
 added back (QkBias, (B, H, NQ) float32, from the unquantized q) before the cap.
 
-PV_INT8 (constexpr, with an FP8 P V mode; experimental, not a plan mode yet): P V in INT8 instead
-of e4m3: p~ = round(exp2(s - tmax) * 127), V in INT8 codes per channel (same transposed layout),
+PV_INT8 (QUANT 4, the plan mode int8_int8; or the flag with an FP8 P V mode, the launcher's
+experimental option for FP8 Q K): P V in INT8 instead of e4m3: p~ = round(exp2(s - tmax) * 127), V in INT8 codes per channel (same transposed layout),
 the tile's product in int32, then as above with 127 for 448. More accurate than e4m3 for P and V
 (uniform steps: ~1% rms for Gaussian V against e4m3's ~2.7%; docs/KERNELS.md "P V formats").
+
+FAST_CVT (constexpr, default on): the integer <-> float conversions of the INT8 products by the
+float-bias trick instead of cvt instructions, which run at a quarter of the FP32 rate on Hopper
+(16 per clock per SM): an int32 n with |n| < 2^22 is the float bits(n + 0x4B400000) - 1.5 * 2^23
+(one integer add, one float add), and a P value p in [0, 127] becomes its INT8 code as the low
+byte of bits(p + 1.5 * 2^23) (one float add: round to nearest even; the reference rounds half away
+from zero, which differs only on exact ties). Every INT8 product fits: |q . k| and |p . v| are at
+most 127 * 127 * HEAD_DIM (or BLOCK_N) < 2^22 for HEAD_DIM <= 128 and BLOCK_N <= 256. (Compiled, the
+integer add folds into the wgmma's initial accumulator: the tensor core starts from 0x4B400000.) Off: the cvt path, kept to
+time one against the other (tests/kernels/gpu_check.py --parts speed).
 
 USE_TMA (constexpr): K and V tiles are loaded through tensor descriptors (Hopper's TMA engine, one
 descriptor per (b, kv head) built on the device; rows past NK read as zeros) instead of per-thread
@@ -46,6 +56,22 @@ LOG2_127 = tl.constexpr(6.988684686772166)   # log2 of INT8's largest code
 
 
 @triton.jit
+def _i32_to_f32(x, FAST_CVT: tl.constexpr):
+    """int32 -> float32, exact for |x| < 2^22 (see FAST_CVT in the module docstring)."""
+    if FAST_CVT:
+        return (x + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _p_to_i8(p, FAST_CVT: tl.constexpr):
+    """P in [0, 127] -> its INT8 codes, rounded to nearest (see FAST_CVT in the module docstring)."""
+    if FAST_CVT:
+        return (p + 12582912.0).to(tl.int32, bitcast=True).to(tl.int8)
+    return tl.floor(p + 0.5).to(tl.int8)
+
+
+@triton.jit
 def _tanh(x):
     """tanh(x) = 1 - 2 / (exp(2x) + 1): exactly +-1 in the limits (exp2 saturates to inf or 0)."""
     return 1.0 - 2.0 / (tl.math.exp2(x * 2.885390081777927) + 1.0)   # 2 log2(e)
@@ -56,7 +82,7 @@ def _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, NK, s_scale, cap_log2,
                  stride_kn, stride_vn, stride_vd,
                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, QK_INT8: tl.constexpr, PV_FP8: tl.constexpr,
                  MASK_KEYS: tl.constexpr, ROUND_IN_FP32: tl.constexpr, USE_TMA: tl.constexpr,
-                 SOFTCAP: tl.constexpr, ROW_BIAS: tl.constexpr, PV_INT8: tl.constexpr):
+                 SOFTCAP: tl.constexpr, ROW_BIAS: tl.constexpr, PV_INT8: tl.constexpr, FAST_CVT: tl.constexpr):
     """One key tile [start_n, start_n + BLOCK_N): update (acc, l_i, m_i). s_scale (> 0) folds the
     softmax scale, log2(e) and the dequantization scales of the Q block and this K block.
     k_src / v_src: tensor descriptors with USE_TMA, else the (b, kv head) base pointers."""
@@ -83,7 +109,7 @@ def _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, NK, s_scale, cap_log2,
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
     if QK_INT8:
-        qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
+        qk = _i32_to_f32(tl.dot(q, tl.trans(k), out_dtype=tl.int32), FAST_CVT)
     else:
         qk = tl.dot(q, tl.trans(k))
     if SOFTCAP:   # capped scores in log2 units; z_scale 1
@@ -105,7 +131,7 @@ def _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, NK, s_scale, cap_log2,
         if PV_INT8:   # P to [0, 127], rounded to INT8 codes; V INT8 per channel; int32 products
             p = tl.math.exp2(qk * z_scale - (t_ref - LOG2_127)[:, None])
             beta = tl.where(live, tl.math.exp2(t_ref - m_new - LOG2_127), 0.0)
-            pv = tl.dot(tl.floor(p + 0.5).to(tl.int8), tl.trans(v), out_dtype=tl.int32).to(tl.float32)
+            pv = _i32_to_f32(tl.dot(_p_to_i8(p, FAST_CVT), tl.trans(v), out_dtype=tl.int32), FAST_CVT)
         else:
             p = tl.math.exp2(qk * z_scale - (t_ref - LOG2_448)[:, None])   # in [0, 448], e4m3's range
             beta = tl.where(live, tl.math.exp2(t_ref - m_new - LOG2_448), 0.0)
@@ -137,11 +163,12 @@ def _block_sparse_fwd_kernel(
     HEAD_DIM: tl.constexpr, TABLE_BLOCK_M: tl.constexpr, TABLE_BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr, WRITE_LSE: tl.constexpr,
     EVEN_N: tl.constexpr, ROUND_IN_FP32: tl.constexpr, USE_TMA: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
-    PV_INT8: tl.constexpr = False,
+    PV_INT8: tl.constexpr = False, FAST_CVT: tl.constexpr = True,
 ):
     QK_QUANT: tl.constexpr = QUANT != 0
-    QK_INT8: tl.constexpr = (QUANT == 1) or (QUANT == 3)
-    PV_FP8: tl.constexpr = (QUANT == 2) or (QUANT == 3)
+    QK_INT8: tl.constexpr = (QUANT == 1) or (QUANT == 3) or (QUANT == 4)
+    PV_FP8: tl.constexpr = (QUANT == 2) or (QUANT == 3) or (QUANT == 4)   # 8-bit P V: V transposed, P per tile
+    PV_I8: tl.constexpr = PV_INT8 or (QUANT == 4)
     ROW_BIAS: tl.constexpr = SOFTCAP and QK_QUANT
     SPLIT_M: tl.constexpr = TABLE_BLOCK_M // BLOCK_M
     SPLIT_N: tl.constexpr = TABLE_BLOCK_N // BLOCK_N
@@ -201,7 +228,7 @@ def _block_sparse_fwd_kernel(
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, NK, s_scale, cap_log2, inv_cap_log2,
                                      row_bias, stride_kn, stride_vn, stride_vd,
                                      BLOCK_N, HEAD_DIM, QK_INT8, PV_FP8, False, ROUND_IN_FP32, USE_TMA, SOFTCAP,
-                                     ROW_BIAS, PV_INT8)
+                                     ROW_BIAS, PV_I8, FAST_CVT)
     if not EVEN_N:
         if count > 0:
             kb = tl.load(idx_base + count - 1)
@@ -213,7 +240,7 @@ def _block_sparse_fwd_kernel(
                                              kb * TABLE_BLOCK_N + sub * BLOCK_N, NK, s_scale, cap_log2, inv_cap_log2, row_bias,
                                              stride_kn, stride_vn, stride_vd,
                                              BLOCK_N, HEAD_DIM, QK_INT8, PV_FP8, True, ROUND_IN_FP32, USE_TMA, SOFTCAP,
-                                             ROW_BIAS, PV_INT8)
+                                             ROW_BIAS, PV_I8, FAST_CVT)
 
     # A row that visited nothing (skipped head, empty row) has l = 0: output 0, lse -inf.
     l_safe = tl.where(l_i > 0, l_i, 1.0)

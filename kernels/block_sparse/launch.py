@@ -55,6 +55,9 @@ LOG2E = math.log2(math.e)
 #: with the Triton quantization kernels (False). Off until the GPU has timed and checked the fused form
 #: (tests/kernels/gpu_check.py --parts overhead times both): it is tested on the CPU only.
 FUSE_QUANT_WHEN_TRACED = False
+#: The INT8 products' integer <-> float conversions by the float-bias trick (kernel.py, FAST_CVT) or
+#: by cvt instructions (False): a switch for timing one against the other on the GPU.
+FAST_CVT = True
 _MODE_OF_CODE = {mode.code: mode for mode in QuantMode}
 
 
@@ -149,7 +152,7 @@ def _prune(configs, named_args, **kwargs):
 
 _tuned_kernel = triton.autotune(
     configs=[t.config() for t in _ALL_TILES],
-    key=[*SPEC_CONSTEXPRS, "EVEN_N", "WRITE_LSE", "PV_INT8"],
+    key=[*SPEC_CONSTEXPRS, "EVEN_N", "WRITE_LSE", "PV_INT8", "FAST_CVT"],
     prune_configs_by={"early_config_prune": _prune},
 )(kernel._block_sparse_fwd_kernel)
 
@@ -165,8 +168,9 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
     """Run the Triton kernel (see the module docstring for shapes), validating the inputs first.
     tile (a Tile, or the tuple of its fields) skips autotuning and runs that configuration: for
     tests and sweeps. softcap > 0: scores -> softcap * tanh(scores / softcap) before the softmax.
-    pv_format "int8" (FP8 P V modes; experimental, not a plan mode: no op, plan or export carries
-    it yet): P and V in INT8 instead of e4m3 (kernel.py, PV_INT8; docs/KERNELS.md "P V formats").
+    pv_format "int8" with fp8 / int8_fp8 (experimental: no op, plan or export carries it): P and V in
+    INT8 instead of e4m3 (kernel.py, PV_INT8; docs/KERNELS.md "P V formats"); int8_int8 is the plan
+    mode of INT8 Q K with INT8 P V (its pv_format is "int8" already).
     kernel: "triton" (this module's kernel, every mode) or "gluon" (gluon_launch: Hopper, bf16/fp16,
     no cap, eager; its limits are errors, not fallbacks). The ops of vsopt.core run the Triton kernel."""
     check(kernel in KERNELS, f"block_sparse_attention: kernel must be one of {KERNELS}, got {kernel!r}")
@@ -201,11 +205,14 @@ def kernel_spec(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
 def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor,
                 kv_counts: torch.Tensor, scale: float, block_m: int, block_n: int, quant: QuantMode,
                 with_lse: bool = False, tile: Tile | tuple | None = None, softcap: float = 0.0,
-                pv_format: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                pv_format: str | None = None, row_order: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """block_sparse_attention on inputs check_inputs has accepted (quant: the mode it returned):
-    the op's entry, which validated them itself."""
+    the op's entry, which validated them itself. row_order: the work order (schedule.work_order of
+    this table and batch) computed ahead, e.g. a compiled graph's constant for a static table;
+    None: computed here (in a traced graph, a sort at every call)."""
     spec = kernel_spec(q, k, v, scale, block_m, block_n, quant, softcap)
-    quant_launch.check_pv_format(spec.quant, pv_format)
+    pv_format = quant_launch.check_pv_format(spec.quant, pv_format)
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     eager = plain_eager(q, k, v, kv_indices, kv_counts)
@@ -227,12 +234,19 @@ def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: t
             q_bias = torch.einsum("bhnd,bhd->bhn", q.float(), mean).contiguous()
         q, k, v = quantized.q, quantized.k, quantized.v
         q_scale, k_scale, v_scale = quantized.q_scale, quantized.k_scale, quantized.v_scale
-    if spec.quant.pv_is_fp8:   # v is (B, H, D, N_pad): token stride 1 (the kernel knows), channel stride N_pad
+    if pv_format is not None:   # v is (B, H, D, N_pad): token stride 1 (the kernel knows), channel stride N_pad
         stride_vn, stride_vd = 1, v.stride(2)
     else:
         stride_vn, stride_vd = v.stride(2), 1
     lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device) if with_lse else out
-    order = work_order(kv_counts, B)
+    if row_order is None:
+        order = work_order(kv_counts, B)
+    else:   # the rows are scheduling only: any order of all B * Hq * QB rows gives the same output
+        check(row_order.dim() == 1 and row_order.dtype == torch.int32 and row_order.numel() == B * Hq * QB
+              and row_order.device == q.device,
+              f"block_sparse_attention: row_order must be int32 ({B * Hq * QB},) on {q.device}, got "
+              f"{row_order.dtype} {tuple(row_order.shape)} on {row_order.device}")
+        order = row_order
     unused = order   # stands in for the scale pointers a mode does not read
     Bt = kv_counts.shape[0]
     grid = lambda meta: (order.numel() * (block_m // meta["BLOCK_M"]),)  # noqa: E731
@@ -260,7 +274,7 @@ def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: t
         kv_counts.stride(0) if Bt > 1 else 0, kv_counts.stride(1),
         Hq, Hq // Hkv, Nq, Nk, QB, KB, scale * LOG2E, spec.softcap * LOG2E,
         **spec_constexprs(spec), WRITE_LSE=with_lse, EVEN_N=Nk % block_n == 0, ROUND_IN_FP32=interpreting(),
-        PV_INT8=pv_format == "int8",
+        PV_INT8=pv_format == "int8", FAST_CVT=FAST_CVT,
         **tile_args,
     )
     return out, (lse if with_lse else None)

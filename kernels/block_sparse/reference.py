@@ -9,9 +9,9 @@ Bt is 1 (one table for the whole batch) or B. A query row that visits no block o
 The reference computes in float32 (float64 if the inputs are float64) and returns q's dtype.
 softcap > 0 caps the scaled scores, s -> softcap * tanh(s / softcap), before the mask and the
 softmax. For the quantized modes it runs the same attention on fake-quantized (quantized then
-dequantized) Q, K and V from kernels.quant.reference, and in the FP8 P V modes it rounds P as the
+dequantized) Q, K and V from kernels.quant.reference, and in the 8-bit P V modes it rounds P as the
 kernel does (quant_ref.round_probabilities_fp8: per row and key block, scaled by the block's row
-max to e4m3's 448); so the kernel and the reference see the same roundings, and what is left
+max to e4m3's 448, or to INT8's 127 in int8_int8); so the kernel and the reference see the same roundings, and what is left
 between them is summation order, exp2 ulps and the FP8 tensor core's accumulator.
 """
 from __future__ import annotations
@@ -72,11 +72,12 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
                            quant: QuantMode | str = "none", softcap: float = 0.0, pv_format: str | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference for vsopt::block_sparse_attention; returns (out in q's dtype, lse float32).
-    pv_format "int8" (FP8 P V modes; the launcher's experimental option): P and V in INT8."""
+    pv_format "int8" (FP8 P V modes; the launcher's experimental option): P and V in INT8, as
+    int8_int8 runs them."""
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     qf, kf, vf = q.to(work), k.to(work), v.to(work)
     mode = QuantMode.parse(quant, "block_sparse_attention: quant")
-    quant_ref.check_pv_format(mode, pv_format)
+    pv_format = quant_ref.check_pv_format(mode, pv_format)
     bias = None
     if mode is not QuantMode.NONE:
         if softcap > 0:   # the q . mean(K) that smoothing removes matters under a cap: added back
@@ -84,6 +85,6 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
         qf, kf, vf = quant_ref.fake_quantize_qkv(qf, kf, vf, mode, block_m, block_n, pv_format)
     mask = table_to_token_mask(kv_indices, kv_counts, q.shape[2], k.shape[2], block_m, block_n)
     mask = mask.expand(q.shape[0], -1, -1, -1)
-    out, lse = masked_attention(qf, kf, vf, mask, scale, softcap, block_n if mode.pv_is_fp8 else None, bias,
+    out, lse = masked_attention(qf, kf, vf, mask, scale, softcap, block_n if pv_format else None, bias,
                                 pv_format or "fp8")
     return out.to(q.dtype), lse.float()

@@ -66,13 +66,13 @@ def quantize_qkv_fusable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quan
     """What launch.quantize_qkv returns, as torch ops (see the module docstring)."""
     mode = QuantMode.parse(quant, "quantize_qkv_fusable: quant")
     check(mode is not QuantMode.NONE, f"quantize_qkv_fusable: quant must be a quantized mode, got {quant!r}")
-    check_pv_format(mode, pv_format)
+    pv_format = check_pv_format(mode, pv_format)
     fmt = mode.qk_format
     k_sum = k.float().sum(dim=2)
     k_mean = k_sum / k.shape[2]
     qc, qs = quantize_blocks_fusable(q, block_m, fmt)
     kc, ks = quantize_blocks_fusable(k, block_n, fmt, mean=k_sum * (1.0 / k.shape[2]))   # as the kernel: sum * (1/N)
-    if mode.pv_is_fp8:
-        vc, vs = quantize_v_fp8_fusable(v, pv_format or "fp8")
+    if pv_format is not None:
+        vc, vs = quantize_v_fp8_fusable(v, pv_format)
         return QuantizedQKV(qc.contiguous(), qs, kc.contiguous(), ks, vc, vs, k_mean)
     return QuantizedQKV(qc.contiguous(), qs, kc.contiguous(), ks, v, None, k_mean)

@@ -102,17 +102,18 @@ class QuantizedQKV:
 
 def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: QuantMode | str, block_m: int,
                  block_n: int, pv_format: str | None = None) -> QuantizedQKV:
-    """Quantize q, k, v for `quant` mode ("int8", "fp8", "int8_fp8"): see kernels/quant/reference.py.
-    pv_format "int8" (FP8 P V modes only): V in INT8 codes per channel (the experimental INT8 P V)."""
+    """Quantize q, k, v for `quant` mode ("int8", "fp8", "int8_fp8", "int8_int8"): see
+    kernels/quant/reference.py. pv_format "int8" (8-bit P V modes only): V in INT8 codes per channel
+    (int8_int8's own; with fp8 / int8_fp8 the launcher's experimental option)."""
     mode = QuantMode.parse(quant, "quantize_qkv: quant")
     check(mode is not QuantMode.NONE, f"quantize_qkv: quant must be a quantized mode, got {quant!r}")
-    fmt, fp8_pv = mode.qk_format, mode.pv_is_fp8
-    check_pv_format(mode, pv_format)
-    k_sum, v_max = channel_stats(k, v if fp8_pv else None)
+    fmt = mode.qk_format
+    pv_format = check_pv_format(mode, pv_format)
+    k_sum, v_max = channel_stats(k, v if pv_format else None)
     qc, qs = quantize_blocks(q, block_m, fmt)
     kc, ks = quantize_blocks(k, block_n, fmt, channel_sum=k_sum)
     k_mean = k_sum / k.shape[2]
-    if fp8_pv:
-        vc, vs = quantize_v_fp8(v, v_max, fmt=pv_format or "fp8")
+    if pv_format:
+        vc, vs = quantize_v_fp8(v, v_max, fmt=pv_format)
         return QuantizedQKV(qc, qs, kc, ks, vc, vs, k_mean)
     return QuantizedQKV(qc, qs, kc, ks, v, None, k_mean)

@@ -7,7 +7,8 @@ to +-QMAX; an all-zero group gets a tiny scale instead of 0):
 Groups: Q per (b, h, block of block_m tokens); K per (b, h, block of block_n tokens) after
 smoothing (K minus its mean over tokens, per (b, h, d): softmax ignores a per-row constant, and
 q . mean is one); V (FP8 P V only) per (b, h, d) channel over all tokens.
-P (FP8 P V only; round_probabilities_fp8): per query row and group of block keys, scaled so that
+V in int8_int8 (and with pv_format "int8"): the same per-channel groups, INT8 codes.
+P (8-bit P V only; round_probabilities_fp8): per query row and group of block keys, scaled so that
 the group's largest probability is 448 (SageAttention2's per-block P scale: the full e4m3 range
 whatever the group's distance to the row max), rounded, scaled back.
 """
@@ -54,28 +55,33 @@ def quantize_channels_fp8(v: torch.Tensor, fmt: str = "fp8") -> tuple[torch.Tens
     return round_to_format(v / scale[:, :, None, :], fmt), scale.float()
 
 
-def check_pv_format(mode: QuantMode, pv_format: str | None) -> None:
-    """pv_format: None (the mode's own), or "int8" / "fp8" for a mode whose P V is 8-bit."""
+def check_pv_format(mode: QuantMode, pv_format: str | None) -> str | None:
+    """pv_format: None (the mode's own), or "int8" / "fp8" for a mode whose P V is 8-bit (int8_int8
+    takes only its own "int8": INT8 Q K with FP8 P V is int8_fp8). Returns the P V format in use
+    (None: P V in the input dtype)."""
     check(pv_format in (None, "fp8", "int8"), f"pv_format must be None, 'fp8' or 'int8', got {pv_format!r}")
-    check(pv_format is None or mode.pv_is_fp8,
-          f"pv_format {pv_format!r} needs a mode with 8-bit P V (fp8, int8_fp8), got {mode.value!r}")
+    check(pv_format is None or mode.pv_is_8bit,
+          f"pv_format {pv_format!r} needs a mode with 8-bit P V (fp8, int8_fp8, int8_int8), got {mode.value!r}")
+    check(pv_format in (None, mode.pv_format) or mode is not QuantMode.INT8_INT8,
+          f"pv_format {pv_format!r} contradicts quant 'int8_int8' (INT8 Q K with FP8 P V is 'int8_fp8')")
+    return pv_format or mode.pv_format
 
 
 def fake_quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: QuantMode | str, block_m: int,
                       block_n: int, pv_format: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize then dequantize q, k, v as the kernels do in `quant` mode (K comes back smoothed:
     minus its mean over tokens, which only a soft cap notices; see smoothing_bias). pv_format
-    "int8" (FP8 P V modes): V per channel in INT8 instead of e4m3."""
+    "int8" (FP8 P V modes): V per channel in INT8 instead of e4m3, as in int8_int8."""
     mode = QuantMode.parse(quant, "fake_quantize_qkv: quant")
     check(mode is not QuantMode.NONE, f"fake_quantize_qkv: quant must be a quantized mode, got {quant!r}")
-    check_pv_format(mode, pv_format)
+    pv_format = check_pv_format(mode, pv_format)
     fmt = mode.qk_format
     qc, qs = quantize_blocks(q, block_m, fmt)
     kc, ks = quantize_blocks(k, block_n, fmt, mean=k.float().mean(dim=2))
     q_hat = (qc * qs.repeat_interleave(block_m, dim=2)[:, :, : q.shape[2], None]).to(q.dtype)
     k_hat = (kc * ks.repeat_interleave(block_n, dim=2)[:, :, : k.shape[2], None]).to(k.dtype)
-    if mode.pv_is_fp8:
-        vc, vs = quantize_channels_fp8(v, pv_format or "fp8")
+    if pv_format is not None:
+        vc, vs = quantize_channels_fp8(v, pv_format)
         v = (vc * vs[:, :, None, :]).to(v.dtype)
     return q_hat, k_hat, v
 

@@ -1,14 +1,15 @@
 """The kernels' quantization (kernels/quant/reference.py) in standard ONNX ops, so the portable
-form computes what vsopt's reference computes for the int8 / fp8 / int8_fp8 modes.
+form computes what vsopt's reference computes for the int8 / fp8 / int8_fp8 / int8_int8 modes.
 
 Fake quantization: each group is divided by its scale (amax over the group / QMAX), rounded to the
 format (int8: half away from zero; fp8: Cast to float8 e4m3fn and back) and multiplied back. Groups:
 Q per (b, h, block of block_m tokens); K per (b, h, block of block_n tokens) after subtracting its
-mean over tokens (smoothing); V, for the FP8 P V modes only, per (b, h, channel). Everything in
+mean over tokens (smoothing); V, for the 8-bit P V modes only, per (b, h, channel) (INT8 in int8_int8). Everything in
 float32, as the reference. Needs opset 19 (float8) for the fp8 modes.
 
-fp8_p_attention: the FP8 P V modes' attention with P rounded as the kernels round it
-(quant_ref.round_probabilities_fp8: per row and key block, scaled by the block's row max to 448).
+fp8_p_attention: the 8-bit P V modes' attention with P rounded as the kernels round it
+(quant_ref.round_probabilities_fp8: per row and key block, scaled by the block's row max to 448,
+or to INT8's 127 in int8_int8).
 """
 from __future__ import annotations
 
@@ -48,10 +49,10 @@ def _blocks(x: ir.Value, shape: list[int], block: int, fmt: str, mean: ir.Value 
     return out
 
 
-def _channels_fp8(v: ir.Value) -> ir.Value:
+def _channels_fp8(v: ir.Value, fmt: str = "fp8") -> ir.Value:
     amax = op.ReduceMax(op.Abs(v), i64([2]), keepdims=1)
-    scale = op.Div(op.Max(amax, scalar_like(quant_ref.MIN_AMAX, v)), scalar_like(quant_ref.QMAX["fp8"], v))
-    return op.Mul(_round(op.Div(v, scale), "fp8"), scale)
+    scale = op.Div(op.Max(amax, scalar_like(quant_ref.MIN_AMAX, v)), scalar_like(quant_ref.QMAX[fmt], v))
+    return op.Mul(_round(op.Div(v, scale), fmt), scale)
 
 
 def fake_quantize_qkv(q: ir.Value, k: ir.Value, v: ir.Value, quant: str, block_m: int, block_n: int, opset: int):
@@ -66,8 +67,8 @@ def fake_quantize_qkv(q: ir.Value, k: ir.Value, v: ir.Value, quant: str, block_m
     q, k, v = (op.Cast(x, to=FLOAT) for x in (q, k, v))
     q_hat = _blocks(q, q_shape, block_m, fmt)
     k_hat = _blocks(k, kv_shape, block_n, fmt, mean=op.ReduceMean(k, i64([2]), keepdims=1))
-    if mode.pv_is_fp8:
-        v = _channels_fp8(v)
+    if mode.pv_is_8bit:
+        v = _channels_fp8(v, mode.pv_format)
     return q_hat, k_hat, v
 
 
@@ -81,7 +82,7 @@ def smoothing_bias(q: ir.Value, k: ir.Value, q_shape: list[int], kv_shape: list[
 
 def fp8_p_attention(q: ir.Value, k: ir.Value, v: ir.Value, tokens: ir.Value, scale: float, block_n: int,
                     q_shape: list[int], kv_shape: list[int], softcap: float = 0.0,
-                    score_bias: ir.Value | None = None) -> ir.Value:
+                    score_bias: ir.Value | None = None, p_format: str = "fp8") -> ir.Value:
     """softmax(cap(q k^T * scale), masked by tokens) v with P rounded to e4m3 per row and group of
     block_n keys (float32 q/k/v, tokens bool broadcastable to (B, H, Nq, Nk)); rows with no key
     give NaN or 0 (the caller zeroes them)."""
@@ -105,8 +106,8 @@ def fp8_p_attention(q: ir.Value, k: ir.Value, v: ir.Value, tokens: ir.Value, sca
     gmax = op.ReduceMax(groups, i64([-1]), keepdims=1)
     live = op.Not(op.IsInf(gmax))
     gref = op.Where(live, gmax, zero)
-    qmax = scalar_like(quant_ref.QMAX["fp8"], q)
-    p = _round(op.Mul(op.Exp(op.Sub(groups, gref)), qmax), "fp8")
+    qmax = scalar_like(quant_ref.QMAX[p_format], q)
+    p = _round(op.Mul(op.Exp(op.Sub(groups, gref)), qmax), p_format)
     weight = op.Where(live, op.Div(op.Exp(op.Sub(gref, op.Unsqueeze(m, i64([-1])))), qmax), zero)
     p = op.Reshape(op.Mul(p, weight), i64([B, H, Nq, nb * block_n]))
     if nb * block_n != Nk:

@@ -100,11 +100,12 @@ def portable_table(opset: int) -> dict:
         q_shape, kv_shape = dims(q), dims(k)
         # under a cap, the q . mean(K) that K smoothing removes is added back (as the kernel does)
         bias = smoothing_bias(q, k, q_shape, kv_shape) if quant != "none" and softcap else None
-        if QuantMode.parse(quant).pv_is_fp8:   # P rounded as the kernel rounds it: written out, in float32
+        mode = QuantMode.parse(quant)
+        if mode.pv_is_8bit:   # P rounded as the kernel rounds it: written out, in float32
             dtype = q.dtype
             qf, kf, vf = fake_quantize_qkv(q, k, v, quant, block_m, block_n, opset)
             out = op.Cast(fp8_p_attention(qf, kf, vf, tokens, scale, block_n, q_shape, kv_shape, float(softcap),
-                                          bias), to=dtype)
+                                          bias, mode.pv_format), to=dtype)
         else:
             if quant != "none":
                 dtype = q.dtype

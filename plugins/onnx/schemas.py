@@ -57,7 +57,7 @@ SCHEMAS = [
         attributes=[_required("scale", _A.FLOAT, "softmax scale"),
                     _required("head_dim", _A.INT, "D"),
                     _required("dtype", _A.STRING, "input dtype the kernel was specified for"),
-                    _required("quant", _A.STRING, "precision: none, int8, fp8 or int8_fp8"),
+                    _required("quant", _A.STRING, "precision: none, int8, fp8, int8_fp8 or int8_int8"),
                     _required("block_m", _A.INT, "query block of the table"),
                     _required("block_n", _A.INT, "key block of the table"),
                     _required("layout", _A.STRING, "memory layout the kernel reads (bhnd)"),

@@ -26,7 +26,7 @@ from pathlib import Path
 
 TARGET = ("cuda", 90, 32)
 DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
-_QUANT_CODE = {"none": 0, "int8": 1, "fp8": 2, "int8_fp8": 3}
+_QUANT_CODE = {"none": 0, "int8": 1, "fp8": 2, "int8_fp8": 3, "int8_int8": 4}   # kernels/spec.py's QuantMode.code
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def representative_configs(dtype: str = "bf16") -> list[PtxConfig]:
                      t.use_tma) for t in launch.all_tiles()]
     for d in (64, 128):
         first = launcher_configs(d, dtype, "none", 128, 128)[0]
-        out += [dataclasses.replace(first, quant=q) for q in ("int8", "fp8", "int8_fp8")]
+        out += [dataclasses.replace(first, quant=q) for q in ("int8", "fp8", "int8_fp8", "int8_int8")]
     out.append(dataclasses.replace(launcher_configs(64, dtype, "none", 64, 64)[0], even_n=False))
     out.append(trt_entry_config(64, dtype, 64, 64, True, 0.18033688011112042))
     out.append(trt_entry_config(64, dtype, 64, 64, True, 0.18033688011112042, 50.0 * 1.4426950408889634))
@@ -132,16 +132,17 @@ def _signature(c: PtxConfig) -> tuple[dict, dict]:
     else:
         fn = kernel._block_sparse_fwd_kernel
         code = _QUANT_CODE[c.quant]
-        qk = {0: dt, 1: "i8", 2: "fp8e4nv", 3: "i8"}[code]
-        v = "fp8e4nv" if code in (2, 3) else dt
+        qk = {0: dt, 1: "i8", 2: "fp8e4nv", 3: "i8", 4: "i8"}[code]
+        v = "fp8e4nv" if code in (2, 3) else "i8" if code == 4 else dt
         ptrs = {"Q": qk, "K": qk, "V": v, "Out": dt, "Lse": dt, "QScale": "fp32" if code else "i32",
-                "KScale": "fp32" if code else "i32", "VScale": "fp32" if code in (2, 3) else "i32",
+                "KScale": "fp32" if code else "i32", "VScale": "fp32" if code in (2, 3, 4) else "i32",
                 "QkBias": "fp32" if code and c.softcap_log2 > 0 else "i32",
                 "KvIndices": "i32", "KvCounts": "i32", "RowOrder": "i32"}
         const = {"HEAD_DIM": c.head_dim, "TABLE_BLOCK_M": c.table_block_m, "TABLE_BLOCK_N": c.table_block_n,
                  "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "QUANT": code, "WRITE_LSE": False, "EVEN_N": c.even_n,
                  "ROUND_IN_FP32": False, "USE_TMA": c.use_tma, "SOFTCAP": c.softcap_log2 > 0,
-                 "PV_INT8": False}   # the experimental INT8 P V is no plan mode (docs/KERNELS.md)
+                 "PV_INT8": False,   # the launcher's experimental FP8-QK INT8 P V; int8_int8 is QUANT 4
+                 "FAST_CVT": True}
         sig = {}
         for name in fn.arg_names:
             sig[name] = f"*{ptrs[name]}" if name in ptrs else "constexpr" if name in const else \

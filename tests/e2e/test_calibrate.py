@@ -21,10 +21,11 @@ from vsopt.core.costmodel import CostModel
 GRID = TokenGrid(3, 4, 6)
 HEADS, D = 3, 16
 ORDERS = [TokenOrder.FHW, TokenOrder.HWF, TokenOrder.WFH]
-COST = CostModel(gpu="test", launch_us={f"{q}/d{D}/16x16": 5.0 for q in ("none", "int8", "fp8", "int8_fp8")},
+COST = CostModel(gpu="test", launch_us={f"{q}/d{D}/16x16": 5.0 for q in ("none", "int8", "fp8", "int8_fp8", "int8_int8")},
                  per_block_us={f"{q}/d{D}/16x16": t for q, t in
-                               (("none", 0.010), ("int8", 0.007), ("fp8", 0.005), ("int8_fp8", 0.006))},
-                 per_query_block_us={f"{q}/d{D}/16x16": 0.01 for q in ("none", "int8", "fp8", "int8_fp8")},
+                               (("none", 0.010), ("int8", 0.007), ("fp8", 0.005), ("int8_fp8", 0.006),
+                                ("int8_int8", 0.0065))},
+                 per_query_block_us={f"{q}/d{D}/16x16": 0.01 for q in ("none", "int8", "fp8", "int8_fp8", "int8_int8")},
                  permute_us_per_mib=1.0, score_us_per_block=0.001)
 
 

@@ -140,7 +140,7 @@ def test_calibrate_help_shows_defaults_and_when_the_target_is_required(capsys, m
     text = capsys.readouterr().out
     assert "(MODULE:FACTORY | --reference)" in text and "[MODULE:FACTORY]" not in text
     assert "required unless --reference" in text
-    assert "(default: 64)" in text and "(default: none,int8,fp8,int8_fp8)" in text
+    assert "(default: 64)" in text and "(default: none,int8,fp8,int8_fp8,int8_int8)" in text
     assert "(default: None)" not in text and "(default: False)" not in text
 
 

@@ -262,3 +262,24 @@ def test_never_slower_compares_with_the_measured_dense_path(big_and_tiny):
     assert tiny2.dense_us == pytest.approx(target) and big2.dense_us == pytest.approx(target)
     assert tiny2.dense_reason is not None and f"vs {target:.1f} us" in tiny2.dense_reason
     assert (big2.dense_reason is None) == (big2.predicted_us < target)
+
+
+def test_an_overhead_measured_per_launch_group_replaces_the_eager_op_host_time(big_and_tiny):
+    """A cost model whose overhead was measured per launch group through torch.compile
+    (benchmarks/host_overhead.py: "<mode>_per_launch", "<mode>_permuted") prices a lowered site
+    with those terms (vsopt.core.semantics.lowering_overhead_us), not with an eager op call's host
+    time (host_overhead_us_not_in_model, several times a compiled launch): a one-group site pays
+    the base, and the huge per-launch table is not charged."""
+    import dataclasses
+
+    model, calls, opts, grids, free = big_and_tiny
+    big, tiny = _sites(free)
+    between = ((tiny.dense_us - tiny.predicted_us) + (big.dense_us - big.predicted_us)) / 2
+    host = {"host_overhead_us_not_in_model": {f"none/d{D}/16x16": 1e6}}
+    terms = {"eager": between, "eager_per_launch": 1e6, "eager_permuted": 0.0, "cudagraphs": 0.0}
+    cost = dataclasses.replace(planted.COST, overhead_us=terms, meta=host)
+    options = CalibrationOptions(**{**opts.__dict__, "cost_model": cost, "host_overhead": True})
+    result = calibrate(model, calls, SiteErrorBudget(0.05), options=options, grids=grids, progress=False)
+    big2, tiny2 = _sites(result)
+    assert big2.dense_reason is None and big2.overhead_us == pytest.approx(between)   # one launch group (no quant)
+    assert tiny2.dense_reason is not None and f"lowering overhead {between:.1f} us" in tiny2.dense_reason

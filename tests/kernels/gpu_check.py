@@ -3,6 +3,9 @@
     python3 tests/kernels/gpu_check.py            (on a CUDA GPU; exit status 1 if any check fails)
     python3 tests/kernels/gpu_check.py --parts small,helpers,compile,direct,wan480
     python3 tests/kernels/gpu_check.py --parts cog720          (the two halves, each a shorter run)
+    python3 tests/kernels/gpu_check.py --parts speed --json $OUT/gpu_speed.json
+        (issue 16 item 4: useful TFLOP/s of every mode and of the Gluon kernel, wan480 and cog720,
+        densities 0.1 / 0.2 / 0.5 / 1.0)
     python3 tests/kernels/gpu_check.py --parts direct,quant,overhead --json $OUT/gpu_quant.json
         (issue 16 items 2, 3, 7: every quant mode against float32 on wan480 and cog720, random and
         structured inputs, densities 0.1 / 0.2 / 0.5 / 1.0; the quantization's time against the
@@ -29,15 +32,18 @@ from vsopt.kernels.block_sparse import launch as bsa_launch
 from vsopt.kernels.block_sparse import reference as bsa_ref
 
 # Relative L2 bound per mode against float32 (bf16 output rounding alone is ~3e-3).
-REL_L2_BOUND = {"none": 1e-2, "int8": 3e-2, "fp8": 6e-2, "int8_fp8": 5e-2}
+REL_L2_BOUND = {"none": 1e-2, "int8": 3e-2, "fp8": 6e-2, "int8_fp8": 5e-2, "int8_int8": 3e-2}
 # Structured inputs (dominant keys, large magnitudes): FP8 Q K loses more (reference.py's roundings
 # on the CPU: 0.060-0.082 for fp8, 0.035 int8_fp8, 0.024 int8 at D=128; docs/KERNELS.md).
-STRUCTURED_BOUND = {"none": 1e-2, "int8": 4e-2, "fp8": 1.2e-1, "int8_fp8": 5e-2}
+STRUCTURED_BOUND = {"none": 1e-2, "int8": 4e-2, "fp8": 1.2e-1, "int8_fp8": 5e-2, "int8_int8": 4e-2}
 # Bound of the kernel against reference.py, which rounds Q, K, V and P as the kernel does: what is left
 # is bf16 output rounding, accumulation order and, where the kernel's tile is narrower than the
-# table's key block (128x64 tiles), P rounded in other groups (~3%).
-KERNEL_BOUND = {"none": 1e-2, "int8": 1e-2, "fp8": 5e-2, "int8_fp8": 5e-2}
+# table's key block (128x64 tiles), P rounded in other groups (~3% in e4m3; INT8's uniform steps
+# are finer, the same bound is kept for it until a GPU run measures it).
+KERNEL_BOUND = {"none": 1e-2, "int8": 1e-2, "fp8": 5e-2, "int8_fp8": 5e-2, "int8_int8": 5e-2}
 TARGET_COS, TARGET_REL = 0.999, 0.03
+MODES = tuple(REL_L2_BOUND)           # the quant and speed parts' modes (--modes)
+DENSITIES = (0.1, 0.2, 0.5, 1.0)      # the quant and speed parts' densities (--densities)
 CAP = 2.0   # a soft cap that binds on unit-variance scores at these head dims
 DEVICE = "cuda"   # the quant / overhead parts run on it (tests/kernels/test_gpu_check_quant.py: "cpu", tiny shapes)
 failures: list[str] = []
@@ -245,19 +251,19 @@ def quant_accuracy_cases():
         nb = math.ceil(N / 128)
         for kind in ("random", "structured"):
             qi, ki, vi = (q, k, v) if kind == "random" else structured(q, k, v)
-            for density in (0.1, 0.2, 0.5, 1.0):
+            for density in DENSITIES:
                 mask = random_mask(1, H, nb, nb, density, DEVICE)
                 idx, cnt = torch.ops.vsopt.mask_to_table(mask)
                 ref = chunked_reference(qi, ki, vi, mask, D ** -0.5, 128)
-                for mode in REL_L2_BOUND:
+                for mode in MODES:
                     out = torch.ops.vsopt.block_sparse_attention(qi, ki, vi, idx, cnt, D ** -0.5, 128, 128, mode)
                     bound = (REL_L2_BOUND if kind == "random" else STRUCTURED_BOUND)[mode]
                     report(f"quant {name} {kind} density {density} {mode}", out, ref, bound, target=True)
-                for mode in ("int8_fp8", "fp8"):   # the experimental INT8 P V (launcher only)
-                    out, _ = bsa_launch.block_sparse_attention(qi, ki, vi, idx, cnt, D ** -0.5, 128, 128, mode,
+                if MODES == tuple(REL_L2_BOUND):   # full runs: FP8 Q K with INT8 P V (the launcher's pv_format)
+                    out, _ = bsa_launch.block_sparse_attention(qi, ki, vi, idx, cnt, D ** -0.5, 128, 128, "fp8",
                                                                pv_format="int8")
-                    bound = (REL_L2_BOUND if kind == "random" else STRUCTURED_BOUND)[mode]
-                    report(f"quant {name} {kind} density {density} {mode} pv int8", out, ref, bound, target=True)
+                    bound = (REL_L2_BOUND if kind == "random" else STRUCTURED_BOUND)["fp8"]
+                    report(f"quant {name} {kind} density {density} fp8 pv int8", out, ref, bound, target=True)
                 del ref
 
 
@@ -311,24 +317,25 @@ def quant_overhead_cases():
         rope_only = torch.compile(lambda a, b, c: [t.contiguous() for t in produce(a, b, c)[:2]])   # v: a view
         rope_ms = _cuda_ms(lambda: rope_only(xq, xk, xv))
         q, k, v = (t.contiguous() for t in produce(xq, xk, xv))
+        # Inductor's RoPE rounds once from fp32, eager rounds each bf16 op: the compiled graph's op sees
+        # other q, k (the codes differ by one step here and there). The eager op on the compiled RoPE's
+        # outputs is the like-for-like reference of the compiled op.
+        qc, kc = rope_only(xq, xk, xv)
+        rope_rel = float((qc.float() - q.float()).norm() / q.float().norm())
+        vc = xv.transpose(1, 2)
         bf16_ms = _cuda_ms(lambda: torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128))
         line = {"case": f"overhead {name} density 0.2", "rope_ms": rope_ms, "bf16_attention_ms": bf16_ms}
         print(f"INFO {name} d=0.2: compiled RoPE of q, k {rope_ms:.3f} ms, bf16 attention {bf16_ms:.3f} ms")
-        for mode in ("int8", "fp8", "int8_fp8"):
+        for mode in ("int8", "fp8", "int8_fp8", "int8_int8"):
             op_ms = _cuda_ms(lambda: torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128, mode))
             quant_ms = _cuda_ms(lambda: quant_launch.quantize_qkv(q, k, v, mode, 128, 128))
             kernel_ms = op_ms - quant_ms
             eager_out = torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128, mode)
+            eager_same = torch.ops.vsopt.block_sparse_attention(qc, kc, vc, idx, cnt, D ** -0.5, 128, 128, mode).float()
             per_mode = {"op_ms": op_ms, "quant_ms": quant_ms, "kernel_ms": kernel_ms,
                         "eager_overhead": quant_ms / kernel_ms}
-            if mode != "int8":   # the experimental INT8 P V: same quantization work, INT8 instead of e4m3 P V
-                pv8_ms = _cuda_ms(lambda: bsa_launch.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128, mode,
-                                                                            pv_format="int8"))
-                per_mode["pv_int8_launcher_ms"] = pv8_ms
-                print(f"INFO speed {name} d=0.2 {mode}: e4m3 P V op {op_ms:.3f} ms, INT8 P V launcher {pv8_ms:.3f} ms "
-                      f"(both with their quantization; bf16 {bf16_ms:.3f} ms)", flush=True)
             default_fused = bsa_launch.FUSE_QUANT_WHEN_TRACED
-            for fused in ((True, False) if mode != "int8" else ()):   # compiles take time: the FP8 P V modes
+            for fused in ((True, False) if mode in ("int8_fp8", "int8_int8") else ()):   # compiles take time
                 bsa_launch.FUSE_QUANT_WHEN_TRACED = fused
                 torch._dynamo.reset()
                 f = torch.compile(lambda a, b, c: torch.ops.vsopt.block_sparse_attention(
@@ -340,11 +347,15 @@ def quant_overhead_cases():
                 per_mode[f"compiled_{key}_overhead"] = over
                 diff = f(xq, xk, xv).float()
                 rel = float((diff - eager_out.float()).norm() / eager_out.float().norm())
+                same = float((diff - eager_same).norm() / eager_same.norm())
                 per_mode[f"compiled_{key}_rel_l2_vs_eager"] = rel
-                ok = rel < KERNEL_BOUND[mode] and math.isfinite(t)
+                per_mode[f"compiled_{key}_rel_l2_vs_eager_same_inputs"] = same
+                per_mode["rope_rel_l2_compiled_vs_eager"] = rope_rel
+                ok = same < KERNEL_BOUND[mode] and math.isfinite(t)
                 print(f"{'PASS' if ok else 'FAIL'} overhead {name} d=0.2 {mode} compiled ({key}): {t:.3f} ms, "
                       f"quantization overhead {100 * over:.1f}% of the kernel's {kernel_ms:.3f} ms "
-                      f"(target < 5%), vs eager rel_l2 {rel:.1e}", flush=True)
+                      f"(target < 5%), vs eager on the same q, k rel_l2 {same:.1e} (vs eager RoPE's {rel:.1e}; the "
+                      f"two RoPEs differ by {rope_rel:.1e})", flush=True)
                 if not ok:
                     failures.append(f"overhead {name} {mode} {key}")
             bsa_launch.FUSE_QUANT_WHEN_TRACED = default_fused
@@ -356,19 +367,91 @@ def quant_overhead_cases():
             _flush()
 
 
-PARTS = ("small", "helpers", "compile", "direct", *WORKLOADS, "quant", "overhead")
+SPEED_REPS = 20
+CVT_MODES = ("int8_int8",)   # also timed with launch.FAST_CVT off ("<mode>_cvt"; --cvt-modes)
+SPEED_GLUON = True           # the speed part also times the Gluon kernel's default variant (--no-gluon: not)
+
+
+def speed_cases():
+    """Issue 16 item 4: useful TFLOP/s (4 B H N^2 D density / time, the density the table runs) of
+    every mode of the Triton kernel through the op (its quantization kernels included) and of the
+    Gluon kernel's default variant (bf16; launch(kernel="gluon")), on the issue's mask (a random
+    block mask plus the diagonal, the same for every kernel) at densities 0.1 / 0.2 / 0.5 / 1.0;
+    the median of SPEED_REPS calls (CUDA events, after a warm-up call that autotunes). Also each
+    quantized mode's quantize_qkv time (density-independent: once per workload), so the kernel's
+    own time is op - quant. CVT_MODES again with the INT8 products' conversions by cvt instructions
+    (launch.FAST_CVT off: "<mode>_cvt"), against the float-bias trick. The Gluon kernel's other
+    variants (the persistent v2 among them) run in gpu_check_gluon.py, whose child process guards
+    against a hang. MODES, DENSITIES, CVT_MODES, SPEED_GLUON: the command line's choice."""
+    from vsopt.core.timing import median_ms
+    from vsopt.kernels.quant import launch as quant_launch
+
+    cuda = DEVICE == "cuda"
+    for name, (H, N, D, _) in WORKLOADS.items():
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(1, H, N, D, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
+        nb = math.ceil(N / 128)
+        quant_ms = {m: median_ms(lambda: quant_launch.quantize_qkv(q, k, v, m, 128, 128), SPEED_REPS, cuda=cuda)
+                    for m in MODES if m != "none"}
+        print(f"INFO speed {name} quantize_qkv ms: " + ", ".join(f"{m} {t:.3f}" for m, t in quant_ms.items()),
+              flush=True)
+        for density in DENSITIES:
+            mask = random_mask(1, H, nb, nb, density, DEVICE)
+            idx, cnt = torch.ops.vsopt.mask_to_table(mask)
+            run_density = float(cnt.sum()) / (H * nb * nb)
+            flops = 4 * H * N * N * D * run_density
+            line = {"case": f"speed {name} density {density}", "density_run": run_density, "quant_ms": quant_ms}
+            for mode in MODES:
+                ms = median_ms(lambda: torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128,
+                                                                              mode), SPEED_REPS, cuda=cuda)
+                line[mode] = {"ms": ms, "tflops": flops / ms / 1e9}
+            bsa_launch.FAST_CVT = False   # the INT8 products' conversions by cvt instructions (kernel.py FAST_CVT)
+            try:
+                for mode in CVT_MODES:
+                    ms = median_ms(lambda: torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128,
+                                                                                  128, mode), SPEED_REPS, cuda=cuda)
+                    line[f"{mode}_cvt"] = {"ms": ms, "tflops": flops / ms / 1e9}
+            finally:
+                bsa_launch.FAST_CVT = True
+            if cuda and SPEED_GLUON:
+                try:
+                    ms = median_ms(lambda: bsa_launch.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128,
+                                                                             kernel="gluon"), SPEED_REPS)
+                    line["gluon_none"] = {"ms": ms, "tflops": flops / ms / 1e9}
+                except Exception as e:  # noqa: BLE001 - not Hopper / not Triton 3.6: recorded, not fatal
+                    line["gluon_none"] = {"error": f"{type(e).__name__}: {e}"[:200]}
+            results.append(line)
+            _flush()
+            print(f"SPEED {name} density {density} (run {run_density:.3f}) " + "  ".join(
+                f"{key} {val['ms']:.3f} ms {val['tflops']:.0f} TF/s" if "ms" in val else f"{key} {val['error'][:80]}"
+                for key, val in line.items() if isinstance(val, dict) and key != "quant_ms"), flush=True)
+            del mask, idx, cnt
+
+
+PARTS = ("small", "helpers", "compile", "direct", *WORKLOADS, "quant", "overhead", "speed")
 
 
 def main(argv=None) -> int:
-    global WORKLOADS, json_path
+    global WORKLOADS, json_path, MODES, DENSITIES, CVT_MODES, SPEED_GLUON
     import argparse
 
     p = argparse.ArgumentParser(description="GPU correctness check of vsopt's kernels")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)} (default: all)")
     p.add_argument("--json", default=None, help="also write every measured line to this JSON file")
-    p.add_argument("--workloads", default=",".join(WORKLOADS), help="the quant and overhead parts' workloads")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help="the quant, overhead and speed parts' workloads")
+    p.add_argument("--modes", default=",".join(MODES), help="the quant and speed parts' modes")
+    p.add_argument("--densities", default=",".join(map(str, DENSITIES)), help="the quant and speed parts' densities")
+    p.add_argument("--cvt-modes", default=",".join(CVT_MODES),
+                   help="modes the speed part also times with the cvt conversions (launch.FAST_CVT off); empty: none")
+    p.add_argument("--no-gluon", action="store_true", help="the speed part without the Gluon kernel")
     args = p.parse_args(argv)
     json_path = args.json
+    SPEED_GLUON = not args.no_gluon
+    MODES = tuple(m for m in args.modes.split(",") if m)
+    if not MODES or any(m not in REL_L2_BOUND for m in MODES):
+        p.error(f"--modes: choose from {', '.join(REL_L2_BOUND)}")
+    DENSITIES = tuple(float(d) for d in args.densities.split(",") if d)
+    CVT_MODES = tuple(m for m in args.cvt_modes.split(",") if m)
     WORKLOADS = {w: WORKLOADS[w] for w in args.workloads.split(",") if w in WORKLOADS}
     parts = [x for x in args.parts.split(",") if x]
     if not parts or any(x not in PARTS for x in parts):
@@ -380,7 +463,7 @@ def main(argv=None) -> int:
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, parts {parts}")
     for part, fn in (("small", small_cases), ("helpers", helper_cases), ("compile", compile_case),
                      ("direct", direct_launch_case), ("quant", quant_accuracy_cases),
-                     ("overhead", quant_overhead_cases)):
+                     ("overhead", quant_overhead_cases), ("speed", speed_cases)):
         if part in parts:
             fn()
     workload_cases(tuple(w for w in WORKLOADS if w in parts))

@@ -73,7 +73,7 @@ def _onnx(module, inputs, form, opset):
 
 @pytest.mark.parametrize("quant,method,opset", [("none", "top_k", 23), ("int8", "cumulative_mass", 23),
                                                 ("fp8", "top_k", 23), ("int8_fp8", "cumulative_mass", 19),
-                                                ("int8", "top_k", 18)])
+                                                ("int8", "top_k", 18), ("int8_int8", "top_k", 18)])
 def test_portable_form_runs_in_onnxruntime_and_matches_the_ops(quant, method, opset):
     module, inputs = Ops(quant, method), _inputs()
     with torch.no_grad():

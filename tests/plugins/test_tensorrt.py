@@ -30,7 +30,7 @@ def test_the_kernel_compiles_to_ptx_for_sm_90_for_every_tile_and_quant_mode(tmp_
 
     tiles = {(t.block_m, t.block_n, t.num_warps, t.num_stages, t.use_tma) for t in launch.all_tiles()}
     assert tiles <= {(c["block_m"], c["block_n"], c["num_warps"], c["num_stages"], c["use_tma"]) for c in configs}
-    assert {c["quant"] for c in configs} == {"none", "int8", "fp8", "int8_fp8"}
+    assert {c["quant"] for c in configs} == {"none", "int8", "fp8", "int8_fp8", "int8_int8"}
     assert any(c["kernel"] == "trt_entry" for c in configs) and any(not c["even_n"] for c in configs)
     for name, meta in index.items():
         text = (tmp_path / f"{name}.ptx").read_text()

@@ -87,10 +87,18 @@ def lowering_overhead_us(state: SiteState, choices: Sequence[HeadChoice], cost: 
     model's measured per-site overhead in a compiled model (CostModel.lowering_overhead_us: without
     CUDA graphs when host_overhead, else with them; one launch group measured), plus with
     host_overhead the host's overhead of each kernel launch the measurement does not cover (every
-    launch group where the cost model has no per-site overhead, else those after the first)."""
+    launch group where the cost model has no per-site overhead, else those after the first).
+    Where the cost model has the overhead per launch group and permutation, measured through
+    torch.compile (CostModel.has_group_overhead), that is the price instead
+    (semantics.lowering_overhead_us): an eager op call's host time, which is what
+    host_launch_us charges, is several times what a launch costs inside a compiled graph."""
     if is_dense(state, choices):
         return 0.0
-    t = state.opt.site_overhead_us + cost.lowering_overhead_us(cudagraphs=not state.opt.host_overhead)
+    cudagraphs = not state.opt.host_overhead
+    if cost.has_group_overhead(cudagraphs):   # measured per launch group (benchmarks/host_overhead.py)
+        return state.opt.site_overhead_us + semantics.lowering_overhead_us(state.site, head_plans(state, choices),
+                                                                           cost, cudagraphs)
+    t = state.opt.site_overhead_us + cost.lowering_overhead_us(cudagraphs=cudagraphs)
     if state.opt.host_overhead:
         measured = "eager" in cost.overhead_us
         for i, key in enumerate(semantics.launch_groups(head_plans(state, choices))):

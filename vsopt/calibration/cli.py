@@ -11,7 +11,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
-QUANTS = "none,int8,fp8,int8_fp8"
+QUANTS = "none,int8,fp8,int8_fp8,int8_int8"
 USAGE = ("%(prog)s (MODULE:FACTORY | --reference) --out OUT.plan.json\n"
          "       (--max-error X | --density D | --speedup S | --min-psnr DB) [options]")
 

@@ -23,7 +23,12 @@ the same four terms per head dim (sdpa_us["d<head_dim>"], counted in 64x64 block
 the GPU's SDPA was measured; else None (the caller prices vsopt's own kernel at density 1).
 overhead_us["eager" | "cudagraphs"]: what one lowered site costs a compiled model beyond these GPU
 times (its extra launches, the host's work per op; measured through torch.compile without and with
-CUDA graphs), 0 where not measured.
+CUDA graphs), 0 where not measured. Measured per site and launch group (benchmarks/host_overhead.py
+--gpu, then --apply), it has two more terms per mode: "<mode>_per_launch", each launch group after
+the first (a precision's quantization kernels and its launch), and "<mode>_permuted", a site whose
+heads are permuted (its gathers in and out); the base is then a one-group, unpermuted site:
+
+    overhead = base + (launch_groups - 1) * per_launch + [permuted] * permuted
 
 where key = "<quant>/d<head_dim>/<block_m>x<block_n>". A query block counts once per head (B*H*QB
 per launch); a visited block is one (query block, key block) pair of one head. Quantizing q/k/v
@@ -49,6 +54,8 @@ from vsopt.core.io import atomic_write_text
 from vsopt.kernels.spec import QUANT_MODES, kernel_key as spec_kernel_key
 
 SCHEMA_VERSION = 1
+#: overhead_us's terms: per lowered site, per further launch group, for a permuted site; by mode
+OVERHEAD_KEYS = tuple(f"{mode}{part}" for mode in ("eager", "cudagraphs") for part in ("", "_per_launch", "_permuted"))
 
 
 def kernel_key(quant: str, head_dim: int, block_m: int, block_n: int) -> str:
@@ -117,7 +124,7 @@ class CostModel:
     slots: int = 0  # concurrent programs the span term assumes (0: no span term) where key_slots has no entry
     key_slots: dict[str, int] = field(default_factory=dict)  # per kernel key (occupancy differs by tile)
     sdpa_us: dict[str, dict[str, float]] = field(default_factory=dict)  # "d64" -> {launch, qblock, block, span}
-    overhead_us: dict[str, float] = field(default_factory=dict)  # "eager" / "cudagraphs" -> us per lowered site
+    overhead_us: dict[str, float] = field(default_factory=dict)  # OVERHEAD_KEYS -> us per lowered site
 
     # ------------------------------------------------------------------ prediction
 
@@ -167,10 +174,18 @@ class CostModel:
         """The concurrent programs the span term assumes for this kernel key."""
         return self.key_slots.get(key, self.slots)
 
-    def lowering_overhead_us(self, cudagraphs: bool) -> float:
+    def lowering_overhead_us(self, cudagraphs: bool, launch_groups: int = 1, permuted: bool = False) -> float:
         """What one lowered site costs a compiled model beyond its kernels' GPU time, without or with
-        CUDA graphs (0 where this model has no such measurement)."""
-        return float(self.overhead_us.get("cudagraphs" if cudagraphs else "eager", 0.0))
+        CUDA graphs (0 where this model has no such measurement); with per-group terms
+        (has_group_overhead), for a site of `launch_groups` launch groups, permuted or not."""
+        mode = "cudagraphs" if cudagraphs else "eager"
+        t = float(self.overhead_us.get(mode, 0.0))
+        t += max(0, launch_groups - 1) * float(self.overhead_us.get(f"{mode}_per_launch", 0.0))
+        return t + (float(self.overhead_us.get(f"{mode}_permuted", 0.0)) if permuted else 0.0)
+
+    def has_group_overhead(self, cudagraphs: bool) -> bool:
+        """Whether the per-site overhead was measured per launch group (benchmarks/host_overhead.py)."""
+        return f"{'cudagraphs' if cudagraphs else 'eager'}_per_launch" in self.overhead_us
 
     def launch_cost_us(self, launch: Launch) -> float:
         """The fixed cost of one launch in this configuration (kernel launches, quantization)."""
@@ -258,8 +273,8 @@ class CostModel:
                         key_slots={str(k): int(v) for k, v in d.get("key_slots", {}).items()},
                         sdpa_us={str(k): {str(n): float(x) for n, x in v.items()} for k, v in d.get("sdpa_us", {}).items()},
                         overhead_us={str(k): float(v) for k, v in d.get("overhead_us", {}).items()})
-            if any(k not in ("eager", "cudagraphs") for k in model.overhead_us):
-                raise ValueError(f"overhead_us keys must be 'eager' / 'cudagraphs', got {sorted(model.overhead_us)}")
+            if any(k not in OVERHEAD_KEYS for k in model.overhead_us):
+                raise ValueError(f"overhead_us keys must be among {OVERHEAD_KEYS}, got {sorted(model.overhead_us)}")
             if any(not (k.startswith("d") and k[1:].isdigit()) for k in model.sdpa_us):
                 raise ValueError(f"sdpa_us keys must be 'd<head_dim>', got {sorted(model.sdpa_us)}")
             unslotted = [k for k in model.per_span_block_us if model.slots_for(k) <= 0]

@@ -207,7 +207,8 @@ def _bsa_fallback_reason(q: torch.Tensor) -> str | None:
     return None
 
 
-def _run_block_sparse(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant, with_lse, softcap):
+def _run_block_sparse(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant, with_lse, softcap,
+                      row_order=None):
     with _as_vsopt_errors():
         # Validated once here (the quant string parsed to its QuantMode); the launcher's
         # run_checked then checks only what the kernel alone needs.
@@ -215,7 +216,7 @@ def _run_block_sparse(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, q
         reason = _bsa_fallback_reason(q)
         if reason is None:
             return _bsa_launch().run_checked(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, mode, with_lse,
-                                             softcap=softcap)
+                                             softcap=softcap, row_order=row_order)
         if q.device.type == "cuda" and reason not in KERNEL_FALLBACKS:
             KERNEL_FALLBACKS.add(reason)
             _log.warning("vsopt.block_sparse_attention runs the PyTorch reference: %s", reason)
@@ -235,38 +236,54 @@ def _bsa_fake(q, k, v, kv_indices, kv_counts, block_m, block_n, quant, softcap):
 @torch.library.triton_op("vsopt::block_sparse_attention", mutates_args=())
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor,
                            kv_counts: torch.Tensor, scale: float, block_m: int, block_n: int,
-                           quant: str = "none", softcap: float = 0.0) -> torch.Tensor:
+                           quant: str = "none", softcap: float = 0.0,
+                           row_order: torch.Tensor | None = None) -> torch.Tensor:
     """Block-sparse attention: query block qb of head h attends to the key blocks
     kv_indices[b, h, qb, :kv_counts[b, h, qb]] only (b is 0 when the table has Bt = 1).
     softcap > 0 caps the scaled scores, s -> softcap * tanh(s / softcap), before the softmax.
 
     q (B, Hq, Nq, D); k, v (B, Hkv, Nk, D), Hq % Hkv == 0; kv_indices int32 (Bt, Hq, ceil(Nq/block_m),
     MAXK) ascending; kv_counts int32 (Bt, Hq, ceil(Nq/block_m)); quant in none / int8 / fp8 /
-    int8_fp8 (see docs/KERNELS.md). Returns (B, Hq, Nq, D) in q's dtype; rows that visit no block are 0.
+    int8_fp8 / int8_int8 (see docs/KERNELS.md). Returns (B, Hq, Nq, D) in q's dtype; rows that visit no block are 0.
+    row_order: the kernel's work order of this table and batch (row_order() below), computed ahead
+    (vsopt.inductor.prepare makes it a constant for a static table); None: computed per call. It
+    orders the rows only: the output does not depend on it (the reference ignores it).
     """
-    return _run_block_sparse(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant, False, softcap)[0]
+    return _run_block_sparse(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant, False, softcap,
+                             row_order)[0]
 
 
 @block_sparse_attention.register_fake
-def _(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant="none", softcap=0.0):
+def _(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant="none", softcap=0.0, row_order=None):
     return _bsa_fake(q, k, v, kv_indices, kv_counts, block_m, block_n, quant, softcap)
 
 
 @torch.library.triton_op("vsopt::block_sparse_attention_lse", mutates_args=())
 def block_sparse_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor,
                                kv_counts: torch.Tensor, scale: float, block_m: int, block_n: int,
-                               quant: str = "none", softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                               quant: str = "none", softcap: float = 0.0,
+                               row_order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """block_sparse_attention that also returns the natural-log log-sum-exp of each row's scaled
     (and capped) scores, float32 (B, Hq, Nq) (-inf for rows that visit no block): to merge partial
     attentions."""
-    out, lse = _run_block_sparse(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant, True, softcap)
+    out, lse = _run_block_sparse(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant, True, softcap,
+                                 row_order)
     return out, lse
 
 
 @block_sparse_attention_lse.register_fake
-def _(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant="none", softcap=0.0):
+def _(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant="none", softcap=0.0, row_order=None):
     out = _bsa_fake(q, k, v, kv_indices, kv_counts, block_m, block_n, quant, softcap)
     return out, q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def row_order(kv_counts: torch.Tensor, batch: int) -> torch.Tensor:
+    """int32 (batch * H * QB,): the order in which the block-sparse kernel runs the rows of a table
+    with these counts (kernels/block_sparse/schedule.work_order, the one definition), for the
+    row_order argument. Imports no kernel."""
+    from vsopt.kernels.block_sparse.schedule import work_order
+
+    return work_order(kv_counts, batch)
 
 
 @torch.library.triton_op("vsopt::mask_to_table", mutates_args=())

@@ -19,6 +19,8 @@ module says, once for the whole project:
                                               correcting step's output (vsopt.core.rettention)
     site_work(site, heads, densities)         the launches and extra work, priced by
     predicted_us(site, heads, cost, ...)      the cost model
+    lowering_overhead_us(site, heads, cost)   what the lowered site costs a compiled model beyond
+                                              its GPU work (per site, launch group, permutation)
     select_heads(site_plan, heads)            the plan of a subset / reordering of a site's heads
                                               (what one rank computes under head parallelism)
 
@@ -620,6 +622,15 @@ def predicted_us(site: SiteShape, heads: Sequence[HeadPlan], cost: CostModel,
     if densities is None:
         densities = head_densities(site, heads)
     return cost.predict_us(site_work(site, heads, densities))
+
+
+def lowering_overhead_us(site: SiteShape, heads: Sequence[HeadPlan], cost: CostModel, cudagraphs: bool) -> float:
+    """The cost model's overhead of the site as lowered (CostModel.lowering_overhead_us), without or
+    with CUDA graphs: its launch groups (one block-sparse launch each, as lower_plan emits them) and
+    whether it is permuted. 0 for a site whose plan is all dense (it stays vsopt.attention)."""
+    if all(hp.sparsity is Sparsity.DENSE and hp.quant is Quant.NONE for hp in heads):
+        return 0.0   # the model's own attention in any order: lower_plan leaves it alone
+    return cost.lowering_overhead_us(cudagraphs, len(launch_groups(heads)), reorders(heads, site.grid))
 
 
 def select_heads(sp: SitePlan, heads: Sequence[int]) -> SitePlan:

@@ -1,5 +1,5 @@
 """`vsopt diff MODULE:FACTORY`: add_arguments(parser) and run_cli(args). Only argparse at module
-level (the default threshold is numeric's, imported when the parser is built for this command);
+level, and the default threshold from vsopt.debug.defaults (no torch: `vsopt diff --help` stays light);
 the factory is loaded by vsopt.io.load_target, the one MODULE:FACTORY loader."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from vsopt.debug.numeric import DEFAULT_THRESHOLD
+    from vsopt.debug.defaults import DEFAULT_THRESHOLD
 
     parser.add_argument("target", metavar="MODULE:FACTORY",
                         help="a function returning (model, example_inputs) or (model, example_inputs, sampler), "

@@ -22,8 +22,7 @@ from torch.utils._pytree import tree_leaves
 from vsopt.core.errors import VsoptError
 from vsopt.core.ir import Layout
 from vsopt.core.metrics import cosine_similarity, psnr, relative_l2
-
-DEFAULT_THRESHOLD = 0.05  # relative L2 of a site's output above which it is flagged
+from vsopt.debug.defaults import DEFAULT_THRESHOLD
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from vsopt.core import ops as vsopt_ops  # noqa: F401  (registers torch.ops.vsopt.*)
 from vsopt.core.ops import attention_arguments
@@ -84,10 +85,9 @@ _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
 def _shape(x) -> tuple[int, ...] | None:
     v = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
     if isinstance(v, torch.Tensor):
-        try:
-            return tuple(int(s) for s in v.shape)
-        except TypeError:  # symbolic sizes: unknown here
+        if not all(is_concrete_int(s) for s in v.shape):  # symbolic (or data-dependent) sizes: unknown here
             return None
+        return tuple(int(s) for s in v.shape)
     return None
 
 

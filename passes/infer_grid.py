@@ -34,8 +34,11 @@ from vsopt.core.errors import ConfigError
 from vsopt.core.ir import GridSource, TokenGrid, VideoSegment
 
 from .infra import PassContext, PassReport
+from .carried_tokens import seeded
+from .data_sizes import data_tokens_last, is_data_dependent
 from .layout_trace import TraceError, shape_of
-from .token_segments import TokenState, Video, token_states
+from .token_segments import token_states
+from .token_state import TokenState, Video
 
 NAME = "infer_grid"
 log = logging.getLogger("vsopt")
@@ -79,12 +82,30 @@ def grid_of(state: TokenState) -> TokenGrid | None:
 def infer_site(states: dict, source: torch.fx.Node, token_axes: tuple[int, ...], q_len: int) -> TokenGrid | None:
     """The grid of the query's tokens (axes `token_axes` of `source`), or None."""
     st = states.get(source)
+    if isinstance(st, TokenState) and st.data_after != _data_dependent_axis(source, st.dim):
+        return None  # never: a state and its tensor disagree on whether data-dependent tokens follow
     if not isinstance(st, TokenState) or st.dim not in token_axes or st.total != q_len:
         fr = getattr(states, "frames", {}).get(source)  # the frames of each position (divided space-time)
         if isinstance(fr, TokenState) and fr.dim in token_axes and fr.total == q_len:
             return grid_of(fr)
         return per_frame_grid(states, source, q_len)
     return grid_of(st)
+
+
+def _data_dependent_axis(source: torch.fx.Node, dim: int) -> bool:
+    val = source.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dim() > dim and is_data_dependent(val.shape[dim])
+
+
+def _token_axis(m) -> tuple[torch.fx.Node, int]:
+    """A match's query token source and its (last) token axis."""
+    return m.q_token_source[0], tuple(m.q_token_source[1])[-1]
+
+
+def data_dependent_tail(states: dict, source: torch.fx.Node) -> bool:
+    """Whether the query's tokens end in tokens of a data-dependent count (text cut by a mask)."""
+    st = states.get(source)
+    return isinstance(st, TokenState) and st.data_after
 
 
 def infer(source: torch.fx.Node, batch: int, q_len: int) -> TokenGrid | None:
@@ -149,7 +170,15 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
             continue
         grid, source = None, GridSource.UNKNOWN
         m = ctx.matches.get(site.site_id)
-        if site.site_id in cfg.grids:
+        data = m is not None and m.q_token_source is not None and bool(m.q_token_source[1]) and \
+            _data_dependent_axis(*_token_axis(m))
+        if data and (site.site_id in cfg.grids or cfg.grid is not None) and not data_tokens_last(*_token_axis(m)):
+            # a user grid covers the static part only where the data-dependent tokens follow it
+            msg = (f"site {site.site_id}: the grid option is not applied: the site's length is data-dependent "
+                   f"and its data-dependent tokens are not proven to come after its {site.q_len} static ones")
+            report.notes.append(msg)
+            log.info("vsopt: %s", msg)
+        elif site.site_id in cfg.grids:
             grid, source = cfg.grids[site.site_id], GridSource.USER
             if grid.num_tokens != site.q_len:
                 raise ConfigError(f"grid {grid} given for site {site.site_id!r} has {grid.num_tokens} tokens, "
@@ -158,14 +187,17 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
             grid, source = cfg.grid, GridSource.USER
         elif m is not None and m.q_token_source is not None:
             if states is None:
-                states = token_states(gm.graph)  # once per graph, for every site
+                states = token_states(gm.graph, seeded(gm.graph))  # once per graph, for every site
             grid = infer_site(states, m.q_token_source[0], tuple(m.q_token_source[1]), site.q_len)
             source = GridSource.INFERRED if grid else GridSource.UNKNOWN
+            if grid is not None and data_dependent_tail(states, m.q_token_source[0]):
+                report.notes.append(f"site {site.site_id}: {site.q_len} static tokens, then tokens of a "
+                                    f"data-dependent count (text cut by a mask): the grid describes the static part")
         ctx.sites[i] = dataclasses.replace(site, grid=grid, grid_source=source)
         report.notes.append(f"{site.site_id}: grid {grid if grid else 'unknown'} ({source.value})")
         if grid is None and site.is_self_attention:
             if states is None:
-                states = token_states(gm.graph)
+                states = token_states(gm.graph, seeded(gm.graph))
             where = ("no patch embedding of this graph reaches its" if patch_embeddings_in(states) else
                      "this graph holds no patch embedding (a pre-patchified input, or a graph Dynamo started after "
                      "a graph break, the patch embedding being in an earlier graph) for its")

@@ -29,8 +29,9 @@ A joint site with the model's attention mask, or whose length is data-dependent 
 unpadded length), is split (vsopt.core.joint, its meaning semantics.joint_plan): video rows x
 video keys through vsopt.block_sparse_attention_lse per launch group, the text keys dense under the
 mask, merged by log-sum-exp, the text rows vsopt.attention. A mask must be proved all-true (or all
-zero) over video x video from the graph (passes/mask_bounds.py), else the site stays dense with the
-reason. A dynamic group's runtime mask gets the text blocks OR-ed in (text is global).
+zero) over video x video from the graph (passes/mask_bounds.py), or, with the option
+check_masks_on_device, checked in the graph by a device-side assert (passes/mask_checks.py), else
+the site stays dense with the reason. A dynamic group's runtime mask gets the text blocks OR-ed in (text is global).
 
 A site whose plan is entirely dense (every head dense, model order, no quantization) stays
 vsopt.attention: dense on purpose (ctx.kept_dense), which satisfies strict mode whatever the site
@@ -85,6 +86,7 @@ from vsopt.core.semantics import (LaunchKey, cluster_span, joint_plan, launch_gr
 from .graph_edit import constant, emit, with_layout_of
 from .infra import GraphChanges, PassContext, PassReport
 from .mask_bounds import video_part_kept
+from .mask_checks import check_video_block
 from .site_ids import in_other_graphs
 
 NAME = "lower_plan"
@@ -155,7 +157,7 @@ def _symbolic_length(node: torch.fx.Node | None) -> bool:
 
 
 def _why_not_split(gm: torch.fx.GraphModule, site: AttentionSite, sp: SitePlan, mask: torch.fx.Node | None,
-                   symbolic: bool = False) -> str | None:
+                   symbolic: bool = False, checked: bool = False) -> str | None:
     """Why a masked site, or one of data-dependent length, cannot be split into video x video (the
     plan) and text (dense, under the mask; vsopt.core.joint), or None. The mask must be provably
     all-true over video x video. A site of data-dependent length describes its static part: q_len
@@ -177,7 +179,14 @@ def _why_not_split(gm: torch.fx.GraphModule, site: AttentionSite, sp: SitePlan, 
         return None
     if mask is None:
         return "the site has an attention mask that is not a graph node (a softmax-form mask), which cannot be checked"
-    return video_part_kept(gm, mask, start, stop)
+    why = video_part_kept(gm, mask, start, stop)
+    readable = isinstance(mask.meta.get("val"), torch.Tensor)  # the device check slices its video block
+    return None if why is not None and checked and readable else why
+
+
+def _asserted(gm: torch.fx.GraphModule, site: AttentionSite, mask: torch.fx.Node, ctx: PassContext) -> bool:
+    """Whether the split runs on the user's word that the mask keeps video x video (unproved)."""
+    return ctx.config.check_masks_on_device and video_part_kept(gm, mask, *video_range(site)) is not None
 
 
 def _site_differences(site: AttentionSite, sp: SitePlan) -> list[str]:
@@ -494,7 +503,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
         split = mask is not None or site.has_mask or symbolic
         reason = _why_not(site, sp, node, split)
         if reason is None and split:
-            reason = _why_not_split(gm, site, sp, mask, symbolic)
+            reason = _why_not_split(gm, site, sp, mask, symbolic, ctx.config.check_masks_on_device)
         if sp.is_dense and not _site_differences(site, sp):
             # dense on purpose: what the plan asks for, whatever the site (a mask, causal...)
             ctx.kept_dense[site_id] = "the plan keeps it dense"
@@ -513,6 +522,9 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
         if sp.steps:
             report.notes.append(f"site {site_id!r}: {len(sp.steps)} step range(s); this graph runs the default "
                                 "head plans (the backend compiles one graph per step segment)")
+        if split and mask is not None and _asserted(gm, site, mask, ctx):   # the user's word, checked on device
+            check_video_block(gm, mask, *video_range(site), site_id, before=node)
+            report.notes.append(f"site {site_id!r}: its mask is checked on the device (check_masks_on_device)")
         low = _Lowering(gm, node, site, sp)
         with gm.graph.inserting_before(node):
             new = low.lower_joint(mask) if split else low.lower()

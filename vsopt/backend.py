@@ -40,7 +40,9 @@ from vsopt.core.config import VsoptConfig
 from vsopt.core.errors import ConfigError
 from vsopt.core.resample import NOTE_PREFIX as FIT_NOTE
 from vsopt.core.steps import step_variants
+from vsopt.carried import carry
 from vsopt.passes import DEFAULT_PIPELINE, PassContext, PipelineOptions, PipelineReport, run_pipeline
+from vsopt.passes.carried_tokens import CARRIED
 from vsopt.passes.site_ids import FRAME_NAMES, frame_names
 
 
@@ -132,8 +134,9 @@ def _retrace(gm: torch.fx.GraphModule, fake_mode, fake_inputs: Sequence[Any]) ->
     with fx_traceback.preserve_node_meta(), (fake_mode if fake_mode is not None else _null()), dispatcher:
         # fake inputs under "real" tracing run in their own mode (make_fx adds no conversion)
         aten_gm = make_fx(run, tracing_mode="fake" if fake_mode is not None else "real")(*fake_inputs)
-    if FRAME_NAMES in gm.meta:
-        aten_gm.meta[FRAME_NAMES] = gm.meta[FRAME_NAMES]
+    for key in (FRAME_NAMES, CARRIED):  # where the frame sits; the tokens carried into its inputs
+        if key in gm.meta:
+            aten_gm.meta[key] = gm.meta[key]
     return aten_gm
 
 
@@ -251,11 +254,16 @@ def vsopt_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     _specialize_float_inputs(gm)  # may restart Dynamo's analysis: here, never inside a call
     root, nested = _place_frame(gm, example_inputs)  # while Dynamo compiles (PerResolution traces at call time)
     sized = symbolic_input_positions(gm)
-    compiled = PerResolution(gm, config, sized) if sized else _compile(gm, config, example_inputs,
-                                                                       lambda: to_aten(gm, example_inputs))
-    if config.plan is not None and gm.meta[FRAME_NAMES].nested:
-        return PerModule(gm, config, example_inputs, compiled, root, nested, sized)
-    return compiled
+
+    def build(g: torch.fx.GraphModule):
+        compiled = PerResolution(g, config, sized) if sized else _compile(g, config, example_inputs,
+                                                                          lambda: to_aten(g, example_inputs))
+        if config.plan is not None and g.meta[FRAME_NAMES].nested:
+            return PerModule(g, config, example_inputs, compiled, root, nested, sized)
+        return compiled
+
+    # the video tokens an earlier graph's output carries into this graph's inputs (vsopt/carried.py)
+    return carry(gm, example_inputs, build)
 
 
 def _compile(gm: torch.fx.GraphModule, config: VsoptConfig, inputs: Sequence[Any],
@@ -336,35 +344,74 @@ class PerResolution:
             return _compile(self.gm, self.config, args, lambda: to_aten_at(self.gm, args, fake_mode))
 
 
+def placed_at(gm: torch.fx.GraphModule, args: Sequence[Any], root: torch.nn.Module | None,
+              nested: bool) -> torch.fx.GraphModule:
+    """The graph of a submodule's frame, placed at the module whose parameters `args` holds (its
+    site ids: site_ids.FrameNames.at); the graph itself is shared."""
+    placed = torch.fx.GraphModule(gm, gm.graph)
+    placed.meta.update(gm.meta)
+    placed.meta[FRAME_NAMES] = gm.meta[FRAME_NAMES].at(args, root, nested)
+    return placed
+
+
+def module_key(gm: torch.fx.GraphModule, args: Sequence[Any]) -> tuple[int, ...]:
+    """Which module a call of a submodule frame's graph runs for: the identities of the inputs that
+    placed the frame (its parameters: alive while the module is)."""
+    return tuple(id(args[i]) for i in gm.meta[FRAME_NAMES].inputs)
+
+
 class PerModule:
     """What the backend returns for the graph of a submodule's frame (Dynamo compiled a block's forward
     on its own, after a graph break) under a plan: Dynamo runs that one graph for every module of the
     same code (blocks.0, blocks.1, ...: their parameters are its inputs), but each module's sites have
-    their own plan entries. So a call with another module's parameters (identified by the inputs
-    that placed the frame: site_ids.FrameNames.inputs) compiles the graph again, placed at that
-    module (its site ids, hence its plan entries), once per module."""
+    their own plan entries. So a call with another module's parameters (module_key) compiles the
+    graph again, placed at that module (placed_at: its site ids, hence its plan entries), once per
+    module."""
 
     def __init__(self, gm: torch.fx.GraphModule, config: VsoptConfig, first_args: Sequence[Any], first: Any,
                  root: torch.nn.Module | None, nested: bool, sized: Sequence[int]):
         self.gm, self.config, self.root, self.nested, self.sized = gm, config, root, nested, tuple(sized)
-        self.positions = gm.meta[FRAME_NAMES].inputs
-        self.compiled = {self.key(first_args): first}
-
-    def key(self, args: Sequence[Any]) -> tuple[int, ...]:
-        return tuple(id(args[i]) for i in self.positions)  # the module's parameters: alive while it is
+        self.compiled = {module_key(gm, first_args): first}
 
     def __call__(self, *args):
-        key = self.key(args)
+        key = module_key(self.gm, args)
         fn = self.compiled.get(key)
         if fn is None:
-            gm = torch.fx.GraphModule(self.gm, self.gm.graph)  # the same graph, placed at this module
-            gm.meta.update(self.gm.meta)
-            gm.meta[FRAME_NAMES] = names = self.gm.meta[FRAME_NAMES].at(args, self.root, self.nested)
+            gm = placed_at(self.gm, args, self.root, self.nested)
             _log.info("vsopt: compiling a submodule's graph again at %s (Dynamo runs one graph for every "
-                      "module of this code; each module's sites have their own plan entries)", dict(names.prefixes))
+                      "module of this code; each module's sites have their own plan entries)",
+                      dict(gm.meta[FRAME_NAMES].prefixes))
             fn = PerResolution(gm, self.config, self.sized)
             fn = self.compiled[key] = fn if self.sized else fn.compile(args)
         return fn(*args)
+
+
+def report_each_module(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config: VsoptConfig,
+                       reports: list) -> Callable:
+    """A report-only backend's body (vsopt.inspect): the passes' report of Dynamo's graph appended to
+    `reports`, and the graph returned as it is (uncompiled). A submodule frame's graph that Dynamo
+    runs for several modules gets one report per module, placed at it on its first call, as
+    PerModule compiles it under a plan: so inspect lists every module's sites, as compile plans them."""
+    root, nested = _place_frame(gm, example_inputs)
+
+    def build(g: torch.fx.GraphModule):
+        _aten, report = trace_and_rewrite(g, example_inputs, config)
+        reports.append(report)
+        if not g.meta[FRAME_NAMES].nested or not (report.sites or report.skipped):
+            return g.forward  # one module, or no attention to place
+        seen = {module_key(g, example_inputs)}
+
+        def run(*args):
+            key = module_key(g, args)
+            if key not in seen:
+                seen.add(key)
+                placed = placed_at(g, args, root, nested)
+                reports.append(run_pipeline(to_aten_at(placed, args), PassContext(config=config), DEFAULT_PIPELINE))
+            return g.forward(*args)
+
+        return run
+
+    return carry(gm, example_inputs, build)  # with the tokens carried into its inputs, as compile
 
 
 _log = logging.getLogger("vsopt")

@@ -121,14 +121,14 @@ def _inspect_compiled(model: torch.nn.Module, example_inputs: tuple, config: Vso
     from torch._dynamo.exc import BackendCompilerFailed
     from torch._dynamo.utils import counters
 
-    from vsopt.backend import trace_and_rewrite
+    from vsopt.backend import report_each_module
 
     graphs = []  # the PipelineReport of every graph; site ids are full module paths (passes/site_ids.py)
 
     def report_only(gm: torch.fx.GraphModule, graph_inputs):
-        _aten, report = trace_and_rewrite(gm, graph_inputs, config)
-        graphs.append(report)
-        return gm.forward  # Dynamo's own graph, uncompiled: the model computes what it does eagerly
+        # Dynamo's own graph, uncompiled (the model computes what it does eagerly); a submodule frame's
+        # graph run for several modules is reported once per module, as compile plans it (PerModule)
+        return report_each_module(gm, graph_inputs, config, graphs)
 
     before = {k: dict(v) for k, v in counters.items()}
     # static shapes, as a first torch.compile call traces (and independent of what this process
@@ -152,6 +152,13 @@ def _inspect_compiled(model: torch.nn.Module, example_inputs: tuple, config: Vso
     return InspectReport(sites, skipped, Trace.COMPILE, len(graphs), notes)
 
 
+DATA_DEPENDENT = "Dynamic shape operator"  # Dynamo's break reason for nonzero and the like
+CAPTURE_NOTE = ("a data-dependent size (nonzero, .item()) broke the graph: where it ends a frame Dynamo runs eagerly "
+                "(diffusers Mochi's text trim), its attention is in no graph; trace it with "
+                "torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True) "
+                "around inspect and torch.compile alike (docs/RUNTIME.md, 'Data-dependent sizes')")
+
+
 def _delta(before: Mapping[str, Mapping[str, int]], counters, group: str) -> dict[str, int]:
     now, then = counters.get(group, {}), before.get(group, {})
     return {k: v - then.get(k, 0) for k, v in now.items() if v - then.get(k, 0) > 0}
@@ -167,6 +174,8 @@ def _dynamo_notes(before, counters) -> list[str]:
             reasons[first] = max(reasons.get(first, 0), n)
     for first, n in reasons.items():
         notes.append(f"graph break ({n}x): {first}; the sites are split over several graphs")
+    if any(DATA_DEPENDENT in r for r in reasons):  # nonzero / .item() under Dynamo's defaults
+        notes.append(CAPTURE_NOTE)
     frames = _delta(before, counters, "frames")
     eager = frames.get("total", 0) - frames.get("ok", 0)
     if eager > 0:

@@ -22,6 +22,7 @@ from vsopt.core import ops as vsopt_ops  # noqa: F401  (registers torch.ops.vsop
 from vsopt.core.ir import Layout
 
 from ..graph_edit import emit
+from ..data_sizes import is_data_dependent, static_part
 from ..layout_trace import TraceError, shape_of
 from .match import PASS_NAME, AttentionMatch, AttentionRule, MatchResult, normalize_args, users
 
@@ -59,6 +60,23 @@ def _bnhd_or_bhnd(q: torch.fx.Node) -> Layout:
     return Layout.BHND
 
 
+def _with_static_tokens(x: torch.fx.Node) -> tuple[int, ...] | None:
+    """(B, H, N, D) with N the static part of a data-dependent token count (passes/data_sizes.py:
+    `static + u0`, the data-dependent tokens after the static ones), every other size an int; None
+    otherwise. The rewrite emits vsopt.attention on the op's own operands (no reshape with fixed
+    sizes), so it stays exact whatever the length; lower_plan splits such a site only where the
+    grid inference proved the data-dependent tokens come after the static ones."""
+    val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+    if not isinstance(val, torch.Tensor) or val.dim() != 4:
+        return None
+    sizes = [static_part(s) for s in val.shape]
+    if any(s is None for s in sizes) or not is_data_dependent(val.shape[2]) or sizes[2] == 0:
+        return None
+    if any(is_data_dependent(val.shape[d]) for d in (0, 1, 3)):
+        return None
+    return tuple(sizes)
+
+
 class SdpaRule(AttentionRule[SdpaEmit]):
     """torch SDPA in one of its ATen spellings (`op_name`, a key of SDPA_OPS)."""
 
@@ -89,7 +107,14 @@ class SdpaRule(AttentionRule[SdpaEmit]):
         try:
             qs, ks, vs = shape_of(q), shape_of(k), shape_of(v)
         except TraceError as e:
-            return fail(str(e))
+            # a sequence of data-dependent length (text cut by a mask): the site is its static part
+            qs, ks, vs = _with_static_tokens(q), _with_static_tokens(k), _with_static_tokens(v)
+            same = qs is not None and str(q.meta["val"].shape[2]) == str(k.meta["val"].shape[2])
+            if not same or ks is None or vs is None:
+                return fail(str(e) if qs is None or ks is None or vs is None else
+                            f"{e}; a data-dependent length is supported for joint self-attention only (the "
+                            f"same length for queries and keys), here q {q.meta['val'].shape[2]}, "
+                            f"k {k.meta['val'].shape[2]}")
         if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
             return fail(f"q/k/v must be 4-D (B, H, N, D); got {qs}, {ks}, {vs}")
         if qs[1] % ks[1] or ks[1] != vs[1]:

@@ -8,6 +8,7 @@ import torch
 
 import vsopt
 from vsopt.backend import trace_and_rewrite
+from vsopt.carried import carry
 from vsopt.core.config import VsoptConfig
 
 from ..conftest import max_rel_err, op_names
@@ -114,22 +115,21 @@ class Case:
     factory: str = ""  # model_factories' function, if not the case's name
     # target (sites, grids, plan) -> [(xfail reason, the site ids it concerns)]
     xfail: dict = field(default_factory=dict)
+    # torch._dynamo.config patched for inspect and compile alike (docs/COVERAGE.md: data-dependent sizes)
+    dynamo: dict = field(default_factory=dict)
+
+
+# Dynamo's capture of data-dependent shapes (nonzero, .item()): the frame that trims text is traced
+CAPTURE = {"capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True}
 
 
 def _sites(prefix_rules_grids, video=True):
     return tuple(Site(i, r, g, video) for i, r, g in prefix_rules_grids)
 
 
-NO_PATCH_EMBEDDING = ("issue 14 class 7: the joint site's graph is the block's own frame (Dynamo runs the forward "
-                      "eagerly from its data-dependent branch on, so it compiles each block on its own): the patch "
-                      "embedding is in another graph, so the grid is unknown; the grid is not carried across graphs "
-                      "(the tensor passes through eager code in between), and the site's note (log, report) spells its "
-                      "grids option (the case hunyuan_video15_grid gives it)")
-MASK_FROM_EAGER = ("issue 14 class 3: the joint site's attention mask is built in eager code before the block's graph "
-                   "(a graph input there), so passes/mask_bounds.py cannot prove it all-true over video x video and "
-                   "strict mode refuses the split")
 MOCHI_TRIM = ("issue 14 class 1: the joint attention follows the text's data-dependent trim (nonzero) "
-              "inside a loop over the batch; Dynamo runs that frame eagerly, so the attention is in no graph")
+              "inside a loop over the batch; under Dynamo's default config that frame runs eagerly, so the "
+              "attention is in no graph (the case mochi: with CAPTURE it is)")
 CASES = {
     "wan": Case(tuple(Site(f"blocks.{i}.attn{j}", "sdpa", "2x4x4", j == 1) for i in (0, 1) for j in (1, 2))),
     "cogvideox": Case(_sites([(f"transformer_blocks.{i}.attn1", "sdpa", "6+2x4x4") for i in (0, 1)])),
@@ -144,18 +144,30 @@ CASES = {
     "hunyuan_video15": Case(
         (Site("context_embedder.token_refiner.refiner_blocks.0.attn", "sdpa", ""),
          Site("transformer_blocks.0.attn", "sdpa", "2x4x4+10", True)),
-        xfail={k: [(NO_PATCH_EMBEDDING, ("transformer_blocks.0.attn",))] for k in ("grids", "plan")}),
-    # the same with the grid given, as the strict message says
+        # the joint site's graph (the block's own frame, after the graph break) holds no patch embedding:
+        # the grid is carried from the graph whose output is the block's input (vsopt/carried.py)
+        options={"check_masks_on_device": True}),
+    # the same with the grid given, as the strict message says; the joint mask is built in eager code (a
+    # graph input: unprovable), so the split runs with its video block checked on the device
     "hunyuan_video15_grid": Case(
         (Site("context_embedder.token_refiner.refiner_blocks.0.attn", "sdpa", ""),
          Site("transformer_blocks.0.attn", "sdpa", "2x4x4+10", True)),
-        options={"grids": {"transformer_blocks.0.attn": {"frames": 2, "height": 4, "width": 4, "text_after": 10}}},
-        factory="hunyuan_video15",
-        xfail={"plan": [(MASK_FROM_EAGER, ("transformer_blocks.0.attn",))]}),
+        options={"grids": {"transformer_blocks.0.attn": {"frames": 2, "height": 4, "width": 4, "text_after": 10}},
+                 "check_masks_on_device": True},
+        factory="hunyuan_video15"),
+    # the text cut to its unpadded length (nonzero): under CAPTURE the processor's frame is traced, the
+    # joint sequence is 32 video tokens + a data-dependent count; the site is its static part
     "mochi": Case(
         (Site("time_embed.pooler", "sdpa", ""),
-         Site("transformer_blocks.0.attn1", "sdpa", "2x4x4+3", True),
-         Site("transformer_blocks.1.attn1", "sdpa", "2x4x4+3", True)),
+         Site("transformer_blocks.0.attn1", "sdpa", "2x4x4", True),
+         Site("transformer_blocks.1.attn1", "sdpa", "2x4x4", True)),
+        dynamo=CAPTURE),
+    # the same under Dynamo's defaults: the processor's frame runs eagerly, the attention is in no graph
+    "mochi_default": Case(
+        (Site("time_embed.pooler", "sdpa", ""),
+         Site("transformer_blocks.0.attn1", "sdpa", "2x4x4", True),
+         Site("transformer_blocks.1.attn1", "sdpa", "2x4x4", True)),
+        factory="mochi",
         xfail={"sites": [(MOCHI_TRIM, ("transformer_blocks.0.attn1", "transformer_blocks.1.attn1"))],
                "grids": [(MOCHI_TRIM, ("transformer_blocks.0.attn1", "transformer_blocks.1.attn1"))],
                "plan": [(MOCHI_TRIM, ("transformer_blocks.0.attn1", "transformer_blocks.1.attn1"))]}),
@@ -201,9 +213,12 @@ def _compiled(model, inputs, options=None):
     config = VsoptConfig.from_options(options)
 
     def backend(gm, example_inputs):
-        out_gm, report = trace_and_rewrite(gm, example_inputs, config)
-        reports.append(report)
-        return out_gm
+        def build(g):
+            out_gm, report = trace_and_rewrite(g, example_inputs, config)
+            reports.append(report)
+            return out_gm
+
+        return carry(gm, example_inputs, build)  # the tokens carried across graphs, as the vsopt backend
 
     torch._dynamo.reset()
     with torch.no_grad():
@@ -219,8 +234,9 @@ def _traced(name: str):
     options = CASES[name].options
     with torch.no_grad():
         want = _first_tensor(model(*inputs))
-    report = vsopt.inspect(model, *inputs, options=options)
-    out, reports = _compiled(model, inputs, options)
+    with torch._dynamo.config.patch(**CASES[name].dynamo):
+        report = vsopt.inspect(model, *inputs, options=options)
+        out, reports = _compiled(model, inputs, options)
     return model, inputs, want, report, out, reports
 
 
@@ -283,9 +299,10 @@ def test_plan_lowers_on_video_self_attention(name, ids):
     def reference(call):
         if call.site_id not in ids:
             return None
-        # a masked (joint) site's plan means the split: video x video by the plan, text dense under the mask
+        # a masked (joint) site's plan means the split: video x video by the plan, text dense under the mask;
+        # so does a site of data-dependent length (its q_len is the static part, the text after it)
         out = semantics.site_output(sites[call.site_id], plan[call.site_id].heads, call.q, call.k, call.v, call.scale,
-                                    mask=call.attn_mask)
+                                    mask=call.attn_mask, joint=call.q.shape[2] != sites[call.site_id].q_len)
         site_change[call.site_id] = max(site_change.get(call.site_id, 0.0), max_rel_err(out, call.out))
         # in the strides of the op it replaces: the graph's next view may depend on them
         return torch.empty_strided(call.out.shape, call.out.stride(), dtype=call.out.dtype).copy_(out)
@@ -294,7 +311,7 @@ def test_plan_lowers_on_video_self_attention(name, ids):
     planned_config = VsoptConfig.from_options({**CASES[name].options, "plan": plan, "strict": True})
     lowered, errors = [], []
 
-    def backend(gm, example_inputs):
+    def build(gm, example_inputs):
         planned_gm, planned_report = trace_and_rewrite(gm, example_inputs, planned_config)
         lowered.extend(planned_report.lowered)
         dense_gm, _ = trace_and_rewrite(gm, example_inputs, unplanned_config)
@@ -311,8 +328,11 @@ def test_plan_lowers_on_video_self_attention(name, ids):
 
         return run
 
+    def backend(gm, example_inputs):
+        return carry(gm, example_inputs, lambda g: build(g, example_inputs))
+
     torch._dynamo.reset()
-    with torch.no_grad():
+    with torch.no_grad(), torch._dynamo.config.patch(**CASES[name].dynamo):
         torch.compile(model, backend=backend)(*inputs)
     assert sorted(lowered) == sorted(ids)
     assert sorted(site_change) == sorted(ids) and min(site_change.values()) > 1e-5, site_change
@@ -320,12 +340,10 @@ def test_plan_lowers_on_video_self_attention(name, ids):
     assert max(e for e, _ in errors) * 10 <= max(d for _, d in errors), errors
 
 
-def test_a_site_whose_graph_holds_no_patch_embedding_says_how_to_give_its_grid():
-    """HunyuanVideo 1.5's joint site (its graph is the block's frame): the note names the graph's
-    missing patch embedding and spells the site's grid option with its token count; given so
-    (the case hunyuan_video15_grid), the site has its grid."""
-    _, _, _, _, _, reports = _traced("hunyuan_video15")
-    notes = [n for r in reports for p in r.passes for n in p.notes if n.startswith("site transformer_blocks.0.attn: no")]
-    assert len(notes) == 1 and "this graph holds no patch embedding" in notes[0]
-    assert ("options={'grids': {'transformer_blocks.0.attn': {'frames': F, 'height': H, 'width': W, "
-            "'text_before': B, 'text_after': A}}} with F * H * W + B + A = 42") in notes[0]
+def test_inspect_says_how_to_trace_a_frame_cut_by_a_data_dependent_size():
+    """Mochi under Dynamo's defaults: its joint attention is in no graph, and inspect's notes name the
+    Dynamo config that traces it (the case mochi, with it, finds both joint sites)."""
+    _, _, _, report, _, _ = _traced("mochi_default")
+    assert "capture_dynamic_output_shape_ops=True" in "\n".join(report.notes), report.notes
+    _, _, _, captured, _, _ = _traced("mochi")
+    assert not [n for n in captured.notes if "capture_dynamic_output_shape_ops" in n]

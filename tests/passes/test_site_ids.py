@@ -79,8 +79,30 @@ def test_normalize_module_path_spellings():
 def test_site_ids_after_a_graph_break_are_full_module_paths():
     model, inputs = _model()
     report = vsopt.inspect(model, *inputs)
-    assert [s.site_id for s in report.sites] == ["stages.main.0.attn"]  # blocks.1 runs block 0's graph
+    # block 1 runs block 0's graph: reported placed at each module, as compile plans it (PerModule)
+    assert [s.site_id for s in report.sites] == ["stages.main.0.attn", "stages.main.1.attn"]
+    assert report.graphs == 3  # the patch embedding's, and the block graph at each module
     assert not [n for n in report.notes if "not a module path" in n], report.notes
+
+
+def test_inspect_lists_what_compile_lowers_in_a_graph_shared_by_modules(no_inductor, monkeypatch):
+    """A plan built from inspect's sites (every one sparse) lowers exactly those sites under compile,
+    one graph per module; before, inspect listed block 0's site only, so a plan made from its report
+    left block 1 dense."""
+    model, inputs = _model()
+    grid = {"grid": (4, 4, 4)}
+    sites = vsopt.inspect(model, *inputs, options=grid).sites
+    sparse = HeadPlan(Sparsity.PATTERN, TokenOrder.FHW, pattern=LocalWindow(0, 0, 0), block_m=16, block_n=16)
+    plan = Plan({s.site_id: SitePlan.for_site(s, sparse) for s in sites})
+    told = []
+    tell = vsopt.backend._tell
+    monkeypatch.setattr(vsopt.backend, "_tell", lambda config, reports: (told.extend(reports), tell(config, reports)))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend="vsopt", options={"plan": plan, "strict": True, **grid})(*inputs)
+    torch._dynamo.reset()
+    assert [i for r in told for i in r.lowered] == [s.site_id for s in sites] == ["stages.main.0.attn",
+                                                                                   "stages.main.1.attn"]
 
 
 def test_an_unplaced_frame_says_its_site_id_is_relative(caplog):

@@ -51,6 +51,10 @@ class VsoptConfig:
             Inductor runs the graph without them. Under CUDA graphs a dynamic head recomputes
             its mask at every step (mask reuse across steps is a host-side decision a replayed
             graph cannot make). See docs/RUNTIME.md.
+    check_masks_on_device: a joint site whose attention mask the graph cannot prove to keep every
+            video x video pair (built in eager code: a graph input) is split anyway, its mask's
+            video block checked in the graph by a device-side assert (no host sync; a mask that
+            fails it fails the run, never a wrong output): passes/mask_checks.py.
     """
 
     plan: Any = None  # vsopt.core.plan.Plan | None (loaded from a path by from_options)
@@ -59,6 +63,7 @@ class VsoptConfig:
     grids: Mapping[str, TokenGrid] = field(default_factory=dict)
     rewrite: bool = True
     cudagraphs: bool = False
+    check_masks_on_device: bool = False
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> "VsoptConfig":
@@ -72,7 +77,7 @@ class VsoptConfig:
             raise ConfigError(f"unknown vsopt option(s) {unknown}; valid options are {sorted(known)}")
         if "strict" in options and not isinstance(options["strict"], bool):
             raise ConfigError(f"option 'strict' must be True or False, got {options['strict']!r}")
-        for name in ("rewrite", "cudagraphs"):
+        for name in ("rewrite", "cudagraphs", "check_masks_on_device"):
             if name in options and not isinstance(options[name], bool):
                 raise ConfigError(f"option {name!r} must be True or False, got {options[name]!r}")
         if options.get("grid") is not None:

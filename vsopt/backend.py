@@ -263,7 +263,7 @@ def vsopt_backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
         return compiled
 
     # the video tokens an earlier graph's output carries into this graph's inputs (vsopt/carried.py)
-    return carry(gm, example_inputs, build)
+    return carry(gm, example_inputs, build, to_aten)
 
 
 def _compile(gm: torch.fx.GraphModule, config: VsoptConfig, inputs: Sequence[Any],
@@ -411,7 +411,7 @@ def report_each_module(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], 
 
         return run
 
-    return carry(gm, example_inputs, build)  # with the tokens carried into its inputs, as compile
+    return carry(gm, example_inputs, build, to_aten)  # with the tokens carried into its inputs, as compile
 
 
 _log = logging.getLogger("vsopt")

@@ -37,17 +37,15 @@ class _Producer:
     """A graph whose outputs may carry tokens: its Dynamo graph (weakly) and, once a later graph
     asked, the token states of its outputs (from its ATen graph, traced then)."""
 
-    def __init__(self, gm: torch.fx.GraphModule):
-        self.gm = weakref.ref(gm)
+    def __init__(self, gm: torch.fx.GraphModule, trace: Callable):
+        self.gm, self.trace = weakref.ref(gm), trace
         self.states: dict | None = None
 
     def output_states(self) -> dict:
         if self.states is None:
-            from vsopt.backend import to_aten
-
             gm = self.gm()
             try:
-                self.states = output_states(to_aten(gm, ())) if gm is not None else {}
+                self.states = output_states(self.trace(gm, ())) if gm is not None else {}
             except Exception as e:  # noqa: BLE001 - no carried grid then (the site's note says how to give it)
                 _log.info("vsopt: the token states of an earlier graph's outputs could not be read (%s: %s)",
                           type(e).__name__, (str(e).splitlines() or [""])[0][:120])
@@ -65,11 +63,11 @@ def _forget(key: int, ref: weakref.ref) -> None:
         del _RETURNED[key]
 
 
-def recording(fn: Callable, gm: torch.fx.GraphModule) -> Callable:
-    """fn (a compiled graph of Dynamo's graph gm) recording the tensors it returns (gm's ATen graph
-    is traced for their token states only if a later graph takes one of them)."""
+def recording(fn: Callable, gm: torch.fx.GraphModule, trace: Callable) -> Callable:
+    """fn (a compiled graph of Dynamo's graph gm) recording the tensors it returns (gm's ATen graph,
+    trace(gm, ()), is traced for their token states only if a later graph takes one of them)."""
     key = id(gm)
-    _PRODUCERS[key] = _Producer(gm)
+    _PRODUCERS[key] = _Producer(gm, trace)
     weakref.finalize(gm, _PRODUCERS.pop, key, None)
 
     def run(*args):
@@ -130,19 +128,20 @@ class Carrying:
 
 
 def carry(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
-          build: Callable[[torch.fx.GraphModule], Callable]) -> Callable:
+          build: Callable[[torch.fx.GraphModule], Callable], trace: Callable) -> Callable:
     """The backend's (and inspect's) graph `gm` built by `build` with the tokens carried into its
     inputs (gm.meta[CARRIED], read by the token dataflow), guarded by Carrying; each variant records
-    its own outputs (with the token states that variant's inputs give them) for later graphs."""
+    its own outputs (with the token states that variant's inputs give them) for later graphs.
+    trace(gm, ()) is the backend's ATen trace of a Dynamo graph (backend.to_aten)."""
     carried = carried_into(example_inputs)
     if not carried:
-        return recording(build(gm), gm)
+        return recording(build(gm), gm, trace)
     gm.meta[CARRIED] = carried
 
     def without():
         plain = torch.fx.GraphModule(gm, gm.graph)
         plain.meta.update(gm.meta)
         plain.meta.pop(CARRIED, None)
-        return recording(build(plain), plain)  # its outputs carry only what it infers itself
+        return recording(build(plain), plain, trace)  # its outputs carry only what it infers itself
 
-    return Carrying(carried, recording(build(gm), gm), without)
+    return Carrying(carried, recording(build(gm), gm, trace), without)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vsopt
-from vsopt.backend import trace_and_rewrite
+from vsopt.backend import to_aten, trace_and_rewrite
 from vsopt.carried import carry
 from vsopt.core.config import VsoptConfig
 
@@ -218,7 +218,7 @@ def _compiled(model, inputs, options=None):
             reports.append(report)
             return out_gm
 
-        return carry(gm, example_inputs, build)  # the tokens carried across graphs, as the vsopt backend
+        return carry(gm, example_inputs, build, to_aten)  # the tokens carried across graphs, as the vsopt backend
 
     torch._dynamo.reset()
     with torch.no_grad():
@@ -329,7 +329,7 @@ def test_plan_lowers_on_video_self_attention(name, ids):
         return run
 
     def backend(gm, example_inputs):
-        return carry(gm, example_inputs, lambda g: build(g, example_inputs))
+        return carry(gm, example_inputs, lambda g: build(g, example_inputs), to_aten)
 
     torch._dynamo.reset()
     with torch.no_grad(), torch._dynamo.config.patch(**CASES[name].dynamo):

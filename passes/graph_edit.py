@@ -7,6 +7,7 @@ tensors, so that later passes can read shapes) and provenance (meta["vsopt_from"
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -59,6 +60,17 @@ def constant(gm: torch.fx.GraphModule, name: str, value: torch.Tensor, *, like: 
     node.meta["val"] = fake_mode.from_tensor(value, static_shapes=True) if fake_mode is not None else value
     node.meta["vsopt_from"] = (pass_name, tuple(replaces))
     return node
+
+
+def constant_value(gm: torch.fx.GraphModule, node: Any) -> torch.Tensor | None:
+    """The tensor a get_attr node names (a constant of the graph), else None."""
+    if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
+        return None
+    try:
+        value = functools.reduce(getattr, node.target.split("."), gm)
+    except AttributeError:
+        return None
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def with_layout_of(graph: torch.fx.Graph, new: torch.fx.Node, old: torch.fx.Node, *, pass_name: str) -> torch.fx.Node:

@@ -19,31 +19,18 @@ them); the backend runs this on each rewritten graph right before Inductor (vsop
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.fx
 
 from vsopt.core import ops as _ops  # noqa: F401  (registers torch.ops.vsopt.*)
 
-from .graph_edit import constant, emit, with_layout_of
+from .graph_edit import constant, constant_value, emit, with_layout_of
 from .infra import GraphChanges, PassContext, PassReport
 
 NAME = "inline_permutations"
 aten = torch.ops.aten
 vsopt = torch.ops.vsopt
 _TARGETS = (vsopt.permute_tokens.default, vsopt.unpermute_tokens.default)
-
-
-def _constant_value(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
-    """The tensor of a get_attr node (a constant of the graph), else None."""
-    if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
-        return None
-    try:
-        value = functools.reduce(getattr, node.target.split("."), gm)
-    except AttributeError:
-        return None
-    return value if isinstance(value, torch.Tensor) else None
 
 
 class _Indices:
@@ -73,7 +60,7 @@ def _select_heads(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
     if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is aten.index_select.default
             and node.args[1] == 1):
         return None
-    sel = _constant_value(gm, node.args[2])
+    sel = constant_value(gm, node.args[2])
     return sel if sel is not None and sel.dim() == 1 and sel.dtype == torch.int64 else None
 
 
@@ -130,7 +117,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> PassReport:
         if node.op != "call_function" or node.target not in _TARGETS:
             continue
         x, perm = node.args[0], node.args[1]
-        value = _constant_value(gm, perm)
+        value = constant_value(gm, perm)
         if value is None or value.dim() != 2 or value.dtype != torch.int64 or perm.meta.get("val") is None:
             continue   # an order computed in the graph (or per sample): the op stays
         with gm.graph.inserting_after(perm):   # right after the order: it dominates every use

@@ -15,31 +15,19 @@ computing its order.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from vsopt.core.ops import row_order
 
-from .graph_edit import constant
+from .graph_edit import constant, constant_value
 from .infra import GraphChanges, PassContext, PassReport
 
 NAME = "static_work_orders"
 vsopt = torch.ops.vsopt
 _LAUNCHES = (vsopt.block_sparse_attention.default, vsopt.block_sparse_attention_lse.default)
 _COUNTS_ARG = 4   # q, k, v, kv_indices, kv_counts, ...
-
-
-def _constant(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
-    if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
-        return None
-    try:
-        value = functools.reduce(getattr, node.target.split("."), gm)
-    except AttributeError:
-        return None
-    return value if isinstance(value, torch.Tensor) else None
 
 
 def run(gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> PassReport:
@@ -52,7 +40,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> PassReport:
                 or len(node.args) > 10:
             continue
         counts_node = node.args[_COUNTS_ARG]
-        counts = _constant(gm, counts_node)
+        counts = constant_value(gm, counts_node)
         q = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
         if counts is None or counts_node.meta.get("val") is None or q is None or not is_concrete_int(q.shape[0]):
             continue

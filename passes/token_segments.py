@@ -105,6 +105,22 @@ def _norm(d: int, rank: int) -> int:
     return d + rank if d < 0 else d
 
 
+AXIS_MOVES = (aten.permute.default, aten.transpose.int, aten.t.default, aten.unsqueeze.default)
+
+
+def _moved_axis(t, args, rank: int, dim: int) -> int:
+    """Where axis `dim` of a rank-`rank` input lands through one of AXIS_MOVES (a view that moves
+    or inserts axes and keeps every element of the token axis)."""
+    if t is aten.permute.default:
+        return [_norm(d, rank) for d in args[1]].index(dim)
+    if t is aten.transpose.int:
+        d0, d1 = _norm(args[1], rank), _norm(args[2], rank)
+        return {d0: d1, d1: d0}.get(dim, dim)
+    if t is aten.t.default:
+        return rank - 1 - dim
+    return dim + (_norm(args[1], rank + 1) <= dim)  # unsqueeze
+
+
 def _einsum_dim(eq: str, which: int, dim: int) -> int | None:
     eq = eq.replace(" ", "")
     if "->" not in eq or "." in eq:
@@ -139,16 +155,8 @@ def _step(n: torch.fx.Node, states: dict) -> TokenState | Several | None:
             return st
         if t in GATHER_OPS:  # dim 0's chunks come from the ranks: the shard's tokens stay inside each
             return replace(st, gathered=True) if st.whole is not None and (st.dim != 0 or st.outer > 1) else None
-        if t is aten.permute.default:
-            return replace(st, dim=[_norm(d, rank) for d in args[1]].index(st.dim))
-        if t is aten.transpose.int:
-            d0, d1 = _norm(args[1], rank), _norm(args[2], rank)
-            return replace(st, dim={d0: d1, d1: d0}.get(st.dim, st.dim))
-        if t is aten.t.default:
-            return replace(st, dim=rank - 1 - st.dim)
-        if t is aten.unsqueeze.default:
-            d = _norm(args[1], rank + 1)
-            return replace(st, dim=st.dim + (d <= st.dim))
+        if t in AXIS_MOVES:
+            return replace(st, dim=_moved_axis(t, args, rank, st.dim))
         if t in (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default):
             if out_shape is None:
                 return None
@@ -246,15 +254,8 @@ def _data_tail_step(n: torch.fx.Node, states: dict) -> TokenState | Several | No
         rank = len(inn)
         if t in SAME_OPS or t in WAIT_OPS:
             return st
-        if t is aten.permute.default:
-            return replace(st, dim=[_norm(d, rank) for d in args[1]].index(st.dim))
-        if t is aten.transpose.int:
-            d0, d1 = _norm(args[1], rank), _norm(args[2], rank)
-            return replace(st, dim={d0: d1, d1: d0}.get(st.dim, st.dim))
-        if t is aten.t.default:
-            return replace(st, dim=rank - 1 - st.dim)
-        if t is aten.unsqueeze.default:
-            return replace(st, dim=st.dim + (_norm(args[1], rank + 1) <= st.dim))
+        if t in AXIS_MOVES:
+            return replace(st, dim=_moved_axis(t, args, rank, st.dim))
         if t in RESHAPE_OPS:  # the axis's size (one expression) on one output axis, the same inner elements
             inner = _static_prod(inn[st.dim + 1:])
             for j, size in enumerate(out):

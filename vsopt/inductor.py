@@ -151,21 +151,26 @@ def _filtered_pattern_passes() -> Iterator[None]:
 #: False keeps the graph as the pipeline left it (benchmarks/host_overhead.py measures both).
 INLINE_PERMUTATIONS = True
 STATIC_WORK_ORDERS = True
+#: Sites left dense written as ATen SDPA (passes/inline_dense_attention.py): off, as measured on
+#: 2026-12-01 (a 4-block model, one call each: 47 us/site slower, within that run's noise);
+#: benchmarks/small_n_gpu.py --parts model measures both ways, interleaved, on the reference model.
+INLINE_DENSE = False
 
 
 def prepare(gm: torch.fx.GraphModule) -> list:
     """What vsopt does to a rewritten graph for Inductor alone (an export keeps vsopt's ops in
     their plain form): static token permutations become ATen gathers, launches over constant
-    tables get their work order as a constant. Returns the passes' reports. (Sites left dense
-    stay vsopt.attention: written as ATen SDPA they cost 47 us more per site on the H200 without
-    CUDA graphs, benchmarks/results/host_overhead_h200.json.)"""
-    from vsopt.passes import inline_permutations, static_work_orders
+    tables get their work order as a constant; with INLINE_DENSE, sites left dense become ATen
+    SDPA. Returns the passes' reports."""
+    from vsopt.passes import inline_dense_attention, inline_permutations, static_work_orders
 
     reports = []
     if INLINE_PERMUTATIONS:
         reports.append(inline_permutations.run(gm))
     if STATIC_WORK_ORDERS:
         reports.append(static_work_orders.run(gm))
+    if INLINE_DENSE:
+        reports.append(inline_dense_attention.run(gm))
     return reports
 
 

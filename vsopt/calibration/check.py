@@ -4,6 +4,7 @@ reference model (reference_sampler_check)."""
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from typing import Any
 
@@ -16,18 +17,29 @@ from vsopt.core.config import VsoptConfig
 from vsopt.core.ir import TokenGrid
 from vsopt.core.metrics import psnr, relative_l2
 from vsopt.core.plan import Plan
-from vsopt.core.timing import median_ms
+from vsopt.core.timing import interleaved_ms, median_ms
 
 
 def check_plan(model: torch.nn.Module, call: RecordedCall, plan_path: str | os.PathLike,
-               grid: TokenGrid | None = None, repeats: int = 10, compile: bool = True) -> dict[str, Any]:
+               grid: TokenGrid | None = None, repeats: int = 10, compile: bool = True,
+               cudagraphs: bool = False) -> dict[str, Any]:
     """Run `model` on one input dense, as the plan-lowered graph run eagerly (the kernels called
     directly), and through torch.compile(backend="vsopt") with the plan (Inductor).
 
     Returns, for "lowered" and "compiled": relative L2 and PSNR of the model output against the
-    dense model, and on CUDA the median milliseconds per call (dense: eager and torch.compile's
-    default backend). A torch.compile failure is returned as "compiled_error" (its first line),
-    not raised: the lowered graph's numbers still stand. compile=False skips torch.compile."""
+    dense model, and on CUDA the median milliseconds per call: dense eager and lowered eager, and
+    compiled three ways, timed in turn (compiled_timing says how): torch.compile's default
+    (dense_compiled_ms), backend="vsopt" without a plan (noplan_compiled_ms: the same graph an
+    all-dense plan compiles to) and with the plan (compiled_ms). The compiled calls run at the
+    call's denoising step (the plan's step-range variant a sampler runs there), each warmed up
+    (compiling, autotuning, building that variant) before any is timed, and the three are timed
+    interleaved (vsopt.core.timing.interleaved_ms), so that a drift of a host-bound machine does
+    not fall on whichever is timed last. cudagraphs: compiled under CUDA graphs (Inductor's
+    mode="reduce-overhead", vsopt's option), as a plan priced for them runs. A torch.compile failure
+    is returned as "compiled_error" (its first line), not raised: the lowered numbers still stand.
+    compile=False skips torch.compile."""
+    from vsopt.core.dynamic import current_denoising_step, set_denoising_step
+
     signature, (inputs,) = positional(model, [call])
     config = VsoptConfig(plan=Plan.load(plan_path), grid=grid)
     on_gpu = any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs)
@@ -41,22 +53,42 @@ def check_plan(model: torch.nn.Module, call: RecordedCall, plan_path: str | os.P
         if on_gpu:
             check["dense_eager_ms"] = median_ms(lambda: model(*call.args, **call.kwargs), repeats)
             check["lowered_eager_ms"] = median_ms(lambda: lowered(*inputs), repeats)
-        options = {"plan": os.fspath(plan_path)}
-        if grid is not None:
-            options["grid"] = grid
         if not compile:
             return check
+        options: dict[str, Any] = {"grid": grid} if grid is not None else {}
+        if cudagraphs:
+            options["cudagraphs"] = True
+        step = current_denoising_step()
+        set_denoising_step(call.step)
         try:
-            compiled = torch.compile(model, backend="vsopt", options=options)
-            out = model_output(compiled(*call.args, **call.kwargs)).float()
+            compiled = torch.compile(model, backend="vsopt", options={**options, "plan": os.fspath(plan_path)})
+            out = model_output(_warm(compiled, call)).float()
             check.update(compiled_rel_l2=relative_l2(out, dense_out), compiled_psnr_db=psnr(out, dense_out))
             if on_gpu:
-                baseline = torch.compile(model)
-                check["dense_compiled_ms"] = median_ms(lambda: baseline(*call.args, **call.kwargs), repeats)
-                check["compiled_ms"] = median_ms(lambda: compiled(*call.args, **call.kwargs), repeats)
+                baseline = torch.compile(model, **({"mode": "reduce-overhead"} if cudagraphs else {}))
+                noplan = torch.compile(model, backend="vsopt", options=options)
+                fns = {"dense_compiled_ms": baseline, "noplan_compiled_ms": noplan, "compiled_ms": compiled}
+                for fn in (baseline, noplan):
+                    _warm(fn, call)
+                rounds = max(1, repeats // 2)
+                times = interleaved_ms({k: (lambda f=f: f(*call.args, **call.kwargs)) for k, f in fns.items()},
+                                       rounds=rounds, iters=2)
+                check.update({k: statistics.median(v) for k, v in times.items()})
+                check["compiled_timing"] = (f"step {call.step}, {'CUDA graphs, ' if cudagraphs else ''}"
+                                            f"{rounds} interleaved rounds of 2 calls each, medians")
         except Exception as e:  # noqa: BLE001 - reported, the lowered numbers still stand
             check["compiled_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+        finally:
+            set_denoising_step(step)
     return check
+
+
+def _warm(compiled, call: RecordedCall, calls: int = 3):
+    """Call `compiled` on `call` a few times (compile, autotune, CUDA-graph warm-up and recording);
+    the last output."""
+    for _ in range(calls):
+        out = compiled(*call.args, **call.kwargs)
+    return out
 
 
 def reference_sampler_check(ref, plan_path: str | os.PathLike, *, clips: int = 2, steps: int = 8,

@@ -266,7 +266,7 @@ def run_cli(args: argparse.Namespace) -> int:
     print(f"plan written to {args.out}")
     result_dict = result.to_dict()
     if args.check:
-        check = check_plan(model, as_recorded(inputs[0], 0), args.out, checked.grid)
+        check = check_plan(model, as_recorded(inputs[0], 0), args.out, checked.grid, cudagraphs=args.cuda_graphs)
         if args.reference:
             check.update(reference_sampler_check(ref, args.out, clips=args.clips, steps=args.steps))
         print("plan check on the first input: " + ", ".join(

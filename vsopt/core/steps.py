@@ -96,7 +96,8 @@ def step_variants(plan: Plan | None, build: Callable[[Plan | None], Callable[...
     """build(plan) when the plan has neither step ranges nor renormalized heads; else a
     StepDispatch over build(plan.at_step(step)) for a step of each variant (variant_steps), one
     build per distinct plan (plan_key); the unknown step's variant shares a build that runs the
-    same heads, else it is built on its first call."""
+    same heads, else it is built on its first call. Where every variant, the unknown step's too,
+    is one build, that build itself (nothing to pick per call)."""
     if plan is None or not (plan.step_boundaries() or _renormalizes(plan)):
         return build(plan)
     built: dict[tuple, Callable[..., Any]] = {}
@@ -118,4 +119,7 @@ def step_variants(plan: Plan | None, build: Callable[[Plan | None], Callable[...
                 variants[key] = same
             else:
                 lazy[key] = lambda default=default: build(default)
+    if not lazy and len({id(fn) for fn in variants.values()}) == 1:
+        # every step runs the same heads (e.g. a plan whose ranges are all dense): no dispatch per call
+        return next(iter(variants.values()))
     return StepDispatch(plan, variants, lazy)

@@ -1,5 +1,5 @@
 """Wall-clock timing of a callable on the device it runs on: the one loop that the calibration's
-measured check, `vsopt bench`, the end-to-end benchmarks and `vsopt demo` (CallTimer: every call
+measured check (interleaved_ms: several callables timed in turn), `vsopt bench`, the end-to-end benchmarks and `vsopt demo` (CallTimer: every call
 of a model a sampler drives) share.
 
 On CUDA each call is bracketed by CUDA events (GPU time of the work the call enqueues, host launch
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
@@ -44,6 +44,21 @@ def time_calls(fn: Callable[[], object], iters: int, warmup: int = 1, cuda: bool
 def median_ms(fn: Callable[[], object], iters: int, warmup: int = 1, cuda: bool | None = None) -> float:
     """Median of time_calls."""
     return statistics.median(time_calls(fn, iters, warmup, cuda))
+
+
+def interleaved_ms(fns: Mapping[str, Callable[[], object]], rounds: int, iters: int, warmup: int = 1,
+                   cuda: bool | None = None) -> dict[str, list[float]]:
+    """Milliseconds of every call of each of `fns`, timed in turn: `rounds` rounds, each running
+    time_calls(fn, iters, warmup) for every fn in order, so that a drift of the machine (clocks,
+    other processes, a host-bound phase) falls on all of them alike instead of on whichever is
+    timed last. Returns name -> the rounds * iters times."""
+    if rounds < 1:
+        raise ValueError(f"interleaved_ms: rounds must be >= 1, got {rounds}")
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            out[name] += time_calls(fn, iters, warmup, cuda)
+    return out
 
 
 class CallTimer:

@@ -20,7 +20,7 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "inspect": ("vsopt.inspection", "list the attention sites vsopt finds in a model"),
+    "inspect": ("vsopt.inspect_cli", "list the attention sites vsopt finds in a model"),
     "demo": ("vsopt.demo", "sample a clip from the shipped reference model, dense and optimized"),
     "calibrate": ("vsopt.calibration.cli", "measure a model's attention and write a plan"),
     "diff": ("vsopt.debug.cli", "show what the optimizer changed, left alone, and where error enters"),

@@ -19,6 +19,7 @@ print("TORCH", "torch" in sys.modules, "CODE", code, "SECONDS", round(time.perf_
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["export", "--help"], ["calibrate", "--help"],
+                                  ["inspect", "--help"],
                                   ["diff", "--help"]])
 def test_help_does_not_import_torch(argv):
     out = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv)], capture_output=True, text=True, check=True)

@@ -83,8 +83,7 @@ def part_ops(rec, cost: CostModel, n: int) -> None:
         rec("sparse", launches=1, density=density, visited_blocks=visited, longest_row=row, gpu_us=t, timer=how,
             wall_us=mcm.wall_us(one), predicted_us=cost.predict_us(work))
         # the same heads as four one-head launches (four launch groups)
-        parts = [(x[:, h:h + 1] for x in (q, k, v)) for h in range(HEADS)]
-        parts = [tuple(p) for p in parts]
+        parts = [tuple(x[:, h:h + 1] for x in (q, k, v)) for h in range(HEADS)]
         tables = [mcm.table(mask[:, h:h + 1]) for h in range(HEADS)]
         four = lambda: [bsa(*parts[h], *tables[h], scale, BLOCK, BLOCK, "none") for h in range(HEADS)]  # noqa: E731
         t, how = mcm.gpu_us(four)

@@ -17,9 +17,10 @@ Two parts (--parts ops,model):
   the compiled path runs them: ATen index_select); the host cost of one dense site as vsopt's custom
   op against ATen's SDPA on a tiny input (the calls' wall time, the GPU starved).
 - model: one forward of the shipped reference model at 16x32x32 (4096 tokens, batch 2, bf16):
-  Inductor (torch.compile's default), vsopt without a plan, vsopt with the shipped plan (at this
-  size every site is dense by the never-slower rule), and vsopt without a plan with its dense sites
-  written as ATen SDPA for Inductor (vsopt.inductor.INLINE_DENSE); each also under CUDA graphs
+  Inductor (torch.compile's default), vsopt without a plan and vsopt with the shipped plan (at this
+  size every site is dense by the never-slower rule), both with dense sites kept as vsopt's custom
+  op (vsopt.inductor.INLINE_DENSE off, as before 2026-12-02), and vsopt without a plan with its
+  dense sites written as ATen SDPA for Inductor (INLINE_DENSE on, the default since); each also under CUDA graphs
   (--no-cudagraphs skips those). Timed interleaved: --rounds rounds, each timing every config in
   turn (--iters CUDA-event-timed calls each, synchronized before every call, as the plan check and
   the demo time), so drift of the machine hits every config alike; plus the wall time of 20
@@ -139,6 +140,7 @@ def part_model(rec, args) -> None:
                         "reference.plan.json")
     set_denoising_step(0)
     fns, first_s = {}, {}
+    default_inline = inductor.INLINE_DENSE
     with torch.no_grad():
         ref_out = model(*call.args, **call.kwargs)[0].float()
         for name, kwargs, inline in _configs(args.cudagraphs and not dry, plan):
@@ -156,7 +158,7 @@ def part_model(rec, args) -> None:
                 traceback.print_exc()
                 rec("model_compiled", config=name, error=f"{type(e).__name__}: {str(e)[:300]}")
             finally:
-                inductor.INLINE_DENSE = False
+                inductor.INLINE_DENSE = default_inline
             print(f"compiled {name} ({first_s.get(name)} s)", flush=True)
         cuda = not dry
         per_call = interleaved_ms(fns, rounds=args.rounds, iters=args.iters, cuda=cuda)

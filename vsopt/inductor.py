@@ -151,10 +151,12 @@ def _filtered_pattern_passes() -> Iterator[None]:
 #: False keeps the graph as the pipeline left it (benchmarks/host_overhead.py measures both).
 INLINE_PERMUTATIONS = True
 STATIC_WORK_ORDERS = True
-#: Sites left dense written as ATen SDPA (passes/inline_dense_attention.py): off, as measured on
-#: 2026-12-01 (a 4-block model, one call each: 47 us/site slower, within that run's noise);
-#: benchmarks/small_n_gpu.py --parts model measures both ways, interleaved, on the reference model.
-INLINE_DENSE = False
+#: Sites left dense written as ATen SDPA (passes/inline_dense_attention.py). Measured on the H200
+#: (benchmarks/small_n_gpu.py, 2026-12-02, reference model at 4096 tokens without CUDA graphs, 60
+#: interleaved calls each): one tiny vsopt.attention call costs 48.8 us of host time against
+#: 20.2 us for ATen's SDPA. Per forward, pipelined: Inductor 2.96 ms, vsopt without a plan 3.59,
+#: inlined 3.03; synchronized per call: 4.29 / 4.79 / 3.96 (docs/MODEL.md).
+INLINE_DENSE = True
 
 
 def prepare(gm: torch.fx.GraphModule) -> list:

@@ -14,6 +14,11 @@ _quantize_kv_kernel: the last two in one pass for the 8-bit P V modes: each prog
 block of K (smoothed, per-block scale) and the same tokens of V (per channel, transposed), so the
 launch reads K and V once, side by side, instead of in two launches (the same codes and scales:
 both kernels call the same helpers).
+REVERSE_HEADS: the programs of K's quantization (and of the fused K V one) take the heads in reverse
+order. The channel statistics pass just read K and V head by head, in order, so the last heads it
+read are still in L2 (50 MB on an H200: about three wan480 heads of K and V) when the reversed pass
+starts on them; the reversed pass then ends on head 0, whose codes the attention kernel, which walks
+the heads in order (schedule.work_order), reads first. The codes are the same in any order.
 Q's per-block quantization can also run inside the attention kernel's prologue
 (block_sparse/kernel.py QUANT_Q, with quantize_block_codes below): no Q pass at all.
 """
@@ -123,6 +128,8 @@ def _quantize_blocks_kernel(
 ):
     blk = tl.program_id(0)
     bh = tl.program_id(1)
+    if SMOOTH:   # K: heads in reverse (see REVERSE_HEADS in the module docstring)
+        bh = tl.num_programs(1) - 1 - bh
     _quantize_block_rows(X, Sum, Codes, Scale, bh // H, bh % H, bh, blk, N, NUM_BLOCKS, inv_n,
                          stride_xb, stride_xh, stride_xn, BLOCK, HEAD_DIM, IS_FP8, SMOOTH, MIN_AMAX,
                          ROUND_IN_FP32)
@@ -180,7 +187,7 @@ def _quantize_kv_kernel(
 ):
     """K's block blk (smoothed, per-block scale) and the same tokens of V (per channel): one launch."""
     blk = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.num_programs(1) - 1 - tl.program_id(1)   # heads in reverse (REVERSE_HEADS, module docstring)
     b = bh // H
     h = bh % H
     _quantize_block_rows(K, KSum, KCodes, KScale, b, h, bh, blk, N, NUM_BLOCKS, inv_n,

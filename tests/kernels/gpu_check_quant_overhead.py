@@ -125,9 +125,10 @@ def part_times(q, k, v, mode, sweep: bool) -> dict:
         out["quantize_kv"] = {"ms": t, "gbps": gbps(elems * 6, t)}
     if sweep:
         sw = {}
-        for rows in (128, 256, 512, 1024):
+        for rows, tile in ((64, 64), (128, 64), (128, 128), (256, 64), (256, 128), (512, 128)):
             for w in (4, 8):
-                sw[f"channel_stats rows {rows} warps {w}"] = ms(lambda: ql.channel_stats(k, v if pv else None, rows, w))
+                sw[f"channel_stats rows {rows} tile {tile} warps {w}"] = ms(
+                    lambda: ql.channel_stats(k, v if pv else None, rows, w, tile))
         for w in (4, 8, 16):
             sw[f"quantize_k warps {w}"] = ms(lambda: ql.quantize_blocks(k, 128, fmt, channel_sum=k_sum, num_warps=w))
         if pv:

@@ -112,3 +112,19 @@ def test_q_in_kernel_with_a_soft_cap(monkeypatch):
     monkeypatch.setattr(launch, "QUANTIZE_Q_IN_KERNEL", True)
     inside, _ = launch.block_sparse_attention(q, k, v, idx, cnt, 0.25, 16, 16, "int8_int8", softcap=2.0)
     torch.testing.assert_close(inside, ahead, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["int8"])
+def test_int8_codes_round_ties_away_from_zero_as_the_reference(fmt):
+    """The conversion-free INT8 rounding (quant/kernel.py _int8_codes) on exact ties, both signs,
+    both parities, the extremes and random values: the reference's codes, bit for bit."""
+    ties = torch.tensor([127.0, -127.0, 0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 126.5, -126.5, 0.0, -0.0, 0.49999997,
+                         -0.49999997, 63.5, -64.5, 1e-8, -1e-8])
+    g = torch.Generator().manual_seed(0)
+    rnd = (torch.rand(16 * 16 - ties.numel(), generator=g) * 2 - 1) * 127
+    x = torch.cat([ties, rnd]).view(1, 1, 16, 16)          # amax 127: scale 1, y = x exactly
+    codes, scale = qlaunch.quantize_blocks(x, 16, fmt)
+    ref, ref_scale = qref.quantize_blocks(x.double(), 16, fmt)
+    assert float(scale) == 1.0 and float(ref_scale) == 1.0
+    assert torch.equal(codes.double(), ref)
+    assert codes.view(-1)[:10].tolist() == [127, -127, 1, -1, 2, -2, 3, -3, 127, -127]

@@ -74,20 +74,36 @@ def _load_rows(X, b, h, offs_n, N, stride_xb, stride_xh, stride_xn, HEAD_DIM: tl
 @triton.jit
 def _channel_stats_kernel(K, V, KSum, VAbsMax, H, N,
                           stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                          ROWS: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr, WITH_V: tl.constexpr):
+                          ROWS: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr, WITH_V: tl.constexpr,
+                          DEFER: tl.constexpr = False):
+    """DEFER: accumulate whole (TILE, HEAD_DIM) tiles element by element and reduce over rows once,
+    after the loop (no cross-warp reduction per tile; the loads of successive tiles need not wait
+    for one), instead of reducing each tile as it comes. The same maxima; sums in another order."""
     chunk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     offs_d = tl.arange(0, HEAD_DIM)
-    k_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    v_max = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    for start in range(chunk * ROWS, tl.minimum(chunk * ROWS + ROWS, N), TILE):
-        offs_n = start + tl.arange(0, TILE)
-        k_sum += tl.sum(_load_rows(K, b, h, offs_n, N, stride_kb, stride_kh, stride_kn, HEAD_DIM), 0)
-        if WITH_V:
-            v = _load_rows(V, b, h, offs_n, N, stride_vb, stride_vh, stride_vn, HEAD_DIM)
-            v_max = tl.maximum(v_max, tl.max(tl.abs(v), 0))
+    if DEFER:
+        k_acc = tl.zeros([TILE, HEAD_DIM], dtype=tl.float32)
+        v_acc = tl.zeros([TILE, HEAD_DIM], dtype=tl.float32)
+        for start in range(chunk * ROWS, tl.minimum(chunk * ROWS + ROWS, N), TILE):
+            offs_n = start + tl.arange(0, TILE)
+            k_acc += _load_rows(K, b, h, offs_n, N, stride_kb, stride_kh, stride_kn, HEAD_DIM)
+            if WITH_V:
+                v_acc = tl.maximum(v_acc, tl.abs(_load_rows(V, b, h, offs_n, N, stride_vb, stride_vh, stride_vn,
+                                                            HEAD_DIM)))
+        k_sum = tl.sum(k_acc, 0)
+        v_max = tl.max(v_acc, 0)
+    else:
+        k_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        v_max = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        for start in range(chunk * ROWS, tl.minimum(chunk * ROWS + ROWS, N), TILE):
+            offs_n = start + tl.arange(0, TILE)
+            k_sum += tl.sum(_load_rows(K, b, h, offs_n, N, stride_kb, stride_kh, stride_kn, HEAD_DIM), 0)
+            if WITH_V:
+                v = _load_rows(V, b, h, offs_n, N, stride_vb, stride_vh, stride_vn, HEAD_DIM)
+                v_max = tl.maximum(v_max, tl.max(tl.abs(v), 0))
     tl.atomic_add(KSum + bh * HEAD_DIM + offs_d, k_sum)
     if WITH_V:
         tl.atomic_max(VAbsMax + bh * HEAD_DIM + offs_d, v_max)   # non-negative floats: max is exact

@@ -38,10 +38,10 @@ def _check_input(x: torch.Tensor, what: str) -> None:
 
 
 def channel_stats(k: torch.Tensor, v: torch.Tensor | None, rows: int = _STATS_ROWS, num_warps: int = 4,
-                  tile: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  tile: int = 64, defer: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(sum of k over tokens (B, H, D) float32, abs-max of v over tokens (B, H, D) float32 or None).
     rows: tokens per program, tile: tokens per load (a power of two >= 16 dividing rows);
-    num_warps: for tuning sweeps."""
+    num_warps, defer (kernel.py DEFER: rows reduced once, after the loop): for tuning sweeps."""
     check(tile >= 16 and tile & (tile - 1) == 0 and rows >= tile and rows % tile == 0,
           f"channel_stats: tile must be a power of two >= 16 dividing rows, got tile {tile}, rows {rows}")
     _check_input(k, "channel_stats")
@@ -53,7 +53,7 @@ def channel_stats(k: torch.Tensor, v: torch.Tensor | None, rows: int = _STATS_RO
     launch[(triton.cdiv(N, rows), B * H)](
         k, vv, k_sum, v_max if v_max is not None else k_sum, H, N,
         k.stride(0), k.stride(1), k.stride(2), vv.stride(0), vv.stride(1), vv.stride(2),
-        ROWS=rows, TILE=tile, HEAD_DIM=D, WITH_V=v is not None, num_warps=num_warps)
+        ROWS=rows, TILE=tile, HEAD_DIM=D, WITH_V=v is not None, DEFER=defer, num_warps=num_warps)
     return k_sum, v_max
 
 

@@ -129,6 +129,10 @@ def part_times(q, k, v, mode, sweep: bool) -> dict:
             for w in (4, 8):
                 sw[f"channel_stats rows {rows} tile {tile} warps {w}"] = ms(
                     lambda: ql.channel_stats(k, v if pv else None, rows, w, tile))
+        for rows, tile in ((128, 32), (256, 32), (256, 64), (512, 32), (512, 64), (1024, 32)):
+            for w in (4, 8):
+                sw[f"channel_stats rows {rows} tile {tile} warps {w} deferred"] = ms(
+                    lambda: ql.channel_stats(k, v if pv else None, rows, w, tile, defer=True))
         for w in (4, 8, 16):
             sw[f"quantize_k warps {w}"] = ms(lambda: ql.quantize_blocks(k, 128, fmt, channel_sum=k_sum, num_warps=w))
         if pv:

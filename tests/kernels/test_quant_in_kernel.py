@@ -128,3 +128,17 @@ def test_int8_codes_round_ties_away_from_zero_as_the_reference(fmt):
     assert float(scale) == 1.0 and float(ref_scale) == 1.0
     assert torch.equal(codes.double(), ref)
     assert codes.view(-1)[:10].tolist() == [127, -127, 1, -1, 2, -2, 3, -3, 127, -127]
+
+
+@pytest.mark.parametrize("rows,tile", [(64, 16), (128, 32)])
+def test_deferred_channel_stats_equal_the_per_tile_ones(rows, tile):
+    g = torch.Generator().manual_seed(rows)
+    k = torch.randn(2, 3, 201, 16, generator=g) + 0.5
+    v = torch.randn(2, 3, 201, 16, generator=g) * 4
+    s0, m0 = qlaunch.channel_stats(k, v, rows, 4, tile)
+    s1, m1 = qlaunch.channel_stats(k, v, rows, 4, tile, defer=True)
+    torch.testing.assert_close(s1, k.double().sum(dim=2).float(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(s1, s0, rtol=1e-5, atol=1e-4)
+    assert torch.equal(m1, m0) and torch.equal(m1, v.abs().amax(dim=2))
+    s2, none = qlaunch.channel_stats(k, None, rows, 4, tile, defer=True)
+    assert none is None and torch.allclose(s2, s1)

@@ -64,6 +64,8 @@ FAST_CVT = True
 #: measured by tests/kernels/gpu_check_quant_overhead.py.
 QUANTIZE_Q_IN_KERNEL = False
 FUSE_KV_QUANT = False
+#: Q quantized in the channel statistics' launch (quant/launch.stats_and_q), side by side with them.
+FUSE_Q_WITH_STATS = False
 _MODE_OF_CODE = {mode.code: mode for mode in QuantMode}
 
 
@@ -230,7 +232,8 @@ def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: t
         # q, k, v (kernels/quant/fusable.py); eager: the Triton quantization kernels.
         if eager or not FUSE_QUANT_WHEN_TRACED:
             quantized = quant_launch.quantize_qkv(q, k, v, spec.quant, block_m, block_n, pv_format,
-                                                  fuse_kv=FUSE_KV_QUANT, q_in_kernel=QUANTIZE_Q_IN_KERNEL)
+                                                  fuse_kv=FUSE_KV_QUANT, q_in_kernel=QUANTIZE_Q_IN_KERNEL,
+                                                  q_with_stats=FUSE_Q_WITH_STATS)
         else:
             quantized = quantize_qkv_fusable(q, k, v, spec.quant, block_m, block_n, pv_format)
         if spec.softcap > 0:   # q . mean(K): smoothing removed it, a soft cap does not ignore it

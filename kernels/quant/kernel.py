@@ -72,17 +72,14 @@ def _load_rows(X, b, h, offs_n, N, stride_xb, stride_xh, stride_xn, HEAD_DIM: tl
 
 
 @triton.jit
-def _channel_stats_kernel(K, V, KSum, VAbsMax, H, N,
-                          stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                          ROWS: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr, WITH_V: tl.constexpr,
-                          DEFER: tl.constexpr = False):
-    """DEFER: accumulate whole (TILE, HEAD_DIM) tiles element by element and reduce over rows once,
+def _channel_stats_rows(K, V, KSum, VAbsMax, b, h, bh, chunk, N,
+                        stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                        ROWS: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr, WITH_V: tl.constexpr,
+                        DEFER: tl.constexpr):
+    """Tokens [chunk * ROWS, + ROWS) of k[b, h] (and v[b, h]) into the channel sums (and abs-maxima).
+    DEFER: accumulate whole (TILE, HEAD_DIM) tiles element by element and reduce over rows once,
     after the loop (no cross-warp reduction per tile; the loads of successive tiles need not wait
     for one), instead of reducing each tile as it comes. The same maxima; sums in another order."""
-    chunk = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
     offs_d = tl.arange(0, HEAD_DIM)
     if DEFER:
         k_acc = tl.zeros([TILE, HEAD_DIM], dtype=tl.float32)
@@ -107,6 +104,18 @@ def _channel_stats_kernel(K, V, KSum, VAbsMax, H, N,
     tl.atomic_add(KSum + bh * HEAD_DIM + offs_d, k_sum)
     if WITH_V:
         tl.atomic_max(VAbsMax + bh * HEAD_DIM + offs_d, v_max)   # non-negative floats: max is exact
+
+
+@triton.jit
+def _channel_stats_kernel(K, V, KSum, VAbsMax, H, N,
+                          stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                          ROWS: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr, WITH_V: tl.constexpr,
+                          DEFER: tl.constexpr = False):
+    chunk = tl.program_id(0)
+    bh = tl.program_id(1)
+    _channel_stats_rows(K, V, KSum, VAbsMax, bh // H, bh % H, bh, chunk, N,
+                        stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                        ROWS, TILE, HEAD_DIM, WITH_V, DEFER)
 
 
 @triton.jit
@@ -228,3 +237,34 @@ def _quantize_kv_kernel(
                          stride_kb, stride_kh, stride_kn, BLOCK, HEAD_DIM, K_FP8, True, MIN_AMAX, ROUND_IN_FP32)
     _quantize_channel_rows(V, VAbsMax, VScale, VCodesT, b, h, bh, blk, N, N_PAD,
                            stride_vb, stride_vh, stride_vn, BLOCK, HEAD_DIM, MIN_AMAX, ROUND_IN_FP32, V_INT8)
+
+
+@triton.jit
+def _stats_and_q_kernel(
+    K, V, KSum, VAbsMax, Q, QCodes, QScale,
+    H, HQ, N, NQ, N_CHUNKS, NQB, N_STATS, N_QPROG,
+    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_qb, stride_qh, stride_qn,
+    ROWS: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr, WITH_V: tl.constexpr, DEFER: tl.constexpr,
+    BLOCK_Q: tl.constexpr, Q_FP8: tl.constexpr, MIN_AMAX: tl.constexpr, ROUND_IN_FP32: tl.constexpr,
+):
+    """The channel statistics of K (V) and Q's per-block quantization in one launch (1-D grid of
+    N_STATS + N_QPROG programs, the two kinds alternating while both last): the statistics pass is
+    latency-bound (2 TB/s on an H200), the Q pass bandwidth-bound, and Q needs nothing the statistics
+    give, so the two run side by side instead of one after the other."""
+    pid = tl.program_id(0)
+    both = tl.minimum(N_STATS, N_QPROG)
+    if pid < 2 * both:
+        is_stats = pid % 2 == 0
+        idx = pid // 2
+    else:
+        is_stats = N_STATS > N_QPROG
+        idx = both + pid - 2 * both
+    if is_stats:
+        bh = idx // N_CHUNKS
+        _channel_stats_rows(K, V, KSum, VAbsMax, bh // H, bh % H, bh, idx % N_CHUNKS, N,
+                            stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                            ROWS, TILE, HEAD_DIM, WITH_V, DEFER)
+    else:
+        bhq = idx // NQB
+        _quantize_block_rows(Q, QScale, QCodes, QScale, bhq // HQ, bhq % HQ, bhq, idx % NQB, NQ, NQB, 1.0,
+                             stride_qb, stride_qh, stride_qn, BLOCK_Q, HEAD_DIM, Q_FP8, False, MIN_AMAX, ROUND_IN_FP32)

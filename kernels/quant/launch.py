@@ -5,6 +5,8 @@ quantize_qkv(q, k, v, quant, block_m, block_n) -> QuantizedQKV: everything the a
     FP8 P V, V quantized. Four launches, one read of each input plus one of K and V for the stats;
     fuse_kv: K and V in one launch (quantize_kv); q_in_kernel: Q left to the attention kernel's
     prologue (QuantizedQKV.q is then the 16-bit q and q_scale None).
+stats_and_q(k, v, q, block_m, fmt) -> (k_sum, v_max, Q codes, Q scales): the statistics and Q's
+    quantization in one launch, side by side.
 quantize_kv(k, v, k_sum, v_max, block, fmt, pv_format) -> (K codes, K scales, V codes transposed,
     V scales): quantize_blocks of K and quantize_v_fp8 of V in one launch.
 quantize_blocks(x, block, fmt, channel_sum=None) -> (codes (B, H, N, D) int8 | float8_e4m3fn,
@@ -128,6 +130,36 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, k_sum: torch.Tensor, v_max: to
     return kc, ks, vc, vs
 
 
+def stats_and_q(k: torch.Tensor, v: torch.Tensor | None, q: torch.Tensor, block_m: int, fmt: str,
+                rows: int = _STATS_ROWS, tile: int = 64, defer: bool = False, num_warps: int = 4):
+    """channel_stats(k, v) and quantize_blocks(q, block_m, fmt) in one launch (kernel._stats_and_q_kernel):
+    (k_sum, v_max or None, Q codes, Q scales), the same values (sums up to the atomics' order)."""
+    _check_input(k, "stats_and_q")
+    _check_input(q, "stats_and_q")
+    check(fmt in CODE_DTYPE, f"stats_and_q: fmt must be 'int8' or 'fp8', got {fmt!r}")
+    check(block_m >= 16 and block_m & (block_m - 1) == 0, f"stats_and_q: block_m must be a power of two >= 16, got {block_m}")
+    check(tile >= 16 and tile & (tile - 1) == 0 and rows >= tile and rows % tile == 0,
+          f"stats_and_q: tile must be a power of two >= 16 dividing rows, got tile {tile}, rows {rows}")
+    B, H, N, D = k.shape
+    Hq, Nq = q.shape[1], q.shape[2]
+    check(q.shape[0] == B and q.shape[3] == D, f"stats_and_q: q {tuple(q.shape)} does not match k {tuple(k.shape)}")
+    k_sum = torch.zeros((B, H, D), dtype=torch.float32, device=k.device)
+    v_max = torch.zeros((B, H, D), dtype=torch.float32, device=k.device) if v is not None else None
+    vv = v if v is not None else k
+    nqb, chunks = triton.cdiv(Nq, block_m), triton.cdiv(N, rows)
+    codes = torch.empty((B, Hq, Nq, D), dtype=CODE_DTYPE[fmt], device=q.device)
+    scale = torch.empty((B, Hq, nqb), dtype=torch.float32, device=q.device)
+    n_stats, n_q = chunks * B * H, nqb * B * Hq
+    triton_launcher(kernel._stats_and_q_kernel, plain_eager(k, vv, q))[(n_stats + n_q,)](
+        k, vv, k_sum, v_max if v_max is not None else k_sum, q, codes, scale,
+        H, Hq, N, Nq, chunks, nqb, n_stats, n_q,
+        k.stride(0), k.stride(1), k.stride(2), vv.stride(0), vv.stride(1), vv.stride(2),
+        q.stride(0), q.stride(1), q.stride(2),
+        ROWS=rows, TILE=tile, HEAD_DIM=D, WITH_V=v is not None, DEFER=defer, BLOCK_Q=block_m, Q_FP8=fmt == "fp8",
+        MIN_AMAX=MIN_AMAX, ROUND_IN_FP32=interpreting(), num_warps=num_warps)
+    return k_sum, v_max, codes, scale
+
+
 @dataclasses.dataclass
 class QuantizedQKV:
     """Inputs of the quantized attention kernel. q_scale None: q is the 16-bit input, quantized by
@@ -144,19 +176,23 @@ class QuantizedQKV:
 
 
 def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: QuantMode | str, block_m: int,
-                 block_n: int, pv_format: str | None = None, fuse_kv: bool = False, q_in_kernel: bool = False
-                 ) -> QuantizedQKV:
+                 block_n: int, pv_format: str | None = None, fuse_kv: bool = False, q_in_kernel: bool = False,
+                 q_with_stats: bool = False) -> QuantizedQKV:
     """Quantize q, k, v for `quant` mode ("int8", "fp8", "int8_fp8", "int8_int8"): see
     kernels/quant/reference.py. pv_format "int8" (8-bit P V modes only): V in INT8 codes per channel
     (int8_int8's own; with fp8 / int8_fp8 the launcher's experimental option). fuse_kv (8-bit P V):
     K and V quantized in one launch; q_in_kernel: Q not quantized here (q stays the input, q_scale
-    None: the attention kernel quantizes it in its prologue). Both give the same codes and scales."""
+    None: the attention kernel quantizes it in its prologue); q_with_stats: Q quantized in the launch
+    of the channel statistics (stats_and_q). All give the same codes and scales."""
     mode = QuantMode.parse(quant, "quantize_qkv: quant")
     check(mode is not QuantMode.NONE, f"quantize_qkv: quant must be a quantized mode, got {quant!r}")
     fmt = mode.qk_format
     pv_format = check_pv_format(mode, pv_format)
-    k_sum, v_max = channel_stats(k, v if pv_format else None)
-    qc, qs = (q, None) if q_in_kernel else quantize_blocks(q, block_m, fmt)
+    if q_with_stats and not q_in_kernel:
+        k_sum, v_max, qc, qs = stats_and_q(k, v if pv_format else None, q, block_m, fmt)
+    else:
+        k_sum, v_max = channel_stats(k, v if pv_format else None)
+        qc, qs = (q, None) if q_in_kernel else quantize_blocks(q, block_m, fmt)
     k_mean = k_sum / k.shape[2]
     if pv_format and fuse_kv:
         kc, ks, vc, vs = quantize_kv(k, v, k_sum, v_max, block_n, fmt, pv_format)

@@ -13,7 +13,8 @@ the diagonal, 128x128 blocks), CUDA events, best of 3 rounds of the mean of --re
 - kernel: the attention kernel alone on inputs quantized ahead (launch.launch_prepared);
 - each quantization variant: "separate" (today: channel stats, Q, K, V: four launches), "fused_kv"
   (K and V in one launch, quant/launch.quantize_kv), "q_in_kernel" (no Q pass: the attention kernel
-  quantizes Q in its prologue, kernel.py QUANT_Q) and both: its quantize_qkv time, the op's time with
+  quantizes Q in its prologue, kernel.py QUANT_Q), both, "q_with_stats" (Q quantized in the channel
+  statistics' launch, quant/launch.stats_and_q) and that with fused_kv: its quantize_qkv time, the op's time with
   the variant (launch.FUSE_KV_QUANT / QUANTIZE_Q_IN_KERNEL), and overhead = (op - kernel) / kernel,
   the kernel on fully pre-quantized inputs being the zero-overhead floor; the op's output against the
   separate variant's (the same codes: rel L2 ~0);
@@ -46,8 +47,9 @@ from vsopt.kernels.spec import QuantMode  # noqa: E402
 
 MODES = ("int8", "fp8", "int8_fp8", "int8_int8")
 DEFAULT_MODES = ("fp8", "int8_int8")   # the fastest mode and the accurate one
-VARIANTS = {"separate": (False, False), "fused_kv": (True, False), "q_in_kernel": (False, True),
-            "fused_kv+q_in_kernel": (True, True)}   # name -> (fuse_kv, q_in_kernel)
+VARIANTS = {"separate": (False, False, False), "fused_kv": (True, False, False), "q_in_kernel": (False, True, False),
+            "fused_kv+q_in_kernel": (True, True, False), "q_with_stats": (False, False, True),
+            "q_with_stats+fused_kv": (True, False, True)}   # name -> (fuse_kv, q_in_kernel, q_with_stats)
 TARGET = 0.05
 DEVICE = "cuda"
 REPS = 20
@@ -86,13 +88,13 @@ def attention(q, k, v, idx, cnt, mode):
     return bsa.block_sparse_attention(q, k, v, idx, cnt, q.shape[-1] ** -0.5, 128, 128, mode)[0]
 
 
-def with_variant(fuse_kv, q_in_kernel, fn):
-    saved = bsa.FUSE_KV_QUANT, bsa.QUANTIZE_Q_IN_KERNEL
-    bsa.FUSE_KV_QUANT, bsa.QUANTIZE_Q_IN_KERNEL = fuse_kv, q_in_kernel
+def with_variant(fuse_kv, q_in_kernel, q_with_stats, fn):
+    saved = bsa.FUSE_KV_QUANT, bsa.QUANTIZE_Q_IN_KERNEL, bsa.FUSE_Q_WITH_STATS
+    bsa.FUSE_KV_QUANT, bsa.QUANTIZE_Q_IN_KERNEL, bsa.FUSE_Q_WITH_STATS = fuse_kv, q_in_kernel, q_with_stats
     try:
         return fn()
     finally:
-        bsa.FUSE_KV_QUANT, bsa.QUANTIZE_Q_IN_KERNEL = saved
+        bsa.FUSE_KV_QUANT, bsa.QUANTIZE_Q_IN_KERNEL, bsa.FUSE_Q_WITH_STATS = saved
 
 
 def kernel_alone(q, k, v, idx, cnt, mode, quantized):
@@ -123,6 +125,8 @@ def part_times(q, k, v, mode, sweep: bool) -> dict:
         out["quantize_v"] = {"ms": t, "gbps": gbps(elems * 3, t)}
         t = ms(lambda: ql.quantize_kv(k, v, k_sum, v_max, 128, fmt, pv))
         out["quantize_kv"] = {"ms": t, "gbps": gbps(elems * 6, t)}
+    t = ms(lambda: ql.stats_and_q(k, v if pv else None, q, 128, fmt))
+    out["stats_and_q"] = {"ms": t, "gbps": gbps(elems * (2 * (2 if pv else 1) + 3), t)}
     if sweep:
         sw = {}
         for rows, tile in ((64, 64), (128, 64), (128, 128), (256, 64), (256, 128), (512, 128)):
@@ -176,12 +180,13 @@ def run(H, N, D, modes, layouts, sweep, out_dir, budget_s=float("inf")) -> dict:
             line["kernel_prequantized_ms"] = kernel_ms
             base = attention(q, k, v, idx, cnt, mode).float()
             line["variants"] = {}
-            for name, (fuse_kv, q_in) in VARIANTS.items():
+            for name, (fuse_kv, q_in, q_st) in VARIANTS.items():
                 if fuse_kv and not pv:
                     continue   # 16-bit P V: no V to quantize, nothing to fuse
-                qt = ms(lambda: ql.quantize_qkv(q, k, v, mode, 128, 128, fuse_kv=fuse_kv, q_in_kernel=q_in))
-                op = with_variant(fuse_kv, q_in, lambda: ms(lambda: attention(q, k, v, idx, cnt, mode)))
-                got = with_variant(fuse_kv, q_in, lambda: attention(q, k, v, idx, cnt, mode)).float()
+                qt = ms(lambda: ql.quantize_qkv(q, k, v, mode, 128, 128, fuse_kv=fuse_kv, q_in_kernel=q_in,
+                                                q_with_stats=q_st))
+                op = with_variant(fuse_kv, q_in, q_st, lambda: ms(lambda: attention(q, k, v, idx, cnt, mode)))
+                got = with_variant(fuse_kv, q_in, q_st, lambda: attention(q, k, v, idx, cnt, mode)).float()
                 rel = float((got - base).norm() / base.norm().clamp_min(1e-30))
                 over = (op - kernel_ms) / kernel_ms
                 line["variants"][name] = {"quantize_qkv_ms": qt, "op_ms": op, "overhead": over, "rel_l2_vs_separate": rel}

@@ -142,3 +142,34 @@ def test_deferred_channel_stats_equal_the_per_tile_ones(rows, tile):
     assert torch.equal(m1, m0) and torch.equal(m1, v.abs().amax(dim=2))
     s2, none = qlaunch.channel_stats(k, None, rows, 4, tile, defer=True)
     assert none is None and torch.allclose(s2, s1)
+
+
+@pytest.mark.parametrize("fmt,with_v", [("int8", True), ("fp8", True), ("int8", False)])
+@pytest.mark.parametrize("Hq,Hkv,N,block_m,rows", [(4, 2, 77, 16, 64), (2, 2, 200, 32, 128)])
+def test_stats_and_q_in_one_launch_equal_the_separate_launches(fmt, with_v, Hq, Hkv, N, block_m, rows):
+    g = torch.Generator().manual_seed(N + Hq)
+    q = torch.randn(2, Hq, N, 16, generator=g) * 2
+    k, v = (torch.randn(2, Hkv, N, 16, generator=g) + 0.3 for _ in range(2))
+    k_sum, v_max, qc, qs = qlaunch.stats_and_q(k, v if with_v else None, q, block_m, fmt, rows=rows)
+    s0, m0 = qlaunch.channel_stats(k, v if with_v else None, rows)
+    qc0, qs0 = qlaunch.quantize_blocks(q, block_m, fmt)
+    torch.testing.assert_close(k_sum, s0, rtol=1e-5, atol=1e-4)
+    assert (v_max is None) == (not with_v) and (v_max is None or torch.equal(v_max, m0))
+    assert torch.equal(qc.float(), qc0.float()) and torch.equal(qs, qs0)
+
+
+def test_q_with_stats_option_of_the_launcher(monkeypatch):
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 60, 16, generator=g) for _ in range(3))
+    idx, cnt = mask_ref.mask_to_table(block_mask(1, 2, 4, 4, 0.6, g))
+    for mode in ("int8", "int8_int8"):
+        ahead, _ = launch.block_sparse_attention(q, k, v, idx, cnt, 0.25, 16, 16, mode)
+        monkeypatch.setattr(launch, "FUSE_Q_WITH_STATS", True)
+        calls = []
+        one_launch = qlaunch.stats_and_q
+        monkeypatch.setattr(qlaunch, "stats_and_q", lambda *a, **kw: calls.append(1) or one_launch(*a, **kw))
+        fused, _ = launch.block_sparse_attention(q, k, v, idx, cnt, 0.25, 16, 16, mode)
+        assert calls == [1]
+        monkeypatch.setattr(qlaunch, "stats_and_q", one_launch)
+        monkeypatch.setattr(launch, "FUSE_Q_WITH_STATS", False)
+        torch.testing.assert_close(fused, ahead, rtol=0, atol=1e-6)

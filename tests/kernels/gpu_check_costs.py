@@ -3,7 +3,7 @@ vsopt/costmodels/<gpu>.json's entries are defined, and merge them into that file
 entries of h200.json are placeholders until this runs). About 1 minute per precision on an H200.
 
 On the GPU (prints the entries as JSON and writes them to $OUT/quant_costs.json):
-    python3 tests/kernels/gpu_check_costs.py --out $OUT [--quants int8_int8] [--variant shipped|fused]
+    python3 tests/kernels/gpu_check_costs.py --out $OUT [--quants int8_int8] [--flags fuse_kv,q_with_stats]
 Back on any machine (merges the measured entries into the cost model, drops them from its
 meta["unmeasured"], records where they came from in meta["refits"]):
     python3 tests/kernels/gpu_check_costs.py --apply quant_costs.json --costmodel vsopt/costmodels/h200.json
@@ -15,9 +15,10 @@ benchmarks/fit_cost_model.py's (non-negative least squares weighted by 1/time; k
 candidate that fits each key best). Each kernel key's coefficients (launch_us, per_block_us,
 per_query_block_us, per_span_block_us, key_slots) depend on that key's points alone (the features
 of two keys never share a column), so fitting one precision gives what a refit of the whole file
-would give it. --variant fused measures with launch.QUANTIZE_Q_IN_KERNEL and FUSE_KV_QUANT on
-(the fused quantization, tests/kernels/gpu_check_quant_overhead.py); the default measures the
-launcher as it ships.
+would give it. --flags turns quantization options of the launcher on for the measurement (fuse_kv:
+launch.FUSE_KV_QUANT, q_in_kernel: QUANTIZE_Q_IN_KERNEL, q_with_stats: FUSE_Q_WITH_STATS; see
+tests/kernels/gpu_check_quant_overhead.py), for entries of a launcher that will ship with them on;
+the default measures the launcher as it ships.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+FLAGS = {"fuse_kv": "FUSE_KV_QUANT", "q_in_kernel": "QUANTIZE_Q_IN_KERNEL", "q_with_stats": "FUSE_Q_WITH_STATS"}
 
 
 def _load(name: str):
@@ -77,15 +79,22 @@ def measure(args) -> int:
 
     if args.dry_run:
         mcm.DEV, mcm.DRY_RUN = "cpu", True
-    if args.variant == "fused":
-        bsa.QUANTIZE_Q_IN_KERNEL = bsa.FUSE_KV_QUANT = True
+    flags = [f for f in args.flags.split(",") if f]
+    saved = {name: getattr(bsa, name) for name in FLAGS.values()}
+    args.variant = ",".join(flags) or "shipped"
     quants = [q for q in args.quants.split(",") if q]
     records = []
     start = time.time()
-    mcm.measure_attention(lambda kind, **r: records.append({"kind": kind, **r}), quants,
-                          [int(x) for x in args.head_dims.split(",")], [int(x) for x in args.blocks.split(",")],
-                          [int(x) for x in args.lengths.split(",")], [float(x) for x in args.densities.split(",")],
-                          (8,), start + args.budget_s)
+    try:
+        for f in flags:
+            setattr(bsa, FLAGS[f], True)
+        mcm.measure_attention(lambda kind, **r: records.append({"kind": kind, **r}), quants,
+                              [int(x) for x in args.head_dims.split(",")], [int(x) for x in args.blocks.split(",")],
+                              [int(x) for x in args.lengths.split(",")], [float(x) for x in args.densities.split(",")],
+                              (8,), start + args.budget_s)
+    finally:
+        for name, value in saved.items():
+            setattr(bsa, name, value)
     gpu = "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name()
     m = {"format": "vsopt-cost-measurements", "gpu": gpu, "dry_run": bool(args.dry_run),
          "sm_count": None if args.dry_run else torch.cuda.get_device_properties(0).multi_processor_count,
@@ -155,7 +164,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--quants", default="int8_int8")
-    p.add_argument("--variant", default="shipped", choices=("shipped", "fused"))
+    p.add_argument("--flags", default="", help=f"launcher options on during the measurement, of {', '.join(FLAGS)}")
     p.add_argument("--head-dims", default="64,128")
     p.add_argument("--blocks", default="64,128")
     p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768")
@@ -166,6 +175,8 @@ def main(argv=None) -> int:
     p.add_argument("--costmodel", default=str(REPO / "vsopt" / "costmodels" / "h200.json"))
     p.add_argument("--allow-dry-run", action="store_true", help="--apply a dry run (tests only)")
     args = p.parse_args(argv)
+    if any(f not in FLAGS for f in args.flags.split(",") if f):
+        p.error(f"--flags: choose from {', '.join(FLAGS)}")
     args.argv = argv
     return apply(args) if args.apply else measure(args)
 

@@ -43,10 +43,11 @@ def test_one_key_fitted_alone_equals_the_joint_fit():
 
 
 def test_dry_run_then_apply_merges_into_a_copy_of_the_cost_model(tmp_path):
-    assert gcc.main(["--dry-run", "--out", str(tmp_path), "--head-dims", "64", "--blocks", "64", "--lengths", "128,256",
+    assert gcc.main(["--dry-run", "--out", str(tmp_path), "--flags", "q_with_stats", "--head-dims", "64", "--blocks", "64", "--lengths", "128,256",
                      "--densities", "0.3,0.6,1.0"]) == 0
     res = json.loads((tmp_path / "quant_costs.json").read_text())
     assert set(res["entries"]) == {"int8_int8/d64/64x64"} and len(res["measurements"]) == 6
+    assert res["variant"] == "q_with_stats" and not gcc_launch().FUSE_Q_WITH_STATS   # restored
     model_path = tmp_path / "h200.json"
     shutil.copy(SHIPPED, model_path)
     args = ["--apply", str(tmp_path / "quant_costs.json"), "--costmodel", str(model_path)]
@@ -66,3 +67,9 @@ def test_dry_run_then_apply_merges_into_a_copy_of_the_cost_model(tmp_path):
     res["skipped"] = [{"kind": "attention", "skipped": "time budget"}]
     (tmp_path / "cut.json").write_text(json.dumps(res))
     assert gcc.main(["--apply", str(tmp_path / "cut.json"), "--costmodel", str(model_path), "--allow-dry-run"]) == 2
+
+
+def gcc_launch():
+    from vsopt.kernels.block_sparse import launch
+
+    return launch

@@ -36,8 +36,9 @@ def _int8_codes(y):
     """INT8 codes of y (|y| <= 127.5), rounded half away from zero, without conversion instructions.
 
     floor and float -> int conversions run on Hopper's quarter-rate conversion pipe; the rounding
-    above takes four of them per element, and made the INT8 quantization kernels the slowest
-    (2.0-2.3 TB/s against 3.4-3.7 for e4m3 on an H200, gpu_check_quant_overhead.py). Here: y + 1.5 *
+    above takes two floors and a convert per element, the likely cause (not profiled) of the INT8
+    quantization kernels' 2.0-2.3 TB/s against 3.4-3.7 for e4m3 on an H200
+    (gpu_check_quant_overhead.py). Here: y + 1.5 *
     2^23 lands in the binade where the float spacing is 1, so its bits are 0x4B400000 + rint(y)
     (round to nearest even: one FADD), and its low byte is rint(y)'s two's complement code; a tie
     (y - rint(y) = +-0.5 exactly) that went toward zero is moved one step away, as the reference

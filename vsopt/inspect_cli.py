@@ -1,20 +1,13 @@
-"""`vsopt inspect`: add_arguments(parser), run_cli(args) and the Trace choice, without torch at
-module level, so that `vsopt inspect --help` answers at once; the inspection itself is
-vsopt.inspection (imported when the command runs)."""
+"""`vsopt inspect`: add_arguments(parser) and run_cli(args), without torch at module level, so that
+`vsopt inspect --help` answers at once; the inspection itself is vsopt.inspection (imported when
+the command runs)."""
 from __future__ import annotations
 
 import argparse
-import enum
 import sys
 from typing import Any
 
-
-class Trace(str, enum.Enum):
-    """How inspect traces the model: as torch.compile does (Dynamo, graph breaks allowed) or as
-    torch.export does (one whole graph)."""
-
-    COMPILE = "compile"
-    EXPORT = "export"
+from vsopt.trace_modes import Trace
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -34,7 +34,7 @@ import torch
 from vsopt.core.config import VsoptConfig
 from vsopt.core.errors import ConfigError, VsoptError
 from vsopt.core.ir import AttentionSite, SkippedSite
-from vsopt.inspect_cli import Trace  # defined beside the command's arguments: `vsopt inspect --help` needs no torch
+from vsopt.trace_modes import Trace
 
 
 @dataclass

@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import time
+import traceback
 
 import torch
 
@@ -146,14 +147,21 @@ def main() -> int:
             rows.append(check(row, factory, device, dtype, dynamo, options))
         except Exception as e:  # noqa: BLE001 - one line per failed case (its step kept), the others still run
             rows.append({**row, "ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
+            traceback.print_exc()
             torch._dynamo.reset()
+        _write(device, dtype, rows, final=False)   # after each case: a time limit keeps the cases done
+    _write(device, dtype, rows, final=True)
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+def _write(device, dtype, rows, final: bool) -> None:
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": str(dtype), "rows": rows}
     text = json.dumps(result, indent=1)
-    print(text)
+    if final:
+        print(text)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "coverage_gpu.json"), "w") as f:
             f.write(text)
-    return 0 if all(r["ok"] for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -380,3 +380,35 @@ def test_inspect_says_how_to_trace_a_frame_cut_by_a_data_dependent_size():
     assert "capture_dynamic_output_shape_ops=True" in "\n".join(report.notes), report.notes
     _, _, _, captured, _, _ = _traced("mochi")
     assert not [n for n in captured.notes if "capture_dynamic_output_shape_ops" in n]
+
+
+def test_compile_says_so_when_dynamo_leaves_a_data_dependent_frame_eager(monkeypatch, caplog):
+    """torch.compile(backend="vsopt") on Mochi under Dynamo's defaults: the processor frame runs
+    eagerly (nonzero breaks the graph inside a loop), and the backend's log names the frame and the
+    Dynamo config that traces it (a warning under a plan: the plan's joint sites cannot apply)."""
+    import logging
+
+    import vsopt.backend as backend
+    import vsopt.inductor
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(vsopt.inductor, "compile_fx", lambda gm, inputs: gm)
+    monkeypatch.setattr(backend, "_told_left_out", set())
+    model, inputs = model_factories.mochi()
+    counters.clear()
+    torch._dynamo.reset()
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="vsopt"):
+        torch.compile(model, backend="vsopt")(*inputs)
+    torch._dynamo.reset()
+    lines = [r.getMessage() for r in caplog.records if "data-dependent shapes" in r.getMessage()]
+    assert lines and len(lines) == len(set(lines)), lines   # said again only as Dynamo leaves more out
+    assert all("capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True" in line for line in lines)
+    assert "frames run eagerly: __call__" in lines[-1] and "attention_processor.py" in lines[-1]   # the processor
+    # and nothing is said where Dynamo left nothing out
+    caplog.clear()
+    counters.clear()
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True), \
+            torch.no_grad(), caplog.at_level(logging.INFO, logger="vsopt"):
+        torch.compile(model, backend="vsopt")(*inputs)
+    torch._dynamo.reset()
+    assert not [r for r in caplog.records if "data-dependent shapes" in r.getMessage()]

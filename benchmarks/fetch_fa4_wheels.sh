@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # Download FlashAttention-4 (flash-attn-4, CuTe DSL) and its dependencies as cp312 manylinux x86_64
-# wheels (the GPU machine's Python), and lay them out under .whl/fa4/ in two parts that each fit one
-# GPU run (at most 64 MiB of files travel with a run): the 92 MB CUTLASS DSL library wheel is split.
-#     bash benchmarks/fetch_fa4_wheels.sh            (on this machine; writes .whl/fa4/run1, .whl/fa4/run2)
-# Then on the GPU machine, two runs in a row on a warm machine (/tmp survives between them):
-#     run 1, carry [".whl/fa4/run1"]:  VSOPT_FA4=1 source benchmarks/gpu_env.sh     (keeps its part in /tmp/fa4)
-#     run 2, carry [".whl/fa4/run2"]:  VSOPT_FA4=1 source benchmarks/gpu_env.sh && python3 benchmarks/attention.py ...
+# wheels (the GPU machine's Python), and lay them out under .whl/fa4/ in parts that each fit one GPU
+# run beside the working tree (at most 64 MiB travel with a run, and the tracked tree is ~36 MB): the
+# 92 MB CUTLASS DSL library wheel is split into 24 MiB pieces, one per run, the last run has the rest.
+#     bash benchmarks/fetch_fa4_wheels.sh            (on this machine; writes .whl/fa4/run1 .. runK)
+# Then on the GPU machine, K runs in a row on a warm machine (/tmp survives between them):
+#     run i < K, carry [".whl/fa4/run<i>"]:  VSOPT_FA4=1 source benchmarks/gpu_env.sh  (keeps its part in /tmp/fa4)
+#     run K,     carry [".whl/fa4/run<K>"]:  VSOPT_FA4=1 source benchmarks/gpu_env.sh && python3 benchmarks/attention.py ...
+# Measured in session 7: the parts travel and install, but `import flash_attn.cute` then fails with
+# "No module named 'cutlass.cute'": nvidia-cutlass-dsl 4.8.1's wheels (the meta wheel, libs-base,
+# libs-cu12) hold only cutlass/_mlir, _mlir_helpers and iket, not the cutlass Python package; 4.3.0's
+# single wheel still has it (python_packages/cutlass/cute). Pinning a set that imports is still to do.
 # gpu_env.sh joins the parts, checks every wheel against benchmarks/fa4_wheels.sha256 and installs
 # them with pip --target /tmp/site. .whl/ is git-ignored: the wheels are never committed.
 set -euo pipefail
@@ -23,10 +28,13 @@ if ! cmp -s benchmarks/fa4_wheels.sha256.new benchmarks/fa4_wheels.sha256 2>/dev
     echo "note: benchmarks/fa4_wheels.sha256 updated (commit it)"
 fi
 mv benchmarks/fa4_wheels.sha256.new benchmarks/fa4_wheels.sha256
-rm -rf .whl/fa4 && mkdir -p .whl/fa4/run1 .whl/fa4/run2
+rm -rf .whl/fa4 && mkdir -p .whl/fa4
 big=$(ls "$dl"/nvidia_cutlass_dsl_libs_cu12-*.whl)
-split -b 48M -d -a 2 "$big" ".whl/fa4/run1/$(basename "$big").part"   # .part00 (48 MiB), .part01 (the rest)
-mv ".whl/fa4/run1/$(basename "$big").part01" .whl/fa4/run2/
-for w in "$dl"/*.whl; do [ "$w" = "$big" ] || cp "$w" .whl/fa4/run2/; done
+split -b 24M -d -a 2 "$big" "$dl/$(basename "$big").part"
+i=0
+for part in "$dl/$(basename "$big")".part??; do
+    i=$((i + 1)); mkdir -p .whl/fa4/run$i; mv "$part" .whl/fa4/run$i/
+done
+for w in "$dl"/*.whl; do [ "$w" = "$big" ] || cp "$w" .whl/fa4/run$i/; done
 rm -rf "$dl"
-du -sh .whl/fa4/run1 .whl/fa4/run2
+du -sh .whl/fa4/run*

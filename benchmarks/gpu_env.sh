@@ -15,9 +15,9 @@ done
 mkdir -p /tmp/site/vsopt_gpu-0.dist-info
 printf 'Metadata-Version: 2.1\nName: vsopt-gpu\nVersion: 0\n' > /tmp/site/vsopt_gpu-0.dist-info/METADATA
 printf '[torch_dynamo_backends]\nvsopt = vsopt.backend:vsopt_backend\n' > /tmp/site/vsopt_gpu-0.dist-info/entry_points.txt
-# Opt-in (VSOPT_FA4=1): FlashAttention-4 as a peer of benchmarks/attention.py. Its wheels come in two
-# runs (benchmarks/fetch_fa4_wheels.sh lays them out: carry .whl/fa4/run1 in one run, .whl/fa4/run2 in
-# the next, on a machine still warm); each run adds its part to /tmp/fa4, and once every wheel there
+# Opt-in (VSOPT_FA4=1): FlashAttention-4 as a peer of benchmarks/attention.py. Its wheels come in
+# several runs (benchmarks/fetch_fa4_wheels.sh lays them out: carry .whl/fa4/run1 in one run, run2 in
+# the next, and so on, on a machine still warm); each run adds its part to /tmp/fa4, and once every wheel there
 # matches benchmarks/fa4_wheels.sha256 they are installed into /tmp/site (once).
 if [ "${VSOPT_FA4:-0}" = 1 ]; then
     mkdir -p /tmp/fa4
@@ -25,7 +25,7 @@ if [ "${VSOPT_FA4:-0}" = 1 ]; then
     for first in /tmp/fa4/*.whl.part00; do
         [ -f "$first" ] || continue
         whl=${first%.part00}
-        [ -f "$whl" ] || { [ -f "$whl.part01" ] && cat "$whl".part?? > "$whl"; }
+        cat "$whl".part?? > "$whl"   # joined again each run: a part may have arrived since
     done
     if (cd /tmp/fa4 && sha256sum --quiet -c "$OLDPWD/benchmarks/fa4_wheels.sha256") >/dev/null 2>&1; then
         if [ ! -f /tmp/fa4/.installed ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site \
@@ -34,7 +34,7 @@ if [ "${VSOPT_FA4:-0}" = 1 ]; then
         fi
         [ -f /tmp/fa4/.installed ] && echo "FA4: installed in /tmp/site" || echo "FA4: pip install failed"
     else
-        echo "FA4: wheels incomplete in /tmp/fa4 ($(ls /tmp/fa4 | wc -l) files): carry the other part (.whl/fa4/run1 or run2) in the next run"
+        echo "FA4: wheels incomplete in /tmp/fa4 ($(ls /tmp/fa4 | wc -l) files): carry the next part (.whl/fa4/run<i>) in the next run"
     fi
 fi
 # pip --target does not run .pth files: the CUTLASS DSL's packages go on the path by hand.

@@ -133,7 +133,7 @@ def joint_attention(jp: JointPlan, q, k, v, mask, scale: float, em: Emitter, cac
         if Hkv != H:
             kt, vt = (em.op(aten.repeat_interleave.self_int, x, H // Hkv, 1) for x in (kt, vt))
         m = _take(em, _take(em, mask, 2, tb, nv, (1,)), 3, tb, nv, (0, 2))
-        kt, vt, m = _bounded_keys(em, kt, vt, m, _val(q).device)
+        kt, vt, m = _bounded_keys(em, kt, vt, m)
         out_v, _ = merge_partials(em, [(out_v, lse_v), dense_lse(em, qv, kt, vt, m, scale)])
     rows = []
     if q0 is not None:
@@ -161,7 +161,7 @@ def upper_bound(size) -> int | None:
     return int(upper) if getattr(upper, "is_Integer", False) else None
 
 
-def _bounded_keys(em: Emitter, k, v, mask, device):
+def _bounded_keys(em: Emitter, k, v, mask):
     """The text keys of data-dependent count n padded to their static bound U, with a boolean mask
     keeping the first n: the video rows x text keys product then has static sizes, which Inductor's
     CPU bmm lowering needs (it guards on a data-dependent size, Eq(u0, 1), and refuses to compile).
@@ -174,7 +174,9 @@ def _bounded_keys(em: Emitter, k, v, mask, device):
     count = em.op(aten.sym_size.int, k, 2)
     pad = em.op(operator.sub, bound, count)
     k, v = (_pad_axis(em, x, 2, pad) for x in (k, v))
-    valid = em.op(aten.lt.Scalar, em.op(aten.arange.default, bound, dtype=torch.int64, device=device), count)
+    # the first `count` keys kept: ones then zeros (a comparison with the symbolic count would need its value)
+    valid = em.op(aten.cat.default, [em.op(aten.new_ones.default, k, [count], dtype=torch.bool),
+                                     em.op(aten.new_zeros.default, k, [pad], dtype=torch.bool)])
     valid = em.op(aten.view.default, valid, [1, 1, 1, bound])
     if mask is None:
         return k, v, valid

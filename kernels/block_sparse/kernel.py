@@ -42,6 +42,12 @@ most 127 * 127 * HEAD_DIM (or BLOCK_N) < 2^22 for HEAD_DIM <= 128 and BLOCK_N <=
 integer add folds into the wgmma's initial accumulator: the tensor core starts from 0x4B400000.) Off: the cvt path, kept to
 time one against the other (tests/kernels/gpu_check.py --parts speed).
 
+QUANT_Q (constexpr, quantized modes): Q arrives in 16 bits and the prologue quantizes it, with the
+quantization kernels' own helper (quant/kernel.py quantize_block_codes): the group is the table's
+query block (TABLE_BLOCK_M rows; a program whose tile is smaller reads the block's other rows for
+the amax only), scale = amax / QMAX, so the codes and the scale are those quantize_blocks writes.
+It saves the separate Q pass (read Q, write its codes, read them back here).
+
 USE_TMA (constexpr): K and V tiles are loaded through tensor descriptors (Hopper's TMA engine, one
 descriptor per (b, kv head) built on the device; rows past NK read as zeros) instead of per-thread
 pointer loads: 5-15% faster at head_dim 128 on an H100, the same results (benchmarks/tune_attention.py).
@@ -49,7 +55,7 @@ pointer loads: 5-15% faster at head_dim 128 on an H100, the same results (benchm
 import triton
 import triton.language as tl
 
-from ..quant.kernel import _to_fp8
+from ..quant.kernel import _load_rows, _to_fp8, quantize_block_codes
 
 LOG2_448 = tl.constexpr(8.807354922057604)   # log2 of e4m3's largest value
 LOG2_127 = tl.constexpr(6.988684686772166)   # log2 of INT8's largest code
@@ -163,10 +169,11 @@ def _block_sparse_fwd_kernel(
     HEAD_DIM: tl.constexpr, TABLE_BLOCK_M: tl.constexpr, TABLE_BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr, WRITE_LSE: tl.constexpr,
     EVEN_N: tl.constexpr, ROUND_IN_FP32: tl.constexpr, USE_TMA: tl.constexpr = False, SOFTCAP: tl.constexpr = False,
-    PV_INT8: tl.constexpr = False, FAST_CVT: tl.constexpr = True,
+    PV_INT8: tl.constexpr = False, FAST_CVT: tl.constexpr = True, QUANT_Q: tl.constexpr = False,
 ):
     QK_QUANT: tl.constexpr = QUANT != 0
     QK_INT8: tl.constexpr = (QUANT == 1) or (QUANT == 3) or (QUANT == 4)
+    QK_FP8: tl.constexpr = QUANT == 2
     PV_FP8: tl.constexpr = (QUANT == 2) or (QUANT == 3) or (QUANT == 4)   # 8-bit P V: V transposed, P per tile
     PV_I8: tl.constexpr = PV_INT8 or (QUANT == 4)
     ROW_BIAS: tl.constexpr = SOFTCAP and QK_QUANT
@@ -209,7 +216,20 @@ def _block_sparse_fwd_kernel(
     if ROW_BIAS:   # q . mean(K) in log2 units (see the module docstring)
         row_bias = tl.load(QkBias + bh * NQ + offs_m, mask=offs_m < NQ, other=0.0) * tl.cast(qk_scale_log2, tl.float32)
     if QK_QUANT:
-        row_scale = row_scale * tl.load(QScale + bh * QB + qb)
+        if QUANT_Q:   # Q's codes here, grouped by the table's query block (see the module docstring)
+            qf = q.to(tl.float32)
+            group = qf
+            if SPLIT_M > 1:   # the group's amax over all its rows: the other tiles' rows loaded for it
+                group = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+                for sub in tl.static_range(SPLIT_M):
+                    rows = _load_rows(Q + b * stride_qb + h * stride_qh, 0, 0,
+                                      qb * TABLE_BLOCK_M + sub * BLOCK_M + tl.arange(0, BLOCK_M), NQ,
+                                      0, 0, stride_qn, HEAD_DIM)
+                    group = tl.maximum(group, tl.abs(rows))
+            q, q_scale = quantize_block_codes(qf, group, QK_FP8, 1e-10, ROUND_IN_FP32)
+            row_scale = row_scale * q_scale
+        else:
+            row_scale = row_scale * tl.load(QScale + bh * QB + qb)
     kscale_base = KScale + (b * (H // GROUP) + hk) * KB
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)

@@ -58,6 +58,14 @@ FUSE_QUANT_WHEN_TRACED = False
 #: The INT8 products' integer <-> float conversions by the float-bias trick (kernel.py, FAST_CVT) or
 #: by cvt instructions (False): a switch for timing one against the other on the GPU.
 FAST_CVT = True
+#: The quantized modes' Q quantized in the attention kernel's prologue (kernel.py QUANT_Q) instead of by
+#: a separate pass, and K with V quantized in one launch (quant/launch.quantize_kv) in the 8-bit P V
+#: modes. Same codes and scales either way (tests/kernels/test_quant_in_kernel.py); what each saves is
+#: measured by tests/kernels/gpu_check_quant_overhead.py.
+QUANTIZE_Q_IN_KERNEL = False
+FUSE_KV_QUANT = False
+#: Q quantized in the channel statistics' launch (quant/launch.stats_and_q), side by side with them.
+FUSE_Q_WITH_STATS = False
 _MODE_OF_CODE = {mode.code: mode for mode in QuantMode}
 
 
@@ -152,7 +160,7 @@ def _prune(configs, named_args, **kwargs):
 
 _tuned_kernel = triton.autotune(
     configs=[t.config() for t in _ALL_TILES],
-    key=[*SPEC_CONSTEXPRS, "EVEN_N", "WRITE_LSE", "PV_INT8", "FAST_CVT"],
+    key=[*SPEC_CONSTEXPRS, "EVEN_N", "WRITE_LSE", "PV_INT8", "FAST_CVT", "QUANT_Q"],
     prune_configs_by={"early_config_prune": _prune},
 )(kernel._block_sparse_fwd_kernel)
 
@@ -213,25 +221,46 @@ def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: t
     None: computed here (in a traced graph, a sort at every call)."""
     spec = kernel_spec(q, k, v, scale, block_m, block_n, quant, softcap)
     pv_format = quant_launch.check_pv_format(spec.quant, pv_format)
-    B, Hq, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
     eager = plain_eager(q, k, v, kv_indices, kv_counts)
-    kv_indices, kv_counts = kv_indices.contiguous(), kv_counts.contiguous()
-    QB, KB = triton.cdiv(Nq, block_m), triton.cdiv(Nk, block_n)
-
     # The output takes q's memory layout: for the (B, N, H, D) views of a projection, the model's
     # transpose back to (B, N, H * D) is then free (a contiguous output cost a 100 MB copy per
     # layer at Wan 480p). ops._bsa_fake gives the same strides.
     out = torch.empty_like(q)
-    q_scale = k_scale = v_scale = q_bias = None
+    quantized = q_bias = None
     if spec.quant is not QuantMode.NONE:
         # Traced (torch.compile): the quantization as torch ops Inductor fuses into the producers of
         # q, k, v (kernels/quant/fusable.py); eager: the Triton quantization kernels.
-        quantize = quant_launch.quantize_qkv if eager or not FUSE_QUANT_WHEN_TRACED else quantize_qkv_fusable
-        quantized = quantize(q, k, v, spec.quant, block_m, block_n, pv_format)
+        if eager or not FUSE_QUANT_WHEN_TRACED:
+            quantized = quant_launch.quantize_qkv(q, k, v, spec.quant, block_m, block_n, pv_format,
+                                                  fuse_kv=FUSE_KV_QUANT, q_in_kernel=QUANTIZE_Q_IN_KERNEL,
+                                                  q_with_stats=FUSE_Q_WITH_STATS)
+        else:
+            quantized = quantize_qkv_fusable(q, k, v, spec.quant, block_m, block_n, pv_format)
         if spec.softcap > 0:   # q . mean(K): smoothing removed it, a soft cap does not ignore it
-            mean = quantized.k_mean.repeat_interleave(Hq // Hkv, dim=1)
+            mean = quantized.k_mean.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             q_bias = torch.einsum("bhnd,bhd->bhn", q.float(), mean).contiguous()
+    return launch_prepared(spec, out, q, k, v, quantized, q_bias, kv_indices, kv_counts, scale, with_lse, tile,
+                           pv_format, row_order, eager)
+
+
+def launch_prepared(spec: KernelSpec, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    quantized: "quant_launch.QuantizedQKV | None", q_bias: torch.Tensor | None,
+                    kv_indices: torch.Tensor, kv_counts: torch.Tensor, scale: float, with_lse: bool = False,
+                    tile: Tile | tuple | None = None, pv_format: str | None = None,
+                    row_order: torch.Tensor | None = None, eager: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The attention kernel's launch on inputs run_checked has prepared: q, k, v the 16-bit inputs
+    (their shapes size the grid), quantized their codes and scales in a quantized spec (None in
+    "none"). Split out so that a measurement can time the kernel on inputs quantized ahead
+    (tests/kernels/gpu_check_quant_overhead.py): the quantization's share of the op."""
+    block_m, block_n = spec.block_m, spec.block_n
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    kv_indices, kv_counts = kv_indices.contiguous(), kv_counts.contiguous()
+    QB, KB = triton.cdiv(Nq, block_m), triton.cdiv(Nk, block_n)
+    q_scale = k_scale = v_scale = None
+    quant_q = quantized is not None and quantized.q_scale is None   # Q quantized in the kernel's prologue
+    if quantized is not None:
         q, k, v = quantized.q, quantized.k, quantized.v
         q_scale, k_scale, v_scale = quantized.q_scale, quantized.k_scale, quantized.v_scale
     if pv_format is not None:   # v is (B, H, D, N_pad): token stride 1 (the kernel knows), channel stride N_pad
@@ -274,7 +303,7 @@ def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: t
         kv_counts.stride(0) if Bt > 1 else 0, kv_counts.stride(1),
         Hq, Hq // Hkv, Nq, Nk, QB, KB, scale * LOG2E, spec.softcap * LOG2E,
         **spec_constexprs(spec), WRITE_LSE=with_lse, EVEN_N=Nk % block_n == 0, ROUND_IN_FP32=interpreting(),
-        PV_INT8=pv_format == "int8", FAST_CVT=FAST_CVT,
+        PV_INT8=pv_format == "int8", FAST_CVT=FAST_CVT, QUANT_Q=quant_q,
         **tile_args,
     )
     return out, (lse if with_lse else None)

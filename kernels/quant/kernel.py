@@ -5,11 +5,22 @@ column abs-max of V (for V's per-channel FP8 scale), in one read of K and V: eac
 ROWS tokens and adds its partial result with one atomic per column.
 _quantize_blocks_kernel: one program per (block of BLOCK tokens, b*h): optionally subtracts the
 channel mean (K smoothing), takes amax(|x|) over the block, writes the codes and one float32
-scale = amax / QMAX. One read of x, one write of the codes.
+scale = amax / QMAX (reference.QMAX). One read of x, one write of the codes.
 _quantize_channels_fp8_kernel: V for FP8 P V: x / scale[d] cast to e4m3 (IS_INT8: rounded to INT8,
 scale amax / 127, for the experimental INT8 P V) and written transposed,
 (B, H, D, N_pad), because Hopper's FP8 tensor-core op wants its B operand K-major; the padding
 columns are written as zeros by the same kernel.
+_quantize_kv_kernel: the last two in one pass for the 8-bit P V modes: each program quantizes one
+block of K (smoothed, per-block scale) and the same tokens of V (per channel, transposed), so the
+launch reads K and V once, side by side, instead of in two launches (the same codes and scales:
+both kernels call the same helpers).
+REVERSE_HEADS: the programs of K's quantization (and of the fused K V one) take the heads in reverse
+order. The channel statistics pass just read K and V head by head, in order, so the last heads it
+read are still in L2 (50 MB on an H200: about three wan480 heads of K and V) when the reversed pass
+starts on them; the reversed pass then ends on head 0, whose codes the attention kernel, which walks
+the heads in order (schedule.work_order), reads first. The codes are the same in any order.
+Q's per-block quantization can also run inside the attention kernel's prologue
+(block_sparse/kernel.py QUANT_Q, with quantize_block_codes below): no Q pass at all.
 """
 import triton
 import triton.language as tl
@@ -18,6 +29,25 @@ import triton.language as tl
 @triton.jit
 def _round_half_away(x):
     return tl.where(x >= 0, tl.floor(x + 0.5), -tl.floor(-x + 0.5))
+
+
+@triton.jit
+def _int8_codes(y):
+    """INT8 codes of y (|y| <= 127.5), rounded half away from zero, without conversion instructions.
+
+    floor and float -> int conversions run on Hopper's quarter-rate conversion pipe; the rounding
+    above takes two floors and a convert per element, the likely cause (not profiled) of the INT8
+    quantization kernels' 2.0-2.3 TB/s against 3.4-3.7 for e4m3 on an H200
+    (gpu_check_quant_overhead.py). Here: y + 1.5 *
+    2^23 lands in the binade where the float spacing is 1, so its bits are 0x4B400000 + rint(y)
+    (round to nearest even: one FADD), and its low byte is rint(y)'s two's complement code; a tie
+    (y - rint(y) = +-0.5 exactly) that went toward zero is moved one step away, as the reference
+    rounds (same codes as _round_half_away for every y; tests/kernels/test_quant_in_kernel.py)."""
+    biased = y + 12582912.0
+    d = y - (biased - 12582912.0)          # exact: y - rint(y)
+    bits = biased.to(tl.int32, bitcast=True)
+    bits = bits + tl.where((d == 0.5) & (y > 0), 1, 0) - tl.where((d == -0.5) & (y < 0), 1, 0)
+    return bits.to(tl.int8)
 
 
 @triton.jit
@@ -43,25 +73,93 @@ def _load_rows(X, b, h, offs_n, N, stride_xb, stride_xh, stride_xn, HEAD_DIM: tl
 
 
 @triton.jit
-def _channel_stats_kernel(K, V, KSum, VAbsMax, H, N,
-                          stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                          ROWS: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr, WITH_V: tl.constexpr):
-    chunk = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+def _channel_stats_rows(K, V, KSum, VAbsMax, b, h, bh, chunk, N,
+                        stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                        ROWS: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr, WITH_V: tl.constexpr,
+                        DEFER: tl.constexpr):
+    """Tokens [chunk * ROWS, + ROWS) of k[b, h] (and v[b, h]) into the channel sums (and abs-maxima).
+    DEFER: accumulate whole (TILE, HEAD_DIM) tiles element by element and reduce over rows once,
+    after the loop (no cross-warp reduction per tile; the loads of successive tiles need not wait
+    for one), instead of reducing each tile as it comes. The same maxima; sums in another order."""
     offs_d = tl.arange(0, HEAD_DIM)
-    k_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    v_max = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    for start in range(chunk * ROWS, tl.minimum(chunk * ROWS + ROWS, N), TILE):
-        offs_n = start + tl.arange(0, TILE)
-        k_sum += tl.sum(_load_rows(K, b, h, offs_n, N, stride_kb, stride_kh, stride_kn, HEAD_DIM), 0)
-        if WITH_V:
-            v = _load_rows(V, b, h, offs_n, N, stride_vb, stride_vh, stride_vn, HEAD_DIM)
-            v_max = tl.maximum(v_max, tl.max(tl.abs(v), 0))
+    if DEFER:
+        k_acc = tl.zeros([TILE, HEAD_DIM], dtype=tl.float32)
+        v_acc = tl.zeros([TILE, HEAD_DIM], dtype=tl.float32)
+        for start in range(chunk * ROWS, tl.minimum(chunk * ROWS + ROWS, N), TILE):
+            offs_n = start + tl.arange(0, TILE)
+            k_acc += _load_rows(K, b, h, offs_n, N, stride_kb, stride_kh, stride_kn, HEAD_DIM)
+            if WITH_V:
+                v_acc = tl.maximum(v_acc, tl.abs(_load_rows(V, b, h, offs_n, N, stride_vb, stride_vh, stride_vn,
+                                                            HEAD_DIM)))
+        k_sum = tl.sum(k_acc, 0)
+        v_max = tl.max(v_acc, 0)
+    else:
+        k_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        v_max = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        for start in range(chunk * ROWS, tl.minimum(chunk * ROWS + ROWS, N), TILE):
+            offs_n = start + tl.arange(0, TILE)
+            k_sum += tl.sum(_load_rows(K, b, h, offs_n, N, stride_kb, stride_kh, stride_kn, HEAD_DIM), 0)
+            if WITH_V:
+                v = _load_rows(V, b, h, offs_n, N, stride_vb, stride_vh, stride_vn, HEAD_DIM)
+                v_max = tl.maximum(v_max, tl.max(tl.abs(v), 0))
     tl.atomic_add(KSum + bh * HEAD_DIM + offs_d, k_sum)
     if WITH_V:
         tl.atomic_max(VAbsMax + bh * HEAD_DIM + offs_d, v_max)   # non-negative floats: max is exact
+
+
+@triton.jit
+def _channel_stats_kernel(K, V, KSum, VAbsMax, H, N,
+                          stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                          ROWS: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr, WITH_V: tl.constexpr,
+                          DEFER: tl.constexpr = False):
+    chunk = tl.program_id(0)
+    bh = tl.program_id(1)
+    _channel_stats_rows(K, V, KSum, VAbsMax, bh // H, bh % H, bh, chunk, N,
+                        stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                        ROWS, TILE, HEAD_DIM, WITH_V, DEFER)
+
+
+@triton.jit
+def quantize_block_codes(x, group, IS_FP8: tl.constexpr, MIN_AMAX: tl.constexpr, ROUND_IN_FP32: tl.constexpr):
+    """(codes of x, scale) for one group: scale = amax(|group|) / QMAX (448 e4m3, 127 INT8), codes
+    of x * (1 / scale). group: x itself, or a tensor whose abs-max is the group's (the attention
+    kernel's prologue, when its Q tile is a part of the group). The one definition of a block's
+    quantization: the quantization kernels and the attention kernel's QUANT_Q share it."""
+    amax = tl.maximum(tl.max(tl.max(tl.abs(group), axis=1), axis=0), MIN_AMAX)
+    if IS_FP8:
+        scale = amax / 448.0
+    else:
+        scale = amax / 127.0
+    return quantize_with_scale(x, scale, IS_FP8, ROUND_IN_FP32), scale
+
+
+@triton.jit
+def quantize_with_scale(x, scale, IS_FP8: tl.constexpr, ROUND_IN_FP32: tl.constexpr):
+    """x * (1 / scale) as e4m3 (IS_FP8) or INT8 codes, rounded half away from zero."""
+    y = x * (1.0 / scale)
+    if IS_FP8:
+        codes = _to_fp8(y, ROUND_IN_FP32)
+    else:
+        codes = _int8_codes(y)
+    return codes
+
+
+@triton.jit
+def _quantize_block_rows(X, Sum, Codes, Scale, b, h, bh, blk, N, NUM_BLOCKS, inv_n,
+                         stride_xb, stride_xh, stride_xn,
+                         BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, IS_FP8: tl.constexpr, SMOOTH: tl.constexpr,
+                         MIN_AMAX: tl.constexpr, ROUND_IN_FP32: tl.constexpr):
+    """Block blk of x[b, h]: (smoothed) codes into Codes (B * H, N, D) and its scale."""
+    offs_n = blk * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_bounds = offs_n[:, None] < N
+    x = _load_rows(X, b, h, offs_n, N, stride_xb, stride_xh, stride_xn, HEAD_DIM)
+    if SMOOTH:
+        mean = tl.load(Sum + bh * HEAD_DIM + offs_d) * tl.cast(inv_n, tl.float32)   # fp64 under Inductor
+        x = tl.where(in_bounds, x - mean[None, :], 0.0)
+    codes, scale = quantize_block_codes(x, x, IS_FP8, MIN_AMAX, ROUND_IN_FP32)
+    tl.store(Codes + bh * N * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :], codes, mask=in_bounds)
+    tl.store(Scale + bh * NUM_BLOCKS + blk, scale)
 
 
 @triton.jit
@@ -70,28 +168,43 @@ def _quantize_blocks_kernel(
     H, N, NUM_BLOCKS, inv_n,
     stride_xb, stride_xh, stride_xn,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, IS_FP8: tl.constexpr, SMOOTH: tl.constexpr,
-    QMAX: tl.constexpr, MIN_AMAX: tl.constexpr, ROUND_IN_FP32: tl.constexpr,
+    MIN_AMAX: tl.constexpr, ROUND_IN_FP32: tl.constexpr,
 ):
     blk = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_n = blk * BLOCK + tl.arange(0, BLOCK)
+    if SMOOTH:   # K: heads in reverse (see REVERSE_HEADS in the module docstring)
+        bh = tl.num_programs(1) - 1 - bh
+    _quantize_block_rows(X, Sum, Codes, Scale, bh // H, bh % H, bh, blk, N, NUM_BLOCKS, inv_n,
+                         stride_xb, stride_xh, stride_xn, BLOCK, HEAD_DIM, IS_FP8, SMOOTH, MIN_AMAX,
+                         ROUND_IN_FP32)
+
+
+@triton.jit
+def _quantize_channel_rows(X, AbsMax, Scale, CodesT, b, h, bh, blk, N, N_PAD,
+                           stride_xb, stride_xh, stride_xn,
+                           BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MIN_AMAX: tl.constexpr,
+                           ROUND_IN_FP32: tl.constexpr, IS_INT8: tl.constexpr):
+    """Tokens [blk * BLOCK_N, + BLOCK_N) of v[b, h], per channel, into CodesT[b, h] (D, N_PAD)."""
+    offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    in_bounds = offs_n[:, None] < N
     x = _load_rows(X, b, h, offs_n, N, stride_xb, stride_xh, stride_xn, HEAD_DIM)
-    if SMOOTH:
-        mean = tl.load(Sum + bh * HEAD_DIM + offs_d) * tl.cast(inv_n, tl.float32)   # fp64 under Inductor
-        x = tl.where(in_bounds, x - mean[None, :], 0.0)
-    amax = tl.maximum(tl.max(tl.max(tl.abs(x), axis=1), axis=0), MIN_AMAX)
-    scale = amax / QMAX
-    y = x * (1.0 / scale)
-    if IS_FP8:
-        codes = _to_fp8(y, ROUND_IN_FP32)
+    if IS_INT8:
+        scale = tl.maximum(tl.load(AbsMax + bh * HEAD_DIM + offs_d), MIN_AMAX) / 127.0
     else:
-        codes = _round_half_away(y).to(tl.int8)
-    tl.store(Codes + bh * N * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :], codes, mask=in_bounds)
-    tl.store(Scale + bh * NUM_BLOCKS + blk, scale)
+        scale = tl.maximum(tl.load(AbsMax + bh * HEAD_DIM + offs_d), MIN_AMAX) / 448.0
+    if blk == 0:
+        tl.store(Scale + bh * HEAD_DIM + offs_d, scale)
+    if IS_INT8:
+        codes = quantize_with_scale(x, scale[None, :], False, ROUND_IN_FP32)
+    else:
+        codes = quantize_with_scale(x, scale[None, :], True, ROUND_IN_FP32)
+    # Transposed store: CodesT[b, h, d, n], the padding columns N <= n < N_PAD too (as zeros: x was
+    # loaded as 0 there), so the buffer needs no separate fill. tl.trans first, so that the store
+    # runs along n (coalesced); the mask bound N_PAD is a multiple of 16, so the stores stay
+    # vectorized (bounded by N they went byte by byte: 660 GB/s instead of 2.9 TB/s on the H100).
+    codes_t = tl.trans(codes)
+    tl.store(CodesT + bh * HEAD_DIM * N_PAD + offs_d[:, None] * N_PAD + offs_n[None, :], codes_t,
+             mask=offs_n[None, :] < N_PAD)
 
 
 @triton.jit
@@ -104,26 +217,55 @@ def _quantize_channels_fp8_kernel(
 ):
     blk = tl.program_id(0)
     bh = tl.program_id(1)
+    _quantize_channel_rows(X, AbsMax, Scale, CodesT, bh // H, bh % H, bh, blk, N, N_PAD,
+                           stride_xb, stride_xh, stride_xn, BLOCK_N, HEAD_DIM, MIN_AMAX, ROUND_IN_FP32, IS_INT8)
+
+
+@triton.jit
+def _quantize_kv_kernel(
+    K, KSum, KCodes, KScale, V, VAbsMax, VScale, VCodesT,
+    H, N, NUM_BLOCKS, N_PAD, inv_n,
+    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, K_FP8: tl.constexpr, V_INT8: tl.constexpr,
+    MIN_AMAX: tl.constexpr, ROUND_IN_FP32: tl.constexpr,
+):
+    """K's block blk (smoothed, per-block scale) and the same tokens of V (per channel): one launch."""
+    blk = tl.program_id(0)
+    bh = tl.num_programs(1) - 1 - tl.program_id(1)   # heads in reverse (REVERSE_HEADS, module docstring)
     b = bh // H
     h = bh % H
-    offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    x = _load_rows(X, b, h, offs_n, N, stride_xb, stride_xh, stride_xn, HEAD_DIM)
-    if IS_INT8:
-        scale = tl.maximum(tl.load(AbsMax + bh * HEAD_DIM + offs_d), MIN_AMAX) / 127.0
+    _quantize_block_rows(K, KSum, KCodes, KScale, b, h, bh, blk, N, NUM_BLOCKS, inv_n,
+                         stride_kb, stride_kh, stride_kn, BLOCK, HEAD_DIM, K_FP8, True, MIN_AMAX, ROUND_IN_FP32)
+    _quantize_channel_rows(V, VAbsMax, VScale, VCodesT, b, h, bh, blk, N, N_PAD,
+                           stride_vb, stride_vh, stride_vn, BLOCK, HEAD_DIM, MIN_AMAX, ROUND_IN_FP32, V_INT8)
+
+
+@triton.jit
+def _stats_and_q_kernel(
+    K, V, KSum, VAbsMax, Q, QCodes, QScale,
+    H, HQ, N, NQ, N_CHUNKS, NQB, N_STATS, N_QPROG,
+    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_qb, stride_qh, stride_qn,
+    ROWS: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr, WITH_V: tl.constexpr, DEFER: tl.constexpr,
+    BLOCK_Q: tl.constexpr, Q_FP8: tl.constexpr, MIN_AMAX: tl.constexpr, ROUND_IN_FP32: tl.constexpr,
+):
+    """The channel statistics of K (V) and Q's per-block quantization in one launch (1-D grid of
+    N_STATS + N_QPROG programs, the two kinds alternating while both last): the statistics pass is
+    latency-bound (2 TB/s on an H200), the Q pass bandwidth-bound, and Q needs nothing the statistics
+    give, so the two run side by side instead of one after the other."""
+    pid = tl.program_id(0)
+    both = tl.minimum(N_STATS, N_QPROG)
+    if pid < 2 * both:
+        is_stats = pid % 2 == 0
+        idx = pid // 2
     else:
-        scale = tl.maximum(tl.load(AbsMax + bh * HEAD_DIM + offs_d), MIN_AMAX) / 448.0
-    if blk == 0:
-        tl.store(Scale + bh * HEAD_DIM + offs_d, scale)
-    inv_scale = 1.0 / scale
-    if IS_INT8:
-        codes = _round_half_away(x * inv_scale[None, :]).to(tl.int8)
+        is_stats = N_STATS > N_QPROG
+        idx = both + pid - 2 * both
+    if is_stats:
+        bh = idx // N_CHUNKS
+        _channel_stats_rows(K, V, KSum, VAbsMax, bh // H, bh % H, bh, idx % N_CHUNKS, N,
+                            stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                            ROWS, TILE, HEAD_DIM, WITH_V, DEFER)
     else:
-        codes = _to_fp8(x * inv_scale[None, :], ROUND_IN_FP32)
-    # Transposed store: CodesT[b, h, d, n], the padding columns N <= n < N_PAD too (as zeros: x was
-    # loaded as 0 there), so the buffer needs no separate fill. tl.trans first, so that the store
-    # runs along n (coalesced); the mask bound N_PAD is a multiple of 16, so the stores stay
-    # vectorized (bounded by N they went byte by byte: 660 GB/s instead of 2.9 TB/s on the H100).
-    codes_t = tl.trans(codes)
-    tl.store(CodesT + bh * HEAD_DIM * N_PAD + offs_d[:, None] * N_PAD + offs_n[None, :], codes_t,
-             mask=offs_n[None, :] < N_PAD)
+        bhq = idx // NQB
+        _quantize_block_rows(Q, QScale, QCodes, QScale, bhq // HQ, bhq % HQ, bhq, idx % NQB, NQ, NQB, 1.0,
+                             stride_qb, stride_qh, stride_qn, BLOCK_Q, HEAD_DIM, Q_FP8, False, MIN_AMAX, ROUND_IN_FP32)

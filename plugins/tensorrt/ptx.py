@@ -142,7 +142,8 @@ def _signature(c: PtxConfig) -> tuple[dict, dict]:
                  "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "QUANT": code, "WRITE_LSE": False, "EVEN_N": c.even_n,
                  "ROUND_IN_FP32": False, "USE_TMA": c.use_tma, "SOFTCAP": c.softcap_log2 > 0,
                  "PV_INT8": False,   # the launcher's experimental FP8-QK INT8 P V; int8_int8 is QUANT 4
-                 "FAST_CVT": True}
+                 "FAST_CVT": True,
+                 "QUANT_Q": False}   # Q comes quantized (the launcher's option to quantize it in the kernel is off)
         sig = {}
         for name in fn.arg_names:
             sig[name] = f"*{ptrs[name]}" if name in ptrs else "constexpr" if name in const else \

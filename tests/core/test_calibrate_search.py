@@ -398,19 +398,28 @@ def test_host_overhead_per_launch_comes_from_the_cost_models_measurement():
 
 
 def test_a_range_of_several_steps_counts_its_blocks_and_error_once_per_step():
-    """A state whose step range runs 3 denoising steps is searched as 3 copies of a one-step state
-    would be (the reference: the copies listed), and the step-weighted density holds the budget."""
+    """A state whose step range runs 3 denoising steps is priced as 3 copies of a one-step state
+    would be (the reference: the copies listed; compared on the relaxation, since the greedy finish
+    can move one copy but only all 3 steps of a range at once), and the step-weighted density,
+    greedy finish included, holds the budget."""
     import copy
+
+    from vsopt.calibration import search
 
     a, _ = _state_with_errors(seed=0, patterns=False, dynamic=False)
     b, _ = _state_with_errors(seed=3, patterns=False, dynamic=False)
     b3 = copy.copy(b)
     b3.steps = 3
     for target in (0.25, 0.4):
+        spend, search._spend_blocks = search._spend_blocks, lambda options, choice, limit: choice
+        try:
+            relaxed = search_density([a, b3], COST, target, Quant.NONE)
+            copies = search_density([a, b, b, b], COST, target, Quant.NONE)
+        finally:
+            search._spend_blocks = spend
+        assert [c.candidate for c in relaxed[0]] == [c.candidate for c in copies[0]]
+        assert [c.candidate for c in relaxed[1]] == [c.candidate for c in copies[1]]
         weighted = search_density([a, b3], COST, target, Quant.NONE)
-        copies = search_density([a, b, b, b], COST, target, Quant.NONE)
-        assert [c.candidate for c in weighted[0]] == [c.candidate for c in copies[0]]
-        assert [c.candidate for c in weighted[1]] == [c.candidate for c in copies[1]]
         blocks = sum(c.density for c in weighted[0]) + 3 * sum(c.density for c in weighted[1])
         assert blocks <= target * 4 * len(weighted[0]) + 1e-6
     # unweighted, the 3-step state would get the same share as the 1-step one: the weighting changes
@@ -432,3 +441,39 @@ def test_a_time_budget_counts_a_range_once_per_step():
     picks = search_time([a, b], COST, 1.1, Quant.NONE)
     spent = site_time_us(a, picks[0], COST) + 3 * site_time_us(b, picks[1], COST)
     assert spent <= dense / 1.1 + 1e-6
+
+
+def test_density_search_spends_the_blocks_the_relaxation_leaves():
+    """Two heads with the same choice (no blocks and error 10, or 10 blocks and no error) and a
+    budget of 15 blocks: a price makes both heads take the same option, 20 blocks (over) or none
+    (error 20); the greedy finish moves one head to its accurate option (error 10, 10 blocks),
+    and never past the budget."""
+    from vsopt.calibration.choices import HeadChoice
+    from vsopt.calibration.search import _spend_blocks, bisect_price
+
+    opts = [[HeadChoice(0, Quant.NONE, 10.0, 0.0, 0.0), HeadChoice(1, Quant.NONE, 0.0, 10.0, 1.0)] for _ in range(2)]
+    relaxed, ok = bisect_price(lambda mu: [min(o, key=lambda c: (c.err2 + mu * c.time_us, c.time_us)) for o in opts],
+                               lambda ch: sum(c.time_us for c in ch) <= 15.0)
+    assert ok and sum(c.err2 for c in relaxed) == 20.0
+    done = _spend_blocks(opts, relaxed, 15.0)
+    assert sum(c.err2 for c in done) == 10.0 and sum(c.time_us for c in done) == 10.0
+    assert _spend_blocks(opts, relaxed, 9.0) == relaxed  # no move fits
+
+
+def test_density_search_meets_the_budget_with_less_error_than_the_relaxation_alone():
+    a, _ = _state_with_errors(seed=0, patterns=False, dynamic=False)
+    b, _ = _state_with_errors(seed=3, patterns=False, dynamic=False)
+    from vsopt.calibration import search
+
+    for target in (0.2, 0.3, 0.45):
+        picks = search_density([a, b], COST, target, Quant.NONE)
+        blocks = sum(c.density * 4 * 4 for site in picks for c in site)
+        assert blocks <= target * 2 * 3 * 16 + 1e-6
+        loss = sum(c.err2 / float(s.norm2.sum()) for s, site in zip((a, b), picks) for c in site)
+        spend, search._spend_blocks = search._spend_blocks, lambda options, choice, limit: choice
+        try:
+            plain = search_density([a, b], COST, target, Quant.NONE)
+        finally:
+            search._spend_blocks = spend
+        plain_loss = sum(c.err2 / float(s.norm2.sum()) for s, site in zip((a, b), plain) for c in site)
+        assert loss <= plain_loss + 1e-12

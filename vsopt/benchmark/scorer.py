@@ -3,6 +3,7 @@ noise for every plan, so that scores compare across plans and runs), and makes v
 plans on other clips."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -102,6 +103,22 @@ class PlanScorer:
         self._error_weights = None
         self._density_plans: dict[float, Plan] = {}
         self._last_model = None  # (plan, its sampler model): the last one built
+
+    # what the dense clips, the calibration inputs and the sensitivity weights depend on
+    _SHARED = ("steps", "clips", "seed", "clip", "block", "site_step", "calibration_steps", "calibration_clips",
+               "sensitivity")
+
+    def with_settings(self, settings: BenchSettings) -> "PlanScorer":
+        """A scorer for other vsopt calibration options (settings differing from this one's only
+        in fields outside _SHARED) that shares this one's dense clips, recorded calls,
+        calibration inputs and sensitivity weights, with no calibrated plan yet: an ablation of
+        the options pays the dense sampling and the sensitivity measurement once."""
+        differ = [f for f in self._SHARED if getattr(settings, f) != getattr(self.settings, f)]
+        if differ:
+            raise ConfigError(f"with_settings: {differ} differ from the scorer's; build a new PlanScorer")
+        other = copy.copy(self)
+        other.settings, other._density_plans, other._last_model = settings, {}, None
+        return other
 
     def score(self, plan: Plan) -> dict[str, Any]:
         """Video scores (PSNR, SSIM, relative L2 of the final latents against dense), per-site

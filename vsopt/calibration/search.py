@@ -195,12 +195,40 @@ def search_density(states: Sequence[SiteState], cost: CostModel, density: float,
     def pick(mu):  # minimize err + mu * blocks
         return [min(opts, key=lambda o: (o.err2 + mu * o.time_us / total, o.time_us)) for opts in recast]
 
-    best, _ = bisect_price(pick, lambda ch: sum(o.time_us for o in ch) <= density * total + 1e-9)
+    limit = density * total + 1e-9
+    best, ok = bisect_price(pick, lambda ch: sum(o.time_us for o in ch) <= limit)
+    if ok:
+        best = _spend_blocks(recast, best, limit)
     chosen, i = [], 0
     for opts_site in all_options:
         chosen.append(best[i:i + len(opts_site)])
         i += len(opts_site)
     return _unrecast(all_options, chosen)
+
+
+def _spend_blocks(options: Options, choice: list[HeadChoice], limit: float) -> list[HeadChoice]:
+    """Greedy finish of the density relaxation, which keeps only the options on each head's lower
+    convex hull of (blocks, error) and so may leave blocks of the budget unused: repeatedly make
+    the single-head move that cuts the most (weighted) error per block added, or any error cut
+    that adds no block, while the blocks stay within `limit`. Recast options: time_us = blocks."""
+    choice = list(choice)
+    used = sum(o.time_us for o in choice)
+    while True:
+        best = None
+        for h, opts in enumerate(options):
+            cur = choice[h]
+            for o in opts:
+                gain, extra = cur.err2 - o.err2, o.time_us - cur.time_us
+                if gain <= 1e-15 * max(cur.err2, 1e-300) or used + extra > limit:
+                    continue
+                score = (float("inf"), gain) if extra <= 0 else (gain / extra, gain)
+                if best is None or score > best[0]:
+                    best = (score, h, o)
+        if best is None:
+            return choice
+        _, h, o = best
+        used += o.time_us - choice[h].time_us
+        choice[h] = o
 
 
 def _site_variants(state: SiteState, options: Options) -> list[Options]:

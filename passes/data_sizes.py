@@ -71,3 +71,26 @@ def data_tokens_last(node, dim: int) -> bool:
     static = [not f and is_concrete_int(s) for f, s in zip(data, sizes)]
     first = data.index(True) if True in data else len(data)
     return first < len(data) and all(static[:first]) and all(data[first:])
+
+
+CAPTURE_CONFIG = "torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True)"
+
+
+def dynamo_left_out_data_dependent_code() -> str | None:
+    """A note when Dynamo has, in this process, left code out of its graphs at an operator whose output
+    shape (or a scalar) depends on the data: a graph break there, or a whole frame run eagerly (a break
+    inside a loop skips the frame: diffusers Mochi's attention processor, whose joint attention is then
+    in no graph and stays dense). None otherwise. Reads Dynamo's counters only; a backend cannot switch
+    the config that would trace it (Dynamo reads it before the backend sees a graph)."""
+    from torch._dynamo.utils import counters
+
+    reasons = [r for r in counters.get("unimplemented", {}) if "Dynamic shape operator" in r
+               or "capture_scalar_outputs" in r or "Data-dependent" in r]
+    if not reasons:
+        return None
+    skipped = sorted({line.split("frame skipped:", 1)[1].strip() for r in reasons for line in r.splitlines()
+                      if "frame skipped:" in line})
+    where = f"frames run eagerly: {'; '.join(skipped)}" if skipped else "a graph break there"
+    return ("Dynamo left code with data-dependent shapes (nonzero, .item()) out of its graphs "
+            f"({where}); any attention there is in no graph and stays dense. Compile under {CAPTURE_CONFIG} "
+            "to trace it")

@@ -186,7 +186,7 @@ def _why_not_split(gm: torch.fx.GraphModule, site: AttentionSite, sp: SitePlan, 
 
 def _asserted(gm: torch.fx.GraphModule, site: AttentionSite, mask: torch.fx.Node, ctx: PassContext) -> bool:
     """Whether the split runs on the user's word that the mask keeps video x video (unproved)."""
-    return ctx.config.check_masks_on_device and video_part_kept(gm, mask, *video_range(site)) is not None
+    return ctx.config.checks_mask_of(site.site_id) and video_part_kept(gm, mask, *video_range(site)) is not None
 
 
 def _site_differences(site: AttentionSite, sp: SitePlan) -> list[str]:
@@ -503,7 +503,7 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext) -> PassReport:
         split = mask is not None or site.has_mask or symbolic
         reason = _why_not(site, sp, node, split)
         if reason is None and split:
-            reason = _why_not_split(gm, site, sp, mask, symbolic, ctx.config.check_masks_on_device)
+            reason = _why_not_split(gm, site, sp, mask, symbolic, ctx.config.checks_mask_of(site_id))
         if sp.is_dense and not _site_differences(site, sp):
             # dense on purpose: what the plan asks for, whatever the site (a mask, causal...)
             ctx.kept_dense[site_id] = "the plan keeps it dense"

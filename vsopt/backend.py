@@ -43,6 +43,7 @@ from vsopt.core.steps import step_variants
 from vsopt.carried import carry
 from vsopt.passes import DEFAULT_PIPELINE, PassContext, PipelineOptions, PipelineReport, run_pipeline
 from vsopt.passes.carried_tokens import CARRIED
+from vsopt.passes.data_sizes import dynamo_left_out_data_dependent_code
 from vsopt.passes.site_ids import FRAME_NAMES, frame_names
 
 
@@ -428,6 +429,9 @@ def last_report() -> PipelineReport | None:
     return _last[0] if _last else None
 
 
+_told_left_out: set[str] = set()   # each note on code Dynamo left out, once per process
+
+
 def _tell(config: VsoptConfig, reports: Sequence[PipelineReport]) -> None:
     """One log line (logger "vsopt") per site left dense, with why: a warning where a plan was
     given and not applied (its lines are what a plan for another model or other head counts
@@ -449,5 +453,9 @@ def _tell(config: VsoptConfig, reports: Sequence[PipelineReport]) -> None:
             lines.setdefault(f"plan sites not in this graph: {report.absent_plan_sites}", logging.INFO)
     for line, level in lines.items():
         _log.log(level, "vsopt: %s", line)
+    left_out = dynamo_left_out_data_dependent_code()   # Mochi's processor under Dynamo's defaults
+    if left_out is not None and left_out not in _told_left_out:
+        _told_left_out.add(left_out)
+        _log.log(logging.WARNING if config.plan is not None else logging.INFO, "vsopt: %s", left_out)
 
 

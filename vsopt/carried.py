@@ -5,11 +5,13 @@ one graph's output through eager code, unchanged, into a later graph's input (Hu
 its patch embedding in the first graph, each block compiled on its own after a graph break), the
 later graph has no patch embedding, so its sites' grids would be unknown. So:
 
-- every graph the backend (or inspect) returns records, at each call, which tensors it returned
-  (weak references: id -> (tensor, producer, output position); nothing is kept alive);
+- every graph the backend (or inspect) returns whose outputs hold video tokens (the token states of
+  its outputs, carried_tokens.output_states of its ATen graph, read once when it is compiled)
+  records, at each call, which of those tensors it returned (weak references: id -> (tensor,
+  producer, output position); nothing is kept alive); a graph returning no video tokens records
+  nothing and costs nothing per call;
 - when a later graph is compiled, its example inputs (real tensors: what this call passes) that are
-  the very objects an earlier graph returned take that graph's output token state
-  (carried_tokens.output_states of the producer's ATen graph, traced once, when first needed);
+  the very objects an earlier graph returned take that graph's output token state;
 - the graph compiled with carried tokens runs only for calls whose inputs at those positions again
   carry the same token state (an output of an earlier graph with that state: Carrying, a few dict
   lookups per call, no host sync); any other call runs the graph compiled without them (built on
@@ -63,17 +65,38 @@ def _forget(key: int, ref: weakref.ref) -> None:
         del _RETURNED[key]
 
 
+def _may_hold_tokens(gm: torch.fx.GraphModule) -> bool:
+    """Whether any output of Dynamo's graph could hold video tokens at all (a tensor of 2 dims or
+    more: (B, N, C), (N, C)): the graphs that return none are not traced for their outputs' states."""
+    out = next((n for n in reversed(gm.graph.nodes) if n.op == "output"), None)
+    if out is None:
+        return False
+    for n in tree_leaves(out.args[0]):
+        val = n.meta.get("example_value", n.meta.get("val")) if isinstance(n, torch.fx.Node) else None
+        if val is None and isinstance(n, torch.fx.Node):
+            return True   # unknown: let the trace decide
+        if isinstance(val, torch.Tensor) and val.dim() >= 2:
+            return True
+    return False
+
+
 def recording(fn: Callable, gm: torch.fx.GraphModule, trace: Callable) -> Callable:
-    """fn (a compiled graph of Dynamo's graph gm) recording the tensors it returns (gm's ATen graph,
-    trace(gm, ()), is traced for their token states only if a later graph takes one of them)."""
-    key = id(gm)
-    _PRODUCERS[key] = _Producer(gm, trace)
+    """fn (a compiled graph of Dynamo's graph gm), recording at each call the tensors it returns that
+    hold video tokens (the token states of gm's outputs, from its ATen graph trace(gm, ()), read now,
+    once): a later graph could take the token state of those only. A graph none of whose outputs
+    holds video tokens is fn itself, recording nothing (nothing added to its calls)."""
+    producer = _Producer(gm, trace)
+    states = producer.output_states() if _may_hold_tokens(gm) else {}
+    if not states:
+        return fn
+    key, positions = id(gm), frozenset(states)
+    _PRODUCERS[key] = producer
     weakref.finalize(gm, _PRODUCERS.pop, key, None)
 
     def run(*args):
         out = fn(*args)
         for i, t in enumerate(tree_leaves(out)):
-            if isinstance(t, torch.Tensor):
+            if i in positions and isinstance(t, torch.Tensor):
                 k = id(t)
                 ref = weakref.ref(t, lambda r, k=k: _forget(k, r))
                 _RETURNED[k] = (ref, key, i)

@@ -129,10 +129,13 @@ def fill_mask(fill: Fill, after: float, softmax_empty: float) -> tuple[bool, Emp
 
 
 def emit_mask(graph: torch.fx.Graph, mask: ScoreMask, scale_total: float, dtype: torch.dtype,
-              anchor: torch.fx.Node) -> torch.fx.Node:
+              anchor: torch.fx.Node, query_dtype: torch.dtype | None = None) -> torch.fx.Node:
     """The mask as a tensor broadcastable to (B, H, Nq, Nk): boolean (True = keep) for a keep
     mask, else additive in `dtype` (the scores' dtype: a boolean or integer tensor added to the
-    scores is a number, not a keep mask), multiplied by any scale applied after it."""
+    scores is a number, not a keep mask), multiplied by any scale applied after it. An additive
+    mask SDPA would refuse next to a query of `query_dtype` (SDPA takes float32 or the query's
+    dtype) is made float32: a bfloat16 mask added to float32 scores (CUDA's math SDPA on 16-bit
+    inputs, traced to ATen) was promoted by the model, exactly so."""
     em = lambda target, *args: emit(graph, target, args, pass_name=PASS_NAME, meta_from=anchor)  # noqa: E731
     axes, groups = mask.axes, mask.groups
     m = mask.tensor
@@ -140,8 +143,12 @@ def emit_mask(graph: torch.fx.Graph, mask: ScoreMask, scale_total: float, dtype:
         if mask.invert:
             m = em(aten.logical_not.default, m)
     else:
-        if not m.meta["val"].is_floating_point():
-            m = emit(graph, aten._to_copy.default, (m,), {"dtype": dtype}, pass_name=PASS_NAME, meta_from=anchor)
+        have = m.meta["val"].dtype
+        want = have if m.meta["val"].is_floating_point() else dtype
+        if query_dtype is not None and want not in (torch.float32, query_dtype):
+            want = torch.float32
+        if want != have:
+            m = emit(graph, aten._to_copy.default, (m,), {"dtype": want}, pass_name=PASS_NAME, meta_from=anchor)
         # the model scaled the mask by `factor` and by every scale applied after it was added
         after = mask.factor * (scale_total / mask.scale_before if mask.scale_before else 1.0)
         if after != 1.0:

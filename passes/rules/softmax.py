@@ -323,7 +323,8 @@ class SoftmaxAttentionRule(AttentionRule[SoftmaxEmit]):
         v4 = emit_canonical(graph, e.v, sm)
         # a capped site's mask is added to the capped scores: the factors after it are the cap's
         mask_scale = e.softcap if e.softcap else e.scale
-        m4 = emit_mask(graph, e.mask, mask_scale, sm.args[0].meta["val"].dtype, sm) if e.mask is not None else None
+        m4 = (emit_mask(graph, e.mask, mask_scale, sm.args[0].meta["val"].dtype, sm, q4.meta["val"].dtype)
+              if e.mask is not None else None)
         cap = (e.softcap,) if e.softcap else ()   # uncapped sites keep the six-argument call
         out = emit(graph, torch.ops.vsopt.attention.default, (q4, k4, v4, m4, e.scale, False, *cap),
                    pass_name=PASS_NAME, replaces=match.nodes, meta_from=sm)

@@ -74,6 +74,39 @@ def test_wan_compiled_with_inductor():
     assert max_rel_err(got, want) <= 1e-5
 
 
+def test_mochi_with_a_plan_compiled_with_inductor():
+    """The full backend on Mochi under Dynamo's capture of data-dependent shapes, with a sparse plan
+    on both joint sites (strict): it compiles through Inductor on the CPU (the split's text keys padded
+    to their static bound, its video pieces in buffers of their own: vsopt.core.joint) and equals the
+    lowered graph run without Inductor (which test_plan_lowers_on_video_self_attention[mochi] checks
+    against the plan's reference), at several text lengths (one graph: the length is data)."""
+    model, inputs = model_factories.mochi()
+    capture = {"capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True}
+    calls = []
+    for valid in (3, 1, 4):
+        mask = torch.zeros(1, 4, dtype=torch.bool)
+        mask[0, :valid] = True
+        calls.append((*inputs[:3], mask))
+    with torch._dynamo.config.patch(**capture), torch.no_grad():
+        report = vsopt.inspect(model, *inputs)
+        video = [s for s in report.sites if s.grid is not None]
+        assert sorted(s.site_id for s in video) == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
+        sparse = HeadPlan(Sparsity.PATTERN, pattern=LocalWindow(0, 4, 4), block_m=16, block_n=16)
+        plan = Plan({s.site_id: SitePlan.for_site(s, sparse if s in video else HeadPlan()) for s in report.sites})
+        options = {"plan": plan, "strict": True}
+        wants = []
+        for args in calls:
+            want, reports = _compiled(model, args, options)
+            assert sorted(i for r in reports for i in r.lowered) == sorted(s.site_id for s in video)
+            wants.append(want)
+        torch._dynamo.reset()
+        fn = torch.compile(model, backend="vsopt", options=options)
+        for args, want in zip(calls, wants):
+            assert max_rel_err(_first_tensor(fn(*args)), want) <= 1e-4
+            assert max_rel_err(want, _first_tensor(model(*args))) > 1e-3   # the plan changed the output
+    torch._dynamo.reset()
+
+
 # ----------------------------------------------------------------------------- issue 14: coverage
 #
 # Every model below, traced as torch.compile traces it (graph breaks allowed): (a) every attention
@@ -347,3 +380,35 @@ def test_inspect_says_how_to_trace_a_frame_cut_by_a_data_dependent_size():
     assert "capture_dynamic_output_shape_ops=True" in "\n".join(report.notes), report.notes
     _, _, _, captured, _, _ = _traced("mochi")
     assert not [n for n in captured.notes if "capture_dynamic_output_shape_ops" in n]
+
+
+def test_compile_says_so_when_dynamo_leaves_a_data_dependent_frame_eager(monkeypatch, caplog):
+    """torch.compile(backend="vsopt") on Mochi under Dynamo's defaults: the processor frame runs
+    eagerly (nonzero breaks the graph inside a loop), and the backend's log names the frame and the
+    Dynamo config that traces it (a warning under a plan: the plan's joint sites cannot apply)."""
+    import logging
+
+    import vsopt.backend as backend
+    import vsopt.inductor
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(vsopt.inductor, "compile_fx", lambda gm, inputs: gm)
+    monkeypatch.setattr(backend, "_told_left_out", set())
+    model, inputs = model_factories.mochi()
+    counters.clear()
+    torch._dynamo.reset()
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="vsopt"):
+        torch.compile(model, backend="vsopt")(*inputs)
+    torch._dynamo.reset()
+    lines = [r.getMessage() for r in caplog.records if "data-dependent shapes" in r.getMessage()]
+    assert lines and len(lines) == len(set(lines)), lines   # said again only as Dynamo leaves more out
+    assert all("capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True" in line for line in lines)
+    assert "frames run eagerly: __call__" in lines[-1] and "attention_processor.py" in lines[-1]   # the processor
+    # and nothing is said where Dynamo left nothing out
+    caplog.clear()
+    counters.clear()
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True, capture_scalar_outputs=True), \
+            torch.no_grad(), caplog.at_level(logging.INFO, logger="vsopt"):
+        torch.compile(model, backend="vsopt")(*inputs)
+    torch._dynamo.reset()
+    assert not [r for r in caplog.records if "data-dependent shapes" in r.getMessage()]

@@ -8,6 +8,7 @@ import logging
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_leaves
 
 import vsopt
 from vsopt.core.orders import TokenOrder
@@ -88,3 +89,41 @@ def test_a_carried_grid_applies_only_to_inputs_from_the_same_producer(monkeypatc
     assert max_rel_err(sparse_out, want) > 1e-3
     assert max_rel_err(other, want) <= 1e-5
     assert any("do not come from it" in r.getMessage() for r in caplog.records)
+
+
+def test_only_graphs_returning_video_tokens_record_their_outputs():
+    """A graph whose outputs hold no video tokens (a pooled head, an MLP on features) is the compiled
+    graph itself: nothing recorded, nothing added to its calls. The patch embedding's graph records
+    exactly its token output."""
+    import vsopt.carried as carried
+
+    class Head(nn.Module):   # no patch embedding anywhere: its outputs hold no tokens
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.fc(x).softmax(-1), x.mean(1)
+
+    built = []
+    to_aten = vsopt.backend.to_aten
+    torch._dynamo.reset()
+    before = dict(carried._RETURNED)
+    with torch.no_grad():
+        head, x = Head().eval(), torch.randn(2, 5, 16)
+        out = torch.compile(head, backend=lambda gm, ex: built.append(carried.carry(gm, ex, lambda g: g, to_aten))
+                            or built[-1])(x)
+        assert len(built) == 1 and not hasattr(built[0], "__wrapped__")   # the graph itself, not wrapped
+        assert all(id(t) not in carried._RETURNED or carried._RETURNED.get(id(t)) == before.get(id(t))
+                   for t in tree_leaves(out))
+        model, inputs = _model()
+        torch._dynamo.reset()
+        built.clear()
+        tokens = torch.compile(model, backend=lambda gm, ex: built.append(carried.carry(gm, ex, lambda g: g, to_aten))
+                               or built[-1])(*inputs)
+    torch._dynamo.reset()
+    # the patch embedding's graph and the blocks' (their tokens carried in) record their token outputs
+    assert len(built) == 2 and hasattr(built[0], "__wrapped__")
+    assert isinstance(built[1], carried.Carrying) and hasattr(built[1].with_carried, "__wrapped__")
+    assert [(v.frames, v.height, v.width) for st in carried.carried_into([tokens]).values()
+            for v in st.segments if hasattr(v, "frames")] == [(4, 4, 4)]

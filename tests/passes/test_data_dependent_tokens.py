@@ -171,3 +171,29 @@ def test_the_data_dependent_tail_is_followed_through_projections():
             q, k, v = m.qkv_of(*args)
             want = semantics.site_output(site, plan[site.site_id].heads, q, k, v, site.scale, joint=True)
             torch.testing.assert_close(fn(*args), want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_split_compiles_through_inductor_and_matches_the_reference():
+    """The real backend (Inductor on the CPU): the text keys are padded to their static bound and the
+    video pieces get buffers of their own (Inductor's CPU bmm and its views guard on data-dependent
+    sizes and strides otherwise: Eq(u0, 1), Ne(8*u1 + 256, 256)); one graph for every text length."""
+    torch.manual_seed(0)
+    m = TrimmedJoint().eval()
+    _, reports = compiled(m, VsoptConfig())
+    (site,) = [s for r in reports for s in r.sites]
+    plan = Plan({site.site_id: SitePlan.for_site(site, SPARSE)})
+    torch._dynamo.reset()
+    fn = torch.compile(m, backend="vsopt", options={"plan": plan, "strict": True})
+    with torch._dynamo.config.patch(**CAPTURE), torch.no_grad():
+        for valid in (0, 1, 4, 6):
+            args = inputs(valid, seed=valid)
+            got = fn(*args)
+            clip, text, mask = args
+            x = m.patch(clip).flatten(2).transpose(1, 2)
+            split = lambda t: t.unflatten(2, (3, 2, -1)).permute(2, 0, 3, 1, 4)  # noqa: E731
+            (q, k, v), (tq, tk, tv) = split(m.qkv(x)), split(m.tqkv(text))
+            idx = torch.nonzero(mask[0]).flatten()
+            qq, kk, vv = (torch.cat([a, b[:, :, idx]], 2) for a, b in ((q, tq), (k, tk), (v, tv)))
+            want = semantics.site_output(site, plan[site.site_id].heads, qq, kk, vv, site.scale, joint=True)
+            torch.testing.assert_close(got[:, :, :qq.shape[2]], want, rtol=1e-4, atol=1e-4)
+            assert (want[:, :, :32] - F.scaled_dot_product_attention(qq, kk, vv)[:, :, :32]).abs().max() > 1e-3

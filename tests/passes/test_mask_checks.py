@@ -108,3 +108,24 @@ def test_the_check_survives_inductor():
     bad[..., 3] = False
     with pytest.raises(RuntimeError, match="does not keep every video x video pair"):
         fn(q, k, v, bad)
+
+
+def test_the_option_can_name_the_sites_it_covers():
+    """check_masks_on_device=[site ids]: the sites named are split and checked; any other stays
+    dense with mask_bounds' reason (strict: an error); a bad value is a one-line ConfigError."""
+    from vsopt.core.errors import ConfigError
+
+    shape = (2, 1, 1, GRID.num_tokens)
+    gm, site, ctx, _ = lowered(shape, check_masks_on_device=["blocks.0.attn"], strict=True)
+    assert ctx.lowered == [site.site_id] and aten._assert_async.msg in [x.target for x in gm.graph.nodes]
+    q, k, v = qkv(3)
+    mask = padding((2, 4), shape)
+    torch.testing.assert_close(gm(q, k, v, mask), 2.0 * semantics.site_output(site, HEADS, q, k, v, SCALE, mask=mask).double(),
+                               rtol=1e-6, atol=1e-6)
+    _, _, ctx, _ = lowered(shape, check_masks_on_device=["blocks.1.attn"])
+    assert ctx.lowered == [] and "cannot be proved" in ctx.skipped[0].reason
+    with pytest.raises(UnsupportedSiteError):
+        lowered(shape, check_masks_on_device=("blocks.1.attn",), strict=True)
+    for bad in ("blocks.0.attn", [0], 1):
+        with pytest.raises(ConfigError, match="check_masks_on_device"):
+            VsoptConfig.from_options({"check_masks_on_device": bad})

@@ -54,7 +54,8 @@ class VsoptConfig:
     check_masks_on_device: a joint site whose attention mask the graph cannot prove to keep every
             video x video pair (built in eager code: a graph input) is split anyway, its mask's
             video block checked in the graph by a device-side assert (no host sync; a mask that
-            fails it fails the run, never a wrong output): passes/mask_checks.py.
+            fails it fails the run, never a wrong output): passes/mask_checks.py. True for every
+            such site, or the site ids to check (a list or set of str: the others stay dense).
     """
 
     plan: Any = None  # vsopt.core.plan.Plan | None (loaded from a path by from_options)
@@ -63,7 +64,7 @@ class VsoptConfig:
     grids: Mapping[str, TokenGrid] = field(default_factory=dict)
     rewrite: bool = True
     cudagraphs: bool = False
-    check_masks_on_device: bool = False
+    check_masks_on_device: bool | frozenset = False   # True, or the site ids (frozenset of str)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> "VsoptConfig":
@@ -77,9 +78,16 @@ class VsoptConfig:
             raise ConfigError(f"unknown vsopt option(s) {unknown}; valid options are {sorted(known)}")
         if "strict" in options and not isinstance(options["strict"], bool):
             raise ConfigError(f"option 'strict' must be True or False, got {options['strict']!r}")
-        for name in ("rewrite", "cudagraphs", "check_masks_on_device"):
+        for name in ("rewrite", "cudagraphs"):
             if name in options and not isinstance(options[name], bool):
                 raise ConfigError(f"option {name!r} must be True or False, got {options[name]!r}")
+        checks = options.get("check_masks_on_device")
+        if checks is not None and not isinstance(checks, bool):
+            if isinstance(checks, str) or not isinstance(checks, (list, tuple, set, frozenset)) \
+                    or not all(isinstance(i, str) for i in checks):
+                raise ConfigError("option 'check_masks_on_device' must be True, False or a list of site ids, "
+                                  f"got {checks!r}")
+            options["check_masks_on_device"] = frozenset(checks)
         if options.get("grid") is not None:
             options["grid"] = _as_grid(options["grid"], "option 'grid'")
         if "grids" in options:
@@ -96,6 +104,11 @@ class VsoptConfig:
                 raise ConfigError(f"option 'plan' must be a vsopt Plan or the path of a .plan.json file, got "
                                   f"{type(plan).__name__} {plan!r:.60}")
         return cls(**options)
+
+    def checks_mask_of(self, site_id: str) -> bool:
+        """Whether option check_masks_on_device covers this site (True: every site)."""
+        c = self.check_masks_on_device
+        return c is True or (isinstance(c, frozenset) and site_id in c)
 
     def grid_for(self, site_id: str) -> TokenGrid | None:
         """The grid the user gave for a site (per-site, else the global one), whether or not it

@@ -121,6 +121,10 @@ def joint_attention(jp: JointPlan, q, k, v, mask, scale: float, em: Emitter, cac
     mask = _mask4(em, mask)
     H, Hkv = jp.heads, _shape(k)[1]
     (q0, qv, q1), (k0, kv, k1), (v0, vv, v1) = (_split_seq(em, x, 2, tb, nv) for x in (q, k, v))
+    if upper_bound(_shape(q)[2]) is not None:
+        # static pieces of a data-dependent buffer have data-dependent strides, which Inductor's views
+        # (before a bmm: the CPU reference of the kernel) guard on: each piece gets a buffer of its own
+        qv, kv, vv = (em.op(aten.clone.default, x, memory_format=torch.contiguous_format) for x in (qv, kv, vv))
     if Hkv != H:   # one key/value head per query head (orders and launch groups are per query head)
         kv, vv = (em.op(aten.repeat_interleave.self_int, x, H // Hkv, 1) for x in (kv, vv))
     out_v, lse_v = _video_part(jp, qv, kv, vv, scale, em, cache_key, reuse)
@@ -129,6 +133,7 @@ def joint_attention(jp: JointPlan, q, k, v, mask, scale: float, em: Emitter, cac
         if Hkv != H:
             kt, vt = (em.op(aten.repeat_interleave.self_int, x, H // Hkv, 1) for x in (kt, vt))
         m = _take(em, _take(em, mask, 2, tb, nv, (1,)), 3, tb, nv, (0, 2))
+        kt, vt, m = _bounded_keys(em, kt, vt, m)
         out_v, _ = merge_partials(em, [(out_v, lse_v), dense_lse(em, qv, kt, vt, m, scale)])
     rows = []
     if q0 is not None:
@@ -142,6 +147,54 @@ def joint_attention(jp: JointPlan, q, k, v, mask, scale: float, em: Emitter, cac
         keep[:, list(jp.skipped)] = 0
         out = em.op(aten.mul.Tensor, out, em.const("joint_keep", keep))
     return out
+
+
+def upper_bound(size) -> int | None:
+    """The largest value a data-dependent size can take (its ShapeEnv's range: nonzero of n
+    elements gives at most n), or None: a static size, or no finite bound."""
+    if isinstance(size, int) or not isinstance(size, torch.SymInt):
+        return None
+    node = size.node
+    if not hasattr(node, "shape_env") or node.shape_env is None:
+        return None
+    upper = node.shape_env.bound_sympy(node.expr).upper
+    return int(upper) if getattr(upper, "is_Integer", False) else None
+
+
+def _bounded_keys(em: Emitter, k, v, mask):
+    """The text keys of data-dependent count n padded to their static bound U, with a boolean mask
+    keeping the first n: the video rows x text keys product then has static sizes, which Inductor's
+    CPU bmm lowering needs (it guards on a data-dependent size, Eq(u0, 1), and refuses to compile).
+    Exact: padded keys are dropped by the mask, as an empty text (n = 0) is. Unchanged where the
+    count is static, has no bound, or the mask is additive (kept as it was, unpadded)."""
+    n = _shape(k)[2]
+    bound = upper_bound(n)
+    if bound is None or (mask is not None and (_val(mask).dtype != torch.bool and _shape(mask)[3] != 1)):
+        return k, v, mask
+    count = em.op(aten.sym_size.int, k, 2)
+    pad = em.op(operator.sub, bound, count)
+    k, v = (_pad_axis(em, x, 2, pad) for x in (k, v))
+    # the first `count` keys kept: ones then zeros (a comparison with the symbolic count would need its value)
+    valid = em.op(aten.cat.default, [em.op(aten.new_ones.default, k, [count], dtype=torch.bool),
+                                     em.op(aten.new_zeros.default, k, [pad], dtype=torch.bool)])
+    valid = em.op(aten.view.default, valid, [1, 1, 1, bound])
+    if mask is None:
+        return k, v, valid
+    if _val(mask).dtype == torch.bool:
+        if _shape(mask)[3] != 1:
+            mask = _pad_axis(em, mask, 3, pad)
+        return k, v, em.op(aten.logical_and.default, mask, valid)
+    neg = em.op(aten.where.ScalarOther, valid, em.op(aten.zeros_like.default, valid, dtype=_val(mask).dtype),
+                float("-inf"))
+    return k, v, em.op(aten.add.Tensor, mask, neg)
+
+
+def _pad_axis(em: Emitter, x, dim: int, pad):
+    """x with `pad` zeros (False) after it along `dim`: a cat with new zeros, as constant_pad_nd's
+    meta takes no symbolic pad."""
+    shape = list(_shape(x))
+    shape[dim] = pad
+    return em.op(aten.cat.default, [x, em.op(aten.new_zeros.default, x, shape)], dim)
 
 
 def _text_rows(em: Emitter, q, k, v, mask, scale: float):

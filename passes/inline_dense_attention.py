@@ -11,13 +11,15 @@ chosen the same way, from the same shapes), no Python op in between. The output 
 the op's layout where SDPA's differs (graph_edit.with_layout_of), as the op itself does.
 
 Only what the op computes as plain SDPA is inlined: equal query and key/value heads (GQA repeats
-keys in the op), no logit soft cap. Not in DEFAULT_PIPELINE (an exported program keeps the op);
+keys in the op), no logit soft cap, no size that comes from the data (Inductor's SDPA lowering
+guards on it and fails). Not in DEFAULT_PIPELINE (an exported program keeps the op);
 the backend runs it right before Inductor (vsopt.inductor.prepare).
 """
 from __future__ import annotations
 
 import torch
 import torch.fx
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from vsopt.core.ops import attention_arguments
 
@@ -27,6 +29,14 @@ from .infra import GraphChanges, PassContext, PassReport
 NAME = "inline_dense_attention"
 aten = torch.ops.aten
 vsopt = torch.ops.vsopt
+
+
+def _data_dependent(*values) -> bool:
+    """Whether a size of these inputs comes from the data (an unbacked symbol, as Mochi's trimmed
+    text): Inductor's SDPA lowering guards on such sizes (Eq(u0, 0)) and refuses to compile, where
+    the opaque custom op needs no guard."""
+    vals = [v.meta.get("val") if isinstance(v, torch.fx.Node) else v for v in values]
+    return any(isinstance(v, torch.Tensor) and free_unbacked_symbols(v) for v in vals)
 
 
 def run(gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> PassReport:
@@ -39,7 +49,8 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> PassReport:
         a = attention_arguments(node.args, node.kwargs)
         qv, kv = a["q"].meta.get("val"), a["k"].meta.get("val")
         if a["softcap"] or qv is None or kv is None or qv.shape[1] != kv.shape[1] \
-                or not isinstance(a["scale"], (int, float)) or not isinstance(a["is_causal"], bool):
+                or not isinstance(a["scale"], (int, float)) or not isinstance(a["is_causal"], bool) \
+                or _data_dependent(qv, kv, a["attn_mask"]):
             continue
         with gm.graph.inserting_before(node):
             new = emit(gm.graph, aten.scaled_dot_product_attention.default,

@@ -3,7 +3,7 @@
 # then samples and the attention structure at both clip sizes (python -m vsopt.models.stretch), and
 # with CALIBRATE=1 the shipped plans recalibrated with the new weights at 4096 and 16384 tokens.
 # Run from the repository root on the GPU machine:
-#     MINUTES=7 RESUME=benchmarks/results/reference_v2/reference.safetensors bash vsopt/models/gpu_stretch.sh
+#     MINUTES=7 RESUME=vsopt/models/assets/reference.safetensors bash vsopt/models/gpu_stretch.sh
 # Resume the next stretch from the returned $OUT/reference.safetensors (copied into the worktree).
 # Writes to $OUT (at most 8 files): reference.safetensors, samples.png, stretch.json, stretch.log and,
 # with CALIBRATE=1, reference.plan.json/.safetensors (16x32x32) and reference_16x64x64.plan.json/.safetensors;

@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--densities", default="0.2,0.3")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--clip", default="4,32,32")
-    p.add_argument("--calibration-steps", type=int, default=4)
+    p.add_argument("--calibration-steps", type=int, default=None, help="default: --steps (BenchSettings)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--variants", default="none,pooled,warmup,renorm,default")
     p.add_argument("--out", default="bench_ablation")

@@ -175,3 +175,24 @@ def test_the_step_model_of_a_plan_is_built_once_for_scoring_and_timing():
     assert scorer.step_model(plan) is first
     assert scorer.step_model(other) is not first   # an equal but other plan object is built anew
     assert scorer.step_model(None) is not scorer.step_model(other)
+
+
+def test_vsopt_is_calibrated_on_the_scored_runs_steps_by_default(tmp_path):
+    # a 4-step calibration scored on 8 steps ran its last step plan at steps 3-7 (measured at one
+    # noise level, priced as one step): the default is now one calibration input and plan per scored step
+    import argparse
+
+    from vsopt.benchmark.cli import _check_args, add_arguments
+    from vsopt.benchmark.scorer import PlanScorer, calibration_step_ranges
+
+    assert BenchSettings(steps=8).calibration_steps == 8
+    assert BenchSettings(steps=8, calibration_steps=4).calibration_steps == 4
+    settings = BenchSettings(methods=(Method.VSOPT,), densities=(0.5,), steps=3, sensitivity=False)
+    calls, options = PlanScorer(_tiny(), settings)._calibration(0.5)
+    assert [c.step for c in calls] == [0, 1, 2]
+    assert options.step_ranges == calibration_step_ranges(3) == ((0, 1), (1, 2), (2, None))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert _check_args(parser.parse_args(["--steps", "6", "--out", str(tmp_path)]))[0].calibration_steps == 6
+    assert _check_args(parser.parse_args(["--steps", "6", "--calibration-steps", "2",
+                                          "--out", str(tmp_path)]))[0].calibration_steps == 2

@@ -17,8 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", default=d.quant.value, choices=[q.value for q in Quant], help="precision of sparse methods")
     p.add_argument("--steps", type=int, default=d.steps, help="sampler steps per clip")
     p.add_argument("--clips", type=int, default=d.clips, help="clips sampled per configuration")
-    p.add_argument("--calibration-steps", type=int, default=d.calibration_steps,
-                   help="vsopt: sampler steps of the calibration clip (one calibration input per step)")
+    p.add_argument("--calibration-steps", type=int, default=None,
+                   help="vsopt: sampler steps of the calibration clip (one calibration input and step plan per "
+                        "step; default: --steps)")
     p.add_argument("--block", type=int, default=d.block, help="kernel block size: a power of two, 16 to 256")
     p.add_argument("--clip", default=None, help="latent clip F,H,W; none: the size the model was trained on")
     p.add_argument("--device", default=None, help="cuda or cpu; none: cuda when available")
@@ -93,7 +94,7 @@ def _check_args(args: argparse.Namespace):
     block = check_block_size(args.block, "--block")
     for option, value in (("--steps", args.steps), ("--clips", args.clips),
                           ("--calibration-steps", args.calibration_steps)):
-        if value < 1:
+        if value is not None and value < 1:
             raise ConfigError(f"{option} {value}: must be >= 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:

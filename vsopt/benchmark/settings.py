@@ -41,7 +41,9 @@ class BenchSettings:
     block: kernel block size of every plan. steps / clips / seed: the sampler run the video scores
     come from (the same noise and descriptions for every method). calibration_clips /
     calibration_steps: the sampler inputs vsopt's calibration measures (other seeds than the
-    scored clips). site_step: the denoising step whose inputs the per-site errors are taken at.
+    scored clips; None: the scored run's `steps`, so that each step plan is calibrated on the
+    step it runs: a shorter calibration run's last plan would run every later step, at other noise
+    levels than it was measured at, and be priced as one step). site_step: the denoising step whose inputs the per-site errors are taken at.
     step_plans: vsopt calibrates each denoising step separately (a plan with one step range per
     step; the density budget is then shared across steps as well as sites). sensitivity: vsopt's
     density search weighs each site's and step's error by the final output's measured sensitivity
@@ -77,7 +79,7 @@ class BenchSettings:
     clips: int = 1
     seed: int = 0
     calibration_clips: int = 1
-    calibration_steps: int = 4
+    calibration_steps: int | None = None  # None: steps
     site_step: int | None = None  # None: the middle step
     timing_iters: int = 10
     clip: tuple[int, int, int] | None = None  # latent (frames, height, width); None: the model's own
@@ -135,6 +137,8 @@ class BenchSettings:
             raise ConfigError(f"vsopt_top_k must lie in (0, 1], got {self.vsopt_top_k}")
         if self.timing not in ("eager", "compiled"):
             raise ConfigError(f"timing must be 'eager' or 'compiled', got {self.timing!r}")
+        if self.calibration_steps is None:
+            object.__setattr__(self, "calibration_steps", self.steps)
         if not (isinstance(self.calibration_steps, int) and self.calibration_steps >= 1):
             raise ConfigError(f"calibration_steps must be an integer >= 1, got {self.calibration_steps!r}")
         if self.steps < 1 or self.clips < 1:

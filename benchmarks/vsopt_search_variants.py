@@ -1,0 +1,163 @@
+"""vsopt's density search varied on ONE calibration measurement, each variant's plans scored on
+the bench's clip (CPU or GPU; issue 17): what the search's error model costs in clip PSNR.
+
+    python3 benchmarks/vsopt_search_variants.py --densities 0.2,0.3 --steps 8 --clip 4,32,32 \
+        --variants bench,uniform --out DIR
+
+The calibration's two measuring passes run once (calibrate_many with the bench's options); the
+search (warmup.decide_with_warmup) is then re-run per variant on the same measured site states
+with other error weights, and each plan is scored by the bench's PlanScorer. Variants:
+
+    bench     the bench's search: the sensitivity weights (vsopt.calibration.sensitivity)
+    uniform   every site and step weighs 1 (no sensitivity weights)
+    steps     each step's weight the mean over sites (no per-site split)
+    sqrt      the square root of each sensitivity weight (a flatter split)
+    square    the square of each (a sharper split)
+
+Each point also carries a diagnosis of the search's error model (`diagnose`): per kind of head
+(dense, mask, pattern, dynamic; pooled or not), the mean relative squared error the search
+predicted (calibration clip) and the one the plan makes on the scored clip at the same steps
+(the scored run's recorded q/k/v; needs --calibration-steps = --steps for the steps to match),
+and the sensitivity model's predicted final relative error (sqrt of the weighted sum) beside the
+scored clip's.
+
+Writes OUT/search_variants.json and prints one line per variant.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = ("bench", "uniform", "steps", "sqrt", "square")
+
+
+def variant_weights(name: str, weights: dict | None) -> dict | None:
+    """The (site, range) error weights of a variant, from the bench's (state_weights)."""
+    if name == "bench" or weights is None:
+        return weights
+    if name == "uniform":
+        return None
+    if name == "sqrt":
+        return {k: w ** 0.5 for k, w in weights.items()}
+    if name == "square":
+        return {k: w ** 2 for k, w in weights.items()}
+    if name == "steps":
+        ranges = {r for _, r in weights}
+        mean = {r: statistics.fmean(w for (s, rr), w in weights.items() if rr == r) for r in ranges}
+        return {k: mean[k[1]] for k in weights}
+    raise ValueError(name)
+
+
+def diagnose(scorer, states, decisions, weights, ranges) -> dict:
+    """The search's predicted errors against the plan's on the scored clip (see the module doc)."""
+    import torch
+
+    from vsopt.benchmark.scorer import site_output
+    from vsopt.calibration.choices import head_plans
+
+    kinds: dict[str, list[list[float]]] = {}
+    pred_final = act_final = 0.0
+    for (sid, r), st in states.items():
+        ch = decisions[(sid, r)].choices
+        heads = head_plans(st, ch)
+        start = 0 if ranges is None else ranges[r][0]
+        if start >= len(scorer.dense_calls_by_step):
+            continue
+        call = scorer.dense_calls_by_step[start][sid]
+        with torch.no_grad():
+            out = site_output(st.site, heads, call)
+        ref = call.out.double()
+        act = ((out.double() - ref) ** 2).sum((0, 2, 3)) / (ref ** 2).sum((0, 2, 3)).clamp_min(1e-300)
+        w = 1.0 if weights is None else weights[(sid, r)]
+        norm = max(float(st.norm2.sum()), 1e-300)
+        pred_final += w * sum(c.err2 for c in ch) / norm
+        act_final += w * float(((out.double() - ref) ** 2).sum() / (ref ** 2).sum())
+        for h, (c, hp) in enumerate(zip(ch, heads)):
+            kind = hp.sparsity.value + ("+pooled" if hp.remainder.value == "pooled" else "")
+            kinds.setdefault(kind, []).append([c.err2 / max(float(st.norm2[h]), 1e-300), float(act[h])])
+    return {"by_kind": {k: {"heads": len(v), "pred_rel_err2": sum(a for a, _ in v) / len(v),
+                            "scored_rel_err2": sum(b for _, b in v) / len(v)} for k, v in sorted(kinds.items())},
+            "sensitivity_final_rel_l2_predicted": pred_final ** 0.5,
+            "sensitivity_final_rel_l2_from_scored_site_errors": act_final ** 0.5}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--densities", default="0.2,0.3")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--clip", default="4,32,32")
+    p.add_argument("--calibration-steps", type=int, default=None, help="default: --steps (BenchSettings)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-pooled", action="store_true")
+    p.add_argument("--renorm", default="", help="vsopt_renorm intervals, e.g. 3")
+    p.add_argument("--variants", default="bench,uniform")
+    p.add_argument("--out", default="bench_search_variants")
+    args = p.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    if not variants or any(v not in VARIANTS for v in variants):
+        print(f"error: --variants {args.variants!r}: known {VARIANTS}", file=sys.stderr)
+        return 2
+    densities = tuple(float(d) for d in args.densities.split(","))
+    clip = tuple(int(x) for x in args.clip.split(","))
+
+    import torch
+
+    import vsopt.calibration.run as run
+    from vsopt.benchmark import BenchSettings, Method, PlanScorer
+    from vsopt.benchmark.aggregate import plan_options
+    from vsopt.calibration import DensityBudget
+    from vsopt.calibration.result import assemble
+    from vsopt.core.io import atomic_write_json
+    from vsopt.models.model import load_shipped
+
+    settings = BenchSettings(methods=(Method.VSOPT,), densities=densities, steps=args.steps, clip=clip,
+                             calibration_steps=args.calibration_steps, vsopt_warmup=(),
+                             vsopt_pooled=not args.no_pooled,
+                             vsopt_renorm=tuple(int(r) for r in args.renorm.split(",") if r))
+    ref = load_shipped(device=args.device, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32).eval()
+    t0 = time.perf_counter()
+    scorer = PlanScorer(ref, settings)
+    captured = {}
+    original = run.decide_with_warmup
+
+    def capture(states, cost, budget, weights, ranges, warmups):
+        captured.update(states=states, cost=cost, weights=weights, ranges=ranges)
+        return original(states, cost, budget, weights, ranges, warmups)
+
+    run.decide_with_warmup = capture
+    try:
+        calls, options = scorer._calibration(min(densities))
+        run.calibrate_many(scorer.velocity, calls, [DensityBudget(densities[0], settings.quant)], options=options,
+                           progress=False)
+    finally:
+        run.decide_with_warmup = original
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"settings": json.loads(json.dumps(dataclasses.asdict(settings), default=lambda v: v.value)),
+              "measure_s": time.perf_counter() - t0, "variants": {}}
+    for name in variants:
+        t = time.perf_counter()
+        w = variant_weights(name, captured["weights"])
+        rows = []
+        for d in densities:
+            budget = DensityBudget(d, settings.quant)
+            decisions, _ = original(captured["states"], captured["cost"], budget, w, captured["ranges"], ())
+            plan, _ = assemble(captured["states"], decisions, options, captured["cost"], budget)
+            s = scorer.score(plan)
+            rows.append({"target_density": d, "density": s["density"], "psnr": s["psnr"], "ssim": s["ssim"],
+                         "rel_l2": s["rel_l2"], "options": plan_options(plan, scorer.sites, settings.steps),
+                         "diagnosis": diagnose(scorer, captured["states"], decisions, w, captured["ranges"])})
+        result["variants"][name] = {"points": rows, "wall_s": time.perf_counter() - t}
+        atomic_write_json(out / "search_variants.json", result)
+        print(f"{name}: " + " | ".join(f"{r['density']:.3f} {r['psnr']:.2f} dB" for r in rows)
+              + f"  ({time.perf_counter() - t:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

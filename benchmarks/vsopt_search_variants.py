@@ -13,6 +13,14 @@ with other error weights, and each plan is scored by the bench's PlanScorer. Var
     steps     each step's weight the mean over sites (no per-site split)
     sqrt      the square root of each sensitivity weight (a flatter split)
     square    the square of each (a sharper split)
+    probe     the sensitivity weights re-measured with a probe of the error kind the plans make
+              (block top-k at the lowest density, pooled remainder) instead of top-k 0.5
+    warmup    the bench's search with a dense warm-up k = 0 or 1 on offer (the bench's default
+              --vsopt-warmup 1)
+    coherent  errors that add up coherently over sites and steps (final error = the sum of
+              sqrt(weight) * site relative error, not the root of the weighted sum of squares):
+              the density search re-run with each state's weight sqrt(w) / e at its last choice's
+              predicted error e (iteratively reweighted, damped, 6 rounds)
 
 Each point also carries a diagnosis of the search's error model (`diagnose`): per kind of head
 (dense, mask, pattern, dynamic; pooled or not), the mean relative squared error the search
@@ -33,12 +41,14 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = ("bench", "uniform", "steps", "sqrt", "square")
+VARIANTS = ("bench", "uniform", "steps", "sqrt", "square", "coherent", "warmup", "probe")
 
 
 def variant_weights(name: str, weights: dict | None) -> dict | None:
     """The (site, range) error weights of a variant, from the bench's (state_weights)."""
     if name == "bench" or weights is None:
+        return weights
+    if name in ("coherent", "warmup", "probe"):  # coherent: the first round; coherent_decisions reweighs
         return weights
     if name == "uniform":
         return None
@@ -53,6 +63,40 @@ def variant_weights(name: str, weights: dict | None) -> dict | None:
     raise ValueError(name)
 
 
+def probe_weights(scorer, settings, ranges, density: float) -> dict:
+    """(site, range) weights from sensitivity_weights with a pooled top-k probe at `density`."""
+    from vsopt.core.dynamic import DynamicMethod, DynamicSpec
+    from vsopt.core.plan import HeadPlan, Sparsity
+    from vsopt.core.pooled import Remainder
+
+    calls = scorer._calibration_inputs
+    b = settings.block
+    head = HeadPlan(Sparsity.DYNAMIC, block_m=b, block_n=b, dynamic=DynamicSpec(DynamicMethod.TOP_K, density),
+                    remainder=Remainder.POOLED)
+    per_step = scorer.sensitivity_weights(calls, head)
+    n = len(calls)
+    out = {}
+    for sid, steps in per_step.items():
+        for r, (a, stop) in enumerate(ranges or [(0, None)]):
+            inside = [steps[i] for i in range(a, n if stop is None else stop)]
+            out[(sid, r)] = sum(inside) / len(inside)
+    return out
+
+
+def coherent_decisions(decide, states, cost, budget, weights, ranges, rounds: int = 6, floor: float = 0.02):
+    """The density search for a coherent error model (see the module doc): each round re-runs it
+    with weight sqrt(w) / e per state, e the (damped) predicted relative error of its last choice."""
+    base = weights or {k: 1.0 for k in states}
+    decisions, _ = decide(states, cost, budget, base, ranges, ())
+    e = None
+    for _ in range(rounds):
+        now = {k: max(floor, (sum(c.err2 for c in decisions[k].choices)
+                              / max(float(st.norm2.sum()), 1e-300)) ** 0.5) for k, st in states.items()}
+        e = now if e is None else {k: 0.5 * (e[k] + now[k]) for k in states}
+        decisions, _ = decide(states, cost, budget, {k: base[k] ** 0.5 / e[k] for k in states}, ranges, ())
+    return decisions
+
+
 def diagnose(scorer, states, decisions, weights, ranges) -> dict:
     """The search's predicted errors against the plan's on the scored clip (see the module doc)."""
     import torch
@@ -61,7 +105,7 @@ def diagnose(scorer, states, decisions, weights, ranges) -> dict:
     from vsopt.calibration.choices import head_plans
 
     kinds: dict[str, list[list[float]]] = {}
-    pred_final = act_final = 0.0
+    pred_final = act_final = coherent = 0.0
     for (sid, r), st in states.items():
         ch = decisions[(sid, r)].choices
         heads = head_plans(st, ch)
@@ -76,14 +120,17 @@ def diagnose(scorer, states, decisions, weights, ranges) -> dict:
         w = 1.0 if weights is None else weights[(sid, r)]
         norm = max(float(st.norm2.sum()), 1e-300)
         pred_final += w * sum(c.err2 for c in ch) / norm
-        act_final += w * float(((out.double() - ref) ** 2).sum() / (ref ** 2).sum())
+        site_err2 = float(((out.double() - ref) ** 2).sum() / (ref ** 2).sum())
+        act_final += w * site_err2
+        coherent += (w * site_err2) ** 0.5
         for h, (c, hp) in enumerate(zip(ch, heads)):
             kind = hp.sparsity.value + ("+pooled" if hp.remainder.value == "pooled" else "")
             kinds.setdefault(kind, []).append([c.err2 / max(float(st.norm2[h]), 1e-300), float(act[h])])
     return {"by_kind": {k: {"heads": len(v), "pred_rel_err2": sum(a for a, _ in v) / len(v),
                             "scored_rel_err2": sum(b for _, b in v) / len(v)} for k, v in sorted(kinds.items())},
             "sensitivity_final_rel_l2_predicted": pred_final ** 0.5,
-            "sensitivity_final_rel_l2_from_scored_site_errors": act_final ** 0.5}
+            "sensitivity_final_rel_l2_from_scored_site_errors": act_final ** 0.5,
+            "coherent_final_rel_l2_from_scored_site_errors": coherent}
 
 
 def main(argv=None) -> int:
@@ -95,7 +142,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-pooled", action="store_true")
     p.add_argument("--renorm", default="", help="vsopt_renorm intervals, e.g. 3")
+    p.add_argument("--held-out", action="store_true", help="vsopt_held_out (errors on a second calibration clip)")
     p.add_argument("--variants", default="bench,uniform")
+    p.add_argument("--states", default=None,
+                   help="a file of measured site states: loaded when it exists (the measurement skipped), "
+                        "else written after measuring (torch.save; same settings only)")
     p.add_argument("--out", default="bench_search_variants")
     args = p.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
@@ -118,7 +169,8 @@ def main(argv=None) -> int:
     settings = BenchSettings(methods=(Method.VSOPT,), densities=densities, steps=args.steps, clip=clip,
                              calibration_steps=args.calibration_steps, vsopt_warmup=(),
                              vsopt_pooled=not args.no_pooled,
-                             vsopt_renorm=tuple(int(r) for r in args.renorm.split(",") if r))
+                             vsopt_renorm=tuple(int(r) for r in args.renorm.split(",") if r),
+                             vsopt_held_out=args.held_out)
     ref = load_shipped(device=args.device, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32).eval()
     t0 = time.perf_counter()
     scorer = PlanScorer(ref, settings)
@@ -129,24 +181,38 @@ def main(argv=None) -> int:
         captured.update(states=states, cost=cost, weights=weights, ranges=ranges)
         return original(states, cost, budget, weights, ranges, warmups)
 
-    run.decide_with_warmup = capture
-    try:
-        calls, options = scorer._calibration(min(densities))
-        run.calibrate_many(scorer.velocity, calls, [DensityBudget(densities[0], settings.quant)], options=options,
-                           progress=False)
-    finally:
-        run.decide_with_warmup = original
+    if args.states and Path(args.states).exists():
+        captured.update(torch.load(args.states, weights_only=False))
+        options = captured.pop("options")
+        if "probe" in variants:  # the calibration clip's recorded inputs (and the default weights)
+            scorer._calibration(min(densities))
+    else:
+        run.decide_with_warmup = capture
+        try:
+            calls, options = scorer._calibration(min(densities))
+            run.calibrate_many(scorer.velocity, calls, [DensityBudget(densities[0], settings.quant)],
+                               options=options, progress=False)
+        finally:
+            run.decide_with_warmup = original
+        if args.states:
+            torch.save({**captured, "options": options}, args.states)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"settings": json.loads(json.dumps(dataclasses.asdict(settings), default=lambda v: v.value)),
               "measure_s": time.perf_counter() - t0, "variants": {}}
     for name in variants:
         t = time.perf_counter()
-        w = variant_weights(name, captured["weights"])
+        w = (probe_weights(scorer, settings, captured["ranges"], min(densities)) if name == "probe"
+             else variant_weights(name, captured["weights"]))
         rows = []
         for d in densities:
             budget = DensityBudget(d, settings.quant)
-            decisions, _ = original(captured["states"], captured["cost"], budget, w, captured["ranges"], ())
+            if name == "coherent":
+                decisions = coherent_decisions(original, captured["states"], captured["cost"], budget, w,
+                                               captured["ranges"])
+            else:
+                decisions, _ = original(captured["states"], captured["cost"], budget, w, captured["ranges"],
+                                        (1,) if name == "warmup" else ())
             plan, _ = assemble(captured["states"], decisions, options, captured["cost"], budget)
             s = scorer.score(plan)
             rows.append({"target_density": d, "density": s["density"], "psnr": s["psnr"], "ssim": s["ssim"],

@@ -2,6 +2,7 @@
 reach and configurations past the time limit are recorded as not run (the sweep goes on), the
 partial result is handed out after every point, and vsopt is calibrated once for all densities."""
 import pytest
+import torch
 
 from vsopt.benchmark import BenchSettings, Method, bench
 from vsopt.benchmark.report import summary_table
@@ -196,3 +197,13 @@ def test_vsopt_is_calibrated_on_the_scored_runs_steps_by_default(tmp_path):
     assert _check_args(parser.parse_args(["--steps", "6", "--out", str(tmp_path)]))[0].calibration_steps == 6
     assert _check_args(parser.parse_args(["--steps", "6", "--calibration-steps", "2",
                                           "--out", str(tmp_path)]))[0].calibration_steps == 2
+
+
+def test_vsopt_held_out_calibrates_on_two_sampler_runs():
+    from vsopt.benchmark.scorer import PlanScorer
+
+    settings = BenchSettings(methods=(Method.VSOPT,), densities=(0.5,), steps=2, sensitivity=False,
+                             vsopt_held_out=True)
+    calls, options = PlanScorer(_tiny(), settings)._calibration(0.5)
+    assert [c.step for c in calls] == [0, 1, 0, 1] and options.held_out_errors
+    assert not torch.equal(calls[0].args[0], calls[2].args[0])  # other noise

@@ -59,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="method cluster: the k-means clustering is refreshed every this many steps (warm-started)")
     p.add_argument("--vsopt-clusters", action="store_true",
                    help="vsopt: also offer cluster heads (Sparse VideoGen 2) to the calibration")
+    p.add_argument("--vsopt-held-out", action="store_true",
+                   help="vsopt: measure the calibration's candidate errors on a second calibration clip, not on "
+                        "the one its masks are made from")
     p.add_argument("--no-sensitivity", action="store_true",
                    help="vsopt: weigh every site's and step's error alike (no measured output sensitivity)")
 
@@ -113,7 +116,8 @@ def _check_args(args: argparse.Namespace):
         settings = BenchSettings(methods=methods, densities=densities, quant=Quant(args.quant), block=block,
                                  steps=args.steps, clips=args.clips, clip=clip,
                                  calibration_steps=args.calibration_steps, step_plans=not args.no_step_plans,
-                                 sensitivity=not args.no_sensitivity, vsopt_speedups=vsopt_speedups,
+                                 sensitivity=not args.no_sensitivity, vsopt_held_out=args.vsopt_held_out,
+                                 vsopt_speedups=vsopt_speedups,
                                  vsopt_match="match" in speed, warmup_steps=args.warmup_steps,
                                  mask_refresh=args.mask_refresh,
                                  vsopt_warmup=items("--vsopt-warmup", args.vsopt_warmup, int),

@@ -106,7 +106,7 @@ class PlanScorer:
 
     # what the dense clips, the calibration inputs and the sensitivity weights depend on
     _SHARED = ("steps", "clips", "seed", "clip", "block", "site_step", "calibration_steps", "calibration_clips",
-               "sensitivity")
+               "sensitivity", "vsopt_held_out")
 
     def with_settings(self, settings: BenchSettings) -> "PlanScorer":
         """A scorer for other vsopt calibration options (settings differing from this one's only
@@ -204,15 +204,19 @@ class PlanScorer:
 
         s = self.settings
         if self._calibration_inputs is None:
-            _, tokens = data.make_batch(s.calibration_clips, seed=s.seed + 2000)
-            with record_forward_inputs(self.ref.transformer, device=None) as calls:
-                sampler.sample(self.ref.transformer, self.ref.encode(tokens.to(self.device)), self.shape,
-                               steps=s.calibration_steps, seed=s.seed + 1)
-            # one forward per step; the Velocity wrapper takes the positional inputs only
-            self._calibration_inputs = [RecordedCall(c.index, c.index, c.args) for c in calls]
+            self._calibration_inputs = []
+            # vsopt_held_out: a second sampler run (other descriptions and noise) for pass 2's errors
+            for run in range(2 if s.vsopt_held_out else 1):
+                _, tokens = data.make_batch(s.calibration_clips, seed=s.seed + 2000 + 7 * run)
+                with record_forward_inputs(self.ref.transformer, device=None) as calls:
+                    sampler.sample(self.ref.transformer, self.ref.encode(tokens.to(self.device)), self.shape,
+                                   steps=s.calibration_steps, seed=s.seed + 1 + 7 * run)
+                # one forward per step; the Velocity wrapper takes the positional inputs only
+                n = len(self._calibration_inputs)
+                self._calibration_inputs += [RecordedCall(n + c.index, c.index, c.args) for c in calls]
         calls = self._calibration_inputs
-        if s.sensitivity and self._error_weights is None:
-            self._error_weights = self.sensitivity_weights(calls)
+        if s.sensitivity and self._error_weights is None:  # measured on the first run
+            self._error_weights = self.sensitivity_weights(calls[:s.calibration_steps])
         ranges = calibration_step_ranges(s.calibration_steps, s.vsopt_renorm) if s.step_plans else None
         options = CalibrationOptions(block_m=s.block, block_n=s.block, quants=tuple({Quant.NONE, s.quant}),
                                      order_density=order_density, step_ranges=ranges, dynamic_values=DYNAMIC_MASS,
@@ -221,7 +225,7 @@ class PlanScorer:
                                      dense_warmup=tuple(k for k in s.vsopt_warmup if k < s.calibration_steps)
                                      if s.step_plans else (),
                                      mask_refresh=s.vsopt_refresh, pooled_remainder=s.vsopt_pooled,
-                                     renorm_every=s.vsopt_renorm,
+                                     renorm_every=s.vsopt_renorm, held_out_errors=s.vsopt_held_out,
                                      clusters=self._cluster_candidates())
         return calls, options
 
@@ -236,17 +240,18 @@ class PlanScorer:
             return ()
         return tuple(min(cluster_specs(video, s, p).values(), key=lambda c: c.k_clusters) for p in s.vsopt_cluster_top_p)
 
-    def sensitivity_weights(self, calls) -> dict[str, dict[int, float]]:
+    def sensitivity_weights(self, calls, probe_head: HeadPlan | None = None) -> dict[str, dict[int, float]]:
         """vsopt.sensitivity.euler_sensitivity on a dense sampler run's recorded inputs `calls`
-        (one per step), each self-attention site probed with block top-k at density 0.5 in the
-        model's order (an error of the kind sparse attention makes)."""
+        (one per step), each self-attention site probed with `probe_head` on every head (None:
+        block top-k at density 0.5 in the model's order, an error of the kind sparse attention makes)."""
         from vsopt.models import sampler
         from vsopt.calibration.sensitivity import euler_sensitivity
 
         inputs = [c.args for c in calls]
         gm, _ = rewritten(self.velocity, inputs[0], None, None)
         b = self.settings.block
-        probe_head = HeadPlan(Sparsity.DYNAMIC, block_m=b, block_n=b, dynamic=DynamicSpec(DynamicMethod.TOP_K, 0.5))
+        probe_head = probe_head or HeadPlan(Sparsity.DYNAMIC, block_m=b, block_n=b,
+                                            dynamic=DynamicSpec(DynamicMethod.TOP_K, 0.5))
         video = {s.site_id: s for s in self.sites if s.is_self_attention and s.grid is not None}
 
         def probe(call):

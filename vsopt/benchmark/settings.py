@@ -43,7 +43,8 @@ class BenchSettings:
     calibration_steps: the sampler inputs vsopt's calibration measures (other seeds than the
     scored clips; None: the scored run's `steps`, so that each step plan is calibrated on the
     step it runs: a shorter calibration run's last plan would run every later step, at other noise
-    levels than it was measured at, and be priced as one step). site_step: the denoising step whose inputs the per-site errors are taken at.
+    levels than it was measured at, and be priced as one step). site_step: the denoising step
+    whose inputs the per-site errors are taken at.
     step_plans: vsopt calibrates each denoising step separately (a plan with one step range per
     step; the density budget is then shared across steps as well as sites). sensitivity: vsopt's
     density search weighs each site's and step's error by the final output's measured sensitivity
@@ -68,7 +69,9 @@ class BenchSettings:
     time_limit_s: no configuration is started after this many seconds of the run (the ones left
     are recorded as not run); None: no limit. timing: how a GPU run measures speed (sweep.sampling_ms):
     "eager" (the rewritten graphs, no compilation per plan) or "compiled" (torch.compile, backend
-    vsopt, Inductor). vsopt_top_k: the top-k fractions of vsopt's dynamic candidates."""
+    vsopt, Inductor). vsopt_top_k: the top-k fractions of vsopt's dynamic candidates.
+    vsopt_held_out: vsopt's calibration measures its candidates' errors on a second calibration
+    sampler run, not on the one its masks are made from (CalibrationOptions.held_out_errors)."""
 
     methods: tuple[Method, ...] = (Method.VSOPT, Method.TOPK, Method.WINDOW, Method.RADIAL, Method.SAGE, Method.WARMUP,
                                    Method.REUSE, Method.PSA)
@@ -101,6 +104,7 @@ class BenchSettings:
     time_limit_s: float | None = None
     timing: str = "eager"
     vsopt_top_k: tuple[float, ...] = DYNAMIC_TOP_K
+    vsopt_held_out: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "methods", tuple(Method(m) for m in self.methods))

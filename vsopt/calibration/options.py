@@ -130,6 +130,11 @@ class CalibrationOptions:
     dynamic_top_k: fractions of key blocks per query row of the top-k dynamic candidates (in the
       head's order; an input-dependent mask at a fixed density).
     error_inputs: how many calibration inputs (the first ones) pass 2 runs on (None: all).
+    held_out_errors: pass 1 (block mass: orders and calibrated masks) runs on the first half of
+      each step range's inputs and pass 2 (candidate errors) on the rest, so that a calibrated
+      mask's error is measured on inputs it was not made from (a mask made from an input is that
+      input's oracle: its error there is optimistic against a dynamic head's, which is predicted
+      online). Needs two or more inputs per step range (e.g. two sampler runs). Off by default.
     site_overhead_us: what lowering a site costs beyond the GPU time the cost model predicts
       (host-side work of permutations and head-group gathers, for example), charged once to every
       site that is not left dense. 0 by default; see docs/CALIBRATION.md for measured values.
@@ -194,6 +199,7 @@ class CalibrationOptions:
     dynamic_top_k: tuple[float, ...] = ()
     skip: bool = True
     error_inputs: int | None = None
+    held_out_errors: bool = False
     site_overhead_us: float = 0.0
     host_overhead: bool = False
     step_ranges: tuple[tuple[int, int | None], ...] | None = None

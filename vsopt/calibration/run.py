@@ -114,10 +114,12 @@ def calibrate_many(model: torch.nn.Module, calibration_inputs: Sequence[Any], bu
         # a range's budget share grows with the steps it runs (search_density / search_time)
         states = {(s.site_id, r): SiteState(s, options, site_orders(s.grid, options.orders), steps=range_ids.count(r))
                   for s in sites for r in used}
-        # pass 2 runs on the first `error_inputs` inputs of each step range
+        mass_inputs = _mass_inputs(range_ids, options.held_out_errors, ranges)
+        # pass 2 runs on the first `error_inputs` inputs of each step range (not pass 1's, held out)
         take, seen = [], {}
         for i, r in enumerate(range_ids):
-            if r is not None and seen.get(r, 0) < (options.error_inputs or len(calls)):
+            if (r is not None and seen.get(r, 0) < (options.error_inputs or len(calls))
+                    and not (options.held_out_errors and i in mass_inputs)):
                 take.append(i)
                 seen[r] = seen.get(r, 0) + 1
         if options.mask_refresh:  # reused masks where pass 2 can measure them (calibration.reuse)
@@ -139,7 +141,7 @@ def calibrate_many(model: torch.nn.Module, calibration_inputs: Sequence[Any], bu
         with torch.no_grad():
             bar = tqdm(range(len(calls)), desc="calibrate: measure block mass", disable=not progress, initial=measured)
             for i in range(measured, len(calls)):
-                if range_ids[i] is not None:
+                if i in mass_inputs:
                     run_observing(gm, inputs[i], observe(measure_mass, range_ids[i]))
                 if ckpt:
                     ckpt.save(states, i + 1, 0, force=i + 1 == len(calls))
@@ -187,6 +189,24 @@ def calibrate_many(model: torch.nn.Module, calibration_inputs: Sequence[Any], bu
         return found
     finally:
         model.train(was_training)
+
+
+def _mass_inputs(range_ids: Sequence[int | None], held_out: bool, ranges) -> set[int]:
+    """The inputs pass 1 (block mass) runs on: every input in a step range, or with held_out
+    (CalibrationOptions.held_out_errors) the first half of each range's, the rest left to pass 2."""
+    by_range: dict[int, list[int]] = {}
+    for i, r in enumerate(range_ids):
+        if r is not None:
+            by_range.setdefault(r, []).append(i)
+    if not held_out:
+        return {i for ids in by_range.values() for i in ids}
+    few = {r: len(ids) for r, ids in by_range.items() if len(ids) < 2}
+    if few:
+        r = min(few)
+        where = "the calibration" if ranges is None else f"step range {ranges[r][0]}:{ranges[r][1] or ''}"
+        raise ConfigError(f"held_out_errors needs at least 2 calibration inputs per step range; {where} has "
+                          f"{few[r]} (give more clips or sampler runs)")
+    return {i for ids in by_range.values() for i in ids[:len(ids) // 2]}
 
 
 def _trace(model: torch.nn.Module, example: tuple, config: VsoptConfig):

@@ -15,6 +15,7 @@ with other error weights, and each plan is scored by the bench's PlanScorer. Var
     square    the square of each (a sharper split)
     probe     the sensitivity weights re-measured with a probe of the error kind the plans make
               (block top-k at the lowest density, pooled remainder) instead of top-k 0.5
+    probe_each  the same with the probe at each point's own density (one measurement per density)
     warmup    the bench's search with a dense warm-up k = 0 or 1 on offer (the bench's default
               --vsopt-warmup 1)
     coherent  errors that add up coherently over sites and steps (final error = the sum of
@@ -41,14 +42,14 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = ("bench", "uniform", "steps", "sqrt", "square", "coherent", "warmup", "probe")
+VARIANTS = ("bench", "uniform", "steps", "sqrt", "square", "coherent", "warmup", "probe", "probe_each")
 
 
 def variant_weights(name: str, weights: dict | None) -> dict | None:
     """The (site, range) error weights of a variant, from the bench's (state_weights)."""
     if name == "bench" or weights is None:
         return weights
-    if name in ("coherent", "warmup", "probe"):  # coherent: the first round; coherent_decisions reweighs
+    if name in ("coherent", "warmup", "probe", "probe_each"):  # reweighed or re-measured in main
         return weights
     if name == "uniform":
         return None
@@ -184,7 +185,8 @@ def main(argv=None) -> int:
     if args.states and Path(args.states).exists():
         captured.update(torch.load(args.states, weights_only=False))
         options = captured.pop("options")
-        if "probe" in variants:  # the calibration clip's recorded inputs (and the default weights)
+        if "probe" in variants or "probe_each" in variants:  # the calibration clip's inputs (weights loaded)
+            scorer._error_weights = {}
             scorer._calibration(min(densities))
     else:
         run.decide_with_warmup = capture
@@ -207,6 +209,8 @@ def main(argv=None) -> int:
         rows = []
         for d in densities:
             budget = DensityBudget(d, settings.quant)
+            if name == "probe_each":
+                w = probe_weights(scorer, settings, captured["ranges"], d)
             if name == "coherent":
                 decisions = coherent_decisions(original, captured["states"], captured["cost"], budget, w,
                                                captured["ranges"])

@@ -104,7 +104,7 @@ def run_forward(args, device: str) -> dict:
     torch._dynamo.reset()
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     rows, models = {}, {}
-    for name, backend, kwargs in forward_configs(cuda, plan_path):
+    for name, backend, kwargs in forward_configs(cuda and args.cudagraphs, plan_path):
         model = ref.transformer if backend is None else torch.compile(ref.transformer, backend=backend, **kwargs)
         skips = counters["inductor"]["cudagraph_skips"]
         row = {"backend": backend or "eager", "compile_kwargs": {k: (v if k != "options" else
@@ -250,6 +250,8 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default="forward,demo", help="comma-separated: forward, demo")
     ap.add_argument("--iters", type=int, default=50, help="timed forwards per configuration and step")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds the --iters calls are split into")
+    ap.add_argument("--no-cudagraphs", dest="cudagraphs", action="store_false",
+                    help="forward: skip the CUDA-graph configurations")
     ap.add_argument("--frames", type=int, default=None, help="latent frames (default: the trained 16)")
     ap.add_argument("--size", type=int, default=None, help="latent height = width (default: the trained 32)")
     ap.add_argument("--demo-steps", type=int, default=None, help="--steps of the demo runs (default: the demo's)")

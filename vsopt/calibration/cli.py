@@ -266,8 +266,9 @@ def run_cli(args: argparse.Namespace) -> int:
             if len(inputs) < 2:
                 raise ConfigError("--min-psnr needs at least two inputs from the FACTORY: the last one is held out")
             budget = QualityFloor(inputs.pop(), budget)
+    sampling = {"steps": args.steps, "guidance": args.guidance} if args.reference else None
     result = calibrate(model, inputs, budget, options=checked.options, out=args.out, resume=not args.no_resume,
-                       progress=not args.quiet, grid=checked.grid)
+                       progress=not args.quiet, grid=checked.grid, sampling=sampling)
     print(result.table())
     print(f"plan written to {args.out}")
     result_dict = result.to_dict()

@@ -10,7 +10,8 @@
    options={"cudagraphs": True}). The shipped plan changes head plans at step 4, so every
    configuration is timed at step 0 (segment 0-3) and at step 4 (segment 4+), after warming up
    both segments (3 calls each: autotuning, CUDA graph warm-up, recording); median of --iters
-   CUDA-event-timed calls (vsopt.core.timing.time_calls). Also: the first call (compilation),
+   CUDA-event-timed calls, every configuration compiled first and then timed in --rounds
+   interleaved rounds (vsopt.core.timing.interleaved_ms). Also: the first call (compilation),
    relative L2 of the output against eager, Inductor's count of graphs it ran without CUDA graphs
    ("cudagraph_skips"), and for vsopt a profile of GPU time by kernel category.
 2. demo: `python3 -m vsopt.cli demo` in a fresh process, as is and with --cudagraphs; its
@@ -77,7 +78,7 @@ def run_forward(args, device: str) -> dict:
     import vsopt
     from torch._dynamo.utils import counters
     from vsopt.core.metrics import relative_l2
-    from vsopt.core.timing import time_calls
+    from vsopt.core.timing import interleaved_ms
     from vsopt.demo import resolve_plan
     from vsopt.models import data, model as model_lib
 
@@ -96,9 +97,14 @@ def run_forward(args, device: str) -> dict:
     x = torch.randn(2, data.CHANNELS, frames, size, size, generator=g).to(device, dtype)
     inputs = (x, torch.full((2,), 500.0, device=device), cond)
     steps = (0, 4)  # the first steps of the shipped plan's two segments
-    rows, reference = {}, None
-    for name, backend, kwargs in forward_configs(cuda, plan_path):
-        torch._dynamo.reset()
+    # Every configuration is compiled and warmed up first, then all are timed in interleaved rounds
+    # (vsopt.core.timing.interleaved_ms): at this size a forward is host-bound, and timing one
+    # configuration after another let the machine's drift fall on whichever ran last (session 8 saw
+    # "vsopt-noplan" 1.46x slower than an all-dense plan that compiles to the same graph).
+    torch._dynamo.reset()
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    rows, models = {}, {}
+    for name, backend, kwargs in forward_configs(cuda and args.cudagraphs, plan_path):
         model = ref.transformer if backend is None else torch.compile(ref.transformer, backend=backend, **kwargs)
         skips = counters["inductor"]["cudagraph_skips"]
         row = {"backend": backend or "eager", "compile_kwargs": {k: (v if k != "options" else
@@ -114,28 +120,32 @@ def run_forward(args, device: str) -> dict:
             if cuda:
                 torch.cuda.synchronize()
             row["warmup_s"] = round(time.perf_counter() - t0, 2)
-            for s in steps:
-                vsopt.set_denoising_step(s)
-                ms = time_calls(lambda: model(*inputs, return_dict=False), args.iters, warmup=1, cuda=cuda)
-                row[f"ms_step{s}"] = round(statistics.median(ms), 4)
-                row[f"all_ms_step{s}"] = [round(t, 4) for t in ms]
-            vsopt.set_denoising_step(steps[-1])
+            row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
+        rows[name], models[name] = row, model
+    rounds = max(1, min(args.rounds, args.iters))
+    reference = None
+    with torch.no_grad():
+        for s in steps:
+            vsopt.set_denoising_step(s)
+            calls = {name: (lambda m=m: m(*inputs, return_dict=False)) for name, m in models.items()}
+            times = interleaved_ms(calls, rounds, max(1, args.iters // rounds), warmup=1, cuda=cuda)
+            for name, ms in times.items():
+                rows[name][f"ms_step{s}"] = round(statistics.median(ms), 4)
+                rows[name][f"all_ms_step{s}"] = [round(t, 4) for t in ms]
+        vsopt.set_denoising_step(steps[-1])
+        for name, model in models.items():
+            row = rows[name]
             out = model(*inputs, return_dict=False)[0].float().clone()
-            if backend == "vsopt" and not args.no_profile:
+            if row["backend"] == "vsopt" and not args.no_profile:
                 row["profile_step4"] = profile_breakdown(lambda: model(*inputs, return_dict=False), device)
-            vsopt.set_denoising_step(None)
-        reference = out if reference is None else reference
-        row["rel_l2_vs_eager"] = relative_l2(out, reference)
-        row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
-        rows[name] = row
-        print(f"  {name}: {row['ms_step0']:.3f} ms (step 0), {row['ms_step4']:.3f} ms (step 4), warm-up "
-              f"{row['warmup_s']} s, rel L2 vs eager {row['rel_l2_vs_eager']:.2e}, cudagraph skips "
-              f"{row['cudagraph_skips']}", flush=True)
-        del model
-        if cuda:
-            torch.cuda.empty_cache()
+            reference = out if reference is None else reference
+            row["rel_l2_vs_eager"] = relative_l2(out, reference)
+            print(f"  {name}: {row['ms_step0']:.3f} ms (step 0), {row['ms_step4']:.3f} ms (step 4), warm-up "
+                  f"{row['warmup_s']} s, rel L2 vs eager {row['rel_l2_vs_eager']:.2e}, cudagraph skips "
+                  f"{row['cudagraph_skips']}", flush=True)
+        vsopt.set_denoising_step(None)
     return {"latent": [2, data.CHANNELS, frames, size, size], "tokens": frames * (size // 2) ** 2,
-            "dtype": str(dtype), "plan": plan_why, "iters": args.iters, "rows": rows}
+            "dtype": str(dtype), "plan": plan_why, "iters": args.iters, "rounds": rounds, "rows": rows}
 
 
 def run_demos(args, out: Path, cuda: bool) -> dict:
@@ -182,7 +192,8 @@ def render(r: dict) -> str:
         base = {k: rows[k]["ms_step4"] for k in ("eager", "inductor", "vsopt-noplan") if k in rows}
         lines += ["", f"One forward of the shipped reference model, latents {'x'.join(map(str, f['latent']))} "
                       f"({f['tokens']} video tokens, the two guidance halves as batch 2), {f['dtype']}; plan: "
-                      f"{f['plan']}. Median of {f['iters']} timed calls (CUDA events on a GPU) after warming up both "
+                      f"{f['plan']}. Median of {f['iters']} timed calls (CUDA events on a GPU; every configuration "
+                      f"compiled first, then timed in {f.get('rounds', 1)} interleaved rounds) after warming up both "
                       "step segments of the shipped plan (it changes head plans at step 4).", "",
                   "| config | ms, step 0 | ms, step 4 | vs eager | vs inductor | vs vsopt-noplan | first calls s "
                   "| rel L2 vs eager | cudagraph skips |",
@@ -238,6 +249,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=default_out)
     ap.add_argument("--parts", default="forward,demo", help="comma-separated: forward, demo")
     ap.add_argument("--iters", type=int, default=50, help="timed forwards per configuration and step")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds the --iters calls are split into")
+    ap.add_argument("--no-cudagraphs", dest="cudagraphs", action="store_false",
+                    help="forward: skip the CUDA-graph configurations")
     ap.add_argument("--frames", type=int, default=None, help="latent frames (default: the trained 16)")
     ap.add_argument("--size", type=int, default=None, help="latent height = width (default: the trained 32)")
     ap.add_argument("--demo-steps", type=int, default=None, help="--steps of the demo runs (default: the demo's)")

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Download FlashAttention-4 (flash-attn-4, CuTe DSL) and its dependencies as cp312 manylinux x86_64
 # wheels (the GPU machine's Python), and lay them out under .whl/fa4/ in parts that each fit one GPU
-# run beside the working tree (at most 64 MiB travel with a run, and the tracked tree is ~36 MB): the
-# 92 MB CUTLASS DSL library wheel is split into 24 MiB pieces, one per run, the last run has the rest.
+# run beside the working tree (at most 64 MiB travel with a run, and the tracked tree is ~23 MB): the
+# 92 MB CUTLASS DSL library wheel is split into PART-sized pieces (31 MiB: three runs), one per run, the
+# last run has the rest.
 #     bash benchmarks/fetch_fa4_wheels.sh            (on this machine; writes .whl/fa4/run1 .. runK)
 # Then on the GPU machine, K runs in a row on a warm machine (/tmp survives between them):
 #     run i < K, carry [".whl/fa4/run<i>"]:  VSOPT_FA4=1 source benchmarks/gpu_env.sh  (keeps its part in /tmp/fa4)
@@ -33,7 +34,7 @@ fi
 mv benchmarks/fa4_wheels.sha256.new benchmarks/fa4_wheels.sha256
 rm -rf .whl/fa4 && mkdir -p .whl/fa4
 big=$(ls "$dl"/nvidia_cutlass_dsl_libs_cu13-*.whl)
-split -b 24M -d -a 2 "$big" "$dl/$(basename "$big").part"
+split -b "${PART:-31M}" -d -a 2 "$big" "$dl/$(basename "$big").part"
 i=0
 for part in "$dl/$(basename "$big")".part??; do
     i=$((i + 1)); mkdir -p .whl/fa4/run$i; mv "$part" .whl/fa4/run$i/

@@ -103,7 +103,7 @@ def _kernel_call(kernel, launch, q, k, v, qq, idx, cnt, scale, mode, cfg, order=
     grid = (order.numel() * (BLOCK // cfg.block_m),)
 
     def call():
-        kernel._block_sparse_fwd_kernel[grid](
+        kernel.block_sparse_fwd_kernel[grid](
             q, k, v, out, out, qs if qs is not None else order, ks if ks is not None else order,
             vs if vs is not None else order, idx, cnt, order,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

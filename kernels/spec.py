@@ -10,10 +10,12 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import check
+
+if TYPE_CHECKING:  # torch is imported where it is used: `vsopt bench --help` reads QuantMode without it
+    import torch
 
 
 class QuantMode(str, enum.Enum):
@@ -68,6 +70,8 @@ QUANT_MODES = tuple(m.value for m in QuantMode)
 
 def valid_block(block: int) -> bool:
     """The block sizes the kernels and their tables take: powers of two in [16, 256]."""
+    import torch
+
     return isinstance(block, (int, torch.SymInt)) and 16 <= block <= 256 and block & (block - 1) == 0
 
 

@@ -52,6 +52,24 @@ from vsopt.models.plans import SHIPPED_PLAN, resolve_plan
 DEVICE_DEFAULTS = {"cuda": {"steps": 20, "size": 64}, "cpu": {"steps": 6, "size": 32}}
 
 
+def sampling_note(plan, steps: int, guidance: float) -> str | None:
+    """A line when this run samples otherwise than the plan's calibration did (its
+    meta["calibration"]["sampling"]: steps, guidance), else None; None too for a plan that keeps
+    every site dense (exact at any sampling). A plan's step ranges are step indices, and guidance
+    scales the conditional branch's error: the plan's measured quality holds for its own sampling
+    (the shipped 16384-token plan: 35.5 dB there, 24.9 dB at 20 steps and guidance 3,
+    BENCHMARKS.md session 8)."""
+    cal = (plan.meta.get("calibration") or {}).get("sampling")
+    if not cal or all(sp.is_dense for sp in plan.sites.values()):
+        return None
+    cal_steps, cal_guidance = cal.get("steps"), float(cal.get("guidance", 1.0))
+    if cal_steps == steps and cal_guidance == float(guidance):
+        return None
+    return (f"the plan was calibrated on {cal_steps}-step trajectories at guidance {cal_guidance:g}; this run samples "
+            f"{steps} steps at guidance {float(guidance):g}, so its quality may differ from the calibration's "
+            f"(calibrate for it: vsopt calibrate --reference --steps {steps} --guidance {float(guidance):g} ...)")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="vsopt-demo", help="folder for frames.png, clip.gif and demo.json")
     p.add_argument("--plan", default=SHIPPED_PLAN, metavar="PATH|shipped|none",
@@ -303,6 +321,10 @@ def run_demo(args: argparse.Namespace) -> dict:
     print(f"\nplan: {plan_text}")
     for line in result.get("plan_fit", []):
         print(f"  {line}")
+    note = sampling_note(calibrated, steps, args.guidance) if plan is not None else None
+    if note:
+        print(f"  note: {note}")
+        result["plan_sampling_note"] = note
     result["plan"] = plan_text
     meaning = _meaning(device, dtype, args.cudagraphs, plan_path)
 

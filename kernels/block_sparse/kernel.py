@@ -155,7 +155,7 @@ def _attend_tile(acc, l_i, m_i, q, k_src, v_src, start_n, NK, s_scale, cap_log2,
 
 
 @triton.jit
-def _block_sparse_fwd_kernel(
+def block_sparse_fwd_kernel(  # public: plugins/tensorrt/entry.py calls it as a device function
     Q, K, V, Out, Lse,
     QScale, KScale, VScale, QkBias,
     KvIndices, KvCounts, RowOrder,

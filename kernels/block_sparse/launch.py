@@ -162,7 +162,7 @@ _tuned_kernel = triton.autotune(
     configs=[t.config() for t in _ALL_TILES],
     key=[*SPEC_CONSTEXPRS, "EVEN_N", "WRITE_LSE", "PV_INT8", "FAST_CVT", "QUANT_Q"],
     prune_configs_by={"early_config_prune": _prune},
-)(kernel._block_sparse_fwd_kernel)
+)(kernel.block_sparse_fwd_kernel)
 
 
 KERNELS = ("triton", "gluon")
@@ -285,7 +285,7 @@ def launch_prepared(spec: KernelSpec, out: torch.Tensor, q: torch.Tensor, k: tor
               f"block_sparse_attention: tile {tile} must divide the table block ({block_m}, {block_n})")
         check(not tile.use_tma or q.is_cuda or interpreting(),
               "block_sparse_attention: TMA loads need a CUDA GPU (or Triton's interpreter)")
-        launch, tile_args = triton_launcher(kernel._block_sparse_fwd_kernel, eager), tile.launch_args()
+        launch, tile_args = triton_launcher(kernel.block_sparse_fwd_kernel, eager), tile.launch_args()
     else:
         launch, tile_args = triton_launcher(_tuned_kernel, eager), {}
     if q.is_cuda or interpreting():

@@ -32,11 +32,20 @@ CODE_DTYPE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 _STATS_ROWS = 128
 
 
+def _check_power_of_two(what: str, name: str, value: int, rows: int | None = None) -> None:
+    """`name` (a head dim, block or tile) must be a power of two >= 16; given rows, also divide rows."""
+    ok = value >= 16 and value & (value - 1) == 0
+    if rows is None:
+        check(ok, f"{what}: {name} must be a power of two >= 16, got {value}")
+    else:
+        check(ok and rows >= value and rows % value == 0,
+              f"{what}: {name} must be a power of two >= 16 dividing rows, got {name} {value}, rows {rows}")
+
+
 def _check_input(x: torch.Tensor, what: str) -> None:
     check(x.dim() == 4, f"{what}: expected (B, H, N, D), got shape {tuple(x.shape)}")
     check(x.stride(-1) == 1, f"{what}: the head dimension must be contiguous (stride 1), got strides {x.stride()}")
-    D = x.shape[-1]
-    check(D >= 16 and D & (D - 1) == 0, f"{what}: head_dim must be a power of two >= 16, got {D}")
+    _check_power_of_two(what, "head_dim", x.shape[-1])
 
 
 def channel_stats(k: torch.Tensor, v: torch.Tensor | None, rows: int = _STATS_ROWS, num_warps: int = 4,
@@ -44,8 +53,7 @@ def channel_stats(k: torch.Tensor, v: torch.Tensor | None, rows: int = _STATS_RO
     """(sum of k over tokens (B, H, D) float32, abs-max of v over tokens (B, H, D) float32 or None).
     rows: tokens per program, tile: tokens per load (a power of two >= 16 dividing rows);
     num_warps, defer (kernel.py DEFER: rows reduced once, after the loop): for tuning sweeps."""
-    check(tile >= 16 and tile & (tile - 1) == 0 and rows >= tile and rows % tile == 0,
-          f"channel_stats: tile must be a power of two >= 16 dividing rows, got tile {tile}, rows {rows}")
+    _check_power_of_two("channel_stats", "tile", tile, rows)
     _check_input(k, "channel_stats")
     B, H, N, D = k.shape
     k_sum = torch.zeros((B, H, D), dtype=torch.float32, device=k.device)
@@ -69,7 +77,7 @@ def quantize_blocks(x: torch.Tensor, block: int, fmt: str, channel_sum: torch.Te
     num_warps: None (by the block's size) or a tuning sweep's choice."""
     _check_input(x, "quantize_blocks")
     check(fmt in CODE_DTYPE, f"quantize_blocks: fmt must be 'int8' or 'fp8', got {fmt!r}")
-    check(block >= 16 and block & (block - 1) == 0, f"quantize_blocks: block must be a power of two >= 16, got {block}")
+    _check_power_of_two("quantize_blocks", "block", block)
     B, H, N, D = x.shape
     nb = triton.cdiv(N, block)
     codes = torch.empty((B, H, N, D), dtype=CODE_DTYPE[fmt], device=x.device)
@@ -114,7 +122,7 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, k_sum: torch.Tensor, v_max: to
     check(k.shape == v.shape, f"quantize_kv: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
     check(fmt in CODE_DTYPE and pv_format in CODE_DTYPE,
           f"quantize_kv: fmt and pv_format must be 'int8' or 'fp8', got {fmt!r}, {pv_format!r}")
-    check(block >= 16 and block & (block - 1) == 0, f"quantize_kv: block must be a power of two >= 16, got {block}")
+    _check_power_of_two("quantize_kv", "block", block)
     B, H, N, D = k.shape
     nb = triton.cdiv(N, block)
     n_pad = triton.cdiv(N, 16) * 16
@@ -137,9 +145,8 @@ def stats_and_q(k: torch.Tensor, v: torch.Tensor | None, q: torch.Tensor, block_
     _check_input(k, "stats_and_q")
     _check_input(q, "stats_and_q")
     check(fmt in CODE_DTYPE, f"stats_and_q: fmt must be 'int8' or 'fp8', got {fmt!r}")
-    check(block_m >= 16 and block_m & (block_m - 1) == 0, f"stats_and_q: block_m must be a power of two >= 16, got {block_m}")
-    check(tile >= 16 and tile & (tile - 1) == 0 and rows >= tile and rows % tile == 0,
-          f"stats_and_q: tile must be a power of two >= 16 dividing rows, got tile {tile}, rows {rows}")
+    _check_power_of_two("stats_and_q", "block_m", block_m)
+    _check_power_of_two("stats_and_q", "tile", tile, rows)
     B, H, N, D = k.shape
     Hq, Nq = q.shape[1], q.shape[2]
     check(q.shape[0] == B and q.shape[3] == D, f"stats_and_q: q {tuple(q.shape)} does not match k {tuple(k.shape)}")

@@ -15,7 +15,7 @@ TensorRT does not provide).
 import triton
 import triton.language as tl
 
-from vsopt.kernels.block_sparse.kernel import _block_sparse_fwd_kernel
+from vsopt.kernels.block_sparse.kernel import block_sparse_fwd_kernel
 
 
 @triton.jit
@@ -28,7 +28,7 @@ def block_sparse_trt_entry(
     QK_SCALE_LOG2: tl.constexpr, SOFTCAP_LOG2: tl.constexpr, SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, TABLE_BLOCK_M: tl.constexpr,
     TABLE_BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
 ):
-    _block_sparse_fwd_kernel(
+    block_sparse_fwd_kernel(
         Q, K, V, Out, Out, RowOrder, RowOrder, RowOrder, RowOrder, KvIndices, KvCounts, RowOrder,
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
         stride_kb, stride_kh, stride_kn, 1,                    # V has K's layout (quant none)

@@ -130,7 +130,7 @@ def _signature(c: PtxConfig) -> tuple[dict, dict]:
                  "HEAD_DIM": c.head_dim, "TABLE_BLOCK_M": c.table_block_m,
                  "TABLE_BLOCK_N": c.table_block_n, "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "EVEN_N": c.even_n}
     else:
-        fn = kernel._block_sparse_fwd_kernel
+        fn = kernel.block_sparse_fwd_kernel
         code = _QUANT_CODE[c.quant]
         qk = {0: dt, 1: "i8", 2: "fp8e4nv", 3: "i8", 4: "i8"}[code]
         v = "fp8e4nv" if code in (2, 3) else "i8" if code == 4 else dt

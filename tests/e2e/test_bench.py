@@ -90,6 +90,16 @@ def test_cli_rejects_bad_methods(capsys):
     assert "--clip needs F,H,W" in capsys.readouterr().err
 
 
+def test_cli_defaults_are_the_settings_defaults(tmp_path):
+    # the parser reads BenchSettings' field defaults without running its checks (they import torch)
+    from vsopt.benchmark.cli import _check_args
+    from vsopt.cli import build_parser
+
+    args = build_parser("bench").parse_args(["bench", "--out", str(tmp_path / "out")])
+    settings, _ = _check_args(args)
+    assert settings == BenchSettings()
+
+
 def test_density_of_a_cumulative_mass_head_needs_its_inputs():
     from vsopt.core.dynamic import DynamicMethod, DynamicSpec
     from vsopt.core.plan import HeadPlan, Plan

@@ -146,10 +146,13 @@ def cal_site(model, x):
 def test_density_budget(tmp_path):
     model, inputs = model_and_inputs()
     out = tmp_path / "new_folder" / "d.plan.json"  # a folder that does not exist yet is made
-    result = calibrate(model, inputs, DensityBudget(0.4), options=OPTIONS, out=out, grid=GRID, progress=False)
+    result = calibrate(model, inputs, DensityBudget(0.4), options=OPTIONS, out=out, grid=GRID, progress=False,
+                       sampling={"steps": 8, "guidance": 3.0})
     assert result.density <= 0.4 + 1e-6
     plan = Plan.load(out)
     assert all(hp.quant is Quant.NONE for sp in plan.sites.values() for hp in sp.heads)
+    # how the inputs were sampled travels with the plan (vsopt demo compares it with its own run)
+    assert plan.meta["calibration"]["sampling"] == {"steps": 8, "guidance": 3.0}
 
 
 def test_speedup_budget_and_calibrate_many(tmp_path, capsys):

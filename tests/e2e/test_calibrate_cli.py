@@ -71,6 +71,8 @@ BAD = [
     (["--device", "cuda:7"] , "--device 'cuda:7'"),
     (["--cost-model", "missing.json"], "--cost-model 'missing.json'"),
     (["--steps", "0"], "--steps 0"),
+    (["--guidance", "0"], "--guidance 0.0: must be a finite scale > 0"),
+    (["--guidance", "nan"], "--guidance nan"),
 ]
 
 

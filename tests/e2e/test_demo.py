@@ -154,3 +154,25 @@ def test_broken_environment_is_one_clear_error(monkeypatch, capsys):
     assert main(["demo", "--steps", "1"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "could not be loaded (AttributeError" in err[0] and "diffusers >= 0.35 (found" in err[0]
+
+
+def test_a_run_sampling_otherwise_than_the_plans_calibration_says_so():
+    """The shipped plans record the sampling they were calibrated on (8 steps, no guidance); a
+    demo run at other settings prints a note naming both and the calibrate command for its own,
+    except for a plan that keeps every site dense (the shipped 4096-token one: exact anyway)."""
+    import dataclasses
+
+    from vsopt.core.plan import Plan
+    from vsopt.demo import sampling_note
+    from vsopt.models.model import shipped_plan
+
+    small, large = (Plan.load(str(shipped_plan(*size))) for size in ((16, 32, 32), (16, 64, 64)))
+    for plan in (small, large):
+        assert plan.meta["calibration"]["sampling"] == {"steps": 8, "guidance": 1.0}
+    assert all(sp.is_dense for sp in small.sites.values()) and sampling_note(small, 20, 3.0) is None
+    assert sampling_note(large, 8, 1.0) is None
+    note = sampling_note(large, 20, 3.0)
+    assert "8-step trajectories at guidance 1" in note and "20 steps at guidance 3" in note
+    assert "--steps 20 --guidance 3" in note
+    unsaid = dataclasses.replace(large, meta={"calibration": {}})
+    assert sampling_note(unsaid, 20, 3.0) is None   # a plan that does not say: nothing claimed

@@ -225,16 +225,7 @@ def direct_launch_case():
     op(), direct()
     torch.cuda.synchronize()
     entries = len(bsa_launch._tuned_kernel.cache)
-
-    def ms(fn, reps=20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / reps
-    op_ms, direct_ms = ms(op), ms(direct)
+    op_ms, direct_ms = best_ms(op, 20, "cuda"), best_ms(direct, 20, "cuda")
     ok = direct_ms < 1.5 * op_ms + 0.05 and len(bsa_launch._tuned_kernel.cache) == entries
     print(f"{'PASS' if ok else 'FAIL'} direct launcher call {direct_ms:.3f} ms vs op {op_ms:.3f} ms (wan480 d=0.2), "
           f"autotuner cache {entries} -> {len(bsa_launch._tuned_kernel.cache)} entries")
@@ -267,11 +258,12 @@ def quant_accuracy_cases():
                 del ref
 
 
-def _cuda_ms(fn, reps=30):
-    """Best of 3 rounds of the mean of `reps` calls, ms (CUDA events; wall clock off the GPU, for
-    the CPU smoke test of this script)."""
+def best_ms(fn, reps=30, device=None):
+    """Best of 3 rounds of the mean of `reps` calls, ms (CUDA events; wall clock of one call off
+    the GPU, for the CPU smoke tests). device: where fn runs, default DEVICE (a caller from another
+    script passes its own: gpu_check_quant_overhead.py)."""
     fn()
-    if DEVICE != "cuda":
+    if (device or DEVICE) != "cuda":
         import time
 
         t0 = time.perf_counter()
@@ -315,7 +307,7 @@ def quant_overhead_cases():
 
         torch._dynamo.reset()
         rope_only = torch.compile(lambda a, b, c: [t.contiguous() for t in produce(a, b, c)[:2]])   # v: a view
-        rope_ms = _cuda_ms(lambda: rope_only(xq, xk, xv))
+        rope_ms = best_ms(lambda: rope_only(xq, xk, xv))
         q, k, v = (t.contiguous() for t in produce(xq, xk, xv))
         # Inductor's RoPE rounds once from fp32, eager rounds each bf16 op: the compiled graph's op sees
         # other q, k (the codes differ by one step here and there). The eager op on the compiled RoPE's
@@ -323,12 +315,12 @@ def quant_overhead_cases():
         qc, kc = rope_only(xq, xk, xv)
         rope_rel = float((qc.float() - q.float()).norm() / q.float().norm())
         vc = xv.transpose(1, 2)
-        bf16_ms = _cuda_ms(lambda: torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128))
+        bf16_ms = best_ms(lambda: torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128))
         line = {"case": f"overhead {name} density 0.2", "rope_ms": rope_ms, "bf16_attention_ms": bf16_ms}
         print(f"INFO {name} d=0.2: compiled RoPE of q, k {rope_ms:.3f} ms, bf16 attention {bf16_ms:.3f} ms")
         for mode in ("int8", "fp8", "int8_fp8", "int8_int8"):
-            op_ms = _cuda_ms(lambda: torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128, mode))
-            quant_ms = _cuda_ms(lambda: quant_launch.quantize_qkv(q, k, v, mode, 128, 128))
+            op_ms = best_ms(lambda: torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128, mode))
+            quant_ms = best_ms(lambda: quant_launch.quantize_qkv(q, k, v, mode, 128, 128))
             kernel_ms = op_ms - quant_ms
             eager_out = torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128, mode)
             eager_same = torch.ops.vsopt.block_sparse_attention(qc, kc, vc, idx, cnt, D ** -0.5, 128, 128, mode).float()
@@ -340,7 +332,7 @@ def quant_overhead_cases():
                 torch._dynamo.reset()
                 f = torch.compile(lambda a, b, c: torch.ops.vsopt.block_sparse_attention(
                     *produce(a, b, c), idx, cnt, D ** -0.5, 128, 128, mode))
-                t = _cuda_ms(lambda: f(xq, xk, xv))
+                t = best_ms(lambda: f(xq, xk, xv))
                 over = (t - rope_ms - kernel_ms) / kernel_ms
                 key = "fused" if fused else "triton_kernels"
                 per_mode[f"compiled_{key}_ms"] = t

@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import vsopt.core  # noqa: E402,F401  (registers torch.ops.vsopt.*)
-from gpu_check import random_mask  # noqa: E402
+from gpu_check import best_ms, random_mask  # noqa: E402
 from vsopt.kernels.block_sparse import launch as bsa  # noqa: E402
 from vsopt.kernels.quant import launch as ql  # noqa: E402
 from vsopt.kernels.spec import QuantMode  # noqa: E402
@@ -56,24 +56,8 @@ REPS = 20
 
 
 def ms(fn, reps=None) -> float:
-    """Best of 3 rounds of the mean of `reps` calls (CUDA events; wall clock off the GPU)."""
-    reps = reps or REPS
-    fn()
-    if DEVICE != "cuda":
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(3):
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) / reps)
-    return best
+    """gpu_check.best_ms on this script's DEVICE, REPS calls a round unless told."""
+    return best_ms(fn, reps or REPS, DEVICE)
 
 
 def inputs(H, N, D, layout):

@@ -70,3 +70,21 @@ def test_fake_quantization_error_is_small_and_smoothing_keeps_softmax(quant, bou
     torch.testing.assert_close(att, att_smoothed, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="quant must be"):
         reference.fake_quantize_qkv(q, k, v, "none", 32, 32)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda x: launch.quantize_blocks(x, 24, "int8"), "quantize_blocks: block must be a power of two >= 16, got 24"),
+    (lambda x: launch.quantize_kv(x, x, None, None, 8, "int8", "fp8"),
+     "quantize_kv: block must be a power of two >= 16, got 8"),
+    (lambda x: launch.channel_stats(x, None, rows=96, tile=64),
+     "channel_stats: tile must be a power of two >= 16 dividing rows, got tile 64, rows 96"),
+    (lambda x: launch.stats_and_q(x, None, x, 48, "int8"), "stats_and_q: block_m must be a power of two >= 16, got 48"),
+    (lambda x: launch.stats_and_q(x, None, x, 64, "int8", tile=12),
+     "stats_and_q: tile must be a power of two >= 16 dividing rows, got tile 12, rows 128"),
+    (lambda x: launch.quantize_blocks(x[..., :24], 64, "int8"),
+     "quantize_blocks: head_dim must be a power of two >= 16, got 24"),
+])
+def test_block_tile_and_head_dim_must_be_powers_of_two(call, message):
+    with pytest.raises(ValueError) as e:  # checked before any launch
+        call(torch.zeros(1, 1, 32, 32))
+    assert str(e.value) == message

@@ -1,15 +1,18 @@
 """`vsopt bench`: add_arguments(parser) and run_cli(args). Only argparse at module level (the
-command's defaults come from BenchSettings, imported when the parser is built for this command)."""
+command's defaults come from BenchSettings, imported when the parser is built for this command; it
+does not import torch, so `vsopt bench --help` answers at once)."""
 from __future__ import annotations
 
 import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from vsopt.benchmark.settings import BenchSettings, Method
-    from vsopt.core.plan import Quant
+    import dataclasses
 
-    d = BenchSettings()
+    from vsopt.benchmark.settings import BenchSettings, Method, Quant
+
+    # the fields' defaults, unchecked: BenchSettings() would run its checks, which import vsopt.core (torch)
+    d = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(BenchSettings)})
     p.add_argument("--methods", default=",".join(m.value for m in d.methods),
                    help=f"comma-separated, from {[m.value for m in Method if m is not Method.DENSE]}")
     p.add_argument("--densities", default=",".join(f"{x:g}" for x in d.densities),

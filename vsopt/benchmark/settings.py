@@ -1,12 +1,13 @@
-"""What a bench run sweeps (Method, BenchSettings) and what it records per configuration (BenchPoint)."""
+"""What a bench run sweeps (Method, BenchSettings) and what it records per configuration (BenchPoint).
+Light at import (no torch; ConfigError is imported where it is raised): `vsopt bench --help` takes
+its defaults from BenchSettings."""
 from __future__ import annotations
 
 import enum
 import math
 from dataclasses import dataclass, field
 
-from vsopt.core.errors import ConfigError
-from vsopt.core.plan import Quant
+from vsopt.kernels.spec import QuantMode as Quant  # vsopt.core.plan's Quant, without importing torch
 
 
 class Method(str, enum.Enum):
@@ -107,6 +108,8 @@ class BenchSettings:
     vsopt_held_out: bool = False
 
     def __post_init__(self):
+        from vsopt.core.errors import ConfigError
+
         object.__setattr__(self, "methods", tuple(Method(m) for m in self.methods))
         object.__setattr__(self, "quant", Quant(self.quant))
         if not all(0.0 < d <= 1.0 for d in self.densities):

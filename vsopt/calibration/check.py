@@ -92,17 +92,21 @@ def _warm(compiled, call: RecordedCall, calls: int = 3):
 
 
 def reference_sampler_check(ref, plan_path: str | os.PathLike, *, clips: int = 2, steps: int = 8,
-                            seed: int = 1) -> dict[str, float]:
+                            seed: int = 1, guidance: float = 1.0) -> dict[str, float]:
     """Sample `clips` held-out clips (seed `seed`, not the calibration seed) with the reference model
-    dense and with the plan-lowered graph (run eagerly); PSNR and relative L2 of the final latents,
-    and on CUDA the seconds of each sampling run. The whole trajectory counts: errors compound."""
+    dense and with the plan-lowered graph (run eagerly), `steps` steps at classifier-free guidance
+    `guidance` (as `vsopt demo` samples: 3; guidance multiplies the plan's error in the conditional
+    branch); PSNR and relative L2 of the final latents, and on CUDA the seconds of each sampling
+    run. The whole trajectory counts: errors compound."""
     from vsopt.models import data, sampler
 
     device = next(ref.transformer.parameters()).device
     _, tokens = data.make_batch(clips, seed)
     cond = ref.encode(tokens.to(device))
+    uncond = ref.encode(torch.zeros_like(tokens[:1]).to(device)) if guidance != 1.0 else None
     shape = (data.CHANNELS, ref.config.frames, ref.config.height, ref.config.width)
-    probe = reference_model_inputs(ref, clips=clips, steps=1, seed=seed)[0]
+    # traced at the batch the sampler calls with (cond and uncond together under guidance)
+    probe = reference_model_inputs(ref, clips=clips, steps=1, seed=seed, guidance=guidance)[0]
     signature, (inputs,) = positional(ref.transformer, [probe])
     with signature.bound(ref.transformer):
         lowered, _ = trace_and_rewrite(ref.transformer, inputs, VsoptConfig(plan=Plan.load(plan_path)))
@@ -111,7 +115,7 @@ def reference_sampler_check(ref, plan_path: str | os.PathLike, *, clips: int = 2
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        out = sampler.sample(fn, cond, shape, steps=steps, seed=seed)
+        out = sampler.sample(fn, cond, shape, steps=steps, seed=seed, guidance=guidance, uncond=uncond)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return out, time.perf_counter() - start

@@ -161,4 +161,4 @@ def dense_choices(state: SiteState) -> list[HeadChoice]:
 def is_dense(state: SiteState, choices: Sequence[HeadChoice]) -> bool:
     """Whether these choices leave the site the model's own attention (every head dense, in the
     model's order, unquantized): lowering then leaves it alone, at no cost."""
-    return all(state.candidates[c.candidate].sparsity is Sparsity.DENSE and c.quant is Quant.NONE for c in choices)
+    return semantics.left_alone(head_plans(state, choices))

@@ -8,6 +8,7 @@ with the example inputs says which of the two failed, then the cause."""
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="calibrate denoising step ranges separately, e.g. 0:4,4: (default: one plan for all steps)")
     p.add_argument("--steps", type=int, default=8, help="--reference: sampler steps")
     p.add_argument("--clips", type=int, default=2, help="--reference: clips sampled for calibration")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="--reference: the sampler's classifier-free guidance scale (1: none; `vsopt demo` samples "
+                        "with 3): calibrate, and --check, on the trajectories the plan will run")
     p.add_argument("--size", default=None, metavar="FxHxW",
                    help="--reference: latent clip size to calibrate at (default: the checkpoint's, 16x32x32)")
     p.add_argument("--device", default=None, help="--reference: device (default: cuda if available, else cpu)")
@@ -138,6 +142,8 @@ def check_args(args: argparse.Namespace) -> Checked:
     for option, value in (("--steps", args.steps), ("--clips", args.clips)):
         if value < 1:
             raise ConfigError(f"{option} {value}: must be >= 1")
+    if not math.isfinite(args.guidance) or args.guidance <= 0:
+        raise ConfigError(f"--guidance {args.guidance}: must be a finite scale > 0 (1: no guidance)")
     grid = None
     if args.grid:
         try:
@@ -250,25 +256,27 @@ def run_cli(args: argparse.Namespace) -> int:
             f, h, w = _clip_size(args.size)
             ref.config = dataclasses.replace(ref.config, frames=f, height=h, width=w)
         model = ref.transformer
-        inputs = reference_model_inputs(ref, clips=args.clips, steps=args.steps, seed=0)
+        inputs = reference_model_inputs(ref, clips=args.clips, steps=args.steps, seed=0, guidance=args.guidance)
         if args.min_psnr is not None:
-            budget = QualityFloor(reference_model_inputs(ref, clips=1, steps=args.steps, seed=1)[args.steps // 2],
-                                  budget)
+            held_out = reference_model_inputs(ref, clips=1, steps=args.steps, seed=1, guidance=args.guidance)
+            budget = QualityFloor(held_out[args.steps // 2], budget)
     else:
         model, inputs = _factory_inputs(args.target)
         if args.min_psnr is not None:
             if len(inputs) < 2:
                 raise ConfigError("--min-psnr needs at least two inputs from the FACTORY: the last one is held out")
             budget = QualityFloor(inputs.pop(), budget)
+    sampling = {"steps": args.steps, "guidance": args.guidance} if args.reference else None
     result = calibrate(model, inputs, budget, options=checked.options, out=args.out, resume=not args.no_resume,
-                       progress=not args.quiet, grid=checked.grid)
+                       progress=not args.quiet, grid=checked.grid, sampling=sampling)
     print(result.table())
     print(f"plan written to {args.out}")
     result_dict = result.to_dict()
     if args.check:
         check = check_plan(model, as_recorded(inputs[0], 0), args.out, checked.grid, cudagraphs=args.cuda_graphs)
         if args.reference:
-            check.update(reference_sampler_check(ref, args.out, clips=args.clips, steps=args.steps))
+            check.update(reference_sampler_check(ref, args.out, clips=args.clips, steps=args.steps,
+                                                 guidance=args.guidance))
         print("plan check on the first input: " + ", ".join(
             f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in check.items()))
         result_dict["plan_check"] = check

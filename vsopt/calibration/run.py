@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -57,7 +57,7 @@ from vsopt.core.semantics import site_output
 def calibrate(model: torch.nn.Module, calibration_inputs: Sequence[Any], budget: Budget, *,
               options: CalibrationOptions | None = None, out: str | os.PathLike | None = None, resume: bool = True,
               progress: bool = True, grid: TokenGrid | None = None,
-              grids: dict[str, TokenGrid] | None = None) -> CalibrationResult:
+              grids: dict[str, TokenGrid] | None = None, sampling: Mapping[str, Any] | None = None) -> CalibrationResult:
     """Measure `model`'s attention on `calibration_inputs` and return the fastest plan under `budget`.
 
     calibration_inputs: a sequence of positional-input tuples (or RecordedCalls from
@@ -67,15 +67,19 @@ def calibrate(model: torch.nn.Module, calibration_inputs: Sequence[Any], budget:
       `<out>.calibration.safetensors` lets an interrupted run resume (resume=False starts over);
       it is removed once the plan is written.
     grid / grids: token grids for sites whose grid cannot be inferred (as in the backend options).
+    sampling: how the calibration inputs were sampled (e.g. {"steps": 8, "guidance": 1.0}), kept in
+      the plan's meta["calibration"]["sampling"]: a plan's step ranges are step indices, so a run
+      that samples otherwise can say so (vsopt demo does).
     """
     return calibrate_many(model, calibration_inputs, [budget], options=options, out=out, resume=resume,
-                          progress=progress, grid=grid, grids=grids)[0]
+                          progress=progress, grid=grid, grids=grids, sampling=sampling)[0]
 
 
 def calibrate_many(model: torch.nn.Module, calibration_inputs: Sequence[Any], budgets: Sequence[Budget], *,
                    options: CalibrationOptions | None = None, out: str | os.PathLike | None = None,
                    resume: bool = True, progress: bool = True, grid: TokenGrid | None = None,
-                   grids: dict[str, TokenGrid] | None = None) -> list[CalibrationResult]:
+                   grids: dict[str, TokenGrid] | None = None,
+                   sampling: Mapping[str, Any] | None = None) -> list[CalibrationResult]:
     """calibrate() for several budgets on one set of measurements (the two passes run once, then
     one search, plan and check per budget). With `out`, only one budget (the plan is written)."""
     options = options or CalibrationOptions()
@@ -180,6 +184,8 @@ def calibrate_many(model: torch.nn.Module, calibration_inputs: Sequence[Any], bu
                     if options.dense_warmup:
                         plan.meta["calibration"]["dense_warmup"] = warmup
                     quality = None
+                if sampling:
+                    plan.meta["calibration"]["sampling"] = dict(sampling)
                 _verify(gm, states, plan, results, first_of_range, options.step_ranges)
                 found.append(CalibrationResult(plan, results, left_dense, budget_text(budget), quality))
         if out is not None:

@@ -52,23 +52,39 @@ def _pick(options: Options, lam: float) -> list[HeadChoice]:
     return [min(opts, key=lambda o: (o.time_us + lam * o.err2, o.err2)) for opts in options]
 
 
-def _spend_slack(options: Options, choice: list[HeadChoice], limit: float) -> list[HeadChoice]:
-    """Greedy finish of a Lagrangian solution, which may leave part of the error budget unused:
-    repeatedly make the single-head move that saves the most time while staying within `limit`."""
+def _greedy_moves(options: Options, choice: list[HeadChoice], limit: float, spent: Callable[[HeadChoice], float],
+                  score: Callable[[HeadChoice, HeadChoice], tuple | float | None]) -> list[HeadChoice]:
+    """Greedy finish of a Lagrangian solution: repeatedly make the single-head move (current ->
+    another option of that head) with the highest score(current, option) (None: not a move), while
+    the summed spent(option) over heads stays within `limit` (ties: the first head and option)."""
     choice = list(choice)
-    used = sum(o.err2 for o in choice)
+    used = sum(spent(o) for o in choice)
     while True:
         best = None
         for h, opts in enumerate(options):
+            cur = choice[h]
             for o in opts:
-                saving = choice[h].time_us - o.time_us
-                if saving > 1e-12 and used - choice[h].err2 + o.err2 <= limit and (best is None or saving > best[0]):
-                    best = (saving, h, o)
+                extra = spent(o) - spent(cur)
+                if used + extra > limit:  # the same sum as the bookkeeping below
+                    continue
+                value = score(cur, o)
+                if value is not None and (best is None or value > best[0]):
+                    best = (value, h, o, extra)
         if best is None:
             return choice
-        _, h, o = best
-        used += o.err2 - choice[h].err2
+        _, h, o, extra = best
+        used += extra
         choice[h] = o
+
+
+def _spend_slack(options: Options, choice: list[HeadChoice], limit: float) -> list[HeadChoice]:
+    """Greedy finish of the error relaxation, which may leave part of the error budget unused:
+    the single-head move that saves the most time, while the error stays within `limit`."""
+    def saving(cur: HeadChoice, o: HeadChoice) -> float | None:
+        saved = cur.time_us - o.time_us
+        return saved if saved > 1e-12 else None
+
+    return _greedy_moves(options, choice, limit, lambda o: o.err2, saving)
 
 
 def search_site_error(state: SiteState, cost: CostModel, max_rel_l2: float) -> list[HeadChoice]:
@@ -208,27 +224,16 @@ def search_density(states: Sequence[SiteState], cost: CostModel, density: float,
 
 def _spend_blocks(options: Options, choice: list[HeadChoice], limit: float) -> list[HeadChoice]:
     """Greedy finish of the density relaxation, which keeps only the options on each head's lower
-    convex hull of (blocks, error) and so may leave blocks of the budget unused: repeatedly make
-    the single-head move that cuts the most (weighted) error per block added, or any error cut
-    that adds no block, while the blocks stay within `limit`. Recast options: time_us = blocks."""
-    choice = list(choice)
-    used = sum(o.time_us for o in choice)
-    while True:
-        best = None
-        for h, opts in enumerate(options):
-            cur = choice[h]
-            for o in opts:
-                gain, extra = cur.err2 - o.err2, o.time_us - cur.time_us
-                if gain <= 1e-15 * max(cur.err2, 1e-300) or used + extra > limit:
-                    continue
-                score = (float("inf"), gain) if extra <= 0 else (gain / extra, gain)
-                if best is None or score > best[0]:
-                    best = (score, h, o)
-        if best is None:
-            return choice
-        _, h, o = best
-        used += o.time_us - choice[h].time_us
-        choice[h] = o
+    convex hull of (blocks, error) and so may leave blocks of the budget unused: the single-head
+    move that cuts the most (weighted) error per block added, or any error cut that adds no block,
+    while the blocks stay within `limit`. Recast options: time_us = blocks."""
+    def error_cut_per_block(cur: HeadChoice, o: HeadChoice) -> tuple[float, float] | None:
+        gain, extra = cur.err2 - o.err2, o.time_us - cur.time_us
+        if gain <= 1e-15 * max(cur.err2, 1e-300):
+            return None
+        return (float("inf"), gain) if extra <= 0 else (gain / extra, gain)
+
+    return _greedy_moves(options, choice, limit, lambda o: o.time_us, error_cut_per_block)
 
 
 def _site_variants(state: SiteState, options: Options) -> list[Options]:

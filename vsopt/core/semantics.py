@@ -18,7 +18,8 @@ module says, once for the whole project:
     renorm_statistics / renorm_corrected      a measuring step's output and statistics, a
                                               correcting step's output (vsopt.core.rettention)
     site_work(site, heads, densities)         the launches and extra work, priced by
-    predicted_us(site, heads, cost, ...)      the cost model
+    predicted_us(site, heads, cost, ...)      the cost model (dense_us for a site left alone:
+                                              left_alone(heads))
     lowering_overhead_us(site, heads, cost)   what the lowered site costs a compiled model beyond
                                               its GPU work (per site, launch group, permutation)
     select_heads(site_plan, heads)            the plan of a subset / reordering of a site's heads
@@ -615,10 +616,19 @@ def renorm_mib(site: SiteShape, heads: Sequence[HeadPlan]) -> float:
     return total
 
 
+def left_alone(heads: Sequence[HeadPlan]) -> bool:
+    """Whether lower_plan leaves a site with these head plans the model's own attention (every head
+    dense and unquantized): it then runs what a site without a plan runs (vsopt.attention: SDPA)."""
+    return all(hp.sparsity is Sparsity.DENSE and hp.quant is Quant.NONE for hp in heads)
+
+
 def predicted_us(site: SiteShape, heads: Sequence[HeadPlan], cost: CostModel,
                  densities: Sequence[float] | None = None) -> float:
     """The cost model's time of the site under `heads` (densities from head_densities without q/k
-    when not given)."""
+    when not given); a site left alone costs its dense attention (dense_us), not vsopt's kernel
+    over every block."""
+    if left_alone(heads):
+        return dense_us(site, cost, heads[0].block_m, heads[0].block_n)
     if densities is None:
         densities = head_densities(site, heads)
     return cost.predict_us(site_work(site, heads, densities))
@@ -628,7 +638,7 @@ def lowering_overhead_us(site: SiteShape, heads: Sequence[HeadPlan], cost: CostM
     """The cost model's overhead of the site as lowered (CostModel.lowering_overhead_us), without or
     with CUDA graphs: its launch groups (one block-sparse launch each, as lower_plan emits them) and
     whether it is permuted. 0 for a site whose plan is all dense (it stays vsopt.attention)."""
-    if all(hp.sparsity is Sparsity.DENSE and hp.quant is Quant.NONE for hp in heads):
+    if left_alone(heads):
         return 0.0   # the model's own attention in any order: lower_plan leaves it alone
     return cost.lowering_overhead_us(cudagraphs, len(launch_groups(heads)), reorders(heads, site.grid))
 
@@ -655,4 +665,4 @@ def dense_us(site: SiteShape, cost: CostModel, block_m: int = 64, block_n: int =
     if sdpa is not None:
         return sdpa
     heads = [HeadPlan(block_m=block_m, block_n=block_n)] * site.heads
-    return predicted_us(site, heads, cost, [1.0] * site.heads)
+    return cost.predict_us(site_work(site, heads, [1.0] * site.heads))

@@ -7,7 +7,9 @@
 # Resume the next stretch from the returned $OUT/reference.safetensors (copied into the worktree).
 # Writes to $OUT (at most 8 files): reference.safetensors, samples.png, stretch.json, stretch.log and,
 # with CALIBRATE=1, reference.plan.json/.safetensors (16x32x32) and reference_16x64x64.plan.json/.safetensors;
-# the calibration reports are merged into stretch.json. CALIB_ARGS adds calibrate flags (e.g. --cuda-graphs). MINUTES=0 skips training (calibrate a checkpoint).
+# the calibration reports are merged into stretch.json. CALIB_ARGS adds calibrate flags (e.g. --cuda-graphs;
+# CALIB_ARGS="--steps 20 --guidance 3" calibrates and checks on the trajectories `vsopt demo` samples on a GPU).
+# MINUTES=0 skips training (calibrate a checkpoint).
 set -o pipefail
 OUT=${OUT:-/tmp/vsopt-stretch-out}; mkdir -p "$OUT"
 MINUTES=${MINUTES:-7}

@@ -10,6 +10,7 @@ calibration (calibrate_many: one measurement, one search per density) and scores
 Variants (the bench flags each stands for; "none" is vsopt's plain candidates: block masks,
 patterns, dynamic masks, skip, PARO orders, one plan per calibration step):
 
+    (every variant but renorm and the defaults also has --vsopt-renorm "")
     none      --no-vsopt-pooled --vsopt-warmup ""
     pooled    --vsopt-warmup ""                      (the pooled remainder, PSA, alone)
     warmup    --no-vsopt-pooled                       (dense warm-up k = 0 or 1 alone)
@@ -18,8 +19,9 @@ patterns, dynamic masks, skip, PARO orders, one plan per calibration step):
               (mask reuse alone; it needs one plan for all steps, so compare it with none_one_plan)
     none_one_plan  --no-vsopt-pooled --vsopt-warmup "" --no-step-plans
     clusters  --no-vsopt-pooled --vsopt-warmup "" --vsopt-clusters
-    default   (the bench's defaults: pooled remainder + warm-up k = 0 or 1)
-    default_renorm  --vsopt-renorm 3
+    default   (the bench's defaults: pooled remainder + warm-up k = 0 or 1 + correction every 3)
+    default_renorm  --vsopt-renorm 3 (the defaults since session 8)
+    default_no_renorm  --vsopt-renorm ""   (the defaults before session 8)
 
 Writes OUT/ablation.json (the settings, and per variant and density the scores, the density run,
 the plan's options note and the variant's wall time; rewritten after each variant) and prints a
@@ -35,15 +37,16 @@ import time
 from pathlib import Path
 
 VARIANTS = {
-    "none": dict(vsopt_pooled=False, vsopt_warmup=()),
-    "pooled": dict(vsopt_pooled=True, vsopt_warmup=()),
-    "warmup": dict(vsopt_pooled=False, vsopt_warmup=(1,)),
+    "none": dict(vsopt_pooled=False, vsopt_warmup=(), vsopt_renorm=()),
+    "pooled": dict(vsopt_pooled=True, vsopt_warmup=(), vsopt_renorm=()),
+    "warmup": dict(vsopt_pooled=False, vsopt_warmup=(1,), vsopt_renorm=()),
     "renorm": dict(vsopt_pooled=False, vsopt_warmup=(), vsopt_renorm=(3,)),
-    "reuse": dict(vsopt_pooled=False, vsopt_warmup=(), step_plans=False, vsopt_refresh=(2,)),
-    "none_one_plan": dict(vsopt_pooled=False, vsopt_warmup=(), step_plans=False),
-    "clusters": dict(vsopt_pooled=False, vsopt_warmup=(), vsopt_clusters=True),
+    "reuse": dict(vsopt_pooled=False, vsopt_warmup=(), step_plans=False, vsopt_renorm=(), vsopt_refresh=(2,)),
+    "none_one_plan": dict(vsopt_pooled=False, vsopt_warmup=(), step_plans=False, vsopt_renorm=()),
+    "clusters": dict(vsopt_pooled=False, vsopt_warmup=(), vsopt_renorm=(), vsopt_clusters=True),
     "default": dict(),
-    "default_renorm": dict(vsopt_renorm=(3,)),
+    "default_renorm": dict(vsopt_renorm=(3,)),  # the defaults since session 8
+    "default_no_renorm": dict(vsopt_renorm=()),
 }
 
 

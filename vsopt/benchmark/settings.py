@@ -59,7 +59,8 @@ class BenchSettings:
     (CalibrationOptions.dense_warmup, with step_plans only / mask_refresh). vsopt_pooled: vsopt's
     calibration may also give heads a pooled remainder (CalibrationOptions.pooled_remainder).
     renorm_every: the measuring interval of the "rettention" methods. vsopt_renorm: the intervals
-    of the softmax-mass correction vsopt's calibration may choose (CalibrationOptions.renorm_every);
+    of the softmax-mass correction vsopt's calibration may choose (CalibrationOptions.renorm_every;
+    3 by default, () for none);
     with step_plans its step ranges are then step 0 and ranges of the longest interval from step 1
     (a correction needs its measuring step in the same range; scorer.calibration_step_ranges), not
     one per step.
@@ -97,7 +98,7 @@ class BenchSettings:
     vsopt_refresh: tuple[int, ...] = ()
     vsopt_pooled: bool = True
     renorm_every: int = 4
-    vsopt_renorm: tuple[int, ...] = ()
+    vsopt_renorm: tuple[int, ...] = (3,)  # with the pooled remainder +0.12 / +1.23 dB at 0.2 / 0.3 (BENCH.md)
     cluster_clusters: tuple[int, int] = (0, 0)
     cluster_refresh: int = 1
     vsopt_clusters: bool = False

@@ -3,7 +3,6 @@ range's inputs, pass 2 (candidate errors) on the rest, so that a mask's error is
 the input it was made from; a range with one input is refused with a clear error."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import vsopt.calibration.run as run
 from vsopt.calibration import CalibrationOptions, DensityBudget, calibrate
@@ -11,18 +10,9 @@ from vsopt.core.errors import ConfigError
 from vsopt.core.ir import TokenGrid
 from vsopt.core.plan import Quant
 from tests.core.test_calibrate_search import COST
+from tests.e2e.test_step_ranges import Attn  # 2 heads of 16 over (B, N, 32)
 
 GRID = TokenGrid(2, 4, 8)
-
-
-class Attn(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.qkv = torch.nn.Linear(32, 96)
-
-    def forward(self, x):  # x (B, N, 32), 2 heads of 16
-        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 16)).permute(2, 0, 3, 1, 4)
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
 
 
 def _calibrate(monkeypatch, model, inputs, held_out, **kw):

@@ -50,13 +50,19 @@ VARIANTS = {
 }
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_clip_arguments(p: argparse.ArgumentParser) -> None:
+    """The bench settings every CPU study of vsopt's calibration takes (this script's and
+    vsopt_search_variants.py's): the densities, the sampler run and the device."""
     p.add_argument("--densities", default="0.2,0.3")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--clip", default="4,32,32")
     p.add_argument("--calibration-steps", type=int, default=None, help="default: --steps (BenchSettings)")
     p.add_argument("--device", default="cpu")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_clip_arguments(p)
     p.add_argument("--variants", default="none,pooled,warmup,renorm,default")
     p.add_argument("--out", default="bench_ablation")
     args = p.parse_args(argv)

@@ -42,6 +42,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vsopt_ablation import add_clip_arguments  # noqa: E402  (a sibling script)
+
 VARIANTS = ("bench", "uniform", "steps", "sqrt", "square", "coherent", "warmup", "probe", "probe_each")
 
 
@@ -136,11 +139,7 @@ def diagnose(scorer, states, decisions, weights, ranges) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--densities", default="0.2,0.3")
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--clip", default="4,32,32")
-    p.add_argument("--calibration-steps", type=int, default=None, help="default: --steps (BenchSettings)")
-    p.add_argument("--device", default="cpu")
+    add_clip_arguments(p)
     p.add_argument("--no-pooled", action="store_true")
     p.add_argument("--renorm", default="", help="vsopt_renorm intervals, e.g. 3")
     p.add_argument("--held-out", action="store_true", help="vsopt_held_out (errors on a second calibration clip)")

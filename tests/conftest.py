@@ -45,3 +45,20 @@ def compile_rewrite():
         return out, graphs
 
     return run
+
+
+@pytest.fixture
+def inductor_graphs(monkeypatch):
+    """The ATen graphs vsopt's backend hands to Inductor, in order, run as they are (Inductor's
+    compile_fx replaced by one that records the graph: fast, and it shows exactly what Inductor
+    would be given)."""
+    from vsopt import inductor
+
+    seen = []
+
+    def capture(gm, example_inputs, config_patches=None):
+        seen.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(inductor, "compile_fx", capture)
+    return seen

@@ -4,7 +4,6 @@ and no step dispatch per call (vsopt.core.steps), the same output at every step.
 import torch
 import torch.nn.functional as F
 
-from vsopt import inductor
 from vsopt.backend import trace_and_rewrite
 from vsopt.core.config import VsoptConfig
 from vsopt.core.dynamic import set_denoising_step
@@ -50,14 +49,10 @@ def _dense_plan_with_ranges(sites, order=TokenOrder.FHW):
     return Plan(sps)
 
 
-def _compiled_graphs(monkeypatch, model, x, options):
-    seen = []
-
-    def capture(gm, example_inputs, config_patches=None):
-        seen.append(gm)
-        return gm.forward
-
-    monkeypatch.setattr(inductor, "compile_fx", capture)
+def _compiled_graphs(seen, model, x, options):
+    """(the graphs handed to Inductor, appended to `seen` by the inductor_graphs fixture, and the
+    outputs at steps 0, 5 and unknown)."""
+    start = len(seen)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="vsopt", options=options)
     outs = []
@@ -65,21 +60,21 @@ def _compiled_graphs(monkeypatch, model, x, options):
         set_denoising_step(step)
         outs.append(compiled(x))
     set_denoising_step(None)
-    return seen, outs
+    return seen[start:], outs
 
 
-def test_an_all_dense_plan_compiles_to_the_no_plan_graph(monkeypatch):
+def test_an_all_dense_plan_compiles_to_the_no_plan_graph(inductor_graphs):
     torch.manual_seed(0)
     model = Model().eval()
     x = torch.randn(2, GRID[0] * GRID[1] * GRID[2], H * D)
     _, report = trace_and_rewrite(model, (x,), VsoptConfig.from_options({"grid": GRID}))
     assert len(report.sites) == 2
     with torch.no_grad():
-        plain, plain_outs = _compiled_graphs(monkeypatch, model, x, {"grid": GRID})
+        plain, plain_outs = _compiled_graphs(inductor_graphs, model, x, {"grid": GRID})
         # FHW: what the calibration writes for a site it keeps dense (HeadPlan's default order)
         plan = _dense_plan_with_ranges(report.sites, TokenOrder.FHW)
         assert plan.step_boundaries() == (0, 4)
-        planned, outs = _compiled_graphs(monkeypatch, model, x, {"grid": GRID, "plan": plan})
+        planned, outs = _compiled_graphs(inductor_graphs, model, x, {"grid": GRID, "plan": plan})
         assert len(plain) == len(planned) == 1      # one graph, one build for every step range
         assert planned[0].code == plain[0].code     # node for node the graph without a plan
         for a, b in zip(outs, plain_outs):

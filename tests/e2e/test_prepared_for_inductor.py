@@ -4,7 +4,6 @@ export (trace_and_rewrite) keeps vsopt's ops as they were."""
 import torch
 import torch.nn.functional as F
 
-from vsopt import inductor
 from vsopt.backend import trace_and_rewrite
 from vsopt.core.config import VsoptConfig
 from vsopt.core.orders import TokenOrder
@@ -28,24 +27,17 @@ def _plan(site):
     return Plan({site.site_id: SitePlan.for_site(site, heads)})
 
 
-def test_the_compiled_graph_is_prepared_and_the_export_is_not(monkeypatch):
+def test_the_compiled_graph_is_prepared_and_the_export_is_not(inductor_graphs):
     g = torch.Generator().manual_seed(0)
     n = GRID[0] * GRID[1] * GRID[2]
     q, k, v = (torch.randn(2, H, n, D, generator=g) for _ in range(3))
     model = Attn()
     _, report = trace_and_rewrite(model, (q, k, v), VsoptConfig.from_options({"grid": GRID}))
     plan = _plan(report.sites[0])
-    seen = []
-
-    def capture(gm, example_inputs, config_patches=None):
-        seen.append(gm)
-        return gm.forward
-
-    monkeypatch.setattr(inductor, "compile_fx", capture)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="vsopt", options={"grid": GRID, "plan": plan})
     out = compiled(q, k, v)
-    (gm,) = seen
+    (gm,) = inductor_graphs
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert vsopt.permute_tokens.default not in targets and vsopt.unpermute_tokens.default not in targets
     launches = [n for n in gm.graph.nodes if n.target is vsopt.block_sparse_attention.default]

@@ -157,9 +157,10 @@ def test_broken_environment_is_one_clear_error(monkeypatch, capsys):
 
 
 def test_a_run_sampling_otherwise_than_the_plans_calibration_says_so():
-    """The shipped plans record the sampling they were calibrated on (8 steps, no guidance); a
-    demo run at other settings prints a note naming both and the calibrate command for its own,
-    except for a plan that keeps every site dense (the shipped 4096-token one: exact anyway)."""
+    """The shipped plans record the sampling they were calibrated on (the 16384-token one the
+    demo's GPU default, 20 steps at guidance 3); a demo run at other settings prints a note naming
+    both and the calibrate command for its own, except for a plan that keeps every site dense (the
+    shipped 4096-token one: exact anyway)."""
     import dataclasses
 
     from vsopt.core.plan import Plan
@@ -167,12 +168,12 @@ def test_a_run_sampling_otherwise_than_the_plans_calibration_says_so():
     from vsopt.models.model import shipped_plan
 
     small, large = (Plan.load(str(shipped_plan(*size))) for size in ((16, 32, 32), (16, 64, 64)))
-    for plan in (small, large):
-        assert plan.meta["calibration"]["sampling"] == {"steps": 8, "guidance": 1.0}
+    assert small.meta["calibration"]["sampling"] == {"steps": 8, "guidance": 1.0}
+    assert large.meta["calibration"]["sampling"] == {"steps": 20, "guidance": 3.0}
     assert all(sp.is_dense for sp in small.sites.values()) and sampling_note(small, 20, 3.0) is None
-    assert sampling_note(large, 8, 1.0) is None
-    note = sampling_note(large, 20, 3.0)
-    assert "8-step trajectories at guidance 1" in note and "20 steps at guidance 3" in note
-    assert "--steps 20 --guidance 3" in note
+    assert sampling_note(large, 20, 3.0) is None
+    note = sampling_note(large, 8, 1.0)
+    assert "20-step trajectories at guidance 3" in note and "8 steps at guidance 1" in note
+    assert "--steps 8 --guidance 1" in note
     unsaid = dataclasses.replace(large, meta={"calibration": {}})
     assert sampling_note(unsaid, 20, 3.0) is None   # a plan that does not say: nothing claimed

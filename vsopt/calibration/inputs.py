@@ -13,6 +13,22 @@ from vsopt.calibration.capture import RecordedCall, record_forward_inputs
 from vsopt.core.errors import ConfigError
 
 
+class KeptPerRun:
+    """What the candidates of one site state keep from one calibration input to the next (`kept`:
+    candidate -> what it kept), within one sampler run: a run's inputs come in growing steps, so a
+    step that does not grow, or an unknown one (None), starts a new run with nothing kept."""
+
+    def __init__(self):
+        self.kept: dict = {}
+        self.last: int | None = None
+
+    def begin(self, step: int | None) -> None:
+        """A call at `step` is measured."""
+        if step is None or (self.last is not None and step <= self.last):
+            self.kept = {}
+        self.last = step
+
+
 @dataclass(frozen=True)
 class Signature:
     """How calibration inputs with keyword arguments become positional ones: the traced graph

@@ -34,9 +34,12 @@ import math
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from markdown_section import update_section  # noqa: E402  (a sibling script)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,18 +382,6 @@ def _atomic_write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def update_benchmarks_md(path: str, section: str) -> None:
-    """Replace (or append) the '## Attention kernels' section of BENCHMARKS.md, keeping the others."""
-    text = open(path).read() if os.path.exists(path) else "# vsopt benchmarks\n\n"
-    start = text.find("## Attention kernels")
-    if start < 0:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + ("\n" + text[end + 1:] if end >= 0 else "\n")
-    _atomic_write(path, text)
-
-
 def main(argv=None) -> int:
     import triton
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -421,7 +412,7 @@ def main(argv=None) -> int:
         _atomic_write(args.out, json.dumps(results, indent=1))
     section = markdown(results)
     if args.markdown:
-        update_benchmarks_md(args.markdown, section)
+        update_section(args.markdown, "## Attention kernels", section + "\n")
     print(section)
     return 0
 

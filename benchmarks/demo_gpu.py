@@ -39,6 +39,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from markdown_section import update_section  # noqa: E402  (a sibling script)
+
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Reference model on the GPU: forward and `vsopt demo`"
 
@@ -230,18 +233,6 @@ def render(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_markdown(path: Path, section: str) -> None:
-    """Replace (or append) SECTION in a markdown file."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION in text:
-        head, _, rest = text.partition(SECTION)
-        nxt = rest.find("\n## ")
-        text = head + section + (rest[nxt + 1:] if nxt >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    _write(path, text)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -263,7 +254,7 @@ def main(argv=None) -> int:
     if args.render:
         section = render(json.loads(args.render.read_text()))
         if args.markdown:
-            update_markdown(args.markdown, section)
+            update_section(args.markdown, SECTION, section)
         print(section)
         return 0
 
@@ -294,7 +285,7 @@ def main(argv=None) -> int:
     section = render(result)
     _write(args.out / "demo_gpu.md", section)
     if args.markdown:
-        update_markdown(args.markdown, section)
+        update_section(args.markdown, SECTION, section)
     print(section)
     return 0
 

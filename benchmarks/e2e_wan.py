@@ -34,6 +34,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from markdown_section import update_section  # noqa: E402  (a sibling script)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
@@ -288,17 +291,7 @@ def _write_markdown(path: Path, r) -> None:
     if vs:
         lines += ["", f"Where the time of `{vs[0]}` goes (GPU kernel ms by category): "
                   + ", ".join(f"{k} {t:.1f}" for k, t in r["runs"][vs[0]]["by_category_ms"].items()) + "."]
-    section = "\n".join(lines) + "\n"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if title in text:
-        head, _, rest = text.partition(title)
-        nxt = rest.find("\n## ")
-        text = head + section + (rest[nxt + 1:] if nxt >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    update_section(path, title, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

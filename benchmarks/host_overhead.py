@@ -50,6 +50,7 @@ from vsopt.core.orders import TokenOrder  # noqa: E402
 from vsopt.core.patterns import LocalWindow  # noqa: E402
 from vsopt.core.plan import HeadPlan, Plan, Quant, SitePlan, Sparsity  # noqa: E402
 from vsopt.core.semantics import launch_groups, reorders  # noqa: E402
+from vsopt.core.timing import pipelined_us  # noqa: E402
 
 HEADS, HEAD_DIM, BATCH = 4, 64, 2
 GRID = (16, 16, 16)
@@ -199,14 +200,7 @@ def noop_kernels():
 def _call_us(fn, calls: int = 20, reps: int = 15) -> float:
     """The fastest of `reps` runs of `calls` calls, per call: the machine is shared, the minimum is
     the work itself."""
-    fn()
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        out.append(1e6 * (time.perf_counter() - t0) / calls)
-    return min(out)
+    return pipelined_us(fn, calls, reps, best=True)
 
 
 def python_calls(fn) -> int:
@@ -321,17 +315,7 @@ def _gpu_us(fn) -> float | None:
 
 
 def _wall_us(fn, calls: int = 50, reps: int = 3, sync=None) -> float:
-    sync = sync or torch.cuda.synchronize
-    fn()
-    sync()
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        sync()
-        out.append(1e6 * (time.perf_counter() - t0) / calls)
-    return statistics.median(out)
+    return pipelined_us(fn, calls, reps, sync or torch.cuda.synchronize)
 
 
 GPU_ORDER = [("dense", "eager", True), ("1g_perm", "eager", True), ("3g_perm", "eager", True),

@@ -34,7 +34,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -45,7 +44,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import vsopt.core  # noqa: E402,F401  (registers the ops)
 import vsopt.core.dynamic  # noqa: E402,F401  (registers vsopt::dynamic_block_mask)
-from vsopt.core.timing import median_ms  # noqa: E402
+from vsopt.core.timing import median_ms, pipelined_us  # noqa: E402
 from vsopt.core import semantics  # noqa: E402
 from vsopt.core.costmodel import CostModel, Launch, SiteWork, describe_environment  # noqa: E402
 from vsopt.core.io import atomic_write_text  # noqa: E402
@@ -112,16 +111,7 @@ def wall_us(fn, calls: int = 50, reps: int = 3) -> float:
     pipelined: the larger of the two, the time a model without CUDA graphs sees)."""
     if DRY_RUN:
         return _dry_us(fn)
-    fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        out.append(1e6 * (time.perf_counter() - t0) / calls)
-    return statistics.median(out)
+    return pipelined_us(fn, calls, reps, torch.cuda.synchronize)
 
 
 # ----------------------------------------------------------------------------- inputs

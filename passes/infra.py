@@ -74,6 +74,18 @@ class GraphChanges:
         return report
 
 
+def finish(gm: torch.fx.GraphModule, changes: GraphChanges, report: PassReport, done: int, note: str) -> PassReport:
+    """The end of a pass run on its own, outside run_pipeline (vsopt.inductor.prepare): when it
+    made `done` > 0 edits, the graph is checked (graph.lint()) and its code regenerated (recompile),
+    so that gm runs the edited graph at once, and `note` says what was done; then the nodes created
+    and removed are recorded in the report."""
+    if done:
+        gm.graph.lint()
+        gm.recompile()
+        report.notes.append(note)
+    return changes.record(report)
+
+
 @dataclass
 class PassContext:
     """State shared by the passes of one pipeline run over one graph."""

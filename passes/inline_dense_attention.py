@@ -24,7 +24,7 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from vsopt.core.ops import attention_arguments
 
 from .graph_edit import emit, with_layout_of
-from .infra import GraphChanges, PassContext, PassReport
+from .infra import GraphChanges, PassContext, PassReport, finish
 
 NAME = "inline_dense_attention"
 aten = torch.ops.aten
@@ -63,8 +63,4 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> PassReport:
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
         done += 1
-    if done:
-        gm.graph.lint()
-        gm.recompile()
-        report.notes.append(f"{done} dense site(s) written as ATen SDPA for Inductor")
-    return changes.record(report)
+    return finish(gm, changes, report, done, f"{done} dense site(s) written as ATen SDPA for Inductor")

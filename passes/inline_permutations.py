@@ -25,7 +25,7 @@ import torch.fx
 from vsopt.core import ops as _ops  # noqa: F401  (registers torch.ops.vsopt.*)
 
 from .graph_edit import constant, constant_value, emit, with_layout_of
-from .infra import GraphChanges, PassContext, PassReport
+from .infra import GraphChanges, PassContext, PassReport, finish
 
 NAME = "inline_permutations"
 aten = torch.ops.aten
@@ -137,9 +137,6 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> PassReport:
             gm.graph.erase_node(perm)
         done += 1
     folded = _fold_head_selections(gm, gathers) if done else 0
-    if done:
-        gm.graph.lint()
-        gm.recompile()
-        report.notes.append(f"{done} token permutation(s) with a constant order inlined as ATen gathers"
-                            + (f", {folded} head selection(s) folded into them" if folded else ""))
-    return changes.record(report)
+    return finish(gm, changes, report, done,
+                  f"{done} token permutation(s) with a constant order inlined as ATen gathers"
+                  + (f", {folded} head selection(s) folded into them" if folded else ""))

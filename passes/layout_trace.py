@@ -110,6 +110,16 @@ ORDER_OPS = {
 SCALAR_SCALE_OPS = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar}
 
 
+def einsum_terms(eq: str) -> tuple[list[str], str] | None:
+    """An explicit einsum equation's operand and output subscripts: 'bhnd,bhmd->bhnm' ->
+    (['bhnd', 'bhmd'], 'bhnm'); None for an implicit output ('->' missing) or an ellipsis."""
+    eq = eq.replace(" ", "")
+    if "->" not in eq or "." in eq:
+        return None
+    ins, out = eq.split("->")
+    return ins.split(","), out
+
+
 def scalar_factor(node: torch.fx.Node) -> float | None:
     """If node multiplies or divides its first argument by a Python number, the factor; else None."""
     if node.op != "call_function" or node.target not in SCALAR_SCALE_OPS or len(node.args) != 2 or node.kwargs:

@@ -22,7 +22,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from vsopt.core.ops import row_order
 
 from .graph_edit import constant, constant_value
-from .infra import GraphChanges, PassContext, PassReport
+from .infra import GraphChanges, PassContext, PassReport, finish
 
 NAME = "static_work_orders"
 vsopt = torch.ops.vsopt
@@ -52,8 +52,5 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> PassReport:
                                      pass_name=NAME)
         node.kwargs = {**node.kwargs, "row_order": made[key]}
         done += 1
-    if done:
-        gm.graph.lint()
-        gm.recompile()
-        report.notes.append(f"{done} launch(es) over a constant table given their work order as a constant")
-    return changes.record(report)
+    return finish(gm, changes, report, done,
+                  f"{done} launch(es) over a constant table given their work order as a constant")

@@ -29,7 +29,7 @@ import torch.fx
 
 from .data_sizes import is_data_dependent
 from .frame_index import frame_start, joined
-from .layout_trace import TraceError, shape_of
+from .layout_trace import TraceError, einsum_terms, shape_of
 from .patch_embeddings import CONV_OPS, PRODUCTS, RESHAPE_OPS, patch_embeddings
 from .token_state import Other, Several, TokenState, Video, cut
 
@@ -122,11 +122,12 @@ def _moved_axis(t, args, rank: int, dim: int) -> int:
 
 
 def _einsum_dim(eq: str, which: int, dim: int) -> int | None:
-    eq = eq.replace(" ", "")
-    if "->" not in eq or "." in eq:
+    """Where axis `dim` of operand `which` goes in an einsum's output (None: contracted, or an
+    equation not spelled out)."""
+    terms = einsum_terms(eq)
+    if terms is None:
         return None
-    ins, out = eq.split("->")
-    ins = ins.split(",")
+    ins, out = terms
     if which >= len(ins) or dim >= len(ins[which]):
         return None
     letter = ins[which][dim]

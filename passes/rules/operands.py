@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from ..layout_trace import Atom, TraceError, Traced, trace_back
+from ..layout_trace import Atom, TraceError, Traced, einsum_terms, trace_back
 from .match import normalize_args
 
 aten = torch.ops.aten
@@ -36,12 +36,8 @@ class Operand:
 
 def einsum_spec(eq: str) -> tuple[list[str], str] | None:
     """'bhnd,bhmd->bhnm' -> (['bhnd', 'bhmd'], 'bhnm'); None unless two explicit operands."""
-    eq = eq.replace(" ", "")
-    if "->" not in eq or "." in eq:
-        return None
-    ins, out = eq.split("->")
-    ins = ins.split(",")
-    return (ins, out) if len(ins) == 2 else None
+    terms = einsum_terms(eq)
+    return terms if terms is not None and len(terms[0]) == 2 else None
 
 
 def operands(score: torch.fx.Node) -> tuple[Operand, Operand, OutSpec, str, Any] | str:

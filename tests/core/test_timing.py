@@ -1,5 +1,6 @@
 """vsopt.core.timing: the shared timing loop (CPU path; the CUDA-event path runs in the GPU benchmarks)."""
 import time
+import types
 
 import pytest
 
@@ -44,3 +45,18 @@ def test_interleaved_ms_times_each_callable_in_turn_every_round():
     assert order == (["a"] * 3 + ["b"] * 3 + ["c"] * 3) * 3
     with pytest.raises(ValueError, match="rounds"):
         interleaved_ms(fns, rounds=0, iters=1, cuda=False)
+
+
+def test_pipelined_us_times_back_to_back_calls_per_call(monkeypatch):
+    """One warm-up call, then `reps` runs of `calls` calls, each run's time divided by `calls`;
+    sync after the warm-up and after every run; the median, or the fastest with best."""
+    from vsopt.core import timing
+
+    clock = iter([0.0, 0.004, 1.0, 1.002, 2.0, 2.010] * 2)   # runs of 4, 2 and 10 ms (seconds)
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))   # this module's clock only
+    events = []
+    fn, sync = (lambda: events.append("call")), (lambda: events.append("sync"))
+    assert timing.pipelined_us(fn, calls=2, reps=3, sync=sync) == pytest.approx(2000.0)   # median of 2000, 1000, 5000 us
+    assert events == ["call", "sync"] + ["call", "call", "sync"] * 3
+    assert timing.pipelined_us(fn, calls=2, reps=3, best=True) == pytest.approx(1000.0)
+    assert events.count("sync") == 4                                                      # none without sync

@@ -77,7 +77,7 @@ def _check_args(args: argparse.Namespace):
     import torch
 
     from vsopt.benchmark.settings import BenchSettings, Method
-    from vsopt.calibration.options import check_block_size, check_cost_model_blocks
+    from vsopt.calibration.options import check_block_size, check_cost_model_blocks, check_device
     from vsopt.core.costmodel import CostModel
     from vsopt.core.errors import ConfigError
     from vsopt.core.plan import Quant
@@ -103,12 +103,7 @@ def _check_args(args: argparse.Namespace):
         if value is not None and value < 1:
             raise ConfigError(f"{option} {value}: must be >= 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError) as e:
-        raise ConfigError(f"--device {device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device!r}: no CUDA GPU is available here")
+    dev = check_device(device)
     cost = CostModel.default(torch.cuda.get_device_name() if dev.type == "cuda" else None)
     check_cost_model_blocks(cost, {Quant.NONE, Quant(args.quant)}, block, "--block",
                             f"the shipped cost model ({cost.gpu})")

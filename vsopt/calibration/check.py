@@ -12,7 +12,7 @@ import torch
 
 from vsopt.backend import trace_and_rewrite
 from vsopt.calibration.capture import RecordedCall
-from vsopt.calibration.inputs import model_output, positional, reference_model_inputs
+from vsopt.calibration.inputs import model_output, positional, reference_conditioning, reference_model_inputs
 from vsopt.core.config import VsoptConfig
 from vsopt.core.ir import TokenGrid
 from vsopt.core.metrics import psnr, relative_l2
@@ -98,13 +98,10 @@ def reference_sampler_check(ref, plan_path: str | os.PathLike, *, clips: int = 2
     `guidance` (as `vsopt demo` samples: 3; guidance multiplies the plan's error in the conditional
     branch); PSNR and relative L2 of the final latents, and on CUDA the seconds of each sampling
     run. The whole trajectory counts: errors compound."""
-    from vsopt.models import data, sampler
+    from vsopt.models import sampler
 
     device = next(ref.transformer.parameters()).device
-    _, tokens = data.make_batch(clips, seed)
-    cond = ref.encode(tokens.to(device))
-    uncond = ref.encode(torch.zeros_like(tokens[:1]).to(device)) if guidance != 1.0 else None
-    shape = (data.CHANNELS, ref.config.frames, ref.config.height, ref.config.width)
+    cond, uncond, shape = reference_conditioning(ref, clips, seed, guidance)
     # traced at the batch the sampler calls with (cond and uncond together under guidance)
     probe = reference_model_inputs(ref, clips=clips, steps=1, seed=seed, guidance=guidance)[0]
     signature, (inputs,) = positional(ref.transformer, [probe])

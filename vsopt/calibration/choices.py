@@ -62,7 +62,12 @@ def head_plans(state: SiteState, choices: Sequence[HeadChoice]) -> tuple[HeadPla
 def predicted_time_us(state: SiteState, choices: Sequence[HeadChoice], cost: CostModel) -> float:
     """Cost-model time of the site with these choices, as lowered (semantics.predicted_us at the
     measured densities)."""
-    return semantics.predicted_us(state.site, head_plans(state, choices), cost, [ch.density for ch in choices])
+    return _predicted_us(state, choices, head_plans(state, choices), cost)
+
+
+def _predicted_us(state: SiteState, choices: Sequence[HeadChoice], plans: Sequence[HeadPlan],
+                  cost: CostModel) -> float:
+    return semantics.predicted_us(state.site, plans, cost, [ch.density for ch in choices])
 
 
 HOST_OVERHEAD_KEY = "host_overhead_us_not_in_model"  # the cost model's meta: kernel key -> host us per call
@@ -92,16 +97,19 @@ def lowering_overhead_us(state: SiteState, choices: Sequence[HeadChoice], cost: 
     torch.compile (CostModel.has_group_overhead), that is the price instead
     (semantics.lowering_overhead_us): an eager op call's host time, which is what
     host_launch_us charges, is several times what a launch costs inside a compiled graph."""
-    if is_dense(state, choices):
+    return _lowering_overhead_us(state, head_plans(state, choices), cost)
+
+
+def _lowering_overhead_us(state: SiteState, plans: Sequence[HeadPlan], cost: CostModel) -> float:
+    if semantics.left_alone(plans):   # is_dense
         return 0.0
     cudagraphs = not state.opt.host_overhead
     if cost.has_group_overhead(cudagraphs):   # measured per launch group (benchmarks/host_overhead.py)
-        return state.opt.site_overhead_us + semantics.lowering_overhead_us(state.site, head_plans(state, choices),
-                                                                           cost, cudagraphs)
+        return state.opt.site_overhead_us + semantics.lowering_overhead_us(state.site, plans, cost, cudagraphs)
     t = state.opt.site_overhead_us + cost.lowering_overhead_us(cudagraphs=cudagraphs)
     if state.opt.host_overhead:
         measured = "eager" in cost.overhead_us
-        for i, key in enumerate(semantics.launch_groups(head_plans(state, choices))):
+        for i, key in enumerate(semantics.launch_groups(plans)):
             if not (measured and i == 0):
                 t += host_launch_us(cost, key.quant, state.site.head_dim, key.block_m, key.block_n)
     return t
@@ -114,8 +122,10 @@ def overhead_basis(state: SiteState, choices: Sequence[HeadChoice], cost: CostMo
 
 
 def site_time_us(state: SiteState, choices: Sequence[HeadChoice], cost: CostModel) -> float:
-    """The site's predicted time with these choices: the cost model's, plus the lowering overhead."""
-    return predicted_time_us(state, choices, cost) + lowering_overhead_us(state, choices, cost)
+    """The site's predicted time with these choices: the cost model's, plus the lowering overhead
+    (the head plans built once for both: the searches call this for every trial)."""
+    plans = head_plans(state, choices)
+    return _predicted_us(state, choices, plans, cost) + _lowering_overhead_us(state, plans, cost)
 
 
 def _marginal_us(state: SiteState, hp: HeadPlan, density: float, cost: CostModel) -> float:

@@ -111,7 +111,7 @@ def check_args(args: argparse.Namespace) -> Checked:
     from vsopt.calibration.budgets import DensityBudget, QualityFloor, SiteErrorBudget, SpeedupBudget
     from vsopt.calibration.failures import one_line
     from vsopt.calibration.options import (CalibrationOptions, check_block_size, check_cost_model_blocks,
-                                           check_overhead)
+                                           check_device, check_overhead)
     from vsopt.core.costmodel import CostModel
     from vsopt.core.errors import ConfigError
     from vsopt.core.ir import TokenGrid
@@ -152,12 +152,7 @@ def check_args(args: argparse.Namespace) -> Checked:
             raise ConfigError(f"--grid {args.grid!r}: expected F,H,W[,text_before[,text_after]] ({e})") from None
     device = args.device
     if device is not None:
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, ValueError) as e:
-            raise ConfigError(f"--device {device!r}: {one_line(e)}") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"--device {device!r}: no CUDA GPU is available here")
+        check_device(device)
     # budgets (a --min-psnr floor's held-out input comes with the model: its value is checked here)
     try:
         if args.max_error is not None:

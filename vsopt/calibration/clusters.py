@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 
+from vsopt.calibration.inputs import KeptPerRun
 from vsopt.core import semantics
 from vsopt.core.clustering import ClusterLayout, ClusterSpec, cluster_layout
 from vsopt.core.errors import ConfigError
@@ -43,19 +44,11 @@ def cluster_label(spec: ClusterSpec) -> str:
     return f"cluster({spec.q_clusters}x{spec.k_clusters},p{spec.top_p:g},every{spec.refresh})"
 
 
-class ClusterRuns:
-    """The layout each cluster candidate of one site state kept, across pass 2's inputs."""
+class ClusterRuns(KeptPerRun):
+    """The layout each cluster candidate of one site state kept, across pass 2's inputs (a call
+    of unknown step starts cold)."""
 
-    def __init__(self):
-        self.kept: dict[int, tuple[int, ClusterLayout]] = {}
-        self.last: int | None = None
-
-    def begin(self, step: int | None) -> None:
-        """A call at `step` is measured (None: unknown, every call cold); a step that does not
-        grow starts a new sampler run."""
-        if step is None or (self.last is not None and step <= self.last):
-            self.kept = {}
-        self.last = step
+    kept: dict[int, tuple[int, ClusterLayout]]  # candidate -> (step, layout)
 
     def layout(self, candidate: int, spec: ClusterSpec, step: int | None, q: torch.Tensor, k: torch.Tensor,
                scale: float, block_m: int, block_n: int, spans) -> ClusterLayout:

@@ -13,6 +13,22 @@ from vsopt.calibration.capture import RecordedCall, record_forward_inputs
 from vsopt.core.errors import ConfigError
 
 
+class KeptPerRun:
+    """What the candidates of one site state keep from one calibration input to the next (`kept`:
+    candidate -> what it kept), within one sampler run: a run's inputs come in growing steps, so a
+    step that does not grow, or an unknown one (None), starts a new run with nothing kept."""
+
+    def __init__(self):
+        self.kept: dict = {}
+        self.last: int | None = None
+
+    def begin(self, step: int | None) -> None:
+        """A call at `step` is measured."""
+        if step is None or (self.last is not None and step <= self.last):
+            self.kept = {}
+        self.last = step
+
+
 @dataclass(frozen=True)
 class Signature:
     """How calibration inputs with keyword arguments become positional ones: the traced graph
@@ -93,18 +109,27 @@ def model_output(out: Any) -> torch.Tensor:
     raise ConfigError(f"cannot take a tensor from the model output of type {type(out).__name__}")
 
 
-def reference_model_inputs(ref, *, clips: int = 2, steps: int = 8, seed: int = 0, every: int = 1,
-                           guidance: float = 1.0) -> list[RecordedCall]:
-    """Inputs of the shipped reference model's transformer at each denoising step of a sampler run
-    over `clips` random descriptions (vsopt.models): RecordedCalls whose `step` is the sampler step,
-    on the model's device. With guidance != 1 each step's call holds the cond and uncond batch."""
-    from vsopt.models import data, sampler
+def reference_conditioning(ref, clips: int, seed: int, guidance: float):
+    """What a sampler run of the shipped reference model over `clips` random descriptions (seed
+    `seed`) takes, on the model's device: (cond, uncond (the empty description; None without
+    guidance, guidance == 1), the latent clip shape (C, F, H, W))."""
+    from vsopt.models import data
 
     device = next(ref.transformer.parameters()).device
     _, tokens = data.make_batch(clips, seed)
     cond = ref.encode(tokens.to(device))
     uncond = ref.encode(torch.zeros_like(tokens[:1]).to(device)) if guidance != 1.0 else None
-    shape = (data.CHANNELS, ref.config.frames, ref.config.height, ref.config.width)
+    return cond, uncond, (data.CHANNELS, ref.config.frames, ref.config.height, ref.config.width)
+
+
+def reference_model_inputs(ref, *, clips: int = 2, steps: int = 8, seed: int = 0, every: int = 1,
+                           guidance: float = 1.0) -> list[RecordedCall]:
+    """Inputs of the shipped reference model's transformer at each denoising step of a sampler run
+    over `clips` random descriptions (vsopt.models): RecordedCalls whose `step` is the sampler step,
+    on the model's device. With guidance != 1 each step's call holds the cond and uncond batch."""
+    from vsopt.models import sampler
+
+    cond, uncond, shape = reference_conditioning(ref, clips, seed, guidance)
     with record_forward_inputs(ref.transformer, device=None, every=every) as calls:
         sampler.sample(ref.transformer, cond, shape, steps=steps, seed=seed, guidance=guidance, uncond=uncond)
     for c in calls:  # one forward per step: index == step (every-th call kept)

@@ -34,6 +34,23 @@ def check_block_size(value, name: str) -> int:
     return value
 
 
+def check_device(device: str, name: str = "--device"):
+    """The torch.device `device` names, when this machine has it; else a ConfigError naming
+    `name`, in one line (a CUDA device where no CUDA GPU is available is refused here, not when
+    the model is moved)."""
+    import torch
+
+    from vsopt.calibration.failures import one_line
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"{name} {device!r}: {one_line(e)}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{name} {device!r}: no CUDA GPU is available here")
+    return dev
+
+
 def check_overhead(value, name: str) -> float:
     if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0):
         raise ConfigError(f"{name} {value!r}: must be a finite number of microseconds >= 0")

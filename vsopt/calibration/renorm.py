@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from vsopt.calibration.inputs import KeptPerRun
 from vsopt.core import semantics
 from vsopt.core.errors import ConfigError
 from vsopt.core.plan import Quant
@@ -28,19 +29,14 @@ from vsopt.core.pooled import Remainder
 from vsopt.core.rettention import Phase, Renorm, measured_step, renorm_phase
 
 
-class KeptStatistics:
+class KeptStatistics(KeptPerRun):
     """Each renormalized candidate's statistics of one site state, from its last measuring step."""
 
-    def __init__(self, start: int):
-        self.start = start
-        self.kept: dict[int, tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self.last: int | None = None
+    kept: dict[int, tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]  # candidate -> (step, masks, rho, resid)
 
-    def begin(self, step: int) -> None:
-        """A call at `step` is measured: a step that does not grow starts a new sampler run."""
-        if self.last is not None and step <= self.last:
-            self.kept = {}
-        self.last = step
+    def __init__(self, start: int):
+        super().__init__()
+        self.start = start
 
     def output(self, candidate: int, label: str, spec: Renorm, remainder: Remainder, step: int, q, k, v,
                masks_now: Callable[[], torch.Tensor], scale: float, block_m: int, block_n: int

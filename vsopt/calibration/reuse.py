@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from vsopt.calibration.inputs import KeptPerRun
 from vsopt.core.dynamic import DynamicSpec
 from vsopt.core.errors import ConfigError
 from vsopt.core.semantics import mask_refresh_step
@@ -45,19 +46,14 @@ def measurable_intervals(intervals: Sequence[int], start: int, steps: Sequence[i
     return tuple(out)
 
 
-class ReusedMasks:
+class ReusedMasks(KeptPerRun):
     """The masks each reusing candidate of one site state kept at its last refresh step."""
 
-    def __init__(self, start: int):
-        self.start = start
-        self.kept: dict[int, tuple[int, torch.Tensor]] = {}  # candidate -> (refresh step, masks)
-        self.last: int | None = None
+    kept: dict[int, tuple[int, torch.Tensor]]  # candidate -> (refresh step, masks)
 
-    def begin(self, step: int) -> None:
-        """A call at `step` is measured: a step that does not grow starts a new sampler run."""
-        if self.last is not None and step <= self.last:
-            self.kept = {}
-        self.last = step
+    def __init__(self, start: int):
+        super().__init__()
+        self.start = start
 
     def masks(self, candidate: int, label: str, spec: DynamicSpec, step: int,
               compute: Callable[[], torch.Tensor]) -> torch.Tensor:

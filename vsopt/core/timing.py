@@ -1,6 +1,7 @@
 """Wall-clock timing of a callable on the device it runs on: the one loop that the calibration's
 measured check (interleaved_ms: several callables timed in turn), `vsopt bench`, the end-to-end benchmarks and `vsopt demo` (CallTimer: every call
-of a model a sampler drives) share.
+of a model a sampler drives) share; and pipelined_us, back-to-back calls timed together (the
+benchmarks' host-overhead and wall-clock measurements).
 
 On CUDA each call is bracketed by CUDA events (GPU time of the work the call enqueues, host launch
 gaps included, as a user sees it) and synchronized; elsewhere time.perf_counter is used.
@@ -44,6 +45,26 @@ def time_calls(fn: Callable[[], object], iters: int, warmup: int = 1, cuda: bool
 def median_ms(fn: Callable[[], object], iters: int, warmup: int = 1, cuda: bool | None = None) -> float:
     """Median of time_calls."""
     return statistics.median(time_calls(fn, iters, warmup, cuda))
+
+
+def pipelined_us(fn: Callable[[], object], calls: int, reps: int, sync: Callable[[], object] | None = None,
+                 best: bool = False) -> float:
+    """Microseconds per call of fn over `calls` back-to-back calls (host and device pipelined, as a
+    model runs without CUDA graphs: the larger of the two), timed `reps` times after one warm-up
+    call; the median, or with `best` the fastest (host time on a shared machine: the minimum is the
+    work itself). sync (e.g. torch.cuda.synchronize) runs after the warm-up and after each run."""
+    fn()
+    if sync is not None:
+        sync()
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if sync is not None:
+            sync()
+        out.append(1e6 * (time.perf_counter() - t0) / calls)
+    return min(out) if best else statistics.median(out)
 
 
 def interleaved_ms(fns: Mapping[str, Callable[[], object]], rounds: int, iters: int, warmup: int = 1,

@@ -180,7 +180,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
     INT8 instead of e4m3 (kernel.py, PV_INT8; docs/KERNELS.md "P V formats"); int8_int8 is the plan
     mode of INT8 Q K with INT8 P V (its pv_format is "int8" already).
     kernel: "triton" (this module's kernel, every mode) or "gluon" (gluon_launch: Hopper, bf16/fp16,
-    no cap, eager; its limits are errors, not fallbacks). The ops of vsopt.core run the Triton kernel."""
+    no cap, eager; its limits are errors, not fallbacks). The ops of vsopt.core choose between the two
+    by route.py."""
     check(kernel in KERNELS, f"block_sparse_attention: kernel must be one of {KERNELS}, got {kernel!r}")
     if kernel == "gluon":
         from . import gluon_launch

@@ -320,6 +320,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
     row_order: the kernel's work order of this table and batch (row_order() below), computed ahead
     (vsopt.inductor.prepare makes it a constant for a static table); None: computed per call. It
     orders the rows only: the output does not depend on it (the reference ignores it).
+    On CUDA the Triton kernel runs, or the Gluon kernel where kernels/block_sparse/route.py takes it
+    (block_sparse_route() says which, and why).
     """
     return _run_block_sparse(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant, False, softcap,
                              row_order)[0]

@@ -120,11 +120,8 @@ def _route_off(fn):
     from vsopt.kernels.block_sparse import route
 
     def call():
-        saved, route.GLUON = route.GLUON, False
-        try:
+        with route.switched(False):
             return fn()
-        finally:
-            route.GLUON = saved
     return call
 
 

@@ -32,6 +32,7 @@ runs the launcher eagerly inside the compiled graph, CUDA graphs included.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -145,6 +146,18 @@ def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, bloc
         return _triton(problem)
     config = gluon_launch.default_config(D)
     return Route("gluon", f"head_dim {D}, {block_m} x {block_n} table, {str(q.dtype)[6:]}: {config}", config)
+
+
+@contextlib.contextmanager
+def switched(on: bool):
+    """The switch (GLUON) set to `on` inside the block, restored after: to run or time the ops on one
+    route against the other (eager calls; a graph keeps the route it was traced or captured with)."""
+    global GLUON
+    saved, GLUON = GLUON, on
+    try:
+        yield
+    finally:
+        GLUON = saved
 
 
 def cache_tag() -> str:

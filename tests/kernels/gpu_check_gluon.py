@@ -131,7 +131,7 @@ def workload_correctness(configs):
         mask = random_mask(1, H, nb, nb, 0.2, "cuda")
         idx, cnt = torch.ops.vsopt.mask_to_table(mask)
         ref = chunked_reference(q, k, v, mask, D ** -0.5, 128)
-        tri = torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128, "none")
+        tri = triton_kernel(q, k, v, idx, cnt, D ** -0.5)
         rel_t, _ = rel_l2(tri, ref)
         for config in configs:
             if gluon_launch.shared_bytes(D, 128, config.stages) > 227 * 1024:
@@ -145,6 +145,15 @@ def workload_correctness(configs):
         rel, finite = rel_l2(out, ref)
         record(f"{name} density 0.2 launch.block_sparse_attention(kernel='gluon')", finite and rel <= BOUND,
                f"rel_l2 {rel:.2e} ({gluon_launch.default_config(D)})")
+
+
+def triton_kernel(q, k, v, idx, cnt, scale, block_n=128):
+    """The Triton kernel through torch.ops.vsopt (its host launch work included, as the Gluon launcher's):
+    the op with the Gluon route switched off (kernels/block_sparse/route.py)."""
+    from vsopt.kernels.block_sparse import route
+
+    with route.switched(False):
+        return torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, scale, 128, block_n, "none")
 
 
 def bench(fn, reps=REPS):
@@ -170,10 +179,9 @@ def speed(configs, workloads, out=None, t0=0.0):
             run_density = float(cnt.sum()) / (H * nb * nb)
             flops = 4 * B * H * N * N * D * run_density
             row = {"workload": name, "shape": [B, H, N, D], "density": density, "density_run": run_density}
-            ms = bench(lambda: torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128, "none"))
+            ms = bench(lambda: triton_kernel(q, k, v, idx, cnt, D ** -0.5))
             row["triton"] = {"ms": ms, "tflops": flops / ms / 1e9}
-            tri = torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128, "none") \
-                if density == 0.2 else None
+            tri = triton_kernel(q, k, v, idx, cnt, D ** -0.5) if density == 0.2 else None
             for config in configs:
                 if gluon_launch.shared_bytes(D, 128, config.stages) > 227 * 1024:
                     continue
@@ -312,15 +320,12 @@ def op_part(out_dir=None, t0=0.0, device="cuda", shapes=OP_SHAPES, workload=WORK
 
         def op_with(gluon, bn=bn, idx=t_idx, cnt=t_cnt):
             def call():
-                route.GLUON = gluon
-                return torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, bn)
+                with route.switched(gluon):
+                    return torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, bn)
             return call
 
-        try:
-            times = interleaved_ms({"gluon route": op_with(True), "triton (route off)": op_with(False)},
-                                   rounds=rounds, iters=iters, warmup=2)
-        finally:
-            route.GLUON = True
+        times = interleaved_ms({"gluon route": op_with(True), "triton (route off)": op_with(False)},
+                               rounds=rounds, iters=iters, warmup=2)
         row = {"workload": shape, "density": density, "density_run": run_density, "table": f"128x{bn}"}
         for name, ts in times.items():
             ms = statistics.median(ts)

@@ -325,3 +325,13 @@ def test_aotinductor_compilation_is_seen_where_the_route_is_chosen(monkeypatch):
     with pytest.raises(Exception):
         torch.compile(M(), backend="inductor")(q, k, v)
     assert seen == [True, False]
+
+
+def test_switched_sets_the_switch_inside_the_block_only(monkeypatch):
+    monkeypatch.setattr(route, "GLUON", True)
+    with route.switched(False):
+        assert route.GLUON is False
+    assert route.GLUON is True
+    with pytest.raises(RuntimeError), route.switched(False):
+        raise RuntimeError
+    assert route.GLUON is True

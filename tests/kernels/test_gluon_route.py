@@ -335,3 +335,37 @@ def test_switched_sets_the_switch_inside_the_block_only(monkeypatch):
     with pytest.raises(RuntimeError), route.switched(False):
         raise RuntimeError
     assert route.GLUON is True
+
+
+def test_vsopt_backend_runs_a_planned_site_through_the_opaque_op(stub_gluon):
+    """backend="vsopt" with a plan at head_dim 128 and 128 x 128 blocks: Inductor (the real one, on the
+    CPU) compiles the prepared graph, whose launch carries its static work order; the Gluon route's
+    opaque op runs with it at run time, and the output is the one of the same plan run eagerly."""
+    import torch.nn.functional as F
+
+    from vsopt.backend import trace_and_rewrite
+    from vsopt.core.config import VsoptConfig
+    from vsopt.core.orders import TokenOrder
+    from vsopt.core.patterns import LocalWindow
+    from vsopt.core.plan import HeadPlan, Plan, Quant, SitePlan, Sparsity
+
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v) * 2.0
+
+    grid = (2, 8, 24)   # 384 tokens: three 128-token blocks
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 384, 128, generator=g).to(torch.float16) for _ in range(3))
+    model = Attn()
+    _, report = trace_and_rewrite(model, (q, k, v), VsoptConfig.from_options({"grid": grid}))
+    (site,) = report.sites
+    heads = [HeadPlan(Sparsity.PATTERN, TokenOrder.HWF, Quant.NONE, 128, 128, pattern=LocalWindow(1, 1, 1))] * 2
+    plan = Plan({site.site_id: SitePlan.for_site(site, heads)})
+    exported, _ = trace_and_rewrite(model, (q, k, v), VsoptConfig.from_options({"grid": grid, "plan": plan}))
+    want = exported(q, k, v)                                         # eager: the stubbed launch, computed order
+    assert stub_gluon[-1]["real"] and stub_gluon[-1]["row_order"] is None
+    torch._dynamo.reset()
+    out = torch.compile(model, backend="vsopt", options={"grid": grid, "plan": plan})(q, k, v)
+    last = stub_gluon[-1]
+    assert last["real"] and last["row_order"] is not None and last["row_order"].dtype == torch.int32
+    torch.testing.assert_close(out, want, rtol=0, atol=0)

@@ -369,3 +369,12 @@ def test_vsopt_backend_runs_a_planned_site_through_the_opaque_op(stub_gluon):
     last = stub_gluon[-1]
     assert last["real"] and last["row_order"] is not None and last["row_order"].dtype == torch.int32
     torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+def test_gluon_route_checks_the_scale_as_the_triton_launcher_does(stub_gluon):
+    from vsopt.core.errors import KernelInputError
+
+    q, k, v, idx, cnt = _case()
+    with pytest.raises(KernelInputError, match="scale must be positive, got -1.0"):
+        torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, -1.0, 128, 128)
+    assert stub_gluon == []

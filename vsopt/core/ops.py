@@ -277,6 +277,9 @@ def _run_block_sparse(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, q
         if reason is None:
             route = _bsa_route().choose(q, k, v, block_m, block_n, mode, softcap)
             _note_route(route.kernel, route.reason)
+            # (the Triton launcher checks the scale itself, in run_checked)
+            _kernel_errors.check(route.kernel != "gluon" or scale > 0,
+                                 f"block_sparse_attention: scale must be positive, got {scale}")
             if route.kernel == "gluon" and not _launching_eagerly(q, k, v, kv_indices, kv_counts):
                 # Traced (Inductor decomposing this op): the opaque op, which launches eagerly at run
                 # time. The work order is computed here, in the graph (or is the static constant).

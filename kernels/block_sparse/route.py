@@ -3,12 +3,13 @@ it faster and it covers the call, the Triton kernel (launch.py) everywhere else.
 
 Measured (H200, 2026-12-02 05:30 UTC, `tests/kernels/gpu_check_gluon.py --parts speed`; CUDA events
 around eager calls, the same random 128x128 block mask plus the diagonal for every kernel, useful
-TFLOP/s at densities 0.1 / 0.2 / 0.5 / 1.0; every variant matched the Triton kernel to 1e-3 rel L2):
+TFLOP/s at densities 0.1 / 0.2 / 0.5 / 1.0; every variant matched the Triton kernel at density 0.2,
+rel L2 <= 1e-3; benchmarks/results/gpu_check_gluon_s9_h200.json):
     wan480 (12 x 32760 x 128)  Triton kernel 381 / 449 / 482 / 485
                                Gluon, persistent, 3 stages, pipelined, ordered ping-pong 437 / 550 / 572 / 585
     cog720 (48 x 17776 x 64)   Triton kernel 326 / 343 / 408 / 409
                                every Gluon variant within ~0-5% of it, some slower: no clear gain
-So the Gluon route is taken at head_dim 128 (1.15-1.21x) and not at 64 (ROUTE_HEAD_DIMS), with the
+So the Gluon route is taken at head_dim 128 (1.15-1.22x) and not at 64 (ROUTE_HEAD_DIMS), with the
 variant gluon_launch.default_config(128).
 
 choose() is the rule; every "no" has its reason, in this order:
@@ -27,7 +28,7 @@ choose() is the rule; every "no" has its reason, in this order:
 Where the ops use it (vsopt/core/ops.py): an eager call on real tensors launches the Gluon kernel
 directly; a traced call (Inductor decomposing the triton_op) puts the opaque op
 vsopt::block_sparse_attention_gluon into the graph instead of wrap_triton (Inductor's user-kernel path
-re-emits a kernel's helpers as @triton.jit source and reads TTIR: neither holds for Gluon), and that op
+re-emits a kernel's helpers as @triton.jit source and analyses it as TTIR: neither holds for Gluon), and that op
 runs the launcher eagerly inside the compiled graph, CUDA graphs included.
 """
 from __future__ import annotations

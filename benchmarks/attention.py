@@ -1,5 +1,7 @@
-"""Attention kernel benchmark on the GPU: vsopt's block-sparse kernel (bf16, INT8-QK, FP8, INT8 P V; and its
-Gluon kernel, bf16, variants v1 and v2 as vsopt_gluon_v1_none / vsopt_gluon_v2_none) side by side
+"""Attention kernel benchmark on the GPU: vsopt's block-sparse op (bf16, INT8-QK, FP8, INT8 P V; the bf16 row
+names the kernel the op's route took, kernels/block_sparse/route.py; where that is the Gluon kernel the op
+with the route off, the Triton kernel, is timed beside it as vsopt_none_triton; and Gluon variants called
+directly, v1 and v2, as vsopt_gluon_v1_none / vsopt_gluon_v2_none) side by side
 with cuDNN SDPA, FlashAttention-3 (fa3-fwd, bf16 and FP8), FlashAttention-4 (flash-attn-4, CuTe DSL:
 dense and block-sparse with the same table), SageAttention 1.0.6 and FlexAttention with the same block
 mask, on the reference workloads of WORKLOADS.md; writes JSON and the "Attention kernels" section of
@@ -101,16 +103,29 @@ def window_block_mask(w: Workload, density: float, block: int, device) -> torch.
 
 BLOCK = 128
 MODES = ("none", "int8", "fp8", "int8_fp8", "int8_int8")
-#: The Gluon kernel's variants timed beside the Triton kernel (bf16): v1 = gluon_launch.DEFAULT_CONFIG
-#: (one program per row, ping-pong consumers), v2 = the persistent kernel with FA3's ordered ping-pong.
-GLUON_VARIANTS = ("v1", "v2")
+#: What --gluon times beside the op (bf16): "triton" = the op with the Gluon route switched off (the
+#: Triton kernel; timed only where the route takes the Gluon kernel), v1 = the Gluon kernel called directly
+#: in the first GPU run's variant (one program per row, ping-pong consumers), v2 = the Gluon kernel called
+#: directly in the variant measured fastest at the workload's head dim (gluon_launch.default_config: the
+#: route's at head_dim 128).
+GLUON_VARIANTS = ("triton", "v1", "v2")
 
 
-def gluon_config(variant: str):
+def gluon_config(variant: str, head_dim: int):
     from vsopt.kernels.block_sparse import gluon_launch
     if variant == "v1":
-        return gluon_launch.DEFAULT_CONFIG
-    return gluon_launch.GluonConfig(2, True, True, True, persistent=True)
+        return gluon_launch.GluonConfig(2, False, True)
+    return gluon_launch.default_config(head_dim)
+
+
+def _route_off(fn):
+    """fn with the block-sparse ops' Gluon route switched off while it runs (captured or eager)."""
+    from vsopt.kernels.block_sparse import route
+
+    def call():
+        with route.switched(False):
+            return fn()
+    return call
 
 
 def _bench(fn, rep_ms: float) -> float:
@@ -224,6 +239,7 @@ def _flex(q, k, v, kv_indices, kv_counts, scale, n):
 def run_workload(w: Workload, densities, modes, accuracy: bool, rep_ms: float, log,
                  gluon_variants=GLUON_VARIANTS) -> dict:
     import vsopt.core  # noqa: F401  (registers torch.ops.vsopt.*)
+    from vsopt.core import ops as vsopt_ops
     from vsopt.kernels.block_sparse import launch as bsa_launch
     from vsopt.kernels.quant import launch as quant_launch
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -289,21 +305,27 @@ def run_workload(w: Workload, densities, modes, accuracy: bool, rep_ms: float, l
             table_ms = _bench(lambda: torch.ops.vsopt.mask_to_table(mask), rep_ms)
             order_ms = _bench(lambda: bsa_launch.work_order(kv_counts.clone(), B), rep_ms)   # clone: no cache
             for mode in modes:
-                fn = lambda: torch.ops.vsopt.block_sparse_attention(q, k, v, kv_indices, kv_counts, scale,  # noqa
-                                                                    BLOCK, BLOCK, mode)
-                ms = _bench(fn, rep_ms)
-                extra = {"table_ms": table_ms, "order_ms": order_ms, "eager_ms": _bench_eager(fn, rep_ms)}
-                if mode != "none":
-                    extra["quant_ms"] = _bench(lambda: quant_launch.quantize_qkv(q, k, v, mode, BLOCK, BLOCK), rep_ms)
-                if ref is not None:
-                    extra.update(_accuracy(fn(), ref))
-                row = record(res["sparse"], f"vsopt_{mode}", ms, real_density, extra)
-                row["speedup_vs_best_dense"] = best_dense / ms
-            for variant in gluon_variants if "none" in modes else ():   # the Gluon kernel (bf16 only)
+                op = lambda mode=mode: torch.ops.vsopt.block_sparse_attention(  # noqa: E731
+                    q, k, v, kv_indices, kv_counts, scale, BLOCK, BLOCK, mode)
+                kernel, why = vsopt_ops.block_sparse_route(q, k, v, BLOCK, BLOCK, mode)
+                runs = [(f"vsopt_{mode}", op, kernel, why)]
+                if kernel == "gluon" and "triton" in gluon_variants:   # the same op with the route off
+                    runs.append((f"vsopt_{mode}_triton", _route_off(op), "triton", "the Gluon route switched off"))
+                for name, fn, kernel, why in runs:
+                    ms = _bench(fn, rep_ms)
+                    extra = {"table_ms": table_ms, "order_ms": order_ms, "eager_ms": _bench_eager(fn, rep_ms)}
+                    if mode != "none":
+                        extra["quant_ms"] = _bench(lambda: quant_launch.quantize_qkv(q, k, v, mode, BLOCK, BLOCK),
+                                                   rep_ms)
+                    if ref is not None:
+                        extra.update(_accuracy(fn(), ref))
+                    row = record(res["sparse"], name, ms, real_density, extra)
+                    row.update(speedup_vs_best_dense=best_dense / ms, kernel=kernel, route=why)
+            for variant in [x for x in gluon_variants if x != "triton"] if "none" in modes else ():   # bf16 only
                 name = f"vsopt_gluon_{variant}_none"
                 try:
                     from vsopt.kernels.block_sparse import gluon_launch
-                    config = gluon_config(variant)
+                    config = gluon_config(variant, D)
                     fn = lambda: gluon_launch.block_sparse_attention_gluon(  # noqa: E731
                         q, k, v, kv_indices, kv_counts, scale, BLOCK, BLOCK, config=config)[0]
                     ms = _bench(fn, rep_ms)
@@ -363,7 +385,8 @@ def markdown(results: dict) -> str:
                          f"{res['best_dense_bf16_ms'] / r['ms']:.2f} | {_fmt(r, 'cosine', 5)} | "
                          f"{_fmt(r, 'rel_l2', 4)} | | |")
         for r in res["sparse"]:
-            lines.append(f"| {r['name']} | {r['density']:.3f} | {r['ms']:.3f} | {r['useful_tflops']:.0f} | "
+            kernel = f" ({r['kernel']} kernel)" if r.get("kernel") else ""
+            lines.append(f"| {r['name']}{kernel} | {r['density']:.3f} | {r['ms']:.3f} | {r['useful_tflops']:.0f} | "
                          f"{r['speedup_vs_best_dense']:.2f} | {_fmt(r, 'cosine', 5)} | {_fmt(r, 'rel_l2', 4)} | "
                          f"{_fmt(r, 'eager_ms', 3)} | {_fmt(r, 'quant_ms', 3)} |")
         if res.get("peers_missing"):
@@ -390,8 +413,10 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--no-accuracy", action="store_true")
     p.add_argument("--gluon", default=",".join(GLUON_VARIANTS),
-                   help="Gluon kernel variants to time (v1, v2; empty: none). Run tests/kernels/gpu_check_gluon.py "
-                        "first on a new variant: it guards against a hang in a child process, this script does not")
+                   help="beside the op (whose bf16 row takes the route's kernel): triton (the op with the Gluon route "
+                        "off, where the route takes Gluon), v1, v2 (Gluon variants called directly; see GLUON_VARIANTS); "
+                        "empty: none. Run tests/kernels/gpu_check_gluon.py first on a new variant: it guards against "
+                        "a hang in a child process, this script does not")
     p.add_argument("--rep-ms", type=float, default=200.0)
     p.add_argument("--out", default="benchmarks/results/attention.json")
     p.add_argument("--markdown", default="BENCHMARKS.md", help="file whose 'Attention kernels' section is rewritten")

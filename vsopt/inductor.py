@@ -21,7 +21,9 @@ references of kernels/) is not hashed. So after a change to a reference a graph 
 it was reused from disk: the fuzz test's int8_fp8 head ran an older reference without the FP8
 rounding of P (1.6e-2 rel L2 from the current one; /tmp/torchinductor_<user> is shared by every
 checkout of a machine, so any older checkout's entry). CACHE_KEY therefore carries a fingerprint
-of the source of the code those bodies run (kernels/ and vsopt/core/): a changed op misses.
+of the source of the code those bodies run (kernels/ and vsopt/core/): a changed op misses. The
+key also carries the block-sparse route's switch (route.cache_tag: with VSOPT_GLUON=0 the op's body
+traces into the Triton kernel, else into the Gluon kernel's opaque op, under the same op name).
 """
 from __future__ import annotations
 
@@ -107,9 +109,17 @@ def _cache_key_pass(user: Any) -> Any:
                 if not isinstance(p, CustomGraphPass) or p.uuid() is None:
                     return None
                 inner.append(p.uuid())
-            return (CACHE_KEY, *inner)
+            return (CACHE_KEY, _route_tag(), *inner)
 
     return _CacheKey(tuple(user) if isinstance(user, (list, tuple)) else (() if user is None else (user,)))
+
+
+def _route_tag() -> str:
+    """The block-sparse route's switch and measured choice (kernels/block_sparse/route.py): a graph traced
+    with the Gluon route holds another op than one traced without it, under the same op name."""
+    from vsopt.kernels.block_sparse import route
+
+    return route.cache_tag()
 
 
 @contextlib.contextmanager

@@ -9,15 +9,16 @@ Triton kernel's, and every limit is a clear error, never a silent fallback:
   - a Hopper GPU (compute capability 9.0) and Triton 3.6's Gluon (the GPU machine's): TMA, mbarriers,
     wgmma and warp specialization, none of which Triton's interpreter runs (TRITON_INTERPRET=1);
   - q, k, v with a contiguous head dimension, 16-byte aligned base and row strides (TMA);
-  - eager calls on real tensors (the kernel is not wrapped for torch.compile tracing).
+  - eager calls on real tensors (the kernel is not wrapped for torch.compile tracing: the ops reach it
+    under torch.compile through an opaque op of their own, see route.py).
 validate() runs every check that needs no GPU, so the CPU suite tests it.
 
 GluonConfig picks the kernel's variant (see gluon_kernel.py): stages of the K/V ring, PIPELINE (QK of
 entry t+1 overlapped with PV of entry t), PINGPONG (two one-warpgroup consumers), ORDERED (their GEMMs
 in strict turns), persistent (one program per SM over the rows; host TMA descriptors over 2-D views of
 q, k, v: a contiguous (B, H, N, D) tensor or a (B, N, H, D) view is used as it is, any other layout is
-copied to a contiguous one first). DEFAULT_CONFIG is the one tests/kernels/gpu_check_gluon.py measured
-fastest (docs/KERNELS.md has the numbers).
+copied to a contiguous one first). default_config(head_dim) is the variant tests/kernels/gpu_check_gluon.py
+measured fastest at that head dim (DEFAULT_CONFIGS; docs/KERNELS.md has the numbers).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from ..errors import check
 from ..runtime import interpreting, plain_eager
 from ..spec import QuantMode
 from .inputs import check_inputs
-from .schedule import ensure_tma_allocator, work_order
+from .schedule import checked_row_order, ensure_tma_allocator, work_order
 
 LOG2E = math.log2(math.e)
 HEAD_DIMS = (64, 128)
@@ -58,7 +59,23 @@ class GluonConfig:
                 "maxnreg": 168}
 
 
-DEFAULT_CONFIG = GluonConfig(2, False, True)   # the fastest of the first GPU run (docs/KERNELS.md)
+#: The variant per head dim, the fastest of the second GPU run (H200, 2026-12-02 05:30 UTC,
+#: gpu_check_gluon.py --parts speed, useful TFLOP/s at densities 0.1 / 0.2 / 0.5 / 1.0):
+#:   128 (wan480): persistent, 3 stages, pipelined, ordered ping-pong 437 / 550 / 572 / 585 (the Triton
+#:       kernel 381 / 449 / 482 / 485; the one-program-per-row ping-pong 451 / 524 / 549 / 533, the
+#:       fastest at 0.1 only);
+#:   64 (cog720): persistent, 2 stages, ping-pong 319 / 347 / 410 / 436 (the Triton kernel 326 / 343 /
+#:       408 / 409: no variant clearly better, so route.py keeps the ops on the Triton kernel there).
+DEFAULT_CONFIGS = {128: GluonConfig(3, True, True, True, persistent=True), 64: GluonConfig(2, False, True, persistent=True)}
+
+
+def default_config(head_dim: int) -> GluonConfig:
+    """The measured-fastest variant at a head dim (DEFAULT_CONFIGS)."""
+    check(head_dim in DEFAULT_CONFIGS, f"block_sparse_attention (gluon): head_dim must be one of {HEAD_DIMS}, "
+                                       f"got {head_dim}")
+    return DEFAULT_CONFIGS[head_dim]
+
+
 #: Every variant gpu_check_gluon.py compares (4 stages fit at head_dim 64 only). The first GPU run
 #: (docs/KERNELS.md) made the one-program-per-row kernel with two one-warpgroup consumers and no
 #: intra-warpgroup pipelining the fastest: it is the reference the persistent variants are measured against.
@@ -79,8 +96,9 @@ def _tma_ok(x: torch.Tensor) -> bool:
 
 
 def validate(q, k, v, kv_indices, kv_counts, scale: float, block_m: int, block_n: int,
-             quant: QuantMode | str = "none", softcap: float = 0.0, config: GluonConfig = DEFAULT_CONFIG) -> None:
-    """Every check of the Gluon path that needs no GPU (raises KernelInputError naming the problem)."""
+             quant: QuantMode | str = "none", softcap: float = 0.0, config: GluonConfig | None = None) -> None:
+    """Every check of the Gluon path that needs no GPU (raises KernelInputError naming the problem);
+    config None: default_config of the head dim."""
     mode = check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, quant, softcap)
     name = "block_sparse_attention (gluon)"
     check(mode is QuantMode.NONE, f"{name}: only quant 'none' (bf16/fp16) is implemented, got {mode.value!r}")
@@ -90,6 +108,7 @@ def validate(q, k, v, kv_indices, kv_counts, scale: float, block_m: int, block_n
     check(block_m == 128 and block_n in BLOCK_NS,
           f"{name}: table blocks must be 128 x {' or '.join(map(str, BLOCK_NS))}, got {block_m} x {block_n}")
     check(scale > 0, f"{name}: scale must be positive, got {scale}")
+    config = default_config(q.shape[-1]) if config is None else config
     check(isinstance(config, GluonConfig) and config.stages >= 1, f"{name}: config must be a GluonConfig, got {config!r}")
     check(not config.ordered or (config.pingpong and config.pipeline),
           f"{name}: ordered turns need pingpong and pipeline, got {config}")
@@ -118,10 +137,10 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                  with_lse: bool = False, config: GluonConfig | None = None,
                                  quant: QuantMode | str = "none", softcap: float = 0.0, num_sms: int | None = None
                                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the Gluon kernel (module docstring: what it takes). config: the variant (DEFAULT_CONFIG);
+    """Run the Gluon kernel (module docstring: what it takes). config: the variant (default_config);
     num_sms: programs of the persistent kernel (default: the GPU's SMs; fewer make each program loop
     over more rows, as the GPU check does on small shapes)."""
-    config = config or DEFAULT_CONFIG
+    config = config or default_config(q.shape[-1])
     validate(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant, softcap, config)
     check(plain_eager(q, k, v, kv_indices, kv_counts),
           "block_sparse_attention (gluon): eager calls only (the Gluon kernel is not wrapped for tracing)")
@@ -132,10 +151,12 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 
 def launch_validated(q, k, v, kv_indices, kv_counts, scale: float, block_m: int, block_n: int, with_lse: bool,
-                     config: GluonConfig, kernels=None, num_sms: int | None = None):
+                     config: GluonConfig, kernels=None, num_sms: int | None = None,
+                     row_order: torch.Tensor | None = None):
     """The launch itself, on inputs validate() accepted. kernels: the module holding the two Gluon
     kernels (gluon_kernel; tests/kernels/aot_gluon.py passes a recorder to compile the very launches
-    this function makes for sm_90a without a GPU); num_sms: programs of the persistent kernel."""
+    this function makes for sm_90a without a GPU); num_sms: programs of the persistent kernel;
+    row_order: the work order computed ahead (the op's row_order argument; None: work_order here)."""
     if kernels is None:
         from . import gluon_kernel as kernels
     B, Hq, Nq, D = q.shape
@@ -144,7 +165,8 @@ def launch_validated(q, k, v, kv_indices, kv_counts, scale: float, block_m: int,
     Bt = kv_counts.shape[0]
     out = torch.empty_like(q)
     lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device) if with_lse else out
-    order = work_order(kv_counts, B)
+    order = work_order(kv_counts, B) if row_order is None else \
+        checked_row_order(row_order, B * Hq * kv_counts.shape[2], q.device)
     table_args = (kv_indices.stride(0) if Bt > 1 else 0, kv_indices.stride(1), kv_indices.stride(2),
                   kv_counts.stride(0) if Bt > 1 else 0, kv_counts.stride(1))
     variant = {"EVEN_N": Nk % block_n == 0, "WRITE_LSE": with_lse, **config.launch_args()}

@@ -46,7 +46,7 @@ from ..runtime import interpreting, plain_eager, triton_launcher
 from ..spec import KernelSpec, QuantMode
 from . import kernel
 from .inputs import check_inputs
-from .schedule import ensure_tma_allocator, work_order
+from .schedule import checked_row_order, ensure_tma_allocator, work_order
 
 #: The kernel's constexprs a KernelSpec fixes (see spec_constexprs); the autotuner keys by them.
 SPEC_CONSTEXPRS = ("HEAD_DIM", "TABLE_BLOCK_M", "TABLE_BLOCK_N", "QUANT", "SOFTCAP")
@@ -180,7 +180,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
     INT8 instead of e4m3 (kernel.py, PV_INT8; docs/KERNELS.md "P V formats"); int8_int8 is the plan
     mode of INT8 Q K with INT8 P V (its pv_format is "int8" already).
     kernel: "triton" (this module's kernel, every mode) or "gluon" (gluon_launch: Hopper, bf16/fp16,
-    no cap, eager; its limits are errors, not fallbacks). The ops of vsopt.core run the Triton kernel."""
+    no cap, eager; its limits are errors, not fallbacks). The ops of vsopt.core choose between the two
+    by route.py."""
     check(kernel in KERNELS, f"block_sparse_attention: kernel must be one of {KERNELS}, got {kernel!r}")
     if kernel == "gluon":
         from . import gluon_launch
@@ -268,14 +269,7 @@ def launch_prepared(spec: KernelSpec, out: torch.Tensor, q: torch.Tensor, k: tor
     else:
         stride_vn, stride_vd = v.stride(2), 1
     lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device) if with_lse else out
-    if row_order is None:
-        order = work_order(kv_counts, B)
-    else:   # the rows are scheduling only: any order of all B * Hq * QB rows gives the same output
-        check(row_order.dim() == 1 and row_order.dtype == torch.int32 and row_order.numel() == B * Hq * QB
-              and row_order.device == q.device,
-              f"block_sparse_attention: row_order must be int32 ({B * Hq * QB},) on {q.device}, got "
-              f"{row_order.dtype} {tuple(row_order.shape)} on {row_order.device}")
-        order = row_order
+    order = work_order(kv_counts, B) if row_order is None else checked_row_order(row_order, B * Hq * QB, q.device)
     unused = order   # stands in for the scale pointers a mode does not read
     Bt = kv_counts.shape[0]
     grid = lambda meta: (order.numel() * (block_m // meta["BLOCK_M"]),)  # noqa: E731

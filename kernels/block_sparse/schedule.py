@@ -62,3 +62,13 @@ def work_order(kv_counts: torch.Tensor, batch: int, strategy: str = "per_head_lp
             _ORDER_CACHE.pop(next(iter(_ORDER_CACHE)))
         _ORDER_CACHE[id(kv_counts)] = (weakref.ref(kv_counts), key, order)
     return order
+
+
+def checked_row_order(row_order: torch.Tensor, rows: int, device: torch.device) -> torch.Tensor:
+    """A work order computed ahead (the ops' row_order argument), checked: int32 (rows,) on the
+    inputs' device. The rows are scheduling only: any order of all rows gives the same output."""
+    check(row_order.dim() == 1 and row_order.dtype == torch.int32 and row_order.numel() == rows
+          and row_order.device == device,
+          f"block_sparse_attention: row_order must be int32 ({rows},) on {device}, got "
+          f"{row_order.dtype} {tuple(row_order.shape)} on {row_order.device}")
+    return row_order

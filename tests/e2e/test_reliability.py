@@ -71,6 +71,7 @@ def test_only_the_attention_fusions_are_left_out():
     from torch._inductor.fx_passes import joint_graph
 
     from vsopt.inductor import CACHE_KEY, is_attention_fusion, without_attention_fusion
+    from vsopt.kernels.block_sparse import route
 
     torch._dynamo.reset()
     torch.compile(_query_axis_softmax, backend="vsopt")(*(torch.randn(1, 2, 8, 4) for _ in range(3)))
@@ -90,7 +91,7 @@ def test_only_the_attention_fusions_are_left_out():
         with without_attention_fusion():
             assert joint_graph.pass_patterns[0].inner is joint_graph.patterns
             key_pass = inductor_config.joint_custom_pre_pass
-            assert key_pass.uuid() == (CACHE_KEY, "user")
+            assert key_pass.uuid() == (CACHE_KEY, route.cache_tag(), "user")
             key_pass("graph")
         assert ran == ["graph"] and isinstance(inductor_config.joint_custom_pre_pass, UserPass)
     assert joint_graph.pass_patterns[0] is joint_graph.patterns

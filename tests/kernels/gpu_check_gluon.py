@@ -1,7 +1,8 @@
 """GPU check of the Gluon block-sparse kernel: correctness against the references, then speed
-against the Triton kernel, in one run (about 2-3 minutes on an H200).
+against the Triton kernel, in one run (about 2-3 minutes on an H200); and the ops' route to it.
 
     python3 tests/kernels/gpu_check_gluon.py [--out DIR] [--parts correct,speed]
+    python3 tests/kernels/gpu_check_gluon.py --parts op      (the ops' route alone, < 150 s; see op_part)
 
 Needs a Hopper GPU and Triton 3.6 (the Gluon kernel cannot run in the interpreter). Correctness:
 every variant (gluon_launch.CONFIGS) on small shapes with odd N, GQA, a batched table, a skipped head,
@@ -11,7 +12,8 @@ kernel and a chunked float32 reference at density 0.2. Speed: wan480 (1, 12, 327
 (1, 48, 17776, 64), bf16, a random 128x128 block mask plus the diagonal at densities 0.1 / 0.2 / 0.5 /
 1.0 (the same mask for every kernel), CUDA events, the median of REPS calls after warm-up; useful
 TFLOP/s = 4 B H N^2 D density / time, with the density actually run. Writes gpu_check_gluon.json under
---out (default $OUT, else the current folder); exit status 1 if any correctness check fails.
+--out (default $OUT, else the current folder; gpu_check_gluon_op.json for --parts op alone); exit
+status 1 if any correctness check fails.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import json
 import math
 import os
 import pathlib
+import statistics
 import sys
 import time
 import traceback
@@ -128,7 +131,7 @@ def workload_correctness(configs):
         mask = random_mask(1, H, nb, nb, 0.2, "cuda")
         idx, cnt = torch.ops.vsopt.mask_to_table(mask)
         ref = chunked_reference(q, k, v, mask, D ** -0.5, 128)
-        tri = torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128, "none")
+        tri = triton_kernel(q, k, v, idx, cnt, D ** -0.5)
         rel_t, _ = rel_l2(tri, ref)
         for config in configs:
             if gluon_launch.shared_bytes(D, 128, config.stages) > 227 * 1024:
@@ -141,18 +144,27 @@ def workload_correctness(configs):
         out, _ = bsa_launch.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128, kernel="gluon")
         rel, finite = rel_l2(out, ref)
         record(f"{name} density 0.2 launch.block_sparse_attention(kernel='gluon')", finite and rel <= BOUND,
-               f"rel_l2 {rel:.2e} ({gluon_launch.DEFAULT_CONFIG})")
+               f"rel_l2 {rel:.2e} ({gluon_launch.default_config(D)})")
+
+
+def triton_kernel(q, k, v, idx, cnt, scale, block_n=128):
+    """The Triton kernel through torch.ops.vsopt (its host launch work included, as the Gluon launcher's):
+    the op with the Gluon route switched off (kernels/block_sparse/route.py)."""
+    from vsopt.kernels.block_sparse import route
+
+    with route.switched(False):
+        return torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, scale, 128, block_n, "none")
 
 
 def bench(fn, reps=REPS):
     return median_ms(fn, reps)   # CUDA events, after one warm-up call
 
 
-def save(out: pathlib.Path, t0: float) -> None:
+def save(out: pathlib.Path, t0: float, name: str = "gpu_check_gluon.json") -> None:
     """Rewrite the JSON (after every part: a run cut short still leaves what it measured)."""
     results["failures"] = failures
     results["seconds"] = time.time() - t0
-    (out / "gpu_check_gluon.json").write_text(json.dumps(results, indent=1))
+    (out / name).write_text(json.dumps(results, indent=1))
 
 
 def speed(configs, workloads, out=None, t0=0.0):
@@ -167,10 +179,9 @@ def speed(configs, workloads, out=None, t0=0.0):
             run_density = float(cnt.sum()) / (H * nb * nb)
             flops = 4 * B * H * N * N * D * run_density
             row = {"workload": name, "shape": [B, H, N, D], "density": density, "density_run": run_density}
-            ms = bench(lambda: torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128, "none"))
+            ms = bench(lambda: triton_kernel(q, k, v, idx, cnt, D ** -0.5))
             row["triton"] = {"ms": ms, "tflops": flops / ms / 1e9}
-            tri = torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128, "none") \
-                if density == 0.2 else None
+            tri = triton_kernel(q, k, v, idx, cnt, D ** -0.5) if density == 0.2 else None
             for config in configs:
                 if gluon_launch.shared_bytes(D, 128, config.stages) > 227 * 1024:
                     continue
@@ -192,10 +203,211 @@ def speed(configs, workloads, out=None, t0=0.0):
                 save(out, t0)
 
 
+# ----------------------------------------------------------------------------- the ops' route (--parts op)
+OP_SHAPES = [  # B, Hq, Hkv, N, D, block_n, dtype, Bt, (B, N, H, D) views
+    (1, 6, 3, 2049, 128, 128, torch.bfloat16, 1, False), (2, 4, 4, 777, 128, 64, torch.float16, 2, False),
+    (1, 4, 2, 300, 128, 128, torch.bfloat16, 1, True), (1, 8, 2, 1000, 64, 128, torch.bfloat16, 1, False)]
+OP_TIMED = [(0.2, 128), (1.0, 128), (0.2, 64)]   # (density, block_n) of the wan480 timings
+OP_BUDGET_S = 120                                 # timings not started by then are recorded as skipped
+
+
+def _op_inputs(B, Hq, Hkv, N, D, bn, dtype, bt, views, device, density=0.3):
+    torch.manual_seed(N + D)
+    q = torch.randn(B, Hq, N, D, device=device, dtype=dtype)
+    k, v = (torch.randn(B, Hkv, N, D, device=device, dtype=dtype) for _ in range(2))
+    if views:   # the layout of a projection's output
+        q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    mask = random_mask(bt, Hq, math.ceil(N / 128), math.ceil(N / bn), density, device)
+    mask[:, 1 % Hq] = False          # a skipped head
+    idx, cnt = torch.ops.vsopt.mask_to_table(mask)
+    return q, k, v, idx, cnt
+
+
+def _launches(fn):
+    """fn's result and the kernel launches the ops made meanwhile (ops.KERNEL_LAUNCHES)."""
+    from vsopt.core import ops
+
+    before = dict(ops.KERNEL_LAUNCHES)
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, {k: n - before.get(k, 0) for k, n in ops.KERNEL_LAUNCHES.items() if n != before.get(k, 0)}
+
+
+def _failed(case: str, e: Exception) -> None:
+    record(case, False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    traceback.print_exc()
+
+
+def op_part(out_dir=None, t0=0.0, device="cuda", shapes=OP_SHAPES, workload=WORKLOADS["wan480"], timed=OP_TIMED,
+            rounds=3, iters=7):
+    """torch.ops.vsopt.block_sparse_attention(_lse) with the route of kernels/block_sparse/route.py: which
+    kernel each call takes; eager, under torch.compile (Inductor, and vsopt's compile_fx) and under CUDA
+    graphs (a captured eager call; torch.compile's cudagraph trees) against float32 references; then the
+    op with the Gluon route against the op with the route off (the Triton kernel) at wan480, in
+    interleaved rounds. device, shapes, workload, timed, rounds, iters: the CPU test runs it small, with
+    the Gluon launcher stubbed (tests/kernels/test_gluon_route.py); CUDA graphs on CUDA only."""
+    from torch._inductor.utils import run_and_get_code
+
+    from vsopt import inductor as vsopt_inductor
+    from vsopt.core import ops
+    from vsopt.core.timing import interleaved_ms
+    from vsopt.kernels.block_sparse import route
+
+    rec = results.setdefault("op", {"routes": {}, "timing": []})
+    for name, (B, H, N, D) in WORKLOADS.items():
+        x = torch.empty(B, H, N, D, device=device, dtype=torch.bfloat16)
+        rec["routes"][name] = ops.block_sparse_route(x, x, x, 128, 128)
+        print(f"ROUTE {name}: {rec['routes'][name]}", flush=True)
+    for name, want in (("wan480", "gluon"), ("cog720", "triton")):
+        record(f"route: {name} (head_dim {WORKLOADS[name][3]}) takes the {want} kernel",
+               rec["routes"][name][0] == want, rec["routes"][name][1])
+
+    # Eager, small shapes: odd N, GQA, 128x64 table, batched table, views, head_dim 64; out and lse.
+    for shape in shapes:
+        B, Hq, Hkv, N, D, bn, dtype, bt, views = shape
+        case = f"op eager B{B} Hq{Hq} Hkv{Hkv} N{N} D{D} 128x{bn} {str(dtype)[6:]} Bt{bt}{' views' if views else ''}"
+        try:
+            q, k, v, idx, cnt = _op_inputs(*shape, device)
+            ref, ref_lse = bsa_ref.block_sparse_attention(q.float(), k.float(), v.float(), idx, cnt, D ** -0.5, 128,
+                                                          bn)
+            want = "gluon" if D in route.ROUTE_HEAD_DIMS else "triton"
+            plain, ran = _launches(lambda: torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, bn))
+            if want == "triton":   # the route is what is checked here (the Triton kernel's own checks are gpu_check.py)
+                rel, finite = rel_l2(plain, ref)
+                record(case, finite and rel <= BOUND and ran == {want: 1}, f"ran {ran} (want {want}) rel_l2 {rel:.2e}")
+                continue
+            (out, lse), ran_lse = _launches(lambda: torch.ops.vsopt.block_sparse_attention_lse(
+                q, k, v, idx, cnt, D ** -0.5, 128, bn))
+        except Exception as e:
+            _failed(case, e)
+            continue
+        rel, finite = rel_l2(out, ref)
+        rel_plain, finite_plain = rel_l2(plain, ref)
+        both_inf = torch.isinf(lse) & torch.isinf(ref_lse)
+        lse_err = float((lse - ref_lse).masked_fill(both_inf, 0).abs().max())
+        ok = finite and finite_plain and max(rel, rel_plain) <= BOUND and lse_err <= LSE_BOUND \
+            and ran == ran_lse == {want: 1} and out.stride() == plain.stride() == q.stride()
+        record(case, ok, f"ran {ran}, with lse {ran_lse} (want {want}) rel_l2 {rel_plain:.2e} (with lse {rel:.2e}) "
+                         f"lse_err {lse_err:.2e} out strides {tuple(out.stride())}")
+
+    # The workload: eager and compiled at density 0.2, against the chunked float32 reference.
+    B, H, N, D = workload
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, N, D, device=device, dtype=torch.bfloat16) for _ in range(3))
+    nb = math.ceil(N / 128)
+    mask = random_mask(1, H, nb, nb, 0.2, device)
+    idx, cnt = torch.ops.vsopt.mask_to_table(mask)
+    ref = chunked_reference(q, k, v, mask, D ** -0.5, 128)
+    shape = "x".join(map(str, workload))
+    eager, ran = _launches(lambda: torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128))
+    rel, finite = rel_l2(eager, ref)
+    record(f"op eager {shape} density 0.2", finite and rel <= BOUND and ran == {"gluon": 1},
+           f"ran {ran} rel_l2 {rel:.2e}")
+
+    # Timing: the op with the Gluon route against the op with the route off, interleaved rounds.
+    for density, bn in timed:
+        if time.time() - t0 > OP_BUDGET_S:
+            rec["timing"].append({"workload": shape, "density": density, "table": f"128x{bn}",
+                                  "skipped": f"not timed: {time.time() - t0:.0f} s elapsed"})
+            print(f"OP SPEED {shape} density {density} table 128x{bn}: skipped (time)", flush=True)
+            continue
+        kb = math.ceil(N / bn)
+        t_mask = random_mask(1, H, nb, kb, density, device)
+        t_idx, t_cnt = torch.ops.vsopt.mask_to_table(t_mask)
+        run_density = float(t_cnt.sum()) / (H * nb * kb)
+        flops = 4 * B * H * N * N * D * run_density
+
+        def op_with(gluon, bn=bn, idx=t_idx, cnt=t_cnt):
+            def call():
+                with route.switched(gluon):
+                    return torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, bn)
+            return call
+
+        times = interleaved_ms({"gluon route": op_with(True), "triton (route off)": op_with(False)},
+                               rounds=rounds, iters=iters, warmup=2)
+        row = {"workload": shape, "density": density, "density_run": run_density, "table": f"128x{bn}"}
+        for name, ts in times.items():
+            ms = statistics.median(ts)
+            row[name] = {"ms": ms, "tflops": flops / ms / 1e9}
+        row["speedup"] = row["triton (route off)"]["ms"] / row["gluon route"]["ms"]
+        rec["timing"].append(row)
+        print(f"OP SPEED {shape} density {density} (run {run_density:.3f}) table 128x{bn}: "
+              + "  ".join(f"{n}: {r['ms']:.3f} ms {r['tflops']:.0f} TF/s" for n, r in row.items() if isinstance(r, dict))
+              + f"  speedup {row['speedup']:.2f}x", flush=True)
+
+    def attend(q, k, v):
+        return torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128)
+
+    def attend_lse(q, k, v):
+        return torch.ops.vsopt.block_sparse_attention_lse(q, k, v, idx, cnt, D ** -0.5, 128, 128)
+
+    def vsopt_compile_fx(gm, example_inputs):   # what backend="vsopt" hands Inductor (vsopt.inductor)
+        return vsopt_inductor.compile_fx(gm, example_inputs)
+
+    for name, fn, backend in (("inductor", attend, "inductor"), ("vsopt compile_fx, lse", attend_lse, vsopt_compile_fx)):
+        case = f"op torch.compile ({name}) {shape} density 0.2"
+        try:
+            torch._dynamo.reset()
+            res, code = run_and_get_code(torch.compile(fn, backend=backend, fullgraph=True), q, k, v)
+            res = res[0] if isinstance(res, tuple) else res
+            in_graph = "vsopt.block_sparse_attention_gluon" in "\n".join(code)
+            rel, finite = rel_l2(res, ref)
+            record(case, finite and rel <= BOUND and in_graph,
+                   f"Gluon op in the generated code {in_graph}, rel_l2 {rel:.2e}, bitwise equal to the eager call "
+                   f"{torch.equal(res, eager)}")
+        except Exception as e:
+            _failed(case, e)
+
+    if device == "cuda":
+        # torch.compile's cudagraph trees (mode="reduce-overhead"), fed a new q after recording.
+        case = f"op torch.compile(mode='reduce-overhead') {shape}, new q after recording"
+        try:
+            from torch._dynamo.utils import counters
+
+            torch._dynamo.reset()
+            counters.clear()
+            compiled = torch.compile(attend, mode="reduce-overhead", fullgraph=True)
+            for _ in range(3):   # warm-up, record, replay
+                compiled(q, k, v)
+            q2 = torch.randn_like(q)
+            res, ran = _launches(lambda: compiled(q2, k, v).clone())
+            rel, finite = rel_l2(res, chunked_reference(q2, k, v, mask, D ** -0.5, 128))
+            skips = dict(counters["inductor"]).get("cudagraph_skips", 0)
+            record(case, finite and rel <= BOUND and not skips,
+                   f"rel_l2 {rel:.2e}, cudagraph skips {skips}, launches from Python in the replay {ran} (none: replayed)")
+        except Exception as e:
+            _failed(case, e)
+        # An eager call captured in a CUDA graph, replayed on a new q copied into its input.
+        case = "op eager call captured in a CUDA graph, replayed on a new q"
+        try:
+            sq, sk, sv, sidx, scnt = _op_inputs(*shapes[0], device)
+            Ds, bns = shapes[0][4], shapes[0][5]
+            torch.ops.vsopt.block_sparse_attention(sq, sk, sv, sidx, scnt, Ds ** -0.5, 128, bns)   # compile first
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                gout = torch.ops.vsopt.block_sparse_attention(sq, sk, sv, sidx, scnt, Ds ** -0.5, 128, bns)
+            sq.copy_(torch.randn_like(sq))
+            graph.replay()
+            torch.cuda.synchronize()
+            gref, _ = bsa_ref.block_sparse_attention(sq.float(), sk.float(), sv.float(), sidx, scnt, Ds ** -0.5, 128,
+                                                     bns)
+            rel, finite = rel_l2(gout, gref)
+            record(case, finite and rel <= BOUND, f"rel_l2 {rel:.2e}")
+        except Exception as e:
+            _failed(case, e)
+    del ref
+    if out_dir is not None:
+        save(out_dir, t0, "gpu_check_gluon_op.json")
+
+    print(f"op part: {time.time() - t0:.0f} s", flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    parser.add_argument("--parts", default="correct,speed")
+    parser.add_argument("--parts", default="correct,speed", help="correct, speed, op (the ops' route), smoke")
     parser.add_argument("--workloads", default="wan480,cog720")
     parser.add_argument("--small", default="all", choices=("all", "iterate"),
                         help="small correctness shapes: all six, or the two of ITERATE_SHAPES (shorter run)")
@@ -208,6 +420,11 @@ def main(argv=None) -> int:
     parts = args.parts.split(",")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if parts == ["op"]:   # the route's variant passed the smoke run already (docs/KERNELS.md): no child here
+        op_part(out, t0)
+        save(out, t0, "gpu_check_gluon_op.json")
+        print(f"{len(failures)} failed; {time.time() - t0:.0f} s; wrote {out / 'gpu_check_gluon_op.json'}")
+        return 1 if failures else 0
     smoke_file = out / "gpu_check_gluon_smoke.json"
     smoke_file.unlink(missing_ok=True)
     if parts == ["smoke"]:   # one tiny shape, every variant: the child process main() runs first
@@ -240,6 +457,8 @@ def main(argv=None) -> int:
         save(out, t0)
     if "speed" in parts:
         speed(configs, args.workloads.split(","), out, t0)
+    if "op" in parts and configs:
+        op_part(out, t0)
     save(out, t0)
     print(f"{len(failures)} failed; {time.time() - t0:.0f} s; wrote {out / 'gpu_check_gluon.json'}")
     return 1 if failures else 0

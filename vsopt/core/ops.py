@@ -159,8 +159,12 @@ def _(x, perm):
 # ---- block-sparse and quantized ops (kernels)
 # Each op's body branches on the device: CPU tensors run kernels/<family>/reference.py (so that
 # torch.compile / torch.export on CPU trace plain torch ops), CUDA tensors the Triton launcher
-# (through torch.library.wrap_triton, so Inductor and AOTInductor see the kernels).
+# (through torch.library.wrap_triton, so Inductor and AOTInductor see the kernels). The block-sparse
+# attention ops take the Gluon kernel instead where kernels/block_sparse/route.py says so (Hopper,
+# bf16/fp16, head_dim 128, ...): eager calls launch it directly, traced calls go through the opaque
+# op vsopt::block_sparse_attention_gluon below (Inductor cannot wrap a Gluon kernel).
 
+import collections  # noqa: E402
 import contextlib  # noqa: E402
 import logging  # noqa: E402
 
@@ -183,9 +187,28 @@ def _mask_launch():
     from vsopt.kernels.block_mask import launch
     return launch
 
+
+def _bsa_route():
+    from vsopt.kernels.block_sparse import route
+    return route
+
+
+def _gluon_launch():
+    from vsopt.kernels.block_sparse import gluon_launch
+    return gluon_launch
+
+
 _log = logging.getLogger("vsopt.kernels")
 #: Why a CUDA call ran the reference instead of the Triton kernel (each reason is logged once).
 KERNEL_FALLBACKS: set[str] = set()
+#: Every route a block-sparse call took, (kernel, reason): "gluon" / "triton" (kernels/block_sparse/route.py)
+#: or "reference" (KERNEL_FALLBACKS); each is logged once, at INFO ("reference": WARNING). Traced calls
+#: record the route they were traced with.
+KERNEL_ROUTES: set[tuple[str, str]] = set()
+#: Kernel launches the block-sparse ops made themselves, by kernel ("gluon" / "triton"): eager calls and
+#: the Gluon route's opaque op inside compiled graphs (a compiled graph launches the Triton kernel
+#: itself, uncounted).
+KERNEL_LAUNCHES: collections.Counter = collections.Counter()
 
 
 @contextlib.contextmanager
@@ -207,6 +230,43 @@ def _bsa_fallback_reason(q: torch.Tensor) -> str | None:
     return None
 
 
+def _note_route(kernel: str, reason: str) -> None:
+    if (kernel, reason) not in KERNEL_ROUTES:
+        KERNEL_ROUTES.add((kernel, reason))
+        _log.info("vsopt.block_sparse_attention runs the %s kernel: %s", kernel, reason)
+
+
+def block_sparse_route(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int,
+                       quant: str = "none", softcap: float = 0.0) -> tuple[str, str]:
+    """The kernel block_sparse_attention(_lse) takes for these inputs, and why: ("gluon" | "triton" |
+    "reference", reason). q, k, v may be meta or fake tensors on the device in question (the alignment
+    of a real base pointer is then assumed)."""
+    reason = _bsa_fallback_reason(q)
+    if reason is not None:
+        return "reference", reason
+    with _as_vsopt_errors():
+        route = _bsa_route().choose(q, k, v, block_m, block_n, quant, softcap)
+    return route.kernel, route.reason
+
+
+def _run_kernel(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, mode, with_lse, softcap, row_order,
+                route):
+    """The launch of a route's kernel on inputs check_inputs accepted (eager, or traced for the Triton kernel)."""
+    if route.kernel == "gluon":
+        KERNEL_LAUNCHES["gluon"] += 1
+        return _gluon_launch().launch_validated(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, with_lse,
+                                                route.config, row_order=row_order)
+    if _launching_eagerly(q, k, v, kv_indices, kv_counts):
+        KERNEL_LAUNCHES["triton"] += 1
+    return _bsa_launch().run_checked(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, mode, with_lse,
+                                     softcap=softcap, row_order=row_order)
+
+
+def _launching_eagerly(*tensors) -> bool:
+    from vsopt.kernels.runtime import plain_eager
+    return plain_eager(*tensors)
+
+
 def _run_block_sparse(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant, with_lse, softcap,
                       row_order=None):
     with _as_vsopt_errors():
@@ -215,10 +275,25 @@ def _run_block_sparse(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, q
         mode = _bsa_inputs.check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, quant, softcap)
         reason = _bsa_fallback_reason(q)
         if reason is None:
-            return _bsa_launch().run_checked(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, mode, with_lse,
-                                             softcap=softcap, row_order=row_order)
+            route = _bsa_route().choose(q, k, v, block_m, block_n, mode, softcap)
+            _note_route(route.kernel, route.reason)
+            # (the Triton launcher checks the scale itself, in run_checked)
+            _kernel_errors.check(route.kernel != "gluon" or scale > 0,
+                                 f"block_sparse_attention: scale must be positive, got {scale}")
+            if route.kernel == "gluon" and not _launching_eagerly(q, k, v, kv_indices, kv_counts):
+                # Traced (Inductor decomposing this op): the opaque op, which launches eagerly at run
+                # time. The work order is computed here, in the graph (or is the static constant).
+                from vsopt.kernels.block_sparse.schedule import work_order
+
+                order = row_order if row_order is not None else work_order(kv_counts, q.shape[0])
+                out, lse = torch.ops.vsopt.block_sparse_attention_gluon(q, k, v, kv_indices, kv_counts, scale,
+                                                                        block_m, block_n, order, with_lse)
+                return out, (lse if with_lse else None)
+            return _run_kernel(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, mode, with_lse, softcap,
+                               row_order, route)
         if q.device.type == "cuda" and reason not in KERNEL_FALLBACKS:
             KERNEL_FALLBACKS.add(reason)
+            KERNEL_ROUTES.add(("reference", reason))
             _log.warning("vsopt.block_sparse_attention runs the PyTorch reference: %s", reason)
         out, lse = _bsa_ref.block_sparse_attention(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, mode,
                                                    softcap)
@@ -248,6 +323,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
     row_order: the kernel's work order of this table and batch (row_order() below), computed ahead
     (vsopt.inductor.prepare makes it a constant for a static table); None: computed per call. It
     orders the rows only: the output does not depend on it (the reference ignores it).
+    On CUDA the Triton kernel runs, or the Gluon kernel where kernels/block_sparse/route.py takes it
+    (block_sparse_route() says which, and why).
     """
     return _run_block_sparse(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant, False, softcap,
                              row_order)[0]
@@ -275,6 +352,35 @@ def block_sparse_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 def _(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant="none", softcap=0.0, row_order=None):
     out = _bsa_fake(q, k, v, kv_indices, kv_counts, block_m, block_n, quant, softcap)
     return out, q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("vsopt::block_sparse_attention_gluon", mutates_args=())
+def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor,
+                                 kv_counts: torch.Tensor, scale: float, block_m: int, block_n: int,
+                                 row_order: torch.Tensor, with_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gluon route of block_sparse_attention(_lse) inside a compiled graph, an opaque op Inductor
+    calls with the real tensors: what the traced op body puts in the graph where route.py chose the
+    Gluon kernel (the inputs were validated when it was traced). Returns (out, lse), lse float32
+    (B, Hq, Nq) with with_lse, else an empty (0,) tensor. At run time the route is chosen again on the
+    real tensors (a base pointer's alignment, the switch): where it says "triton" now, the Triton
+    kernel runs, and the route is recorded (KERNEL_ROUTES) and logged once."""
+    with _as_vsopt_errors():
+        mode = _bsa_inputs.check_inputs(q, k, v, kv_indices, kv_counts, block_m, block_n, "none", 0.0)
+        route = _bsa_route().choose(q, k, v, block_m, block_n, mode)
+        _note_route(route.kernel, route.reason)
+        out, lse = _run_kernel(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, mode, with_lse, 0.0,
+                               row_order, route)
+    return out, (lse if with_lse else _no_lse(q))
+
+
+def _no_lse(q: torch.Tensor) -> torch.Tensor:
+    return q.new_empty((0,), dtype=torch.float32)
+
+
+@block_sparse_attention_gluon.register_fake
+def _(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, row_order, with_lse):
+    out = _bsa_fake(q, k, v, kv_indices, kv_counts, block_m, block_n, "none", 0.0)
+    return out, (q.new_empty(q.shape[:3], dtype=torch.float32) if with_lse else _no_lse(q))
 
 
 def row_order(kv_counts: torch.Tensor, batch: int) -> torch.Tensor:

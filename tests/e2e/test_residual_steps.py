@@ -153,3 +153,19 @@ def test_bad_intervals_are_one_line_errors():
         CalibrationOptions(residual_every=(1,))
     with pytest.raises(ConfigError, match="vsopt_residual: intervals must be integers >= 2"):
         BenchSettings(vsopt_residual=(1,))
+
+
+def test_bench_flags_reach_the_settings(tmp_path):
+    import argparse
+
+    from vsopt.benchmark.cli import _check_args, add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    settings, _ = _check_args(p.parse_args(["--methods", "vsopt", "--vsopt-residual", "2,3", "--vsopt-probe",
+                                            "--device", "cpu", "--out", str(tmp_path / "o")]))
+    assert settings.vsopt_residual == (2, 3) and settings.vsopt_probe
+    default, _ = _check_args(p.parse_args(["--device", "cpu", "--out", str(tmp_path / "o")]))
+    assert default.vsopt_residual == () and not default.vsopt_probe
+    with pytest.raises(ConfigError, match="--vsopt-residual"):
+        _check_args(p.parse_args(["--vsopt-residual", "1", "--device", "cpu", "--out", str(tmp_path / "o")]))

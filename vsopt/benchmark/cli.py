@@ -68,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vsopt-held-out", action="store_true",
                    help="vsopt: measure the calibration's candidate errors on a second calibration clip, not on "
                         "the one its masks are made from")
+    p.add_argument("--vsopt-probe", action="store_true",
+                   help="vsopt: measure the sensitivity weights with a pooled top-k probe at the lowest density "
+                        "(the error kind the plans make) instead of top-k 0.5")
     p.add_argument("--no-sensitivity", action="store_true",
                    help="vsopt: weigh every site's and step's error alike (no measured output sensitivity)")
 
@@ -123,6 +126,7 @@ def _check_args(args: argparse.Namespace):
                                  steps=args.steps, clips=args.clips, clip=clip,
                                  calibration_steps=args.calibration_steps, step_plans=not args.no_step_plans,
                                  sensitivity=not args.no_sensitivity, vsopt_held_out=args.vsopt_held_out,
+                                 vsopt_probe=args.vsopt_probe,
                                  vsopt_speedups=vsopt_speedups,
                                  vsopt_match="match" in speed, warmup_steps=args.warmup_steps,
                                  mask_refresh=args.mask_refresh,

@@ -106,7 +106,7 @@ class PlanScorer:
 
     # what the dense clips, the calibration inputs and the sensitivity weights depend on
     _SHARED = ("steps", "clips", "seed", "clip", "block", "site_step", "calibration_steps", "calibration_clips",
-               "sensitivity", "vsopt_held_out")
+               "sensitivity", "vsopt_held_out", "vsopt_probe")
 
     def with_settings(self, settings: BenchSettings) -> "PlanScorer":
         """A scorer for other vsopt calibration options (settings differing from this one's only
@@ -216,7 +216,9 @@ class PlanScorer:
                 self._calibration_inputs += [RecordedCall(n + c.index, c.index, c.args) for c in calls]
         calls = self._calibration_inputs
         if s.sensitivity and self._error_weights is None:  # measured on the first run
-            self._error_weights = self.sensitivity_weights(calls[:s.calibration_steps])
+            probe = HeadPlan(Sparsity.DYNAMIC, block_m=s.block, block_n=s.block, remainder="pooled",
+                             dynamic=DynamicSpec(DynamicMethod.TOP_K, order_density)) if s.vsopt_probe else None
+            self._error_weights = self.sensitivity_weights(calls[:s.calibration_steps], probe)
         ranges = calibration_step_ranges(s.calibration_steps, s.vsopt_renorm + s.vsopt_residual) \
             if s.step_plans else None
         options = CalibrationOptions(block_m=s.block, block_n=s.block, quants=tuple({Quant.NONE, s.quant}),

@@ -78,7 +78,10 @@ class BenchSettings:
     "eager" (the rewritten graphs, no compilation per plan) or "compiled" (torch.compile, backend
     vsopt, Inductor). vsopt_top_k: the top-k fractions of vsopt's dynamic candidates.
     vsopt_held_out: vsopt's calibration measures its candidates' errors on a second calibration
-    sampler run, not on the one its masks are made from (CalibrationOptions.held_out_errors)."""
+    sampler run, not on the one its masks are made from (CalibrationOptions.held_out_errors).
+    vsopt_probe: the sensitivity weights are measured with a probe of the error kind vsopt's plans
+    make (block top-k at the calibration's lowest density with the pooled remainder) instead of
+    plain top-k 0.5 (BENCH.md sessions 8 and 9)."""
 
     methods: tuple[Method, ...] = (Method.VSOPT, Method.TOPK, Method.WINDOW, Method.RADIAL, Method.SAGE, Method.WARMUP,
                                    Method.REUSE, Method.PSA)
@@ -113,6 +116,7 @@ class BenchSettings:
     timing: str = "eager"
     vsopt_top_k: tuple[float, ...] = DYNAMIC_TOP_K
     vsopt_held_out: bool = False
+    vsopt_probe: bool = False
 
     def __post_init__(self):
         from vsopt.core.errors import ConfigError

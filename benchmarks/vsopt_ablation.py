@@ -57,6 +57,8 @@ def add_clip_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--clip", default="4,32,32")
     p.add_argument("--calibration-steps", type=int, default=None, help="default: --steps (BenchSettings)")
+    p.add_argument("--calibration-clips", type=int, default=1,
+                   help="clips (descriptions and noises) of the calibration's sampler run, one batch")
     p.add_argument("--device", default="cpu")
 
 
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
     from vsopt.models.model import load_shipped
 
     base = BenchSettings(methods=(Method.VSOPT,), densities=densities, steps=args.steps, clip=clip,
-                         calibration_steps=args.calibration_steps)
+                         calibration_steps=args.calibration_steps, calibration_clips=args.calibration_clips)
     ref = load_shipped(device=args.device, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32).eval()
     t0 = time.perf_counter()
     scorer = PlanScorer(ref, base)

@@ -18,6 +18,12 @@ with other error weights, and each plan is scored by the bench's PlanScorer. Var
     probe_each  the same with the probe at each point's own density (one measurement per density)
     warmup    the bench's search with a dense warm-up k = 0 or 1 on offer (the bench's default
               --vsopt-warmup 1)
+    no_residual, no_renorm, residual_rN
+              the bench's search with some corrections withdrawn from the measured candidates
+              (their errors set out of reach): no residual sharing; no softmax-mass correction;
+              of residual sharing only interval N (with --residual and --renorm on offer, one
+              measurement compares them all)
+    probe_no_residual  probe's weights, no residual sharing
     coherent  errors that add up coherently over sites and steps (final error = the sum of
               sqrt(weight) * site relative error, not the root of the weighted sum of squares):
               the density search re-run with each state's weight sqrt(w) / e at its last choice's
@@ -45,14 +51,46 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vsopt_ablation import add_clip_arguments  # noqa: E402  (a sibling script)
 
-VARIANTS = ("bench", "uniform", "steps", "sqrt", "square", "coherent", "warmup", "probe", "probe_each")
+VARIANTS = ("bench", "uniform", "steps", "sqrt", "square", "coherent", "warmup", "probe", "probe_each", "no_residual",
+            "no_renorm", "residual_r2", "residual_r3", "residual_r4", "probe_no_residual")
+
+
+def withdrawn(name: str):
+    """Which candidates a variant withdraws (a predicate on a Candidate), or None."""
+    if name in ("no_residual", "probe_no_residual"):
+        return lambda c: c.renorm is not None and c.renorm.residual
+    if name == "no_renorm":
+        return lambda c: c.renorm is not None and not c.renorm.residual
+    if name.startswith("residual_r"):
+        keep = int(name[len("residual_r"):])
+        return lambda c: c.renorm is not None and c.renorm.residual and c.renorm.every != keep
+    return None
+
+
+def restricted(states: dict, out) -> dict:
+    """The measured site states with the candidates `out` selects out of reach (their squared
+    errors made huge, so no search picks them; the other candidates' numbers are unchanged)."""
+    import copy
+
+    if out is None:
+        return states
+    res = {}
+    for key, st in states.items():
+        st2 = copy.copy(st)
+        st2.err2 = st.err2.clone()
+        for c, cand in enumerate(st.candidates):
+            if out(cand):
+                st2.err2[:, c] = 1e30 * max(float(st.norm2.max()), 1.0)
+        res[key] = st2
+    return res
 
 
 def variant_weights(name: str, weights: dict | None) -> dict | None:
     """The (site, range) error weights of a variant, from the bench's (state_weights)."""
     if name == "bench" or weights is None:
         return weights
-    if name in ("coherent", "warmup", "probe", "probe_each"):  # reweighed or re-measured in main
+    if name in ("coherent", "warmup", "probe", "probe_each", "probe_no_residual") or withdrawn(name):
+        # reweighed or re-measured in main, or the bench's weights on fewer candidates
         return weights
     if name == "uniform":
         return None
@@ -142,6 +180,7 @@ def main(argv=None) -> int:
     add_clip_arguments(p)
     p.add_argument("--no-pooled", action="store_true")
     p.add_argument("--renorm", default="", help="vsopt_renorm intervals, e.g. 3")
+    p.add_argument("--residual", default="", help="vsopt_residual intervals (residual sharing), e.g. 2,3")
     p.add_argument("--held-out", action="store_true", help="vsopt_held_out (errors on a second calibration clip)")
     p.add_argument("--variants", default="bench,uniform")
     p.add_argument("--states", default=None,
@@ -160,20 +199,24 @@ def main(argv=None) -> int:
 
     import vsopt.calibration.run as run
     from vsopt.benchmark import BenchSettings, Method, PlanScorer
-    from vsopt.benchmark.aggregate import plan_options
+    from vsopt.benchmark.aggregate import plan_options, predicted_attention_speedup
+    from vsopt.core.costmodel import CostModel
     from vsopt.calibration import DensityBudget
     from vsopt.calibration.result import assemble
     from vsopt.core.io import atomic_write_json
     from vsopt.models.model import load_shipped
 
     settings = BenchSettings(methods=(Method.VSOPT,), densities=densities, steps=args.steps, clip=clip,
-                             calibration_steps=args.calibration_steps, vsopt_warmup=(),
+                             calibration_steps=args.calibration_steps, calibration_clips=args.calibration_clips,
+                             vsopt_warmup=(),
                              vsopt_pooled=not args.no_pooled,
                              vsopt_renorm=tuple(int(r) for r in args.renorm.split(",") if r),
+                             vsopt_residual=tuple(int(r) for r in args.residual.split(",") if r),
                              vsopt_held_out=args.held_out)
     ref = load_shipped(device=args.device, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32).eval()
     t0 = time.perf_counter()
     scorer = PlanScorer(ref, settings)
+    speed_cost = CostModel.default(torch.cuda.get_device_name() if args.device == "cuda" else None)  # as the bench
     captured = {}
     original = run.decide_with_warmup
 
@@ -184,7 +227,7 @@ def main(argv=None) -> int:
     if args.states and Path(args.states).exists():
         captured.update(torch.load(args.states, weights_only=False))
         options = captured.pop("options")
-        if "probe" in variants or "probe_each" in variants:  # the calibration clip's inputs (weights loaded)
+        if any(v.startswith("probe") for v in variants):  # the calibration clip's inputs (weights loaded)
             scorer._error_weights = {}
             scorer._calibration(min(densities))
     else:
@@ -203,27 +246,30 @@ def main(argv=None) -> int:
               "measure_s": time.perf_counter() - t0, "variants": {}}
     for name in variants:
         t = time.perf_counter()
-        w = (probe_weights(scorer, settings, captured["ranges"], min(densities)) if name == "probe"
-             else variant_weights(name, captured["weights"]))
+        w = (probe_weights(scorer, settings, captured["ranges"], min(densities)) if name.startswith("probe")
+             and name != "probe_each" else variant_weights(name, captured["weights"]))
+        states = restricted(captured["states"], withdrawn(name))
         rows = []
         for d in densities:
             budget = DensityBudget(d, settings.quant)
             if name == "probe_each":
                 w = probe_weights(scorer, settings, captured["ranges"], d)
             if name == "coherent":
-                decisions = coherent_decisions(original, captured["states"], captured["cost"], budget, w,
-                                               captured["ranges"])
+                decisions = coherent_decisions(original, states, captured["cost"], budget, w, captured["ranges"])
             else:
-                decisions, _ = original(captured["states"], captured["cost"], budget, w, captured["ranges"],
+                decisions, _ = original(states, captured["cost"], budget, w, captured["ranges"],
                                         (1,) if name == "warmup" else ())
-            plan, _ = assemble(captured["states"], decisions, options, captured["cost"], budget)
+            plan, _ = assemble(states, decisions, options, captured["cost"], budget)
             s = scorer.score(plan)
             rows.append({"target_density": d, "density": s["density"], "psnr": s["psnr"], "ssim": s["ssim"],
                          "rel_l2": s["rel_l2"], "options": plan_options(plan, scorer.sites, settings.steps),
-                         "diagnosis": diagnose(scorer, captured["states"], decisions, w, captured["ranges"])})
+                         "predicted_speedup": predicted_attention_speedup(plan, scorer.sites, speed_cost,
+                                                                          settings.steps, scorer.dense_calls_by_step),
+                         "diagnosis": diagnose(scorer, states, decisions, w, captured["ranges"])})
         result["variants"][name] = {"points": rows, "wall_s": time.perf_counter() - t}
         atomic_write_json(out / "search_variants.json", result)
-        print(f"{name}: " + " | ".join(f"{r['density']:.3f} {r['psnr']:.2f} dB" for r in rows)
+        print(f"{name}: " + " | ".join(f"{r['density']:.3f} {r['psnr']:.2f} dB {r['predicted_speedup']:.3f}x"
+                                       for r in rows)
               + f"  ({time.perf_counter() - t:.0f} s)", flush=True)
     return 0
 

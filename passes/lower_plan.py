@@ -54,7 +54,10 @@ partials, merges them, and writes its heads' statistics (and a dynamic head's ma
 site's state buffers with index_copy_; a correcting launch runs the kept blocks (a dynamic head's
 mask read from the state) and applies rho o + r from the buffers. The buffers are the same
 tensors in every graph of the site (rettention.RENORM_STATE), constants of each graph; no host
-decision or synchronization happens in a graph.
+decision or synchronization happens in a graph. Residual sharing (Renorm kind "residual",
+vsopt.core.residual) is lowered the same way: measuring, the kept and complement partials merged
+(exact) and R = exact - sparse written; correcting, the sparse launch (kept blocks, plus the
+pooled remainder of a PSA head) plus R read from the buffer.
 
 Every node created carries meta["vsopt_from"] = ("lower_plan", (replaced node,)),
 meta["vsopt_site"] and, on the attention launches, meta["vsopt_heads"] (head indices) and
@@ -79,6 +82,7 @@ from vsopt.core.joint import joint_attention
 from vsopt.core.lse import sparse_partial
 from vsopt.core.pooled import Remainder, pooled_attention, pooled_remainder
 from vsopt.core.resample import fit_site_plan
+from vsopt.core import residual
 from vsopt.core.rettention import RENORM_STATE, Phase, correct, measure
 from vsopt.core.semantics import (LaunchKey, cluster_span, joint_plan, launch_groups, permutations, static_mask,
                                   text_blocks, video_range)
@@ -353,12 +357,14 @@ class _Lowering:
 
     def renorm_buffers(self, key: LaunchKey) -> dict[str, torch.fx.Node]:
         """The site's statistics buffers (rettention.RENORM_STATE: the same tensors in every graph
-        of the site) as constants of this graph: rho (B, H, N) float32, resid (B, H, N, Dv) in q's
-        dtype, and for dynamic heads their kept masks (B, H, QB, KB)."""
+        of the site) as constants of this graph: rho (B, H, N) float32 (mass correction only),
+        resid (B, H, N, Dv) in q's dtype, and for dynamic heads their kept masks (B, H, QB, KB)."""
         qv, vv = self.q.meta["val"], self.v.meta["val"]
         B, H, N, Dv = qv.shape[0], qv.shape[1], qv.shape[2], vv.shape[-1]
         dev, sid = qv.device, self.site.site_id
-        shapes = {"rho": ((B, H, N), torch.float32), "resid": ((B, H, N, Dv), qv.dtype)}
+        shapes = {"resid": ((B, H, N, Dv), qv.dtype)}
+        if not heads_residual(key):
+            shapes["rho"] = ((B, H, N), torch.float32)
         if key.dynamic is not None:
             qb, kb = -(-N // key.block_m), -(-self.k.meta["val"].shape[2] // key.block_n)
             shapes["mask"] = ((B, H, qb, kb), torch.bool)
@@ -375,7 +381,8 @@ class _Lowering:
         sel = self.constant("renorm_heads", torch.tensor(idx, dtype=torch.int64))
         scale, bm, bn, quant = float(self.scale), key.block_m, key.block_n, key.quant.value
         meta["vsopt_plan"] = {"quant": quant, "block": (bm, bn), "renorm": phase.value,
-                              "remainder": key.remainder.value}
+                              "remainder": key.remainder.value, "correction": key.correction.value}
+        shared = heads_residual(key)
         masks = None
         if key.dynamic is None:
             static = torch.stack([static_mask(self.site, hp) for hp in heads])[None]
@@ -386,10 +393,18 @@ class _Lowering:
             else:   # the measuring step's mask
                 masks = em.op(aten.index_select.default, bufs["mask"], 1, sel)
                 kv_indices, kv_counts = self.table_nodes(em, masks)
-            o = em.op(vsopt.block_sparse_attention.default, q, k, v, kv_indices, kv_counts, scale, bm, bn, quant)
-            rho = em.op(aten.index_select.default, bufs["rho"], 1, sel)
             resid = em.op(aten.index_select.default, bufs["resid"], 1, sel)
-            out = correct(em, o, rho, resid)
+            if shared and key.remainder is Remainder.POOLED:   # S is PSA's output (the masks as a node)
+                if masks is None:
+                    masks = self.constant("pool_masks", static)
+                o = pooled_attention(em, q, k, v, masks, kv_indices, kv_counts, scale, bm, bn, quant)
+            else:
+                o = em.op(vsopt.block_sparse_attention.default, q, k, v, kv_indices, kv_counts, scale, bm, bn, quant)
+            if shared:
+                out = residual.correct(em, o, resid)
+            else:
+                rho = em.op(aten.index_select.default, bufs["rho"], 1, sel)
+                out = correct(em, o, rho, resid)
         else:
             if key.dynamic is None:
                 kv_indices, kv_counts = self.table_constants("kv", static)
@@ -401,12 +416,18 @@ class _Lowering:
                 kv_indices, kv_counts = self.table_nodes(em, masks)
                 drop_indices, drop_counts = self.table_nodes(em, em.op(aten.logical_not.default, masks))
             kept = sparse_partial(em, q, k, v, kv_indices, kv_counts, scale, bm, bn, quant)
-            if key.remainder is Remainder.POOLED:
-                dropped = pooled_remainder(em, q, k, v, masks, scale, bm, bn)
-            else:
+            if shared:   # residual sharing: exact output, R = exact - sparse
                 dropped = sparse_partial(em, q, k, v, drop_indices, drop_counts, scale, bm, bn, quant)
-            out, rho, resid = measure(em, kept, dropped)
-            em.op(aten.index_copy_.default, bufs["rho"], 1, sel, rho)
+                pooled = pooled_remainder(em, q, k, v, masks, scale, bm, bn) \
+                    if key.remainder is Remainder.POOLED else None
+                out, resid = residual.measure(em, kept, dropped, pooled)
+            else:
+                if key.remainder is Remainder.POOLED:
+                    dropped = pooled_remainder(em, q, k, v, masks, scale, bm, bn)
+                else:
+                    dropped = sparse_partial(em, q, k, v, drop_indices, drop_counts, scale, bm, bn, quant)
+                out, rho, resid = measure(em, kept, dropped)
+                em.op(aten.index_copy_.default, bufs["rho"], 1, sel, rho)
             em.op(aten.index_copy_.default, bufs["resid"], 1, sel,
                   em.op(aten._to_copy.default, resid, dtype=self.q.meta["val"].dtype))
             if key.dynamic is not None:
@@ -435,6 +456,12 @@ class _Lowering:
         if text is not None:
             mask = self.emit(aten.bitwise_or.Tensor, (mask, self.constant("text_blocks", text)))
         return mask
+
+
+def heads_residual(key: LaunchKey) -> bool:
+    """Whether a renormalized launch group shares residuals (vsopt.core.residual) rather than
+    correcting the softmax mass."""
+    return key.correction is not None and key.correction.value == "residual"
 
 
 class _LoweringEmitter:

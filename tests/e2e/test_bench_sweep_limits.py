@@ -134,14 +134,18 @@ def test_plan_options_count_what_each_step_runs():
     site = AttentionSite("blocks.0.attn1", 0, "sdpa", Layout.BHND, 1, 2, 2, 32, 32, n, n, None, 0.1, grid=grid)
     settings = BenchSettings(steps=4, warmup_steps=1)
     plan, _ = method_plan(Method.WARMUP, [site], 0.5, settings)    # step 0 dense, steps 1-3 top-k
-    assert plan_options(plan, [site], 4) == ("of 8 head-steps: dense 2, dynamic 6; pooled remainder 0, renorm 0; "
-                                             "dense warm-up 1 step(s)")
+    assert plan_options(plan, [site], 4) == ("of 8 head-steps: dense 2, dynamic 6; pooled remainder 0, renorm 0, "
+                                             "residual 0 (refresh 0); dense warm-up 1 step(s)")
     cross = AttentionSite("blocks.0.attn2", 1, "sdpa", Layout.BHND, 1, 2, 2, 32, 32, n, 16, None, 0.1)
     plan = Plan({**plan.sites, cross.site_id: SitePlan.for_site(cross, HeadPlan())})   # a dense cross-attention entry
     assert plan_options(plan, [site, cross], 4).startswith("of 8 head-steps: dense 2, dynamic 6;")  # not counted
     plan, _ = method_plan(Method.RETTENTION_POOLED, [site], 0.5, settings)
-    assert plan_options(plan, [site], 4) == ("of 8 head-steps: dynamic 8; pooled remainder 2, renorm 8; "
-                                             "dense warm-up 0 step(s)")
+    assert plan_options(plan, [site], 4) == ("of 8 head-steps: dynamic 8; pooled remainder 2, renorm 8, "
+                                             "residual 0 (refresh 0); dense warm-up 0 step(s)")
+    settings = BenchSettings(steps=4, renorm_every=2)
+    plan, _ = method_plan(Method.RESIDUAL, [site], 0.8, settings)    # exact at steps 0 and 2
+    assert plan_options(plan, [site], 4) == ("of 8 head-steps: dynamic 8; pooled remainder 0, renorm 0, "
+                                             "residual 8 (refresh 4); dense warm-up 0 step(s)")
 
 
 def test_calibration_step_ranges_keep_a_correction_and_its_measuring_step_together():

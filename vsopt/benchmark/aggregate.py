@@ -102,10 +102,12 @@ def calibrated_sites_target(speedup: float, sites: Sequence[AttentionSite], cost
 def plan_options(plan: Plan, sites: Sequence[AttentionSite], steps: int) -> str:
     """What a plan runs, counted over the planned self-attention sites' heads at each of `steps`
     denoising steps (e.g. "of 192 head-steps: dense 20, mask 40, dynamic 100, skip 0, ...; pooled 60, renorm 30;
-    dense warm-up 1 step(s)"; the pooled remainder counted where it runs: a renormalized head's at
-    its measuring steps only): which options a calibrated plan chose."""
+    dense warm-up 1 step(s)"; the pooled remainder counted where it runs: a mass-renormalized head's at
+    its measuring steps only; "renorm" counts the softmax-mass correction, "residual" residual
+    sharing, of which "residual refresh" the exact measuring head-steps): which options a
+    calibrated plan chose."""
     counts: dict[str, int] = {}
-    pooled = renormed = total = 0
+    pooled = renormed = shared = refresh = total = 0
     for site in sites:
         if site.site_id not in plan or not site.is_self_attention:  # as plan_density: cross-attention stays dense
             continue
@@ -118,9 +120,12 @@ def plan_options(plan: Plan, sites: Sequence[AttentionSite], steps: int) -> str:
             for h in heads:
                 total += 1
                 counts[h.sparsity.value] = counts.get(h.sparsity.value, 0) + 1
-                # a renormalized head runs its pooled remainder only where it measures
-                pooled += h.remainder.value == "pooled" and (h.renorm is None or h.renorm.phase.value == "measure")
-                renormed += h.renorm is not None
+                # a mass-renormalized head runs its pooled remainder only where it measures
+                pooled += h.remainder.value == "pooled" and (h.renorm is None or h.renorm.residual
+                                                             or h.renorm.phase.value == "measure")
+                renormed += h.renorm is not None and not h.renorm.residual
+                shared += h.renorm is not None and h.renorm.residual
+                refresh += h.renorm is not None and h.renorm.residual and h.renorm.phase.value == "measure"
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-    return (f"of {total} head-steps: {kinds}; pooled remainder {pooled}, renorm {renormed}; "
-            f"dense warm-up {plan.dense_warmup} step(s)")
+    return (f"of {total} head-steps: {kinds}; pooled remainder {pooled}, renorm {renormed}, residual {shared} "
+            f"(refresh {refresh}); dense warm-up {plan.dense_warmup} step(s)")

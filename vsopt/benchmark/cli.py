@@ -48,10 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vsopt-refresh", default=",".join(map(str, d.vsopt_refresh)),
                    help="vsopt: refresh intervals (>= 2) of reused dynamic masks the calibration may choose")
     p.add_argument("--renorm-every", type=int, default=d.renorm_every,
-                   help="methods rettention, rettention_pooled: the dropped mass measured every this many steps")
+                   help="methods rettention, rettention_pooled, residual: measuring (exact or pooled) every this many steps")
     p.add_argument("--vsopt-renorm", default=",".join(map(str, d.vsopt_renorm)),
                    help="vsopt: measuring intervals (>= 2) of the softmax-mass correction (Re-ttention) the "
                         "calibration may choose, comma-separated; empty: none")
+    p.add_argument("--vsopt-residual", default=",".join(map(str, d.vsopt_residual)),
+                   help="vsopt: refresh intervals (>= 2) of residual sharing (DiTFastAttn: exact every this many "
+                        "steps, its error added to the sparse steps between) the calibration may choose; empty: none")
     p.add_argument("--vsopt-top-k", default=",".join(f"{x:g}" for x in d.vsopt_top_k),
                    help="vsopt: top-k fractions of the calibration's dynamic candidates, comma-separated")
     p.add_argument("--no-vsopt-pooled", action="store_true",
@@ -65,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vsopt-held-out", action="store_true",
                    help="vsopt: measure the calibration's candidate errors on a second calibration clip, not on "
                         "the one its masks are made from")
+    p.add_argument("--vsopt-probe", action="store_true",
+                   help="vsopt: measure the sensitivity weights with a pooled top-k probe at the lowest density "
+                        "(the error kind the plans make) instead of top-k 0.5")
     p.add_argument("--no-sensitivity", action="store_true",
                    help="vsopt: weigh every site's and step's error alike (no measured output sensitivity)")
 
@@ -115,6 +121,7 @@ def _check_args(args: argparse.Namespace):
                                  steps=args.steps, clips=args.clips, clip=clip,
                                  calibration_steps=args.calibration_steps, step_plans=not args.no_step_plans,
                                  sensitivity=not args.no_sensitivity, vsopt_held_out=args.vsopt_held_out,
+                                 vsopt_probe=args.vsopt_probe,
                                  vsopt_speedups=vsopt_speedups,
                                  vsopt_match="match" in speed, warmup_steps=args.warmup_steps,
                                  mask_refresh=args.mask_refresh,
@@ -122,6 +129,7 @@ def _check_args(args: argparse.Namespace):
                                  vsopt_refresh=items("--vsopt-refresh", args.vsopt_refresh, int),
                                  vsopt_pooled=not args.no_vsopt_pooled, renorm_every=args.renorm_every,
                                  vsopt_renorm=items("--vsopt-renorm", args.vsopt_renorm, int),
+                                 vsopt_residual=items("--vsopt-residual", args.vsopt_residual, int),
                                  cluster_refresh=args.cluster_refresh,
                                  cluster_clusters=items("--cluster-clusters", args.cluster_clusters, int),
                                  vsopt_clusters=args.vsopt_clusters, time_limit_s=args.time_limit,
@@ -129,7 +137,8 @@ def _check_args(args: argparse.Namespace):
     except ConfigError as e:
         option = {"densities": "--densities", "vsopt_speedups": "--vsopt-speedups", "warmup_steps": "--warmup-steps",
                   "mask_refresh": "--mask-refresh", "renorm_every": "--renorm-every",
-                  "vsopt_renorm": "--vsopt-renorm", "cluster_refresh": "--cluster-refresh",
+                  "vsopt_renorm": "--vsopt-renorm", "vsopt_residual": "--vsopt-residual",
+                  "cluster_refresh": "--cluster-refresh",
                   "cluster_clusters": "--cluster-clusters", "time_limit_s": "--time-limit",
                   "calibration_steps": "--calibration-steps", "vsopt_top_k": "--vsopt-top-k"}
         name = next((o for key, o in option.items() if str(e).startswith(key)), "bench options")

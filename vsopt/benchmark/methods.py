@@ -12,7 +12,7 @@ from vsopt.core.errors import ConfigError
 from vsopt.core.ir import AttentionSite, TokenGrid
 from vsopt.core.patterns import LocalWindow, Pattern, Radial, block_mask
 from vsopt.core.plan import HeadPlan, Plan, Quant, SitePlan, Sparsity
-from vsopt.core.rettention import Renorm
+from vsopt.core.rettention import Correction, Renorm
 
 
 def _closest(patterns: Sequence[Pattern], grid: TokenGrid, target: float, block: int) -> tuple[Pattern, float]:
@@ -110,22 +110,27 @@ def method_plan(method: Method, sites: Sequence[AttentionSite], density: float, 
                         dynamic=DynamicSpec(DynamicMethod.TOP_K, density))
         return Plan.uniform(video, head), [f"top-k {density:.2f} of key blocks per row, the rest attended "
                                            "mean-pooled (separate ATen ops, not in the kernel)"]
-    if method in (Method.RETTENTION, Method.RETTENTION_POOLED):
+    if method in (Method.RETTENTION, Method.RETTENTION_POOLED, Method.RESIDUAL):
         r, steps = settings.renorm_every, settings.steps
         kept, how = density, "measured with the pooled remainder"
-        if method is Method.RETTENTION:
+        if method in (Method.RETTENTION, Method.RESIDUAL):
             # steps 0, r, 2r, ... measure at full density: the others sparser, same mean density
             measuring = -(-steps // r)
             if measuring >= steps:
-                raise ConfigError(f"rettention: every step of {steps} measures with renorm_every {r}; raise steps")
+                raise ConfigError(f"{method.value}: every step of {steps} measures with renorm_every {r}; raise "
+                                  "steps")
             kept = (density * steps - measuring) / (steps - measuring)
             if kept <= 0:
-                raise ConfigError(f"rettention: {measuring} measuring (dense) step(s) of {steps} alone exceed density "
-                                  f"{density}; raise renorm_every")
+                raise ConfigError(f"{method.value}: {measuring} measuring (dense) step(s) of {steps} alone exceed "
+                                  f"density {density}; raise renorm_every")
             kept, how = min(1.0, kept), f"measured exactly ({measuring} of {steps} steps dense)"
-        head = HeadPlan(Sparsity.DYNAMIC, quant=quant, block_m=b, block_n=b, renorm=Renorm(r),
+        kind = Correction.RESIDUAL if method is Method.RESIDUAL else Correction.MASS
+        head = HeadPlan(Sparsity.DYNAMIC, quant=quant, block_m=b, block_n=b, renorm=Renorm(r, kind=kind),
                         remainder="pooled" if method is Method.RETTENTION_POOLED else "drop",
                         dynamic=DynamicSpec(DynamicMethod.TOP_K, kept))
+        if method is Method.RESIDUAL:
+            return Plan.uniform(video, head), [f"top-k {kept:.3f}, exact every {r} steps ({measuring} of {steps} "
+                                               "dense), its error added to the sparse steps between (DiTFastAttn)"]
         return Plan.uniform(video, head), [f"top-k {kept:.3f}, dropped mass {how} every {r} steps and restored "
                                            "between (Re-ttention)"]
     if method is Method.CLUSTER:

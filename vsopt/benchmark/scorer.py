@@ -52,7 +52,7 @@ def site_output(site, heads: Sequence[HeadPlan], call) -> torch.Tensor:
 
 def calibration_step_ranges(steps: int, renorm: Sequence[int] = ()) -> tuple[tuple[int, int | None], ...] | None:
     """vsopt's step plans over a calibration run of `steps` steps: one range per step; with
-    Re-ttention intervals on offer (a correction needs its measuring step in its own range, and
+    Re-ttention (or residual sharing) intervals on offer (a correction needs its measuring step in its own range, and
     measures at the range's first step), step 0, then ranges of the longest interval R from step
     1 ((1, 1 + R), (1 + R, 1 + 2R), ...: each measures at its start, as one range from step 1
     would, and the search still places blocks per segment), the last one to the end. None for a
@@ -106,7 +106,7 @@ class PlanScorer:
 
     # what the dense clips, the calibration inputs and the sensitivity weights depend on
     _SHARED = ("steps", "clips", "seed", "clip", "block", "site_step", "calibration_steps", "calibration_clips",
-               "sensitivity", "vsopt_held_out")
+               "sensitivity", "vsopt_held_out", "vsopt_probe")
 
     def with_settings(self, settings: BenchSettings) -> "PlanScorer":
         """A scorer for other vsopt calibration options (settings differing from this one's only
@@ -216,8 +216,11 @@ class PlanScorer:
                 self._calibration_inputs += [RecordedCall(n + c.index, c.index, c.args) for c in calls]
         calls = self._calibration_inputs
         if s.sensitivity and self._error_weights is None:  # measured on the first run
-            self._error_weights = self.sensitivity_weights(calls[:s.calibration_steps])
-        ranges = calibration_step_ranges(s.calibration_steps, s.vsopt_renorm) if s.step_plans else None
+            probe = HeadPlan(Sparsity.DYNAMIC, block_m=s.block, block_n=s.block, remainder="pooled",
+                             dynamic=DynamicSpec(DynamicMethod.TOP_K, order_density)) if s.vsopt_probe else None
+            self._error_weights = self.sensitivity_weights(calls[:s.calibration_steps], probe)
+        ranges = calibration_step_ranges(s.calibration_steps, s.vsopt_renorm + s.vsopt_residual) \
+            if s.step_plans else None
         options = CalibrationOptions(block_m=s.block, block_n=s.block, quants=tuple({Quant.NONE, s.quant}),
                                      order_density=order_density, step_ranges=ranges, dynamic_values=DYNAMIC_MASS,
                                      dynamic_top_k=s.vsopt_top_k,
@@ -225,7 +228,8 @@ class PlanScorer:
                                      dense_warmup=tuple(k for k in s.vsopt_warmup if k < s.calibration_steps)
                                      if s.step_plans else (),
                                      mask_refresh=s.vsopt_refresh, pooled_remainder=s.vsopt_pooled,
-                                     renorm_every=s.vsopt_renorm, held_out_errors=s.vsopt_held_out,
+                                     renorm_every=s.vsopt_renorm, residual_every=s.vsopt_residual,
+                                     held_out_errors=s.vsopt_held_out,
                                      clusters=self._cluster_candidates())
         return calls, options
 

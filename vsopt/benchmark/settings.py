@@ -26,6 +26,9 @@ class Method(str, enum.Enum):
     # the same measured with the pooled remainder (at the kept density; the pooled keys' work, as
     # PSA's, not counted in the density)
     RETTENTION_POOLED = "rettention_pooled"
+    # top-k run exactly every `renorm_every` steps (at full cost, the kept fraction lowered as for
+    # rettention), its error there added to the sparse steps between (DiTFastAttn's residual sharing)
+    RESIDUAL = "residual"
     CLUSTER = "cluster"  # k-means token orders, cluster-pair blocks by centroid top-p (Sparse VideoGen 2)
 
 
@@ -63,7 +66,9 @@ class BenchSettings:
     3 by default, () for none);
     with step_plans its step ranges are then step 0 and ranges of the longest interval from step 1
     (a correction needs its measuring step in the same range; scorer.calibration_step_ranges), not
-    one per step.
+    one per step. vsopt_residual: the intervals of residual sharing (DiTFastAttn) vsopt's
+    calibration may choose (CalibrationOptions.residual_every; () by default); with step_plans
+    they shape the step ranges as vsopt_renorm's do (the longest of both).
     cluster_clusters: (query, key) k-means clusters of the "cluster" method (0: one per kernel
     block of the video tokens), cluster_refresh its refresh period in steps; vsopt_clusters: vsopt's
     calibration may also give heads that clustering (CalibrationOptions.clusters), at the top-p
@@ -73,7 +78,10 @@ class BenchSettings:
     "eager" (the rewritten graphs, no compilation per plan) or "compiled" (torch.compile, backend
     vsopt, Inductor). vsopt_top_k: the top-k fractions of vsopt's dynamic candidates.
     vsopt_held_out: vsopt's calibration measures its candidates' errors on a second calibration
-    sampler run, not on the one its masks are made from (CalibrationOptions.held_out_errors)."""
+    sampler run, not on the one its masks are made from (CalibrationOptions.held_out_errors).
+    vsopt_probe: the sensitivity weights are measured with a probe of the error kind vsopt's plans
+    make (block top-k at the calibration's lowest density with the pooled remainder) instead of
+    plain top-k 0.5 (BENCH.md sessions 8 and 9)."""
 
     methods: tuple[Method, ...] = (Method.VSOPT, Method.TOPK, Method.WINDOW, Method.RADIAL, Method.SAGE, Method.WARMUP,
                                    Method.REUSE, Method.PSA)
@@ -99,6 +107,7 @@ class BenchSettings:
     vsopt_pooled: bool = True
     renorm_every: int = 4
     vsopt_renorm: tuple[int, ...] = (3,)  # with the pooled remainder +0.12 / +1.23 dB at 0.2 / 0.3 (BENCH.md)
+    vsopt_residual: tuple[int, ...] = ()
     cluster_clusters: tuple[int, int] = (0, 0)
     cluster_refresh: int = 1
     vsopt_clusters: bool = False
@@ -107,6 +116,7 @@ class BenchSettings:
     timing: str = "eager"
     vsopt_top_k: tuple[float, ...] = DYNAMIC_TOP_K
     vsopt_held_out: bool = False
+    vsopt_probe: bool = False
 
     def __post_init__(self):
         from vsopt.core.errors import ConfigError
@@ -119,11 +129,14 @@ class BenchSettings:
         object.__setattr__(self, "vsopt_warmup", tuple(self.vsopt_warmup))
         object.__setattr__(self, "vsopt_refresh", tuple(self.vsopt_refresh))
         object.__setattr__(self, "vsopt_renorm", tuple(self.vsopt_renorm))
+        object.__setattr__(self, "vsopt_residual", tuple(self.vsopt_residual))
         if not (isinstance(self.renorm_every, int) and not isinstance(self.renorm_every, bool)
                 and self.renorm_every >= 2):
             raise ConfigError(f"renorm_every must be an integer >= 2, got {self.renorm_every!r}")
         if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 2 for r in self.vsopt_renorm):
             raise ConfigError(f"vsopt_renorm: intervals must be integers >= 2, got {self.vsopt_renorm}")
+        if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 2 for r in self.vsopt_residual):
+            raise ConfigError(f"vsopt_residual: intervals must be integers >= 2, got {self.vsopt_residual}")
         if not all(x > 0 and math.isfinite(x) for x in self.vsopt_speedups):
             raise ConfigError(f"vsopt_speedups must be finite and > 0, got {self.vsopt_speedups}")
         if not (isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps < self.steps):

@@ -31,7 +31,7 @@ from vsopt.core.orders import TokenOrder, model_order
 from vsopt.core.patterns import Pattern, Union, block_mask, calibrated_block_mask, num_blocks
 from vsopt.core.plan import HeadPlan, Quant, Sparsity
 from vsopt.core.pooled import Remainder
-from vsopt.core.rettention import Renorm
+from vsopt.core.rettention import Correction, Renorm
 
 
 @dataclass
@@ -75,6 +75,7 @@ class SiteState:
     reused: object = field(default=None, repr=False)
     # softmax-mass correction (calibration.renorm): the intervals offered here, the kept statistics
     renorm: tuple[int, ...] = ()
+    residual: tuple[int, ...] = ()  # residual sharing's intervals (DiTFastAttn), kept statistics the same way
     renormed: object = field(default=None, repr=False)
     clusters: object = field(default=None, repr=False)  # cluster candidates' layouts (calibration.clusters)
     # how many denoising steps the state's step range runs (its calibration inputs): a model-wide
@@ -157,11 +158,14 @@ def build_candidates(state: SiteState) -> None:
         # (PSA; not at a soft-capped site: the pooled remainder takes no cap, lower_plan refuses it)
         cands += [dataclasses.replace(c, label=c.label + "+pooled", remainder=Remainder.POOLED) for c in cands
                   if c.sparsity in (Sparsity.MASK, Sparsity.PATTERN, Sparsity.DYNAMIC)]
-    for r in state.renorm if not site.softcap else ():  # every sparse candidate again, its dropped mass
-        # restored (Re-ttention; not at a soft-capped site: the correction takes no cap, lower_plan refuses it)
-        cands += [dataclasses.replace(c, label=f"{c.label}/renorm{r}", renorm=Renorm(r)) for c in list(cands)
-                  if c.renorm is None and c.sparsity in (Sparsity.MASK, Sparsity.PATTERN, Sparsity.DYNAMIC)
-                  and not (c.dynamic is not None and c.dynamic.reuse_steps)]
+    corrections = [(r, Correction.MASS, "renorm") for r in state.renorm] + \
+        [(r, Correction.RESIDUAL, "residual") for r in state.residual]
+    base = [c for c in cands if c.sparsity in (Sparsity.MASK, Sparsity.PATTERN, Sparsity.DYNAMIC)
+            and not (c.dynamic is not None and c.dynamic.reuse_steps)]
+    for r, kind, tag in corrections if not site.softcap else ():  # every sparse candidate again, its
+        # dropped mass restored (Re-ttention) or its error at the measuring step added back (DiTFastAttn's
+        # residual sharing); not at a soft-capped site: the corrections take no cap, lower_plan refuses them
+        cands += [dataclasses.replace(c, label=f"{c.label}/{tag}{r}", renorm=Renorm(r, kind=kind)) for c in base]
     if opt.clusters and not site.softcap:  # k-means orders and cluster-pair blocks, online (SVG2; no cap:
         # lower_plan leaves a capped site with cluster heads dense)
         from vsopt.calibration.clusters import cluster_label
@@ -253,7 +257,7 @@ def measure_errors(state: SiteState, call: SiteCall, step: int | None = None) ->
         if state.reused is None:
             state.reused = ReusedMasks(state.range_start)
         state.reused.begin(step)
-    if state.renorm:
+    if state.renorm or state.residual:
         if step is None:
             raise ConfigError("calibration candidates with a softmax-mass correction need each input's denoising step")
         if state.renormed is None:

@@ -125,11 +125,11 @@ def check_refresh(values, ranges) -> tuple[int, ...]:
     return rs
 
 
-def check_renorm(values) -> tuple[int, ...]:
-    """Renorm intervals r >= 2 (r = 1 would measure, at full cost, at every step)."""
-    rs = _positive_ints(values, "CalibrationOptions.renorm_every")
+def check_renorm(values, name: str = "renorm_every") -> tuple[int, ...]:
+    """Renorm (or residual sharing) intervals r >= 2 (r = 1 would measure, at full cost, at every step)."""
+    rs = _positive_ints(values, f"CalibrationOptions.{name}")
     if rs and rs[0] < 2:
-        raise ConfigError("CalibrationOptions.renorm_every: 1 measures at every step (dense work); give intervals >= 2")
+        raise ConfigError(f"CalibrationOptions.{name}: 1 measures at every step (dense work); give intervals >= 2")
     return rs
 
 
@@ -193,6 +193,12 @@ class CalibrationOptions:
       between with them; its error measured as it runs, its work priced by semantics.site_work.
       Offered only where pass 2's inputs hold a correcting step and the measuring step it uses
       (consecutive steps of one sampler run). Off by default.
+    residual_every: intervals r >= 2 of residual sharing (DiTFastAttn, vsopt.core.residual;
+      HeadPlan.renorm with kind "residual"): every mask, pattern and dynamic candidate (the pooled
+      ones too) is also offered running exactly at steps 0, r, 2r, ... of each step range (every
+      block: dense work) and keeping its error there, R = exact - sparse, which the steps between
+      add to their sparse output; measured as it runs, priced by semantics.site_work, offered where
+      renorm_every's would be. Off by default.
     clusters: cluster candidates (Sparse VideoGen 2, vsopt.core.clustering; HeadPlan sparsity
       "cluster"): each ClusterSpec (query/key cluster counts, top-p, refresh period, k-means
       iterations) is offered to every head, its token order and blocks from k-means of its own
@@ -227,6 +233,7 @@ class CalibrationOptions:
     mask_refresh: tuple[int, ...] = ()
     pooled_remainder: bool = False
     renorm_every: tuple[int, ...] = ()
+    residual_every: tuple[int, ...] = ()
     clusters: tuple = ()
 
     def __post_init__(self):
@@ -248,6 +255,7 @@ class CalibrationOptions:
         object.__setattr__(self, "dense_warmup", check_warmup(self.dense_warmup, self.step_ranges))
         object.__setattr__(self, "mask_refresh", check_refresh(self.mask_refresh, self.step_ranges))
         object.__setattr__(self, "renorm_every", check_renorm(self.renorm_every))
+        object.__setattr__(self, "residual_every", check_renorm(self.residual_every, "residual_every"))
         object.__setattr__(self, "clusters", check_clusters(self.clusters))
 
     def fingerprint(self) -> dict:

@@ -14,6 +14,10 @@ masks) are kept; at the steps after it the kept statistics correct that step's k
 density is what it computes: every block at a measuring step with the dropped blocks through the
 kernel, the kept blocks otherwise. An interval is offered only where pass 2 sees a correcting step
 and the measuring step it uses (calibration.reuse.measurable_intervals: the same arithmetic).
+
+Residual sharing (CalibrationOptions.residual_every, Renorm kind "residual", vsopt.core.residual)
+runs through the same KeptStatistics: its measuring step is exact (every block, a pooled head's
+too) and keeps R = exact - sparse, its correcting steps output the sparse output plus R.
 """
 from __future__ import annotations
 
@@ -47,9 +51,10 @@ class KeptStatistics(KeptPerRun):
         if renorm_phase(spec, step, self.start) is Phase.MEASURE:
             masks = masks_now()
             out, rho, resid = semantics.renorm_statistics(q, k, v, masks, scale, Quant.NONE, block_m, block_n,
-                                                          remainder)
+                                                          remainder, spec.kind)
             self.kept[candidate] = (step, masks, rho, resid)
-            done = torch.ones_like(masks, dtype=torch.float32) if remainder is Remainder.DROP else masks.float()
+            exact = remainder is Remainder.DROP or spec.residual   # every block computed
+            done = torch.ones_like(masks, dtype=torch.float32) if exact else masks.float()
             return out, done.mean((-1, -2)).expand(q.shape[0], -1)
         at = measured_step(spec, step, self.start)
         kept = self.kept.get(candidate)
@@ -58,5 +63,6 @@ class KeptStatistics(KeptPerRun):
                               "which this run's calibration inputs did not give before it (give consecutive steps of "
                               "one sampler run, in order)")
         _, masks, rho, resid = kept
-        out = semantics.renorm_corrected(q, k, v, masks, scale, Quant.NONE, block_m, block_n, rho, resid)
+        out = semantics.renorm_corrected(q, k, v, masks, scale, Quant.NONE, block_m, block_n, rho, resid, spec.kind,
+                                         remainder)
         return out, masks.float().mean((-1, -2)).expand(q.shape[0], -1)

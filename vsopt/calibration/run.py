@@ -131,11 +131,12 @@ def calibrate_many(model: torch.nn.Module, calibration_inputs: Sequence[Any], bu
                 st.range_start = 0 if ranges is None else ranges[r][0]
                 st.refresh = measurable_intervals(options.mask_refresh, st.range_start,
                                                   [calls[i].step for i in take if range_ids[i] == r])
-        if options.renorm_every:  # corrected candidates where pass 2 can measure them (calibration.renorm)
-            for (sid, r), st in states.items():
+        if options.renorm_every or options.residual_every:  # corrected candidates where pass 2 can measure
+            for (sid, r), st in states.items():             # them (calibration.renorm)
                 st.range_start = 0 if ranges is None else ranges[r][0]
-                st.renorm = measurable_intervals(options.renorm_every, st.range_start,
-                                                 [calls[i].step for i in take if range_ids[i] == r])
+                steps_r = [calls[i].step for i in take if range_ids[i] == r]
+                st.renorm = measurable_intervals(options.renorm_every, st.range_start, steps_r)
+                st.residual = measurable_intervals(options.residual_every, st.range_start, steps_r)
         ckpt = Checkpoint(out, fingerprint(sites, calls, options)) if out is not None else None
         measured, errors_done = ckpt.load(states) if (ckpt and resume) else (0, 0)
 
@@ -151,7 +152,7 @@ def calibrate_many(model: torch.nn.Module, calibration_inputs: Sequence[Any], bu
                     ckpt.save(states, i + 1, 0, force=i + 1 == len(calls))
                 bar.update(1)
             bar.close()
-            if errors_done and (options.clusters or any(st.refresh or st.renorm for st in states.values())):
+            if errors_done and (options.clusters or any(st.refresh or st.renorm or st.residual for st in states.values())):
                 # reusing candidates keep masks across pass 2's inputs, which the checkpoint does
                 # not hold: pass 2 starts over (build_candidates zeroes its sums)
                 errors_done = 0

@@ -78,7 +78,9 @@ class HeadPlan:
       pattern or dynamic head: measure the dropped blocks' statistics every `every` steps (exactly
       through the kernel, or, with remainder "pooled", as the pooled remainder) and correct the
       steps between with them; a dynamic head's mask is the measuring step's until the next one.
-      None: no correction.
+      Renorm(kind="residual"): residual sharing instead (DiTFastAttn, vsopt.core.residual): the
+      measuring step runs exactly and keeps R = exact - sparse output, the steps between output
+      the sparse output (a pooled one with remainder "pooled") plus R. None: no correction.
     """
 
     sparsity: Sparsity = Sparsity.DENSE

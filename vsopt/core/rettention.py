@@ -33,6 +33,11 @@ tensors): a measuring graph writes its heads' slots (index_copy_), a correcting 
 They start as NaN: a correcting step that no measuring step preceded gives NaN, not a silently
 uncorrected output.
 
+Residual sharing (Renorm(kind="residual"), DiTFastAttn) is the second correction on the same
+plumbing (phases, step variants, state buffers): its measuring step caches the whole error of the
+head's sparse output, R = O - S, instead of rho and r, and its correcting steps output S + R
+(vsopt.core.residual has the math and the idea).
+
 Written once against lse.Emitter: semantics runs it eagerly (the meaning of a plan), passes/
 lower_plan emits the same ops into the graph.
 """
@@ -59,38 +64,55 @@ class Phase(str, enum.Enum):
     CORRECT = "correct"  # the kept blocks, corrected with the recorded statistics
 
 
+class Correction(str, enum.Enum):
+    """What a measuring step records and a correcting step applies."""
+
+    MASS = "mass"  # Re-ttention: the kept share of the mass rho and the dropped part r; out = rho o_K + r
+    RESIDUAL = "residual"  # DiTFastAttn's residual sharing: R = exact - sparse; out = sparse + R (core.residual)
+
+
 @dataclass(frozen=True)
 class Renorm:
-    """A sparse head's softmax-mass correction: statistics measured at the first step of its
+    """A sparse head's correction across denoising steps: measured at the first step of its
     segment and every `every` steps after it (every >= 2: 1 would measure, at dense cost, at
-    every step), the steps between corrected with them. phase: resolved per step by
+    every step), the steps between corrected with it. kind: the softmax-mass correction
+    (Re-ttention, the default) or residual sharing (DiTFastAttn). phase: resolved per step by
     Plan.at_step (AUTO in files)."""
 
     every: int = 2
     phase: Phase = Phase.AUTO
+    kind: Correction = Correction.MASS
 
     def __post_init__(self):
         if not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 2:
             raise ValueError(f"Renorm.every must be an integer >= 2, got {self.every!r}")
-        try:
-            object.__setattr__(self, "phase", Phase(self.phase))
-        except ValueError:
-            raise ValueError(f"Renorm.phase {self.phase!r} is not one of {[p.value for p in Phase]}") from None
+        for name, enum_type in (("phase", Phase), ("kind", Correction)):
+            try:
+                object.__setattr__(self, name, enum_type(getattr(self, name)))
+            except ValueError:
+                raise ValueError(f"Renorm.{name} {getattr(self, name)!r} is not one of "
+                                 f"{[p.value for p in enum_type]}") from None
+
+    @property
+    def residual(self) -> bool:
+        return self.kind is Correction.RESIDUAL
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"every": self.every}
         if self.phase is not Phase.AUTO:
             d["phase"] = self.phase.value
+        if self.kind is not Correction.MASS:  # older plans have none: the mass correction
+            d["kind"] = self.kind.value
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Renorm":
         if not isinstance(d, Mapping):
             raise ValueError(f"renorm must be an object like {{\"every\": 4}}, got {d!r}")
-        unknown = sorted(set(d) - {"every", "phase"})
+        unknown = sorted(set(d) - {"every", "phase", "kind"})
         if unknown:
             raise ValueError(f"renorm: unknown field(s) {unknown}")
-        return cls(d.get("every", 2), d.get("phase", "auto"))
+        return cls(d.get("every", 2), d.get("phase", "auto"), d.get("kind", "mass"))
 
     def effective_phase(self) -> Phase:
         """The phase a graph of this head runs: AUTO (the step unknown) measures, the safe choice
@@ -197,5 +219,5 @@ def reference_renorm(measured: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     return rho * o_kept + resid
 
 
-__all__ = ["Phase", "RENORM_STATE", "Renorm", "RenormState", "correct", "measure", "measured_step",
+__all__ = ["Correction", "Phase", "RENORM_STATE", "Renorm", "RenormState", "correct", "measure", "measured_step",
            "reference_renorm", "renorm_phase"]

@@ -16,7 +16,8 @@ module says, once for the whole project:
     site_output(..., renorm_from=(q, k, v))   renormalized heads (Re-ttention) corrected with the
                                               statistics of their measuring step's q/k/v
     renorm_statistics / renorm_corrected      a measuring step's output and statistics, a
-                                              correcting step's output (vsopt.core.rettention)
+                                              correcting step's output (vsopt.core.rettention; the
+                                              residual sharing kind: vsopt.core.residual)
     site_work(site, heads, densities)         the launches and extra work, priced by
     predicted_us(site, heads, cost, ...)      the cost model (dense_us for a site left alone:
                                               left_alone(heads))
@@ -55,7 +56,8 @@ from vsopt.core.orders import head_permutations, is_model_order
 from vsopt.core.patterns import block_mask, diagonal_blocks, num_blocks
 from vsopt.core.plan import HeadPlan, Quant, SitePlan, Sparsity, StepPlan
 from vsopt.core.pooled import Remainder
-from vsopt.core.rettention import Phase, correct, measure
+from vsopt.core import residual as _residual
+from vsopt.core.rettention import Correction, Phase, correct, measure
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class LaunchKey:
     remainder: Remainder = Remainder.DROP  # pooled: the launch adds the pooled remainder (core.pooled)
     cluster: ClusterSpec | None = None  # clustering heads: their own orders and blocks (core.clustering)
     renorm: Phase | None = None  # renormalized heads (core.rettention): their phase at this step
+    correction: Correction | None = None  # and what they correct with (mass, or residual sharing)
 
 
 def launch_groups(heads: Sequence[HeadPlan]) -> dict[LaunchKey, list[int]]:
@@ -101,8 +104,9 @@ def launch_groups(heads: Sequence[HeadPlan]) -> dict[LaunchKey, list[int]]:
     groups: dict[LaunchKey, list[int]] = {}
     for h, hp in enumerate(heads):
         renorm = hp.renorm.phase if hp.renorm is not None else None
-        groups.setdefault(LaunchKey(hp.quant, hp.block_m, hp.block_n, hp.dynamic, hp.remainder, hp.cluster, renorm),
-                          []).append(h)
+        kind = hp.renorm.kind if hp.renorm is not None else None
+        groups.setdefault(LaunchKey(hp.quant, hp.block_m, hp.block_n, hp.dynamic, hp.remainder, hp.cluster, renorm,
+                                    kind), []).append(h)
     return groups
 
 
@@ -244,13 +248,15 @@ def renorm_densities(heads: Sequence[HeadPlan], kept: Sequence[float]) -> list[f
     """The fraction of key blocks each head computes, from its kept fraction: a renormalized
     head measuring with the dropped blocks through the kernel computes every block (1.0), one
     whose phase is not resolved (AUTO, a plan file) the mean over its period, d + (1 - d) / every;
-    with the pooled remainder, and when correcting, it computes its kept blocks."""
+    with the pooled remainder (mass correction), and when correcting, it computes its kept blocks.
+    Residual sharing measures exactly with or without a pooled remainder: every block."""
     out = []
     for hp, d in zip(heads, kept):
         r = hp.renorm
-        if r is not None and hp.remainder is Remainder.DROP and r.phase is Phase.MEASURE:
+        exact = r is not None and (hp.remainder is Remainder.DROP or r.residual)
+        if exact and r.phase is Phase.MEASURE:
             d = 1.0
-        elif r is not None and hp.remainder is Remainder.DROP and r.phase is Phase.AUTO:
+        elif exact and r.phase is Phase.AUTO:
             d = d + (1.0 - d) / r.every
         out.append(d)
     return out
@@ -297,9 +303,9 @@ def site_output(site: SiteShape, heads: Sequence[HeadPlan], q: torch.Tensor, k: 
 
     renorm_from: (q, k, v) of the step at which the correcting renormalized heads (HeadPlan.renorm
     at phase CORRECT, Re-ttention) measured their statistics (and a dynamic one its mask): the
-    head's output is rho o_K + r (vsopt.core.rettention); a measuring head (phase MEASURE, or
-    AUTO: the step unknown) outputs the merged kept and dropped parts. Needed when some head
-    corrects.
+    head's output is rho o_K + r (vsopt.core.rettention), or with residual sharing S + R
+    (vsopt.core.residual); a measuring head (phase MEASURE, or AUTO: the step unknown) outputs
+    the merged kept and dropped parts. Needed when some head corrects.
 
     softcap > 0: the site's logit cap (AttentionSite.softcap), applied before the softmax as the
     kernel does; the joint split, the pooled remainder, clustering and the softmax-mass correction
@@ -357,30 +363,37 @@ def _renorm_part(site: SiteShape, heads: Sequence[HeadPlan], quant: Quant, part:
                               "their measuring step")
         fq, fk, fv = renorm_from
         measured = permuted_qkv(site.grid, heads, fq, fk, fv)[1:], head_masks(site, heads, fq, fk, scale).to(dev)
-    for remainder in Remainder:
-        for phase in (Phase.MEASURE, Phase.CORRECT):
-            sel = [p is phase and hp.remainder is remainder for p, hp in zip(phases, heads)]
-            if not any(sel):
-                continue
-            where = torch.tensor(sel, device=dev)[None, :, None, None]
-            if phase is Phase.MEASURE:
-                value = renorm_statistics(*current, masks, scale, quant, block_m, block_n, remainder)[0]
-            else:
-                (mq, mk, mv), mmasks = measured
-                _, rho, resid = renorm_statistics(mq, mk, mv, mmasks, scale, quant, block_m, block_n, remainder)
-                value = renorm_corrected(*current, mmasks, scale, quant, block_m, block_n, rho, resid)
-            part = torch.where(where, value, part)
+    for kind in Correction:
+        for remainder in Remainder:
+            for phase in (Phase.MEASURE, Phase.CORRECT):
+                sel = [p is phase and hp.remainder is remainder and hp.renorm.kind is kind
+                       for p, hp in zip(phases, heads)]
+                if not any(sel):
+                    continue
+                where = torch.tensor(sel, device=dev)[None, :, None, None]
+                if phase is Phase.MEASURE:
+                    value = renorm_statistics(*current, masks, scale, quant, block_m, block_n, remainder, kind)[0]
+                else:
+                    (mq, mk, mv), mmasks = measured
+                    _, rho, resid = renorm_statistics(mq, mk, mv, mmasks, scale, quant, block_m, block_n, remainder,
+                                                      kind)
+                    value = renorm_corrected(*current, mmasks, scale, quant, block_m, block_n, rho, resid, kind,
+                                             remainder)
+                part = torch.where(where, value, part)
     return part
 
 
 def renorm_statistics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor, scale: float,
-                      quant: Quant, block_m: int, block_n: int, remainder: Remainder = Remainder.DROP
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      quant: Quant, block_m: int, block_n: int, remainder: Remainder = Remainder.DROP,
+                      kind: Correction = Correction.MASS
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """A measuring step of renormalized heads (vsopt.core.rettention), run eagerly through the
     ops the lowered graph emits: (out float32 (B, H, N, D), rho float32 (B, H, N), r float32
     (B, H, N, D)). q/k/v (B, H, N, D) in the heads' orders, one kv head per query head; masks
     (Bt, H, QB, KB) the kept blocks. The dropped part: the complement blocks through the kernel
-    (DROP: out is exact attention), or the pooled remainder (POOLED: out is PSA's)."""
+    (DROP: out is exact attention), or the pooled remainder (POOLED: out is PSA's).
+    kind RESIDUAL (residual sharing, vsopt.core.residual): (exact out, None, R = exact - the
+    sparse output, PSA's with POOLED), the dropped blocks through the kernel either way."""
     from vsopt.core.pooled import pooled_remainder
 
     em = EagerEmitter(q.device)
@@ -388,6 +401,13 @@ def renorm_statistics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: 
     qv = Quant(quant).value
     idx, counts = torch.ops.vsopt.mask_to_table(masks)
     kept = sparse_partial(em, q, k, v, idx, counts, scale, block_m, block_n, qv)
+    if Correction(kind) is Correction.RESIDUAL:
+        didx, dcounts = torch.ops.vsopt.mask_to_table(~masks)
+        dropped = sparse_partial(em, q, k, v, didx, dcounts, scale, block_m, block_n, qv)
+        pooled = pooled_remainder(em, q, k, v, masks, scale, block_m, block_n) \
+            if remainder is Remainder.POOLED else None
+        out, resid = _residual.measure(em, kept, dropped, pooled)
+        return out, None, resid
     if remainder is Remainder.POOLED:
         dropped = pooled_remainder(em, q, k, v, masks, scale, block_m, block_n)
     else:
@@ -397,9 +417,14 @@ def renorm_statistics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: 
 
 
 def renorm_corrected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masks: torch.Tensor, scale: float,
-                     quant: Quant, block_m: int, block_n: int, rho: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+                     quant: Quant, block_m: int, block_n: int, rho: torch.Tensor | None, resid: torch.Tensor,
+                     kind: Correction = Correction.MASS, remainder: Remainder = Remainder.DROP) -> torch.Tensor:
     """A correcting step: the kept blocks `masks` of q/k/v through the kernel, rescaled by rho and
-    plus r (a measuring step's statistics, renorm_statistics). float32 (B, H, N, D)."""
+    plus r (a measuring step's statistics, renorm_statistics). float32 (B, H, N, D). kind
+    RESIDUAL: the sparse output (with the pooled remainder when POOLED) plus the residual R."""
+    if Correction(kind) is Correction.RESIDUAL:
+        attend = pooled_masked_attention if remainder is Remainder.POOLED else masked_attention
+        return _residual.correct(EagerEmitter(q.device), attend(q, k, v, masks, scale, quant, block_m, block_n), resid)
     o = masked_attention(q, k, v, masks, scale, quant, block_m, block_n)
     return correct(EagerEmitter(q.device), o, rho, resid)
 
@@ -562,7 +587,7 @@ def site_work(site: SiteShape, heads: Sequence[HeadPlan], densities: Sequence[fl
             pairs = cluster_cost_pairs(key.cluster, site.q_len, site.kv_len)
             launches.append(Launch(key.quant.value, site.head_dim, key.block_m, key.block_n, 0,
                                    math.ceil(batch * len(live) * pairs / (2 * key.block_m * key.block_n))))
-        pooled_heads = sum(_measure_share(heads[h]) for h in live)
+        pooled_heads = sum(_pooled_share(heads[h]) for h in live)
         if key.remainder is Remainder.POOLED and pooled_heads:
             # priced as a launch of the same work: per query block, KB pooled keys are block_m x KB
             # scores, the work of ceil(KB / block_n) full blocks (an equivalence, not a fitted term)
@@ -599,6 +624,12 @@ def _measure_share(hp: HeadPlan) -> float:
     if r is None or r.phase is Phase.MEASURE:
         return 1.0
     return 0.0 if r.phase is Phase.CORRECT else 1.0 / r.every
+
+
+def _pooled_share(hp: HeadPlan) -> float:
+    """How often a PSA head runs its pooled remainder: a mass-corrected one when measuring only
+    (correcting restores it from r), a residual-sharing one at every step (S is PSA's output)."""
+    return 1.0 if hp.renorm is not None and hp.renorm.residual else _measure_share(hp)
 
 
 def renorm_mib(site: SiteShape, heads: Sequence[HeadPlan]) -> float:

@@ -83,7 +83,7 @@ from vsopt.core.lse import sparse_partial
 from vsopt.core.pooled import Remainder, pooled_attention, pooled_remainder
 from vsopt.core.resample import fit_site_plan
 from vsopt.core import residual
-from vsopt.core.rettention import RENORM_STATE, Phase, correct, measure
+from vsopt.core.rettention import RENORM_STATE, Correction, Phase, correct, measure
 from vsopt.core.semantics import (LaunchKey, cluster_span, joint_plan, launch_groups, permutations, static_mask,
                                   text_blocks, video_range)
 
@@ -461,7 +461,7 @@ class _Lowering:
 def heads_residual(key: LaunchKey) -> bool:
     """Whether a renormalized launch group shares residuals (vsopt.core.residual) rather than
     correcting the softmax mass."""
-    return key.correction is not None and key.correction.value == "residual"
+    return key.correction is Correction.RESIDUAL
 
 
 class _LoweringEmitter:

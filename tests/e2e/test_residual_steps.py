@@ -15,7 +15,7 @@ from vsopt.core.plan import HeadPlan, Plan, SitePlan
 from vsopt.core.rettention import RENORM_STATE, Correction, Renorm, measured_step
 from vsopt.models import sampler
 
-from tests.e2e.test_rettention_steps import C, HEADS_OF, _setup
+from tests.e2e.test_rettention_steps import C, HEADS_OF, _setup, sample_with_the_sampler
 
 RESIDUAL = Correction.RESIDUAL
 
@@ -62,36 +62,8 @@ def test_lowered_refresh_and_reuse_graphs_compute_the_meaning(kind, remainder):
 
 @pytest.mark.parametrize("every, steps, remainder", [(2, 5, "drop"), (3, 7, "pooled")])
 def test_compiled_model_with_the_sampler_refreshes_and_reuses_at_the_planned_steps(every, steps, remainder):
-    grid = TokenGrid(2, 4, 6)
-    model, example, site = _setup(grid, gain=1.0, seed=2)
-    heads = HEADS_OF["window"](Renorm(every=every, kind=RESIDUAL), remainder)
-    plan = Plan({site.site_id: SitePlan.for_site(site, heads)})
-    kept = {}
-
-    def reference(x, t, c, return_dict=False):  # the meaning: at_step's phases, the refresh step's q/k/v
-        step = current_denoising_step()
-        qkv = model.qkv_heads(x)
-        if measured_step(heads[0].renorm, step, 0) == step:
-            kept["qkv"] = qkv
-        out = semantics.site_output(site, plan.at_step(step)[site.site_id].heads, *qkv, site.scale,
-                                    renorm_from=kept["qkv"])
-        return model.finish(out, x)
-
-    plain = Plan({site.site_id: SitePlan.for_site(site, tuple(HeadPlan(**{**h.__dict__, "renorm": None})
-                                                               for h in heads))})
-    shape = (C, grid.frames, grid.height, grid.width)
-    RENORM_STATE.reset()
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="vsopt", options={"plan": plan, "grid": grid})
-    with torch.no_grad():
-        got = sampler.sample(compiled, example[2], shape, steps=steps, seed=3)
-        again = sampler.sample(compiled, example[2], shape, steps=steps, seed=3)   # a new clip refreshes afresh
-        want = sampler.sample(reference, example[2], shape, steps=steps, seed=3)
-        dense = sampler.sample(model, example[2], shape, steps=steps, seed=3)
-        torch._dynamo.reset()
-        sparse = sampler.sample(torch.compile(model, backend="vsopt", options={"plan": plain, "grid": grid}),
-                                example[2], shape, steps=steps, seed=3)
-    set_denoising_step(None)
+    _, _, got, again, want, dense, sparse = sample_with_the_sampler(Renorm(every=every, kind=RESIDUAL), remainder,
+                                                                    steps)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again, got, rtol=1e-6, atol=1e-6)
     assert (got - sparse).abs().max() > 1e-5

@@ -98,11 +98,13 @@ def test_lowered_measuring_and_correcting_graphs_compute_the_meaning(kind, remai
         assert (got_c - dense_c).norm() < (sparse_c - dense_c).norm()       # and it is closer to dense
 
 
-@pytest.mark.parametrize("every, steps", [(2, 5), (3, 7)])
-def test_compiled_model_with_the_sampler_measures_and_corrects_at_the_planned_steps(every, steps):
+def sample_with_the_sampler(renorm: Renorm, remainder: str, steps: int):
+    """The planned model compiled with backend="vsopt" sampled twice (two clips), against the plan's
+    meaning (at_step's phases with the measuring step's q/k/v), the dense model and the same plan
+    without its correction: (plan, site, got, again, want, dense, sparse)."""
     grid = TokenGrid(2, 4, 6)
     model, example, site = _setup(grid, gain=1.0, seed=2)
-    heads = HEADS_OF["window"](Renorm(every=every), "drop")
+    heads = HEADS_OF["window"](renorm, remainder)
     plan = Plan({site.site_id: SitePlan.for_site(site, heads)})
     kept = {}
 
@@ -130,6 +132,12 @@ def test_compiled_model_with_the_sampler_measures_and_corrects_at_the_planned_st
         sparse = sampler.sample(torch.compile(model, backend="vsopt", options={"plan": plain, "grid": grid}),
                                 example[2], shape, steps=steps, seed=3)
     set_denoising_step(None)
+    return plan, site, got, again, want, dense, sparse
+
+
+@pytest.mark.parametrize("every, steps", [(2, 5), (3, 7)])
+def test_compiled_model_with_the_sampler_measures_and_corrects_at_the_planned_steps(every, steps):
+    plan, site, got, again, want, dense, sparse = sample_with_the_sampler(Renorm(every=every), "drop", steps)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again, got, rtol=1e-6, atol=1e-6)
     assert (got - sparse).abs().max() > 1e-5

@@ -67,3 +67,21 @@ def test_step_options_need_recorded_steps_from_a_factory(factory, capsys):  # no
                "--quiet"])
     err = capsys.readouterr().err
     assert rc == 1 and "--renorm-every: needs the inputs of one sampler run" in err, err
+
+
+def test_reference_run_records_the_search_in_the_plan(tmp_path, monkeypatch):
+    """A tiny `calibrate --reference` (128 tokens, 4 steps, CPU): the plan's meta holds the search used."""
+    import json
+
+    from vsopt.core.plan import Plan
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "r.plan.json"
+    assert main(["calibrate", "--reference", "--size", "2x16x16", "--steps", "4", "--clips", "1", "--density", "0.5",
+                 "--step-ranges", "0:1,1:", "--dense-warmup", "1", "--residual-every", "2", "--out", str(out),
+                 "--quiet", "--device", "cpu"]) == 0
+    meta = json.loads(out.read_text())["meta"]["calibration"]
+    o = meta["options"]
+    assert (o["pooled_remainder"], o["renorm_every"], o["residual_every"], o["dense_warmup"]) == (True, [3], [2], [1])
+    assert meta["dense_warmup"]["chosen"] in (0, 1) and set(meta["dense_warmup"]["tried"]) == {"0", "1"}
+    assert Plan.load(out).sites

@@ -85,3 +85,5 @@ def test_reference_run_records_the_search_in_the_plan(tmp_path, monkeypatch):
     assert (o["pooled_remainder"], o["renorm_every"], o["residual_every"], o["dense_warmup"]) == (True, [3], [2], [1])
     assert meta["dense_warmup"]["chosen"] in (0, 1) and set(meta["dense_warmup"]["tried"]) == {"0", "1"}
     assert Plan.load(out).sites
+    sites = json.dumps(json.loads(out.read_text())["sites"])
+    assert '"remainder": "pooled"' in sites or '"renorm": {' in sites  # the new candidates can be chosen

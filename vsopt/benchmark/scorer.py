@@ -200,6 +200,7 @@ class PlanScorer:
         """The calibration inputs (a sampler run on other clips) and options of the bench."""
         from vsopt.calibration import CalibrationOptions
         from vsopt.calibration.capture import RecordedCall, record_forward_inputs
+        from vsopt.calibration.search_flags import search_fields
         from vsopt.models import data, sampler
 
         s = self.settings
@@ -222,15 +223,15 @@ class PlanScorer:
         ranges = calibration_step_ranges(s.calibration_steps, s.vsopt_renorm + s.vsopt_residual) \
             if s.step_plans else None
         options = CalibrationOptions(block_m=s.block, block_n=s.block, quants=tuple({Quant.NONE, s.quant}),
-                                     order_density=order_density, step_ranges=ranges, dynamic_values=DYNAMIC_MASS,
-                                     dynamic_top_k=s.vsopt_top_k,
-                                     error_weights=self._error_weights if s.sensitivity else None,
-                                     dense_warmup=tuple(k for k in s.vsopt_warmup if k < s.calibration_steps)
-                                     if s.step_plans else (),
-                                     mask_refresh=s.vsopt_refresh, pooled_remainder=s.vsopt_pooled,
-                                     renorm_every=s.vsopt_renorm, residual_every=s.vsopt_residual,
-                                     held_out_errors=s.vsopt_held_out,
-                                     clusters=self._cluster_candidates())
+                                     order_density=order_density, step_ranges=ranges,
+                                     **search_fields(pooled=s.vsopt_pooled, renorm=s.vsopt_renorm,
+                                                     residual=s.vsopt_residual,
+                                                     warmup=tuple(k for k in s.vsopt_warmup if k < s.calibration_steps)
+                                                     if s.step_plans else (),
+                                                     refresh=s.vsopt_refresh, top_k=s.vsopt_top_k,
+                                                     dynamic_values=DYNAMIC_MASS, held_out=s.vsopt_held_out,
+                                                     error_weights=self._error_weights if s.sensitivity else None,
+                                                     clusters=self._cluster_candidates()))
         return calls, options
 
     def _cluster_candidates(self):

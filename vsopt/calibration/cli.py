@@ -71,6 +71,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="afterwards run the model with the plan on the first input, as the lowered graph and through "
                         "torch.compile(backend='vsopt'): print the output's error against dense, and times on a GPU")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("accuracy search (docs/CALIBRATION.md; defaults: the set `vsopt bench` measured best "
+                             "with --reference, none for a FACTORY)")
+    g.add_argument("--pooled-remainder", action=argparse.BooleanOptionalAction, default=None,
+                   help="also offer every candidate with its dropped key blocks attended mean-pooled (PSA) "
+                        "(default: on with --reference, off for a FACTORY)")
+    g.add_argument("--renorm-every", default=None, metavar="R,..",
+                   help="softmax-mass correction (Re-ttention) intervals >= 2 the search may choose; needs inputs "
+                        "from one sampler run (--reference, or RecordedCalls); empty: none "
+                        "(default: 3 with --reference, none for a FACTORY)")
+    g.add_argument("--residual-every", default=None, metavar="R,..",
+                   help="residual sharing (DiTFastAttn) intervals >= 2 the search may choose; needs inputs as "
+                        "--renorm-every does")
+    g.add_argument("--dense-warmup", default=None, metavar="K,..",
+                   help="first K steps the search may run dense; each K must end a --step-range from 0; only "
+                        "--density and --speedup use it (a per-site budget gains nothing from dense steps)")
+    g.add_argument("--mask-refresh", default=None, metavar="R,..",
+                   help="refresh intervals >= 2 of reused dynamic masks (AdaSpa); needs inputs as --renorm-every does")
+    g.add_argument("--top-k", default=None, metavar="F,..",
+                   help="top-k fractions in (0, 1] of key blocks per query row of dynamic candidates "
+                        "(default: 0.1,0.2,0.3,0.4,0.5 with --reference, as bench's; none for a FACTORY)")
 
 
 def parse_step_ranges(text: str, option: str = "--step-ranges") -> tuple[tuple[int, int | None], ...]:
@@ -110,6 +130,7 @@ def check_args(args: argparse.Namespace) -> Checked:
 
     from vsopt.calibration.budgets import DensityBudget, QualityFloor, SiteErrorBudget, SpeedupBudget
     from vsopt.calibration.failures import one_line
+    from vsopt.calibration.search_flags import flag_error
     from vsopt.calibration.options import (CalibrationOptions, check_block_size, check_cost_model_blocks,
                                            check_device, check_overhead)
     from vsopt.core.costmodel import CostModel
@@ -188,14 +209,53 @@ def check_args(args: argparse.Namespace) -> Checked:
             p.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"{option} {path!r}: cannot make its folder: {one_line(e)}") from None
-    options = CalibrationOptions(
-        block_m=block, block_n=block, quants=quants,
-        orders=() if args.no_reorder else tuple(TokenOrder), patterns=not args.no_patterns,
-        dynamic=not args.no_dynamic, skip=not args.no_skip, error_inputs=args.error_inputs,
-        site_overhead_us=overhead, host_overhead=not args.cuda_graphs,
-        model_order_candidates=args.speedup is not None,
-        step_ranges=step_ranges, cost_model=cost)
+    search = _search_fields(args)
+    try:
+        options = CalibrationOptions(
+            block_m=block, block_n=block, quants=quants,
+            orders=() if args.no_reorder else tuple(TokenOrder), patterns=not args.no_patterns,
+            dynamic=not args.no_dynamic, skip=not args.no_skip, error_inputs=args.error_inputs,
+            site_overhead_us=overhead, host_overhead=not args.cuda_graphs,
+            model_order_candidates=args.speedup is not None,
+            step_ranges=step_ranges, cost_model=cost, **search)
+    except ConfigError as e:
+        raise flag_error(e) from None
     return Checked(quants, grid, cost, options, budget, device)
+
+
+def _search_fields(args: argparse.Namespace) -> dict:
+    """CalibrationOptions' accuracy-search fields from the flags, defaults resolved (bench's set
+    with --reference, none for a FACTORY), each error naming its flag."""
+    from vsopt.benchmark.settings import DYNAMIC_TOP_K
+    from vsopt.calibration.search_flags import parse_list, search_fields
+    from vsopt.core.errors import ConfigError
+
+    ref = bool(args.reference)
+    pooled = ref if args.pooled_remainder is None else args.pooled_remainder
+    renorm = parse_list("3" if ref else "", "--renorm-every") if args.renorm_every is None \
+        else parse_list(args.renorm_every, "--renorm-every")
+    top_k = (DYNAMIC_TOP_K if ref else ()) if args.top_k is None else parse_list(args.top_k, "--top-k", float)
+    if not all(0.0 < x <= 1.0 for x in top_k):
+        raise ConfigError(f"--top-k {args.top_k!r}: fractions must lie in (0, 1]")
+    warmup = parse_list(args.dense_warmup, "--dense-warmup")
+    if warmup and args.density is None and args.speedup is None:
+        raise ConfigError("--dense-warmup: a per-site budget (--max-error, --min-psnr) gains nothing from dense "
+                          "steps; use it with --density or --speedup")
+    return search_fields(pooled=pooled, renorm=renorm, residual=parse_list(args.residual_every, "--residual-every"),
+                         warmup=warmup, refresh=parse_list(args.mask_refresh, "--mask-refresh"), top_k=top_k)
+
+
+def _check_step_inputs(options, inputs) -> None:
+    """A FACTORY's inputs hold denoising steps only as RecordedCalls (record_forward_inputs over a
+    sampler run): plain tuples are numbered 0, 1, ... and would pass for consecutive steps."""
+    from vsopt.calibration.capture import RecordedCall
+    from vsopt.core.errors import ConfigError
+
+    for field, flag in (("renorm_every", "--renorm-every"), ("residual_every", "--residual-every"),
+                        ("mask_refresh", "--mask-refresh"), ("dense_warmup", "--dense-warmup")):
+        if getattr(options, field) and not all(isinstance(x, RecordedCall) for x in inputs):
+            raise ConfigError(f"{flag}: needs the inputs of one sampler run with their denoising steps: the FACTORY "
+                              f"must return RecordedCalls (vsopt.calibration.record_forward_inputs), not tuples")
 
 
 def _clip_size(text: str) -> tuple[int, int, int]:
@@ -257,6 +317,7 @@ def run_cli(args: argparse.Namespace) -> int:
             budget = QualityFloor(held_out[args.steps // 2], budget)
     else:
         model, inputs = _factory_inputs(args.target)
+        _check_step_inputs(checked.options, inputs)
         if args.min_psnr is not None:
             if len(inputs) < 2:
                 raise ConfigError("--min-psnr needs at least two inputs from the FACTORY: the last one is held out")

@@ -1,5 +1,5 @@
 """`vsopt calibrate`'s accuracy-search flags: each reaches CalibrationOptions, defaults follow
---reference (bench's measured set) or a FACTORY (none), bad values give one line naming the flag."""
+off by default, bad values give one line naming the flag."""
 import argparse
 
 import pytest
@@ -16,10 +16,10 @@ def _options(argv):
     return cal_cli.check_args(p.parse_args([*argv, "--out", "x.plan.json"])).options
 
 
-def test_reference_defaults_are_bench_s_set_and_a_factory_gets_none(tmp_path, monkeypatch):
+def test_the_search_options_are_off_unless_asked(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ref = _options(["--reference", "--max-error", "0.05"])
-    assert ref.pooled_remainder and ref.renorm_every == (3,) and ref.dynamic_top_k == (0.1, 0.2, 0.3, 0.4, 0.5)
+    assert not ref.pooled_remainder and ref.renorm_every == () and ref.dynamic_top_k == ()
     fac = _options(["m:make", "--max-error", "0.05"])
     assert not fac.pooled_remainder and fac.renorm_every == () and fac.dynamic_top_k == ()
 
@@ -78,7 +78,8 @@ def test_reference_run_records_the_search_in_the_plan(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "r.plan.json"
     assert main(["calibrate", "--reference", "--size", "2x16x16", "--steps", "4", "--clips", "1", "--density", "0.5",
-                 "--step-ranges", "0:1,1:", "--dense-warmup", "1", "--residual-every", "2", "--out", str(out),
+                 "--step-ranges", "0:1,1:", "--dense-warmup", "1", "--residual-every", "2", "--pooled-remainder",
+                 "--renorm-every", "3", "--out", str(out),
                  "--quiet", "--device", "cpu"]) == 0
     meta = json.loads(out.read_text())["meta"]["calibration"]
     o = meta["options"]

@@ -9,6 +9,7 @@ torch.library.wrap_triton(kernel) when it is traced (see triton_launcher).
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -39,3 +40,31 @@ def triton_launcher(kernel, eager: bool):
     empty cache, so every direct launcher call benchmarked again (540 ms instead of 1.4 ms at
     wan480), and every launch paid the HOP's dispatch. The kernel itself keeps its one cache."""
     return kernel if eager else torch.library.wrap_triton(kernel)
+
+
+@functools.cache
+def interpreter_bf16_dot_ok() -> bool:
+    """Whether Triton's interpreter computes tl.dot on bfloat16 operands right: one 16 x 16 product
+    of small integers (exact in bfloat16 and float32), run once per process. Triton 3.8's does not:
+    it keeps bfloat16 as uint16 bit patterns and its create_dot converts only 8-bit float operands,
+    so it multiplies the bit patterns (results ~1e9 times too large; triton-lang/triton#11584, closed
+    as not supported). Asked, not assumed from the version, so a fixed interpreter is used as such.
+    Call it only while interpreting (the kernel is decorated here, at the first call)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _dot(A, B, C, M: tl.constexpr):
+        r = tl.arange(0, M)
+        a = tl.load(A + r[:, None] * M + r[None, :])
+        b = tl.load(B + r[:, None] * M + r[None, :])
+        tl.store(C + r[:, None] * M + r[None, :], tl.dot(a, b))
+
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():   # real CPU tensors, also when asked while tracing (fake tensors)
+        g = torch.Generator().manual_seed(0)
+        a, b = (torch.randint(-2, 3, (16, 16), generator=g).to(torch.bfloat16) for _ in range(2))
+        c = torch.empty(16, 16, dtype=torch.float32)
+        _dot[(1,)](a, b, c, 16)
+        return torch.equal(c, a.float() @ b.float())

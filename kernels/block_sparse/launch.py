@@ -2,7 +2,8 @@
 
 block_sparse_attention(q, k, v, kv_indices, kv_counts, scale, block_m, block_n, quant, with_lse)
     q (B, Hq, Nq, D), k/v (B, Hkv, Nk, D) with Hq % Hkv == 0, head dim contiguous; fp16/bf16
-    (float32 too: the interpreter tests use it; on a GPU its dots run as tf32).
+    (float32 too: the interpreter tests use it; on a GPU its dots run as tf32). bfloat16 in Triton's
+    interpreter only where its tl.dot is right, or in the 8-bit P V modes (kernel_spec; docs/KERNELS.md).
     kv_indices int32 (Bt, Hq, ceil(Nq/block_m), MAXK), kv_counts int32 (Bt, Hq, ceil(Nq/block_m)),
     Bt in {1, B}; indices ascending and < ceil(Nk/block_n) (not checked here: that needs a sync).
     Returns (out (B, Hq, Nq, D) in q's dtype and memory layout (torch.empty_like(q)), lse float32
@@ -42,7 +43,7 @@ import triton
 from ..errors import check
 from ..quant import launch as quant_launch
 from ..quant.fusable import quantize_qkv_fusable
-from ..runtime import interpreting, plain_eager, triton_launcher
+from ..runtime import interpreter_bf16_dot_ok, interpreting, plain_eager, triton_launcher
 from ..spec import KernelSpec, QuantMode
 from . import kernel
 from .inputs import check_inputs
@@ -206,6 +207,13 @@ def kernel_spec(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
           "block_sparse_attention: the head dimension of q, k, v must be contiguous (stride 1)")
     check(scale > 0, f"block_sparse_attention: scale must be positive, got {scale}")
     spec = KernelSpec(int(D), q.dtype, quant, int(block_m), int(block_n), softcap=float(softcap))
+    # none and int8 multiply bfloat16 operands (q k^T, p v), which the interpreter may get wrong:
+    # an error, not a silently wrong output (the 8-bit P V modes' dots take int8 / fp8 codes).
+    check(not (interpreting() and q.dtype == torch.bfloat16 and not spec.quant.pv_is_8bit)
+          or interpreter_bf16_dot_ok(),
+          f"block_sparse_attention: Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) computes tl.dot "
+          f"on bfloat16 operands wrongly (triton-lang/triton#11584) and quant {spec.quant.value!r} has bfloat16 "
+          f"dots: in the interpreter use float16 or float32 inputs (or an 8-bit P V mode), or run on a GPU")
     check(spec.quant is QuantMode.NONE or q.dtype != torch.float32 or interpreting() or q.device.type == "cpu",
           "block_sparse_attention: quantized modes take float16/bfloat16 inputs")
     return spec

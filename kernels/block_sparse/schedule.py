@@ -27,6 +27,13 @@ def ensure_tma_allocator() -> None:
 ORDERS = ("per_head_lpt", "lpt", "natural")
 _ORDER_CACHE: dict[int, tuple] = {}
 _ORDER_CACHE_SIZE = 16
+#: The device whose tensors the cache takes (a module constant so that the CPU tests can point the
+#: cache at CPU tensors, tests/kernels/test_work_order_cache.py).
+_CACHE_DEVICE = "cuda"
+#: Cached orders a CUDA graph captured (id -> tensor): kept for the life of the process. A captured
+#: launch reads the order's memory at every replay, and the graph does not own it: evicted and freed,
+#: its memory would be reused and the replay would read someone else's data (silently wrong rows).
+_PINNED_ORDERS: dict[int, torch.Tensor] = {}
 
 
 def work_order(kv_counts: torch.Tensor, batch: int, strategy: str = "per_head_lpt") -> torch.Tensor:
@@ -39,13 +46,18 @@ def work_order(kv_counts: torch.Tensor, batch: int, strategy: str = "per_head_lp
 
     Eager calls on a real CUDA tensor reuse the order computed for the same counts tensor (the same
     live object, unmodified: a weak reference and the version counter say so), saving the sort's
-    launches on every call of a static plan."""
+    launches on every call of a static plan (a cache of _ORDER_CACHE_SIZE entries, oldest evicted).
+    While the current stream is capturing a CUDA graph: a cached order the graph reads is pinned
+    (_PINNED_ORDERS, never freed); a new order is sorted inside the graph (the graph's own memory,
+    recomputed at each replay) and not cached (its values exist only once the graph has run)."""
     check(strategy in ORDERS, f"work_order: strategy must be one of {ORDERS}, got {strategy!r}")
-    cacheable = kv_counts.device.type == "cuda" and type(kv_counts) is torch.Tensor \
+    cacheable = kv_counts.device.type == _CACHE_DEVICE and type(kv_counts) is torch.Tensor \
         and not torch.compiler.is_compiling()
     key = (kv_counts._version, tuple(kv_counts.shape), batch, strategy)
     hit = _ORDER_CACHE.get(id(kv_counts)) if cacheable else None
     if hit is not None and hit[0]() is kv_counts and hit[1] == key:
+        if torch.cuda.is_current_stream_capturing():
+            _PINNED_ORDERS[id(hit[2])] = hit[2]
         return hit[2]
     counts = kv_counts.expand(batch, -1, -1)
     rows = counts.shape[2]
@@ -57,7 +69,7 @@ def work_order(kv_counts: torch.Tensor, batch: int, strategy: str = "per_head_lp
         within = torch.argsort(counts.reshape(-1, rows), dim=1, descending=True, stable=True)
         base = torch.arange(within.shape[0], device=counts.device)[:, None] * rows
         order = (within + base).reshape(-1).to(torch.int32)
-    if cacheable:
+    if cacheable and not torch.cuda.is_current_stream_capturing():
         if len(_ORDER_CACHE) >= _ORDER_CACHE_SIZE:
             _ORDER_CACHE.pop(next(iter(_ORDER_CACHE)))
         _ORDER_CACHE[id(kv_counts)] = (weakref.ref(kv_counts), key, order)

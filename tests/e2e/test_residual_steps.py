@@ -8,14 +8,13 @@ import torch
 from vsopt.backend import trace_and_rewrite
 from vsopt.core import semantics
 from vsopt.core.config import VsoptConfig
-from vsopt.core.dynamic import current_denoising_step, set_denoising_step
 from vsopt.core.errors import ConfigError
 from vsopt.core.ir import TokenGrid
 from vsopt.core.plan import HeadPlan, Plan, SitePlan
-from vsopt.core.rettention import RENORM_STATE, Correction, Renorm, measured_step
+from vsopt.core.rettention import RENORM_STATE, Correction, Renorm
 from vsopt.models import sampler
 
-from tests.e2e.test_rettention_steps import C, HEADS_OF, _setup, sample_with_the_sampler
+from tests.e2e.test_rettention_steps import C, HEADS_OF, _setup, sample_against_the_meaning, sample_with_the_sampler
 
 RESIDUAL = Correction.RESIDUAL
 
@@ -96,24 +95,7 @@ def test_calibration_offers_residual_sharing_and_the_compiled_model_runs_as_it_p
     chosen = list(plan[site.site_id].all_heads())
     assert any(h.renorm == Renorm(2, kind=RESIDUAL) for h in chosen), chosen   # the search buys it here
 
-    kept = {}
-
-    def reference(x, t, c, return_dict=False):
-        step = current_denoising_step()
-        qkv = model.qkv_heads(x)
-        kept[step] = qkv
-        heads = plan.at_step(step)[site.site_id].heads
-        at = [measured_step(h.renorm, step, 0) if h.renorm is not None else step for h in heads]
-        renorm_from = tuple(torch.cat([kept[a][i][:, h:h + 1] for h, a in enumerate(at)], dim=1) for i in range(3))
-        return model.finish(semantics.site_output(site, heads, *qkv, site.scale, renorm_from=renorm_from), x)
-
-    RENORM_STATE.reset()
-    torch._dynamo.reset()
-    with torch.no_grad():
-        got = sampler.sample(torch.compile(model, backend="vsopt", options={"plan": plan, "grid": grid}),
-                             example[2], shape, steps=steps, seed=3)
-        want = sampler.sample(reference, example[2], shape, steps=steps, seed=3)
-    set_denoising_step(None)
+    got, want = sample_against_the_meaning(model, example, site, plan, grid, steps)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 

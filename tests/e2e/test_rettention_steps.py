@@ -135,6 +135,32 @@ def sample_with_the_sampler(renorm: Renorm, remainder: str, steps: int):
     return plan, site, got, again, want, dense, sparse
 
 
+def sample_against_the_meaning(model, example, site, plan: Plan, grid: TokenGrid, steps: int):
+    """The model compiled with backend="vsopt" and a plan of several heads, each with its own phases,
+    sampled (seed 3) against the plan's meaning: at each step semantics.site_output of that step's
+    heads, each head's statistics (or residual) from the q/k/v of its own measuring step. (got, want)."""
+    shape = (C, grid.frames, grid.height, grid.width)
+    kept = {}
+
+    def reference(x, t, c, return_dict=False):
+        step = current_denoising_step()
+        qkv = model.qkv_heads(x)
+        kept[step] = qkv
+        heads = plan.at_step(step)[site.site_id].heads
+        at = [measured_step(h.renorm, step, 0) if h.renorm is not None else step for h in heads]
+        renorm_from = tuple(torch.cat([kept[a][i][:, h:h + 1] for h, a in enumerate(at)], dim=1) for i in range(3))
+        return model.finish(semantics.site_output(site, heads, *qkv, site.scale, renorm_from=renorm_from), x)
+
+    RENORM_STATE.reset()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = sampler.sample(torch.compile(model, backend="vsopt", options={"plan": plan, "grid": grid}),
+                             example[2], shape, steps=steps, seed=3)
+        want = sampler.sample(reference, example[2], shape, steps=steps, seed=3)
+    set_denoising_step(None)
+    return got, want
+
+
 @pytest.mark.parametrize("every, steps", [(2, 5), (3, 7)])
 def test_compiled_model_with_the_sampler_measures_and_corrects_at_the_planned_steps(every, steps):
     plan, site, got, again, want, dense, sparse = sample_with_the_sampler(Renorm(every=every), "drop", steps)
@@ -229,22 +255,5 @@ def test_calibration_offers_renorm_candidates_and_the_compiled_model_runs_as_it_
     chosen = [h for h in plan[site.site_id].all_heads()]
     assert any(h.renorm == Renorm(2) for h in chosen), chosen   # the search buys the correction here
 
-    kept = {}
-
-    def reference(x, t, c, return_dict=False):
-        step = current_denoising_step()
-        qkv = model.qkv_heads(x)
-        kept[step] = qkv
-        heads = plan.at_step(step)[site.site_id].heads
-        at = [measured_step(h.renorm, step, 0) if h.renorm is not None else step for h in heads]
-        renorm_from = tuple(torch.cat([kept[a][i][:, h:h + 1] for h, a in enumerate(at)], dim=1) for i in range(3))
-        return model.finish(semantics.site_output(site, heads, *qkv, site.scale, renorm_from=renorm_from), x)
-
-    RENORM_STATE.reset()
-    torch._dynamo.reset()
-    with torch.no_grad():
-        got = sampler.sample(torch.compile(model, backend="vsopt", options={"plan": plan, "grid": grid}),
-                             example[2], shape, steps=steps, seed=3)
-        want = sampler.sample(reference, example[2], shape, steps=steps, seed=3)
-    set_denoising_step(None)
+    got, want = sample_against_the_meaning(model, example, site, plan, grid, steps)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

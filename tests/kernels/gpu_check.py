@@ -3,6 +3,8 @@
     python3 tests/kernels/gpu_check.py            (on a CUDA GPU; exit status 1 if any check fails)
     python3 tests/kernels/gpu_check.py --parts small,helpers,compile,direct,wan480
     python3 tests/kernels/gpu_check.py --parts cog720          (the two halves, each a shorter run)
+    python3 tests/kernels/gpu_check.py --parts graph           (an eager call captured in a CUDA graph,
+        its cached work order evicted, replayed; a cache hit's cost)
     python3 tests/kernels/gpu_check.py --parts speed --json $OUT/gpu_speed.json
         (issue 16 item 4: useful TFLOP/s of every mode and of the Gluon kernel, wan480 and cog720,
         densities 0.1 / 0.2 / 0.5 / 1.0)
@@ -236,6 +238,57 @@ def direct_launch_case():
         failures.append("direct launcher call")
 
 
+def graph_case():
+    """An eager op call captured in a CUDA graph (torch.cuda.graph) reads the work order the cache
+    built from its table (schedule.work_order), memory the graph does not own. Capture; evict that
+    cache entry (20 other tables); fill freed memory of the order's size with zeros (zeros would
+    run row 0 only: the other rows' output unwritten); replay on a new q: against the reference. On
+    the Triton route and the Gluon one, each its own table. Then the cost of a cache hit, which now
+    also asks whether the stream is capturing."""
+    import time
+
+    from vsopt.kernels.block_sparse import route, schedule
+
+    B, H, N, D = 1, 8, 4096, 128
+    QB = N // 128
+    for gluon in (False, True):
+        q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        idx, cnt = torch.ops.vsopt.mask_to_table(random_mask(1, H, QB, QB, 0.3, "cuda"))
+        with route.switched(gluon):
+            torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128)   # compile; caches the order
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = torch.ops.vsopt.block_sparse_attention(q, k, v, idx, cnt, D ** -0.5, 128, 128)
+        others = [torch.ops.vsopt.mask_to_table(random_mask(1, 1, 1, 1, 1.0, "cuda"))[1] for _ in range(20)]
+        for c in others:
+            schedule.work_order(c, 1)
+        evicted = id(cnt) not in schedule._ORDER_CACHE
+        zeros = [torch.zeros(B * H * QB, dtype=torch.int32, device="cuda") for _ in range(64)]
+        q.copy_(torch.randn_like(q))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref, _ = bsa_ref.block_sparse_attention(q.float(), k.float(), v.float(), idx, cnt, D ** -0.5, 128, 128)
+        report(f"graph: {'gluon' if gluon else 'triton'} route, work order evicted ({evicted}), replayed on a new q",
+               out, ref, REL_L2_BOUND["none"])
+        if not evicted:
+            failures.append("graph: the cache entry was not evicted (the case tested nothing)")
+        del graph, zeros, others
+    reps = 20000
+    schedule.work_order(cnt, B)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        schedule.work_order(cnt, B)
+    hit_us = (time.perf_counter() - t0) / reps * 1e6
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        torch.cuda.is_current_stream_capturing()
+    check_us = (time.perf_counter() - t0) / reps * 1e6
+    print(f"INFO work_order cache hit {hit_us:.2f} us per call, of which the capture check "
+          f"{check_us:.2f} us", flush=True)
+    results.append({"case": "work_order cache hit", "hit_us": hit_us, "capture_check_us": check_us})
+
+
 def quant_accuracy_cases():
     """Issue 16 item 2: every mode against float32 attention on both workloads, random normal and
     structured inputs, densities 0.1 / 0.2 / 0.5 / 1.0 (one random block mask plus the diagonal)."""
@@ -423,7 +476,7 @@ def speed_cases():
             del mask, idx, cnt
 
 
-PARTS = ("small", "helpers", "compile", "direct", *WORKLOADS, "quant", "overhead", "speed")
+PARTS = ("small", "helpers", "compile", "direct", "graph", *WORKLOADS, "quant", "overhead", "speed")
 
 
 def main(argv=None) -> int:
@@ -457,7 +510,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, parts {parts}")
     for part, fn in (("small", small_cases), ("helpers", helper_cases), ("compile", compile_case),
-                     ("direct", direct_launch_case), ("quant", quant_accuracy_cases),
+                     ("direct", direct_launch_case), ("graph", graph_case), ("quant", quant_accuracy_cases),
                      ("overhead", quant_overhead_cases), ("speed", speed_cases)):
         if part in parts:
             fn()

@@ -240,12 +240,13 @@ def _failed(case: str, e: Exception) -> None:
 
 
 def op_part(out_dir=None, t0=0.0, device="cuda", shapes=OP_SHAPES, workload=WORKLOADS["wan480"], timed=OP_TIMED,
-            rounds=3, iters=7):
+            rounds=3, iters=7, dtype=torch.bfloat16):
     """torch.ops.vsopt.block_sparse_attention(_lse) with the route of kernels/block_sparse/route.py: which
     kernel each call takes; eager, under torch.compile (Inductor, and vsopt's compile_fx) and under CUDA
     graphs (a captured eager call; torch.compile's cudagraph trees) against float32 references; then the
     op with the Gluon route against the op with the route off (the Triton kernel) at wan480, in
-    interleaved rounds. device, shapes, workload, timed, rounds, iters: the CPU test runs it small, with
+    interleaved rounds. device, shapes, workload, timed, rounds, iters, dtype (the workload's): the CPU test
+    runs it small and in float16 (the interpreter's bfloat16 tl.dot is wrong, runtime.interpreter_bf16_dot_ok), with
     the Gluon launcher stubbed (tests/kernels/test_gluon_route.py); CUDA graphs on CUDA only."""
     from torch._inductor.utils import run_and_get_code
 
@@ -294,7 +295,7 @@ def op_part(out_dir=None, t0=0.0, device="cuda", shapes=OP_SHAPES, workload=WORK
     # The workload: eager and compiled at density 0.2, against the chunked float32 reference.
     B, H, N, D = workload
     torch.manual_seed(0)
-    q, k, v = (torch.randn(B, H, N, D, device=device, dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype) for _ in range(3))
     nb = math.ceil(N / 128)
     mask = random_mask(1, H, nb, nb, 0.2, device)
     idx, cnt = torch.ops.vsopt.mask_to_table(mask)

@@ -286,7 +286,7 @@ def test_gpu_check_op_part_runs_on_the_cpu_with_the_gluon_kernel_stubbed(stub_gl
     shapes = [(1, 2, 1, 300, 128, 128, torch.float16, 1, False), (2, 2, 2, 200, 128, 64, torch.float16, 2, True),
               (1, 2, 1, 100, 64, 128, torch.float16, 1, False)]   # float16: the interpreter's bf16 is garbage
     check.op_part(tmp_path, device="cpu", shapes=shapes, workload=(1, 2, 256, 128), timed=[(1.0, 128)], rounds=1,
-                  iters=1, t0=__import__("time").time())
+                  iters=1, t0=__import__("time").time(), dtype=torch.float16)
     assert check.failures == [], check.failures
     cases = [r["case"] for r in check.results["correctness"]]
     assert sum(c.startswith("op eager B") for c in cases) == 3 and sum("torch.compile" in c for c in cases) == 2

@@ -138,7 +138,7 @@ def _marginal_us(state: SiteState, hp: HeadPlan, density: float, cost: CostModel
     t = sum(cost.predict_us(SiteWork((launch,))) - cost.launch_cost_us(launch) for launch in work.launches)
     heads = state.site.heads
     t += sum(cost.pooled_attention_us(bh * heads, n, kb, d) / heads for bh, n, kb, d in work.pooled)
-    t += work.pooled_mib * cost.permute_us_per_mib
+    t += work.extra_mib * cost.permute_us_per_mib
     t += work.extra_ops * cost.op_cost_us(not state.opt.host_overhead) / heads
     # the search charges a permuted head 1/heads of its own data moved, a tie-breaker between
     # orders (the site's real permutation cost, every head gathered, is in predicted_time_us)

@@ -107,11 +107,12 @@ class SiteWork:
     permuted_mib: float = 0.0
     scored_blocks: int = 0
     # the pooled remainder (core.pooled): its attentions, (batch*heads*share, q_len, KB pooled keys,
-    # head_dim) each; the merge of its partial with the kept one (MiB); and the ATen ops beyond the
+    # head_dim) each; extra_mib: the data its merge and the corrections' epilogues move (MiB, at
+    # permute_us_per_mib, no fixed cost: theirs is their ops); extra_ops: the ATen ops beyond the
     # kernel launches (pooled remainder, merge, correction epilogue, state index_copy_), per step,
-    # the mean over a renormalized head's period
+    # the mean over a renormalized head's period (priced by CostModel.op_cost_us, with the lowering)
     pooled: tuple[tuple[float, int, int, int], ...] = ()
-    pooled_mib: float = 0.0
+    extra_mib: float = 0.0
     extra_ops: float = 0.0
 
 
@@ -168,7 +169,7 @@ class CostModel:
         if work.scored_blocks:
             t += self.score_fixed_us + work.scored_blocks * self.score_us_per_block
         t += sum(self.pooled_attention_us(*p) for p in work.pooled)
-        return t + work.pooled_mib * self.permute_us_per_mib
+        return t + work.extra_mib * self.permute_us_per_mib
 
     def pooled_attention_us(self, bh: float, q_len: int, kb: int, head_dim: int) -> float:
         """One pooled-remainder attention (core.pooled.pooled_remainder: bh query heads over kb pooled

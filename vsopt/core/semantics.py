@@ -570,7 +570,7 @@ def site_work(site: SiteShape, heads: Sequence[HeadPlan], densities: Sequence[fl
     blocks of its computing heads; a group of skipped heads only costs nothing), the permuted data,
     and the blocks dynamic heads score online. `densities`: per head, as head_densities gives."""
     batch = max(1, site.batch)
-    launches, pooled, pooled_mib = [], [], 0.0
+    launches, pooled, extra_mib = [], [], 0.0
     for key, idx in launch_groups(heads).items():
         live = [h for h in idx if heads[h].sparsity is not Sparsity.SKIP]
         if not live:
@@ -592,7 +592,7 @@ def site_work(site: SiteShape, heads: Sequence[HeadPlan], densities: Sequence[fl
             # the pooled remainder: an attention of these heads over KB pooled keys, and the merge of
             # its partial with the kept one (two float32 outputs read, one written; CostModel prices)
             pooled.append((batch * pooled_heads, site.q_len, kb, site.head_dim))
-            pooled_mib += 3 * batch * pooled_heads * site.q_len * site.head_dim * 4 / 2**20
+            extra_mib += 3 * batch * pooled_heads * site.q_len * site.head_dim * 4 / 2**20
     # a mask reused for reuse_steps more steps is scored once per reuse_steps + 1 steps (the mean)
     # a renormalized dynamic head scores when it measures only (correcting, it reuses that mask)
     scored = sum(batch * num_blocks(site.q_len, hp.block_m) * num_blocks(site.kv_len, hp.block_n)
@@ -601,8 +601,8 @@ def site_work(site: SiteShape, heads: Sequence[HeadPlan], densities: Sequence[fl
     # launch gathers its own heads again, in their clustering orders
     moved = permuted_mib(site, site.heads) if permuted_heads(heads, site.grid) else 0.0
     moved += permuted_mib(site, sum(1 for hp in heads if hp.sparsity is Sparsity.CLUSTER))
-    moved += renorm_mib(site, heads)
-    return SiteWork(tuple(launches), moved, scored, tuple(pooled), pooled_mib, extra_ops(heads))
+    extra_mib += renorm_mib(site, heads)
+    return SiteWork(tuple(launches), moved, scored, tuple(pooled), extra_mib, extra_ops(heads))
 
 
 class _CountingEmitter(EagerEmitter):
@@ -698,8 +698,8 @@ def _pooled_share(hp: HeadPlan) -> float:
 
 
 def renorm_mib(site: SiteShape, heads: Sequence[HeadPlan]) -> float:
-    """MiB the renormalized heads' epilogues move (priced as memory traffic, like a permutation;
-    not a fitted term): correcting, the kept output and r read and the output written; measuring,
+    """MiB the renormalized heads' epilogues move (SiteWork.extra_mib: priced as memory traffic at
+    the permutation's rate; not a fitted term): correcting, the kept output and r read and the output written; measuring,
     r and rho written besides the merge; unresolved (AUTO), the mean over the period."""
     per_head = max(1, site.batch) * site.q_len * site.head_dim * site.dtype.itemsize / 2**20
     total = 0.0

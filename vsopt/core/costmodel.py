@@ -30,6 +30,14 @@ heads are permuted (its gathers in and out); the base is then a one-group, unper
 
     overhead = base + (launch_groups - 1) * per_launch + [permuted] * permuted
 
+The pooled remainder and the corrections' epilogues (schema version 2; docs/CALIBRATION.md has
+the table of what each option runs): SiteWork.pooled, each an attention over KB pooled keys,
+priced by pooled_attention_us (pooled_us, fitted like sdpa_us on real pooled calls; default SDPA
+at kv_len = KB plus its unfused score passes); SiteWork.extra_mib, the merge's and the epilogues'
+traffic at permute_us_per_mib; SiteWork.extra_ops, their ATen ops, each op_cost_us(mode) in the
+lowering overhead (op_us; default the per-launch-group overhead). defaulted_prices says which
+of these are defaults.
+
 where key = "<quant>/d<head_dim>/<block_m>x<block_n>". A query block counts once per head (B*H*QB
 per launch); a visited block is one (query block, key block) pair of one head. Quantizing q/k/v
 (per-block scales and casts) is linear in the tokens, like the per-query-block work, so the two

@@ -650,9 +650,10 @@ def extra_ops(heads: Sequence[HeadPlan]) -> float:
     (_to_copy + index_copy_), and its pooled remainder when it runs one."""
     c, total = _op_counts(), 0.0
     for key, idx in launch_groups(heads).items():
-        hp = heads[idx[0]]
-        if hp.sparsity is Sparsity.SKIP:
+        live = [h for h in idx if heads[h].sparsity is not Sparsity.SKIP]
+        if not live:
             continue
+        hp = heads[live[0]]
         pooled = key.remainder is Remainder.POOLED
         dyn = 1 if hp.sparsity is Sparsity.DYNAMIC else 0   # its mask is stored / read too
         r = hp.renorm

@@ -62,7 +62,7 @@ from vsopt.core.io import atomic_write_text
 from vsopt.kernels.spec import QUANT_MODES, kernel_key as spec_kernel_key
 
 SCHEMA_VERSION = 2  # 2: pooled_us, op_us (version-1 files load without them: defaults)
-READS = (1, 2)
+READABLE_VERSIONS = (1, 2)  # the schema versions from_dict loads
 #: overhead_us's terms: per lowered site, per further launch group, for a permuted site; by mode
 OVERHEAD_KEYS = tuple(f"{mode}{part}" for mode in ("eager", "cudagraphs") for part in ("", "_per_launch", "_permuted"))
 
@@ -324,8 +324,8 @@ class CostModel:
     @classmethod
     def from_dict(cls, d: Mapping, where: str = "cost model") -> "CostModel":
         version = d.get("version")
-        if version not in READS:
-            raise ConfigError(f"{where}: cost-model schema version {version!r}, this vsopt reads versions {READS}")
+        if version not in READABLE_VERSIONS:
+            raise ConfigError(f"{where}: cost-model schema version {version!r}, this vsopt reads versions {READABLE_VERSIONS}")
         try:
             table = lambda name: {str(k): float(v) for k, v in d[name].items()}  # noqa: E731
             model = cls(gpu=str(d["gpu"]), launch_us=table("launch_us"), per_block_us=table("per_block_us"),

@@ -16,7 +16,10 @@ What is fitted from what (non-negative least squares weighted by 1/time: relativ
   CUDA graphs: (planned - dense) compiled wall time minus (planned - dense) GPU time (one site
   compiled by plain Inductor, without vsopt.inductor.prepare; the terms per launch group come from
   benchmarks/host_overhead.py --gpu, written in with its --apply after a refit);
-- meta["host_overhead_us_not_in_model"]: an eager op call minus its graph replay, per kernel key.
+- meta["host_overhead_us_not_in_model"]: an eager op call minus its graph replay, per kernel key;
+- pooled_us (the pooled remainder's attention over KB pooled keys, the SDPA form per head dim) and
+  op_us (the fixed cost of one extra ATen op: cudagraphs from GPU time, eager from eager wall time,
+  with the MiB moved as a second feature) from the remainder records, where measured.
 The shipped reference plan's sites (4096 and 16384 tokens) are not fitted on: they are the check.
 The prediction errors there, and on every measured family, are reported for the model before
 (--before, default the shipped one for the GPU) and after, printed and saved in meta["check"].
@@ -103,6 +106,9 @@ def attention_points(m: dict) -> list[tuple[SiteWork, float]]:
     return out
 
 
+EPILOGUES = ("merge", "mass_measure", "mass_correct", "resid_measure", "resid_correct")  # remainder records
+
+
 def fit(m: dict, before: CostModel | None, command: str, source: str) -> tuple[CostModel, dict]:
     """The fitted model and the check (errors before / after per measured family)."""
     att = attention_points(m)
@@ -138,6 +144,28 @@ def fit(m: dict, before: CostModel | None, command: str, source: str) -> tuple[C
                 best = (score, {**c, "slots": float(n)})
         model.sdpa_us[f"d{d}"] = best[1]
         fitted[f"sdpa/d{d}"] = len(rs)
+    # the pooled remainder (measure_cost_model.py --sections remainder): its attention over the KB
+    # pooled keys in the SDPA form, per head dim; and the fixed cost of one extra ATen op, from the
+    # merge and the corrections' epilogues (time ~ ops + MiB moved), GPU time in a CUDA graph
+    # (cudagraphs) and eager wall time (eager: ATen ops one by one, an upper bound for Inductor,
+    # which fuses the elementwise ones)
+    for d in sorted({r["head_dim"] for r in records(m, "remainder", what="pooled")}):
+        rs = records(m, "remainder", what="pooled", head_dim=d)
+        best = None
+        for n in candidates:
+            c, rel = fit_linear([dense_features(1, r["batch"] * r["heads"], r["n"], r["pooled_keys"], n) for r in rs],
+                                [r["gpu_us"] for r in rs])
+            score = float(statistics.median(rel)) + 0.25 * float(rel.max())
+            if best is None or score < best[0]:
+                best = (score, {**c, "slots": float(n)})
+        model.pooled_us[f"d{d}"] = best[1]
+        fitted[f"pooled/d{d}"] = len(rs)
+    epi = [r for r in records(m, "remainder") if r["what"] in EPILOGUES]
+    if epi:
+        for mode, y in (("cudagraphs", "gpu_us"), ("eager", "wall_us")):
+            c, _ = fit_linear([{"op": float(r["ops"]), "mib": r["mib"]} for r in epi], [r[y] for r in epi])
+            model.op_us[mode] = c.get("op", 0.0)
+        fitted["op_us"] = len(epi)
     compiled = {(r["what"], r["mode"]): r for r in records(m, "compiled")}
     for mode, name in (("default", "eager"), ("reduce-overhead", "cudagraphs")):
         p, d = compiled.get(("planned", mode)), compiled.get(("dense", mode))
@@ -188,6 +216,8 @@ def errors(m: dict, model: CostModel, sites_rebuilt: dict | None = None) -> dict
     out = {"attention_grid": _rel((safe(lambda w=w: model.predict_us(w)), t) for w, t in attention_points(m)),
            "permute_grid": _rel((model.permute_fixed_us + r["permuted_mib"] * model.permute_us_per_mib, r["gpu_us"])
                                 for r in records(m, "permute", op="site", layout="model", shared_order=False)),
+           "pooled": _rel((model.pooled_attention_us(r["batch"] * r["heads"], r["n"], r["pooled_keys"], r["head_dim"]),
+                           r["gpu_us"]) for r in records(m, "remainder", what="pooled")),
            "sdpa_grid": _rel((model.dense_us(r["batch"], r["heads"], r["n"], r["n"], r["head_dim"]), r["gpu_us"])
                              for r in records(m, "sdpa", layout="model"))}
     rebuilt = site_works(m) if sites_rebuilt is None else sites_rebuilt

@@ -25,7 +25,11 @@ sdpa, compiled, dynamic, attention; attention, the longest, stops at the budget 
 - sdpa: the dense attention (vsopt.attention) at the same N and head dims;
 - permute: one site's permutations (3 permute + 1 unpermute) per N, shared / per-head orders,
   contiguous / model layout;
-- dynamic: dynamic_block_mask + mask_to_table per N.
+- dynamic: dynamic_block_mask + mask_to_table per N;
+- remainder (not in the default --sections; --sections remainder): the pooled remainder (PSA)
+  and the softmax-mass / residual correction epilogues as the lowering emits them, against the
+  kept blocks' block_sparse_attention_lse, at --remainder-lengths x batch*heads 8, 32 x the head
+  dims, density 0.2 (fit_cost_model.py fits pooled_us and op_us from it).
 Every record has its shapes, so any model can be fitted to it.
 """
 from __future__ import annotations
@@ -384,6 +388,88 @@ def measure_dynamic(rec, lengths):
     print("dynamic done", flush=True)
 
 
+def measure_remainder(rec, lengths, head_dims, bh_list, density: float = 0.2):
+    """The pooled remainder and the corrections' epilogues as the lowering emits them (eager ATen
+    ops through core.pooled / core.rettention / core.residual), against plain block-sparse
+    attention of the same mask: kept (block_sparse_attention_lse), pooled (the remainder alone:
+    pool k/v, scores over the KB pooled keys, lse, PV), merge (two partials by lse), pooled_attention
+    (the whole PSA head), and per correction kind its measuring and correcting epilogue, state
+    reads and writes included. GPU time from a CUDA graph and eager wall time per call (host
+    included), with the ops counted (semantics._op_counts) and the MiB moved."""
+    from vsopt.core import residual, rettention
+    from vsopt.core.costmodel import POOLED_SCORE_PASSES, dense_features
+    from vsopt.core.lse import EagerEmitter, merge_partials, sparse_partial
+    from vsopt.core.pooled import pooled_attention, pooled_remainder
+
+    class Emitter(EagerEmitter):   # constants moved to the device once (no host copy inside a graph capture)
+        def __init__(self):
+            super().__init__(DEV)
+            self.consts = {}
+
+        def const(self, label, value):
+            key = (label, tuple(value.shape), value.dtype)
+            if key not in self.consts:
+                self.consts[key] = value.to(self.device)
+            return self.consts[key]
+
+    counts = semantics._op_counts()
+    for d in head_dims:
+        for bh in bh_list:
+            for n in lengths:
+                batch, heads = 2, bh // 2
+                q, k, v = qkv(batch, heads, n, d, "contiguous")
+                em = Emitter()
+                scale, block = d ** -0.5, 64
+                qb = kb = math.ceil(n / block)
+                masks = banded_mask(heads, qb, kb, density)
+                idx, cnt = table(masks)
+                kept = sparse_partial(em, q, k, v, idx, cnt, scale, block, block, "none")
+                rem = pooled_remainder(em, q, k, v, masks, scale, block, block)
+                out, rho, resid = rettention.measure(em, kept, rem)
+                sel = torch.arange(heads, device=DEV)
+                bufs = {"rho": torch.zeros_like(rho), "resid": torch.zeros_like(resid, dtype=BF16)}
+                f32 = batch * heads * n * d * 4 / 2**20   # one float32 (B, H, N, D) tensor, MiB
+
+                def mass_measure():
+                    o, r, x = rettention.measure(em, kept, rem)
+                    bufs["rho"].index_copy_(1, sel, r)
+                    bufs["resid"].index_copy_(1, sel, x.to(BF16))
+                    return o.to(BF16)
+
+                def mass_correct():
+                    return rettention.correct(em, kept[0], bufs["rho"].index_select(1, sel),
+                                              bufs["resid"].index_select(1, sel)).to(BF16)
+
+                def resid_measure():
+                    o, x = residual.measure(em, kept, rem)
+                    bufs["resid"].index_copy_(1, sel, x.to(BF16))
+                    return o.to(BF16)
+
+                def resid_correct():
+                    return residual.correct(em, kept[0], bufs["resid"].index_select(1, sel)).to(BF16)
+
+                pieces = {
+                    "kept": (lambda: sparse_partial(em, q, k, v, idx, cnt, scale, block, block, "none"), 0, 0.0),
+                    "pooled": (lambda: pooled_remainder(em, q, k, v, masks, scale, block, block), counts["pooled"],
+                               POOLED_SCORE_PASSES * batch * heads * n * kb * 4 / 2**20),
+                    "merge": (lambda: merge_partials(em, [kept, rem]), counts["merge"], 3 * f32),
+                    "pooled_attention": (lambda: pooled_attention(em, q, k, v, masks, idx, cnt, scale, block, block,
+                                                                  "none"), counts["pooled"] + counts["merge"], 3 * f32),
+                    "mass_measure": (mass_measure, counts["mass_measure"] + 3, 4 * f32),
+                    "mass_correct": (mass_correct, counts["mass_correct"] + 2, 3 * f32),
+                    "resid_measure": (resid_measure, counts["resid_measure"] + 2, 4 * f32),
+                    "resid_correct": (resid_correct, counts["resid_correct"] + 1, 3 * f32),
+                }
+                for what, (fn, ops, mib) in pieces.items():
+                    t, how = gpu_us(fn)
+                    rec("remainder", what=what, head_dim=d, n=n, batch=batch, heads=heads, block=block,
+                        density=density, pooled_keys=kb, visited_blocks=batch * int(masks.sum()),
+                        query_blocks=batch * heads * qb, ops=ops, mib=mib, gpu_us=t, timer=how, wall_us=wall_us(fn, 20),
+                        features=dense_features(1, batch * heads, n, kb) if what == "pooled" else None)
+                del q, k, v, kept, rem, out, rho, resid, bufs
+    print("remainder done", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="the measurements JSON to write")
@@ -395,6 +481,8 @@ def main(argv=None) -> int:
     p.add_argument("--densities", default="0.05,0.1,0.2,0.3,0.5,1.0")
     p.add_argument("--sections", default="sites,launch,permute,sdpa,compiled,dynamic,attention")
     p.add_argument("--site-tokens", default="4096,16384", help="token counts of the reference plan's sites")
+    p.add_argument("--remainder-lengths", default="4096,16384",
+                   help="token counts of the remainder section (pooled remainder and correction epilogues)")
     p.add_argument("--dry-run", action="store_true",
                    help="run every section on the CPU once per timer (checks the script; not for fitting)")
     args = p.parse_args(argv)
@@ -427,6 +515,8 @@ def main(argv=None) -> int:
                                                lengths, [float(x) for x in args.densities.split(",")], (8, 32),
                                                deadline),
         "dynamic": lambda: measure_dynamic(rec, lengths[:4]),
+        "remainder": lambda: measure_remainder(rec, [int(x) for x in args.remainder_lengths.split(",")], head_dims,
+                                               (8, 32)),
     }
 
     def write():  # after every section, so that a run cut short still leaves what it measured

@@ -135,3 +135,41 @@ def test_fit_refuses_dry_runs_and_other_files(fcm, tmp_path):
     (tmp_path / "none.json").write_text(json.dumps(m))
     with pytest.raises(ConfigError, match="no attention timings"):
         fcm.fit(fcm.load_measurements(str(tmp_path / "none.json")), None, "x", str(tmp_path / "none.json"))
+
+
+def test_fit_recovers_pooled_and_op_costs_from_remainder_records(fcm, tmp_path):
+    """measure_cost_model.py --sections remainder records, times made by a known pooled_us (the SDPA
+    form) and a known per-op cost (plus a MiB rate): the fit recovers both; without them the model
+    has none (defaults apply)."""
+    from vsopt.core.costmodel import dense_features
+
+    pooled = {"d64": {"launch": 30.0, "qblock": 0.02, "block": 0.004}, "d128": {"launch": 35.0, "qblock": 0.03, "block": 0.007}}
+    op_gpu, op_wall, rate = 4.0, 11.0, 1.5
+    m = _measurements()
+    for d in (64, 128):
+        for bh in (8, 32):
+            for n in (4096, 16384):
+                kb = n // 64
+                f = dense_features(1, bh, n, kb)
+                m["measurements"].append(dict(kind="remainder", what="pooled", head_dim=d, n=n, batch=2, heads=bh // 2,
+                                              pooled_keys=kb, ops=22, mib=1.0, wall_us=1.0, timer="cudagraph",
+                                              gpu_us=sum(pooled[f"d{d}"].get(k, 0.0) * v for k, v in f.items())))
+                f32 = bh * n * d * 4 / 2**20
+                for what, ops, mib in (("merge", 17, 3 * f32), ("mass_measure", 27, 4 * f32), ("mass_correct", 7, 3 * f32),
+                                       ("resid_measure", 20, 4 * f32), ("resid_correct", 4, 3 * f32)):
+                    m["measurements"].append(dict(kind="remainder", what=what, head_dim=d, n=n, batch=2, heads=bh // 2,
+                                                  pooled_keys=kb, ops=ops, mib=mib, timer="cudagraph",
+                                                  gpu_us=ops * op_gpu + mib * rate, wall_us=ops * op_wall + mib * rate))
+    src, out = tmp_path / "m.json", tmp_path / "fitted.json"
+    src.write_text(json.dumps(m))
+    assert fcm.main(["--measurements", str(src), "--out", str(out)]) == 0
+    model = CostModel.load(out)
+    assert model.op_us == pytest.approx({"cudagraphs": op_gpu, "eager": op_wall}, rel=1e-4)
+    assert model.defaulted_prices(True) == [] and model.meta["fitted_on"]["op_us"] == 40
+    for d in (64, 128):
+        want = sum(pooled[f"d{d}"].get(k, 0.0) * v for k, v in dense_features(1, 16, 8192, 128).items())
+        assert model.pooled_attention_us(16, 8192, 128, d) == pytest.approx(want, rel=1e-3)
+    plain = tmp_path / "plain.json"
+    src.write_text(json.dumps(_measurements()))
+    assert fcm.main(["--measurements", str(src), "--out", str(plain)]) == 0
+    assert CostModel.load(plain).pooled_us == {} and CostModel.load(plain).op_us == {}

@@ -103,7 +103,8 @@ def test_densities_and_pricing_count_the_exact_measuring_step_and_the_pooled_rem
     shape = semantics.SiteShape.of_plan(site, 1, 16, torch.float32)
     # a correcting PSA head runs its pooled remainder (S is PSA's output); a mass-corrected one does not
     work = lambda kind: semantics.site_work(shape, _heads(Phase.CORRECT, Remainder.POOLED, kind), kept)  # noqa: E731
-    assert len(work(RESIDUAL).launches) == 2 and len(work(Correction.MASS).launches) == 1
+    assert len(work(RESIDUAL).pooled) == 1 and not work(Correction.MASS).pooled
+    assert len(work(RESIDUAL).launches) == len(work(Correction.MASS).launches) == 1
     cost = COST
     measure = semantics.predicted_us(shape, _heads(Phase.MEASURE), cost)
     corr = semantics.predicted_us(shape, _heads(Phase.CORRECT), cost)

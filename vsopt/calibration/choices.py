@@ -107,6 +107,7 @@ def _lowering_overhead_us(state: SiteState, plans: Sequence[HeadPlan], cost: Cos
     if cost.has_group_overhead(cudagraphs):   # measured per launch group (benchmarks/host_overhead.py)
         return state.opt.site_overhead_us + semantics.lowering_overhead_us(state.site, plans, cost, cudagraphs)
     t = state.opt.site_overhead_us + cost.lowering_overhead_us(cudagraphs=cudagraphs)
+    t += semantics.extra_ops(plans) * cost.op_cost_us(cudagraphs)
     if state.opt.host_overhead:
         measured = "eager" in cost.overhead_us
         for i, key in enumerate(semantics.launch_groups(plans)):
@@ -130,9 +131,15 @@ def site_time_us(state: SiteState, choices: Sequence[HeadChoice], cost: CostMode
 
 def _marginal_us(state: SiteState, hp: HeadPlan, density: float, cost: CostModel) -> float:
     """A head's own time: its launch's per-block and per-query-block work (the launch's fixed cost
-    is shared, and charged by predicted_time_us), its permutation share and its scored blocks."""
+    is shared, and charged by predicted_time_us), its permutation share, its scored blocks, its
+    pooled remainder (its share of one site-wide pooled attention, and its merge) and 1/heads of
+    its launch group's extra ATen ops (semantics.extra_ops; shared like the fixed costs)."""
     work = semantics.site_work(state.site, [hp], [density])
     t = sum(cost.predict_us(SiteWork((launch,))) - cost.launch_cost_us(launch) for launch in work.launches)
+    heads = state.site.heads
+    t += sum(cost.pooled_attention_us(bh * heads, n, kb, d) / heads for bh, n, kb, d in work.pooled)
+    t += work.extra_mib * cost.permute_us_per_mib
+    t += work.extra_ops * cost.op_cost_us(not state.opt.host_overhead) / heads
     # the search charges a permuted head 1/heads of its own data moved, a tie-breaker between
     # orders (the site's real permutation cost, every head gathered, is in predicted_time_us)
     own = semantics.permuted_mib(state.site, semantics.permuted_heads([hp], state.site.grid))

@@ -14,6 +14,7 @@ from vsopt.core import semantics
 from vsopt.core.costmodel import CostModel
 from vsopt.core.ir import AttentionSite
 from vsopt.core.plan import HeadPlan, Plan, SitePlan, StepPlan
+from vsopt.core.pooled import Remainder
 
 
 @dataclass
@@ -134,4 +135,10 @@ def assemble(states: dict, decisions: dict, options: CalibrationOptions, cost: C
                                           for r in results}}}
     if reasons:
         meta["dense_reasons"] = reasons
+    # the pooled remainder and the corrections' epilogues priced by defaults, not fitted: say which
+    extra = any(hp.remainder is Remainder.POOLED or hp.renorm is not None
+                for sp in site_plans.values() for hp in sp.all_heads())
+    defaulted = cost.defaulted_prices(cudagraphs=not options.host_overhead) if extra else []
+    if defaulted:
+        meta["calibration"]["defaulted_prices"] = defaulted
     return Plan(site_plans, meta), results

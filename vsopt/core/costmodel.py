@@ -30,6 +30,14 @@ heads are permuted (its gathers in and out); the base is then a one-group, unper
 
     overhead = base + (launch_groups - 1) * per_launch + [permuted] * permuted
 
+The pooled remainder and the corrections' epilogues (schema version 2; docs/CALIBRATION.md has
+the table of what each option runs): SiteWork.pooled, each an attention over KB pooled keys,
+priced by pooled_attention_us (pooled_us, fitted like sdpa_us on real pooled calls; default SDPA
+at kv_len = KB plus its unfused score passes); SiteWork.extra_mib, the merge's and the epilogues'
+traffic at permute_us_per_mib; SiteWork.extra_ops, their ATen ops, each op_cost_us(mode) in the
+lowering overhead (op_us; default the per-launch-group overhead). defaulted_prices says which
+of these are defaults.
+
 where key = "<quant>/d<head_dim>/<block_m>x<block_n>". A query block counts once per head (B*H*QB
 per launch); a visited block is one (query block, key block) pair of one head. Quantizing q/k/v
 (per-block scales and casts) is linear in the tokens, like the per-query-block work, so the two
@@ -53,7 +61,8 @@ from vsopt.core.errors import ConfigError
 from vsopt.core.io import atomic_write_text
 from vsopt.kernels.spec import QUANT_MODES, kernel_key as spec_kernel_key
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: pooled_us, op_us (version-1 files load without them: defaults)
+READABLE_VERSIONS = (1, 2)  # the schema versions from_dict loads
 #: overhead_us's terms: per lowered site, per further launch group, for a permuted site; by mode
 OVERHEAD_KEYS = tuple(f"{mode}{part}" for mode in ("eager", "cudagraphs") for part in ("", "_per_launch", "_permuted"))
 
@@ -105,6 +114,14 @@ class SiteWork:
     launches: tuple[Launch, ...]
     permuted_mib: float = 0.0
     scored_blocks: int = 0
+    # the pooled remainder (core.pooled): its attentions, (batch*heads*share, q_len, KB pooled keys,
+    # head_dim) each; extra_mib: the data its merge and the corrections' epilogues move (MiB, at
+    # permute_us_per_mib, no fixed cost: theirs is their ops); extra_ops: the ATen ops beyond the
+    # kernel launches (pooled remainder, merge, correction epilogue, state index_copy_), per step,
+    # the mean over a renormalized head's period (priced by CostModel.op_cost_us, with the lowering)
+    pooled: tuple[tuple[float, int, int, int], ...] = ()
+    extra_mib: float = 0.0
+    extra_ops: float = 0.0
 
 
 @dataclass
@@ -125,6 +142,8 @@ class CostModel:
     key_slots: dict[str, int] = field(default_factory=dict)  # per kernel key (occupancy differs by tile)
     sdpa_us: dict[str, dict[str, float]] = field(default_factory=dict)  # "d64" -> {launch, qblock, block, span}
     overhead_us: dict[str, float] = field(default_factory=dict)  # OVERHEAD_KEYS -> us per lowered site
+    pooled_us: dict[str, dict[str, float]] = field(default_factory=dict)  # "d64" -> {launch, qblock, block, span}
+    op_us: dict[str, float] = field(default_factory=dict)  # "eager" | "cudagraphs" -> fixed us per extra ATen op
 
     # ------------------------------------------------------------------ prediction
 
@@ -157,7 +176,52 @@ class CostModel:
             t += self.permute_fixed_us + work.permuted_mib * self.permute_us_per_mib
         if work.scored_blocks:
             t += self.score_fixed_us + work.scored_blocks * self.score_us_per_block
-        return t
+        t += sum(self.pooled_attention_us(*p) for p in work.pooled)
+        return t + work.extra_mib * self.permute_us_per_mib
+
+    def pooled_attention_us(self, bh: float, q_len: int, kb: int, head_dim: int) -> float:
+        """One pooled-remainder attention (core.pooled.pooled_remainder: bh query heads over kb pooled
+        keys): by pooled_us (fitted on real pooled calls) where measured; else SDPA at kv_len = kb
+        (sdpa_us, else vsopt's bf16 kernel at density 1) plus its unfused score passes
+        (POOLED_SCORE_PASSES over the float32 (q_len, kb) scores) at permute_us_per_mib."""
+        if bh <= 0:
+            return 0.0
+        if self.pooled_us:
+            d = min((int(k[1:]) for k in self.pooled_us), key=lambda m: abs(math.log(m / head_dim)))
+            c = self.pooled_us[f"d{d}"]
+            f = dense_features(1, bh, q_len, kb, int(c.get("slots", self.slots)))
+            f.pop("slots", None)
+            return sum(c.get(n, 0.0) * a for n, a in f.items()) * (head_dim / d if d != head_dim else 1.0)
+        t = self.dense_us(1, bh, q_len, kb, head_dim)
+        if t is None:   # vsopt's bf16 kernel over every pooled key, at the first measured bf16 tile
+            bm, bn = min((_parse_key(k)[2:] for k in self.per_block_us if k.startswith("none/")),
+                         default=(SDPA_BLOCK, SDPA_BLOCK))
+            qb = math.ceil(bh * math.ceil(q_len / bm))
+            t = self.predict_us(SiteWork((Launch("none", head_dim, bm, bn, qb, qb * math.ceil(kb / bn)),)))
+        return t + POOLED_SCORE_PASSES * bh * q_len * kb * 4 / 2**20 * self.permute_us_per_mib
+
+    def op_cost_us(self, cudagraphs: bool) -> float:
+        """Fixed cost of one extra ATen op of a lowered site (SiteWork.extra_ops): op_us[mode] where
+        measured, else the measured per-launch-group overhead (overhead_us[mode_per_launch]), else
+        the per-site one, else 0 (defaulted_prices says which)."""
+        mode = "cudagraphs" if cudagraphs else "eager"
+        for table, key in ((self.op_us, mode), (self.overhead_us, f"{mode}_per_launch"), (self.overhead_us, mode)):
+            if key in table:
+                return float(table[key])
+        return 0.0
+
+    def defaulted_prices(self, cudagraphs: bool) -> list[str]:
+        """Which prices of the pooled remainder and the correction epilogues are defaults, not
+        fitted (for a plan's notes)."""
+        mode = "cudagraphs" if cudagraphs else "eager"
+        out = []
+        if not self.pooled_us:
+            out.append("pooled attention: SDPA at kv_len=KB plus its score passes at permute_us_per_mib"
+                       if self.sdpa_us else "pooled attention: vsopt's kernel at kv_len=KB plus its score passes")
+        if mode not in self.op_us:
+            src = next((k for k in (f"{mode}_per_launch", mode) if k in self.overhead_us), None)
+            out.append(f"extra ATen op: overhead_us[{src!r}] per op" if src else "extra ATen op: 0 (not measured)")
+        return out
 
     def dense_us(self, batch: int, heads: int, q_len: int, kv_len: int, head_dim: int) -> float | None:
         """Predicted time of the exact dense attention (SDPA) of these sizes, None where SDPA was not
@@ -253,13 +317,15 @@ class CostModel:
                 "key_slots": dict(sorted(self.key_slots.items())),
                 "sdpa_us": {k: dict(sorted(v.items())) for k, v in sorted(self.sdpa_us.items())},
                 "overhead_us": dict(sorted(self.overhead_us.items())),
+                "pooled_us": {k: dict(sorted(v.items())) for k, v in sorted(self.pooled_us.items())},
+                "op_us": dict(sorted(self.op_us.items())),
                 "meta": self.meta}
 
     @classmethod
     def from_dict(cls, d: Mapping, where: str = "cost model") -> "CostModel":
         version = d.get("version")
-        if version != SCHEMA_VERSION:
-            raise ConfigError(f"{where}: cost-model schema version {version!r}, this vsopt reads version {SCHEMA_VERSION}")
+        if version not in READABLE_VERSIONS:
+            raise ConfigError(f"{where}: cost-model schema version {version!r}, this vsopt reads versions {READABLE_VERSIONS}")
         try:
             table = lambda name: {str(k): float(v) for k, v in d[name].items()}  # noqa: E731
             model = cls(gpu=str(d["gpu"]), launch_us=table("launch_us"), per_block_us=table("per_block_us"),
@@ -272,11 +338,16 @@ class CostModel:
                         slots=int(d.get("slots", 0)),
                         key_slots={str(k): int(v) for k, v in d.get("key_slots", {}).items()},
                         sdpa_us={str(k): {str(n): float(x) for n, x in v.items()} for k, v in d.get("sdpa_us", {}).items()},
-                        overhead_us={str(k): float(v) for k, v in d.get("overhead_us", {}).items()})
+                        overhead_us={str(k): float(v) for k, v in d.get("overhead_us", {}).items()},
+                        pooled_us={str(k): {str(n): float(x) for n, x in v.items()} for k, v in d.get("pooled_us", {}).items()},
+                        op_us={str(k): float(v) for k, v in d.get("op_us", {}).items()})
+            if any(k not in ("eager", "cudagraphs") for k in model.op_us):
+                raise ValueError(f"op_us keys must be 'eager' or 'cudagraphs', got {sorted(model.op_us)}")
             if any(k not in OVERHEAD_KEYS for k in model.overhead_us):
                 raise ValueError(f"overhead_us keys must be among {OVERHEAD_KEYS}, got {sorted(model.overhead_us)}")
-            if any(not (k.startswith("d") and k[1:].isdigit()) for k in model.sdpa_us):
-                raise ValueError(f"sdpa_us keys must be 'd<head_dim>', got {sorted(model.sdpa_us)}")
+            for name, table in (("sdpa_us", model.sdpa_us), ("pooled_us", model.pooled_us)):
+                if any(not (k.startswith("d") and k[1:].isdigit()) for k in table):
+                    raise ValueError(f"{name} keys must be 'd<head_dim>', got {sorted(table)}")
             unslotted = [k for k in model.per_span_block_us if model.slots_for(k) <= 0]
             if unslotted:
                 raise ValueError(f"per_span_block_us of {unslotted} needs slots > 0")
@@ -330,6 +401,9 @@ def span_blocks(query_blocks: int, visited_blocks: int, slots: int, max_row_bloc
 
 
 SDPA_BLOCK = 64  # dense attention is counted in 64x64 block pairs
+# float32 (q_len, KB) passes of pooled_remainder's unfused elementwise ops (read + write each):
+# mul, add, masked_fill, sub, exp 2 each, logsumexp and the PV matmul 1 each
+POOLED_SCORE_PASSES = 12
 
 
 def dense_features(batch: int, heads: int, q_len: int, kv_len: int, slots: int = 0) -> dict[str, float]:

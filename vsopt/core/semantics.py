@@ -570,7 +570,7 @@ def site_work(site: SiteShape, heads: Sequence[HeadPlan], densities: Sequence[fl
     blocks of its computing heads; a group of skipped heads only costs nothing), the permuted data,
     and the blocks dynamic heads score online. `densities`: per head, as head_densities gives."""
     batch = max(1, site.batch)
-    launches = []
+    launches, pooled, extra_mib = [], [], 0.0
     for key, idx in launch_groups(heads).items():
         live = [h for h in idx if heads[h].sparsity is not Sparsity.SKIP]
         if not live:
@@ -589,10 +589,10 @@ def site_work(site: SiteShape, heads: Sequence[HeadPlan], densities: Sequence[fl
                                    math.ceil(batch * len(live) * pairs / (2 * key.block_m * key.block_n))))
         pooled_heads = sum(_pooled_share(heads[h]) for h in live)
         if key.remainder is Remainder.POOLED and pooled_heads:
-            # priced as a launch of the same work: per query block, KB pooled keys are block_m x KB
-            # scores, the work of ceil(KB / block_n) full blocks (an equivalence, not a fitted term)
-            launches.append(Launch(key.quant.value, site.head_dim, key.block_m, key.block_n, batch * qb * len(live),
-                                   round(batch * qb * pooled_heads * num_blocks(kb, key.block_n))))
+            # the pooled remainder: an attention of these heads over KB pooled keys, and the merge of
+            # its partial with the kept one (two float32 outputs read, one written; CostModel prices)
+            pooled.append((batch * pooled_heads, site.q_len, kb, site.head_dim))
+            extra_mib += 3 * batch * pooled_heads * site.q_len * site.head_dim * 4 / 2**20
     # a mask reused for reuse_steps more steps is scored once per reuse_steps + 1 steps (the mean)
     # a renormalized dynamic head scores when it measures only (correcting, it reuses that mask)
     scored = sum(batch * num_blocks(site.q_len, hp.block_m) * num_blocks(site.kv_len, hp.block_n)
@@ -601,8 +601,74 @@ def site_work(site: SiteShape, heads: Sequence[HeadPlan], densities: Sequence[fl
     # launch gathers its own heads again, in their clustering orders
     moved = permuted_mib(site, site.heads) if permuted_heads(heads, site.grid) else 0.0
     moved += permuted_mib(site, sum(1 for hp in heads if hp.sparsity is Sparsity.CLUSTER))
-    moved += renorm_mib(site, heads)
-    return SiteWork(tuple(launches), moved, scored)
+    extra_mib += renorm_mib(site, heads)
+    return SiteWork(tuple(launches), moved, scored, tuple(pooled), extra_mib, extra_ops(heads))
+
+
+class _CountingEmitter(EagerEmitter):
+    """Runs the ops on tiny CPU tensors and counts them (what the lowering emits, op for op)."""
+
+    def __init__(self):
+        super().__init__("cpu")
+        self.ops = 0
+
+    def op(self, target, *args, **kwargs):
+        self.ops += 1
+        return target(*args, **kwargs)
+
+
+@functools.cache
+def _op_counts() -> dict[str, int]:
+    """ATen ops of each piece of the pooled remainder and the corrections, counted by running the
+    same functions the lowering emits (core.pooled, core.lse, core.rettention, core.residual)."""
+    from vsopt.core import residual as _res, rettention as _rett
+    from vsopt.core.lse import merge_partials
+    from vsopt.core.pooled import pooled_remainder
+
+    q = torch.randn(1, 1, 4, 2)
+    part = (q, q[..., 0])
+    masks = torch.tensor([[[[True, False], [False, True]]]])
+
+    def count(fn):
+        em = _CountingEmitter()
+        fn(em)
+        return em.ops
+
+    return {"pooled": count(lambda em: pooled_remainder(em, q, q, q, masks, 1.0, 2, 2)),
+            "merge": count(lambda em: merge_partials(em, [part, part])),
+            "mass_measure": count(lambda em: _rett.measure(em, part, part)),
+            "mass_correct": count(lambda em: _rett.correct(em, q, q[..., 0], q)),
+            "resid_measure": count(lambda em: _res.measure(em, part, part)),
+            "resid_measure_pooled": count(lambda em: _res.measure(em, part, part, part)),
+            "resid_correct": count(lambda em: _res.correct(em, q, q))}
+
+
+def extra_ops(heads: Sequence[HeadPlan]) -> float:
+    """ATen ops a site runs beyond its kernel launches, per step (the mean over a renormalized
+    head's period), as passes/lower_plan emits them per launch group: a PSA group's pooled
+    remainder and merge; a renormalized group's epilogue, state reads (index_select) and writes
+    (_to_copy + index_copy_), and its pooled remainder when it runs one."""
+    c, total = _op_counts(), 0.0
+    for key, idx in launch_groups(heads).items():
+        live = [h for h in idx if heads[h].sparsity is not Sparsity.SKIP]
+        if not live:
+            continue
+        hp = heads[live[0]]
+        pooled = key.remainder is Remainder.POOLED
+        dyn = 1 if hp.sparsity is Sparsity.DYNAMIC else 0   # its mask is stored / read too
+        r = hp.renorm
+        if r is None:
+            total += (c["pooled"] + c["merge"]) if pooled else 0
+            continue
+        if r.residual:
+            measure = (c["resid_measure_pooled"] + c["pooled"] if pooled else c["resid_measure"]) + 2 + dyn
+            correct = c["resid_correct"] + 1 + dyn + ((c["pooled"] + c["merge"]) if pooled else 0)
+        else:
+            measure = c["mass_measure"] + (c["pooled"] if pooled else 0) + 3 + dyn
+            correct = c["mass_correct"] + 2 + dyn
+        share = _measure_share(hp)
+        total += share * measure + (1.0 - share) * correct + 1   # + the output's cast back
+    return total
 
 
 def _longest_row(hp: HeadPlan, density: float, kb: int) -> int:
@@ -633,8 +699,8 @@ def _pooled_share(hp: HeadPlan) -> float:
 
 
 def renorm_mib(site: SiteShape, heads: Sequence[HeadPlan]) -> float:
-    """MiB the renormalized heads' epilogues move (priced as memory traffic, like a permutation;
-    not a fitted term): correcting, the kept output and r read and the output written; measuring,
+    """MiB the renormalized heads' epilogues move (SiteWork.extra_mib: priced as memory traffic at
+    the permutation's rate; not a fitted term): correcting, the kept output and r read and the output written; measuring,
     r and rho written besides the merge; unresolved (AUTO), the mean over the period."""
     per_head = max(1, site.batch) * site.q_len * site.head_dim * site.dtype.itemsize / 2**20
     total = 0.0
@@ -671,7 +737,8 @@ def lowering_overhead_us(site: SiteShape, heads: Sequence[HeadPlan], cost: CostM
     whether it is permuted. 0 for a site whose plan is all dense (it stays vsopt.attention)."""
     if left_alone(heads):
         return 0.0   # the model's own attention in any order: lower_plan leaves it alone
-    return cost.lowering_overhead_us(cudagraphs, len(launch_groups(heads)), reorders(heads, site.grid))
+    return cost.lowering_overhead_us(cudagraphs, len(launch_groups(heads)), reorders(heads, site.grid)) + \
+        extra_ops(heads) * cost.op_cost_us(cudagraphs)
 
 
 def select_heads(sp: SitePlan, heads: Sequence[int]) -> SitePlan:

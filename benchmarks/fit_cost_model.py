@@ -42,6 +42,18 @@ from vsopt.core.errors import ConfigError  # noqa: E402
 SLOTS_PER_SM = (1, 2, 3, 4)
 
 
+
+def _fit_dense_form(rs, candidates, features) -> dict[str, float]:
+    """The SDPA-form coefficients (dense_features) fitted to records rs, at the concurrent-program
+    count among candidates that scores best (median relative error + a quarter of the worst)."""
+    best = None
+    for n in candidates:
+        c, rel = fit_linear([features(r, n) for r in rs], [r["gpu_us"] for r in rs])
+        score = float(statistics.median(rel)) + 0.25 * float(rel.max())
+        if best is None or score < best[0]:
+            best = (score, {**c, "slots": float(n)})
+    return best[1]
+
 def _score(model: CostModel) -> float:
     """How well a fit fits: median relative error, plus a quarter of the worst."""
     return model.meta["fit_median_rel_error"] + 0.25 * model.meta["fit_max_rel_error"]
@@ -135,14 +147,8 @@ def fit(m: dict, before: CostModel | None, command: str, source: str) -> tuple[C
         fitted["dynamic"] = len(dyn)
     for d in sorted({r["head_dim"] for r in records(m, "sdpa", layout="model")}):
         rs = records(m, "sdpa", layout="model", head_dim=d)
-        best = None
-        for n in candidates:
-            c, rel = fit_linear([dense_features(r["batch"], r["heads"], r["n"], r["n"], n) for r in rs],
-                                [r["gpu_us"] for r in rs])
-            score = float(statistics.median(rel)) + 0.25 * float(rel.max())
-            if best is None or score < best[0]:
-                best = (score, {**c, "slots": float(n)})
-        model.sdpa_us[f"d{d}"] = best[1]
+        model.sdpa_us[f"d{d}"] = _fit_dense_form(rs, candidates,
+                                                 lambda r, n: dense_features(r["batch"], r["heads"], r["n"], r["n"], n))
         fitted[f"sdpa/d{d}"] = len(rs)
     # the pooled remainder (measure_cost_model.py --sections remainder): its attention over the KB
     # pooled keys in the SDPA form, per head dim; and the fixed cost of one extra ATen op, from the
@@ -151,14 +157,8 @@ def fit(m: dict, before: CostModel | None, command: str, source: str) -> tuple[C
     # which fuses the elementwise ones)
     for d in sorted({r["head_dim"] for r in records(m, "remainder", what="pooled")}):
         rs = records(m, "remainder", what="pooled", head_dim=d)
-        best = None
-        for n in candidates:
-            c, rel = fit_linear([dense_features(1, r["batch"] * r["heads"], r["n"], r["pooled_keys"], n) for r in rs],
-                                [r["gpu_us"] for r in rs])
-            score = float(statistics.median(rel)) + 0.25 * float(rel.max())
-            if best is None or score < best[0]:
-                best = (score, {**c, "slots": float(n)})
-        model.pooled_us[f"d{d}"] = best[1]
+        model.pooled_us[f"d{d}"] = _fit_dense_form(
+            rs, candidates, lambda r, n: dense_features(1, r["batch"] * r["heads"], r["n"], r["pooled_keys"], n))
         fitted[f"pooled/d{d}"] = len(rs)
     epi = [r for r in records(m, "remainder") if r["what"] in EPILOGUES]
     if epi:

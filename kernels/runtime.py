@@ -50,6 +50,24 @@ def interpreter_bf16_dot_ok() -> bool:
     so it multiplies the bit patterns (results ~1e9 times too large; triton-lang/triton#11584, closed
     as not supported). Asked, not assumed from the version, so a fixed interpreter is used as such.
     Call it only while interpreting (the kernel is decorated here, at the first call)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():   # real CPU tensors, also when asked while tracing (fake tensors)
+        g = torch.Generator().manual_seed(0)
+        a, b = (torch.randint(-2, 3, (16, 16), generator=g).to(torch.bfloat16) for _ in range(2))
+        return torch.equal(square_dot(a, b), a.float() @ b.float())
+
+
+def square_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """tl.dot of two M x M matrices (contiguous), float32 out: one program, no masking (the
+    interpreter probe above, and its test)."""
+    c = torch.empty(a.shape, dtype=torch.float32, device=a.device)
+    _square_dot_kernel()[(1,)](a, b, c, a.shape[0])
+    return c
+
+
+@functools.cache
+def _square_dot_kernel():
     import triton
     import triton.language as tl
 
@@ -60,11 +78,4 @@ def interpreter_bf16_dot_ok() -> bool:
         b = tl.load(B + r[:, None] * M + r[None, :])
         tl.store(C + r[:, None] * M + r[None, :], tl.dot(a, b))
 
-    from torch.utils._python_dispatch import _disable_current_modes
-
-    with _disable_current_modes():   # real CPU tensors, also when asked while tracing (fake tensors)
-        g = torch.Generator().manual_seed(0)
-        a, b = (torch.randint(-2, 3, (16, 16), generator=g).to(torch.bfloat16) for _ in range(2))
-        c = torch.empty(16, 16, dtype=torch.float32)
-        _dot[(1,)](a, b, c, 16)
-        return torch.equal(c, a.float() @ b.float())
+    return _dot

@@ -75,3 +75,37 @@ def test_sigmas_must_match_the_steps():
     model, gm, sites, inputs, sigmas, _ = _setup(steps=2)
     with pytest.raises(ConfigError, match="3 sigmas"):
         euler_sensitivity(gm, model, inputs, sigmas[:2], sites, lambda call: call.out)
+
+
+def test_a_guided_batch_is_one_trajectory():
+    """Classifier-free guidance: the model's batch is [x, x] (the halves told apart here by t, as by
+    the text in the sampler) and v = v_u + g (v_c - v_u). At the last site and step the final latents
+    move by dsigma * ((1 - g) delta_u + g delta_c): the weight is known exactly, and it is not the
+    one of the halves taken as two trajectories."""
+    g_scale, steps = 3.0, 3
+    model = Toy().eval()
+    sigmas = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    x, inputs = torch.randn(1, 16, 8, generator=torch.Generator().manual_seed(2)), []
+    with torch.no_grad():
+        for i in range(steps):
+            t = torch.tensor([1000.0 * float(sigmas[i]), 1000.0 * float(sigmas[i]) + 50.0])  # cond, uncond
+            inputs.append((torch.cat([x, x]), t))
+            v_cond, v_uncond = model(torch.cat([x, x]), t).chunk(2)
+            x = x + float(sigmas[i + 1] - sigmas[i]) * (v_uncond + g_scale * (v_cond - v_uncond))
+    gm, report = trace_and_rewrite(model, inputs[0])
+    sites = [s.site_id for s in report.sites]
+    delta = torch.randn(2, 2, 16, 4, generator=torch.Generator().manual_seed(4)) * 1e-3   # the site's (B, H, N, D)
+
+    def probe(call):
+        return call.out + delta if call.site_id == sites[1] else call.out + 1e-3 * torch.ones_like(call.out)
+
+    with torch.no_grad():
+        w = euler_sensitivity(gm, model, inputs, sigmas, sites, probe, guidance=g_scale)
+        out = model(*inputs[-1])
+    dsig = float(sigmas[-1] - sigmas[-2])
+    d_cond, d_uncond = delta.double().chunk(2)
+    moved = dsig * ((1 - g_scale) * d_uncond + g_scale * d_cond)
+    site_err2 = float(delta.double().pow(2).sum() / out.double().pow(2).sum())
+    expected = float(moved.pow(2).sum()) / float(x.double().pow(2).sum()) / site_err2
+    assert w[sites[1]][2] == pytest.approx(expected, rel=1e-3)
+    assert all(w[sid][step] > 0 for sid in sites for step in range(steps))

@@ -20,7 +20,8 @@ error^2 is the weighted sum of its sites' error^2 over sites and steps.
 
 Sampler convention (vsopt.models.sampler, Wan, rectified flow): the model's first input is the
 latents x, and x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * v_i, with `sigmas` the steps + 1 noise
-levels. Cost: one observed run plus (steps - 1 - i) dense runs per site and step i, the dense
+levels. With classifier-free guidance g != 1 the model's batch is [x, x] (cond then uncond: the
+sampler's), its output (v_c, v_u), and v = v_u + g * (v_c - v_u): one trajectory, not two. Cost: one observed run plus (steps - 1 - i) dense runs per site and step i, the dense
 continuations batched over sites.
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ from vsopt.core.errors import ConfigError
 
 def euler_sensitivity(gm: torch.fx.GraphModule, velocity: Callable[..., torch.Tensor],
                       step_inputs: Sequence[tuple], sigmas: torch.Tensor, site_ids: Sequence[str],
-                      probe: Callable[[SiteCall], torch.Tensor]) -> dict[str, dict[int, float]]:
+                      probe: Callable[[SiteCall], torch.Tensor], guidance: float = 1.0) -> dict[str, dict[int, float]]:
     """Sensitivity of the final latents to each of `site_ids`' error at each step.
 
     gm: the model traced and rewritten by vsopt.backend.trace_and_rewrite (sites observable).
@@ -44,12 +45,25 @@ def euler_sensitivity(gm: torch.fx.GraphModule, velocity: Callable[..., torch.Te
     step_inputs: the positional inputs of each step of one dense sampler run, the latents first,
       every tensor input batch-first. sigmas: (steps + 1,) noise levels of that run.
     probe(call) -> the site's perturbed output (same shape as call.out).
+    guidance: the sampler's classifier-free guidance scale (the inputs' batch is then [x, x]).
     Returns site_id -> {step: (final rel. error)^2 / (site rel. error)^2}."""
     steps, site_ids = len(step_inputs), list(site_ids)
     if len(sigmas) != steps + 1:
         raise ConfigError(f"euler_sensitivity: {steps} steps need {steps + 1} sigmas, got {len(sigmas)}")
+    guided = guidance != 1.0
+
+    def latents(inp: tuple) -> torch.Tensor:
+        return inp[0].chunk(2)[0].float() if guided else inp[0].float()
+
+    def step_velocity(out) -> torch.Tensor:   # the model's output for one trajectory -> its v
+        v = model_output(out).float()
+        if not guided:
+            return v
+        v_cond, v_uncond = v.chunk(2)
+        return v_uncond + guidance * (v_cond - v_uncond)
+
     last = step_inputs[-1]
-    final = (last[0].float() + float(sigmas[-1] - sigmas[-2]) * model_output(velocity(*last)).float()).double()
+    final = (latents(last) + float(sigmas[-1] - sigmas[-2]) * step_velocity(velocity(*last))).double()
     final_norm2 = max(float(final.pow(2).sum()), 1e-300)
     weights: dict[str, dict[int, float]] = {sid: {} for sid in site_ids}
     for i, inp in enumerate(step_inputs):
@@ -62,19 +76,19 @@ def euler_sensitivity(gm: torch.fx.GraphModule, velocity: Callable[..., torch.Te
                 site_err2[sid] = float((out.double() - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-300))
                 return out
 
-            v = model_output(run_observing(gm, inp, observe)).float()
+            v = step_velocity(run_observing(gm, inp, observe))
             if sid not in site_err2:
                 raise ConfigError(f"euler_sensitivity: site {sid!r} did not run at step {i}")
-            xs.append(inp[0].float() + float(sigmas[i + 1] - sigmas[i]) * v)
-        # the remaining steps dense, all perturbed trajectories in one batch
-        x, n = torch.cat(xs), len(site_ids)
+            xs.append(latents(inp) + float(sigmas[i + 1] - sigmas[i]) * v)
+        # the remaining steps dense, all perturbed trajectories in one batch ([x_s, x_s] each, guided)
+        n = len(site_ids)
         for j in range(i + 1, steps):
+            x_in = torch.cat([torch.cat([x, x]) if guided else x for x in xs])
             rest = [a.repeat(n, *[1] * (a.dim() - 1)) if isinstance(a, torch.Tensor) and a.dim() > 0 else a
                     for a in step_inputs[j][1:]]
-            v = model_output(velocity(x.to(step_inputs[j][0].dtype), *rest)).float()
-            x = x + float(sigmas[j + 1] - sigmas[j]) * v
-        for sid, xb in zip(site_ids, x.chunk(n)):
+            out = model_output(velocity(x_in.to(step_inputs[j][0].dtype), *rest)).float()
+            xs = [x + float(sigmas[j + 1] - sigmas[j]) * step_velocity(o) for x, o in zip(xs, out.chunk(n))]
+        for sid, xb in zip(site_ids, xs):
             final_err2 = float((xb.double() - final).pow(2).sum()) / final_norm2
             weights[sid][i] = final_err2 / max(site_err2[sid], 1e-300)
     return weights
-

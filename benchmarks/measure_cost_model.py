@@ -3,10 +3,11 @@
     source benchmarks/gpu_env.sh
     python3 benchmarks/measure_cost_model.py --out $OUT/cost_model_measurements.json
 
-One run (about 3 minutes on an H200; --budget-s stops starting new sections in time and records
-what it skipped) writes one JSON of raw measurements; benchmarks/fit_cost_model.py --from-json
-turns it into vsopt/costmodels/<gpu>.json. Sections (run in the order sites, launch, permute,
-sdpa, compiled, dynamic, attention; attention, the longest, stops at the budget point by point):
+One run (about 4.5 minutes on an H200 with --budget-s 300; --budget-s stops starting new sections
+in time and records what it skipped) writes one JSON of raw measurements; benchmarks/fit_cost_model.py
+--measurements turns it into vsopt/costmodels/<gpu>.json. Sections (run in the order sites, launch,
+permute, sdpa, compiled, dynamic, remainder, attention; attention, the longest, stops at the budget
+point by point):
 
 - sites: the shipped reference plan's sites (vsopt/models/assets, 6 sites x 2 step ranges) at
   4096 tokens (its grid 16x16x16) and fitted to 16384 tokens (16x32x32, vsopt.core.resample), at
@@ -26,7 +27,7 @@ sdpa, compiled, dynamic, attention; attention, the longest, stops at the budget 
 - permute: one site's permutations (3 permute + 1 unpermute) per N, shared / per-head orders,
   contiguous / model layout;
 - dynamic: dynamic_block_mask + mask_to_table per N;
-- remainder (not in the default --sections; --sections remainder): the pooled remainder (PSA)
+- remainder (before attention, so the budget never skips it): the pooled remainder (PSA)
   and the softmax-mass / residual correction epilogues as the lowering emits them, against the
   kept blocks' block_sparse_attention_lse, at --remainder-lengths x batch*heads 8, 32 x the head
   dims, density 0.2 (fit_cost_model.py fits pooled_us and op_us from it).
@@ -479,7 +480,7 @@ def main(argv=None) -> int:
     p.add_argument("--blocks", default="64,128")
     p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768")
     p.add_argument("--densities", default="0.05,0.1,0.2,0.3,0.5,1.0")
-    p.add_argument("--sections", default="sites,launch,permute,sdpa,compiled,dynamic,attention")
+    p.add_argument("--sections", default="sites,launch,permute,sdpa,compiled,dynamic,remainder,attention")
     p.add_argument("--site-tokens", default="4096,16384", help="token counts of the reference plan's sites")
     p.add_argument("--remainder-lengths", default="4096,16384",
                    help="token counts of the remainder section (pooled remainder and correction epilogues)")

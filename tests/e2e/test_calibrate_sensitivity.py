@@ -50,3 +50,23 @@ def test_sensitivity_misuse_is_one_line(factory, capsys, argv, message):  # noqa
     err = capsys.readouterr().err
     assert rc == 1 and message in err and err.strip().count("\n") == 0, err
     assert not (factory / "factory_called").exists()
+
+
+def test_the_bench_measures_the_same_weights_through_the_shared_helper():
+    """The bench's vsopt method (sensitivity on, its default) gets sampler_sensitivity's weights for
+    every site it calibrates and each calibration step, keyed by its own (Velocity) site ids."""
+    from vsopt.benchmark.scorer import PlanScorer
+    from vsopt.benchmark.settings import BenchSettings, Method
+    from vsopt.calibration.sensitivity import sampler_sensitivity
+    from vsopt.models.model import ReferenceConfig, build
+
+    cfg = ReferenceConfig(num_layers=1, num_attention_heads=2, attention_head_dim=32, ffn_dim=64, frames=4,
+                          height=16, width=16)
+    s = BenchSettings(methods=(Method.VSOPT,), densities=(0.5,), steps=2, calibration_steps=2)
+    scorer = PlanScorer(build(cfg).eval(), s)
+    calls, options = scorer._calibration(0.5)
+    w = options.error_weights
+    assert list(w) == ["transformer.blocks.0.attn1"] and set(w["transformer.blocks.0.attn1"]) == {0, 1}
+    assert all(v > 0 for v in w["transformer.blocks.0.attn1"].values())
+    assert w == sampler_sensitivity(scorer.velocity, [c.args for c in calls], s.block)
+    assert scorer.calibrated_plan(0.5).sites

@@ -246,21 +246,9 @@ class PlanScorer:
         return tuple(min(cluster_specs(video, s, p).values(), key=lambda c: c.k_clusters) for p in s.vsopt_cluster_top_p)
 
     def sensitivity_weights(self, calls, probe_head: HeadPlan | None = None) -> dict[str, dict[int, float]]:
-        """vsopt.sensitivity.euler_sensitivity on a dense sampler run's recorded inputs `calls`
-        (one per step), each self-attention site probed with `probe_head` on every head (None:
-        block top-k at density 0.5 in the model's order, an error of the kind sparse attention makes)."""
-        from vsopt.models import sampler
-        from vsopt.calibration.sensitivity import euler_sensitivity
+        """vsopt.calibration.sensitivity.sampler_sensitivity on a dense sampler run's recorded
+        inputs `calls` (one per step), each calibrated site probed with `probe_head` on every head
+        (None: its default, block top-k at density 0.5 in the model's order)."""
+        from vsopt.calibration.sensitivity import sampler_sensitivity
 
-        inputs = [c.args for c in calls]
-        gm, _ = rewritten(self.velocity, inputs[0], None, None)
-        b = self.settings.block
-        probe_head = probe_head or HeadPlan(Sparsity.DYNAMIC, block_m=b, block_n=b,
-                                            dynamic=DynamicSpec(DynamicMethod.TOP_K, 0.5))
-        video = {s.site_id: s for s in self.sites if s.is_self_attention and s.grid is not None}
-
-        def probe(call):
-            return site_output(video[call.site_id], [probe_head] * call.q.shape[1], call)
-
-        with torch.no_grad():
-            return euler_sensitivity(gm, self.velocity, inputs, sampler.sigmas(len(inputs)), list(video), probe)
+        return sampler_sensitivity(self.velocity, [c.args for c in calls], self.settings.block, probe_head)

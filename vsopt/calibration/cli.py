@@ -91,6 +91,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", default=None, metavar="F,..",
                    help="top-k fractions in (0, 1] of key blocks per query row of dynamic candidates "
                         "(default: none; bench's vsopt method uses 0.1,0.2,0.3,0.4,0.5)")
+    g.add_argument("--sensitivity", action="store_true",
+                   help="--reference, with --density or --speedup: weigh each site's error at each step by how much "
+                        "it moves the sampler's final output, measured first on the calibration run (top-k 0.5 probe; "
+                        "sites x steps extra forwards plus the dense continuations)")
 
 
 def parse_step_ranges(text: str, option: str = "--step-ranges") -> tuple[tuple[int, int | None], ...]:
@@ -241,6 +245,11 @@ def _search_fields(args: argparse.Namespace) -> dict:
     if warmup and args.density is None and args.speedup is None:
         raise ConfigError("--dense-warmup: a per-site budget (--max-error, --min-psnr) gains nothing from dense "
                           "steps; use it with --density or --speedup")
+    if args.sensitivity and not args.reference:
+        raise ConfigError("--sensitivity: needs --reference (it is measured on the shipped model's sampler run)")
+    if args.sensitivity and args.density is None and args.speedup is None:
+        raise ConfigError("--sensitivity: a per-site budget (--max-error, --min-psnr) does not weigh errors; use it "
+                          "with --density or --speedup")
     return search_fields(pooled=pooled, renorm=renorm, residual=parse_list(args.residual_every, "--residual-every"),
                          warmup=warmup, refresh=parse_list(args.mask_refresh, "--mask-refresh"), top_k=top_k)
 
@@ -322,8 +331,18 @@ def run_cli(args: argparse.Namespace) -> int:
             if len(inputs) < 2:
                 raise ConfigError("--min-psnr needs at least two inputs from the FACTORY: the last one is held out")
             budget = QualityFloor(inputs.pop(), budget)
+    options = checked.options
+    if args.sensitivity:  # the weights of the one sampler run the inputs are (one call per step)
+        import dataclasses
+
+        from vsopt.calibration.sensitivity import sampler_sensitivity
+
+        if not args.quiet:
+            print(f"calibrate: measuring the output's sensitivity to each site at each of {args.steps} steps")
+        weights = sampler_sensitivity(model, inputs, options.block_m, guidance=args.guidance, grid=checked.grid)
+        options = dataclasses.replace(options, error_weights=weights)
     sampling = {"steps": args.steps, "guidance": args.guidance} if args.reference else None
-    result = calibrate(model, inputs, budget, options=checked.options, out=args.out, resume=not args.no_resume,
+    result = calibrate(model, inputs, budget, options=options, out=args.out, resume=not args.no_resume,
                        progress=not args.quiet, grid=checked.grid, sampling=sampling)
     print(result.table())
     print(f"plan written to {args.out}")

@@ -92,3 +92,39 @@ def euler_sensitivity(gm: torch.fx.GraphModule, velocity: Callable[..., torch.Te
             final_err2 = float((xb.double() - final).pow(2).sum()) / final_norm2
             weights[sid][i] = final_err2 / max(site_err2[sid], 1e-300)
     return weights
+
+
+def sampler_sensitivity(model: torch.nn.Module, calls: Sequence, block: int, probe_head=None,
+                        guidance: float = 1.0, grid=None) -> dict[str, dict[int, float]]:
+    """euler_sensitivity of `model` on `calls`, the recorded inputs of one dense run of
+    vsopt.models.sampler (one per step, in order; RecordedCalls or positional tuples), for each
+    site calibrate weighs (vsopt.calibration.measure.calibratable: the same tracing, so the same
+    site ids), each probed on every head with `probe_head` (None: block top-k at density 0.5,
+    block x block, in the model's order: an error of the kind sparse attention makes).
+    Shared by `vsopt calibrate --sensitivity` and the bench. Returns euler_sensitivity's weights."""
+    from vsopt.backend import trace_and_rewrite
+    from vsopt.calibration.inputs import as_recorded, positional
+    from vsopt.calibration.measure import calibratable
+    from vsopt.core import semantics
+    from vsopt.core.config import VsoptConfig
+    from vsopt.core.dynamic import DynamicMethod, DynamicSpec
+    from vsopt.core.plan import HeadPlan, Sparsity
+    from vsopt.models import sampler
+
+    signature, inputs = positional(model, [as_recorded(c, i) for i, c in enumerate(calls)])
+    head = probe_head or HeadPlan(Sparsity.DYNAMIC, block_m=block, block_n=block,
+                                  dynamic=DynamicSpec(DynamicMethod.TOP_K, 0.5))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), signature.bound(model):
+            gm, report = trace_and_rewrite(model, inputs[0], VsoptConfig(grid=grid))
+            sites = {s.site_id: s for s in report.sites if calibratable(s) is None}
+
+            def probe(call: SiteCall) -> torch.Tensor:
+                return semantics.site_output(sites[call.site_id], [head] * call.q.shape[1], call.q, call.k, call.v,
+                                             call.scale, softcap=call.softcap)
+
+            return euler_sensitivity(gm, model, inputs, sampler.sigmas(len(inputs)), list(sites), probe, guidance)
+    finally:
+        model.train(was_training)

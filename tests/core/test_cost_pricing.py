@@ -139,7 +139,7 @@ def test_the_search_does_not_take_a_pooled_corrected_candidate_whose_ops_do_not_
     assert set(pick(free)) == {"mask@0.5+pooled/renorm3"}
     priced = pick(MODEL)
     assert priced and not any("+pooled" in lab for lab in priced)   # plain masks meet the budget, faster
-    choose = lambda lab: [HeadChoiceFor(state, lab)] * HEADS  # noqa: E731
+    choose = lambda lab: [_choice(state, lab)] * HEADS  # noqa: E731
     assert site_time_us(state, choose("mask@0.9"), MODEL) < site_time_us(state, choose("mask@0.5+pooled/renorm3"), MODEL)
 
 
@@ -160,7 +160,7 @@ def _candidates(state, qb, sparse):
     state.candidates, state.plans = cands, {}
 
 
-def HeadChoiceFor(state, label):
+def _choice(state, label):
     from vsopt.calibration import HeadChoice
     from vsopt.core.plan import Quant
 

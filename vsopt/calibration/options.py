@@ -259,7 +259,7 @@ class CalibrationOptions:
         object.__setattr__(self, "clusters", check_clusters(self.clusters))
 
     def fingerprint(self) -> dict:
-        """The options as JSON (the cost model left out): recorded in the plan, and part of the
-        checkpoint's fingerprint."""
+        """The options as JSON (the cost model left out): recorded in the plan, and, error_weights
+        aside, part of the checkpoint's fingerprint (checkpoint.fingerprint)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "cost_model"}
         return json.loads(json.dumps(d, default=lambda v: v.value if isinstance(v, enum.Enum) else str(v)))

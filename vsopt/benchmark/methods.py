@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Callable, Mapping, Sequence
 
 from vsopt.benchmark.settings import BenchSettings, Method
+from vsopt.calibration.clusters import cluster_specs
 from vsopt.core import semantics
-from vsopt.core.clustering import ClusterSpec
 from vsopt.core.dynamic import DynamicMethod, DynamicSpec
 from vsopt.core.errors import ConfigError
 from vsopt.core.ir import AttentionSite, TokenGrid
@@ -32,17 +32,6 @@ def radial_pattern(grid: TokenGrid, target: float, block: int) -> tuple[Pattern,
     return _closest([Radial(s, f) for f in range(1, grid.frames + 1) for s in range(span)], grid, target, block)
 
 
-def cluster_specs(sites: Sequence[AttentionSite], settings: BenchSettings, top_p: float) -> dict[str, ClusterSpec]:
-    """Per site the "cluster" method's ClusterSpec at `top_p` (cluster counts from the settings,
-    0: one cluster per kernel block of the site's video tokens)."""
-    out = {}
-    for s in sites:
-        n = s.grid.video_tokens if s.grid is not None else s.q_len
-        cq, ck = (c or max(2, -(-n // settings.block)) for c in settings.cluster_clusters)
-        out[s.site_id] = ClusterSpec(cq, ck, top_p, refresh=settings.cluster_refresh)
-    return out
-
-
 def cluster_plan(sites: Sequence[AttentionSite], settings: BenchSettings, density: float,
                  calls: Mapping[str, object]) -> tuple[Plan, float, float]:
     """(plan, top_p, density) of the "cluster" method: the top-p, bisected on the recorded q/k of
@@ -51,7 +40,7 @@ def cluster_plan(sites: Sequence[AttentionSite], settings: BenchSettings, densit
     b, quant = settings.block, settings.quant
 
     def plan_at(p: float) -> Plan:
-        specs = cluster_specs(sites, settings, p)
+        specs = cluster_specs(sites, b, p, settings.cluster_clusters, settings.cluster_refresh)
         return Plan({s.site_id: SitePlan.for_site(s, HeadPlan(Sparsity.CLUSTER, quant=quant, block_m=b, block_n=b,
                                                                 cluster=specs[s.site_id])) for s in sites})
 

@@ -15,11 +15,10 @@ from vsopt.benchmark.aggregate import calibrated_sites_target, plan_density
 from vsopt.benchmark.settings import DYNAMIC_MASS, BenchSettings
 from vsopt.core import semantics
 from vsopt.core.config import VsoptConfig
-from vsopt.core.dynamic import DynamicMethod, DynamicSpec
 from vsopt.core.errors import ConfigError
 from vsopt.core.ir import TokenGrid
 from vsopt.core.metrics import cosine_similarity, psnr, relative_l2, ssim
-from vsopt.core.plan import HeadPlan, Plan, Quant, Sparsity
+from vsopt.core.plan import HeadPlan, Plan, Quant
 from vsopt.core.steps import step_variants
 
 
@@ -101,6 +100,7 @@ class PlanScorer:
         self.dense_calls = self.dense_calls_by_step[self.site_step]
         self._calibration_inputs = None
         self._error_weights = None
+        self._probe = None  # the sensitivity probe's head (None: sampler_sensitivity's default)
         self._density_plans: dict[float, Plan] = {}
         self._last_model = None  # (plan, its sampler model): the last one built
 
@@ -201,6 +201,7 @@ class PlanScorer:
         from vsopt.calibration import CalibrationOptions
         from vsopt.calibration.capture import RecordedCall, record_forward_inputs
         from vsopt.calibration.search_flags import search_fields
+        from vsopt.calibration.sensitivity import probe_text, sensitivity_probe
         from vsopt.models import data, sampler
 
         s = self.settings
@@ -217,9 +218,8 @@ class PlanScorer:
                 self._calibration_inputs += [RecordedCall(n + c.index, c.index, c.args) for c in calls]
         calls = self._calibration_inputs
         if s.sensitivity and self._error_weights is None:  # measured on the first run
-            probe = HeadPlan(Sparsity.DYNAMIC, block_m=s.block, block_n=s.block, remainder="pooled",
-                             dynamic=DynamicSpec(DynamicMethod.TOP_K, order_density)) if s.vsopt_probe else None
-            self._error_weights = self.sensitivity_weights(calls[:s.calibration_steps], probe)
+            self._probe = sensitivity_probe(s.block, order_density, pooled=True) if s.vsopt_probe else None
+            self._error_weights = self.sensitivity_weights(calls[:s.calibration_steps], self._probe)
         ranges = calibration_step_ranges(s.calibration_steps, s.vsopt_renorm + s.vsopt_residual) \
             if s.step_plans else None
         options = CalibrationOptions(block_m=s.block, block_n=s.block, quants=tuple({Quant.NONE, s.quant}),
@@ -231,19 +231,21 @@ class PlanScorer:
                                                      refresh=s.vsopt_refresh, top_k=s.vsopt_top_k,
                                                      dynamic_values=DYNAMIC_MASS, held_out=s.vsopt_held_out,
                                                      error_weights=self._error_weights if s.sensitivity else None,
+                                                     error_weights_probe=probe_text(self._probe)
+                                                     if s.sensitivity else None,
                                                      clusters=self._cluster_candidates()))
         return calls, options
 
     def _cluster_candidates(self):
         """vsopt_clusters: the cluster method's specs at each of vsopt_cluster_top_p (one cluster
         count for every site: the smallest site's), for the calibration to choose per head."""
-        from vsopt.benchmark.methods import cluster_specs
+        from vsopt.calibration.clusters import cluster_candidates
 
         s = self.settings
-        video = [x for x in self.sites if x.is_self_attention and x.grid is not None]
-        if not s.vsopt_clusters or not video:
+        if not s.vsopt_clusters:
             return ()
-        return tuple(min(cluster_specs(video, s, p).values(), key=lambda c: c.k_clusters) for p in s.vsopt_cluster_top_p)
+        video = [x for x in self.sites if x.is_self_attention and x.grid is not None]
+        return cluster_candidates(video, s.block, s.vsopt_cluster_top_p, s.cluster_clusters, s.cluster_refresh)
 
     def sensitivity_weights(self, calls, probe_head: HeadPlan | None = None) -> dict[str, dict[int, float]]:
         """vsopt.calibration.sensitivity.sampler_sensitivity on a dense sampler run's recorded

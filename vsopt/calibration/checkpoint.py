@@ -96,12 +96,14 @@ def _state_name(key: tuple[str, int]) -> str:
 
 def fingerprint(sites: Sequence[AttentionSite], inputs: Sequence[RecordedCall], options: CalibrationOptions) -> str:
     """A hash of the model's sites, the options and the inputs (shapes and cheap statistics of
-    every input tensor): a checkpoint is reused only by the same calibration. error_weights are
-    left out: they weigh the search after the passes, not what the passes measure and store (so a
-    --sensitivity run resumes though it measured the weights again, a last digit apart)."""
+    every input tensor): a checkpoint is reused only by the same calibration. error_weights (and
+    error_weights_probe, how they were measured) are left out: they weigh the search after the
+    passes, not what the passes measure and store (so a --sensitivity run resumes though it
+    measured the weights again, a last digit apart)."""
     h = hashlib.sha256()
     h.update(json.dumps([s.to_dict() for s in sites], sort_keys=True).encode())
-    measured_by = {k: v for k, v in options.fingerprint().items() if k != "error_weights"}
+    measured_by = {k: v for k, v in options.fingerprint().items()
+                   if k not in ("error_weights", "error_weights_probe")}
     h.update(json.dumps(measured_by, sort_keys=True).encode())
     for call in inputs:
         for x in [*call.args, *call.kwargs.values()]:

@@ -71,8 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="afterwards run the model with the plan on the first input, as the lowered graph and through "
                         "torch.compile(backend='vsopt'): print the output's error against dense, and times on a GPU")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    g = p.add_argument_group("accuracy search (docs/CALIBRATION.md; all off by default: not yet priced by the cost "
-                             "model, and slower on the H200 for the shipped plan)")
+    g = p.add_argument_group("accuracy search (docs/CALIBRATION.md; all off by default; priced by the cost model "
+                             "like every candidate)")
     g.add_argument("--pooled-remainder", action=argparse.BooleanOptionalAction, default=None,
                    help="also offer every candidate with its dropped key blocks attended mean-pooled (PSA) "
                         "(default: off)")
@@ -95,6 +95,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--reference, with --density or --speedup: weigh each site's error at each step by how much "
                         "it moves the sampler's final output, measured first on the calibration run (top-k 0.5 probe; "
                         "sites x steps extra forwards plus the dense continuations)")
+    g.add_argument("--sensitivity-probe", choices=("topk", "pooled"), default=None,
+                   help="--sensitivity: the error each site is probed with: topk, block top-k 0.5 (default); pooled, "
+                        "top-k at the --density budget (with --speedup at 0.2) with the dropped blocks attended "
+                        "mean-pooled, the error kind the plans make (the bench's --vsopt-probe)")
+    g.add_argument("--held-out-errors", action="store_true",
+                   help="measure candidate errors on other inputs than the masks are made from: block mass on the "
+                        "first half of each step range's inputs, errors on the rest; with --reference a second "
+                        "sampler run of --clips other clips is recorded for the errors; a FACTORY needs 2 or more "
+                        "inputs per step range")
+    g.add_argument("--clusters", default=None, metavar="TOP_P,..",
+                   help="also offer k-means cluster heads (Sparse VideoGen 2) keeping these top-p shares in (0, 1] of "
+                        "the key clusters' centroid score; query and key clusters one per kernel block of the "
+                        "smallest calibrated site's video tokens")
+    g.add_argument("--cluster-refresh", type=int, default=None, metavar="N",
+                   help="--clusters: recompute each head's clustering every N denoising steps, warm-started from "
+                        "the last one (default 1: every step)")
 
 
 def parse_step_ranges(text: str, option: str = "--step-ranges") -> tuple[tuple[int, int | None], ...]:
@@ -121,9 +137,11 @@ class Checked:
     quants: tuple
     grid: Any
     cost: Any
-    options: Any  # CalibrationOptions
+    options: Any  # CalibrationOptions (its clusters made in run_cli, from the traced sites)
     budget: Any  # the budget, or for --min-psnr the floor's value (its held-out input comes with the model)
     device: str | None
+    cluster_top_p: tuple = ()  # --clusters
+    cluster_refresh: int = 1  # --cluster-refresh
 
 
 def check_args(args: argparse.Namespace) -> Checked:
@@ -214,6 +232,7 @@ def check_args(args: argparse.Namespace) -> Checked:
         except OSError as e:
             raise ConfigError(f"{option} {path!r}: cannot make its folder: {one_line(e)}") from None
     search = _search_fields(args)
+    top_p, refresh = _cluster_flags(args)
     try:
         options = CalibrationOptions(
             block_m=block, block_n=block, quants=quants,
@@ -224,7 +243,24 @@ def check_args(args: argparse.Namespace) -> Checked:
             step_ranges=step_ranges, cost_model=cost, **search)
     except ConfigError as e:
         raise flag_error(e) from None
-    return Checked(quants, grid, cost, options, budget, device)
+    return Checked(quants, grid, cost, options, budget, device, top_p, refresh)
+
+
+def _cluster_flags(args: argparse.Namespace) -> tuple[tuple[float, ...], int]:
+    """(--clusters top-p values, --cluster-refresh), checked; the specs need the model's sites
+    (run_cli makes them with calibration.clusters.cluster_candidates)."""
+    from vsopt.calibration.search_flags import parse_list
+    from vsopt.core.errors import ConfigError
+
+    top_p = parse_list(args.clusters, "--clusters", float)
+    if not all(0.0 < p <= 1.0 for p in top_p):
+        raise ConfigError(f"--clusters {args.clusters!r}: top-p values must lie in (0, 1]")
+    if args.cluster_refresh is not None and not top_p:
+        raise ConfigError("--cluster-refresh: only with --clusters (it is the cluster heads' refresh interval)")
+    refresh = 1 if args.cluster_refresh is None else args.cluster_refresh
+    if refresh < 1:
+        raise ConfigError(f"--cluster-refresh {refresh}: must be an integer >= 1 (steps one clustering serves)")
+    return tuple(dict.fromkeys(top_p)), refresh
 
 
 def _search_fields(args: argparse.Namespace) -> dict:
@@ -233,9 +269,8 @@ def _search_fields(args: argparse.Namespace) -> dict:
     from vsopt.calibration.search_flags import parse_list, search_fields
     from vsopt.core.errors import ConfigError
 
-    # Off unless asked, also with --reference: on the H200 (BENCH.md, session 10) bench's set made the
-    # 16384-token demo plan slower (compiled 17.49 ms against 15.75 with the old search, sampler run
-    # slower than dense): the cost model does not price these options' extra ops yet.
+    # Off unless asked, also with --reference: priced by what they run since session 11, the demo
+    # plan's search with them offered equals the plain search's within noise (docs/CALIBRATION.md)
     pooled = bool(args.pooled_remainder)
     renorm = parse_list(args.renorm_every, "--renorm-every")
     top_k = parse_list(args.top_k, "--top-k", float)
@@ -250,8 +285,12 @@ def _search_fields(args: argparse.Namespace) -> dict:
     if args.sensitivity and args.density is None and args.speedup is None:
         raise ConfigError("--sensitivity: a per-site budget (--max-error, --min-psnr) does not weigh errors; use it "
                           "with --density or --speedup")
+    if args.sensitivity_probe is not None and not args.sensitivity:
+        raise ConfigError("--sensitivity-probe: only with --sensitivity (it is how the sensitivity weights are "
+                          "measured)")
     return search_fields(pooled=pooled, renorm=renorm, residual=parse_list(args.residual_every, "--residual-every"),
-                         warmup=warmup, refresh=parse_list(args.mask_refresh, "--mask-refresh"), top_k=top_k)
+                         warmup=warmup, refresh=parse_list(args.mask_refresh, "--mask-refresh"), top_k=top_k,
+                         held_out=args.held_out_errors)
 
 
 def _check_step_inputs(options, inputs) -> None:
@@ -295,13 +334,15 @@ def _factory_inputs(target: str):
 def run_cli(args: argparse.Namespace) -> int:
     checked = check_args(args)  # before anything is built or traced
 
+    import dataclasses
+
     import torch
 
     from vsopt.calibration.budgets import QualityFloor
     from vsopt.calibration.check import check_plan, reference_sampler_check
     from vsopt.calibration.failures import step_failed
-    from vsopt.calibration.inputs import as_recorded, reference_model_inputs
-    from vsopt.calibration.run import calibrate
+    from vsopt.calibration.inputs import as_recorded, range_of, reference_model_inputs
+    from vsopt.calibration.run import calibrate, calibrated_sites, held_out_shortfall
     from vsopt.core.errors import ConfigError
     from vsopt.io import atomic_write_json
 
@@ -315,12 +356,13 @@ def run_cli(args: argparse.Namespace) -> int:
         except Exception as e:  # noqa: BLE001 - the environment or the checkpoint: name the step, then the cause
             raise step_failed("building the reference model", e) from e
         if args.size:  # the sampler runs (inputs and --check) follow the config's clip size
-            import dataclasses
-
             f, h, w = _clip_size(args.size)
             ref.config = dataclasses.replace(ref.config, frames=f, height=h, width=w)
         model = ref.transformer
         inputs = reference_model_inputs(ref, clips=args.clips, steps=args.steps, seed=0, guidance=args.guidance)
+        if args.held_out_errors:  # pass 2's own run: other clips and noise (seed 1 is --min-psnr's)
+            second = reference_model_inputs(ref, clips=args.clips, steps=args.steps, seed=2, guidance=args.guidance)
+            inputs += [dataclasses.replace(c, index=len(inputs) + c.index) for c in second]
         if args.min_psnr is not None:
             held_out = reference_model_inputs(ref, clips=1, steps=args.steps, seed=1, guidance=args.guidance)
             budget = QualityFloor(held_out[args.steps // 2], budget)
@@ -331,16 +373,31 @@ def run_cli(args: argparse.Namespace) -> int:
             if len(inputs) < 2:
                 raise ConfigError("--min-psnr needs at least two inputs from the FACTORY: the last one is held out")
             budget = QualityFloor(inputs.pop(), budget)
+        if args.held_out_errors:  # before anything is measured
+            short = held_out_shortfall([range_of(as_recorded(x, i).step, checked.options.step_ranges)
+                                        for i, x in enumerate(inputs)], checked.options.step_ranges)
+            if short:
+                raise ConfigError(f"--held-out-errors {short}")
     options = checked.options
-    if args.sensitivity:  # the weights of the one sampler run the inputs are (one call per step)
-        import dataclasses
+    if checked.cluster_top_p:  # cluster counts from the sites calibrate will see
+        from vsopt.calibration.clusters import cluster_candidates
 
-        from vsopt.calibration.sensitivity import sampler_sensitivity
+        specs = cluster_candidates(calibrated_sites(model, inputs, checked.grid), options.block_m,
+                                   checked.cluster_top_p, refresh=checked.cluster_refresh)
+        options = dataclasses.replace(options, clusters=specs)
+    if args.sensitivity:  # the weights of the first sampler run (one call per step)
+        from vsopt.calibration.sensitivity import probe_text, sampler_sensitivity, sensitivity_probe
 
+        # the pooled probe at the lowest density the plan runs: the budget's, or with --speedup the
+        # density the search compares token orders at
+        probe = sensitivity_probe(options.block_m, args.density or options.order_density, pooled=True) \
+            if args.sensitivity_probe == "pooled" else None
         if not args.quiet:
-            print(f"calibrate: measuring the output's sensitivity to each site at each of {args.steps} steps")
-        weights = sampler_sensitivity(model, inputs, options.block_m, guidance=args.guidance, grid=checked.grid)
-        options = dataclasses.replace(options, error_weights=weights)
+            print(f"calibrate: measuring the output's sensitivity to each site at each of {args.steps} steps "
+                  f"({probe_text(probe)} probe)")
+        weights = sampler_sensitivity(model, inputs[:args.steps], options.block_m, probe, guidance=args.guidance,
+                                      grid=checked.grid)
+        options = dataclasses.replace(options, error_weights=weights, error_weights_probe=probe_text(probe))
     sampling = {"steps": args.steps, "guidance": args.guidance} if args.reference else None
     result = calibrate(model, inputs, budget, options=options, out=args.out, resume=not args.no_resume,
                        progress=not args.quiet, grid=checked.grid, sampling=sampling)

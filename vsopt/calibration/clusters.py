@@ -39,6 +39,31 @@ def check_clusters(specs: Sequence[ClusterSpec], where: str = "CalibrationOption
     return tuple(out)
 
 
+def cluster_specs(sites: Sequence, block: int, top_p: float, clusters: tuple[int, int] = (0, 0),
+                  refresh: int = 1) -> dict[str, ClusterSpec]:
+    """Per site (AttentionSite) its ClusterSpec at `top_p`: `clusters` (query, key) k-means
+    cluster counts, 0 meaning one cluster per `block` tokens of the site's video tokens (all its
+    queries without a grid; at least 2), recomputed every `refresh` steps. Shared by the bench's
+    "cluster" method and the calibration's cluster candidates (cluster_candidates)."""
+    out = {}
+    for s in sites:
+        n = s.grid.video_tokens if s.grid is not None else s.q_len
+        cq, ck = (c or max(2, -(-n // block)) for c in clusters)
+        out[s.site_id] = ClusterSpec(cq, ck, top_p, refresh=refresh)
+    return out
+
+
+def cluster_candidates(sites: Sequence, block: int, top_ps: Sequence[float], clusters: tuple[int, int] = (0, 0),
+                       refresh: int = 1) -> tuple[ClusterSpec, ...]:
+    """CalibrationOptions.clusters at each of `top_ps`: one spec for every site (a spec is
+    offered to every head), with the cluster counts of the smallest of `sites` (cluster_specs);
+    () without sites. Used by `vsopt calibrate --clusters` and the bench's --vsopt-clusters."""
+    if not sites:
+        return ()
+    return tuple(min(cluster_specs(sites, block, p, clusters, refresh).values(), key=lambda c: c.k_clusters)
+                 for p in top_ps)
+
+
 def cluster_label(spec: ClusterSpec) -> str:
     """Short text of a cluster candidate, e.g. "cluster(32x64,p0.9,every1)"."""
     return f"cluster({spec.q_clusters}x{spec.k_clusters},p{spec.top_p:g},every{spec.refresh})"

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 
 from vsopt.calibration.clusters import check_clusters
+from vsopt.core.clustering import ClusterSpec
 from vsopt.core.costmodel import CostModel
 from vsopt.core.errors import ConfigError
 from vsopt.core.ir import TokenGrid
@@ -172,6 +173,9 @@ class CalibrationOptions:
       squared error at that step costs in the final output (vsopt.calibration.sensitivity.
       euler_sensitivity); a DensityBudget or SpeedupBudget then minimizes the weighted sum (a step
       range takes the mean weight of its calibration steps). None: every site and step weighs 1.
+    error_weights_probe: how error_weights were measured, as text (the probe head of
+      sensitivity.sampler_sensitivity, sensitivity.probe_text: "top-k 0.5", "pooled top-k 0.3"):
+      recorded in the plan beside them, not used by the search. None with error_weights None.
     dense_warmup: numbers k of first denoising steps the search may run dense (Sparse VideoGen,
       Radial Attention); 0 (no warm-up) is always tried too. Each k must end a run of step_ranges
       starting at step 0; under a DensityBudget or SpeedupBudget the warm-up's blocks or time are
@@ -228,6 +232,7 @@ class CalibrationOptions:
     step_ranges: tuple[tuple[int, int | None], ...] | None = None
     cost_model: CostModel | None = None
     error_weights: dict[str, dict[int, float]] | None = None
+    error_weights_probe: str | None = None
     model_order_candidates: bool = False
     dense_warmup: tuple[int, ...] = ()
     mask_refresh: tuple[int, ...] = ()
@@ -257,9 +262,20 @@ class CalibrationOptions:
         object.__setattr__(self, "renorm_every", check_renorm(self.renorm_every))
         object.__setattr__(self, "residual_every", check_renorm(self.residual_every, "residual_every"))
         object.__setattr__(self, "clusters", check_clusters(self.clusters))
+        if self.error_weights_probe is not None and (self.error_weights is None
+                                                     or not isinstance(self.error_weights_probe, str)):
+            raise ConfigError(f"CalibrationOptions.error_weights_probe {self.error_weights_probe!r}: text saying how "
+                              f"error_weights were measured; give it with error_weights only")
 
     def fingerprint(self) -> dict:
-        """The options as JSON (the cost model left out): recorded in the plan, and, error_weights
-        aside, part of the checkpoint's fingerprint (checkpoint.fingerprint)."""
+        """The options as JSON (the cost model left out; a ClusterSpec as its dict, which
+        `clusters` takes back): recorded in the plan, and, error_weights and their probe aside,
+        part of the checkpoint's fingerprint (checkpoint.fingerprint)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "cost_model"}
-        return json.loads(json.dumps(d, default=lambda v: v.value if isinstance(v, enum.Enum) else str(v)))
+
+        def plain(v):
+            if isinstance(v, enum.Enum):
+                return v.value
+            return v.to_dict() if isinstance(v, ClusterSpec) else str(v)
+
+        return json.loads(json.dumps(d, default=plain))

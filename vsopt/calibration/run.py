@@ -207,13 +207,46 @@ def _mass_inputs(range_ids: Sequence[int | None], held_out: bool, ranges) -> set
             by_range.setdefault(r, []).append(i)
     if not held_out:
         return {i for ids in by_range.values() for i in ids}
-    few = {r: len(ids) for r, ids in by_range.items() if len(ids) < 2}
-    if few:
-        r = min(few)
-        where = "the calibration" if ranges is None else f"step range {ranges[r][0]}:{ranges[r][1] or ''}"
-        raise ConfigError(f"held_out_errors needs at least 2 calibration inputs per step range; {where} has "
-                          f"{few[r]} (give more clips or sampler runs)")
+    short = held_out_shortfall(range_ids, ranges)
+    if short:
+        raise ConfigError(f"held_out_errors {short}")
     return {i for ids in by_range.values() for i in ids[:len(ids) // 2]}
+
+
+def held_out_shortfall(range_ids: Sequence[int | None], ranges) -> str | None:
+    """Why held_out_errors cannot split these inputs (their step ranges' indices, range_of), as
+    the end of a sentence (callers name the option: `vsopt calibrate` checks a FACTORY's inputs
+    with it before anything is measured); None when every used range has 2 or more inputs."""
+    counts: dict[int, int] = {}
+    for r in range_ids:
+        if r is not None:
+            counts[r] = counts.get(r, 0) + 1
+    few = {r: n for r, n in counts.items() if n < 2}
+    if not few:
+        return None
+    r = min(few)
+    where = "the calibration" if ranges is None else f"step range {ranges[r][0]}:{ranges[r][1] or ''}"
+    return (f"needs at least 2 calibration inputs per step range; {where} has {few[r]} (give more clips or "
+            f"sampler runs)")
+
+
+def calibrated_sites(model: torch.nn.Module, calibration_inputs: Sequence[Any], grid: TokenGrid | None = None,
+                     grids: dict[str, TokenGrid] | None = None) -> list:
+    """The sites calibrate() calibrates on these inputs (traced as it traces them: the same site
+    ids and grids), for choices made before it runs (`vsopt calibrate --clusters` sizes its
+    cluster heads from them). One trace of the model on the first input."""
+    calls = [as_recorded(x, i) for i, x in enumerate(calibration_inputs)]
+    if not calls:
+        raise ConfigError("calibrate needs at least one calibration input")
+    signature, inputs = positional(model, calls)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), signature.bound(model):
+            _, report = _trace(model, inputs[0], VsoptConfig(grid=grid, grids=dict(grids or {})))
+    finally:
+        model.train(was_training)
+    return [s for s in report.sites if calibratable(s) is None]
 
 
 def _trace(model: torch.nn.Module, example: tuple, config: VsoptConfig):

@@ -6,7 +6,7 @@ from __future__ import annotations
 # CalibrationOptions field -> the `vsopt calibrate` flag that sets it (errors name the flag)
 FLAGS = {"pooled_remainder": "--pooled-remainder", "renorm_every": "--renorm-every",
          "residual_every": "--residual-every", "dense_warmup": "--dense-warmup", "mask_refresh": "--mask-refresh",
-         "dynamic_top_k": "--top-k"}
+         "dynamic_top_k": "--top-k", "held_out_errors": "--held-out-errors", "clusters": "--clusters"}
 
 
 def parse_list(text: str | None, option: str, kind=int) -> tuple:
@@ -20,12 +20,14 @@ def parse_list(text: str | None, option: str, kind=int) -> tuple:
 
 
 def search_fields(*, pooled: bool, renorm=(), residual=(), warmup=(), refresh=(), top_k=(),
-                  dynamic_values=None, held_out: bool = False, error_weights=None, clusters=()) -> dict:
+                  dynamic_values=None, held_out: bool = False, error_weights=None, error_weights_probe=None,
+                  clusters=()) -> dict:
     """The CalibrationOptions fields of the accuracy search from parsed values (checked by
     CalibrationOptions itself; rename its errors with flag_error)."""
     out = dict(pooled_remainder=bool(pooled), renorm_every=tuple(renorm), residual_every=tuple(residual),
                dense_warmup=tuple(warmup), mask_refresh=tuple(refresh), dynamic_top_k=tuple(top_k),
-               held_out_errors=held_out, error_weights=error_weights, clusters=tuple(clusters))
+               held_out_errors=held_out, error_weights=error_weights,
+               error_weights_probe=error_weights_probe, clusters=tuple(clusters))
     if dynamic_values is not None:
         out["dynamic_values"] = tuple(dynamic_values)
     return out

@@ -94,26 +94,47 @@ def euler_sensitivity(gm: torch.fx.GraphModule, velocity: Callable[..., torch.Te
     return weights
 
 
+def sensitivity_probe(block: int, density: float = 0.5, pooled: bool = False):
+    """The head sampler_sensitivity puts on every head of the site it probes: block top-k at
+    `density` of key blocks per query row, block x block, in the model's order (an error of the
+    kind sparse attention makes); `pooled`: its dropped key blocks attended mean-pooled (PSA), the
+    error kind plans with the pooled remainder make. sampler_sensitivity's default is top-k 0.5;
+    `vsopt calibrate --sensitivity-probe pooled` and the bench's --vsopt-probe take the pooled
+    one at the calibration's lowest density."""
+    from vsopt.core.dynamic import DynamicMethod, DynamicSpec
+    from vsopt.core.plan import HeadPlan, Sparsity
+
+    return HeadPlan(Sparsity.DYNAMIC, block_m=block, block_n=block, remainder="pooled" if pooled else "drop",
+                    dynamic=DynamicSpec(DynamicMethod.TOP_K, density))
+
+
+def probe_text(head=None) -> str:
+    """A probe head as CalibrationOptions.error_weights_probe records it ("top-k 0.5", "pooled
+    top-k 0.3"); None: sampler_sensitivity's default."""
+    from vsopt.core.plan import Remainder
+
+    head = head or sensitivity_probe(64)
+    pooled = "pooled " if head.remainder is Remainder.POOLED else ""
+    return f"{pooled}top-k {head.dynamic.value:g}"
+
+
 def sampler_sensitivity(model: torch.nn.Module, calls: Sequence, block: int, probe_head=None,
                         guidance: float = 1.0, grid=None) -> dict[str, dict[int, float]]:
     """euler_sensitivity of `model` on `calls`, the recorded inputs of one dense run of
     vsopt.models.sampler (one per step, in order; RecordedCalls or positional tuples), for each
     site calibrate weighs (vsopt.calibration.measure.calibratable: the same tracing, so the same
-    site ids), each probed on every head with `probe_head` (None: block top-k at density 0.5,
-    block x block, in the model's order: an error of the kind sparse attention makes).
+    site ids), each probed on every head with `probe_head` (None: sensitivity_probe(block), block
+    top-k at density 0.5, block x block, in the model's order).
     Shared by `vsopt calibrate --sensitivity` and the bench. Returns euler_sensitivity's weights."""
     from vsopt.backend import trace_and_rewrite
     from vsopt.calibration.inputs import as_recorded, positional
     from vsopt.calibration.measure import calibratable
     from vsopt.core import semantics
     from vsopt.core.config import VsoptConfig
-    from vsopt.core.dynamic import DynamicMethod, DynamicSpec
-    from vsopt.core.plan import HeadPlan, Sparsity
     from vsopt.models import sampler
 
     signature, inputs = positional(model, [as_recorded(c, i) for i, c in enumerate(calls)])
-    head = probe_head or HeadPlan(Sparsity.DYNAMIC, block_m=block, block_n=block,
-                                  dynamic=DynamicSpec(DynamicMethod.TOP_K, 0.5))
+    head = probe_head if probe_head is not None else sensitivity_probe(block)
     was_training = model.training
     model.eval()
     try:

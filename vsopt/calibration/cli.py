@@ -93,12 +93,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: none; bench's vsopt method uses 0.1,0.2,0.3,0.4,0.5)")
     g.add_argument("--sensitivity", action="store_true",
                    help="--reference, with --density or --speedup: weigh each site's error at each step by how much "
-                        "it moves the sampler's final output, measured first on the calibration run (top-k 0.5 probe; "
-                        "sites x steps extra forwards plus the dense continuations)")
+                        "it moves the sampler's final output, measured first on the calibration run (the first one "
+                        "with --held-out-errors; --sensitivity-probe's probe; sites x steps extra forwards plus the "
+                        "dense continuations)")
     g.add_argument("--sensitivity-probe", choices=("topk", "pooled"), default=None,
                    help="--sensitivity: the error each site is probed with: topk, block top-k 0.5 (default); pooled, "
                         "top-k at the --density budget (with --speedup at 0.2) with the dropped blocks attended "
-                        "mean-pooled, the error kind the plans make (the bench's --vsopt-probe)")
+                        "mean-pooled, the error kind pooled-remainder plans make (the bench's --vsopt-probe)")
     g.add_argument("--held-out-errors", action="store_true",
                    help="measure candidate errors on other inputs than the masks are made from: block mass on the "
                         "first half of each step range's inputs, errors on the rest; with --reference a second "

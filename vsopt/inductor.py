@@ -167,14 +167,18 @@ STATIC_WORK_ORDERS = True
 #: 20.2 us for ATen's SDPA. Per forward, pipelined: Inductor 2.96 ms, vsopt without a plan 3.59,
 #: inlined 3.03; synchronized per call: 4.29 / 4.79 / 3.96 (docs/MODEL.md).
 INLINE_DENSE = True
+#: Dynamic masks that nothing reuses written as the torch calls they are made of
+#: (passes/inline_dynamic_masks.py says why and what it measured).
+INLINE_DYNAMIC_MASKS = True
 
 
 def prepare(gm: torch.fx.GraphModule) -> list:
     """What vsopt does to a rewritten graph for Inductor alone (an export keeps vsopt's ops in
     their plain form): static token permutations become ATen gathers, launches over constant
     tables get their work order as a constant; with INLINE_DENSE, sites left dense become ATen
-    SDPA. Returns the passes' reports."""
-    from vsopt.passes import inline_dense_attention, inline_permutations, static_work_orders
+    SDPA; with INLINE_DYNAMIC_MASKS, dynamic masks computed afresh become torch calls. Returns the
+    passes' reports."""
+    from vsopt.passes import inline_dense_attention, inline_dynamic_masks, inline_permutations, static_work_orders
 
     reports = []
     if INLINE_PERMUTATIONS:
@@ -183,6 +187,8 @@ def prepare(gm: torch.fx.GraphModule) -> list:
         reports.append(static_work_orders.run(gm))
     if INLINE_DENSE:
         reports.append(inline_dense_attention.run(gm))
+    if INLINE_DYNAMIC_MASKS:
+        reports.append(inline_dynamic_masks.run(gm))
     return reports
 
 

@@ -90,11 +90,11 @@ def test_reused_dynamic_masks_refresh_exactly_at_the_refresh_steps(grid, refresh
     heads = (HeadPlan(Sparsity.DYNAMIC, dynamic=spec, block_m=16, block_n=16),) * HEADS
     plan = Plan({site.site_id: SitePlan.for_site(site, heads)})
     computed = []
-    real_scores = dynamic.pooled_block_scores
+    real_predict = dynamic.predicted_block_mask
 
     def counting(*args, **kwargs):  # the op's mask prediction, as the compiled model runs it
         computed.append(current_denoising_step())
-        return real_scores(*args, **kwargs)
+        return real_predict(*args, **kwargs)
 
     kept = {}
 
@@ -113,11 +113,11 @@ def test_reused_dynamic_masks_refresh_exactly_at_the_refresh_steps(grid, refresh
     dynamic.MASK_CACHE.reset()
     with torch.no_grad():
         compiled = _compiled(model, plan, grid)
-        monkeypatch.setattr(dynamic, "pooled_block_scores", counting)
+        monkeypatch.setattr(dynamic, "predicted_block_mask", counting)
         got = _sample(compiled, example, grid, steps)
         first = list(computed)
         again = _sample(compiled, example, grid, steps)  # a second clip: step 0 computes afresh
-        monkeypatch.setattr(dynamic, "pooled_block_scores", real_scores)
+        monkeypatch.setattr(dynamic, "predicted_block_mask", real_predict)
         want = _sample(reference, example, grid, steps)
         every_step = _sample(fresh, example, grid, steps)
     assert first == list(range(0, steps, refresh))

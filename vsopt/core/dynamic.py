@@ -164,19 +164,29 @@ def dynamic_block_mask(q: torch.Tensor, k: torch.Tensor, scale: float, block_m: 
     With reuse_steps > 0 the mask is looked up in MASK_CACHE under cache_key and reused across
     steps: the op is then deliberately stateful (it is opaque to the compiler, so the state lives
     at run time, one entry per site)."""
-    spec = DynamicSpec(DynamicMethod(method), value, reuse_steps)
-    from .patterns import diagonal_blocks
-
     def compute() -> torch.Tensor:
-        scores = pooled_block_scores(q, k, scale, block_m, block_n)
-        diag = (diagonal_blocks(q.shape[2], k.shape[2], block_m, block_n, device=q.device)
-                if q.shape[2] == k.shape[2] else None)  # on q's device: no host copy (CUDA graphs)
-        return select_blocks(scores, spec, diag)
+        return predicted_block_mask(q, k, scale, block_m, block_n, method, value)
 
     if reuse_steps == 0:
         return compute()
     shape = (q.shape[0], q.shape[1], math.ceil(q.shape[2] / block_m), math.ceil(k.shape[2] / block_n))
     return MASK_CACHE.get(cache_key, reuse_steps, shape, compute).clone()
+
+
+def predicted_block_mask(q: torch.Tensor, k: torch.Tensor, scale: float, block_m: int, block_n: int, method: str,
+                         value: float) -> torch.Tensor:
+    """The mask vsopt::dynamic_block_mask computes when nothing is reused: pooled block scores
+    (vsopt::block_scores, a triton_op), then select_blocks with the diagonal kept for
+    self-attention. Plain torch calls, so that where passes/inline_dynamic_masks writes it into a
+    graph in the op's place, Inductor compiles it (the pooling kernel and fused ATen kernels) and
+    no Python op runs per call."""
+    from . import ops  # noqa: F401  (registers torch.ops.vsopt.block_scores)
+    from .patterns import diagonal_blocks
+
+    scores = torch.ops.vsopt.block_scores(q, k, scale, block_m, block_n)
+    diag = (diagonal_blocks(q.shape[2], k.shape[2], block_m, block_n, device=q.device)
+            if q.shape[2] == k.shape[2] else None)  # on q's device: no host copy (CUDA graphs)
+    return select_blocks(scores, DynamicSpec(DynamicMethod(method), value), diag)
 
 
 @dynamic_block_mask.register_fake

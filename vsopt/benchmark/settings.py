@@ -37,6 +37,9 @@ class Method(str, enum.Enum):
 DYNAMIC_MASS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 DYNAMIC_TOP_K = (0.1, 0.2, 0.3, 0.4, 0.5)
 
+# how a GPU run measures speed (BenchSettings.timing, `vsopt bench --timing`; sweep.sampling_ms)
+TIMINGS = ("eager", "compiled", "cudagraphs")
+
 
 @dataclass(frozen=True)
 class BenchSettings:
@@ -75,8 +78,10 @@ class BenchSettings:
     values vsopt_cluster_top_p.
     time_limit_s: no configuration is started after this many seconds of the run (the ones left
     are recorded as not run); None: no limit. timing: how a GPU run measures speed (sweep.sampling_ms):
-    "eager" (the rewritten graphs, no compilation per plan) or "compiled" (torch.compile, backend
-    vsopt, Inductor). vsopt_top_k: the top-k fractions of vsopt's dynamic candidates.
+    "eager" (the rewritten graphs, no compilation per plan), "compiled" (torch.compile, backend
+    vsopt, Inductor) or "cudagraphs" (the same with options cudagraphs=True, the dense run included:
+    Inductor's CUDA graphs, vsopt/cudagraphs.py; two untimed runs, so that no graph is recorded in
+    a timed one); on the CPU the speed is predicted and timing is not used. vsopt_top_k: the top-k fractions of vsopt's dynamic candidates.
     vsopt_held_out: vsopt's calibration measures its candidates' errors on a second calibration
     sampler run, not on the one its masks are made from (CalibrationOptions.held_out_errors).
     vsopt_probe: the sensitivity weights are measured with a probe of the error kind vsopt's plans
@@ -156,8 +161,8 @@ class BenchSettings:
         object.__setattr__(self, "vsopt_top_k", tuple(float(x) for x in self.vsopt_top_k))
         if not all(0.0 < x <= 1.0 for x in self.vsopt_top_k):
             raise ConfigError(f"vsopt_top_k must lie in (0, 1], got {self.vsopt_top_k}")
-        if self.timing not in ("eager", "compiled"):
-            raise ConfigError(f"timing must be 'eager' or 'compiled', got {self.timing!r}")
+        if self.timing not in TIMINGS:
+            raise ConfigError(f"timing must be one of {', '.join(TIMINGS)}, got {self.timing!r}")
         if self.calibration_steps is None:
             object.__setattr__(self, "calibration_steps", self.steps)
         if not (isinstance(self.calibration_steps, int) and self.calibration_steps >= 1):

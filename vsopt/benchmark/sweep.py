@@ -4,7 +4,8 @@ configuration, speed measured on a GPU or predicted by the cost model elsewhere.
 On a GPU the speed is measured over the whole sampler run (every denoising step: step ranges,
 warm-ups, mask reuse and measuring/correcting steps run as they do for a user), against the same
 run of the dense model (sampling_ms: the rewritten graphs eagerly, or torch.compile with
-settings.timing "compiled"). With settings.time_limit_s the sweep stops starting configurations
+settings.timing "compiled", the same under CUDA graphs with "cudagraphs"); on the CPU it is
+predicted by the cost model and settings.timing is not used. With settings.time_limit_s the sweep stops starting configurations
 once that many seconds have passed, and records the ones it did not run (result["not_run"], with
 the reason); a configuration whose plan cannot be made at its density (e.g. rettention's
 measuring steps alone exceeding it) is recorded there too, and the sweep goes on."""
@@ -119,6 +120,12 @@ def _result(settings, scorer, on_gpu, dense_ms, points, not_run, started) -> dic
     }
 
 
+# untimed sampler runs before the timed ones under CUDA graphs: as `vsopt demo --cudagraphs` calls
+# each graph, the first call compiles (and autotunes) and runs in the cudagraph trees' warm-up, the
+# second records; a per-step plan's graph is called once per run, so the first timed run replays
+CUDAGRAPHS_WARMUP_RUNS = 2
+
+
 def sampling_ms(scorer: PlanScorer, plan: Plan | None, settings: BenchSettings) -> float:
     """Median ms of one whole sampler run (settings.steps steps on the scored clip's inputs) with
     `plan` (None: dense; the bench calls it on a GPU), after one untimed run that builds every
@@ -126,20 +133,26 @@ def sampling_ms(scorer: PlanScorer, plan: Plan | None, settings: BenchSettings) 
     scorer runs them (the lowered FX graph per step segment, no Inductor; dense: the traced
     model's own graph), which costs no compilation per configuration; "compiled":
     torch.compile(backend="vsopt") with the plan, as a user runs it (Inductor compiles every step
-    variant: tens of seconds per plan)."""
+    variant: tens of seconds per plan); "cudagraphs": the same with options cudagraphs=True, dense
+    too (vsopt's exact dense ops under Inductor's CUDA graphs; vsopt/cudagraphs.py), after
+    CUDAGRAPHS_WARMUP_RUNS untimed runs."""
     from vsopt.benchmark.scorer import _as_sampler_model
     from vsopt.core.timing import median_ms
     from vsopt.models import sampler
 
-    if settings.timing == "compiled":
+    warmup = 1
+    if settings.timing in ("compiled", "cudagraphs"):
         from torch import _dynamo
 
         _dynamo.reset()
-        model = _as_sampler_model(torch.compile(scorer.velocity, backend="vsopt", dynamic=False,
-                                                options={"plan": plan} if plan is not None else {}))
+        options: dict = {"plan": plan} if plan is not None else {}
+        if settings.timing == "cudagraphs":
+            options["cudagraphs"] = True
+            warmup = CUDAGRAPHS_WARMUP_RUNS
+        model = _as_sampler_model(torch.compile(scorer.velocity, backend="vsopt", dynamic=False, options=options))
     else:
         model = scorer.step_model(plan)
     with torch.no_grad():
         return median_ms(lambda: sampler.sample(model, scorer.cond, scorer.shape, steps=settings.steps,
                                                 seed=settings.seed),
-                         settings.timing_iters, warmup=1, cuda=scorer.device.type == "cuda")
+                         settings.timing_iters, warmup=warmup, cuda=scorer.device.type == "cuda")

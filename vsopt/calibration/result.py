@@ -29,6 +29,7 @@ class SiteResult:
     choices: list[str]  # per head: "<candidate label>/<quant>/<order>"
     dense_reason: str | None = None  # why the search kept every head dense (None: some head is not)
     overhead_us: float = 0.0  # what lowering the site costs beyond the cost model (choices.lowering_overhead_us)
+    step_count: int = 1  # denoising steps its step range runs (calibration inputs): what a model-wide budget counts
 
 
 @dataclass
@@ -43,8 +44,17 @@ class CalibrationResult:
 
     @property
     def density(self) -> float:
-        """Block density over all calibrated heads (dynamic heads at their measured density)."""
-        return sum(s.density for s in self.sites) / max(1, len(self.sites))
+        """Block density over all calibrated heads and the steps they run (dynamic heads at their
+        measured density): each site's step range weighs as many steps as it runs, as
+        DensityBudget counts it (a range of 16 steps spends 16 times the blocks of one step)."""
+        return sum(s.density * s.step_count for s in self.sites) / max(1, sum(s.step_count for s in self.sites))
+
+    def per_step_us(self, field: str) -> float:
+        """A SiteResult time field ("predicted_us", "dense_us", "overhead_us") for one denoising
+        step averaged over the steps, summed over the calibrated sites: each step range weighs the
+        steps it runs (without step ranges, the plain sum)."""
+        steps = sum(s.step_count for s in self.sites) / max(1, len({s.site_id for s in self.sites}))
+        return sum(getattr(s, field) * s.step_count for s in self.sites) / max(steps, 1e-9)
 
     def table(self) -> str:
         lines = [f"budget: {self.budget}",
@@ -54,11 +64,11 @@ class CalibrationResult:
             actual = "-" if s.actual_rel_l2 is None else f"{s.actual_rel_l2:.4f}"
             lines.append(f"{s.site_id:<28} {steps:<9} {s.predicted_rel_l2:>9.4f} {actual:>9} {s.density:>8.3f} "
                          f"{s.predicted_us / 1e3:>8.3f} {s.dense_us / 1e3:>8.3f}")
-        pred = sum(s.predicted_us for s in self.sites)
-        dense = sum(s.dense_us for s in self.sites)
-        lines.append(f"overall density {self.density:.3f}; predicted attention time {pred / 1e3:.3f} ms vs dense "
-                     f"{dense / 1e3:.3f} ms ({dense / max(pred, 1e-9):.2f}x)")
-        overhead = sum(s.overhead_us for s in self.sites)
+        pred, dense, overhead = (self.per_step_us(f) for f in ("predicted_us", "dense_us", "overhead_us"))
+        per_step = any(s.step_count > 1 for s in self.sites)
+        lines.append(f"overall density {self.density:.3f}{' over the steps' if per_step else ''}; predicted attention "
+                     f"time {pred / 1e3:.3f} ms vs dense {dense / 1e3:.3f} ms ({dense / max(pred, 1e-9):.2f}x)"
+                     f"{' per step' if per_step else ''}")
         if overhead:
             lines.append(f"  of which lowering overhead beyond the cost model: {overhead / 1e3:.3f} ms")
         if self.quality is not None:
@@ -108,7 +118,7 @@ def assemble(states: dict, decisions: dict, options: CalibrationOptions, cost: C
             predicted_us=site_time_us(st, ch, cost), overhead_us=lowering_overhead_us(st, ch, cost),
             dense_us=semantics.dense_us(st.site, cost, options.block_m, options.block_n),
             choices=[f"{st.candidates[c.candidate].label}/{c.quant.value}/{hp.order.value}" for c, hp in zip(ch, heads)],
-            dense_reason=decision.dense_reason))
+            dense_reason=decision.dense_reason, step_count=st.steps))
     dense_head = HeadPlan(block_m=options.block_m, block_n=options.block_n)
     for sid, entries in by_site.items():
         site = states[(sid, entries[0][0])].site

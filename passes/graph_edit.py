@@ -88,3 +88,13 @@ def with_layout_of(graph: torch.fx.Graph, new: torch.fx.Node, old: torch.fx.Node
     x = emit(graph, torch.ops.aten.clone.default, (x,), {"memory_format": torch.contiguous_format},
              pass_name=pass_name, meta_from=new)
     return emit(graph, torch.ops.aten.permute.default, (x, inverse), pass_name=pass_name, meta_from=new)
+
+
+def replace_node(graph: torch.fx.Graph, old: torch.fx.Node, new: torch.fx.Node, *made: torch.fx.Node) -> None:
+    """`new` takes `old`'s place: it, and the other nodes `made` for it, carry old's site
+    (meta["vsopt_site"]), old's uses go to new, and old is erased."""
+    if "vsopt_site" in old.meta:
+        for n in (new, *made):
+            n.meta["vsopt_site"] = old.meta["vsopt_site"]
+    old.replace_all_uses_with(new)
+    graph.erase_node(old)

@@ -23,7 +23,7 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from vsopt.core.ops import attention_arguments
 
-from .graph_edit import emit, with_layout_of
+from .graph_edit import emit, replace_node, with_layout_of
 from .infra import GraphChanges, PassContext, PassReport, finish
 
 NAME = "inline_dense_attention"
@@ -57,10 +57,6 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> PassReport:
                        (a["q"], a["k"], a["v"], a["attn_mask"], 0.0, a["is_causal"]),
                        {"scale": float(a["scale"])}, pass_name=NAME, replaces=(node.name,), meta_from=node)
             out = with_layout_of(gm.graph, new, node, pass_name=NAME)
-        for n in {new, out}:
-            if "vsopt_site" in node.meta:
-                n.meta["vsopt_site"] = node.meta["vsopt_site"]
-        node.replace_all_uses_with(out)
-        gm.graph.erase_node(node)
+        replace_node(gm.graph, node, out, new)
         done += 1
     return finish(gm, changes, report, done, f"{done} dense site(s) written as ATen SDPA for Inductor")

@@ -25,7 +25,7 @@ import torch.fx
 
 from vsopt.core.dynamic import predicted_block_mask
 
-from .graph_edit import emit
+from .graph_edit import emit, replace_node
 from .infra import GraphChanges, PassContext, PassReport, finish
 
 NAME = "inline_dynamic_masks"
@@ -44,9 +44,6 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> PassReport:
         with gm.graph.inserting_before(node):
             new = emit(gm.graph, predicted_block_mask, tuple(node.args[:_REUSE_ARG]), pass_name=NAME,
                        replaces=(node.name,), meta_from=node)
-        if "vsopt_site" in node.meta:
-            new.meta["vsopt_site"] = node.meta["vsopt_site"]
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        replace_node(gm.graph, node, new)
         done += 1
     return finish(gm, changes, report, done, f"{done} dynamic mask(s) computed afresh written as torch calls")

@@ -24,7 +24,7 @@ import torch.fx
 
 from vsopt.core import ops as _ops  # noqa: F401  (registers torch.ops.vsopt.*)
 
-from .graph_edit import constant, constant_value, emit, with_layout_of
+from .graph_edit import constant, constant_value, emit, replace_node, with_layout_of
 from .infra import GraphChanges, PassContext, PassReport, finish
 
 NAME = "inline_permutations"
@@ -71,10 +71,7 @@ def _gather(gm, at: torch.fx.Node, x, heads: torch.Tensor, rows: torch.Tensor, l
                constant(gm, f"_vsopt_gather_{label}_rows", rows.contiguous(), like=x, pass_name=NAME)]
         new = emit(gm.graph, aten.index.Tensor, (x, idx), pass_name=NAME, replaces=(at.name,), meta_from=at)
         new = with_layout_of(gm.graph, new, at, pass_name=NAME)
-    if "vsopt_site" in at.meta:
-        new.meta["vsopt_site"] = at.meta["vsopt_site"]
-    at.replace_all_uses_with(new)
-    gm.graph.erase_node(at)
+    replace_node(gm.graph, at, new)
     return new
 
 
@@ -126,13 +123,9 @@ def run(gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> PassReport:
         with gm.graph.inserting_before(node):
             gather = emit(gm.graph, aten.index.Tensor, (x, idx), pass_name=NAME, replaces=(node.name,), meta_from=node)
             new = with_layout_of(gm.graph, gather, node, pass_name=NAME)   # the op's output is contiguous
-        for n in {gather, new}:
-            if "vsopt_site" in node.meta:
-                n.meta["vsopt_site"] = node.meta["vsopt_site"]
         if new is gather:
             gathers[gather] = (torch.argsort(value, dim=-1) if inverse else value, inverse)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        replace_node(gm.graph, node, new, gather)
         if not perm.users:
             gm.graph.erase_node(perm)
         done += 1

@@ -7,8 +7,9 @@ model in bf16, the sampler driving torch.compile(backend="vsopt") of the same ve
 dense (no plan), the top-k plan, and the plan with options={"cudagraphs": True}. Each is compiled
 and timed (median of 5 runs after 2 untimed ones) before anything is profiled: once the profiler
 has run, CUPTI stays attached and later launches cost more host time, so timings taken after a
-profile are not comparable (session 12's first version of this script timed after profiling and
-read 90-102 ms for a plan the bench measured at 41-81 ms). Then one run of each is profiled:
+profile are not comparable (session 12's first, uncommitted version of this script timed after
+profiling and read 90-102 ms for a plan the bench measured at 41-81 ms; its profile tables, the
+ones this script prints, are benchmarks/results/profile_topk_s12_*_h200.log). Then one run of each is profiled:
 the top CUDA kernels and the top host ops, and Dynamo's graph counts.
 """
 from __future__ import annotations

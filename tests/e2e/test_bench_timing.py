@@ -89,3 +89,24 @@ def test_on_the_cpu_the_timing_is_recorded_and_the_speed_predicted(monkeypatch):
     assert result["dense_ms"] is None
     (point,) = result["points"]
     assert point["speedup_source"] == "predicted-cost-model" and point["ms"] is None
+
+
+@pytest.mark.parametrize("timing, reuse_steps, noted", [
+    ("cudagraphs", 2, True),    # the replayed graph recomputes the reused mask at every step
+    ("cudagraphs", 0, False),   # nothing is reused: the timed plan is the scored one
+    ("compiled", 2, False),     # outside CUDA graphs the mask cache runs as scored
+])
+def test_a_point_timed_with_more_work_than_scored_says_so(timing, reuse_steps, noted):
+    from vsopt.benchmark.sweep import timing_notes
+    from vsopt.core.dynamic import DynamicMethod, DynamicSpec
+    from vsopt.core.ir import AttentionSite, Layout
+    from vsopt.core.plan import HeadPlan, Plan, SitePlan, Sparsity
+
+    site = AttentionSite("s", 0, "sdpa", Layout.BHND, 1, 2, 2, 8, 8, 64, 64, torch.float32, 0.35)
+    head = HeadPlan(Sparsity.DYNAMIC, dynamic=DynamicSpec(DynamicMethod.TOP_K, 0.5, reuse_steps=reuse_steps))
+    plan = Plan({"s": SitePlan.for_site(site, [head, HeadPlan()])})
+    notes = timing_notes(plan, BenchSettings(timing=timing))
+    assert len(notes) == int(noted)
+    if noted:
+        assert "recomputed at every step" in notes[0]
+    assert timing_notes(None, BenchSettings(timing=timing)) == []

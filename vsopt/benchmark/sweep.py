@@ -63,6 +63,7 @@ def bench(ref, settings: BenchSettings | None = None, *, progress: bool = True,
         scores = scorer.score(plan)
         if on_gpu:
             ms = sampling_ms(scorer, plan, settings)
+            notes = [*notes, *timing_notes(plan, settings)]
             speedup, source = dense_ms / ms, "measured-gpu"
         else:
             speedup = predicted(plan)
@@ -124,6 +125,18 @@ def _result(settings, scorer, on_gpu, dense_ms, points, not_run, started) -> dic
 # each graph, the first call compiles (and autotunes) and runs in the cudagraph trees' warm-up, the
 # second records; a per-step plan's graph is called once per run, so the first timed run replays
 CUDAGRAPHS_WARMUP_RUNS = 2
+
+
+def timing_notes(plan: Plan | None, settings: BenchSettings) -> list[str]:
+    """What the timed run of `plan` does that its scored run does not: under CUDA graphs, masks
+    that the plan reuses across steps are recomputed at every step (vsopt.cudagraphs.plan_for_cudagraphs),
+    so the measured speed is that of more work than the quality was scored with."""
+    from vsopt.cudagraphs import plan_for_cudagraphs
+
+    if settings.timing != "cudagraphs" or plan is None or plan_for_cudagraphs(plan) is plan:
+        return []
+    return ["timed with every reused mask (and cluster layout) recomputed at every step: CUDA graphs run no "
+            "reuse across steps, so this speed is of more work than the scored plan does"]
 
 
 def sampling_ms(scorer: PlanScorer, plan: Plan | None, settings: BenchSettings) -> float:

@@ -24,7 +24,7 @@ SOFTCAP (constexpr): logit soft-capping, scores -> cap * tanh(scores / cap) befo
 (Gemma-style). Applied to the scaled, dequantized scores in log2 units (cap_log2 = cap * log2 e,
 because cap * tanh(s / cap) * log2 e = cap_log2 * tanh(s log2 e / cap_log2)), before the row max
 and before the key mask (a masked key stays -inf, not -cap). ROW_BIAS (a cap on quantized Q K):
-K smoothing dropped q . mean(K), a per-row constant the softmax ignores but tanh does not, so it is
+K smoothing dropped q . c (c = quant/reference.smoothing_mean(K)), a per-row constant the softmax ignores but tanh does not, so it is
 added back (QkBias, (B, H, NQ) float32, from the unquantized q) before the cap.
 
 PV_INT8 (QUANT 4, the plan mode int8_int8; or the flag with an FP8 P V mode, the launcher's

@@ -213,7 +213,7 @@ def block_sparse_fwd_kernel(  # public: plugins/tensorrt/entry.py calls it as a 
     if SOFTCAP:
         inv_cap_log2 = 1.0 / cap_log2
     row_bias = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if ROW_BIAS:   # q . mean(K) in log2 units (see the module docstring)
+    if ROW_BIAS:   # q . k_mean in log2 units (see the module docstring)
         row_bias = tl.load(QkBias + bh * NQ + offs_m, mask=offs_m < NQ, other=0.0) * tl.cast(qk_scale_log2, tl.float32)
     if QK_QUANT:
         if QUANT_Q:   # Q's codes here, grouped by the table's query block (see the module docstring)

@@ -146,7 +146,7 @@ def quantize_with_scale(x, scale, IS_FP8: tl.constexpr, ROUND_IN_FP32: tl.conste
 def _quantize_block_rows(X, Mean, Codes, Scale, b, h, bh, blk, N, NUM_BLOCKS,
                          stride_xb, stride_xh, stride_xn,
                          BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, IS_FP8: tl.constexpr, SMOOTH: tl.constexpr,
-                         MIN_AMAX: tl.constexpr, ROUND_IN_FP32: tl.constexpr, SAMPLES: tl.constexpr = 64):
+                         MIN_AMAX: tl.constexpr, ROUND_IN_FP32: tl.constexpr, SAMPLES: tl.constexpr):
     """Block blk of x[b, h]: codes into Codes (B * H, N, D) and its scale. SMOOTH: x minus its
     smoothing mean first, which block 0 also writes to Mean (B * H, D)."""
     offs_n = blk * BLOCK + tl.arange(0, BLOCK)
@@ -269,4 +269,5 @@ def _stats_and_q_kernel(
     else:
         bhq = idx // NQB
         _quantize_block_rows(Q, QScale, QCodes, QScale, bhq // HQ, bhq % HQ, bhq, idx % NQB, NQ, NQB,
-                             stride_qb, stride_qh, stride_qn, BLOCK_Q, HEAD_DIM, Q_FP8, False, MIN_AMAX, ROUND_IN_FP32)
+                             stride_qb, stride_qh, stride_qn, BLOCK_Q, HEAD_DIM, Q_FP8, False, MIN_AMAX, ROUND_IN_FP32,
+                             0)   # SAMPLES: unused, Q is not smoothed

@@ -34,12 +34,10 @@ def smoothing_rows(n: int, device: torch.device | str | None = None) -> torch.Te
 
 
 def smoothing_mean(k: torch.Tensor) -> torch.Tensor:
-    """The vector K smoothing subtracts from every key, (B, H, D) float32 (as the kernels compute it):
-    K's mean over smoothing_rows. Any per-(b, h) vector keeps the softmax exact; it only has to be
-    near the mean to shrink K's range, so a strided sample of 64 rows does, and the quantization
-    needs no full pass over K first. The one definition: the kernels (quant/kernel.py), the fused
-    form (fusable.py), the soft cap's and the LSE's q . c (smoothing_bias, core/lse.py) and the
-    ONNX export (plugins/onnx/fake_quant.py) all use these rows."""
+    """c, the vector K smoothing subtracts from every key: K's float32 mean over smoothing_rows,
+    (B, H, D). Any per-(b, h) c keeps the softmax exact and only needs to be near the mean to shrink
+    K's range, so a 64-row sample does, and K's quantization needs no full pass over K first. Every
+    user of c (kernel.py, fusable.py, smoothing_bias, core/lse.py, plugins/onnx) mirrors these rows."""
     return k.index_select(2, smoothing_rows(k.shape[2], k.device)).float().mean(dim=2)
 
 

@@ -131,13 +131,12 @@ def quantization_parts(w, rep_ms: float, log) -> list[dict]:
             x = [torch.randn(1, w.n, w.heads, w.head_dim, generator=g, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
                  for _ in range(3)]
         q, k, v = x
-        k_sum, v_max = quant_launch.channel_stats(k, v)
+        v_max = quant_launch.channel_stats(v)
         parts = {
-            "channel_stats(k)": lambda: quant_launch.channel_stats(k, None),
-            "channel_stats(k, v)": lambda: quant_launch.channel_stats(k, v),
+            "channel_stats(v)": lambda: quant_launch.channel_stats(v),
             "quantize_blocks(q, int8)": lambda: quant_launch.quantize_blocks(q, BLOCK, "int8"),
             "quantize_blocks(q, fp8)": lambda: quant_launch.quantize_blocks(q, BLOCK, "fp8"),
-            "quantize_blocks(k, int8, smooth)": lambda: quant_launch.quantize_blocks(k, BLOCK, "int8", k_sum),
+            "quantize_k(k, int8)": lambda: quant_launch.quantize_k(k, BLOCK, "int8"),
         }
         for bn, warps in ((128, 4), (128, 8), (64, 4), (256, 4)):
             parts[f"quantize_v_fp8(v, block_n={bn}, warps={warps})"] = \

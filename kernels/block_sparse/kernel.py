@@ -24,7 +24,7 @@ SOFTCAP (constexpr): logit soft-capping, scores -> cap * tanh(scores / cap) befo
 (Gemma-style). Applied to the scaled, dequantized scores in log2 units (cap_log2 = cap * log2 e,
 because cap * tanh(s / cap) * log2 e = cap_log2 * tanh(s log2 e / cap_log2)), before the row max
 and before the key mask (a masked key stays -inf, not -cap). ROW_BIAS (a cap on quantized Q K):
-K smoothing dropped q . mean(K), a per-row constant the softmax ignores but tanh does not, so it is
+K smoothing dropped q . c (c = quant/reference.smoothing_mean(K)), a per-row constant the softmax ignores but tanh does not, so it is
 added back (QkBias, (B, H, NQ) float32, from the unquantized q) before the cap.
 
 PV_INT8 (QUANT 4, the plan mode int8_int8; or the flag with an FP8 P V mode, the launcher's
@@ -213,7 +213,7 @@ def block_sparse_fwd_kernel(  # public: plugins/tensorrt/entry.py calls it as a 
     if SOFTCAP:
         inv_cap_log2 = 1.0 / cap_log2
     row_bias = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if ROW_BIAS:   # q . mean(K) in log2 units (see the module docstring)
+    if ROW_BIAS:   # q . k_mean in log2 units (see the module docstring)
         row_bias = tl.load(QkBias + bh * NQ + offs_m, mask=offs_m < NQ, other=0.0) * tl.cast(qk_scale_log2, tl.float32)
     if QK_QUANT:
         if QUANT_Q:   # Q's codes here, grouped by the table's query block (see the module docstring)

@@ -65,7 +65,7 @@ FAST_CVT = True
 #: measured by tests/kernels/gpu_check_quant_overhead.py.
 QUANTIZE_Q_IN_KERNEL = False
 FUSE_KV_QUANT = False
-#: Q quantized in the channel statistics' launch (quant/launch.stats_and_q), side by side with them.
+#: Q quantized in the launch of V's channel statistics (quant/launch.stats_and_q, 8-bit P V modes).
 FUSE_Q_WITH_STATS = False
 _MODE_OF_CODE = {mode.code: mode for mode in QuantMode}
 
@@ -245,7 +245,7 @@ def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: t
                                                   q_with_stats=FUSE_Q_WITH_STATS)
         else:
             quantized = quantize_qkv_fusable(q, k, v, spec.quant, block_m, block_n, pv_format)
-        if spec.softcap > 0:   # q . mean(K): smoothing removed it, a soft cap does not ignore it
+        if spec.softcap > 0:   # q . k_mean: smoothing removed it, a soft cap does not ignore it
             mean = quantized.k_mean.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             q_bias = torch.einsum("bhnd,bhd->bhn", q.float(), mean).contiguous()
     return launch_prepared(spec, out, q, k, v, quantized, q_bias, kv_indices, kv_counts, scale, with_lse, tile,

@@ -48,7 +48,7 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, token_ma
                      blocks: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(cap((q k^T + bias) * scale), masked) v with GQA, in q's (float) dtype; rows with no
     key give 0. cap(s) = softcap * tanh(s / softcap) when softcap > 0, else s; score_bias (B, Hq,
-    Nq) per query row (K smoothing's q . mean), or none. p_fp8_block: round the probabilities to
+    Nq) per query row (K smoothing's q . c), or none. p_fp8_block: round the probabilities to
     e4m3 per row and group of that many keys, as the FP8 P V kernels do (p_format "int8": to INT8,
     the experimental INT8 P V).
 
@@ -100,7 +100,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
     pv_format = quant_ref.check_pv_format(mode, pv_format)
     bias = None
     if mode is not QuantMode.NONE:
-        if softcap > 0:   # the q . mean(K) that smoothing removes matters under a cap: added back
+        if softcap > 0:   # the q . smoothing_mean(K) that smoothing removes matters under a cap: added back
             bias = quant_ref.smoothing_bias(qf, kf)
         qf, kf, vf = quant_ref.fake_quantize_qkv(qf, kf, vf, mode, block_m, block_n, pv_format)
     nq, nk = q.shape[2], k.shape[2]

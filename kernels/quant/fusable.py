@@ -1,7 +1,7 @@
 """Quantization of Q, K, V written as plain torch ops that Inductor fuses into their producers.
 
 quantize_qkv_fusable(q, k, v, quant, block_m, block_n) -> QuantizedQKV, the same codes, scales and
-layouts as kernels/quant/launch.quantize_qkv (the four Triton launches), computed with the same
+layouts as kernels/quant/launch.quantize_qkv (its Triton launches), computed with the same
 formulas (scale = amax / QMAX, codes of x * (1 / scale), rounding half away from zero for INT8, the
 e4m3 cast for FP8, V transposed to (B, H, D, N_pad16) with zero padding).
 
@@ -11,13 +11,13 @@ of the attention at density 0.2, docs/KERNELS.md). Under torch.compile the atten
 sees the quantization as a reduction (the block amax) and the pointwise ops that read its result,
 i.e. the softmax shape it fuses into one kernel, and pulls the producer of q / k / v (RoPE, the
 projection's bias and reshape) into that kernel's loads. Q's codes come out of the producer's kernel
-and no bf16 Q is written; K needs its mean over all tokens first (smoothing), a full reduction, so K
-takes its producer's kernel plus one reduction; V a channel amax over all tokens and the transposed
-codes. What remains on the attention's side is no separate quantization launch.
+and no bf16 Q is written; K is smoothed by reference.smoothing_mean (the mean of 64 sampled rows, an
+index_select and a small reduction, not a pass over K); V needs a channel amax over all tokens and the
+transposed codes. What remains on the attention's side is no separate quantization launch.
 
-Agreement with the Triton kernels: equal codes and scales except where the fp32 sums of K's mean are
-added in another order (the kernels' atomics): a last-bit difference of the mean can move a K code
-sitting on a rounding boundary by one step (tests/kernels/test_quant_fusion.py).
+Agreement with the Triton kernels: equal codes and scales except where the fp32 sum of the 64 sampled
+rows is added in another order: a last-bit difference of the mean can move a K code sitting on a
+rounding boundary by one step (tests/kernels/test_quant_fusion.py).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import torch
 from ..errors import check
 from ..spec import QuantMode
 from .launch import QuantizedQKV
-from .reference import MIN_AMAX, QMAX, check_pv_format
+from .reference import MIN_AMAX, QMAX, check_pv_format, smoothing_mean
 
 
 def _codes(y: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -68,10 +68,9 @@ def quantize_qkv_fusable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quan
     check(mode is not QuantMode.NONE, f"quantize_qkv_fusable: quant must be a quantized mode, got {quant!r}")
     pv_format = check_pv_format(mode, pv_format)
     fmt = mode.qk_format
-    k_sum = k.float().sum(dim=2)
-    k_mean = k_sum / k.shape[2]
+    k_mean = smoothing_mean(k)
     qc, qs = quantize_blocks_fusable(q, block_m, fmt)
-    kc, ks = quantize_blocks_fusable(k, block_n, fmt, mean=k_sum * (1.0 / k.shape[2]))   # as the kernel: sum * (1/N)
+    kc, ks = quantize_blocks_fusable(k, block_n, fmt, mean=k_mean)
     if pv_format is not None:
         vc, vs = quantize_v_fp8_fusable(v, pv_format)
         return QuantizedQKV(qc.contiguous(), qs, kc.contiguous(), ks, vc, vs, k_mean)

@@ -1,11 +1,14 @@
 """Triton kernels that quantize attention inputs (see kernels/quant/reference.py for the math).
 
-_channel_stats_kernel: per (b, h) the column sums of K (for the smoothing mean) and, optionally, the
-column abs-max of V (for V's per-channel FP8 scale), in one read of K and V: each program reduces
-ROWS tokens and adds its partial result with one atomic per column.
-_quantize_blocks_kernel: one program per (block of BLOCK tokens, b*h): optionally subtracts the
-channel mean (K smoothing), takes amax(|x|) over the block, writes the codes and one float32
-scale = amax / QMAX (reference.QMAX). One read of x, one write of the codes.
+_channel_stats_kernel: per (b, h) the column abs-max of V (for V's per-channel FP8 / INT8 scale), in
+one read of V: each program reduces ROWS tokens and merges its partial maxima with one atomic per
+column. Only the 8-bit P V modes launch it; K needs no statistics pass (below).
+_quantize_blocks_kernel: one program per (block of BLOCK tokens, b*h): optionally smooths (K: each
+program first averages the SAMPLES rows of reference.smoothing_rows of its (b, h), the same loads
+reduced in the same order in every program, so all get the identical vector; block 0 writes it out
+as k_mean), takes amax(|x|) over the block, writes the codes and one float32 scale = amax / QMAX
+(reference.QMAX). One read of x (plus the sampled rows, shared by a head's programs through L2),
+one write of the codes.
 _quantize_channels_fp8_kernel: V for FP8 P V: x / scale[d] cast to e4m3 (IS_INT8: rounded to INT8,
 scale amax / 127, for the experimental INT8 P V) and written transposed,
 (B, H, D, N_pad), because Hopper's FP8 tensor-core op wants its B operand K-major; the padding
@@ -15,10 +18,10 @@ block of K (smoothed, per-block scale) and the same tokens of V (per channel, tr
 launch reads K and V once, side by side, instead of in two launches (the same codes and scales:
 both kernels call the same helpers).
 REVERSE_HEADS: the programs of K's quantization (and of the fused K V one) take the heads in reverse
-order. The channel statistics pass just read K and V head by head, in order, so the last heads it
-read are still in L2 (50 MB on an H200: about three wan480 heads of K and V) when the reversed pass
-starts on them; the reversed pass then ends on head 0, whose codes the attention kernel, which walks
-the heads in order (schedule.work_order), reads first. The codes are the same in any order.
+order, so the pass ends on head 0, whose codes the attention kernel, which walks the heads in order
+(schedule.work_order), reads first (still in L2); in the fused K V launch the channel statistics
+pass, which reads V head by head in order, also leaves the last heads of V in L2 (50 MB on an H200)
+for its start. The codes are the same in any order.
 Q's per-block quantization can also run inside the attention kernel's prologue
 (block_sparse/kernel.py QUANT_Q, with quantize_block_codes below): no Q pass at all.
 """
@@ -73,50 +76,45 @@ def _load_rows(X, b, h, offs_n, N, stride_xb, stride_xh, stride_xn, HEAD_DIM: tl
 
 
 @triton.jit
-def _channel_stats_rows(K, V, KSum, VAbsMax, b, h, bh, chunk, N,
-                        stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                        ROWS: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr, WITH_V: tl.constexpr,
-                        DEFER: tl.constexpr):
-    """Tokens [chunk * ROWS, + ROWS) of k[b, h] (and v[b, h]) into the channel sums (and abs-maxima).
+def _channel_stats_rows(V, VAbsMax, b, h, bh, chunk, N, stride_vb, stride_vh, stride_vn,
+                        ROWS: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr, DEFER: tl.constexpr):
+    """Tokens [chunk * ROWS, + ROWS) of v[b, h] into the channel abs-maxima.
     DEFER: accumulate whole (TILE, HEAD_DIM) tiles element by element and reduce over rows once,
     after the loop (no cross-warp reduction per tile; the loads of successive tiles need not wait
-    for one), instead of reducing each tile as it comes. The same maxima; sums in another order."""
+    for one), instead of reducing each tile as it comes. The same maxima either way."""
     offs_d = tl.arange(0, HEAD_DIM)
     if DEFER:
-        k_acc = tl.zeros([TILE, HEAD_DIM], dtype=tl.float32)
         v_acc = tl.zeros([TILE, HEAD_DIM], dtype=tl.float32)
         for start in range(chunk * ROWS, tl.minimum(chunk * ROWS + ROWS, N), TILE):
             offs_n = start + tl.arange(0, TILE)
-            k_acc += _load_rows(K, b, h, offs_n, N, stride_kb, stride_kh, stride_kn, HEAD_DIM)
-            if WITH_V:
-                v_acc = tl.maximum(v_acc, tl.abs(_load_rows(V, b, h, offs_n, N, stride_vb, stride_vh, stride_vn,
-                                                            HEAD_DIM)))
-        k_sum = tl.sum(k_acc, 0)
+            v_acc = tl.maximum(v_acc, tl.abs(_load_rows(V, b, h, offs_n, N, stride_vb, stride_vh, stride_vn, HEAD_DIM)))
         v_max = tl.max(v_acc, 0)
     else:
-        k_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
         v_max = tl.zeros([HEAD_DIM], dtype=tl.float32)
         for start in range(chunk * ROWS, tl.minimum(chunk * ROWS + ROWS, N), TILE):
             offs_n = start + tl.arange(0, TILE)
-            k_sum += tl.sum(_load_rows(K, b, h, offs_n, N, stride_kb, stride_kh, stride_kn, HEAD_DIM), 0)
-            if WITH_V:
-                v = _load_rows(V, b, h, offs_n, N, stride_vb, stride_vh, stride_vn, HEAD_DIM)
-                v_max = tl.maximum(v_max, tl.max(tl.abs(v), 0))
-    tl.atomic_add(KSum + bh * HEAD_DIM + offs_d, k_sum)
-    if WITH_V:
-        tl.atomic_max(VAbsMax + bh * HEAD_DIM + offs_d, v_max)   # non-negative floats: max is exact
+            v = _load_rows(V, b, h, offs_n, N, stride_vb, stride_vh, stride_vn, HEAD_DIM)
+            v_max = tl.maximum(v_max, tl.max(tl.abs(v), 0))
+    tl.atomic_max(VAbsMax + bh * HEAD_DIM + offs_d, v_max)   # non-negative floats: max is exact
 
 
 @triton.jit
-def _channel_stats_kernel(K, V, KSum, VAbsMax, H, N,
-                          stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                          ROWS: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr, WITH_V: tl.constexpr,
-                          DEFER: tl.constexpr = False):
+def _channel_stats_kernel(V, VAbsMax, H, N, stride_vb, stride_vh, stride_vn,
+                          ROWS: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr, DEFER: tl.constexpr = False):
     chunk = tl.program_id(0)
     bh = tl.program_id(1)
-    _channel_stats_rows(K, V, KSum, VAbsMax, bh // H, bh % H, bh, chunk, N,
-                        stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                        ROWS, TILE, HEAD_DIM, WITH_V, DEFER)
+    _channel_stats_rows(V, VAbsMax, bh // H, bh % H, bh, chunk, N, stride_vb, stride_vh, stride_vn,
+                        ROWS, TILE, HEAD_DIM, DEFER)
+
+
+@triton.jit
+def _smoothing_mean(X, b, h, N, stride_xb, stride_xh, stride_xn, HEAD_DIM: tl.constexpr, SAMPLES: tl.constexpr):
+    """reference.smoothing_mean of x[b, h]: the float32 mean of rows i * N // SAMPLES, i < SAMPLES
+    (all N rows when N <= SAMPLES; the rows past N then load as zeros), (HEAD_DIM,)."""
+    i = tl.arange(0, SAMPLES).to(tl.int64)   # int64: i * N stays exact for any N
+    rows = tl.where(N > SAMPLES, i * N // SAMPLES, i)
+    x = _load_rows(X, b, h, rows, N, stride_xb, stride_xh, stride_xn, HEAD_DIM)
+    return tl.sum(x, 0) / tl.sum((rows < N).to(tl.float32), 0)
 
 
 @triton.jit
@@ -145,17 +143,20 @@ def quantize_with_scale(x, scale, IS_FP8: tl.constexpr, ROUND_IN_FP32: tl.conste
 
 
 @triton.jit
-def _quantize_block_rows(X, Sum, Codes, Scale, b, h, bh, blk, N, NUM_BLOCKS, inv_n,
+def _quantize_block_rows(X, Mean, Codes, Scale, b, h, bh, blk, N, NUM_BLOCKS,
                          stride_xb, stride_xh, stride_xn,
                          BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, IS_FP8: tl.constexpr, SMOOTH: tl.constexpr,
-                         MIN_AMAX: tl.constexpr, ROUND_IN_FP32: tl.constexpr):
-    """Block blk of x[b, h]: (smoothed) codes into Codes (B * H, N, D) and its scale."""
+                         MIN_AMAX: tl.constexpr, ROUND_IN_FP32: tl.constexpr, SAMPLES: tl.constexpr):
+    """Block blk of x[b, h]: codes into Codes (B * H, N, D) and its scale. SMOOTH: x minus its
+    smoothing mean first, which block 0 also writes to Mean (B * H, D)."""
     offs_n = blk * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM)
     in_bounds = offs_n[:, None] < N
     x = _load_rows(X, b, h, offs_n, N, stride_xb, stride_xh, stride_xn, HEAD_DIM)
     if SMOOTH:
-        mean = tl.load(Sum + bh * HEAD_DIM + offs_d) * tl.cast(inv_n, tl.float32)   # fp64 under Inductor
+        mean = _smoothing_mean(X, b, h, N, stride_xb, stride_xh, stride_xn, HEAD_DIM, SAMPLES)
+        if blk == 0:
+            tl.store(Mean + bh * HEAD_DIM + offs_d, mean)
         x = tl.where(in_bounds, x - mean[None, :], 0.0)
     codes, scale = quantize_block_codes(x, x, IS_FP8, MIN_AMAX, ROUND_IN_FP32)
     tl.store(Codes + bh * N * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :], codes, mask=in_bounds)
@@ -164,19 +165,19 @@ def _quantize_block_rows(X, Sum, Codes, Scale, b, h, bh, blk, N, NUM_BLOCKS, inv
 
 @triton.jit
 def _quantize_blocks_kernel(
-    X, Sum, Codes, Scale,
-    H, N, NUM_BLOCKS, inv_n,
+    X, Mean, Codes, Scale,
+    H, N, NUM_BLOCKS,
     stride_xb, stride_xh, stride_xn,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, IS_FP8: tl.constexpr, SMOOTH: tl.constexpr,
-    MIN_AMAX: tl.constexpr, ROUND_IN_FP32: tl.constexpr,
+    MIN_AMAX: tl.constexpr, ROUND_IN_FP32: tl.constexpr, SAMPLES: tl.constexpr,
 ):
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     if SMOOTH:   # K: heads in reverse (see REVERSE_HEADS in the module docstring)
         bh = tl.num_programs(1) - 1 - bh
-    _quantize_block_rows(X, Sum, Codes, Scale, bh // H, bh % H, bh, blk, N, NUM_BLOCKS, inv_n,
+    _quantize_block_rows(X, Mean, Codes, Scale, bh // H, bh % H, bh, blk, N, NUM_BLOCKS,
                          stride_xb, stride_xh, stride_xn, BLOCK, HEAD_DIM, IS_FP8, SMOOTH, MIN_AMAX,
-                         ROUND_IN_FP32)
+                         ROUND_IN_FP32, SAMPLES)
 
 
 @triton.jit
@@ -223,33 +224,34 @@ def _quantize_channels_fp8_kernel(
 
 @triton.jit
 def _quantize_kv_kernel(
-    K, KSum, KCodes, KScale, V, VAbsMax, VScale, VCodesT,
-    H, N, NUM_BLOCKS, N_PAD, inv_n,
+    K, KMean, KCodes, KScale, V, VAbsMax, VScale, VCodesT,
+    H, N, NUM_BLOCKS, N_PAD,
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, K_FP8: tl.constexpr, V_INT8: tl.constexpr,
-    MIN_AMAX: tl.constexpr, ROUND_IN_FP32: tl.constexpr,
+    MIN_AMAX: tl.constexpr, ROUND_IN_FP32: tl.constexpr, SAMPLES: tl.constexpr,
 ):
     """K's block blk (smoothed, per-block scale) and the same tokens of V (per channel): one launch."""
     blk = tl.program_id(0)
     bh = tl.num_programs(1) - 1 - tl.program_id(1)   # heads in reverse (REVERSE_HEADS, module docstring)
     b = bh // H
     h = bh % H
-    _quantize_block_rows(K, KSum, KCodes, KScale, b, h, bh, blk, N, NUM_BLOCKS, inv_n,
-                         stride_kb, stride_kh, stride_kn, BLOCK, HEAD_DIM, K_FP8, True, MIN_AMAX, ROUND_IN_FP32)
+    _quantize_block_rows(K, KMean, KCodes, KScale, b, h, bh, blk, N, NUM_BLOCKS,
+                         stride_kb, stride_kh, stride_kn, BLOCK, HEAD_DIM, K_FP8, True, MIN_AMAX, ROUND_IN_FP32,
+                         SAMPLES)
     _quantize_channel_rows(V, VAbsMax, VScale, VCodesT, b, h, bh, blk, N, N_PAD,
                            stride_vb, stride_vh, stride_vn, BLOCK, HEAD_DIM, MIN_AMAX, ROUND_IN_FP32, V_INT8)
 
 
 @triton.jit
 def _stats_and_q_kernel(
-    K, V, KSum, VAbsMax, Q, QCodes, QScale,
+    V, VAbsMax, Q, QCodes, QScale,
     H, HQ, N, NQ, N_CHUNKS, NQB, N_STATS, N_QPROG,
-    stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_qb, stride_qh, stride_qn,
-    ROWS: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr, WITH_V: tl.constexpr, DEFER: tl.constexpr,
+    stride_vb, stride_vh, stride_vn, stride_qb, stride_qh, stride_qn,
+    ROWS: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr, DEFER: tl.constexpr,
     BLOCK_Q: tl.constexpr, Q_FP8: tl.constexpr, MIN_AMAX: tl.constexpr, ROUND_IN_FP32: tl.constexpr,
 ):
-    """The channel statistics of K (V) and Q's per-block quantization in one launch (1-D grid of
-    N_STATS + N_QPROG programs, the two kinds alternating while both last): the statistics pass is
+    """V's channel statistics and Q's per-block quantization in one launch (1-D grid of N_STATS +
+    N_QPROG programs, the two kinds alternating while both last): the statistics pass is
     latency-bound (2 TB/s on an H200), the Q pass bandwidth-bound, and Q needs nothing the statistics
     give, so the two run side by side instead of one after the other."""
     pid = tl.program_id(0)
@@ -262,10 +264,10 @@ def _stats_and_q_kernel(
         idx = both + pid - 2 * both
     if is_stats:
         bh = idx // N_CHUNKS
-        _channel_stats_rows(K, V, KSum, VAbsMax, bh // H, bh % H, bh, idx % N_CHUNKS, N,
-                            stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                            ROWS, TILE, HEAD_DIM, WITH_V, DEFER)
+        _channel_stats_rows(V, VAbsMax, bh // H, bh % H, bh, idx % N_CHUNKS, N, stride_vb, stride_vh, stride_vn,
+                            ROWS, TILE, HEAD_DIM, DEFER)
     else:
         bhq = idx // NQB
-        _quantize_block_rows(Q, QScale, QCodes, QScale, bhq // HQ, bhq % HQ, bhq, idx % NQB, NQ, NQB, 1.0,
-                             stride_qb, stride_qh, stride_qn, BLOCK_Q, HEAD_DIM, Q_FP8, False, MIN_AMAX, ROUND_IN_FP32)
+        _quantize_block_rows(Q, QScale, QCodes, QScale, bhq // HQ, bhq % HQ, bhq, idx % NQB, NQ, NQB,
+                             stride_qb, stride_qh, stride_qn, BLOCK_Q, HEAD_DIM, Q_FP8, False, MIN_AMAX, ROUND_IN_FP32,
+                             0)   # SAMPLES: unused, Q is not smoothed

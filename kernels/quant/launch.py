@@ -1,17 +1,20 @@
 """Launchers of the quantization kernels: validation, allocation, grid.
 
 quantize_qkv(q, k, v, quant, block_m, block_n) -> QuantizedQKV: everything the attention kernel
-    needs in one call: channel statistics of K (and V) in one pass, then Q, K (smoothed) and, for
-    FP8 P V, V quantized. Four launches, one read of each input plus one of K and V for the stats;
+    needs in one call: for FP8 / INT8 P V, V's channel abs-max (one pass over V); then Q, K (smoothed
+    by the mean of a strided sample of its rows, computed inside K's launch: no statistics pass over
+    K) and, for 8-bit P V, V quantized. int8 (16-bit P V): two launches, one read of Q and of K;
     fuse_kv: K and V in one launch (quantize_kv); q_in_kernel: Q left to the attention kernel's
     prologue (QuantizedQKV.q is then the 16-bit q and q_scale None).
-stats_and_q(k, v, q, block_m, fmt) -> (k_sum, v_max, Q codes, Q scales): the statistics and Q's
-    quantization in one launch, side by side.
-quantize_kv(k, v, k_sum, v_max, block, fmt, pv_format) -> (K codes, K scales, V codes transposed,
-    V scales): quantize_blocks of K and quantize_v_fp8 of V in one launch.
-quantize_blocks(x, block, fmt, channel_sum=None) -> (codes (B, H, N, D) int8 | float8_e4m3fn,
-    scale float32 (B, H, ceil(N/block))); channel_sum (B, H, D) float32, if given, smooths x by
-    subtracting channel_sum / N.
+channel_stats(v) -> V's abs-max per (b, h, channel), float32 (B, H, D).
+stats_and_q(v, q, block_m, fmt) -> (v_max, Q codes, Q scales): the statistics and Q's quantization in
+    one launch, side by side.
+quantize_k(k, block, fmt) -> (K codes, K scales, k_mean): K smoothed by reference.smoothing_mean,
+    which comes back as k_mean (B, H, D) float32.
+quantize_kv(k, v, v_max, block, fmt, pv_format) -> (K codes, K scales, k_mean, V codes transposed,
+    V scales): quantize_k of K and quantize_v_fp8 of V in one launch.
+quantize_blocks(x, block, fmt) -> (codes (B, H, N, D) int8 | float8_e4m3fn, scale float32
+    (B, H, ceil(N/block))), unsmoothed (Q).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from ..errors import check
 from ..runtime import interpreting, plain_eager, triton_launcher
 from ..spec import QuantMode
 from . import kernel
-from .reference import MIN_AMAX, check_pv_format
+from .reference import MIN_AMAX, SMOOTHING_SAMPLES, check_pv_format
 
 CODE_DTYPE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 # Tokens reduced by one statistics program before its atomics: 128 was 5-7% faster than 256 at wan480 on
@@ -48,47 +51,56 @@ def _check_input(x: torch.Tensor, what: str) -> None:
     _check_power_of_two(what, "head_dim", x.shape[-1])
 
 
-def channel_stats(k: torch.Tensor, v: torch.Tensor | None, rows: int = _STATS_ROWS, num_warps: int = 4,
-                  tile: int = 64, defer: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(sum of k over tokens (B, H, D) float32, abs-max of v over tokens (B, H, D) float32 or None).
+def channel_stats(v: torch.Tensor, rows: int = _STATS_ROWS, num_warps: int = 4, tile: int = 64,
+                  defer: bool = False) -> torch.Tensor:
+    """Abs-max of v over tokens (B, H, D) float32 (V's per-channel scale of the 8-bit P V modes).
     rows: tokens per program, tile: tokens per load (a power of two >= 16 dividing rows);
     num_warps, defer (kernel.py DEFER: rows reduced once, after the loop): for tuning sweeps."""
     _check_power_of_two("channel_stats", "tile", tile, rows)
-    _check_input(k, "channel_stats")
-    B, H, N, D = k.shape
-    k_sum = torch.zeros((B, H, D), dtype=torch.float32, device=k.device)
-    v_max = torch.zeros((B, H, D), dtype=torch.float32, device=k.device) if v is not None else None
-    vv = v if v is not None else k
-    launch = triton_launcher(kernel._channel_stats_kernel, plain_eager(k, vv))
+    _check_input(v, "channel_stats")
+    B, H, N, D = v.shape
+    v_max = torch.zeros((B, H, D), dtype=torch.float32, device=v.device)
+    launch = triton_launcher(kernel._channel_stats_kernel, plain_eager(v))
     launch[(triton.cdiv(N, rows), B * H)](
-        k, vv, k_sum, v_max if v_max is not None else k_sum, H, N,
-        k.stride(0), k.stride(1), k.stride(2), vv.stride(0), vv.stride(1), vv.stride(2),
-        ROWS=rows, TILE=tile, HEAD_DIM=D, WITH_V=v is not None, DEFER=defer, num_warps=num_warps)
-    return k_sum, v_max
+        v, v_max, H, N, v.stride(0), v.stride(1), v.stride(2),
+        ROWS=rows, TILE=tile, HEAD_DIM=D, DEFER=defer, num_warps=num_warps)
+    return v_max
 
 
 def _block_warps(block: int, D: int) -> int:
     return 4 if block * D <= 8192 else 8
 
 
-def quantize_blocks(x: torch.Tensor, block: int, fmt: str, channel_sum: torch.Tensor | None = None,
-                    num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-(b, h, token block) quantization of x (B, H, N, D); smoothed when channel_sum is given.
-    num_warps: None (by the block's size) or a tuning sweep's choice."""
-    _check_input(x, "quantize_blocks")
-    check(fmt in CODE_DTYPE, f"quantize_blocks: fmt must be 'int8' or 'fp8', got {fmt!r}")
-    _check_power_of_two("quantize_blocks", "block", block)
+def _quantize_blocks(x: torch.Tensor, block: int, fmt: str, smooth: bool, num_warps: int | None):
+    what = "quantize_k" if smooth else "quantize_blocks"
+    _check_input(x, what)
+    check(fmt in CODE_DTYPE, f"{what}: fmt must be 'int8' or 'fp8', got {fmt!r}")
+    _check_power_of_two(what, "block", block)
     B, H, N, D = x.shape
     nb = triton.cdiv(N, block)
     codes = torch.empty((B, H, N, D), dtype=CODE_DTYPE[fmt], device=x.device)
     scale = torch.empty((B, H, nb), dtype=torch.float32, device=x.device)
+    mean = torch.empty((B, H, D), dtype=torch.float32, device=x.device) if smooth else None
     triton_launcher(kernel._quantize_blocks_kernel, plain_eager(x))[(nb, B * H)](
-        x, channel_sum if channel_sum is not None else scale, codes, scale, H, N, nb, 1.0 / N,
-        x.stride(0), x.stride(1), x.stride(2),
-        BLOCK=block, HEAD_DIM=D, IS_FP8=fmt == "fp8", SMOOTH=channel_sum is not None,
-        MIN_AMAX=MIN_AMAX, ROUND_IN_FP32=interpreting(),
-        num_warps=num_warps or _block_warps(block, D))
+        x, mean if smooth else scale, codes, scale, H, N, nb, x.stride(0), x.stride(1), x.stride(2),
+        BLOCK=block, HEAD_DIM=D, IS_FP8=fmt == "fp8", SMOOTH=smooth, MIN_AMAX=MIN_AMAX,
+        ROUND_IN_FP32=interpreting(), SAMPLES=SMOOTHING_SAMPLES, num_warps=num_warps or _block_warps(block, D))
+    return codes, scale, mean
+
+
+def quantize_blocks(x: torch.Tensor, block: int, fmt: str, num_warps: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(b, h, token block) quantization of x (B, H, N, D), unsmoothed (Q).
+    num_warps: None (by the block's size) or a tuning sweep's choice."""
+    codes, scale, _ = _quantize_blocks(x, block, fmt, False, num_warps)
     return codes, scale
+
+
+def quantize_k(k: torch.Tensor, block: int, fmt: str, num_warps: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-(b, h, token block) quantization of k minus reference.smoothing_mean(k), computed by the
+    same launch: (codes, scales, k_mean (B, H, D) float32)."""
+    return _quantize_blocks(k, block, fmt, True, num_warps)
 
 
 def quantize_v_fp8(v: torch.Tensor, abs_max: torch.Tensor, block_n: int = 128, num_warps: int = 4,
@@ -112,11 +124,11 @@ def quantize_v_fp8(v: torch.Tensor, abs_max: torch.Tensor, block_n: int = 128, n
     return codes_t, scale
 
 
-def quantize_kv(k: torch.Tensor, v: torch.Tensor, k_sum: torch.Tensor, v_max: torch.Tensor, block: int, fmt: str,
-                pv_format: str, num_warps: int | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """quantize_blocks(k, block, fmt, k_sum) and quantize_v_fp8(v, v_max, fmt=pv_format) in one
-    launch (kernel._quantize_kv_kernel): (K codes, K scales, V codes (B, H, D, N_pad), V scales)."""
+def quantize_kv(k: torch.Tensor, v: torch.Tensor, v_max: torch.Tensor, block: int, fmt: str, pv_format: str,
+                num_warps: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """quantize_k(k, block, fmt) and quantize_v_fp8(v, v_max, fmt=pv_format) in one launch
+    (kernel._quantize_kv_kernel): (K codes, K scales, k_mean, V codes (B, H, D, N_pad), V scales)."""
     _check_input(k, "quantize_kv")
     _check_input(v, "quantize_kv")
     check(k.shape == v.shape, f"quantize_kv: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
@@ -128,51 +140,48 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, k_sum: torch.Tensor, v_max: to
     n_pad = triton.cdiv(N, 16) * 16
     kc = torch.empty((B, H, N, D), dtype=CODE_DTYPE[fmt], device=k.device)
     ks = torch.empty((B, H, nb), dtype=torch.float32, device=k.device)
+    k_mean = torch.empty((B, H, D), dtype=torch.float32, device=k.device)
     vs = torch.empty((B, H, D), dtype=torch.float32, device=k.device)
     vc = torch.empty((B, H, D, n_pad), dtype=CODE_DTYPE[pv_format], device=k.device)   # padding written by the kernel
-    triton_launcher(kernel._quantize_kv_kernel, plain_eager(k, v, k_sum, v_max))[(nb, B * H)](
-        k, k_sum, kc, ks, v, v_max, vs, vc, H, N, nb, n_pad, 1.0 / N,
+    triton_launcher(kernel._quantize_kv_kernel, plain_eager(k, v, v_max))[(nb, B * H)](
+        k, k_mean, kc, ks, v, v_max, vs, vc, H, N, nb, n_pad,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        BLOCK=block, HEAD_DIM=D, K_FP8=fmt == "fp8", V_INT8=pv_format == "int8",
-        MIN_AMAX=MIN_AMAX, ROUND_IN_FP32=interpreting(), num_warps=num_warps or 2 * _block_warps(block, D))
-    return kc, ks, vc, vs
+        BLOCK=block, HEAD_DIM=D, K_FP8=fmt == "fp8", V_INT8=pv_format == "int8", MIN_AMAX=MIN_AMAX,
+        ROUND_IN_FP32=interpreting(), SAMPLES=SMOOTHING_SAMPLES, num_warps=num_warps or 2 * _block_warps(block, D))
+    return kc, ks, k_mean, vc, vs
 
 
-def stats_and_q(k: torch.Tensor, v: torch.Tensor | None, q: torch.Tensor, block_m: int, fmt: str,
-                rows: int = _STATS_ROWS, tile: int = 64, defer: bool = False, num_warps: int = 4):
-    """channel_stats(k, v) and quantize_blocks(q, block_m, fmt) in one launch (kernel._stats_and_q_kernel):
-    (k_sum, v_max or None, Q codes, Q scales), the same values (sums up to the atomics' order)."""
-    _check_input(k, "stats_and_q")
+def stats_and_q(v: torch.Tensor, q: torch.Tensor, block_m: int, fmt: str, rows: int = _STATS_ROWS, tile: int = 64,
+                defer: bool = False, num_warps: int = 4):
+    """channel_stats(v) and quantize_blocks(q, block_m, fmt) in one launch (kernel._stats_and_q_kernel):
+    (v_max, Q codes, Q scales), the same values."""
+    _check_input(v, "stats_and_q")
     _check_input(q, "stats_and_q")
     check(fmt in CODE_DTYPE, f"stats_and_q: fmt must be 'int8' or 'fp8', got {fmt!r}")
     _check_power_of_two("stats_and_q", "block_m", block_m)
     _check_power_of_two("stats_and_q", "tile", tile, rows)
-    B, H, N, D = k.shape
+    B, H, N, D = v.shape
     Hq, Nq = q.shape[1], q.shape[2]
-    check(q.shape[0] == B and q.shape[3] == D, f"stats_and_q: q {tuple(q.shape)} does not match k {tuple(k.shape)}")
-    k_sum = torch.zeros((B, H, D), dtype=torch.float32, device=k.device)
-    v_max = torch.zeros((B, H, D), dtype=torch.float32, device=k.device) if v is not None else None
-    vv = v if v is not None else k
+    check(q.shape[0] == B and q.shape[3] == D, f"stats_and_q: q {tuple(q.shape)} does not match v {tuple(v.shape)}")
+    v_max = torch.zeros((B, H, D), dtype=torch.float32, device=v.device)
     nqb, chunks = triton.cdiv(Nq, block_m), triton.cdiv(N, rows)
     codes = torch.empty((B, Hq, Nq, D), dtype=CODE_DTYPE[fmt], device=q.device)
     scale = torch.empty((B, Hq, nqb), dtype=torch.float32, device=q.device)
     n_stats, n_q = chunks * B * H, nqb * B * Hq
-    triton_launcher(kernel._stats_and_q_kernel, plain_eager(k, vv, q))[(n_stats + n_q,)](
-        k, vv, k_sum, v_max if v_max is not None else k_sum, q, codes, scale,
-        H, Hq, N, Nq, chunks, nqb, n_stats, n_q,
-        k.stride(0), k.stride(1), k.stride(2), vv.stride(0), vv.stride(1), vv.stride(2),
-        q.stride(0), q.stride(1), q.stride(2),
-        ROWS=rows, TILE=tile, HEAD_DIM=D, WITH_V=v is not None, DEFER=defer, BLOCK_Q=block_m, Q_FP8=fmt == "fp8",
+    triton_launcher(kernel._stats_and_q_kernel, plain_eager(v, q))[(n_stats + n_q,)](
+        v, v_max, q, codes, scale, H, Hq, N, Nq, chunks, nqb, n_stats, n_q,
+        v.stride(0), v.stride(1), v.stride(2), q.stride(0), q.stride(1), q.stride(2),
+        ROWS=rows, TILE=tile, HEAD_DIM=D, DEFER=defer, BLOCK_Q=block_m, Q_FP8=fmt == "fp8",
         MIN_AMAX=MIN_AMAX, ROUND_IN_FP32=interpreting(), num_warps=num_warps)
-    return k_sum, v_max, codes, scale
+    return v_max, codes, scale
 
 
 @dataclasses.dataclass
 class QuantizedQKV:
     """Inputs of the quantized attention kernel. q_scale None: q is the 16-bit input, quantized by
     the attention kernel itself (quantize_qkv's q_in_kernel). v is the original tensor when P V stays 16-bit,
-    else FP8 codes transposed (B, H, D, N_pad) with v_scale (B, H, D). k_mean: K's mean over tokens
-    (the smoothing), for the per-row term q . mean a soft cap needs back."""
+    else FP8 codes transposed (B, H, D, N_pad) with v_scale (B, H, D). k_mean: the vector smoothing
+    subtracted from K (reference.smoothing_mean), for the per-row term q . k_mean a soft cap needs back."""
     q: torch.Tensor
     q_scale: torch.Tensor | None
     k: torch.Tensor
@@ -189,22 +198,21 @@ def quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: Quant
     kernels/quant/reference.py. pv_format "int8" (8-bit P V modes only): V in INT8 codes per channel
     (int8_int8's own; with fp8 / int8_fp8 the launcher's experimental option). fuse_kv (8-bit P V):
     K and V quantized in one launch; q_in_kernel: Q not quantized here (q stays the input, q_scale
-    None: the attention kernel quantizes it in its prologue); q_with_stats: Q quantized in the launch
-    of the channel statistics (stats_and_q). All give the same codes and scales."""
+    None: the attention kernel quantizes it in its prologue); q_with_stats (8-bit P V): Q quantized in
+    the launch of V's channel statistics (stats_and_q). All give the same codes and scales."""
     mode = QuantMode.parse(quant, "quantize_qkv: quant")
     check(mode is not QuantMode.NONE, f"quantize_qkv: quant must be a quantized mode, got {quant!r}")
     fmt = mode.qk_format
     pv_format = check_pv_format(mode, pv_format)
-    if q_with_stats and not q_in_kernel:
-        k_sum, v_max, qc, qs = stats_and_q(k, v if pv_format else None, q, block_m, fmt)
+    if pv_format and q_with_stats and not q_in_kernel:
+        v_max, qc, qs = stats_and_q(v, q, block_m, fmt)
     else:
-        k_sum, v_max = channel_stats(k, v if pv_format else None)
+        v_max = channel_stats(v) if pv_format else None
         qc, qs = (q, None) if q_in_kernel else quantize_blocks(q, block_m, fmt)
-    k_mean = k_sum / k.shape[2]
     if pv_format and fuse_kv:
-        kc, ks, vc, vs = quantize_kv(k, v, k_sum, v_max, block_n, fmt, pv_format)
+        kc, ks, k_mean, vc, vs = quantize_kv(k, v, v_max, block_n, fmt, pv_format)
         return QuantizedQKV(qc, qs, kc, ks, vc, vs, k_mean)
-    kc, ks = quantize_blocks(k, block_n, fmt, channel_sum=k_sum)
+    kc, ks, k_mean = quantize_k(k, block_n, fmt)
     if pv_format:
         vc, vs = quantize_v_fp8(v, v_max, fmt=pv_format)
         return QuantizedQKV(qc, qs, kc, ks, vc, vs, k_mean)

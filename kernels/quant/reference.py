@@ -5,8 +5,8 @@ to +-QMAX; an all-zero group gets a tiny scale instead of 0):
 - "int8": QMAX 127, values rounded half away from zero.
 - "fp8":  float8 e4m3fn, QMAX 448, rounded to nearest by the cast.
 Groups: Q per (b, h, block of block_m tokens); K per (b, h, block of block_n tokens) after
-smoothing (K minus its mean over tokens, per (b, h, d): softmax ignores a per-row constant, and
-q . mean is one); V (FP8 P V only) per (b, h, d) channel over all tokens.
+smoothing (K minus smoothing_mean(K), per (b, h, d): q . (k_j - c) = q . k_j - q . c for any c, and
+softmax ignores the per-row constant q . c); V (FP8 P V only) per (b, h, d) channel over all tokens.
 V in int8_int8 (and with pv_format "int8"): the same per-channel groups, INT8 codes.
 P (8-bit P V only; round_probabilities_fp8): per query row and group of block keys, scaled so that
 the group's largest probability is 448 (SageAttention2's per-block P scale: the full e4m3 range
@@ -21,6 +21,24 @@ from ..spec import QuantMode
 
 QMAX = {"int8": 127.0, "fp8": 448.0}
 MIN_AMAX = 1e-10
+#: Token rows K's smoothing vector is averaged over (smoothing_rows).
+SMOOTHING_SAMPLES = 64
+
+
+def smoothing_rows(n: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The rows smoothing_mean averages over a key sequence of n tokens: i * n // S for i < S
+    (S = SMOOTHING_SAMPLES, a fixed stride over the sequence) when n > S, else all n rows."""
+    if n <= SMOOTHING_SAMPLES:
+        return torch.arange(n, device=device)
+    return torch.arange(SMOOTHING_SAMPLES, device=device) * n // SMOOTHING_SAMPLES
+
+
+def smoothing_mean(k: torch.Tensor) -> torch.Tensor:
+    """c, the vector K smoothing subtracts from every key: K's float32 mean over smoothing_rows,
+    (B, H, D). Any per-(b, h) c keeps the softmax exact and only needs to be near the mean to shrink
+    K's range, so a 64-row sample does, and K's quantization needs no full pass over K first. Every
+    user of c (kernel.py, fusable.py, smoothing_bias, core/lse.py, plugins/onnx) mirrors these rows."""
+    return k.index_select(2, smoothing_rows(k.shape[2], k.device)).float().mean(dim=2)
 
 
 def round_to_format(x: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -70,14 +88,14 @@ def check_pv_format(mode: QuantMode, pv_format: str | None) -> str | None:
 def fake_quantize_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quant: QuantMode | str, block_m: int,
                       block_n: int, pv_format: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize then dequantize q, k, v as the kernels do in `quant` mode (K comes back smoothed:
-    minus its mean over tokens, which only a soft cap notices; see smoothing_bias). pv_format
+    minus smoothing_mean(k), which only a soft cap or a merge by LSE notices; see smoothing_bias). pv_format
     "int8" (FP8 P V modes): V per channel in INT8 instead of e4m3, as in int8_int8."""
     mode = QuantMode.parse(quant, "fake_quantize_qkv: quant")
     check(mode is not QuantMode.NONE, f"fake_quantize_qkv: quant must be a quantized mode, got {quant!r}")
     pv_format = check_pv_format(mode, pv_format)
     fmt = mode.qk_format
     qc, qs = quantize_blocks(q, block_m, fmt)
-    kc, ks = quantize_blocks(k, block_n, fmt, mean=k.float().mean(dim=2))
+    kc, ks = quantize_blocks(k, block_n, fmt, mean=smoothing_mean(k))
     q_hat = (qc * qs.repeat_interleave(block_m, dim=2)[:, :, : q.shape[2], None]).to(q.dtype)
     k_hat = (kc * ks.repeat_interleave(block_n, dim=2)[:, :, : k.shape[2], None]).to(k.dtype)
     if pv_format is not None:
@@ -104,10 +122,10 @@ def round_probabilities_fp8(scores: torch.Tensor, row_max: torch.Tensor, block: 
 
 
 def smoothing_bias(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """q . mean(K) per query row, (B, Hq, Nq), in q's float dtype (at least float32): the per-row
-    constant K smoothing removes from the scores. Softmax ignores it; a soft cap does not, so the
-    capped kernels add it back (from the unquantized q) before the tanh. Grouped kv heads: each
-    query head takes its kv head's mean."""
+    """q . smoothing_mean(K) per query row, (B, Hq, Nq), in q's float dtype (at least float32): the
+    per-row constant K smoothing removes from the scores. Softmax ignores it; a soft cap does not, so
+    the capped kernels add it back (from the unquantized q) before the tanh. Grouped kv heads: each
+    query head takes its kv head's vector."""
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    mean = k.to(work).mean(dim=2).repeat_interleave(q.shape[1] // k.shape[1], dim=1)   # (B, Hq, D)
+    mean = smoothing_mean(k).to(work).repeat_interleave(q.shape[1] // k.shape[1], dim=1)   # (B, Hq, D)
     return torch.einsum("bhnd,bhd->bhn", q.to(work), mean)

@@ -4,7 +4,7 @@ form computes what vsopt's reference computes for the int8 / fp8 / int8_fp8 / in
 Fake quantization: each group is divided by its scale (amax over the group / QMAX), rounded to the
 format (int8: half away from zero; fp8: Cast to float8 e4m3fn and back) and multiplied back. Groups:
 Q per (b, h, block of block_m tokens); K per (b, h, block of block_n tokens) after subtracting its
-mean over tokens (smoothing); V, for the 8-bit P V modes only, per (b, h, channel) (INT8 in int8_int8). Everything in
+smoothing vector (quant_ref.smoothing_mean: a Gather of quant_ref.smoothing_rows, then ReduceMean); V, for the 8-bit P V modes only, per (b, h, channel) (INT8 in int8_int8). Everything in
 float32, as the reference. Needs opset 19 (float8) for the fp8 modes.
 
 fp8_p_attention: the 8-bit P V modes' attention with P rounded as the kernels round it
@@ -55,6 +55,13 @@ def _channels_fp8(v: ir.Value, fmt: str = "fp8") -> ir.Value:
     return op.Mul(_round(op.Div(v, scale), fmt), scale)
 
 
+def _smoothing_mean(k: ir.Value, n: int) -> ir.Value:
+    """quant_ref.smoothing_mean of float32 k (B, H, n, D), kept as (B, H, 1, D)."""
+    rows = quant_ref.smoothing_rows(n)
+    sample = k if rows.numel() == n else op.Gather(k, i64(rows.tolist()), axis=2)
+    return op.ReduceMean(sample, i64([2]), keepdims=1)
+
+
 def fake_quantize_qkv(q: ir.Value, k: ir.Value, v: ir.Value, quant: str, block_m: int, block_n: int, opset: int):
     """(q, k, v) as the kernels see them in `quant` mode, float32 (K comes back smoothed)."""
     mode = QuantMode.parse(quant, "fake_quantize_qkv: quant")
@@ -66,16 +73,16 @@ def fake_quantize_qkv(q: ir.Value, k: ir.Value, v: ir.Value, quant: str, block_m
     q_shape, kv_shape = dims(q), dims(k)
     q, k, v = (op.Cast(x, to=FLOAT) for x in (q, k, v))
     q_hat = _blocks(q, q_shape, block_m, fmt)
-    k_hat = _blocks(k, kv_shape, block_n, fmt, mean=op.ReduceMean(k, i64([2]), keepdims=1))
+    k_hat = _blocks(k, kv_shape, block_n, fmt, mean=_smoothing_mean(k, kv_shape[2]))
     if mode.pv_is_8bit:
         v = _channels_fp8(v, mode.pv_format)
     return q_hat, k_hat, v
 
 
 def smoothing_bias(q: ir.Value, k: ir.Value, q_shape: list[int], kv_shape: list[int]) -> ir.Value:
-    """q . mean(K) per query row, (B, H, Nq, 1) float32 (quant_ref.smoothing_bias)."""
+    """q . smoothing_mean(K) per query row, (B, H, Nq, 1) float32 (quant_ref.smoothing_bias)."""
     q, k = op.Cast(q, to=FLOAT), op.Cast(k, to=FLOAT)
-    mean = repeat_heads(op.ReduceMean(k, i64([2]), keepdims=1), [kv_shape[0], kv_shape[1], 1, kv_shape[3]],
+    mean = repeat_heads(_smoothing_mean(k, kv_shape[2]), [kv_shape[0], kv_shape[1], 1, kv_shape[3]],
                         q_shape[1])
     return op.MatMul(q, op.Transpose(mean, perm=[0, 1, 3, 2]))
 

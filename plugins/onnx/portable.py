@@ -98,7 +98,7 @@ def portable_table(opset: int) -> dict:
         blocks = table_to_blocks(kv_indices, kv_counts, KB)
         tokens = blocks_to_tokens(blocks, [Bt, H, QB, KB], Nq, Nk, block_m, block_n)   # (Bt, H, Nq, Nk)
         q_shape, kv_shape = dims(q), dims(k)
-        # under a cap, the q . mean(K) that K smoothing removes is added back (as the kernel does)
+        # under a cap, the q . c that K smoothing removes is added back (as the kernel does)
         bias = smoothing_bias(q, k, q_shape, kv_shape) if quant != "none" and softcap else None
         mode = QuantMode.parse(quant)
         if mode.pv_is_8bit:   # P rounded as the kernel rounds it: written out, in float32

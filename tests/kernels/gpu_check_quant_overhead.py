@@ -11,10 +11,12 @@ For each quantized mode at wan480 (1, 12, 32760, 128), bf16, density 0.2 (a rand
 the diagonal, 128x128 blocks), CUDA events, best of 3 rounds of the mean of --reps calls:
 - bf16: the op in mode "none";
 - kernel: the attention kernel alone on inputs quantized ahead (launch.launch_prepared);
-- each quantization variant: "separate" (today: channel stats, Q, K, V: four launches), "fused_kv"
-  (K and V in one launch, quant/launch.quantize_kv), "q_in_kernel" (no Q pass: the attention kernel
-  quantizes Q in its prologue, kernel.py QUANT_Q), both, "q_with_stats" (Q quantized in the channel
-  statistics' launch, quant/launch.stats_and_q) and that with fused_kv: its quantize_qkv time, the op's time with
+- each quantization variant: "separate" (V's channel stats, Q, K, V: four launches in the 8-bit P V
+  modes; Q and K in int8, whose K smoothing needs no statistics pass: the K launch averages 64 sampled
+  rows itself), "fused_kv" (K and V in one launch, quant/launch.quantize_kv), "q_in_kernel" (no Q
+  pass: the attention kernel quantizes Q in its prologue, kernel.py QUANT_Q), both, "q_with_stats" (Q
+  quantized in V's channel statistics launch, quant/launch.stats_and_q; 8-bit P V only) and that with
+  fused_kv: its quantize_qkv time, the op's time with
   the variant (launch.FUSE_KV_QUANT / QUANTIZE_Q_IN_KERNEL), and overhead = (op - kernel) / kernel,
   the kernel on fully pre-quantized inputs being the zero-overhead floor; the op's output against the
   separate variant's (the same codes: rel L2 ~0);
@@ -98,39 +100,39 @@ def part_times(q, k, v, mode, sweep: bool) -> dict:
     fmt, pv = m.qk_format, m.pv_format
     elems = k.numel()
     gbps = lambda nbytes, t: nbytes / t / 1e6  # noqa: E731  (bytes per ms -> GB/s)
-    k_sum, v_max = ql.channel_stats(k, v if pv else None)
     out = {}
-    t = ms(lambda: ql.channel_stats(k, v if pv else None))
-    out["channel_stats"] = {"ms": t, "gbps": gbps(elems * 2 * (2 if pv else 1), t)}
+    if pv:   # V's channel abs-max: the only statistics pass left (K's smoothing mean is in K's launch)
+        v_max = ql.channel_stats(v)
+        t = ms(lambda: ql.channel_stats(v))
+        out["channel_stats"] = {"ms": t, "gbps": gbps(elems * 2, t)}
     t = ms(lambda: ql.quantize_blocks(q, 128, fmt))
     out["quantize_q"] = {"ms": t, "gbps": gbps(elems * 3, t)}
-    t = ms(lambda: ql.quantize_blocks(k, 128, fmt, channel_sum=k_sum))
+    t = ms(lambda: ql.quantize_k(k, 128, fmt))
     out["quantize_k"] = {"ms": t, "gbps": gbps(elems * 3, t)}
     if pv:
         t = ms(lambda: ql.quantize_v_fp8(v, v_max, fmt=pv))
         out["quantize_v"] = {"ms": t, "gbps": gbps(elems * 3, t)}
-        t = ms(lambda: ql.quantize_kv(k, v, k_sum, v_max, 128, fmt, pv))
+        t = ms(lambda: ql.quantize_kv(k, v, v_max, 128, fmt, pv))
         out["quantize_kv"] = {"ms": t, "gbps": gbps(elems * 6, t)}
-    t = ms(lambda: ql.stats_and_q(k, v if pv else None, q, 128, fmt))
-    out["stats_and_q"] = {"ms": t, "gbps": gbps(elems * (2 * (2 if pv else 1) + 3), t)}
+        t = ms(lambda: ql.stats_and_q(v, q, 128, fmt))
+        out["stats_and_q"] = {"ms": t, "gbps": gbps(elems * 5, t)}
     if sweep:
         sw = {}
-        for rows, tile in ((64, 64), (128, 64), (128, 128), (256, 64), (256, 128), (512, 128)):
-            for w in (4, 8):
-                sw[f"channel_stats rows {rows} tile {tile} warps {w}"] = ms(
-                    lambda: ql.channel_stats(k, v if pv else None, rows, w, tile))
-        for rows, tile in ((128, 32), (256, 32), (256, 64), (512, 32), (512, 64), (1024, 32)):
-            for w in (4, 8):
-                sw[f"channel_stats rows {rows} tile {tile} warps {w} deferred"] = ms(
-                    lambda: ql.channel_stats(k, v if pv else None, rows, w, tile, defer=True))
         for w in (4, 8, 16):
-            sw[f"quantize_k warps {w}"] = ms(lambda: ql.quantize_blocks(k, 128, fmt, channel_sum=k_sum, num_warps=w))
+            sw[f"quantize_k warps {w}"] = ms(lambda: ql.quantize_k(k, 128, fmt, num_warps=w))
         if pv:
+            for rows, tile in ((64, 64), (128, 64), (128, 128), (256, 64), (256, 128), (512, 128)):
+                for w in (4, 8):
+                    sw[f"channel_stats rows {rows} tile {tile} warps {w}"] = ms(lambda: ql.channel_stats(v, rows, w, tile))
+            for rows, tile in ((128, 32), (256, 32), (256, 64), (512, 32), (512, 64), (1024, 32)):
+                for w in (4, 8):
+                    sw[f"channel_stats rows {rows} tile {tile} warps {w} deferred"] = ms(
+                        lambda: ql.channel_stats(v, rows, w, tile, defer=True))
             for bn in (64, 128, 256):
                 for w in (4, 8):
                     sw[f"quantize_v block_n {bn} warps {w}"] = ms(lambda: ql.quantize_v_fp8(v, v_max, bn, w, fmt=pv))
             for w in (4, 8, 16):
-                sw[f"quantize_kv warps {w}"] = ms(lambda: ql.quantize_kv(k, v, k_sum, v_max, 128, fmt, pv, num_warps=w))
+                sw[f"quantize_kv warps {w}"] = ms(lambda: ql.quantize_kv(k, v, v_max, 128, fmt, pv, num_warps=w))
         out["sweep_ms"] = sw
         best = {}
         for name, t in sw.items():
@@ -167,8 +169,8 @@ def run(H, N, D, modes, layouts, sweep, out_dir, budget_s=float("inf")) -> dict:
             base = attention(q, k, v, idx, cnt, mode).float()
             line["variants"] = {}
             for name, (fuse_kv, q_in, q_st) in VARIANTS.items():
-                if fuse_kv and not pv:
-                    continue   # 16-bit P V: no V to quantize, nothing to fuse
+                if (fuse_kv or q_st) and not pv:
+                    continue   # 16-bit P V: no V to quantize, nothing to fuse, no statistics launch
                 qt = ms(lambda: ql.quantize_qkv(q, k, v, mode, 128, 128, fuse_kv=fuse_kv, q_in_kernel=q_in,
                                                 q_with_stats=q_st))
                 op = with_variant(fuse_kv, q_in, q_st, lambda: ms(lambda: attention(q, k, v, idx, cnt, mode)))

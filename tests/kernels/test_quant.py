@@ -19,9 +19,12 @@ def _x(B, H, N, D, seed, offset=0.0):
 @pytest.mark.parametrize("smooth", [False, True])
 def test_block_codes_and_scales_equal_the_reference(fmt, N, D, block, smooth):
     x = _x(2, 2, N, D, seed=N + D + block, offset=0.7)
-    k_sum, _ = launch.channel_stats(x, None)
-    codes, scale = launch.quantize_blocks(x, block, fmt, channel_sum=k_sum if smooth else None)
-    ref_codes, ref_scale = reference.quantize_blocks(x, block, fmt, mean=x.mean(2) if smooth else None)
+    if smooth:
+        codes, scale, mean = launch.quantize_k(x, block, fmt)
+        torch.testing.assert_close(mean, reference.smoothing_mean(x), rtol=1e-6, atol=1e-6)
+    else:
+        codes, scale = launch.quantize_blocks(x, block, fmt)
+    ref_codes, ref_scale = reference.quantize_blocks(x, block, fmt, mean=reference.smoothing_mean(x) if smooth else None)
     assert codes.dtype == launch.CODE_DTYPE[fmt]
     torch.testing.assert_close(scale, ref_scale, rtol=1e-5, atol=0)
     # Codes may differ by one step only where x / scale sits on a rounding tie (float32 order).
@@ -29,19 +32,37 @@ def test_block_codes_and_scales_equal_the_reference(fmt, N, D, block, smooth):
     assert mismatch < 1e-3, f"{mismatch:.4f} of the codes differ"
 
 
-def test_channel_stats_sum_and_absmax():
-    k, v = _x(1, 3, 300, 32, seed=1, offset=-0.5), _x(1, 3, 300, 32, seed=2)
-    k_sum, v_max = launch.channel_stats(k, v)        # 300 tokens: several programs add atomically? one here
-    torch.testing.assert_close(k_sum, k.sum(2), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(v_max, v.abs().amax(2))
+@pytest.mark.parametrize("N", [1, 63, 64, 65, 200, 1000])
+def test_k_launch_smooths_by_the_sampled_mean(N):
+    """The K launch's smoothing vector is reference.smoothing_mean (64 strided rows, all rows when
+    N <= 64), and every program of a head used the one it wrote out: the codes are those of the
+    same formula (fusable.py, bit-equal to the kernels) with that vector."""
+    from vsopt.kernels.quant.fusable import quantize_blocks_fusable
+
+    x = _x(2, 2, N, 16, seed=N, offset=3.0)
+    x[:, :, :, :4] += 20.0 * torch.linspace(0, 1, N)[:, None]    # a drifting offset: sample != full mean
+    for fmt in ("int8", "fp8"):
+        codes, scale, mean = launch.quantize_k(x, 16, fmt)
+        want = reference.smoothing_mean(x)
+        assert mean.dtype == torch.float32 and mean.shape == (2, 2, 16)
+        torch.testing.assert_close(mean, want, rtol=1e-6, atol=1e-6)
+        same_codes, same_scale = quantize_blocks_fusable(x, 16, fmt, mean=mean)
+        assert torch.equal(codes.float(), same_codes.float()) and torch.equal(scale, same_scale)
+    rows = reference.smoothing_rows(N)
+    assert rows.tolist() == (list(range(N)) if N <= 64 else [i * N // 64 for i in range(64)])
+    if N > 64:
+        assert not torch.allclose(want, x.mean(2), atol=1e-2)       # really a sample, not the full mean
+
+
+def test_channel_stats_absmax():
+    v = _x(1, 3, 300, 32, seed=2)
+    torch.testing.assert_close(launch.channel_stats(v), v.abs().amax(2))
 
 
 def test_channel_stats_across_programs(monkeypatch):
     monkeypatch.setattr(launch, "_STATS_ROWS", 64)   # 5 programs per head meet in the atomics
-    k, v = _x(1, 2, 300, 16, seed=3, offset=1.0), _x(1, 2, 300, 16, seed=4)
-    k_sum, v_max = launch.channel_stats(k, v)
-    torch.testing.assert_close(k_sum, k.sum(2), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(v_max, v.abs().amax(2))
+    v = _x(1, 2, 300, 16, seed=4)
+    torch.testing.assert_close(launch.channel_stats(v), v.abs().amax(2))
 
 
 @pytest.mark.parametrize("block_n", [128, 16])
@@ -59,11 +80,11 @@ def test_v_fp8_transposed_codes(block_n):
 @pytest.mark.parametrize("quant,bound", [("int8", 0.03), ("fp8", 0.08), ("int8_fp8", 0.03)])
 def test_fake_quantization_error_is_small_and_smoothing_keeps_softmax(quant, bound):
     """reference.fake_quantize_qkv: dequantized inputs stay close, and the smoothed K gives the
-    same attention as K (softmax ignores q . mean)."""
-    q, k, v = (_x(1, 2, 64, 32, seed=s, offset=2.0 if s == 7 else 0.0) for s in (6, 7, 8))
+    same attention as K (softmax ignores q . c)."""
+    q, k, v = (_x(1, 2, 200, 32, seed=s, offset=2.0 if s == 7 else 0.0) for s in (6, 7, 8))
     qh, kh, vh = reference.fake_quantize_qkv(q, k, v, quant, 32, 32)
     assert rel_l2(qh, q) < bound and rel_l2(vh, v) < bound
-    smoothed = k - k.mean(2, keepdim=True)
+    smoothed = k - reference.smoothing_mean(k)[:, :, None]
     assert rel_l2(kh, smoothed) < bound
     att = torch.softmax(q @ k.transpose(-1, -2), -1)
     att_smoothed = torch.softmax(q @ smoothed.transpose(-1, -2), -1)
@@ -74,12 +95,13 @@ def test_fake_quantization_error_is_small_and_smoothing_keeps_softmax(quant, bou
 
 @pytest.mark.parametrize("call,message", [
     (lambda x: launch.quantize_blocks(x, 24, "int8"), "quantize_blocks: block must be a power of two >= 16, got 24"),
-    (lambda x: launch.quantize_kv(x, x, None, None, 8, "int8", "fp8"),
+    (lambda x: launch.quantize_k(x, 24, "int8"), "quantize_k: block must be a power of two >= 16, got 24"),
+    (lambda x: launch.quantize_kv(x, x, None, 8, "int8", "fp8"),
      "quantize_kv: block must be a power of two >= 16, got 8"),
-    (lambda x: launch.channel_stats(x, None, rows=96, tile=64),
+    (lambda x: launch.channel_stats(x, rows=96, tile=64),
      "channel_stats: tile must be a power of two >= 16 dividing rows, got tile 64, rows 96"),
-    (lambda x: launch.stats_and_q(x, None, x, 48, "int8"), "stats_and_q: block_m must be a power of two >= 16, got 48"),
-    (lambda x: launch.stats_and_q(x, None, x, 64, "int8", tile=12),
+    (lambda x: launch.stats_and_q(x, x, 48, "int8"), "stats_and_q: block_m must be a power of two >= 16, got 48"),
+    (lambda x: launch.stats_and_q(x, x, 64, "int8", tile=12),
      "stats_and_q: tile must be a power of two >= 16 dividing rows, got tile 12, rows 128"),
     (lambda x: launch.quantize_blocks(x[..., :24], 64, "int8"),
      "quantize_blocks: head_dim must be a power of two >= 16, got 24"),

@@ -35,7 +35,7 @@ def test_fusable_quantization_equals_the_triton_kernels(mode, N, D, bm, bn):
         assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride(), name
         if name in ("q", "q_scale", "v", "v_scale"):     # same formula, same order: bit-equal
             assert torch.equal(a.float(), b.float()), name
-        elif name == "k_scale":                          # K's mean: fp32 sums in another order (atomics)
+        elif name == "k_scale":                          # K's sampled mean: fp32 sums in another order
             torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
         elif name == "k":                                # ... moves a code on a rounding boundary, rarely
             assert (a.float() != b.float()).float().mean() < 2e-3, name

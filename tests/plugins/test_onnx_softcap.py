@@ -65,3 +65,21 @@ def test_custom_form_carries_the_cap():
     (bsa,) = [n for n in proto.graph.node if n.op_type == "BlockSparseAttention"]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in bsa.attribute}
     assert attrs["softcap"] == pytest.approx(CAP) and attrs["quant"] in (b"int8", "int8")
+
+
+@pytest.mark.parametrize("quant", ["int8", "int8_int8"])
+def test_portable_form_smooths_by_the_sampled_rows(quant):
+    """N = 100 > 64: the smoothing vector is the mean of 64 gathered rows (quant_ref.smoothing_rows),
+    not of all keys; under a cap its q . c is visible in the output, and the portable form's equals
+    the ops' PyTorch path (which a full-mean ReduceMean would not, with the drifting key offset)."""
+    N = 100
+    q, k, v = _inputs(N)
+    k = k + 6.0 * torch.linspace(0, 1, N)[:, None]
+    module = Capped(quant, N=N)
+    with torch.no_grad():
+        want = module(q, k, v)
+    proto = _onnx(module, (q, k, v), "portable", 23)
+    assert "Gather" in {n.op_type for n in proto.graph.node}
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {i.name: x.numpy() for i, x in zip(session.get_inputs(), (q, k, v))})
+    assert max_rel_err(torch.from_numpy(got[0]), want[0]) <= 1e-4

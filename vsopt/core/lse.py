@@ -17,6 +17,7 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
+from vsopt.kernels.quant import reference as quant_ref
 from vsopt.kernels.spec import QuantMode
 
 aten = torch.ops.aten
@@ -62,10 +63,12 @@ def merge_partials(em: Emitter, parts: Sequence[tuple[Any, Any]]) -> tuple[Any, 
 
 
 def smoothing_shift(em: Emitter, q, kp, scale: float):
-    """scale * q . mean(k_piece) per row (B, H, Nq): what the quantized kernels' K smoothing took
-    off the scores of this piece (softmax ignores it within a piece, a merge across pieces does not:
-    add it back to the piece's lse)."""
-    mean = em.op(aten.mean.dim, em.op(aten._to_copy.default, kp, dtype=torch.float32), [2], True)   # (B, H, 1, D)
+    """scale * q . smoothing_mean(k_piece) per row (B, H, Nq): what the quantized kernels' K smoothing
+    took off the scores of this piece (softmax ignores it within a piece, a merge across pieces does
+    not: add it back to the piece's lse). The same sampled rows as the kernel (quant_ref.smoothing_rows)."""
+    rows = em.const("smoothing_rows", quant_ref.smoothing_rows(shape_of(kp)[2]))
+    sample = em.op(aten.index_select.default, kp, 2, rows)
+    mean = em.op(aten.mean.dim, em.op(aten._to_copy.default, sample, dtype=torch.float32), [2], True)   # (B, H, 1, D)
     dots = em.op(aten.matmul.default, em.op(aten._to_copy.default, q, dtype=torch.float32),
                  em.op(aten.transpose.int, mean, 2, 3))
     return em.op(aten.mul.Tensor, em.op(aten.squeeze.dim, dots, -1), float(scale))

@@ -18,7 +18,7 @@ kernel: the remainder runs as separate ATen ops (pool, matmul, logsumexp, matmul
 as a few elementwise ops, on the GPU as on the CPU; a fused kernel walking the pooled keys after
 the kept blocks is not written (kernels/ is unchanged). Only one pyramid level (block means).
 
-Quantized heads: the kernel's K smoothing shifts its lse by scale * q . mean(k), which is added
+Quantized heads: the kernel's K smoothing shifts its lse by scale * q . smoothing_mean(k), which is added
 back before the merge (as ring attention does); the pooled scores are taken unquantized.
 
 Written once against ring.Emitter: semantics runs it eagerly (the meaning of a plan),

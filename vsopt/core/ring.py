@@ -22,8 +22,8 @@ before the attention and per-head orders cannot be applied to the hidden states 
 Dynamic heads need S to be a multiple of their blocks (their pooled query blocks must not straddle
 shards: the engine never sends another rank's queries); their mask is predicted on this rank's
 queries against all key shards. Quantized heads smooth K per piece (the kernels subtract the mean
-of the keys they see), so lse_P gets the smoothing's row shift back (scale * q . mean(k_P)) before
-the merge; their rounding then differs slightly from one device's (quantization tolerance).
+of a strided sample of the keys they see, quant_ref.smoothing_mean), so lse_P gets the smoothing's
+row shift back (scale * q . smoothing_mean(k_P), lse.smoothing_shift) before the merge; their rounding then differs slightly from one device's (quantization tolerance).
 
 The computation is written once against an Emitter (vsopt/core/lse.py, with merge_partials):
 EagerEmitter runs it (tests, GPU checks), passes.ring_attention emits it into the graph as nodes of
